@@ -1,0 +1,278 @@
+"""The event catalog: one pydantic model per event type, named in the past tense.
+
+An event's model is its ``data``; :func:`envelope` wraps it for the log and the bus, and
+:func:`parse` turns an envelope's data back into the typed model. New event types are added
+here, so that the whole vocabulary of the system stays in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.envelope import Envelope
+
+CATALOG: dict[str, type[Event]] = {}
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # The aggregate kind this event belongs to; the stream id is f"{stream_kind}-{key}".
+    stream_kind: ClassVar[str] = "misc"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        CATALOG[cls.__name__] = cls
+
+    @classmethod
+    def event_type(cls) -> str:
+        return cls.__name__
+
+
+# --- devices ---------------------------------------------------------------------------
+
+
+class DeviceEvent(Event):
+    stream_kind: ClassVar[str] = "device"
+    mac: str
+
+
+class DeviceRegistered(DeviceEvent):
+    machine_id: str
+    hostname: str
+    smbios_uuid: str | None = None
+    collection: str | None = None
+    tester: bool = False
+    auto_added: bool = False
+
+
+class DeviceUpdated(DeviceEvent):
+    hostname: str | None = None
+    smbios_uuid: str | None = None
+    collection: str | None = None
+    tester: bool | None = None
+
+
+class DeviceDisabled(DeviceEvent):
+    pass
+
+
+class DeviceEnabled(DeviceEvent):
+    pass
+
+
+class DeviceRemoved(DeviceEvent):
+    pass
+
+
+class AssignmentChanged(Event):
+    """The ordered vdisks of a device (``target`` = MAC) or a collection (``target`` = name)."""
+
+    stream_kind: ClassVar[str] = "assignment"
+    target_kind: Literal["device", "collection"]
+    target: str
+    vdisks: list[str]
+    default: str | None = None
+
+
+# --- vdisks ----------------------------------------------------------------------------
+
+WriteCacheKind = Literal["server-ram", "server-disk", "client-ram", "client-disk"]
+WriteCachePersistence = Literal["discard", "keep"]
+VersionStage = Literal["maintenance", "test", "production"]
+
+
+class VdiskEvent(Event):
+    stream_kind: ClassVar[str] = "vdisk"
+    name: str
+
+
+class VdiskCreated(VdiskEvent):
+    size: int
+    mode: Literal["standard", "private"] = "standard"
+    write_cache: WriteCacheKind = "server-disk"
+    write_cache_persistence: WriteCachePersistence = "discard"
+    store: str = "local"
+
+
+class VdiskVersionPublished(VdiskEvent):
+    version: int
+    parent: int | None
+    stage: VersionStage
+    path: str
+    size: int
+    checksum: str
+    changed_blocks: int
+    block_size: int
+
+
+class VdiskVersionPromoted(VdiskEvent):
+    version: int
+    stage: VersionStage
+    previous_stage: VersionStage
+
+
+class VdiskRolledBack(VdiskEvent):
+    from_version: int
+    to_version: int
+
+
+class VdiskPolicyChanged(VdiskEvent):
+    mode: Literal["standard", "private"] | None = None
+    write_cache: WriteCacheKind | None = None
+    write_cache_persistence: WriteCachePersistence | None = None
+
+
+class VdiskRemoved(VdiskEvent):
+    pass
+
+
+# --- boots and sessions ----------------------------------------------------------------
+
+
+class BootRequested(Event):
+    """A PXE client asked to boot (first DHCP discover), before it opens any session."""
+
+    stream_kind: ClassVar[str] = "boot"
+    mac: str
+    smbios_uuid: str | None = None
+    arch: int | None = None
+    vdisk: str | None = None
+    version: int | None = None
+
+
+class BootMenuShown(Event):
+    stream_kind: ClassVar[str] = "boot"
+    mac: str
+    vdisks: list[str]
+    default: str | None
+    chosen: str | None = None
+
+
+class SessionEvent(Event):
+    stream_kind: ClassVar[str] = "session"
+    session_id: str
+
+
+class SessionOpened(SessionEvent):
+    mac: str
+    hostname: str
+    machine_id: str
+    vdisk: str
+    version: int
+    stream_node: str
+    write_cache: WriteCacheKind
+    write_cache_persistence: WriteCachePersistence
+    read_only: bool = False
+
+
+class SessionConflictRejected(SessionEvent):
+    mac: str
+    reason: str
+    conflicting_session_id: str | None = None
+
+
+class SessionAttached(SessionEvent):
+    """A client connected to a stream node for this session."""
+
+    stream_node: str
+    protocol: Literal["nbd", "http"]
+    client_addr: str
+
+
+class SessionDetached(SessionEvent):
+    stream_node: str
+    protocol: Literal["nbd", "http"]
+    client_addr: str
+    bytes_read: int
+    bytes_written: int
+    reason: str = "disconnect"
+
+
+class SessionClosed(SessionEvent):
+    reason: str
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+class BlocksRequested(SessionEvent):
+    """A batch of block accesses: ``extents`` are [t_ms since session start, offset, length, op]
+    with op ``r`` (read) or ``w`` (write)."""
+
+    vdisk: str
+    version: int
+    extents: list[tuple[int, int, int, Literal["r", "w"]]]
+
+
+class WriteCacheFull(SessionEvent):
+    capacity: int
+    used: int
+
+
+class BootProfileUpdated(Event):
+    stream_kind: ClassVar[str] = "profile"
+    vdisk: str
+    version: int
+    boots_seen: int
+    extents: list[tuple[int, int]]
+    bytes: int
+
+
+class PrefetchCompleted(Event):
+    stream_kind: ClassVar[str] = "profile"
+    vdisk: str
+    version: int
+    session_id: str | None = None
+    bytes: int
+    duration_ms: float
+
+
+def stream_id_for(event: Event) -> str:
+    """The aggregate an event belongs to."""
+    key: str
+    match event:
+        case DeviceEvent():
+            key = event.mac
+        case VdiskEvent():
+            key = event.name
+        case SessionEvent():
+            key = event.session_id
+        case AssignmentChanged():
+            key = f"{event.target_kind}:{event.target}"
+        case BootRequested() | BootMenuShown():
+            key = event.mac
+        case BootProfileUpdated() | PrefetchCompleted():
+            key = f"{event.vdisk}@{event.version}"
+        case _:
+            key = "misc"
+    return f"{event.stream_kind}-{key}"
+
+
+def envelope(
+    event: Event,
+    *,
+    version: int = 0,
+    stream_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    traceparent: str | None = None,
+) -> Envelope:
+    return Envelope(
+        type=event.event_type(),
+        stream_id=stream_id or stream_id_for(event),
+        version=version,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        traceparent=traceparent,
+        data=event.model_dump(mode="json"),
+    )
+
+
+def parse(env: Envelope) -> Event:
+    """The typed event inside an envelope; unknown types raise KeyError naming the type."""
+    try:
+        model = CATALOG[env.type]
+    except KeyError:
+        raise KeyError(f"unknown event type {env.type!r}") from None
+    return model.model_validate(env.data)

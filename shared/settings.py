@@ -1,0 +1,90 @@
+"""Settings for every streamboot process, read from the environment (prefix ``STREAMBOOT_``).
+
+Every flag of every service is also an environment variable, so the same settings work
+under ``streamboot up``, compose, Nomad or a plain ``python -m services.X``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RUNTIME_FILE = "runtime.json"
+API_TOKEN_FILE = "api-token"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("STREAMBOOT_DATA_DIR", ".streamboot"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMBOOT_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # External servers; when unset, `streamboot up` starts embedded ones and passes their URLs.
+    nats_url: str | None = None
+    database_url: str | None = None
+
+    # Addresses: `bind_host` is where servers listen, `public_host` what clients are told.
+    bind_host: str = "127.0.0.1"
+    public_host: str | None = None
+    node_id: str = Field(default_factory=socket.gethostname)
+
+    # Default ports: unprivileged and away from the standard NATS (4222) / PostgreSQL (5432).
+    nats_port: int = 14222
+    postgres_port: int = 15433
+    api_port: int = 18080
+    http_stream_port: int = 18081
+    nbd_port: int = 10809
+    boot_http_port: int = 18082
+    tftp_port: int = 16969
+    dhcp_port: int = 16767
+    # 0 = pick a free port (tests); > 0 as given.
+
+    # Control plane timing.
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 6.0
+    session_idle_timeout_s: float = 600.0
+
+    # Telemetry: where spans go.
+    trace_exporter: Literal["none", "otlp", "jsonl"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    trace_file: Path | None = None
+
+    log_level: str = "INFO"
+
+    @cached_property
+    def advertised_host(self) -> str:
+        return self.public_host or self.bind_host
+
+    def data_path(self, *parts: str) -> Path:
+        return self.data_dir.joinpath(*parts)
+
+    def require_nats_url(self) -> str:
+        return self.nats_url or runtime_info(self.data_dir).get(
+            "nats_url", f"nats://127.0.0.1:{self.nats_port}"
+        )
+
+    def require_database_url(self) -> str:
+        url = self.database_url or runtime_info(self.data_dir).get("database_url")
+        if not url:
+            raise RuntimeError(
+                "no database: set STREAMBOOT_DATABASE_URL or start the system with `streamboot up`"
+            )
+        return url
+
+
+def runtime_info(data_dir: Path) -> dict[str, str]:
+    """The endpoints a running `streamboot up` wrote into its data dir (empty when not running)."""
+    path = Path(data_dir) / RUNTIME_FILE
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
