@@ -1,0 +1,162 @@
+"""The message bus: NATS connections, the JetStream event stream, and JSON request/reply.
+
+Subjects (the whole map lives here so nobody invents a second one):
+- ``events.<Type>.<kind>``       JetStream stream EVENTS_STREAM: every event, after it is in the log
+- ``streamboot.events.append``    request/reply to the registry: append events to the log
+- ``streamboot.registry.<verb>``  request/reply: registry commands and queries
+- ``streamboot.cache.<verb>``     request/reply: cache commands (raw nats-py, data plane)
+- heartbeats: the JetStream KV bucket HEARTBEAT_BUCKET, key ``<service>.<node>``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from shared.telemetry import extract_context, inject_headers
+
+log = logging.getLogger("streamboot.bus")
+
+EVENTS_STREAM = "STREAMBOOT_EVENTS"
+EVENTS_SUBJECTS = "events.>"
+# JetStream drops a re-published event id within this window; the relay's restarts fall
+# well inside it, and consumers dedupe by event id for anything older.
+EVENTS_DUPLICATE_WINDOW_S = 24 * 3600
+APPEND_SUBJECT = "streamboot.events.append"
+HEARTBEAT_BUCKET = "streamboot_heartbeats"
+
+
+class BusError(Exception):
+    """A request over the bus failed; the message says which service and why."""
+
+
+class ServiceUnavailable(BusError):
+    pass
+
+
+async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NATS:
+    """Connect to NATS, retrying with backoff until ``connect_timeout_s``; once connected,
+    nats-py reconnects forever and we log every state change clearly."""
+
+    async def on_disconnect() -> None:
+        log.warning("%s: disconnected from NATS %s; reconnecting", name, url)
+
+    async def on_reconnect() -> None:
+        log.warning("%s: reconnected to NATS %s", name, url)
+
+    async def on_error(exc: Exception) -> None:
+        log.error("%s: NATS error: %s", name, exc)
+
+    delay = 0.1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout_s
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+                allow_reconnect=True,
+                connect_timeout=2,
+            )
+        except Exception as exc:
+            if loop.time() + delay > deadline:
+                raise BusError(f"cannot reach NATS at {url}: {exc}") from exc
+            log.warning(
+                "%s: NATS at %s not reachable (%s); retrying in %.1fs", name, url, exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def ensure_event_stream(js: JetStreamContext) -> None:
+    """Create (or keep) the JetStream stream that carries every event."""
+    config = StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[EVENTS_SUBJECTS],
+        storage=StorageType.FILE,
+        duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+        max_age=7 * 24 * 3600,
+    )
+    try:
+        await js.stream_info(EVENTS_STREAM)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Another process created it between our two calls.
+            await js.stream_info(EVENTS_STREAM)
+
+
+def encode(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), default=str).encode()
+
+
+async def request_json(nc: NATS, subject: str, payload: Any, *, timeout_s: float = 5.0) -> Any:
+    """Request/reply with JSON bodies and the current trace context in the headers.
+
+    A reply ``{"error": ..., "kind": ...}`` is raised as :class:`RemoteError`."""
+    try:
+        msg = await nc.request(
+            subject, encode(payload), timeout=timeout_s, headers=inject_headers()
+        )
+    except NoRespondersError as exc:
+        raise ServiceUnavailable(f"no service answers on {subject!r} (is it running?)") from exc
+    except NatsTimeoutError as exc:
+        raise ServiceUnavailable(f"no reply on {subject!r} within {timeout_s}s") from exc
+    body = json.loads(msg.data or b"null")
+    if isinstance(body, dict) and "error" in body:
+        raise RemoteError(body["error"], body.get("kind", "error"), body.get("detail"))
+    return body
+
+
+class RemoteError(BusError):
+    """The service answered with an error; ``kind`` tells the caller what to do."""
+
+    def __init__(self, message: str, kind: str = "error", detail: Any = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.detail = detail
+
+
+Handler = Callable[[Any, Msg], Awaitable[Any]]
+
+
+async def serve_json(nc: NATS, subject: str, handler: Handler, *, queue: str = "") -> Any:
+    """Answer requests on a subject with a JSON handler (raw nats-py, for the hot paths).
+
+    Exceptions become error replies, never a silent timeout at the caller."""
+    from opentelemetry import context as otel_context
+
+    async def on_msg(msg: Msg) -> None:
+        token = otel_context.attach(extract_context(msg.headers))
+        try:
+            try:
+                result = await handler(json.loads(msg.data or b"null"), msg)
+            except RemoteError as exc:
+                result = {"error": str(exc), "kind": exc.kind, "detail": exc.detail}
+            except Exception as exc:
+                log.exception("handler for %s failed", subject)
+                result = {"error": f"{type(exc).__name__}: {exc}", "kind": "internal"}
+            if msg.reply:
+                await msg.respond(encode(result))
+        finally:
+            otel_context.detach(token)
+
+    return await nc.subscribe(subject, queue=queue, cb=on_msg)

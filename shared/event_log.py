@@ -1,0 +1,113 @@
+"""Appending to the event log over the bus.
+
+Only the registry touches PostgreSQL. Every other service hands its events to
+:class:`EventClient`, which sends them to the registry's append handler
+(:func:`serve_appends`) and returns once they are in the log. The client keeps unsent events
+in order and retries with backoff while the registry or NATS is away, so an event that a
+service produced is not dropped because of a restart somewhere else; the event id makes the
+retries idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from shared.bus import APPEND_SUBJECT, BusError, RemoteError, request_json, serve_json
+from shared.envelope import Envelope
+from shared.event_store import ConcurrencyError, EventStore
+from shared.events import Event, envelope
+from shared.telemetry import current_traceparent
+
+log = logging.getLogger("streamboot.event_log")
+
+
+async def serve_appends(
+    nc: NATS,
+    store: EventStore,
+    on_appended: Callable[[list[Envelope]], None] | None = None,
+) -> Any:
+    """The registry's handler for ``streamboot.events.append`` (a queue group: replicas share).
+
+    Request: ``{"events": [Envelope...], "expected": {stream_id: version} | null}``.
+    Reply: ``{"positions": [...], "versions": [...]}`` or an error with kind ``conflict``.
+    """
+
+    async def handle(body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+        events = [Envelope.model_validate(e) for e in body.get("events", [])]
+        try:
+            stored = await store.append(events, expected=body.get("expected"))
+        except ConcurrencyError as exc:
+            raise RemoteError(str(exc), "conflict", {"actual": exc.actual}) from exc
+        if on_appended is not None:
+            on_appended(stored)
+        return {
+            "positions": [e.position for e in stored],
+            "versions": [e.version for e in stored],
+        }
+
+    return await serve_json(nc, APPEND_SUBJECT, handle, queue="registry")
+
+
+class EventClient:
+    """Emits events from any service into the log (through the registry)."""
+
+    def __init__(self, nc: NATS, *, timeout_s: float = 5.0, max_backoff_s: float = 5.0) -> None:
+        self._nc = nc
+        self._timeout_s = timeout_s
+        self._max_backoff_s = max_backoff_s
+
+    async def emit(
+        self,
+        event: Event,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        expected_version: int | None = None,
+        retry_for_s: float = 30.0,
+    ) -> Envelope:
+        env = envelope(
+            event,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            traceparent=current_traceparent(),
+        )
+        expected = {env.stream_id: expected_version} if expected_version is not None else None
+        [stored] = await self.append([env], expected=expected, retry_for_s=retry_for_s)
+        return stored
+
+    async def append(
+        self,
+        events: Sequence[Envelope],
+        *,
+        expected: dict[str, int] | None = None,
+        retry_for_s: float = 30.0,
+    ) -> list[Envelope]:
+        """Append, retrying on unavailability for up to ``retry_for_s``; a conflict is raised
+        at once (the caller must re-decide), anything else after the retries run out."""
+        payload = {"events": [e.model_dump(mode="json") for e in events], "expected": expected}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_for_s
+        delay = 0.1
+        while True:
+            try:
+                reply = await request_json(
+                    self._nc, APPEND_SUBJECT, payload, timeout_s=self._timeout_s
+                )
+                return [
+                    e.model_copy(update={"position": p, "version": v})
+                    for e, p, v in zip(events, reply["positions"], reply["versions"], strict=True)
+                ]
+            except RemoteError:
+                raise
+            except BusError as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("event log not reachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff_s)

@@ -1,0 +1,385 @@
+"""The event log on PostgreSQL (asyncpg): append, read a stream, read all, follow.
+
+Design (see docs/architecture.md):
+- One table ``events``; ``position`` is the global order, ``(stream_id, version)`` is unique and
+  gives optimistic concurrency, ``id`` is unique and makes a retried append a no-op.
+- Appends take one transaction-scoped advisory lock. Positions therefore become visible in
+  order, with no gaps that a reader could skip, which keeps catch-up readers and the JetStream
+  relay simple (a cursor on ``position`` is enough). The price is one append transaction at a
+  time; batches keep that well above what the control plane needs (bench/eventlog.py).
+- Each append NOTIFYs ``streamboot_events`` so followers wake without polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from shared.envelope import Envelope
+
+SCHEMA_VERSION = 1
+NOTIFY_CHANNEL = "streamboot_events"
+# Any 64-bit constant: the lock every append transaction holds.
+APPEND_LOCK_KEY = 0x5EB0_0701
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_info (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    position bigserial PRIMARY KEY,
+    id uuid NOT NULL UNIQUE,
+    stream_id text NOT NULL,
+    version integer NOT NULL,
+    type text NOT NULL,
+    time timestamptz NOT NULL,
+    correlation_id text,
+    causation_id text,
+    traceparent text,
+    data jsonb NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE INDEX IF NOT EXISTS events_type_position ON events (type, position);
+CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id, position)
+    WHERE correlation_id IS NOT NULL;
+-- "What happened to this machine": device-related events carry data.mac.
+CREATE INDEX IF NOT EXISTS events_mac ON events ((data->>'mac'), position)
+    WHERE data ? 'mac';
+CREATE TABLE IF NOT EXISTS cursors (name text PRIMARY KEY, position bigint NOT NULL);
+"""
+
+ANY_VERSION: None = None
+NO_STREAM = 0
+
+
+class EventStoreError(Exception):
+    pass
+
+
+class ConcurrencyError(EventStoreError):
+    """The stream moved on since the caller read it: re-read and decide again."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual}, the append expected {expected}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class SchemaMismatchError(EventStoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A row as read back: light enough for replaying millions (no validation)."""
+
+    position: int
+    id: uuid.UUID
+    stream_id: str
+    version: int
+    type: str
+    time: Any
+    correlation_id: str | None
+    causation_id: str | None
+    traceparent: str | None
+    data: dict[str, Any]
+
+    def envelope(self) -> Envelope:
+        return Envelope.model_construct(
+            id=self.id,
+            type=self.type,
+            stream_id=self.stream_id,
+            version=self.version,
+            time=self.time,
+            correlation_id=self.correlation_id,
+            causation_id=self.causation_id,
+            traceparent=self.traceparent,
+            data=self.data,
+            position=self.position,
+        )
+
+
+_COLUMNS = (
+    "position, id, stream_id, version, type, time, correlation_id, causation_id, traceparent, data"
+)
+
+
+def _row(record: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(*record)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+    )
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self._pool = pool
+        self._dsn = dsn
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 8) -> EventStore:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        )
+        store = cls(pool, dsn)
+        await store.migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def migrate(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Serialise concurrent first starts of several services.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+            await conn.execute(SCHEMA)
+            found = await conn.fetchval("SELECT value FROM schema_info WHERE key = 'version'")
+            if found is None:
+                await conn.execute(
+                    "INSERT INTO schema_info VALUES ('version', $1)", str(SCHEMA_VERSION)
+                )
+            elif int(found) != SCHEMA_VERSION:
+                raise SchemaMismatchError(
+                    f"the event log has schema version {found}; this streamboot reads "
+                    f"version {SCHEMA_VERSION}. Refusing to touch it."
+                )
+
+    # --- appending ------------------------------------------------------------------------
+
+    async def append(
+        self,
+        events: Sequence[Envelope],
+        *,
+        expected_version: int | None = ANY_VERSION,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[Envelope]:
+        """Append events atomically; returns them with version and position filled in.
+
+        Versions are assigned per stream in order, after the stream's current version.
+        ``expected_version`` (single-stream batches) or ``expected`` (per stream) enforce
+        optimistic concurrency: 0 means "the stream must not exist yet".
+        An append whose event ids are all already stored is a no-op that returns the stored
+        events, so a retry after a lost reply never duplicates.
+        """
+        if not events:
+            return []
+        async with self.transaction() as tx:
+            return await tx.append(events, expected_version=expected_version, expected=expected)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """A transaction holding the append lock: read, decide and append with no other writer
+        in between (the registry uses this to enforce uniqueness rules across its replicas)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+            tx = Transaction(conn)
+            yield tx
+            if tx.last_position is not None:
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(tx.last_position)
+                )
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[StoredEvent]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version",
+            stream_id,
+            after_version,
+        )
+        return [_row(r) for r in rows]
+
+    async def read_all(
+        self,
+        after_position: int = 0,
+        limit: int = 10_000,
+        *,
+        types: Sequence[str] | None = None,
+        stream_id: str | None = None,
+        mac: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[StoredEvent]:
+        """Events in global order after a position, optionally filtered (each filter indexed)."""
+        where = ["position > $1"]
+        args: list[Any] = [after_position]
+        if types:
+            args.append(list(types))
+            where.append(f"type = ANY(${len(args)})")
+        if stream_id:
+            args.append(stream_id)
+            where.append(f"stream_id = ${len(args)}")
+        if mac:
+            args.append(mac)
+            where.append(f"data ? 'mac' AND data->>'mac' = ${len(args)}")
+        if correlation_id:
+            args.append(correlation_id)
+            where.append(f"correlation_id = ${len(args)}")
+        args.append(limit)
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} "
+            f"ORDER BY position LIMIT ${len(args)}",
+            *args,
+        )
+        return [_row(r) for r in rows]
+
+    async def iterate_all(
+        self, after_position: int = 0, batch: int = 50_000
+    ) -> AsyncIterator[StoredEvent]:
+        """Everything from a position to the current end, streamed in batches (for replay)."""
+        position = after_position
+        while True:
+            rows = await self.read_all(position, batch)
+            for row in rows:
+                yield row
+            if len(rows) < batch:
+                return
+            position = rows[-1].position
+
+    async def last_position(self) -> int:
+        return await self._pool.fetchval("SELECT coalesce(max(position), 0) FROM events")
+
+    async def follow(
+        self, after_position: int = 0, *, poll_s: float = 1.0, **filters: Any
+    ) -> AsyncIterator[StoredEvent]:
+        """Catch up from a position, then yield new events as they are appended, forever.
+
+        Wakes on NOTIFY; polls as a fallback so a missed notification only delays."""
+        wake = asyncio.Event()
+        listener = await asyncpg.connect(self._dsn)
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+        position = after_position
+        try:
+            while True:
+                wake.clear()
+                rows = await self.read_all(position, 1000, **filters)
+                for row in rows:
+                    position = row.position
+                    yield row
+                if len(rows) == 1000:
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), poll_s)
+                except TimeoutError:
+                    pass
+        finally:
+            await listener.close()
+
+    # --- cursors (for the relay and other durable readers) -----------------------------
+
+    async def get_cursor(self, name: str) -> int:
+        value = await self._pool.fetchval("SELECT position FROM cursors WHERE name = $1", name)
+        return int(value or 0)
+
+    async def set_cursor(self, name: str, position: int) -> None:
+        await self._pool.execute(
+            "INSERT INTO cursors VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            name,
+            position,
+        )
+
+
+class Transaction:
+    """Appends inside one locked transaction (see :meth:`EventStore.transaction`)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.last_position: int | None = None
+
+    async def stream_version(self, stream_id: str) -> int:
+        return await self.conn.fetchval(
+            "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
+        )
+
+    async def append(
+        self,
+        events: Sequence[Envelope],
+        *,
+        expected_version: int | None = ANY_VERSION,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[Envelope]:
+        if not events:
+            return []
+        conn = self.conn
+        ids = [e.id for e in events]
+        existing = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM events WHERE id = ANY($1::uuid[]) ORDER BY position", ids
+        )
+        if existing:
+            if len(existing) == len(set(ids)):
+                return [_row(r).envelope() for r in existing]
+            raise EventStoreError(
+                f"{len(existing)} of {len(ids)} events of this batch are already stored: "
+                "a retry must resend the same batch"
+            )
+        streams = list(dict.fromkeys(e.stream_id for e in events))
+        expectations = dict(expected or {})
+        if expected_version is not None:
+            if len(streams) != 1:
+                raise ValueError("expected_version needs a single-stream batch; use expected=")
+            expectations[streams[0]] = expected_version
+        current = {
+            r["stream_id"]: r["v"]
+            for r in await conn.fetch(
+                "SELECT stream_id, max(version) AS v FROM events "
+                "WHERE stream_id = ANY($1::text[]) GROUP BY stream_id",
+                streams,
+            )
+        }
+        for stream, want in expectations.items():
+            have = current.get(stream, 0)
+            if have != want:
+                raise ConcurrencyError(stream, want, have)
+        versions = _assign_versions(events, current)
+        rows = await conn.fetch(
+            "INSERT INTO events (id, stream_id, version, type, time, correlation_id, "
+            "causation_id, traceparent, data) "
+            "SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], "
+            "$5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::jsonb[]) "
+            "RETURNING id, position",
+            ids,
+            [e.stream_id for e in events],
+            versions,
+            [e.type for e in events],
+            [e.time for e in events],
+            [e.correlation_id for e in events],
+            [e.causation_id for e in events],
+            [e.traceparent for e in events],
+            [e.data for e in events],
+        )
+        position_of = {r[0]: r[1] for r in rows}
+        positions = [position_of[e.id] for e in events]
+        self.last_position = max(positions)
+        return [
+            e.model_copy(update={"version": v, "position": p})
+            for e, v, p in zip(events, versions, positions, strict=True)
+        ]
+
+
+def _assign_versions(events: Iterable[Envelope], current: Mapping[str, int]) -> list[int]:
+    next_version = dict(current)
+    out = []
+    for e in events:
+        v = next_version.get(e.stream_id, 0) + 1
+        next_version[e.stream_id] = v
+        out.append(v)
+    return out

@@ -1,0 +1,109 @@
+"""The relay from the event log to JetStream: the log is the outbox.
+
+Every event reaches JetStream because the relay publishes the log in position order from a
+durable cursor, and advances the cursor only after JetStream acknowledged the batch. A crash
+after publishing but before moving the cursor re-publishes the same events with the same
+``Nats-Msg-Id`` (the event id), which JetStream drops as duplicates; a crash before
+publishing just publishes later. Nothing is published that is not in the log, because the
+relay reads only committed rows. Several relays may run (one per registry replica): a
+session-level advisory lock lets exactly one of them work at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from nats.js import JetStreamContext
+
+from shared.event_store import EventStore, StoredEvent
+
+log = logging.getLogger("streamboot.relay")
+
+CURSOR = "jetstream-relay"
+RELAY_LOCK_KEY = 0x5EB0_0702
+BATCH = 512
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash tests: STREAMBOOT_FAULT=<name> kills the process here."""
+    if os.environ.get("STREAMBOOT_FAULT") == name:
+        log.error("fault injection: dying at %s", name)
+        os._exit(137)
+
+
+def headers_for(event: StoredEvent) -> dict[str, str]:
+    headers = {
+        "Nats-Msg-Id": str(event.id),
+        "Streamboot-Position": str(event.position),
+        "Streamboot-Stream": event.stream_id,
+    }
+    if event.traceparent:
+        headers["traceparent"] = event.traceparent
+    return headers
+
+
+def subject_for(event: StoredEvent) -> str:
+    kind = event.stream_id.split("-", 1)[0] or "misc"
+    return f"events.{event.type}.{kind}"
+
+
+class EventRelay:
+    def __init__(self, store: EventStore, js: JetStreamContext) -> None:
+        self._store = store
+        self._js = js
+        self._wake = asyncio.Event()
+        self.published = 0
+
+    def poke(self) -> None:
+        """Something was appended: publish it now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self, poll_s: float = 0.5) -> None:
+        """Publish forever; only the holder of the relay lock works, others wait their turn."""
+        async with self._store.pool.acquire() as lock_conn:
+            # Polling a database lock: there is no event to wait on.
+            while not await lock_conn.fetchval(  # noqa: ASYNC110
+                "SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY
+            ):
+                await asyncio.sleep(poll_s)
+            try:
+                while True:
+                    self._wake.clear()
+                    try:
+                        moved = await self.publish_pending()
+                    except Exception as exc:
+                        # NATS or Postgres away: nothing is lost, the cursor did not move.
+                        log.warning("relay: publishing paused (%s); retrying", exc)
+                        await asyncio.sleep(poll_s)
+                        continue
+                    if moved:
+                        continue
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), poll_s)
+                    except TimeoutError:
+                        pass
+            finally:
+                await lock_conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)
+
+    async def publish_pending(self) -> int:
+        """Publish one batch after the cursor; returns how many events it published."""
+        cursor = await self._store.get_cursor(CURSOR)
+        events = await self._store.read_all(cursor, BATCH)
+        if not events:
+            return 0
+        acks = await asyncio.gather(
+            *(
+                self._js.publish(
+                    subject_for(e),
+                    e.envelope().model_dump_json(exclude={"position"}).encode(),
+                    headers=headers_for(e),
+                )
+                for e in events
+            )
+        )
+        _crash_point("relay.after_publish")
+        await self._store.set_cursor(CURSOR, events[-1].position)
+        self.published += sum(1 for a in acks if not a.duplicate)
+        return len(events)
