@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     dhcp_port: int = 16767
     # 0 = pick a free port (tests); > 0 as given.
 
+    # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
+    # (postgres refuses to run as root), and an explicit binaries folder (else auto-detected).
+    postgres_user: str = "nobody"
+    postgres_bin_dir: Path | None = None
+    # Bearer token of the admin API; `streamboot up` generates it into DATA_DIR/api-token.
+    api_token: str | None = None
+
     # Control plane timing.
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 6.0

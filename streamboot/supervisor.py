@@ -1,0 +1,233 @@
+"""`streamboot up`: NATS, PostgreSQL and the four services on one machine, in the foreground.
+
+Start order: data dir lock → NATS → PostgreSQL → services → runtime.json. Stop order is
+the reverse, on SIGINT/SIGTERM or when any child exits on its own (then `up` fails, so a
+crashed service is never silently missing). Children die with the supervisor even on
+`kill -9` (parent-death signal, see `embedded.proc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from shared.settings import API_TOKEN_FILE, Settings
+from streamboot.embedded.datadir import DataDir
+from streamboot.embedded.nats import EmbeddedNats
+from streamboot.embedded.postgres import EmbeddedPostgres
+from streamboot.embedded.proc import ManagedProcess, StartupError, free_port, spawn
+
+SERVICES: tuple[str, ...] = ("registry", "stream", "cache", "boot")
+# Settings fields that are ports; 0 means "pick a free one" and is resolved once, here,
+# so every service and runtime.json see the same concrete number.
+PORT_FIELDS: tuple[str, ...] = (
+    "nats_port",
+    "postgres_port",
+    "api_port",
+    "http_stream_port",
+    "nbd_port",
+    "boot_http_port",
+    "tftp_port",
+    "dhcp_port",
+)
+SERVICE_STOP_TIMEOUT_S = 10.0
+
+
+def check_service_modules(names: Sequence[str]) -> None:
+    """Fail before starting anything when a service cannot be run with `python -m`."""
+    for name in names:
+        if name not in SERVICES:
+            raise StartupError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
+        module = f"services.{name}.__main__"
+        try:
+            spec = importlib.util.find_spec(module)
+        except ImportError as exc:
+            raise StartupError(f"service {name}: cannot import services.{name}: {exc}") from exc
+        if spec is None:
+            raise StartupError(
+                f"service {name} is missing: no module {module} (`python -m services.{name}` "
+                "cannot run). Start the others only with --services, e.g. "
+                f"--services {','.join(s for s in SERVICES if s != name)}"
+            )
+
+
+def endpoints(settings: Settings) -> dict[str, str]:
+    host = settings.advertised_host
+    return {
+        "api": f"http://{host}:{settings.api_port}",
+        "http_stream": f"http://{host}:{settings.http_stream_port}",
+        "nbd": f"nbd://{host}:{settings.nbd_port}",
+        "boot_http": f"http://{host}:{settings.boot_http_port}",
+        "tftp": f"tftp://{host}:{settings.tftp_port}",
+        "dhcp": f"udp://{host}:{settings.dhcp_port}",
+    }
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        services: Sequence[str] = SERVICES,
+        out: Callable[[str], None] = lambda line: print(line, flush=True),
+    ) -> None:
+        self.settings = settings
+        self.services = list(services)
+        self.out = out
+        self.data_dir = DataDir(settings.data_dir)
+        self.nats: EmbeddedNats | None = None
+        self.postgres: EmbeddedPostgres | None = None
+        self.children: list[ManagedProcess] = []
+        self._stop = asyncio.Event()
+
+    async def run(self) -> int:
+        """Run until a signal (exit 0) or a child's own exit (exit 1)."""
+        check_service_modules(self.services)
+        self.data_dir.lock()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            startup = asyncio.ensure_future(self._start_all())
+            stop_wait = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not startup.done():  # stopped while starting
+                startup.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await startup
+                return 0
+            stop_wait.cancel()
+            startup.result()  # raises StartupError
+            return await self._watch()
+        finally:
+            await self._stop_all()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _start_all(self) -> None:
+        s = self.settings
+        for field in PORT_FIELDS:
+            if getattr(s, field) == 0:
+                setattr(s, field, free_port(s.bind_host))
+        token = s.api_token or self.data_dir.api_token()
+        dd = self.data_dir
+        lines = [f"streamboot up: data dir {dd.path}"]
+
+        if s.nats_url:
+            nats_url = s.nats_url
+            lines.append(f"  NATS         {nats_url}  (external)")
+        else:
+            self.nats = EmbeddedNats(dd / "nats", port=s.nats_port, host=s.bind_host)
+            await self.nats.start(log_path=dd / "logs" / "nats.log")
+            self.children.append(_require(self.nats.process))
+            nats_url = self.nats.url
+            lines.append(f"  NATS         {nats_url}  (JetStream in {dd / 'nats'})")
+
+        if s.database_url:
+            database_url = s.database_url
+            lines.append(f"  PostgreSQL   {database_url}  (external)")
+        else:
+            self.postgres = EmbeddedPostgres(
+                dd.path, port=s.postgres_port, host=s.bind_host,
+                user=s.postgres_user, bin_dir=s.postgres_bin_dir,
+            )  # fmt: skip
+            await self.postgres.start(log_path=dd / "logs" / "postgres.log")
+            self.children.append(_require(self.postgres.process))
+            database_url = self.postgres.url
+            assert self.postgres.binaries is not None
+            lines.append(
+                f"  PostgreSQL   {database_url}  (PostgreSQL {self.postgres.binaries.major}, "
+                f"data in {self.postgres.pgdata}, trust auth on loopback)"
+            )
+
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "STREAMBOOT_DATA_DIR": str(dd.path),
+            "STREAMBOOT_NATS_URL": nats_url,
+            "STREAMBOOT_DATABASE_URL": database_url,
+            "STREAMBOOT_API_TOKEN": token,
+            **{f"STREAMBOOT_{f.upper()}": str(getattr(s, f)) for f in PORT_FIELDS},
+        }
+        pids: dict[str, int] = {}
+        for name in self.services:
+            proc = await spawn(
+                f"service {name}", [sys.executable, "-m", f"services.{name}"], env=env
+            )
+            self.children.append(proc)
+            pids[name] = proc.pid
+
+        eps = endpoints(s)
+        dd.write_runtime(
+            {
+                "pid": os.getpid(),
+                "data_dir": str(dd.path),
+                "started": time.time(),
+                "nats_url": nats_url,
+                "database_url": database_url,
+                "api_url": eps["api"],
+                "api_token_file": str(dd / API_TOKEN_FILE),
+                "endpoints": eps,
+                "services": pids,
+            }
+        )
+        width = max(map(len, eps))
+        lines += [f"  {name:<{width}}  {url}" for name, url in eps.items()]
+        lines.append(f"  API token in {dd / API_TOKEN_FILE}; logs in {dd / 'logs'}")
+        lines.append(
+            "  services: " + (", ".join(f"{n} (pid {p})" for n, p in pids.items()) or "none")
+        )
+        lines.append("Running; Ctrl-C or SIGTERM stops everything.")
+        for line in lines:
+            self.out(line)
+
+    async def _watch(self) -> int:
+        """Wait for a stop signal or for any child to exit by itself."""
+        waits = {asyncio.ensure_future(c.process.wait()): c for c in self.children}
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        done, _ = await asyncio.wait({stop_wait, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        for task in [stop_wait, *waits]:
+            if task not in done:
+                task.cancel()
+        if stop_wait in done:
+            self.out("streamboot up: stopping")
+            return 0
+        dead = [waits[t] for t in done if t in waits]
+        for child in dead:
+            self.out(f"streamboot up: {child.name} exited with code {child.process.returncode}")
+            if tail := child.log_tail():
+                self.out(tail)
+        self.out("streamboot up: stopping everything")
+        return 1
+
+    async def _stop_all(self) -> None:
+        """Services first (they may still flush to NATS/Postgres), then NATS, then Postgres."""
+        self.data_dir.remove_runtime()
+        services = [c for c in self.children if c.name.startswith("service ")]
+        await asyncio.gather(*(c.stop(SERVICE_STOP_TIMEOUT_S) for c in services))
+        if self.nats is not None:
+            await self.nats.stop()
+        if self.postgres is not None:
+            await self.postgres.stop()
+        self.data_dir.unlock()
+        if self.children:
+            self.out("streamboot up: stopped")
+
+
+def _require(process: ManagedProcess | None) -> ManagedProcess:
+    assert process is not None
+    return process
+
+
+def run_up(settings: Settings, services: Sequence[str]) -> int:
+    """Entry for the CLI: returns the exit code, with startup errors printed, not traced."""
+    try:
+        return asyncio.run(Supervisor(settings, services).run())
+    except StartupError as exc:
+        print(f"streamboot up: error: {exc}", file=sys.stderr, flush=True)
+        return 2

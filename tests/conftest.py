@@ -1,0 +1,80 @@
+"""Session-wide real servers for tests: a nats-server and a PostgreSQL on free loopback ports.
+
+They are started with the same `streamboot.embedded` modules as `streamboot up`, under a
+temp folder, so tests never touch servers that happen to run on the machine.
+
+- `nats_url` (session): nats://127.0.0.1:PORT, JetStream on.
+- `postgres_dsn` (session): server-level DSN (the `postgres` maintenance database, superuser).
+- `database_url` (function): a fresh empty database per test, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shared.settings import Settings
+from streamboot.embedded.nats import EmbeddedNats
+from streamboot.embedded.postgres import EmbeddedPostgres
+from streamboot.embedded.proc import free_port
+
+
+def traversable_tmpdir(prefix: str) -> Path:
+    """A temp dir under /tmp itself: under root pytest's own tmp base is 0700, and the
+    embedded postgres runs as an unprivileged user that must reach its data."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+@pytest.fixture(scope="session")
+def servers_root() -> Iterator[Path]:
+    root = traversable_tmpdir("streamboot-test-servers-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def nats_url(servers_root: Path) -> AsyncIterator[str]:
+    server = EmbeddedNats(servers_root / "nats", port=free_port())
+    await server.start(log_path=servers_root / "nats.log")
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def postgres_dsn(servers_root: Path) -> AsyncIterator[str]:
+    server = EmbeddedPostgres(
+        servers_root, port=free_port(), user=Settings().postgres_user, fast=True
+    )
+    await server.start(log_path=servers_root / "postgres.log")
+    try:
+        yield server.dsn("postgres")
+    finally:
+        await server.stop()
+
+
+_database_numbers = itertools.count(1)
+
+
+@pytest.fixture
+async def database_url(postgres_dsn: str) -> AsyncIterator[str]:
+    name = f"test_{next(_database_numbers)}"
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        # FORCE: a test that leaked a connection must not break the next ones.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
