@@ -1,0 +1,222 @@
+"""What NBD and HTTP connections share: socket options, buffered reads, flow control, and a
+watchdog that ends idle, stalled or never-finishing connections.
+
+Connections are plain ``asyncio.Protocol`` objects (uvloop underneath), not streams: the NBD
+transmission phase parses requests straight out of the receive buffer in
+``data_received``, with no coroutine per request on the hot path. Handshakes, being rare,
+are coroutines (:meth:`Connection.run`) reading through :meth:`read_exact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Literal
+
+from services.stream.sessions import Session, SessionManager
+from services.stream.settings import StreamSettings
+
+log = logging.getLogger(__name__)
+
+# Reply bytes we let the transport buffer before we stop reading requests (backpressure).
+WRITE_HIGH = 8 * 1024 * 1024
+WRITE_LOW = 2 * 1024 * 1024
+
+
+def tune_socket(sock: socket.socket | None, s: StreamSettings) -> None:
+    """TCP keepalive and a user timeout, so a vanished client is noticed by the kernel."""
+    if sock is None:
+        return
+    opts = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, s.keepalive_idle_s),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, s.keepalive_interval_s),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, s.keepalive_count),
+        # Unacknowledged reply data older than this kills the connection.
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(s.stall_timeout_s * 1000)),
+    ]
+    for level, name, value in opts:
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            log.debug("setsockopt(%s, %s) failed", level, name)
+
+
+class Connection(asyncio.Protocol):
+    protocol_name: Literal["nbd", "http"] = "nbd"
+
+    def __init__(self, mgr: SessionManager) -> None:
+        self.mgr = mgr
+        self.settings = mgr.settings
+        self.buf = bytearray()
+        self.session: Session | None = None
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.inflight = 0
+        self.closed = False
+        self.reason = "disconnect"
+        self.peer = "?"
+        self._want = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._paused_since: float | None = None
+        self._drainers: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- transport callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        tune_socket(transport.get_extra_info("socket"), self.settings)
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.started = self.last = self.loop.time()
+        s = self.settings
+        spans = [t for t in (s.idle_timeout_s, s.stall_timeout_s, s.handshake_timeout_s) if t > 0]
+        self._period = min(5.0, max(0.05, min(spans, default=20.0) / 4))
+        self._watch = self.loop.call_later(self._period, self._watchdog)
+        self.spawn(self._main())
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.loop.time()
+        self.buf += data
+        if self._waiter is not None and len(self.buf) >= self._want:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake(ConnectionResetError("peer closed"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._watch.cancel()
+        self._wake(ConnectionResetError("connection lost"))
+        for t in list(self._tasks):
+            t.cancel()
+        for d in self._drainers:
+            if not d.done():
+                d.set_exception(ConnectionResetError("connection lost"))
+        self._drainers.clear()
+        session, self.session = self.session, None
+        if session is not None:
+            session.conns.discard(self)
+            if not session.closed:
+                self.mgr.detached(
+                    session,
+                    self.protocol_name,
+                    self.peer,
+                    self.bytes_read,
+                    self.bytes_written,
+                    self.reason,
+                )
+            self.mgr.release(session)
+
+    def pause_writing(self) -> None:
+        # The client does not keep up reading replies: stop taking its requests.
+        self._paused_since = self.loop.time()
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_since = None
+        if not self.closed:
+            self.transport.resume_reading()
+        for d in self._drainers:
+            if not d.done():
+                d.set_result(None)
+        self._drainers.clear()
+
+    # --- helpers for subclasses ----------------------------------------------------------
+
+    async def drain(self) -> None:
+        if self._paused_since is not None and not self.closed:
+            fut = self.loop.create_future()
+            self._drainers.append(fut)
+            await fut
+        if self.closed:
+            raise ConnectionResetError("connection lost")
+
+    def _wake(self, exc: Exception | None = None) -> None:
+        w, self._waiter = self._waiter, None
+        if w is not None and not w.done():
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
+
+    async def _fill(self, n: int) -> None:
+        while len(self.buf) < n:
+            if self.closed or self._eof:
+                raise ConnectionResetError("peer closed")
+            self._want = n
+            self._waiter = self.loop.create_future()
+            await self._waiter
+
+    async def read_exact(self, n: int) -> bytes:
+        await self._fill(n)
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def read_until(self, sep: bytes, limit: int) -> bytes:
+        while (i := self.buf.find(sep)) < 0:
+            if len(self.buf) > limit:
+                raise ValueError("request head too long")
+            await self._fill(len(self.buf) + 1)
+        data = bytes(self.buf[: i + len(sep)])
+        del self.buf[: i + len(sep)]
+        return data
+
+    def spawn(self, coro: object) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def write(self, data: bytes | bytearray) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def close(self, reason: str | None = None) -> None:
+        if reason:
+            self.reason = reason
+        if not self.closed:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        self.reason = reason
+        if not self.closed:
+            self.transport.abort()
+
+    async def _main(self) -> None:
+        try:
+            await self.run()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s connection from %s failed", self.protocol_name, self.peer)
+            self.abort("error")
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    def _watchdog(self) -> None:
+        if self.closed:
+            return
+        now = self.loop.time()
+        s = self.settings
+        if self._paused_since is not None and s.stall_timeout_s > 0:
+            if now - self._paused_since > s.stall_timeout_s:
+                return self.abort("stalled")
+        elif self.session is None and s.handshake_timeout_s > 0:
+            if now - self.started > s.handshake_timeout_s:
+                return self.abort("handshake-timeout")
+        elif s.idle_timeout_s > 0 and not self.inflight and now - self.last > s.idle_timeout_s:
+            return self.abort("idle-timeout")
+        self._watch = self.loop.call_later(self._period, self._watchdog)

@@ -1,0 +1,397 @@
+"""NBD server: fixed newstyle handshake, then the transmission phase on the session's stack.
+
+Per connection, requests are parsed straight out of the receive buffer. A READ whose data is
+in the page cache is answered inline (pieces from ``map_read`` -> ``preadv`` into the reply
+buffer -> one ``transport.write``); a READ that would block on the disk and every other
+command run as tasks, so their replies may overtake each other (NBD allows any order).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from services.stream.conn import Connection
+from services.stream.nbd import protocol as P
+from services.stream.path.backend import Backend, read_into, read_into_nowait
+from services.stream.sessions import Session
+
+log = logging.getLogger(__name__)
+
+REQ = P.REQUEST
+REQ_SIZE = REQ.size
+SIMPLE = P.SIMPLE_REPLY
+STRUCT = P.STRUCTURED_REPLY
+# Structured READ reply: chunk header + 8-byte offset, then the data.
+SREAD_HDR = struct.Struct(">IHHQIQ")
+# Requests a connection may have in flight before we stop reading more.
+MAX_INFLIGHT = 128
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol: drop the connection."""
+
+
+class NbdConnection(Connection):
+    protocol_name = "nbd"
+
+    def __init__(self, mgr) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(mgr)
+        self.transmitting = False
+        self.structured = False
+        self.meta_base_allocation = False
+        self.backend: Backend | None = None
+        self._reading_paused = False
+        self._disconnecting = False
+
+    # --- handshake -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.write(
+            P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
+        )
+        (cflags,) = P.CLIENT_FLAGS.unpack(await self.read_exact(4))
+        if cflags & ~P.CLIENT_FLAGS_KNOWN or not cflags & P.FLAG_FIXED_NEWSTYLE:
+            return self.close("bad-client-flags")
+        self.no_zeroes = bool(cflags & P.FLAG_NO_ZEROES)
+        while not self.closed:
+            magic, opt, length = P.OPTION.unpack(await self.read_exact(P.OPTION.size))
+            if magic != P.IHAVEOPT:
+                return self.close("bad-option-magic")
+            if length > P.MAX_OPTION:
+                # We cannot skip an unbounded payload: end the connection.
+                self.write(P.option_reply(opt, P.REP_ERR_TOO_BIG))
+                return self.close("option-too-big")
+            data = await self.read_exact(length)
+            if await self._option(opt, data):
+                return
+
+    def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
+        self.write(P.option_reply(opt, rep, data))
+
+    async def _option(self, opt: int, data: bytes) -> bool:
+        """Handle one option; True when the handshake is over (transmission or closed)."""
+        if opt == P.OPT_EXPORT_NAME:
+            session = await self._open(data.decode("utf-8", "replace"))
+            if session is None:
+                # No way to answer an error to EXPORT_NAME: the spec says disconnect.
+                self.close("unknown-export")
+                return True
+            flags = self._transmission_flags(session.backend)
+            reply = P.EXPORT_NAME_REPLY.pack(session.backend.size, flags)
+            self.write(reply if self.no_zeroes else reply + bytes(124))
+            self._start_transmission()
+            return True
+        if opt == P.OPT_ABORT:
+            self._reply(opt, P.REP_ACK)
+            self.close("abort")
+            return True
+        if opt == P.OPT_LIST:
+            # Export names are session tokens, i.e. secrets: there is nothing to list.
+            self._reply(opt, P.REP_ERR_INVALID if data else P.REP_ACK)
+            return False
+        if opt in (P.OPT_INFO, P.OPT_GO):
+            return await self._info_or_go(opt, data)
+        if opt == P.OPT_STRUCTURED_REPLY:
+            if data:
+                self._reply(opt, P.REP_ERR_INVALID)
+            else:
+                self.structured = True
+                self._reply(opt, P.REP_ACK)
+            return False
+        if opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+            self._meta_context(opt, data)
+            return False
+        self._reply(opt, P.REP_ERR_UNSUP)
+        return False
+
+    async def _info_or_go(self, opt: int, data: bytes) -> bool:
+        try:
+            (nlen,) = struct.unpack_from(">I", data)
+            name = data[4 : 4 + nlen]
+            (nreq,) = struct.unpack_from(">H", data, 4 + nlen)
+            if len(data) != 4 + nlen + 2 + 2 * nreq or len(name) != nlen:
+                raise ValueError
+        except (struct.error, ValueError):
+            self._reply(opt, P.REP_ERR_INVALID)
+            return False
+        session = await self._open(name.decode("utf-8", "replace"))
+        if session is None:
+            self._reply(opt, P.REP_ERR_UNKNOWN)
+            return False
+        b = session.backend
+        self._reply(
+            opt,
+            P.REP_INFO,
+            P.INFO_EXPORT_S.pack(P.INFO_EXPORT, b.size, self._transmission_flags(b)),
+        )
+        self._reply(
+            opt,
+            P.REP_INFO,
+            P.INFO_BLOCK_SIZE_S.pack(
+                P.INFO_BLOCK_SIZE, P.MIN_BLOCK, P.PREFERRED_BLOCK, P.MAX_BLOCK
+            ),
+        )
+        self._reply(opt, P.REP_ACK)
+        if opt == P.OPT_INFO:
+            self._drop_session()
+            return False
+        self._start_transmission()
+        return True
+
+    def _meta_context(self, opt: int, data: bytes) -> None:
+        try:
+            (nlen,) = struct.unpack_from(">I", data)
+            pos = 4 + nlen
+            (nq,) = struct.unpack_from(">I", data, pos)
+            pos += 4
+            queries = []
+            for _ in range(nq):
+                (qlen,) = struct.unpack_from(">I", data, pos)
+                queries.append(data[pos + 4 : pos + 4 + qlen])
+                pos += 4 + qlen
+            if pos != len(data):
+                raise ValueError
+        except (struct.error, ValueError):
+            return self._reply(opt, P.REP_ERR_INVALID)
+        if opt == P.OPT_SET_META_CONTEXT and not self.structured:
+            return self._reply(opt, P.REP_ERR_INVALID)
+        want = any(q in (P.META_BASE_ALLOCATION, b"base:") for q in queries)
+        if opt == P.OPT_LIST_META_CONTEXT and not queries:
+            want = True
+        if want:
+            self._reply(
+                opt,
+                P.REP_META_CONTEXT,
+                struct.pack(">I", P.META_CONTEXT_ID) + P.META_BASE_ALLOCATION,
+            )
+        if opt == P.OPT_SET_META_CONTEXT:
+            self.meta_base_allocation = want
+        self._reply(opt, P.REP_ACK)
+
+    async def _open(self, token: str) -> Session | None:
+        self._drop_session()
+        session = await self.mgr.acquire(token)
+        if session is not None:
+            if self.closed:
+                self.mgr.release(session)
+                return None
+            self.session = session
+            session.conns.add(self)
+        return session
+
+    def _drop_session(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.conns.discard(self)
+            self.mgr.release(session)
+
+    def _transmission_flags(self, b: Backend) -> int:
+        flags = P.TF_HAS_FLAGS | P.TF_SEND_DF
+        if not b.can_write():
+            flags |= P.TF_READ_ONLY
+        if b.can_flush():
+            flags |= P.TF_SEND_FLUSH
+        if b.can_fua():
+            flags |= P.TF_SEND_FUA
+        if b.can_trim():
+            flags |= P.TF_SEND_TRIM
+        if b.can_zero():
+            flags |= P.TF_SEND_WRITE_ZEROES
+        if b.can_multi_conn():
+            flags |= P.TF_CAN_MULTI_CONN
+        return flags
+
+    def _start_transmission(self) -> None:
+        assert self.session is not None
+        self.backend = self.session.backend
+        self.size = self.backend.size
+        self.read_only = not self.backend.can_write()
+        self.transmitting = True
+        self.mgr.attached(self.session, "nbd", self.peer)
+        if self.buf:
+            self._process()
+
+    # --- transmission --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transmitting:
+            return super().data_received(data)
+        self.last = self.loop.time()
+        self.buf += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every complete request in the buffer."""
+        buf = self.buf
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= REQ_SIZE and not self.closed:
+                magic, flags, cmd, handle, offset, length = REQ.unpack_from(buf, pos)
+                if magic != P.REQUEST_MAGIC:
+                    raise ProtocolError("bad request magic")
+                if cmd == P.CMD_WRITE:
+                    if length > P.MAX_BLOCK:
+                        raise ProtocolError("write payload too large")
+                    if end - pos - REQ_SIZE < length:
+                        break  # payload not all here yet
+                    data = bytes(buf[pos + REQ_SIZE : pos + REQ_SIZE + length])
+                    pos += REQ_SIZE + length
+                    self._write(flags, handle, offset, data)
+                elif cmd == P.CMD_READ:
+                    pos += REQ_SIZE
+                    self._read(flags, handle, offset, length)
+                else:
+                    pos += REQ_SIZE
+                    self._command(flags, cmd, handle, offset, length)
+        except ProtocolError as e:
+            log.info("nbd client %s: %s", self.peer, e)
+            self.abort("protocol-error")
+            return
+        finally:
+            if pos:
+                del buf[:pos]
+        if self.inflight >= MAX_INFLIGHT and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _bad_range(self, offset: int, length: int) -> bool:
+        return offset + length > self.size or length > P.MAX_BLOCK
+
+    def _error(self, handle: int, err: int, is_read: bool = False, msg: str = "") -> None:
+        if self.structured and is_read:
+            self.write(P.structured_error(handle, err, msg))
+        else:
+            self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, err, handle))
+
+    def _read(self, flags: int, handle: int, offset: int, length: int) -> None:
+        if self._bad_range(offset, length):
+            err = P.EOVERFLOW if length > P.MAX_BLOCK and self.structured else P.EINVAL
+            return self._error(handle, err, True, "read out of range")
+        assert self.backend is not None and self.session is not None
+        pieces = self.backend.map_read(offset, length)
+        if self.structured:
+            hlen = SREAD_HDR.size
+            out = bytearray(hlen + length)
+            SREAD_HDR.pack_into(
+                out, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                P.REPLY_TYPE_OFFSET_DATA, handle, 8 + length, offset,
+            )  # fmt: skip
+        else:
+            hlen = SIMPLE.size
+            out = bytearray(hlen + length)
+            SIMPLE.pack_into(out, 0, P.SIMPLE_REPLY_MAGIC, 0, handle)
+        self.bytes_read += length
+        self.session.record("r", offset, length)
+        view = memoryview(out)[hlen:]
+        try:
+            if read_into_nowait(pieces, view):
+                self.write(out)
+                return
+        except OSError as e:
+            log.warning("read %d+%d failed: %s", offset, length, e)
+            return self._error(handle, P.EIO, True, str(e))
+        # Not in the page cache: read in a thread; later requests may be answered first.
+        self.inflight += 1
+        self.spawn(self._slow_read(handle, pieces, view, out))
+
+    async def _slow_read(self, handle: int, pieces, view: memoryview, out: bytearray) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await self.loop.run_in_executor(None, read_into, pieces, view)
+        except OSError as e:
+            self._error(handle, P.EIO, True, str(e))
+        else:
+            self.write(out)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        self.inflight -= 1
+        if self._disconnecting and not self.inflight:
+            return self.close("disconnect")
+        if self._reading_paused and self.inflight < MAX_INFLIGHT // 2 and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+            if self.buf and self.transmitting:
+                self._process()  # requests that arrived before we paused
+
+    def _write(self, flags: int, handle: int, offset: int, data: bytes) -> None:
+        if self.read_only:
+            return self._error(handle, P.EPERM)
+        if offset + len(data) > self.size:
+            return self._error(handle, P.ENOSPC)
+        assert self.backend is not None and self.session is not None
+        self.bytes_written += len(data)
+        self.session.record("w", offset, len(data))
+        self._run(handle, self.backend.pwrite(offset, data, bool(flags & P.CMD_FLAG_FUA)))
+
+    def _command(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> None:
+        b = self.backend
+        assert b is not None and self.session is not None
+        fua = bool(flags & P.CMD_FLAG_FUA)
+        if cmd == P.CMD_FLUSH:
+            self._run(handle, b.flush())
+        elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+            if self.read_only:
+                return self._error(handle, P.EPERM)
+            if offset + length > self.size:
+                return self._error(handle, P.ENOSPC)
+            self.session.record("w", offset, length)
+            op = b.trim if cmd == P.CMD_TRIM else b.zero
+            self._run(handle, op(offset, length, fua))
+        elif cmd == P.CMD_DISC:
+            # Answer what is in flight, then close; no reply to DISC itself.
+            self.transmitting = False
+            self.transport.pause_reading()
+            self._disconnecting = True
+            if not self.inflight:
+                self.close("disconnect")
+        elif cmd == P.CMD_CACHE:
+            self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+        elif cmd == P.CMD_BLOCK_STATUS and self.meta_base_allocation:
+            if offset + length > self.size or not length:
+                return self._error(handle, P.EINVAL, True)
+            self.inflight += 1
+            self.spawn(self._block_status(handle, offset, length, flags))
+        else:
+            self._error(handle, P.EINVAL, cmd == P.CMD_BLOCK_STATUS)
+
+    def _run(self, handle: int, op: object) -> None:
+        self.inflight += 1
+        self.spawn(self._finish(handle, op))
+
+    async def _finish(self, handle: int, op: object) -> None:
+        try:
+            await op  # type: ignore[misc]
+        except PermissionError:
+            self._error(handle, P.EPERM)
+        except OSError as e:
+            log.warning("nbd command failed: %s", e)
+            self._error(handle, P.ENOSPC if e.errno == 28 else P.EIO)
+        else:
+            self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+        finally:
+            self._done()
+
+    async def _block_status(self, handle: int, offset: int, length: int, flags: int) -> None:
+        assert self.backend is not None
+        try:
+            merged: list[list[int]] = []
+            for n, f in await self.backend.extents(offset, length):
+                if merged and merged[-1][1] == f:
+                    merged[-1][0] += n
+                else:
+                    merged.append([n, f])
+            if flags & P.CMD_FLAG_REQ_ONE:
+                merged = merged[:1]
+            payload = struct.pack(">I", P.META_CONTEXT_ID) + b"".join(
+                struct.pack(">II", n, f) for n, f in merged
+            )
+            self.write(
+                P.structured_chunk(P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS, handle, payload)
+            )
+        except OSError as e:
+            self._error(handle, P.EIO, True, str(e))
+        finally:
+            self._done()

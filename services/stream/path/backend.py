@@ -1,0 +1,148 @@
+"""The read/write path as a stack of backends, in the style of nbdkit plugins and filters.
+
+A backend is a small table of callbacks: ``size``, the ``can_*`` capability probes,
+``map_read`` (where the bytes of a range live), and the async data callbacks ``pread``,
+``pwrite``, ``flush``, ``trim``, ``zero`` and ``extents``. A :class:`Layer` (a filter) wraps
+the next backend and passes every callback it does not change down to it, so the session
+stack reads::
+
+    WriteCache -> ReadCache -> ChainBackend (version chain) -> files of the vdisk store
+
+Why ``map_read`` is synchronous and returns pieces instead of bytes: the read of a clean
+block is the hot path. The servers ask the stack *where* the bytes are (pieces
+``(fd, file_offset, length)``, ``fd == ZERO_FD`` for zeros; a lookup in in-memory maps, no
+I/O) and then read them straight into the reply buffer with ``preadv`` (see
+:func:`read_into`), with no per-layer copies and no coroutine per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+from shared.vdisk_layout import ZERO_FD, Piece, read_pieces
+
+__all__ = ["ZERO_FD", "Backend", "Layer", "Piece", "read_into", "read_into_nowait"]
+
+# NBD base:allocation flags, used by ``extents``.
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+Extent = tuple[int, int]  # (length, STATE_* flags)
+
+
+class Backend(Protocol):
+    size: int
+
+    def can_write(self) -> bool: ...
+    def can_flush(self) -> bool: ...
+    def can_trim(self) -> bool: ...
+    def can_zero(self) -> bool: ...
+    def can_fua(self) -> bool: ...
+    def can_multi_conn(self) -> bool: ...
+    def can_extents(self) -> bool: ...
+
+    def map_read(self, offset: int, length: int) -> list[Piece]: ...
+    async def pread(self, offset: int, length: int) -> bytes: ...
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None: ...
+    async def flush(self) -> None: ...
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
+    async def zero(self, offset: int, length: int, fua: bool = False) -> None: ...
+    async def extents(self, offset: int, length: int) -> list[Extent]: ...
+    def close(self) -> None: ...
+
+
+class Layer:
+    """A filter: every callback goes to ``next`` unless the subclass overrides it."""
+
+    def __init__(self, next_: Backend) -> None:
+        self.next = next_
+        self.size = next_.size
+
+    def can_write(self) -> bool:
+        return self.next.can_write()
+
+    def can_flush(self) -> bool:
+        return self.next.can_flush()
+
+    def can_trim(self) -> bool:
+        return self.next.can_trim()
+
+    def can_zero(self) -> bool:
+        return self.next.can_zero()
+
+    def can_fua(self) -> bool:
+        return self.next.can_fua()
+
+    def can_multi_conn(self) -> bool:
+        return self.next.can_multi_conn()
+
+    def can_extents(self) -> bool:
+        return self.next.can_extents()
+
+    def map_read(self, offset: int, length: int) -> list[Piece]:
+        return self.next.map_read(offset, length)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await pread_via_map(self, offset, length)
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.next.pwrite(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self.next.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.next.trim(offset, length, fua)
+
+    async def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.next.zero(offset, length, fua)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return await self.next.extents(offset, length)
+
+    def close(self) -> None:
+        self.next.close()
+
+
+async def pread_via_map(backend: Backend, offset: int, length: int) -> bytes:
+    """Generic ``pread``: resolve pieces, read them (off the loop when not cached)."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    pieces = backend.map_read(offset, length)
+    if not read_into_nowait(pieces, view):
+        await asyncio.get_running_loop().run_in_executor(None, read_pieces, pieces, view)
+    return bytes(buf)
+
+
+def read_into_nowait(pieces: Sequence[Piece], out: memoryview) -> bool:
+    """Fill ``out`` from the page cache only (``RWF_NOWAIT``); False when a piece would block.
+
+    The event loop may do this itself: a cached read costs a memcpy. When it returns
+    False the caller re-reads with :func:`read_into` in a worker thread, so a cold read
+    never stalls the other requests (their replies then overtake this one).
+    """
+    pos = 0
+    for fd, off, n in pieces:
+        if fd != ZERO_FD:
+            try:
+                got = os.preadv(fd, [out[pos : pos + n]], off, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                # memfd (RAM write cache) has no NOWAIT: it never blocks anyway.
+                got = os.preadv(fd, [out[pos : pos + n]], off)
+            if got != n:
+                return False
+        pos += n
+    return True
+
+
+def read_into(pieces: Sequence[Piece], out: memoryview) -> None:
+    """Blocking fill of ``out`` (zero pieces must already be zero in ``out``)."""
+    read_pieces(pieces, out)

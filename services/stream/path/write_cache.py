@@ -1,0 +1,186 @@
+"""A session's write cache: the layer that makes a read-only vdisk writable for one client.
+
+This is the seam for the future cache service: a write cache is a :class:`Layer` like any
+other, so a remote implementation only has to provide the same callbacks (``map_read`` may
+then return pieces of a local mirror or fall back to ``pread``). For now the data lives in
+this process: in a memfd (``server-ram``) or an unlinked sparse temp file (``server-disk``).
+Either way a block the session wrote is served with the same ``preadv`` as a clean one.
+
+Granularity is 4 KiB: a write that covers part of a block first copies the block from the
+layers below (read-modify-write). Zeroed / trimmed whole blocks are only marked, not stored.
+All callbacks run to completion without awaiting, so concurrent requests of the connections
+sharing this cache never see a half-applied write.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from services.stream.path.backend import (
+    STATE_HOLE,
+    STATE_ZERO,
+    ZERO_FD,
+    Backend,
+    Extent,
+    Layer,
+    Piece,
+    read_into,
+)
+
+BLOCK = 4096
+CLEAN, DIRTY, ZEROED = 0, 1, 2
+_OTHERS = {CLEAN: (DIRTY, ZEROED), DIRTY: (CLEAN, ZEROED), ZEROED: (CLEAN, DIRTY)}
+
+
+class WriteCache(Layer):
+    def __init__(self, next_: Backend, kind: str = "server-ram", directory: Path | None = None):
+        super().__init__(next_)
+        if kind == "server-ram":
+            self.fd = os.memfd_create("streamboot-wc", os.MFD_CLOEXEC)
+        elif kind == "server-disk":
+            # Unlinked at once: the cache vanishes with the process, whatever happens.
+            fd, name = tempfile.mkstemp(prefix="wc-", dir=directory)
+            os.unlink(name)
+            self.fd = fd
+        else:
+            raise ValueError(f"no in-process write cache of kind {kind!r}")
+        self.kind = kind
+        os.ftruncate(self.fd, self.size)
+        self.state = bytearray(-(-self.size // BLOCK))
+        self._touched = 0  # blocks not CLEAN; 0 means every read passes straight down
+
+    def can_write(self) -> bool:
+        return True
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_trim(self) -> bool:
+        return True
+
+    def can_zero(self) -> bool:
+        return True
+
+    def can_fua(self) -> bool:
+        return True
+
+    def can_multi_conn(self) -> bool:
+        # One cache object per session, shared by all its connections: a flush on one
+        # covers writes completed on every other.
+        return True
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.state.count(DIRTY) * BLOCK
+
+    def _runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """``(state, start, stop)`` byte runs of equal block state covering the range."""
+        st = self.state
+        end = offset + length
+        last = (end - 1) // BLOCK + 1
+        runs = []
+        pos, i = offset, offset // BLOCK
+        while pos < end:
+            v = st[i]
+            j = last
+            for other in _OTHERS[v]:
+                k = st.find(other, i + 1, last)
+                if k != -1 and k < j:
+                    j = k
+            stop = min(end, j * BLOCK)
+            runs.append((v, pos, stop))
+            pos, i = stop, j
+        return runs
+
+    def map_read(self, offset: int, length: int) -> list[Piece]:
+        if not self._touched:
+            return self.next.map_read(offset, length)
+        pieces: list[Piece] = []
+        for v, a, b in self._runs(offset, length):
+            if v == CLEAN:
+                pieces.extend(self.next.map_read(a, b - a))
+            elif v == DIRTY:
+                pieces.append((self.fd, a, b - a))
+            else:
+                pieces.append((ZERO_FD, 0, b - a))
+        return pieces
+
+    def _mark(self, first: int, stop: int, value: int) -> None:
+        if first >= stop:
+            return
+        self._touched += self.state.count(CLEAN, first, stop)
+        self.state[first:stop] = bytes([value]) * (stop - first)
+
+    def _materialize(self, block: int) -> None:
+        """Copy a partly overwritten block into the cache so its other bytes survive."""
+        if self.state[block] == DIRTY:
+            return
+        start = block * BLOCK
+        n = min(BLOCK, self.size - start)
+        buf = bytearray(n)
+        if self.state[block] == CLEAN:
+            read_into(self.next.map_read(start, n), memoryview(buf))
+        os.pwrite(self.fd, buf, start)
+        self._mark(block, block + 1, DIRTY)
+
+    def _edges(self, offset: int, length: int) -> tuple[int, int]:
+        """Materialize partial edge blocks; return the block range now fully covered."""
+        end = offset + length
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        if offset % BLOCK:
+            self._materialize(first)
+        if end % BLOCK and end != self.size:
+            self._materialize(last)
+        return first, last + 1
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if not data:
+            return
+        first, stop = self._edges(offset, len(data))
+        written = os.pwrite(self.fd, data, offset)
+        if written != len(data):
+            raise OSError(f"short write to write cache: {written} of {len(data)}")
+        self._mark(first, stop, DIRTY)
+
+    async def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        if not length:
+            return
+        end = offset + length
+        first = -(-offset // BLOCK)
+        stop = end // BLOCK if end != self.size else -(-end // BLOCK)
+        # Partial edge blocks get real zeros written; whole blocks are only marked.
+        if first > stop:  # inside one block
+            edges = [(offset, end)]
+        else:
+            edges = [(offset, first * BLOCK), (stop * BLOCK, end)]
+        for a, b in edges:
+            if a < b:
+                self._materialize(a // BLOCK)
+                os.pwrite(self.fd, bytes(b - a), a)
+        if first < stop:
+            self._mark(first, stop, ZEROED)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        # Trimmed blocks read back as zeros: deterministic, and it never exposes the base.
+        await self.zero(offset, length, fua)
+
+    async def flush(self) -> None:
+        # The cache is dropped with the session (persistence "discard"): nothing to sync.
+        return None
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        if not self._touched:
+            return await self.next.extents(offset, length)
+        out: list[Extent] = []
+        for v, a, b in self._runs(offset, length):
+            if v == CLEAN:
+                out.extend(await self.next.extents(a, b - a))
+            else:
+                out.append((b - a, STATE_HOLE | STATE_ZERO if v == ZEROED else 0))
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.next.close()

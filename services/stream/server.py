@@ -1,0 +1,65 @@
+"""The stream node's data plane: NBD and HTTP range servers over one session manager.
+
+Wiring (done by ``services/stream/service.py``)::
+
+    servers = StreamServers(resolver, sink, StreamSettings.from_settings(settings))
+    await servers.start()          # binds; servers.nbd_port / servers.http_port are the ports
+    ...
+    servers.close_session(session_id)   # the registry closed a session: drop its state
+    await servers.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.stream.http_range import HttpConnection
+from services.stream.nbd.server import NbdConnection
+from services.stream.sessions import SessionManager
+from services.stream.settings import StreamSettings
+from services.stream.spec import EventSink, SessionResolver
+
+log = logging.getLogger(__name__)
+
+
+class StreamServers:
+    def __init__(
+        self, resolver: SessionResolver, sink: EventSink, settings: StreamSettings | None = None
+    ) -> None:
+        self.settings = settings or StreamSettings()
+        self.sessions = SessionManager(resolver, sink, self.settings)
+        self._servers: list[asyncio.base_events.Server] = []
+        self.nbd_port = 0
+        self.http_port = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        nbd = await loop.create_server(
+            lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port, reuse_address=True
+        )
+        http = await loop.create_server(
+            lambda: HttpConnection(self.sessions), s.bind_host, s.http_port, reuse_address=True
+        )
+        self._servers = [nbd, http]
+        self.nbd_port = nbd.sockets[0].getsockname()[1]
+        self.http_port = http.sockets[0].getsockname()[1]
+        log.info("stream: nbd on %s:%d, http on %s:%d", s.bind_host, self.nbd_port,
+                 s.bind_host, self.http_port)  # fmt: skip
+
+    def close_session(self, session_id: str) -> bool:
+        """Drop a session (its connections and write cache); False if it is not here."""
+        return self.sessions.close_session_id(session_id)
+
+    async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for session in list(self.sessions.sessions.values()):
+            for conn in list(session.conns):
+                conn.abort("shutdown")
+        await asyncio.sleep(0)  # let connection_lost callbacks run (detach events)
+        await self.sessions.close_all()
+        for srv in self._servers:
+            await srv.wait_closed()
+        self._servers = []

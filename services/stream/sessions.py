@@ -1,0 +1,226 @@
+"""Sessions on this stream node: one backend stack per session token, shared by connections.
+
+Every connection that names the same token gets the same :class:`Session`, hence the same
+write cache object: a write on one connection is read back on another, and a flush covers
+all of them (what NBD_FLAG_CAN_MULTI_CONN promises). A session outlives its last connection
+by ``session_linger_s``; then its stack (and a server-side write cache) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Literal
+
+from services.stream.path.backend import Backend
+from services.stream.path.chain import ChainBackend
+from services.stream.path.read_cache import ReadCache
+from services.stream.path.write_cache import WriteCache
+from services.stream.settings import StreamSettings
+from services.stream.spec import EventSink, ExportSpec, SessionResolver
+from shared.events import BlocksRequested, Event, SessionAttached, SessionDetached
+
+log = logging.getLogger(__name__)
+
+Protocol_ = Literal["nbd", "http"]
+
+
+def build_stack(spec: ExportSpec, settings: StreamSettings) -> Backend:
+    """write cache -> read cache -> version chain (no write cache on a read-only export)."""
+    backend: Backend = ReadCache(ChainBackend(spec.layers))
+    if backend.size != spec.size:
+        backend.close()
+        raise ValueError(
+            f"chain of {spec.vdisk}@{spec.version} is {backend.size} bytes, not {spec.size}"
+        )
+    if not spec.export_read_only:
+        if settings.write_cache_dir is not None:
+            settings.write_cache_dir.mkdir(parents=True, exist_ok=True)
+        backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir)
+    return backend
+
+
+class Session:
+    def __init__(self, token: str, spec: ExportSpec, backend: Backend, mgr: SessionManager):
+        self.token = token
+        self.spec = spec
+        self.backend = backend
+        self.mgr = mgr
+        self.connections = 0
+        # Live connections, each with an ``abort(reason)``: closed with the session.
+        self.conns: set = set()
+        self.closed = False
+        self.started = time.monotonic()
+        self._extents: list[list] = []
+        self._flusher: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.spec.session_id
+
+    def record(self, op: Literal["r", "w"], offset: int, length: int) -> None:
+        """Note a block access for BlocksRequested (adjacent accesses of one op merge)."""
+        ext = self._extents
+        if ext:
+            last = ext[-1]
+            if last[3] == op and last[1] + last[2] == offset:
+                last[2] += length
+                return
+        ext.append([int((time.monotonic() - self.started) * 1000), offset, length, op])
+        if len(ext) >= self.mgr.settings.events_batch_extents:
+            self.flush_extents()
+        elif self._flusher is None:
+            loop = asyncio.get_running_loop()
+            self._flusher = loop.call_later(self.mgr.settings.events_interval_s, self.flush_extents)
+
+    def flush_extents(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if not self._extents:
+            return
+        batch = [tuple(e) for e in self._extents]
+        self._extents = []
+        self.mgr.emit(
+            BlocksRequested(
+                session_id=self.session_id,
+                vdisk=self.spec.vdisk,
+                version=self.spec.version,
+                extents=batch,  # type: ignore[arg-type]
+            ),
+            self.session_id,
+        )
+
+
+class SessionManager:
+    def __init__(self, resolver: SessionResolver, sink: EventSink, settings: StreamSettings):
+        self.resolver = resolver
+        self.sink = sink
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self._emits: set[asyncio.Task[None]] = set()
+
+    async def acquire(self, token: str) -> Session | None:
+        """The session of ``token`` with one more connection on it; None for unknown tokens."""
+        lock = self._opening.setdefault(token, asyncio.Lock())
+        async with lock:
+            session = self.sessions.get(token)
+            if session is None:
+                try:
+                    spec = await self.resolver.resolve(token)
+                except Exception:
+                    log.exception("resolver failed for a session token")
+                    return None
+                if spec is None:
+                    return None
+                try:
+                    backend = build_stack(spec, self.settings)
+                except (OSError, ValueError) as e:
+                    log.error("cannot open session %s: %s", spec.session_id, e)
+                    return None
+                session = Session(token, spec, backend, self)
+                self.sessions[token] = session
+            if session._linger is not None:
+                session._linger.cancel()
+                session._linger = None
+            session.connections += 1
+            return session
+
+    def release(self, session: Session) -> None:
+        session.connections -= 1
+        if session.connections > 0 or session.closed:
+            return
+        if self.settings.session_linger_s <= 0:
+            self.close(session)
+        else:
+            loop = asyncio.get_running_loop()
+            session._linger = loop.call_later(
+                self.settings.session_linger_s, self._linger_expired, session
+            )
+
+    def _linger_expired(self, session: Session) -> None:
+        session._linger = None
+        if session.connections == 0:
+            self.close(session)
+
+    def close(self, session: Session) -> None:
+        """Drop a session's state (its write cache with it)."""
+        if session.closed:
+            return
+        session.closed = True
+        session.flush_extents()
+        if session._linger is not None:
+            session._linger.cancel()
+        if self.sessions.get(session.token) is session:
+            del self.sessions[session.token]
+        self._opening.pop(session.token, None)
+        for conn in list(session.conns):
+            conn.abort("session-closed")
+        session.backend.close()
+
+    def close_session_id(self, session_id: str) -> bool:
+        """Drop the session with this id (the registry closed it); False if not here."""
+        for s in list(self.sessions.values()):
+            if s.session_id == session_id:
+                self.close(s)
+                return True
+        return False
+
+    def attached(self, session: Session, protocol: Protocol_, client_addr: str) -> None:
+        self.emit(
+            SessionAttached(
+                session_id=session.session_id,
+                stream_node=self.settings.node_id,
+                protocol=protocol,
+                client_addr=client_addr,
+            ),
+            session.session_id,
+        )
+
+    def detached(
+        self,
+        session: Session,
+        protocol: Protocol_,
+        client_addr: str,
+        bytes_read: int,
+        bytes_written: int,
+        reason: str,
+    ) -> None:
+        session.flush_extents()
+        self.emit(
+            SessionDetached(
+                session_id=session.session_id,
+                stream_node=self.settings.node_id,
+                protocol=protocol,
+                client_addr=client_addr,
+                bytes_read=bytes_read,
+                bytes_written=bytes_written,
+                reason=reason,
+            ),
+            session.session_id,
+        )
+
+    def emit(self, event: Event, correlation_id: str | None) -> None:
+        """Hand an event to the sink without making the data path wait for it."""
+        task = asyncio.get_running_loop().create_task(self._emit(event, correlation_id))
+        self._emits.add(task)
+        task.add_done_callback(self._emits.discard)
+
+    async def _emit(self, event: Event, correlation_id: str | None) -> None:
+        try:
+            await self.sink.emit(event, correlation_id)
+        except Exception:
+            log.exception("event sink failed for %s", event.event_type())
+
+    async def drain_events(self) -> None:
+        while self._emits:
+            await asyncio.gather(*list(self._emits), return_exceptions=True)
+
+    async def close_all(self, sessions: Iterable[Session] | None = None) -> None:
+        for s in list(sessions if sessions is not None else self.sessions.values()):
+            self.close(s)
+        await self.drain_events()

@@ -1,0 +1,44 @@
+"""Settings of the stream data plane (a plain dataclass, so tests can build one directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.settings import Settings
+
+
+@dataclass
+class StreamSettings:
+    bind_host: str = "127.0.0.1"
+    nbd_port: int = 10809  # 0 = pick a free port
+    http_port: int = 18081
+    node_id: str = "stream"
+    # A connection with no request for this long (and none in flight) is closed; 0 = never.
+    # Dead peers are normally found sooner by TCP keepalive / TCP_USER_TIMEOUT below.
+    idle_timeout_s: float = 600.0
+    # The handshake (NBD options, first HTTP request line) must finish within this.
+    handshake_timeout_s: float = 30.0
+    # A client that does not read its replies for this long is dropped.
+    stall_timeout_s: float = 60.0
+    keepalive_idle_s: int = 30
+    keepalive_interval_s: int = 10
+    keepalive_count: int = 3
+    # A session's state (its write cache) outlives its last connection this long, so a
+    # client can reconnect (iPXE HTTP -> kernel NBD, multi-conn clients); 0 = drop at once.
+    session_linger_s: float = 60.0
+    # BlocksRequested batching.
+    events_batch_extents: int = 512
+    events_interval_s: float = 1.0
+    write_cache_dir: Path | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> StreamSettings:
+        return cls(
+            bind_host=s.bind_host,
+            nbd_port=s.nbd_port,
+            http_port=s.http_stream_port,
+            node_id=s.node_id,
+            idle_timeout_s=s.session_idle_timeout_s,
+            write_cache_dir=s.data_path("stream", "write-cache"),
+        )

@@ -1,0 +1,72 @@
+"""What the stream servers need from the rest of the system: exports, resolvers, event sinks.
+
+The NBD and HTTP servers know nothing about NATS or the registry. They ask a
+:class:`SessionResolver` what a session token opens (an :class:`ExportSpec`) and tell an
+:class:`EventSink` what happened. The lead wires both to the bus; tests use the static
+:class:`StaticResolver` and the list-collecting :class:`ListSink` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from shared.events import Event, WriteCacheKind
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """One session's view of a vdisk version, as the registry describes it."""
+
+    session_id: str
+    vdisk: str
+    version: int
+    # Version chain, oldest first (see shared.vdisk_layout): base image, then delta maps.
+    layers: tuple[Path, ...]
+    size: int
+    write_cache: WriteCacheKind = "server-ram"
+    # Client-side write caches get a read-only export; so may an explicit flag.
+    read_only: bool = False
+
+    @property
+    def export_read_only(self) -> bool:
+        return self.read_only or self.write_cache in ("client-ram", "client-disk")
+
+
+class SessionResolver(Protocol):
+    async def resolve(self, token: str) -> ExportSpec | None:
+        """The export a session token opens, or None when the token is unknown."""
+        ...
+
+
+class EventSink(Protocol):
+    async def emit(self, event: Event, correlation_id: str | None) -> None: ...
+
+
+@dataclass
+class StaticResolver:
+    """A fixed token -> export table (tests, benchmarks, the standalone server)."""
+
+    exports: dict[str, ExportSpec] = field(default_factory=dict)
+
+    async def resolve(self, token: str) -> ExportSpec | None:
+        return self.exports.get(token)
+
+
+@dataclass
+class ListSink:
+    """Collects emitted events with their correlation ids."""
+
+    events: list[tuple[Event, str | None]] = field(default_factory=list)
+
+    async def emit(self, event: Event, correlation_id: str | None) -> None:
+        self.events.append((event, correlation_id))
+
+    def of_type(self, cls: type[Event]) -> list[Event]:
+        return [e for e, _ in self.events if isinstance(e, cls)]
+
+
+class NullSink:
+    async def emit(self, event: Event, correlation_id: str | None) -> None:
+        return None

@@ -1,0 +1,69 @@
+"""Serve one vdisk chain under fixed tokens, without NATS: for benchmarks and debugging.
+
+    python -m services.stream.standalone --token T --nbd-port 10809 base.raw [v2.map ...]
+
+Prints ``READY <nbd_port> <http_port>`` once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import uvloop
+
+from services.stream.server import StreamServers
+from services.stream.settings import StreamSettings
+from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from shared.vdisk_layout import open_chain
+
+
+async def serve(args: argparse.Namespace) -> None:
+    layers = tuple(Path(p) for p in args.layers)
+    with open_chain(layers) as chain:
+        size = chain.size
+    spec = ExportSpec(
+        session_id=args.token,
+        vdisk="standalone",
+        version=len(layers),
+        layers=layers,
+        size=size,
+        write_cache=args.write_cache,
+    )
+    settings = StreamSettings(
+        nbd_port=args.nbd_port, http_port=args.http_port, session_linger_s=args.linger
+    )
+    servers = StreamServers(StaticResolver({args.token: spec}), NullSink(), settings)
+    await servers.start()
+    print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await servers.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("layers", nargs="+", help="base image, then delta .map files")
+    ap.add_argument("--token", default="standalone")
+    ap.add_argument("--nbd-port", type=int, default=0)
+    ap.add_argument("--http-port", type=int, default=0)
+    ap.add_argument("--linger", type=float, default=3600.0)
+    ap.add_argument(
+        "--write-cache",
+        default="server-ram",
+        choices=["server-ram", "server-disk", "client-ram", "client-disk"],
+    )
+    logging.basicConfig(level=logging.INFO)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
