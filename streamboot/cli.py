@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from streamboot.commands import up
+from streamboot.commands import events, status, up
 
 app = typer.Typer(no_args_is_help=True, help="OS streaming for diskless machines.")
 
@@ -19,6 +19,8 @@ def _root() -> None:
 
 
 app.command()(up.up)
+app.command()(status.status)
+app.add_typer(events.app, name="events")
 
 
 def main() -> None:

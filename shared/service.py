@@ -1,0 +1,121 @@
+"""The life of one service process: logging, uvloop, tracing, NATS, heartbeat, clean stop.
+
+A service module provides ``async def start(rt: ServiceRuntime) -> None`` that starts its
+servers and tasks (registering cleanups with ``rt.on_stop``), and a ``__main__`` that calls
+:func:`run_service`. SIGTERM and SIGINT stop the process in reverse order of start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from shared import bus
+from shared.event_log import EventClient
+from shared.heartbeat import Heartbeat
+from shared.settings import Settings
+from shared.telemetry import setup_tracing, shutdown_tracing
+
+log = logging.getLogger("streamboot.service")
+
+StopHook = Callable[[], Awaitable[None]]
+
+
+class ServiceRuntime:
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.name = name
+        self.settings = settings
+        self.nc: NATS
+        self.js: JetStreamContext
+        self.events: EventClient
+        self.vitals: dict[str, Any] = {}
+        self._stop_hooks: list[StopHook] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.stopping = asyncio.Event()
+
+    def on_stop(self, hook: StopHook) -> None:
+        self._stop_hooks.append(hook)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """A background task that must keep running: if it dies, the service says so and stops."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s: task %s died: %r", self.name, name, t.exception())
+                self.stopping.set()
+
+        task.add_done_callback(done)
+        self._tasks.append(task)
+        return task
+
+    async def connect(self) -> None:
+        url = self.settings.require_nats_url()
+        self.nc = await bus.connect(url, f"{self.name}@{self.settings.node_id}")
+        self.js = self.nc.jetstream()
+        await bus.ensure_event_stream(self.js)
+        self.events = EventClient(self.nc)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for hook in reversed(self._stop_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: error while stopping", self.name)
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -> None:
+    settings = Settings()
+    setup_logging(settings.log_level)
+    setup_tracing(name, settings)
+    rt = ServiceRuntime(name, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, rt.stopping.set)
+    await rt.connect()
+    await start(rt)
+    heartbeat = Heartbeat(
+        rt.js, name, settings.node_id, settings.heartbeat_interval_s, lambda: rt.vitals
+    )
+    rt.spawn(heartbeat.run(), "heartbeat")
+    rt.on_stop(heartbeat.stop)
+    log.info("%s: running (node %s)", name, settings.node_id)
+    await rt.stopping.wait()
+    log.info("%s: stopping", name)
+    await rt.stop()
+    shutdown_tracing()
+
+
+def run_service(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -> None:
+    """Entry point of ``python -m services.<name>``."""
+    try:
+        uvloop.run(serve(name, start))
+    except bus.BusError as exc:
+        # A clear one-line reason instead of a traceback: the supervisor shows it to the user.
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,133 @@
+"""`streamboot events list|tail`: read and follow the event log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shared.event_store import EventStore, StoredEvent
+from shared.settings import Settings
+from streamboot.commands import DataDirOption
+
+app = typer.Typer(no_args_is_help=True, help="Read and follow the event log.")
+
+StreamOpt = Annotated[str | None, typer.Option("--stream", help="only this stream id")]
+TypeOpt = Annotated[str | None, typer.Option("--type", help="only this event type")]
+MacOpt = Annotated[str | None, typer.Option("--mac", help="only events about this MAC")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object per line")]
+
+
+def database_url(data_dir) -> str:
+    try:
+        return Settings(data_dir=data_dir).require_database_url()
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def as_dict(e: StoredEvent) -> dict:
+    return {
+        "position": e.position,
+        "id": str(e.id),
+        "type": e.type,
+        "stream_id": e.stream_id,
+        "version": e.version,
+        "time": e.time.isoformat(),
+        "correlation_id": e.correlation_id,
+        "causation_id": e.causation_id,
+        "traceparent": e.traceparent,
+        "data": e.data,
+    }
+
+
+def show(console: Console, e: StoredEvent, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(as_dict(e)), flush=True)
+        return
+    data = json.dumps(e.data, separators=(",", ":"))
+    if len(data) > 120:
+        data = data[:117] + "..."
+    console.print(
+        f"[dim]{e.position:>7}[/dim] {e.time:%H:%M:%S.%f}"[:-3]
+        + f" [bold]{e.type}[/bold] [cyan]{e.stream_id}[/cyan]#{e.version} {data}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+async def _list(
+    url: str,
+    stream: str | None,
+    type_: str | None,
+    mac: str | None,
+    after: int,
+    limit: int,
+    as_json: bool,
+) -> int:
+    store = await EventStore.connect(url, max_size=1)
+    try:
+        rows = await store.read_all(
+            after, limit, types=[type_] if type_ else None, stream_id=stream, mac=mac
+        )
+    finally:
+        await store.close()
+    console = Console()
+    for row in rows:
+        show(console, row, as_json)
+    return len(rows)
+
+
+@app.command("list")
+def list_(
+    data_dir: DataDirOption,
+    stream: StreamOpt = None,
+    type_: TypeOpt = None,
+    mac: MacOpt = None,
+    after: Annotated[int, typer.Option(help="start after this global position")] = 0,
+    limit: Annotated[int, typer.Option(help="at most this many events")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Events in global order, optionally filtered."""
+    asyncio.run(_list(database_url(data_dir), stream, type_, mac, after, limit, as_json))
+
+
+async def _tail(
+    url: str, stream: str | None, type_: str | None, mac: str | None, last: int, as_json: bool
+) -> None:
+    store = await EventStore.connect(url, max_size=2)
+    console = Console()
+    try:
+        start = max(0, await store.last_position() - last)
+        filters = {
+            k: v
+            for k, v in {
+                "stream_id": stream,
+                "types": [type_] if type_ else None,
+                "mac": mac,
+            }.items()
+            if v
+        }
+        async for row in store.follow(start, **filters):
+            show(console, row, as_json)
+    finally:
+        await store.close()
+
+
+@app.command()
+def tail(
+    data_dir: DataDirOption,
+    stream: StreamOpt = None,
+    type_: TypeOpt = None,
+    mac: MacOpt = None,
+    last: Annotated[int, typer.Option(help="show this many past events first")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow the log live (Ctrl-C to stop)."""
+    try:
+        asyncio.run(_tail(database_url(data_dir), stream, type_, mac, last, as_json))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,115 @@
+"""`streamboot status`: which services are alive, and where everything listens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared import bus
+from shared.heartbeat import read_heartbeats
+from shared.settings import Settings, runtime_info
+from streamboot.commands import DataDirOption
+
+SERVICES = ("registry", "boot", "stream", "cache")
+# Endpoint keys a service may advertise in its heartbeat (merged into `endpoints`).
+ADVERTISED = ("nbd", "http_stream", "tftp", "dhcp", "boot_http", "api_url")
+
+
+async def gather_status(settings: Settings) -> dict[str, Any]:
+    runtime = runtime_info(settings.data_dir)
+    nats_url = settings.nats_url or runtime.get("nats_url")
+    endpoints: dict[str, Any] = {
+        "nats_url": nats_url,
+        "database_url": settings.database_url or runtime.get("database_url"),
+        "api_url": runtime.get("api_url"),
+    }
+    status: dict[str, Any] = {
+        "running": bool(runtime),
+        "data_dir": str(settings.data_dir),
+        "services": {
+            name: {"alive": False, "version": None, "uptime_s": None} for name in SERVICES
+        },
+        "endpoints": endpoints,
+        "instances": [],
+    }
+    if not nats_url:
+        status["error"] = f"streamboot is not running here (no runtime.json in {settings.data_dir})"
+        return status
+    try:
+        nc = await bus.connect(nats_url, "streamboot-status", connect_timeout_s=2)
+    except bus.BusError as exc:
+        status["error"] = str(exc)
+        return status
+    try:
+        beats = await read_heartbeats(nc.jetstream(), settings.heartbeat_timeout_s)
+    finally:
+        await nc.close()
+    for beat in sorted(beats, key=lambda b: (b["service"], b["node"])):
+        status["instances"].append(beat)
+        summary = status["services"].setdefault(
+            beat["service"], {"alive": False, "version": None, "uptime_s": None}
+        )
+        if beat["alive"]:
+            summary.update(alive=True, version=beat["version"], uptime_s=beat["uptime_s"])
+            summary["instances"] = summary.get("instances", 0) + 1
+            for key in ADVERTISED:
+                if beat.get(key) and not endpoints.get(key):
+                    endpoints[key] = beat[key]
+    return status
+
+
+def status(
+    data_dir: DataDirOption,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Each service alive or not (from heartbeats over NATS), and the endpoints."""
+    settings = Settings(data_dir=data_dir)
+    result = asyncio.run(gather_status(settings))
+    healthy = all(s["alive"] for s in result["services"].values())
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        render(result)
+    raise typer.Exit(0 if healthy else 1)
+
+
+def render(result: dict[str, Any]) -> None:
+    console = Console()
+    if "error" in result:
+        console.print(f"[red]{result['error']}[/red]")
+    table = Table(title="services")
+    for col in ("service", "alive", "version", "uptime", "instances", "load"):
+        table.add_column(col)
+    loads: dict[str, float] = {}
+    for beat in result["instances"]:
+        if beat["alive"]:
+            loads[beat["service"]] = loads.get(beat["service"], 0) + float(beat.get("load", 0))
+    for name, s in result["services"].items():
+        table.add_row(
+            name,
+            "[green]yes[/green]" if s["alive"] else "[red]no[/red]",
+            s["version"] or "-",
+            f"{s['uptime_s']:.0f}s" if s["uptime_s"] is not None else "-",
+            str(s.get("instances", 0)),
+            str(loads.get(name, "-")),
+        )
+    console.print(table)
+    ends = Table(title="endpoints")
+    ends.add_column("endpoint")
+    ends.add_column("address")
+    for key, value in result["endpoints"].items():
+        if value:
+            ends.add_row(key, str(value))
+    console.print(ends)
+    stale = [b for b in result["instances"] if not b["alive"]]
+    for beat in stale:
+        age = time.time() - beat.get("at", 0)
+        console.print(
+            f"[yellow]{beat['service']} on {beat['node']}: last heartbeat {age:.0f}s ago[/yellow]"
+        )
