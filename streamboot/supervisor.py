@@ -118,6 +118,13 @@ class Supervisor:
         dd = self.data_dir
         lines = [f"streamboot up: data dir {dd.path}"]
 
+        if not s.database_url:
+            self.postgres = EmbeddedPostgres(
+                dd.path, port=s.postgres_port, host=s.bind_host,
+                user=s.postgres_user, bin_dir=s.postgres_bin_dir,
+            )  # fmt: skip
+            self.postgres.prepare()  # refuse a foreign/other-version database before any start
+
         if s.nats_url:
             nats_url = s.nats_url
             lines.append(f"  NATS         {nats_url}  (external)")
@@ -128,14 +135,10 @@ class Supervisor:
             nats_url = self.nats.url
             lines.append(f"  NATS         {nats_url}  (JetStream in {dd / 'nats'})")
 
-        if s.database_url:
-            database_url = s.database_url
+        if self.postgres is None:
+            database_url = str(s.database_url)
             lines.append(f"  PostgreSQL   {database_url}  (external)")
         else:
-            self.postgres = EmbeddedPostgres(
-                dd.path, port=s.postgres_port, host=s.bind_host,
-                user=s.postgres_user, bin_dir=s.postgres_bin_dir,
-            )  # fmt: skip
             await self.postgres.start(log_path=dd / "logs" / "postgres.log")
             self.children.append(_require(self.postgres.process))
             database_url = self.postgres.url

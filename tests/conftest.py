@@ -28,7 +28,9 @@ from streamboot.embedded.proc import free_port
 def traversable_tmpdir(prefix: str) -> Path:
     """A temp dir under /tmp itself: under root pytest's own tmp base is 0700, and the
     embedded postgres runs as an unprivileged user that must reach its data."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)  # mkdtemp makes it 0700
+    return path
 
 
 @pytest.fixture(scope="session")

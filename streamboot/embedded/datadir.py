@@ -80,6 +80,7 @@ class DataDir:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._lock = handle
+        self.remove_runtime()  # left by a supervisor that was killed -9
         marker = self / MARKER_FILE
         if not marker.exists():
             _write_atomic(marker, json.dumps({"format": FORMAT, "created": time.time()}) + "\n")
