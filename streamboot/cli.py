@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True, help="OS streaming for diskless machines
 
 @app.callback()
 def _root() -> None:
-    """OS streaming for diskless machines."""  # a group even while it has one command
+    """OS streaming for diskless machines."""  # keeps `streamboot CMD` a group
 
 
 app.command()(up.up)

@@ -29,6 +29,7 @@ import nats
 import psutil
 import pytest
 
+from streamboot.runtime import NotRunningError, api_client, load_runtime
 from streamboot.supervisor import PORT_FIELDS, SERVICES
 from tests.conftest import traversable_tmpdir
 
@@ -129,6 +130,10 @@ def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None
     token_file = data_dir / "api-token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     token = token_file.read_text()
+    assert load_runtime(data_dir) == info
+    with api_client(data_dir) as client:
+        assert str(client.base_url).rstrip("/") == info["api_url"]
+        assert client.headers["Authorization"] == f"Bearer {token.strip()}"
     run(write_marks(info["database_url"], info["nats_url"]))
 
     children = first.descendants()
@@ -137,6 +142,8 @@ def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None
     assert first.stop() == 0, first.output
     assert_all_gone(children)
     assert not (data_dir / "runtime.json").exists()
+    with pytest.raises(NotRunningError, match="not running"):
+        load_runtime(data_dir)
 
     second = Up(data_dir, AVAILABLE)
     info = second.wait_running()
@@ -167,6 +174,8 @@ def test_up_killed_hard_leaves_no_orphans(data_dir: Path) -> None:
     up.proc.send_signal(signal.SIGKILL)
     up.proc.wait(timeout=STOP_TIMEOUT_S)
     assert_all_gone(children)  # parent-death signal
+    with pytest.raises(NotRunningError, match="stale"):
+        load_runtime(data_dir)
 
     again = Up(data_dir, AVAILABLE)  # the stale runtime.json and lock do not block a restart
     again.wait_running()
