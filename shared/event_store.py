@@ -13,7 +13,6 @@ Design (see docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from shared.envelope import Envelope
 
@@ -112,14 +112,37 @@ _COLUMNS = (
 )
 
 
+_INSERT_COLUMNS = [
+    "id",
+    "stream_id",
+    "version",
+    "type",
+    "time",
+    "correlation_id",
+    "causation_id",
+    "traceparent",
+    "data",
+]
+
+
 def _row(record: asyncpg.Record) -> StoredEvent:
     return StoredEvent(*record)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # orjson: replay decodes millions of rows, and it is several times faster than json.
     await conn.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+        "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
     )
+
+
+# jsonb's binary wire format is a version byte (1) followed by the JSON text.
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + orjson.dumps(value)
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return orjson.loads(memoryview(data)[1:])
 
 
 class EventStore:
@@ -340,34 +363,41 @@ class Transaction:
         current = {
             r["stream_id"]: r["v"]
             for r in await conn.fetch(
-                "SELECT stream_id, max(version) AS v FROM events "
-                "WHERE stream_id = ANY($1::text[]) GROUP BY stream_id",
+                # One index probe per stream (a GROUP BY would scan every row of each stream).
+                "SELECT s AS stream_id, (SELECT max(version) FROM events WHERE stream_id = s) AS v "
+                "FROM unnest($1::text[]) AS s",
                 streams,
             )
+            if r["v"] is not None
         }
         for stream, want in expectations.items():
             have = current.get(stream, 0)
             if have != want:
                 raise ConcurrencyError(stream, want, have)
         versions = _assign_versions(events, current)
-        rows = await conn.fetch(
-            "INSERT INTO events (id, stream_id, version, type, time, correlation_id, "
-            "causation_id, traceparent, data) "
-            "SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], "
-            "$5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::jsonb[]) "
-            "RETURNING id, position",
-            ids,
-            [e.stream_id for e in events],
-            versions,
-            [e.type for e in events],
-            [e.time for e in events],
-            [e.correlation_id for e in events],
-            [e.causation_id for e in events],
-            [e.traceparent for e in events],
-            [e.data for e in events],
+        # COPY is about twice as fast as INSERT for batches. Under the append lock no other
+        # session draws from the position sequence, so one COPY's positions are consecutive
+        # and end at currval.
+        await conn.copy_records_to_table(
+            "events",
+            columns=_INSERT_COLUMNS,
+            records=[
+                (
+                    e.id,
+                    e.stream_id,
+                    v,
+                    e.type,
+                    e.time,
+                    e.correlation_id,
+                    e.causation_id,
+                    e.traceparent,
+                    e.data,
+                )
+                for e, v in zip(events, versions, strict=True)
+            ],
         )
-        position_of = {r[0]: r[1] for r in rows}
-        positions = [position_of[e.id] for e in events]
+        last = await conn.fetchval("SELECT currval(pg_get_serial_sequence('events', 'position'))")
+        positions = list(range(last - len(events) + 1, last + 1))
         self.last_position = max(positions)
         return [
             e.model_copy(update={"version": v, "position": p})
