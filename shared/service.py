@@ -37,7 +37,9 @@ class ServiceRuntime:
         self.nc: NATS
         self.js: JetStreamContext
         self.events: EventClient
-        self.vitals: dict[str, Any] = {}
+        # What the heartbeat reports besides the basics: a dict, or a callable returning one
+        # (for figures that change, such as load).
+        self.vitals: dict[str, Any] | Callable[[], dict[str, Any]] = {}
         self._stop_hooks: list[StopHook] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.stopping = asyncio.Event()
@@ -100,7 +102,11 @@ async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -
     await rt.connect()
     await start(rt)
     heartbeat = Heartbeat(
-        rt.js, name, settings.node_id, settings.heartbeat_interval_s, lambda: rt.vitals
+        rt.js,
+        name,
+        settings.node_id,
+        settings.heartbeat_interval_s,
+        lambda: rt.vitals() if callable(rt.vitals) else rt.vitals,
     )
     rt.spawn(heartbeat.run(), "heartbeat")
     rt.on_stop(heartbeat.stop)

@@ -1,0 +1,3 @@
+from services.cache.service import main
+
+main()

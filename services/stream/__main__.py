@@ -1,0 +1,3 @@
+from services.stream.service import main
+
+main()

@@ -1,0 +1,88 @@
+"""The stream service process: the data plane wired to the bus.
+
+Tokens are resolved by asking the registry; the data plane's events go through a queued
+sink into the log; a ``SessionClosed`` seen on the bus drops that session's state here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from services.stream.server import StreamServers
+from services.stream.settings import StreamSettings
+from services.stream.spec import ExportSpec
+from shared.bus import RemoteError, request_json
+from shared.event_sink import QueuedEventSink
+from shared.service import ServiceRuntime, run_service
+
+log = logging.getLogger("streamboot.stream")
+
+RESOLVE_SUBJECT = "streamboot.registry.session.resolve"
+
+
+class RegistryResolver:
+    """Asks the registry what a session token opens."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+
+    async def resolve(self, token: str) -> ExportSpec | None:
+        try:
+            reply = await request_json(self._nc, RESOLVE_SUBJECT, {"token": token}, timeout_s=5)
+        except RemoteError as exc:
+            if exc.kind == "not_found":
+                return None
+            raise
+        return ExportSpec(
+            session_id=reply["session_id"],
+            vdisk=reply["vdisk"],
+            version=int(reply["version"]),
+            layers=tuple(Path(p) for p in reply["layers"]),
+            size=int(reply["size"]),
+            write_cache=reply.get("write_cache", "server-ram"),
+            read_only=bool(reply.get("read_only", False)),
+        )
+
+
+async def start(rt: ServiceRuntime) -> None:
+    sink = QueuedEventSink(rt.events)
+    rt.spawn(sink.run(), "event-sink")
+    servers = StreamServers(
+        RegistryResolver(rt.nc), sink, StreamSettings.from_settings(rt.settings)
+    )
+    await servers.start()
+
+    async def on_session_closed(msg: Msg) -> None:
+        data = json.loads(msg.data).get("data", {})
+        if servers.close_session(data.get("session_id", "")):
+            log.info("session %s closed by the registry: state dropped", data["session_id"])
+
+    sub = await rt.nc.subscribe("events.SessionClosed.>", cb=on_session_closed)
+    host = rt.settings.advertised_host
+
+    def vitals() -> dict[str, object]:
+        conns = sum(len(s.conns) for s in servers.sessions.sessions.values())
+        return {
+            "nbd": f"{host}:{servers.nbd_port}",
+            "http_stream": f"http://{host}:{servers.http_port}",
+            "load": conns,
+            "sessions": len(servers.sessions.sessions),
+        }
+
+    rt.vitals = vitals
+
+    async def stop() -> None:
+        await sub.unsubscribe()
+        await servers.stop()
+        await sink.drain()
+
+    rt.on_stop(stop)
+
+
+def main() -> None:
+    run_service("stream", start)
