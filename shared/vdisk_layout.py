@@ -240,8 +240,9 @@ def write_delta(
                     have += bytes(n - len(have))
                 if want != have:
                     bitmap[block >> 3] |= 1 << (block & 7)
-                    out.seek(off)
-                    out.write(want)
+                    if want.count(0) != n:  # zero blocks stay holes in the sparse file
+                        out.seek(off)
+                        out.write(want)
                     changed += 1
     map_path.write_bytes(HEADER.pack(MAGIC, FORMAT, bs, size, changed) + bytes(bitmap))
     return changed

@@ -64,6 +64,7 @@ class Connection(asyncio.Protocol):
         self._paused_since: float | None = None
         self._drainers: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch: list[bytes | bytearray] | None = None
 
     # --- transport callbacks -----------------------------------------------------------
 
@@ -178,8 +179,19 @@ class Connection(asyncio.Protocol):
         return task
 
     def write(self, data: bytes | bytearray) -> None:
-        if not self.closed:
+        if self._batch is not None:
+            self._batch.append(data)
+        elif not self.closed:
             self.transport.write(data)
+
+    def begin_batch(self) -> None:
+        """Collect replies until :meth:`end_batch`: one ``writev`` instead of a send each."""
+        self._batch = []
+
+    def end_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch and not self.closed:
+            self.transport.writelines(batch)
 
     def close(self, reason: str | None = None) -> None:
         if reason:

@@ -226,6 +226,7 @@ class NbdConnection(Connection):
         buf = self.buf
         pos = 0
         end = len(buf)
+        self.begin_batch()
         try:
             while end - pos >= REQ_SIZE and not self.closed:
                 magic, flags, cmd, handle, offset, length = REQ.unpack_from(buf, pos)
@@ -252,6 +253,7 @@ class NbdConnection(Connection):
         finally:
             if pos:
                 del buf[:pos]
+            self.end_batch()
         if self.inflight >= MAX_INFLIGHT and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()

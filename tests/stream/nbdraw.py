@@ -1,0 +1,88 @@
+"""A minimal blocking NBD client on a raw socket, for crafting good and bad input in tests."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from services.stream.nbd import protocol as P
+
+
+class RawNbd:
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def recv_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def greeting(self) -> int:
+        magic, opt, flags = P.GREETING.unpack(self.recv_exact(P.GREETING.size))
+        assert (magic, opt) == (P.NBDMAGIC, P.IHAVEOPT)
+        return flags
+
+    def start(self) -> None:
+        self.greeting()
+        self.sock.sendall(P.CLIENT_FLAGS.pack(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+
+    def option(self, opt: int, data: bytes = b"") -> None:
+        self.sock.sendall(P.OPTION.pack(P.IHAVEOPT, opt, len(data)) + data)
+
+    def option_reply(self) -> tuple[int, int, bytes]:
+        magic, opt, rep, n = P.OPTION_REPLY.unpack(self.recv_exact(P.OPTION_REPLY.size))
+        assert magic == P.REPLY_MAGIC_OPT
+        return opt, rep, self.recv_exact(n)
+
+    def go(self, token: str) -> tuple[int, int]:
+        """Handshake to transmission; returns (size, transmission flags)."""
+        self.start()
+        name = token.encode()
+        self.option(P.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        size = flags = -1
+        while True:
+            _, rep, data = self.option_reply()
+            if rep == P.REP_INFO and struct.unpack_from(">H", data)[0] == P.INFO_EXPORT:
+                _, size, flags = P.INFO_EXPORT_S.unpack(data)
+            elif rep == P.REP_ACK:
+                return size, flags
+            elif rep != P.REP_INFO:
+                raise ConnectionError(f"GO refused: {rep:#x}")
+
+    def request(self, cmd: int, handle: int, offset: int, length: int, flags: int = 0) -> None:
+        self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, flags, cmd, handle, offset, length))
+
+    def reply(self) -> tuple[int, int]:
+        magic, err, handle = P.SIMPLE_REPLY.unpack(self.recv_exact(P.SIMPLE_REPLY.size))
+        assert magic == P.SIMPLE_REPLY_MAGIC
+        return err, handle
+
+    def read(self, offset: int, length: int, handle: int = 1) -> bytes:
+        self.request(P.CMD_READ, handle, offset, length)
+        err, h = self.reply()
+        assert (err, h) == (0, handle), (err, h)
+        return self.recv_exact(length)
+
+    def write(self, offset: int, data: bytes, handle: int = 2) -> int:
+        self.sock.sendall(
+            P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, handle, offset, len(data)) + data
+        )
+        err, h = self.reply()
+        assert h == handle
+        return err
+
+    def closed_by_peer(self) -> bool:
+        """True when the server closed (EOF or reset), reading and discarding what is left."""
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
