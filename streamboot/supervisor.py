@@ -39,22 +39,28 @@ PORT_FIELDS: tuple[str, ...] = (
 SERVICE_STOP_TIMEOUT_S = 10.0
 
 
+def service_available(name: str) -> bool:
+    """Whether `python -m services.<name>` can run (the module has a __main__)."""
+    try:
+        return importlib.util.find_spec(f"services.{name}.__main__") is not None
+    except ImportError:
+        return False
+
+
 def check_service_modules(names: Sequence[str]) -> None:
     """Fail before starting anything when a service cannot be run with `python -m`."""
-    for name in names:
-        if name not in SERVICES:
-            raise StartupError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
-        module = f"services.{name}.__main__"
-        try:
-            spec = importlib.util.find_spec(module)
-        except ImportError as exc:
-            raise StartupError(f"service {name}: cannot import services.{name}: {exc}") from exc
-        if spec is None:
-            raise StartupError(
-                f"service {name} is missing: no module {module} (`python -m services.{name}` "
-                "cannot run). Start the others only with --services, e.g. "
-                f"--services {','.join(s for s in SERVICES if s != name)}"
-            )
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown:
+        raise StartupError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    missing = [n for n in names if not service_available(n)]
+    if missing:
+        present = ",".join(n for n in SERVICES if service_available(n))
+        raise StartupError(
+            f"service {', '.join(missing)} is missing: no module "
+            + ", ".join(f"services.{n}.__main__" for n in missing)
+            + " (`python -m` cannot run it). Start only the services that exist with "
+            + f"--services '{present}'"
+        )
 
 
 def endpoints(settings: Settings) -> dict[str, str]:

@@ -128,7 +128,8 @@ async def spawn(
     run_as: RunAs | None = None,
 ) -> ManagedProcess:
     """Start `argv` in its own process group; output goes to `log_path` (else inherited)."""
-    log: IO[bytes] | None = open(log_path, "ab") if log_path else None  # noqa: ASYNC230 (instant, local)
+    # A local file opened once per child: not worth a thread.
+    log: IO[bytes] | None = open(log_path, "ab") if log_path else None  # noqa: ASYNC230
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -149,7 +150,7 @@ async def spawn(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now for both TCP and UDP on `host` (tests, `*_PORT=0`; TFTP/DHCP are UDP)."""
+    """A port free right now for TCP and UDP on `host` (tests, `*_PORT=0`; TFTP/DHCP are UDP)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))

@@ -183,12 +183,13 @@ def test_up_killed_hard_leaves_no_orphans(data_dir: Path) -> None:
 
 
 def test_up_with_external_servers_starts_neither(
-    data_dir: Path, nats_url: str, postgres_dsn: str
+    data_dir: Path, nats_url: str, database_url: str
 ) -> None:
-    up = Up(data_dir, AVAILABLE, STREAMBOOT_NATS_URL=nats_url, STREAMBOOT_DATABASE_URL=postgres_dsn)
+    external = {"STREAMBOOT_NATS_URL": nats_url, "STREAMBOOT_DATABASE_URL": database_url}
+    up = Up(data_dir, AVAILABLE, **external)
     info = up.wait_running()
     try:
-        assert (info["nats_url"], info["database_url"]) == (nats_url, postgres_dsn)
+        assert (info["nats_url"], info["database_url"]) == (nats_url, database_url)
         names = {p.name() for p in up.descendants()}
         assert not names & {"nats-server", "postgres"}, names
     finally:
