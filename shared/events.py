@@ -165,6 +165,13 @@ class SessionOpened(SessionEvent):
     write_cache: WriteCacheKind
     write_cache_persistence: WriteCachePersistence
     read_only: bool = False
+    # sha256 of the session token: the log never holds the bearer secret itself.
+    token_hash: str | None = None
+    nbd_uri: str | None = None
+    http_url: str | None = None
+    # Read-write boot of a maintenance version, or of a private-mode vdisk.
+    maintenance: bool = False
+    writes_to_vdisk: bool = False
 
 
 class SessionConflictRejected(SessionEvent):

@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 6.0
     session_idle_timeout_s: float = 600.0
+    # Registry: a session whose client detached closes after this grace period with no
+    # attachment (a PXE client leaves HTTP and comes back over NBD seconds later).
+    session_detach_grace_s: float = 30.0
+    session_sweep_interval_s: float = 5.0
+    # Registry: what to do with an unknown device that boots, and how to name it.
+    unknown_device_policy: Literal["refuse", "auto-add"] = "refuse"
+    auto_add_name_template: str = "lab-{n:03}"
+    auto_add_collection: str | None = None
+    # The local vdisk store (default DATA_DIR/vdisks); the importing CLI writes into it too.
+    vdisk_dir: Path | None = None
 
     # Telemetry: where spans go.
     trace_exporter: Literal["none", "otlp", "jsonl"] = "none"
@@ -70,6 +80,10 @@ class Settings(BaseSettings):
     @cached_property
     def advertised_host(self) -> str:
         return self.public_host or self.bind_host
+
+    @property
+    def vdisk_root(self) -> Path:
+        return (self.vdisk_dir or self.data_dir / "vdisks").absolute()
 
     def data_path(self, *parts: str) -> Path:
         return self.data_dir.joinpath(*parts)

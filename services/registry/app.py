@@ -1,0 +1,533 @@
+"""The registry's application layer: commands and queries, shared by REST and NATS.
+
+Every command runs the same way (:meth:`RegistryApp._execute`): take the process lock and the
+event store's global append lock (one transaction), catch the projection up with the log on
+that same connection, ask the domain for the events, append them, commit, then apply them.
+Holding the append lock while deciding makes uniqueness rules (one live session per device,
+unique hostnames...) hold across any number of registry replicas: two replicas cannot both
+decide on the same state. A refused decision can still carry events (SessionConflictRejected),
+which are committed before the error is raised.
+
+Queries read the projection, which a follower task keeps up with appends made by other
+services (through ``serve_appends``) and other replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.registry import vdisk_store
+from services.registry.domain import assignments, devices, sessions, vdisks
+from services.registry.domain.errors import DomainError, not_found
+from services.registry.domain.sessions import StreamNode, pick_stream_node
+from services.registry.projection import Projection, Record
+from shared.envelope import Envelope, uuid7
+from shared.event_store import EventStore, StoredEvent
+from shared.events import Event, SessionEvent, envelope
+from shared.settings import Settings
+from shared.telemetry import current_traceparent, tracer
+
+log = logging.getLogger("streamboot.registry")
+
+Decision = Callable[[Projection], list[Event]]
+# Returns the heartbeats of every instance (shared.heartbeat.read_heartbeats).
+HeartbeatSource = Callable[[], Awaitable[list[dict[str, Any]]]]
+
+_COLUMNS = (
+    "position, id, stream_id, version, type, time, correlation_id, causation_id, traceparent, data"
+)
+REPLAY_BATCH = 50_000
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def _read_after(conn: asyncpg.Connection, position: int, limit: int) -> list[StoredEvent]:
+    # On the transaction's own connection: a pool connection could deadlock behind writers
+    # that hold pool connections while they wait for the append lock.
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+        position,
+        limit,
+    )
+    return [StoredEvent(*r) for r in rows]
+
+
+async def replay(conn: asyncpg.Connection, projection: Projection) -> int:
+    """Apply every event after the projection's position; returns how many."""
+    n = 0
+    while True:
+        rows = await _read_after(conn, projection.position, REPLAY_BATCH)
+        n += projection.apply_rows(rows)
+        if len(rows) < REPLAY_BATCH:
+            return n
+
+
+class RegistryApp:
+    def __init__(
+        self,
+        store: EventStore,
+        settings: Settings,
+        *,
+        heartbeats: HeartbeatSource | None = None,
+        on_appended: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.projection = Projection()
+        self.vdisk_root: Path = settings.vdisk_root
+        self._heartbeats = heartbeats
+        self._on_appended = on_appended or (lambda: None)
+        self._lock = asyncio.Lock()
+        self._tracer = tracer("streamboot.registry")
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Build the projection from the whole log."""
+        async with self.store.pool.acquire() as conn:
+            n = await replay(conn, self.projection)
+        log.info(
+            "registry: projection built from %d events (position %d)", n, self.projection.position
+        )
+        return n
+
+    async def catch_up(self) -> None:
+        async with self.store.pool.acquire() as conn:
+            await replay(conn, self.projection)
+
+    def offer(self, rows: Sequence[StoredEvent | Envelope]) -> None:
+        """Apply events that are newer than the projection. Appends are serialised by the
+        store's lock, so commit order is position order (positions may have holes from
+        rolled-back appends): whoever offers, events arrive in order."""
+        for row in rows:
+            self.projection.apply(row.type, row.data, row.position or 0, row.time)
+
+    async def follow(self) -> None:
+        """Keep the projection up with every append (other services, other replicas)."""
+        while True:
+            try:
+                async for row in self.store.follow(self.projection.position):
+                    self.offer([row])
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("registry: following the log paused (%s)", exc)
+                await asyncio.sleep(1.0)
+
+    def _envelopes(self, events: list[Event], correlation_id: str | None) -> list[Envelope]:
+        traceparent = current_traceparent()
+        return [
+            envelope(
+                e,
+                correlation_id=correlation_id
+                or (e.session_id if isinstance(e, SessionEvent) else None),
+                traceparent=traceparent,
+            )
+            for e in events
+        ]
+
+    async def _execute(
+        self,
+        decide: Decision,
+        *,
+        correlation_id: str | None = None,
+        effect: Callable[[], Callable[[], None]] | None = None,
+    ) -> list[Envelope]:
+        """Decide and append atomically; ``effect`` runs between the two (file moves) and
+        returns its undo, called when the append fails."""
+        error: DomainError | None = None
+        async with self._lock:
+            async with self.store.transaction() as tx:
+                await replay(tx.conn, self.projection)
+                try:
+                    events = decide(self.projection)
+                except DomainError as exc:
+                    if not exc.events:
+                        raise
+                    error, events = exc, exc.events
+                undo = effect() if effect is not None and error is None and events else None
+                try:
+                    stored = await tx.append(self._envelopes(events, correlation_id))
+                except BaseException:
+                    if undo is not None:
+                        undo()
+                    raise
+            self.offer(stored)
+        if stored:
+            self._on_appended()
+        if error is not None:
+            raise error
+        return stored
+
+    # --- devices ----------------------------------------------------------------------
+
+    async def add_device(
+        self,
+        mac: str,
+        *,
+        hostname: str | None = None,
+        smbios_uuid: str | None = None,
+        collection: str | None = None,
+        tester: bool = False,
+    ) -> Record:
+        stored = await self._execute(
+            lambda p: devices.register(
+                p,
+                mac,
+                hostname=hostname,
+                smbios_uuid=smbios_uuid,
+                collection=collection,
+                tester=tester,
+            )
+        )
+        return self.device_view(stored[0].data["mac"])
+
+    async def update_device(self, mac: str, **changes: Any) -> Record:
+        await self._execute(lambda p: devices.update(p, mac, **changes))
+        return self.show_device(mac)
+
+    async def disable_device(self, mac: str) -> Record:
+        await self._execute(lambda p: devices.disable(p, mac))
+        return self.show_device(mac)
+
+    async def enable_device(self, mac: str) -> Record:
+        await self._execute(lambda p: devices.enable(p, mac))
+        return self.show_device(mac)
+
+    async def remove_device(self, mac: str) -> Record:
+        stored = await self._execute(lambda p: devices.remove(p, mac))
+        return {"removed": stored[0].data["mac"]}
+
+    def list_devices(self) -> list[Record]:
+        return [self.device_view(mac) for mac in sorted(self.projection.devices)]
+
+    def show_device(self, mac: str) -> Record:
+        return self.device_view(devices.get_device(self.projection, mac)["mac"])
+
+    def device_view(self, mac: str) -> Record:
+        p = self.projection
+        return {
+            **p.devices[mac],
+            "assignment": assignments.boot_choices(p, mac),
+            "session": p.session_by_mac.get(mac),
+        }
+
+    async def lookup_device(self, mac: str | None, smbios_uuid: str | None = None) -> Record:
+        """A booting device (the boot service asks): who it is and what it may boot. An
+        unknown one is auto-added or refused, by the unknown-device policy."""
+        dev = await self._known_or_auto_added(mac, smbios_uuid)
+        view = self.device_view(dev["mac"])
+        p = self.projection
+        view["vdisks"] = [
+            {
+                "name": name,
+                "default": name == view["assignment"]["default"],
+                "size": p.vdisks[name]["size"],
+                "production": vdisks.production_version(p.vdisks[name]),
+            }
+            for name in view["assignment"]["vdisks"]
+            if name in p.vdisks
+        ]
+        return view
+
+    async def _known_or_auto_added(self, mac: str | None, smbios_uuid: str | None) -> Record:
+        dev = devices.find_device(self.projection, mac, smbios_uuid)
+        if dev is not None:
+            return dev
+        if not mac:
+            raise not_found(f"unknown device with SMBIOS UUID {smbios_uuid}")
+        s = self.settings
+
+        def decide(p: Projection) -> list[Event]:
+            if devices.find_device(p, mac, smbios_uuid) is not None:
+                return []  # another request added it meanwhile
+            return devices.auto_add(
+                p,
+                mac,
+                smbios_uuid,
+                policy=s.unknown_device_policy,
+                template=s.auto_add_name_template,
+                collection=s.auto_add_collection,
+            )
+
+        await self._execute(decide)
+        found = devices.find_device(self.projection, mac, smbios_uuid)
+        assert found is not None
+        return found
+
+    # --- assignments ------------------------------------------------------------------
+
+    async def assign(self, kind: str, target: str, vdisk: str, *, default: bool = False) -> Record:
+        await self._execute(lambda p: assignments.assign(p, kind, target, vdisk, default=default))
+        return self._assignment_view(kind, target)
+
+    async def unassign(self, kind: str, target: str, vdisk: str) -> Record:
+        await self._execute(lambda p: assignments.unassign(p, kind, target, vdisk))
+        return self._assignment_view(kind, target)
+
+    def _assignment_view(self, kind: str, target: str) -> Record:
+        key = devices.get_device(self.projection, target)["mac"] if kind == "device" else target
+        a = self.projection.assignments.get((kind, key)) or {"vdisks": [], "default": None}
+        return {"target_kind": kind, "target": key, **a}
+
+    def list_assignments(self) -> list[Record]:
+        return [
+            {"target_kind": k, "target": t, **a}
+            for (k, t), a in sorted(self.projection.assignments.items())
+        ]
+
+    # --- vdisks -----------------------------------------------------------------------
+
+    def list_vdisks(self) -> list[Record]:
+        return [self.vdisk_view(n) for n in sorted(self.projection.vdisks)]
+
+    def vdisk_view(self, name: str) -> Record:
+        vd = vdisks.get_vdisk(self.projection, name)
+        latest = vdisks.latest_version(vd)
+        return {
+            "name": vd["name"],
+            "size": vd["size"],
+            "mode": vd["mode"],
+            "write_cache": vd["write_cache"],
+            "write_cache_persistence": vd["write_cache_persistence"],
+            "store": vd["store"],
+            "latest_version": latest,
+            "production_version": vdisks.production_version(vd),
+            "live_sessions": len(self.projection.live_sessions_of_vdisk(name)),
+            # The latest version's chain, for an importer computing the next delta.
+            "latest_layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, latest)),
+        }
+
+    def versions(self, name: str) -> list[Record]:
+        vd = vdisks.get_vdisk(self.projection, name)
+        prod = vdisks.production_version(vd)
+        return [
+            {**v, "current_production": v["version"] == prod}
+            for _, v in sorted(vd["versions"].items())
+        ]
+
+    async def publish_version(
+        self,
+        name: str,
+        *,
+        version: int,
+        staging: str,
+        layer: str,
+        size: int,
+        checksum: str,
+        changed_blocks: int,
+        block_size: int,
+        stage: str | None = None,
+        mode: str = "standard",
+        write_cache: str = "server-disk",
+        write_cache_persistence: str = "discard",
+    ) -> Record:
+        """Register a version staged by ``vdisk_store.stage_version``: move its files into
+        place and append the events, or drop the staging dir and raise."""
+        root = self.vdisk_root
+
+        def effect() -> Callable[[], None]:
+            moved = vdisk_store.commit_staged(root, name, staging, layer)
+
+            def undo() -> None:
+                for path in moved:
+                    path.unlink(missing_ok=True)
+
+            return undo
+
+        try:
+            await self._execute(
+                lambda p: vdisks.publish(
+                    p,
+                    name,
+                    version=version,
+                    stage=stage,
+                    path=layer,
+                    size=size,
+                    checksum=checksum,
+                    changed_blocks=changed_blocks,
+                    block_size=block_size,
+                    mode=mode,
+                    write_cache=write_cache,
+                    write_cache_persistence=write_cache_persistence,
+                ),
+                effect=effect,
+            )
+        finally:
+            vdisk_store.discard_staged(root, name, staging)
+        return {
+            **self.vdisk_view(name),
+            "version": self.projection.vdisks[name]["versions"][version],
+        }
+
+    async def promote(self, name: str, version: int, to: str) -> Record:
+        await self._execute(lambda p: vdisks.promote(p, name, version, to))
+        return self.vdisk_view(name)
+
+    async def rollback(self, name: str) -> Record:
+        await self._execute(lambda p: vdisks.rollback(p, name))
+        return self.vdisk_view(name)
+
+    async def set_policy(self, name: str, **policy: str | None) -> Record:
+        await self._execute(lambda p: vdisks.set_policy(p, name, **policy))
+        return self.vdisk_view(name)
+
+    async def remove_vdisk(self, name: str) -> Record:
+        await self._execute(lambda p: vdisks.remove(p, name))
+        # After the removal is committed: a crash here leaves files, never a dangling event.
+        vdisk_store.remove_files(self.vdisk_root, name)
+        return {"removed": name}
+
+    # --- sessions ---------------------------------------------------------------------
+
+    async def _place(self) -> tuple[StreamNode, str | None]:
+        beats = await self._heartbeats() if self._heartbeats is not None else []
+        node = pick_stream_node(beats)
+        if node is not None:
+            return node, None
+        s = self.settings
+        host = s.advertised_host
+        return (
+            StreamNode(
+                node="", nbd=f"{host}:{s.nbd_port}", http=f"http://{host}:{s.http_stream_port}"
+            ),
+            "no stream node is alive (no heartbeat); the endpoints are the configured defaults "
+            "and will work once a stream node runs there",
+        )
+
+    async def open_session(
+        self,
+        mac: str | None,
+        *,
+        smbios_uuid: str | None = None,
+        vdisk: str | None = None,
+        maintenance: bool = False,
+        correlation_id: str | None = None,
+    ) -> Record:
+        with self._tracer.start_as_current_span("registry.session.open") as span:
+            dev = await self._known_or_auto_added(mac, smbios_uuid)
+            span.set_attribute("streamboot.mac", dev["mac"])
+            node, warning = await self._place()
+            token = secrets.token_urlsafe(32)  # 256 bits
+            sid = str(uuid7())
+            await self._execute(
+                lambda p: sessions.open_session(
+                    p,
+                    mac=dev["mac"],
+                    vdisk=vdisk,
+                    maintenance=maintenance,
+                    session_id=sid,
+                    token_hash=token_hash(token),
+                    node=node,
+                ),
+                correlation_id=correlation_id or sid,
+            )
+            span.set_attribute("streamboot.session_id", sid)
+            view = self.session_view(self.projection.sessions[sid])
+            view.update(
+                token=token,
+                nbd_uri=view["nbd_uri"] + token,
+                http_url=view["http_url"] + token,
+            )
+            if warning:
+                view["warning"] = warning
+            return view
+
+    async def close_session(self, token_or_id: str, reason: str = "closed-by-request") -> Record:
+        h = token_hash(token_or_id)
+        stored = await self._execute(
+            lambda p: sessions.close(p, sessions.find_session(p, token_or_id, h), reason)
+        )
+        return {"closed": stored[0].data["session_id"], "reason": reason}
+
+    def list_sessions(self) -> list[Record]:
+        ss = self.projection.sessions.values()
+        return [self.session_view(s) for s in sorted(ss, key=lambda s: s["opened_at"])]
+
+    @staticmethod
+    def session_view(s: Record) -> Record:
+        return {k: v for k, v in s.items() if k != "token_hash"}
+
+    async def resolve(self, token: str) -> Record:
+        """What a session token opens, for a stream node."""
+        h = token_hash(token)
+        sid = self.projection.session_by_token_hash.get(h)
+        if sid is None:
+            await self.catch_up()  # opened on another replica a moment ago?
+            sid = self.projection.session_by_token_hash.get(h)
+        if sid is None:
+            raise not_found("unknown or closed session token")
+        s = self.projection.sessions[sid]
+        vd = self.projection.vdisks[s["vdisk"]]
+        return {
+            "session_id": sid,
+            "mac": s["mac"],
+            "hostname": s["hostname"],
+            "vdisk": s["vdisk"],
+            "version": s["version"],
+            "size": vd["versions"][s["version"]]["size"],
+            "layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, s["version"])),
+            "read_only": s["read_only"],
+            "write_cache": s["write_cache"],
+            "write_cache_persistence": s["write_cache_persistence"],
+            "writes_to_vdisk": s.get("writes_to_vdisk", False),
+        }
+
+    async def sweep(self, now: float | None = None) -> list[str]:
+        """Close sessions whose client left (after the detach grace) or that idled out."""
+        now = time.time() if now is None else now
+        s = self.settings
+        due = sessions.expired(
+            self.projection,
+            now,
+            idle_timeout_s=s.session_idle_timeout_s,
+            detach_grace_s=s.session_detach_grace_s,
+        )
+        closed = []
+        for sid, reason in due:
+
+            def decide(p: Projection, sid: str = sid, reason: str = reason) -> list[Event]:
+                # Re-check on the caught-up state: it may have re-attached or been closed.
+                still = {x for x, _ in sessions.expired(
+                    p, now, idle_timeout_s=s.session_idle_timeout_s,
+                    detach_grace_s=s.session_detach_grace_s,
+                )}  # fmt: skip
+                return sessions.close(p, p.sessions[sid], reason) if sid in still else []
+
+            if await self._execute(decide):
+                closed.append(sid)
+        return closed
+
+    # --- rebuild ----------------------------------------------------------------------
+
+    async def rebuild(self) -> Record:
+        """Rebuild the projection from the whole log and swap it in; reports whether the
+        fresh one equals the live one (it must: both are the same fold of the same log)."""
+        async with self._lock, self.store.transaction() as tx:
+            await replay(tx.conn, self.projection)
+            fresh = Projection()
+            started = time.perf_counter()
+            n = await replay(tx.conn, fresh)
+            elapsed = time.perf_counter() - started
+            equal = fresh.snapshot() == self.projection.snapshot()
+            if not equal:
+                log.error("registry: rebuilt projection differs from the live one; using it")
+            self.projection = fresh
+        return {
+            "events": n,
+            "position": fresh.position,
+            "equal_to_live": equal,
+            "seconds": round(elapsed, 3),
+            "devices": len(fresh.devices),
+            "vdisks": len(fresh.vdisks),
+            "live_sessions": len(fresh.sessions),
+        }

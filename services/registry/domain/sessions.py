@@ -1,0 +1,168 @@
+"""Boot session decisions: open (resolve the boot, enforce uniqueness, place), close, and
+which sessions the sweeper closes. Time and randomness come in as arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.registry.domain import vdisks as vdisk_rules
+from services.registry.domain.assignments import boot_choices
+from services.registry.domain.devices import find_device
+from services.registry.domain.errors import conflict, invalid, not_found, refused
+from services.registry.domain.identity import normalize_mac
+from services.registry.projection import Projection, Record
+from shared.events import Event, SessionClosed, SessionConflictRejected, SessionOpened
+
+
+@dataclass(frozen=True)
+class StreamNode:
+    """Where a session streams from: a node's advertised endpoints."""
+
+    node: str
+    nbd: str  # "host:port"
+    http: str  # "http://host:port"
+    load: float = 0.0
+
+
+def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
+    """The least loaded live stream node (ties broken by name, so the choice is stable)."""
+    nodes = [
+        StreamNode(
+            node=str(b.get("node")),
+            nbd=str(b["nbd"]),
+            http=str(b["http_stream"]).rstrip("/"),
+            load=float(b.get("load") or 0),
+        )
+        for b in heartbeats
+        if b.get("service") == "stream" and b.get("alive") and b.get("nbd") and b.get("http_stream")
+    ]
+    return min(nodes, key=lambda n: (n.load, n.node), default=None)
+
+
+def open_session(
+    p: Projection,
+    *,
+    mac: str | None,
+    smbios_uuid: str | None = None,
+    vdisk: str | None = None,
+    maintenance: bool = False,
+    session_id: str,
+    token_hash: str,
+    node: StreamNode,
+) -> list[Event]:
+    """The SessionOpened event of a new boot session, or a DomainError; a uniqueness
+    conflict carries a SessionConflictRejected event for the log."""
+    dev = find_device(p, mac, smbios_uuid)
+    if dev is None:
+        who = normalize_mac(mac) if mac else smbios_uuid
+        raise not_found(f"unknown device {who}")
+    the_mac = dev["mac"]
+    if not dev["enabled"]:
+        raise refused(f"device {the_mac} ({dev['hostname']}) is disabled")
+
+    def reject(reason: str, other: str | None) -> None:
+        raise conflict(
+            reason,
+            [
+                SessionConflictRejected(
+                    session_id=session_id, mac=the_mac, reason=reason, conflicting_session_id=other
+                )
+            ],
+        )
+
+    live = p.session_by_mac.get(the_mac)
+    if live is not None:
+        reject(f"device {the_mac} already has a live session ({live})", live)
+    for s in p.sessions.values():
+        if s["hostname"] == dev["hostname"]:
+            reject(
+                f"hostname {dev['hostname']!r} is in use by live session {s['session_id']}",
+                s["session_id"],
+            )
+        if s["machine_id"] == dev["machine_id"]:
+            reject(
+                f"machine id {dev['machine_id']} is in use by live session {s['session_id']}",
+                s["session_id"],
+            )
+
+    choices = boot_choices(p, the_mac)
+    if vdisk is None:
+        if not choices["vdisks"]:
+            raise conflict(
+                f"device {the_mac} has no vdisk assigned (`streamboot assign {the_mac} VDISK`)"
+            )
+        vdisk = choices["default"] or choices["vdisks"][0]
+    elif vdisk not in choices["vdisks"]:
+        vdisk_rules.get_vdisk(p, vdisk)
+        raise refused(f"vdisk {vdisk!r} is not assigned to device {the_mac}")
+    vd = vdisk_rules.get_vdisk(p, vdisk)
+    version = vdisk_rules.boot_version(vd, tester=dev["tester"], maintenance=maintenance)
+
+    private = vd["mode"] == "private"
+    for s in p.live_sessions_of_vdisk(vdisk):
+        if private:
+            reject(
+                f"vdisk {vdisk!r} is private and in use by live session {s['session_id']}",
+                s["session_id"],
+            )
+        if maintenance and s["version"] == version and s.get("maintenance"):
+            reject(
+                f"vdisk {vdisk!r} version {version} is in maintenance by live session "
+                f"{s['session_id']} (one device at a time)",
+                s["session_id"],
+            )
+    writes_to_vdisk = private or maintenance
+    write_cache = vd["write_cache"]
+    persistence = "keep" if writes_to_vdisk else vd["write_cache_persistence"]
+    return [
+        SessionOpened(
+            session_id=session_id,
+            mac=the_mac,
+            hostname=dev["hostname"],
+            machine_id=dev["machine_id"],
+            vdisk=vdisk,
+            version=version,
+            stream_node=node.node,
+            write_cache=write_cache,
+            write_cache_persistence=persistence,
+            # Client-side write caches: the server export is read-only.
+            read_only=write_cache in ("client-ram", "client-disk") and not writes_to_vdisk,
+            token_hash=token_hash,
+            nbd_uri=f"nbd://{node.nbd}/",
+            http_url=f"{node.http}/s/",
+            maintenance=maintenance,
+            writes_to_vdisk=writes_to_vdisk,
+        )
+    ]
+
+
+def find_session(p: Projection, session_id_or_hash: str, token_hash: str) -> Record:
+    sid = session_id_or_hash if session_id_or_hash in p.sessions else None
+    sid = sid or p.session_by_token_hash.get(token_hash)
+    if sid is None:
+        raise not_found("no live session with that token or id")
+    return p.sessions[sid]
+
+
+def close(p: Projection, session: Record, reason: str) -> list[Event]:
+    if not reason:
+        raise invalid("a session closes for a reason")
+    return [SessionClosed(session_id=session["session_id"], reason=reason)]
+
+
+def expired(
+    p: Projection, now: float, *, idle_timeout_s: float, detach_grace_s: float
+) -> list[tuple[str, str]]:
+    """Sessions to close now, with the reason: the client left (no attachment for the grace
+    period after its last detach), or it never came / went quiet (idle timeout)."""
+    out = []
+    for s in p.sessions.values():
+        if s["attached"] > 0:
+            continue
+        if s["detached_at"] is not None and now - s["detached_at"] >= detach_grace_s:
+            out.append((s["session_id"], "client-gone"))
+        elif now - s["last_activity"] >= idle_timeout_s:
+            out.append((s["session_id"], "idle-timeout"))
+    return out

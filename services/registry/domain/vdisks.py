@@ -1,0 +1,218 @@
+"""vdisk decisions: publish a version, promote, roll back, change policy, remove; and which
+version a boot gets.
+
+Versions form a line: version N's parent is N-1 and its layer is a delta over the chain
+1..N-1 (version 1 is the base image). Stages: ``maintenance`` (read-write, one device at a
+time), ``test`` (booted by testers), ``production`` (booted by everyone else). The current
+production version is the last entry of the vdisk's production history; a rollback pops it
+and withdraws that version (no new boot picks it; running sessions keep it).
+"""
+
+from __future__ import annotations
+
+from services.registry.domain.errors import conflict, invalid, not_found
+from services.registry.domain.identity import check_name
+from services.registry.projection import Projection, Record
+from shared.events import (
+    Event,
+    VdiskCreated,
+    VdiskPolicyChanged,
+    VdiskRemoved,
+    VdiskRolledBack,
+    VdiskVersionPromoted,
+    VdiskVersionPublished,
+)
+
+STAGE_ORDER = {"maintenance": 0, "test": 1, "production": 2}
+MODES = ("standard", "private")
+WRITE_CACHES = ("server-ram", "server-disk", "client-ram", "client-disk")
+PERSISTENCES = ("discard", "keep")
+
+
+def get_vdisk(p: Projection, name: str) -> Record:
+    vd = p.vdisks.get(name)
+    if vd is None:
+        known = ", ".join(sorted(p.vdisks)) or "none"
+        raise not_found(f"no vdisk named {name!r} (known: {known})")
+    return vd
+
+
+def latest_version(vd: Record) -> int:
+    return max(vd["versions"], default=0)
+
+
+def production_version(vd: Record) -> int | None:
+    history = vd["production_history"]
+    return history[-1] if history else None
+
+
+def publish(
+    p: Projection,
+    name: str,
+    *,
+    version: int,
+    stage: str | None,
+    path: str,
+    size: int,
+    checksum: str,
+    changed_blocks: int,
+    block_size: int,
+    mode: str = "standard",
+    write_cache: str = "server-disk",
+    write_cache_persistence: str = "discard",
+) -> list[Event]:
+    """A new version (and the vdisk itself, for version 1). The first version goes straight
+    to production (there is nothing to boot otherwise); later ones default to maintenance."""
+    check_name(name)
+    events: list[Event] = []
+    vd = p.vdisks.get(name)
+    expected = latest_version(vd) + 1 if vd else 1
+    if version != expected:
+        raise conflict(
+            f"vdisk {name!r}: version {version} cannot be published, the next version is "
+            f"{expected} (another import ran meanwhile? import again)"
+        )
+    if stage is None:
+        stage = "production" if version == 1 else "maintenance"
+    if stage not in STAGE_ORDER:
+        raise invalid(f"unknown stage {stage!r}: maintenance, test or production")
+    if size <= 0:
+        raise invalid(f"vdisk {name!r}: an image of {size} bytes is empty")
+    if vd is None:
+        _check_policy(mode, write_cache, write_cache_persistence)
+        events.append(
+            VdiskCreated(
+                name=name,
+                size=size,
+                mode=mode,  # type: ignore[arg-type]
+                write_cache=write_cache,  # type: ignore[arg-type]
+                write_cache_persistence=write_cache_persistence,  # type: ignore[arg-type]
+            )
+        )
+    events.append(
+        VdiskVersionPublished(
+            name=name,
+            version=version,
+            parent=version - 1 if version > 1 else None,
+            stage=stage,  # type: ignore[arg-type]
+            path=path,
+            size=size,
+            checksum=checksum,
+            changed_blocks=changed_blocks,
+            block_size=block_size,
+        )
+    )
+    return events
+
+
+def promote(p: Projection, name: str, version: int, to: str) -> list[Event]:
+    vd = get_vdisk(p, name)
+    ver = vd["versions"].get(version)
+    if ver is None:
+        raise not_found(f"vdisk {name!r} has no version {version} (latest: {latest_version(vd)})")
+    if to not in ("test", "production"):
+        raise invalid(f"cannot promote to {to!r}: only to test or production")
+    if to == "production" and production_version(vd) == version:
+        raise conflict(f"vdisk {name!r} version {version} is already the production version")
+    if STAGE_ORDER[to] < STAGE_ORDER[ver["stage"]] and not ver["withdrawn"]:
+        raise invalid(
+            f"vdisk {name!r} version {version} is in {ver['stage']}; promotion only moves forward"
+        )
+    if to == ver["stage"] and not ver["withdrawn"]:
+        raise conflict(f"vdisk {name!r} version {version} is already in {to}")
+    return [VdiskVersionPromoted(name=name, version=version, stage=to, previous_stage=ver["stage"])]  # type: ignore[arg-type]
+
+
+def rollback(p: Projection, name: str) -> list[Event]:
+    vd = get_vdisk(p, name)
+    history = vd["production_history"]
+    if len(history) < 2:
+        raise conflict(
+            f"vdisk {name!r} has no earlier production version to roll back to "
+            f"(production history: {history or 'empty'})"
+        )
+    return [VdiskRolledBack(name=name, from_version=history[-1], to_version=history[-2])]
+
+
+def set_policy(
+    p: Projection,
+    name: str,
+    *,
+    mode: str | None = None,
+    write_cache: str | None = None,
+    write_cache_persistence: str | None = None,
+) -> list[Event]:
+    vd = get_vdisk(p, name)
+    _check_policy(mode, write_cache, write_cache_persistence)
+    if mode == "private" and vd["mode"] != "private":
+        users = {s["mac"] for s in p.live_sessions_of_vdisk(name)}
+        if len(users) > 1:
+            raise conflict(
+                f"vdisk {name!r} is used by {len(users)} live sessions; a private vdisk "
+                "serves one device"
+            )
+    if all(v is None for v in (mode, write_cache, write_cache_persistence)):
+        raise invalid("nothing to change: give a mode, write cache or persistence")
+    return [
+        VdiskPolicyChanged(
+            name=name,
+            mode=mode,  # type: ignore[arg-type]
+            write_cache=write_cache,  # type: ignore[arg-type]
+            write_cache_persistence=write_cache_persistence,  # type: ignore[arg-type]
+        )
+    ]
+
+
+def remove(p: Projection, name: str) -> list[Event]:
+    get_vdisk(p, name)
+    live = p.live_sessions_of_vdisk(name)
+    if live:
+        macs = ", ".join(sorted(s["mac"] for s in live))
+        raise conflict(
+            f"vdisk {name!r} is in use by {len(live)} live session(s) ({macs}); "
+            "close them before removing it"
+        )
+    return [VdiskRemoved(name=name)]
+
+
+def _check_policy(mode: str | None, cache: str | None, persistence: str | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise invalid(f"unknown image mode {mode!r}: {' or '.join(MODES)}")
+    if cache is not None and cache not in WRITE_CACHES:
+        raise invalid(f"unknown write cache {cache!r}: {', '.join(WRITE_CACHES)}")
+    if persistence is not None and persistence not in PERSISTENCES:
+        raise invalid(f"unknown write-cache persistence {persistence!r}: discard or keep")
+
+
+# --- what a boot gets ------------------------------------------------------------------
+
+
+def boot_version(vd: Record, *, tester: bool, maintenance: bool) -> int:
+    """The version a device boots: maintenance sessions get the newest maintenance
+    version; testers the newest test version newer than production; others production."""
+    versions = vd["versions"]
+    if maintenance:
+        candidates = [n for n, v in versions.items() if v["stage"] == "maintenance"]
+        if not candidates:
+            raise conflict(f"vdisk {vd['name']!r} has no version in maintenance")
+        return max(candidates)
+    prod = production_version(vd)
+    if tester:
+        tests = [
+            n
+            for n, v in versions.items()
+            if v["stage"] == "test" and not v["withdrawn"] and n > (prod or 0)
+        ]
+        if tests:
+            return max(tests)
+    if prod is None:
+        raise conflict(
+            f"vdisk {vd['name']!r} has no production version to boot "
+            "(promote one with `streamboot vdisk promote`)"
+        )
+    return prod
+
+
+def chain(vd: Record, version: int) -> list[str]:
+    """The layer paths (store-relative) of a version, oldest first."""
+    return [vd["versions"][n]["path"] for n in range(1, version + 1)]

@@ -1,0 +1,110 @@
+"""The registry's control-plane handlers on NATS (FastStream request/reply).
+
+Subjects (queue group ``registry``: replicas share the load), JSON in and out; an error
+reply is ``{"error": message, "kind": "invalid"|"not_found"|"conflict"|"refused"|"internal"}``
+(what ``shared.bus.request_json`` raises as ``RemoteError``):
+
+- ``streamboot.registry.session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?}
+- ``streamboot.registry.session.resolve`` {token} -> the export a stream node serves
+- ``streamboot.registry.session.close``   {token | session_id, reason?}
+- ``streamboot.registry.session.list``    {}
+- ``streamboot.registry.device.lookup``   {mac, smbios_uuid?} (a boot: applies the unknown-device policy)
+- ``streamboot.registry.vdisk.list``      {}
+
+Each handler is one call into :class:`~services.registry.app.RegistryApp`, the same layer
+the REST API calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faststream.nats import NatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+
+from services.registry.app import RegistryApp
+from services.registry.domain.errors import DomainError
+
+log = logging.getLogger("streamboot.registry.nats")
+
+PREFIX = "streamboot.registry"
+QUEUE = "registry"
+# Session opens from many booting clients at once: handle them concurrently (the app
+# serialises the decisions itself).
+WORKERS = 16
+
+Reply = dict[str, Any] | list[Any]
+
+
+def error_reply(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, DomainError):
+        return {"error": str(exc), "kind": exc.kind}
+    log.exception("registry handler failed")
+    return {"error": f"{type(exc).__name__}: {exc}", "kind": "internal"}
+
+
+def _replying(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
+    """Errors become error replies: a caller never waits for a timeout to learn of them."""
+
+    @functools.wraps(fn)
+    async def wrapper(body: dict[str, Any]) -> Reply:
+        try:
+            return await fn(body or {})
+        except Exception as exc:
+            return error_reply(exc)
+
+    return wrapper
+
+
+def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
+    broker = NatsBroker(
+        nats_url,
+        name="streamboot-registry",
+        middlewares=[NatsTelemetryMiddleware()],
+        max_reconnect_attempts=-1,
+        graceful_timeout=5.0,
+    )
+
+    def handle(verb: str) -> Callable[[Callable[..., Awaitable[Reply]]], Any]:
+        def register(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Any:
+            return broker.subscriber(f"{PREFIX}.{verb}", queue=QUEUE, max_workers=WORKERS)(
+                _replying(fn)
+            )
+
+        return register
+
+    @handle("session.open")
+    async def session_open(body: dict[str, Any]) -> Reply:
+        return await app.open_session(
+            body.get("mac"),
+            smbios_uuid=body.get("smbios_uuid"),
+            vdisk=body.get("vdisk"),
+            maintenance=bool(body.get("maintenance", False)),
+            correlation_id=body.get("correlation_id"),
+        )
+
+    @handle("session.resolve")
+    async def session_resolve(body: dict[str, Any]) -> Reply:
+        return await app.resolve(str(body.get("token", "")))
+
+    @handle("session.close")
+    async def session_close(body: dict[str, Any]) -> Reply:
+        key = body.get("token") or body.get("session_id") or ""
+        return await app.close_session(str(key), body.get("reason") or "closed-by-request")
+
+    @handle("session.list")
+    async def session_list(_body: dict[str, Any]) -> Reply:
+        return app.list_sessions()
+
+    @handle("device.lookup")
+    async def device_lookup(body: dict[str, Any]) -> Reply:
+        return await app.lookup_device(body.get("mac"), body.get("smbios_uuid"))
+
+    @handle("vdisk.list")
+    async def vdisk_list(_body: dict[str, Any]) -> Reply:
+        return app.list_vdisks()
+
+    return broker

@@ -1,0 +1,291 @@
+"""The registry's read model: devices, vdisks, assignments and live sessions, in memory.
+
+It is built by applying the event log in position order, event by event, from raw
+``(type, data)`` pairs: no pydantic validation on replay (the log only holds events that
+were validated when they were appended), one dict lookup to dispatch, a few dict writes per
+event. Event types the registry does not care about (boot, cache...) cost one failed
+lookup. Everything here is derived from the log, so a rebuild equals the live state
+(:meth:`Projection.snapshot` is what the rebuild test compares).
+
+Records are plain dicts so they go to JSON (REST, NATS) as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+Record = dict[str, Any]
+
+
+def _ts(when: Any) -> float:
+    """An event time as epoch seconds (rows carry datetimes, tests may pass floats)."""
+    return when.timestamp() if isinstance(when, datetime) else float(when or 0.0)
+
+
+class Projection:
+    def __init__(self) -> None:
+        self.position = 0
+        self.devices: dict[str, Record] = {}
+        self.mac_by_hostname: dict[str, str] = {}
+        self.mac_by_machine_id: dict[str, str] = {}
+        self.mac_by_uuid: dict[str, str] = {}
+        self.auto_added = 0
+        self.vdisks: dict[str, Record] = {}
+        # ("device", mac) / ("collection", name) -> {"vdisks": [...], "default": name|None}
+        self.assignments: dict[tuple[str, str], Record] = {}
+        # Live sessions only; closed ones are history, kept in the log.
+        self.sessions: dict[str, Record] = {}
+        self.session_by_mac: dict[str, str] = {}
+        self.session_by_token_hash: dict[str, str] = {}
+        self._handlers: dict[str, Callable[[Record, Any], None]] = {
+            "DeviceRegistered": self._device_registered,
+            "DeviceUpdated": self._device_updated,
+            "DeviceDisabled": self._device_disabled,
+            "DeviceEnabled": self._device_enabled,
+            "DeviceRemoved": self._device_removed,
+            "AssignmentChanged": self._assignment_changed,
+            "VdiskCreated": self._vdisk_created,
+            "VdiskVersionPublished": self._version_published,
+            "VdiskVersionPromoted": self._version_promoted,
+            "VdiskRolledBack": self._rolled_back,
+            "VdiskPolicyChanged": self._policy_changed,
+            "VdiskRemoved": self._vdisk_removed,
+            "SessionOpened": self._session_opened,
+            "SessionAttached": self._session_attached,
+            "SessionDetached": self._session_detached,
+            "SessionClosed": self._session_closed,
+            "BlocksRequested": self._session_active,
+        }
+
+    # --- applying ---------------------------------------------------------------------
+
+    def apply(self, type_: str, data: Record, position: int, when: Any = None) -> None:
+        """Apply one event; events at or before the current position are skipped, so the
+        follower and the writers may both offer the same event."""
+        if position <= self.position:
+            return
+        handler = self._handlers.get(type_)
+        if handler is not None:
+            handler(data, when)
+        self.position = position
+
+    def apply_rows(self, rows: Iterable[Any]) -> int:
+        """Apply stored rows/envelopes (anything with type, data, position, time)."""
+        n = 0
+        apply = self.apply
+        for row in rows:
+            apply(row.type, row.data, row.position, row.time)
+            n += 1
+        return n
+
+    # --- devices ----------------------------------------------------------------------
+
+    def _device_registered(self, d: Record, when: Any) -> None:
+        mac = d["mac"]
+        self.devices[mac] = {
+            "mac": mac,
+            "machine_id": d["machine_id"],
+            "hostname": d["hostname"],
+            "smbios_uuid": d.get("smbios_uuid"),
+            "collection": d.get("collection"),
+            "tester": bool(d.get("tester", False)),
+            "enabled": True,
+            "auto_added": bool(d.get("auto_added", False)),
+            "registered_at": _ts(when),
+        }
+        self.mac_by_hostname[d["hostname"]] = mac
+        self.mac_by_machine_id[d["machine_id"]] = mac
+        if d.get("smbios_uuid"):
+            self.mac_by_uuid[d["smbios_uuid"]] = mac
+        if d.get("auto_added"):
+            self.auto_added += 1
+
+    def _device_updated(self, d: Record, _when: Any) -> None:
+        dev = self.devices[d["mac"]]
+        if d.get("hostname") is not None:
+            del self.mac_by_hostname[dev["hostname"]]
+            dev["hostname"] = d["hostname"]
+            self.mac_by_hostname[d["hostname"]] = dev["mac"]
+        if d.get("smbios_uuid") is not None:
+            if dev["smbios_uuid"]:
+                self.mac_by_uuid.pop(dev["smbios_uuid"], None)
+            dev["smbios_uuid"] = d["smbios_uuid"]
+            self.mac_by_uuid[d["smbios_uuid"]] = dev["mac"]
+        if d.get("collection") is not None:
+            # "" clears the collection.
+            dev["collection"] = d["collection"] or None
+        if d.get("tester") is not None:
+            dev["tester"] = d["tester"]
+
+    def _device_disabled(self, d: Record, _when: Any) -> None:
+        self.devices[d["mac"]]["enabled"] = False
+
+    def _device_enabled(self, d: Record, _when: Any) -> None:
+        self.devices[d["mac"]]["enabled"] = True
+
+    def _device_removed(self, d: Record, _when: Any) -> None:
+        dev = self.devices.pop(d["mac"])
+        self.mac_by_hostname.pop(dev["hostname"], None)
+        self.mac_by_machine_id.pop(dev["machine_id"], None)
+        if dev["smbios_uuid"]:
+            self.mac_by_uuid.pop(dev["smbios_uuid"], None)
+        self.assignments.pop(("device", dev["mac"]), None)
+
+    def _assignment_changed(self, d: Record, _when: Any) -> None:
+        key = (d["target_kind"], d["target"])
+        if d["vdisks"]:
+            self.assignments[key] = {"vdisks": list(d["vdisks"]), "default": d.get("default")}
+        else:
+            self.assignments.pop(key, None)
+
+    # --- vdisks -----------------------------------------------------------------------
+
+    def _vdisk_created(self, d: Record, when: Any) -> None:
+        self.vdisks[d["name"]] = {
+            "name": d["name"],
+            "size": d["size"],
+            "mode": d.get("mode", "standard"),
+            "write_cache": d.get("write_cache", "server-disk"),
+            "write_cache_persistence": d.get("write_cache_persistence", "discard"),
+            "store": d.get("store", "local"),
+            "created_at": _ts(when),
+            "versions": {},
+            # Production versions in promotion order; the last one is what clients boot.
+            "production_history": [],
+        }
+
+    def _version_published(self, d: Record, when: Any) -> None:
+        vd = self.vdisks[d["name"]]
+        vd["versions"][d["version"]] = {
+            "version": d["version"],
+            "parent": d.get("parent"),
+            "stage": d["stage"],
+            "path": d["path"],
+            "size": d["size"],
+            "checksum": d["checksum"],
+            "changed_blocks": d["changed_blocks"],
+            "block_size": d["block_size"],
+            "withdrawn": False,
+            "published_at": _ts(when),
+        }
+        vd["size"] = d["size"]
+        if d["stage"] == "production":
+            vd["production_history"].append(d["version"])
+
+    def _version_promoted(self, d: Record, _when: Any) -> None:
+        vd = self.vdisks[d["name"]]
+        ver = vd["versions"][d["version"]]
+        ver["stage"] = d["stage"]
+        ver["withdrawn"] = False
+        if d["stage"] == "production":
+            vd["production_history"].append(d["version"])
+
+    def _rolled_back(self, d: Record, _when: Any) -> None:
+        vd = self.vdisks[d["name"]]
+        history = vd["production_history"]
+        if history and history[-1] == d["from_version"]:
+            history.pop()
+        # The withdrawn version stays on disk (old sessions still read it) but no new boot
+        # picks it, testers included, until it is promoted again.
+        vd["versions"][d["from_version"]]["withdrawn"] = True
+
+    def _policy_changed(self, d: Record, _when: Any) -> None:
+        vd = self.vdisks[d["name"]]
+        for key in ("mode", "write_cache", "write_cache_persistence"):
+            if d.get(key) is not None:
+                vd[key] = d[key]
+
+    def _vdisk_removed(self, d: Record, _when: Any) -> None:
+        name = d["name"]
+        del self.vdisks[name]
+        # Assignments naming it lose it (and their default, if it was the default).
+        for key, a in list(self.assignments.items()):
+            if name in a["vdisks"]:
+                a["vdisks"] = [v for v in a["vdisks"] if v != name]
+                if a["default"] == name:
+                    a["default"] = a["vdisks"][0] if a["vdisks"] else None
+                if not a["vdisks"]:
+                    del self.assignments[key]
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def _session_opened(self, d: Record, when: Any) -> None:
+        sid = d["session_id"]
+        at = _ts(when)
+        self.sessions[sid] = {
+            **d,
+            "opened_at": at,
+            "last_activity": at,
+            "attached": 0,
+            "detached_at": None,
+        }
+        self.session_by_mac[d["mac"]] = sid
+        if d.get("token_hash"):
+            self.session_by_token_hash[d["token_hash"]] = sid
+
+    def _session_attached(self, d: Record, when: Any) -> None:
+        s = self.sessions.get(d["session_id"])
+        if s is not None:
+            s["attached"] += 1
+            s["detached_at"] = None
+            s["last_activity"] = _ts(when)
+
+    def _session_detached(self, d: Record, when: Any) -> None:
+        s = self.sessions.get(d["session_id"])
+        if s is not None:
+            s["attached"] = max(0, s["attached"] - 1)
+            at = _ts(when)
+            s["last_activity"] = at
+            if s["attached"] == 0:
+                s["detached_at"] = at
+
+    def _session_active(self, d: Record, when: Any) -> None:
+        s = self.sessions.get(d["session_id"])
+        if s is not None:
+            s["last_activity"] = _ts(when)
+
+    def _session_closed(self, d: Record, _when: Any) -> None:
+        s = self.sessions.pop(d["session_id"], None)
+        if s is None:
+            return
+        if self.session_by_mac.get(s["mac"]) == s["session_id"]:
+            del self.session_by_mac[s["mac"]]
+        if s.get("token_hash"):
+            self.session_by_token_hash.pop(s["token_hash"], None)
+
+    # --- queries used by decisions and views ------------------------------------------
+
+    def device_by_uuid(self, smbios_uuid: str) -> Record | None:
+        mac = self.mac_by_uuid.get(smbios_uuid)
+        return self.devices.get(mac) if mac else None
+
+    def assignment_for(self, mac: str) -> Record | None:
+        """The device's own assignment, else its collection's."""
+        own = self.assignments.get(("device", mac))
+        if own:
+            return own
+        dev = self.devices.get(mac)
+        if dev and dev["collection"]:
+            return self.assignments.get(("collection", dev["collection"]))
+        return None
+
+    def live_sessions_of_vdisk(self, name: str) -> list[Record]:
+        return [s for s in self.sessions.values() if s["vdisk"] == name]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the projection knows, as comparable plain data (the rebuild check)."""
+        return {
+            "position": self.position,
+            "devices": self.devices,
+            "mac_by_hostname": self.mac_by_hostname,
+            "mac_by_machine_id": self.mac_by_machine_id,
+            "mac_by_uuid": self.mac_by_uuid,
+            "auto_added": self.auto_added,
+            "vdisks": self.vdisks,
+            "assignments": {f"{k}:{t}": v for (k, t), v in self.assignments.items()},
+            "sessions": self.sessions,
+            "session_by_mac": self.session_by_mac,
+            "session_by_token_hash": self.session_by_token_hash,
+        }

@@ -1,0 +1,166 @@
+"""The registry process: event store, projection, NATS handlers, REST API, relay, sweeper.
+
+Start: tracing -> NATS (+ JetStream stream) -> PostgreSQL event store -> projection from the
+whole log -> append handler, FastStream handlers, API server, relay, log follower, session
+sweeper, heartbeat. Stop (SIGTERM/SIGINT): the reverse, each step bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from services.registry.app import RegistryApp
+from services.registry.nats_api import build_broker
+from services.registry.rest import build_api
+from shared import bus
+from shared.event_log import serve_appends
+from shared.event_store import EventStore
+from shared.heartbeat import Heartbeat, read_heartbeats
+from shared.relay import EventRelay
+from shared.settings import API_TOKEN_FILE, Settings
+from shared.telemetry import setup_tracing, shutdown_tracing
+
+log = logging.getLogger("streamboot.registry")
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the service owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def api_token(settings: Settings) -> str:
+    """The API bearer token: from the environment (`streamboot up` passes it), else the data
+    dir's api-token file, created (0600) when missing so a standalone registry is never open."""
+    if settings.api_token:
+        return settings.api_token
+    path = Path(settings.data_dir) / API_TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        log.warning("registry: no STREAMBOOT_API_TOKEN; generated one into %s", path)
+    return path.read_text().strip()
+
+
+async def _sweep_forever(app: RegistryApp, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            closed = await app.sweep()
+            if closed:
+                log.info("registry: closed %d expired session(s)", len(closed))
+        except Exception as exc:
+            log.warning("registry: session sweep failed (%s); retrying", exc)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    setup_tracing("registry", settings)
+    nats_url = settings.require_nats_url()
+    nc = await bus.connect(nats_url, "registry")
+    js = nc.jetstream()
+    await bus.ensure_event_stream(js)
+    store = await EventStore.connect(settings.require_database_url())
+    relay = EventRelay(store, js)
+    app = RegistryApp(
+        store,
+        settings,
+        heartbeats=lambda: read_heartbeats(js, settings.heartbeat_timeout_s),
+        on_appended=relay.poke,
+    )
+    await app.start()
+    await serve_appends(nc, store, lambda _stored: relay.poke())
+    broker = build_broker(nats_url, app)
+    await broker.start()
+    server = _ApiServer(
+        uvicorn.Config(
+            build_api(app, api_token(settings)),
+            host=settings.bind_host,
+            port=settings.api_port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+
+    def vitals() -> dict[str, Any]:
+        p = app.projection
+        return {
+            "api": f"http://{settings.advertised_host}:{settings.api_port}",
+            "position": p.position,
+            "live_sessions": len(p.sessions),
+            "load": len(p.sessions),
+        }
+
+    heartbeat = Heartbeat(js, "registry", settings.node_id, settings.heartbeat_interval_s, vitals)
+    tasks = [
+        asyncio.create_task(relay.run(), name="relay"),
+        asyncio.create_task(app.follow(), name="follow"),
+        asyncio.create_task(_sweep_forever(app, settings.session_sweep_interval_s), name="sweep"),
+        asyncio.create_task(heartbeat.run(), name="heartbeat"),
+        asyncio.create_task(server.serve(), name="api"),
+    ]
+    log.info(
+        "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",
+        settings.bind_host,
+        settings.api_port,
+        nats_url,
+        len(app.projection.devices),
+        len(app.projection.vdisks),
+    )
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and not task.cancelled() and task.exception():
+                raise RuntimeError(f"registry: {task.get_name()} failed") from task.exception()
+    finally:
+        stopper.cancel()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(tasks[-1]), 5.0)
+        await heartbeat.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broker.stop(), 5.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 5.0)
+        await store.close()
+        shutdown_tracing()
+        log.info("registry: stopped")
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(_main())
+    except ImportError:
+        asyncio.run(_main())

@@ -1,0 +1,253 @@
+"""The local vdisk store: import an image into ``<root>/<name>/`` as a version's layer.
+
+Importing is two steps so that nothing is ever half-written:
+
+1. :func:`stage_version` (run by the importing CLI, on the registry's machine) checks the
+   source, converts it to raw if needed (``qemu-img convert``), hashes it and writes the new
+   layer into a private staging dir ``<root>/<name>/.staging-<random>/``: version 1 as the
+   raw base ``v1.raw``, later versions as a delta ``vN.map``/``vN.data`` over the parent
+   chain (``shared.vdisk_layout.write_delta``: only the changed blocks).
+2. :func:`commit_staged` (run by the registry, under its append lock, right before appending
+   ``VdiskVersionPublished``) moves the files into place. If the decision or the append
+   fails, the staging dir is dropped and the store is as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.registry.domain.errors import DomainError, invalid, not_found
+from services.registry.domain.identity import check_name
+from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, write_delta
+
+CHUNK = 4 * 1024 * 1024
+SECTOR = 512
+STAGING_PREFIX = ".staging-"
+# (phase, done, total): phase is "convert", "copy", "hash" or "delta".
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class StagedVersion:
+    name: str
+    version: int
+    staging: str  # the staging dir's name inside <root>/<name>/
+    layer: str  # the layer's store-relative path once committed
+    size: int
+    checksum: str
+    changed_blocks: int
+    block_size: int
+
+
+def _no_progress(_phase: str, _done: int, _total: int) -> None:
+    pass
+
+
+def image_format(path: Path) -> tuple[str, int]:
+    """``(format, virtual size)`` of a disk image, or an error naming what is wrong."""
+    if not path.exists():
+        raise not_found(f"no such file: {path}")
+    if not path.is_file():
+        raise invalid(f"{path} is not a regular file")
+    try:
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        raise DomainError("qemu-img is not installed (Debian package qemu-utils)") from None
+    except subprocess.CalledProcessError as exc:
+        raise invalid(f"{path} is not a disk image: {exc.stderr.strip()}") from None
+    info = json.loads(out.stdout)
+    fmt, size = info.get("format", "?"), int(info.get("virtual-size", 0))
+    if fmt == "raw" and (size == 0 or size % SECTOR):
+        # Every file "is" raw to qemu-img; a real disk is whole sectors and not empty.
+        raise invalid(
+            f"{path} is not a disk image: {size} bytes is not a non-zero multiple of "
+            f"{SECTOR} (raw images are whole sectors; qcow2 and other formats are detected)"
+        )
+    return fmt, size
+
+
+def stage_version(
+    root: Path,
+    name: str,
+    source: Path,
+    version: int,
+    parent_chain: list[Path],
+    progress: Progress = _no_progress,
+) -> StagedVersion:
+    """Write version ``version`` of ``name`` from ``source`` into a staging dir."""
+    check_name(name)
+    source = Path(source)
+    fmt, size = image_format(source)
+    if version > 1 and not parent_chain:
+        raise invalid(f"version {version} of {name!r} needs its parent chain")
+    vdir = root / name
+    vdir.mkdir(parents=True, exist_ok=True)
+    staging = vdir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+    staging.mkdir()
+    try:
+        raw = source
+        if fmt != "raw":
+            raw = staging / "converted.raw"
+            _convert(source, fmt, raw, size, progress)
+        if version == 1:
+            base = staging / "v1.raw"
+            if raw == source:
+                checksum = _copy_sparse(source, base, size, progress)
+            else:
+                raw.rename(base)
+                checksum = _hash(base, size, progress)
+            layer, changed, block_size = (
+                f"{name}/v1.raw",
+                -(-size // DEFAULT_BLOCK_SIZE),
+                DEFAULT_BLOCK_SIZE,
+            )
+        else:
+            checksum = _hash(raw, size, progress)
+            progress("delta", 0, size)
+            changed = write_delta(parent_chain, raw, staging / f"v{version}")
+            progress("delta", size, size)
+            block_size = _delta_block_size(staging / f"v{version}.map")
+            if raw != source:
+                raw.unlink()
+            if changed == 0:
+                raise invalid(
+                    f"{source} is identical to version {version - 1} of {name!r}: no new version"
+                )
+            layer = f"{name}/v{version}.map"
+        return StagedVersion(
+            name=name,
+            version=version,
+            staging=staging.name,
+            layer=layer,
+            size=size,
+            checksum=f"sha256:{checksum}",
+            changed_blocks=changed,
+            block_size=block_size,
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def staged_files(root: Path, name: str, staging: str) -> list[Path]:
+    if not staging.startswith(STAGING_PREFIX) or "/" in staging or ".." in staging:
+        raise invalid(f"bad staging dir name {staging!r}")
+    sdir = root / name / staging
+    if not sdir.is_dir():
+        raise not_found(f"staged import {staging!r} of {name!r} not found in {root}")
+    return sorted(p for p in sdir.iterdir() if p.is_file())
+
+
+def commit_staged(root: Path, name: str, staging: str, layer: str) -> list[Path]:
+    """Move a staged version's files into place; returns the final paths (for undo)."""
+    files = staged_files(root, name, staging)
+    want = {Path(layer).name}
+    if layer.endswith(".map"):
+        want.add(delta_paths(Path(layer).with_suffix(""))[1].name)
+    have = {p.name for p in files}
+    if want - have:
+        raise invalid(f"staged import {staging!r} lacks {sorted(want - have)}")
+    moved = []
+    for fname in sorted(want):
+        final = root / name / fname
+        if final.exists():
+            raise DomainError(f"{final} already exists: the store and the log disagree", "conflict")
+        (root / name / staging / fname).rename(final)
+        moved.append(final)
+    shutil.rmtree(root / name / staging, ignore_errors=True)
+    return moved
+
+
+def discard_staged(root: Path, name: str, staging: str) -> None:
+    try:
+        staged_files(root, name, staging)
+    except DomainError:
+        return
+    shutil.rmtree(root / name / staging, ignore_errors=True)
+
+
+def remove_files(root: Path, name: str) -> None:
+    """Drop a removed vdisk's folder (after its removal is in the log)."""
+    check_name(name)
+    shutil.rmtree(root / name, ignore_errors=True)
+
+
+def layer_paths(root: Path, layers: list[str]) -> list[str]:
+    return [str(root / rel) for rel in layers]
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _convert(source: Path, fmt: str, out: Path, size: int, progress: Progress) -> None:
+    proc = subprocess.Popen(
+        ["qemu-img", "convert", "-p", "-f", fmt, "-O", "raw", str(source), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    buf = b""
+    while chunk := proc.stdout.read1(4096):
+        buf = (buf + chunk)[-256:]
+        found = _PROGRESS.findall(buf)
+        if found:
+            progress("convert", int(float(found[-1]) / 100 * size), size)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.wait() != 0:
+        raise invalid(f"qemu-img could not convert {source} ({fmt}): {err.strip()}")
+    progress("convert", size, size)
+
+
+def _copy_sparse(source: Path, dest: Path, size: int, progress: Progress) -> str:
+    """Copy and hash in one pass; all-zero chunks become holes (images are mostly empty)."""
+    digest = hashlib.sha256()
+    zero = bytes(CHUNK)
+    done = 0
+    with open(source, "rb") as src, open(dest, "wb") as out:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            if chunk == zero[: len(chunk)]:
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
+            done += len(chunk)
+            progress("copy", done, size)
+        out.truncate(done)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def _hash(path: Path, size: int, progress: Progress) -> str:
+    digest = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as src:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            done += len(chunk)
+            progress("hash", done, size)
+    return digest.hexdigest()
+
+
+def _delta_block_size(map_path: Path) -> int:
+    from shared.vdisk_layout import HEADER
+
+    _magic, _fmt, block_size, _size, _count = HEADER.unpack_from(map_path.read_bytes())
+    return block_size
