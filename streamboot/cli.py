@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from streamboot.commands import events, status, up
+from streamboot.commands import assign, device, events, registry, session, status, up, vdisk
 
 app = typer.Typer(no_args_is_help=True, help="OS streaming for diskless machines.")
 
@@ -21,6 +21,11 @@ def _root() -> None:
 app.command()(up.up)
 app.command()(status.status)
 app.add_typer(events.app, name="events")
+app.add_typer(device.app, name="device")
+app.add_typer(vdisk.app, name="vdisk")
+app.add_typer(assign.app, name="assign")
+app.add_typer(session.app, name="session")
+app.add_typer(registry.app, name="registry")
 
 
 def main() -> None:

@@ -1,0 +1,132 @@
+"""A small client of the registry's REST API, and the CLI plumbing around it.
+
+The CLI finds the running system through its data dir: ``runtime.json`` holds ``api_url``
+and ``DATA_DIR/api-token`` the bearer token (``STREAMBOOT_API_URL`` and
+``STREAMBOOT_API_TOKEN`` override both). Every CLI command prints a human view, or with
+``--json`` the API's JSON; any error prints one line naming the problem and exits non-zero
+(1: the request was refused, 3: the system is not reachable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+
+from shared.settings import API_TOKEN_FILE, runtime_info
+
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 3
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, kind: str = "error", exit_code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.exit_code = exit_code
+
+
+class RegistryClient:
+    def __init__(self, api_url: str, token: str, timeout_s: float = 60.0) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.api_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout_s,
+        )
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path) -> RegistryClient:
+        api_url = os.environ.get("STREAMBOOT_API_URL") or runtime_info(data_dir).get("api_url")
+        if not api_url:
+            raise ClientError(
+                f"streamboot is not running with data dir {Path(data_dir).absolute()} "
+                "(no runtime.json): start it with `streamboot up` or pass --data-dir",
+                "unreachable",
+                EXIT_UNREACHABLE,
+            )
+        token = os.environ.get("STREAMBOOT_API_TOKEN")
+        if not token:
+            try:
+                token = (Path(data_dir) / API_TOKEN_FILE).read_text().strip()
+            except OSError as exc:
+                raise ClientError(
+                    f"cannot read the API token {Path(data_dir) / API_TOKEN_FILE}: {exc.strerror}",
+                    "unauthorized",
+                ) from None
+        return cls(api_url, token)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            resp = self._http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise ClientError(
+                f"the registry API at {self.api_url} is not reachable ({exc})",
+                "unreachable",
+                EXIT_UNREACHABLE,
+            ) from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"error": resp.text or resp.reason_phrase}
+        if resp.status_code >= 400:
+            if isinstance(data, dict) and "error" in data:
+                raise ClientError(str(data["error"]), str(data.get("kind", "error")))
+            raise ClientError(f"HTTP {resp.status_code}: {data}", "invalid")
+        return data
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body if body is not None else {})
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self.request("PATCH", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def fail(exc: Exception, as_json: bool) -> NoReturn:
+    """Print an error (one line on stderr; JSON on stdout too with --json) and exit."""
+    kind = getattr(exc, "kind", "error")
+    code = getattr(exc, "exit_code", EXIT_REFUSED)
+    if as_json:
+        print(json.dumps({"error": str(exc), "kind": kind}))
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+@contextmanager
+def cli_errors(as_json: bool) -> Iterator[None]:
+    """Turn client and domain errors into a clear message and a non-zero exit."""
+    from services.registry.domain.errors import DomainError
+
+    try:
+        yield
+    except (ClientError, DomainError) as exc:
+        fail(exc, as_json)
+
+
+def run(
+    data_dir: Path,
+    as_json: bool,
+    call: Callable[[RegistryClient], Any],
+    render: Callable[[Any], None] | None = None,
+) -> Any:
+    """Connect, call, print: the shape of every CLI command."""
+    with cli_errors(as_json):
+        client = RegistryClient.from_data_dir(data_dir)
+        result = call(client)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    elif render is not None:
+        render(result)
+    return result

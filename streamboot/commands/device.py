@@ -1,0 +1,120 @@
+"""`streamboot device ...`: add, list, show, update, disable, enable, remove devices."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.registry.client import run
+from streamboot.commands import DataDirOption
+
+app = typer.Typer(no_args_is_help=True, help="Devices (client machines), keyed by MAC.")
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+console = Console()
+
+
+def show_device(d: dict[str, Any]) -> None:
+    a = d.get("assignment") or {}
+    state = "enabled" if d["enabled"] else "DISABLED"
+    console.print(f"[bold]{d['mac']}[/]  {d['hostname']}  ({state})")
+    console.print(f"  machine id   {d['machine_id']}")
+    console.print(f"  SMBIOS UUID  {d['smbios_uuid'] or '-'}")
+    console.print(f"  collection   {d['collection'] or '-'}")
+    console.print(f"  tester       {'yes' if d['tester'] else 'no'}")
+    vdisks = ", ".join(
+        v + (" (default)" if v == a.get("default") else "") for v in a.get("vdisks", [])
+    )
+    console.print(
+        f"  vdisks       {vdisks or '-'}" + (f"  [from {a['source']}]" if a.get("source") else "")
+    )
+    console.print(f"  session      {d.get('session') or '-'}")
+
+
+def show_devices(devices: list[dict[str, Any]]) -> None:
+    table = Table("MAC", "hostname", "collection", "tester", "state", "vdisks", "session")
+    for d in devices:
+        a = d.get("assignment") or {}
+        table.add_row(
+            d["mac"],
+            d["hostname"],
+            d["collection"] or "-",
+            "yes" if d["tester"] else "",
+            "enabled" if d["enabled"] else "disabled",
+            ", ".join(a.get("vdisks", [])) or "-",
+            d.get("session") or "-",
+        )
+    console.print(table)
+
+
+@app.command()
+def add(
+    mac: str,
+    data_dir: DataDirOption,
+    hostname: Annotated[str | None, typer.Option(help="unique hostname")] = None,
+    uuid: Annotated[str | None, typer.Option("--uuid", help="SMBIOS UUID")] = None,
+    collection: Annotated[str | None, typer.Option(help="collection (group) name")] = None,
+    tester: Annotated[bool, typer.Option(help="boots the test version of its vdisks")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Register a device by MAC."""
+    body = {
+        "mac": mac,
+        "hostname": hostname,
+        "smbios_uuid": uuid,
+        "collection": collection,
+        "tester": tester,
+    }
+    run(data_dir, as_json, lambda c: c.post("/devices", body), show_device)
+
+
+@app.command("list")
+def list_(data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """List devices."""
+    run(data_dir, as_json, lambda c: c.get("/devices"), show_devices)
+
+
+@app.command()
+def show(mac: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Show one device, its assignment and live session."""
+    run(data_dir, as_json, lambda c: c.get(f"/devices/{mac}"), show_device)
+
+
+@app.command()
+def update(
+    mac: str,
+    data_dir: DataDirOption,
+    hostname: Annotated[str | None, typer.Option()] = None,
+    uuid: Annotated[str | None, typer.Option("--uuid")] = None,
+    collection: Annotated[str | None, typer.Option(help="'' leaves the collection")] = None,
+    tester: Annotated[bool | None, typer.Option("--tester/--no-tester")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a device's hostname, SMBIOS UUID, collection or tester flag."""
+    body = {"hostname": hostname, "smbios_uuid": uuid, "collection": collection, "tester": tester}
+    run(data_dir, as_json, lambda c: c.patch(f"/devices/{mac}", body), show_device)
+
+
+@app.command()
+def disable(mac: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Disable a device: it cannot open boot sessions."""
+    run(data_dir, as_json, lambda c: c.post(f"/devices/{mac}/disable"), show_device)
+
+
+@app.command()
+def enable(mac: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Enable a disabled device."""
+    run(data_dir, as_json, lambda c: c.post(f"/devices/{mac}/enable"), show_device)
+
+
+@app.command()
+def remove(mac: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Remove a device (refused while it has a live session)."""
+    run(
+        data_dir,
+        as_json,
+        lambda c: c.delete(f"/devices/{mac}"),
+        lambda r: console.print(f"removed device {r['removed']}"),
+    )

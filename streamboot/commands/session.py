@@ -1,0 +1,72 @@
+"""`streamboot session ...`: open, close and list boot sessions."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.registry.client import run
+from streamboot.commands import DataDirOption
+
+app = typer.Typer(no_args_is_help=True, help="Boot sessions.")
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+console = Console()
+
+
+def show_opened(s: dict[str, Any]) -> None:
+    console.print(
+        f"session {s['session_id']}: {s['mac']} ({s['hostname']}) boots {s['vdisk']} v{s['version']}"
+    )
+    console.print(f"  token        {s['token']}")
+    console.print(f"  NBD          {s['nbd_uri']}")
+    console.print(f"  HTTP         {s['http_url']}")
+    console.print(f"  write cache  {s['write_cache']} ({s['write_cache_persistence']})")
+    console.print(f"  stream node  {s['stream_node'] or '-'}")
+    if s.get("warning"):
+        print(f"warning: {s['warning']}", file=sys.stderr)
+
+
+def show_sessions(sessions: list[dict[str, Any]]) -> None:
+    table = Table("session", "MAC", "hostname", "vdisk", "version", "node", "attached")
+    for s in sessions:
+        table.add_row(
+            s["session_id"], s["mac"], s["hostname"], s["vdisk"], str(s["version"]),
+            s["stream_node"] or "-", str(s["attached"]),
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command("open")
+def open_(
+    mac: str,
+    data_dir: DataDirOption,
+    vdisk: Annotated[str | None, typer.Option(help="vdisk (default: the device's default)")] = None,
+    maintenance: Annotated[
+        bool, typer.Option(help="boot the maintenance version read-write")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Open a boot session for a device: prints its token and NBD/HTTP endpoints."""
+    body = {"mac": mac, "vdisk": vdisk, "maintenance": maintenance}
+    run(data_dir, as_json, lambda c: c.post("/sessions", body), show_opened)
+
+
+@app.command()
+def close(token: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Close a session by its token (or its session id)."""
+    run(
+        data_dir,
+        as_json,
+        lambda c: c.delete(f"/sessions/{token}"),
+        lambda r: console.print(f"closed session {r['closed']}"),
+    )
+
+
+@app.command("list")
+def list_(data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """List live sessions."""
+    run(data_dir, as_json, lambda c: c.get("/sessions"), show_sessions)

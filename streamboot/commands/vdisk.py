@@ -1,0 +1,216 @@
+"""`streamboot vdisk ...`: import images (new vdisks or new versions), versions, promote,
+roll back, policy, remove.
+
+`vdisk import` stages the new layer itself, straight into the registry's vdisk store (the
+CLI must run on the registry's machine, as in the embedded default; see docs/registry.md),
+then registers it through the API, which moves it into place and appends the events.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from services.registry import vdisk_store
+from services.registry.client import ClientError, RegistryClient, cli_errors, run
+from streamboot.commands import DataDirOption
+
+app = typer.Typer(no_args_is_help=True, help="vdisks (disk images) and their versions.")
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+console = Console(stderr=True)
+out = Console()
+
+PHASES = {
+    "convert": "converting to raw",
+    "copy": "copying",
+    "hash": "checksumming",
+    "delta": "storing changed blocks",
+}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def show_vdisk(v: dict[str, Any]) -> None:
+    out.print(
+        f"[bold]{v['name']}[/]  {_gib(v['size'])}  mode {v['mode']}, write cache "
+        f"{v['write_cache']} ({v['write_cache_persistence']})"
+    )
+    out.print(
+        f"  versions: latest {v['latest_version']}, production {v['production_version'] or '-'}"
+        f"; live sessions {v['live_sessions']}"
+    )
+    if "version" in v:
+        ver = v["version"]
+        out.print(
+            f"  published version {ver['version']} ({ver['stage']}): {ver['changed_blocks']} "
+            f"blocks of {ver['block_size']} bytes, {ver['checksum']}"
+        )
+
+
+def show_vdisks(vdisks: list[dict[str, Any]]) -> None:
+    table = Table("name", "size", "mode", "write cache", "latest", "production", "sessions")
+    for v in vdisks:
+        table.add_row(
+            v["name"], _gib(v["size"]), v["mode"],
+            f"{v['write_cache']} ({v['write_cache_persistence']})",
+            str(v["latest_version"]), str(v["production_version"] or "-"), str(v["live_sessions"]),
+        )  # fmt: skip
+    out.print(table)
+
+
+def show_versions(versions: list[dict[str, Any]]) -> None:
+    table = Table("version", "stage", "size", "changed blocks", "checksum", "")
+    for v in versions:
+        flag = "current production" if v["current_production"] else ""
+        flag = "withdrawn" if v["withdrawn"] else flag
+        table.add_row(
+            str(v["version"]), v["stage"], _gib(v["size"]), str(v["changed_blocks"]),
+            v["checksum"][:23] + "…", flag,
+        )  # fmt: skip
+    out.print(table)
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="raw or qcow2 (any qemu-img format) image")],
+    data_dir: DataDirOption,
+    name: Annotated[str, typer.Option(help="vdisk name; an existing one gets a new version")],
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            help="maintenance|test|production (default: production for a new vdisk, maintenance for a new version)"
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="new vdisk: standard|private")] = "standard",
+    write_cache: Annotated[
+        str, typer.Option(help="new vdisk: server-ram|server-disk|client-ram|client-disk")
+    ] = "server-disk",
+    persistence: Annotated[str, typer.Option(help="new vdisk: discard|keep")] = "discard",
+    as_json: JsonOption = False,
+) -> None:
+    """Import a disk image as a new vdisk, or as a new version (a delta) of an existing one."""
+    with cli_errors(as_json):
+        vdisk_store.image_format(path)  # a missing file or a non-image fails before anything
+        client = RegistryClient.from_data_dir(data_dir)
+        root = Path(client.get("/registry/status")["vdisk_root"])
+        try:
+            current = client.get(f"/vdisks/{name}")
+            version, chain = (
+                current["latest_version"] + 1,
+                [Path(p) for p in current["latest_layers"]],
+            )
+        except ClientError as exc:
+            if exc.kind != "not_found":
+                raise
+            version, chain = 1, []
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+            console=console, disable=as_json or not console.is_terminal,
+        ) as bar:  # fmt: skip
+            tasks: dict[str, Any] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(PHASES.get(phase, phase), total=total)
+                bar.update(tasks[phase], completed=done)
+
+            staged = vdisk_store.stage_version(root, name, path, version, chain, progress)
+        body = {
+            "version": staged.version,
+            "staging": staged.staging,
+            "layer": staged.layer,
+            "size": staged.size,
+            "checksum": staged.checksum,
+            "changed_blocks": staged.changed_blocks,
+            "block_size": staged.block_size,
+            "stage": stage,
+            "mode": mode,
+            "write_cache": write_cache,
+            "write_cache_persistence": persistence,
+        }
+        try:
+            result = client.post(f"/vdisks/{name}/versions", body)
+        finally:
+            # The registry moved the files into place, or it refused: either way no staging.
+            vdisk_store.discard_staged(root, name, staged.staging)
+    run_result(result, as_json, show_vdisk)
+
+
+def run_result(result: Any, as_json: bool, render: Any) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        render(result)
+
+
+@app.command("list")
+def list_(data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """List vdisks."""
+    run(data_dir, as_json, lambda c: c.get("/vdisks"), show_vdisks)
+
+
+@app.command()
+def show(name: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Show a vdisk."""
+    run(data_dir, as_json, lambda c: c.get(f"/vdisks/{name}"), show_vdisk)
+
+
+@app.command()
+def versions(name: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """List a vdisk's versions and their stages."""
+    run(data_dir, as_json, lambda c: c.get(f"/vdisks/{name}/versions"), show_versions)
+
+
+@app.command()
+def promote(
+    name: str,
+    version: int,
+    data_dir: DataDirOption,
+    to: Annotated[str, typer.Option("--to", help="test|production")],
+    as_json: JsonOption = False,
+) -> None:
+    """Promote a version to test or production (running clients move at their next boot)."""
+    body = {"version": version, "to": to}
+    run(data_dir, as_json, lambda c: c.post(f"/vdisks/{name}/promote", body), show_vdisk)
+
+
+@app.command()
+def rollback(name: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Go back to the previous production version."""
+    run(data_dir, as_json, lambda c: c.post(f"/vdisks/{name}/rollback"), show_vdisk)
+
+
+@app.command("set")
+def set_(
+    name: str,
+    data_dir: DataDirOption,
+    mode: Annotated[str | None, typer.Option(help="standard|private")] = None,
+    write_cache: Annotated[
+        str | None, typer.Option(help="server-ram|server-disk|client-ram|client-disk")
+    ] = None,
+    persistence: Annotated[str | None, typer.Option(help="discard|keep")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change the image mode or the write-cache policy."""
+    body = {"mode": mode, "write_cache": write_cache, "write_cache_persistence": persistence}
+    run(data_dir, as_json, lambda c: c.patch(f"/vdisks/{name}", body), show_vdisk)
+
+
+@app.command()
+def remove(name: str, data_dir: DataDirOption, as_json: JsonOption = False) -> None:
+    """Remove a vdisk and its files (refused while a live session uses it)."""
+    run(
+        data_dir,
+        as_json,
+        lambda c: c.delete(f"/vdisks/{name}"),
+        lambda r: out.print(f"removed vdisk {r['removed']}"),
+    )
