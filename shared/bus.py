@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from shared import metrics
 from shared.telemetry import extract_context, inject_headers
 
 log = logging.getLogger("streamboot.bus")
@@ -113,9 +114,10 @@ async def request_json(nc: NATS, subject: str, payload: Any, *, timeout_s: float
 
     A reply ``{"error": ..., "kind": ...}`` is raised as :class:`RemoteError`."""
     try:
-        msg = await nc.request(
-            subject, encode(payload), timeout=timeout_s, headers=inject_headers()
-        )
+        with metrics.time_request(metrics.process_service(), f"call:{subject}"):
+            msg = await nc.request(
+                subject, encode(payload), timeout=timeout_s, headers=inject_headers()
+            )
     except NoRespondersError as exc:
         raise ServiceUnavailable(f"no service answers on {subject!r} (is it running?)") from exc
     except NatsTimeoutError as exc:
@@ -148,7 +150,8 @@ async def serve_json(nc: NATS, subject: str, handler: Handler, *, queue: str = "
         token = otel_context.attach(extract_context(msg.headers))
         try:
             try:
-                result = await handler(json.loads(msg.data or b"null"), msg)
+                with metrics.time_request(metrics.process_service(), f"serve:{subject}"):
+                    result = await handler(json.loads(msg.data or b"null"), msg)
             except RemoteError as exc:
                 result = {"error": str(exc), "kind": exc.kind, "detail": exc.detail}
             except Exception as exc:

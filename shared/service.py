@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from shared import bus
 from shared.event_log import EventClient
 from shared.heartbeat import Heartbeat
+from shared.metrics import Headline, start_metrics_server
 from shared.settings import Settings
 from shared.telemetry import setup_tracing, shutdown_tracing
 
@@ -101,12 +102,20 @@ async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -
         loop.add_signal_handler(sig, rt.stopping.set)
     await rt.connect()
     await start(rt)
+    # Every service serves /metrics; the heartbeat says where, with the headline figures.
+    metrics_server = start_metrics_server(name, settings)
+    rt.on_stop(lambda: asyncio.to_thread(metrics_server.stop))
+    headline = Headline()
     heartbeat = Heartbeat(
         rt.js,
         name,
         settings.node_id,
         settings.heartbeat_interval_s,
-        lambda: rt.vitals() if callable(rt.vitals) else rt.vitals,
+        lambda: {
+            **(rt.vitals() if callable(rt.vitals) else rt.vitals),
+            "metrics": metrics_server.url,
+            "figures": headline.figures(),
+        },
     )
     rt.spawn(heartbeat.run(), "heartbeat")
     rt.on_stop(heartbeat.stop)

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     boot_http_port: int = 18082
     tftp_port: int = 16969
     dhcp_port: int = 16767
+    # Prometheus `/metrics` of each service process (shared/metrics.py).
+    metrics_port: int = 0
     # 0 = pick a free port (tests); > 0 as given.
 
     # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
