@@ -1,0 +1,270 @@
+"""Build a small bootable Linux demo vdisk from Debian packages, without loop mounts.
+
+The image (64 MiB by default) is what a new user boots first, and what the tests and
+benchmarks boot under QEMU::
+
+    sector 0        MBR: syslinux's mbr.bin + one bootable FAT16 partition
+    1 MiB ..        FAT16 "STREAMBOOT": ldlinux.sys (syslinux), syslinux.cfg, vmlinuz, initrd.img
+    last MiB        scratch area outside the partition: the client writes a record there
+
+The kernel comes from Debian's ``linux-image-*-cloud-amd64`` package (downloaded with
+``apt-get download`` and unpacked with ``dpkg-deb``, nothing installed); the initramfs is
+busybox-static, the modules the disk and network need, and ``clients/linux`` (the init
+script and the NBD hand-off). The FAT is made with ``mkfs.fat --offset``, filled with
+mtools, and made bootable with ``syslinux --offset``: no root, no loop device.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+CLIENT_DIR = Path(__file__).resolve().parents[2] / "clients" / "linux"
+MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+BUSYBOX = Path("/bin/busybox")
+SECTOR = 512
+PARTITION_START = 2048  # sectors: 1 MiB, the usual alignment
+SCRATCH_SECTORS = 2048  # the last MiB, outside the partition
+DEBIAN_PACKAGES = ("busybox-static", "syslinux", "syslinux-common", "mtools", "dosfstools")
+# Modules the client needs, by name; their dependencies are added from modules.dep.
+MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "ata_piix",
+    "sd_mod",
+    "nbd",
+    "af_packet",
+)
+MARKER = "streamboot-client: BOOTED"
+
+
+class DemoBuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Kernel:
+    version: str
+    vmlinuz: Path
+    modules: Path  # /lib/modules/<version>
+
+
+def require_tools() -> None:
+    missing = [
+        name
+        for name, path in {
+            "busybox-static": BUSYBOX,
+            "syslinux-common": MBR_BIN,
+        }.items()
+        if not path.exists()
+    ]
+    missing += [
+        pkg
+        for tool, pkg in {
+            "syslinux": "syslinux",
+            "mcopy": "mtools",
+            "mkfs.fat": "dosfstools",
+        }.items()
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        raise DemoBuildError(
+            "building the demo vdisk needs these Debian packages: "
+            + " ".join(sorted(set(missing)))
+            + f" (apt-get install {' '.join(DEBIAN_PACKAGES)})"
+        )
+
+
+def _run(argv: list[str], **kw: object) -> str:
+    try:
+        done = subprocess.run(argv, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    except FileNotFoundError as exc:
+        raise DemoBuildError(f"{argv[0]} is not installed") from exc
+    except subprocess.CalledProcessError as exc:
+        raise DemoBuildError(f"{' '.join(argv)} failed: {exc.stderr.strip()}") from exc
+    return done.stdout
+
+
+def fetch_kernel(cache_dir: Path) -> Kernel:
+    """Download and unpack Debian's cloud kernel into ``cache_dir`` (once)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    depends = _run(["apt-cache", "depends", "linux-image-cloud-amd64"])
+    package = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in depends.splitlines()
+            if line.strip().startswith("Depends:") and "linux-image-" in line
+        ),
+        None,
+    )
+    if package is None:
+        raise DemoBuildError("apt knows no linux-image-cloud-amd64 (run apt-get update first)")
+    version = package.removeprefix("linux-image-")
+    root = cache_dir / package
+    vmlinuz = root / "boot" / f"vmlinuz-{version}"
+    if not vmlinuz.exists():
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            _run(["apt-get", "download", package], cwd=tmp)
+            [deb] = Path(tmp).glob("*.deb")
+            unpack = Path(tmp) / "root"
+            _run(["dpkg-deb", "-x", str(deb), str(unpack)])
+            if root.exists():
+                shutil.rmtree(root)
+            unpack.rename(root)
+    return Kernel(version, vmlinuz, root / "lib" / "modules" / version)
+
+
+def module_depends(ko: Path) -> list[str]:
+    """The ``depends=`` of a module's .modinfo section (modules.dep is made by depmod at
+    install time, and we install nothing; the .ko itself says what it needs)."""
+    data = ko.read_bytes()
+    at = data.find(b"\0depends=")
+    if at < 0:
+        return []
+    end = data.index(b"\0", at + 1)
+    value = data[at + len(b"\0depends=") : end].decode()
+    return [d for d in value.split(",") if d]
+
+
+def module_closure(modules_dir: Path, wanted: Iterable[str]) -> list[Path]:
+    """The module files for ``wanted`` and all they depend on, dependencies first."""
+    by_name = {ko.name.split(".ko")[0].replace("-", "_"): ko for ko in modules_dir.rglob("*.ko")}
+    ordered: list[Path] = []
+
+    def visit(name: str) -> None:
+        ko = by_name.get(name.replace("-", "_"))
+        if ko is None or ko in ordered:  # built in, absent from this kernel, or done
+            return
+        for dep in module_depends(ko):
+            visit(dep)
+        ordered.append(ko)
+
+    for name in wanted:
+        visit(name)
+    return ordered
+
+
+class Cpio:
+    """A newc cpio archive written in memory (device nodes without root privileges)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ino = 1
+
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        fields = [
+            self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0,
+        ]  # fmt: skip
+        self._ino += 1
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        blob = header + name.encode() + b"\0"
+        blob += b"\0" * (-len(blob) % 4)
+        blob += data + b"\0" * (-len(data) % 4)
+        self._parts.append(blob)
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def char_device(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def bytes(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return b"".join(self._parts)
+
+
+def build_initramfs(kernel: Kernel, out: Path) -> None:
+    archive = Cpio()
+    for d in (
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "lib/streamboot",
+        "proc",
+        "sys",
+        "tmp",
+        "mnt",
+    ):
+        archive.directory(d)
+    archive.char_device("dev/console", 5, 1)
+    archive.char_device("dev/null", 1, 3)
+    archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    archive.symlink("bin/sh", "busybox")
+    archive.file("init", (CLIENT_DIR / "init").read_bytes(), 0o755)
+    for script in sorted(CLIENT_DIR.glob("*.sh")):
+        archive.file(f"lib/streamboot/{script.name}", script.read_bytes(), 0o755)
+    order = []
+    for module in module_closure(kernel.modules, MODULES):
+        archive.file(f"lib/modules/{module.name}", module.read_bytes())
+        order.append(module.name)
+    archive.file("etc/modules-order", ("\n".join(order) + "\n").encode())
+    out.write_bytes(gzip.compress(archive.bytes(), compresslevel=6))
+
+
+SYSLINUX_CFG = """DEFAULT streamboot
+PROMPT 0
+TIMEOUT 0
+LABEL streamboot
+  KERNEL vmlinuz
+  INITRD initrd.img
+  APPEND console=ttyS0 quiet panic=-1 streamboot.marker={name}
+"""
+
+
+def write_mbr(image: Path, total_sectors: int) -> None:
+    part_sectors = total_sectors - PARTITION_START - SCRATCH_SECTORS
+    # CHS fields are ignored by everything that boots this (LBA); 0xFEFFFF means "use LBA".
+    entry = struct.pack(
+        "<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x0E, b"\xfe\xff\xff", PARTITION_START, part_sectors
+    )
+    with open(image, "r+b") as f:
+        f.write(MBR_BIN.read_bytes()[:440])
+        f.seek(446)
+        f.write(entry + bytes(48) + b"\x55\xaa")
+
+
+def build_demo_image(out: Path, *, name: str = "demo", size_mib: int = 64, cache_dir: Path) -> Path:
+    """Build the demo vdisk at ``out`` (raw). Returns ``out``."""
+    require_tools()
+    if size_mib < 32:
+        raise DemoBuildError("the demo image needs at least 32 MiB")
+    kernel = fetch_kernel(cache_dir)
+    total = size_mib * 1024 * 1024 // SECTOR
+    part_sectors = total - PARTITION_START - SCRATCH_SECTORS
+    offset = PARTITION_START * SECTOR
+    with tempfile.TemporaryDirectory(prefix="streamboot-demo-") as tmp:
+        work = Path(tmp)
+        build_initramfs(kernel, work / "initrd.img")
+        shutil.copyfile(kernel.vmlinuz, work / "vmlinuz")
+        (work / "syslinux.cfg").write_text(SYSLINUX_CFG.format(name=name))
+        partial = out.with_name(out.name + ".partial")
+        with open(partial, "wb") as f:
+            f.truncate(total * SECTOR)
+        write_mbr(partial, total)
+        _run(["mkfs.fat", "-F", "16", "-n", "STREAMBOOT", "--offset", str(PARTITION_START),
+              str(partial), str(part_sectors * SECTOR // 1024)])  # fmt: skip
+        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+        target = f"{partial}@@{offset}"
+        _run(["mcopy", "-i", target, str(work / "vmlinuz"), str(work / "initrd.img"),
+              str(work / "syslinux.cfg"), "::/"], env=env)  # fmt: skip
+        _run(["syslinux", "--install", "--offset", str(offset), str(partial)], env=env)
+        partial.rename(out)
+    return out
