@@ -11,6 +11,7 @@ temp folder, so tests never touch servers that happen to run on the machine.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -80,3 +81,21 @@ async def database_url(postgres_dsn: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+def demo_image() -> Path:
+    """The demo vdisk (streamboot.demo), built once per machine and reused read-only.
+
+    The kernel package download is cached beside it; tests copy the image if they need
+    their own."""
+    from streamboot.demo.image import build_demo_image
+
+    cache = Path(
+        os.environ.get("STREAMBOOT_TEST_CACHE", Path.home() / ".cache" / "streamboot-test")
+    )
+    image = cache / "demo.img"
+    if not image.exists():
+        build_demo_image(image, cache_dir=cache / "kernel")
+    image.chmod(0o444)
+    return image
