@@ -67,81 +67,109 @@ async def _sweep_forever(app: RegistryApp, interval_s: float) -> None:
             log.warning("registry: session sweep failed (%s); retrying", exc)
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    setup_tracing("registry", settings)
-    nats_url = settings.require_nats_url()
-    nc = await bus.connect(nats_url, "registry")
-    js = nc.jetstream()
-    await bus.ensure_event_stream(js)
-    store = await EventStore.connect(settings.require_database_url())
-    relay = EventRelay(store, js)
-    app = RegistryApp(
-        store,
-        settings,
-        heartbeats=lambda: read_heartbeats(js, settings.heartbeat_timeout_s),
-        on_appended=relay.poke,
-    )
-    await app.start()
-    await serve_appends(nc, store, lambda _stored: relay.poke())
-    broker = build_broker(nats_url, app)
-    await broker.start()
-    server = _ApiServer(
-        uvicorn.Config(
-            build_api(app, api_token(settings)),
-            host=settings.bind_host,
-            port=settings.api_port,
-            log_level="warning",
-            lifespan="off",
+class RegistryService:
+    """The registry's parts, started and stopped in order (tests drive it in-process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        setup_tracing("registry", settings)
+        nats_url = settings.require_nats_url()
+        self.nc = nc = await bus.connect(nats_url, "registry")
+        js = nc.jetstream()
+        await bus.ensure_event_stream(js)
+        self.store = store = await EventStore.connect(settings.require_database_url())
+        self.relay = relay = EventRelay(store, js)
+        self.app = app = RegistryApp(
+            store,
+            settings,
+            heartbeats=lambda: read_heartbeats(js, settings.heartbeat_timeout_s),
+            on_appended=relay.poke,
         )
-    )
+        await app.start()
+        self._appends = await serve_appends(nc, store, lambda _stored: relay.poke())
+        self.broker = build_broker(nats_url, app)
+        await self.broker.start()
+        self.server = _ApiServer(
+            uvicorn.Config(
+                build_api(app, api_token(settings)),
+                host=settings.bind_host,
+                port=settings.api_port,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
 
-    def vitals() -> dict[str, Any]:
-        p = app.projection
-        return {
-            "api": f"http://{settings.advertised_host}:{settings.api_port}",
-            "position": p.position,
-            "live_sessions": len(p.sessions),
-            "load": len(p.sessions),
-        }
+        def vitals() -> dict[str, Any]:
+            p = app.projection
+            return {
+                "api": f"http://{settings.advertised_host}:{settings.api_port}",
+                "position": p.position,
+                "live_sessions": len(p.sessions),
+                "load": len(p.sessions),
+            }
 
-    heartbeat = Heartbeat(js, "registry", settings.node_id, settings.heartbeat_interval_s, vitals)
-    tasks = [
-        asyncio.create_task(relay.run(), name="relay"),
-        asyncio.create_task(app.follow(), name="follow"),
-        asyncio.create_task(_sweep_forever(app, settings.session_sweep_interval_s), name="sweep"),
-        asyncio.create_task(heartbeat.run(), name="heartbeat"),
-        asyncio.create_task(server.serve(), name="api"),
-    ]
-    log.info(
-        "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",
-        settings.bind_host,
-        settings.api_port,
-        nats_url,
-        len(app.projection.devices),
-        len(app.projection.vdisks),
-    )
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stopper and not task.cancelled() and task.exception():
-                raise RuntimeError(f"registry: {task.get_name()} failed") from task.exception()
-    finally:
-        stopper.cancel()
-        server.should_exit = True
+        self.heartbeat = Heartbeat(
+            js, "registry", settings.node_id, settings.heartbeat_interval_s, vitals
+        )
+        self.tasks = [
+            asyncio.create_task(self.server.serve(), name="api"),
+            asyncio.create_task(relay.run(), name="relay"),
+            asyncio.create_task(app.follow(), name="follow"),
+            asyncio.create_task(
+                _sweep_forever(app, settings.session_sweep_interval_s), name="sweep"
+            ),
+            asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
+        ]
+        log.info(
+            "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",
+            settings.bind_host,
+            settings.api_port,
+            nats_url,
+            len(app.projection.devices),
+            len(app.projection.vdisks),
+        )
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; a part that dies takes the service down with it."""
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                [stopper, *self.tasks], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is not stopper and not task.cancelled() and task.exception():
+                    raise RuntimeError(f"registry: {task.get_name()} failed") from task.exception()
+        finally:
+            stopper.cancel()
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(tasks[-1]), 5.0)
-        await heartbeat.stop()
+            await asyncio.wait_for(asyncio.shield(self.tasks[0]), 5.0)
+        await self.heartbeat.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(broker.stop(), 5.0)
-        for task in tasks:
+            await asyncio.wait_for(self.broker.stop(), 5.0)
+        for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), 5.0)
-        await store.close()
-        shutdown_tracing()
+            await asyncio.wait_for(self.nc.drain(), 5.0)
+        await self.store.close()
         log.info("registry: stopped")
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    svc = RegistryService(settings)
+    await svc.start()
+    try:
+        await svc.wait(stop)
+    finally:
+        await svc.stop()
+        shutdown_tracing()
 
 
 def main() -> None:

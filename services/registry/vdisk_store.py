@@ -72,6 +72,8 @@ def image_format(path: Path) -> tuple[str, int]:
         raise invalid(f"{path} is not a disk image: {exc.stderr.strip()}") from None
     info = json.loads(out.stdout)
     fmt, size = info.get("format", "?"), int(info.get("virtual-size", 0))
+    if fmt == "raw":
+        size = path.stat().st_size  # qemu-img rounds a raw file's size up to a sector
     if fmt == "raw" and (size == 0 or size % SECTOR):
         # Every file "is" raw to qemu-img; a real disk is whole sectors and not empty.
         raise invalid(

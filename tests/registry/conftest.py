@@ -1,0 +1,145 @@
+"""Registry fixtures: the real registry service (in this test's event loop) on the real NATS
+and a fresh PostgreSQL database, and an application layer alone for app-level tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.registry import service
+from services.registry.app import RegistryApp
+from shared import bus
+from shared.event_store import EventStore
+from shared.settings import API_TOKEN_FILE, RUNTIME_FILE, Settings
+from streamboot.embedded.proc import free_port
+
+TOKEN = "test-token-" + "x" * 20
+
+
+def make_settings(data_dir: Path, nats_url: str, database_url: str, **extra: Any) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        nats_url=nats_url,
+        database_url=database_url,
+        api_port=free_port(),
+        api_token=TOKEN,
+        node_id=f"registry-test-{os.getpid()}",
+        # The sweeper is driven by the tests (app.sweep(now=...)), not by the clock.
+        session_sweep_interval_s=3600,
+        **extra,
+    )
+
+
+@dataclass
+class Registry:
+    settings: Settings
+    app: RegistryApp
+    api_url: str
+    data_dir: Path
+
+    def http(self, token: str | None = TOKEN) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=30)
+
+    async def cli(self, *args: str, timeout_s: float = 120) -> tuple[int, str, str]:
+        """Run the real `streamboot` CLI against this registry (without blocking the loop
+        that serves it)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from streamboot.cli import main; main()", *args, "--data-dir", str(self.data_dir),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async def cli_json(self, *args: str) -> Any:
+        code, out, err = await self.cli(*args, "--json")
+        assert code == 0, f"streamboot {' '.join(args)} failed ({code}): {err}"
+        return json.loads(out)
+
+
+@pytest.fixture
+def data_dir() -> Any:
+    # Under /tmp: the CLI subprocess and qemu-img read it.
+    path = Path(tempfile.mkdtemp(prefix="streamboot-registry-test-"))
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def start_registry(settings: Settings) -> service.RegistryService:
+    svc = service.RegistryService(settings)
+    await svc.start()
+    url = f"http://127.0.0.1:{settings.api_port}/health"
+    async with httpx.AsyncClient() as http:
+        for _ in range(300):
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(url)).status_code == 200:
+                    return svc
+            await asyncio.sleep(0.05)
+    await svc.stop()
+    raise TimeoutError("registry API did not come up")
+
+
+@pytest.fixture
+async def registry(nats_url: str, database_url: str, data_dir: Path) -> AsyncIterator[Registry]:
+    settings = make_settings(data_dir, nats_url, database_url)
+    svc = await start_registry(settings)
+    api_url = f"http://127.0.0.1:{settings.api_port}"
+    (data_dir / RUNTIME_FILE).write_text(json.dumps({"api_url": api_url}))
+    fd = os.open(data_dir / API_TOKEN_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(TOKEN + "\n")
+    try:
+        yield Registry(settings, svc.app, api_url, data_dir)
+    finally:
+        await svc.stop()
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[EventStore]:
+    s = await EventStore.connect(database_url)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def app(store: EventStore, data_dir: Path) -> RegistryApp:
+    """The application layer on a real event store, without NATS or HTTP."""
+    a = RegistryApp(store, Settings(data_dir=data_dir, api_token=TOKEN))
+    await a.start()
+    return a
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Any]:
+    conn = await bus.connect(nats_url, "registry-test")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def write_image(path: Path, size: int, patches: dict[int, bytes]) -> Path:
+    """A sparse raw image with some bytes written at offsets."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in patches.items():
+            f.seek(offset)
+            f.write(data)
+    return path

@@ -1,0 +1,271 @@
+"""The registry's decisions on a projection, without I/O (the rules; the integration tests
+check the same rules through the real service)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from services.registry.domain import assignments, devices, sessions, vdisks
+from services.registry.domain.errors import DomainError
+from services.registry.domain.identity import normalize_mac
+from services.registry.domain.sessions import StreamNode, pick_stream_node
+from services.registry.projection import Projection
+from shared.events import Event, SessionConflictRejected, envelope
+
+NODE = StreamNode(node="s1", nbd="127.0.0.1:10809", http="http://127.0.0.1:18081")
+_positions = itertools.count(1)
+
+
+def apply(p: Projection, events: list[Event], when: float = 1000.0) -> None:
+    for e in events:
+        env = envelope(e)
+        p.apply(env.type, env.data, next(_positions), when)
+
+
+def with_vdisk(p: Projection, name: str = "win", versions: int = 1) -> None:
+    for v in range(1, versions + 1):
+        apply(
+            p,
+            vdisks.publish(
+                p, name, version=v, stage=None, path=f"{name}/v{v}", size=1 << 20,
+                checksum="sha256:x", changed_blocks=1, block_size=65536,
+            ),
+        )  # fmt: skip
+
+
+def device(p: Projection, mac: str, **kw: object) -> str:
+    apply(p, devices.register(p, mac, **kw))  # type: ignore[arg-type]
+    return normalize_mac(mac)
+
+
+def open_(p: Projection, mac: str, sid: str = "s-1", **kw: object) -> list[Event]:
+    return sessions.open_session(
+        p,
+        mac=mac,
+        session_id=sid,
+        token_hash="h-" + sid,
+        node=NODE,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("raw", ["52:54:00:AA:BB:CC", "52-54-00-aa-bb-cc", "525400aabbcc"])
+def test_mac_forms_normalise(raw: str) -> None:
+    assert normalize_mac(raw) == "52:54:00:aa:bb:cc"
+
+
+@pytest.mark.parametrize(
+    "raw", ["", "zz", "52:54:00:aa:bb", "52:54-00:aa:bb:cc", "g2:54:00:aa:bb:cc"]
+)
+def test_invalid_mac_named(raw: str) -> None:
+    with pytest.raises(DomainError, match="invalid MAC") as e:
+        normalize_mac(raw)
+    assert e.value.kind == "invalid"
+
+
+def test_hostname_and_machine_id_unique() -> None:
+    p = Projection()
+    device(p, "52:54:00:00:00:01", hostname="pc1")
+    with pytest.raises(DomainError, match="hostname 'pc1' is already used") as e:
+        devices.register(p, "52:54:00:00:00:02", hostname="PC1")
+    assert e.value.kind == "conflict"
+    with pytest.raises(DomainError, match="already exists"):
+        devices.register(p, "52-54-00-00-00-01")
+    mid = p.devices["52:54:00:00:00:01"]["machine_id"]
+    with pytest.raises(DomainError, match="machine identifier"):
+        devices.register(p, "52:54:00:00:00:03", machine_id=mid)
+
+
+def test_unknown_device_policy() -> None:
+    p = Projection()
+    with pytest.raises(DomainError, match="refuses unknown devices") as e:
+        devices.auto_add(
+            p, "52:54:00:00:00:09", None, policy="refuse", template="lab-{n:03}", collection=None
+        )
+    assert e.value.kind == "refused"
+    device(p, "52:54:00:00:00:01", hostname="lab-002")  # the template skips taken names
+    for mac, want in (("52:54:00:00:00:09", "lab-001"), ("52:54:00:00:00:0a", "lab-003")):
+        evs = devices.auto_add(
+            p, mac, None, policy="auto-add", template="lab-{n:03}", collection="lab"
+        )
+        apply(p, evs)
+        assert p.devices[mac]["hostname"] == want
+        assert p.devices[mac]["collection"] == "lab"
+
+
+def test_version_choice_by_role_promote_and_rollback() -> None:
+    p = Projection()
+    with_vdisk(p, versions=3)  # v1 production, v2 and v3 maintenance
+    vd = p.vdisks["win"]
+    assert vdisks.boot_version(vd, tester=False, maintenance=False) == 1
+    assert vdisks.boot_version(vd, tester=True, maintenance=False) == 1
+    assert vdisks.boot_version(vd, tester=False, maintenance=True) == 3
+    apply(p, vdisks.promote(p, "win", 2, "test"))
+    assert vdisks.boot_version(vd, tester=True, maintenance=False) == 2
+    assert vdisks.boot_version(vd, tester=False, maintenance=False) == 1
+    apply(p, vdisks.promote(p, "win", 2, "production"))
+    assert vdisks.boot_version(vd, tester=False, maintenance=False) == 2
+    with pytest.raises(DomainError, match="promotion only moves forward"):
+        vdisks.promote(p, "win", 2, "test")
+    apply(p, vdisks.rollback(p, "win"))
+    assert vdisks.boot_version(vd, tester=False, maintenance=False) == 1
+    # The withdrawn version is not booted by testers either.
+    assert vdisks.boot_version(vd, tester=True, maintenance=False) == 1
+    with pytest.raises(DomainError, match="no earlier production version"):
+        vdisks.rollback(p, "win")
+    assert vdisks.chain(vd, 3) == ["win/v1", "win/v2", "win/v3"]
+
+
+def test_publish_needs_the_next_version() -> None:
+    p = Projection()
+    with_vdisk(p)
+    with pytest.raises(DomainError, match="the next version is 2") as e:
+        vdisks.publish(
+            p,
+            "win",
+            version=3,
+            stage=None,
+            path="x",
+            size=1,
+            checksum="c",
+            changed_blocks=1,
+            block_size=1,
+        )
+    assert e.value.kind == "conflict"
+
+
+def test_one_live_session_per_device_with_conflict_event() -> None:
+    p = Projection()
+    with_vdisk(p)
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=False))
+    apply(p, open_(p, mac, "s-1"))
+    with pytest.raises(DomainError, match="already has a live session") as e:
+        open_(p, mac, "s-2")
+    assert e.value.kind == "conflict"
+    [rejected] = e.value.events
+    assert isinstance(rejected, SessionConflictRejected)
+    assert rejected.conflicting_session_id == "s-1"
+
+
+def test_collection_assignment_and_default() -> None:
+    p = Projection()
+    with_vdisk(p, "a")
+    with_vdisk(p, "b")
+    mac = device(p, "52:54:00:00:00:01", collection="lab")
+    with pytest.raises(DomainError, match="no vdisk assigned"):
+        open_(p, mac)
+    apply(p, assignments.assign(p, "collection", "lab", "a", default=False))
+    apply(p, assignments.assign(p, "collection", "lab", "b", default=True))
+    assert assignments.boot_choices(p, mac) == {
+        "vdisks": ["a", "b"],
+        "default": "b",
+        "source": "collection lab",
+    }
+    [opened] = open_(p, mac)
+    assert opened.vdisk == "b"  # type: ignore[attr-defined]
+    with pytest.raises(DomainError, match="not assigned"):
+        with_vdisk(p, "c")
+        open_(p, mac, vdisk="c")
+
+
+def test_private_and_maintenance_are_one_device_at_a_time() -> None:
+    p = Projection()
+    with_vdisk(p, versions=2)
+    macs = [device(p, f"52:54:00:00:00:0{i}") for i in (1, 2)]
+    for mac in macs:
+        apply(p, assignments.assign(p, "device", mac, "win", default=False))
+    apply(p, open_(p, macs[0], "s-1", maintenance=True))
+    assert p.sessions["s-1"]["writes_to_vdisk"] and p.sessions["s-1"]["version"] == 2
+    with pytest.raises(DomainError, match="in maintenance by live session s-1"):
+        open_(p, macs[1], "s-2", maintenance=True)
+    [ok] = open_(p, macs[1], "s-3")  # the production version is shared
+    assert ok.version == 1  # type: ignore[attr-defined]
+    apply(p, sessions.close(p, p.sessions["s-1"], "done"))
+    apply(p, vdisks.set_policy(p, "win", mode="private"))
+    apply(p, open_(p, macs[0], "s-4"))
+    with pytest.raises(DomainError, match="private and in use"):
+        open_(p, macs[1], "s-5")
+
+
+def test_disabled_device_refused_and_remove_guarded() -> None:
+    p = Projection()
+    with_vdisk(p)
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, devices.disable(p, mac))
+    with pytest.raises(DomainError, match="disabled") as e:
+        open_(p, mac)
+    assert e.value.kind == "refused"
+    apply(p, devices.enable(p, mac))
+    apply(p, open_(p, mac))
+    with pytest.raises(DomainError, match="has a live session"):
+        devices.remove(p, mac)
+    with pytest.raises(DomainError, match="in use by 1 live session"):
+        vdisks.remove(p, "win")
+
+
+def test_sweeper_waits_for_grace_after_detach() -> None:
+    p = Projection()
+    with_vdisk(p)
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, open_(p, mac), when=100.0)
+    from shared.events import SessionAttached, SessionDetached
+
+    att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
+    apply(p, [SessionAttached(protocol="http", **att)], when=110.0)
+    apply(p, [SessionDetached(protocol="http", bytes_read=1, bytes_written=0, **att)], when=120.0)
+    rules = {"idle_timeout_s": 600.0, "detach_grace_s": 30.0}
+    assert sessions.expired(p, 140.0, **rules) == []  # PXE: HTTP gone, NBD not yet
+    apply(p, [SessionAttached(protocol="nbd", **att)], when=125.0)
+    assert sessions.expired(p, 1000.0, **rules) == []  # attached: never swept
+    apply(p, [SessionDetached(protocol="nbd", bytes_read=1, bytes_written=0, **att)], when=1000.0)
+    assert sessions.expired(p, 1029.0, **rules) == []
+    assert sessions.expired(p, 1030.0, **rules) == [("s-1", "client-gone")]
+
+
+def test_sweeper_idle_timeout_for_sessions_never_attached() -> None:
+    p = Projection()
+    with_vdisk(p)
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, open_(p, mac), when=100.0)
+    assert sessions.expired(p, 699.0, idle_timeout_s=600, detach_grace_s=30) == []
+    assert sessions.expired(p, 700.0, idle_timeout_s=600, detach_grace_s=30) == [
+        ("s-1", "idle-timeout")
+    ]
+
+
+def test_placement_least_loaded_alive_stream_node() -> None:
+    beats = [
+        {
+            "service": "stream",
+            "node": "a",
+            "alive": True,
+            "load": 5,
+            "nbd": "h:1",
+            "http_stream": "http://h:2",
+        },
+        {
+            "service": "stream",
+            "node": "b",
+            "alive": True,
+            "load": 1,
+            "nbd": "h:3",
+            "http_stream": "http://h:4",
+        },
+        {
+            "service": "stream",
+            "node": "c",
+            "alive": False,
+            "load": 0,
+            "nbd": "h:5",
+            "http_stream": "http://h:6",
+        },
+        {"service": "cache", "node": "d", "alive": True, "load": 0},
+    ]
+    assert pick_stream_node(beats) == StreamNode("b", "h:3", "http://h:4", 1.0)
+    assert pick_stream_node(beats[2:]) is None
