@@ -9,6 +9,7 @@ SHELL := /bin/bash
 TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl
 
 DATA_DIR ?=
+UP_ARGS ?=
 PYTEST_ARGS ?=
 # uv from PATH, else where `pip install --user` puts it (evaluated when a recipe runs).
 UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
@@ -16,7 +17,7 @@ UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
 .PHONY: up test sync uv test-deps lint
 
 up: sync
-	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(UP_ARGS)
 
 # pytest exit code 5 means "no tests collected": a selection matched nothing, which must
 # not pass silently in CI; say so and keep the failure.

@@ -21,21 +21,28 @@ from shared.settings import API_TOKEN_FILE, Settings
 from streamboot.embedded.datadir import DataDir
 from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.postgres import EmbeddedPostgres
-from streamboot.embedded.proc import ManagedProcess, StartupError, free_port, spawn
+from streamboot.embedded.proc import (
+    ManagedProcess,
+    StartupError,
+    free_port,
+    port_in_use,
+    spawn,
+)
 
 SERVICES: tuple[str, ...] = ("registry", "stream", "cache", "boot")
-# Settings fields that are ports; 0 means "pick a free one" and is resolved once, here,
-# so every service and runtime.json see the same concrete number.
-PORT_FIELDS: tuple[str, ...] = (
-    "nats_port",
-    "postgres_port",
-    "api_port",
-    "http_stream_port",
-    "nbd_port",
-    "boot_http_port",
-    "tftp_port",
-    "dhcp_port",
-)
+# Settings fields that are ports, with their protocol. 0 means "pick a free one" and is
+# resolved once, here, so every service and runtime.json see the same concrete number.
+PORTS: dict[str, str] = {
+    "nats_port": "tcp",
+    "postgres_port": "tcp",
+    "api_port": "tcp",
+    "http_stream_port": "tcp",
+    "nbd_port": "tcp",
+    "boot_http_port": "tcp",
+    "tftp_port": "udp",
+    "dhcp_port": "udp",
+}
+PORT_FIELDS: tuple[str, ...] = tuple(PORTS)
 SERVICE_STOP_TIMEOUT_S = 10.0
 
 
@@ -117,9 +124,7 @@ class Supervisor:
 
     async def _start_all(self) -> None:
         s = self.settings
-        for field in PORT_FIELDS:
-            if getattr(s, field) == 0:
-                setattr(s, field, free_port(s.bind_host))
+        self._resolve_ports()
         token = s.api_token or self.data_dir.api_token()
         dd = self.data_dir
         lines = [f"streamboot up: data dir {dd.path}"]
@@ -194,6 +199,23 @@ class Supervisor:
         lines.append("Running; Ctrl-C or SIGTERM stops everything.")
         for line in lines:
             self.out(line)
+
+    def _resolve_ports(self) -> None:
+        """Pick free ports for 0s; refuse ports already taken, before starting anything (a
+        readiness probe would otherwise happily talk to the other server on that port)."""
+        s = self.settings
+        skip = {"nats_port"} if s.nats_url else set()
+        skip |= {"postgres_port"} if s.database_url else set()
+        for field, proto in PORTS.items():
+            port = getattr(s, field)
+            if port == 0:
+                setattr(s, field, free_port(s.bind_host))
+            elif field not in skip and port_in_use(s.bind_host, port, udp=proto == "udp"):
+                raise StartupError(
+                    f"{proto.upper()} port {s.bind_host}:{port} ({field}) is already in use, "
+                    f"maybe by another `streamboot up`; set STREAMBOOT_{field.upper()} to "
+                    "another port (0 = any free one)"
+                )
 
     async def _watch(self) -> int:
         """Wait for a stop signal or for any child to exit by itself."""

@@ -163,6 +163,19 @@ def free_port(host: str = "127.0.0.1") -> int:
                 return port
 
 
+def port_in_use(host: str, port: int, udp: bool = False) -> bool:
+    """Whether something listens on `host:port` already. SO_REUSEADDR like the servers do,
+    so a port only in TIME_WAIT after a restart does not count."""
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
 async def wait_for_tcp(proc: ManagedProcess, host: str, port: int, wait_s: float) -> None:
     """Wait until `host:port` accepts TCP connections, failing fast if `proc` dies."""
     loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -242,3 +243,14 @@ def test_up_refuses_a_missing_service_module(data_dir: Path) -> None:
     assert up.wait_exit() == 2
     assert f"service {missing[0]} is missing" in up.output
     assert not data_dir.exists()  # refused before touching anything
+
+
+def test_up_refuses_a_port_in_use(data_dir: Path) -> None:
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        up = Up(data_dir, AVAILABLE, STREAMBOOT_POSTGRES_PORT=str(port))
+        assert up.wait_exit() == 2
+    assert f"TCP port 127.0.0.1:{port} (postgres_port) is already in use" in up.output
+    assert not (data_dir / "runtime.json").exists()
