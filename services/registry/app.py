@@ -384,7 +384,7 @@ class RegistryApp:
     async def remove_vdisk(self, name: str) -> Record:
         await self._execute(lambda p: vdisks.remove(p, name))
         # After the removal is committed: a crash here leaves files, never a dangling event.
-        vdisk_store.remove_files(self.vdisk_root, name)
+        await asyncio.to_thread(vdisk_store.remove_files, self.vdisk_root, name)
         return {"removed": name}
 
     # --- sessions ---------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""Boot sessions through the real service: NATS handlers, uniqueness under concurrency,
+placement by real heartbeats, resolve, close, the sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import bus
+from shared.event_log import EventClient
+from shared.events import SessionAttached, SessionDetached
+from shared.heartbeat import Heartbeat
+from tests.registry.conftest import Registry, write_image
+
+MAC = "52:54:00:12:34:56"
+pytestmark = pytest.mark.timeout(120)
+
+
+async def seed(reg: Registry, tmp: Path, *macs: str, name: str = "win") -> None:
+    """A vdisk imported with the real CLI and assigned to the devices."""
+    image = write_image(tmp / f"{name}.raw", 4 << 20, {0: b"boot", 1 << 20: b"data"})
+    await reg.cli_json("vdisk", "import", str(image), "--name", name)
+    async with reg.http() as http:
+        for mac in macs:
+            r = await http.post("/devices", json={"mac": mac})
+            assert r.status_code == 201, r.text
+            r = await http.post(
+                "/assignments", json={"target": mac, "vdisk": name, "default": True}
+            )
+            assert r.status_code == 200, r.text
+
+
+def first_bytes(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+async def test_twenty_concurrent_opens_exactly_one_wins(registry: Registry, nc: Any) -> None:
+    await seed(registry, registry.data_dir, MAC)
+
+    async def attempt() -> dict[str, Any] | bus.RemoteError:
+        try:
+            return await bus.request_json(
+                nc, "streamboot.registry.session.open", {"mac": MAC}, timeout_s=30
+            )
+        except bus.RemoteError as exc:
+            return exc
+
+    results = await asyncio.gather(*(attempt() for _ in range(20)))
+    won = [r for r in results if isinstance(r, dict)]
+    lost = [r for r in results if isinstance(r, bus.RemoteError)]
+    assert len(won) == 1 and len(lost) == 19
+    assert all(e.kind == "conflict" and "already has a live session" in str(e) for e in lost)
+    rejected = await registry.app.store.read_all(types=["SessionConflictRejected"])
+    assert len(rejected) == 19
+    assert {r.data["conflicting_session_id"] for r in rejected} == {won[0]["session_id"]}
+    opened = await registry.app.store.read_all(types=["SessionOpened"])
+    assert len(opened) == 1
+
+
+async def test_open_resolve_close_over_nats(registry: Registry, nc: Any) -> None:
+    await seed(registry, registry.data_dir, MAC)
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    token = s["token"]
+    assert len(token) >= 43  # token_urlsafe(32): 256 bits
+    assert s["nbd_uri"].endswith("/" + token) and s["nbd_uri"].startswith("nbd://")
+    assert s["http_url"].endswith("/s/" + token)
+    assert "no stream node is alive" in s["warning"]
+    r = await bus.request_json(nc, "streamboot.registry.session.resolve", {"token": token})
+    assert r["session_id"] == s["session_id"] and r["mac"] == MAC
+    assert r["vdisk"] == "win" and r["version"] == 1 and r["size"] == 4 << 20
+    assert r["layers"] == [str(registry.settings.vdisk_root / "win" / "v1.raw")]
+    assert first_bytes(Path(r["layers"][0]), 4) == b"boot"
+    assert r["write_cache"] == "server-disk" and r["write_cache_persistence"] == "discard"
+    assert r["read_only"] is False
+    # The log holds a hash of the token, never the token.
+    [row] = await registry.app.store.read_all(types=["SessionOpened"])
+    assert token not in str(row.data)
+    await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
+    with pytest.raises(bus.RemoteError) as e:
+        await bus.request_json(nc, "streamboot.registry.session.resolve", {"token": token})
+    assert e.value.kind == "not_found"
+    with pytest.raises(bus.RemoteError) as e:
+        await bus.request_json(nc, "streamboot.registry.session.resolve", {"token": "guess"})
+    assert e.value.kind == "not_found"
+
+
+async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any) -> None:
+    macs = ["52:54:00:00:00:01", "52:54:00:00:00:02"]
+    await seed(registry, registry.data_dir, *macs)
+    js = nc.jetstream()
+    busy = Heartbeat(js, "stream", "node-busy", 1.0, lambda: {
+        "load": 9, "nbd": "127.0.0.1:11111", "http_stream": "http://127.0.0.1:11112"})  # fmt: skip
+    idle = Heartbeat(js, "stream", "node-idle", 1.0, lambda: {
+        "load": 1, "nbd": "127.0.0.1:22221", "http_stream": "http://127.0.0.1:22222"})  # fmt: skip
+    await busy.beat()
+    await idle.beat()
+    try:
+        s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[0]})
+        assert s["stream_node"] == "node-idle" and "warning" not in s
+        assert s["nbd_uri"] == f"nbd://127.0.0.1:22221/{s['token']}"
+        assert s["http_url"] == f"http://127.0.0.1:22222/s/{s['token']}"
+        await idle.stop()  # gone: the next session goes to the other node
+        s2 = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[1]})
+        assert s2["stream_node"] == "node-busy"
+    finally:
+        await busy.stop()
+        await idle.stop()
+
+
+async def test_device_lookup_applies_unknown_device_policy(registry: Registry, nc: Any) -> None:
+    with pytest.raises(bus.RemoteError) as e:
+        await bus.request_json(nc, "streamboot.registry.device.lookup", {"mac": MAC})
+    assert e.value.kind == "refused" and "unknown device" in str(e.value)
+    registry.app.settings.unknown_device_policy = "auto-add"
+    registry.app.settings.auto_add_collection = "lab"
+    d = await bus.request_json(
+        nc, "streamboot.registry.device.lookup",
+        {"mac": MAC, "smbios_uuid": "4c4c4544-0000-1000-8000-000000000001"},
+    )  # fmt: skip
+    assert d["hostname"] == "lab-001" and d["collection"] == "lab" and d["auto_added"]
+    again = await bus.request_json(nc, "streamboot.registry.device.lookup", {"mac": MAC})
+    assert again["machine_id"] == d["machine_id"]
+    # Found by SMBIOS UUID when the NIC changed.
+    by_uuid = await bus.request_json(
+        nc, "streamboot.registry.device.lookup",
+        {"mac": "52:54:00:ff:ff:ff", "smbios_uuid": "4c4c4544-0000-1000-8000-000000000001"},
+    )  # fmt: skip
+    assert by_uuid["mac"] == MAC
+
+
+async def test_client_gone_closes_after_grace_only(registry: Registry, nc: Any) -> None:
+    """Attach/detach events come from a stream node through the append handler; the sweeper
+    closes only after the grace period with no attachment (driven with explicit times)."""
+    await seed(registry, registry.data_dir, MAC)
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    sid = s["session_id"]
+    events = EventClient(nc)
+    att = {"session_id": sid, "stream_node": "n1", "client_addr": "127.0.0.1:5000"}
+    await events.emit(SessionAttached(protocol="http", **att), correlation_id=sid)
+    detached = await events.emit(
+        SessionDetached(protocol="http", bytes_read=512, bytes_written=0, **att), correlation_id=sid
+    )
+    await registry.app.catch_up()
+    live = registry.app.projection.sessions[sid]
+    assert live["attached"] == 0 and live["detached_at"] is not None
+    t = detached.time.timestamp()
+    grace = registry.settings.session_detach_grace_s
+    assert await registry.app.sweep(now=t + grace / 2) == []  # PXE hand-over window
+    await events.emit(SessionAttached(protocol="nbd", **att), correlation_id=sid)
+    await registry.app.catch_up()
+    assert await registry.app.sweep(now=t + 10 * grace) == []  # attached over NBD
+    gone = await events.emit(
+        SessionDetached(protocol="nbd", bytes_read=1, bytes_written=1, **att), correlation_id=sid
+    )
+    await registry.app.catch_up()
+    assert await registry.app.sweep(now=gone.time.timestamp() + grace) == [sid]
+    [closed] = await registry.app.store.read_all(types=["SessionClosed"])
+    assert closed.data["reason"] == "client-gone" and closed.correlation_id == sid
+    # The device can boot again.
+    await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+
+
+async def test_idle_session_times_out(registry: Registry, nc: Any) -> None:
+    await seed(registry, registry.data_dir, MAC)
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    opened = registry.app.projection.sessions[s["session_id"]]["opened_at"]
+    idle = registry.settings.session_idle_timeout_s
+    assert await registry.app.sweep(now=opened + idle - 1) == []
+    assert await registry.app.sweep(now=opened + idle) == [s["session_id"]]
+    [closed] = await registry.app.store.read_all(types=["SessionClosed"])
+    assert closed.data["reason"] == "idle-timeout"
