@@ -33,7 +33,7 @@ def boot_vm(
     argv = [
         "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nographic",
         "-no-reboot", "-nic", "none", "-serial", "stdio", "-monitor", "none",
-        "-drive", f"file={drive},format=raw,if=virtio,cache=none",
+        "-drive", f"file={drive},format=raw,if=virtio",
         *(extra or []),
     ]  # fmt: skip
     start = time.monotonic()
