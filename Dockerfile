@@ -3,8 +3,9 @@
 #   docker run IMAGE python -m services.boot | services.stream | services.cache
 # Every setting is an environment variable (STREAMBOOT_*, see shared/settings.py).
 #
-# Not built in this project's CI: its machines have no Docker engine. The commands the
-# build runs (`uv sync --frozen --no-dev --no-editable` on a clean copy) are checked there.
+# Not built in this project's CI: its machines have no Docker engine. What the build stage
+# runs (its COPY and `uv sync` steps, on a clean copy) is replayed by
+# tests/deploy/test_deploy_files.py.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -19,13 +20,13 @@ ENV UV_COMPILE_BYTECODE=1 \
 WORKDIR /src
 # Dependencies first, in their own layer: a source change does not reinstall them.
 COPY pyproject.toml uv.lock ./
-RUN uv sync --frozen --no-dev --no-install-project --no-editable
+RUN uv sync --locked --no-dev --no-install-project --no-editable
 COPY README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY streamboot ./streamboot
 # --no-editable: the project goes into site-packages, so the runtime stage needs no /src.
-RUN uv sync --frozen --no-dev --no-editable
+RUN uv sync --locked --no-dev --no-editable
 
 # --- runtime: the venv, the iPXE binaries boot serves over TFTP, a non-root user
 FROM ${PYTHON_IMAGE}

@@ -1,0 +1,519 @@
+# streamboot on a Nomad cluster (Docker driver): the same shape as compose.yaml.
+#
+#   nomad var put nomad/jobs/streamboot api_token=... postgres_password=...
+#   nomad job run -var stream_count=4 -var cache_count=2 deploy/nomad/streamboot.nomad.hcl
+#
+# Services find each other through Nomad's own service discovery (templates below).
+# registry, stream and cache mount the host volume `var.data_volume`: on a multi-node
+# cluster it must be the SAME shared mount (NFS, CephFS...) on every client, because the
+# registry writes the vdisk store (DATA_DIR/vdisks) that the stream nodes read.
+# Several machines, the NATS cluster and what scales how: docs/deploy.md.
+
+variable "image" {
+  type    = string
+  default = "streamboot:latest"
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["dc1"]
+}
+
+variable "registry_count" {
+  description = "Registry replicas: they share the log (appends serialised by an advisory lock)"
+  type        = number
+  default     = 1
+}
+
+variable "stream_count" {
+  description = "Stream nodes: more nodes, more clients (placement by heartbeat load)"
+  type        = number
+  default     = 2
+}
+
+variable "cache_count" {
+  description = "Cache nodes"
+  type        = number
+  default     = 1
+}
+
+variable "data_volume" {
+  description = "Host volume holding DATA_DIR (the vdisk store): shared storage across clients"
+  type        = string
+  default     = "streamboot-data"
+}
+
+locals {
+  # Environment shared by every streamboot task (the per-task part is in its env block):
+  # the endpoints of NATS and Jaeger as Nomad knows them now (the task restarts when they
+  # move), and tracing on. DATA_DIR is the image's (/var/lib/streamboot).
+  bus_env = <<-EOT
+    STREAMBOOT_TRACE_EXPORTER=otlp
+    {{ range nomadService "streamboot-nats" }}STREAMBOOT_NATS_URL=nats://{{ .Address }}:{{ .Port }}
+    {{ end }}{{ range nomadService "streamboot-jaeger-otlp" }}STREAMBOOT_OTLP_ENDPOINT=http://{{ .Address }}:{{ .Port }}/v1/traces
+    {{ end }}
+  EOT
+}
+
+job "streamboot" {
+  datacenters = var.datacenters
+  type        = "service"
+
+  # NATS with JetStream; max_payload (8 MB, vdisk block batches) is config-file only.
+  group "nats" {
+    count = 1
+
+    network {
+      port "client" {
+        to = 4222
+      }
+      port "monitor" {
+        to = 8222
+      }
+    }
+
+    volume "nats" {
+      type   = "host"
+      source = "streamboot-nats"
+    }
+
+    service {
+      name     = "streamboot-nats"
+      provider = "nomad"
+      port     = "client"
+
+      check {
+        type     = "http"
+        port     = "monitor"
+        path     = "/healthz?js-enabled-only=true"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    task "nats" {
+      driver = "docker"
+
+      config {
+        image = "nats:2.10-alpine"
+        args  = ["-c", "/local/nats.conf"]
+        ports = ["client", "monitor"]
+      }
+
+      volume_mount {
+        volume      = "nats"
+        destination = "/data"
+      }
+
+      template {
+        destination = "local/nats.conf"
+        data        = <<-EOT
+          server_name: streamboot-nats
+          listen: 0.0.0.0:4222
+          http: 0.0.0.0:8222
+          max_payload: 8MB
+          jetstream {
+            store_dir: /data/jetstream
+          }
+        EOT
+      }
+
+      resources {
+        cpu    = 500
+        memory = 512
+      }
+    }
+  }
+
+  group "postgres" {
+    count = 1
+
+    network {
+      port "db" {
+        to = 5432
+      }
+    }
+
+    volume "pg" {
+      type   = "host"
+      source = "streamboot-postgres"
+    }
+
+    service {
+      name     = "streamboot-postgres"
+      provider = "nomad"
+      port     = "db"
+
+      check {
+        type     = "tcp"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    task "postgres" {
+      driver = "docker"
+
+      config {
+        image = "postgres:16-alpine"
+        ports = ["db"]
+      }
+
+      volume_mount {
+        volume      = "pg"
+        destination = "/var/lib/postgresql/data"
+      }
+
+      env {
+        POSTGRES_USER = "streamboot"
+        POSTGRES_DB   = "streamboot"
+      }
+
+      template {
+        destination = "secrets/pg.env"
+        env         = true
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/streamboot" }}POSTGRES_PASSWORD={{ .postgres_password }}{{ end }}
+        EOT
+      }
+
+      resources {
+        cpu    = 1000
+        memory = 1024
+      }
+    }
+  }
+
+  group "jaeger" {
+    count = 1
+
+    network {
+      port "otlp" {
+        to = 4318
+      }
+      port "ui" {
+        to = 16686
+      }
+      port "admin" {
+        to = 14269
+      }
+    }
+
+    service {
+      name     = "streamboot-jaeger-otlp"
+      provider = "nomad"
+      port     = "otlp"
+
+      check {
+        type     = "http"
+        port     = "admin"
+        path     = "/"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    task "jaeger" {
+      driver = "docker"
+
+      config {
+        image = "jaegertracing/all-in-one:1.62.0"
+        ports = ["otlp", "ui", "admin"]
+      }
+
+      env {
+        COLLECTOR_OTLP_ENABLED = "true"
+      }
+
+      resources {
+        cpu    = 500
+        memory = 512
+      }
+    }
+  }
+
+  # The only group that talks to PostgreSQL.
+  group "registry" {
+    count = var.registry_count
+
+    network {
+      port "api" {
+        to = 18080
+      }
+      port "metrics" {
+        to = 9464
+      }
+    }
+
+    volume "data" {
+      type   = "host"
+      source = var.data_volume
+    }
+
+    service {
+      name     = "streamboot-registry"
+      provider = "nomad"
+      port     = "api"
+
+      check {
+        type     = "http"
+        path     = "/health"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    task "registry" {
+      driver = "docker"
+
+      config {
+        image   = var.image
+        command = "python"
+        args    = ["-m", "services.registry"]
+        ports   = ["api", "metrics"]
+      }
+
+      volume_mount {
+        volume      = "data"
+        destination = "/var/lib/streamboot"
+      }
+
+      env {
+        STREAMBOOT_NODE_ID      = "registry-${NOMAD_ALLOC_INDEX}"
+        STREAMBOOT_BIND_HOST    = "0.0.0.0"
+        STREAMBOOT_API_PORT     = "18080"
+        STREAMBOOT_METRICS_PORT = "9464"
+      }
+
+      template {
+        destination = "local/bus.env"
+        env         = true
+        data        = local.bus_env
+      }
+
+      template {
+        destination = "secrets/registry.env"
+        env         = true
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/streamboot" }}STREAMBOOT_API_TOKEN={{ .api_token }}
+          {{ $password := .postgres_password }}{{ range nomadService "streamboot-postgres" }}STREAMBOOT_DATABASE_URL=postgresql://streamboot:{{ $password }}@{{ .Address }}:{{ .Port }}/streamboot
+          {{ end }}{{ end }}
+        EOT
+      }
+
+      resources {
+        cpu    = 1000
+        memory = 512
+      }
+    }
+  }
+
+  # DHCP needs the clients' broadcast domain: host network, standard ports. One per
+  # broadcast domain (or proxyDHCP beside an existing DHCP server): pin it with a constraint.
+  group "boot" {
+    count = 1
+
+    network {
+      mode = "host"
+      port "dhcp" {
+        static = 67
+      }
+      port "tftp" {
+        static = 69
+      }
+      port "http" {
+        static = 18082
+      }
+      port "metrics" {}
+    }
+
+    service {
+      name     = "streamboot-boot"
+      provider = "nomad"
+      port     = "metrics"
+
+      check {
+        type     = "http"
+        path     = "/metrics"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    task "boot" {
+      driver = "docker"
+      # Binding 67 and 69 needs CAP_NET_BIND_SERVICE, which Docker gives only to root:
+      # root in the container, every other capability dropped.
+      user = "root"
+
+      config {
+        image        = var.image
+        command      = "python"
+        args         = ["-m", "services.boot"]
+        network_mode = "host"
+        cap_drop     = ["all"]
+        cap_add      = ["net_bind_service"]
+      }
+
+      env {
+        STREAMBOOT_NODE_ID        = "boot-${node.unique.name}"
+        STREAMBOOT_BIND_HOST      = "0.0.0.0"
+        STREAMBOOT_PUBLIC_HOST    = "${NOMAD_IP_http}"
+        STREAMBOOT_DHCP_PORT      = "${NOMAD_PORT_dhcp}"
+        STREAMBOOT_TFTP_PORT      = "${NOMAD_PORT_tftp}"
+        STREAMBOOT_BOOT_HTTP_PORT = "${NOMAD_PORT_http}"
+        STREAMBOOT_METRICS_PORT   = "${NOMAD_PORT_metrics}"
+      }
+
+      template {
+        destination = "local/bus.env"
+        env         = true
+        data        = local.bus_env
+      }
+
+      resources {
+        cpu    = 500
+        memory = 256
+      }
+    }
+  }
+
+  # The data plane scales out: each node serves the clients the registry places on it.
+  # Host network with dynamic ports, so several can share a machine and each advertises
+  # an address the clients reach.
+  group "stream" {
+    count = var.stream_count
+
+    spread {
+      attribute = "${node.unique.id}"
+    }
+
+    network {
+      mode = "host"
+      port "nbd" {}
+      port "http" {}
+      port "metrics" {}
+    }
+
+    volume "data" {
+      type      = "host"
+      source    = var.data_volume
+      read_only = true
+    }
+
+    service {
+      name     = "streamboot-stream"
+      provider = "nomad"
+      port     = "metrics"
+
+      check {
+        type     = "http"
+        path     = "/metrics"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    task "stream" {
+      driver = "docker"
+
+      config {
+        image        = var.image
+        command      = "python"
+        args         = ["-m", "services.stream"]
+        network_mode = "host"
+      }
+
+      volume_mount {
+        volume      = "data"
+        destination = "/var/lib/streamboot"
+        read_only   = true
+      }
+
+      env {
+        STREAMBOOT_NODE_ID          = "stream-${node.unique.name}-${NOMAD_ALLOC_INDEX}"
+        STREAMBOOT_BIND_HOST        = "${NOMAD_IP_nbd}"
+        STREAMBOOT_PUBLIC_HOST      = "${NOMAD_IP_nbd}"
+        STREAMBOOT_NBD_PORT         = "${NOMAD_PORT_nbd}"
+        STREAMBOOT_HTTP_STREAM_PORT = "${NOMAD_PORT_http}"
+        STREAMBOOT_METRICS_PORT     = "${NOMAD_PORT_metrics}"
+      }
+
+      template {
+        destination = "local/bus.env"
+        env         = true
+        data        = local.bus_env
+      }
+
+      resources {
+        cpu    = 2000
+        memory = 2048
+      }
+    }
+  }
+
+  group "cache" {
+    count = var.cache_count
+
+    spread {
+      attribute = "${node.unique.id}"
+    }
+
+    network {
+      port "metrics" {
+        to = 9464
+      }
+    }
+
+    volume "data" {
+      type   = "host"
+      source = var.data_volume
+    }
+
+    service {
+      name     = "streamboot-cache"
+      provider = "nomad"
+      port     = "metrics"
+
+      check {
+        type     = "http"
+        path     = "/metrics"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    task "cache" {
+      driver = "docker"
+
+      config {
+        image   = var.image
+        command = "python"
+        args    = ["-m", "services.cache"]
+        ports   = ["metrics"]
+      }
+
+      volume_mount {
+        volume      = "data"
+        destination = "/var/lib/streamboot"
+      }
+
+      env {
+        STREAMBOOT_NODE_ID      = "cache-${node.unique.name}-${NOMAD_ALLOC_INDEX}"
+        STREAMBOOT_BIND_HOST    = "0.0.0.0"
+        STREAMBOOT_METRICS_PORT = "9464"
+      }
+
+      template {
+        destination = "local/bus.env"
+        env         = true
+        data        = local.bus_env
+      }
+
+      resources {
+        cpu    = 1000
+        memory = 1024
+      }
+    }
+  }
+}

