@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.stream.settings import StreamSettings  # noqa: E402
 from services.stream.spec import ExportSpec  # noqa: E402
-from streamboot.demo.image import build_demo_image  # noqa: E402
+from streamboot.demo.image import build_demo_image, recipe_digest  # noqa: E402
 from streamboot.embedded.proc import free_port  # noqa: E402
 from tests.stream.conftest import ServerThread  # noqa: E402
 from tests.vm.vm import boot_vm  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
             cache = Path(
                 os.environ.get("STREAMBOOT_TEST_CACHE", Path.home() / ".cache" / "streamboot-test")
             )
-            image = cache / "demo.img"
+            image = cache / f"demo-{recipe_digest()}.img"
             if not image.exists():
                 build_demo_image(image, cache_dir=cache / "kernel")
         times: dict[str, list[float]] = {name: [] for name in SOURCES}

@@ -89,12 +89,12 @@ def demo_image() -> Path:
 
     The kernel package download is cached beside it; tests copy the image if they need
     their own."""
-    from streamboot.demo.image import build_demo_image
+    from streamboot.demo.image import build_demo_image, recipe_digest
 
     cache = Path(
         os.environ.get("STREAMBOOT_TEST_CACHE", Path.home() / ".cache" / "streamboot-test")
     )
-    image = cache / "demo.img"
+    image = cache / f"demo-{recipe_digest()}.img"
     if not image.exists():
         build_demo_image(image, cache_dir=cache / "kernel")
     image.chmod(0o444)

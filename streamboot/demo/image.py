@@ -3,15 +3,18 @@
 The image (64 MiB by default) is what a new user boots first, and what the tests and
 benchmarks boot under QEMU::
 
-    sector 0        MBR: syslinux's mbr.bin + one bootable FAT16 partition
+    sector 0        MBR: syslinux's mbr.bin, partition 1 (FAT16, bootable), partition 2 (ext4)
     1 MiB ..        FAT16 "STREAMBOOT": ldlinux.sys (syslinux), syslinux.cfg, vmlinuz, initrd.img
-    last MiB        scratch area outside the partition: the client writes a record there
+    .. -9 MiB       ext4 "streamroot" (8 MiB): the demo's root filesystem, which a client with a
+                    client-side write cache mounts read-only under a RAM overlay
+    last MiB        scratch area outside the partitions: the client writes a record there
 
 The kernel comes from Debian's ``linux-image-*-cloud-amd64`` package (downloaded with
 ``apt-get download`` and unpacked with ``dpkg-deb``, nothing installed); the initramfs is
 busybox-static, the modules the disk and network need, and ``clients/linux`` (the init
 script and the NBD hand-off). The FAT is made with ``mkfs.fat --offset``, filled with
-mtools, and made bootable with ``syslinux --offset``: no root, no loop device.
+mtools, and made bootable with ``syslinux --offset``; the ext4 root with ``mke2fs -d -E
+offset=``: no root privileges, no loop device.
 """
 
 from __future__ import annotations
@@ -31,8 +34,18 @@ MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 BUSYBOX = Path("/bin/busybox")
 SECTOR = 512
 PARTITION_START = 2048  # sectors: 1 MiB, the usual alignment
-SCRATCH_SECTORS = 2048  # the last MiB, outside the partition
-DEBIAN_PACKAGES = ("busybox-static", "syslinux", "syslinux-common", "mtools", "dosfstools")
+SCRATCH_SECTORS = 2048  # the last MiB, outside the partitions
+ROOT_SECTORS = 16384  # 8 MiB ext4 root, just before the scratch area
+DEBIAN_PACKAGES = (
+    "busybox-static",
+    "syslinux",
+    "syslinux-common",
+    "mtools",
+    "dosfstools",
+    "e2fsprogs",
+    "nbd-client",
+)
+NBD_CLIENT = Path("/usr/sbin/nbd-client")
 # Modules the client needs, by name; their dependencies are added from modules.dep.
 MODULES = (
     "virtio_pci",
@@ -41,9 +54,21 @@ MODULES = (
     "ata_piix",
     "sd_mod",
     "nbd",
-    "af_packet",
+    # The client-side write cache: the root partition read-only under a RAM overlay.
+    "overlay",
 )
 MARKER = "streamboot-client: BOOTED"
+
+
+def recipe_digest() -> str:
+    """A digest of what the image is built from (this module and clients/linux), so that
+    caches of built images know when they are stale."""
+    import hashlib
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for path in sorted(CLIENT_DIR.iterdir()):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class DemoBuildError(RuntimeError):
@@ -63,6 +88,7 @@ def require_tools() -> None:
         for name, path in {
             "busybox-static": BUSYBOX,
             "syslinux-common": MBR_BIN,
+            "nbd-client": NBD_CLIENT,
         }.items()
         if not path.exists()
     ]
@@ -189,6 +215,17 @@ class Cpio:
         return b"".join(self._parts)
 
 
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared objects a dynamically linked binary loads, the loader included (ldd)."""
+    libs = []
+    for line in _run(["ldd", str(binary)]).splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
 def build_initramfs(kernel: Kernel, out: Path) -> None:
     archive = Cpio()
     for d in (
@@ -209,6 +246,16 @@ def build_initramfs(kernel: Kernel, out: Path) -> None:
     archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
     archive.symlink("bin/sh", "busybox")
     archive.file("init", (CLIENT_DIR / "init").read_bytes(), 0o755)
+    # Debian's nbd-client is dynamically linked: bring its libraries at their own paths.
+    archive.file("bin/nbd-client", NBD_CLIENT.read_bytes(), 0o755)
+    made: set[str] = set()
+    for lib in shared_libraries(NBD_CLIENT):
+        parents = list(lib.relative_to("/").parents)[-2::-1]
+        for parent in parents:
+            if str(parent) not in made and str(parent) not in ("lib", "bin"):
+                archive.directory(str(parent))
+                made.add(str(parent))
+        archive.file(str(lib.relative_to("/")), lib.resolve().read_bytes(), 0o755)
     for script in sorted(CLIENT_DIR.glob("*.sh")):
         archive.file(f"lib/streamboot/{script.name}", script.read_bytes(), 0o755)
     order = []
@@ -225,36 +272,57 @@ TIMEOUT 0
 LABEL streamboot
   KERNEL vmlinuz
   INITRD initrd.img
-  APPEND console=ttyS0 quiet panic=-1 streamboot.marker={name}
+  APPEND console=ttyS0 quiet panic=-1 streamboot.marker={name}{handoff}
 """
 
 
+def partitions(total_sectors: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(start, sectors) of the FAT boot partition and of the ext4 root partition."""
+    root_start = total_sectors - SCRATCH_SECTORS - ROOT_SECTORS
+    return (PARTITION_START, root_start - PARTITION_START), (root_start, ROOT_SECTORS)
+
+
 def write_mbr(image: Path, total_sectors: int) -> None:
-    part_sectors = total_sectors - PARTITION_START - SCRATCH_SECTORS
+    (boot_start, boot_sectors), (root_start, root_sectors) = partitions(total_sectors)
     # CHS fields are ignored by everything that boots this (LBA); 0xFEFFFF means "use LBA".
-    entry = struct.pack(
-        "<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x0E, b"\xfe\xff\xff", PARTITION_START, part_sectors
-    )
+    chs = b"\xfe\xff\xff"
+    boot = struct.pack("<B3sB3sII", 0x80, chs, 0x0E, chs, boot_start, boot_sectors)
+    root = struct.pack("<B3sB3sII", 0x00, chs, 0x83, chs, root_start, root_sectors)
     with open(image, "r+b") as f:
         f.write(MBR_BIN.read_bytes()[:440])
         f.seek(446)
-        f.write(entry + bytes(48) + b"\x55\xaa")
+        f.write(boot + root + bytes(32) + b"\x55\xaa")
 
 
-def build_demo_image(out: Path, *, name: str = "demo", size_mib: int = 64, cache_dir: Path) -> Path:
-    """Build the demo vdisk at ``out`` (raw). Returns ``out``."""
+def build_demo_image(
+    out: Path,
+    *,
+    name: str = "demo",
+    size_mib: int = 64,
+    cache_dir: Path,
+    handoff_url: str | None = None,
+) -> Path:
+    """Build the demo vdisk at ``out`` (raw). Returns ``out``.
+
+    ``handoff_url`` (the boot service's ``/handoff``) goes on the kernel command line: the
+    client then attaches its NBD export after a network (HTTP SAN) boot. Without it the
+    client uses the disk it was booted from (a local or NBD-attached virtio/ATA disk)."""
     require_tools()
     if size_mib < 32:
         raise DemoBuildError("the demo image needs at least 32 MiB")
     kernel = fetch_kernel(cache_dir)
     total = size_mib * 1024 * 1024 // SECTOR
-    part_sectors = total - PARTITION_START - SCRATCH_SECTORS
+    (_, part_sectors), (root_start, root_sectors) = partitions(total)
     offset = PARTITION_START * SECTOR
     with tempfile.TemporaryDirectory(prefix="streamboot-demo-") as tmp:
         work = Path(tmp)
         build_initramfs(kernel, work / "initrd.img")
         shutil.copyfile(kernel.vmlinuz, work / "vmlinuz")
-        (work / "syslinux.cfg").write_text(SYSLINUX_CFG.format(name=name))
+        (work / "syslinux.cfg").write_text(
+            SYSLINUX_CFG.format(
+                name=name, handoff=f" streamboot.handoff={handoff_url}" if handoff_url else ""
+            )
+        )
         partial = out.with_name(out.name + ".partial")
         with open(partial, "wb") as f:
             f.truncate(total * SECTOR)
@@ -266,5 +334,11 @@ def build_demo_image(out: Path, *, name: str = "demo", size_mib: int = 64, cache
         _run(["mcopy", "-i", target, str(work / "vmlinuz"), str(work / "initrd.img"),
               str(work / "syslinux.cfg"), "::/"], env=env)  # fmt: skip
         _run(["syslinux", "--install", "--offset", str(offset), str(partial)], env=env)
+        rootfs = work / "rootfs"
+        (rootfs / "etc").mkdir(parents=True)
+        (rootfs / "etc" / "streamboot-release").write_text(f"streamboot demo vdisk {name}\n")
+        _run(["mke2fs", "-q", "-t", "ext4", "-L", "streamroot", "-d", str(rootfs),
+              "-E", f"offset={root_start * SECTOR}", str(partial),
+              f"{root_sectors * SECTOR // 1024}k"])  # fmt: skip
         partial.rename(out)
     return out

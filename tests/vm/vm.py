@@ -27,12 +27,17 @@ def qemu_available() -> bool:
 
 
 def boot_vm(
-    drive: str, *, extra: list[str] | None = None, timeout_s: float = BOOT_TIMEOUT_S
+    drive: str,
+    *,
+    extra: list[str] | None = None,
+    replace_nic: bool = False,
+    timeout_s: float = BOOT_TIMEOUT_S,
 ) -> VmResult:
     """Boot from ``drive`` (a path or an nbd:// URI) until the VM powers itself off."""
     argv = [
         "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nographic",
-        "-no-reboot", "-nic", "none", "-serial", "stdio", "-monitor", "none",
+        "-no-reboot", *([] if replace_nic else ["-nic", "none"]),
+        "-serial", "stdio", "-monitor", "none",
         "-drive", f"file={drive},format=raw,if=virtio",
         *(extra or []),
     ]  # fmt: skip
