@@ -99,13 +99,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-nbd-") as tmp:
         image = Path(tmp) / "image.raw"
         make_image(image, int(args.size_gib * (1 << 30)))
-        ports = {name: free_port() for name in ("stream", "nbdkit", "qemu-nbd")}
+        ports = {name: free_port() for name in ("stream", "stream-uv", "nbdkit", "qemu-nbd")}
+        stream = [
+            sys.executable,
+            "-m",
+            "services.stream.standalone",
+            "--token",
+            TOKEN,
+            "--write-cache",
+            args.write_cache,
+            str(image),
+        ]
         servers = {
+            # Default: own socket transport, large reads by sendfile.
             "stream": (
-                [sys.executable, "-m", "services.stream.standalone", "--token", TOKEN,
-                 "--nbd-port", str(ports["stream"]), "--write-cache", args.write_cache,
-                 str(image)],
+                [*stream, "--nbd-port", str(ports["stream"])],
                 f"nbd://127.0.0.1:{ports['stream']}/{TOKEN}",
+            ),
+            # The same server on uvloop's transports (every reply copied through Python).
+            "stream-uv": (
+                [*stream, "--nbd-port", str(ports["stream-uv"]), "--no-zero-copy"],
+                f"nbd://127.0.0.1:{ports['stream-uv']}/{TOKEN}",
             ),
             "nbdkit": (
                 ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(ports["nbdkit"]), "file",

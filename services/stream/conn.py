@@ -65,11 +65,15 @@ class Connection(asyncio.Protocol):
         self._drainers: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: list[bytes | bytearray] | None = None
+        self.zero_copy = False
+        self._batch_files = False
 
     # --- transport callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        # A RawTransport can send file pieces (sendfile) in order with buffers.
+        self.zero_copy = hasattr(transport, "send_items")
         self.loop = asyncio.get_running_loop()
         tune_socket(transport.get_extra_info("socket"), self.settings)
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
@@ -184,14 +188,27 @@ class Connection(asyncio.Protocol):
         elif not self.closed:
             self.transport.write(data)
 
+    def write_file(self, fd: int, offset: int, count: int) -> None:
+        """Send file bytes without copying them through Python (zero-copy transports only)."""
+        item = [fd, offset, count]
+        if self._batch is not None:
+            self._batch.append(item)  # type: ignore[arg-type]
+            self._batch_files = True
+        elif not self.closed:
+            self.transport.send_items([item])  # type: ignore[attr-defined]
+
     def begin_batch(self) -> None:
         """Collect replies until :meth:`end_batch`: one ``writev`` instead of a send each."""
         self._batch = []
+        self._batch_files = False
 
     def end_batch(self) -> None:
         batch, self._batch = self._batch, None
         if batch and not self.closed:
-            self.transport.writelines(batch)
+            if self.zero_copy:
+                self.transport.send_items(batch, self._batch_files)  # type: ignore[attr-defined]
+            else:
+                self.transport.writelines(batch)
 
     def close(self, reason: str | None = None) -> None:
         if reason:

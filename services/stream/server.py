@@ -16,6 +16,7 @@ import logging
 
 from services.stream.http_range import HttpConnection
 from services.stream.nbd.server import NbdConnection
+from services.stream.rawtransport import RawServer
 from services.stream.sessions import SessionManager
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, SessionResolver
@@ -29,16 +30,20 @@ class StreamServers:
     ) -> None:
         self.settings = settings or StreamSettings()
         self.sessions = SessionManager(resolver, sink, self.settings)
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[asyncio.base_events.Server | RawServer] = []
         self.nbd_port = 0
         self.http_port = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        nbd = await loop.create_server(
-            lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port, reuse_address=True
-        )
+        nbd: asyncio.base_events.Server | RawServer
+        if s.nbd_zero_copy:
+            nbd = RawServer(loop, lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port)
+        else:
+            nbd = await loop.create_server(
+                lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port, reuse_address=True
+            )
         http = await loop.create_server(
             lambda: HttpConnection(self.sessions), s.bind_host, s.http_port, reuse_address=True
         )

@@ -31,6 +31,9 @@ class StreamSettings:
     events_batch_extents: int = 512
     events_interval_s: float = 1.0
     write_cache_dir: Path | None = None
+    # NBD over our own socket transport, so large clean reads go out by sendfile
+    # (services/stream/rawtransport.py); False = uvloop's transports (copies every reply).
+    nbd_zero_copy: bool = True
 
     @classmethod
     def from_settings(cls, s: Settings) -> StreamSettings:

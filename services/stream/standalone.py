@@ -35,7 +35,10 @@ async def serve(args: argparse.Namespace) -> None:
         write_cache=args.write_cache,
     )
     settings = StreamSettings(
-        nbd_port=args.nbd_port, http_port=args.http_port, session_linger_s=args.linger
+        nbd_port=args.nbd_port,
+        http_port=args.http_port,
+        session_linger_s=args.linger,
+        nbd_zero_copy=not args.no_zero_copy,
     )
     servers = StreamServers(StaticResolver({args.token: spec}), NullSink(), settings)
     await servers.start()
@@ -55,6 +58,7 @@ def main() -> None:
     ap.add_argument("--nbd-port", type=int, default=0)
     ap.add_argument("--http-port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=3600.0)
+    ap.add_argument("--no-zero-copy", action="store_true", help="uvloop transports, no sendfile")
     ap.add_argument(
         "--write-cache",
         default="server-ram",

@@ -37,9 +37,10 @@ def qemu_io(uri: str, *commands: str, read_only: bool = False) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="module")
-def server(make_server) -> ServerThread:  # type: ignore[no-untyped-def]
-    return make_server(session_linger_s=60.0)
+@pytest.fixture(scope="module", params=[True, False], ids=["sendfile", "uvloop"])
+def server(make_server, request) -> ServerThread:  # type: ignore[no-untyped-def]
+    # Both NBD transports: our own (sendfile) and uvloop's.
+    return make_server(session_linger_s=60.0, nbd_zero_copy=request.param)
 
 
 def test_qemu_img_info(server: ServerThread) -> None:
