@@ -110,6 +110,7 @@ class Supervisor:
             stop_wait = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if not startup.done():  # stopped while starting
+                self.out("streamboot up: stopping (interrupted during startup)")
                 startup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await startup

@@ -38,6 +38,8 @@ class DataDir:
 
     def check_format(self) -> None:
         """Refuse a dir that another version made, a corrupt one, or someone else's folder."""
+        if self.path.exists() and not self.path.is_dir():
+            raise StartupError(f"{self.path} exists and is not a directory")
         marker = self / MARKER_FILE
         if not marker.exists():
             if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()):

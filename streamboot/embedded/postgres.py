@@ -232,7 +232,12 @@ class EmbeddedPostgres:
         proc = await spawn(
             "initdb", argv, env=env, cwd=self.pgdata, log_path=log_path, run_as=run_as
         )
-        if await proc.process.wait() != 0:
+        try:
+            returncode = await proc.process.wait()
+        except asyncio.CancelledError:
+            await proc.stop()  # SIGTERM: initdb removes what it wrote, so a rerun starts clean
+            raise
+        if returncode != 0:
             raise StartupError(f"initdb failed; last log lines:\n{proc.log_tail()}")
 
     async def _wait_ready(self, wait_s: float) -> None:

@@ -254,3 +254,15 @@ def test_up_refuses_a_port_in_use(data_dir: Path) -> None:
         assert up.wait_exit() == 2
     assert f"TCP port 127.0.0.1:{port} (postgres_port) is already in use" in up.output
     assert not (data_dir / "runtime.json").exists()
+
+
+def test_up_stops_everything_when_a_child_dies(data_dir: Path) -> None:
+    up = Up(data_dir, AVAILABLE)
+    up.wait_running()
+    children = up.descendants()
+    nats_server = next(p for p in children if p.name() == "nats-server")
+    nats_server.kill()
+    assert up.wait_exit() == 1  # a missing piece is never silently tolerated
+    assert "nats-server exited" in up.output
+    assert_all_gone(children)
+    assert not (data_dir / "runtime.json").exists()
