@@ -79,6 +79,7 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.mgr.connections.add(self)
         self.started = self.last = self.loop.time()
         s = self.settings
         spans = [t for t in (s.idle_timeout_s, s.stall_timeout_s, s.handshake_timeout_s) if t > 0]
@@ -99,6 +100,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.mgr.connections.discard(self)
         self._watch.cancel()
         self._wake(ConnectionResetError("connection lost"))
         for t in list(self._tasks):

@@ -60,10 +60,11 @@ class StreamServers:
     async def stop(self) -> None:
         for srv in self._servers:
             srv.close()
-        for session in list(self.sessions.sessions.values()):
-            for conn in list(session.conns):
-                conn.abort("shutdown")
-        await asyncio.sleep(0)  # let connection_lost callbacks run (detach events)
+        for conn in list(self.sessions.connections):
+            conn.abort("shutdown")
+        # Let the connection_lost callbacks run (they emit the detach events).
+        for _ in range(3):
+            await asyncio.sleep(0)
         await self.sessions.close_all()
         for srv in self._servers:
             await srv.wait_closed()

@@ -103,6 +103,8 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._emits: set[asyncio.Task[None]] = set()
+        # Every open connection (with or without a session), so shutdown can end them all.
+        self.connections: set = set()
 
     async def acquire(self, token: str) -> Session | None:
         """The session of ``token`` with one more connection on it; None for unknown tokens."""

@@ -21,9 +21,10 @@ from tests.stream.conftest import IMAGE_SIZE, ServerThread
 from tests.stream.nbdraw import RawNbd
 
 
-@pytest.fixture(scope="module")
-def server(make_server) -> ServerThread:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=[True, False], ids=["sendfile", "uvloop"])
+def server(make_server, request) -> ServerThread:  # type: ignore[no-untyped-def]
     return make_server(
+        nbd_zero_copy=request.param,
         handshake_timeout_s=1.0,
         idle_timeout_s=1.0,
         stall_timeout_s=1.0,
