@@ -167,12 +167,14 @@ class Headline:
         while len(self._boots) > 2 and now - self._boots[1][0] >= self.WINDOW_S:
             self._boots.popleft()
         first_t, first_boots = self._boots[0]
-        span = now - first_t
+        # Boots in the trailing window, per minute; under a minute of history this is the
+        # count so far (never extrapolated from a few seconds).
+        minutes = max(now - first_t, self.WINDOW_S) / 60.0
         hits, misses = _total(CACHE_HITS, "_total"), _total(CACHE_MISSES, "_total")
         return {
             "live_sessions": _total(LIVE_SESSIONS),
             "boots_total": boots,
-            "boots_per_minute": round((boots - first_boots) * 60.0 / span, 2) if span else 0.0,
+            "boots_per_minute": round((boots - first_boots) / minutes, 2),
             "bytes_streamed": _total(BYTES_STREAMED, "_total"),
             "cache_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
             "write_cache_bytes": _total(WRITE_CACHE_BYTES),

@@ -182,3 +182,18 @@ async def test_bus_requests_are_timed(nats_url: str) -> None:
         assert values == sorted(values) and values[-1] == 5
         # Every request took >= 1 ms, so none fell in the sub-millisecond buckets.
         assert all(b.value == 0 for b in buckets if float(b.labels["le"]) < 1e-3)
+
+
+def test_headline_figures_follow_the_hooks() -> None:
+    """The heartbeat's figures move with the hooks the services call (as deltas: the
+    registry is per process and other tests may have counted before)."""
+    headline = metrics.Headline()
+    before = headline.figures()
+    metrics.count_boot()
+    metrics.count_boot()
+    metrics.bytes_counter("nbd", "read").inc(4096)
+    metrics.bytes_counter("http", "read").inc(512)
+    after = headline.figures()
+    assert after["boots_total"] - before["boots_total"] == 2
+    assert after["boots_per_minute"] >= 2  # both within the trailing minute
+    assert after["bytes_streamed"] - before["bytes_streamed"] == 4096 + 512
