@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
     # (postgres refuses to run as root), and an explicit binaries folder (else auto-detected).
     postgres_user: str = "nobody"
+    # NATS HTTP monitoring (/varz, /jsz) of the embedded nats-server: off when unset.
+    nats_monitor_port: int | None = None
     postgres_bin_dir: Path | None = None
     # Bearer token of the admin API; `streamboot up` generates it into DATA_DIR/api-token.
     api_token: str | None = None

@@ -141,7 +141,13 @@ class Supervisor:
             nats_url = s.nats_url
             lines.append(f"  NATS         {nats_url}  (external)")
         else:
-            self.nats = EmbeddedNats(dd / "nats", port=s.nats_port, host=s.bind_host)
+            monitor = s.nats_monitor_port
+            self.nats = EmbeddedNats(
+                dd / "nats",
+                port=s.nats_port,
+                host=s.bind_host,
+                monitor_port=free_port(s.bind_host) if monitor == 0 else monitor,
+            )
             await self.nats.start(log_path=dd / "logs" / "nats.log")
             self.children.append(_require(self.nats.process))
             nats_url = self.nats.url
@@ -178,6 +184,8 @@ class Supervisor:
             pids[name] = proc.pid
 
         eps = endpoints(s)
+        if self.nats is not None and self.nats.monitor_port:
+            eps["nats_monitor"] = f"http://{s.bind_host}:{self.nats.monitor_port}"
         dd.write_runtime(
             {
                 "pid": os.getpid(),
@@ -191,8 +199,7 @@ class Supervisor:
                 "services": pids,
             }
         )
-        width = max(map(len, eps))
-        lines += [f"  {name:<{width}}  {url}" for name, url in eps.items()]
+        lines += [f"  {name:<12} {url}" for name, url in eps.items()]
         lines.append(f"  API token in {dd / API_TOKEN_FILE}; logs in {dd / 'logs'}")
         lines.append(
             "  services: " + (", ".join(f"{n} (pid {p})" for n, p in pids.items()) or "none")
