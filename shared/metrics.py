@@ -5,15 +5,18 @@ Each service process serves them at ``/metrics`` on its own port (``STREAMBOOT_M
 status --json`` lists every scrape target. Services never define metrics of their own: they
 call the hooks below, so a name means the same thing in every process.
 
-Hooks for the services (all cheap; the data plane binds label children once, outside loops):
+Hooks for the services. The data plane's are plain objects, far cheaper than
+prometheus_client's locked metrics (measured here: 0.2-0.3 us against 1.1-1.9 us per
+update): get one once, outside the loop, and update it from the event loop thread.
 
-- ``count_boot()``                      one boot (the registry, when a boot session opens)
-- ``bytes_counter(protocol, direction)`` a Counter child: ``.inc(n)`` per request served
-- ``cache_counters(cache)``             (hits, misses) Counter children for a cache layer
-- ``live_sessions_from(service, fn)``   the gauge reads ``fn()`` at each scrape
-- ``write_cache_bytes_from(fn)``        the gauge reads ``fn()`` at each scrape
-- ``time_request(service, op)``         context manager: one latency observation
-- ``observe_request(service, op, s)``   the same, for callers that timed it themselves
+- ``count_boot()``                       one boot (the registry, when a boot session opens)
+- ``bytes_counter(protocol, direction)`` a :class:`Tally`: ``.inc(n)`` per request served
+- ``cache_counters(cache)``              (hits, misses) tallies of a cache layer
+- ``request_histogram(service, op)``     a :class:`LatencyHistogram`: ``.observe(seconds)``
+- ``time_request(service, op)``          context manager: one latency observation
+- ``observe_request(service, op, s)``    one observation, for callers that timed it
+- ``live_sessions_from(service, fn)``    the gauge reads ``fn()`` at each scrape
+- ``write_cache_bytes_from(fn)``         the gauge reads ``fn()`` at each scrape
 
 Boots per minute and the cache hit ratio are rates, computed by Prometheus from the counters
 (``rate(streamboot_boots_total[1m]) * 60``); :class:`Headline` computes the same figures in
@@ -22,21 +25,25 @@ process for the heartbeat, so ``streamboot status`` needs no Prometheus.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any
+from itertools import accumulate
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import REGISTRY, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from shared.settings import Settings
+
+_T = TypeVar("_T")
 
 # From a fast NBD read served from RAM (~50 us) to a slow cold read or registry call (10 s).
 REQUEST_BUCKETS = (
@@ -75,24 +82,83 @@ LIVE_SESSIONS = Gauge(
     ["service"],
 )
 BOOTS = Counter("streamboot_boots_total", "Boots started (boot sessions opened)")
-BYTES_STREAMED = Counter(
-    "streamboot_bytes_streamed_total",
-    "Bytes moved by the data plane",
-    ["protocol", "direction"],
-)
-CACHE_HITS = Counter("streamboot_cache_hits_total", "Block reads answered by a cache", ["cache"])
-CACHE_MISSES = Counter(
-    "streamboot_cache_misses_total", "Block reads a cache had to pass on", ["cache"]
-)
 WRITE_CACHE_BYTES = Gauge(
     "streamboot_write_cache_bytes", "Bytes held by the write caches of this instance"
 )
-REQUEST_SECONDS = Histogram(
-    "streamboot_request_seconds",
-    "Time to handle one request, by service and operation",
-    ["service", "op"],
-    buckets=REQUEST_BUCKETS,
-)
+
+
+class Tally:
+    """A hot-path counter: a bare int, several times cheaper than a prometheus_client
+    Counter (no lock: update it from the event loop thread only; the scrape thread only
+    reads it)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+
+class LatencyHistogram:
+    """A hot-path histogram over :data:`REQUEST_BUCKETS`, same threading rule as Tally."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
+        self.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        bounds = [*(str(b) for b in REQUEST_BUCKETS), "+Inf"]
+        return list(zip(bounds, accumulate(self.counts), strict=True))
+
+
+class _HotPath(Collector):
+    """The data plane's metrics: plain objects updated for almost nothing, turned into
+    metric families only when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[tuple[str, str], Tally] = {}
+        self.hits: dict[str, Tally] = {}
+        self.misses: dict[str, Tally] = {}
+        self.latency: dict[tuple[str, str], LatencyHistogram] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        streamed = CounterMetricFamily(
+            "streamboot_bytes_streamed",
+            "Bytes moved by the data plane",
+            labels=["protocol", "direction"],
+        )
+        for labels, tally in list(self.bytes.items()):
+            streamed.add_metric(labels, tally.value)
+        yield streamed
+        for name, doc, tallies in (
+            ("streamboot_cache_hits", "Block reads answered by a cache", self.hits),
+            ("streamboot_cache_misses", "Block reads a cache had to pass on", self.misses),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["cache"])
+            for cache, tally in list(tallies.items()):
+                family.add_metric([cache], tally.value)
+            yield family
+        latency = HistogramMetricFamily(
+            "streamboot_request_seconds",
+            "Time to handle one request, by service and operation",
+            labels=["service", "op"],
+        )
+        for labels, hist in list(self.latency.items()):
+            latency.add_metric(labels, hist.buckets(), hist.sum)
+        yield latency
+
+
+_hot = _HotPath()
+REGISTRY.register(_hot)
 
 # The service this process runs; the bus labels its latencies with it.
 _identity = {"service": "client"}
@@ -103,18 +169,26 @@ def process_service() -> str:
     return _identity["service"]
 
 
+def _get(table: dict[Any, _T], key: Any, make: Callable[[], _T]) -> _T:
+    """The object for ``key``, made on first use (no throwaway object per call)."""
+    found = table.get(key)
+    if found is None:
+        found = table[key] = make()
+    return found
+
+
 def count_boot(n: int = 1) -> None:
     BOOTS.inc(n)
 
 
-def bytes_counter(protocol: str, direction: str) -> Any:
-    """The counter child for e.g. ("nbd", "read"); keep it and call ``.inc(n)``."""
-    return BYTES_STREAMED.labels(protocol=protocol, direction=direction)
+def bytes_counter(protocol: str, direction: str) -> Tally:
+    """The tally for e.g. ("nbd", "read"): keep it and call ``.inc(n)`` per request."""
+    return _get(_hot.bytes, (protocol, direction), Tally)
 
 
-def cache_counters(cache: str = "read") -> tuple[Any, Any]:
-    """(hits, misses) counter children of one cache layer ("read", "write", "prefetch")."""
-    return CACHE_HITS.labels(cache=cache), CACHE_MISSES.labels(cache=cache)
+def cache_counters(cache: str = "read") -> tuple[Tally, Tally]:
+    """(hits, misses) tallies of one cache layer ("read", "write", "prefetch")."""
+    return _get(_hot.hits, cache, Tally), _get(_hot.misses, cache, Tally)
 
 
 def live_sessions_from(service: str, count: Callable[[], float]) -> None:
@@ -125,22 +199,31 @@ def write_cache_bytes_from(count: Callable[[], float]) -> None:
     WRITE_CACHE_BYTES.set_function(count)
 
 
+def request_histogram(service: str, op: str) -> LatencyHistogram:
+    """The histogram of one (service, op): keep it and call ``.observe(seconds)``."""
+    return _get(_hot.latency, (service, op), LatencyHistogram)
+
+
 def observe_request(service: str, op: str, seconds: float) -> None:
-    REQUEST_SECONDS.labels(service=service, op=op).observe(seconds)
+    request_histogram(service, op).observe(seconds)
 
 
-@contextlib.contextmanager
-def time_request(service: str, op: str) -> Iterator[None]:
+class time_request:  # lower case: used like a function, `with time_request(...)`
     """Observe the time the block takes, failed or not."""
-    child = REQUEST_SECONDS.labels(service=service, op=op)
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        child.observe(time.perf_counter() - started)
+
+    __slots__ = ("_hist", "_started")
+
+    def __init__(self, service: str, op: str) -> None:
+        self._hist = request_histogram(service, op)
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._hist.observe(time.perf_counter() - self._started)
 
 
-def _total(metric: MetricWrapperBase, suffix: str = "") -> float:
+def _total(metric: Collector, suffix: str = "") -> float:
     """Sum of a metric's samples (over all label sets) named ``<name><suffix>``."""
     total = 0.0
     for family in metric.collect():
@@ -170,12 +253,13 @@ class Headline:
         # Boots in the trailing window, per minute; under a minute of history this is the
         # count so far (never extrapolated from a few seconds).
         minutes = max(now - first_t, self.WINDOW_S) / 60.0
-        hits, misses = _total(CACHE_HITS, "_total"), _total(CACHE_MISSES, "_total")
+        hits = sum(t.value for t in list(_hot.hits.values()))
+        misses = sum(t.value for t in list(_hot.misses.values()))
         return {
             "live_sessions": _total(LIVE_SESSIONS),
             "boots_total": boots,
             "boots_per_minute": round((boots - first_boots) / minutes, 2),
-            "bytes_streamed": _total(BYTES_STREAMED, "_total"),
+            "bytes_streamed": sum(t.value for t in list(_hot.bytes.values())),
             "cache_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
             "write_cache_bytes": _total(WRITE_CACHE_BYTES),
         }
@@ -213,5 +297,6 @@ def start_metrics_server(service: str, settings: Settings) -> MetricsServer:
     started = time.monotonic()
     SERVICE_UP.labels(service=service, node=settings.node_id, version=_version()).set(1)
     SERVICE_UPTIME.labels(service=service).set_function(lambda: time.monotonic() - started)
-    url = f"http://{settings.advertised_host}:{httpd.server_port}/metrics"
+    host = settings.advertised_host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{httpd.server_port}/metrics"
     return MetricsServer(httpd, thread, url)

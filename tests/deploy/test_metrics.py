@@ -197,3 +197,15 @@ def test_headline_figures_follow_the_hooks() -> None:
     assert after["boots_total"] - before["boots_total"] == 2
     assert after["boots_per_minute"] >= 2  # both within the trailing minute
     assert after["bytes_streamed"] - before["bytes_streamed"] == 4096 + 512
+
+
+def test_latency_buckets_are_inclusive_upper_bounds() -> None:
+    hist = metrics.LatencyHistogram()
+    for seconds in (50e-6, 51e-6, 10.0, 11.0):
+        hist.observe(seconds)
+    cumulative = dict(hist.buckets())
+    assert cumulative[str(50e-6)] == 1  # exactly on a bound: in that bucket (le)
+    assert cumulative[str(100e-6)] == 2
+    assert cumulative[str(10.0)] == 3
+    assert cumulative["+Inf"] == 4
+    assert hist.sum == 50e-6 + 51e-6 + 10.0 + 11.0
