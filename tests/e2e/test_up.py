@@ -4,8 +4,7 @@ Checks: it starts NATS + PostgreSQL (+ whichever services exist), stops cleanly 
 with no process left behind, keeps data across restarts, leaves no orphans when killed -9,
 refuses a second `up` on the same dir, and refuses foreign or corrupt data dirs untouched.
 
-TODO(lead): add `streamboot status` and `streamboot events list` checks against a running
-`up` here once those commands exist.
+`status`, `events list` and the CLI verbs against a running `up` are in test_system.py.
 """
 
 from __future__ import annotations
@@ -14,14 +13,13 @@ import asyncio
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,6 @@ import pytest
 
 from streamboot.runtime import NotRunningError, api_client, load_runtime
 from streamboot.supervisor import PORT_FIELDS, SERVICES
-from tests.conftest import traversable_tmpdir
 
 STREAMBOOT = Path(sys.executable).parent / "streamboot"
 # The four services are written in parallel with this test: start those that exist.
@@ -43,13 +40,6 @@ STOP_TIMEOUT_S = 90.0
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    path = traversable_tmpdir("streamboot-e2e-")
-    yield path / "dd"
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Up:

@@ -1,0 +1,144 @@
+"""The whole system from the README's point of view: `streamboot up`, then the CLI.
+
+A device is added, a vdisk imported and assigned, a boot session opened; real clients read
+the session's export through the stream service (which resolves the token through the
+registry over NATS); the event log tells the story; `status` shows every service; closing
+the session ends access; a restart keeps the events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_up import AVAILABLE, STREAMBOOT, Up, assert_all_gone
+
+MAC = "52:54:00:e2:e0:01"
+
+
+def cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")}
+    done = subprocess.run(
+        [str(STREAMBOOT), *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    if check:
+        assert done.returncode == 0, f"streamboot {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def cli_json(data_dir: Path, *args: str) -> Any:
+    return json.loads(cli(data_dir, *args, "--json").stdout)
+
+
+def events(data_dir: Path, *args: str) -> list[dict[str, Any]]:
+    out = cli(data_dir, "events", "list", "--json", *args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_path: Path) -> None:
+    assert {"registry", "stream", "cache"} <= set(AVAILABLE)
+    image = tmp_path / "golden.raw"
+    image.write_bytes(os.urandom(8 * 1024 * 1024))
+    golden = hashlib.sha256(image.read_bytes()).hexdigest()
+
+    up = Up(data_dir, AVAILABLE)
+    try:
+        up.wait_running()
+        status = wait_all_alive(data_dir)
+        assert set(status["endpoints"]) >= {
+            "nats_url",
+            "database_url",
+            "api_url",
+            "nbd",
+            "http_stream",
+        }
+
+        cli(data_dir, "device", "add", MAC, "--hostname", "e2e-001")
+        cli(data_dir, "vdisk", "import", str(image), "--name", "golden")
+        cli(data_dir, "assign", MAC, "golden", "--default")
+        session = cli_json(data_dir, "session", "open", MAC)
+        assert {"token", "nbd_uri", "http_url", "vdisk", "version"} <= set(session)
+        assert session["vdisk"] == "golden" and session["version"] == 1
+
+        # A second open for the same machine is refused while the first is live.
+        again = cli(data_dir, "session", "open", MAC, check=False)
+        assert again.returncode != 0 and "session" in (again.stdout + again.stderr).lower()
+
+        # Real clients read the export through the stream service.
+        copy = tmp_path / "copy.raw"
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "raw", session["nbd_uri"], str(copy)],
+            check=True,
+            timeout=120,
+        )
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == golden
+        ranged = subprocess.run(
+            ["curl", "-sf", "-r", "4096-8191", session["http_url"]],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        assert ranged == image.read_bytes()[4096:8192]
+
+        # The log holds the story of this session, in order.
+        story = [
+            e["type"] for e in events(data_dir, "--stream", f"session-{session['session_id']}")
+        ]
+        assert story[0] == "SessionOpened"
+        assert "SessionAttached" in story and "BlocksRequested" in story
+        rejected = events(data_dir, "--type", "SessionConflictRejected")
+        assert rejected and rejected[-1]["data"]["mac"] == MAC
+        by_mac = [e["type"] for e in events(data_dir, "--mac", MAC)]
+        assert by_mac[0] == "DeviceRegistered" and "SessionOpened" in by_mac
+
+        cli(data_dir, "session", "close", session["token"])
+        refused = subprocess.run(
+            ["qemu-img", "info", session["nbd_uri"]], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode != 0
+        assert "SessionClosed" in [
+            e["type"] for e in events(data_dir, "--stream", f"session-{session['session_id']}")
+        ]
+    finally:
+        children = up.descendants()
+        assert up.stop() == 0, up.output
+        assert_all_gone(children)
+
+    # A second `up` on the same data dir still has everything.
+    up = Up(data_dir, AVAILABLE)
+    try:
+        up.wait_running()
+        wait_all_alive(data_dir)
+        assert [d["mac"] for d in cli_json(data_dir, "device", "list")] == [MAC]
+        closed = events(data_dir, "--type", "SessionClosed")
+        assert [e["data"]["session_id"] for e in closed] == [session["session_id"]]
+    finally:
+        assert up.stop() == 0, up.output
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == golden
+
+
+def wait_all_alive(data_dir: Path, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = cli(data_dir, "status", "--json", check=False)
+        status = json.loads(done.stdout)
+        alive = {name for name, s in status["services"].items() if s["alive"]}
+        if set(AVAILABLE) <= alive:
+            for name in AVAILABLE:
+                assert status["services"][name]["version"]
+                assert status["services"][name]["uptime_s"] >= 0
+            return status
+        if time.monotonic() > deadline:
+            pytest.fail(f"services not alive after {timeout_s}s: {status}")
+        time.sleep(0.5)
