@@ -18,6 +18,7 @@ from rich.table import Table
 
 from services.registry import vdisk_store
 from services.registry.client import ClientError, RegistryClient, cli_errors, run
+from services.registry.domain.identity import check_name
 from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="vdisks (disk images) and their versions.")
@@ -97,6 +98,7 @@ def import_(
 ) -> None:
     """Import a disk image as a new vdisk, or as a new version (a delta) of an existing one."""
     with cli_errors(as_json):
+        check_name(name)
         vdisk_store.image_format(path)  # a missing file or a non-image fails before anything
         client = RegistryClient.from_data_dir(data_dir)
         root = Path(client.get("/registry/status")["vdisk_root"])

@@ -72,6 +72,20 @@ def open_session(
             ],
         )
 
+    # Bad input first (it changes nothing), then the uniqueness rules (a refusal is logged).
+    choices = boot_choices(p, the_mac)
+    if vdisk is None:
+        if not choices["vdisks"]:
+            raise conflict(
+                f"device {the_mac} has no vdisk assigned (`streamboot assign {the_mac} VDISK`)"
+            )
+        vdisk = choices["default"] or choices["vdisks"][0]
+    elif vdisk not in choices["vdisks"]:
+        vdisk_rules.get_vdisk(p, vdisk)
+        raise refused(f"vdisk {vdisk!r} is not assigned to device {the_mac}")
+    vd = vdisk_rules.get_vdisk(p, vdisk)
+    version = vdisk_rules.boot_version(vd, tester=dev["tester"], maintenance=maintenance)
+
     live = p.session_by_mac.get(the_mac)
     if live is not None:
         reject(f"device {the_mac} already has a live session ({live})", live)
@@ -86,19 +100,6 @@ def open_session(
                 f"machine id {dev['machine_id']} is in use by live session {s['session_id']}",
                 s["session_id"],
             )
-
-    choices = boot_choices(p, the_mac)
-    if vdisk is None:
-        if not choices["vdisks"]:
-            raise conflict(
-                f"device {the_mac} has no vdisk assigned (`streamboot assign {the_mac} VDISK`)"
-            )
-        vdisk = choices["default"] or choices["vdisks"][0]
-    elif vdisk not in choices["vdisks"]:
-        vdisk_rules.get_vdisk(p, vdisk)
-        raise refused(f"vdisk {vdisk!r} is not assigned to device {the_mac}")
-    vd = vdisk_rules.get_vdisk(p, vdisk)
-    version = vdisk_rules.boot_version(vd, tester=dev["tester"], maintenance=maintenance)
 
     private = vd["mode"] == "private"
     for s in p.live_sessions_of_vdisk(vdisk):
