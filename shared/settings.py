@@ -50,6 +50,28 @@ class Settings(BaseSettings):
     metrics_port: int = 0
     # 0 = pick a free port (tests); > 0 as given.
 
+    # Boot service. Real PXE needs tftp_port 69, dhcp_port 67, dhcp_pxe_port 4011 and an
+    # interface; the defaults stay unprivileged and off the network.
+    boot_files_dir: Path = Path("/usr/lib/ipxe")  # Debian `ipxe`: undionly.kpxe, ipxe.efi
+    tftp_root: Path | None = None  # default: boot_files_dir
+    tftp_timeout_s: float = 1.0
+    tftp_retries: int = 5
+    tftp_max_windowsize: int = 64
+    dhcp_mode: Literal["off", "proxy", "full"] = "off"
+    dhcp_interface: str | None = None  # SO_BINDTODEVICE + broadcast; None: bind_host only
+    dhcp_pxe_port: int = 14011  # proxy mode's second port (4011 for real)
+    dhcp_client_port: int | None = None  # where broadcasts go; default dhcp_port + 1
+    dhcp_server_ip: str | None = None  # default: the interface's address, else advertised
+    dhcp_pool_start: str | None = None
+    dhcp_pool_end: str | None = None
+    dhcp_subnet_mask: str = "255.255.255.0"
+    dhcp_router: str | None = None
+    dhcp_dns: list[str] = Field(default_factory=list)
+    dhcp_lease_s: int = 3600
+    boot_bios_file: str = "undionly.kpxe"
+    boot_efi64_file: str = "ipxe.efi"
+    ipxe_menu_timeout_s: int = 10
+
     # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
     # (postgres refuses to run as root), and an explicit binaries folder (else auto-detected).
     postgres_user: str = "nobody"

@@ -1,0 +1,310 @@
+"""DHCP for PXE: proxyDHCP beside an existing DHCP server, or full DHCP with a pool.
+
+:class:`DhcpResponder` decides (packet in, reply out, no sockets) so the policy is testable
+with recorded packets; :class:`DhcpServer` moves datagrams. In proxy mode only PXE clients
+are answered, with no address: on the DHCP port (the broadcast DISCOVER) and on the PXE
+port 4011 (the unicast REQUEST that follows). In full mode every client gets an address
+from the pool; PXE clients also get their boot file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from services.boot import dhcp_packets as dp
+from services.boot.dhcp_leases import LeaseStore, PoolExhausted
+
+log = logging.getLogger("streamboot.boot.dhcp")
+
+# PXE vendor options (option 43): PXE_DISCOVERY_CONTROL (6) = 8, "boot the file named in
+# this offer, no boot server discovery" (PXE 2.1 spec), then END.
+PXE_VENDOR_OPTIONS = bytes((6, 1, 8, 255))
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    mode: Literal["proxy", "full"]
+    server_ip: str  # option 54 and the next-server (TFTP) address
+    ipxe_script_url: str  # what a client that is already iPXE gets instead of a file
+    bios_file: str = "undionly.kpxe"
+    efi64_file: str = "ipxe.efi"
+    pool_start: str | None = None
+    pool_end: str | None = None
+    subnet_mask: str = "255.255.255.0"
+    router: str | None = None
+    dns: tuple[str, ...] = ()
+    lease_s: int = 3600
+
+
+@dataclass(frozen=True)
+class PxeClient:
+    """Who asked to boot: what BootRequested carries."""
+
+    mac: str
+    arch: int | None
+    uuid: str | None
+    ipxe: bool
+
+
+def boot_file(packet: dp.DhcpPacket, config: DhcpConfig) -> str | None:
+    """RFC 4578: the architecture (option 93) picks the iPXE build; iPXE gets its script."""
+    if dp.is_ipxe(packet):
+        return config.ipxe_script_url
+    arch = dp.client_arch(packet)
+    if arch in (None, dp.ARCH_BIOS):
+        return config.bios_file
+    if arch in (dp.ARCH_EFI_BC, dp.ARCH_EFI_X64):
+        return config.efi64_file
+    return None  # 32-bit EFI, ARM, HTTP boot...: no iPXE build configured for them
+
+
+@dataclass
+class DhcpResponder:
+    config: DhcpConfig
+    leases: LeaseStore | None = None
+    on_pxe_discover: Callable[[PxeClient], None] = lambda client: None
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"received": 0, "replied": 0, "malformed": 0, "pxe_discovers": 0}
+    )
+
+    def handle(
+        self, packet: dp.DhcpPacket, *, pxe_port: bool = False, now: float | None = None
+    ) -> dp.DhcpPacket | None:
+        now = time.time() if now is None else now
+        kind = packet.message_type
+        if packet.op != dp.BOOTREQUEST or kind is None:
+            return None
+        pxe = dp.is_pxe(packet)
+        if pxe and kind == dp.DISCOVER:
+            # First, before any reply: the cache starts warming on this event.
+            self.stats["pxe_discovers"] += 1
+            self.on_pxe_discover(
+                PxeClient(
+                    packet.mac, dp.client_arch(packet), dp.client_uuid(packet), dp.is_ipxe(packet)
+                )
+            )
+        if self.config.mode == "proxy" or pxe_port:
+            return self._proxy(packet, kind, pxe, pxe_port)
+        return self._full(packet, kind, pxe, now)
+
+    # -- proxyDHCP -----------------------------------------------------------------------
+
+    def _proxy(
+        self, packet: dp.DhcpPacket, kind: int, pxe: bool, pxe_port: bool
+    ) -> dp.DhcpPacket | None:
+        if not pxe:
+            return None  # the site's DHCP server answers everyone else
+        if kind == dp.DISCOVER and not pxe_port:
+            return self._pxe_reply(packet, dp.OFFER)
+        if kind in (dp.REQUEST, dp.INFORM) and pxe_port:
+            # The PXE client's unicast REQUEST to port 4011 (never one on port 67: that
+            # REQUEST is for the site's DHCP server's address offer).
+            return self._pxe_reply(packet, dp.ACK)
+        return None
+
+    def _pxe_reply(self, packet: dp.DhcpPacket, kind: int) -> dp.DhcpPacket | None:
+        reply = self._reply(packet, kind)
+        if not self._add_boot(packet, reply):
+            return None
+        reply.options[dp.OPT_VENDOR_SPECIFIC] = PXE_VENDOR_OPTIONS
+        return reply
+
+    # -- full DHCP -----------------------------------------------------------------------
+
+    def _full(
+        self, packet: dp.DhcpPacket, kind: int, pxe: bool, now: float
+    ) -> dp.DhcpPacket | None:
+        assert self.leases is not None, "full DHCP needs a lease store"
+        mac, cfg = packet.mac, self.config
+        if kind == dp.DISCOVER:
+            try:
+                lease = self.leases.offer(mac, dp.requested_ip(packet), now)
+            except PoolExhausted as exc:
+                log.error("dhcp: cannot offer %s an address: %s", mac, exc)
+                return None
+            reply = self._reply(packet, dp.OFFER, lease.ip)
+        elif kind == dp.REQUEST:
+            chosen = dp.server_id(packet)
+            if chosen is not None and chosen != cfg.server_ip:
+                return None  # the client took another server's offer
+            wanted = dp.requested_ip(packet) or packet.ciaddr
+            hostname = packet.options.get(dp.OPT_HOSTNAME, b"").decode("ascii", "replace") or None
+            bound = self.leases.bind(mac, wanted, cfg.lease_s, now, hostname)
+            if bound is None:
+                nak = self._reply(packet, dp.NAK)
+                nak.options = {
+                    dp.OPT_MESSAGE_TYPE: bytes((dp.NAK,)),
+                    dp.OPT_SERVER_ID: dp.ip_bytes(cfg.server_ip),
+                    dp.OPT_MESSAGE: f"{wanted} is not yours".encode(),
+                }
+                return nak
+            reply = self._reply(packet, dp.ACK, bound.ip)
+        elif kind == dp.RELEASE:
+            self.leases.release(mac, now)
+            return None
+        elif kind == dp.DECLINE:
+            if (ip := dp.requested_ip(packet)) is not None:
+                log.warning("dhcp: %s declined %s (in use on the network?)", mac, ip)
+                self.leases.decline(mac, ip, now)
+            return None
+        elif kind == dp.INFORM:
+            reply = self._reply(packet, dp.ACK)
+        else:
+            return None
+        if kind != dp.INFORM:
+            reply.options[dp.OPT_LEASE_TIME] = struct.pack("!I", cfg.lease_s)
+            reply.options[dp.OPT_RENEWAL_TIME] = struct.pack("!I", cfg.lease_s // 2)
+            reply.options[dp.OPT_REBINDING_TIME] = struct.pack("!I", cfg.lease_s * 7 // 8)
+        reply.options[dp.OPT_SUBNET_MASK] = dp.ip_bytes(cfg.subnet_mask)
+        if cfg.router:
+            reply.options[dp.OPT_ROUTER] = dp.ip_bytes(cfg.router)
+        if cfg.dns:
+            reply.options[dp.OPT_DNS] = dp.ip_bytes(*cfg.dns)
+        if pxe:
+            self._add_boot(packet, reply)
+        return reply
+
+    # -- common --------------------------------------------------------------------------
+
+    def _reply(self, packet: dp.DhcpPacket, kind: int, yiaddr: str = "0.0.0.0") -> dp.DhcpPacket:
+        return dp.DhcpPacket(
+            op=dp.BOOTREPLY, xid=packet.xid, chaddr=packet.chaddr, htype=packet.htype,
+            flags=packet.flags, ciaddr=packet.ciaddr, yiaddr=yiaddr, giaddr=packet.giaddr,
+            options={
+                dp.OPT_MESSAGE_TYPE: bytes((kind,)),
+                dp.OPT_SERVER_ID: dp.ip_bytes(self.config.server_ip),
+            },
+        )  # fmt: skip
+
+    def _add_boot(self, packet: dp.DhcpPacket, reply: dp.DhcpPacket) -> bool:
+        name = boot_file(packet, self.config)
+        if name is None:
+            log.warning(
+                "dhcp: no boot file for %s (architecture %s)", packet.mac, dp.client_arch(packet)
+            )
+            return False
+        reply.siaddr = self.config.server_ip
+        reply.file = name.encode()[:127]
+        reply.options[dp.OPT_VENDOR_CLASS] = b"PXEClient"
+        reply.options[dp.OPT_TFTP_SERVER] = self.config.server_ip.encode()
+        reply.options[dp.OPT_BOOTFILE] = name.encode()
+        return True
+
+
+def reply_address(
+    request: dp.DhcpPacket, source: tuple[str, int], *, server_port: int, client_port: int
+) -> tuple[str, int]:
+    """Where a reply goes (RFC 2131 4.1): the relay, else the sender when it has an
+    address (a renewing client, a test on loopback), else a broadcast on the client port."""
+    if request.giaddr != "0.0.0.0":
+        return request.giaddr, server_port
+    if source[0] != "0.0.0.0":
+        return source
+    return "255.255.255.255", client_port
+
+
+def open_socket(host: str, port: int, interface: str | None) -> socket.socket:
+    """A DHCP socket; on an interface it listens on 0.0.0.0 (where broadcasts arrive),
+    limited to that interface with SO_BINDTODEVICE, and may send broadcasts."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    if interface:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        host = "0.0.0.0"
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+def interface_address(interface: str) -> str:
+    """The IPv4 address of an interface (SIOCGIFADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        req = struct.pack("256s", interface.encode()[:15])
+        res = fcntl.ioctl(sock.fileno(), 0x8915, req)  # SIOCGIFADDR
+    return socket.inet_ntoa(res[20:24])
+
+
+class DhcpServer:
+    """Serves a responder on one or two sockets (the DHCP port, and 4011 for proxy mode)."""
+
+    def __init__(self, responder: DhcpResponder, *, server_port: int, client_port: int) -> None:
+        self.responder = responder
+        self.server_port, self.client_port = server_port, client_port
+        self._transports: list[asyncio.DatagramTransport] = []
+
+    async def start(self, sock: socket.socket, pxe_sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for s, pxe_port in ((sock, False), (pxe_sock, True)):
+            if s is None:
+                continue
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda pxe_port=pxe_port: _Protocol(self, pxe_port), sock=s
+            )
+            self._transports.append(transport)
+            log.info(
+                "dhcp: %s mode on %s:%d%s", self.responder.config.mode, *s.getsockname()[:2],
+                " (PXE port)" if pxe_port else "",
+            )  # fmt: skip
+
+    async def stop(self) -> None:
+        for transport in self._transports:
+            transport.close()
+
+    def on_datagram(
+        self,
+        transport: asyncio.DatagramTransport,
+        data: bytes,
+        source: tuple[str, int],
+        pxe_port: bool,
+    ) -> None:
+        stats = self.responder.stats
+        stats["received"] += 1
+        try:
+            packet = dp.parse(data)
+        except dp.DhcpParseError as exc:
+            stats["malformed"] += 1
+            log.warning("dhcp: malformed packet from %s:%d: %s", *source, exc)
+            return
+        try:
+            reply = self.responder.handle(packet, pxe_port=pxe_port)
+        except Exception:  # one bad packet must not stop DHCP for everyone
+            log.exception("dhcp: failed to answer %s from %s", packet.mac, source)
+            return
+        if reply is None:
+            return
+        dest = reply_address(
+            packet, source, server_port=self.server_port, client_port=self.client_port
+        )
+        transport.sendto(dp.build(reply), dest)
+        stats["replied"] += 1
+        log.info(
+            "dhcp: %s %s -> %s %s file=%s to %s:%d",
+            dp.MESSAGE_NAMES.get(packet.message_type or 0, "?"), packet.mac,
+            dp.MESSAGE_NAMES.get(reply.message_type or 0, "?"), reply.yiaddr,
+            reply.file.decode() or "-", *dest,
+        )  # fmt: skip
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DhcpServer, pxe_port: bool) -> None:
+        self.server, self.pxe_port = server, pxe_port
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.server.on_datagram(self.transport, data, addr, self.pxe_port)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("dhcp socket: %s", exc)
