@@ -160,11 +160,15 @@ class RawTransport(asyncio.Transport):
                     continue
                 # Gather the buffers up to the next file piece: one sendmsg (writev).
                 bufs = []
+                more = 0
                 for item in q:
-                    if isinstance(item, list) or len(bufs) == IOV_MAX:
+                    if isinstance(item, list):
+                        more = socket.MSG_MORE  # a reply header: coalesce it with its data
+                        break
+                    if len(bufs) == IOV_MAX:
                         break
                     bufs.append(item)
-                sent = self._sock.sendmsg(bufs)
+                sent = self._sock.sendmsg(bufs, (), more)
                 self._queued -= sent
                 while sent:
                     b = q[0]
