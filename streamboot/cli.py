@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from streamboot.commands import assign, device, events, registry, session, status, up, vdisk
+from streamboot.commands import assign, device, dhcp, events, registry, session, status, up, vdisk
 
 app = typer.Typer(no_args_is_help=True, help="OS streaming for diskless machines.")
 
@@ -26,6 +26,7 @@ app.add_typer(vdisk.app, name="vdisk")
 app.add_typer(assign.app, name="assign")
 app.add_typer(session.app, name="session")
 app.add_typer(registry.app, name="registry")
+app.add_typer(dhcp.app, name="dhcp")
 
 
 def main() -> None:

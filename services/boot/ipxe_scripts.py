@@ -1,0 +1,114 @@
+"""iPXE scripts, as pure functions of what the registry said.
+
+Everything the server did not write itself (names, messages) goes through :func:`text`
+so a vdisk name can never inject iPXE commands or ``${...}`` expansions into a script.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9 ._:,()/@+=\[\]-]")
+# The hand-off answer is `eval`ed by the initramfs shell: nothing but plain word characters.
+_SHELL_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
+
+
+def text(value: object) -> str:
+    """A value made safe to put on an iPXE command line (one line, no expansions)."""
+    return _UNSAFE.sub("_", str(value))[:200]
+
+
+def script_url(base_url: str, mac: str, uuid: str | None = None, vdisk: str | None = None) -> str:
+    query = {"mac": mac, **({"uuid": uuid} if uuid else {}), **({"vdisk": vdisk} if vdisk else {})}
+    return f"{base_url}/ipxe/script?{urlencode(query)}"
+
+
+def boot_script(base_url: str) -> str:
+    """The fixed entry script DHCP points iPXE at: chain to the per-client script.
+    iPXE expands ``${mac}`` and ``${uuid}`` (the SMBIOS UUID) before fetching."""
+    return (
+        "#!ipxe\n"
+        "echo streamboot: asking the boot server for ${mac}\n"
+        f"chain {base_url}/ipxe/script?mac=${{mac}}&uuid=${{uuid}} || goto failed\n"
+        ":failed\n"
+        "echo streamboot: could not reach the boot server; retrying in 10 seconds\n"
+        "sleep 10\n"
+        f"chain {base_url}/ipxe/boot.ipxe\n"
+    )
+
+
+def message_script(lines: list[str], *, retry_url: str | None = None, wait_s: int = 30) -> str:
+    """Show a message on the client's screen; then retry (``retry_url``) or drop to the
+    iPXE shell, so someone at the machine sees why it does not boot."""
+    out = ["#!ipxe", *(f"echo streamboot: {text(line)}" for line in lines)]
+    if retry_url is not None:
+        out += [f"echo retrying in {wait_s} seconds", f"sleep {wait_s}", f"chain {retry_url}"]
+    else:
+        out += [f"sleep {wait_s}", "shell"]
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the client boots (from the registry's session.open reply)."""
+
+    vdisk: str
+    version: int
+    http_url: str
+    hostname: str | None = None
+
+
+def sanboot_script(session: SessionInfo, *, retry_url: str) -> str:
+    """Boot the vdisk over HTTP range requests; the session token is part of the URL."""
+    who = f" as {text(session.hostname)}" if session.hostname else ""
+    return (
+        "#!ipxe\n"
+        f"echo streamboot: booting {text(session.vdisk)} version {int(session.version)}{who}\n"
+        f"sanboot {session.http_url} || goto failed\n"
+        ":failed\n"
+        "echo streamboot: sanboot failed; asking again in 10 seconds\n"
+        "sleep 10\n"
+        f"chain {retry_url}\n"
+    )
+
+
+def menu_script(
+    *,
+    title: str,
+    vdisks: list[str],
+    default: str | None,
+    timeout_s: int,
+    choice_url: dict[str, str],
+) -> str:
+    """An iPXE menu of the assigned vdisks with a default and a timeout; each item chains
+    back to the script URL with ``vdisk=NAME`` (which records the choice)."""
+    labels = {name: f"vd{i}" for i, name in enumerate(vdisks)}
+    default_label = labels.get(default or "", "vd0")
+    out = ["#!ipxe", f"menu streamboot: {text(title)}"]
+    for name in vdisks:
+        suffix = " (default)" if labels[name] == default_label else ""
+        out.append(f"item {labels[name]} {text(name)}{suffix}")
+    out.append(
+        f"choose --default {default_label} --timeout {int(timeout_s) * 1000} target "
+        f"|| goto {default_label}"
+    )
+    out.append("goto ${target}")
+    for name in vdisks:
+        out += [f":{labels[name]}", f"chain {choice_url[name]}"]
+    return "\n".join(out) + "\n"
+
+
+def shell_word(value: object) -> str:
+    return _SHELL_UNSAFE.sub("_", str(value))[:200]
+
+
+def handoff_text(*, nbd_host: str, nbd_port: int, export: str, write_cache: str) -> str:
+    """The initramfs hand-off answer: shell-safe ``key=value`` lines (clients/linux/handoff.sh)."""
+    return (
+        f"nbd_host={shell_word(nbd_host)}\n"
+        f"nbd_port={int(nbd_port)}\n"
+        f"export={shell_word(export)}\n"
+        f"write_cache={shell_word(write_cache)}\n"
+    )

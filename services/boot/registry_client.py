@@ -1,0 +1,85 @@
+"""Every call the boot service makes to the registry, in one place (its NATS API is in
+services/registry/nats_api.py): a change of subject or field is a change here only.
+
+Errors arrive as :class:`shared.bus.RemoteError` (``kind``: not_found, refused, conflict,
+invalid, internal) or :class:`shared.bus.ServiceUnavailable`; callers decide what the
+client is shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from nats.aio.client import Client as NATS
+
+from shared.bus import request_json
+
+LOOKUP = "streamboot.registry.device.lookup"
+OPEN = "streamboot.registry.session.open"
+RESOLVE = "streamboot.registry.session.resolve"
+
+
+@dataclass(frozen=True)
+class Device:
+    mac: str
+    hostname: str | None
+    vdisks: list[str]
+    default: str | None
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    token: str
+    vdisk: str
+    version: int
+    http_url: str
+    nbd_host: str
+    nbd_port: int
+    write_cache: str
+    hostname: str | None
+
+
+class RegistryClient:
+    def __init__(self, nc: NATS, timeout_s: float = 5.0) -> None:
+        self.nc, self.timeout_s = nc, timeout_s
+
+    async def lookup(self, mac: str, smbios_uuid: str | None) -> Device:
+        """Who a booting client is; the registry applies the unknown-device policy
+        (auto-add, or a ``not_found``/``refused`` error)."""
+        reply = await request_json(
+            self.nc, LOOKUP, {"mac": mac, "smbios_uuid": smbios_uuid}, timeout_s=self.timeout_s
+        )
+        vdisks = [v["name"] for v in reply.get("vdisks", [])]
+        default = next((v["name"] for v in reply.get("vdisks", []) if v.get("default")), None)
+        return Device(reply["mac"], reply.get("hostname"), vdisks, default)
+
+    async def open_session(
+        self,
+        mac: str,
+        smbios_uuid: str | None,
+        vdisk: str | None,
+        correlation_id: str | None = None,
+    ) -> Session:
+        body: dict[str, Any] = {"mac": mac, "smbios_uuid": smbios_uuid, "vdisk": vdisk}
+        if correlation_id:
+            body["correlation_id"] = correlation_id
+        reply = await request_json(self.nc, OPEN, body, timeout_s=self.timeout_s)
+        nbd = urlsplit(reply["nbd_uri"])  # nbd://host:port/TOKEN
+        return Session(
+            session_id=reply["session_id"],
+            token=reply["token"],
+            vdisk=reply["vdisk"],
+            version=int(reply["version"]),
+            http_url=reply["http_url"],
+            nbd_host=nbd.hostname or "",
+            nbd_port=nbd.port or 10809,
+            write_cache=reply.get("write_cache", ""),
+            hostname=reply.get("hostname"),
+        )
+
+    async def resolve(self, token: str) -> dict[str, Any]:
+        """The live session a token opens (``not_found`` once it is closed)."""
+        return await request_json(self.nc, RESOLVE, {"token": token}, timeout_s=self.timeout_s)

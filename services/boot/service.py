@@ -1,0 +1,145 @@
+"""The boot service process: HTTP for iPXE and the hand-off, TFTP, and DHCP when enabled.
+
+Started by ``python -m services.boot`` (see :func:`shared.service.run_service`); its
+endpoints go into the heartbeat (``tftp``, ``dhcp``, ``boot_http``) for ``streamboot status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.boot.boot_http import BootHttp
+from services.boot.dhcp_leases import LeaseStore
+from services.boot.dhcp_server import (
+    DhcpConfig,
+    DhcpResponder,
+    DhcpServer,
+    PxeClient,
+    interface_address,
+    open_socket,
+)
+from services.boot.handoff_store import HandoffStore
+from services.boot.http_server import HttpServer
+from services.boot.registry_client import RegistryClient
+from services.boot.tftp_server import TftpConfig, TftpServer
+from shared.event_sink import QueuedEventSink
+from shared.events import BootRequested, Event
+from shared.service import ServiceRuntime
+from shared.settings import Settings
+
+log = logging.getLogger("streamboot.boot")
+
+LEASES_FILE = ("boot", "dhcp-leases.json")
+
+
+def leases_path(settings: Settings) -> Path:
+    return settings.data_path(*LEASES_FILE)
+
+
+class Emitter:
+    """Hands events to the queued sink at once, from synchronous code (a DHCP packet
+    handler must not wait on the bus): the sink retries until the log has them."""
+
+    def __init__(self, sink: QueuedEventSink) -> None:
+        self.sink = sink
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def __call__(self, event: Event) -> None:
+        future = asyncio.ensure_future(self.sink.emit(event, None))
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.sink.drain()
+
+
+async def start(rt: ServiceRuntime) -> None:
+    s = rt.settings
+    sink = QueuedEventSink(rt.events)
+    rt.spawn(sink.run(), "event-sink")
+    emit = Emitter(sink)
+    rt.on_stop(emit.drain)
+
+    # HTTP first: DHCP tells iPXE clients its URL.
+    handoffs = await HandoffStore.open(rt.js)
+    app = BootHttp(
+        RegistryClient(rt.nc),
+        handoffs,
+        emit,
+        base_url="",  # set below once the port is known
+        menu_timeout_s=s.ipxe_menu_timeout_s,
+    )
+    http = HttpServer(app, s.bind_host, s.boot_http_port)
+    await http.start()
+    rt.on_stop(http.stop)
+    app.base_url = f"http://{s.advertised_host}:{http.port}"
+    rt.vitals["boot_http"] = app.base_url
+
+    root = s.tftp_root or s.boot_files_dir
+    if not root.is_dir():
+        log.warning(
+            "tftp root %s does not exist (apt-get install ipxe, or set STREAMBOOT_TFTP_ROOT)", root
+        )
+    tftp = TftpServer(
+        TftpConfig(
+            root=root,
+            timeout_s=s.tftp_timeout_s,
+            retries=s.tftp_retries,
+            max_windowsize=s.tftp_max_windowsize,
+        ),
+        s.bind_host,
+        s.tftp_port,
+    )
+    await tftp.start()
+    rt.on_stop(tftp.stop)
+    rt.vitals["tftp"] = f"{s.advertised_host}:{tftp.port}"
+    rt.vitals["tftp_stats"] = tftp.stats
+
+    rt.vitals["dhcp"] = "off"
+    if s.dhcp_mode != "off":
+        dhcp = await start_dhcp(s, f"{app.base_url}/ipxe/boot.ipxe", emit)
+        rt.on_stop(dhcp.stop)
+        rt.vitals["dhcp"] = f"{dhcp.responder.config.server_ip}:{s.dhcp_port}"
+        rt.vitals["dhcp_mode"] = s.dhcp_mode
+        rt.vitals["dhcp_stats"] = dhcp.responder.stats
+
+
+async def start_dhcp(s: Settings, script_url: str, emit: Callable[[Event], None]) -> DhcpServer:
+    iface = s.dhcp_interface
+    server_ip = s.dhcp_server_ip or (interface_address(iface) if iface else s.advertised_host)
+    config = DhcpConfig(
+        mode=s.dhcp_mode,  # type: ignore[arg-type]
+        server_ip=server_ip,
+        ipxe_script_url=script_url,
+        bios_file=s.boot_bios_file,
+        efi64_file=s.boot_efi64_file,
+        pool_start=s.dhcp_pool_start,
+        pool_end=s.dhcp_pool_end,
+        subnet_mask=s.dhcp_subnet_mask,
+        router=s.dhcp_router,
+        dns=tuple(s.dhcp_dns),
+        lease_s=s.dhcp_lease_s,
+    )
+    leases = None
+    if config.mode == "full":
+        if not (config.pool_start and config.pool_end):
+            raise RuntimeError("full DHCP needs STREAMBOOT_DHCP_POOL_START and _POOL_END")
+        leases = LeaseStore(leases_path(s), config.pool_start, config.pool_end)
+
+    def on_pxe_discover(client: PxeClient) -> None:
+        emit(BootRequested(mac=client.mac, smbios_uuid=client.uuid, arch=client.arch))
+
+    responder = DhcpResponder(config, leases, on_pxe_discover)
+    server = DhcpServer(
+        responder, server_port=s.dhcp_port, client_port=s.dhcp_client_port or s.dhcp_port + 1
+    )
+    sock = open_socket(s.bind_host, s.dhcp_port, iface)
+    pxe_sock = open_socket(s.bind_host, s.dhcp_pxe_port, iface) if config.mode == "proxy" else None
+    await server.start(sock, pxe_sock)
+    return server
