@@ -51,8 +51,12 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
     """Connect to NATS, retrying with backoff until ``connect_timeout_s``; once connected,
     nats-py reconnects forever and we log every state change clearly."""
 
+    client: list[NATS] = []
+
     async def on_disconnect() -> None:
-        log.warning("%s: disconnected from NATS %s; reconnecting", name, url)
+        # A close we asked for also reports a disconnect: only a lost connection is news.
+        if client and not (client[0].is_closed or client[0].is_draining):
+            log.warning("%s: disconnected from NATS %s; reconnecting", name, url)
 
     async def on_reconnect() -> None:
         log.warning("%s: reconnected to NATS %s", name, url)
@@ -65,7 +69,7 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
     deadline = loop.time() + connect_timeout_s
     while True:
         try:
-            return await nats.connect(
+            nc = await nats.connect(
                 url,
                 name=name,
                 max_reconnect_attempts=-1,
@@ -76,6 +80,8 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
                 allow_reconnect=True,
                 connect_timeout=2,
             )
+            client.append(nc)
+            return nc
         except Exception as exc:
             if loop.time() + delay > deadline:
                 raise BusError(f"cannot reach NATS at {url}: {exc}") from exc

@@ -17,6 +17,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from shared import bus
+from shared.heartbeat import read_heartbeats
 from shared.settings import API_TOKEN_FILE, Settings
 from streamboot.embedded.datadir import DataDir
 from streamboot.embedded.nats import EmbeddedNats
@@ -183,6 +185,7 @@ class Supervisor:
             self.children.append(proc)
             pids[name] = proc.pid
 
+        await self._wait_ready(nats_url)
         eps = endpoints(s)
         if self.nats is not None and self.nats.monitor_port:
             eps["nats_monitor"] = f"http://{s.bind_host}:{self.nats.monitor_port}"
@@ -207,6 +210,37 @@ class Supervisor:
         lines.append("Running; Ctrl-C or SIGTERM stops everything.")
         for line in lines:
             self.out(line)
+
+    async def _wait_ready(self, nats_url: str, timeout_s: float = 90.0) -> None:
+        """Wait until every started service has sent its first heartbeat, so that the
+        system is usable once `up` says "Running" and runtime.json exists."""
+        if not self.services:
+            return
+        nc = await bus.connect(nats_url, "streamboot-up", connect_timeout_s=10)
+        try:
+            js = nc.jetstream()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            while True:
+                for child in self.children:
+                    if not child.running:
+                        raise StartupError(
+                            f"{child.name} exited during startup:\n{child.log_tail()}"
+                        )
+                beats = await read_heartbeats(js, self.settings.heartbeat_timeout_s)
+                ready = {b["service"] for b in beats if b["alive"] and b.get("pid") in self._pids()}
+                waiting = [n for n in self.services if n not in ready]
+                if not waiting:
+                    return
+                if loop.time() > deadline:
+                    self.out(f"streamboot up: warning: no heartbeat yet from {', '.join(waiting)}")
+                    return
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    def _pids(self) -> set[int]:
+        return {c.pid for c in self.children}
 
     def _resolve_ports(self) -> None:
         """Pick free ports for 0s; refuse ports already taken, before starting anything (a
