@@ -36,6 +36,7 @@ from shared.events import (
 )
 from streamboot.embedded.postgres import EmbeddedPostgres
 from streamboot.embedded.proc import free_port
+from streamboot.timeline import device_timelines
 
 
 def mac(i: int) -> str:
@@ -120,6 +121,12 @@ async def bench_store(dsn: str, total: int, single: int, batch: int) -> dict[str
         n += 1
     results["replay through the registry projection"] = n / (time.perf_counter() - t)
     assert len(projection.devices) == 2000, "the replay did not rebuild the devices"
+    await store.pool.execute("ANALYZE events")
+    t = time.perf_counter()
+    boots = await device_timelines(store, mac(7))
+    timeline_s = time.perf_counter() - t
+    assert boots, "device 7 booted in the generated day"
+    print(f"timeline of one device ({len(boots)} boots) on {n:,} events: {timeline_s * 1000:.0f} ms")
     await store.close()
     return results
 

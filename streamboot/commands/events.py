@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from shared.event_store import EventStore, StoredEvent
 from shared.settings import Settings
 from streamboot.commands import DataDirOption
+from streamboot.timeline import device_timelines
 
 app = typer.Typer(no_args_is_help=True, help="Read and follow the event log.")
 
@@ -131,3 +134,51 @@ def tail(
         asyncio.run(_tail(database_url(data_dir), stream, type_, mac, last, as_json))
     except KeyboardInterrupt:
         pass
+
+
+async def _replay(url: str, mac: str, since: datetime | None, as_json: bool) -> int:
+    store = await EventStore.connect(url, max_size=2)
+    try:
+        boots = await device_timelines(store, mac, since)
+    finally:
+        await store.close()
+    if as_json:
+        print(json.dumps([b.to_json() for b in boots], indent=2))
+        return len(boots)
+    console = Console()
+    if not boots:
+        console.print(f"no boots of {mac} in the log")
+    for n, boot in enumerate(boots, 1):
+        table = Table(
+            title=f"boot {n} of {mac}: {boot.started:%Y-%m-%d %H:%M:%S} UTC, "
+            f"{boot.duration_s:.1f} s, {boot.bytes_read:,} B read, {boot.bytes_written:,} B written"
+            + (f" (session {boot.session_id})" if boot.session_id else " (no session)"),
+            title_justify="left",
+        )
+        for col in ("+s", "step took", "event", "detail"):
+            table.add_column(col)
+        for step in boot.steps:
+            table.add_row(
+                f"{step.since_start_s:7.3f}",
+                f"{step.since_previous_s:7.3f}",
+                step.type,
+                step.detail,
+            )
+        console.print(table)
+    return len(boots)
+
+
+@app.command()
+def replay(
+    data_dir: DataDirOption,
+    device: Annotated[str, typer.Option("--device", help="the device's MAC")],
+    since: Annotated[
+        datetime | None, typer.Option(help="only boots from this time on (UTC, ISO 8601)")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A device's boots as timelines: each step and the time it took."""
+    mac = device.lower().replace("-", ":")
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    asyncio.run(_replay(database_url(data_dir), mac, since, as_json))
