@@ -1,0 +1,92 @@
+"""iPXE script generation as pure functions."""
+
+from __future__ import annotations
+
+from services.boot import ipxe_scripts as s
+from services.boot.boot_http import normalize_mac
+
+BASE = "http://10.0.0.1:18082"
+
+
+def test_boot_script_chains_with_mac_and_uuid() -> None:
+    script = s.boot_script(BASE)
+    assert script.startswith("#!ipxe\n")
+    assert f"chain {BASE}/ipxe/script?mac=${{mac}}&uuid=${{uuid}} || goto failed" in script
+    assert script.rstrip().endswith(f"chain {BASE}/ipxe/boot.ipxe")  # retries on failure
+
+
+def test_menu_has_items_default_timeout_and_choice_urls() -> None:
+    vdisks = ["win11", "ubuntu", "rescue"]
+    urls = {v: s.script_url(BASE, "52:54:00:12:34:56", "u-1", v) for v in vdisks}
+    script = s.menu_script(
+        title="choose what lab-001 boots", vdisks=vdisks, default="ubuntu", timeout_s=7,
+        choice_url=urls,
+    )  # fmt: skip
+    lines = script.splitlines()
+    assert lines[0] == "#!ipxe" and lines[1] == "menu streamboot: choose what lab-001 boots"
+    assert lines[2:5] == ["item vd0 win11", "item vd1 ubuntu (default)", "item vd2 rescue"]
+    assert "choose --default vd1 --timeout 7000 target || goto vd1" in lines
+    assert "goto ${target}" in lines
+    i = lines.index(":vd2")
+    assert (
+        lines[i + 1]
+        == f"chain {BASE}/ipxe/script?mac=52%3A54%3A00%3A12%3A34%3A56&uuid=u-1&vdisk=rescue"
+    )
+
+
+def test_menu_without_a_default_uses_the_first() -> None:
+    script = s.menu_script(
+        title="t", vdisks=["a", "b"], default=None, timeout_s=5, choice_url={"a": "x", "b": "y"}
+    )
+    assert "choose --default vd0 --timeout 5000 target || goto vd0" in script
+
+
+def test_sanboot_script() -> None:
+    info = s.SessionInfo("win11", 3, "http://10.0.0.2:18081/s/TOKEN", "lab-001")
+    script = s.sanboot_script(info, retry_url=f"{BASE}/ipxe/script?mac=x")
+    assert "sanboot http://10.0.0.2:18081/s/TOKEN || goto failed" in script
+    assert "echo streamboot: booting win11 version 3 as lab-001" in script
+    assert script.rstrip().endswith(f"chain {BASE}/ipxe/script?mac=x")
+
+
+def test_messages_refuse_or_retry() -> None:
+    refused = s.message_script(["unknown machine"], wait_s=30)
+    assert refused.splitlines() == [
+        "#!ipxe",
+        "echo streamboot: unknown machine",
+        "sleep 30",
+        "shell",
+    ]
+    retry = s.message_script(["busy"], retry_url="http://x/y", wait_s=10)
+    assert retry.splitlines()[-3:] == [
+        "echo retrying in 10 seconds",
+        "sleep 10",
+        "chain http://x/y",
+    ]
+
+
+def test_untrusted_text_cannot_inject_commands() -> None:
+    evil = "x${net0/mac}\nshell\r;`rm`'$(id)"
+    script = s.message_script([evil])
+    assert "${" not in script and "\nshell\n" not in script.split("sleep")[0]
+    assert len(script.splitlines()) == 4
+    menu = s.menu_script(
+        title=evil, vdisks=[evil], default=None, timeout_s=1, choice_url={evil: "http://x/"}
+    )
+    assert "${net0" not in menu and "$(" not in menu
+
+
+def test_handoff_answer_is_shell_safe() -> None:
+    text = s.handoff_text(
+        nbd_host="10.0.0.2", nbd_port=10809, export="AbC-_9$(reboot)", write_cache="server-disk"
+    )
+    assert text.splitlines() == [
+        "nbd_host=10.0.0.2", "nbd_port=10809", "export=AbC-_9__reboot_", "write_cache=server-disk",
+    ]  # fmt: skip
+
+
+def test_mac_normalization() -> None:
+    assert normalize_mac("52-54-00-AB-CD-EF") == "52:54:00:ab:cd:ef"
+    assert normalize_mac(" 52:54:00:ab:cd:ef ") == "52:54:00:ab:cd:ef"
+    for bad in ("", "52:54:00:ab:cd", "zz:54:00:ab:cd:ef", "52:54:00:ab:cd:ef:00", "${mac}"):
+        assert normalize_mac(bad) is None

@@ -1,0 +1,234 @@
+"""The boot service (its real `start`, in this test's loop) against the real registry on
+real NATS and PostgreSQL: iPXE scripts, menus, the hand-off, BootRequested from DHCP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.boot import dhcp_packets as dp
+from services.boot.service import start
+from shared import bus
+from shared.service import ServiceRuntime
+from shared.settings import Settings
+from streamboot.embedded.proc import free_port
+from tests.registry.conftest import Registry, write_image
+
+pytestmark = pytest.mark.timeout(120)
+MAC = "52:54:00:12:34:56"
+UUID = "d4c3b2a1-f6e5-1807-293a-4b5c6d7e8f90"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@dataclass
+class Boot:
+    rt: ServiceRuntime
+    url: str
+    tftp_root: Path
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30)
+
+    async def script(self, **query: str) -> str:
+        async with self.http() as http:
+            r = await http.get("/ipxe/script", params=query)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return r.text
+
+
+@pytest.fixture
+async def boot(registry: Registry, nats_url: str, tmp_path: Path) -> AsyncIterator[Boot]:
+    root = tmp_path / "tftp"
+    root.mkdir()
+    (root / "ipxe.efi").write_bytes(os.urandom(70_000))
+    settings = Settings(
+        data_dir=tmp_path / "boot-data",
+        nats_url=nats_url,
+        node_id="boot-test",
+        boot_http_port=0,
+        tftp_port=0,
+        tftp_root=root,
+        dhcp_mode="proxy",
+        dhcp_port=free_port(),
+        dhcp_pxe_port=free_port(),
+        ipxe_menu_timeout_s=5,
+    )
+    rt = ServiceRuntime("boot", settings)
+    await rt.connect()
+    await start(rt)
+    try:
+        yield Boot(rt, rt.vitals["boot_http"], root)
+    finally:
+        await rt.stop()
+
+
+async def seed(reg: Registry, tmp: Path, mac: str, *names: str, default: str | None = None) -> None:
+    async with reg.http() as http:
+        r = await http.post("/devices", json={"mac": mac})
+        assert r.status_code == 201, r.text
+        for name in names:
+            image = write_image(tmp / f"{name}.raw", 1 << 20, {0: name.encode()})
+            await reg.cli_json("vdisk", "import", str(image), "--name", name)
+            body = {"target": mac, "vdisk": name, "default": name == (default or names[0])}
+            r = await http.post("/assignments", json=body)
+            assert r.status_code == 200, r.text
+
+
+async def events_of(reg: Registry, kind: str, count: int) -> list[Any]:
+    for _ in range(100):
+        found = await reg.app.store.read_all(types=[kind])
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} {kind} events never reached the log")
+
+
+async def test_vitals_advertise_endpoints(boot: Boot) -> None:
+    vitals = boot.rt.vitals
+    assert vitals["boot_http"].startswith("http://127.0.0.1:")
+    assert vitals["tftp"].startswith("127.0.0.1:") and vitals["dhcp"].startswith("127.0.0.1:")
+
+
+async def test_entry_script(boot: Boot) -> None:
+    async with boot.http() as http:
+        r = await http.get("/ipxe/boot.ipxe")
+    assert r.status_code == 200
+    assert f"chain {boot.url}/ipxe/script?mac=${{mac}}&uuid=${{uuid}}" in r.text
+
+
+async def test_unknown_device_is_refused_on_screen(boot: Boot, registry: Registry) -> None:
+    script = await boot.script(mac=MAC, uuid=UUID)
+    assert "may not boot here" in script and MAC in script
+    assert script.rstrip().endswith("shell") and "sanboot" not in script
+    assert registry.app.list_sessions() == []
+
+
+async def test_one_vdisk_boots_and_hands_off(boot: Boot, registry: Registry, nc: Any) -> None:
+    await seed(registry, registry.data_dir, MAC, "win")
+    script = await boot.script(mac=MAC.upper().replace(":", "-"), uuid=UUID)
+    [line] = [x for x in script.splitlines() if x.startswith("sanboot ")]
+    url = line.split()[1]
+    [session] = registry.app.list_sessions()
+    assert session["mac"] == MAC and session["vdisk"] == "win"
+    assert url.startswith(session["http_url"]) and len(url) > len(session["http_url"])
+    token = url[len(session["http_url"]) :]
+
+    async with boot.http() as http:
+        r = await http.get("/handoff", params={"mac": MAC})
+        assert r.status_code == 200, r.text
+        answer = dict(line.split("=", 1) for line in r.text.splitlines())
+        assert answer["export"] == token
+        assert f"nbd://{answer['nbd_host']}:{answer['nbd_port']}/" == session["nbd_uri"]
+        assert answer["write_cache"] == session["write_cache"]
+        # Only that device's session.
+        assert (await http.get("/handoff", params={"mac": "52:54:00:00:00:01"})).status_code == 404
+        assert (await http.get("/handoff", params={"mac": "nonsense"})).status_code == 400
+        assert (await http.get("/handoff")).status_code == 400
+
+    # Booting again while the session is live: told on screen, retried by itself.
+    again = await boot.script(mac=MAC, uuid=UUID)
+    assert "cannot boot" in again and "chain " in again and "sanboot" not in again
+
+    # Closed session: no more hand-off.
+    await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
+    async with boot.http() as http:
+        assert (await http.get("/handoff", params={"mac": MAC})).status_code == 404
+
+
+async def test_menu_and_the_choice_are_recorded(boot: Boot, registry: Registry) -> None:
+    await seed(registry, registry.data_dir, MAC, "win", "linux", default="linux")
+    menu = await boot.script(mac=MAC, uuid=UUID)
+    assert "item vd0 win" in menu and "item vd1 linux (default)" in menu
+    assert "choose --default vd1 --timeout 5000 target" in menu
+    [shown] = await events_of(registry, "BootMenuShown", 1)
+    assert shown.data == {
+        "mac": MAC,
+        "vdisks": ["win", "linux"],
+        "default": "linux",
+        "chosen": None,
+    }
+    assert registry.app.list_sessions() == []
+
+    # The client picks "win": the menu item's URL.
+    lines = menu.splitlines()
+    choice_url = lines[lines.index(":vd0") + 1].removeprefix("chain ")
+    async with boot.http() as http:
+        r = await http.get(choice_url)
+    assert "sanboot " in r.text and "booting win version" in r.text
+    _, chosen = await events_of(registry, "BootMenuShown", 2)
+    assert chosen.data["chosen"] == "win"
+    [session] = registry.app.list_sessions()
+    assert session["vdisk"] == "win"
+
+    # A vdisk that is not assigned is refused, with the way back to the menu.
+    other = await boot.script(mac="52:54:00:00:00:02", vdisk="win")
+    assert "sanboot" not in other
+
+
+async def test_pxe_discover_emits_boot_requested(boot: Boot, registry: Registry) -> None:
+    port = int(boot.rt.vitals["dhcp"].rsplit(":", 1)[1])
+    discover = (FIXTURES / "udhcpc_pxe_discover.bin").read_bytes()
+    ipxe = dp.parse(discover)
+    ipxe.options[dp.OPT_USER_CLASS] = b"iPXE"
+
+    def go() -> list[dp.DhcpPacket]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            replies = []
+            for packet in (discover, dp.build(ipxe)):
+                sock.sendto(packet, ("127.0.0.1", port))
+                replies.append(dp.parse(sock.recv(2048)))
+            return replies
+
+    firmware, already_ipxe = await asyncio.to_thread(go)
+    assert firmware.file == b"ipxe.efi"
+    assert already_ipxe.file == f"{boot.url}/ipxe/boot.ipxe".encode()
+    requested = await events_of(registry, "BootRequested", 2)
+    assert requested[0].data["mac"] == MAC and requested[0].data["arch"] == 7
+    assert requested[0].data["smbios_uuid"] == UUID
+
+
+async def test_tftp_serves_the_boot_files(boot: Boot, tmp_path: Path) -> None:
+    out = tmp_path / "got.efi"
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sf", "--tftp-blksize", "1468", "-o", str(out),
+        f"tftp://{boot.rt.vitals['tftp']}/ipxe.efi",
+    )  # fmt: skip
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert out.read_bytes() == (boot.tftp_root / "ipxe.efi").read_bytes()
+
+
+async def test_bad_http_requests(boot: Boot) -> None:
+    host, port = boot.url.removeprefix("http://").split(":")
+
+    async def raw(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        return answer
+
+    assert (await raw(b"garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
+    assert (await raw(b"POST /ipxe/boot.ipxe HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405")
+    assert (await raw(b"GET /nope HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404")
+    assert (await raw(b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n")).startswith(
+        b"HTTP/1.1 431"
+    )
+    head = await raw(b"HEAD /ipxe/boot.ipxe HTTP/1.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+    assert await raw(b"") == b""  # a client that connects and leaves
+    assert (await raw(b"GET /ipxe/boo")).startswith(b"HTTP/1.1 400")  # cut short
+    script = await boot.script(mac="not-a-mac")
+    assert "bad MAC address" in script
+    async with boot.http() as http:  # still serving
+        assert (await http.get("/healthz")).status_code == 200
