@@ -1,0 +1,128 @@
+"""`python -m services.boot` as its own process: its endpoints in `streamboot status --json`,
+full DHCP leases in `streamboot dhcp leases --json`, kept across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.boot import dhcp_packets as dp
+from streamboot.embedded.proc import free_port
+
+pytestmark = pytest.mark.timeout(120)
+PLAIN_DISCOVER = (Path(__file__).parent / "fixtures" / "udhcpc_plain_discover.bin").read_bytes()
+
+
+def boot_env(nats_url: str, data_dir: Path, dhcp_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")}
+    env.update(
+        STREAMBOOT_NATS_URL=nats_url,
+        STREAMBOOT_DATA_DIR=str(data_dir),
+        STREAMBOOT_NODE_ID="boot-process-test",
+        STREAMBOOT_HEARTBEAT_INTERVAL_S="0.5",
+        STREAMBOOT_BOOT_HTTP_PORT=str(free_port()),
+        STREAMBOOT_TFTP_PORT=str(free_port()),
+        STREAMBOOT_TFTP_ROOT=str(data_dir),
+        STREAMBOOT_DHCP_MODE="full",
+        STREAMBOOT_DHCP_PORT=str(dhcp_port),
+        STREAMBOOT_DHCP_POOL_START="10.213.1.10",
+        STREAMBOOT_DHCP_POOL_END="10.213.1.20",
+    )
+    return env
+
+
+async def cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from streamboot.cli import main; main()", *args,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, json.loads(out or b"null")
+
+
+async def lease_cycle(port: int, mac: bytes) -> dp.DhcpPacket:
+    """DISCOVER then REQUEST the offered address; returns the ACK."""
+
+    def go() -> dp.DhcpPacket:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2)
+            discover = dp.parse(PLAIN_DISCOVER)
+            discover.chaddr = mac
+            for _ in range(20):  # the server may still be starting
+                sock.sendto(dp.build(discover), ("127.0.0.1", port))
+                try:
+                    offer = dp.parse(sock.recv(2048))
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                raise AssertionError("no DHCP offer")
+            request = dp.parse(PLAIN_DISCOVER)
+            request.chaddr = mac
+            request.options[dp.OPT_MESSAGE_TYPE] = bytes((dp.REQUEST,))
+            request.options[dp.OPT_REQUESTED_IP] = dp.ip_bytes(offer.yiaddr)
+            request.options[dp.OPT_SERVER_ID] = offer.options[dp.OPT_SERVER_ID]
+            sock.sendto(dp.build(request), ("127.0.0.1", port))
+            return dp.parse(sock.recv(2048))
+
+    return await asyncio.to_thread(go)
+
+
+async def run_boot(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.boot", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def stop(proc: asyncio.subprocess.Process) -> bytes:
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return err
+
+
+async def test_status_endpoints_and_leases_across_restart(nats_url: str, tmp_path: Path) -> None:
+    dhcp_port = free_port()
+    env = boot_env(nats_url, tmp_path, dhcp_port)
+    mac = bytes.fromhex("525400c0ffee")
+    proc = await run_boot(env)
+    try:
+        ack = await lease_cycle(dhcp_port, mac)
+        assert ack.message_type == dp.ACK and ack.yiaddr == "10.213.1.10"
+        for _ in range(100):
+            _, status = await cli(env, "status", "--json")
+            if status["services"]["boot"]["alive"] and "tftp" in status["endpoints"]:
+                break
+            await asyncio.sleep(0.2)
+        ends = status["endpoints"]
+        assert ends["tftp"] == f"127.0.0.1:{env['STREAMBOOT_TFTP_PORT']}"
+        assert ends["dhcp"] == f"127.0.0.1:{dhcp_port}"
+        assert ends["boot_http"] == f"http://127.0.0.1:{env['STREAMBOOT_BOOT_HTTP_PORT']}"
+    finally:
+        await stop(proc)
+
+    code, leases = await cli(env, "dhcp", "leases", "--json")
+    assert code == 0
+    assert [(x["mac"], x["ip"], x["state"], x["active"]) for x in leases] == [
+        ("52:54:00:c0:ff:ee", "10.213.1.10", "bound", True)
+    ]
+
+    # Restarted, the server still knows the lease: another client gets another address,
+    # and the first one keeps its own.
+    proc = await run_boot(env)
+    try:
+        other = await lease_cycle(dhcp_port, bytes.fromhex("525400000042"))
+        again = await lease_cycle(dhcp_port, mac)
+    finally:
+        await stop(proc)
+    assert other.yiaddr == "10.213.1.11" and again.yiaddr == "10.213.1.10"
