@@ -66,6 +66,8 @@ def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
         middlewares=[NatsTelemetryMiddleware()],
         max_reconnect_attempts=-1,
         graceful_timeout=5.0,
+        # Per-message access logs at DEBUG: a boot storm must not flood the log.
+        log_level=logging.DEBUG,
     )
 
     def handle(verb: str) -> Callable[[Callable[..., Awaitable[Reply]]], Any]:

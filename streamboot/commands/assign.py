@@ -10,8 +10,8 @@ from rich.console import Console
 from services.registry.client import run
 from streamboot.commands import DataDirOption
 
-app = typer.Typer(help="Assign vdisks to a device or a collection.")
-console = Console()
+# One command, registered in streamboot.cli as `app.command()(assign.assign)`.
+console = Console(soft_wrap=True)
 
 
 def show_assignment(a: dict[str, Any]) -> None:
@@ -19,7 +19,6 @@ def show_assignment(a: dict[str, Any]) -> None:
     console.print(f"{a['target_kind']} {a['target']}: {vdisks or 'nothing assigned'}")
 
 
-@app.callback(invoke_without_command=True)
 def assign(
     target: Annotated[
         str, typer.Argument(help="device MAC, or a collection name with --collection")

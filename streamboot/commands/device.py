@@ -13,7 +13,7 @@ from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="Devices (client machines), keyed by MAC.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def show_device(d: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="The registry's read models.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def show_rebuild(r: dict[str, Any]) -> None:

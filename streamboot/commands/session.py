@@ -14,7 +14,7 @@ from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="Boot sessions.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def show_opened(s: dict[str, Any]) -> None:

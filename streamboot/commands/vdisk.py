@@ -24,7 +24,7 @@ from streamboot.commands import DataDirOption
 app = typer.Typer(no_args_is_help=True, help="vdisks (disk images) and their versions.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 PHASES = {
     "convert": "converting to raw",
