@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,6 +71,19 @@ def in_netns(ns: str, make: Callable[[], T]) -> T:
     return result[0]
 
 
+def wait_up(ns: str, interface: str) -> None:
+    """A veth end is "up" a moment after `ip link set up`; a broadcast sent before is lost."""
+    for _ in range(100):
+        out = subprocess.run(
+            ["ip", "-n", ns, "-o", "link", "show", "dev", interface],
+            capture_output=True, text=True, timeout=10,
+        ).stdout  # fmt: skip
+        if "state UP" in out:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{interface} in {ns} did not come up")
+
+
 @contextmanager
 def veth_link(client_mac: str = "52:54:00:12:34:56") -> Iterator[Link]:
     tag = uuid.uuid4().hex[:6]
@@ -86,6 +100,8 @@ def veth_link(client_mac: str = "52:54:00:12:34:56") -> Iterator[Link]:
         ip("-n", link.server_ns, "link", "set", link.server_if, "up")
         ip("-n", link.client_ns, "link", "set", link.client_if, "address", client_mac)
         ip("-n", link.client_ns, "link", "set", link.client_if, "up")
+        wait_up(link.server_ns, link.server_if)
+        wait_up(link.client_ns, link.client_if)
         yield link
     finally:
         for ns in (link.client_ns, link.server_ns):
