@@ -113,7 +113,9 @@ def test_vm_boots_with_its_disk_over_nbd(server: ServerThread, images, tmp_path:
     vmlinuz, version = found
     initrd = tmp_path / "initrd.cpio"
     build_initramfs(initrd, version)
-    kvm = ["-enable-kvm", "-cpu", "host"] if os.access("/dev/kvm", os.W_OK) else []
+    # TCG by default: a kernel this small boots in seconds, and KVM under nested
+    # virtualisation hung at the kernel entry on the development machine.
+    kvm = ["-enable-kvm"] if os.environ.get("STREAMBOOT_TEST_KVM") == "1" else []
     # QEMU reads the kernel itself; a copy keeps /boot's permissions out of the way.
     shutil.copy(vmlinuz, tmp_path / "vmlinuz")
     out = subprocess.run(
