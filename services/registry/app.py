@@ -119,7 +119,7 @@ class RegistryApp:
             try:
                 async for row in self.store.follow(self.projection.position):
                     self.offer([row])
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # PostgreSQL restarting, a dropped connection...
                 log.warning("registry: following the log paused (%s)", exc)
                 await asyncio.sleep(1.0)
 

@@ -147,25 +147,32 @@ class RegistryService:
             stopper.cancel()
 
     async def stop(self) -> None:
-        self.server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self.tasks[0]), 5.0)
-        await self.heartbeat.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.broker.stop(), 5.0)
+        """Stop whatever was started (also after a start that failed half-way)."""
+        if hasattr(self, "server"):
+            self.server.should_exit = True
+        if self.tasks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.tasks[0]), 5.0)
+        if hasattr(self, "heartbeat"):
+            await self.heartbeat.stop()
+        if hasattr(self, "broker"):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.broker.stop(), 5.0)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), 5.0)
-        await self.store.close()
+        if hasattr(self, "nc"):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 5.0)
+        if hasattr(self, "store"):
+            await self.store.close()
         log.info("registry: stopped")
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     svc = RegistryService(settings)
-    await svc.start()
     try:
+        await svc.start()
         await svc.wait(stop)
     finally:
         await svc.stop()
