@@ -96,6 +96,18 @@ class Settings(BaseSettings):
     # The local vdisk store (default DATA_DIR/vdisks); the importing CLI writes into it too.
     vdisk_dir: Path | None = None
 
+    # Cache service (services/cache): per-session write caches, shared read cache, profiles.
+    # The stream keeps server-side write caches in the cache service (False: in process).
+    stream_use_cache: bool = True
+    cache_write_capacity: int = 8 << 30  # bytes one session's write cache may hold
+    cache_read_capacity: int = 4 << 30  # bytes of the shared read cache, all versions
+    cache_ram_dir: Path | None = None  # server-ram write caches (default: a /dev/shm folder)
+    # Non-local vdisk stores by name, e.g. {"ftp": "ftp://user:pw@host:21/vdisks",
+    # "san": "blockdev:///"}; "local" is always the vdisk dir.
+    cache_stores: dict[str, str] = Field(default_factory=dict)
+    boot_profile_window_s: float = 60.0
+    boot_profile_max_boots: int = 10
+
     # Telemetry: where spans go.
     trace_exporter: Literal["none", "otlp", "jsonl"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"

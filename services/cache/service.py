@@ -1,18 +1,272 @@
-"""The cache service process.
+"""The cache service process: write caches, the shared read cache, boot profiles, prefetch.
 
-Issue 5 gives it its work: per-session write caches, the shared read cache, boot profiles
-and prefetch. Until that lands it runs as a member of the system (connected, heartbeating,
-shown by ``streamboot status``) and owns nothing yet; the stream service keeps session
-writes in process behind the write-cache seam (services/stream/path/write_cache.py).
+Wiring only; each job is its own module:
+
+- ``write_cache.py``   per-session write caches (files + block maps, recovered on start)
+- ``read_cache.py``    the shared read cache per vdisk version, bounded, LRU by extent
+- ``stores/``          local directory, FTP (aioftp), block device
+- ``boot_profiles.py`` learning from BlocksRequested, BootProfileUpdated
+- ``wire.py``          the subjects and framing the stream speaks (raw nats-py)
+
+On BootRequested it prefetches the version's boot profile into the read cache and emits
+PrefetchCompleted; on SessionClosed it drops the session's write cache (unless kept).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from services.cache import wire
+from services.cache.boot_profiles import BootProfiles, Profile
+from services.cache.read_cache import ReadCaches, VersionCache
+from services.cache.stores import Store, StoreError, open_store
+from services.cache.stores.local import LocalStore
+from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
+from shared.bus import RemoteError, serve_json
+from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
 from shared.service import ServiceRuntime, run_service
+from shared.settings import Settings
+
+log = logging.getLogger("streamboot.cache")
+
+
+def ram_dir(settings: Settings) -> Path:
+    if settings.cache_ram_dir is not None:
+        return settings.cache_ram_dir
+    tag = hashlib.sha256(str(settings.data_dir.absolute()).encode()).hexdigest()[:12]
+    return Path("/dev/shm") / f"streamboot-cache-{tag}"
+
+
+class CacheService:
+    def __init__(self, rt: ServiceRuntime) -> None:
+        self.rt = rt
+        s = rt.settings
+        root = s.data_path("cache")
+        self.stores: dict[str, Store] = {"local": LocalStore(str(s.vdisk_root))}
+        for name, url in s.cache_stores.items():
+            self.stores[name] = open_store(url)
+        self.writes = WriteCaches(root / "write", ram_dir(s), s.cache_write_capacity, self._full)
+        self.reads = ReadCaches(root / "read", s.cache_read_capacity, self.stores)
+        self.profiles = BootProfiles(
+            root / "profiles", s.boot_profile_window_s, s.boot_profile_max_boots, self._profile
+        )
+        self._emits: set[asyncio.Task[Any]] = set()
+        self.prefetches = 0
+
+    # --- events out -----------------------------------------------------------------
+
+    def emit(self, event: Event, correlation_id: str | None = None) -> None:
+        async def send() -> None:
+            try:
+                await self.rt.events.emit(event, correlation_id=correlation_id)
+            except Exception:
+                log.exception("cannot emit %s", event.event_type())
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._emits.add(task)
+        task.add_done_callback(self._emits.discard)
+
+    def _full(self, wc: SessionWriteCache) -> None:
+        sid = wc.meta.get("session_id") or wc.key
+        self.emit(WriteCacheFull(session_id=sid, capacity=wc.capacity, used=wc.used), sid)
+
+    def _profile(self, key: str, prof: Profile) -> None:
+        vdisk, _, version = key.rpartition("@")
+        self.emit(
+            BootProfileUpdated(
+                vdisk=vdisk,
+                version=int(version),
+                boots_seen=prof.boots,
+                extents=prof.extents,
+                bytes=prof.bytes,
+            )
+        )
+
+    # --- write caches ---------------------------------------------------------------
+
+    async def wc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+        try:
+            wc = self.writes.open(body)
+        except WriteCacheError as e:
+            raise RemoteError(str(e), e.kind) from e
+        return {"state": wc.encoded_state(), "used": wc.used, "capacity": wc.capacity}
+
+    async def wc_write(self, msg: Msg) -> None:
+        try:
+            key, records = wire.parse_batch(msg.data)
+        except ValueError as e:
+            log.error("bad write batch: %s", e)
+            await msg.respond(wire.fail(str(e), "invalid"))
+            return
+        statuses = self.writes.apply(key, records)
+        await msg.respond(statuses)
+
+    async def wc_read(self, msg: Msg) -> None:
+        try:
+            body = json.loads(msg.data)
+            wc = self.writes.get(str(body["key"]))
+            length = min(int(body["length"]), wire.MAX_CHUNK)
+            reply = wire.ok(wc.read(int(body["offset"]), length))
+        except WriteCacheError as e:
+            reply = wire.fail(str(e), e.kind)
+        except (ValueError, KeyError, OSError) as e:
+            reply = wire.fail(f"bad read: {e}", "invalid")
+        await msg.respond(reply)
+
+    async def wc_list(self, _body: Any, _msg: Msg) -> list[dict[str, Any]]:
+        return [wc.view() for wc in self.writes.caches.values()]
+
+    # --- read cache -----------------------------------------------------------------
+
+    async def rc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+        try:
+            await self.reads.open(body)
+        except (StoreError, OSError) as e:
+            raise RemoteError(f"cannot open {body.get('key')}: {e}", "unavailable") from e
+        return {"profile": self.profiles.extents(body["vdisk"], int(body["version"]))}
+
+    async def rc_read(self, msg: Msg) -> None:
+        try:
+            body = json.loads(msg.data)
+            vc = self.reads.get(str(body["key"]))
+            if vc is None:
+                reply = wire.fail(f"read cache {body['key']!r} not open", "not_found")
+            else:
+                length = min(int(body["length"]), wire.MAX_CHUNK)
+                reply = wire.ok(await self.reads.read(vc, int(body["offset"]), length))
+        except (StoreError, OSError) as e:
+            log.error("read cache: store read failed: %s", e)
+            reply = wire.fail(str(e), "unavailable")
+        except (ValueError, KeyError) as e:
+            reply = wire.fail(f"bad read: {e}", "invalid")
+        await msg.respond(reply)
+
+    async def spawn_read(self, msg: Msg) -> None:
+        task = asyncio.get_running_loop().create_task(self.rc_read(msg))
+        self._emits.add(task)
+        task.add_done_callback(self._emits.discard)
+
+    async def stats(self, _body: Any, _msg: Msg) -> dict[str, Any]:
+        return {
+            "read_cache": self.reads.stats(),
+            "write_caches": [wc.view() for wc in self.writes.caches.values()],
+            "profiles": {
+                k: {"boots": p.boots, "bytes": p.bytes} for k, p in self.profiles.profiles.items()
+            },
+            "prefetches": self.prefetches,
+        }
+
+    # --- events in ------------------------------------------------------------------
+
+    async def on_blocks(self, msg: Msg) -> None:
+        try:
+            self.profiles.observe(json.loads(msg.data)["data"])
+        except (ValueError, KeyError) as e:
+            log.warning("unusable BlocksRequested event: %s", e)
+
+    async def on_session_closed(self, msg: Msg) -> None:
+        sid = json.loads(msg.data).get("data", {}).get("session_id", "")
+        self.profiles.end_boot(sid)
+        self.writes.drop_session(sid)
+
+    async def on_boot_requested(self, msg: Msg) -> None:
+        data = json.loads(msg.data).get("data", {})
+        vc = self._version_for(data.get("vdisk"), data.get("version"))
+        if vc is not None:
+            self.rt.spawn(self.prefetch(vc), f"prefetch-{vc.key}")
+
+    def _version_for(self, vdisk: str | None, version: int | None) -> VersionCache | None:
+        """The read cache of the booting version (its newest, when the boot did not say)."""
+        cands = [
+            vc
+            for vc in self.reads.versions.values()
+            if vc.info.get("vdisk") == vdisk
+            and (version is None or vc.info.get("version") == version)
+        ]
+        return max(cands, key=lambda vc: int(vc.info.get("version") or 0), default=None)
+
+    async def prefetch(self, vc: VersionCache) -> int:
+        """Read the version's boot profile into the read cache; PrefetchCompleted says how much."""
+        vdisk, version = str(vc.info["vdisk"]), int(vc.info["version"])
+        extents = self.profiles.extents(vdisk, version)
+        if not extents:
+            return 0
+        started = time.perf_counter()
+        before = self.reads.store_bytes
+        sem = asyncio.Semaphore(8)
+
+        async def one(o: int, n: int) -> None:
+            async with sem:
+                await self.reads.ensure(vc, o, min(n, vc.size - o))
+
+        try:
+            await asyncio.gather(*(one(o, n) for o, n in extents))
+        except (StoreError, OSError) as e:
+            log.error("prefetch of %s failed: %s", vc.key, e)
+        self.reads._evict()
+        fetched = self.reads.store_bytes - before
+        ms = (time.perf_counter() - started) * 1000
+        self.prefetches += 1
+        log.info("prefetched %s: %d bytes from the store in %.0f ms", vc.key, fetched, ms)
+        self.emit(PrefetchCompleted(vdisk=vdisk, version=version, bytes=fetched, duration_ms=ms))
+        return fetched
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._emits, return_exceptions=True)
+        self.writes.close()
+        self.reads.close()
+        for store in self.stores.values():
+            await store.close()
 
 
 async def start(rt: ServiceRuntime) -> None:
-    rt.vitals = {"write_caches": 0, "read_cache_bytes": 0}
+    svc = CacheService(rt)
+    recovered = svc.writes.recover()
+    svc.profiles.load()
+    if recovered:
+        log.info("cache: recovered %d write caches", recovered)
+    nc, q = rt.nc, wire.QUEUE
+    subs = [
+        await serve_json(nc, wire.WC_OPEN, svc.wc_open, queue=q),
+        await nc.subscribe(wire.WC_WRITE, queue=q, cb=svc.wc_write),
+        await nc.subscribe(wire.WC_READ, queue=q, cb=svc.wc_read),
+        await serve_json(nc, wire.WC_LIST, svc.wc_list, queue=q),
+        await serve_json(nc, wire.RC_OPEN, svc.rc_open, queue=q),
+        # Store reads may be slow: each read its own task (a subscription's callbacks run
+        # one at a time). Writes stay in order on theirs.
+        await nc.subscribe(wire.RC_READ, queue=q, cb=svc.spawn_read),
+        await serve_json(nc, wire.STATS, svc.stats, queue=q),
+        await nc.subscribe("events.BlocksRequested.>", queue=q, cb=svc.on_blocks),
+        await nc.subscribe("events.SessionClosed.>", queue=q, cb=svc.on_session_closed),
+        await nc.subscribe("events.BootRequested.>", queue=q, cb=svc.on_boot_requested),
+    ]
+    await nc.flush()
+
+    def vitals() -> dict[str, Any]:
+        r = svc.reads.stats()
+        return {
+            "write_caches": len(svc.writes.caches),
+            "write_cache_bytes": sum(wc.used for wc in svc.writes.caches.values()),
+            "read_cache_bytes": r["used"],
+            "read_cache_hit_ratio": r["hit_ratio"],
+        }
+
+    rt.vitals = vitals
+
+    async def stop() -> None:
+        for sub in subs:
+            await sub.unsubscribe()
+        await svc.close()
+
+    rt.on_stop(stop)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ sink into the log; a ``SessionClosed`` seen on the bus drops that session's stat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from services.cache.client import BlockingFetcher, CacheClient
+from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec
@@ -46,6 +49,9 @@ class RegistryResolver:
             size=int(reply["size"]),
             write_cache=reply.get("write_cache", "server-ram"),
             read_only=bool(reply.get("read_only", False)),
+            write_cache_persistence=reply.get("write_cache_persistence", "discard"),
+            mac=reply.get("mac"),
+            store=reply.get("store", "local"),
         )
 
 
@@ -55,6 +61,13 @@ async def start(rt: ServiceRuntime) -> None:
     servers = StreamServers(
         RegistryResolver(rt.nc), sink, StreamSettings.from_settings(rt.settings)
     )
+    if rt.settings.stream_use_cache:
+        # Server-side write caches live in the cache service; non-local stores read through it.
+        fetcher = BlockingFetcher(rt.settings.require_nats_url())
+        servers.sessions.cache = CacheLink(
+            CacheClient(rt.nc), fetcher, rt.settings.data_path("stream", "mirror")
+        )
+        rt.on_stop(lambda: asyncio.to_thread(fetcher.close))
     await servers.start()
 
     async def on_session_closed(msg: Msg) -> None:

@@ -15,8 +15,10 @@ from collections.abc import Iterable
 from typing import Literal
 
 from services.stream.path.backend import Backend
+from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.path.chain import ChainBackend
 from services.stream.path.read_cache import ReadCache
+from services.stream.path.remote_write_cache import RemoteWriteCache, attach_stack
 from services.stream.path.write_cache import WriteCache
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
@@ -27,9 +29,19 @@ log = logging.getLogger(__name__)
 Protocol_ = Literal["nbd", "http"]
 
 
-def build_stack(spec: ExportSpec, settings: StreamSettings) -> Backend:
-    """write cache -> read cache -> version chain (no write cache on a read-only export)."""
-    backend: Backend = ReadCache(ChainBackend(spec.layers))
+def build_stack(
+    spec: ExportSpec, settings: StreamSettings, cache: CacheLink | None = None
+) -> Backend:
+    """write cache -> read cache -> version chain (no write cache on a read-only export).
+
+    With a cache service (``cache``), server-side write caches live there (a local mirror
+    keeps reads fast) and a vdisk of a non-local store is read through its read cache."""
+    bottom: Backend
+    if cache is not None and spec.store != "local":
+        bottom = CachedStoreBackend(spec, cache)
+    else:
+        bottom = ChainBackend(spec.layers)
+    backend: Backend = ReadCache(bottom)
     if backend.size != spec.size:
         backend.close()
         raise ValueError(
@@ -38,7 +50,10 @@ def build_stack(spec: ExportSpec, settings: StreamSettings) -> Backend:
     if not spec.export_read_only:
         if settings.write_cache_dir is not None:
             settings.write_cache_dir.mkdir(parents=True, exist_ok=True)
-        backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir)
+        if cache is not None:
+            backend = RemoteWriteCache(backend, spec, cache.client, settings.write_cache_dir)
+        else:
+            backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir)
     return backend
 
 
@@ -100,6 +115,9 @@ class SessionManager:
         self.resolver = resolver
         self.sink = sink
         self.settings = settings
+        # The cache service, when this node has one (set by service.py): write caches and
+        # non-local stores go through it.
+        self.cache: CacheLink | None = None
         self.sessions: dict[str, Session] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._emits: set[asyncio.Task[None]] = set()
@@ -120,9 +138,17 @@ class SessionManager:
                 if spec is None:
                     return None
                 try:
-                    backend = build_stack(spec, self.settings)
+                    backend = build_stack(spec, self.settings, self.cache)
                 except (OSError, ValueError) as e:
                     log.error("cannot open session %s: %s", spec.session_id, e)
+                    return None
+                try:
+                    await attach_stack(backend)
+                except OSError as e:
+                    log.error(
+                        "cannot attach session %s to the cache service: %s", spec.session_id, e
+                    )
+                    backend.close()
                     return None
                 session = Session(token, spec, backend, self)
                 self.sessions[token] = session

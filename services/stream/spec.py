@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shared.events import Event, WriteCacheKind
+from shared.events import Event, WriteCacheKind, WriteCachePersistence
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,12 @@ class ExportSpec:
     write_cache: WriteCacheKind = "server-ram"
     # Client-side write caches get a read-only export; so may an explicit flag.
     read_only: bool = False
+    # ``keep``: the device's writes outlive the session (the cache service keys them by MAC).
+    write_cache_persistence: WriteCachePersistence = "discard"
+    mac: str | None = None
+    # Where the layers live: ``local`` (paths on this node) or a store of the cache service
+    # (``ftp``, ``blockdev``...): then clean reads go through its shared read cache.
+    store: str = "local"
 
     @property
     def export_read_only(self) -> bool:

@@ -1,0 +1,251 @@
+"""The shared read cache: per vdisk version, the blocks read so far, filled from the store.
+
+One sparse file per version (``<dir>/<version key>.cache``, image offset = file offset)
+and a bitmap of 256 KiB extents in memory. All versions share one byte budget
+(``capacity``): the least recently used extent goes first (its range is punched out of
+the file). Shared by every session of every stream node that reads that version.
+
+A version's chain (base + deltas, ``shared/vdisk_layout.py``) is resolved here, since the
+store only hands out layer files: the small delta maps are copied from the store, and the
+chain reader runs over local stand-ins (a sparse file of the base's size, empty data
+files), so a range resolves to (layer, offset) pieces by the same code as on a local disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from services.cache.stores import Store, StoreError
+from services.cache.write_cache import _punch
+from shared.vdisk_layout import ZERO_FD, ChainReader, is_delta
+
+log = logging.getLogger("streamboot.cache.read")
+
+EXTENT = 256 * 1024
+# One store read covers at most this much (consecutive missing extents).
+FETCH_MAX = 1024 * 1024
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@-]", "_", key)
+
+
+class RemoteChain:
+    """Resolves image ranges of a version to (layer path, offset, length) in a store."""
+
+    def __init__(self, store: Store, layers: list[str], work: Path) -> None:
+        self.store = store
+        self.layers = layers
+        self.work = work
+        self.reader: ChainReader | None = None
+        self.data_paths: list[str] = []
+
+    async def open(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        stand_ins: list[Path] = []
+        self.data_paths = []
+        for i, layer in enumerate(self.layers):
+            if is_delta(layer):
+                local = self.work / f"L{i}.map"
+                size = await self.store.size(layer)
+                local.write_bytes(await self.store.read(layer, 0, size))
+                local.with_suffix(".data").touch()
+                self.data_paths.append(layer[: -len(".map")] + ".data")
+            else:
+                local = self.work / f"L{i}.raw"
+                local.touch()
+                os.truncate(local, await self.store.size(layer))
+                self.data_paths.append(layer)
+            stand_ins.append(local)
+        self.reader = ChainReader(stand_ins)
+
+    @property
+    def size(self) -> int:
+        assert self.reader is not None
+        return self.reader.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        assert self.reader is not None
+        parts = []
+        for fd, off, n in self.reader.resolve(offset, length):
+            if fd == ZERO_FD:
+                parts.append(bytes(n))
+            else:
+                path = self.data_paths[self.reader.fds.index(fd)]
+                parts.append(await self.store.read(path, off, n))
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+class VersionCache:
+    def __init__(self, key: str, info: dict[str, Any], chain: RemoteChain, path: Path) -> None:
+        self.key = key
+        self.info = info
+        self.chain = chain
+        self.size = chain.size
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, self.size)
+        self.present = bytearray(-(-self.size // EXTENT))
+        self._filling: dict[int, asyncio.Future[None]] = {}
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.chain.close()
+
+
+class ReadCaches:
+    """Every version's read cache on this node, under one byte budget."""
+
+    def __init__(self, directory: Path, capacity: int, stores: dict[str, Store]) -> None:
+        self.dir = directory
+        self.capacity = max(capacity, 4 * EXTENT)
+        self.stores = stores
+        self.versions: dict[str, VersionCache] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self.lru: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.hit_bytes = 0
+        self.miss_bytes = 0
+        self.store_bytes = 0
+        self.evicted_bytes = 0
+
+    @property
+    def used(self) -> int:
+        return len(self.lru) * EXTENT
+
+    def stats(self) -> dict[str, Any]:
+        total = self.hit_bytes + self.miss_bytes
+        return {
+            "capacity": self.capacity,
+            "used": self.used,
+            "hit_bytes": self.hit_bytes,
+            "miss_bytes": self.miss_bytes,
+            "hit_ratio": round(self.hit_bytes / total, 4) if total else None,
+            "store_bytes": self.store_bytes,
+            "evicted_bytes": self.evicted_bytes,
+            "versions": sorted(self.versions),
+        }
+
+    async def open(self, req: dict[str, Any]) -> VersionCache:
+        key = str(req["key"])
+        vc = self.versions.get(key)
+        if vc is not None:
+            return vc
+        async with self._opening.setdefault(key, asyncio.Lock()):
+            vc = self.versions.get(key)
+            if vc is not None:
+                return vc
+            store_name = str(req.get("store", "local"))
+            store = self.stores.get(store_name)
+            if store is None:
+                raise StoreError(f"no store named {store_name!r} on this cache node")
+            work = self.dir / _safe(key)
+            info = {k: req.get(k) for k in ("key", "vdisk", "version", "store", "layers", "size")}
+            chain = RemoteChain(store, [str(p) for p in req["layers"]], work / "chain")
+            await chain.open()
+            if req.get("size") is not None and chain.size != int(req["size"]):
+                chain.close()
+                raise StoreError(
+                    f"{key}: the store's chain is {chain.size} bytes, not {req['size']}"
+                )
+            vc = VersionCache(key, info, chain, work / "blocks.cache")
+            (work / "version.json").write_text(json.dumps(info))
+            self.versions[key] = vc
+            log.info("read cache for %s opened (%d bytes, store %s)", key, vc.size, store_name)
+            return vc
+
+    def known(self) -> list[dict[str, Any]]:
+        """Versions a previous run served (their version.json), for prefetch after a restart."""
+        out = []
+        for p in self.dir.glob("*/version.json"):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def get(self, key: str) -> VersionCache | None:
+        return self.versions.get(key)
+
+    async def read(self, vc: VersionCache, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > vc.size:
+            raise ValueError(f"read {offset}+{length} outside {vc.key} of {vc.size} bytes")
+        if not length:
+            return b""
+        hit = await self.ensure(vc, offset, length)
+        self.hit_bytes += hit
+        self.miss_bytes += length - hit
+        data = os.pread(vc.fd, length, offset)
+        # Evict only after the read: a fill never loses its own extents before it is served.
+        self._evict()
+        return data
+
+    async def ensure(self, vc: VersionCache, offset: int, length: int) -> int:
+        """Make the range present; returns how many of its bytes already were."""
+        first, last = offset // EXTENT, (offset + length - 1) // EXTENT
+        hit = 0
+        waits: list[asyncio.Future[None]] = []
+        runs: list[list[int]] = []
+        for i in range(first, last + 1):
+            a = max(offset, i * EXTENT)
+            b = min(offset + length, (i + 1) * EXTENT)
+            if vc.present[i]:
+                hit += b - a
+                self.lru.move_to_end((vc.key, i))
+            elif i in vc._filling:
+                waits.append(vc._filling[i])
+            elif runs and runs[-1][1] == i and (i - runs[-1][0]) * EXTENT < FETCH_MAX:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        loop = asyncio.get_running_loop()
+        fills = []
+        for a, b in runs:
+            fut: asyncio.Future[None] = loop.create_future()
+            for i in range(a, b):
+                vc._filling[i] = fut
+            fills.append(self._fill(vc, a, b, fut))
+        await asyncio.gather(*fills, *waits)
+        return hit
+
+    async def _fill(self, vc: VersionCache, a: int, b: int, fut: asyncio.Future[None]) -> None:
+        start, stop = a * EXTENT, min(b * EXTENT, vc.size)
+        try:
+            data = await vc.chain.read(start, stop - start)
+            self.store_bytes += len(data)
+            if data.count(0) != len(data):
+                os.pwrite(vc.fd, data, start)
+            for i in range(a, b):
+                vc.present[i] = 1
+                self.lru[(vc.key, i)] = None
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            for i in range(a, b):
+                vc._filling.pop(i, None)
+
+    def _evict(self) -> None:
+        while self.used > self.capacity:
+            (key, i), _ = self.lru.popitem(last=False)
+            vc = self.versions.get(key)
+            if vc is None:
+                continue
+            vc.present[i] = 0
+            _punch(vc.fd, i * EXTENT, EXTENT)
+            self.evicted_bytes += EXTENT
+
+    def close(self) -> None:
+        for vc in self.versions.values():
+            vc.close()

@@ -1,0 +1,121 @@
+"""What the stream and cache services say to each other over NATS (raw nats-py, no FastStream).
+
+Why raw nats-py and a binary framing: a block write crosses the bus before the client gets
+its acknowledgement, so every microsecond per message counts (FastStream adds ~0.2 ms per
+message; raw nats-py does ~51k request/reply a second). Messages stay <= 1 MiB (NATS's
+default max payload outside our embedded config).
+
+Subjects (queue group ``cache``):
+
+- ``streamboot.cache.wc.open``   JSON {key, session_id, size, kind, persistence, vdisk, version}
+                                 -> {state: base64(zlib(one state byte per 4 KiB block)), used, capacity}
+- ``streamboot.cache.wc.write``  binary batch (below) -> one status byte (errno, 0 = ok) per record
+- ``streamboot.cache.wc.read``   JSON {key, offset, length} -> status-prefixed bytes
+- ``streamboot.cache.wc.list``   JSON {} -> [{key, session_id, used, capacity, kind, persistence}]
+- ``streamboot.cache.rc.open``   JSON {key, vdisk, version, store, layers, size} -> {profile: [[off, len]...]}
+- ``streamboot.cache.rc.read``   JSON {key, offset, length} -> status-prefixed bytes
+- ``streamboot.cache.stats``     JSON {} -> read cache figures, write caches, profiles
+
+Write batch: ``<H`` key length, the key (utf-8), then records ``<BBQI`` (op, flags, offset,
+length), each WRITE record followed by its ``length`` bytes of data. Records are applied in
+order; a batch with a SYNC record is fsynced before the reply.
+
+Status-prefixed reply: ``b"\\0" + data``, or ``b"\\1" + JSON {"error", "kind"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+
+PREFIX = "streamboot.cache"
+WC_OPEN = f"{PREFIX}.wc.open"
+WC_WRITE = f"{PREFIX}.wc.write"
+WC_READ = f"{PREFIX}.wc.read"
+WC_LIST = f"{PREFIX}.wc.list"
+RC_OPEN = f"{PREFIX}.rc.open"
+RC_READ = f"{PREFIX}.rc.read"
+STATS = f"{PREFIX}.stats"
+QUEUE = "cache"
+
+BLOCK = 4096
+# Largest message we send: under NATS's 1 MiB default with room for headers.
+MAX_MESSAGE = (1 << 20) - 4096
+# Largest data of one WRITE record / one read reply.
+MAX_CHUNK = 512 * 1024
+
+OP_WRITE, OP_ZERO, OP_FLUSH = 1, 2, 3
+FLAG_SYNC = 1
+RECORD = struct.Struct("<BBQI")
+KEYLEN = struct.Struct("<H")
+
+# Block states of a write cache (same values as services/stream/path/write_cache.py).
+CLEAN, DIRTY, ZEROED = 0, 1, 2
+
+
+def batch_prefix(key: str) -> bytes:
+    kb = key.encode()
+    return KEYLEN.pack(len(kb)) + kb
+
+
+def parse_batch(payload: bytes) -> tuple[str, list[tuple[int, int, int, int, memoryview | None]]]:
+    """``(key, [(op, flags, offset, length, data|None)])``; ValueError on a malformed batch."""
+    view = memoryview(payload)
+    try:
+        (klen,) = KEYLEN.unpack_from(view, 0)
+        key = bytes(view[2 : 2 + klen]).decode()
+        pos = 2 + klen
+        records = []
+        while pos < len(view):
+            op, flags, offset, length = RECORD.unpack_from(view, pos)
+            pos += RECORD.size
+            data = None
+            if op == OP_WRITE:
+                if pos + length > len(view):
+                    raise ValueError("write record runs past the end of the batch")
+                data = view[pos : pos + length]
+                pos += length
+            records.append((op, flags, offset, length, data))
+    except struct.error as e:
+        raise ValueError(f"malformed write batch: {e}") from e
+    return key, records
+
+
+def ok(data: bytes | memoryview = b"") -> bytes:
+    return b"\0" + bytes(data)
+
+
+def fail(error: str, kind: str = "error") -> bytes:
+    return b"\1" + json.dumps({"error": error, "kind": kind}).encode()
+
+
+class CacheError(OSError):
+    """The cache service answered with an error; ``kind`` says which."""
+
+    def __init__(self, errno_: int, message: str, kind: str = "error") -> None:
+        super().__init__(errno_, message)
+        self.kind = kind
+
+
+def unwrap(reply: bytes) -> bytes:
+    """The data of a status-prefixed reply, or :class:`CacheError`."""
+    import errno
+
+    if reply[:1] == b"\0":
+        return reply[1:]
+    try:
+        body = json.loads(reply[1:])
+    except ValueError:
+        body = {"error": "malformed reply from the cache service", "kind": "internal"}
+    kind = body.get("kind", "error")
+    code = {"not_found": errno.ESTALE, "invalid": errno.EINVAL}.get(kind, errno.EIO)
+    raise CacheError(code, f"cache service: {body.get('error')}", kind)
+
+
+def chunks(offset: int, length: int, step: int = MAX_CHUNK) -> Iterator[tuple[int, int]]:
+    end = offset + length
+    while offset < end:
+        n = min(step, end - offset)
+        yield offset, n
+        offset += n

@@ -1,0 +1,315 @@
+"""Per-session write caches owned by the cache service: a sparse data file + a block-state map.
+
+Each cache lives under its directory (``<data_dir>/cache/write`` for ``server-disk``, a tmpfs
+folder for ``server-ram``) as three files named after its key:
+
+- ``<key>.data``  sparse, the size of the disk: each written 4 KiB block at its own offset;
+- ``<key>.map``   one state byte per block (clean / dirty / zeroed), updated in place;
+- ``<key>.json``  what the cache is for (session, vdisk, version, size, kind, persistence).
+
+Why this shape: a write is two ``pwrite`` calls (data, then its state bytes), no log to
+compact, and the map *is* the extent map a restarted service or a new stream node reads
+back. Data reaches the kernel before the reply, so a ``kill -9`` of this process loses
+nothing acknowledged; a FLUSH or FUA write is also fsynced (data, then map) before the
+reply, so it survives a crash of the machine too. tmpfs (``server-ram``) survives the
+process, not the machine: that is what RAM means.
+
+The key is the session id (persistence ``discard``: dropped when the session closes) or
+``device-<mac>-<vdisk>-v<version>`` (``keep``: the device finds its writes at the next boot
+of the same version).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import logging
+import os
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.cache.wire import (
+    BLOCK,
+    DIRTY,
+    FLAG_SYNC,
+    OP_FLUSH,
+    OP_WRITE,
+    OP_ZERO,
+    ZEROED,
+)
+
+log = logging.getLogger("streamboot.cache.write")
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+
+
+class WriteCacheError(Exception):
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class SessionWriteCache:
+    key: str
+    directory: Path
+    meta: dict[str, Any]
+    capacity: int
+    state: bytearray = field(default_factory=bytearray)
+    dirty: int = 0  # blocks in state DIRTY: what the cache holds
+    data_fd: int = -1
+    map_fd: int = -1
+    full_reported: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def used(self) -> int:
+        return self.dirty * BLOCK
+
+    def paths(self) -> tuple[Path, Path, Path]:
+        d, k = self.directory, self.key
+        return d / f"{k}.data", d / f"{k}.map", d / f"{k}.json"
+
+    def open_files(self, create: bool) -> None:
+        data, map_, meta = self.paths()
+        nblocks = -(-self.size // BLOCK)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        self.data_fd = os.open(data, flags, 0o600)
+        self.map_fd = os.open(map_, flags, 0o600)
+        if create:
+            os.ftruncate(self.data_fd, self.size)
+            os.ftruncate(self.map_fd, nblocks)
+            tmp = meta.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.meta))
+            os.replace(tmp, meta)
+            os.fsync(self.map_fd)
+        raw = os.pread(self.map_fd, nblocks, 0)
+        self.state = bytearray(raw.ljust(nblocks, b"\0"))
+        self.dirty = self.state.count(DIRTY)
+
+    def encoded_state(self) -> str:
+        return base64.b64encode(zlib.compress(bytes(self.state), 1)).decode()
+
+    def _set(self, first: int, stop: int, value: int) -> None:
+        before = self.state.count(DIRTY, first, stop)
+        run = bytes([value]) * (stop - first)
+        self.state[first:stop] = run
+        self.dirty += (stop - first if value == DIRTY else 0) - before
+        os.pwrite(self.map_fd, run, first)
+
+    def _range(self, offset: int, length: int) -> tuple[int, int]:
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"range {offset}+{length} outside disk of {self.size}")
+        if offset % BLOCK or (length % BLOCK and offset + length != self.size):
+            raise OSError(errno.EINVAL, f"range {offset}+{length} not block aligned")
+        return offset // BLOCK, -(-(offset + length) // BLOCK)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        first, stop = self._range(offset, len(data))
+        grows = (stop - first) - self.state.count(DIRTY, first, stop)
+        if grows and self.used + grows * BLOCK > self.capacity:
+            raise OSError(
+                errno.ENOSPC,
+                f"write cache {self.key} full: {self.used} of {self.capacity} bytes used",
+            )
+        n = os.pwrite(self.data_fd, data, offset)  # ENOSPC of a full disk raises here
+        if n != len(data):
+            raise OSError(errno.ENOSPC, f"short write to {self.key}: {n} of {len(data)}")
+        self._set(first, stop, DIRTY)
+
+    def zero(self, offset: int, length: int) -> None:
+        first, stop = self._range(offset, length)
+        self._set(first, stop, ZEROED)
+        # Give the space back: zeroed blocks are only marked.
+        _punch(self.data_fd, first * BLOCK, (stop - first) * BLOCK)
+
+    def sync(self) -> None:
+        os.fsync(self.data_fd)
+        os.fsync(self.map_fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise WriteCacheError(f"read {offset}+{length} outside disk of {self.size}")
+        return os.pread(self.data_fd, length, offset)
+
+    def close(self) -> None:
+        for fd in (self.data_fd, self.map_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.data_fd = self.map_fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        for p in self.paths():
+            p.unlink(missing_ok=True)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "session_id": self.meta.get("session_id"),
+            "vdisk": self.meta.get("vdisk"),
+            "version": self.meta.get("version"),
+            "kind": self.meta.get("kind"),
+            "persistence": self.meta.get("persistence"),
+            "used": self.used,
+            "capacity": self.capacity,
+            "zeroed": self.state.count(ZEROED) * BLOCK,
+        }
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range (FALLOC_FL_PUNCH_HOLE); best effort: marking is what matters."""
+    try:
+        _fallocate(fd, 0x01 | 0x02, offset, length)  # KEEP_SIZE | PUNCH_HOLE
+    except OSError:
+        pass
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+_libc: Any = None
+
+# Called once when a cache first refuses a write for lack of room (emits WriteCacheFull).
+Full = Callable[[SessionWriteCache], None]
+
+
+class WriteCaches:
+    """Every write cache this cache node owns, found again on start."""
+
+    def __init__(self, disk_dir: Path, ram_dir: Path, capacity: int, on_full: Full) -> None:
+        self.dirs = {"server-disk": disk_dir, "server-ram": ram_dir}
+        self.capacity = capacity
+        self.on_full = on_full
+        self.caches: dict[str, SessionWriteCache] = {}
+
+    def recover(self) -> int:
+        """Reopen the caches a previous run of this service left (after a crash, too)."""
+        for kind, d in self.dirs.items():
+            d.mkdir(parents=True, exist_ok=True)
+            for meta_path in d.glob("*.json"):
+                key = meta_path.stem
+                try:
+                    meta = json.loads(meta_path.read_text())
+                    wc = SessionWriteCache(key, d, meta, int(meta.get("capacity", self.capacity)))
+                    wc.open_files(create=False)
+                except (OSError, ValueError) as e:
+                    log.error("write cache %s in %s cannot be recovered: %s", key, d, e)
+                    continue
+                self.caches[key] = wc
+                log.info("recovered write cache %s (%s, %d bytes dirty)", key, kind, wc.used)
+        return len(self.caches)
+
+    def open(self, req: dict[str, Any]) -> SessionWriteCache:
+        key = str(req.get("key", ""))
+        if not _KEY_OK.match(key):
+            raise WriteCacheError(f"bad write cache key {key!r}")
+        wc = self.caches.get(key)
+        if wc is not None:
+            if wc.size != int(req["size"]):
+                raise WriteCacheError(
+                    f"write cache {key} is for {wc.size} bytes, not {req['size']}"
+                )
+            # A kept cache (or a session moving node) is now used by this session.
+            wc.meta["session_id"] = req.get("session_id") or wc.meta.get("session_id")
+            return wc
+        kind = req.get("kind", "server-disk")
+        if kind not in self.dirs:
+            raise WriteCacheError(f"the cache service holds no {kind!r} write caches")
+        meta = {
+            k: req.get(k)
+            for k in ("session_id", "vdisk", "version", "size", "kind", "persistence", "mac")
+        }
+        meta["capacity"] = self.capacity
+        wc = SessionWriteCache(key, self.dirs[kind], meta, self.capacity)
+        wc.open_files(create=True)
+        self.caches[key] = wc
+        log.info("write cache %s opened (%s, %s)", key, kind, meta.get("persistence"))
+        return wc
+
+    def get(self, key: str) -> SessionWriteCache:
+        wc = self.caches.get(key)
+        if wc is None:
+            raise WriteCacheError(
+                f"no write cache {key!r} (the session was closed and its cache dropped?)",
+                "not_found",
+            )
+        return wc
+
+    def apply(self, key: str, records: list[tuple[int, int, int, int, Any]]) -> bytes:
+        """Apply a batch in order; one status byte per record. Returns after fsync if asked."""
+        statuses = bytearray(len(records))
+        try:
+            wc = self.get(key)
+        except WriteCacheError as e:
+            log.error("write to %s refused: %s", key, e)
+            return bytes([errno.ESTALE]) * len(records)
+        sync = False
+        for i, (op, flags, offset, length, data) in enumerate(records):
+            try:
+                if op == OP_WRITE:
+                    wc.write(offset, data)
+                elif op == OP_ZERO:
+                    wc.zero(offset, length)
+                elif op != OP_FLUSH:
+                    raise OSError(errno.EINVAL, f"unknown op {op}")
+                sync = sync or op == OP_FLUSH or bool(flags & FLAG_SYNC)
+            except OSError as e:
+                statuses[i] = e.errno or errno.EIO
+                if e.errno == errno.ENOSPC:
+                    log.warning("%s", e)
+                    if not wc.full_reported:
+                        wc.full_reported = True
+                        self.on_full(wc)
+                else:
+                    log.error("write cache %s: %s", key, e)
+        if sync:
+            try:
+                wc.sync()
+            except OSError as e:
+                log.error("write cache %s: fsync failed: %s", key, e)
+                return bytes([errno.EIO]) * len(records)
+        if wc.full_reported and wc.used < wc.capacity * 0.9:
+            wc.full_reported = False
+        return bytes(statuses)
+
+    def drop(self, key: str) -> bool:
+        wc = self.caches.pop(key, None)
+        if wc is None:
+            return False
+        wc.remove()
+        log.info("write cache %s dropped", key)
+        return True
+
+    def drop_session(self, session_id: str) -> list[str]:
+        """The session closed: drop its discard-persistence caches, keep ``keep`` ones."""
+        gone = [
+            k
+            for k, wc in self.caches.items()
+            if wc.meta.get("session_id") == session_id and wc.meta.get("persistence") != "keep"
+        ]
+        for k in gone:
+            self.drop(k)
+        return gone
+
+    def close(self) -> None:
+        for wc in self.caches.values():
+            wc.close()

@@ -1,0 +1,207 @@
+"""The bottom of the stack for a vdisk in a non-local store (FTP, block device...).
+
+Clean blocks come from the cache service's shared read cache, which fills itself from the
+store. This node keeps what it fetched in a *mirror* per vdisk version (a sparse unlinked
+file + a bitmap of 256 KiB extents, shared by every session of that version here), so a
+block crosses the bus once per node and ``map_read`` then returns pieces of the mirror:
+the same ``preadv``/``sendfile`` path as a local vdisk.
+
+On attach, the version's boot profile (the cache service's answer to ``rc.open``) is pulled
+into the mirror in the background, pipelined, ahead of the client.
+
+Known limit: ``map_read`` is synchronous (the servers' hot path), so a miss is fetched
+while the event loop waits (through :class:`BlockingFetcher`'s own connection). The
+prefetch makes misses rare during a boot; removing the wait needs the NBD/HTTP servers to
+await ``pread`` when a layer reports a miss (a change in ``nbd/server.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.cache import wire
+from services.cache.client import BlockingFetcher, CacheClient
+from services.stream.path.backend import Extent, pread_via_map
+from services.stream.spec import ExportSpec
+from shared.vdisk_layout import Piece
+
+log = logging.getLogger(__name__)
+
+EXTENT = 256 * 1024
+PREFETCH_DEPTH = 8
+
+
+def version_key(spec: ExportSpec) -> str:
+    return f"{spec.store}:{spec.vdisk}@{spec.version}"
+
+
+class Mirror:
+    """This node's copy of the blocks of one version it has fetched so far."""
+
+    def __init__(self, key: str, size: int, directory: Path | None) -> None:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="mirror-", dir=directory)
+        os.unlink(name)  # gone with the process, whatever happens
+        os.ftruncate(fd, size)
+        self.fd = fd
+        self.key = key
+        self.size = size
+        self.present = bytearray(-(-size // EXTENT))
+
+    def missing(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Byte runs (extent aligned, clipped to the disk) not yet in the mirror."""
+        first, last = offset // EXTENT, (offset + length - 1) // EXTENT
+        if self.present.find(0, first, last + 1) == -1:
+            return []
+        runs: list[tuple[int, int]] = []
+        for i in range(first, last + 1):
+            if self.present[i]:
+                continue
+            a = i * EXTENT
+            b = min(a + EXTENT, self.size)
+            if runs and runs[-1][0] + runs[-1][1] == a and runs[-1][1] < wire.MAX_CHUNK:
+                runs[-1] = (runs[-1][0], runs[-1][1] + b - a)
+            else:
+                runs.append((a, b - a))
+        return runs
+
+    def fill(self, offset: int, data: bytes) -> None:
+        if data.count(0) != len(data):  # all-zero data stays a hole: it reads as zeros
+            os.pwrite(self.fd, data, offset)
+        first = offset // EXTENT
+        stop = -(-(offset + len(data)) // EXTENT)
+        self.present[first:stop] = b"\1" * (stop - first)
+
+
+@dataclass
+class CacheLink:
+    """What a stream node needs of the cache service (set on the SessionManager)."""
+
+    client: CacheClient
+    fetcher: BlockingFetcher | None = None
+    mirror_dir: Path | None = None
+    mirrors: dict[str, Mirror] = field(default_factory=dict)
+
+    def mirror(self, key: str, size: int) -> Mirror:
+        m = self.mirrors.get(key)
+        if m is None:
+            m = self.mirrors[key] = Mirror(key, size, self.mirror_dir)
+        return m
+
+
+class CachedStoreBackend:
+    """A read-only version served from the cache service's read cache, via a node mirror."""
+
+    def __init__(self, spec: ExportSpec, link: CacheLink) -> None:
+        self.spec = spec
+        self.link = link
+        self.size = spec.size
+        self.key = version_key(spec)
+        self.mirror = link.mirror(self.key, spec.size)
+        self._prefetch: asyncio.Task[None] | None = None
+
+    def _body(self, offset: int, length: int) -> dict[str, object]:
+        return {"key": self.key, "offset": offset, "length": length}
+
+    async def attach(self) -> None:
+        s = self.spec
+        reply = await self.link.client.request_json(
+            wire.RC_OPEN,
+            {
+                "key": self.key,
+                "vdisk": s.vdisk,
+                "version": s.version,
+                "store": s.store,
+                "layers": [str(p) for p in s.layers],
+                "size": s.size,
+            },
+        )
+        profile = [(int(o), int(n)) for o, n in reply.get("profile", [])]
+        if profile:
+            self._prefetch = asyncio.get_running_loop().create_task(self._pull(profile))
+
+    async def _pull(self, extents: list[tuple[int, int]]) -> None:
+        """Fetch the boot profile into the mirror ahead of the client, in profile order."""
+        sem = asyncio.Semaphore(PREFETCH_DEPTH)
+
+        async def one(offset: int, length: int) -> None:
+            async with sem:
+                if not self.mirror.missing(offset, length):
+                    return
+                data = await self.link.client.request_bytes(
+                    wire.RC_READ, self._body(offset, length)
+                )
+                self.mirror.fill(offset, data)
+
+        runs = []
+        for o, n in extents:
+            for a, m in self.mirror.missing(o, min(n, self.size - o)):
+                runs.append((a, m))
+        try:
+            await asyncio.gather(*(one(a, m) for a, m in runs))
+        except OSError as e:
+            log.warning("prefetch of %s stopped: %s", self.key, e)
+
+    def map_read(self, offset: int, length: int) -> list[Piece]:
+        missing = self.mirror.missing(offset, length)
+        if missing:
+            if self.link.fetcher is None:
+                raise OSError(f"{self.key}: block not in the mirror and no fetcher")
+            for a, n in missing:
+                # Blocks the loop for one cache round trip (see the module docstring).
+                self.mirror.fill(a, self.link.fetcher.fetch(self._body(a, n)))
+        return [(self.mirror.fd, offset, length)]
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        for a, n in self.mirror.missing(offset, length):
+            self.mirror.fill(
+                a, await self.link.client.request_bytes(wire.RC_READ, self._body(a, n))
+            )
+        return await pread_via_map(self, offset, length)
+
+    def can_write(self) -> bool:
+        return False
+
+    def can_flush(self) -> bool:
+        return False
+
+    def can_trim(self) -> bool:
+        return False
+
+    def can_zero(self) -> bool:
+        return False
+
+    def can_fua(self) -> bool:
+        return False
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_extents(self) -> bool:
+        return False
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        raise PermissionError("a vdisk version is read-only")
+
+    async def flush(self) -> None:
+        return None
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise PermissionError("a vdisk version is read-only")
+
+    async def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        raise PermissionError("a vdisk version is read-only")
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return [(length, 0)]
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.cancel()
+        # The mirror stays: the next session of this version on this node reuses it.

@@ -1,0 +1,167 @@
+"""A session write cache held by the cache service, with a local mirror for fast reads.
+
+The stream side of the write-cache seam (``write_cache.py``). Every write is applied to the
+in-process :class:`WriteCache` (the *mirror*: reads of written blocks stay a ``preadv`` on
+this node) and shipped to the cache service; the client gets its acknowledgement only
+when the cache service has the blocks (FUA / FLUSH: only once it fsynced them). So
+nothing acknowledged lives only on this node: when it dies, the session goes on at another
+node, which first pulls the session's block map and dirty blocks (:meth:`attach`).
+
+What travels is whole 4 KiB blocks as the mirror holds them after the write (the mirror
+already did the read-modify-write of partial blocks), so the cache service never needs
+the vdisk itself. Zeroed and trimmed blocks travel as marks only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import zlib
+from pathlib import Path
+
+from services.cache import wire
+from services.cache.client import CacheClient
+from services.stream.path.backend import Backend
+from services.stream.path.write_cache import BLOCK, CLEAN, DIRTY, ZEROED, WriteCache
+from services.stream.spec import ExportSpec
+
+log = logging.getLogger(__name__)
+
+# Dirty-block pulls in flight while a session attaches.
+PULL_DEPTH = 8
+
+
+def cache_key(spec: ExportSpec) -> str:
+    """The session's write cache: its own, or the device's kept one for this version."""
+    if spec.write_cache_persistence == "keep" and spec.mac:
+        mac = spec.mac.replace(":", "").lower()
+        return f"device-{mac}-{spec.vdisk}-v{spec.version}"
+    return spec.session_id
+
+
+class RemoteWriteCache(WriteCache):
+    def __init__(
+        self, next_: Backend, spec: ExportSpec, client: CacheClient, directory: Path | None
+    ) -> None:
+        # The mirror: RAM for a RAM cache, an unlinked file beside it for a disk cache.
+        super().__init__(next_, spec.write_cache, directory)
+        self.spec = spec
+        self.client = client
+        self.key = cache_key(spec)
+        self.channel = client.writer(self.key)
+
+    async def attach(self) -> None:
+        """Open (or find again) the cache service's write cache and mirror its blocks."""
+        s = self.spec
+        reply = await self.client.request_json(
+            wire.WC_OPEN,
+            {
+                "key": self.key,
+                "session_id": s.session_id,
+                "vdisk": s.vdisk,
+                "version": s.version,
+                "size": self.size,
+                "kind": s.write_cache,
+                "persistence": s.write_cache_persistence,
+                "mac": s.mac,
+            },
+        )
+        state = zlib.decompress(base64.b64decode(reply["state"]))
+        if len(state) != len(self.state):
+            raise OSError(
+                f"write cache {self.key}: map of {len(state)} blocks, disk has {len(self.state)}"
+            )
+        if not state.strip(b"\0"):
+            return
+        pulls = []
+        for v, a, b in _runs(state):
+            if v == ZEROED:
+                self._mark(a, b, ZEROED)
+            elif v == DIRTY:
+                start, stop = a * BLOCK, min(b * BLOCK, self.size)
+                pulls.extend(wire.chunks(start, stop - start))
+        sem = asyncio.Semaphore(PULL_DEPTH)
+
+        async def pull(offset: int, length: int) -> None:
+            async with sem:
+                data = await self.client.request_bytes(
+                    wire.WC_READ, {"key": self.key, "offset": offset, "length": length}
+                )
+            os.pwrite(self.fd, data, offset)
+            self._mark(offset // BLOCK, -(-(offset + length) // BLOCK), DIRTY)
+
+        await asyncio.gather(*(pull(o, n) for o, n in pulls))
+        log.info("write cache %s: pulled %d dirty bytes", self.key, self.dirty_bytes)
+
+    def _ship(self, offset: int, length: int, fua: bool) -> list[asyncio.Future[None]]:
+        """Queue the blocks covering a changed range, as the mirror now holds them.
+
+        Runs without awaiting, right after the mirror changed: the records of concurrent
+        writes queue in the order the mirror saw them."""
+        a = offset // BLOCK * BLOCK
+        b = min(-(-(offset + length) // BLOCK) * BLOCK, self.size)
+        futs = []
+        for v, s, e in self._runs(a, b - a):
+            if v == DIRTY:
+                for pos, n in wire.chunks(s, e - s):
+                    data = os.pread(self.fd, n, pos)
+                    futs.append(self.channel.submit(wire.OP_WRITE, pos, n, data, fua))
+            elif v == ZEROED:
+                futs.append(self.channel.submit(wire.OP_ZERO, s, e - s, None, fua))
+        return futs
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if not data:
+            return
+        await super().pwrite(offset, data, fua)  # never suspends: the mirror is local
+        await _all(self._ship(offset, len(data), fua))
+
+    async def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        if not length:
+            return
+        await super().zero(offset, length, fua)
+        await _all(self._ship(offset, length, fua))
+
+    async def flush(self) -> None:
+        # Ordered after every record queued before it; the cache fsyncs, then answers.
+        await self.channel.submit(wire.OP_FLUSH, 0, 0, None, True)
+
+
+async def _all(futs: list[asyncio.Future[None]]) -> None:
+    """Wait for every record; raise the first error (after all finished: none left dangling)."""
+    if not futs:
+        return
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+def _runs(state: bytes) -> list[tuple[int, int, int]]:
+    """``(state, first_block, stop_block)`` of the non-clean runs of a block map."""
+    out = []
+    i, n = 0, len(state)
+    while i < n:
+        v = state[i]
+        j = i + 1
+        while j < n and state[j] == v:
+            j += 1
+        if v != CLEAN:
+            out.append((v, i, j))
+        i = j
+    return out
+
+
+async def attach_stack(backend: Backend) -> None:
+    """Run the async ``attach`` of every layer of a stack that has one (bottom first)."""
+    layers = []
+    b: object = backend
+    while b is not None:
+        layers.append(b)
+        b = getattr(b, "next", None)
+    for layer in reversed(layers):
+        attach = getattr(layer, "attach", None)
+        if attach is not None:
+            await attach()

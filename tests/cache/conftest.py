@@ -1,0 +1,178 @@
+"""Real processes for the cache tests: the cache service and stream nodes, each killable.
+
+Every process is the real thing (``python -m services.cache``, a StreamServers wired to the
+cache in ``tests/cache/stream_node.py``) on the session's real nats-server; clients are
+qemu-io / nbdinfo over real NBD connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from services.cache import wire
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_SIZE = 16 * 1024 * 1024
+TIMEOUT = 60
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.logf = open(log, "ab")  # closed in stop()
+        self.p = subprocess.Popen(
+            args, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=self.logf
+        )
+
+    def ready_line(self) -> list[str]:
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline().decode()
+        assert line.startswith("READY"), f"not ready: {line!r}; log:\n{self.log.read_text()}"
+        return line.split()[1:]
+
+    def kill9(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+        self.logf.close()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self.logf.close()
+
+
+async def cache_request(nats_url: str, subject: str, body: dict[str, Any]) -> Any:
+    nc = await nats.connect(nats_url)
+    try:
+        msg = await nc.request(subject, json.dumps(body).encode(), timeout=10)
+        return json.loads(msg.data)
+    finally:
+        await nc.close()
+
+
+class System:
+    """The cache service + stream nodes of one test, under one data dir."""
+
+    def __init__(self, nats_url: str, root: Path, env: dict[str, str]) -> None:
+        self.nats_url = nats_url
+        self.root = root
+        self.data = root / "data"
+        self.env = {
+            "STREAMBOOT_NATS_URL": nats_url,
+            "STREAMBOOT_DATA_DIR": str(self.data),
+            "STREAMBOOT_CACHE_RAM_DIR": str(root / "shm"),
+            "STREAMBOOT_NODE_ID": f"cache-{root.name}",
+            "STREAMBOOT_METRICS_PORT": "0",
+            "STREAMBOOT_HEARTBEAT_INTERVAL_S": "1",
+            **env,
+        }
+        self.procs: list[Proc] = []
+        self.cache: Proc | None = None
+
+    async def start_cache(self) -> Proc:
+        self.cache = Proc(
+            [sys.executable, "-m", "services.cache"], self.env, self.root / "cache.log"
+        )
+        self.procs.append(self.cache)
+        # Ready when it answers.
+        for _ in range(300):
+            try:
+                await cache_request(self.nats_url, wire.STATS, {})
+                return self.cache
+            except Exception:
+                assert self.cache.p.poll() is None, (self.root / "cache.log").read_text()
+                await asyncio.sleep(0.1)
+        raise AssertionError("cache service never answered")
+
+    async def start_node(self, exports: dict[str, dict[str, Any]], name: str) -> tuple[Proc, str]:
+        path = self.root / f"exports-{name}.json"
+        path.write_text(json.dumps(exports))
+        node = Proc(
+            [sys.executable, "-m", "tests.cache.stream_node", self.nats_url, str(path)],
+            self.env,
+            self.root / f"{name}.log",
+        )
+        self.procs.append(node)
+        port = (await asyncio.to_thread(node.ready_line))[0]
+        return node, f"nbd://127.0.0.1:{port}"
+
+    async def stats(self) -> Any:
+        return await cache_request(self.nats_url, wire.STATS, {})
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+@pytest.fixture
+async def system(nats_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., System]]:
+    made: list[System] = []
+
+    def make(**env: str) -> System:
+        s = System(
+            nats_url,
+            tmp_path / f"sys{len(made)}",
+            {f"STREAMBOOT_{k.upper()}": v for k, v in env.items()},
+        )
+        s.root.mkdir()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vdisk") / "base.raw"
+    path.write_bytes(os.urandom(IMAGE_SIZE))
+    return path
+
+
+def export(token: str, base: Path, **kw: Any) -> dict[str, dict[str, Any]]:
+    fields = {
+        "session_id": f"session-{token}",
+        "vdisk": "golden",
+        "version": 1,
+        "layers": [str(base)],
+        "size": IMAGE_SIZE,
+        "write_cache": "server-disk",
+        **kw,
+    }
+    return {token: fields}
+
+
+def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    if check:
+        assert out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def qemu_io(uri: str, *commands: str, expect_error: bool = False) -> str:
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    out = run(*args, uri, check=not expect_error)
+    text = out.stdout + out.stderr
+    assert "Pattern verification failed" not in text, text
+    if not expect_error:
+        assert "error" not in text.lower(), text
+    return text

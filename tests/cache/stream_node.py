@@ -1,0 +1,64 @@
+"""A stream node in its own process, wired to the cache service, for kill -9 tests and benches.
+
+    python -m tests.cache.stream_node NATS_URL EXPORTS_JSON [--port 0]
+
+EXPORTS_JSON maps tokens to ExportSpec fields. Prints ``READY <nbd_port> <http_port>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+import nats
+import uvloop
+
+from services.cache.client import BlockingFetcher, CacheClient
+from services.stream.path.cached_store import CacheLink
+from services.stream.server import StreamServers
+from services.stream.settings import StreamSettings
+from services.stream.spec import ExportSpec, NullSink, StaticResolver
+
+
+def load_exports(path: Path) -> dict[str, ExportSpec]:
+    raw = json.loads(path.read_text())
+    return {
+        token: ExportSpec(**{**fields, "layers": tuple(Path(p) for p in fields["layers"])})
+        for token, fields in raw.items()
+    }
+
+
+async def serve(args: argparse.Namespace) -> None:
+    nc = await nats.connect(args.nats_url)
+    settings = StreamSettings(nbd_port=args.port, http_port=0, session_linger_s=args.linger)
+    servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), NullSink(), settings)
+    fetcher = BlockingFetcher(args.nats_url)
+    servers.sessions.cache = CacheLink(CacheClient(nc), fetcher, None)
+    await servers.start()
+    print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await servers.stop()
+    fetcher.close()
+    await nc.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("nats_url")
+    ap.add_argument("exports")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--linger", type=float, default=60.0)
+    logging.basicConfig(level=logging.INFO)
+    uvloop.run(serve(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

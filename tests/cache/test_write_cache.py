@@ -1,0 +1,118 @@
+"""Write caches held by the cache service: failover between stream nodes, kill -9 of the
+cache service, a full cache, a dropped cache; each through real NBD clients."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.cache.conftest import export, qemu_io
+
+# (offset, length, pattern) written through node A; 0 = write-zeroes.
+WRITES = [
+    (0, 65536, 0x11),
+    (1_000_000, 5000, 0x22),  # unaligned: read-modify-write of two blocks
+    (4 * 1024 * 1024, 1024 * 1024, 0x33),  # several batches
+    (8 * 1024 * 1024, 131072, 0),  # zeroed
+    (16 * 1024 * 1024 - 4096, 4096, 0x44),  # the last block
+]
+
+
+def write_cmds(fua: bool = False) -> list[str]:
+    f = "-f " if fua else ""
+    return [f"write {f}-P {p} {o} {n}" if p else f"write {f}-z {o} {n}" for o, n, p in WRITES]
+
+
+def read_cmds() -> list[str]:
+    return [f"read -P {p} {o} {n}" for o, n, p in WRITES]
+
+
+def base_bytes(base: Path, offset: int, length: int) -> bytes:
+    with open(base, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+async def test_session_moves_to_another_node_with_all_its_writes(system, base_image: Path) -> None:  # type: ignore[no-untyped-def]
+    s = system()
+    await s.start_cache()
+    ex = export("mv", base_image)
+    node_a, uri_a = await s.start_node(ex, "a")
+    await asyncio.to_thread(qemu_io, f"{uri_a}/mv", *write_cmds())
+    node_a.kill9()  # no goodbye: whatever A held in memory is gone
+    _node_b, uri_b = await s.start_node(ex, "b")
+    await asyncio.to_thread(qemu_io, f"{uri_b}/mv", *read_cmds())
+    # Bytes around the unaligned write still come from the base image.
+    out = await asyncio.to_thread(qemu_io, f"{uri_b}/mv", "read -v 999990 10")
+    assert base_bytes(base_image, 999990, 10).hex()[:4] in out.replace(" ", "")
+    stats = await s.stats()
+    (wc,) = [w for w in stats["write_caches"] if w["session_id"] == "session-mv"]
+    assert wc["used"] >= 65536 + 1024 * 1024 + 8192 + 4096
+    assert wc["zeroed"] == 131072
+
+
+async def test_fua_and_flushed_writes_survive_kill9_of_the_cache_service(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = system()
+    cache = await s.start_cache()
+    ex = export("dur", base_image, write_cache="server-ram")
+    node_a, uri_a = await s.start_node(ex, "a")
+    # Half with FUA, half followed by an acknowledged flush.
+    cmds = write_cmds(fua=True)
+    await asyncio.to_thread(qemu_io, f"{uri_a}/dur", *cmds[:3])
+    await asyncio.to_thread(qemu_io, f"{uri_a}/dur", *write_cmds()[3:], "flush")
+    cache.kill9()
+    node_a.kill9()
+    await s.start_cache()  # recovers the caches it finds
+    _node_b, uri_b = await s.start_node(ex, "b")
+    await asyncio.to_thread(qemu_io, f"{uri_b}/dur", *read_cmds())
+
+
+async def test_full_write_cache_answers_enospc_and_keeps_what_it_acknowledged(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = system(cache_write_capacity=str(1024 * 1024))
+    await s.start_cache()
+    ex = export("full", base_image)
+    _node, uri = await s.start_node(ex, "a")
+    await asyncio.to_thread(qemu_io, f"{uri}/full", "write -P 0x55 0 512k")
+    out = await asyncio.to_thread(qemu_io, f"{uri}/full", "write -P 0x66 2M 1M", expect_error=True)
+    assert "No space left on device" in out, out
+    await asyncio.to_thread(qemu_io, f"{uri}/full", "read -P 0x55 0 512k")
+    # Rewriting blocks it already holds needs no room.
+    await asyncio.to_thread(qemu_io, f"{uri}/full", "write -P 0x77 0 512k", "read -P 0x77 0 512k")
+    log = (s.root / "cache.log").read_text()
+    assert "write cache session-full full" in log
+
+
+async def test_write_to_a_dropped_cache_is_a_clear_error(
+    system, base_image: Path, nats_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import nats
+
+    s = system()
+    await s.start_cache()
+    ex = export("drop", base_image)
+    _node, uri = await s.start_node(ex, "a")
+    await asyncio.to_thread(qemu_io, f"{uri}/drop", "write -P 0x12 0 64k")
+    # The registry closes the session: the cache service drops the session's cache.
+    nc = await nats.connect(nats_url)
+    await nc.publish(
+        "events.SessionClosed.session",
+        json.dumps(
+            {"type": "SessionClosed", "data": {"session_id": "session-drop", "reason": "t"}}
+        ).encode(),
+    )
+    await nc.flush()
+    await nc.close()
+    for _ in range(100):
+        if not (await s.stats())["write_caches"]:
+            break
+        await asyncio.sleep(0.05)
+    # This node still has the session open (it did not get the event): writes now fail.
+    out = await asyncio.to_thread(qemu_io, f"{uri}/drop", "write -P 0x13 0 4k", expect_error=True)
+    assert "Input/output error" in out, out
+    assert "was dropped" in (s.root / "a.log").read_text()
