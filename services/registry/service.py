@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
@@ -90,6 +91,8 @@ class RegistryService:
             on_appended=relay.poke,
         )
         await app.start()
+        for stale in await asyncio.to_thread(vdisk_store.drop_stale_staging, app.vdisk_root):
+            log.warning("registry: dropped the staging dir of an abandoned import: %s", stale)
         self._appends = await serve_appends(nc, store, lambda _stored: relay.poke())
         self.broker = build_broker(nats_url, app)
         await self.broker.start()

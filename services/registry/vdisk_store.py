@@ -189,6 +189,22 @@ def remove_files(root: Path, name: str) -> None:
     shutil.rmtree(root / name, ignore_errors=True)
 
 
+def drop_stale_staging(root: Path, max_age_s: float = 24 * 3600) -> list[Path]:
+    """Remove staging dirs left by imports that died (older than ``max_age_s``: a running
+    import of a big image may be staging right now)."""
+    import time
+
+    dropped = []
+    for sdir in root.glob(f"*/{STAGING_PREFIX}*"):
+        try:
+            if time.time() - sdir.stat().st_mtime > max_age_s:
+                shutil.rmtree(sdir, ignore_errors=True)
+                dropped.append(sdir)
+        except FileNotFoundError:
+            pass
+    return dropped
+
+
 def layer_paths(root: Path, layers: list[str]) -> list[str]:
     return [str(root / rel) for rel in layers]
 
