@@ -20,7 +20,8 @@ update): get one once, outside the loop, and update it from the event loop threa
 
 Boots per minute and the cache hit ratio are rates, computed by Prometheus from the counters
 (``rate(streamboot_boots_total[1m]) * 60``); :class:`Headline` computes the same figures in
-process for the heartbeat, so ``streamboot status`` needs no Prometheus.
+process for the heartbeat (``figures``), and :func:`system_figures` adds the live instances'
+figures up, so ``streamboot status`` needs no Prometheus.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -260,9 +261,43 @@ class Headline:
             "boots_total": boots,
             "boots_per_minute": round((boots - first_boots) / minutes, 2),
             "bytes_streamed": sum(t.value for t in list(_hot.bytes.values())),
-            "cache_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "cache_hit_ratio": _ratio(hits, misses),
             "write_cache_bytes": _total(WRITE_CACHE_BYTES),
         }
+
+
+def _ratio(hits: float, misses: float) -> float | None:
+    # No reads yet: no ratio (None), not a ratio of 0.
+    return round(hits / (hits + misses), 4) if hits + misses else None
+
+
+def system_figures(beats: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The whole system's headline figures from the instances' heartbeats (``figures``),
+    for ``streamboot status``. Every registry replica sees every session, so live sessions
+    are the largest registry count (the stream nodes' sum when no registry reports); the
+    rest add up over the live instances."""
+    alive = [b for b in beats if b.get("alive") and isinstance(b.get("figures"), dict)]
+
+    def values(key: str, service: str | None = None) -> list[float]:
+        return [
+            float(b["figures"].get(key) or 0)
+            for b in alive
+            if service is None or b.get("service") == service
+        ]
+
+    registry_sessions = values("live_sessions", "registry")
+    hits, misses = sum(values("cache_hits")), sum(values("cache_misses"))
+    return {
+        "live_sessions": max(registry_sessions)
+        if registry_sessions
+        else sum(values("live_sessions", "stream")),
+        "boots_per_minute": round(sum(values("boots_per_minute")), 2),
+        "bytes_streamed": sum(values("bytes_streamed")),
+        "cache_hit_ratio": _ratio(hits, misses),
+        "write_cache_bytes": sum(values("write_cache_bytes")),
+    }
 
 
 @dataclass

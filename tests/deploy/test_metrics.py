@@ -209,3 +209,30 @@ def test_latency_buckets_are_inclusive_upper_bounds() -> None:
     assert cumulative[str(10.0)] == 3
     assert cumulative["+Inf"] == 4
     assert hist.sum == 50e-6 + 51e-6 + 10.0 + 11.0
+
+
+def beat(service: str, alive: bool = True, **figures: float) -> dict[str, Any]:
+    return {"service": service, "alive": alive, "figures": figures}
+
+
+def test_system_figures_combine_the_instances() -> None:
+    beats = [
+        # Two registry replicas see the same 3 sessions; each counted the boots it opened.
+        beat("registry", live_sessions=3, boots_per_minute=2),
+        beat("registry", live_sessions=3, boots_per_minute=1),
+        beat("stream", live_sessions=2, bytes_streamed=1000, cache_hits=3, cache_misses=1),
+        beat("stream", live_sessions=1, bytes_streamed=500, cache_hits=1, cache_misses=3),
+        beat("cache", write_cache_bytes=4096),
+        beat("stream", alive=False, bytes_streamed=10**9),  # dead: not counted
+        {"service": "boot", "alive": True},  # no figures (an older version): ignored
+    ]
+    assert metrics.system_figures(beats) == {
+        "live_sessions": 3,
+        "boots_per_minute": 3,
+        "bytes_streamed": 1500,
+        "cache_hit_ratio": 0.5,
+        "write_cache_bytes": 4096,
+    }
+    # No registry reporting: the stream nodes' sessions; no reads: no ratio.
+    only_stream = metrics.system_figures([beat("stream", live_sessions=2)])
+    assert only_stream["live_sessions"] == 2 and only_stream["cache_hit_ratio"] is None
