@@ -18,6 +18,11 @@ update): get one once, outside the loop, and update it from the event loop threa
 - ``live_sessions_from(service, fn)``    the gauge reads ``fn()`` at each scrape
 - ``write_cache_bytes_from(fn)``         the gauge reads ``fn()`` at each scrape
 
+``shared/service.py`` starts the server and fills the heartbeat for the services it runs; a
+process that runs itself (the registry) calls ``start_metrics_server(name, settings)``, puts
+its ``.url`` into its vitals as ``metrics`` and ``Headline().figures()`` as ``figures``, and
+calls ``.stop()`` on the way out.
+
 Boots per minute and the cache hit ratio are rates, computed by Prometheus from the counters
 (``rate(streamboot_boots_total[1m]) * 60``); :class:`Headline` computes the same figures in
 process for the heartbeat (``figures``), and :func:`system_figures` adds the live instances'
