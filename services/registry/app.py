@@ -33,6 +33,7 @@ from services.registry.projection import Projection, Record
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent
 from shared.events import Event, SessionEvent, envelope
+from shared.metrics import count_boot
 from shared.settings import Settings
 from shared.telemetry import current_traceparent, tracer
 
@@ -432,6 +433,7 @@ class RegistryApp:
                 correlation_id=correlation_id or sid,
             )
             span.set_attribute("streamboot.session_id", sid)
+            count_boot()
             view = self.session_view(self.projection.sessions[sid])
             view.update(
                 token=token,

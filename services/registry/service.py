@@ -27,6 +27,7 @@ from shared import bus
 from shared.event_log import serve_appends
 from shared.event_store import EventStore
 from shared.heartbeat import Heartbeat, read_heartbeats
+from shared.metrics import Headline, live_sessions_from, start_metrics_server
 from shared.relay import EventRelay
 from shared.settings import API_TOKEN_FILE, Settings
 from shared.telemetry import setup_tracing, shutdown_tracing
@@ -106,6 +107,11 @@ class RegistryService:
             )
         )
 
+        # Prometheus: this process serves its own /metrics (see shared/metrics.py).
+        self.metrics = start_metrics_server("registry", settings)
+        live_sessions_from("registry", lambda: len(app.projection.sessions))
+        headline = Headline()
+
         def vitals() -> dict[str, Any]:
             p = app.projection
             return {
@@ -113,6 +119,8 @@ class RegistryService:
                 "position": p.position,
                 "live_sessions": len(p.sessions),
                 "load": len(p.sessions),
+                "metrics": self.metrics.url,
+                "figures": headline.figures(),
             }
 
         self.heartbeat = Heartbeat(
@@ -169,6 +177,8 @@ class RegistryService:
                 await asyncio.wait_for(self.nc.drain(), 5.0)
         if hasattr(self, "store"):
             await self.store.close()
+        if hasattr(self, "metrics"):
+            await asyncio.to_thread(self.metrics.stop)
         log.info("registry: stopped")
 
 

@@ -173,3 +173,22 @@ async def test_idle_session_times_out(registry: Registry, nc: Any) -> None:
     assert await registry.app.sweep(now=opened + idle) == [s["session_id"]]
     [closed] = await registry.app.store.read_all(types=["SessionClosed"])
     assert closed.data["reason"] == "idle-timeout"
+
+
+async def test_heartbeat_and_metrics(registry: Registry, nc: Any) -> None:
+    import httpx
+
+    from shared.heartbeat import read_heartbeats
+
+    await seed(registry, registry.data_dir, MAC)
+    await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    beats = [
+        b
+        for b in await read_heartbeats(nc.jetstream(), 60)
+        if b["service"] == "registry" and b["node"] == registry.settings.node_id
+    ]
+    assert beats and beats[0]["alive"] and beats[0]["api"] == registry.api_url
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(beats[0]["metrics"])).text
+    assert 'streamboot_live_sessions{service="registry"} 1.0' in text
+    assert "streamboot_boots_total" in text
