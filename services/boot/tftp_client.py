@@ -58,22 +58,31 @@ def fetch(
     view = memoryview(buf)
     try:
         sock.sendto(request, (host, port))
-        server: tuple[str, int] | None = None
+
+        def send(packet: bytes) -> None:  # until the server's transfer port is known
+            sock.sendto(packet, (host, port))
+
+        connected = False
         last_sent: bytes = request
         tries = retries
         while True:
             try:
-                n, addr = sock.recvfrom_into(buf)
+                if connected:
+                    n = sock.recv_into(buf)
+                else:
+                    n, addr = sock.recvfrom_into(buf)
             except TimeoutError:
                 tries -= 1
                 if tries < 0:
                     raise TftpError(0, "timeout") from None
-                sock.sendto(last_sent, server or (host, port))
+                send(last_sent)
                 continue
-            if server is None:
-                server = addr
-            elif addr != server:
-                continue
+            if not connected:
+                # The server answers from its transfer port (its TID): talk only to that
+                # from now on, and let the kernel drop anything else.
+                sock.connect(addr)
+                send = sock.send  # type: ignore[assignment]
+                connected = True
             opcode, number = struct.unpack_from("!HH", buf)
             if opcode == ERROR:
                 message = bytes(view[4:n]).split(b"\0", 1)[0].decode("ascii", "replace")
@@ -83,14 +92,14 @@ def fetch(
                 size = int(acked.get("blksize", DEFAULT_BLKSIZE))
                 window = int(acked.get("windowsize", 1))
                 last_sent = build_ack(0)
-                sock.sendto(last_sent, server)
+                send(last_sent)
                 continue
             if opcode != DATA:
                 continue
             if number != expected & 0xFFFF:
                 # Out of order or a resent window: ask again from the last in-order block.
                 last_sent = build_ack(expected - 1)
-                sock.sendto(last_sent, server)
+                send(last_sent)
                 since_ack = 0
                 continue
             tries = retries
@@ -103,7 +112,7 @@ def fetch(
             final = length < size
             if final or since_ack >= window:
                 last_sent = build_ack(expected - 1)
-                sock.sendto(last_sent, server)
+                send(last_sent)
                 since_ack = 0
             if final:
                 break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -41,6 +42,12 @@ from services.boot.tftp_packets import (
 log = logging.getLogger("streamboot.boot.tftp")
 
 _PACK_DATA = struct.Struct("!HH").pack_into
+# UDP generic segmentation offload (Linux >= 4.18): one sendmsg carries up to 64 datagrams
+# of one size (the last may be shorter) within 64 KiB.
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_gso_usable = True  # cleared for the process on the first send the kernel refuses
 # netascii files are converted in memory; a boot file server has no business sending
 # huge text files, and this bounds what one request can make us allocate.
 MAX_NETASCII_BYTES = 16 * 1024 * 1024
@@ -76,7 +83,8 @@ class Source:
 
     size: int
 
-    def readinto(self, offset: int, buffer: memoryview) -> int:
+    def readv(self, offset: int, buffers: list[memoryview]) -> int:
+        """Fill ``buffers`` in order from ``offset``; the byte count (short at the end)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -87,8 +95,8 @@ class FileSource(Source):
     def __init__(self, fd: int, size: int) -> None:
         self.fd, self.size = fd, size
 
-    def readinto(self, offset: int, buffer: memoryview) -> int:
-        return os.preadv(self.fd, [buffer], offset)
+    def readv(self, offset: int, buffers: list[memoryview]) -> int:
+        return os.preadv(self.fd, buffers, offset)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -98,10 +106,13 @@ class BytesSource(Source):
     def __init__(self, data: bytes) -> None:
         self.data, self.size = memoryview(data), len(data)
 
-    def readinto(self, offset: int, buffer: memoryview) -> int:
-        chunk = self.data[offset : offset + len(buffer)]
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
+    def readv(self, offset: int, buffers: list[memoryview]) -> int:
+        total = 0
+        for buffer in buffers:
+            chunk = self.data[offset + total : offset + total + len(buffer)]
+            buffer[: len(chunk)] = chunk
+            total += len(chunk)
+        return total
 
 
 def open_source(path: Path, mode: str) -> Source:
@@ -158,9 +169,17 @@ class Transfer:
         self.last_block = source.size // self.blksize + 1
         self.acked = 0  # absolute number of the highest block acknowledged (0: none yet)
         self.sent = 0  # absolute number of the highest block sent
-        self.buffer = bytearray(4 + self.blksize)
+        # One buffer of DATA packets laid end to end: a window is read with one preadv
+        # (the payload slots skip the 4-byte headers) and, with UDP GSO, sent with one
+        # sendmsg that the kernel cuts into datagrams of exactly one packet each.
+        self.segment = 4 + self.blksize
+        self.batch = min(self.windowsize, GSO_MAX_SEGMENTS, GSO_MAX_BYTES // self.segment) or 1
+        self.buffer = bytearray(self.segment * self.batch)
         self.view = memoryview(self.buffer)
-        self.payload = self.view[4:]
+        self.payloads = [
+            self.view[i * self.segment + 4 : (i + 1) * self.segment] for i in range(self.batch)
+        ]
+        self.gso_option = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.segment))]
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.finished = False
@@ -186,17 +205,44 @@ class Transfer:
             self._finish(f"send failed: {exc}")
 
     def _send_window(self) -> None:
-        first = self.acked + 1
         last = min(self.acked + self.windowsize, self.last_block)
-        blksize, payload, view, buffer = self.blksize, self.payload, self.view, self.buffer
-        for block in range(first, last + 1):
-            n = self.source.readinto((block - 1) * blksize, payload)
-            _PACK_DATA(buffer, 0, 3, block & 0xFFFF)
-            self._send(view[: 4 + n])
-            if self.finished:
-                return
+        block = self.acked + 1
+        while block <= last and not self.finished:
+            count = min(self.batch, last - block + 1)
+            self._send_blocks(block, count)
+            block += count
         self.sent = last
         self._arm()
+
+    def _send_blocks(self, first: int, count: int) -> None:
+        """Blocks ``first``..``first+count-1``: one read, then one send (GSO) or one each."""
+        blksize, segment, buffer = self.blksize, self.segment, self.buffer
+        n = self.source.readv((first - 1) * blksize, self.payloads[:count])
+        if n < (count - 1) * blksize:
+            self._finish("file shrank during the transfer")
+            return
+        for i in range(count):
+            _PACK_DATA(buffer, i * segment, 3, (first + i) & 0xFFFF)
+        total = 4 * count + n
+        if count == 1:
+            self._send(self.view[:total])
+            return
+        global _gso_usable
+        if _gso_usable:
+            try:
+                self.sock.sendmsg([self.view[:total]], self.gso_option)
+                return
+            except (BlockingIOError, InterruptedError):
+                return  # lost: the timeout resends
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOPROTOOPT, errno.EIO, errno.EOPNOTSUPP):
+                    self._finish(f"send failed: {exc}")
+                    return
+                log.info("tftp: no UDP GSO here (%s); sending one packet per syscall", exc)
+                _gso_usable = False
+        for i in range(count):
+            start = i * segment
+            self._send(self.view[start : min(start + segment, total)])
 
     def _arm(self) -> None:
         self.deadline = self.loop.time() + self.timeout_s
@@ -225,15 +271,16 @@ class Transfer:
     # -- receiving -----------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        while not self.finished:
-            try:
-                data = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # ICMP port unreachable: the client is gone
-                self._finish(f"client unreachable: {exc.strerror}")
-                return
-            self._on_packet(data)
+        # One datagram per wakeup: the reader is level-triggered, so a second queued ACK
+        # calls us again, and lock-step transfers save a failing recv() per block.
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # ICMP port unreachable: the client is gone
+            self._finish(f"client unreachable: {exc.strerror}")
+            return
+        self._on_packet(data)
 
     def _on_packet(self, data: bytes) -> None:
         try:

@@ -276,3 +276,16 @@ async def test_tftp_error_from_client_is_reported(server: TftpServer) -> None:
 def test_tftp_hpa_is_installed() -> None:
     # The real-client tests need these Debian packages (see docs/boot.md).
     assert shutil.which("tftp") and shutil.which("curl")
+
+
+async def test_windows_without_udp_gso(
+    server: TftpServer, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kernels or NICs without UDP GSO: the same window goes out one packet per send.
+    import services.boot.tftp_server as tftp_server
+
+    monkeypatch.setattr(tftp_server, "_gso_usable", False)
+    data, acked = await asyncio.to_thread(
+        fetch, "127.0.0.1", server.port, "small.bin", blksize=1000, windowsize=8
+    )
+    assert data == (root / "small.bin").read_bytes() and acked["windowsize"] == "8"
