@@ -34,16 +34,20 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ipxe \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/streamboot streamboot \
-    && install -d -o streamboot -g streamboot -m 0750 /var/lib/streamboot
+    && install -d -o streamboot -g streamboot -m 0750 /var/lib/streamboot \
+    && install -d -o streamboot -g streamboot -m 0755 /srv/streamboot/vdisks
 COPY --from=build /app/.venv /app/.venv
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     STREAMBOOT_DATA_DIR=/var/lib/streamboot \
+    STREAMBOOT_VDISK_DIR=/srv/streamboot/vdisks \
     STREAMBOOT_BIND_HOST=0.0.0.0 \
     STREAMBOOT_METRICS_PORT=9464
 WORKDIR /var/lib/streamboot
-# A named volume mounted here starts with this ownership (vdisks live in DATA_DIR/vdisks).
-VOLUME ["/var/lib/streamboot"]
+# DATA_DIR is each instance's own state (write caches, mirrors, leases); VDISK_DIR is the
+# vdisk store, shared: the registry writes it, stream and cache read it. A named volume
+# mounted on either starts with this ownership.
+VOLUME ["/var/lib/streamboot", "/srv/streamboot/vdisks"]
 USER streamboot
 # registry API, HTTP stream, NBD, boot HTTP, TFTP, DHCP (unprivileged defaults), metrics.
 EXPOSE 18080 18081 10809 18082 16969/udp 16767/udp 9464

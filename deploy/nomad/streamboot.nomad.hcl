@@ -1,12 +1,13 @@
 # streamboot on a Nomad cluster (Docker driver): the same shape as compose.yaml.
 #
 #   nomad var put nomad/jobs/streamboot api_token=... postgres_password=...
-#   nomad job run -var stream_count=4 -var cache_count=2 deploy/nomad/streamboot.nomad.hcl
+#   nomad job run -var dhcp_interface=eth1 -var stream_count=4 deploy/nomad/streamboot.nomad.hcl
 #
 # Services find each other through Nomad's own service discovery (templates below).
-# registry, stream and cache mount the host volume `var.data_volume`: on a multi-node
-# cluster it must be the SAME shared mount (NFS, CephFS...) on every client, because the
-# registry writes the vdisk store (DATA_DIR/vdisks) that the stream nodes read.
+# registry, stream and cache mount the host volume `var.vdisk_volume` at the image's
+# STREAMBOOT_VDISK_DIR: on a multi-node cluster it must be the SAME shared mount (NFS,
+# CephFS...) on every client, because the registry writes the vdisk store that stream and
+# cache read. Each instance's own state (DATA_DIR) stays local to it.
 # Several machines, the NATS cluster and what scales how: docs/deploy.md.
 
 variable "image" {
@@ -32,21 +33,32 @@ variable "stream_count" {
 }
 
 variable "cache_count" {
-  description = "Cache nodes"
+  description = "Cache nodes: keep 1 until the cache service routes a session to the node holding its write cache (docs/deploy.md)"
   type        = number
   default     = 1
 }
 
-variable "data_volume" {
-  description = "Host volume holding DATA_DIR (the vdisk store): shared storage across clients"
+variable "dhcp_mode" {
+  description = "proxy (beside the network's DHCP server) or full (boot is the DHCP server)"
   type        = string
-  default     = "streamboot-data"
+  default     = "proxy"
+}
+
+variable "dhcp_interface" {
+  description = "The interface of the boot nodes on the clients' network (e.g. eth1)"
+  type        = string
+}
+
+variable "vdisk_volume" {
+  description = "Host volume holding the vdisk store: one shared mount across the clients"
+  type        = string
+  default     = "streamboot-vdisks"
 }
 
 locals {
   # Environment shared by every streamboot task (the per-task part is in its env block):
   # the endpoints of NATS and Jaeger as Nomad knows them now (the task restarts when they
-  # move), and tracing on. DATA_DIR is the image's (/var/lib/streamboot).
+  # move), and tracing on.
   bus_env = <<-EOT
     STREAMBOOT_TRACE_EXPORTER=otlp
     {{ range nomadService "streamboot-nats" }}STREAMBOOT_NATS_URL=nats://{{ .Address }}:{{ .Port }}
@@ -245,9 +257,9 @@ job "streamboot" {
       }
     }
 
-    volume "data" {
+    volume "vdisks" {
       type   = "host"
-      source = var.data_volume
+      source = var.vdisk_volume
     }
 
     service {
@@ -274,12 +286,13 @@ job "streamboot" {
       }
 
       volume_mount {
-        volume      = "data"
-        destination = "/var/lib/streamboot"
+        volume      = "vdisks"
+        destination = "/srv/streamboot/vdisks"
       }
 
       env {
         STREAMBOOT_NODE_ID      = "registry-${NOMAD_ALLOC_INDEX}"
+        STREAMBOOT_DATA_DIR     = "${NOMAD_ALLOC_DIR}/data"
         STREAMBOOT_BIND_HOST    = "0.0.0.0"
         STREAMBOOT_API_PORT     = "18080"
         STREAMBOOT_METRICS_PORT = "9464"
@@ -313,10 +326,19 @@ job "streamboot" {
   group "boot" {
     count = 1
 
+    # DHCP leases (full mode) under DATA_DIR: kept on the node across updates.
+    ephemeral_disk {
+      sticky  = true
+      migrate = true
+    }
+
     network {
       mode = "host"
       port "dhcp" {
         static = 67
+      }
+      port "pxe" {
+        static = 4011
       }
       port "tftp" {
         static = 69
@@ -342,8 +364,9 @@ job "streamboot" {
 
     task "boot" {
       driver = "docker"
-      # Binding 67 and 69 needs CAP_NET_BIND_SERVICE, which Docker gives only to root:
-      # root in the container, every other capability dropped.
+      # Binding 67, 69 and 4011 needs CAP_NET_BIND_SERVICE (and SO_BINDTODEVICE on the
+      # interface CAP_NET_RAW on older kernels), which Docker gives only to root: root in
+      # the container, every other capability dropped. DATA_DIR (leases) is the alloc's.
       user = "root"
 
       config {
@@ -352,14 +375,18 @@ job "streamboot" {
         args         = ["-m", "services.boot"]
         network_mode = "host"
         cap_drop     = ["all"]
-        cap_add      = ["net_bind_service"]
+        cap_add      = ["net_bind_service", "net_raw"]
       }
 
       env {
         STREAMBOOT_NODE_ID        = "boot-${node.unique.name}"
         STREAMBOOT_BIND_HOST      = "0.0.0.0"
+        STREAMBOOT_DATA_DIR       = "${NOMAD_ALLOC_DIR}/data"
         STREAMBOOT_PUBLIC_HOST    = "${NOMAD_IP_http}"
+        STREAMBOOT_DHCP_MODE      = var.dhcp_mode
+        STREAMBOOT_DHCP_INTERFACE = var.dhcp_interface
         STREAMBOOT_DHCP_PORT      = "${NOMAD_PORT_dhcp}"
+        STREAMBOOT_DHCP_PXE_PORT  = "${NOMAD_PORT_pxe}"
         STREAMBOOT_TFTP_PORT      = "${NOMAD_PORT_tftp}"
         STREAMBOOT_BOOT_HTTP_PORT = "${NOMAD_PORT_http}"
         STREAMBOOT_METRICS_PORT   = "${NOMAD_PORT_metrics}"
@@ -395,9 +422,9 @@ job "streamboot" {
       port "metrics" {}
     }
 
-    volume "data" {
+    volume "vdisks" {
       type      = "host"
-      source    = var.data_volume
+      source    = var.vdisk_volume
       read_only = true
     }
 
@@ -425,13 +452,14 @@ job "streamboot" {
       }
 
       volume_mount {
-        volume      = "data"
-        destination = "/var/lib/streamboot"
+        volume      = "vdisks"
+        destination = "/srv/streamboot/vdisks"
         read_only   = true
       }
 
       env {
         STREAMBOOT_NODE_ID          = "stream-${node.unique.name}-${NOMAD_ALLOC_INDEX}"
+        STREAMBOOT_DATA_DIR         = "${NOMAD_ALLOC_DIR}/data"
         STREAMBOOT_BIND_HOST        = "${NOMAD_IP_nbd}"
         STREAMBOOT_PUBLIC_HOST      = "${NOMAD_IP_nbd}"
         STREAMBOOT_NBD_PORT         = "${NOMAD_PORT_nbd}"
@@ -465,9 +493,16 @@ job "streamboot" {
       }
     }
 
-    volume "data" {
+    volume "vdisks" {
+      type      = "host"
+      source    = var.vdisk_volume
+      read_only = true
+    }
+
+    # Write caches (kept ones survive a restart) and the read cache: local to the node.
+    volume "state" {
       type   = "host"
-      source = var.data_volume
+      source = "streamboot-cache"
     }
 
     service {
@@ -491,10 +526,18 @@ job "streamboot" {
         command = "python"
         args    = ["-m", "services.cache"]
         ports   = ["metrics"]
+        # server-ram write caches live in /dev/shm (Docker's default is 64 MB).
+        shm_size = 2147483648
       }
 
       volume_mount {
-        volume      = "data"
+        volume      = "vdisks"
+        destination = "/srv/streamboot/vdisks"
+        read_only   = true
+      }
+
+      volume_mount {
+        volume      = "state"
         destination = "/var/lib/streamboot"
       }
 

@@ -42,14 +42,16 @@ DOCKERFILE = ROOT / "Dockerfile"
 SETTINGS_ENV = {f"STREAMBOOT_{name.upper()}" for name in Settings.model_fields}
 INFRA = {"nats", "postgres", "jaeger"}
 SCALED = ("stream", "cache")
-# The services that share DATA_DIR: registry writes the vdisk store, stream reads it.
-DATA_SHARERS = {"registry", "stream", "cache"}
+# The vdisk store (STREAMBOOT_VDISK_DIR) is shared: the registry writes it, these read it.
+VDISK_WRITER = "registry"
+VDISK_READERS = {"stream", "cache"}
 ENV_NAME = re.compile(r"\bSTREAMBOOT_[A-Z0-9_]+")
 # Compose's required variables (`${VAR:?...}`), with values good enough for `config`.
 COMPOSE_REQUIRED = {
     "STREAMBOOT_API_TOKEN": "test-token",
     "POSTGRES_PASSWORD": "test-password",
     "STREAMBOOT_PUBLIC_HOST": "192.0.2.10",
+    "STREAMBOOT_DHCP_INTERFACE": "eth1",
 }
 
 
@@ -128,8 +130,11 @@ def test_dockerfile_shape() -> None:
 
 
 @pytest.fixture(scope="module")
-def data_dir_in_image() -> str:
-    return dockerfile_stages()[-1].env()["STREAMBOOT_DATA_DIR"]
+def image_env() -> dict[str, str]:
+    """The runtime image's environment: where DATA_DIR and the vdisk store are."""
+    env = dockerfile_stages()[-1].env()
+    assert {"STREAMBOOT_DATA_DIR", "STREAMBOOT_VDISK_DIR"} <= set(env)
+    return env
 
 
 def uv_binary() -> str:
@@ -228,7 +233,7 @@ def probe_url(service: dict[str, Any]) -> str:
     return url
 
 
-def test_compose_services(compose_model: dict[str, Any], data_dir_in_image: str) -> None:
+def test_compose_services(compose_model: dict[str, Any], image_env: dict[str, str]) -> None:
     services = compose_model["services"]
     assert set(services) == INFRA | set(SERVICES)
     images = {services[name]["image"] for name in SERVICES}
@@ -256,15 +261,33 @@ def test_compose_services(compose_model: dict[str, Any], data_dir_in_image: str)
     assert "@postgres:5432/" in registry["environment"]["STREAMBOOT_DATABASE_URL"]
     assert registry["depends_on"]["postgres"]["condition"] == "service_healthy"
 
-    # DATA_DIR (the vdisk store) is one named volume shared by registry, stream, cache.
+
+def test_compose_volumes(compose_model: dict[str, Any], image_env: dict[str, str]) -> None:
+    services = compose_model["services"]
     mounts = {
-        name: {(v["source"], v["target"]) for v in services[name].get("volumes", [])}
-        for name in SERVICES
+        name: {v["target"]: v for v in services[name].get("volumes", [])} for name in SERVICES
     }
-    shared = set.intersection(*(mounts[n] for n in DATA_SHARERS))
-    assert any(target == data_dir_in_image for _source, target in shared), mounts
-    for _source, target in shared:
-        assert target == data_dir_in_image
+    # One vdisk store: written by the registry, read (only) by stream and cache.
+    vdisk_dir = image_env["STREAMBOOT_VDISK_DIR"]
+    store = {mounts[n][vdisk_dir]["source"] for n in {VDISK_WRITER, *VDISK_READERS}}
+    assert len(store) == 1, store
+    assert not mounts[VDISK_WRITER][vdisk_dir].get("read_only")
+    assert all(mounts[n][vdisk_dir].get("read_only") for n in VDISK_READERS)
+    # DATA_DIR: each service's own state on its own volume, shared with no other service
+    # (a cache's write caches are its own).
+    sources = []
+    for name in SERVICES:
+        svc = services[name]
+        data_dir = svc["environment"].get("STREAMBOOT_DATA_DIR", image_env["STREAMBOOT_DATA_DIR"])
+        assert mounts[name][data_dir]["type"] == "volume", name
+        sources.append(mounts[name][data_dir]["source"])
+        if svc.get("user", "").split(":")[0] in {"0", "root"}:
+            # Root without CAP_DAC_OVERRIDE cannot write the image's DATA_DIR (not its own).
+            assert "DAC_OVERRIDE" not in svc.get("cap_add", [])
+            assert data_dir != image_env["STREAMBOOT_DATA_DIR"], name
+    assert len(set(sources)) == len(sources), sources
+    # server-ram write caches live in /dev/shm: more than Docker's 64 MB default.
+    assert int(services["cache"]["shm_size"]) > 64 * 2**20
 
     stream_env = services["stream"]["environment"]
     published = {int(p["target"]) for p in services["stream"]["ports"]}
@@ -280,7 +303,9 @@ def test_compose_boot_on_host_network(compose_model: dict[str, Any]) -> None:
     assert boot["network_mode"] == "host"
     env = boot["environment"]
     assert env["STREAMBOOT_DHCP_PORT"] == "67" and env["STREAMBOOT_TFTP_PORT"] == "69"
-    assert "NET_BIND_SERVICE" in boot["cap_add"] and "ALL" in boot["cap_drop"]
+    assert set(boot["cap_add"]) == {"NET_BIND_SERVICE", "NET_RAW"} and boot["cap_drop"] == ["ALL"]
+    assert env["STREAMBOOT_DHCP_MODE"] in {"proxy", "full"}
+    assert env["STREAMBOOT_DHCP_INTERFACE"] == "eth1"
     # On the host network it reaches NATS and Jaeger through ports published on loopback.
     host_ports = {
         (p["host_ip"], int(p["published"]))
@@ -377,8 +402,11 @@ def test_nomad_groups_and_scaling(nomad: dict[str, Any], groups: dict[str, Any])
         assert service.get("check"), f"{name}: no health check"
 
 
-def test_nomad_services(nomad: dict[str, Any], groups: dict[str, Any], data_dir_in_image: str):
+def test_nomad_services(
+    nomad: dict[str, Any], groups: dict[str, Any], image_env: dict[str, str]
+) -> None:
     locals_ = unwrap(nomad["locals"])
+    vdisk_dir = image_env["STREAMBOOT_VDISK_DIR"]
     for name in SERVICES:
         (task,) = tasks(groups[name]).values()
         (config,) = task["config"]
@@ -391,11 +419,16 @@ def test_nomad_services(nomad: dict[str, Any], groups: dict[str, Any], data_dir_
         (check,) = groups[name]["service"][0]["check"]
         assert check["type"] == "http"
         assert check["path"] == ("/health" if name == "registry" else "/metrics")
-        mounts = {m["destination"] for m in task.get("volume_mount", [])}
-        assert (data_dir_in_image in mounts) == (name in DATA_SHARERS), (name, mounts)
-    # The one shared DATA_DIR volume, everywhere from the same variable.
-    sources = {unwrap(groups[n]["volume"])["data"]["source"] for n in DATA_SHARERS}
-    assert sources == {"${var.data_volume}"}
+        # The vdisk store: mounted where the image expects it, read-only but for the writer.
+        mounts = {m["destination"]: m for m in task.get("volume_mount", [])}
+        if name in {VDISK_WRITER, *VDISK_READERS}:
+            volume = unwrap(groups[name]["volume"])[mounts[vdisk_dir]["volume"]]
+            assert volume["source"] == "${var.vdisk_volume}"
+            read_only = name in VDISK_READERS
+            assert bool(mounts[vdisk_dir].get("read_only")) == read_only, name
+            assert bool(volume.get("read_only")) == read_only, name
+        else:
+            assert vdisk_dir not in mounts, name
     # Stream advertises the address and dynamic ports Nomad gave it.
     (stream_env,) = tasks(groups["stream"])["stream"]["env"]
     assert stream_env["STREAMBOOT_NBD_PORT"] == "${NOMAD_PORT_nbd}"
@@ -411,7 +444,7 @@ def test_nomad_boot_on_host_network(groups: dict[str, Any]) -> None:
     task = tasks(boot)["boot"]
     (config,) = task["config"]
     assert config["network_mode"] == "host"
-    assert config["cap_add"] == ["net_bind_service"] and config["cap_drop"] == ["all"]
+    assert config["cap_add"] == ["net_bind_service", "net_raw"] and config["cap_drop"] == ["all"]
     (env,) = task["env"]
     assert env["STREAMBOOT_DHCP_PORT"] == "${NOMAD_PORT_dhcp}"
 
