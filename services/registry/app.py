@@ -304,8 +304,23 @@ class RegistryApp:
             "latest_version": latest,
             "production_version": vdisks.production_version(vd),
             "live_sessions": len(self.projection.live_sessions_of_vdisk(name)),
+            "last_maintenance": vd["last_maintenance"],
             # The latest version's chain, for an importer computing the next delta.
             "latest_layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, latest)),
+        }
+
+    def commit_source(self, name: str) -> Record:
+        """The finished maintenance session whose kept writes would become the next
+        version, with where its write cache lives (the cache service's key)."""
+        last = vdisks.check_commit(self.projection, name)
+        vd = self.projection.vdisks[name]
+        return {
+            **last,
+            "vdisk": name,
+            "next_version": last["version"] + 1,
+            "size": vd["versions"][last["version"]]["size"],
+            "layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, last["version"])),
+            "write_cache_key": f"device-{last['mac'].replace(':', '')}-{name}-v{last['version']}",
         }
 
     def versions(self, name: str) -> list[Record]:
@@ -331,10 +346,36 @@ class RegistryApp:
         mode: str = "standard",
         write_cache: str = "server-disk",
         write_cache_persistence: str = "discard",
+        from_maintenance_session: str | None = None,
     ) -> Record:
-        """Register a version staged by ``vdisk_store.stage_version``: move its files into
-        place and append the events, or drop the staging dir and raise."""
+        """Register a version staged by ``vdisk_store.stage_version`` (or built from a
+        maintenance session's writes): move its files into place and append the events, or
+        drop the staging dir and raise."""
         root = self.vdisk_root
+
+        def decide(p: Projection) -> list[Event]:
+            if from_maintenance_session is not None:
+                last = vdisks.check_commit(p, name)
+                if last["session_id"] != from_maintenance_session:
+                    raise DomainError(
+                        f"vdisk {name!r}: the last maintenance session is {last['session_id']}, "
+                        f"not {from_maintenance_session}",
+                        "conflict",
+                    )
+            return vdisks.publish(
+                p,
+                name,
+                version=version,
+                stage=stage,
+                path=layer,
+                size=size,
+                checksum=checksum,
+                changed_blocks=changed_blocks,
+                block_size=block_size,
+                mode=mode,
+                write_cache=write_cache,
+                write_cache_persistence=write_cache_persistence,
+            )
 
         def effect() -> Callable[[], None]:
             moved = vdisk_store.commit_staged(root, name, staging, layer)
@@ -346,23 +387,7 @@ class RegistryApp:
             return undo
 
         try:
-            await self._execute(
-                lambda p: vdisks.publish(
-                    p,
-                    name,
-                    version=version,
-                    stage=stage,
-                    path=layer,
-                    size=size,
-                    checksum=checksum,
-                    changed_blocks=changed_blocks,
-                    block_size=block_size,
-                    mode=mode,
-                    write_cache=write_cache,
-                    write_cache_persistence=write_cache_persistence,
-                ),
-                effect=effect,
-            )
+            await self._execute(decide, effect=effect)
         finally:
             vdisk_store.discard_staged(root, name, staging)
         return {

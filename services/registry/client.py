@@ -125,8 +125,12 @@ def run(
     with cli_errors(as_json):
         client = RegistryClient.from_data_dir(data_dir)
         result = call(client)
+    print_result(result, as_json, render)
+    return result
+
+
+def print_result(result: Any, as_json: bool, render: Callable[[Any], None] | None) -> None:
     if as_json:
         print(json.dumps(result, indent=2, default=str))
     elif render is not None:
         render(result)
-    return result

@@ -154,6 +154,8 @@ class Projection:
             "versions": {},
             # Production versions in promotion order; the last one is what clients boot.
             "production_history": [],
+            # The last closed maintenance session: its kept writes make the next version.
+            "last_maintenance": None,
         }
 
     def _version_published(self, d: Record, when: Any) -> None:
@@ -171,6 +173,7 @@ class Projection:
             "published_at": _ts(when),
         }
         vd["size"] = d["size"]
+        vd["last_maintenance"] = None  # committed, or superseded by an import
         if d["stage"] == "production":
             vd["production_history"].append(d["version"])
 
@@ -254,6 +257,15 @@ class Projection:
             del self.session_by_mac[s["mac"]]
         if s.get("token_hash"):
             self.session_by_token_hash.pop(s["token_hash"], None)
+        if s.get("maintenance"):
+            vd = self.vdisks.get(s["vdisk"])
+            if vd is not None:
+                vd["last_maintenance"] = {
+                    "session_id": s["session_id"],
+                    "mac": s["mac"],
+                    "version": s["version"],
+                    "write_cache": s["write_cache"],
+                }
 
     # --- queries used by decisions and views ------------------------------------------
 

@@ -68,6 +68,8 @@ class VersionIn(BaseModel):
     mode: Literal["standard", "private"] = "standard"
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] = "server-disk"
     write_cache_persistence: Literal["discard", "keep"] = "discard"
+    # Set when the version is a maintenance session's writes (`streamboot vdisk commit`).
+    from_maintenance_session: str | None = None
 
 
 class PromoteIn(BaseModel):
@@ -190,6 +192,10 @@ def build_api(app: RegistryApp, api_token: str) -> FastAPI:
     @r.post("/vdisks/{name}/versions", status_code=201)
     async def publish(name: str, body: VersionIn) -> dict[str, Any]:
         return await app.publish_version(name, **body.model_dump())
+
+    @r.get("/vdisks/{name}/commit-source")
+    async def commit_source(name: str) -> dict[str, Any]:
+        return app.commit_source(name)
 
     @r.post("/vdisks/{name}/promote")
     async def promote(name: str, body: PromoteIn) -> dict[str, Any]:

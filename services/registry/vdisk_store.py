@@ -27,7 +27,7 @@ from pathlib import Path
 
 from services.registry.domain.errors import DomainError, invalid, not_found
 from services.registry.domain.identity import check_name
-from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, write_delta
+from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, open_chain, write_delta
 
 CHUNK = 4 * 1024 * 1024
 SECTOR = 512
@@ -83,6 +83,16 @@ def image_format(path: Path) -> tuple[str, int]:
     return fmt, size
 
 
+def new_staging(root: Path, name: str) -> Path:
+    """A fresh private staging dir for an import of ``name``."""
+    check_name(name)
+    vdir = root / name
+    vdir.mkdir(parents=True, exist_ok=True)
+    staging = vdir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+    staging.mkdir()
+    return staging
+
+
 def stage_version(
     root: Path,
     name: str,
@@ -97,10 +107,7 @@ def stage_version(
     fmt, size = image_format(source)
     if version > 1 and not parent_chain:
         raise invalid(f"version {version} of {name!r} needs its parent chain")
-    vdir = root / name
-    vdir.mkdir(parents=True, exist_ok=True)
-    staging = vdir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
-    staging.mkdir()
+    staging = new_staging(root, name)
     try:
         raw = source
         if fmt != "raw":
@@ -113,37 +120,71 @@ def stage_version(
             else:
                 raw.rename(base)
                 checksum = _hash(base, size, progress)
-            layer, changed, block_size = (
-                f"{name}/v1.raw",
-                -(-size // DEFAULT_BLOCK_SIZE),
-                DEFAULT_BLOCK_SIZE,
+            return StagedVersion(
+                name=name,
+                version=1,
+                staging=staging.name,
+                layer=f"{name}/v1.raw",
+                size=size,
+                checksum=f"sha256:{checksum}",
+                changed_blocks=-(-size // DEFAULT_BLOCK_SIZE),
+                block_size=DEFAULT_BLOCK_SIZE,
             )
-        else:
-            checksum = _hash(raw, size, progress)
-            progress("delta", 0, size)
-            changed = write_delta(parent_chain, raw, staging / f"v{version}")
-            progress("delta", size, size)
-            block_size = _delta_block_size(staging / f"v{version}.map")
-            if raw != source:
-                raw.unlink()
-            if changed == 0:
-                raise invalid(
-                    f"{source} is identical to version {version - 1} of {name!r}: no new version"
-                )
-            layer = f"{name}/v{version}.map"
-        return StagedVersion(
-            name=name,
-            version=version,
-            staging=staging.name,
-            layer=layer,
-            size=size,
-            checksum=f"sha256:{checksum}",
-            changed_blocks=changed,
-            block_size=block_size,
-        )
+        return delta_version(
+            staging, name, raw, version, parent_chain, progress, temporary=raw != source,
+            unchanged=f"{source} is identical to version {version - 1} of {name!r}: no new version",
+        )  # fmt: skip
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def delta_version(
+    staging: Path,
+    name: str,
+    image: Path,
+    version: int,
+    parent_chain: list[Path],
+    progress: Progress,
+    *,
+    temporary: bool,
+    unchanged: str,
+) -> StagedVersion:
+    """Stage version ``version`` as the delta of a full raw ``image`` over its parent chain
+    (``temporary``: the image is staging scratch, removed afterwards)."""
+    size = image.stat().st_size
+    checksum = _hash(image, size, progress)
+    progress("delta", 0, size)
+    changed = write_delta(parent_chain, image, staging / f"v{version}")
+    progress("delta", size, size)
+    if temporary:
+        image.unlink()
+    if changed == 0:
+        raise invalid(unchanged)
+    return StagedVersion(
+        name=name,
+        version=version,
+        staging=staging.name,
+        layer=f"{name}/v{version}.map",
+        size=size,
+        checksum=f"sha256:{checksum}",
+        changed_blocks=changed,
+        block_size=_delta_block_size(staging / f"v{version}.map"),
+    )
+
+
+def materialise(layers: list[Path], out: Path, progress: Progress = _no_progress) -> int:
+    """Write a version chain out as one sparse raw image (the base of a maintenance commit)."""
+    zero = bytes(CHUNK)
+    with open_chain(layers) as chain, open(out, "wb") as f:
+        size = chain.size
+        for offset in range(0, size, CHUNK):
+            data = chain.pread(offset, min(CHUNK, size - offset))
+            if data != zero[: len(data)]:
+                os.pwrite(f.fileno(), data, offset)
+            progress("copy", offset + len(data), size)
+        f.truncate(size)
+    return size
 
 
 def staged_files(root: Path, name: str, staging: str) -> list[Path]:

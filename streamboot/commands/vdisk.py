@@ -8,6 +8,9 @@ then registers it through the API, which moves it into place and appends the eve
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,8 +20,16 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from services.registry import vdisk_store
-from services.registry.client import ClientError, RegistryClient, cli_errors, run
+from services.registry.client import (
+    EXIT_UNREACHABLE,
+    ClientError,
+    RegistryClient,
+    cli_errors,
+    print_result,
+    run,
+)
 from services.registry.domain.identity import check_name
+from shared.settings import Settings
 from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="vdisks (disk images) and their versions.")
@@ -27,6 +38,7 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
 PHASES = {
+    "overlay": "applying the session's writes",
     "convert": "converting to raw",
     "copy": "copying",
     "hash": "checksumming",
@@ -78,6 +90,44 @@ def show_versions(versions: list[dict[str, Any]]) -> None:
     out.print(table)
 
 
+@contextmanager
+def progress_bar(quiet: bool) -> Iterator[vdisk_store.Progress]:
+    """A rich progress bar per phase (on a terminal, without --json)."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet or not console.is_terminal,
+    ) as bar:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(PHASES.get(phase, phase), total=total)
+            bar.update(tasks[phase], completed=done)
+
+        yield progress
+
+
+def register(
+    client: RegistryClient, root: Path, staged: vdisk_store.StagedVersion, **extra: Any
+) -> Any:
+    """Hand a staged version to the registry, which moves it into place or refuses it;
+    either way no staging dir is left."""
+    body = {
+        "version": staged.version,
+        "staging": staged.staging,
+        "layer": staged.layer,
+        "size": staged.size,
+        "checksum": staged.checksum,
+        "changed_blocks": staged.changed_blocks,
+        "block_size": staged.block_size,
+        **extra,
+    }
+    try:
+        return client.post(f"/vdisks/{staged.name}/versions", body)
+    finally:
+        vdisk_store.discard_staged(root, staged.name, staged.staging)
+
+
 @app.command("import")
 def import_(
     path: Annotated[Path, typer.Argument(help="raw or qcow2 (any qemu-img format) image")],
@@ -112,46 +162,53 @@ def import_(
             if exc.kind != "not_found":
                 raise
             version, chain = 1, []
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-            console=console, disable=as_json or not console.is_terminal,
-        ) as bar:  # fmt: skip
-            tasks: dict[str, Any] = {}
-
-            def progress(phase: str, done: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task(PHASES.get(phase, phase), total=total)
-                bar.update(tasks[phase], completed=done)
-
+        with progress_bar(as_json) as progress:
             staged = vdisk_store.stage_version(root, name, path, version, chain, progress)
-        body = {
-            "version": staged.version,
-            "staging": staged.staging,
-            "layer": staged.layer,
-            "size": staged.size,
-            "checksum": staged.checksum,
-            "changed_blocks": staged.changed_blocks,
-            "block_size": staged.block_size,
-            "stage": stage,
-            "mode": mode,
-            "write_cache": write_cache,
-            "write_cache_persistence": persistence,
-        }
-        try:
-            result = client.post(f"/vdisks/{name}/versions", body)
-        finally:
-            # The registry moved the files into place, or it refused: either way no staging.
-            vdisk_store.discard_staged(root, name, staged.staging)
-    run_result(result, as_json, show_vdisk)
+        result = register(
+            client, root, staged, stage=stage, mode=mode, write_cache=write_cache,
+            write_cache_persistence=persistence,
+        )  # fmt: skip
+    print_result(result, as_json, show_vdisk)
 
 
-def run_result(result: Any, as_json: bool, render: Any) -> None:
-    import json
+@app.command()
+def commit(
+    name: str,
+    data_dir: DataDirOption,
+    stage: Annotated[str | None, typer.Option(help="maintenance (default)|test|production")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make the writes of the vdisk's last (finished) maintenance session its next version."""
+    with cli_errors(as_json):
+        client = RegistryClient.from_data_dir(data_dir)
+        root = Path(client.get("/registry/status")["vdisk_root"])
+        source = client.get(f"/vdisks/{name}/commit-source")
+        nats_url = Settings(data_dir=data_dir).require_nats_url()
+        with progress_bar(as_json) as progress:
+            staged = asyncio.run(_stage_commit(nats_url, root, source, progress))
+        result = register(
+            client, root, staged, stage=stage, from_maintenance_session=source["session_id"]
+        )
+    print_result(result, as_json, show_vdisk)
 
-    if as_json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        render(result)
+
+async def _stage_commit(
+    nats_url: str, root: Path, source: dict[str, Any], progress: vdisk_store.Progress
+) -> vdisk_store.StagedVersion:
+    from services.registry.maintenance import stage_commit
+    from shared import bus
+
+    try:
+        nc = await bus.connect(nats_url, "streamboot-cli", connect_timeout_s=5)
+    except bus.BusError as exc:
+        raise ClientError(str(exc), "unreachable", EXIT_UNREACHABLE) from None
+    try:
+        return await stage_commit(nc, root, source, progress)
+    except (OSError, bus.BusError, TimeoutError) as exc:
+        # The cache service holds the session's writes: name it when it is the problem.
+        raise ClientError(f"reading the write cache from the cache service failed: {exc}") from None
+    finally:
+        await nc.close()
 
 
 @app.command("list")

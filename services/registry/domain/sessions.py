@@ -108,14 +108,15 @@ def open_session(
                 f"vdisk {vdisk!r} is private and in use by live session {s['session_id']}",
                 s["session_id"],
             )
-        if maintenance and s["version"] == version and s.get("maintenance"):
+        if maintenance and s.get("maintenance"):
             reject(
-                f"vdisk {vdisk!r} version {version} is in maintenance by live session "
+                f"vdisk {vdisk!r} is in maintenance by live session "
                 f"{s['session_id']} (one device at a time)",
                 s["session_id"],
             )
     writes_to_vdisk = private or maintenance
-    write_cache = vd["write_cache"]
+    # A maintenance session's writes must reach the server (they become the next version).
+    write_cache = "server-disk" if maintenance else vd["write_cache"]
     persistence = "keep" if writes_to_vdisk else vd["write_cache_persistence"]
     return [
         SessionOpened(

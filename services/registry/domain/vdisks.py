@@ -2,8 +2,10 @@
 version a boot gets.
 
 Versions form a line: version N's parent is N-1 and its layer is a delta over the chain
-1..N-1 (version 1 is the base image). Stages: ``maintenance`` (read-write, one device at a
-time), ``test`` (booted by testers), ``production`` (booted by everyone else). The current
+1..N-1 (version 1 is the base image). Stages: ``maintenance`` (being prepared: booted only
+by maintenance sessions), ``test`` (booted by testers), ``production`` (by everyone else).
+A maintenance session boots the latest version read-write, one device per vdisk at a time;
+its writes are kept and become the next version when committed. The current
 production version is the last entry of the vdisk's production history; a rollback pops it
 and withdraws that version (no new boot picks it; running sessions keep it).
 """
@@ -175,6 +177,29 @@ def remove(p: Projection, name: str) -> list[Event]:
     return [VdiskRemoved(name=name)]
 
 
+def check_commit(p: Projection, name: str) -> Record:
+    """The closed maintenance session whose writes make the next version."""
+    vd = get_vdisk(p, name)
+    live = [s for s in p.live_sessions_of_vdisk(name) if s.get("maintenance")]
+    if live:
+        raise conflict(
+            f"vdisk {name!r} is still in maintenance by live session {live[0]['session_id']}; "
+            "shut the client down (or `streamboot session close`) first"
+        )
+    last = vd.get("last_maintenance")
+    if last is None:
+        raise conflict(
+            f"vdisk {name!r} has no finished maintenance session "
+            f"(`streamboot session open MAC --vdisk {name} --maintenance`)"
+        )
+    if last["version"] != latest_version(vd):
+        raise conflict(
+            f"vdisk {name!r} moved on to version {latest_version(vd)} since its maintenance "
+            f"session on version {last['version']}: its writes cannot be committed"
+        )
+    return last
+
+
 def _check_policy(mode: str | None, cache: str | None, persistence: str | None) -> None:
     if mode is not None and mode not in MODES:
         raise invalid(f"unknown image mode {mode!r}: {' or '.join(MODES)}")
@@ -188,14 +213,12 @@ def _check_policy(mode: str | None, cache: str | None, persistence: str | None) 
 
 
 def boot_version(vd: Record, *, tester: bool, maintenance: bool) -> int:
-    """The version a device boots: maintenance sessions get the newest maintenance
-    version; testers the newest test version newer than production; others production."""
+    """The version a device boots: a maintenance session the latest version (its writes
+    become the next version, a delta over it: see ``streamboot vdisk commit``); testers the
+    newest test version newer than production; others production."""
     versions = vd["versions"]
     if maintenance:
-        candidates = [n for n, v in versions.items() if v["stage"] == "maintenance"]
-        if not candidates:
-            raise conflict(f"vdisk {vd['name']!r} has no version in maintenance")
-        return max(candidates)
+        return latest_version(vd)
     prod = production_version(vd)
     if tester:
         tests = [

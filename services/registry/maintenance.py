@@ -1,0 +1,127 @@
+"""A finished maintenance session's writes -> the next vdisk version.
+
+A maintenance session boots the latest version read-write with a kept server-disk write
+cache, which the cache service holds under ``device-<mac>-<vdisk>-v<version>`` (see
+``services/cache/write_cache.py``). Committing it (``streamboot vdisk commit NAME``):
+
+1. ask the registry which session and cache (``GET /vdisks/NAME/commit-source``);
+2. materialise that version's chain as a sparse raw image in a staging dir;
+3. overlay the cache service's dirty blocks (``streamboot.cache.wc.open`` for the block map,
+   ``streamboot.cache.wc.read`` for the data) and zero its zeroed blocks;
+4. store the delta over the chain (``vdisk_store.delta_version``) and register it
+   (``POST /vdisks/NAME/versions`` with ``from_maintenance_session``): the registry checks,
+   under its append lock, that this session is still the last one and nothing moved on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from services.cache import wire
+from services.cache.client import CacheClient
+from services.registry import vdisk_store
+from services.registry.vdisk_store import Progress, StagedVersion
+
+PULL_DEPTH = 8
+
+
+def _runs(state: bytes) -> list[tuple[int, int, int]]:
+    """(value, first block, stop block) for each run of equal non-clean states."""
+    out = []
+    i, n = 0, len(state)
+    while i < n:
+        v = state[i]
+        j = i + 1
+        while j < n and state[j] == v:
+            j += 1
+        if v != wire.CLEAN:
+            out.append((v, i, j))
+        i = j
+    return out
+
+
+async def overlay_write_cache(
+    nc: NATS, source: dict[str, Any], image: Path, progress: Progress
+) -> int:
+    """Apply the kept write cache of ``source`` onto ``image``; returns bytes applied."""
+    client = CacheClient(nc)
+    size = int(source["size"])
+    reply = await client.request_json(
+        wire.WC_OPEN,
+        {
+            "key": source["write_cache_key"],
+            "session_id": source["session_id"],
+            "vdisk": source["vdisk"],
+            "version": source["version"],
+            "size": size,
+            "kind": source.get("write_cache") or "server-disk",
+            "persistence": "keep",
+            "mac": source["mac"],
+        },
+    )
+    state = zlib.decompress(base64.b64decode(reply["state"]))
+    pieces: list[tuple[int, int, bool]] = []
+    for v, a, b in _runs(state):
+        start, stop = a * wire.BLOCK, min(b * wire.BLOCK, size)
+        pieces += [(o, n, v == wire.DIRTY) for o, n in wire.chunks(start, stop - start)]
+    total = sum(n for _, n, _ in pieces)
+    done = 0
+    sem = asyncio.Semaphore(PULL_DEPTH)
+    fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+
+        async def apply(offset: int, length: int, dirty: bool) -> None:
+            nonlocal done
+            if dirty:
+                async with sem:
+                    data = await client.request_bytes(
+                        wire.WC_READ,
+                        {"key": source["write_cache_key"], "offset": offset, "length": length},
+                    )
+            else:
+                data = bytes(length)
+            os.pwrite(fd, data, offset)
+            done += length
+            progress("overlay", done, total)
+
+        await asyncio.gather(*(apply(o, n, d) for o, n, d in pieces))
+    finally:
+        os.close(fd)
+    return total
+
+
+async def stage_commit(
+    nc: NATS, root: Path, source: dict[str, Any], progress: Progress
+) -> StagedVersion:
+    name, version = source["vdisk"], int(source["next_version"])
+    layers = [Path(p) for p in source["layers"]]
+    staging = await asyncio.to_thread(vdisk_store.new_staging, root, name)
+    try:
+        work = staging / "work.raw"
+        await asyncio.to_thread(vdisk_store.materialise, layers, work, progress)
+        await overlay_write_cache(nc, source, work, progress)
+        return await asyncio.to_thread(
+            vdisk_store.delta_version,
+            staging,
+            name,
+            work,
+            version,
+            layers,
+            progress,
+            temporary=True,
+            unchanged=(
+                f"maintenance session {source['session_id']} changed nothing in "
+                f"{name!r} version {source['version']}: no new version"
+            ),
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
