@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Literal
+from collections.abc import Coroutine
+from typing import Any, Literal
 
 from services.stream.sessions import Session, SessionManager
 from services.stream.settings import StreamSettings
@@ -64,7 +65,7 @@ class Connection(asyncio.Protocol):
         self._paused_since: float | None = None
         self._drainers: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._batch: list[bytes | bytearray] | None = None
+        self._batch: list[Any] | None = None  # buffers and [fd, offset, count] pieces
         self.zero_copy = False
         self._batch_files = False
 
@@ -178,8 +179,8 @@ class Connection(asyncio.Protocol):
         del self.buf[: i + len(sep)]
         return data
 
-    def spawn(self, coro: object) -> asyncio.Task[None]:
-        task = self.loop.create_task(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -194,7 +195,7 @@ class Connection(asyncio.Protocol):
         """Send file bytes without copying them through Python (zero-copy transports only)."""
         item = [fd, offset, count]
         if self._batch is not None:
-            self._batch.append(item)  # type: ignore[arg-type]
+            self._batch.append(item)
             self._batch_files = True
         elif not self.closed:
             self.transport.send_items([item])  # type: ignore[attr-defined]

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Awaitable
 
 from services.stream.conn import Connection
 from services.stream.nbd import protocol as P
-from services.stream.path.backend import ZERO_FD, Backend, all_cached, read_into, read_into_nowait
-from services.stream.sessions import Session
+from services.stream.path.backend import (
+    ZERO_FD,
+    Backend,
+    Piece,
+    all_cached,
+    read_into,
+    read_into_nowait,
+)
+from services.stream.sessions import Session, SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,7 @@ class ProtocolError(Exception):
 class NbdConnection(Connection):
     protocol_name = "nbd"
 
-    def __init__(self, mgr) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, mgr: SessionManager) -> None:
         super().__init__(mgr)
         self.transmitting = False
         self.structured = False
@@ -303,7 +311,7 @@ class NbdConnection(Connection):
         self.inflight += 1
         self.spawn(self._slow_read(handle, pieces, view, out))
 
-    def _read_zero_copy(self, handle: int, offset: int, length: int, pieces) -> None:  # type: ignore[no-untyped-def]
+    def _read_zero_copy(self, handle: int, offset: int, length: int, pieces: list[Piece]) -> None:
         """Header from Python, data by sendfile straight from the page cache."""
         assert self.session is not None
         if self.structured:
@@ -326,7 +334,9 @@ class NbdConnection(Connection):
         self.bytes_read += length
         self.session.record("r", offset, length)
 
-    async def _slow_read(self, handle: int, pieces, view: memoryview, out: bytearray) -> None:  # type: ignore[no-untyped-def]
+    async def _slow_read(
+        self, handle: int, pieces: list[Piece], view: memoryview, out: bytearray
+    ) -> None:
         try:
             await self.loop.run_in_executor(None, read_into, pieces, view)
         except OSError as e:
@@ -387,13 +397,13 @@ class NbdConnection(Connection):
         else:
             self._error(handle, P.EINVAL, cmd == P.CMD_BLOCK_STATUS)
 
-    def _run(self, handle: int, op: object) -> None:
+    def _run(self, handle: int, op: Awaitable[None]) -> None:
         self.inflight += 1
         self.spawn(self._finish(handle, op))
 
-    async def _finish(self, handle: int, op: object) -> None:
+    async def _finish(self, handle: int, op: Awaitable[None]) -> None:
         try:
-            await op  # type: ignore[misc]
+            await op
         except PermissionError:
             self._error(handle, P.EPERM)
         except OSError as e:

@@ -95,6 +95,18 @@ class CacheLink:
         return m
 
 
+_ERROR_FD = -2
+
+
+def _error_fd() -> int:
+    """A file descriptor every read of which fails (EBADF): how ``map_read`` reports an
+    error through the servers' piece readers, which answer it with EIO."""
+    global _ERROR_FD
+    if _ERROR_FD < 0:
+        _ERROR_FD = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+    return _ERROR_FD
+
+
 class CachedStoreBackend:
     """A read-only version served from the cache service's read cache, via a node mirror."""
 
@@ -151,11 +163,16 @@ class CachedStoreBackend:
     def map_read(self, offset: int, length: int) -> list[Piece]:
         missing = self.mirror.missing(offset, length)
         if missing:
-            if self.link.fetcher is None:
-                raise OSError(f"{self.key}: block not in the mirror and no fetcher")
-            for a, n in missing:
-                # Blocks the loop for one cache round trip (see the module docstring).
-                self.mirror.fill(a, self.link.fetcher.fetch(self._body(a, n)))
+            try:
+                if self.link.fetcher is None:
+                    raise OSError(f"{self.key}: block not on this node and no fetcher")
+                for a, n in missing:
+                    # Blocks the loop for one cache round trip (see the module docstring).
+                    self.mirror.fill(a, self.link.fetcher.fetch(self._body(a, n)))
+            except OSError as e:
+                log.error("read %s %d+%d failed: %s", self.key, offset, length, e)
+                # A piece whose read fails: the servers answer the client EIO.
+                return [(_error_fd(), 0, length)]
         return [(self.mirror.fd, offset, length)]
 
     async def pread(self, offset: int, length: int) -> bytes:
