@@ -126,7 +126,9 @@ async def bench_store(dsn: str, total: int, single: int, batch: int) -> dict[str
     boots = await device_timelines(store, mac(7))
     timeline_s = time.perf_counter() - t
     assert boots, "device 7 booted in the generated day"
-    print(f"timeline of one device ({len(boots)} boots) on {n:,} events: {timeline_s * 1000:.0f} ms")
+    print(
+        f"timeline of one device ({len(boots)} boots) on {n:,} events: {timeline_s * 1000:.0f} ms"
+    )
     await store.close()
     return results
 

@@ -1,13 +1,17 @@
 """Benchmark the stream NBD server side by side with nbdkit (file plugin) and qemu-nbd.
 
-    uv run python bench/nbd.py [--size-gib 1] [--runtime 10]
+    uv run python bench/nbd.py [--size-gib 1] [--runtime 5] [--rounds 3]
 
-One run, one raw image (filled with random data, not sparse) in a temp dir, served by the
-three servers on loopback; the same fio jobs (fio's own ``nbd`` engine, i.e. libnbd) against
+One run, one raw image (filled with random data, not sparse) in a temp dir, served at the
+same time by: the stream server (``stream``: its own socket transport, large reads by
+sendfile; ``stream-uv``: the same on uvloop's transports), nbdkit's file plugin and
+qemu-nbd, all on loopback. The same fio jobs (fio's ``nbd`` engine, i.e. libnbd) run against
 each: sequential read 1 MiB x 8 in flight, 4 KiB random read at 16 and at 1 in flight, 4 KiB
 random write at 16 in flight (writes go last: nbdkit and qemu-nbd write into the image, the
 stream server into its session's write cache). The page cache is warmed first, so the
-comparison is of the servers, not the disk. Prints MiB/s, IOPS and the ratio to nbdkit.
+comparison is of the servers, not the disk. Per workload the servers run back to back, for
+``--rounds`` rounds, best kept: background load on a shared machine then hits all alike.
+Prints MiB/s, IOPS and the ratio to nbdkit.
 """
 
 from __future__ import annotations
@@ -89,8 +93,8 @@ def fio(uri: str, runtime: int, rw: str, bs: str, iodepth: int) -> tuple[float, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=1.0)
-    ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
-    ap.add_argument("--rounds", type=int, default=2, help="runs per server and job (best kept)")
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per server and job (best kept)")
     ap.add_argument("--write-cache", default="server-ram", choices=["server-ram", "server-disk"])
     args = ap.parse_args()
     for tool in ("fio", "nbdkit", "qemu-nbd"):
