@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.boot.tftp_packets import (
+    ACK,
     ERR_ACCESS,
     ERR_NOT_FOUND,
     ERR_OPTIONS,
@@ -179,6 +180,7 @@ class Transfer:
         self.payloads = [
             self.view[i * self.segment + 4 : (i + 1) * self.segment] for i in range(self.batch)
         ]
+        self.inbox = bytearray(2048)  # ACKs and ERRORs are small; longer is cut, then refused
         self.gso_option = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.segment))]
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -273,14 +275,18 @@ class Transfer:
     def _on_readable(self) -> None:
         # One datagram per wakeup: the reader is level-triggered, so a second queued ACK
         # calls us again, and lock-step transfers save a failing recv() per block.
+        inbox = self.inbox
         try:
-            data = self.sock.recv(65536)
+            n = self.sock.recv_into(inbox)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # ICMP port unreachable: the client is gone
             self._finish(f"client unreachable: {exc.strerror}")
             return
-        self._on_packet(data)
+        if n == 4 and inbox[1] == ACK and inbox[0] == 0 and not self.oack_pending:
+            self._on_ack(inbox[2] << 8 | inbox[3])  # the hot path: a plain ACK
+        else:
+            self._on_packet(bytes(inbox[:n]))
 
     def _on_packet(self, data: bytes) -> None:
         try:
@@ -300,13 +306,17 @@ class Transfer:
                 self.retries_left = self.max_retries
                 self._send_window()
             return
+        self._on_ack(number)
+
+    def _on_ack(self, number: int) -> None:
         # Map the 16-bit number onto the window in flight (block numbers roll over).
-        ahead = (number - self.acked) & 0xFFFF
-        if ahead == 0 or self.acked + ahead > max(self.sent, self.acked):
+        acked = self.acked
+        ahead = (number - acked) & 0xFFFF
+        if ahead == 0 or acked + ahead > self.sent:
             return  # a duplicate or stray ACK: never resend on it (Sorcerer's Apprentice)
-        self.acked += ahead
+        self.acked = acked = acked + ahead
         self.retries_left = self.max_retries
-        if self.acked >= self.last_block:
+        if acked >= self.last_block:
             self._finish(None)
         else:
             self._send_window()
