@@ -113,15 +113,14 @@ class Connection(asyncio.Protocol):
         session, self.session = self.session, None
         if session is not None:
             session.conns.discard(self)
-            if not session.closed:
-                self.mgr.detached(
-                    session,
-                    self.protocol_name,
-                    self.peer,
-                    self.bytes_read,
-                    self.bytes_written,
-                    self.reason,
-                )
+            self.mgr.detached(
+                session,
+                self.protocol_name,
+                self.peer,
+                self.bytes_read,
+                self.bytes_written,
+                self.reason,
+            )
             self.mgr.release(session)
 
     def pause_writing(self) -> None:

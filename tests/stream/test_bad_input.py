@@ -264,3 +264,13 @@ def test_out_of_order_reply_for_cold_read(server: ServerThread, images) -> None:
     assert replies[100] == base.read_bytes()[cold : cold + 1024 * 1024]
     assert order == [101, 100]
     c.close()
+
+
+def test_session_closed_by_registry_ends_its_connections(server: ServerThread) -> None:
+    c = RawNbd(server.servers.nbd_port)
+    c.go("tok-a")
+    assert server.call(lambda: server.servers.close_session("session-tok-a")) is True
+    assert c.closed_by_peer()
+    assert wait_for(lambda: detached(server, "session-tok-a", "session-closed"))
+    assert "session-tok-a" not in server.live_sessions()
+    assert server.call(lambda: server.servers.close_session("session-tok-a")) is False
