@@ -7,7 +7,10 @@ endpoints go into the heartbeat (``tftp``, ``dhcp``, ``boot_http``) for ``stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,32 @@ LEASES_FILE = ("boot", "dhcp-leases.json")
 
 def leases_path(settings: Settings) -> Path:
     return settings.data_path(*LEASES_FILE)
+
+
+def prepare_tftp_root(s: Settings) -> Path:
+    """The folder TFTP serves: ``tftp_root`` as it is when set; else DATA_DIR/boot/tftp with
+    copies of the iPXE builds from ``boot_files_dir``. Copies, because Debian's
+    /usr/lib/ipxe/ipxe.efi is a symlink to /boot, which the server rightly refuses to follow
+    out of its root; the copies are refreshed when the package's files change."""
+    if s.tftp_root is not None:
+        return s.tftp_root
+    root = s.data_path("boot", "tftp").absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in (s.boot_bios_file, s.boot_efi64_file):
+        source, target = s.boot_files_dir / name, root / name
+        try:
+            st = source.stat()
+        except FileNotFoundError:
+            log.warning("boot file %s is missing (apt-get install ipxe, or set "
+                        "STREAMBOOT_BOOT_FILES_DIR)", source)  # fmt: skip
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if (t := target.stat()).st_size == st.st_size and t.st_mtime == st.st_mtime:
+                continue
+        tmp = root / f".{name}.tmp"
+        shutil.copy2(source, tmp)  # follows the symlink; keeps the mtime for the check above
+        os.replace(tmp, target)
+    return root
 
 
 class Emitter:
@@ -81,11 +110,7 @@ async def start(rt: ServiceRuntime) -> None:
     app.base_url = f"http://{s.advertised_host}:{http.port}"
     rt.vitals["boot_http"] = app.base_url
 
-    root = s.tftp_root or s.boot_files_dir
-    if not root.is_dir():
-        log.warning(
-            "tftp root %s does not exist (apt-get install ipxe, or set STREAMBOOT_TFTP_ROOT)", root
-        )
+    root = prepare_tftp_root(s)
     tftp = TftpServer(
         TftpConfig(
             root=root,

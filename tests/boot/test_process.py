@@ -126,3 +126,29 @@ async def test_status_endpoints_and_leases_across_restart(nats_url: str, tmp_pat
     finally:
         await stop(proc)
     assert other.yiaddr == "10.213.1.11" and again.yiaddr == "10.213.1.10"
+
+
+def test_default_tftp_root_holds_copies_of_the_ipxe_builds(tmp_path: Path) -> None:
+    # Debian's /usr/lib/ipxe/ipxe.efi is a symlink to /boot/ipxe.efi, out of that folder:
+    # the service serves copies from its data dir instead of following it.
+    from services.boot.service import prepare_tftp_root
+    from services.boot.tftp_server import resolve_path
+    from shared.settings import Settings
+
+    files, elsewhere = tmp_path / "ipxe", tmp_path / "boot"
+    files.mkdir()
+    elsewhere.mkdir()
+    (files / "undionly.kpxe").write_bytes(b"bios" * 100)
+    (elsewhere / "ipxe.efi").write_bytes(b"efi" * 100)
+    (files / "ipxe.efi").symlink_to(elsewhere / "ipxe.efi")
+    settings = Settings(data_dir=tmp_path / "data", boot_files_dir=files)
+    root = prepare_tftp_root(settings)
+    assert root == (tmp_path / "data" / "boot" / "tftp").absolute()
+    assert resolve_path(root, "ipxe.efi").read_bytes() == b"efi" * 100
+    assert resolve_path(root, "undionly.kpxe").read_bytes() == b"bios" * 100
+    # A package upgrade is picked up at the next start.
+    (elsewhere / "ipxe.efi").write_bytes(b"new efi")
+    assert (prepare_tftp_root(settings) / "ipxe.efi").read_bytes() == b"new efi"
+    # An explicit root is served as it is.
+    explicit = Settings(data_dir=tmp_path / "data", tftp_root=files)
+    assert prepare_tftp_root(explicit) == files
