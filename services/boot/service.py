@@ -128,6 +128,10 @@ async def start(rt: ServiceRuntime) -> None:
 
     rt.vitals["dhcp"] = "off"
     if s.dhcp_mode != "off":
+        if tftp.port != 69:
+            log.warning(
+                "DHCP is on but TFTP listens on port %d: PXE firmware only uses 69", tftp.port
+            )
         dhcp = await start_dhcp(s, f"{app.base_url}/ipxe/boot.ipxe", emit)
         rt.on_stop(dhcp.stop)
         rt.vitals["dhcp"] = f"{dhcp.responder.config.server_ip}:{s.dhcp_port}"
