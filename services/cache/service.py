@@ -179,19 +179,27 @@ class CacheService:
 
     async def on_boot_requested(self, msg: Msg) -> None:
         data = json.loads(msg.data).get("data", {})
-        vc = self._version_for(data.get("vdisk"), data.get("version"))
+        try:
+            vc = await self._version_for(data.get("vdisk"), data.get("version"))
+        except (StoreError, OSError) as e:
+            log.error("no prefetch for %s: %s", data.get("vdisk"), e)
+            return
         if vc is not None:
-            self.rt.spawn(self.prefetch(vc), f"prefetch-{vc.key}")
+            task = asyncio.get_running_loop().create_task(self.prefetch(vc))
+            self._emits.add(task)
+            task.add_done_callback(self._emits.discard)
 
-    def _version_for(self, vdisk: str | None, version: int | None) -> VersionCache | None:
-        """The read cache of the booting version (its newest, when the boot did not say)."""
+    async def _version_for(self, vdisk: str | None, version: int | None) -> VersionCache | None:
+        """The read cache of the booting version (its newest, when the boot did not say);
+        a version served before a restart of this service is opened again."""
         cands = [
-            vc
-            for vc in self.reads.versions.values()
-            if vc.info.get("vdisk") == vdisk
-            and (version is None or vc.info.get("version") == version)
+            info
+            for info in [vc.info for vc in self.reads.versions.values()] + self.reads.known()
+            if info.get("vdisk") == vdisk and (version is None or info.get("version") == version)
         ]
-        return max(cands, key=lambda vc: int(vc.info.get("version") or 0), default=None)
+        if not cands:
+            return None
+        return await self.reads.open(max(cands, key=lambda i: int(i.get("version") or 0)))
 
     async def prefetch(self, vc: VersionCache) -> int:
         """Read the version's boot profile into the read cache; PrefetchCompleted says how much."""
@@ -220,7 +228,11 @@ class CacheService:
         return fetched
 
     async def close(self) -> None:
-        await asyncio.gather(*self._emits, return_exceptions=True)
+        # Events still retrying (registry away) get a moment, then are given up.
+        if self._emits:
+            await asyncio.wait(list(self._emits), timeout=2.0)
+        for task in self._emits:
+            task.cancel()
         self.writes.close()
         self.reads.close()
         for store in self.stores.values():

@@ -100,17 +100,35 @@ class System:
                 await asyncio.sleep(0.1)
         raise AssertionError("cache service never answered")
 
-    async def start_node(self, exports: dict[str, dict[str, Any]], name: str) -> tuple[Proc, str]:
+    async def start_node(
+        self, exports: dict[str, dict[str, Any]], name: str, *extra: str
+    ) -> tuple[Proc, str]:
         path = self.root / f"exports-{name}.json"
         path.write_text(json.dumps(exports))
         node = Proc(
-            [sys.executable, "-m", "tests.cache.stream_node", self.nats_url, str(path)],
+            [sys.executable, "-m", "tests.cache.stream_node", self.nats_url, str(path), *extra],
             self.env,
             self.root / f"{name}.log",
         )
         self.procs.append(node)
         port = (await asyncio.to_thread(node.ready_line))[0]
         return node, f"nbd://127.0.0.1:{port}"
+
+    async def start_registry(self, database_url: str) -> Proc:
+        """The real registry (event log + relay): the cache's events go through it."""
+        from streamboot.embedded.proc import free_port
+
+        env = {**self.env, "STREAMBOOT_DATABASE_URL": database_url}
+        env["STREAMBOOT_API_PORT"] = str(free_port())
+        reg = Proc([sys.executable, "-m", "services.registry"], env, self.root / "registry.log")
+        self.procs.append(reg)
+        log = self.root / "registry.log"
+        for _ in range(300):
+            if "serving API" in log.read_text():
+                return reg
+            assert reg.p.poll() is None, log.read_text()
+            await asyncio.sleep(0.1)
+        raise AssertionError("registry never started")
 
     async def stats(self) -> Any:
         return await cache_request(self.nats_url, wire.STATS, {})

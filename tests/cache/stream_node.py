@@ -1,6 +1,6 @@
 """A stream node in its own process, wired to the cache service, for kill -9 tests and benches.
 
-    python -m tests.cache.stream_node NATS_URL EXPORTS_JSON [--port 0]
+    python -m tests.cache.stream_node NATS_URL EXPORTS_JSON [--port 0] [--publish-events]
 
 EXPORTS_JSON maps tokens to ExportSpec fields. Prints ``READY <nbd_port> <http_port>``.
 """
@@ -22,6 +22,20 @@ from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from shared.events import Event, envelope
+
+
+class BusSink:
+    """Publishes each event where the registry's relay would (``events.<Type>.<kind>``).
+
+    Stands in for the log + relay hop only: the cache service reads the same subjects."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+
+    async def emit(self, event: Event, correlation_id: str | None) -> None:
+        env = envelope(event, correlation_id=correlation_id)
+        await self.nc.publish(env.subject(), env.model_dump_json().encode())
 
 
 def load_exports(path: Path) -> dict[str, ExportSpec]:
@@ -35,7 +49,8 @@ def load_exports(path: Path) -> dict[str, ExportSpec]:
 async def serve(args: argparse.Namespace) -> None:
     nc = await nats.connect(args.nats_url)
     settings = StreamSettings(nbd_port=args.port, http_port=0, session_linger_s=args.linger)
-    servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), NullSink(), settings)
+    sink = BusSink(nc) if args.publish_events else NullSink()
+    servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
     fetcher = BlockingFetcher(args.nats_url)
     servers.sessions.cache = CacheLink(CacheClient(nc), fetcher, None)
     await servers.start()
@@ -56,6 +71,7 @@ def main() -> None:
     ap.add_argument("exports")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=60.0)
+    ap.add_argument("--publish-events", action="store_true")
     logging.basicConfig(level=logging.INFO)
     uvloop.run(serve(ap.parse_args()))
 

@@ -1,10 +1,13 @@
 """An FTP file share through aioftp: ranged reads with ``REST`` + ``RETR``.
 
 A small pool of logged-in control connections is kept (a login costs several round
-trips); a read takes one, asks ``REST offset`` then ``RETR``, reads ``length`` bytes and
-closes the data connection (the server then answers 226 or 426: both fine). A connection
-that fails is dropped, and the read is retried once on a fresh one; if the server is gone,
-the reader gets a :class:`StoreError` naming the store.
+trips); a read takes one, asks ``REST offset`` then ``RETR`` and reads ``length`` bytes.
+A read that ends at the end of the file lets the transfer finish (226) and the connection
+goes back to the pool; a read that stops earlier closes its control connection too: FTP
+has no clean way to stop a transfer half way (``ABOR`` races with a server that already
+noticed the closed data connection), and a fresh login costs less than a stuck reply.
+A connection that fails is dropped and the read retried once on a fresh one; if the server
+is gone, the reader gets a :class:`StoreError` naming the store.
 """
 
 from __future__ import annotations
@@ -44,17 +47,21 @@ class FtpStore:
         return client
 
     async def _with_client(self, op):  # type: ignore[no-untyped-def]
+        """Run ``op(client) -> (result, reusable)`` on a pooled connection."""
         async with self._slots:
             for attempt in (0, 1):
                 client = self._idle.pop() if self._idle else await self._connect()
                 try:
-                    result = await op(client)
+                    result, reusable = await op(client)
                 except (OSError, aioftp.StatusCodeError, asyncio.IncompleteReadError) as e:
                     client.close()
                     if attempt or isinstance(e, aioftp.StatusCodeError):
                         raise StoreError(errno.EIO, f"{self.url}: {e}") from e
                     continue  # a stale pooled connection: once more on a fresh one
-                self._idle.append(client)
+                if reusable:
+                    self._idle.append(client)
+                else:
+                    client.close()
                 return result
         raise AssertionError("unreachable")
 
@@ -62,28 +69,35 @@ class FtpStore:
         p = self._path(path)
         if p not in self._sizes:
 
-            async def stat(client: aioftp.Client) -> int:
+            async def stat(client: aioftp.Client) -> tuple[int, bool]:
                 info = await client.stat(p)
-                return int(info["size"])
+                return int(info["size"]), True
 
             self._sizes[p] = await self._with_client(stat)
         return self._sizes[p]
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
         p = self._path(path)
+        to_end = offset + length >= await self.size(path)
 
-        async def ranged(client: aioftp.Client) -> bytes:
+        async def ranged(client: aioftp.Client) -> tuple[bytes, bool]:
             buf = bytearray()
+            # aioftp sends REST after PASV (which resets the server's restart offset).
             stream = await client.download_stream(p, offset=offset)
-            try:
-                async for chunk in stream.iter_by_block(min(length, 256 * 1024)):
+            if to_end:
+                async for chunk in stream.iter_by_block(256 * 1024):
                     buf += chunk
-                    if len(buf) >= length:
+                await stream.finish()
+                return bytes(buf[:length]), True
+            try:
+                while len(buf) < length:
+                    chunk = await stream.read(length - len(buf))
+                    if not chunk:
                         break
+                    buf += chunk
             finally:
-                # Closing early makes the server answer 426 (aborted) instead of 226.
-                await stream.finish(expected_codes=("2xx", "4xx"))
-            return bytes(buf[:length])
+                stream.close()
+            return bytes(buf), False
 
         data = await self._with_client(ranged)
         return data + bytes(length - len(data))  # past the end reads as zeros

@@ -1,0 +1,232 @@
+"""The shared read cache over real stores: an FTP share (aioftp's own server, with an
+artificial delay per transfer), a block device (a file stands in), boot profiles and the
+prefetch on BootRequested; reads by a real NBD client through stream nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aioftp
+import nats
+import pytest
+
+from shared.vdisk_layout import write_delta
+from streamboot.embedded.proc import free_port
+from tests.cache.conftest import IMAGE_SIZE, export
+from tests.stream.nbdraw import RawNbd
+
+DELAY_S = 0.02  # per FTP transfer: a slow store
+
+
+class SlowFtpServer(aioftp.Server):
+    """aioftp's server, every RETR delayed: a store far away."""
+
+    def __init__(self, *args, delay_s: float = 0.0, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kw)
+        self.delay_s = delay_s
+        self.retrs = 0
+
+    async def retr(self, connection, rest):  # type: ignore[no-untyped-def,override]
+        self.retrs += 1
+        await asyncio.sleep(self.delay_s)
+        return await super().retr(connection, rest)
+
+
+@asynccontextmanager
+async def ftp_server(root: Path, delay_s: float) -> AsyncIterator[tuple[SlowFtpServer, str]]:
+    user = aioftp.User(
+        "sb", "secret", base_path=root, home_path="/", permissions=[aioftp.Permission("/")]
+    )
+    server = SlowFtpServer([user], delay_s=delay_s)
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        yield server, f"ftp://sb:secret@127.0.0.1:{port}/"
+    finally:
+        await server.close()
+
+
+@pytest.fixture(scope="module")
+def vdisk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base.raw + a v2 delta in a store folder, and v2's full image to compare with."""
+    d = tmp_path_factory.mktemp("store")
+    rnd = random.Random(5)
+    base = bytearray(rnd.randbytes(IMAGE_SIZE))
+    base[12 << 20 : 13 << 20] = bytes(1 << 20)  # a zero MiB (a hole in the cache file)
+    (d / "base.raw").write_bytes(base)
+    v2 = bytearray(base)
+    v2[3 << 20 : (3 << 20) + 200_000] = rnd.randbytes(200_000)
+    full = d.parent / "v2-full.raw"
+    full.write_bytes(v2)
+    assert write_delta([d / "base.raw"], full, d / "v2") > 0
+    return {"dir": d, "full": full}
+
+
+def boot_trace(seed: int = 1) -> list[tuple[int, int]]:
+    """A boot-like read pattern: mostly sequential runs with jumps, 4 KiB to 128 KiB reads."""
+    rnd = random.Random(seed)
+    out, pos = [], 0
+    for _ in range(300):
+        if rnd.random() < 0.2:
+            pos = rnd.randrange(0, IMAGE_SIZE - (1 << 20)) // 4096 * 4096
+        n = rnd.choice([4096, 16384, 65536, 131072])
+        if pos + n > IMAGE_SIZE:
+            pos = 0
+        out.append((pos, n))
+        pos += n
+    return out
+
+
+def unique_bytes(trace: list[tuple[int, int]]) -> int:
+    return 4096 * len({b for o, n in trace for b in range(o // 4096, (o + n - 1) // 4096 + 1)})
+
+
+def replay(uri: str, token: str, trace: list[tuple[int, int]], expect: bytes) -> int:
+    """Read the trace over one NBD connection; every byte must be the version's."""
+    port = int(uri.rsplit(":", 1)[1])
+    c = RawNbd(port, timeout=30)
+    c.go(token)
+    total = 0
+    for off, n in trace:
+        got = c.read(off, n)
+        assert got == expect[off : off + n], f"wrong data at {off}+{n}"
+        total += n
+    c.close()
+    return total
+
+
+async def publish(nats_url: str, typ: str, kind: str, data: dict[str, object]) -> None:
+    """An event as the registry's relay publishes it (for events of services not run here)."""
+    nc = await nats.connect(nats_url)
+    await nc.publish(f"events.{typ}.{kind}", json.dumps({"type": typ, "data": data}).encode())
+    await nc.flush()
+    await nc.close()
+
+
+async def wait_for(cond, what: str, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout_s / 0.1)):
+        got = await cond()
+        if got:
+            return got
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_second_boot_from_a_slow_ftp_store_reads_its_boot_from_the_cache(  # type: ignore[no-untyped-def]
+    system, vdisk, nats_url: str, database_url: str
+) -> None:
+    expect = vdisk["full"].read_bytes()
+    trace = boot_trace()
+    async with ftp_server(vdisk["dir"], DELAY_S) as (ftp, url):
+        s = system(cache_stores=json.dumps({"ftp": url}), boot_profile_window_s="120")
+        await s.start_registry(database_url)
+        cache = await s.start_cache()
+        ex = {
+            **export("b1", Path("base.raw"), store="ftp", version=2, session_id="s-boot1"),
+            **export("b2", Path("base.raw"), store="ftp", version=2, session_id="s-boot2"),
+        }
+        for e in ex.values():
+            e["layers"] = ["base.raw", "v2.map"]
+        node_a, uri_a = await s.start_node(ex, "a", "--publish-events")
+
+        # First boot: every block from the store, through the cache; learnt as the profile.
+        nc = await nats.connect(nats_url)
+        updates: list[dict] = []
+        prefetched: list[dict] = []
+
+        def collect(into: list[dict]):  # type: ignore[no-untyped-def]
+            async def cb(m) -> None:  # type: ignore[no-untyped-def]
+                into.append(json.loads(m.data)["data"])
+
+            return cb
+
+        await nc.subscribe("events.BootProfileUpdated.>", cb=collect(updates))
+        await nc.subscribe("events.PrefetchCompleted.>", cb=collect(prefetched))
+        boot_bytes = await asyncio.to_thread(replay, uri_a, "b1", trace, expect)
+        first = await s.stats()
+        assert first["read_cache"]["store_bytes"] >= boot_bytes * 0.5
+        await asyncio.sleep(1.5)  # the node's BlocksRequested batch (every second)
+        await publish(
+            nats_url, "SessionClosed", "session", {"session_id": "s-boot1", "reason": "t"}
+        )
+
+        async def profiled():  # type: ignore[no-untyped-def]
+            return updates and updates[-1]
+
+        update = await wait_for(profiled, "BootProfileUpdated (through the registry's log)")
+        assert update["vdisk"] == "golden" and update["version"] == 2 and update["boots_seen"] == 1
+        assert update["bytes"] >= unique_bytes(trace)
+
+        # The cache service dies: its read cache is cold again. A new node, a new session.
+        cache.kill9()
+        node_a.stop()
+        await s.start_cache()
+        retrs_before = ftp.retrs
+        await publish(
+            nats_url,
+            "BootRequested",
+            "boot",
+            {"mac": "52:54:00:00:00:01", "vdisk": "golden", "version": 2},
+        )
+
+        async def prefetch_done():  # type: ignore[no-untyped-def]
+            return prefetched and prefetched[-1]
+
+        done = await wait_for(prefetch_done, "PrefetchCompleted")
+        assert done["bytes"] >= update["bytes"] * 0.9 and done["duration_ms"] > 0
+        assert ftp.retrs > retrs_before
+        before = (await s.stats())["read_cache"]
+        _node_b, uri_b = await s.start_node(ex, "b", "--publish-events")
+        assert await asyncio.to_thread(replay, uri_b, "b2", trace, expect) == boot_bytes
+        after = (await s.stats())["read_cache"]
+        from_store = after["store_bytes"] - before["store_bytes"]
+        # >= 90 % of the second boot's bytes came from the cache, not the store.
+        assert from_store <= 0.1 * boot_bytes, (from_store, boot_bytes)
+        assert after["hit_ratio"] is not None
+        await nc.close()
+
+
+async def test_block_device_store_and_bounded_read_cache(system, vdisk) -> None:  # type: ignore[no-untyped-def]
+    expect = vdisk["full"].read_bytes()
+    cap = 2 * 1024 * 1024
+    s = system(cache_stores=json.dumps({"san": "blockdev:///"}), cache_read_capacity=str(cap))
+    await s.start_cache()
+    d = vdisk["dir"]
+    ex = export("bd", d / "base.raw", store="san", version=2)
+    ex["bd"]["layers"] = [str(d / "base.raw"), str(d / "v2.map")]
+    _node, uri = await s.start_node(ex, "a")
+    trace = [(o, 65536) for o in range(0, 8 << 20, 65536)]
+    await asyncio.to_thread(replay, uri, "bd", trace, expect)
+    rc = (await s.stats())["read_cache"]
+    assert rc["used"] <= cap
+    assert rc["evicted_bytes"] >= (8 << 20) - cap
+    assert rc["store_bytes"] >= 8 << 20
+
+
+async def test_ftp_store_gone_mid_read_is_an_error_not_wrong_data(system, vdisk) -> None:  # type: ignore[no-untyped-def]
+    expect = vdisk["full"].read_bytes()
+    async with ftp_server(vdisk["dir"], 0.0) as (_ftp, url):
+        s = system(cache_stores=json.dumps({"ftp": url}))
+        await s.start_cache()
+        ex = export("gone", Path("base.raw"), store="ftp", version=2)
+        ex["gone"]["layers"] = ["base.raw", "v2.map"]
+        _node, uri = await s.start_node(ex, "a")
+        await asyncio.to_thread(replay, uri, "gone", [(0, 65536)], expect)
+    # The FTP server has stopped: blocks already cached still read, others fail clearly.
+    await asyncio.to_thread(replay, uri, "gone", [(0, 65536)], expect)
+    port = int(uri.rsplit(":", 1)[1])
+
+    def read_uncached() -> tuple[int, int]:
+        c = RawNbd(port, timeout=60)
+        c.go("gone")
+        c.request(0, 7, 8 << 20, 4096)  # NBD_CMD_READ
+        return c.reply()
+
+    err, _handle = await asyncio.to_thread(read_uncached)
+    assert err == 5  # EIO
+    assert "cannot connect" in (s.root / "cache.log").read_text()
