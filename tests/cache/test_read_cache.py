@@ -11,44 +11,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aioftp
 import nats
 import pytest
 
 from shared.vdisk_layout import write_delta
 from streamboot.embedded.proc import free_port
 from tests.cache.conftest import IMAGE_SIZE, export
+from tests.cache.ftpd import SlowFtpServer, ftp_server
+from tests.cache.ftpd import url as ftp_url
 from tests.stream.nbdraw import RawNbd
 
 DELAY_S = 0.02  # per FTP transfer: a slow store
 
 
-class SlowFtpServer(aioftp.Server):
-    """aioftp's server, every RETR delayed: a store far away."""
-
-    def __init__(self, *args, delay_s: float = 0.0, **kw) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kw)
-        self.delay_s = delay_s
-        self.retrs = 0
-
-    async def retr(self, connection, rest):  # type: ignore[no-untyped-def,override]
-        self.retrs += 1
-        await asyncio.sleep(self.delay_s)
-        return await super().retr(connection, rest)
-
-
 @asynccontextmanager
-async def ftp_server(root: Path, delay_s: float) -> AsyncIterator[tuple[SlowFtpServer, str]]:
-    user = aioftp.User(
-        "sb", "secret", base_path=root, home_path="/", permissions=[aioftp.Permission("/")]
-    )
-    server = SlowFtpServer([user], delay_s=delay_s)
+async def ftp(root: Path, delay_s: float) -> AsyncIterator[tuple[SlowFtpServer, str]]:
     port = free_port()
-    await server.start("127.0.0.1", port)
-    try:
-        yield server, f"ftp://sb:secret@127.0.0.1:{port}/"
-    finally:
-        await server.close()
+    async with ftp_server(root, port, delay_s) as server:
+        yield server, ftp_url(port)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +102,7 @@ async def test_second_boot_from_a_slow_ftp_store_reads_its_boot_from_the_cache( 
 ) -> None:
     expect = vdisk["full"].read_bytes()
     trace = boot_trace()
-    async with ftp_server(vdisk["dir"], DELAY_S) as (ftp, url):
+    async with ftp(vdisk["dir"], DELAY_S) as (ftpd, url):
         s = system(cache_stores=json.dumps({"ftp": url}), boot_profile_window_s="120")
         await s.start_registry(database_url)
         cache = await s.start_cache()
@@ -166,7 +146,7 @@ async def test_second_boot_from_a_slow_ftp_store_reads_its_boot_from_the_cache( 
         cache.kill9()
         node_a.stop()
         await s.start_cache()
-        retrs_before = ftp.retrs
+        retrs_before = ftpd.retrs
         await publish(
             nats_url,
             "BootRequested",
@@ -179,7 +159,7 @@ async def test_second_boot_from_a_slow_ftp_store_reads_its_boot_from_the_cache( 
 
         done = await wait_for(prefetch_done, "PrefetchCompleted")
         assert done["bytes"] >= update["bytes"] * 0.9 and done["duration_ms"] > 0
-        assert ftp.retrs > retrs_before
+        assert ftpd.retrs > retrs_before
         before = (await s.stats())["read_cache"]
         _node_b, uri_b = await s.start_node(ex, "b", "--publish-events")
         assert await asyncio.to_thread(replay, uri_b, "b2", trace, expect) == boot_bytes
@@ -210,7 +190,7 @@ async def test_block_device_store_and_bounded_read_cache(system, vdisk) -> None:
 
 async def test_ftp_store_gone_mid_read_is_an_error_not_wrong_data(system, vdisk) -> None:  # type: ignore[no-untyped-def]
     expect = vdisk["full"].read_bytes()
-    async with ftp_server(vdisk["dir"], 0.0) as (_ftp, url):
+    async with ftp(vdisk["dir"], 0.0) as (_ftpd, url):
         s = system(cache_stores=json.dumps({"ftp": url}))
         await s.start_cache()
         ex = export("gone", Path("base.raw"), store="ftp", version=2)

@@ -70,9 +70,21 @@ async def test_fua_and_flushed_writes_survive_kill9_of_the_cache_service(
 
 
 async def test_full_write_cache_answers_enospc_and_keeps_what_it_acknowledged(
-    system, base_image: Path
+    system, base_image: Path, nats_url: str, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import nats
+
     s = system(cache_write_capacity=str(1024 * 1024))
+    await s.start_registry(database_url)  # WriteCacheFull goes into the log, then the bus
+    full_events: list[dict] = []
+
+    async def on_full(msg) -> None:  # type: ignore[no-untyped-def]
+        full_events.append(json.loads(msg.data)["data"])
+
+    nc = await nats.connect(nats_url)
+    await nc.subscribe("events.WriteCacheFull.>", cb=on_full)
     await s.start_cache()
     ex = export("full", base_image)
     _node, uri = await s.start_node(ex, "a")
@@ -84,6 +96,14 @@ async def test_full_write_cache_answers_enospc_and_keeps_what_it_acknowledged(
     await asyncio.to_thread(qemu_io, f"{uri}/full", "write -P 0x77 0 512k", "read -P 0x77 0 512k")
     log = (s.root / "cache.log").read_text()
     assert "write cache session-full full" in log
+    for _ in range(100):
+        if full_events:
+            break
+        await asyncio.sleep(0.1)
+    assert full_events == [
+        {"session_id": "session-full", "capacity": 1024 * 1024, "used": 1024 * 1024}
+    ]
+    await nc.close()
 
 
 async def test_write_to_a_dropped_cache_is_a_clear_error(
