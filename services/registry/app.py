@@ -507,6 +507,7 @@ class RegistryApp:
             "write_cache": s["write_cache"],
             "write_cache_persistence": s["write_cache_persistence"],
             "writes_to_vdisk": s.get("writes_to_vdisk", False),
+            "store": vd["store"],
         }
 
     async def sweep(self, now: float | None = None) -> list[str]:

@@ -199,9 +199,14 @@ async def _stage_commit(
     from shared import bus
 
     try:
-        nc = await bus.connect(nats_url, "streamboot-cli", connect_timeout_s=5)
-    except bus.BusError as exc:
-        raise ClientError(str(exc), "unreachable", EXIT_UNREACHABLE) from None
+        # bus.connect reconnects forever once nats-py retries; bound it here.
+        nc = await asyncio.wait_for(
+            bus.connect(nats_url, "streamboot-cli", connect_timeout_s=5), 10
+        )
+    except (bus.BusError, TimeoutError) as exc:
+        raise ClientError(
+            f"cannot reach NATS at {nats_url} ({exc or 'timeout'})", "unreachable", EXIT_UNREACHABLE
+        ) from None
     try:
         return await stage_commit(nc, root, source, progress)
     except (OSError, bus.BusError, TimeoutError) as exc:

@@ -99,7 +99,7 @@ async def registry(nats_url: str, database_url: str, data_dir: Path) -> AsyncIte
     settings = make_settings(data_dir, nats_url, database_url)
     svc = await start_registry(settings)
     api_url = f"http://127.0.0.1:{settings.api_port}"
-    (data_dir / RUNTIME_FILE).write_text(json.dumps({"api_url": api_url}))
+    (data_dir / RUNTIME_FILE).write_text(json.dumps({"api_url": api_url, "nats_url": nats_url}))
     fd = os.open(data_dir / API_TOKEN_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(TOKEN + "\n")

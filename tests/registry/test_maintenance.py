@@ -1,0 +1,119 @@
+"""A maintenance session end to end: the registry, a real stream node and a real cache
+service (subprocesses), a real NBD client writing, then `streamboot vdisk commit` turning
+the kept writes into the next version."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.heartbeat import read_heartbeats
+from shared.vdisk_layout import open_chain
+from streamboot.embedded.proc import free_port
+from tests.registry.conftest import Registry, write_image
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io (qemu-utils) missing"),
+]
+MAC = "52:54:00:00:00:77"
+MiB = 1 << 20
+
+
+@contextlib.asynccontextmanager
+async def service(name: str, env: dict[str, str], log: Path) -> AsyncIterator[None]:
+    out = await asyncio.to_thread(open, log, "wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", f"services.{name}", env=env, stdout=out, stderr=out
+    )
+    out.close()
+    try:
+        yield
+    except BaseException:
+        text = await asyncio.to_thread(log.read_text, errors="replace")
+        print(f"--- {name} log ---\n" + text[-6000:])
+        raise
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def wait_alive(nc: Any, service_name: str, node: str) -> None:
+    for _ in range(400):
+        beats = await read_heartbeats(nc.jetstream(), 10)
+        if any(b["service"] == service_name and b["node"] == node and b["alive"] for b in beats):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{service_name} {node} sent no heartbeat")
+
+
+def read_chain(layers: list[str], offset: int, length: int) -> bytes:
+    with open_chain(layers) as chain:
+        return chain.pread(offset, length)
+
+
+async def test_maintenance_writes_become_the_next_version(registry: Registry, nc: Any) -> None:
+    dd = registry.data_dir
+    node = f"stream-maint-{os.getpid()}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
+        "STREAMBOOT_NATS_URL": registry.settings.require_nats_url(),
+        "STREAMBOOT_DATA_DIR": str(dd),
+        "STREAMBOOT_NODE_ID": node,
+        "STREAMBOOT_NBD_PORT": str(free_port()),
+        "STREAMBOOT_HTTP_STREAM_PORT": str(free_port()),
+        "STREAMBOOT_METRICS_PORT": "0",
+        "STREAMBOOT_CACHE_RAM_DIR": str(dd / "ram"),
+        "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
+    }
+    image = write_image(dd / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
+    await registry.cli_json("vdisk", "import", str(image), "--name", "win")
+    async with registry.http() as http:
+        assert (await http.post("/devices", json={"mac": MAC})).is_success
+        assert (await http.post("/assignments", json={"target": MAC, "vdisk": "win"})).is_success
+        async with (
+            service("cache", env, dd / "cache.log"),
+            service("stream", env, dd / "stream.log"),
+        ):
+            await wait_alive(nc, "cache", node)
+            await wait_alive(nc, "stream", node)
+            r = await http.post("/sessions", json={"mac": MAC, "maintenance": True})
+            assert r.status_code == 201, r.text
+            s = r.json()
+            assert s["version"] == 1 and s["stream_node"] == node and s["writes_to_vdisk"]
+            assert s["write_cache"] == "server-disk" and s["write_cache_persistence"] == "keep"
+            code, _, err = await registry.cli("vdisk", "commit", "win")
+            assert code == 1 and "still in maintenance by live session" in err
+            qemu_io = await asyncio.create_subprocess_exec(
+                "qemu-io", "-f", "raw", "-c", f"write -P 0xab {2 * MiB} 64k",
+                "-c", f"write -z {3 * MiB} 4k", s["nbd_uri"],
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(qemu_io.communicate(), 60)
+            assert qemu_io.returncode == 0, out.decode()
+            r = await http.delete(f"/sessions/{s['token']}")
+            assert r.is_success, r.text
+            committed = await registry.cli_json("vdisk", "commit", "win")
+    v2 = committed["version"]
+    assert v2["version"] == 2 and v2["parent"] == 1 and v2["stage"] == "maintenance"
+    assert v2["changed_blocks"] == 1  # one 64 KiB delta block: the written range
+    layers = committed["latest_layers"]
+    assert read_chain(layers, 2 * MiB, 64 * 1024) == b"\xab" * 64 * 1024
+    assert read_chain(layers, 0, 3) == b"MBR"
+    assert read_chain(layers, 3 * MiB, 4096) == bytes(4096)
+    # Committed: there is nothing left to commit.
+    code, _, err = await registry.cli("vdisk", "commit", "win")
+    assert code == 1 and "no finished maintenance session" in err
