@@ -143,7 +143,7 @@ class BootHttp:
         except RemoteError:
             return Response(404, f"no live session for {mac}\n")
         except ServiceUnavailable:
-            return Response(500, "registry unavailable\n")
+            return Response(503, "registry unavailable, try again\n")
         if normalize_mac(str(live.get("mac", ""))) != mac:
             return Response(404, f"no live session for {mac}\n")
         return Response(

@@ -18,7 +18,8 @@ log = logging.getLogger("streamboot.boot.http")
 MAX_HEADER_BYTES = 16 * 1024
 READ_TIMEOUT_S = 10.0
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}  # fmt: skip
+           408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable"}  # fmt: skip
 
 
 @dataclass(frozen=True)

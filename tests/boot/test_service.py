@@ -232,3 +232,45 @@ async def test_bad_http_requests(boot: Boot) -> None:
     assert "bad MAC address" in script
     async with boot.http() as http:  # still serving
         assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_auto_added_device_without_vdisk_is_told_so(boot: Boot, registry: Registry) -> None:
+    registry.app.settings.unknown_device_policy = "auto-add"
+    script = await boot.script(mac="52:54:00:00:00:07", uuid=UUID)
+    assert "no vdisk is assigned" in script and "lab-001" in script
+    assert "chain " in script and "sanboot" not in script  # retries once one is assigned
+
+
+async def test_registry_away_means_retry(nats_url: str) -> None:
+    # No registry answers on this NATS: the client is asked to wait and retry, not refused.
+    from services.boot.boot_http import BootHttp
+    from services.boot.handoff_store import HandoffStore
+    from services.boot.http_server import Request
+    from services.boot.registry_client import RegistryClient, Session
+
+    conn = await bus.connect(nats_url, "boot-test-no-registry")
+    try:
+        app = BootHttp(
+            RegistryClient(conn, timeout_s=1),
+            await HandoffStore.open(conn.jetstream()),
+            lambda event: None,
+            base_url="http://127.0.0.1:1",
+        )
+        answer = await app(Request("GET", "/ipxe/script", {"mac": MAC}, "test"))
+        assert (
+            "busy or starting" in answer.body
+            and "chain http://127.0.0.1:1/ipxe/script" in answer.body
+        )
+        unknown = await app(Request("GET", "/handoff", {"mac": "52:54:00:00:00:99"}, "test"))
+        assert unknown.status == 404
+        # A session was opened for it, but whether it is still live cannot be checked now.
+        await app.handoffs.put(
+            "52:54:00:00:00:98",
+            Session(
+                "s", "tok", "win", 1, "http://x/s/tok", "127.0.0.1", 10809, "server-disk", None
+            ),
+        )
+        handoff = await app(Request("GET", "/handoff", {"mac": "52:54:00:00:00:98"}, "test"))
+        assert handoff.status == 503
+    finally:
+        await conn.close()
