@@ -71,8 +71,12 @@ class LeaseStore:
         own = self.by_mac.get(mac)
         if own and own.state != "declined" and self._holder(own.ip, now) in (None, own):
             return own.ip
-        if requested in self._in_pool and self._holder(requested, now) is None:  # type: ignore[comparison-overlap]
-            return requested  # type: ignore[return-value]
+        if (
+            requested is not None
+            and requested in self._in_pool
+            and self._holder(requested, now) is None
+        ):
+            return requested
         taken = {x.ip for x in self.by_mac.values() if x.expires > now}
         for ip in self.pool:
             if ip not in taken and ip not in {x.ip for x in self.by_mac.values()}:

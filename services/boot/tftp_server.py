@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,6 +321,9 @@ class Transfer:
         else:
             self._send_window()
 
+    def abort(self, reason: str) -> None:
+        self._finish(reason)
+
     def _finish(self, error: str | None) -> None:
         if self.finished:
             return
@@ -354,7 +357,7 @@ class TftpServer:
         if self._transport is not None:
             self._transport.close()
         for transfer in list(self.transfers):
-            transfer._finish("server stopping")
+            transfer.abort("server stopping")
 
     def on_datagram(self, data: bytes, peer: tuple[str, int]) -> None:
         assert self._transport is not None
@@ -433,7 +436,9 @@ class _Listener(asyncio.DatagramProtocol):
 
 
 @contextlib.asynccontextmanager
-async def running(config: TftpConfig, host: str = "127.0.0.1", port: int = 0):  # type: ignore[no-untyped-def]
+async def running(
+    config: TftpConfig, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[TftpServer]:
     """A started server for the duration of a block (tests, the benchmark)."""
     server = TftpServer(config, host, port)
     await server.start()
