@@ -65,6 +65,7 @@ class SessionWriteCache:
     data_fd: int = -1
     map_fd: int = -1
     full_reported: bool = False
+    meta_synced: bool = True  # False from creation until the first sync()
 
     @property
     def size(self) -> int:
@@ -90,7 +91,8 @@ class SessionWriteCache:
             tmp = meta.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.meta))
             os.replace(tmp, meta)
-            os.fsync(self.map_fd)
+            # Not fsynced yet: nothing is promised before the first FLUSH/FUA (see sync()).
+            self.meta_synced = False
         raw = os.pread(self.map_fd, nblocks, 0)
         self.state = bytearray(raw.ljust(nblocks, b"\0"))
         self.dirty = self.state.count(DIRTY)
@@ -134,6 +136,21 @@ class SessionWriteCache:
     def sync(self) -> None:
         os.fsync(self.data_fd)
         os.fsync(self.map_fd)
+        if not self.meta_synced:
+            # Once: the cache's description and its directory entries, so a machine
+            # crash after this FLUSH still finds the cache.
+            meta = self.paths()[2]
+            fd = os.open(meta, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self.meta_synced = True
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:

@@ -1,0 +1,529 @@
+"""Boot storm: N clients, each its own session, replay a recorded boot trace over NBD.
+
+    uv run python bench/bootstorm.py record            # QEMU boots the demo vdisk through
+                                                       # streamboot; its BlocksRequested
+                                                       # become bench/fixtures/demo-boot-trace.json
+    uv run python bench/bootstorm.py run [--clients 1,10,50,200] [--paces recorded,fast]
+
+Servers, side by side in one run, each cold (fresh processes, empty caches) then warm (the
+same processes again, new sessions):
+
+- ``streamboot``      cache service + stream node, the vdisk in the local store, server-disk
+                      write caches in the cache service (every write crosses NATS);
+- ``streamboot-ftp``  the same, the vdisk on an FTP share (aioftp) with an artificial delay
+                      per transfer, read through the cache service's read cache;
+- ``nbdkit-cow``      nbdkit's file plugin with its cow filter on the same image;
+- ``nbdkit-null``     nbdkit's null plugin: the replay client's own ceiling.
+
+Paces: ``recorded`` (each request waits for its time in the trace) and ``fast`` (as fast
+as the client can). Each client runs its trace at queue depth 1, like the recorded boot's
+order. Reported per row: per-client completion time p50/p99, request latency p50/p99,
+aggregate throughput, errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from streamboot.embedded.proc import free_port  # noqa: E402
+
+TRACE = ROOT / "bench" / "fixtures" / "demo-boot-trace.json"
+FTP_DELAY_S = 0.005
+
+# --- recording ------------------------------------------------------------------------
+
+
+def record(out: Path) -> None:
+    """Boot the demo vdisk in QEMU over streamboot's NBD and keep its BlocksRequested."""
+    from services.stream.settings import StreamSettings
+    from services.stream.spec import ExportSpec
+    from shared.events import BlocksRequested
+    from streamboot.demo.image import build_demo_image, recipe_digest
+    from tests.stream.conftest import ServerThread
+    from tests.vm.vm import boot_vm
+
+    cache = Path.home() / ".cache" / "streamboot-test"
+    image = cache / f"demo-{recipe_digest()}.img"
+    if not image.exists():
+        build_demo_image(image, cache_dir=cache / "kernel")
+    size = image.stat().st_size
+    spec = ExportSpec("rec", "demo", 1, (image,), size, write_cache="server-ram")
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = StreamSettings(nbd_port=0, http_port=0, write_cache_dir=Path(tmp))
+        server = ServerThread({"rec": spec}, settings)
+        server.start()
+        try:
+            result = boot_vm(f"{server.nbd}/rec")
+        finally:
+            events = server.events(BlocksRequested)
+            server.stop()
+    assert any(x.startswith("BOOTED") for x in result.lines()), result.console[-2000:]
+    extents = sorted((x for e in events for x in e.extents), key=lambda x: x[0])  # type: ignore[attr-defined]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "source": "QEMU (TCG) boot of the demo vdisk over streamboot NBD, to its BOOTED marker",
+                "image_recipe": recipe_digest(),
+                "size": size,
+                "boot_seconds": round(result.seconds, 2),
+                "extents": [list(x) for x in extents],
+            }
+        )
+    )
+    reads = [x for x in extents if x[3] == "r"]
+    print(
+        f"recorded {len(extents)} extents ({len(reads)} reads, "
+        f"{sum(x[2] for x in reads) >> 20} MiB read) over {extents[-1][0] / 1000:.1f} s -> {out}"
+    )
+
+
+# --- the replay client ----------------------------------------------------------------
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_OPT = 0x3E889045565A9
+REQ_MAGIC, REPLY_MAGIC = 0x25609513, 0x67446698
+OPT_GO, REP_ACK = 7, 1
+CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
+REQ = struct.Struct(">IHHQQI")
+REPLY = struct.Struct(">IIQ")
+# BlocksRequested merges adjacent accesses of one op, so the trace holds extents, not the
+# guest's requests: replay splits them into requests of this size (Linux's virtio-blk and
+# QEMU's NBD client issue sequential reads of about this size).
+SPLIT = 128 << 10
+
+
+async def nbd_open(port: int, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    magic, opt, _flags = struct.unpack(">QQH", await r.readexactly(18))
+    assert (magic, opt) == (NBDMAGIC, IHAVEOPT), "not an NBD server"
+    w.write(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    n = name.encode()
+    data = struct.pack(">I", len(n)) + n + struct.pack(">H", 0)
+    w.write(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+    while True:
+        _m, _o, rep, ln = struct.unpack(">QIII", await r.readexactly(20))
+        await r.readexactly(ln)
+        if rep == REP_ACK:
+            return r, w
+        if rep & 0x80000000:
+            raise ConnectionError(f"GO refused ({rep:#x})")
+
+
+@dataclass
+class ClientResult:
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    bytes: int = 0
+    errors: int = 0
+    error: str | None = None
+
+
+async def replay(
+    port: int, name: str, trace: list[tuple[int, int, int, str]], paced: bool
+) -> ClientResult:
+    res = ClientResult()
+    payload = b"\xa5" * max((n for _, _, n, op in trace if op == "w"), default=0)
+    start = time.perf_counter()
+    try:
+        r, w = await nbd_open(port, name)
+        for handle, (t_ms, off, n, op) in enumerate(trace):
+            if paced:
+                wait = start + t_ms / 1000 - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            t0 = time.perf_counter()
+            if op == "r":
+                w.write(REQ.pack(REQ_MAGIC, 0, CMD_READ, handle, off, n))
+            else:
+                w.write(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, handle, off, n))
+                w.write(payload[:n])
+            magic, err, h = REPLY.unpack(await r.readexactly(REPLY.size))
+            assert magic == REPLY_MAGIC and h == handle
+            if err:
+                res.errors += 1
+            elif op == "r":
+                await r.readexactly(n)
+            res.latencies.append(time.perf_counter() - t0)
+            res.bytes += n
+        w.write(REQ.pack(REQ_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        await w.drain()
+        w.close()
+    except (OSError, asyncio.IncompleteReadError, AssertionError, ConnectionError) as e:
+        res.errors += 1
+        res.error = f"{type(e).__name__}: {e}"
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def load_trace() -> tuple[int, list[tuple[int, int, int, str]]]:
+    """The recorded trace as requests (extents split into SPLIT-sized requests)."""
+    raw = json.loads(TRACE.read_text())
+    reqs = []
+    for t, off, n, op in raw["extents"]:
+        for a in range(off, off + n, SPLIT):
+            reqs.append((t, a, min(SPLIT, off + n - a), op))
+    return raw["size"], reqs
+
+
+# --- servers under test ---------------------------------------------------------------
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+@dataclass
+class Row:
+    server: str
+    cache: str
+    clients: int
+    pace: str
+    completion_p50: float
+    completion_p99: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    mib_s: float
+    errors: int
+    first_error: str | None
+
+
+class Proc:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        ready: str | None = "READY",
+    ) -> None:
+        self.logf = open(log or os.devnull, "ab")  # closed in stop()
+        self.p = subprocess.Popen(
+            args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=self.logf, start_new_session=True,
+        )  # fmt: skip
+        self.line = ""
+        if ready:
+            assert self.p.stdout is not None
+            self.line = self.p.stdout.readline().decode()
+            assert self.line.startswith(ready), f"{args[:4]} not ready: {self.line!r} (log {log})"
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self.logf.close()
+
+
+def wait_port(port: int, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Streamboot:
+    """The cache service + one stream node (tests/cache/stream_node.py) on an embedded NATS."""
+
+    def __init__(
+        self,
+        work: Path,
+        nats_url: str,
+        image: Path,
+        store: str,
+        tokens: list[str],
+        ftp_url: str | None,
+    ) -> None:
+        self.work = work
+        data = work / "data"
+        env = {
+            "STREAMBOOT_NATS_URL": nats_url,
+            "STREAMBOOT_DATA_DIR": str(data),
+            "STREAMBOOT_NODE_ID": f"bench-{work.name}",
+            "STREAMBOOT_METRICS_PORT": "0",
+            "STREAMBOOT_LOG_LEVEL": "WARNING",
+            "STREAMBOOT_CACHE_RAM_DIR": str(work / "shm"),
+        }
+        if ftp_url:
+            env["STREAMBOOT_CACHE_STORES"] = json.dumps({"ftp": ftp_url})
+        layers = [image.name] if store == "ftp" else [str(image)]
+        exports = {
+            t: {
+                "session_id": t, "vdisk": "demo", "version": 1, "layers": layers,
+                "size": image.stat().st_size, "write_cache": "server-disk", "store": store,
+            }
+            for t in tokens
+        }  # fmt: skip
+        (work / "exports.json").write_text(json.dumps(exports))
+        self.cache = Proc(
+            [sys.executable, "-m", "services.cache"], env, work / "cache.log", ready=None
+        )
+        self._wait_cache(nats_url)
+        self.node = Proc(
+            [sys.executable, "-m", "tests.cache.stream_node", nats_url, str(work / "exports.json")],
+            {**env, "STREAMBOOT_LOG_LEVEL": "WARNING"}, work / "node.log",
+        )  # fmt: skip
+        self.port = int(self.node.line.split()[1])
+
+    def _wait_cache(self, nats_url: str) -> None:
+        import nats
+
+        async def ask() -> None:
+            nc = await nats.connect(nats_url)
+            try:
+                for _ in range(200):
+                    try:
+                        await nc.request("streamboot.cache.stats", b"{}", timeout=0.5)
+                        return
+                    except Exception:
+                        await asyncio.sleep(0.1)
+                raise TimeoutError("cache service never answered")
+            finally:
+                await nc.close()
+
+        asyncio.run(ask())
+
+    def stop(self) -> None:
+        self.node.stop()
+        self.cache.stop()
+
+
+@contextmanager
+def embedded_nats(work: Path) -> Iterator[str]:
+    from streamboot.embedded.nats import EmbeddedNats
+
+    server = EmbeddedNats(work / "nats", port=free_port())
+    loop = asyncio.new_event_loop()  # start and stop on one loop: it owns the child
+    loop.run_until_complete(server.start(log_path=work / "nats.log"))
+    try:
+        yield server.url
+    finally:
+        loop.run_until_complete(server.stop())
+        loop.close()
+
+
+def run_clients(
+    port: int, names: list[str], trace: list[Any], paced: bool
+) -> tuple[list[ClientResult], float]:
+    import uvloop
+
+    async def storm() -> tuple[list[ClientResult], float]:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(replay(port, n, trace, paced) for n in names))
+        return list(results), time.perf_counter() - t0
+
+    return uvloop.run(storm())
+
+
+def summarize(server: str, cache: str, pace: str, results: list[ClientResult], wall: float) -> Row:
+    lat = [x for r in results for x in r.latencies]
+    errs = [r.error for r in results if r.error]
+    return Row(
+        server, cache, len(results), pace,
+        pct([r.seconds for r in results], 50), pct([r.seconds for r in results], 99),
+        pct(lat, 50) * 1000, pct(lat, 99) * 1000,
+        sum(r.bytes for r in results) / wall / (1 << 20),
+        sum(r.errors for r in results), errs[0] if errs else None,
+    )  # fmt: skip
+
+
+def bench(clients: list[int], paces: list[str], servers: list[str], work: Path) -> list[Row]:
+    from streamboot.demo.image import recipe_digest
+
+    size, trace = load_trace()
+    image_src = Path.home() / ".cache" / "streamboot-test" / f"demo-{recipe_digest()}.img"
+    store = work / "store"
+    store.mkdir()
+    image = store / "demo.img"
+    shutil.copyfile(image_src, image)
+    assert image.stat().st_size == size, "the trace was recorded on another demo image"
+    rows: list[Row] = []
+    with embedded_nats(work) as nats_url:
+        ftp_port = free_port()
+        ftpd = Proc(
+            [sys.executable, "-m", "tests.cache.ftpd", str(store), str(ftp_port), str(FTP_DELAY_S)],
+            log=work / "ftpd.log",
+        )
+        try:
+            for n in clients:
+                for pace in paces:
+                    for server in servers:
+                        rows += bench_one(server, n, pace, trace, image, work, nats_url, ftp_port)
+                        for r in rows[-2:]:
+                            print(fmt_row(r), flush=True)
+        finally:
+            ftpd.stop()
+    return rows
+
+
+_runs = 0
+
+
+def bench_one(
+    server: str,
+    n: int,
+    pace: str,
+    trace: list[Any],
+    image: Path,
+    work: Path,
+    nats_url: str,
+    ftp_port: int,
+) -> list[Row]:
+    """Cold then warm for one server, clients and pace."""
+    global _runs
+    _runs += 1
+    paced = pace == "recorded"
+    tokens = {k: [f"{k}-{_runs}-{i}" for i in range(n)] for k in ("cold", "warm")}
+    sub = work / f"{server}-{_runs}"
+    sub.mkdir()
+    out = []
+    if server.startswith("streamboot"):
+        store = "ftp" if server == "streamboot-ftp" else "local"
+        from tests.cache.ftpd import url
+
+        sb = Streamboot(sub, nats_url, image, store, tokens["cold"] + tokens["warm"], url(ftp_port))
+        try:
+            for phase in ("cold", "warm"):
+                res, wall = run_clients(sb.port, tokens[phase], trace, paced)
+                out.append(summarize(server, phase, pace, res, wall))
+        finally:
+            sb.stop()
+    else:
+        port = free_port()
+        if server == "nbdkit-cow":
+            args = [
+                "nbdkit",
+                "-f",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--filter=cow",
+                "file",
+                str(image),
+            ]
+        else:
+            args = [
+                "nbdkit",
+                "-f",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "null",
+                f"size={image.stat().st_size}",
+            ]
+        # nbdkit's threads: the default (16) per connection model, as shipped.
+        proc = Proc(args, log=sub / "nbdkit.log", ready=None)
+        try:
+            wait_port(port)
+            for phase in ("cold", "warm"):
+                res, wall = run_clients(port, [f"x{i}" for i in range(n)], trace, paced)
+                out.append(summarize(server, phase, pace, res, wall))
+        finally:
+            proc.stop()
+    return out
+
+
+HEADER = f"{'server':<15} {'cache':<5} {'N':>4} {'pace':<8} {'compl p50 s':>11} {'p99 s':>7} {'lat p50 ms':>10} {'p99 ms':>7} {'MiB/s':>8} {'errors':>6}"
+
+
+def fmt_row(r: Row) -> str:
+    return (
+        f"{r.server:<15} {r.cache:<5} {r.clients:>4} {r.pace:<8} {r.completion_p50:>11.3f} "
+        f"{r.completion_p99:>7.3f} {r.latency_p50_ms:>10.3f} {r.latency_p99_ms:>7.3f} "
+        f"{r.mib_s:>8.1f} {r.errors:>6}" + (f"  ({r.first_error})" if r.first_error else "")
+    )
+
+
+def verdict(rows: list[Row]) -> list[str]:
+    """The goals: streamboot p99 <= 1.0x nbdkit-cow's; FTP warm <= 1.2x local."""
+    out = []
+    by = {(r.server, r.cache, r.clients, r.pace): r for r in rows}
+    for (server, cache, n, pace), r in sorted(by.items()):
+        if server != "streamboot":
+            continue
+        peer = by.get(("nbdkit-cow", cache, n, pace))
+        ftp = by.get(("streamboot-ftp", "warm", n, pace)) if cache == "warm" else None
+        line = f"N={n:<4} {pace:<8} {cache:<5}"
+        if peer:
+            ratio = r.completion_p99 / peer.completion_p99
+            ok = ratio <= 1.0 and r.errors == 0
+            line += f" streamboot/nbdkit-cow p99 = {ratio:.2f}x {'OK' if ok else 'MISSED'}"
+        if ftp:
+            ratio = ftp.completion_p99 / r.completion_p99
+            line += f"; ftp-warm/local p99 = {ratio:.2f}x {'OK' if ratio <= 1.2 and ftp.errors == 0 else 'MISSED'}"
+        out.append(line)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("--out", type=Path, default=TRACE)
+    run = sub.add_parser("run")
+    run.add_argument("--clients", default="1,10,50,200")
+    run.add_argument("--paces", default="recorded,fast")
+    run.add_argument("--servers", default="streamboot,streamboot-ftp,nbdkit-cow,nbdkit-null")
+    run.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    if args.cmd == "record":
+        record(args.out)
+        return
+    work = Path(tempfile.mkdtemp(prefix="bootstorm-"))
+    try:
+        print(HEADER, flush=True)
+        rows = bench(
+            [int(x) for x in args.clients.split(",")],
+            args.paces.split(","),
+            args.servers.split(","),
+            work,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(HEADER)
+    for r in rows:
+        print(fmt_row(r))
+    print()
+    for line in verdict(rows):
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
