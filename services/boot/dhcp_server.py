@@ -284,7 +284,9 @@ class DhcpServer:
         dest = reply_address(
             packet, source, server_port=self.server_port, client_port=self.client_port
         )
-        transport.sendto(dp.build(reply), dest)
+        # Sent on the next turn of the loop, after the task the BootRequested callback may
+        # have started (FIFO): the event is queued for the log before the client hears back.
+        asyncio.get_running_loop().call_soon(transport.sendto, dp.build(reply), dest)
         stats["replied"] += 1
         log.info(
             "dhcp: %s %s -> %s %s file=%s to %s:%d",
