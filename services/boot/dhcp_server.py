@@ -285,7 +285,7 @@ class DhcpServer:
             packet, source, server_port=self.server_port, client_port=self.client_port
         )
         # Sent on the next turn of the loop, after the task the BootRequested callback may
-        # have started (FIFO): the event is queued for the log before the client hears back.
+        # have started (FIFO): the boot's announcement is under way before the client hears back.
         asyncio.get_running_loop().call_soon(transport.sendto, dp.build(reply), dest)
         stats["replied"] += 1
         log.info(

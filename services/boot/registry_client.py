@@ -27,6 +27,13 @@ class Device:
     hostname: str | None
     vdisks: list[str]
     default: str | None
+    production: dict[str, int | None]  # vdisk -> its production version
+
+    @property
+    def likely_boot(self) -> tuple[str | None, int | None]:
+        """What it will most likely boot (for prefetching; the session decides for real)."""
+        name = self.default or (self.vdisks[0] if self.vdisks else None)
+        return name, self.production.get(name) if name else None
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,11 @@ class RegistryClient:
         reply = await request_json(
             self.nc, LOOKUP, {"mac": mac, "smbios_uuid": smbios_uuid}, timeout_s=self.timeout_s
         )
-        vdisks = [v["name"] for v in reply.get("vdisks", [])]
-        default = next((v["name"] for v in reply.get("vdisks", []) if v.get("default")), None)
-        return Device(reply["mac"], reply.get("hostname"), vdisks, default)
+        items = reply.get("vdisks", [])
+        vdisks = [v["name"] for v in items]
+        default = next((v["name"] for v in items if v.get("default")), None)
+        production = {v["name"]: v.get("production") for v in items}
+        return Device(reply["mac"], reply.get("hostname"), vdisks, default, production)
 
     async def open_session(
         self,

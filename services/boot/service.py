@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import HttpServer
 from services.boot.registry_client import RegistryClient
 from services.boot.tftp_server import TftpConfig, TftpServer
+from shared.bus import BusError
 from shared.event_sink import QueuedEventSink
 from shared.events import BootRequested, Event
 from shared.service import ServiceRuntime
@@ -37,6 +38,8 @@ from shared.settings import Settings
 log = logging.getLogger("streamboot.boot")
 
 LEASES_FILE = ("boot", "dhcp-leases.json")
+# How long a PXE DISCOVER's BootRequested waits for the registry to name the vdisk.
+LOOKUP_WAIT_S = 1.0
 
 
 def leases_path(settings: Settings) -> Path:
@@ -78,7 +81,11 @@ class Emitter:
         self._pending: set[asyncio.Future[Any]] = set()
 
     def __call__(self, event: Event) -> None:
-        future = asyncio.ensure_future(self.sink.emit(event, None))
+        self.soon(self.sink.emit(event, None))
+
+    def soon(self, work: Coroutine[Any, Any, None]) -> None:
+        """Start ``work`` now (it ends by emitting); drained like the events themselves."""
+        future = asyncio.ensure_future(work)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
@@ -97,8 +104,9 @@ async def start(rt: ServiceRuntime) -> None:
 
     # HTTP first: DHCP tells iPXE clients its URL.
     handoffs = await HandoffStore.open(rt.js)
+    registry = RegistryClient(rt.nc)
     app = BootHttp(
-        RegistryClient(rt.nc),
+        registry,
         handoffs,
         emit,
         base_url="",  # set below once the port is known
@@ -132,14 +140,34 @@ async def start(rt: ServiceRuntime) -> None:
             log.warning(
                 "DHCP is on but TFTP listens on port %d: PXE firmware only uses 69", tftp.port
             )
-        dhcp = await start_dhcp(s, f"{app.base_url}/ipxe/boot.ipxe", emit)
+        dhcp = await start_dhcp(s, f"{app.base_url}/ipxe/boot.ipxe", emit, registry)
         rt.on_stop(dhcp.stop)
         rt.vitals["dhcp"] = f"{dhcp.responder.config.server_ip}:{s.dhcp_port}"
         rt.vitals["dhcp_mode"] = s.dhcp_mode
         rt.vitals["dhcp_stats"] = dhcp.responder.stats
 
 
-async def start_dhcp(s: Settings, script_url: str, emit: Callable[[Event], None]) -> DhcpServer:
+async def announce_boot(client: PxeClient, registry: RegistryClient, emit: Emitter) -> None:
+    """BootRequested for a PXE DISCOVER, with the vdisk (and version) the device will most
+    likely boot, so the cache can warm that version's boot profile; the registry gets a
+    short moment to say which, and the event goes out without it otherwise."""
+    vdisk = version = None
+    try:
+        device = await asyncio.wait_for(registry.lookup(client.mac, client.uuid), LOOKUP_WAIT_S)
+        vdisk, version = device.likely_boot
+    except (BusError, TimeoutError) as exc:
+        log.info("boot of %s announced without a vdisk: %s", client.mac, exc)
+    await emit.sink.emit(
+        BootRequested(
+            mac=client.mac, smbios_uuid=client.uuid, arch=client.arch, vdisk=vdisk, version=version
+        ),
+        None,
+    )
+
+
+async def start_dhcp(
+    s: Settings, script_url: str, emit: Emitter, registry: RegistryClient
+) -> DhcpServer:
     iface = s.dhcp_interface
     server_ip = s.dhcp_server_ip or (interface_address(iface) if iface else s.advertised_host)
     config = DhcpConfig(
@@ -162,7 +190,7 @@ async def start_dhcp(s: Settings, script_url: str, emit: Callable[[Event], None]
         leases = LeaseStore(leases_path(s), config.pool_start, config.pool_end)
 
     def on_pxe_discover(client: PxeClient) -> None:
-        emit(BootRequested(mac=client.mac, smbios_uuid=client.uuid, arch=client.arch))
+        emit.soon(announce_boot(client, registry, emit))
 
     responder = DhcpResponder(config, leases, on_pxe_discover)
     server = DhcpServer(

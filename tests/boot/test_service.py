@@ -174,6 +174,7 @@ async def test_menu_and_the_choice_are_recorded(boot: Boot, registry: Registry) 
 
 
 async def test_pxe_discover_emits_boot_requested(boot: Boot, registry: Registry) -> None:
+    await seed(registry, registry.data_dir, MAC, "win", "linux", default="linux")
     port = int(boot.rt.vitals["dhcp"].rsplit(":", 1)[1])
     discover = (FIXTURES / "udhcpc_pxe_discover.bin").read_bytes()
     ipxe = dp.parse(discover)
@@ -192,8 +193,30 @@ async def test_pxe_discover_emits_boot_requested(boot: Boot, registry: Registry)
     assert firmware.file == b"ipxe.efi"
     assert already_ipxe.file == f"{boot.url}/ipxe/boot.ipxe".encode()
     requested = await events_of(registry, "BootRequested", 2)
-    assert requested[0].data["mac"] == MAC and requested[0].data["arch"] == 7
-    assert requested[0].data["smbios_uuid"] == UUID
+    # With what it will most likely boot, for the cache to warm: its default vdisk.
+    assert requested[0].data == {
+        "mac": MAC,
+        "smbios_uuid": UUID,
+        "arch": 7,
+        "vdisk": "linux",
+        "version": 1,
+    }
+
+
+async def test_boot_requested_for_an_unknown_device(boot: Boot, registry: Registry) -> None:
+    port = int(boot.rt.vitals["dhcp"].rsplit(":", 1)[1])
+    discover = (FIXTURES / "udhcpc_pxe_discover.bin").read_bytes()
+
+    def go() -> dp.DhcpPacket:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(discover, ("127.0.0.1", port))
+            return dp.parse(sock.recv(2048))
+
+    offer = await asyncio.to_thread(go)
+    assert offer.file == b"ipxe.efi"  # DHCP answers regardless; the refusal comes with the script
+    [requested] = await events_of(registry, "BootRequested", 1)
+    assert requested.data["mac"] == MAC and requested.data["vdisk"] is None
 
 
 async def test_tftp_serves_the_boot_files(boot: Boot, tmp_path: Path) -> None:
