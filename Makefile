@@ -5,8 +5,9 @@
 SHELL := /bin/bash
 
 # Debian packages the tests use as real protocol peers: qemu-img/qemu-nbd, nbdinfo/nbdcopy,
-# nbdkit, curl (tftp://, http range). Keep the whole list here.
-TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl
+# nbdkit, curl (tftp://, http range), tftp-hpa (tftp), busybox (udhcpc), iproute2 (ip netns).
+# Keep the whole list here.
+TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa busybox iproute2
 
 DATA_DIR ?=
 UP_ARGS ?=
