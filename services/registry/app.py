@@ -146,22 +146,25 @@ class RegistryApp:
         """Decide and append atomically; ``effect`` runs between the two (file moves) and
         returns its undo, called when the append fails."""
         error: DomainError | None = None
+        undo: Callable[[], None] | None = None
         async with self._lock:
-            async with self.store.transaction() as tx:
-                await replay(tx.conn, self.projection)
-                try:
-                    events = decide(self.projection)
-                except DomainError as exc:
-                    if not exc.events:
-                        raise
-                    error, events = exc, exc.events
-                undo = effect() if effect is not None and error is None and events else None
-                try:
+            try:
+                async with self.store.transaction() as tx:
+                    await replay(tx.conn, self.projection)
+                    try:
+                        events = decide(self.projection)
+                    except DomainError as exc:
+                        if not exc.events:
+                            raise
+                        error, events = exc, exc.events
+                    if effect is not None and error is None and events:
+                        undo = effect()
                     stored = await tx.append(self._envelopes(events, correlation_id))
-                except BaseException:
-                    if undo is not None:
-                        undo()
-                    raise
+            except BaseException:
+                # Not committed (the append or the commit failed): undo the file moves.
+                if undo is not None:
+                    undo()
+                raise
             self.offer(stored)
         if stored:
             self._on_appended()
