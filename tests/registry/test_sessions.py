@@ -192,3 +192,28 @@ async def test_heartbeat_and_metrics(registry: Registry, nc: Any) -> None:
         text = (await http.get(beats[0]["metrics"])).text
     assert 'streamboot_live_sessions{service="registry"} 1.0' in text
     assert "streamboot_boots_total" in text
+
+
+async def test_private_vdisk_and_maintenance_serve_one_device(registry: Registry) -> None:
+    a, b = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
+    await seed(registry, registry.data_dir, a, b)
+    async with registry.http() as http:
+        # Maintenance: one device at a time, read-write, writes kept.
+        r = await http.post("/sessions", json={"mac": a, "maintenance": True})
+        assert r.status_code == 201 and r.json()["writes_to_vdisk"] is True
+        r = await http.post("/sessions", json={"mac": b, "maintenance": True})
+        assert r.status_code == 409 and "in maintenance by live session" in r.json()["error"]
+        r = await http.post("/sessions", json={"mac": b})  # a normal boot is fine meanwhile
+        assert r.status_code == 201 and r.json()["writes_to_vdisk"] is False
+        for s in (await http.get("/sessions")).json():
+            assert (await http.delete(f"/sessions/{s['session_id']}")).is_success
+        # Private: the vdisk serves one device, whose writes are kept.
+        r = await http.patch("/vdisks/win", json={"mode": "private"})
+        assert r.json()["mode"] == "private"
+        r = await http.post("/sessions", json={"mac": a})
+        assert r.status_code == 201
+        assert r.json()["writes_to_vdisk"] and r.json()["write_cache_persistence"] == "keep"
+        r = await http.post("/sessions", json={"mac": b})
+        assert r.status_code == 409 and "private and in use" in r.json()["error"]
+    rejected = await registry.app.store.read_all(types=["SessionConflictRejected"])
+    assert [e.data["mac"] for e in rejected] == [b, b]
