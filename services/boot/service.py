@@ -98,9 +98,18 @@ class Emitter:
 async def start(rt: ServiceRuntime) -> None:
     s = rt.settings
     sink = QueuedEventSink(rt.events)
-    rt.spawn(sink.run(), "event-sink")
     emit = Emitter(sink)
-    rt.on_stop(emit.drain)
+    # Not an rt.spawn task: those are cancelled before the stop hooks run, and the queued
+    # events must still reach the log after the servers stopped (the first hook runs last).
+    sink_task = asyncio.ensure_future(sink.run())
+
+    async def stop_events() -> None:
+        await emit.drain()
+        sink_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sink_task
+
+    rt.on_stop(stop_events)
 
     # HTTP first: DHCP tells iPXE clients its URL.
     handoffs = await HandoffStore.open(rt.js)

@@ -33,6 +33,7 @@ class Boot:
     rt: ServiceRuntime
     url: str
     tftp_root: Path
+    stopped: bool = False
 
     def http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=30)
@@ -64,10 +65,12 @@ async def boot(registry: Registry, nats_url: str, tmp_path: Path) -> AsyncIterat
     rt = ServiceRuntime("boot", settings)
     await rt.connect()
     await start(rt)
+    boot = Boot(rt, rt.vitals["boot_http"], root)
     try:
-        yield Boot(rt, rt.vitals["boot_http"], root)
+        yield boot
     finally:
-        await rt.stop()
+        if not boot.stopped:
+            await rt.stop()
 
 
 async def seed(reg: Registry, tmp: Path, mac: str, *names: str, default: str | None = None) -> None:
@@ -297,3 +300,20 @@ async def test_registry_away_means_retry(nats_url: str) -> None:
         assert handoff.status == 503
     finally:
         await conn.close()
+
+
+async def test_boot_requested_survives_an_immediate_stop(boot: Boot, registry: Registry) -> None:
+    port = int(boot.rt.vitals["dhcp"].rsplit(":", 1)[1])
+    discover = (FIXTURES / "udhcpc_pxe_discover.bin").read_bytes()
+
+    def go() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(discover, ("127.0.0.1", port))
+            sock.recv(2048)
+
+    await asyncio.to_thread(go)
+    boot.stopped = True
+    await boot.rt.stop()  # at once: the queued announcement must still reach the log
+    [requested] = await registry.app.store.read_all(types=["BootRequested"])
+    assert requested.data["mac"] == MAC
