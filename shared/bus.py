@@ -70,7 +70,8 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
     while True:
         try:
             nc = await nats.connect(
-                url,
+                # Several seed servers of a cluster may be given, comma-separated.
+                [u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,

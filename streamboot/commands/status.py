@@ -13,6 +13,7 @@ from rich.table import Table
 
 from shared import bus
 from shared.heartbeat import read_heartbeats
+from shared.metrics import system_figures
 from shared.settings import Settings, runtime_info
 from streamboot.commands import DataDirOption
 
@@ -50,6 +51,12 @@ async def gather_status(settings: Settings) -> dict[str, Any]:
         beats = await read_heartbeats(nc.jetstream(), settings.heartbeat_timeout_s)
     finally:
         await nc.close()
+    status["figures"] = system_figures(beats)
+    status["metrics"] = {
+        f"{b['service']}@{b['node']}": b["metrics"]
+        for b in beats
+        if b["alive"] and b.get("metrics")
+    }
     for beat in sorted(beats, key=lambda b: (b["service"], b["node"])):
         status["instances"].append(beat)
         summary = status["services"].setdefault(
@@ -107,6 +114,15 @@ def render(result: dict[str, Any]) -> None:
         if value:
             ends.add_row(key, str(value))
     console.print(ends)
+    figures = result.get("figures")
+    if figures:
+        ratio = figures.get("cache_hit_ratio")
+        console.print(
+            f"live sessions {figures['live_sessions']:.0f} · boots/min "
+            f"{figures['boots_per_minute']} · streamed {figures['bytes_streamed'] / 2**20:,.1f} MiB"
+            f" · cache hit ratio {'-' if ratio is None else f'{ratio:.1%}'} · write caches "
+            f"{figures['write_cache_bytes'] / 2**20:,.1f} MiB"
+        )
     stale = [b for b in result["instances"] if not b["alive"]]
     for beat in stale:
         age = time.time() - beat.get("at", 0)
