@@ -11,6 +11,7 @@ import json
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -21,10 +22,31 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from shared.settings import Settings
 
 _provider: TracerProvider | None = None
+
+
+class _ForcibleIds(RandomIdGenerator):
+    """Random ids, except when :func:`span_with_ids` asks for given ones.
+
+    A boot's root span covers minutes and several processes: its ids are chosen when the
+    first DHCP packet arrives (and travel as a traceparent), but the span itself is written
+    by whichever process sees the session end."""
+
+    def __init__(self) -> None:
+        self.forced: tuple[int, int] | None = None
+
+    def generate_trace_id(self) -> int:
+        return self.forced[0] if self.forced else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        return self.forced[1] if self.forced else super().generate_span_id()
+
+
+_ids = _ForcibleIds()
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -69,9 +91,10 @@ def setup_tracing(service_name: str, settings: Settings) -> TracerProvider:
     if _provider is not None:
         return _provider
     provider = TracerProvider(
+        id_generator=_ids,
         resource=Resource.create(
             {"service.name": service_name, "service.instance.id": settings.node_id}
-        )
+        ),
     )
     exporter: SpanExporter | None = None
     if settings.trace_exporter == "otlp":
@@ -114,3 +137,35 @@ def current_traceparent() -> str | None:
 
 def context_from_traceparent(traceparent: str | None) -> otel_context.Context:
     return extract_context({"traceparent": traceparent} if traceparent else None)
+
+
+def new_traceparent() -> str:
+    """A fresh W3C traceparent (the root of a new trace), e.g. for a boot's first packet."""
+    return f"00-{_ids.generate_trace_id():032x}-{_ids.generate_span_id():016x}-01"
+
+
+def parse_traceparent(traceparent: str) -> tuple[int, int]:
+    _, trace_id, span_id, _ = traceparent.split("-")
+    return int(trace_id, 16), int(span_id, 16)
+
+
+def record_span_with_ids(
+    name: str,
+    traceparent: str,
+    *,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict[str, Any] | None = None,
+    tracer_name: str = "streamboot",
+) -> None:
+    """Write the span whose ids ``traceparent`` names (a boot's root span, written at its
+    end by the process that sees the session close)."""
+    trace_id, span_id = parse_traceparent(traceparent)
+    _ids.forced = (trace_id, span_id)
+    try:
+        span = trace.get_tracer(tracer_name).start_span(
+            name, context=otel_context.Context(), start_time=start_ns, attributes=attributes
+        )
+    finally:
+        _ids.forced = None
+    span.end(end_time=end_ns)
