@@ -69,7 +69,9 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
     deadline = loop.time() + connect_timeout_s
     while True:
         try:
-            nc = await nats.connect(
+            # nats-py retries a first connection forever when reconnects are unlimited:
+            # bound each attempt ourselves.
+            attempt = nats.connect(
                 # Several seed servers of a cluster may be given, comma-separated.
                 [u.strip() for u in url.split(",") if u.strip()],
                 name=name,
@@ -81,11 +83,14 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
                 allow_reconnect=True,
                 connect_timeout=2,
             )
+            nc = await asyncio.wait_for(attempt, max(0.5, min(5.0, deadline - loop.time())))
             client.append(nc)
             return nc
         except Exception as exc:
             if loop.time() + delay > deadline:
-                raise BusError(f"cannot reach NATS at {url}: {exc}") from exc
+                raise BusError(
+                    f"cannot reach NATS at {url}: {str(exc) or 'no connection within the timeout'}"
+                ) from exc
             log.warning(
                 "%s: NATS at %s not reachable (%s); retrying in %.1fs", name, url, exc, delay
             )
