@@ -43,7 +43,12 @@ PORTS: dict[str, str] = {
     "boot_http_port": "tcp",
     "tftp_port": "udp",
     "dhcp_port": "udp",
+    "dhcp_pxe_port": "udp",
 }
+# The embedded NATS and PostgreSQL serve only this machine's services: always loopback,
+# whatever address the services listen on for clients.
+EMBEDDED_HOST = "127.0.0.1"
+EMBEDDED_PORTS = ("nats_port", "postgres_port")
 PORT_FIELDS: tuple[str, ...] = tuple(PORTS)
 SERVICE_STOP_TIMEOUT_S = 10.0
 
@@ -134,7 +139,7 @@ class Supervisor:
 
         if not s.database_url:
             self.postgres = EmbeddedPostgres(
-                dd.path, port=s.postgres_port, host=s.bind_host,
+                dd.path, port=s.postgres_port, host=EMBEDDED_HOST,
                 user=s.postgres_user, bin_dir=s.postgres_bin_dir,
             )  # fmt: skip
             self.postgres.prepare()  # refuse a foreign/other-version database before any start
@@ -147,8 +152,8 @@ class Supervisor:
             self.nats = EmbeddedNats(
                 dd / "nats",
                 port=s.nats_port,
-                host=s.bind_host,
-                monitor_port=free_port(s.bind_host) if monitor == 0 else monitor,
+                host=EMBEDDED_HOST,
+                monitor_port=free_port(EMBEDDED_HOST) if monitor == 0 else monitor,
             )
             await self.nats.start(log_path=dd / "logs" / "nats.log")
             self.children.append(_require(self.nats.process))
@@ -188,7 +193,7 @@ class Supervisor:
         await self._wait_ready(nats_url)
         eps = endpoints(s)
         if self.nats is not None and self.nats.monitor_port:
-            eps["nats_monitor"] = f"http://{s.bind_host}:{self.nats.monitor_port}"
+            eps["nats_monitor"] = f"http://{EMBEDDED_HOST}:{self.nats.monitor_port}"
         dd.write_runtime(
             {
                 "pid": os.getpid(),
@@ -250,11 +255,12 @@ class Supervisor:
         skip |= {"postgres_port"} if s.database_url else set()
         for field, proto in PORTS.items():
             port = getattr(s, field)
+            host = EMBEDDED_HOST if field in EMBEDDED_PORTS else s.bind_host
             if port == 0:
-                setattr(s, field, free_port(s.bind_host))
-            elif field not in skip and port_in_use(s.bind_host, port, udp=proto == "udp"):
+                setattr(s, field, free_port(host))
+            elif field not in skip and port_in_use(host, port, udp=proto == "udp"):
                 raise StartupError(
-                    f"{proto.upper()} port {s.bind_host}:{port} ({field}) is already in use, "
+                    f"{proto.upper()} port {host}:{port} ({field}) is already in use, "
                     f"maybe by another `streamboot up`; set STREAMBOOT_{field.upper()} to "
                     "another port (0 = any free one)"
                 )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import struct
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -9,6 +14,64 @@ import typer
 from shared.settings import Settings
 from streamboot.commands import DataDirOption
 from streamboot.supervisor import SERVICES, run_up
+
+SIOCGIFADDR = 0x8915
+# The ports PXE clients use; taken by default when run as root with DHCP on.
+PRIVILEGED_BOOT_PORTS = {"tftp_port": 69, "dhcp_port": 67, "dhcp_pxe_port": 4011}
+
+
+class DhcpMode(StrEnum):
+    off = "off"
+    proxy = "proxy"
+    full = "full"
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of a network interface (clear error when it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+        except OSError as exc:
+            raise typer.BadParameter(
+                f"interface {name!r} has no IPv4 address ({exc.strerror})",
+                param_hint="--boot-interface",
+            ) from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def boot_environment(
+    interface: str | None, dhcp: DhcpMode, dhcp_range: str | None, public_host: str | None
+) -> dict[str, str]:
+    """The settings the boot flags stand for, as environment variables (so that `up` and
+    every service it starts see the same values). Explicit STREAMBOOT_* variables win."""
+    env: dict[str, str] = {"STREAMBOOT_DHCP_MODE": dhcp.value}
+    if interface:
+        address = interface_address(interface)
+        env["STREAMBOOT_DHCP_INTERFACE"] = interface
+        # Services answer clients on the boot network; NATS and PostgreSQL stay on loopback.
+        env["STREAMBOOT_BIND_HOST"] = address
+        env["STREAMBOOT_PUBLIC_HOST"] = address
+    if public_host:
+        env["STREAMBOOT_PUBLIC_HOST"] = public_host
+    if dhcp is DhcpMode.full:
+        if not dhcp_range or "," not in dhcp_range:
+            raise typer.BadParameter(
+                "full DHCP needs an address pool: --dhcp-range START,END", param_hint="--dhcp-range"
+            )
+        start, end = (part.strip() for part in dhcp_range.split(",", 1))
+        for address in (start, end):
+            try:
+                socket.inet_aton(address)
+            except OSError:
+                raise typer.BadParameter(
+                    f"{address!r} is not an IPv4 address", param_hint="--dhcp-range"
+                ) from None
+        env["STREAMBOOT_DHCP_POOL_START"] = start
+        env["STREAMBOOT_DHCP_POOL_END"] = end
+    if dhcp is not DhcpMode.off and os.geteuid() == 0:
+        for field, port in PRIVILEGED_BOOT_PORTS.items():
+            env[f"STREAMBOOT_{field.upper()}"] = str(port)
+    return {k: v for k, v in env.items() if k not in os.environ}
 
 
 def up(
@@ -20,12 +83,34 @@ def up(
             envvar="STREAMBOOT_SERVICES",
         ),
     ] = ",".join(SERVICES),
+    boot_interface: Annotated[
+        str | None,
+        typer.Option(help="network interface the PXE clients are on (DHCP binds to it)"),
+    ] = None,
+    dhcp: Annotated[
+        DhcpMode,
+        typer.Option(
+            help="full: DHCP server with a pool; proxy: beside your DHCP server; off",
+            envvar="STREAMBOOT_DHCP_MODE",
+        ),
+    ] = DhcpMode.off,
+    dhcp_range: Annotated[
+        str | None, typer.Option(help="full DHCP's address pool: START,END")
+    ] = None,
+    public_host: Annotated[
+        str | None,
+        typer.Option(
+            help="the address clients use to reach the services (default: the interface's)"
+        ),
+    ] = None,
 ) -> None:
     """Start NATS, PostgreSQL and the services; Ctrl-C or SIGTERM stops everything.
 
     STREAMBOOT_NATS_URL / STREAMBOOT_DATABASE_URL use external servers instead of embedded
-    ones; STREAMBOOT_<NAME>_PORT=0 picks free ports.
+    ones; STREAMBOOT_<NAME>_PORT=0 picks free ports. With --dhcp proxy|full as root, the boot
+    service takes the PXE ports (67, 69, 4011); otherwise its unprivileged defaults.
     """
+    os.environ.update(boot_environment(boot_interface, dhcp, dhcp_range, public_host))
     settings = Settings(data_dir=data_dir)
     names = [n.strip() for n in services.split(",") if n.strip()]
     raise typer.Exit(run_up(settings, names))
