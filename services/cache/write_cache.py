@@ -80,6 +80,7 @@ class SessionWriteCache:
         return d / f"{k}.data", d / f"{k}.map", d / f"{k}.json"
 
     def open_files(self, create: bool) -> None:
+        """Open the files of a recovered cache, or create them (at the first change)."""
         data, map_, meta = self.paths()
         nblocks = -(-self.size // BLOCK)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
@@ -99,6 +100,12 @@ class SessionWriteCache:
 
     def encoded_state(self) -> str:
         return base64.b64encode(zlib.compress(bytes(self.state), 1)).decode()
+
+    def _files(self) -> None:
+        # Files appear with the first change: a session that never writes costs no I/O
+        # (a boot storm opens hundreds of sessions at once), and has nothing to recover.
+        if self.data_fd < 0:
+            self.open_files(create=True)
 
     def _set(self, first: int, stop: int, value: int) -> None:
         before = self.state.count(DIRTY, first, stop)
@@ -122,6 +129,7 @@ class SessionWriteCache:
                 errno.ENOSPC,
                 f"write cache {self.key} full: {self.used} of {self.capacity} bytes used",
             )
+        self._files()
         n = os.pwrite(self.data_fd, data, offset)  # ENOSPC of a full disk raises here
         if n != len(data):
             raise OSError(errno.ENOSPC, f"short write to {self.key}: {n} of {len(data)}")
@@ -129,11 +137,14 @@ class SessionWriteCache:
 
     def zero(self, offset: int, length: int) -> None:
         first, stop = self._range(offset, length)
+        self._files()
         self._set(first, stop, ZEROED)
         # Give the space back: zeroed blocks are only marked.
         _punch(self.data_fd, first * BLOCK, (stop - first) * BLOCK)
 
     def sync(self) -> None:
+        if self.data_fd < 0:
+            return  # nothing written yet: nothing to make durable
         os.fsync(self.data_fd)
         os.fsync(self.map_fd)
         if not self.meta_synced:
@@ -155,6 +166,8 @@ class SessionWriteCache:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise WriteCacheError(f"read {offset}+{length} outside disk of {self.size}")
+        if self.data_fd < 0:
+            return bytes(length)
         return os.pread(self.data_fd, length, offset)
 
     def close(self) -> None:
@@ -257,7 +270,7 @@ class WriteCaches:
         }
         meta["capacity"] = self.capacity
         wc = SessionWriteCache(key, self.dirs[kind], meta, self.capacity)
-        wc.open_files(create=True)
+        wc.state = bytearray(-(-wc.size // BLOCK))
         self.caches[key] = wc
         log.info("write cache %s opened (%s, %s)", key, kind, meta.get("persistence"))
         return wc

@@ -51,8 +51,10 @@ async def serve(args: argparse.Namespace) -> None:
     settings = StreamSettings(nbd_port=args.port, http_port=0, session_linger_s=args.linger)
     sink = BusSink(nc) if args.publish_events else NullSink()
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
-    fetcher = BlockingFetcher(args.nats_url)
-    servers.sessions.cache = CacheLink(CacheClient(nc), fetcher, None)
+    fetcher = None
+    if not args.no_cache:
+        fetcher = BlockingFetcher(args.nats_url)
+        servers.sessions.cache = CacheLink(CacheClient(nc), fetcher, None)
     await servers.start()
     print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
     stop = asyncio.Event()
@@ -61,7 +63,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await servers.stop()
-    fetcher.close()
+    if fetcher is not None:
+        fetcher.close()
     await nc.close()
 
 
@@ -72,6 +75,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=60.0)
     ap.add_argument("--publish-events", action="store_true")
+    ap.add_argument("--no-cache", action="store_true", help="write caches in process (compare)")
     logging.basicConfig(level=logging.INFO)
     uvloop.run(serve(ap.parse_args()))
 
