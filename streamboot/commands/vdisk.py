@@ -147,6 +147,19 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Import a disk image as a new vdisk, or as a new version (a delta) of an existing one."""
+    import_image(path, data_dir, name, stage, mode, write_cache, persistence, as_json)
+
+
+def import_image(
+    path: Path,
+    data_dir: Path,
+    name: str,
+    stage: str | None,
+    mode: str,
+    write_cache: str,
+    persistence: str,
+    as_json: bool,
+) -> None:
     with cli_errors(as_json):
         check_name(name)
         vdisk_store.image_format(path)  # a missing file or a non-image fails before anything
@@ -169,6 +182,49 @@ def import_(
             write_cache_persistence=persistence,
         )  # fmt: skip
     print_result(result, as_json, show_vdisk)
+
+
+@app.command("build-demo")
+def build_demo(
+    name: Annotated[str, typer.Argument(help="name of the new vdisk (or a new version of it)")],
+    data_dir: DataDirOption,
+    write_cache: Annotated[
+        str, typer.Option(help="server-ram|server-disk|client-ram|client-disk")
+    ] = "server-disk",
+    size_mib: Annotated[int, typer.Option(help="image size")] = 64,
+    handoff_url: Annotated[
+        str | None,
+        typer.Option(help="the boot service's /handoff URL (default: the running system's)"),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Build a small bootable Linux (Debian kernel, busybox, syslinux, the NBD hand-off) and
+    import it, so a new user can PXE-boot a machine or VM within minutes."""
+    import tempfile
+
+    from streamboot.demo.image import DemoBuildError, build_demo_image
+    from streamboot.runtime import NotRunningError, load_runtime
+
+    with cli_errors(as_json):
+        check_name(name)
+        if handoff_url is None:
+            try:
+                boot_http = load_runtime(data_dir).get("endpoints", {}).get("boot_http")
+            except NotRunningError as exc:
+                raise ClientError(str(exc), "unreachable", EXIT_UNREACHABLE) from exc
+            handoff_url = f"{boot_http}/handoff" if boot_http else None
+        cache = Path(tempfile.gettempdir()) / "streamboot-demo-cache"
+        with tempfile.TemporaryDirectory(prefix="streamboot-demo-") as tmp:
+            image = Path(tmp) / f"{name}.img"
+            if not as_json:
+                console.print(f"building the demo image (hand-off {handoff_url or 'none'})...")
+            try:
+                build_demo_image(
+                    image, name=name, size_mib=size_mib, cache_dir=cache, handoff_url=handoff_url
+                )
+            except DemoBuildError as exc:
+                raise ClientError(str(exc), "invalid") from exc
+            import_image(image, data_dir, name, None, "standard", write_cache, "discard", as_json)
 
 
 @app.command()
