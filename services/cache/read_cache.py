@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from services.cache.stores import Store, StoreError
-from services.cache.write_cache import _punch
+from services.cache.write_cache import punch_hole
+from shared import metrics
 from shared.vdisk_layout import ZERO_FD, ChainReader, is_delta
 
 log = logging.getLogger("streamboot.cache.read")
@@ -115,6 +116,8 @@ class ReadCaches:
         self.lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.hit_bytes = 0
         self.miss_bytes = 0
+        # Prometheus (shared/metrics.py): the same figures, in bytes.
+        self._hits, self._misses = metrics.cache_counters("read")
         self.store_bytes = 0
         self.evicted_bytes = 0
 
@@ -184,6 +187,8 @@ class ReadCaches:
         hit = await self.ensure(vc, offset, length)
         self.hit_bytes += hit
         self.miss_bytes += length - hit
+        self._hits.inc(hit)
+        self._misses.inc(length - hit)
         data = os.pread(vc.fd, length, offset)
         # Evict only after the read: a fill never loses its own extents before it is served.
         self._evict()
@@ -243,7 +248,7 @@ class ReadCaches:
             if vc is None:
                 continue
             vc.present[i] = 0
-            _punch(vc.fd, i * EXTENT, EXTENT)
+            punch_hole(vc.fd, i * EXTENT, EXTENT)
             self.evicted_bytes += EXTENT
 
     def close(self) -> None:

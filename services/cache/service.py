@@ -30,6 +30,7 @@ from services.cache.read_cache import ReadCaches, VersionCache
 from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
+from shared import metrics
 from shared.bus import RemoteError, serve_json
 from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
 from shared.service import ServiceRuntime, run_service
@@ -97,7 +98,9 @@ class CacheService:
             wc = self.writes.open(body)
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
-        return {"state": wc.encoded_state(), "used": wc.used, "capacity": wc.capacity}
+        # A cache that never changed sends no map (the common case: a boot storm's sessions).
+        state = wc.encoded_state() if wc.data_fd >= 0 else None
+        return {"state": state, "used": wc.used, "capacity": wc.capacity}
 
     async def wc_write(self, msg: Msg) -> None:
         try:
@@ -272,6 +275,7 @@ async def start(rt: ServiceRuntime) -> None:
         }
 
     rt.vitals = vitals
+    metrics.write_cache_bytes_from(lambda: sum(wc.used for wc in svc.writes.caches.values()))
 
     async def stop() -> None:
         for sub in subs:

@@ -140,7 +140,7 @@ class SessionWriteCache:
         self._files()
         self._set(first, stop, ZEROED)
         # Give the space back: zeroed blocks are only marked.
-        _punch(self.data_fd, first * BLOCK, (stop - first) * BLOCK)
+        punch_hole(self.data_fd, first * BLOCK, (stop - first) * BLOCK)
 
     def sync(self) -> None:
         if self.data_fd < 0:
@@ -195,7 +195,7 @@ class SessionWriteCache:
         }
 
 
-def _punch(fd: int, offset: int, length: int) -> None:
+def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a range (FALLOC_FL_PUNCH_HOLE); best effort: marking is what matters."""
     try:
         _fallocate(fd, 0x01 | 0x02, offset, length)  # KEEP_SIZE | PUNCH_HOLE

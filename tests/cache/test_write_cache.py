@@ -109,25 +109,13 @@ async def test_full_write_cache_answers_enospc_and_keeps_what_it_acknowledged(
 async def test_write_to_a_dropped_cache_is_a_clear_error(
     system, base_image: Path, nats_url: str
 ) -> None:  # type: ignore[no-untyped-def]
-    import json
-
-    import nats
-
     s = system()
     await s.start_cache()
     ex = export("drop", base_image)
     _node, uri = await s.start_node(ex, "a")
     await asyncio.to_thread(qemu_io, f"{uri}/drop", "write -P 0x12 0 64k")
     # The registry closes the session: the cache service drops the session's cache.
-    nc = await nats.connect(nats_url)
-    await nc.publish(
-        "events.SessionClosed.session",
-        json.dumps(
-            {"type": "SessionClosed", "data": {"session_id": "session-drop", "reason": "t"}}
-        ).encode(),
-    )
-    await nc.flush()
-    await nc.close()
+    await close_session(nats_url, "session-drop")
     for _ in range(100):
         if not (await s.stats())["write_caches"]:
             break
@@ -136,3 +124,40 @@ async def test_write_to_a_dropped_cache_is_a_clear_error(
     out = await asyncio.to_thread(qemu_io, f"{uri}/drop", "write -P 0x13 0 4k", expect_error=True)
     assert "Input/output error" in out, out
     assert "was dropped" in (s.root / "a.log").read_text()
+
+
+async def test_kept_write_cache_outlives_the_session(
+    system, base_image: Path, nats_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Persistence ``keep``: the device's next session of the same version finds its writes,
+    even after the first session was closed; a ``discard`` session's cache is gone."""
+    s = system()
+    await s.start_cache()
+    kept = {"write_cache_persistence": "keep", "mac": "52:54:00:aa:bb:cc"}
+    ex = {
+        **export("k1", base_image, session_id="s-k1", **kept),
+        **export("k2", base_image, session_id="s-k2", **kept),
+    }
+    _node, uri = await s.start_node(ex, "a")
+    await asyncio.to_thread(qemu_io, f"{uri}/k1", "write -P 0x61 0 64k", "flush")
+    await close_session(nats_url, "s-k1")
+    await asyncio.to_thread(qemu_io, f"{uri}/k2", "read -P 0x61 0 64k")
+    (wc,) = (await s.stats())["write_caches"]
+    assert wc["key"] == "device-525400aabbcc-golden-v1" and wc["session_id"] == "s-k2"
+
+
+async def close_session(nats_url: str, session_id: str) -> None:
+    """SessionClosed as the registry's relay publishes it."""
+    import json
+
+    import nats
+
+    nc = await nats.connect(nats_url)
+    await nc.publish(
+        "events.SessionClosed.session",
+        json.dumps(
+            {"type": "SessionClosed", "data": {"session_id": session_id, "reason": "t"}}
+        ).encode(),
+    )
+    await nc.flush()
+    await nc.close()
