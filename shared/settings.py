@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     boot_bios_file: str = "undionly.kpxe"
     boot_efi64_file: str = "ipxe.efi"
     ipxe_menu_timeout_s: int = 10
+    # Answer IPv6 router solicitations with "nothing to configure" so iPXE does not wait
+    # ~13 s for IPv6; default: on in full-DHCP mode, off in proxy mode.
+    boot_ipv6_ra: bool | None = None
 
     # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
     # (postgres refuses to run as root), and an explicit binaries folder (else auto-detected).
@@ -99,6 +102,13 @@ class Settings(BaseSettings):
     # Cache service (services/cache): per-session write caches, shared read cache, profiles.
     # The stream keeps server-side write caches in the cache service (False: in process).
     stream_use_cache: bool = True
+    # Dead clients (a powered-off machine leaves half-open connections) are found by TCP
+    # keepalive after idle + interval * count seconds.
+    stream_keepalive_idle_s: int = 30
+    stream_keepalive_interval_s: int = 10
+    stream_keepalive_count: int = 3
+    # A session's state outlives its last connection this long (HTTP SAN -> NBD hand-off).
+    stream_session_linger_s: float = 60.0
     cache_write_capacity: int = 8 << 30  # bytes one session's write cache may hold
     cache_read_capacity: int = 4 << 30  # bytes of the shared read cache, all versions
     cache_ram_dir: Path | None = None  # server-ram write caches (default: a /dev/shm folder)

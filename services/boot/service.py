@@ -27,6 +27,7 @@ from services.boot.dhcp_server import (
 )
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import HttpServer
+from services.boot.ipv6_ra import answer_solicitations
 from services.boot.registry_client import RegistryClient
 from services.boot.tftp_server import TftpConfig, TftpServer
 from shared.bus import BusError
@@ -154,6 +155,9 @@ async def start(rt: ServiceRuntime) -> None:
         rt.vitals["dhcp"] = f"{dhcp.responder.config.server_ip}:{s.dhcp_port}"
         rt.vitals["dhcp_mode"] = s.dhcp_mode
         rt.vitals["dhcp_stats"] = dhcp.responder.stats
+        answer_ra = s.boot_ipv6_ra if s.boot_ipv6_ra is not None else s.dhcp_mode == "full"
+        if answer_ra and s.dhcp_interface:
+            rt.spawn(answer_solicitations(s.dhcp_interface), "ipv6-ra")
 
 
 async def announce_boot(client: PxeClient, registry: RegistryClient, emit: Emitter) -> None:

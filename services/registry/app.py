@@ -517,11 +517,13 @@ class RegistryApp:
         """Close sessions whose client left (after the detach grace) or that idled out."""
         now = time.time() if now is None else now
         s = self.settings
+        alive_nodes = await self._alive_stream_nodes()
         due = sessions.expired(
             self.projection,
             now,
             idle_timeout_s=s.session_idle_timeout_s,
             detach_grace_s=s.session_detach_grace_s,
+            alive_nodes=alive_nodes,
         )
         closed = []
         for sid, reason in due:
@@ -530,13 +532,25 @@ class RegistryApp:
                 # Re-check on the caught-up state: it may have re-attached or been closed.
                 still = {x for x, _ in sessions.expired(
                     p, now, idle_timeout_s=s.session_idle_timeout_s,
-                    detach_grace_s=s.session_detach_grace_s,
+                    detach_grace_s=s.session_detach_grace_s, alive_nodes=alive_nodes,
                 )}  # fmt: skip
                 return sessions.close(p, p.sessions[sid], reason) if sid in still else []
 
             if await self._execute(decide):
                 closed.append(sid)
         return closed
+
+    async def _alive_stream_nodes(self) -> set[str] | None:
+        """The stream nodes heartbeating now; None when heartbeats cannot be read (then
+        attachments are trusted rather than sessions closed on a hunch)."""
+        if self._heartbeats is None:
+            return None
+        try:
+            beats = await self._heartbeats()
+        except Exception as exc:
+            log.warning("registry: heartbeats unreadable (%s); keeping attached sessions", exc)
+            return None
+        return {b["node"] for b in beats if b.get("service") == "stream" and b.get("alive")}
 
     # --- rebuild ----------------------------------------------------------------------
 

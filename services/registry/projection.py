@@ -222,6 +222,9 @@ class Projection:
             "opened_at": at,
             "last_activity": at,
             "attached": 0,
+            # Live attachments per stream node: those on a node that stopped heartbeating
+            # are gone with it (a killed node never reports its clients' detach).
+            "attached_on": {},
             "detached_at": None,
         }
         self.session_by_mac[d["mac"]] = sid
@@ -232,6 +235,8 @@ class Projection:
         s = self.sessions.get(d["session_id"])
         if s is not None:
             s["attached"] += 1
+            node = d.get("stream_node", "")
+            s["attached_on"][node] = s["attached_on"].get(node, 0) + 1
             s["detached_at"] = None
             s["last_activity"] = _ts(when)
 
@@ -239,6 +244,12 @@ class Projection:
         s = self.sessions.get(d["session_id"])
         if s is not None:
             s["attached"] = max(0, s["attached"] - 1)
+            node = d.get("stream_node", "")
+            left = s["attached_on"].get(node, 0) - 1
+            if left > 0:
+                s["attached_on"][node] = left
+            else:
+                s["attached_on"].pop(node, None)
             at = _ts(when)
             s["last_activity"] = at
             if s["attached"] == 0:

@@ -43,5 +43,9 @@ class StreamSettings:
             http_port=s.http_stream_port,
             node_id=s.node_id,
             idle_timeout_s=s.session_idle_timeout_s,
+            keepalive_idle_s=s.stream_keepalive_idle_s,
+            keepalive_interval_s=s.stream_keepalive_interval_s,
+            keepalive_count=s.stream_keepalive_count,
+            session_linger_s=s.stream_session_linger_s,
             write_cache_dir=s.data_path("stream", "write-cache"),
         )

@@ -136,6 +136,8 @@ async def test_client_gone_closes_after_grace_only(registry: Registry, nc: Any) 
     """Attach/detach events come from a stream node through the append handler; the sweeper
     closes only after the grace period with no attachment (driven with explicit times)."""
     await seed(registry, registry.data_dir, MAC)
+    node = Heartbeat(nc.jetstream(), "stream", "n1", 1.0)
+    await node.beat()  # n1 is alive: its attachments count
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
     sid = s["session_id"]
     events = EventClient(nc)
@@ -162,6 +164,34 @@ async def test_client_gone_closes_after_grace_only(registry: Registry, nc: Any) 
     assert closed.data["reason"] == "client-gone" and closed.correlation_id == sid
     # The device can boot again.
     await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    await node.stop()
+
+
+async def test_attachments_on_a_dead_stream_node_do_not_keep_a_session(
+    registry: Registry, nc: Any
+) -> None:
+    """A stream node that is killed never reports its clients' detach: once it stops
+    heartbeating, its attachments no longer hold the session open (after the grace)."""
+    await seed(registry, registry.data_dir, MAC)
+    node = Heartbeat(nc.jetstream(), "stream", "doomed", 1.0)
+    await node.beat()
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    sid = s["session_id"]
+    attached = await EventClient(nc).emit(
+        SessionAttached(
+            session_id=sid, stream_node="doomed", protocol="nbd", client_addr="10.0.0.9:1"
+        ),
+        correlation_id=sid,
+    )
+    await registry.app.catch_up()
+    t = attached.time.timestamp()
+    grace = registry.settings.session_detach_grace_s
+    assert await registry.app.sweep(now=t + 10 * grace) == []  # its node is alive
+    await node.stop()  # the node dies (its heartbeat is gone)
+    assert await registry.app.sweep(now=t + grace / 2) == []  # not before the grace
+    assert await registry.app.sweep(now=t + grace) == [sid]
+    [closed] = await registry.app.store.read_all(types=["SessionClosed"])
+    assert closed.data["reason"] == "stream-node-gone"
 
 
 async def test_idle_session_times_out(registry: Registry, nc: Any) -> None:

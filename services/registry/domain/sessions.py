@@ -155,13 +155,25 @@ def close(p: Projection, session: Record, reason: str) -> list[Event]:
 
 
 def expired(
-    p: Projection, now: float, *, idle_timeout_s: float, detach_grace_s: float
+    p: Projection,
+    now: float,
+    *,
+    idle_timeout_s: float,
+    detach_grace_s: float,
+    alive_nodes: set[str] | None = None,
 ) -> list[tuple[str, str]]:
     """Sessions to close now, with the reason: the client left (no attachment for the grace
-    period after its last detach), or it never came / went quiet (idle timeout)."""
+    period after its last detach), it never came / went quiet (idle timeout), or every
+    stream node it was attached to is dead (``alive_nodes``: the nodes heartbeating now;
+    None = unknown, trust the attachments)."""
     out = []
     for s in p.sessions.values():
         if s["attached"] > 0:
+            on = s.get("attached_on", {})
+            if alive_nodes is None or any(node in alive_nodes for node in on):
+                continue
+            if now - s["last_activity"] >= detach_grace_s:
+                out.append((s["session_id"], "stream-node-gone"))
             continue
         if s["detached_at"] is not None and now - s["detached_at"] >= detach_grace_s:
             out.append((s["session_id"], "client-gone"))
