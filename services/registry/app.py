@@ -540,9 +540,10 @@ class RegistryApp:
                 closed.append(sid)
         return closed
 
-    async def _alive_stream_nodes(self) -> set[str] | None:
-        """The stream nodes heartbeating now; None when heartbeats cannot be read (then
-        attachments are trusted rather than sessions closed on a hunch)."""
+    async def _alive_stream_nodes(self) -> dict[str, float] | None:
+        """The stream nodes heartbeating now, with the start time of their current
+        instance (an attachment older than that died with the previous one); None when
+        heartbeats cannot be read (then attachments are trusted, not closed on a hunch)."""
         if self._heartbeats is None:
             return None
         try:
@@ -550,7 +551,11 @@ class RegistryApp:
         except Exception as exc:
             log.warning("registry: heartbeats unreadable (%s); keeping attached sessions", exc)
             return None
-        return {b["node"] for b in beats if b.get("service") == "stream" and b.get("alive")}
+        return {
+            b["node"]: float(b.get("started_at", 0))
+            for b in beats
+            if b.get("service") == "stream" and b.get("alive")
+        }
 
     # --- rebuild ----------------------------------------------------------------------
 

@@ -237,6 +237,7 @@ class Projection:
             s["attached"] += 1
             node = d.get("stream_node", "")
             s["attached_on"][node] = s["attached_on"].get(node, 0) + 1
+            s.setdefault("attached_at", {})[node] = _ts(when)
             s["detached_at"] = None
             s["last_activity"] = _ts(when)
 

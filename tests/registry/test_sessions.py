@@ -194,6 +194,27 @@ async def test_attachments_on_a_dead_stream_node_do_not_keep_a_session(
     assert closed.data["reason"] == "stream-node-gone"
 
 
+async def test_attachments_from_before_a_stream_node_restart_are_stale(
+    registry: Registry, nc: Any
+) -> None:
+    """A stream node restarted under the same name lost its connections: attachments older
+    than its current instance do not keep a session open."""
+    await seed(registry, registry.data_dir, MAC)
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    sid = s["session_id"]
+    attached = await EventClient(nc).emit(
+        SessionAttached(session_id=sid, stream_node="phoenix", protocol="nbd", client_addr="a:1"),
+        correlation_id=sid,
+    )
+    await registry.app.catch_up()
+    reborn = Heartbeat(nc.jetstream(), "stream", "phoenix", 1.0)  # started after the attach
+    await reborn.beat()
+    t = attached.time.timestamp()
+    grace = registry.settings.session_detach_grace_s
+    assert await registry.app.sweep(now=t + grace) == [sid]
+    await reborn.stop()
+
+
 async def test_idle_session_times_out(registry: Registry, nc: Any) -> None:
     await seed(registry, registry.data_dir, MAC)
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})

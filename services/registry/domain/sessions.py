@@ -160,17 +160,19 @@ def expired(
     *,
     idle_timeout_s: float,
     detach_grace_s: float,
-    alive_nodes: set[str] | None = None,
+    alive_nodes: dict[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Sessions to close now, with the reason: the client left (no attachment for the grace
     period after its last detach), it never came / went quiet (idle timeout), or every
-    stream node it was attached to is dead (``alive_nodes``: the nodes heartbeating now;
-    None = unknown, trust the attachments)."""
+    stream node it was attached to is dead or restarted since (``alive_nodes``: node ->
+    start time of the instance heartbeating now; None = unknown, trust the attachments)."""
     out = []
     for s in p.sessions.values():
         if s["attached"] > 0:
-            on = s.get("attached_on", {})
-            if alive_nodes is None or any(node in alive_nodes for node in on):
+            if alive_nodes is None or any(
+                node in alive_nodes and alive_nodes[node] <= s.get("attached_at", {}).get(node, 0)
+                for node in s.get("attached_on", {})
+            ):
                 continue
             if now - s["last_activity"] >= detach_grace_s:
                 out.append((s["session_id"], "stream-node-gone"))
