@@ -53,6 +53,24 @@ FTP_DELAY_S = 0.005
 # --- recording ------------------------------------------------------------------------
 
 
+def demo_image(recipe: str) -> Path:
+    """The demo vdisk the tests build (``demo_image`` fixture): the one the trace was recorded
+    on if it is still there, else today's recipe (built if needed; same size, so the
+    trace's offsets stay valid, but its layout may differ a little)."""
+    from streamboot.demo.image import build_demo_image, recipe_digest
+
+    cache = Path(
+        os.environ.get("STREAMBOOT_TEST_CACHE", Path.home() / ".cache" / "streamboot-test")
+    )
+    image = cache / f"demo-{recipe}.img"
+    if image.exists():
+        return image
+    image = cache / f"demo-{recipe_digest()}.img"
+    if not image.exists():
+        build_demo_image(image, cache_dir=cache / "kernel")
+    return image
+
+
 def record(out: Path) -> None:
     """Boot the demo vdisk in QEMU over streamboot's NBD and keep its BlocksRequested."""
     from services.stream.settings import StreamSettings
@@ -363,10 +381,8 @@ def summarize(server: str, cache: str, pace: str, results: list[ClientResult], w
 def bench(
     clients: list[int], paces: list[str], servers: list[str], work: Path, rounds: int
 ) -> list[Row]:
-    from streamboot.demo.image import recipe_digest
-
     size, trace = load_trace()
-    image_src = Path.home() / ".cache" / "streamboot-test" / f"demo-{recipe_digest()}.img"
+    image_src = demo_image(json.loads(TRACE.read_text())["image_recipe"])
     store = work / "store"
     store.mkdir()
     image = store / "demo.img"
@@ -464,12 +480,12 @@ def best(rows: list[Row]) -> Row:
     return keep
 
 
-HEADER = f"{'server':<15} {'cache':<5} {'N':>4} {'pace':<8} {'compl p50 s':>11} {'p99 s':>7} {'lat p50 ms':>10} {'p99 ms':>7} {'MiB/s':>8} {'errors':>6}"
+HEADER = f"{'server':<17} {'cache':<5} {'N':>4} {'pace':<8} {'compl p50 s':>11} {'p99 s':>7} {'lat p50 ms':>10} {'p99 ms':>7} {'MiB/s':>8} {'errors':>6}"
 
 
 def fmt_row(r: Row) -> str:
     return (
-        f"{r.server:<15} {r.cache:<5} {r.clients:>4} {r.pace:<8} {r.completion_p50:>11.3f} "
+        f"{r.server:<17} {r.cache:<5} {r.clients:>4} {r.pace:<8} {r.completion_p50:>11.3f} "
         f"{r.completion_p99:>7.3f} {r.latency_p50_ms:>10.3f} {r.latency_p99_ms:>7.3f} "
         f"{r.mib_s:>8.1f} {r.errors:>6}" + (f"  ({r.first_error})" if r.first_error else "")
     )
