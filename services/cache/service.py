@@ -109,7 +109,7 @@ class CacheService:
             log.error("bad write batch: %s", e)
             await msg.respond(wire.fail(str(e), "invalid"))
             return
-        statuses = self.writes.apply(key, records)
+        statuses = await self.writes.apply(key, records)
         await msg.respond(statuses)
 
     async def wc_read(self, msg: Msg) -> None:

@@ -21,6 +21,7 @@ of the same version).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import json
@@ -284,8 +285,12 @@ class WriteCaches:
             )
         return wc
 
-    def apply(self, key: str, records: list[tuple[int, int, int, int, Any]]) -> bytes:
-        """Apply a batch in order; one status byte per record. Returns after fsync if asked."""
+    async def apply(self, key: str, records: list[tuple[int, int, int, int, Any]]) -> bytes:
+        """Apply a batch in order; one status byte per record. Returns after fsync if asked.
+
+        The writes run on the loop (page-cache copies); an fsync runs in a thread, so other
+        subjects (opens, reads) go on meanwhile. The caller awaits this before taking the
+        next batch, which keeps batches in order."""
         statuses = bytearray(len(records))
         try:
             wc = self.get(key)
@@ -313,7 +318,7 @@ class WriteCaches:
                     log.error("write cache %s: %s", key, e)
         if sync:
             try:
-                wc.sync()
+                await asyncio.to_thread(wc.sync)
             except OSError as e:
                 log.error("write cache %s: fsync failed: %s", key, e)
                 return bytes([errno.EIO]) * len(records)

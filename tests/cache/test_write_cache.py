@@ -4,9 +4,11 @@ cache service, a full cache, a dropped cache; each through real NBD clients."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
-from tests.cache.conftest import export, qemu_io
+from tests.cache.conftest import IMAGE_SIZE, export, qemu_io
+from tests.stream.nbdraw import RawNbd
 
 # (offset, length, pattern) written through node A; 0 = write-zeroes.
 WRITES = [
@@ -92,6 +94,17 @@ async def test_full_write_cache_answers_enospc_and_keeps_what_it_acknowledged(
     out = await asyncio.to_thread(qemu_io, f"{uri}/full", "write -P 0x66 2M 1M", expect_error=True)
     assert "No space left on device" in out, out
     await asyncio.to_thread(qemu_io, f"{uri}/full", "read -P 0x55 0 512k")
+    # A write beyond the end of the disk: refused before any cache sees it.
+    port = int(uri.rsplit(":", 1)[1])
+
+    def write_past_end() -> int:
+        c = RawNbd(port)
+        c.go("full")
+        err = c.write(IMAGE_SIZE - 2048, b"x" * 4096)
+        c.close()
+        return err
+
+    assert await asyncio.to_thread(write_past_end) == errno.ENOSPC
     # Rewriting blocks it already holds needs no room.
     await asyncio.to_thread(qemu_io, f"{uri}/full", "write -P 0x77 0 512k", "read -P 0x77 0 512k")
     log = (s.root / "cache.log").read_text()
