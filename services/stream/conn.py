@@ -25,6 +25,11 @@ WRITE_HIGH = 8 * 1024 * 1024
 WRITE_LOW = 2 * 1024 * 1024
 
 
+def dead_peer_after_s(s: StreamSettings) -> int:
+    """Seconds after which a silent peer is declared gone by the kernel."""
+    return s.keepalive_idle_s + s.keepalive_interval_s * s.keepalive_count
+
+
 def tune_socket(sock: socket.socket | None, s: StreamSettings) -> None:
     """TCP keepalive and a user timeout, so a vanished client is noticed by the kernel."""
     if sock is None:
@@ -35,8 +40,9 @@ def tune_socket(sock: socket.socket | None, s: StreamSettings) -> None:
         (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, s.keepalive_idle_s),
         (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, s.keepalive_interval_s),
         (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, s.keepalive_count),
-        # Unacknowledged reply data older than this kills the connection.
-        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(s.stall_timeout_s * 1000)),
+        # Linux lets TCP_USER_TIMEOUT override the keepalive probe count, so it must be the
+        # same dead-peer budget, or a powered-off client would be kept for the stall timeout.
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000 * dead_peer_after_s(s)),
     ]
     for level, name, value in opts:
         try:
