@@ -98,9 +98,7 @@ class CacheService:
             wc = self.writes.open(body)
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
-        # A cache that never changed sends no map (the common case: a boot storm's sessions).
-        state = wc.encoded_state() if wc.data_fd >= 0 else None
-        return {"state": state, "used": wc.used, "capacity": wc.capacity}
+        return {"state": wc.encoded_state(), "used": wc.used, "capacity": wc.capacity}
 
     async def wc_write(self, msg: Msg) -> None:
         try:

@@ -8,8 +8,7 @@ default max payload outside our embedded config).
 Subjects (queue group ``cache``):
 
 - ``streamboot.cache.wc.open``   JSON {key, session_id, size, kind, persistence, vdisk, version}
-                                 -> {state: base64(zlib(one state byte per 4 KiB block)) or null
-                                     when nothing was ever written, used, capacity}
+                                 -> {state: base64(zlib(one state byte per 4 KiB block)), used, capacity}
 - ``streamboot.cache.wc.write``  binary batch (below) -> one status byte (errno, 0 = ok) per record
 - ``streamboot.cache.wc.read``   JSON {key, offset, length} -> status-prefixed bytes
 - ``streamboot.cache.wc.list``   JSON {} -> [{key, session_id, used, capacity, kind, persistence}]

@@ -68,8 +68,6 @@ class RemoteWriteCache(WriteCache):
                 "mac": s.mac,
             },
         )
-        if reply.get("state") is None:
-            return  # a new (or never written) cache: nothing to pull
         state = zlib.decompress(base64.b64decode(reply["state"]))
         if len(state) != len(self.state):
             raise OSError(
