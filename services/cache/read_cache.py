@@ -88,6 +88,25 @@ class RemoteChain:
             self.reader.close()
 
 
+def warm_local(layers: list[Path], extents: list[tuple[int, int]]) -> int:
+    """Read a local version's profile extents once (into the page cache); returns bytes read.
+
+    Blocking: run it in a thread. Useful where the stream node shares this machine's page
+    cache (the embedded default) or the store (a SAN/NFS server's cache)."""
+    done = 0
+    with ChainReader(layers) as chain:
+        pieces = []
+        for off, n in extents:
+            n = min(n, chain.size - off)
+            if n > 0:
+                pieces += [p for p in chain.resolve(off, n) if p[0] != ZERO_FD]
+        for fd, off, n in pieces:  # let the kernel start them all first
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+        for fd, off, n in pieces:
+            done += len(os.pread(fd, n, off))
+    return done
+
+
 class VersionCache:
     def __init__(self, key: str, info: dict[str, Any], chain: RemoteChain, path: Path) -> None:
         self.key = key
@@ -112,6 +131,7 @@ class ReadCaches:
         self.capacity = max(capacity, 4 * EXTENT)
         self.stores = stores
         self.versions: dict[str, VersionCache] = {}
+        self.local: dict[str, dict[str, Any]] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self.lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.hit_bytes = 0
@@ -166,6 +186,18 @@ class ReadCaches:
             log.info("read cache for %s opened (%d bytes, store %s)", key, vc.size, store_name)
             return vc
 
+    def register_local(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A local-store version a stream node serves: no cache (the stream reads the files
+        itself), only remembered, so a BootRequested can warm its boot profile."""
+        info = {k: req.get(k) for k in ("key", "vdisk", "version", "store", "layers", "size")}
+        key = str(info["key"])
+        if self.local.get(key) != info:
+            self.local[key] = info
+            work = self.dir / _safe(key)
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "version.json").write_text(json.dumps(info))
+        return info
+
     def known(self) -> list[dict[str, Any]]:
         """Versions a previous run served (their version.json), for prefetch after a restart."""
         out = []
@@ -191,7 +223,7 @@ class ReadCaches:
         self._misses.inc(length - hit)
         data = os.pread(vc.fd, length, offset)
         # Evict only after the read: a fill never loses its own extents before it is served.
-        self._evict()
+        self.evict()
         return data
 
     async def ensure(self, vc: VersionCache, offset: int, length: int) -> int:
@@ -241,7 +273,7 @@ class ReadCaches:
             for i in range(a, b):
                 vc._filling.pop(i, None)
 
-    def _evict(self) -> None:
+    def evict(self) -> None:
         while self.used > self.capacity:
             (key, i), _ = self.lru.popitem(last=False)
             vc = self.versions.get(key)

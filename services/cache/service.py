@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 
 from services.cache import wire
 from services.cache.boot_profiles import BootProfiles, Profile
-from services.cache.read_cache import ReadCaches, VersionCache
+from services.cache.read_cache import ReadCaches, VersionCache, warm_local
 from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
@@ -129,7 +129,10 @@ class CacheService:
 
     async def rc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
         try:
-            await self.reads.open(body)
+            if body.get("store", "local") == "local":
+                self.reads.register_local(body)
+            else:
+                await self.reads.open(body)
         except (StoreError, OSError) as e:
             raise RemoteError(f"cannot open {body.get('key')}: {e}", "unavailable") from e
         return {"profile": self.profiles.extents(body["vdisk"], int(body["version"]))}
@@ -180,35 +183,50 @@ class CacheService:
 
     async def on_boot_requested(self, msg: Msg) -> None:
         data = json.loads(msg.data).get("data", {})
-        try:
-            vc = await self._version_for(data.get("vdisk"), data.get("version"))
-        except (StoreError, OSError) as e:
-            log.error("no prefetch for %s: %s", data.get("vdisk"), e)
-            return
-        if vc is not None:
-            task = asyncio.get_running_loop().create_task(self.prefetch(vc))
+        info = self._version_for(data.get("vdisk"), data.get("version"))
+        if info is not None:
+            task = asyncio.get_running_loop().create_task(self.prefetch(info))
             self._emits.add(task)
             task.add_done_callback(self._emits.discard)
 
-    async def _version_for(self, vdisk: str | None, version: int | None) -> VersionCache | None:
-        """The read cache of the booting version (its newest, when the boot did not say);
-        a version served before a restart of this service is opened again."""
+    def _version_for(self, vdisk: str | None, version: int | None) -> dict[str, Any] | None:
+        """The booting version as a stream node described it (its newest, when the boot did
+        not say which); versions served before a restart of this service count too."""
+        seen = [vc.info for vc in self.reads.versions.values()]
+        seen += list(self.reads.local.values()) + self.reads.known()
         cands = [
             info
-            for info in [vc.info for vc in self.reads.versions.values()] + self.reads.known()
+            for info in seen
             if info.get("vdisk") == vdisk and (version is None or info.get("version") == version)
         ]
-        if not cands:
-            return None
-        return await self.reads.open(max(cands, key=lambda i: int(i.get("version") or 0)))
+        return max(cands, key=lambda i: int(i.get("version") or 0), default=None)
 
-    async def prefetch(self, vc: VersionCache) -> int:
-        """Read the version's boot profile into the read cache; PrefetchCompleted says how much."""
-        vdisk, version = str(vc.info["vdisk"]), int(vc.info["version"])
+    async def prefetch(self, info: dict[str, Any]) -> int:
+        """Warm the version's boot profile: into the read cache (a remote store), or into the
+        page cache (a local one). PrefetchCompleted says how much and how long."""
+        vdisk, version = str(info["vdisk"]), int(info["version"])
         extents = self.profiles.extents(vdisk, version)
         if not extents:
             return 0
         started = time.perf_counter()
+        try:
+            if info.get("store", "local") == "local":
+                root = self.rt.settings.vdisk_root
+                layers = [root / p for p in info["layers"]]  # absolute paths stay as they are
+                fetched = await asyncio.to_thread(warm_local, layers, extents)
+            else:
+                fetched = await self._prefetch_remote(await self.reads.open(info), extents)
+        except (StoreError, OSError, ValueError) as e:
+            log.error("prefetch of %s@%s failed: %s", vdisk, version, e)
+            return 0
+        ms = (time.perf_counter() - started) * 1000
+        self.prefetches += 1
+        log.info("prefetched %s@%s: %d bytes in %.0f ms", vdisk, version, fetched, ms)
+        self.emit(PrefetchCompleted(vdisk=vdisk, version=version, bytes=fetched, duration_ms=ms))
+        return fetched
+
+    async def _prefetch_remote(self, vc: VersionCache, extents: list[tuple[int, int]]) -> int:
+        """Fill the read cache from the store; returns the bytes fetched from the store."""
         before = self.reads.store_bytes
         sem = asyncio.Semaphore(8)
 
@@ -216,17 +234,9 @@ class CacheService:
             async with sem:
                 await self.reads.ensure(vc, o, min(n, vc.size - o))
 
-        try:
-            await asyncio.gather(*(one(o, n) for o, n in extents))
-        except (StoreError, OSError) as e:
-            log.error("prefetch of %s failed: %s", vc.key, e)
-        self.reads._evict()
-        fetched = self.reads.store_bytes - before
-        ms = (time.perf_counter() - started) * 1000
-        self.prefetches += 1
-        log.info("prefetched %s: %d bytes from the store in %.0f ms", vc.key, fetched, ms)
-        self.emit(PrefetchCompleted(vdisk=vdisk, version=version, bytes=fetched, duration_ms=ms))
-        return fetched
+        await asyncio.gather(*(one(o, n) for o, n in extents if o < vc.size))
+        self.reads.evict()
+        return self.reads.store_bytes - before
 
     async def close(self) -> None:
         # Events still retrying (registry away) get a moment, then are given up.

@@ -17,6 +17,7 @@ from typing import Literal
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.path.chain import ChainBackend
+from services.stream.path.profile_hint import ProfileHint
 from services.stream.path.read_cache import ReadCache
 from services.stream.path.remote_write_cache import RemoteWriteCache, attach_stack
 from services.stream.path.write_cache import WriteCache
@@ -41,6 +42,8 @@ def build_stack(
         bottom = CachedStoreBackend(spec, cache)
     else:
         bottom = ChainBackend(spec.layers)
+        if cache is not None:
+            bottom = ProfileHint(bottom, spec, cache)
     backend: Backend = ReadCache(bottom)
     if backend.size != spec.size:
         backend.close()

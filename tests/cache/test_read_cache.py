@@ -210,3 +210,48 @@ async def test_ftp_store_gone_mid_read_is_an_error_not_wrong_data(system, vdisk)
     err, _handle = await asyncio.to_thread(read_uncached)
     assert err == 5  # EIO
     assert "cannot connect" in (s.root / "cache.log").read_text()
+
+
+async def test_local_store_boot_profile_is_prefetched_on_boot_requested(  # type: ignore[no-untyped-def]
+    system, vdisk, nats_url: str, database_url: str
+) -> None:
+    """A local vdisk: reads never touch the bus, but the session tells the cache service the
+    version is served, its boot is learnt, and BootRequested warms it (PrefetchCompleted)."""
+    expect = vdisk["full"].read_bytes()
+    trace = boot_trace(seed=2)
+    s = system()
+    await s.start_registry(database_url)
+    await s.start_cache()
+    d = vdisk["dir"]
+    ex = export("l1", d / "base.raw", version=2, session_id="s-local1")
+    ex["l1"]["layers"] = [str(d / "base.raw"), str(d / "v2.map")]
+    _node, uri = await s.start_node(ex, "a", "--publish-events")
+    nc = await nats.connect(nats_url)
+    got: dict[str, list[dict]] = {"BootProfileUpdated": [], "PrefetchCompleted": []}
+
+    async def on_event(m) -> None:  # type: ignore[no-untyped-def]
+        env = json.loads(m.data)
+        got[env["type"]].append(env["data"])
+
+    await nc.subscribe("events.BootProfileUpdated.>", cb=on_event)
+    await nc.subscribe("events.PrefetchCompleted.>", cb=on_event)
+    await asyncio.to_thread(replay, uri, "l1", trace, expect)
+    assert (await s.stats())["read_cache"]["store_bytes"] == 0  # off the bus
+    await asyncio.sleep(1.5)  # the node's BlocksRequested batch
+    await publish(nats_url, "SessionClosed", "session", {"session_id": "s-local1", "reason": "t"})
+
+    async def profiled():  # type: ignore[no-untyped-def]
+        return got["BootProfileUpdated"]
+
+    await wait_for(profiled, "BootProfileUpdated")
+    # The boot service's event, without a version: the newest version served is warmed.
+    await publish(
+        nats_url, "BootRequested", "boot", {"mac": "52:54:00:00:00:02", "vdisk": "golden"}
+    )
+
+    async def prefetched():  # type: ignore[no-untyped-def]
+        return got["PrefetchCompleted"]
+
+    (done,) = await wait_for(prefetched, "PrefetchCompleted")
+    assert done["version"] == 2 and done["bytes"] >= unique_bytes(trace)
+    await nc.close()

@@ -1,0 +1,54 @@
+"""For a vdisk in the local store: tell the cache service this version is served here, and
+warm the page cache with the version's boot profile as the session starts.
+
+Reads are untouched: this layer does not override ``map_read``, so :class:`Layer` binds the
+chain's own ``map_read`` and the hot path never calls into it. Its only work is ``attach``:
+one ``rc.open`` (the cache then knows the version's layers, so a later BootRequested for
+it can be prefetched) and ``posix_fadvise(WILLNEED)`` over the profile's pieces, which
+starts the kernel's reads without waiting for them. A failure here never fails a session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from services.cache import wire
+from services.stream.path.backend import Backend, Layer
+from services.stream.path.cached_store import CacheLink, version_key
+from services.stream.spec import ExportSpec
+from shared.vdisk_layout import ZERO_FD
+
+log = logging.getLogger(__name__)
+
+
+class ProfileHint(Layer):
+    def __init__(self, next_: Backend, spec: ExportSpec, link: CacheLink) -> None:
+        super().__init__(next_)
+        self.spec = spec
+        self.link = link
+
+    async def attach(self) -> None:
+        s = self.spec
+        try:
+            reply = await self.link.client.request_json(
+                wire.RC_OPEN,
+                {
+                    "key": version_key(s),
+                    "vdisk": s.vdisk,
+                    "version": s.version,
+                    "store": "local",
+                    "layers": [str(p) for p in s.layers],
+                    "size": s.size,
+                },
+            )
+        except OSError as e:
+            log.warning("no boot profile for %s@%s: %s", s.vdisk, s.version, e)
+            return
+        for off, n in reply.get("profile", []):
+            n = min(int(n), self.size - int(off))
+            if n <= 0:
+                continue
+            for fd, at, m in self.next.map_read(int(off), n):
+                if fd != ZERO_FD:
+                    os.posix_fadvise(fd, at, m, os.POSIX_FADV_WILLNEED)
