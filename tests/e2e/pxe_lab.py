@@ -1,0 +1,163 @@
+"""A boot network in a box: a network namespace with a bridge, taps for VMs, and the whole
+streamboot (`streamboot up --boot-interface br0 --dhcp full`) serving on it.
+
+Everything runs inside the namespace (`ip netns exec`): the system, the CLI, and QEMU, whose
+NIC is a tap on the bridge. Nothing listens outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STREAMBOOT = Path(sys.executable).parent / "streamboot"
+SERVER_IP = "10.77.0.1"
+POOL = ("10.77.0.100", "10.77.0.150")
+BOOT_TIMEOUT_S = 240.0
+
+
+def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+
+
+def pxe_tools_missing() -> list[str]:
+    tools = {
+        "ip": "iproute2",
+        "qemu-system-x86_64": "qemu-system-x86",
+        "nbd-client": "nbd-client",
+        "syslinux": "syslinux",
+        "mcopy": "mtools",
+        "mkfs.fat": "dosfstools",
+    }
+    missing = [pkg for tool, pkg in tools.items() if shutil.which(tool) is None]
+    if not Path("/usr/lib/ipxe/qemu/efi-virtio.rom").exists():
+        missing.append("ipxe-qemu")
+    if os.geteuid() != 0:
+        missing.append("root (network namespaces, ports 67/69)")
+    return missing
+
+
+@dataclass
+class BootLab:
+    root: Path
+    ns: str = field(default_factory=lambda: f"sbpxe-{uuid.uuid4().hex[:6]}")
+    taps: int = 3
+    up: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "dd"
+
+    def exec(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def create(self) -> None:
+        run("ip", "netns", "add", self.ns)
+        n = ["ip", "-n", self.ns]
+        run(*n, "link", "set", "lo", "up")
+        run(*n, "link", "add", "br0", "type", "bridge")
+        run(*n, "addr", "add", f"{SERVER_IP}/24", "dev", "br0")
+        run(*n, "link", "set", "br0", "up")
+        for i in range(self.taps):
+            run(*n, "tuntap", "add", "dev", f"tap{i}", "mode", "tap")
+            run(*n, "link", "set", f"tap{i}", "master", "br0")
+            run(*n, "link", "set", f"tap{i}", "up")
+
+    def start(self, **env: str) -> None:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")}
+        full.update(env)
+        self.log = self.root / "up.log"
+        with open(self.log, "wb") as out:
+            self.up = subprocess.Popen(
+                self.exec(
+                    str(STREAMBOOT),
+                    "up",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--boot-interface",
+                    "br0",
+                    "--dhcp",
+                    "full",
+                    "--dhcp-range",
+                    ",".join(POOL),
+                ),
+                env=full,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 120
+        while not (self.data_dir / "runtime.json").exists():
+            assert self.up.poll() is None, f"up exited:\n{self.log.read_text()}"
+            assert time.monotonic() < deadline, f"up did not start:\n{self.log.read_text()}"
+            time.sleep(0.2)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            self.exec(str(STREAMBOOT), *args, "--data-dir", str(self.data_dir)),
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        if check:
+            assert done.returncode == 0, f"streamboot {args}:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def events(self, *args: str) -> list[dict[str, Any]]:
+        out = self.cli("events", "list", "--json", *args).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def boot_vm(self, mac: str, tap: int, until: str, timeout_s: float = BOOT_TIMEOUT_S) -> str:
+        """PXE-boot a VM with this MAC on tap N; returns its serial console once ``until``
+        appears or the VM powers itself off."""
+        argv = self.exec(
+            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nographic",
+            "-no-reboot", "-serial", "stdio", "-monitor", "none", "-boot", "n",
+            "-netdev", f"tap,id=n0,ifname=tap{tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
+        )  # fmt: skip
+        console = self.root / f"vm-{mac.replace(':', '')}.log"
+        with open(console, "wb") as out:
+            vm = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while vm.poll() is None and time.monotonic() < deadline:
+                if until in console.read_text(errors="replace"):
+                    break
+                time.sleep(0.5)
+        finally:
+            if vm.poll() is None:
+                vm.kill()
+            vm.wait(10)
+        return console.read_text(errors="replace")
+
+    def wait_for_event(
+        self, type_: str, mac: str | None = None, timeout_s: float = 60
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [
+                e
+                for e in self.events("--type", type_)
+                if mac is None or e["data"].get("mac") == mac
+            ]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(1)
+
+    def stop(self) -> None:
+        if self.up is not None and self.up.poll() is None:
+            self.up.send_signal(signal.SIGTERM)
+            try:
+                self.up.wait(90)
+            except subprocess.TimeoutExpired:
+                self.up.kill()
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)

@@ -1,0 +1,135 @@
+"""The proof of the product: diskless VMs PXE-boot a streamed Linux from `streamboot up`.
+
+In a network namespace with a bridge (tests/e2e/pxe_lab.py): DHCP -> iPXE -> HTTP script ->
+sanboot over HTTP -> syslinux -> kernel -> initramfs -> hand-off -> NBD root read and
+written -> marker -> power off. Then the log tells the boot in order, the write went to
+the session's write cache and never into the golden image. A device with two vdisks gets
+the menu and boots the default after the timeout; an unknown MAC is refused and sees why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import traversable_tmpdir
+from tests.e2e.pxe_lab import BootLab, pxe_tools_missing
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(pxe_tools_missing()), reason=f"needs {pxe_tools_missing()}"),
+]
+MAC_ONE = "52:54:00:77:00:01"
+MAC_MENU = "52:54:00:77:00:02"
+MAC_UNKNOWN = "52:54:00:77:00:03"
+BOOTED = "streamboot-client: BOOTED"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[BootLab]:
+    root = traversable_tmpdir("streamboot-pxe-")
+    lab = BootLab(root)
+    lab.create()
+    try:
+        lab.start(
+            # Short timers so the test sees sessions end: a powered-off VM's half-open
+            # HTTP connection is found by keepalive after 5 + 2 * 2 s.
+            STREAMBOOT_SESSION_DETACH_GRACE_S="3",
+            STREAMBOOT_STREAM_KEEPALIVE_IDLE_S="5",
+            STREAMBOOT_STREAM_KEEPALIVE_INTERVAL_S="2",
+            STREAMBOOT_STREAM_KEEPALIVE_COUNT="2",
+            STREAMBOOT_IPXE_MENU_TIMEOUT_S="3",
+            STREAMBOOT_UNKNOWN_DEVICE_POLICY="refuse",
+        )
+        lab.cli("vdisk", "build-demo", "demo")
+        lab.cli("vdisk", "build-demo", "other")
+        yield lab
+    finally:
+        lab.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def golden(lab: BootLab, vdisk: str) -> Path:
+    return lab.data_dir / "vdisks" / vdisk / "v1.raw"
+
+
+def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
+    image = golden(lab, "demo")
+    before = sha256(image)
+    lab.cli("device", "add", MAC_ONE, "--hostname", "pxe-001")
+    lab.cli("assign", MAC_ONE, "demo", "--default")
+
+    console = lab.boot_vm(MAC_ONE, tap=0, until="reboot: Power down")
+    assert f"{BOOTED} demo" in console, console[-4000:]
+    for step in (
+        "Filename: http://10.77.0.1:",  # DHCP handed iPXE its script URL
+        "streamboot: booting demo version 1 as pxe-001",  # the script for this MAC
+        "Booting from SAN device",  # sanboot over HTTP
+        "SYSLINUX",
+        "attached nbd://10.77.0.1:",  # the initramfs hand-off
+        "streamboot-client: disk /dev/nbd0",
+        "streamboot-client: WROTE ",
+    ):
+        assert step in console, f"missing {step!r}:\n{console[-4000:]}"
+
+    closed = lab.wait_for_event("SessionClosed", timeout_s=90)
+    [opened] = [e for e in lab.events("--mac", MAC_ONE) if e["type"] == "SessionOpened"]
+    sid = opened["data"]["session_id"]
+    story = [e["type"] for e in lab.events("--mac", MAC_ONE)]
+    assert story.index("BootRequested") < story.index("SessionOpened")
+    session = lab.events("--stream", f"session-{sid}")
+    types = [e["type"] for e in session]
+    assert types[0] == "SessionOpened" and types[-1] == "SessionClosed", types
+    protocols = [e["data"]["protocol"] for e in session if e["type"] == "SessionAttached"]
+    assert protocols == ["http", "nbd"]  # firmware phase, then the kernel's NBD root
+    assert any(e["data"]["session_id"] == sid for e in closed)
+
+    # The VM's write went to its session's write cache, never into the golden image.
+    size = image.stat().st_size
+    scratch = size - 1024 * 1024
+    writes = [
+        x
+        for e in session
+        if e["type"] == "BlocksRequested"
+        for x in e["data"]["extents"]
+        if x[3] == "w"
+    ]
+    assert any(x[1] <= scratch < x[1] + x[2] for x in writes), writes
+    written = sum(e["data"]["bytes_written"] for e in session if e["type"] == "SessionDetached")
+    assert written > 0
+    record = console.split("streamboot-client: WROTE ", 1)[1].split("\n", 1)[0].strip().encode()
+    with open(image, "rb") as f:
+        f.seek(scratch)
+        assert f.read(len(record)) != record
+    assert sha256(image) == before
+
+
+def test_two_vdisks_give_a_menu_that_boots_the_default(lab: BootLab) -> None:
+    lab.cli("device", "add", MAC_MENU, "--hostname", "pxe-002")
+    lab.cli("assign", MAC_MENU, "demo")
+    lab.cli("assign", MAC_MENU, "other", "--default")
+    console = lab.boot_vm(MAC_MENU, tap=1, until=BOOTED)
+    assert f"{BOOTED} other" in console, console[-4000:]
+    menus = [e for e in lab.events("--mac", MAC_MENU) if e["type"] == "BootMenuShown"]
+    assert menus and menus[0]["data"]["vdisks"] == ["demo", "other"]
+    assert menus[0]["data"]["default"] == "other"
+    assert any(m["data"]["chosen"] == "other" for m in menus)
+    [opened] = [e for e in lab.events("--mac", MAC_MENU) if e["type"] == "SessionOpened"]
+    assert opened["data"]["vdisk"] == "other"
+
+
+def test_an_unknown_machine_is_refused_and_told_why(lab: BootLab) -> None:
+    console = lab.boot_vm(MAC_UNKNOWN, tap=2, until="streamboot device add", timeout_s=120)
+    assert f"this machine ({MAC_UNKNOWN}) may not boot here" in console, console[-3000:]
+    assert "refuses unknown devices" in console
+    assert BOOTED not in console
+    mine = lab.events("--mac", MAC_UNKNOWN)
+    assert "SessionOpened" not in [e["type"] for e in mine]
