@@ -4,10 +4,17 @@
 
 SHELL := /bin/bash
 
-# Debian packages the tests use as real protocol peers: qemu-img/qemu-nbd, nbdinfo/nbdcopy,
-# nbdkit, curl (tftp://, http range), tftp-hpa (tftp), busybox (udhcpc), iproute2 (ip netns).
-# Keep the whole list here.
-TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa busybox iproute2
+# Debian packages the tests use as real protocol peers: qemu-img/qemu-io/qemu-nbd,
+# nbdinfo/nbdcopy, nbdkit, curl (tftp://, http range), tftp-hpa (tftp), busybox-static
+# (udhcpc; also the demo vdisk's initramfs, which needs the static build: not `busybox`,
+# which conflicts with it), iproute2 (ip netns); QEMU with its iPXE NIC ROMs and Debian's
+# iPXE builds for the VM tests; syslinux, mtools, dosfstools, e2fsprogs and nbd-client to
+# build the demo vdisk. Keep the whole list here.
+TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa busybox-static iproute2 \
+	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
+	nbd-client
+# The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer).
+BENCH_DEB_PACKAGES := $(TEST_DEB_PACKAGES) fio tftpd-hpa
 
 DATA_DIR ?=
 UP_ARGS ?=
@@ -15,7 +22,7 @@ PYTEST_ARGS ?=
 # uv from PATH, else where `pip install --user` puts it (evaluated when a recipe runs).
 UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
 
-.PHONY: up test sync uv test-deps lint
+.PHONY: up test sync uv test-deps bench-deps deb-install lint
 
 up: sync
 	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(UP_ARGS)
@@ -36,15 +43,21 @@ uv:
 	  python3 -m pip install --user --break-system-packages uv
 
 test-deps:
+	@$(MAKE) --no-print-directory deb-install DEB_PACKAGES="$(TEST_DEB_PACKAGES)"
+
+bench-deps:
+	@$(MAKE) --no-print-directory deb-install DEB_PACKAGES="$(BENCH_DEB_PACKAGES)"
+
+deb-install:
 	@if ! command -v dpkg-query >/dev/null 2>&1; then \
-	  echo "make test: not Debian; make sure these are installed: $(TEST_DEB_PACKAGES)" >&2; exit 0; fi; \
-	missing=$$(for p in $(TEST_DEB_PACKAGES); do \
+	  echo "make: not Debian; make sure these are installed: $(DEB_PACKAGES)" >&2; exit 0; fi; \
+	missing=$$(for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" -eq 0 ]; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	else \
-	  echo "make test: missing Debian packages:" $$missing "- run as root or: sudo apt-get install" $$missing >&2; \
+	  echo "make: missing Debian packages:" $$missing "- run as root or: sudo apt-get install" $$missing >&2; \
 	  exit 1; \
 	fi
 
