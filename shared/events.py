@@ -172,6 +172,18 @@ class SessionOpened(SessionEvent):
     # Read-write boot of a maintenance version, or of a private-mode vdisk.
     maintenance: bool = False
     writes_to_vdisk: bool = False
+    # The boot's trace: its root span's ids and when the boot began (the first DHCP packet,
+    # or the session's opening for clients that skip PXE). The root span is written when
+    # the session ends.
+    boot_traceparent: str | None = None
+    boot_started_ns: int | None = None
+
+
+class ClientBooted(SessionEvent):
+    """The client's OS says it has booted: the end of the boot phase (boot profiles, the
+    trace's "booted" span)."""
+
+    mac: str
 
 
 class SessionConflictRejected(SessionEvent):

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import typer
 
-from streamboot.commands import assign, device, dhcp, events, registry, session, status, up, vdisk
+from streamboot.commands import (
+    assign,
+    device,
+    dhcp,
+    events,
+    registry,
+    session,
+    status,
+    trace,
+    up,
+    vdisk,
+)
 
 app = typer.Typer(no_args_is_help=True, help="OS streaming for diskless machines.")
 
@@ -27,6 +38,7 @@ app.command()(assign.assign)
 app.add_typer(session.app, name="session")
 app.add_typer(registry.app, name="registry")
 app.add_typer(dhcp.app, name="dhcp")
+app.add_typer(trace.app, name="trace")
 
 
 def main() -> None:

@@ -174,6 +174,9 @@ class Supervisor:
             )
 
         env = {
+            # The embedded default keeps every boot's trace in DIR/traces.jsonl
+            # (`streamboot trace show`); STREAMBOOT_TRACE_EXPORTER=otlp|none overrides.
+            "STREAMBOOT_TRACE_EXPORTER": "jsonl",
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "STREAMBOOT_DATA_DIR": str(dd.path),

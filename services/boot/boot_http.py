@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from services.boot import ipxe_scripts as scripts
+from services.boot.boot_trace import BootTraces, boot_span
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response
 from services.boot.registry_client import RegistryClient
 from shared.bus import RemoteError, ServiceUnavailable
-from shared.events import BootMenuShown, Event
+from shared.events import BootMenuShown, ClientBooted, Event
 
 log = logging.getLogger("streamboot.boot.ipxe")
 
@@ -45,22 +47,62 @@ class BootHttp:
         *,
         base_url: str,
         menu_timeout_s: int = 10,
+        traces: BootTraces | None = None,
     ) -> None:
         self.registry, self.handoffs, self.emit = registry, handoffs, emit
         self.base_url, self.menu_timeout_s = base_url.rstrip("/"), menu_timeout_s
+        self.traces = traces
 
     async def __call__(self, request: Request) -> Response:
         if request.path == "/ipxe/boot.ipxe":
             return Response(200, scripts.boot_script(self.base_url), IPXE)
         if request.path == "/ipxe/script":
-            return Response(200, await self.client_script(request.query), IPXE)
+            return Response(200, await self.traced_script(request.query), IPXE)
         if request.path == "/handoff":
-            return await self.handoff(request.query)
+            return await self.traced("handoff", request.query, self.handoff)
+        if request.path == "/booted":
+            return await self.traced("booted", request.query, self.booted)
         if request.path == "/healthz":
             return Response(200, "ok\n")
         return Response(404, "not found\n")
 
-    async def client_script(self, query: dict[str, str]) -> str:
+    async def traced_script(self, query: dict[str, str]) -> str:
+        """The script request as a span of the boot's trace (the registry's lookup and
+        session opening become its children through the NATS headers)."""
+        mac = normalize_mac(query.get("mac", ""))
+        if mac is None or self.traces is None:
+            return await self.client_script(query)
+        boot = await self.traces.current(mac)
+        with boot_span("ipxe script", boot, mac=mac, vdisk=query.get("vdisk")):
+            return await self.client_script(query, boot)
+
+    async def traced(
+        self,
+        name: str,
+        query: dict[str, str],
+        handler: Callable[[dict[str, str]], Awaitable[Response]],
+    ) -> Response:
+        """A request of the client's OS (hand-off, booted) as a span of its boot's trace."""
+        mac = normalize_mac(query.get("mac", ""))
+        entry = await self.handoffs.get(mac) if mac else None
+        root = (entry or {}).get("boot_traceparent")
+        if not root:
+            return await handler(query)
+        with boot_span(name, {"traceparent": root}, mac=mac) as span:
+            response = await handler(query)
+            span.set_attribute("http.status_code", response.status)
+            return response
+
+    async def booted(self, query: dict[str, str]) -> Response:
+        """The client's OS says it has booted (the end of its boot phase)."""
+        mac = normalize_mac(query.get("mac", ""))
+        entry = await self.handoffs.get(mac) if mac else None
+        if entry is None:
+            return Response(404, "no session was opened for this machine\n")
+        self.emit(ClientBooted(session_id=entry["session_id"], mac=mac))
+        return Response(200, "ok\n")
+
+    async def client_script(self, query: dict[str, str], boot: dict[str, Any] | None = None) -> str:
         mac = normalize_mac(query.get("mac", ""))
         if mac is None:
             log.warning("boot: script asked with a bad MAC %r", query.get("mac"))
@@ -100,7 +142,9 @@ class BootHttp:
                         mac=mac, vdisks=device.vdisks, default=device.default, chosen=chosen
                     )
                 )
-            session = await self.registry.open_session(mac, uuid, chosen or device.vdisks[0])
+            session = await self.registry.open_session(
+                mac, uuid, chosen or device.vdisks[0], boot=boot
+            )
         except RemoteError as exc:
             log.warning("boot: %s refused: %s (%s)", mac, exc, exc.kind)
             if exc.kind == "conflict":  # e.g. its previous session is still closing

@@ -47,6 +47,8 @@ class Session:
     nbd_port: int
     write_cache: str
     hostname: str | None
+    # The boot's trace root (see services/boot/boot_trace.py).
+    boot_traceparent: str | None = None
 
 
 class RegistryClient:
@@ -71,10 +73,14 @@ class RegistryClient:
         smbios_uuid: str | None,
         vdisk: str | None,
         correlation_id: str | None = None,
+        boot: dict[str, Any] | None = None,
     ) -> Session:
         body: dict[str, Any] = {"mac": mac, "smbios_uuid": smbios_uuid, "vdisk": vdisk}
         if correlation_id:
             body["correlation_id"] = correlation_id
+        if boot:
+            body["boot_traceparent"] = boot["traceparent"]
+            body["boot_started_ns"] = boot["started_ns"]
         reply = await request_json(self.nc, OPEN, body, timeout_s=self.timeout_s)
         nbd = urlsplit(reply["nbd_uri"])  # nbd://host:port/TOKEN
         return Session(
@@ -87,6 +93,7 @@ class RegistryClient:
             nbd_port=nbd.port or 10809,
             write_cache=reply.get("write_cache", ""),
             hostname=reply.get("hostname"),
+            boot_traceparent=reply.get("boot_traceparent"),
         )
 
     async def resolve(self, token: str) -> dict[str, Any]:

@@ -11,11 +11,13 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from services.boot.boot_http import BootHttp
+from services.boot.boot_trace import BootTraces, boot_span
 from services.boot.dhcp_leases import LeaseStore
 from services.boot.dhcp_server import (
     DhcpConfig,
@@ -114,11 +116,13 @@ async def start(rt: ServiceRuntime) -> None:
 
     # HTTP first: DHCP tells iPXE clients its URL.
     handoffs = await HandoffStore.open(rt.js)
+    traces = await BootTraces.open(rt.js)
     registry = RegistryClient(rt.nc)
     app = BootHttp(
         registry,
         handoffs,
         emit,
+        traces=traces,
         base_url="",  # set below once the port is known
         menu_timeout_s=s.ipxe_menu_timeout_s,
     )
@@ -150,7 +154,7 @@ async def start(rt: ServiceRuntime) -> None:
             log.warning(
                 "DHCP is on but TFTP listens on port %d: PXE firmware only uses 69", tftp.port
             )
-        dhcp = await start_dhcp(s, f"{app.base_url}/ipxe/boot.ipxe", emit, registry)
+        dhcp = await start_dhcp(s, f"{app.base_url}/ipxe/boot.ipxe", emit, registry, traces)
         rt.on_stop(dhcp.stop)
         rt.vitals["dhcp"] = f"{dhcp.responder.config.server_ip}:{s.dhcp_port}"
         rt.vitals["dhcp_mode"] = s.dhcp_mode
@@ -160,26 +164,40 @@ async def start(rt: ServiceRuntime) -> None:
             rt.spawn(answer_solicitations(s.dhcp_interface), "ipv6-ra")
 
 
-async def announce_boot(client: PxeClient, registry: RegistryClient, emit: Emitter) -> None:
+async def announce_boot(
+    client: PxeClient, registry: RegistryClient, emit: Emitter, traces: BootTraces
+) -> None:
     """BootRequested for a PXE DISCOVER, with the vdisk (and version) the device will most
     likely boot, so the cache can warm that version's boot profile; the registry gets a
-    short moment to say which, and the event goes out without it otherwise."""
-    vdisk = version = None
-    try:
-        device = await asyncio.wait_for(registry.lookup(client.mac, client.uuid), LOOKUP_WAIT_S)
-        vdisk, version = device.likely_boot
-    except (BusError, TimeoutError) as exc:
-        log.info("boot of %s announced without a vdisk: %s", client.mac, exc)
-    await emit.sink.emit(
-        BootRequested(
-            mac=client.mac, smbios_uuid=client.uuid, arch=client.arch, vdisk=vdisk, version=version
-        ),
-        None,
-    )
+    short moment to say which, and the event goes out without it otherwise. The DISCOVER
+    begins the boot's trace: the event carries it to the cache (prefetch) and the log."""
+    seen_ns = time.time_ns()
+    boot = await traces.begin(client.mac, seen_ns)
+    with boot_span("dhcp", boot, start_ns=seen_ns, mac=client.mac, arch=client.arch) as span:
+        vdisk = version = None
+        try:
+            with boot_span("assignment lookup", boot, mac=client.mac):
+                device = await asyncio.wait_for(
+                    registry.lookup(client.mac, client.uuid), LOOKUP_WAIT_S
+                )
+            vdisk, version = device.likely_boot
+        except (BusError, TimeoutError) as exc:
+            log.info("boot of %s announced without a vdisk: %s", client.mac, exc)
+        span.set_attribute("streamboot.vdisk", vdisk or "")
+        await emit.sink.emit(
+            BootRequested(
+                mac=client.mac,
+                smbios_uuid=client.uuid,
+                arch=client.arch,
+                vdisk=vdisk,
+                version=version,
+            ),
+            None,
+        )
 
 
 async def start_dhcp(
-    s: Settings, script_url: str, emit: Emitter, registry: RegistryClient
+    s: Settings, script_url: str, emit: Emitter, registry: RegistryClient, traces: BootTraces
 ) -> DhcpServer:
     iface = s.dhcp_interface
     server_ip = s.dhcp_server_ip or (interface_address(iface) if iface else s.advertised_host)
@@ -203,7 +221,7 @@ async def start_dhcp(
         leases = LeaseStore(leases_path(s), config.pool_start, config.pool_end)
 
     def on_pxe_discover(client: PxeClient) -> None:
-        emit.soon(announce_boot(client, registry, emit))
+        emit.soon(announce_boot(client, registry, emit, traces))
 
     responder = DhcpResponder(config, leases, on_pxe_discover)
     server = DhcpServer(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from opentelemetry import trace
 
 from services.registry import vdisk_store
 from services.registry.domain import assignments, devices, sessions, vdisks
@@ -35,7 +36,13 @@ from shared.event_store import EventStore, StoredEvent
 from shared.events import Event, SessionEvent, envelope
 from shared.metrics import count_boot
 from shared.settings import Settings
-from shared.telemetry import current_traceparent, tracer
+from shared.telemetry import (
+    context_from_traceparent,
+    current_traceparent,
+    new_traceparent,
+    record_span_with_ids,
+    tracer,
+)
 
 log = logging.getLogger("streamboot.registry")
 
@@ -441,8 +448,17 @@ class RegistryApp:
         vdisk: str | None = None,
         maintenance: bool = False,
         correlation_id: str | None = None,
+        boot_traceparent: str | None = None,
+        boot_started_ns: int | None = None,
     ) -> Record:
-        with self._tracer.start_as_current_span("registry.session.open") as span:
+        # One trace per boot: the boot service names the root it began at the first DHCP
+        # packet; a client that skipped PXE gets a root here, at the session's opening.
+        if not boot_traceparent:
+            boot_traceparent, boot_started_ns = new_traceparent(), time.time_ns()
+        parent = context_from_traceparent(boot_traceparent)
+        if trace.get_current_span().get_span_context().is_valid:
+            parent = None  # the caller's span (inside the boot's trace) is the better parent
+        with self._tracer.start_as_current_span("registry.session.open", context=parent) as span:
             dev = await self._known_or_auto_added(mac, smbios_uuid)
             span.set_attribute("streamboot.mac", dev["mac"])
             node, warning = await self._place()
@@ -457,6 +473,8 @@ class RegistryApp:
                     session_id=sid,
                     token_hash=token_hash(token),
                     node=node,
+                    boot_traceparent=boot_traceparent,
+                    boot_started_ns=boot_started_ns,
                 ),
                 correlation_id=correlation_id or sid,
             )
@@ -474,9 +492,15 @@ class RegistryApp:
 
     async def close_session(self, token_or_id: str, reason: str = "closed-by-request") -> Record:
         h = token_hash(token_or_id)
-        stored = await self._execute(
-            lambda p: sessions.close(p, sessions.find_session(p, token_or_id, h), reason)
-        )
+        closing: list[Record] = []
+
+        def decide(p: Projection) -> list[Event]:
+            s = sessions.find_session(p, token_or_id, h)
+            closing.append(dict(s))
+            return sessions.close(p, s, reason)
+
+        stored = await self._execute(decide)
+        finish_boot_trace(closing[-1], reason, self.projection)
         return {"closed": stored[0].data["session_id"], "reason": reason}
 
     def list_sessions(self) -> list[Record]:
@@ -511,6 +535,7 @@ class RegistryApp:
             "write_cache_persistence": s["write_cache_persistence"],
             "writes_to_vdisk": s.get("writes_to_vdisk", False),
             "store": vd["store"],
+            "boot_traceparent": s.get("boot_traceparent"),
         }
 
     async def sweep(self, now: float | None = None) -> list[str]:
@@ -527,17 +552,24 @@ class RegistryApp:
         )
         closed = []
         for sid, reason in due:
+            closing: list[Record] = []
 
-            def decide(p: Projection, sid: str = sid, reason: str = reason) -> list[Event]:
+            def decide(
+                p: Projection, sid: str = sid, reason: str = reason, closing: list[Record] = closing
+            ) -> list[Event]:
                 # Re-check on the caught-up state: it may have re-attached or been closed.
                 still = {x for x, _ in sessions.expired(
                     p, now, idle_timeout_s=s.session_idle_timeout_s,
                     detach_grace_s=s.session_detach_grace_s, alive_nodes=alive_nodes,
                 )}  # fmt: skip
-                return sessions.close(p, p.sessions[sid], reason) if sid in still else []
+                if sid not in still:
+                    return []
+                closing.append(dict(p.sessions[sid]))
+                return sessions.close(p, p.sessions[sid], reason)
 
             if await self._execute(decide):
                 closed.append(sid)
+                finish_boot_trace(closing[-1], reason, self.projection)
         return closed
 
     async def _alive_stream_nodes(self) -> dict[str, float] | None:
@@ -581,3 +613,28 @@ class RegistryApp:
             "vdisks": len(fresh.vdisks),
             "live_sessions": len(fresh.sessions),
         }
+
+
+def finish_boot_trace(session: Record, reason: str, p: Projection) -> None:
+    """Write the boot's root span now that its session ended: from the first DHCP packet (or
+    the session's opening) to now, with what the boot moved."""
+    tp = session.get("boot_traceparent")
+    if not tp:
+        return
+    start = session.get("boot_started_ns") or int(session["opened_at"] * 1e9)
+    record_span_with_ids(
+        f"boot {session.get('hostname') or session['mac']}",
+        tp,
+        start_ns=int(start),
+        end_ns=time.time_ns(),
+        attributes={
+            "streamboot.mac": session["mac"],
+            "streamboot.session_id": session["session_id"],
+            "streamboot.vdisk": session["vdisk"],
+            "streamboot.version": session["version"],
+            "streamboot.close_reason": reason,
+            "streamboot.bytes_read": int(session.get("bytes_read", 0)),
+            "streamboot.bytes_written": int(session.get("bytes_written", 0)),
+        },
+        tracer_name="streamboot.registry",
+    )

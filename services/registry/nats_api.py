@@ -86,6 +86,8 @@ def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
             vdisk=body.get("vdisk"),
             maintenance=bool(body.get("maintenance", False)),
             correlation_id=body.get("correlation_id"),
+            boot_traceparent=body.get("boot_traceparent"),
+            boot_started_ns=body.get("boot_started_ns"),
         )
 
     @handle("session.resolve")

@@ -245,6 +245,8 @@ class Projection:
         s = self.sessions.get(d["session_id"])
         if s is not None:
             s["attached"] = max(0, s["attached"] - 1)
+            s["bytes_read"] = s.get("bytes_read", 0) + d.get("bytes_read", 0)
+            s["bytes_written"] = s.get("bytes_written", 0) + d.get("bytes_written", 0)
             node = d.get("stream_node", "")
             left = s["attached_on"].get(node, 0) - 1
             if left > 0:

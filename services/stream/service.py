@@ -52,6 +52,7 @@ class RegistryResolver:
             write_cache_persistence=reply.get("write_cache_persistence", "discard"),
             mac=reply.get("mac"),
             store=reply.get("store", "local"),
+            traceparent=reply.get("boot_traceparent"),
         )
 
 

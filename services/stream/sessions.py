@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Literal
 
+from opentelemetry import trace
+
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.path.chain import ChainBackend
@@ -24,8 +26,10 @@ from services.stream.path.write_cache import WriteCache
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
 from shared.events import BlocksRequested, Event, SessionAttached, SessionDetached
+from shared.telemetry import context_from_traceparent
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("streamboot.stream")
 
 Protocol_ = Literal["nbd", "http"]
 
@@ -71,6 +75,8 @@ class Session:
         self.conns: set = set()
         self.closed = False
         self.started = time.monotonic()
+        self.started_ns = time.time_ns()
+        self.read_once = False
         self._extents: list[list] = []
         self._flusher: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -81,6 +87,9 @@ class Session:
 
     def record(self, op: Literal["r", "w"], offset: int, length: int) -> None:
         """Note a block access for BlocksRequested (adjacent accesses of one op merge)."""
+        if op == "r" and not self.read_once:
+            self.read_once = True
+            self.mgr.first_read(self, offset, length)
         ext = self._extents
         if ext:
             last = ext[-1]
@@ -124,6 +133,8 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._emits: set[asyncio.Task[None]] = set()
+        # Open connection spans of the boots' traces, by (session, protocol, client).
+        self._spans: dict[tuple[str, str, str], trace.Span] = {}
         # Every open connection (with or without a session), so shutdown can end them all.
         self.connections: set = set()
 
@@ -202,6 +213,16 @@ class SessionManager:
         return False
 
     def attached(self, session: Session, protocol: Protocol_, client_addr: str) -> None:
+        if session.spec.traceparent:
+            self._spans[(session.session_id, protocol, client_addr)] = tracer.start_span(
+                f"{protocol} connection",
+                context=context_from_traceparent(session.spec.traceparent),
+                attributes={
+                    "streamboot.session_id": session.session_id,
+                    "streamboot.client_addr": client_addr,
+                    "streamboot.stream_node": self.settings.node_id,
+                },
+            )
         self.emit(
             SessionAttached(
                 session_id=session.session_id,
@@ -222,6 +243,12 @@ class SessionManager:
         reason: str,
     ) -> None:
         session.flush_extents()
+        span = self._spans.pop((session.session_id, protocol, client_addr), None)
+        if span is not None:
+            span.set_attribute("streamboot.bytes_read", bytes_read)
+            span.set_attribute("streamboot.bytes_written", bytes_written)
+            span.set_attribute("streamboot.detach_reason", reason)
+            span.end()
         self.emit(
             SessionDetached(
                 session_id=session.session_id,
@@ -234,6 +261,17 @@ class SessionManager:
             ),
             session.session_id,
         )
+
+    def first_read(self, session: Session, offset: int, length: int) -> None:
+        """The boot's first block read through this node: a span from the session's
+        arrival here to the read."""
+        if session.spec.traceparent:
+            tracer.start_span(
+                "first read",
+                context=context_from_traceparent(session.spec.traceparent),
+                start_time=session.started_ns,
+                attributes={"streamboot.offset": offset, "streamboot.length": length},
+            ).end()
 
     def emit(self, event: Event, correlation_id: str | None) -> None:
         """Hand an event to the sink without making the data path wait for it."""

@@ -34,6 +34,8 @@ class ExportSpec:
     # Where the layers live: ``local`` (paths on this node) or a store of the cache service
     # (``ftp``, ``blockdev``...): then clean reads go through its shared read cache.
     store: str = "local"
+    # The boot's trace root: this node's connection spans hang under it.
+    traceparent: str | None = None
 
     @property
     def export_read_only(self) -> bool:

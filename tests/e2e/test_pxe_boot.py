@@ -10,7 +10,9 @@ the menu and boots the default after the timeout; an unknown MAC is refused and 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,6 +112,37 @@ def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
         f.seek(scratch)
         assert f.read(len(record)) != record
     assert sha256(image) == before
+    assert_one_trace_per_boot(lab, sid)
+
+
+# Every step of a PXE boot, as spans of one trace (the FastStream spans of the registry's
+# handlers come on top).
+BOOT_SPANS = {
+    "dhcp", "assignment lookup", "ipxe script", "registry.session.open", "http connection",
+    "nbd connection", "first read", "handoff", "booted", "boot pxe-001",
+}  # fmt: skip
+
+
+def assert_one_trace_per_boot(lab: BootLab, sid: str) -> None:
+    deadline = time.monotonic() + 30  # spans are exported in batches every few seconds
+    while True:
+        done = lab.cli("trace", "show", sid, "--json", check=False)
+        spans = json.loads(done.stdout) if done.returncode == 0 else []
+        names = {s["name"] for s in spans}
+        if BOOT_SPANS <= names or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert BOOT_SPANS <= names, f"missing spans {BOOT_SPANS - names}; got {sorted(names)}"
+    assert len({s["trace_id"] for s in spans}) == 1
+    [root] = [s for s in spans if s["name"] == "boot pxe-001"]
+    assert root["parent_id"] is None
+    assert {s["service"] for s in spans} >= {"boot", "registry", "stream"}
+    # The root covers the whole boot: from the first DHCP packet to the session's end.
+    assert root["start_ns"] <= min(s["start_ns"] for s in spans)
+    assert root["end_ns"] >= max(s["end_ns"] for s in spans if s["name"] != "boot pxe-001")
+    assert root["attributes"]["streamboot.bytes_read"] > 5_000_000
+    waterfall = lab.cli("trace", "show", sid).stdout
+    assert "boot pxe-001" in waterfall and "nbd connection" in waterfall
 
 
 def test_two_vdisks_give_a_menu_that_boots_the_default(lab: BootLab) -> None:

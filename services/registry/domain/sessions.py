@@ -51,6 +51,8 @@ def open_session(
     session_id: str,
     token_hash: str,
     node: StreamNode,
+    boot_traceparent: str | None = None,
+    boot_started_ns: int | None = None,
 ) -> list[Event]:
     """The SessionOpened event of a new boot session, or a DomainError; a uniqueness
     conflict carries a SessionConflictRejected event for the log."""
@@ -136,6 +138,8 @@ def open_session(
             http_url=f"{node.http}/s/",
             maintenance=maintenance,
             writes_to_vdisk=writes_to_vdisk,
+            boot_traceparent=boot_traceparent,
+            boot_started_ns=boot_started_ns,
         )
     ]
 
