@@ -40,16 +40,17 @@ class Handoff:
     against the registry in tests/boot)."""
 
     def __init__(self, answer: str) -> None:
-        self.asked: list[str] = []
+        self.asked: list[tuple[str, str]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 mac = parse_qs(url.query).get("mac", [""])[0]
-                outer.asked.append(mac)
-                ok = url.path == "/handoff" and mac == MAC
-                body = (answer if ok else "unknown machine\n").encode()
+                outer.asked.append((url.path, mac))
+                ok = url.path in ("/handoff", "/booted") and mac == MAC
+                reply = answer if url.path == "/handoff" else "ok\n"
+                body = (reply if ok else "unknown machine\n").encode()
                 self.send_response(200 if ok else 404)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -103,7 +104,8 @@ def test_initramfs_hands_off_to_nbd(
     )
     lines = result.lines()
     assert any(line.startswith("BOOTED") for line in lines), result.console[-3000:]
-    assert handoff.asked == [MAC]
+    # It asked for its export, then said it had booted.
+    assert handoff.asked == [("/handoff", MAC), ("/booted", MAC)]
     assert (
         f"attached nbd://{HOST_FROM_GUEST}:{port} as /dev/nbd0 (write cache {write_cache})" in lines
     )
