@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,16 @@ class CacheService:
         self.profiles = BootProfiles(
             root / "profiles", s.boot_profile_window_s, s.boot_profile_max_boots, self._profile
         )
-        self._emits: set[asyncio.Task[Any]] = set()
+        # Fire-and-forget work (event emits, store reads, prefetches), awaited briefly on stop.
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.prefetches = 0
 
     # --- events out -----------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def emit(self, event: Event, correlation_id: str | None = None) -> None:
         async def send() -> None:
@@ -71,9 +78,7 @@ class CacheService:
             except Exception:
                 log.exception("cannot emit %s", event.event_type())
 
-        task = asyncio.get_running_loop().create_task(send())
-        self._emits.add(task)
-        task.add_done_callback(self._emits.discard)
+        self._spawn(send())
 
     def _full(self, wc: SessionWriteCache) -> None:
         sid = wc.meta.get("session_id") or wc.key
@@ -154,9 +159,7 @@ class CacheService:
         await msg.respond(reply)
 
     async def spawn_read(self, msg: Msg) -> None:
-        task = asyncio.get_running_loop().create_task(self.rc_read(msg))
-        self._emits.add(task)
-        task.add_done_callback(self._emits.discard)
+        self._spawn(self.rc_read(msg))
 
     async def stats(self, _body: Any, _msg: Msg) -> dict[str, Any]:
         return {
@@ -185,9 +188,7 @@ class CacheService:
         data = json.loads(msg.data).get("data", {})
         info = self._version_for(data.get("vdisk"), data.get("version"))
         if info is not None:
-            task = asyncio.get_running_loop().create_task(self.prefetch(info))
-            self._emits.add(task)
-            task.add_done_callback(self._emits.discard)
+            self._spawn(self.prefetch(info))
 
     def _version_for(self, vdisk: str | None, version: int | None) -> dict[str, Any] | None:
         """The booting version as a stream node described it (its newest, when the boot did
@@ -240,9 +241,9 @@ class CacheService:
 
     async def close(self) -> None:
         # Events still retrying (registry away) get a moment, then are given up.
-        if self._emits:
-            await asyncio.wait(list(self._emits), timeout=2.0)
-        for task in self._emits:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        for task in self._tasks:
             task.cancel()
         self.writes.close()
         self.reads.close()

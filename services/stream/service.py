@@ -14,7 +14,7 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.cache.client import BlockingFetcher, CacheClient
+from services.cache.client import CacheClient
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
@@ -64,11 +64,13 @@ async def start(rt: ServiceRuntime) -> None:
     )
     if rt.settings.stream_use_cache:
         # Server-side write caches live in the cache service; non-local stores read through it.
-        fetcher = BlockingFetcher(rt.settings.require_nats_url())
-        servers.sessions.cache = CacheLink(
-            CacheClient(rt.nc), fetcher, rt.settings.data_path("stream", "mirror")
+        link = CacheLink(
+            CacheClient(rt.nc),
+            rt.settings.require_nats_url(),
+            rt.settings.data_path("stream", "mirror"),
         )
-        rt.on_stop(lambda: asyncio.to_thread(fetcher.close))
+        servers.sessions.cache = link
+        rt.on_stop(lambda: asyncio.to_thread(link.close))
     await servers.start()
 
     async def on_session_closed(msg: Msg) -> None:

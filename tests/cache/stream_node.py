@@ -17,7 +17,7 @@ from pathlib import Path
 import nats
 import uvloop
 
-from services.cache.client import BlockingFetcher, CacheClient
+from services.cache.client import CacheClient
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
@@ -51,10 +51,9 @@ async def serve(args: argparse.Namespace) -> None:
     settings = StreamSettings(nbd_port=args.port, http_port=0, session_linger_s=args.linger)
     sink = BusSink(nc) if args.publish_events else NullSink()
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
-    fetcher = None
+    link = None
     if not args.no_cache:
-        fetcher = BlockingFetcher(args.nats_url)
-        servers.sessions.cache = CacheLink(CacheClient(nc), fetcher, None)
+        link = servers.sessions.cache = CacheLink(CacheClient(nc), args.nats_url)
     await servers.start()
     print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
     stop = asyncio.Event()
@@ -63,8 +62,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await servers.stop()
-    if fetcher is not None:
-        fetcher.close()
+    if link is not None:
+        link.close()
     await nc.close()
 
 

@@ -84,9 +84,24 @@ class CacheLink:
     """What a stream node needs of the cache service (set on the SessionManager)."""
 
     client: CacheClient
-    fetcher: BlockingFetcher | None = None
+    # Where the blocking fetcher connects; None: no blocking fetches (misses are errors).
+    nats_url: str | None = None
     mirror_dir: Path | None = None
     mirrors: dict[str, Mirror] = field(default_factory=dict)
+    _fetcher: BlockingFetcher | None = None
+
+    def fetcher(self) -> BlockingFetcher:
+        """Made at the first miss: a node serving only local vdisks never has the thread."""
+        if self._fetcher is None:
+            if self.nats_url is None:
+                raise OSError("block not on this node and no fetcher")
+            self._fetcher = BlockingFetcher(self.nats_url)
+        return self._fetcher
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
 
     def mirror(self, key: str, size: int) -> Mirror:
         m = self.mirrors.get(key)
@@ -164,11 +179,10 @@ class CachedStoreBackend:
         missing = self.mirror.missing(offset, length)
         if missing:
             try:
-                if self.link.fetcher is None:
-                    raise OSError(f"{self.key}: block not on this node and no fetcher")
+                fetcher = self.link.fetcher()
                 for a, n in missing:
                     # Blocks the loop for one cache round trip (see the module docstring).
-                    self.mirror.fill(a, self.link.fetcher.fetch(self._body(a, n)))
+                    self.mirror.fill(a, fetcher.fetch(self._body(a, n)))
             except OSError as e:
                 log.error("read %s %d+%d failed: %s", self.key, offset, length, e)
                 # A piece whose read fails: the servers answer the client EIO.

@@ -155,13 +155,15 @@ def _runs(state: bytes) -> list[tuple[int, int, int]]:
 
 
 async def attach_stack(backend: Backend) -> None:
-    """Run the async ``attach`` of every layer of a stack that has one (bottom first)."""
+    """Run the async ``attach`` of every layer of a stack that has one, concurrently (they
+    are independent: one round trip to the cache service per session open, not one each)."""
     layers = []
     b: object = backend
     while b is not None:
         layers.append(b)
         b = getattr(b, "next", None)
-    for layer in reversed(layers):
-        attach = getattr(layer, "attach", None)
-        if attach is not None:
-            await attach()
+    attaches = [a for a in (getattr(layer, "attach", None) for layer in layers) if a is not None]
+    results = await asyncio.gather(*(a() for a in attaches), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
