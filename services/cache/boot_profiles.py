@@ -2,7 +2,8 @@
 
 Learned from ``BlocksRequested`` events: for each session, the reads in its first
 ``window_s`` seconds (by the event's own ``t_ms``) are one *boot*. When a boot ends (its
-window passed, or the session closed), it is folded into the version's profile: per 64 KiB
+window passed, the client said it has booted (``ClientBooted``), or the session closed), it
+is folded into the version's profile: per 64 KiB
 unit, in how many boots it was read and its mean first-read time. The profile is the units
 read by at least half of the boots (every unit after the first boot), ordered by mean
 first-read time and merged into extents. The first ``max_boots`` boots refine it; then it
@@ -22,6 +23,8 @@ from typing import Any
 log = logging.getLogger("streamboot.cache.profiles")
 
 UNIT = 64 * 1024
+# The stream sends BlocksRequested every second: after ClientBooted, wait for the last one.
+BOOTED_GRACE_S = 2.0
 
 
 @dataclass
@@ -74,6 +77,7 @@ class BootProfiles:
         self.profiles: dict[str, Profile] = {}
         self.boots: dict[str, _Boot] = {}
         self.finished: set[str] = set()
+        self.booted_early: set[str] = set()
 
     @staticmethod
     def key(vdisk: str, version: int) -> str:
@@ -111,7 +115,9 @@ class BootProfiles:
             boot = self.boots[sid] = _Boot(key)
             # Wall-clock backstop: a client that goes quiet still ends its boot.
             loop = asyncio.get_running_loop()
-            boot.timer = loop.call_later(self.window_s + 10, self.end_boot, sid)
+            wait = BOOTED_GRACE_S if sid in self.booted_early else self.window_s + 10
+            self.booted_early.discard(sid)
+            boot.timer = loop.call_later(wait, self.end_boot, sid)
         past_window = False
         for t_ms, offset, length, op in data.get("extents", []):
             if t_ms > self.window_ms:
@@ -123,6 +129,19 @@ class BootProfiles:
                 boot.units.setdefault(u, t_ms)
         if past_window:
             self.end_boot(sid)
+
+    def booted(self, session_id: str) -> None:
+        """The client said it has booted (ClientBooted): its boot ends once the last
+        BlocksRequested batch of the boot had time to arrive."""
+        boot = self.boots.get(session_id)
+        if boot is None:
+            # Before its first batch arrived (batches trail by up to a second).
+            self.booted_early.add(session_id)
+            return
+        if boot.timer is not None:
+            boot.timer.cancel()
+        loop = asyncio.get_running_loop()
+        boot.timer = loop.call_later(BOOTED_GRACE_S, self.end_boot, session_id)
 
     def end_boot(self, session_id: str) -> None:
         boot = self.boots.pop(session_id, None)

@@ -179,6 +179,9 @@ class CacheService:
         except (ValueError, KeyError) as e:
             log.warning("unusable BlocksRequested event: %s", e)
 
+    async def on_client_booted(self, msg: Msg) -> None:
+        self.profiles.booted(json.loads(msg.data).get("data", {}).get("session_id", ""))
+
     async def on_session_closed(self, msg: Msg) -> None:
         sid = json.loads(msg.data).get("data", {}).get("session_id", "")
         self.profiles.end_boot(sid)
@@ -270,6 +273,7 @@ async def start(rt: ServiceRuntime) -> None:
         await serve_json(nc, wire.STATS, svc.stats, queue=q),
         await nc.subscribe("events.BlocksRequested.>", queue=q, cb=svc.on_blocks),
         await nc.subscribe("events.SessionClosed.>", queue=q, cb=svc.on_session_closed),
+        await nc.subscribe("events.ClientBooted.>", queue=q, cb=svc.on_client_booted),
         await nc.subscribe("events.BootRequested.>", queue=q, cb=svc.on_boot_requested),
     ]
     await nc.flush()

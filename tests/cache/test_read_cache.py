@@ -216,7 +216,8 @@ async def test_local_store_boot_profile_is_prefetched_on_boot_requested(  # type
     system, vdisk, nats_url: str, database_url: str
 ) -> None:
     """A local vdisk: reads never touch the bus, but the session tells the cache service the
-    version is served, its boot is learnt, and BootRequested warms it (PrefetchCompleted)."""
+    version is served, its boot is learnt (ended by ClientBooted), and BootRequested warms
+    it (PrefetchCompleted)."""
     expect = vdisk["full"].read_bytes()
     trace = boot_trace(seed=2)
     s = system()
@@ -237,8 +238,8 @@ async def test_local_store_boot_profile_is_prefetched_on_boot_requested(  # type
     await nc.subscribe("events.PrefetchCompleted.>", cb=on_event)
     await asyncio.to_thread(replay, uri, "l1", trace, expect)
     assert (await s.stats())["read_cache"]["store_bytes"] == 0  # off the bus
-    await asyncio.sleep(1.5)  # the node's BlocksRequested batch
-    await publish(nats_url, "SessionClosed", "session", {"session_id": "s-local1", "reason": "t"})
+    # The client says it has booted (the boot service's ClientBooted): the boot ends.
+    await publish(nats_url, "ClientBooted", "session", {"session_id": "s-local1", "mac": "m"})
 
     async def profiled():  # type: ignore[no-untyped-def]
         return got["BootProfileUpdated"]
