@@ -89,7 +89,10 @@ class RegistryApp:
         *,
         heartbeats: HeartbeatSource | None = None,
         on_appended: Callable[[], None] | None = None,
+        write_caches: Callable[[], Awaitable[list[Record]]] | None = None,
     ) -> None:
+        # The cache service's per-session write-cache usage (shown with the sessions).
+        self._write_caches = write_caches
         self.store = store
         self.settings = settings
         self.projection = Projection()
@@ -506,6 +509,28 @@ class RegistryApp:
     def list_sessions(self) -> list[Record]:
         ss = self.projection.sessions.values()
         return [self.session_view(s) for s in sorted(ss, key=lambda s: s["opened_at"])]
+
+    async def list_sessions_with_usage(self) -> list[Record]:
+        """The live sessions with their write-cache usage from the cache service
+        (``write_cache_used``/``_capacity``; None when it cannot be asked right now)."""
+        views = self.list_sessions()
+        usage: dict[str, Record] = {}
+        if self._write_caches is not None:
+            try:
+                usage = {
+                    c["session_id"]: c for c in await self._write_caches() if c.get("session_id")
+                }
+            except Exception as exc:
+                log.info("registry: write-cache usage unavailable (%s)", exc)
+                usage = {}
+                for v in views:
+                    v["write_cache_used"] = v["write_cache_capacity"] = None
+                return views
+        for v in views:
+            c = usage.get(v["session_id"], {})
+            v["write_cache_used"] = c.get("used", 0)
+            v["write_cache_capacity"] = c.get("capacity")
+        return views
 
     @staticmethod
     def session_view(s: Record) -> Record:

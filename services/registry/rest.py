@@ -216,7 +216,7 @@ def build_api(app: RegistryApp, api_token: str) -> FastAPI:
     # sessions
     @r.get("/sessions")
     async def list_sessions() -> list[dict[str, Any]]:
-        return app.list_sessions()
+        return await app.list_sessions_with_usage()
 
     @r.post("/sessions", status_code=201)
     async def open_session(body: SessionIn) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from services.cache.wire import WC_LIST
 from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from services.registry.nats_api import build_broker
@@ -90,6 +91,7 @@ class RegistryService:
             settings,
             heartbeats=lambda: read_heartbeats(js, settings.heartbeat_timeout_s),
             on_appended=relay.poke,
+            write_caches=lambda: bus.request_json(nc, WC_LIST, {}, timeout_s=1.0),
         )
         await app.start()
         for stale in await asyncio.to_thread(vdisk_store.drop_stale_staging, app.vdisk_root):

@@ -266,7 +266,8 @@ class RawServer:
     ) -> None:
         self._loop = loop
         self._factory = factory
-        self.sock = socket.create_server((host, port), reuse_port=False, backlog=128)
+        # A boot storm connects hundreds of clients at once: a short backlog refuses some.
+        self.sock = socket.create_server((host, port), reuse_port=False, backlog=socket.SOMAXCONN)
         self.sock.setblocking(False)
         self.sockets = [self.sock]
         loop.add_reader(self.sock.fileno(), self._accept)

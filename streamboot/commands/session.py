@@ -31,13 +31,23 @@ def show_opened(s: dict[str, Any]) -> None:
 
 
 def show_sessions(sessions: list[dict[str, Any]]) -> None:
-    table = Table("session", "MAC", "hostname", "vdisk", "version", "node", "attached")
+    table = Table(
+        "session", "MAC", "hostname", "vdisk", "version", "node", "attached", "write cache"
+    )
     for s in sessions:
         table.add_row(
             s["session_id"], s["mac"], s["hostname"], s["vdisk"], str(s["version"]),
-            s["stream_node"] or "-", str(s["attached"]),
+            s["stream_node"] or "-", str(s["attached"]), write_cache_usage(s),
         )  # fmt: skip
     console.print(table)
+
+
+def write_cache_usage(s: dict[str, Any]) -> str:
+    used, capacity = s.get("write_cache_used"), s.get("write_cache_capacity")
+    if used is None:
+        return f"{s['write_cache']} (usage unknown)"
+    mib = f"{used / 2**20:,.1f} MiB"
+    return f"{mib} of {capacity / 2**20:,.0f} MiB" if capacity else mib
 
 
 @app.command("open")

@@ -91,6 +91,17 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
         ).stdout
         assert ranged == image.read_bytes()[4096:8192]
 
+        # A write lands in the session's write cache (held by the cache service), and
+        # `session list` shows how much of it is used.
+        subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", session["nbd_uri"]],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        [listed] = cli_json(data_dir, "session", "list")
+        assert listed["session_id"] == session["session_id"]
+        assert listed["write_cache_used"] >= 64 * 1024
+        assert "MiB" in cli(data_dir, "session", "list").stdout  # the usage column
+
         # The log holds the story of this session, in order.
         story = [
             e["type"] for e in events(data_dir, "--stream", f"session-{session['session_id']}")
