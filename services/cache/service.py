@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.msg import Msg
+from opentelemetry import trace
 
 from services.cache import wire
 from services.cache.boot_profiles import BootProfiles, Profile
@@ -36,7 +37,9 @@ from shared.bus import RemoteError, serve_json
 from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
 from shared.service import ServiceRuntime, run_service
 from shared.settings import Settings
+from shared.telemetry import context_from_traceparent
 
+tracer = trace.get_tracer("streamboot.cache")
 log = logging.getLogger("streamboot.cache")
 
 
@@ -188,10 +191,25 @@ class CacheService:
         self.writes.drop_session(sid)
 
     async def on_boot_requested(self, msg: Msg) -> None:
-        data = json.loads(msg.data).get("data", {})
+        event = json.loads(msg.data)
+        data = event.get("data", {})
         info = self._version_for(data.get("vdisk"), data.get("version"))
         if info is not None:
-            self._spawn(self.prefetch(info))
+            self._spawn(self.traced_prefetch(info, event.get("traceparent")))
+
+    async def traced_prefetch(self, info: dict[str, Any], traceparent: str | None) -> int:
+        """The prefetch as a span of the boot's trace (BootRequested carries it)."""
+        with tracer.start_as_current_span(
+            "prefetch",
+            context=context_from_traceparent(traceparent),
+            attributes={
+                "streamboot.vdisk": str(info["vdisk"]),
+                "streamboot.version": int(info["version"]),
+            },
+        ) as span:
+            fetched = await self.prefetch(info)
+            span.set_attribute("streamboot.bytes", fetched)
+            return fetched
 
     def _version_for(self, vdisk: str | None, version: int | None) -> dict[str, Any] | None:
         """The booting version as a stream node described it (its newest, when the boot did
