@@ -32,7 +32,7 @@ from services.registry.domain.errors import DomainError, not_found
 from services.registry.domain.sessions import StreamNode, pick_stream_node
 from services.registry.projection import Projection, Record
 from shared.envelope import Envelope, uuid7
-from shared.event_store import EventStore, StoredEvent
+from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
 from shared.events import Event, SessionEvent, envelope
 from shared.metrics import count_boot
 from shared.settings import Settings
@@ -50,9 +50,6 @@ Decision = Callable[[Projection], list[Event]]
 # Returns the heartbeats of every instance (shared.heartbeat.read_heartbeats).
 HeartbeatSource = Callable[[], Awaitable[list[dict[str, Any]]]]
 
-_COLUMNS = (
-    "position, id, stream_id, version, type, time, correlation_id, causation_id, traceparent, data"
-)
 REPLAY_BATCH = 50_000
 
 
@@ -60,25 +57,18 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def _read_after(conn: asyncpg.Connection, position: int, limit: int) -> list[StoredEvent]:
-    # On the transaction's own connection: a pool connection could deadlock behind writers
-    # that hold pool connections while they wait for the append lock.
-    rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-        position,
-        limit,
-    )
-    return [StoredEvent(*r) for r in rows]
-
-
 async def replay(conn: asyncpg.Connection, projection: Projection) -> int:
-    """Apply every event after the projection's position; returns how many."""
+    """Apply every event after the projection's position; returns how many.
+
+    On the transaction's own connection: a pool connection could deadlock behind writers
+    that hold pool connections while they wait for the append lock."""
     n = 0
-    while True:
-        rows = await _read_after(conn, projection.position, REPLAY_BATCH)
-        n += projection.apply_rows(rows)
-        if len(rows) < REPLAY_BATCH:
-            return n
+    with gc_paused():
+        while True:
+            rows = await fetch_for_replay(conn, projection.position, REPLAY_BATCH)
+            n += projection.apply_records(rows)
+            if len(rows) < REPLAY_BATCH:
+                return n
 
 
 class RegistryApp:

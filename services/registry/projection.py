@@ -12,7 +12,7 @@ Records are plain dicts so they go to JSON (REST, NATS) as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -70,6 +70,13 @@ class Projection:
         if handler is not None:
             handler(data, when)
         self.position = position
+
+    def apply_records(self, rows: Sequence[Any]) -> int:
+        """Apply (position, type, data, time) records (shared.event_store.fetch_for_replay)."""
+        apply = self.apply
+        for position, type_, data, when in rows:
+            apply(type_, data, position, when)
+        return len(rows)
 
     def apply_rows(self, rows: Iterable[Any]) -> int:
         """Apply stored rows/envelopes (anything with type, data, position, time)."""
