@@ -200,6 +200,11 @@ class EmbeddedPostgres:
             "-p", str(self.port),
             "-c", f"listen_addresses={self.host}",
             "-c", f"unix_socket_directories={socket_dir}",
+            # The event log's indexes must stay in memory as it grows to millions of
+            # events, or every append waits on random reads of index pages.
+            "-c", "shared_buffers=512MB",
+            "-c", "max_wal_size=4GB",
+            "-c", "wal_compression=on",
         ]  # fmt: skip
         if self.fast:
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
