@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import wait_port  # noqa: E402
 from streamboot.embedded.proc import free_port  # noqa: E402
 
 TRACE = ROOT / "bench" / "fixtures" / "demo-boot-trace.json"
@@ -258,17 +258,6 @@ class Proc:
                 self.p.kill()
                 self.p.wait(5)
         self.logf.close()
-
-
-def wait_port(port: int, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 class Streamboot:

@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,25 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import wait_port  # noqa: E402
 from services.stream.settings import StreamSettings  # noqa: E402
 from services.stream.spec import ExportSpec  # noqa: E402
 from streamboot.demo.image import build_demo_image, recipe_digest  # noqa: E402
 from streamboot.embedded.proc import free_port  # noqa: E402
 from tests.stream.conftest import ServerThread  # noqa: E402
 from tests.vm.vm import boot_vm  # noqa: E402
-
-
-def wait_port(port: int, timeout_s: float = 10) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 @contextmanager

@@ -22,8 +22,9 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from shared import metrics
 from shared.telemetry import extract_context, inject_headers
@@ -115,6 +116,18 @@ async def ensure_event_stream(js: JetStreamContext) -> None:
         except BadRequestError:
             # Another process created it between our two calls.
             await js.stream_info(EVENTS_STREAM)
+
+
+async def key_value_bucket(js: JetStreamContext, name: str, ttl_s: float) -> KeyValue:
+    """A JetStream KV bucket (one value per key, entries expire after ``ttl_s``), created
+    on first use by whichever process gets there first."""
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(KeyValueConfig(bucket=name, history=1, ttl=ttl_s))
+        except BadRequestError:
+            return await js.key_value(name)  # created by another process meanwhile
 
 
 def encode(payload: Any) -> bytes:

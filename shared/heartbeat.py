@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
-from shared.bus import HEARTBEAT_BUCKET
+from shared.bus import HEARTBEAT_BUCKET, key_value_bucket
 
 log = logging.getLogger("streamboot.heartbeat")
 
@@ -26,14 +26,7 @@ VERSION = "0.1.0"
 
 
 async def heartbeat_bucket(js: JetStreamContext, ttl_s: float = 60.0) -> KeyValue:
-    try:
-        return await js.key_value(HEARTBEAT_BUCKET)
-    except BucketNotFoundError:
-        from nats.js.api import KeyValueConfig
-
-        return await js.create_key_value(
-            KeyValueConfig(bucket=HEARTBEAT_BUCKET, history=1, ttl=ttl_s)
-        )
+    return await key_value_bucket(js, HEARTBEAT_BUCKET, ttl_s)
 
 
 class Heartbeat:

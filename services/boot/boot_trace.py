@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
+from shared.bus import key_value_bucket
 from shared.telemetry import context_from_traceparent, new_traceparent
 
 BUCKET = "streamboot_boot_traces"
@@ -39,11 +39,7 @@ class BootTraces:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> BootTraces:
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=TTL_S))
-        return cls(kv)
+        return cls(await key_value_bucket(js, BUCKET, TTL_S))
 
     async def begin(self, mac: str, started_ns: int | None = None) -> dict[str, Any]:
         """A new boot of ``mac``: its root traceparent and start time."""

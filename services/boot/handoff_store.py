@@ -14,11 +14,11 @@ from dataclasses import asdict
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.boot.registry_client import Session
+from shared.bus import key_value_bucket
 
 BUCKET = "streamboot_boot_handoff"
 TTL_S = 24 * 3600.0  # a stale pointer is harmless (the registry check fails), just tidied
@@ -34,11 +34,7 @@ class HandoffStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> HandoffStore:
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=TTL_S))
-        return cls(kv)
+        return cls(await key_value_bucket(js, BUCKET, TTL_S))
 
     async def put(self, mac: str, session: Session) -> None:
         await self.kv.put(key(mac), json.dumps(asdict(session)).encode())
