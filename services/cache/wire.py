@@ -25,8 +25,10 @@ Status-prefixed reply: ``b"\\0" + data``, or ``b"\\1" + JSON {"error", "kind"}``
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
+import zlib
 from collections.abc import Iterator
 
 PREFIX = "streamboot.cache"
@@ -52,6 +54,30 @@ KEYLEN = struct.Struct("<H")
 
 # Block states of a write cache (same values as services/stream/path/write_cache.py).
 CLEAN, DIRTY, ZEROED = 0, 1, 2
+
+
+def encode_block_map(state: bytes) -> str:
+    """A write cache's block map as it travels: one state byte per block, zlib, base64."""
+    return base64.b64encode(zlib.compress(state, 1)).decode()
+
+
+def decode_block_map(encoded: str) -> bytes:
+    return zlib.decompress(base64.b64decode(encoded))
+
+
+def dirty_runs(state: bytes) -> list[tuple[int, int, int]]:
+    """``(state, first_block, stop_block)`` of the non-clean runs of a block map."""
+    out = []
+    i, n = 0, len(state)
+    while i < n:
+        v = state[i]
+        j = i + 1
+        while j < n and state[j] == v:
+            j += 1
+        if v != CLEAN:
+            out.append((v, i, j))
+        i = j
+    return out
 
 
 def batch_prefix(key: str) -> bytes:

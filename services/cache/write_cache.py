@@ -22,14 +22,12 @@ of the same version).
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import functools
 import json
 import logging
 import os
 import re
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from services.cache.wire import (
     OP_WRITE,
     OP_ZERO,
     ZEROED,
+    encode_block_map,
 )
 
 log = logging.getLogger("streamboot.cache.write")
@@ -103,7 +102,7 @@ class SessionWriteCache:
     def encoded_state(self) -> str:
         if self.data_fd < 0:  # never written (a boot storm's sessions): the same every time
             return _clean_state(len(self.state))
-        return base64.b64encode(zlib.compress(bytes(self.state), 1)).decode()
+        return encode_block_map(bytes(self.state))
 
     def _files(self) -> None:
         # Files appear with the first change: a session that never writes costs no I/O
@@ -201,7 +200,7 @@ class SessionWriteCache:
 
 @functools.lru_cache(maxsize=16)
 def _clean_state(nblocks: int) -> str:
-    return base64.b64encode(zlib.compress(bytes(nblocks), 1)).decode()
+    return encode_block_map(bytes(nblocks))
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -16,10 +16,8 @@ cache, which the cache service holds under ``device-<mac>-<vdisk>-v<version>`` (
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +29,6 @@ from services.registry import vdisk_store
 from services.registry.vdisk_store import Progress, StagedVersion
 
 PULL_DEPTH = 8
-
-
-def _runs(state: bytes) -> list[tuple[int, int, int]]:
-    """(value, first block, stop block) for each run of equal non-clean states."""
-    out = []
-    i, n = 0, len(state)
-    while i < n:
-        v = state[i]
-        j = i + 1
-        while j < n and state[j] == v:
-            j += 1
-        if v != wire.CLEAN:
-            out.append((v, i, j))
-        i = j
-    return out
 
 
 async def overlay_write_cache(
@@ -67,9 +50,9 @@ async def overlay_write_cache(
             "mac": source["mac"],
         },
     )
-    state = zlib.decompress(base64.b64decode(reply["state"]))
+    state = wire.decode_block_map(reply["state"])
     pieces: list[tuple[int, int, bool]] = []
-    for v, a, b in _runs(state):
+    for v, a, b in wire.dirty_runs(state):
         start, stop = a * wire.BLOCK, min(b * wire.BLOCK, size)
         pieces += [(o, n, v == wire.DIRTY) for o, n in wire.chunks(start, stop - start)]
     total = sum(n for _, n, _ in pieces)

@@ -15,16 +15,14 @@ the vdisk itself. Zeroed and trimmed blocks travel as marks only.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
-import zlib
 from pathlib import Path
 
 from services.cache import wire
 from services.cache.client import CacheClient
 from services.stream.path.backend import Backend
-from services.stream.path.write_cache import BLOCK, CLEAN, DIRTY, ZEROED, WriteCache
+from services.stream.path.write_cache import BLOCK, DIRTY, ZEROED, WriteCache
 from services.stream.spec import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ class RemoteWriteCache(WriteCache):
                 "mac": s.mac,
             },
         )
-        state = zlib.decompress(base64.b64decode(reply["state"]))
+        state = wire.decode_block_map(reply["state"])
         if len(state) != len(self.state):
             raise OSError(
                 f"write cache {self.key}: map of {len(state)} blocks, disk has {len(self.state)}"
@@ -76,7 +74,7 @@ class RemoteWriteCache(WriteCache):
         if not state.strip(b"\0"):
             return
         pulls = []
-        for v, a, b in _runs(state):
+        for v, a, b in wire.dirty_runs(state):
             if v == ZEROED:
                 self._mark(a, b, ZEROED)
             elif v == DIRTY:
@@ -137,21 +135,6 @@ async def _all(futs: list[asyncio.Future[None]]) -> None:
     for r in results:
         if isinstance(r, BaseException):
             raise r
-
-
-def _runs(state: bytes) -> list[tuple[int, int, int]]:
-    """``(state, first_block, stop_block)`` of the non-clean runs of a block map."""
-    out = []
-    i, n = 0, len(state)
-    while i < n:
-        v = state[i]
-        j = i + 1
-        while j < n and state[j] == v:
-            j += 1
-        if v != CLEAN:
-            out.append((v, i, j))
-        i = j
-    return out
 
 
 async def attach_stack(backend: Backend) -> None:
