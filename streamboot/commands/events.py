@@ -32,24 +32,9 @@ def database_url(data_dir) -> str:
         raise typer.Exit(2) from None
 
 
-def as_dict(e: StoredEvent) -> dict:
-    return {
-        "position": e.position,
-        "id": str(e.id),
-        "type": e.type,
-        "stream_id": e.stream_id,
-        "version": e.version,
-        "time": e.time.isoformat(),
-        "correlation_id": e.correlation_id,
-        "causation_id": e.causation_id,
-        "traceparent": e.traceparent,
-        "data": e.data,
-    }
-
-
 def show(console: Console, e: StoredEvent, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(as_dict(e)), flush=True)
+        print(e.envelope().model_dump_json(), flush=True)
         return
     data = json.dumps(e.data, separators=(",", ":"))
     if len(data) > 120:

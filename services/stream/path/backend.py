@@ -55,6 +55,47 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class ReadOnlyBottom:
+    """The capabilities and refusals of a bottom backend that serves a vdisk version: it is
+    the same for every client, so several connections may share it; nothing writes it."""
+
+    def can_write(self) -> bool:
+        return False
+
+    def can_flush(self) -> bool:
+        return False
+
+    def can_trim(self) -> bool:
+        return False
+
+    def can_zero(self) -> bool:
+        return False
+
+    def can_fua(self) -> bool:
+        return False
+
+    def can_multi_conn(self) -> bool:
+        return True
+
+    def can_extents(self) -> bool:
+        return False
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await pread_via_map(self, offset, length)  # type: ignore[arg-type]
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        raise PermissionError("a vdisk version is read-only")
+
+    async def flush(self) -> None:
+        return None
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise PermissionError("a vdisk version is read-only")
+
+    async def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        raise PermissionError("a vdisk version is read-only")
+
+
 class Layer:
     """A filter: every callback goes to ``next`` unless the subclass overrides it."""
 

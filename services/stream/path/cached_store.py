@@ -26,7 +26,7 @@ from pathlib import Path
 
 from services.cache import wire
 from services.cache.client import BlockingFetcher, CacheClient
-from services.stream.path.backend import Extent, pread_via_map
+from services.stream.path.backend import Extent, ReadOnlyBottom, pread_via_map
 from services.stream.spec import ExportSpec
 from shared.vdisk_layout import Piece
 
@@ -122,7 +122,7 @@ def _error_fd() -> int:
     return _ERROR_FD
 
 
-class CachedStoreBackend:
+class CachedStoreBackend(ReadOnlyBottom):
     """A read-only version served from the cache service's read cache, via a node mirror."""
 
     def __init__(self, spec: ExportSpec, link: CacheLink) -> None:
@@ -195,39 +195,6 @@ class CachedStoreBackend:
                 a, await self.link.client.request_bytes(wire.RC_READ, self._body(a, n))
             )
         return await pread_via_map(self, offset, length)
-
-    def can_write(self) -> bool:
-        return False
-
-    def can_flush(self) -> bool:
-        return False
-
-    def can_trim(self) -> bool:
-        return False
-
-    def can_zero(self) -> bool:
-        return False
-
-    def can_fua(self) -> bool:
-        return False
-
-    def can_multi_conn(self) -> bool:
-        return True
-
-    def can_extents(self) -> bool:
-        return False
-
-    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
-        raise PermissionError("a vdisk version is read-only")
-
-    async def flush(self) -> None:
-        return None
-
-    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        raise PermissionError("a vdisk version is read-only")
-
-    async def zero(self, offset: int, length: int, fua: bool = False) -> None:
-        raise PermissionError("a vdisk version is read-only")
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return [(length, 0)]
