@@ -30,14 +30,13 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import wait_port  # noqa: E402
+from streamboot.block_replay import (  # noqa: E402
+    SPLIT,
+    ReplayResult,
+    Request,
+    percentile,
+    replay,
+    split_extents,
+)
 from streamboot.embedded.proc import free_port  # noqa: E402
 
 TRACE = ROOT / "bench" / "fixtures" / "demo-boot-trace.json"
@@ -116,103 +123,16 @@ def record(out: Path) -> None:
     )
 
 
-# --- the replay client ----------------------------------------------------------------
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_OPT = 0x3E889045565A9
-REQ_MAGIC, REPLY_MAGIC = 0x25609513, 0x67446698
-OPT_GO, REP_ACK = 7, 1
-CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
-REQ = struct.Struct(">IHHQQI")
-REPLY = struct.Struct(">IIQ")
-# BlocksRequested merges adjacent accesses of one op, so the trace holds extents, not the
-# guest's requests: replay splits them into requests of this size (Linux's virtio-blk and
-# QEMU's NBD client issue sequential reads of about this size).
-SPLIT = 128 << 10
+# --- the replay client (streamboot.block_replay) ------------------------------------
 
 
-async def nbd_open(port: int, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    magic, opt, _flags = struct.unpack(">QQH", await r.readexactly(18))
-    assert (magic, opt) == (NBDMAGIC, IHAVEOPT), "not an NBD server"
-    w.write(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-    n = name.encode()
-    data = struct.pack(">I", len(n)) + n + struct.pack(">H", 0)
-    w.write(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
-    while True:
-        _m, _o, rep, ln = struct.unpack(">QIII", await r.readexactly(20))
-        await r.readexactly(ln)
-        if rep == REP_ACK:
-            return r, w
-        if rep & 0x80000000:
-            raise ConnectionError(f"GO refused ({rep:#x})")
-
-
-@dataclass
-class ClientResult:
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    bytes: int = 0
-    errors: int = 0
-    error: str | None = None
-
-
-async def replay(
-    port: int, name: str, trace: list[tuple[int, int, int, str]], paced: bool
-) -> ClientResult:
-    res = ClientResult()
-    payload = b"\xa5" * max((n for _, _, n, op in trace if op == "w"), default=0)
-    start = time.perf_counter()
-    try:
-        r, w = await nbd_open(port, name)
-        for handle, (t_ms, off, n, op) in enumerate(trace):
-            if paced:
-                wait = start + t_ms / 1000 - time.perf_counter()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            t0 = time.perf_counter()
-            if op == "r":
-                w.write(REQ.pack(REQ_MAGIC, 0, CMD_READ, handle, off, n))
-            else:
-                w.write(REQ.pack(REQ_MAGIC, 0, CMD_WRITE, handle, off, n))
-                w.write(payload[:n])
-            magic, err, h = REPLY.unpack(await r.readexactly(REPLY.size))
-            assert magic == REPLY_MAGIC and h == handle
-            if err:
-                res.errors += 1
-            elif op == "r":
-                await r.readexactly(n)
-            res.latencies.append(time.perf_counter() - t0)
-            res.bytes += n
-        w.write(REQ.pack(REQ_MAGIC, 0, CMD_DISC, 0, 0, 0))
-        await w.drain()
-        w.close()
-    except (OSError, asyncio.IncompleteReadError, AssertionError, ConnectionError) as e:
-        res.errors += 1
-        res.error = f"{type(e).__name__}: {e}"
-    res.seconds = time.perf_counter() - start
-    return res
-
-
-def load_trace() -> tuple[int, list[tuple[int, int, int, str]]]:
+def load_trace() -> tuple[int, list[Request]]:
     """The recorded trace as requests (extents split into SPLIT-sized requests)."""
     raw = json.loads(TRACE.read_text())
-    reqs = []
-    for t, off, n, op in raw["extents"]:
-        for a in range(off, off + n, SPLIT):
-            reqs.append((t, a, min(SPLIT, off + n - a), op))
-    return raw["size"], reqs
+    return raw["size"], split_extents(raw["extents"], SPLIT)
 
 
 # --- servers under test ---------------------------------------------------------------
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 @dataclass
@@ -344,24 +264,24 @@ def embedded_nats(work: Path) -> Iterator[str]:
 
 def run_clients(
     port: int, names: list[str], trace: list[Any], paced: bool
-) -> tuple[list[ClientResult], float]:
+) -> tuple[list[ReplayResult], float]:
     import uvloop
 
-    async def storm() -> tuple[list[ClientResult], float]:
+    async def storm() -> tuple[list[ReplayResult], float]:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(replay(port, n, trace, paced) for n in names))
+        results = await asyncio.gather(*(replay("127.0.0.1", port, n, trace, paced) for n in names))
         return list(results), time.perf_counter() - t0
 
     return uvloop.run(storm())
 
 
-def summarize(server: str, cache: str, pace: str, results: list[ClientResult], wall: float) -> Row:
+def summarize(server: str, cache: str, pace: str, results: list[ReplayResult], wall: float) -> Row:
     lat = [x for r in results for x in r.latencies]
     errs = [r.error for r in results if r.error]
     return Row(
         server, cache, len(results), pace,
-        pct([r.seconds for r in results], 50), pct([r.seconds for r in results], 99),
-        pct(lat, 50) * 1000, pct(lat, 99) * 1000,
+        percentile([r.seconds for r in results], 50), percentile([r.seconds for r in results], 99),
+        percentile(lat, 50) * 1000, percentile(lat, 99) * 1000,
         sum(r.bytes for r in results) / wall / (1 << 20),
         sum(r.errors for r in results), errs[0] if errs else None,
     )  # fmt: skip
