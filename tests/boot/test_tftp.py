@@ -78,6 +78,14 @@ async def exchange(server: TftpServer, packet: bytes) -> tuple[bytes, tuple[str,
     return await asyncio.to_thread(go)
 
 
+async def settled(server: TftpServer) -> None:
+    """Wait until every transfer has ended (a transfer reports its end from its thread)."""
+    for _ in range(100):
+        if not server.transfers:
+            return
+        await asyncio.sleep(0.05)
+
+
 def error_of(packet: bytes) -> tuple[int, str]:
     opcode, code = struct.unpack_from("!HH", packet)
     assert opcode == ERROR, packet
@@ -156,6 +164,7 @@ async def test_many_transfers_at_once(server: TftpServer, root: Path, tmp_path: 
     results = await asyncio.gather(*fetches, *curls)
     assert all(data == expected for data, _ in results[: len(fetches)])
     assert all((tmp_path / f"c{i}").read_bytes() == expected for i in range(8))
+    await settled(server)
     assert server.stats["completed"] == len(fetches) + len(curls)
     assert not server.transfers
 
@@ -222,6 +231,7 @@ async def test_client_that_stops_acknowledging(server: TftpServer, root: Path) -
     packets = await asyncio.to_thread(go)
     assert [struct.unpack_from("!HH", p) for p in packets[:-1]] == [(DATA, 1)] * 3  # 1 + 2 retries
     assert error_of(packets[-1])[0] == 0
+    await settled(server)
     assert server.stats["failed"] == 1 and not server.transfers
 
 
@@ -260,10 +270,7 @@ async def test_unreachable_client_ends_the_transfer(server: TftpServer) -> None:
         sock.close()  # gone: the next resend meets ICMP port unreachable
 
     await asyncio.to_thread(go)
-    for _ in range(100):
-        if not server.transfers:
-            break
-        await asyncio.sleep(0.05)
+    await settled(server)
     assert not server.transfers and server.stats["failed"] == 1
 
 
@@ -289,3 +296,45 @@ async def test_windows_without_udp_gso(
         fetch, "127.0.0.1", server.port, "small.bin", blksize=1000, windowsize=8
     )
     assert data == (root / "small.bin").read_bytes() and acked["windowsize"] == "8"
+
+
+async def test_file_truncated_during_a_transfer(server: TftpServer, root: Path) -> None:
+    # The file is mapped: a send from pages that are gone fails (EFAULT), never a SIGBUS.
+    (root / "shrinking.bin").write_bytes(os.urandom(64 * 1024))
+
+    def go() -> list[bytes]:
+        with raw_socket() as sock:
+            sock.sendto(build_request(RRQ, "shrinking.bin"), ("127.0.0.1", server.port))
+            first, peer = sock.recvfrom(65536)
+            os.truncate(root / "shrinking.bin", 0)
+            packets = [first]
+            for block in range(1, 40):  # acknowledge on until the server says no
+                sock.sendto(build_ack(block), peer)
+                packets.append(sock.recvfrom(65536)[0])
+                if packets[-1][:2] == struct.pack("!H", ERROR):
+                    break
+            return packets
+
+    packets = await asyncio.to_thread(go)
+    code, message = error_of(packets[-1])
+    assert code == 0 and "shrank" in message
+    await settled(server)
+    assert server.stats["failed"] == 1 and not server.transfers
+    # The server is unharmed: the next transfer works.
+    data, _ = await asyncio.to_thread(fetch, "127.0.0.1", server.port, "small.bin")
+    assert data == (root / "small.bin").read_bytes()
+
+
+async def test_stop_ends_transfers_in_progress(root: Path) -> None:
+    async with running(TftpConfig(root=root, timeout_s=5, retries=5)) as server:
+
+        def begin() -> None:
+            with raw_socket() as sock:  # takes block 1, never acknowledges
+                sock.sendto(build_request(RRQ, "small.bin"), ("127.0.0.1", server.port))
+                sock.recvfrom(65536)
+
+        await asyncio.to_thread(begin)
+        assert len(server.transfers) == 1
+        transfer = next(iter(server.transfers))
+    # Without the stop it would wait 5 x 5 s for ACKs; the stop ended its thread at once.
+    assert not transfer.thread.is_alive()
