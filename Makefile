@@ -5,12 +5,13 @@
 SHELL := /bin/bash
 
 # Debian packages the tests use as real protocol peers: qemu-img/qemu-io/qemu-nbd,
-# nbdinfo/nbdcopy, nbdkit, curl (tftp://, http range), tftp-hpa (tftp), busybox-static
+# nbdinfo/nbdcopy, nbdkit, curl (tftp://, http range), tftp-hpa (tftp), atftp (a windowsize
+# TFTP client), busybox-static
 # (udhcpc; also the demo vdisk's initramfs, which needs the static build: not `busybox`,
 # which conflicts with it), iproute2 (ip netns); QEMU with its iPXE NIC ROMs and Debian's
 # iPXE builds for the VM tests; syslinux, mtools, dosfstools, e2fsprogs and nbd-client to
 # build the demo vdisk. Keep the whole list here.
-TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa busybox-static iproute2 \
+TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-static iproute2 \
 	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
 	nbd-client
 # The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer).

@@ -4,8 +4,9 @@
 
 Both servers run as their own processes on loopback ports; each row is the best of
 ``--repeat`` downloads of the same file by the same client. Clients: curl (lock-step,
-``--tftp-blksize``), tftp-hpa's ``tftp`` (lock-step, 512), and the windowed client of
-``services.boot.tftp_client`` (tftpd-hpa does not know windowsize and answers lock-step).
+``--tftp-blksize``), tftp-hpa's ``tftp`` (lock-step, 512), atftp (windowsize, RFC 7440)
+and the windowed client of ``services.boot.tftp_client`` (tftpd-hpa does not know
+windowsize and answers lock-step).
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ def tftp_hpa(port: int, name: str, _blksize: int) -> Callable[[], None]:
     return run
 
 
+def atftp(windowsize: int) -> Callable[[int, str, int], Callable[[], None]]:
+    def make(port: int, name: str, blksize: int) -> Callable[[], None]:
+        def run() -> None:
+            subprocess.run(
+                ["atftp", "--option", f"blksize {blksize}", "--option", f"windowsize {windowsize}",
+                 "-g", "-r", name, "-l", "/dev/null", "127.0.0.1", str(port)],
+                check=True, timeout=120, capture_output=True,
+            )  # fmt: skip
+
+        return run
+
+    return make
+
+
 def own(windowsize: int) -> Callable[[int, str, int], Callable[[], None]]:
     def make(port: int, name: str, blksize: int) -> Callable[[], None]:
         def run() -> None:
@@ -124,6 +139,10 @@ def main() -> None:
             ("curl", curl, 1468, 1),
             ("curl", curl, 8192, 1),
             ("tftp-hpa", tftp_hpa, 512, 1),
+            ("atftp", atftp(1), 1468, 1),
+            ("atftp", atftp(16), 512, 16),
+            ("atftp", atftp(16), 1468, 16),
+            ("atftp", atftp(16), 8192, 16),
             ("streamboot client", own(1), 1468, 1),
             ("streamboot client", own(16), 512, 16),
             ("streamboot client", own(16), 1468, 16),

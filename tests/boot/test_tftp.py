@@ -123,6 +123,32 @@ async def test_tftp_hpa_binary_and_netascii(server: TftpServer, root: Path, tmp_
     assert (tmp_path / "t").read_bytes() == (root / "text.txt").read_bytes()
 
 
+@pytest.mark.parametrize(("blksize", "windowsize"), [(512, 16), (1468, 64), (8192, 16)])
+async def test_atftp_windowed(
+    server: TftpServer, root: Path, tmp_path: Path, blksize: int, windowsize: int
+) -> None:
+    # atftp is a windowsize (RFC 7440) client nobody here wrote.
+    out = tmp_path / "out.bin"
+    await run(
+        "atftp", "--option", f"blksize {blksize}", "--option", f"windowsize {windowsize}",
+        "-g", "-r", "small.bin", "-l", str(out), "127.0.0.1", str(server.port),
+    )  # fmt: skip
+    assert out.read_bytes() == (root / "small.bin").read_bytes()
+    assert server.stats["completed"] == 1
+
+
+async def test_window_is_capped_to_what_a_socket_buffer_holds(server: TftpServer) -> None:
+    # 64 blocks of 8 KiB would overflow the client's default receive buffer every window.
+    _, acked = await asyncio.to_thread(
+        fetch, "127.0.0.1", server.port, "small.bin", blksize=8192, windowsize=64
+    )
+    assert acked["windowsize"] == str(128 * 1024 // 8192)
+    _, acked = await asyncio.to_thread(
+        fetch, "127.0.0.1", server.port, "small.bin", blksize=512, windowsize=64
+    )
+    assert acked["windowsize"] == "64"
+
+
 async def test_windowsize_tsize_and_oack(server: TftpServer, root: Path) -> None:
     data, acked = await asyncio.to_thread(
         fetch, "127.0.0.1", server.port, "small.bin", blksize=1468, windowsize=16, tsize=True
@@ -282,7 +308,7 @@ async def test_tftp_error_from_client_is_reported(server: TftpServer) -> None:
 
 def test_tftp_hpa_is_installed() -> None:
     # The real-client tests need these Debian packages (see docs/boot.md).
-    assert shutil.which("tftp") and shutil.which("curl")
+    assert shutil.which("tftp") and shutil.which("curl") and shutil.which("atftp")
 
 
 async def test_windows_without_udp_gso(
