@@ -179,6 +179,27 @@ class SessionOpened(SessionEvent):
     boot_started_ns: int | None = None
 
 
+class ReplaySessionOpened(SessionEvent):
+    """A session that re-drives a past session's recorded block accesses
+    (``streamboot replay blocks``). Not a boot of the device: no ``mac`` field (so it stays
+    out of the device's events and timelines), it takes no part in the per-device
+    uniqueness rules, its stream node records no BlocksRequested for it (the boot
+    profiles learn from real boots only), and its writes go to a discarded write cache."""
+
+    replay_of: str
+    original_mac: str
+    hostname: str
+    vdisk: str
+    version: int
+    stream_node: str
+    write_cache: WriteCacheKind
+    write_cache_persistence: WriteCachePersistence = "discard"
+    read_only: bool = False
+    token_hash: str | None = None
+    nbd_uri: str | None = None
+    http_url: str | None = None
+
+
 class ClientBooted(SessionEvent):
     """The client's OS says it has booted: the end of the boot phase (boot profiles, the
     trace's "booted" span)."""

@@ -28,8 +28,8 @@ from opentelemetry import trace
 
 from services.registry import vdisk_store
 from services.registry.domain import assignments, devices, sessions, vdisks
-from services.registry.domain.errors import DomainError, not_found
-from services.registry.domain.sessions import StreamNode, pick_stream_node
+from services.registry.domain.errors import DomainError, invalid, not_found
+from services.registry.domain.sessions import StreamNode, choose_replay_node, pick_stream_node
 from services.registry.projection import Projection, Record
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
@@ -483,6 +483,46 @@ class RegistryApp:
                 view["warning"] = warning
             return view
 
+    async def open_replay_session(
+        self, original_id: str, *, stream_node: str | None = None
+    ) -> Record:
+        """A replay session for a past (or live) session's vdisk version, on ``stream_node``
+        or the node the original used if alive: see ``ReplaySessionOpened``. No boot is
+        counted and no boot trace begins; the caller closes it when done."""
+        original, used = await self._recorded_session(original_id)
+        beats = await self._heartbeats() if self._heartbeats is not None else []
+        node = choose_replay_node(beats, stream_node, used)
+        token = secrets.token_urlsafe(32)
+        sid = str(uuid7())
+        await self._execute(
+            lambda p: sessions.open_replay(
+                p, original=original, session_id=sid, token_hash=token_hash(token), node=node
+            ),
+            correlation_id=sid,
+        )
+        view = self.session_view(self.projection.sessions[sid])
+        view.update(token=token, nbd_uri=view["nbd_uri"] + token, http_url=view["http_url"] + token)
+        return view
+
+    async def _recorded_session(self, session_id: str) -> tuple[Record, list[str]]:
+        """A session's SessionOpened data, read from the log (closed sessions are not in
+        the projection), and the stream nodes it was attached to, in order."""
+        if not session_id:
+            raise invalid("which session? (a session id)")
+        events = await self.store.read_stream(f"session-{session_id}")
+        opened = next((e for e in events if e.type == "SessionOpened"), None)
+        if opened is None:
+            replay = next((e for e in events if e.type == "ReplaySessionOpened"), None)
+            if replay is not None:
+                raise invalid(
+                    f"session {session_id} is a replay of {replay.data['replay_of']}, "
+                    "not a boot: replay that session"
+                )
+            raise not_found(f"unknown session {session_id}")
+        used = [e.data["stream_node"] for e in events if e.type == "SessionAttached"]
+        used.append(opened.data.get("stream_node") or "")
+        return opened.data, [n for n in dict.fromkeys(used) if n]
+
     async def close_session(self, token_or_id: str, reason: str = "closed-by-request") -> Record:
         h = token_hash(token_or_id)
         closing: list[Record] = []
@@ -537,9 +577,11 @@ class RegistryApp:
             raise not_found("unknown or closed session token")
         s = self.projection.sessions[sid]
         vd = self.projection.vdisks[s["vdisk"]]
+        replay_of = s.get("replay_of")
         return {
             "session_id": sid,
-            "mac": s["mac"],
+            # A replay is not the device: nothing on the node may be keyed by its MAC.
+            "mac": None if replay_of else s["mac"],
             "hostname": s["hostname"],
             "vdisk": s["vdisk"],
             "version": s["version"],
@@ -551,6 +593,8 @@ class RegistryApp:
             "writes_to_vdisk": s.get("writes_to_vdisk", False),
             "store": vd["store"],
             "boot_traceparent": s.get("boot_traceparent"),
+            # Set for a replay: the node records no BlocksRequested for it.
+            "replay_of": replay_of,
         }
 
     async def sweep(self, now: float | None = None) -> list[str]:

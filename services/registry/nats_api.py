@@ -7,6 +7,7 @@ reply is ``{"error": message, "kind": "invalid"|"not_found"|"conflict"|"refused"
 - ``streamboot.registry.session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?}
 - ``streamboot.registry.session.resolve`` {token} -> the export a stream node serves
 - ``streamboot.registry.session.close``   {token | session_id, reason?}
+- ``streamboot.registry.session.replay``  {session_id, stream_node?} -> a replay session
 - ``streamboot.registry.session.list``    {}
 - ``streamboot.registry.device.lookup``   {mac, smbios_uuid?} (a boot: applies the unknown-device policy)
 - ``streamboot.registry.vdisk.list``      {}
@@ -93,6 +94,12 @@ def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
     @handle("session.resolve")
     async def session_resolve(body: dict[str, Any]) -> Reply:
         return await app.resolve(str(body.get("token", "")))
+
+    @handle("session.replay")
+    async def session_replay(body: dict[str, Any]) -> Reply:
+        return await app.open_replay_session(
+            str(body.get("session_id", "")), stream_node=body.get("stream_node")
+        )
 
     @handle("session.close")
     async def session_close(body: dict[str, Any]) -> Reply:

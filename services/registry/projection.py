@@ -53,6 +53,7 @@ class Projection:
             "VdiskPolicyChanged": self._policy_changed,
             "VdiskRemoved": self._vdisk_removed,
             "SessionOpened": self._session_opened,
+            "ReplaySessionOpened": self._replay_session_opened,
             "SessionAttached": self._session_attached,
             "SessionDetached": self._session_detached,
             "SessionClosed": self._session_closed,
@@ -238,6 +239,27 @@ class Projection:
         if d.get("token_hash"):
             self.session_by_token_hash[d["token_hash"]] = sid
 
+    def _replay_session_opened(self, d: Record, when: Any) -> None:
+        """A replay is a live session (resolve, close and the sweeper treat it like any),
+        but not the device's: it takes no ``session_by_mac`` slot and holds no machine
+        identity, so the device's own boots are never refused because of it."""
+        sid = d["session_id"]
+        at = _ts(when)
+        self.sessions[sid] = {
+            **d,
+            "mac": d["original_mac"],
+            "machine_id": None,
+            "maintenance": False,
+            "writes_to_vdisk": False,
+            "opened_at": at,
+            "last_activity": at,
+            "attached": 0,
+            "attached_on": {},
+            "detached_at": None,
+        }
+        if d.get("token_hash"):
+            self.session_by_token_hash[d["token_hash"]] = sid
+
     def _session_attached(self, d: Record, when: Any) -> None:
         s = self.sessions.get(d["session_id"])
         if s is not None:
@@ -305,7 +327,13 @@ class Projection:
         return None
 
     def live_sessions_of_vdisk(self, name: str) -> list[Record]:
+        """Every live session reading the vdisk, replays included (its files are in use)."""
         return [s for s in self.sessions.values() if s["vdisk"] == name]
+
+    def live_boots_of_vdisk(self, name: str) -> list[Record]:
+        """The devices' own live sessions on the vdisk (replays left out): what the
+        one-device-at-a-time rules of private and maintenance vdisks count."""
+        return [s for s in self.live_sessions_of_vdisk(name) if not s.get("replay_of")]
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the projection knows, as comparable plain data (the rebuild check)."""

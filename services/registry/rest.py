@@ -90,6 +90,13 @@ class SessionIn(BaseModel):
     maintenance: bool = False
 
 
+class ReplayIn(BaseModel):
+    """A replay session for a past session (``streamboot replay blocks``)."""
+
+    session_id: str
+    stream_node: str | None = None
+
+
 # --- the app ---------------------------------------------------------------------------
 
 
@@ -224,9 +231,13 @@ def build_api(app: RegistryApp, api_token: str) -> FastAPI:
             body.mac, smbios_uuid=body.smbios_uuid, vdisk=body.vdisk, maintenance=body.maintenance
         )
 
+    @r.post("/sessions/replay", status_code=201)
+    async def open_replay_session(body: ReplayIn) -> dict[str, Any]:
+        return await app.open_replay_session(body.session_id, stream_node=body.stream_node)
+
     @r.delete("/sessions/{token_or_id}")
-    async def close_session(token_or_id: str) -> dict[str, Any]:
-        return await app.close_session(token_or_id)
+    async def close_session(token_or_id: str, reason: str = "closed-by-request") -> dict[str, Any]:
+        return await app.close_session(token_or_id, reason)
 
     # the registry itself
     @r.post("/registry/rebuild")

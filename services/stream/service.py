@@ -53,6 +53,7 @@ class RegistryResolver:
             mac=reply.get("mac"),
             store=reply.get("store", "local"),
             traceparent=reply.get("boot_traceparent"),
+            record_blocks=not reply.get("replay_of"),
         )
 
 

@@ -77,6 +77,7 @@ class Session:
         self.started = time.monotonic()
         self.started_ns = time.time_ns()
         self.read_once = False
+        self.record_blocks = spec.record_blocks
         self._extents: list[list] = []
         self._flusher: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -87,6 +88,8 @@ class Session:
 
     def record(self, op: Literal["r", "w"], offset: int, length: int) -> None:
         """Note a block access for BlocksRequested (adjacent accesses of one op merge)."""
+        if not self.record_blocks:
+            return
         if op == "r" and not self.read_once:
             self.read_once = True
             self.mgr.first_read(self, offset, length)

@@ -36,6 +36,10 @@ class ExportSpec:
     store: str = "local"
     # The boot's trace root: this node's connection spans hang under it.
     traceparent: str | None = None
+    # False for a replay session (``streamboot replay blocks``): its accesses are a past
+    # boot's, so they are not logged again as BlocksRequested (boot profiles learn from
+    # those, and the replay's client measures its own requests).
+    record_blocks: bool = True
 
     @property
     def export_read_only(self) -> bool:

@@ -269,3 +269,102 @@ def test_placement_least_loaded_alive_stream_node() -> None:
     ]
     assert pick_stream_node(beats) == StreamNode("b", "h:3", "http://h:4", 1.0)
     assert pick_stream_node(beats[2:]) is None
+
+
+def replay_(p: Projection, original: str, sid: str = "r-1") -> list[Event]:
+    """A replay of ``original`` (a session opened in this projection, live or not)."""
+    return sessions.open_replay(
+        p, original=ORIGINALS[original], session_id=sid, token_hash="h-" + sid, node=NODE
+    )
+
+
+ORIGINALS: dict[str, dict[str, object]] = {}
+
+
+def opened_and_kept(p: Projection, mac: str, sid: str, **kw: object) -> None:
+    """Open a session and keep its SessionOpened data, as the log would."""
+    events = open_(p, mac, sid, **kw)
+    ORIGINALS[sid] = envelope(events[0]).data
+    apply(p, events)
+
+
+def test_a_replay_is_not_the_device_and_ends_like_any_session() -> None:
+    p = Projection()
+    with_vdisk(p)
+    mac = device(p, "52:54:00:00:00:01", hostname="pc1")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    opened_and_kept(p, mac, "s-1")
+    apply(p, sessions.close(p, p.sessions["s-1"], "done"))
+    [ev] = replay_(p, "s-1")
+    env = envelope(ev)
+    assert env.type == "ReplaySessionOpened" and "mac" not in env.data  # not in --mac views
+    assert env.data["replay_of"] == "s-1" and env.data["write_cache_persistence"] == "discard"
+    apply(p, [ev])
+    assert "r-1" in p.sessions and mac not in p.session_by_mac
+    # The device boots while its replay runs (same hostname, same machine id: no conflict),
+    # and a second replay may run beside the first.
+    opened_and_kept(p, mac, "s-2")
+    assert p.session_by_mac[mac] == "s-2"
+    apply(p, replay_(p, "s-1", "r-2"))
+    # A replay holds its vdisk version's files: the vdisk cannot be removed under it.
+    apply(p, sessions.close(p, p.sessions["s-2"], "done"))
+    apply(p, sessions.close(p, p.sessions["r-2"], "done"))
+    with pytest.raises(DomainError, match="in use by 1 live session"):
+        vdisks.remove(p, "win")
+    assert sessions.expired(p, 1000.0 + 600, idle_timeout_s=600, detach_grace_s=30) == [
+        ("r-1", "idle-timeout")
+    ]
+    apply(p, sessions.close(p, p.sessions["r-1"], "replay-finished"))
+    assert p.sessions == {} and p.session_by_token_hash == {}
+
+
+def test_a_replay_does_not_block_a_private_or_maintenance_boot() -> None:
+    p = Projection()
+    with_vdisk(p, versions=2)
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    opened_and_kept(p, mac, "s-1", maintenance=True)
+    apply(p, sessions.close(p, p.sessions["s-1"], "done"))
+    [ev] = replay_(p, "s-1")
+    # The maintenance session's kept cache is the device's: its replay writes elsewhere.
+    assert (ev.write_cache, ev.write_cache_persistence) == ("server-disk", "discard")  # type: ignore[attr-defined]
+    apply(p, [ev])
+    opened_and_kept(p, mac, "s-2", maintenance=True)
+    apply(p, sessions.close(p, p.sessions["s-2"], "done"))
+    apply(p, vdisks.set_policy(p, "win", mode="private"))
+    opened_and_kept(p, mac, "s-3")
+
+
+def test_a_replay_needs_its_vdisk_version() -> None:
+    p = Projection()
+    with_vdisk(p)
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    opened_and_kept(p, mac, "s-1")
+    apply(p, sessions.close(p, p.sessions["s-1"], "done"))
+    ORIGINALS["s-9"] = {**ORIGINALS["s-1"], "session_id": "s-9", "version": 7}
+    with pytest.raises(DomainError, match="version 7 of session s-9 is gone") as e:
+        replay_(p, "s-9")
+    assert e.value.kind == "not_found"
+    apply(p, vdisks.remove(p, "win"))
+    with pytest.raises(DomainError, match="vdisk 'win' of session s-1 is gone"):
+        replay_(p, "s-1")
+
+
+def test_replay_node_choice() -> None:
+    def beat(node: str, alive: bool = True, load: int = 0) -> dict[str, object]:
+        return {"service": "stream", "node": node, "alive": alive, "load": load,
+                "nbd": f"{node}:1", "http_stream": f"http://{node}:2"}  # fmt: skip
+
+    beats = [beat("a", load=3), beat("b", load=1), beat("c", alive=False)]
+    choose = sessions.choose_replay_node
+    assert choose(beats, "a", ["b"]).node == "a"  # asked for
+    assert choose(beats, None, ["c", "a"]).node == "a"  # the first used one still alive
+    assert choose(beats, None, ["c"]).node == "b"  # else the least loaded
+    with pytest.raises(
+        DomainError, match=r"stream node 'c' is not alive \(alive stream nodes: a, b\)"
+    ):
+        choose(beats, "c", [])
+    with pytest.raises(DomainError, match="no stream node is alive") as e:
+        choose(beats[2:], None, ["c"])
+    assert e.value.kind == "refused"

@@ -13,7 +13,13 @@ from services.registry.domain.devices import find_device
 from services.registry.domain.errors import conflict, invalid, not_found, refused
 from services.registry.domain.identity import normalize_mac
 from services.registry.projection import Projection, Record
-from shared.events import Event, SessionClosed, SessionConflictRejected, SessionOpened
+from shared.events import (
+    Event,
+    ReplaySessionOpened,
+    SessionClosed,
+    SessionConflictRejected,
+    SessionOpened,
+)
 
 
 @dataclass(frozen=True)
@@ -26,9 +32,9 @@ class StreamNode:
     load: float = 0.0
 
 
-def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
-    """The least loaded live stream node (ties broken by name, so the choice is stable)."""
-    nodes = [
+def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
+    """The stream nodes heartbeating now that advertise both endpoints."""
+    return [
         StreamNode(
             node=str(b.get("node")),
             nbd=str(b["nbd"]),
@@ -38,7 +44,11 @@ def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
         for b in heartbeats
         if b.get("service") == "stream" and b.get("alive") and b.get("nbd") and b.get("http_stream")
     ]
-    return min(nodes, key=lambda n: (n.load, n.node), default=None)
+
+
+def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
+    """The least loaded live stream node (ties broken by name, so the choice is stable)."""
+    return min(live_stream_nodes(heartbeats), key=lambda n: (n.load, n.node), default=None)
 
 
 def open_session(
@@ -92,6 +102,8 @@ def open_session(
     if live is not None:
         reject(f"device {the_mac} already has a live session ({live})", live)
     for s in p.sessions.values():
+        if s.get("replay_of"):
+            continue  # a replay is not the device: it holds no name or identity
         if s["hostname"] == dev["hostname"]:
             reject(
                 f"hostname {dev['hostname']!r} is in use by live session {s['session_id']}",
@@ -104,7 +116,7 @@ def open_session(
             )
 
     private = vd["mode"] == "private"
-    for s in p.live_sessions_of_vdisk(vdisk):
+    for s in p.live_boots_of_vdisk(vdisk):
         if private:
             reject(
                 f"vdisk {vdisk!r} is private and in use by live session {s['session_id']}",
@@ -140,6 +152,70 @@ def open_session(
             writes_to_vdisk=writes_to_vdisk,
             boot_traceparent=boot_traceparent,
             boot_started_ns=boot_started_ns,
+        )
+    ]
+
+
+def choose_replay_node(
+    heartbeats: Sequence[dict[str, Any]], wanted: str | None, used: Sequence[str]
+) -> StreamNode:
+    """Where a replay runs: the node asked for (it must be alive), else the first node the
+    original session used that is still alive, else the least loaded live one. A replay
+    measures a node, so unlike a boot it is refused when no node is alive."""
+    alive = {n.node: n for n in live_stream_nodes(heartbeats)}
+    names = ", ".join(sorted(alive)) or "none"
+    if wanted:
+        if wanted not in alive:
+            raise refused(f"stream node {wanted!r} is not alive (alive stream nodes: {names})")
+        return alive[wanted]
+    for node in used:
+        if node in alive:
+            return alive[node]
+    node = pick_stream_node(heartbeats)
+    if node is None:
+        raise refused("no stream node is alive (no heartbeat): a replay needs one to run on")
+    return node
+
+
+def open_replay(
+    p: Projection,
+    *,
+    original: Record,
+    session_id: str,
+    token_hash: str,
+    node: StreamNode,
+) -> list[Event]:
+    """The ReplaySessionOpened of a replay of ``original`` (its SessionOpened data): the
+    same vdisk version through the same kind of write cache, but always discarded: the
+    trace's writes exercise the write path as the boot did, and are dropped at close."""
+    name, version = original["vdisk"], int(original["version"])
+    vd = p.vdisks.get(name)
+    if vd is None:
+        raise not_found(
+            f"vdisk {name!r} of session {original['session_id']} is gone (removed): "
+            "nothing to replay against"
+        )
+    if version not in vd["versions"]:
+        raise not_found(
+            f"vdisk {name!r} version {version} of session {original['session_id']} is gone"
+        )
+    write_cache = original["write_cache"]
+    return [
+        ReplaySessionOpened(
+            session_id=session_id,
+            replay_of=original["session_id"],
+            original_mac=original["mac"],
+            hostname=original["hostname"],
+            vdisk=name,
+            version=version,
+            stream_node=node.node,
+            write_cache=write_cache,
+            write_cache_persistence="discard",
+            # A client-side write cache never wrote to the server: neither does its replay.
+            read_only=write_cache in ("client-ram", "client-disk"),
+            token_hash=token_hash,
+            nbd_uri=f"nbd://{node.nbd}/",
+            http_url=f"{node.http}/s/",
         )
     ]
 

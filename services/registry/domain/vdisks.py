@@ -147,7 +147,7 @@ def set_policy(
     vd = get_vdisk(p, name)
     _check_policy(mode, write_cache, write_cache_persistence)
     if mode == "private" and vd["mode"] != "private":
-        users = {s["mac"] for s in p.live_sessions_of_vdisk(name)}
+        users = {s["mac"] for s in p.live_boots_of_vdisk(name)}
         if len(users) > 1:
             raise conflict(
                 f"vdisk {name!r} is used by {len(users)} live sessions; a private vdisk "
