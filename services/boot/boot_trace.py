@@ -49,13 +49,15 @@ class BootTraces:
 
     async def current(self, mac: str) -> dict[str, Any]:
         """The boot in progress for ``mac`` (a client that skipped PXE begins one now)."""
+        return await self.peek(mac) or await self.begin(mac)
+
+    async def peek(self, mac: str) -> dict[str, Any] | None:
+        """The boot in progress for ``mac``, if there is one."""
         try:
             entry = await self.kv.get(_key(mac))
-            if entry.value:
-                return json.loads(entry.value)
         except KeyNotFoundError:
-            pass
-        return await self.begin(mac)
+            return None
+        return json.loads(entry.value) if entry.value else None
 
     async def end(self, mac: str) -> None:
         """The session is open: the next DHCP packet of this MAC is a new boot."""
@@ -77,3 +79,16 @@ def boot_span(
         attributes={f"streamboot.{k}": v for k, v in attributes.items() if v is not None},
     ) as span:
         yield span
+
+
+def record_boot_span(
+    name: str, boot: dict[str, Any], start_ns: int, end_ns: int, **attributes: Any
+) -> None:
+    """A finished span of this boot's trace, for work timed elsewhere (a TFTP transfer)."""
+    span = tracer.start_span(
+        name,
+        context=context_from_traceparent(boot["traceparent"]),
+        start_time=start_ns,
+        attributes={f"streamboot.{k}": v for k, v in attributes.items() if v is not None},
+    )
+    span.end(end_time=end_ns)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from services.boot import dhcp_packets as dp
+from services.boot.client_addresses import ClientAddresses
 from services.boot.dhcp_leases import LeaseStore, PoolExhausted
 
 log = logging.getLogger("streamboot.boot.dhcp")
@@ -71,6 +72,8 @@ class DhcpResponder:
     config: DhcpConfig
     leases: LeaseStore | None = None
     on_pxe_discover: Callable[[PxeClient], None] = lambda client: None
+    # Where the addresses seen go, so TFTP transfers can be traced to a MAC.
+    addresses: ClientAddresses | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {"received": 0, "replied": 0, "malformed": 0, "pxe_discovers": 0}
     )
@@ -92,8 +95,17 @@ class DhcpResponder:
                 )
             )
         if self.config.mode == "proxy" or pxe_port:
-            return self._proxy(packet, kind, pxe, pxe_port)
-        return self._full(packet, kind, pxe, now)
+            reply = self._proxy(packet, kind, pxe, pxe_port)
+        else:
+            reply = self._full(packet, kind, pxe, now)
+        if self.addresses is not None:
+            mac = packet.mac
+            self.addresses.note(packet.ciaddr, mac)
+            if reply is None or reply.message_type != dp.NAK:  # a NAK'd address is not its own
+                self.addresses.note(dp.requested_ip(packet), mac)
+            if reply is not None:
+                self.addresses.note(reply.yiaddr, mac)
+        return reply
 
     # -- proxyDHCP -----------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from services.boot.boot_http import BootHttp
-from services.boot.boot_trace import BootTraces, boot_span
+from services.boot.boot_trace import BootTraces, boot_span, record_boot_span
+from services.boot.client_addresses import ClientAddresses
 from services.boot.dhcp_leases import LeaseStore
 from services.boot.dhcp_server import (
     DhcpConfig,
@@ -31,7 +32,7 @@ from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import HttpServer
 from services.boot.ipv6_ra import answer_solicitations
 from services.boot.registry_client import RegistryClient
-from services.boot.tftp_server import TftpConfig, TftpServer
+from services.boot.tftp_server import TftpConfig, TftpServer, Transfer
 from shared.bus import BusError
 from shared.event_sink import QueuedEventSink
 from shared.events import BootRequested, Event
@@ -133,6 +134,11 @@ async def start(rt: ServiceRuntime) -> None:
     rt.vitals["boot_http"] = app.base_url
 
     root = prepare_tftp_root(s)
+    addresses = ClientAddresses()
+
+    def on_transfer(transfer: Transfer, error: str | None) -> None:
+        emit.soon(trace_tftp_transfer(transfer, error, addresses, traces))
+
     tftp = TftpServer(
         TftpConfig(
             root=root,
@@ -142,6 +148,7 @@ async def start(rt: ServiceRuntime) -> None:
         ),
         s.bind_host,
         s.tftp_port,
+        on_transfer,
     )
     await tftp.start()
     rt.on_stop(tftp.stop)
@@ -154,7 +161,9 @@ async def start(rt: ServiceRuntime) -> None:
             log.warning(
                 "DHCP is on but TFTP listens on port %d: PXE firmware only uses 69", tftp.port
             )
-        dhcp = await start_dhcp(s, f"{app.base_url}/ipxe/boot.ipxe", emit, registry, traces)
+        dhcp = await start_dhcp(
+            s, f"{app.base_url}/ipxe/boot.ipxe", emit, registry, traces, addresses
+        )
         rt.on_stop(dhcp.stop)
         rt.vitals["dhcp"] = f"{dhcp.responder.config.server_ip}:{s.dhcp_port}"
         rt.vitals["dhcp_mode"] = s.dhcp_mode
@@ -196,8 +205,37 @@ async def announce_boot(
         )
 
 
+async def trace_tftp_transfer(
+    transfer: Transfer, error: str | None, addresses: ClientAddresses, traces: BootTraces
+) -> None:
+    """The transfer as a span of its client's boot, when the client is a known boot in
+    progress (a TFTP request names no MAC: DHCP or the neighbour table does)."""
+    mac = addresses.mac_of(transfer.peer[0])
+    boot = await traces.peek(mac) if mac else None
+    if boot is None:
+        return
+    record_boot_span(
+        f"tftp {transfer.request.filename}",
+        boot,
+        transfer.started_ns,
+        transfer.ended_ns,
+        mac=mac,
+        client=transfer.peer[0],
+        file=transfer.request.filename,
+        bytes=transfer.bytes_acknowledged,
+        blksize=transfer.blksize,
+        windowsize=transfer.windowsize,
+        error=error,
+    )
+
+
 async def start_dhcp(
-    s: Settings, script_url: str, emit: Emitter, registry: RegistryClient, traces: BootTraces
+    s: Settings,
+    script_url: str,
+    emit: Emitter,
+    registry: RegistryClient,
+    traces: BootTraces,
+    addresses: ClientAddresses,
 ) -> DhcpServer:
     iface = s.dhcp_interface
     server_ip = s.dhcp_server_ip or (interface_address(iface) if iface else s.advertised_host)
@@ -223,7 +261,7 @@ async def start_dhcp(
     def on_pxe_discover(client: PxeClient) -> None:
         emit.soon(announce_boot(client, registry, emit, traces))
 
-    responder = DhcpResponder(config, leases, on_pxe_discover)
+    responder = DhcpResponder(config, leases, on_pxe_discover, addresses=addresses)
     server = DhcpServer(
         responder, server_port=s.dhcp_port, client_port=s.dhcp_client_port or s.dhcp_port + 1
     )

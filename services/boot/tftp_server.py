@@ -182,13 +182,20 @@ class Transfer:
         self.inbox = bytearray(2048)  # ACKs and ERRORs are small; longer is cut, then refused
         self.gso_option = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.segment))]
         self.aborted: str | None = None
-        self.started = loop.time()
         self.started_ns = time.time_ns()
         self.ended_ns = 0
         self.thread = threading.Thread(target=self._run, name=f"tftp {peer[0]}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended_ns - self.started_ns) / 1e9
+
+    @property
+    def bytes_acknowledged(self) -> int:
+        return min(self.acked * self.blksize, self.source.size)
 
     def abort(self, reason: str) -> None:
         """End the transfer from any thread: its blocked receive returns at once."""
@@ -363,8 +370,15 @@ class Transfer:
 class TftpServer:
     """The listener on the well-known port: parses requests and starts transfers."""
 
-    def __init__(self, config: TftpConfig, host: str, port: int) -> None:
+    def __init__(
+        self,
+        config: TftpConfig,
+        host: str,
+        port: int,
+        on_transfer: Callable[[Transfer, str | None], None] | None = None,
+    ) -> None:
         self.config, self.host, self.port = config, host, port
+        self.on_transfer = on_transfer  # told of each transfer's end (on the event loop)
         self.transfers: set[Transfer] = set()
         self.stats = {"transfers": 0, "completed": 0, "failed": 0, "bytes": 0, "refused": 0}
         self._transport: asyncio.DatagramTransport | None = None
@@ -439,7 +453,7 @@ class TftpServer:
                 transfer.request.filename,
                 transfer.source.size,
                 *transfer.peer,
-                transfer.loop.time() - transfer.started,
+                transfer.seconds,
             )
         else:
             self.stats["failed"] += 1
@@ -449,6 +463,11 @@ class TftpServer:
                 *transfer.peer,
                 error,
             )
+        if self.on_transfer is not None:
+            try:
+                self.on_transfer(transfer, error)
+            except Exception:  # an observer's bug must not stop the accounting
+                log.exception("tftp: transfer observer failed")
 
 
 class _Listener(asyncio.DatagramProtocol):

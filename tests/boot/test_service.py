@@ -13,12 +13,18 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.boot import dhcp_packets as dp
+from services.boot.boot_trace import BootTraces
 from services.boot.service import start
 from shared import bus
 from shared.service import ServiceRuntime
 from shared.settings import Settings
+from shared.telemetry import parse_traceparent
 from streamboot.embedded.proc import free_port
 from tests.registry.conftest import Registry, write_image
 
@@ -230,6 +236,50 @@ async def test_tftp_serves_the_boot_files(boot: Boot, tmp_path: Path) -> None:
     )  # fmt: skip
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert out.read_bytes() == (boot.tftp_root / "ipxe.efi").read_bytes()
+
+
+async def test_tftp_transfer_is_a_span_of_the_boot(boot: Boot, registry: Registry) -> None:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)  # the service installed the SDK's
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    dhcp_port = int(boot.rt.vitals["dhcp"].rsplit(":", 1)[1])
+    discover = dp.parse((FIXTURES / "udhcpc_pxe_discover.bin").read_bytes())
+    request = dp.parse((FIXTURES / "udhcpc_pxe_discover.bin").read_bytes())
+    request.options[dp.OPT_MESSAGE_TYPE] = bytes((dp.REQUEST,))
+    request.ciaddr = "127.0.0.1"  # the address the site's DHCP gave it (proxy mode)
+
+    def go() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(dp.build(discover), ("127.0.0.1", dhcp_port))
+            sock.recv(2048)
+            # The PXE client's REQUEST to the boot server port (4011 for real).
+            sock.sendto(dp.build(request), ("127.0.0.1", boot.rt.settings.dhcp_pxe_port))
+            sock.recv(2048)
+
+    await asyncio.to_thread(go)
+    await events_of(registry, "BootRequested", 1)
+    traces = await BootTraces.open(boot.rt.js)
+    root = await traces.peek(MAC)
+    assert root is not None
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sf", "-o", "/dev/null", f"tftp://{boot.rt.vitals['tftp']}/ipxe.efi"
+    )  # fmt: skip
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    for _ in range(100):
+        spans = [s for s in exporter.get_finished_spans() if s.name == "tftp ipxe.efi"]
+        if spans:
+            break
+        await asyncio.sleep(0.05)
+    [span] = spans
+    trace_id, root_span_id = parse_traceparent(root["traceparent"])
+    assert span.context.trace_id == trace_id and span.parent.span_id == root_span_id
+    assert span.attributes["streamboot.mac"] == MAC
+    assert span.attributes["streamboot.bytes"] == 70_000
+    assert span.attributes["streamboot.blksize"] == 512
+    assert "streamboot.error" not in span.attributes
+    assert span.start_time < span.end_time
 
 
 async def test_bad_http_requests(boot: Boot) -> None:
