@@ -14,6 +14,7 @@ from streamboot.commands import (
     dhcp,
     events,
     registry,
+    replay,
     session,
     status,
     trace,
@@ -39,6 +40,7 @@ app.add_typer(session.app, name="session")
 app.add_typer(registry.app, name="registry")
 app.add_typer(dhcp.app, name="dhcp")
 app.add_typer(trace.app, name="trace")
+app.add_typer(replay.app, name="replay")
 
 
 def main() -> None:

@@ -35,8 +35,10 @@ def show_sessions(sessions: list[dict[str, Any]]) -> None:
         "session", "MAC", "hostname", "vdisk", "version", "node", "attached", "write cache"
     )
     for s in sessions:
+        # A replay (`streamboot replay blocks`) shows the device it replays, said as such.
+        host = s["hostname"] + (f" (replay of {s['replay_of']})" if s.get("replay_of") else "")
         table.add_row(
-            s["session_id"], s["mac"], s["hostname"], s["vdisk"], str(s["version"]),
+            s["session_id"], s["mac"], host, s["vdisk"], str(s["version"]),
             s["stream_node"] or "-", str(s["attached"]), write_cache_usage(s),
         )  # fmt: skip
     console.print(table)
