@@ -13,10 +13,8 @@ import asyncio
 import errno
 import json
 import logging
-import threading
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -134,38 +132,3 @@ def _status_error(status: int, key: str) -> OSError:
     if status == errno.ESTALE:
         return OSError(errno.EIO, f"write cache {key} was dropped by the cache service")
     return OSError(status, f"write cache {key}: {errno.errorcode.get(status, status)}")
-
-
-class BlockingFetcher:
-    """Read-cache fetches for a caller that must block (a synchronous ``map_read``).
-
-    Its own NATS connection on its own loop in a daemon thread: the caller's loop (which
-    owns the main connection) is the one that is blocked, so it cannot do the request.
-    """
-
-    def __init__(self, nats_url: str, timeout_s: float = 30.0) -> None:
-        self.timeout_s = timeout_s
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.client = asyncio.run_coroutine_threadsafe(self._connect(nats_url), self.loop).result(
-            30
-        )
-
-    async def _connect(self, url: str) -> CacheClient:
-        nc = await nats.connect(url, name="stream-fetcher", max_reconnect_attempts=-1)
-        return CacheClient(nc, timeout_s=self.timeout_s)
-
-    def fetch(self, body: dict[str, Any]) -> bytes:
-        coro = self.client.request_bytes(wire.RC_READ, body)
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout_s + 5)
-
-    def close(self) -> None:
-        async def shut() -> None:
-            await self.client.nc.close()
-
-        try:
-            asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
-        except Exception:
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)

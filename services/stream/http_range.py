@@ -12,7 +12,12 @@ import logging
 import re
 
 from services.stream.conn import Connection
-from services.stream.path.backend import read_into, read_into_nowait
+from services.stream.path.backend import (
+    BlocksMissing,
+    map_read_async,
+    read_into,
+    read_into_nowait,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,10 @@ class HttpConnection(Connection):
             pos = start
             while pos < end:
                 n = min(CHUNK, end - pos)
-                pieces = backend.map_read(pos, n)
+                try:
+                    pieces = backend.map_read(pos, n)
+                except BlocksMissing:  # a remote store's blocks: fetched without blocking
+                    pieces = await map_read_async(backend, pos, n)
                 out = bytearray(n)
                 view = memoryview(out)
                 if not read_into_nowait(pieces, view):

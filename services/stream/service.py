@@ -6,7 +6,6 @@ sink into the log; a ``SessionClosed`` seen on the bus drops that session's stat
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -65,13 +64,9 @@ async def start(rt: ServiceRuntime) -> None:
     )
     if rt.settings.stream_use_cache:
         # Server-side write caches live in the cache service; non-local stores read through it.
-        link = CacheLink(
-            CacheClient(rt.nc),
-            rt.settings.require_nats_url(),
-            rt.settings.data_path("stream", "mirror"),
+        servers.sessions.cache = CacheLink(
+            CacheClient(rt.nc), rt.settings.data_path("stream", "mirror")
         )
-        servers.sessions.cache = link
-        rt.on_stop(lambda: asyncio.to_thread(link.close))
     await servers.start()
 
     async def on_session_closed(msg: Msg) -> None:

@@ -51,9 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
     settings = StreamSettings(nbd_port=args.port, http_port=0, session_linger_s=args.linger)
     sink = BusSink(nc) if args.publish_events else NullSink()
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
-    link = None
     if not args.no_cache:
-        link = servers.sessions.cache = CacheLink(CacheClient(nc), args.nats_url)
+        servers.sessions.cache = CacheLink(CacheClient(nc))
     await servers.start()
     print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
     stop = asyncio.Event()
@@ -62,8 +61,6 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await servers.stop()
-    if link is not None:
-        link.close()
     await nc.close()
 
 

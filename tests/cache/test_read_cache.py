@@ -14,6 +14,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from services.stream.nbd import protocol as P
 from shared.vdisk_layout import write_delta
 from streamboot.embedded.proc import free_port
 from tests.cache.conftest import IMAGE_SIZE, export
@@ -210,6 +211,36 @@ async def test_ftp_store_gone_mid_read_is_an_error_not_wrong_data(system, vdisk)
     err, _handle = await asyncio.to_thread(read_uncached)
     assert err == 5  # EIO
     assert "cannot connect" in (s.root / "cache.log").read_text()
+
+
+async def test_a_miss_does_not_hold_up_other_reads(system, vdisk) -> None:  # type: ignore[no-untyped-def]
+    # A block the node does not have is fetched while the node answers everything else.
+    expect = vdisk["full"].read_bytes()
+    async with ftp(vdisk["dir"], 0.5) as (_ftpd, url):
+        s = system(cache_stores=json.dumps({"ftp": url}))
+        await s.start_cache()
+        ex = export("slow", Path("base.raw"), store="ftp", version=2)
+        ex["slow"]["layers"] = ["base.raw", "v2.map"]
+        _node, uri = await s.start_node(ex, "a")
+        await asyncio.to_thread(replay, uri, "slow", [(0, 65536)], expect)  # now on the node
+        port = int(uri.rsplit(":", 1)[1])
+
+        def pipelined() -> list[int]:
+            c = RawNbd(port, timeout=60)
+            c.go("slow")
+            c.request(P.CMD_READ, 1, 8 << 20, 4096)  # a miss: from the slow store
+            c.request(P.CMD_READ, 2, 0, 4096)  # on the node already
+            order = []
+            for _ in range(2):
+                err, handle = c.reply()
+                offset = 8 << 20 if handle == 1 else 0
+                assert err == 0 and c.recv_exact(4096) == expect[offset : offset + 4096]
+                order.append(handle)
+            c.close()
+            return order
+
+        # The second request is answered first: the first one's fetch did not block the loop.
+        assert await asyncio.to_thread(pipelined) == [2, 1]
 
 
 async def test_local_store_boot_profile_is_prefetched_on_boot_requested(  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from services.stream.nbd import protocol as P
 from services.stream.path.backend import (
     ZERO_FD,
     Backend,
+    BlocksMissing,
     Piece,
     all_cached,
     read_into,
@@ -283,7 +284,12 @@ class NbdConnection(Connection):
             err = P.EOVERFLOW if length > P.MAX_BLOCK and self.structured else P.EINVAL
             return self._error(handle, err, True, "read out of range")
         assert self.backend is not None and self.session is not None
-        pieces = self.backend.map_read(offset, length)
+        try:
+            pieces = self.backend.map_read(offset, length)
+        except BlocksMissing as miss:  # a remote store's blocks: answered once fetched
+            self.inflight += 1
+            self.spawn(self._read_when_fetched(flags, handle, offset, length, miss))
+            return None
         if length >= SENDFILE_MIN and self.zero_copy and all_cached(pieces):
             return self._read_zero_copy(handle, offset, length, pieces)
         if self.structured:
@@ -343,6 +349,19 @@ class NbdConnection(Connection):
             self._error(handle, P.EIO, True, str(e))
         else:
             self.write(out)
+        finally:
+            self._done()
+
+    async def _read_when_fetched(
+        self, flags: int, handle: int, offset: int, length: int, miss: BlocksMissing
+    ) -> None:
+        try:
+            await miss.fetch()
+        except OSError as e:
+            self._error(handle, P.EIO, True, f"read failed: {e}")
+        else:
+            if not self.closed and self.session is not None:
+                self._read(flags, handle, offset, length)
         finally:
             self._done()
 

@@ -20,12 +20,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from shared.vdisk_layout import ZERO_FD, Piece, read_pieces
 
-__all__ = ["ZERO_FD", "Backend", "Layer", "Piece", "read_into", "read_into_nowait"]
+__all__ = [
+    "ZERO_FD",
+    "Backend",
+    "BlocksMissing",
+    "Layer",
+    "Piece",
+    "map_read_async",
+    "read_into",
+    "read_into_nowait",
+]
 
 # NBD base:allocation flags, used by ``extents``.
 STATE_HOLE = 1
@@ -152,11 +161,31 @@ class Layer:
         self.next.close()
 
 
+class BlocksMissing(Exception):
+    """``map_read``'s answer when part of the range is not on this node yet (a vdisk in a
+    remote store): await ``fetch()`` and ask again. Only such a bottom layer raises it, so
+    the hot path of a local vdisk never pays for it; the servers catch it and answer that
+    request when the blocks are in, while the event loop serves everyone else."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[None]]) -> None:
+        super().__init__("blocks not on this node yet")
+        self.fetch = fetch
+
+
+async def map_read_async(backend: Backend, offset: int, length: int) -> list[Piece]:
+    """``map_read`` that fetches what is missing first."""
+    while True:
+        try:
+            return backend.map_read(offset, length)
+        except BlocksMissing as miss:
+            await miss.fetch()
+
+
 async def pread_via_map(backend: Backend, offset: int, length: int) -> bytes:
     """Generic ``pread``: resolve pieces, read them (off the loop when not cached)."""
     buf = bytearray(length)
     view = memoryview(buf)
-    pieces = backend.map_read(offset, length)
+    pieces = await map_read_async(backend, offset, length)
     if not read_into_nowait(pieces, view):
         await asyncio.get_running_loop().run_in_executor(None, read_pieces, pieces, view)
     return bytes(buf)

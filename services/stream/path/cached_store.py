@@ -9,10 +9,10 @@ the same ``preadv``/``sendfile`` path as a local vdisk.
 On attach, the version's boot profile (the cache service's answer to ``rc.open``) is pulled
 into the mirror in the background, pipelined, ahead of the client.
 
-Known limit: ``map_read`` is synchronous (the servers' hot path), so a miss is fetched
-while the event loop waits (through :class:`BlockingFetcher`'s own connection). The
-prefetch makes misses rare during a boot; removing the wait needs the NBD/HTTP servers to
-await ``pread`` when a layer reports a miss (a change in ``nbd/server.py``).
+A miss never blocks the event loop: ``map_read`` raises :class:`BlocksMissing` with the
+fetch to await, the server answers that one request once the blocks are in, and every
+other request (of this client or any other) is served meanwhile. Concurrent misses of the
+same run, and the prefetch, share one fetch.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from services.cache import wire
-from services.cache.client import BlockingFetcher, CacheClient
-from services.stream.path.backend import Extent, ReadOnlyBottom, pread_via_map
+from services.cache.client import CacheClient
+from services.stream.path.backend import BlocksMissing, Extent, ReadOnlyBottom
 from services.stream.spec import ExportSpec
 from shared.vdisk_layout import Piece
 
@@ -53,6 +54,7 @@ class Mirror:
         self.key = key
         self.size = size
         self.present = bytearray(-(-size // EXTENT))
+        self.fetching: dict[int, asyncio.Future[None]] = {}  # run offset -> its fetch
 
     def missing(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Byte runs (extent aligned, clipped to the disk) not yet in the mirror."""
@@ -84,42 +86,14 @@ class CacheLink:
     """What a stream node needs of the cache service (set on the SessionManager)."""
 
     client: CacheClient
-    # Where the blocking fetcher connects; None: no blocking fetches (misses are errors).
-    nats_url: str | None = None
     mirror_dir: Path | None = None
     mirrors: dict[str, Mirror] = field(default_factory=dict)
-    _fetcher: BlockingFetcher | None = None
-
-    def fetcher(self) -> BlockingFetcher:
-        """Made at the first miss: a node serving only local vdisks never has the thread."""
-        if self._fetcher is None:
-            if self.nats_url is None:
-                raise OSError("block not on this node and no fetcher")
-            self._fetcher = BlockingFetcher(self.nats_url)
-        return self._fetcher
-
-    def close(self) -> None:
-        if self._fetcher is not None:
-            self._fetcher.close()
-            self._fetcher = None
 
     def mirror(self, key: str, size: int) -> Mirror:
         m = self.mirrors.get(key)
         if m is None:
             m = self.mirrors[key] = Mirror(key, size, self.mirror_dir)
         return m
-
-
-_ERROR_FD = -2
-
-
-def _error_fd() -> int:
-    """A file descriptor every read of which fails (EBADF): how ``map_read`` reports an
-    error through the servers' piece readers, which answer it with EIO."""
-    global _ERROR_FD
-    if _ERROR_FD < 0:
-        _ERROR_FD = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
-    return _ERROR_FD
 
 
 class CachedStoreBackend(ReadOnlyBottom):
@@ -159,12 +133,8 @@ class CachedStoreBackend(ReadOnlyBottom):
 
         async def one(offset: int, length: int) -> None:
             async with sem:
-                if not self.mirror.missing(offset, length):
-                    return
-                data = await self.link.client.request_bytes(
-                    wire.RC_READ, self._body(offset, length)
-                )
-                self.mirror.fill(offset, data)
+                if self.mirror.missing(offset, length):
+                    await self._fetch_run(offset, length)
 
         runs = []
         for o, n in extents:
@@ -178,23 +148,30 @@ class CachedStoreBackend(ReadOnlyBottom):
     def map_read(self, offset: int, length: int) -> list[Piece]:
         missing = self.mirror.missing(offset, length)
         if missing:
-            try:
-                fetcher = self.link.fetcher()
-                for a, n in missing:
-                    # Blocks the loop for one cache round trip (see the module docstring).
-                    self.mirror.fill(a, fetcher.fetch(self._body(a, n)))
-            except OSError as e:
-                log.error("read %s %d+%d failed: %s", self.key, offset, length, e)
-                # A piece whose read fails: the servers answer the client EIO.
-                return [(_error_fd(), 0, length)]
+            raise BlocksMissing(partial(self._fetch, missing))
         return [(self.mirror.fd, offset, length)]
 
-    async def pread(self, offset: int, length: int) -> bytes:
-        for a, n in self.mirror.missing(offset, length):
-            self.mirror.fill(
-                a, await self.link.client.request_bytes(wire.RC_READ, self._body(a, n))
-            )
-        return await pread_via_map(self, offset, length)
+    async def _fetch(self, runs: list[tuple[int, int]]) -> None:
+        try:
+            await asyncio.gather(*(self._fetch_run(a, n) for a, n in runs))
+        except OSError as e:
+            log.error("read of %s from the cache service failed: %s", self.key, e)
+            raise
+
+    async def _fetch_run(self, offset: int, length: int) -> None:
+        """One run into the mirror; a run already being fetched is awaited, not fetched again."""
+        pending = self.mirror.fetching.get(offset)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_run(offset, length))
+            self.mirror.fetching[offset] = pending
+            pending.add_done_callback(lambda _: self.mirror.fetching.pop(offset, None))
+        # Shielded: a client that goes away does not cancel a fetch others wait for.
+        await asyncio.shield(pending)
+
+    async def _read_run(self, offset: int, length: int) -> None:
+        self.mirror.fill(
+            offset, await self.link.client.request_bytes(wire.RC_READ, self._body(offset, length))
+        )
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return [(length, 0)]

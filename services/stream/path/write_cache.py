@@ -26,6 +26,7 @@ from services.stream.path.backend import (
     Extent,
     Layer,
     Piece,
+    map_read_async,
     read_into,
 )
 
@@ -113,7 +114,7 @@ class WriteCache(Layer):
         self._touched += self.state.count(CLEAN, first, stop)
         self.state[first:stop] = bytes([value]) * (stop - first)
 
-    def _materialize(self, block: int) -> None:
+    async def _materialize(self, block: int) -> None:
         """Copy a partly overwritten block into the cache so its other bytes survive."""
         if self.state[block] == DIRTY:
             return
@@ -121,24 +122,25 @@ class WriteCache(Layer):
         n = min(BLOCK, self.size - start)
         buf = bytearray(n)
         if self.state[block] == CLEAN:
-            read_into(self.next.map_read(start, n), memoryview(buf))
+            pieces = await map_read_async(self.next, start, n)  # a remote bottom may fetch
+            read_into(pieces, memoryview(buf))
         os.pwrite(self.fd, buf, start)
         self._mark(block, block + 1, DIRTY)
 
-    def _edges(self, offset: int, length: int) -> tuple[int, int]:
+    async def _edges(self, offset: int, length: int) -> tuple[int, int]:
         """Materialize partial edge blocks; return the block range now fully covered."""
         end = offset + length
         first, last = offset // BLOCK, (end - 1) // BLOCK
         if offset % BLOCK:
-            self._materialize(first)
+            await self._materialize(first)
         if end % BLOCK and end != self.size:
-            self._materialize(last)
+            await self._materialize(last)
         return first, last + 1
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         if not data:
             return
-        first, stop = self._edges(offset, len(data))
+        first, stop = await self._edges(offset, len(data))
         written = os.pwrite(self.fd, data, offset)
         if written != len(data):
             raise OSError(f"short write to write cache: {written} of {len(data)}")
@@ -157,7 +159,7 @@ class WriteCache(Layer):
             edges = [(offset, first * BLOCK), (stop * BLOCK, end)]
         for a, b in edges:
             if a < b:
-                self._materialize(a // BLOCK)
+                await self._materialize(a // BLOCK)
                 os.pwrite(self.fd, bytes(b - a), a)
         if first < stop:
             self._mark(first, stop, ZEROED)
