@@ -165,10 +165,17 @@ class RemoteError(BusError):
 Handler = Callable[[Any, Msg], Awaitable[Any]]
 
 
-async def serve_json(nc: NATS, subject: str, handler: Handler, *, queue: str = "") -> Any:
+_concurrent: set[asyncio.Task[None]] = set()
+
+
+async def serve_json(
+    nc: NATS, subject: str, handler: Handler, *, queue: str = "", concurrent: bool = False
+) -> Any:
     """Answer requests on a subject with a JSON handler (raw nats-py, for the hot paths).
 
-    Exceptions become error replies, never a silent timeout at the caller."""
+    Exceptions become error replies, never a silent timeout at the caller. A subscription
+    handles its messages one at a time; ``concurrent`` runs each in its own task instead
+    (for handlers that wait on other services)."""
     from opentelemetry import context as otel_context
 
     async def on_msg(msg: Msg) -> None:
@@ -187,4 +194,12 @@ async def serve_json(nc: NATS, subject: str, handler: Handler, *, queue: str = "
         finally:
             otel_context.detach(token)
 
-    return await nc.subscribe(subject, queue=queue, cb=on_msg)
+    if not concurrent:
+        return await nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def spawn(msg: Msg) -> None:
+        task = asyncio.get_running_loop().create_task(on_msg(msg))
+        _concurrent.add(task)
+        task.add_done_callback(_concurrent.discard)
+
+    return await nc.subscribe(subject, queue=queue, cb=spawn)

@@ -1,10 +1,18 @@
 """The stream node's side of the cache service: batched, pipelined block requests over NATS.
 
 Used by the stream's remote layers (``services/stream/path/remote_write_cache.py`` and
-``cached_store.py``). Writes of all sessions go out as batches (several records per
-message, several messages in flight per session), so a burst of small writes costs a few
-round trips, not one each; order is kept because one NATS connection delivers a
-publisher's messages in order and the cache applies one subject's messages in order.
+``cached_store.py``) and the registry's ``vdisk commit``. Writes of all sessions go out as
+batches (several records per message, several messages in flight per session), so a burst
+of small writes costs a few round trips, not one each; order is kept because one NATS
+connection delivers a publisher's messages in order and the cache applies one subject's
+messages in order.
+
+A write cache lives on one cache node: :meth:`CacheClient.open_write_cache` asks any cache
+node (queue group), which routes the open to the holder and says which node that is; from
+then on the session's writes and reads go to that node's own subjects
+(``placement.node_subject``), never through the queue group, so no request of a session
+lands on a node that does not hold its cache. A node that is gone answers nothing there
+(``no responders``): the error names it.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ import asyncio
 import errno
 import json
 import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -20,8 +31,26 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from services.cache import wire
+from services.cache.placement import node_subject
 
 log = logging.getLogger("streamboot.cache.client")
+
+
+def not_alive(node: str, key: str | None) -> str:
+    if key is None:
+        return f"cache node {node} is not alive"
+    return f"cache node {node} holding write cache {key} is not alive"
+
+
+@dataclass
+class OpenedWriteCache:
+    """A write cache as ``wc.open`` found it: the node holding it, its block map."""
+
+    key: str
+    node: str
+    state: bytes
+    used: int
+    capacity: int
 
 
 class CacheClient:
@@ -30,17 +59,27 @@ class CacheClient:
         self.timeout_s = timeout_s
         self.depth = depth
 
-    async def _request(self, subject: str, payload: bytes) -> bytes:
+    async def _request(
+        self, subject: str, payload: bytes, *, node: str | None = None, key: str | None = None
+    ) -> bytes:
+        """One request; with ``node``, a request to that node's own subject (``key``: the
+        write cache it is about, for the error message)."""
         try:
             msg = await self.nc.request(subject, payload, timeout=self.timeout_s)
         except NoRespondersError as e:
+            if node is not None:
+                raise wire.CacheError(errno.EIO, not_alive(node, key), "not_alive") from e
             raise wire.CacheError(errno.EIO, "cache service not running (no responders)") from e
         except NatsTimeoutError as e:
-            raise wire.CacheError(errno.EIO, f"cache service: no reply in {self.timeout_s}s") from e
+            who = f"cache node {node}" if node is not None else "cache service"
+            raise wire.CacheError(errno.EIO, f"{who}: no reply in {self.timeout_s}s") from e
         return msg.data
 
-    async def request_json(self, subject: str, body: dict[str, Any]) -> Any:
-        reply = json.loads(await self._request(subject, json.dumps(body).encode()) or b"null")
+    async def request_json(
+        self, subject: str, body: dict[str, Any], *, node: str | None = None
+    ) -> Any:
+        payload = json.dumps(body).encode()
+        reply = json.loads(await self._request(subject, payload, node=node) or b"null")
         if isinstance(reply, dict) and "error" in reply:
             kind = reply.get("kind", "error")
             code = errno.ESTALE if kind == "not_found" else errno.EIO
@@ -50,17 +89,112 @@ class CacheClient:
     async def request_bytes(self, subject: str, body: dict[str, Any]) -> bytes:
         return wire.unwrap(await self._request(subject, json.dumps(body).encode()))
 
-    def writer(self, key: str) -> WriteChannel:
-        return WriteChannel(self, key)
+    async def open_write_cache(self, body: dict[str, Any]) -> OpenedWriteCache:
+        """Open (or find again) the write cache ``body["key"]`` wherever it lives."""
+        reply = await self.request_json(wire.WC_OPEN, body)
+        return OpenedWriteCache(
+            key=str(body["key"]),
+            node=str(reply["node"]),
+            state=wire.decode_block_map(reply["state"]),
+            used=int(reply.get("used", 0)),
+            capacity=int(reply.get("capacity", 0)),
+        )
+
+    async def read_write_cache(self, node: str, key: str, offset: int, length: int) -> bytes:
+        """Blocks of the write cache ``key`` from the node holding it."""
+        body = json.dumps({"key": key, "offset": offset, "length": length}).encode()
+        subject = node_subject(node, wire.V_WC_READ)
+        return wire.unwrap(await self._request(subject, body, node=node, key=key))
+
+    def writer(self, key: str, node: str) -> WriteChannel:
+        return WriteChannel(self, key, node)
+
+
+@dataclass
+class Gathered:
+    """The answers of a scatter-gather: one per node that answered in time."""
+
+    replies: dict[str, Any] = field(default_factory=dict)  # node -> its answer
+    missing: set[str] = field(default_factory=set)  # expected nodes that did not answer
+
+
+async def gather(
+    nc: NATS,
+    subject: str,
+    body: Any,
+    *,
+    expect: Collection[str] | None = None,
+    timeout_s: float = 1.0,
+) -> Gathered:
+    """Ask every cache node (a subject with no queue group) and collect their answers.
+
+    Returns once every node of ``expect`` (the live cache nodes, by their heartbeats) has
+    answered, else after ``timeout_s`` with what came. Each answer carries its ``node``.
+    No cache node at all (NATS says no responders): :class:`wire.CacheError`."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    out = Gathered()
+    want = set(expect or ())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
+        while not want or not want <= out.replies.keys():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except NatsTimeoutError:
+                break
+            if msg.headers and msg.headers.get("Status") == "503":
+                raise wire.CacheError(errno.EIO, "cache service not running (no responders)")
+            reply = json.loads(msg.data or b"null")
+            if isinstance(reply, dict) and reply.get("node") is not None:
+                out.replies[str(reply["node"])] = reply
+    finally:
+        await sub.unsubscribe()
+    out.missing = want - out.replies.keys()
+    return out
+
+
+async def list_write_caches(
+    nc: NATS, expect: Collection[str] | None = None, timeout_s: float = 1.0
+) -> Gathered:
+    """``wc.list`` of every cache node: ``replies[node]["caches"]`` (each with its node)."""
+    started = time.monotonic()
+    got = await gather(nc, wire.WC_LIST, {}, expect=expect, timeout_s=timeout_s)
+    if got.missing:
+        log.warning(
+            "write caches: no answer from cache node(s) %s in %.1fs",
+            ", ".join(sorted(got.missing)),
+            time.monotonic() - started,
+        )
+    return got
+
+
+async def all_write_caches(
+    nc: NATS, expect: Collection[str] | None = None, timeout_s: float = 1.0
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every write cache of every cache node (each with its ``node``), and whether every
+    expected node answered. No node answering at all: :class:`wire.CacheError`."""
+    got = await list_write_caches(nc, expect, timeout_s)
+    if not got.replies:
+        raise wire.CacheError(errno.EIO, f"no cache node answered in {timeout_s}s")
+    caches = [c for r in got.replies.values() for c in r.get("caches", [])]
+    return caches, not got.missing
 
 
 class WriteChannel:
     """One cache key's ordered, batched, pipelined stream of write records."""
 
-    def __init__(self, client: CacheClient, key: str) -> None:
+    def __init__(self, client: CacheClient, key: str, node: str) -> None:
         self.client = client
         self.prefix = wire.batch_prefix(key)
         self.key = key
+        # The node holding the cache: its own subject, not the queue group.
+        self.node = node
+        self.subject = node_subject(node, wire.V_WC_WRITE)
         self._queue: list[tuple[bytes, bytes | None, asyncio.Future[None]]] = []
         self._inflight = 0
         self._scheduled = False
@@ -103,7 +237,7 @@ class WriteChannel:
 
     async def _request(self, payload: bytes, futs: list[asyncio.Future[None]]) -> None:
         try:
-            reply = await self.client._request(wire.WC_WRITE, payload)
+            reply = await self.client._request(self.subject, payload, node=self.node, key=self.key)
             if len(reply) != len(futs):
                 raise wire.CacheError(errno.EIO, f"cache service: {reply[:200]!r}")
             for fut, status in zip(futs, reply, strict=True):

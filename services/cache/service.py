@@ -7,9 +7,15 @@ Wiring only; each job is its own module:
 - ``stores/``          local directory, FTP (aioftp), block device
 - ``boot_profiles.py`` learning from BlocksRequested, BootProfileUpdated
 - ``wire.py``          the subjects and framing the stream speaks (raw nats-py)
+- ``placement.py``     which cache node holds which write cache (several cache nodes)
 
 On BootRequested it prefetches the version's boot profile into the read cache and emits
-PrefetchCompleted; on SessionClosed it drops the session's write cache (unless kept).
+PrefetchCompleted; on SessionClosed the node holding the session's write cache drops it
+(unless kept).
+
+With several cache nodes: write-cache requests reach the node holding the key (per-node
+subjects, the owner records, see ``placement.py``); read-cache requests, boot profiles and
+the events other than the drop stay in the queue group ``cache`` (any node, once).
 """
 
 from __future__ import annotations
@@ -18,22 +24,27 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry import trace
 
 from services.cache import wire
 from services.cache.boot_profiles import BootProfiles, Profile
+from services.cache.client import not_alive
+from services.cache.placement import Owners, Peers, node_subject, rank
 from services.cache.read_cache import ReadCaches, VersionCache, warm_local
 from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
-from shared.bus import RemoteError, serve_json
+from shared.bus import BusError, RemoteError, serve_json
 from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
 from shared.service import ServiceRuntime, run_service
 from shared.settings import Settings
@@ -41,6 +52,10 @@ from shared.telemetry import context_from_traceparent
 
 tracer = trace.get_tracer("streamboot.cache")
 log = logging.getLogger("streamboot.cache")
+
+# An open may be routed from node to node at most this often (a placement, then the owner
+# record of a race's winner); more means the records changed under us.
+MAX_HOPS = 2
 
 
 def ram_dir(settings: Settings) -> Path:
@@ -66,6 +81,9 @@ class CacheService:
         # Fire-and-forget work (event emits, store reads, prefetches), awaited briefly on stop.
         self._tasks: set[asyncio.Task[Any]] = set()
         self.prefetches = 0
+        self.node = s.node_id
+        self.peers = Peers(rt.js, self.node, s.heartbeat_timeout_s)
+        self.owners: Owners  # opened by start()
 
     # --- events out -----------------------------------------------------------------
 
@@ -101,12 +119,100 @@ class CacheService:
 
     # --- write caches ---------------------------------------------------------------
 
-    async def wc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+    async def register_recovered(self) -> None:
+        """Record this node as the holder of every cache recover() found. A cache whose key
+        another node holds (the record says so) is not served: two live copies of one
+        cache must never both take writes."""
+        for key, wc in list(self.writes.caches.items()):
+            owner = await self.owners.claim(key, wc.meta)
+            if owner.node != self.node:
+                log.error(
+                    "write cache %s (in %s) is recorded as held by cache node %s: not serving "
+                    "this copy (delete its owner record to make this node hold it)",
+                    key,
+                    wc.directory,
+                    owner.node,
+                )
+                self.writes.forget(key)
+
+    def _opened(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             wc = self.writes.open(body)
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
-        return {"state": wc.encoded_state(), "used": wc.used, "capacity": wc.capacity}
+        return {
+            "node": self.node,
+            "state": wc.encoded_state(),
+            "used": wc.used,
+            "capacity": wc.capacity,
+        }
+
+    async def wc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+        """Open a write cache on the node that holds it (or, for a new key, the node placed
+        to hold it), routing the request there when that is another node.
+
+        The common cases cost little: a key held here, no lookup; a new key, one KV
+        ``create`` on the node it is placed on (plus one hop when that is another node)."""
+        try:
+            key = self.writes.validate(body)
+        except WriteCacheError as e:
+            raise RemoteError(str(e), e.kind) from e
+        if key in self.writes.caches:  # held here (recorded when created or recovered)
+            return self._opened(body)
+        hops = int(body.get("hops", 0))
+        if body.get("create") is False:
+            owner = await self.owners.get(key)
+            if owner is None:
+                raise RemoteError(f"no cache node holds write cache {key}", "not_found")
+        else:
+            if hops == 0:
+                # The live node the key ranks first opens it (the next one if it is gone):
+                # a new key is placed there; a known one is routed on by its record.
+                for target in rank(key, self.peers.alive()):
+                    if target == self.node:
+                        break
+                    try:
+                        return await self._forward(target, key, body, hops)
+                    except _NotAlive:
+                        log.warning("cache node %s (first for %s) is not alive", target, key)
+            owner = await self.owners.claim(key, body)  # create-if-absent: one holder
+        if owner.node == self.node:
+            if key in self.writes.unrecoverable:
+                message = (
+                    f"write cache {key} on cache node {self.node} could not be recovered "
+                    f"({self.writes.unrecoverable[key]})"
+                )
+                log.error("%s: open refused", message)
+                raise RemoteError(message, "unavailable")
+            return self._opened(body)
+        if hops >= MAX_HOPS:
+            raise RemoteError(
+                f"write cache {key}: routed {hops} times, its owner record keeps moving "
+                f"(now {owner.node})",
+                "unavailable",
+            )
+        try:
+            return await self._forward(owner.node, key, body, hops)
+        except _NotAlive:
+            message = not_alive(owner.node, key)
+            log.error("%s (open refused: its writes are there, not here)", message)
+            raise RemoteError(message, "not_alive") from None
+
+    async def _forward(
+        self, node: str, key: str, body: dict[str, Any], hops: int
+    ) -> dict[str, Any]:
+        """The open, answered by ``node`` (its reply says it holds the cache)."""
+        payload = json.dumps({**body, "hops": hops + 1}).encode()
+        try:
+            msg = await self.rt.nc.request(node_subject(node, wire.V_WC_OPEN), payload, timeout=10)
+        except NoRespondersError:
+            raise _NotAlive(node) from None
+        except NatsTimeoutError as e:
+            raise RemoteError(f"cache node {node}: no reply to open {key}", "unavailable") from e
+        reply = json.loads(msg.data)
+        if isinstance(reply, dict) and "error" in reply:
+            raise RemoteError(reply["error"], reply.get("kind", "error"))
+        return reply  # type: ignore[no-any-return]
 
     async def wc_write(self, msg: Msg) -> None:
         try:
@@ -130,8 +236,11 @@ class CacheService:
             reply = wire.fail(f"bad read: {e}", "invalid")
         await msg.respond(reply)
 
-    async def wc_list(self, _body: Any, _msg: Msg) -> list[dict[str, Any]]:
-        return [wc.view() for wc in self.writes.caches.values()]
+    def _views(self) -> list[dict[str, Any]]:
+        return [{**wc.view(), "node": self.node} for wc in self.writes.caches.values()]
+
+    async def wc_list(self, _body: Any, _msg: Msg) -> dict[str, Any]:
+        return {"node": self.node, "caches": self._views()}
 
     # --- read cache -----------------------------------------------------------------
 
@@ -149,6 +258,9 @@ class CacheService:
         try:
             body = json.loads(msg.data)
             vc = self.reads.get(str(body["key"]))
+            if vc is None and body.get("layers") is not None:
+                # Opened through another cache node: this one opens it at its first read.
+                vc = await self.reads.open(body)
             if vc is None:
                 reply = wire.fail(f"read cache {body['key']!r} not open", "not_found")
             else:
@@ -166,8 +278,11 @@ class CacheService:
 
     async def stats(self, _body: Any, _msg: Msg) -> dict[str, Any]:
         return {
+            "node": self.node,
+            "pid": os.getpid(),
+            "peers": self.peers.alive(),
             "read_cache": self.reads.stats(),
-            "write_caches": [wc.view() for wc in self.writes.caches.values()],
+            "write_caches": self._views(),
             "profiles": {
                 k: {"boots": p.boots, "bytes": p.bytes} for k, p in self.profiles.profiles.items()
             },
@@ -186,9 +301,18 @@ class CacheService:
         self.profiles.booted(json.loads(msg.data).get("data", {}).get("session_id", ""))
 
     async def on_session_closed(self, msg: Msg) -> None:
+        """Queue group (once): the session's boot, if it was being learnt, ends."""
+        self.profiles.end_boot(json.loads(msg.data).get("data", {}).get("session_id", ""))
+
+    async def drop_closed_session(self, msg: Msg) -> None:
+        """Every node: the one holding the session's ``discard`` cache drops it (and its
+        owner record); the others hold nothing of it."""
         sid = json.loads(msg.data).get("data", {}).get("session_id", "")
-        self.profiles.end_boot(sid)
-        self.writes.drop_session(sid)
+        for key in self.writes.drop_session(sid):
+            try:
+                await self.owners.release(key)
+            except Exception as e:
+                log.warning("write cache %s dropped, but its owner record stays: %s", key, e)
 
     async def on_boot_requested(self, msg: Msg) -> None:
         event = json.loads(msg.data)
@@ -272,25 +396,58 @@ class CacheService:
             await store.close()
 
 
+class _NotAlive(Exception):
+    """No cache node answers on that node's subjects."""
+
+
+async def _refuse_duplicate(rt: ServiceRuntime) -> None:
+    """Two live processes with one node id would both take that node's writes: refuse."""
+    node = rt.settings.node_id
+    try:
+        msg = await rt.nc.request(node_subject(node, wire.V_STATS), b"{}", timeout=1.0)
+    except (NoRespondersError, NatsTimeoutError):
+        return  # nobody, or a dead process NATS has not noticed yet
+    other = json.loads(msg.data or b"{}")
+    raise BusError(
+        f"another cache node runs as {node!r} (pid {other.get('pid')}): give each cache node "
+        "its own STREAMBOOT_NODE_ID"
+    )
+
+
 async def start(rt: ServiceRuntime) -> None:
+    await _refuse_duplicate(rt)
     svc = CacheService(rt)
     recovered = svc.writes.recover()
     svc.profiles.load()
+    svc.owners = await Owners.open(rt.js, svc.node)
+    await svc.register_recovered()
     if recovered:
-        log.info("cache: recovered %d write caches", recovered)
+        log.info("cache: recovered %d write caches", len(svc.writes.caches))
+    rt.spawn(svc.peers.run(), "cache-peers")
     nc, q = rt.nc, wire.QUEUE
+
+    def node(verb: str) -> str:
+        return node_subject(svc.node, verb)
+
     subs = [
-        await serve_json(nc, wire.WC_OPEN, svc.wc_open, queue=q),
-        await nc.subscribe(wire.WC_WRITE, queue=q, cb=svc.wc_write),
-        await nc.subscribe(wire.WC_READ, queue=q, cb=svc.wc_read),
-        await serve_json(nc, wire.WC_LIST, svc.wc_list, queue=q),
+        # Routed to the holder (placement.py); each open its own task (it may wait on KV
+        # and other nodes).
+        await serve_json(nc, wire.WC_OPEN, svc.wc_open, queue=q, concurrent=True),
+        await serve_json(nc, node(wire.V_WC_OPEN), svc.wc_open, concurrent=True),
+        # One subscription, so one session's batches are applied in the order sent.
+        await nc.subscribe(node(wire.V_WC_WRITE), cb=svc.wc_write),
+        await nc.subscribe(node(wire.V_WC_READ), cb=svc.wc_read),
+        await serve_json(nc, node(wire.V_STATS), svc.stats),
+        # Every node answers (scatter-gather).
+        await serve_json(nc, wire.WC_LIST, svc.wc_list),
+        await serve_json(nc, wire.STATS, svc.stats),
         await serve_json(nc, wire.RC_OPEN, svc.rc_open, queue=q),
         # Store reads may be slow: each read its own task (a subscription's callbacks run
         # one at a time). Writes stay in order on theirs.
         await nc.subscribe(wire.RC_READ, queue=q, cb=svc.spawn_read),
-        await serve_json(nc, wire.STATS, svc.stats, queue=q),
         await nc.subscribe("events.BlocksRequested.>", queue=q, cb=svc.on_blocks),
         await nc.subscribe("events.SessionClosed.>", queue=q, cb=svc.on_session_closed),
+        await nc.subscribe("events.SessionClosed.>", cb=svc.drop_closed_session),
         await nc.subscribe("events.ClientBooted.>", queue=q, cb=svc.on_client_booted),
         await nc.subscribe("events.BootRequested.>", queue=q, cb=svc.on_boot_requested),
     ]

@@ -5,16 +5,34 @@ its acknowledgement, so every microsecond per message counts (FastStream adds ~0
 message; raw nats-py does ~51k request/reply a second). Messages stay <= 1 MiB (NATS's
 default max payload outside our embedded config).
 
-Subjects (queue group ``cache``):
+Subjects. In the queue group ``cache`` (any one cache node answers):
 
-- ``streamboot.cache.wc.open``   JSON {key, session_id, size, kind, persistence, vdisk, version}
-                                 -> {state: base64(zlib(one state byte per 4 KiB block)), used, capacity}
-- ``streamboot.cache.wc.write``  binary batch (below) -> one status byte (errno, 0 = ok) per record
-- ``streamboot.cache.wc.read``   JSON {key, offset, length} -> status-prefixed bytes
-- ``streamboot.cache.wc.list``   JSON {} -> [{key, session_id, used, capacity, kind, persistence}]
+- ``streamboot.cache.wc.open``   JSON {key, session_id, size, kind, persistence, vdisk, version,
+                                 mac, create} -> {node, state: base64(zlib(one state byte per
+                                 4 KiB block)), used, capacity}. The node that answers routes
+                                 the open to the node holding (or placed to hold) the key
+                                 (``services/cache/placement.py``); ``node`` says which one
+                                 that is. ``create: false`` (the registry's ``vdisk commit``):
+                                 a key no node holds is an error, not a new empty cache.
 - ``streamboot.cache.rc.open``   JSON {key, vdisk, version, store, layers, size} -> {profile: [[off, len]...]}
-- ``streamboot.cache.rc.read``   JSON {key, offset, length} -> status-prefixed bytes
-- ``streamboot.cache.stats``     JSON {} -> read cache figures, write caches, profiles
+- ``streamboot.cache.rc.read``   JSON {key, offset, length, and the rc.open fields} ->
+                                 status-prefixed bytes (the fields let any node open the
+                                 version's read cache on its first read of it)
+
+Per node (``streamboot.cache.node.<node>.<verb>``, only that node answers; the session talks
+to its write cache's node through these for its whole life):
+
+- ``wc.open``   as above, ``hops`` > 0: an open routed here by another cache node
+- ``wc.write``  binary batch (below) -> one status byte (errno, 0 = ok) per record
+- ``wc.read``   JSON {key, offset, length} -> status-prefixed bytes
+- ``stats``     as ``streamboot.cache.stats``
+
+Every cache node, no queue group (scatter-gather: ``client.gather``; a plain request gets
+the first node's answer):
+
+- ``streamboot.cache.wc.list``   JSON {} -> {node, caches: [{key, session_id, used, capacity,
+                                 kind, persistence, zeroed, node}]}
+- ``streamboot.cache.stats``     JSON {} -> {node, read cache figures, write caches, profiles, peers}
 
 Write batch: ``<H`` key length, the key (utf-8), then records ``<BBQI`` (op, flags, offset,
 length), each WRITE record followed by its ``length`` bytes of data. Records are applied in
@@ -33,13 +51,14 @@ from collections.abc import Iterator
 
 PREFIX = "streamboot.cache"
 WC_OPEN = f"{PREFIX}.wc.open"
-WC_WRITE = f"{PREFIX}.wc.write"
-WC_READ = f"{PREFIX}.wc.read"
 WC_LIST = f"{PREFIX}.wc.list"
 RC_OPEN = f"{PREFIX}.rc.open"
 RC_READ = f"{PREFIX}.rc.read"
 STATS = f"{PREFIX}.stats"
 QUEUE = "cache"
+# Per-node subjects: f"{NODE_PREFIX}.<escaped node id>.<verb>" (placement.node_subject).
+NODE_PREFIX = f"{PREFIX}.node"
+V_WC_OPEN, V_WC_WRITE, V_WC_READ, V_STATS = "wc.open", "wc.write", "wc.read", "stats"
 
 BLOCK = 4096
 # Largest message we send: under NATS's 1 MiB default with room for headers.

@@ -238,6 +238,9 @@ class WriteCaches:
         self.capacity = capacity
         self.on_full = on_full
         self.caches: dict[str, SessionWriteCache] = {}
+        # Caches found on disk that could not be reopened, with why: never silently
+        # replaced by a new empty cache of the same key.
+        self.unrecoverable: dict[str, str] = {}
 
     def recover(self) -> int:
         """Reopen the caches a previous run of this service left (after a crash, too)."""
@@ -251,15 +254,23 @@ class WriteCaches:
                     wc.open_files(create=False)
                 except (OSError, ValueError) as e:
                     log.error("write cache %s in %s cannot be recovered: %s", key, d, e)
+                    self.unrecoverable[key] = f"{meta_path}: {e}"
                     continue
                 self.caches[key] = wc
                 log.info("recovered write cache %s (%s, %d bytes dirty)", key, kind, wc.used)
         return len(self.caches)
 
-    def open(self, req: dict[str, Any]) -> SessionWriteCache:
+    def validate(self, req: dict[str, Any]) -> str:
+        """The key of an open request this node could serve; WriteCacheError if not."""
         key = str(req.get("key", ""))
         if not _KEY_OK.match(key):
             raise WriteCacheError(f"bad write cache key {key!r}")
+        if key not in self.caches and req.get("kind", "server-disk") not in self.dirs:
+            raise WriteCacheError(f"the cache service holds no {req.get('kind')!r} write caches")
+        return key
+
+    def open(self, req: dict[str, Any]) -> SessionWriteCache:
+        key = self.validate(req)
         wc = self.caches.get(key)
         if wc is not None:
             if wc.size != int(req["size"]):
@@ -270,8 +281,6 @@ class WriteCaches:
             wc.meta["session_id"] = req.get("session_id") or wc.meta.get("session_id")
             return wc
         kind = req.get("kind", "server-disk")
-        if kind not in self.dirs:
-            raise WriteCacheError(f"the cache service holds no {kind!r} write caches")
         meta = {
             k: req.get(k)
             for k in ("session_id", "vdisk", "version", "size", "kind", "persistence", "mac")
@@ -351,6 +360,12 @@ class WriteCaches:
         for k in gone:
             self.drop(k)
         return gone
+
+    def forget(self, key: str) -> None:
+        """Stop serving a cache without touching its files (another node owns its key)."""
+        wc = self.caches.pop(key, None)
+        if wc is not None:
+            wc.close()
 
     def close(self) -> None:
         for wc in self.caches.values():

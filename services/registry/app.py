@@ -79,9 +79,10 @@ class RegistryApp:
         *,
         heartbeats: HeartbeatSource | None = None,
         on_appended: Callable[[], None] | None = None,
-        write_caches: Callable[[], Awaitable[list[Record]]] | None = None,
+        write_caches: Callable[[], Awaitable[tuple[list[Record], bool]]] | None = None,
     ) -> None:
-        # The cache service's per-session write-cache usage (shown with the sessions).
+        # The cache service's per-session write-cache usage (shown with the sessions): every
+        # cache node's write caches, and whether every live cache node answered.
         self._write_caches = write_caches
         self.store = store
         self.settings = settings
@@ -541,25 +542,31 @@ class RegistryApp:
         return [self.session_view(s) for s in sorted(ss, key=lambda s: s["opened_at"])]
 
     async def list_sessions_with_usage(self) -> list[Record]:
-        """The live sessions with their write-cache usage from the cache service
-        (``write_cache_used``/``_capacity``; None when it cannot be asked right now)."""
+        """The live sessions with their write-cache usage from the cache nodes
+        (``write_cache_used``/``_capacity``; None when it cannot be asked right now, or when
+        a live cache node did not answer and the session's cache is not in the answers)."""
         views = self.list_sessions()
         usage: dict[str, Record] = {}
+        complete = True
         if self._write_caches is not None:
             try:
-                usage = {
-                    c["session_id"]: c for c in await self._write_caches() if c.get("session_id")
-                }
+                caches, complete = await self._write_caches()
+                usage = {c["session_id"]: c for c in caches if c.get("session_id")}
             except Exception as exc:
                 log.info("registry: write-cache usage unavailable (%s)", exc)
-                usage = {}
                 for v in views:
                     v["write_cache_used"] = v["write_cache_capacity"] = None
                 return views
         for v in views:
-            c = usage.get(v["session_id"], {})
+            c = usage.get(v["session_id"])
+            if c is None and not complete:
+                v["write_cache_used"] = v["write_cache_capacity"] = None
+                continue
+            c = c or {}
             v["write_cache_used"] = c.get("used", 0)
             v["write_cache_capacity"] = c.get("capacity")
+            if c.get("node"):
+                v["write_cache_node"] = c["node"]
         return views
 
     @staticmethod

@@ -7,7 +7,8 @@ cache, which the cache service holds under ``device-<mac>-<vdisk>-v<version>`` (
 1. ask the registry which session and cache (``GET /vdisks/NAME/commit-source``);
 2. materialise that version's chain as a sparse raw image in a staging dir;
 3. overlay the cache service's dirty blocks (``streamboot.cache.wc.open`` for the block map,
-   ``streamboot.cache.wc.read`` for the data) and zero its zeroed blocks;
+   routed to the cache node holding the cache; that node's ``wc.read`` for the data) and
+   zero its zeroed blocks;
 4. store the delta over the chain (``vdisk_store.delta_version``) and register it
    (``POST /vdisks/NAME/versions`` with ``from_maintenance_session``): the registry checks,
    under its append lock, that this session is still the last one and nothing moved on.
@@ -37,10 +38,12 @@ async def overlay_write_cache(
     """Apply the kept write cache of ``source`` onto ``image``; returns bytes applied."""
     client = CacheClient(nc)
     size = int(source["size"])
-    reply = await client.request_json(
-        wire.WC_OPEN,
+    key = source["write_cache_key"]
+    # Routed to the cache node holding the kept cache (create: false: a key no node holds
+    # is an error, not a new empty cache); its blocks are read from that node.
+    opened = await client.open_write_cache(
         {
-            "key": source["write_cache_key"],
+            "key": key,
             "session_id": source["session_id"],
             "vdisk": source["vdisk"],
             "version": source["version"],
@@ -48,9 +51,10 @@ async def overlay_write_cache(
             "kind": source.get("write_cache") or "server-disk",
             "persistence": "keep",
             "mac": source["mac"],
+            "create": False,
         },
     )
-    state = wire.decode_block_map(reply["state"])
+    state = opened.state
     pieces: list[tuple[int, int, bool]] = []
     for v, a, b in wire.dirty_runs(state):
         start, stop = a * wire.BLOCK, min(b * wire.BLOCK, size)
@@ -65,10 +69,7 @@ async def overlay_write_cache(
             nonlocal done
             if dirty:
                 async with sem:
-                    data = await client.request_bytes(
-                        wire.WC_READ,
-                        {"key": source["write_cache_key"], "offset": offset, "length": length},
-                    )
+                    data = await client.read_write_cache(opened.node, key, offset, length)
             else:
                 data = bytes(length)
             os.pwrite(fd, data, offset)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
-from services.cache.wire import WC_LIST
+from services.cache.client import all_write_caches
 from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from services.registry.nats_api import build_broker
@@ -70,6 +72,16 @@ async def _sweep_forever(app: RegistryApp, interval_s: float) -> None:
             log.warning("registry: session sweep failed (%s); retrying", exc)
 
 
+async def write_caches(
+    nc: NATS, js: JetStreamContext, heartbeat_timeout_s: float
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every cache node's write caches (scatter-gather; done once every live cache node,
+    by its heartbeat, answered), and whether they all did."""
+    beats = await read_heartbeats(js, heartbeat_timeout_s)
+    nodes = {b["node"] for b in beats if b.get("service") == "cache" and b.get("alive")}
+    return await all_write_caches(nc, nodes, timeout_s=1.0)
+
+
 class RegistryService:
     """The registry's parts, started and stopped in order (tests drive it in-process)."""
 
@@ -91,7 +103,7 @@ class RegistryService:
             settings,
             heartbeats=lambda: read_heartbeats(js, settings.heartbeat_timeout_s),
             on_appended=relay.poke,
-            write_caches=lambda: bus.request_json(nc, WC_LIST, {}, timeout_s=1.0),
+            write_caches=lambda: write_caches(nc, js, settings.heartbeat_timeout_s),
         )
         await app.start()
         for stale in await asyncio.to_thread(vdisk_store.drop_stale_staging, app.vdisk_root):

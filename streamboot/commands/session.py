@@ -49,7 +49,9 @@ def write_cache_usage(s: dict[str, Any]) -> str:
     if used is None:
         return f"{s['write_cache']} (usage unknown)"
     mib = f"{used / 2**20:,.1f} MiB"
-    return f"{mib} of {capacity / 2**20:,.0f} MiB" if capacity else mib
+    text = f"{mib} of {capacity / 2**20:,.0f} MiB" if capacity else mib
+    # Which cache node holds it (there may be several).
+    return f"{text} on {s['write_cache_node']}" if s.get("write_cache_node") else text
 
 
 @app.command("open")

@@ -107,22 +107,24 @@ class CachedStoreBackend(ReadOnlyBottom):
         self.mirror = link.mirror(self.key, spec.size)
         self._prefetch: asyncio.Task[None] | None = None
 
+    def _open_body(self) -> dict[str, object]:
+        s = self.spec
+        return {
+            "key": self.key,
+            "vdisk": s.vdisk,
+            "version": s.version,
+            "store": s.store,
+            "layers": [str(p) for p in s.layers],
+            "size": s.size,
+        }
+
     def _body(self, offset: int, length: int) -> dict[str, object]:
-        return {"key": self.key, "offset": offset, "length": length}
+        # With the version's description: any cache node (queue group) can serve a read,
+        # opening the version's read cache at its first one.
+        return {**self._open_body(), "offset": offset, "length": length}
 
     async def attach(self) -> None:
-        s = self.spec
-        reply = await self.link.client.request_json(
-            wire.RC_OPEN,
-            {
-                "key": self.key,
-                "vdisk": s.vdisk,
-                "version": s.version,
-                "store": s.store,
-                "layers": [str(p) for p in s.layers],
-                "size": s.size,
-            },
-        )
+        reply = await self.link.client.request_json(wire.RC_OPEN, self._open_body())
         profile = [(int(o), int(n)) for o, n in reply.get("profile", [])]
         if profile:
             self._prefetch = asyncio.get_running_loop().create_task(self._pull(profile))

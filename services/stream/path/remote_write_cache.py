@@ -15,12 +15,13 @@ the vdisk itself. Zeroed and trimmed blocks travel as marks only.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from pathlib import Path
 
 from services.cache import wire
-from services.cache.client import CacheClient
+from services.cache.client import CacheClient, WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.write_cache import BLOCK, DIRTY, ZEROED, WriteCache
 from services.stream.spec import ExportSpec
@@ -48,13 +49,17 @@ class RemoteWriteCache(WriteCache):
         self.spec = spec
         self.client = client
         self.key = cache_key(spec)
-        self.channel = client.writer(self.key)
+        self.node: str | None = None  # the cache node holding it (attach says)
+        self.channel: WriteChannel | None = None  # to that node
 
     async def attach(self) -> None:
-        """Open (or find again) the cache service's write cache and mirror its blocks."""
+        """Open (or find again) the cache service's write cache and mirror its blocks.
+
+        Whichever cache node holds the key answers (``wc.open`` routes it there); every
+        write and pull of this session then goes to that node, so a gone node is an error
+        naming it, never a new empty cache on another one."""
         s = self.spec
-        reply = await self.client.request_json(
-            wire.WC_OPEN,
+        opened = await self.client.open_write_cache(
             {
                 "key": self.key,
                 "session_id": s.session_id,
@@ -66,7 +71,9 @@ class RemoteWriteCache(WriteCache):
                 "mac": s.mac,
             },
         )
-        state = wire.decode_block_map(reply["state"])
+        self.node = opened.node
+        self.channel = self.client.writer(self.key, opened.node)
+        state = opened.state
         if len(state) != len(self.state):
             raise OSError(
                 f"write cache {self.key}: map of {len(state)} blocks, disk has {len(self.state)}"
@@ -84,14 +91,17 @@ class RemoteWriteCache(WriteCache):
 
         async def pull(offset: int, length: int) -> None:
             async with sem:
-                data = await self.client.request_bytes(
-                    wire.WC_READ, {"key": self.key, "offset": offset, "length": length}
-                )
+                data = await self.client.read_write_cache(opened.node, self.key, offset, length)
             os.pwrite(self.fd, data, offset)
             self._mark(offset // BLOCK, -(-(offset + length) // BLOCK), DIRTY)
 
         await asyncio.gather(*(pull(o, n) for o, n in pulls))
-        log.info("write cache %s: pulled %d dirty bytes", self.key, self.dirty_bytes)
+        log.info(
+            "write cache %s: pulled %d dirty bytes from cache node %s",
+            self.key,
+            self.dirty_bytes,
+            opened.node,
+        )
 
     def _ship(self, offset: int, length: int, fua: bool) -> list[asyncio.Future[None]]:
         """Queue the blocks covering a changed range, as the mirror now holds them.
@@ -100,14 +110,15 @@ class RemoteWriteCache(WriteCache):
         writes queue in the order the mirror saw them."""
         a = offset // BLOCK * BLOCK
         b = min(-(-(offset + length) // BLOCK) * BLOCK, self.size)
+        channel = self._channel()
         futs = []
         for v, s, e in self._runs(a, b - a):
             if v == DIRTY:
                 for pos, n in wire.chunks(s, e - s):
                     data = os.pread(self.fd, n, pos)
-                    futs.append(self.channel.submit(wire.OP_WRITE, pos, n, data, fua))
+                    futs.append(channel.submit(wire.OP_WRITE, pos, n, data, fua))
             elif v == ZEROED:
-                futs.append(self.channel.submit(wire.OP_ZERO, s, e - s, None, fua))
+                futs.append(channel.submit(wire.OP_ZERO, s, e - s, None, fua))
         return futs
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
@@ -124,7 +135,12 @@ class RemoteWriteCache(WriteCache):
 
     async def flush(self) -> None:
         # Ordered after every record queued before it; the cache fsyncs, then answers.
-        await self.channel.submit(wire.OP_FLUSH, 0, 0, None, True)
+        await self._channel().submit(wire.OP_FLUSH, 0, 0, None, True)
+
+    def _channel(self) -> WriteChannel:
+        if self.channel is None:  # the stack attaches before any request is served
+            raise OSError(errno.EIO, f"write cache {self.key} used before it was attached")
+        return self.channel
 
 
 async def _all(futs: list[asyncio.Future[None]]) -> None:

@@ -1,0 +1,180 @@
+"""Which cache node holds which write cache, with several cache nodes.
+
+A write cache lives on one cache node (its files are under that node's DATA_DIR, or its
+``/dev/shm``), so every request about it must reach that node. Three pieces:
+
+- **Per-node subjects**: every cache node also answers ``streamboot.cache.node.<node>.*``
+  (:func:`node_subject`), alone (no queue group). A session talks to its cache's node
+  through them for its whole life; ``no responders`` there means that node is not alive.
+- **The owner record**: the NATS KV bucket ``streamboot_cache_owners`` maps a cache key to
+  the node holding it. A node writes it when it creates a cache (``create``: if two nodes
+  try for one key, one wins and the other forwards to it) and again when it recovers its
+  caches on start; the holder deletes it when it drops a ``discard`` cache. No TTL: a kept
+  cache's record lives as long as the cache.
+- **Placement of a new key**: rendezvous hashing (:func:`rank`) over the live cache nodes
+  (their heartbeats, :class:`Peers`): stable per key while the set of nodes is, so a kept
+  cache's next boot usually reaches its holder without a hop, and spread evenly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.errors import (
+    APIError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+)
+from nats.js.kv import KeyValue
+
+from services.cache import wire
+from shared.bus import HEARTBEAT_BUCKET, key_value_bucket
+
+log = logging.getLogger("streamboot.cache.placement")
+
+OWNERS_BUCKET = "streamboot_cache_owners"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
+
+
+def escape(text: str) -> str:
+    """A NATS subject token / KV key for any text: every character but ``[A-Za-z0-9-]`` as
+    ``_XX`` (its code, hex). Injective, so two names never share a token."""
+    return _UNSAFE.sub(lambda m: "".join(f"_{b:02X}" for b in m.group().encode()), text)
+
+
+def node_subject(node: str, verb: str) -> str:
+    """``streamboot.cache.node.<node>.<verb>``: only that node answers."""
+    return f"{wire.NODE_PREFIX}.{escape(node)}.{verb}"
+
+
+def score(key: str, node: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{node}\0{key}".encode(), digest_size=8).digest())
+
+
+def rank(key: str, nodes: Iterable[str]) -> list[str]:
+    """The nodes by preference for ``key`` (rendezvous hashing: highest score first)."""
+    return sorted(set(nodes), key=lambda n: score(key, n), reverse=True)
+
+
+@dataclass
+class Owner:
+    node: str
+    revision: int
+    record: dict[str, Any]
+
+
+class Owners:
+    """The owner records of write caches (KV bucket :data:`OWNERS_BUCKET`)."""
+
+    def __init__(self, kv: KeyValue, node: str) -> None:
+        self.kv = kv
+        self.node = node
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, node: str) -> Owners:
+        return cls(await key_value_bucket(js, OWNERS_BUCKET, 0), node)
+
+    async def get(self, key: str) -> Owner | None:
+        try:
+            entry = await self.kv.get(escape(key))
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        if not entry.value:
+            return None
+        record = json.loads(entry.value)
+        return Owner(str(record["node"]), int(entry.revision or 0), record)
+
+    async def claim(self, key: str, meta: dict[str, Any]) -> Owner:
+        """Record this node as the holder of ``key`` unless some node already is; returns the
+        owner after the call (this node, or the one that got there first)."""
+        record = {
+            "node": self.node,
+            "key": key,
+            "persistence": meta.get("persistence"),
+            "kind": meta.get("kind"),
+            "since": time.time(),
+        }
+        for _ in range(5):
+            try:
+                rev = await self.kv.create(escape(key), json.dumps(record).encode())
+                return Owner(self.node, rev, record)
+            except KeyWrongLastSequenceError:
+                owner = await self.get(key)  # someone holds it (or just deleted it: retry)
+                if owner is not None:
+                    return owner
+        raise OSError(f"cannot record the owner of write cache {key}: the record keeps changing")
+
+    async def release(self, key: str) -> None:
+        """Delete the record of a dropped cache, if it is still this node's."""
+        owner = await self.get(key)
+        if owner is None or owner.node != self.node:
+            return
+        try:
+            await self.kv.delete(escape(key), last=owner.revision)
+        except APIError as e:
+            if e.err_code not in (10071, 10164):  # not "changed meanwhile": a real failure
+                raise
+
+
+class Peers:
+    """The cache nodes alive now, from their heartbeats (a watch on ``cache.>``)."""
+
+    def __init__(self, js: JetStreamContext, node: str, timeout_s: float) -> None:
+        self.js = js
+        self.node = node
+        self.timeout_s = timeout_s
+        self.beats: dict[str, float] = {}  # node -> time of its last heartbeat
+
+    def alive(self) -> list[str]:
+        now = time.time()
+        live = {n for n, at in self.beats.items() if now - at <= self.timeout_s}
+        return sorted(live | {self.node})
+
+    async def run(self) -> None:
+        """Follow the heartbeat bucket forever (watching again after an error)."""
+        while True:
+            try:
+                kv = await key_value_bucket(self.js, HEARTBEAT_BUCKET, 60.0)
+                watcher = await kv.watch("cache.>")
+                try:
+                    while True:
+                        # This node's own heartbeat is among the keys: silence this long
+                        # means the watch is gone (e.g. JetStream restarted): watch again.
+                        entry = await watcher.updates(timeout=max(10.0, 3 * self.timeout_s))
+                        if entry is KeyValue.KeyWatcher.STOP_ITER:
+                            break
+                        if entry is not None:  # None: the end of the initial values
+                            self._apply(entry.key, entry.value, entry.operation)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("cache peers: heartbeat watch failed (%s); watching again", e)
+            await asyncio.sleep(1.0)
+
+    def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
+        if op in ("DEL", "PURGE") or not value:
+            # The heartbeat's key (shared/heartbeat.py): ``cache.<node>``, ":" as "_".
+            self.beats = {
+                n: at for n, at in self.beats.items() if f"cache.{n}".replace(":", "_") != key
+            }
+            return
+        try:
+            beat = json.loads(value)
+            self.beats[str(beat["node"])] = float(beat.get("at", 0))
+        except (ValueError, KeyError, TypeError):
+            pass
