@@ -140,6 +140,9 @@ class SessionManager:
         self._spans: dict[tuple[str, str, str], trace.Span] = {}
         # Every open connection (with or without a session), so shutdown can end them all.
         self.connections: set = set()
+        # Why the last open of a token failed, for the client (e.g. "cache node X holding
+        # write cache K is not alive"); kept until that token opens.
+        self.refusals: dict[str, str] = {}
 
     async def acquire(self, token: str) -> Session | None:
         """The session of ``token`` with one more connection on it; None for unknown tokens."""
@@ -166,7 +169,11 @@ class SessionManager:
                         "cannot attach session %s to the cache service: %s", spec.session_id, e
                     )
                     backend.close()
+                    if len(self.refusals) > 1000:
+                        self.refusals.clear()
+                    self.refusals[token] = f"session {spec.session_id}: {e.strerror or e}"
                     return None
+                self.refusals.pop(token, None)
                 session = Session(token, spec, backend, self)
                 self.sessions[token] = session
             if session._linger is not None:

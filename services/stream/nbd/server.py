@@ -127,9 +127,11 @@ class NbdConnection(Connection):
         except (struct.error, ValueError):
             self._reply(opt, P.REP_ERR_INVALID)
             return False
-        session = await self._open(name.decode("utf-8", "replace"))
+        token = name.decode("utf-8", "replace")
+        session = await self._open(token)
         if session is None:
-            self._reply(opt, P.REP_ERR_UNKNOWN)
+            # With the reason when there is one (the client may show it).
+            self._reply(opt, P.REP_ERR_UNKNOWN, self.mgr.refusals.get(token, "").encode())
             return False
         b = session.backend
         self._reply(
