@@ -21,6 +21,7 @@ import nats
 import pytest
 
 from services.cache import wire
+from services.cache.placement import node_subject
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 16 * 1024 * 1024
@@ -67,36 +68,55 @@ async def cache_request(nats_url: str, subject: str, body: dict[str, Any]) -> An
 
 
 class System:
-    """The cache service + stream nodes of one test, under one data dir."""
+    """The cache nodes + stream nodes of one test, under one folder.
+
+    The default cache node (``start_cache()``) uses ``data``, ``shm`` and ``cache.log``;
+    a named one (``start_cache("b")``) ``data-b``, ``shm-b`` and ``cache-b.log``, with its
+    own node id (:meth:`node_id`): several cache nodes, each holding its own caches."""
 
     def __init__(self, nats_url: str, root: Path, env: dict[str, str]) -> None:
         self.nats_url = nats_url
         self.root = root
         self.data = root / "data"
+        # Node ids unique over the whole run (the NATS server and its KV outlive a test).
+        self.id_prefix = f"cache-{root.parent.name}-{root.name}"
         self.env = {
             "STREAMBOOT_NATS_URL": nats_url,
             "STREAMBOOT_DATA_DIR": str(self.data),
             "STREAMBOOT_CACHE_RAM_DIR": str(root / "shm"),
-            "STREAMBOOT_NODE_ID": f"cache-{root.name}",
+            "STREAMBOOT_NODE_ID": self.id_prefix,
             "STREAMBOOT_METRICS_PORT": "0",
             "STREAMBOOT_HEARTBEAT_INTERVAL_S": "1",
             **env,
         }
         self.procs: list[Proc] = []
         self.cache: Proc | None = None
+        self.caches: dict[str, Proc] = {}
 
-    async def start_cache(self) -> Proc:
-        self.cache = Proc(
-            [sys.executable, "-m", "services.cache"], self.env, self.root / "cache.log"
-        )
-        self.procs.append(self.cache)
-        # Ready when it answers.
+    def node_id(self, name: str = "") -> str:
+        return f"{self.id_prefix}-{name}" if name else self.id_prefix
+
+    def cache_log(self, name: str = "") -> Path:
+        return self.root / (f"cache-{name}.log" if name else "cache.log")
+
+    async def start_cache(self, name: str = "") -> Proc:
+        env = dict(self.env)
+        if name:
+            env["STREAMBOOT_DATA_DIR"] = str(self.root / f"data-{name}")
+            env["STREAMBOOT_CACHE_RAM_DIR"] = str(self.root / f"shm-{name}")
+            env["STREAMBOOT_NODE_ID"] = self.node_id(name)
+        log = self.cache_log(name)
+        self.cache = proc = Proc([sys.executable, "-m", "services.cache"], env, log)
+        self.caches[name] = proc
+        self.procs.append(proc)
+        # Ready when it answers on its own subjects.
+        subject = node_subject(self.node_id(name), wire.V_STATS)
         for _ in range(300):
             try:
-                await cache_request(self.nats_url, wire.STATS, {})
-                return self.cache
+                await cache_request(self.nats_url, subject, {})
+                return proc
             except Exception:
-                assert self.cache.p.poll() is None, (self.root / "cache.log").read_text()
+                assert proc.p.poll() is None, log.read_text()
                 await asyncio.sleep(0.1)
         raise AssertionError("cache service never answered")
 
