@@ -5,7 +5,10 @@ Subjects (the whole map lives here so nobody invents a second one):
 - ``streamboot.events.append``    request/reply to the registry: append events to the log
 - ``streamboot.registry.<verb>``  request/reply: registry commands and queries
 - ``streamboot.cache.<verb>``     request/reply: cache commands (raw nats-py, data plane)
+- ``streamboot.cache.node.<node>.<verb>``  the same, to one cache node (services/cache/wire.py)
 - heartbeats: the JetStream KV bucket HEARTBEAT_BUCKET, key ``<service>.<node>``
+- which cache node holds which write cache: KV ``streamboot_cache_owners``
+  (services/cache/placement.py)
 """
 
 from __future__ import annotations

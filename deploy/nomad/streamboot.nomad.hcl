@@ -33,7 +33,7 @@ variable "stream_count" {
 }
 
 variable "cache_count" {
-  description = "Cache nodes: keep 1 until the cache service routes a session to the node holding its write cache (docs/deploy.md)"
+  description = "Cache nodes, one per machine: each holds the write caches placed on it (opens are routed to the holder; docs/cache.md)"
   type        = number
   default     = 1
 }
@@ -480,11 +480,15 @@ job "streamboot" {
     }
   }
 
+  # Several cache nodes: each session's write cache lives on one of them (its host volume
+  # or /dev/shm) and every request about it is routed there (docs/cache.md). A node is its
+  # STREAMBOOT_NODE_ID plus that volume: one per machine (two would share the volume), and
+  # it must come back on the same machine to serve its caches again.
   group "cache" {
     count = var.cache_count
 
-    spread {
-      attribute = "${node.unique.id}"
+    constraint {
+      distinct_hosts = true
     }
 
     network {
