@@ -100,6 +100,7 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
         [listed] = cli_json(data_dir, "session", "list")
         assert listed["session_id"] == session["session_id"]
         assert listed["write_cache_used"] >= 64 * 1024
+        assert listed["write_cache_node"]  # the cache node holding it (there may be several)
         assert "MiB" in cli(data_dir, "session", "list").stdout  # the usage column
 
         # The log holds the story of this session, in order.
