@@ -116,6 +116,16 @@ class Owners:
                     return owner
         raise OSError(f"cannot record the owner of write cache {key}: the record keeps changing")
 
+    async def mark_written(self, key: str) -> None:
+        """Note in this node's record that the cache has data (its files exist): from then
+        on, this node not holding it means its files were lost, not that it never wrote."""
+        owner = await self.get(key)
+        if owner is None or owner.node != self.node or owner.record.get("written"):
+            return
+        record = {**owner.record, "written": True}
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await self.kv.update(escape(key), json.dumps(record).encode(), last=owner.revision)
+
     async def release(self, key: str) -> None:
         """Delete the record of a dropped cache, if it is still this node's."""
         owner = await self.get(key)

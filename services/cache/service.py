@@ -73,7 +73,9 @@ class CacheService:
         self.stores: dict[str, Store] = {"local": LocalStore(str(s.vdisk_root))}
         for name, url in s.cache_stores.items():
             self.stores[name] = open_store(url)
-        self.writes = WriteCaches(root / "write", ram_dir(s), s.cache_write_capacity, self._full)
+        self.writes = WriteCaches(
+            root / "write", ram_dir(s), s.cache_write_capacity, self._full, self._has_files
+        )
         self.reads = ReadCaches(root / "read", s.cache_read_capacity, self.stores)
         self.profiles = BootProfiles(
             root / "profiles", s.boot_profile_window_s, s.boot_profile_max_boots, self._profile
@@ -104,6 +106,15 @@ class CacheService:
     def _full(self, wc: SessionWriteCache) -> None:
         sid = wc.meta.get("session_id") or wc.key
         self.emit(WriteCacheFull(session_id=sid, capacity=wc.capacity, used=wc.used), sid)
+
+    def _has_files(self, wc: SessionWriteCache) -> None:
+        async def mark() -> None:
+            try:
+                await self.owners.mark_written(wc.key)
+            except Exception as e:
+                log.warning("write cache %s: owner record not marked as written: %s", wc.key, e)
+
+        self._spawn(mark())
 
     def _profile(self, key: str, prof: Profile) -> None:
         vdisk, _, version = key.rpartition("@")
@@ -182,9 +193,17 @@ class CacheService:
                     f"write cache {key} on cache node {self.node} could not be recovered "
                     f"({self.writes.unrecoverable[key]})"
                 )
-                log.error("%s: open refused", message)
-                raise RemoteError(message, "unavailable")
-            return self._opened(body)
+            elif owner.record.get("written") and key not in self.writes.caches:
+                # Not held (dropped caches have no record) yet it had data: its files are
+                # gone (a machine restart emptied /dev/shm, a lost disk...).
+                message = (
+                    f"write cache {key} held by cache node {self.node} had data, but its "
+                    "files are gone"
+                )
+            else:
+                return self._opened(body)
+            log.error("%s: open refused", message)
+            raise RemoteError(message, "unavailable")
         if hops >= MAX_HOPS:
             raise RemoteError(
                 f"write cache {key}: routed {hops} times, its owner record keeps moving "

@@ -233,10 +233,19 @@ Full = Callable[[SessionWriteCache], None]
 class WriteCaches:
     """Every write cache this cache node owns, found again on start."""
 
-    def __init__(self, disk_dir: Path, ram_dir: Path, capacity: int, on_full: Full) -> None:
+    def __init__(
+        self,
+        disk_dir: Path,
+        ram_dir: Path,
+        capacity: int,
+        on_full: Full,
+        on_files: Callable[[SessionWriteCache], None] | None = None,
+    ) -> None:
         self.dirs = {"server-disk": disk_dir, "server-ram": ram_dir}
         self.capacity = capacity
         self.on_full = on_full
+        # Called once when a cache's files appear (its first change).
+        self.on_files = on_files
         self.caches: dict[str, SessionWriteCache] = {}
         # Caches found on disk that could not be reopened, with why: never silently
         # replaced by a new empty cache of the same key.
@@ -314,6 +323,7 @@ class WriteCaches:
             log.error("write to %s refused: %s", key, e)
             return bytes([errno.ESTALE]) * len(records)
         sync = False
+        had_files = wc.data_fd >= 0
         for i, (op, flags, offset, length, data) in enumerate(records):
             try:
                 if op == OP_WRITE:
@@ -332,6 +342,8 @@ class WriteCaches:
                         self.on_full(wc)
                 else:
                     log.error("write cache %s: %s", key, e)
+        if not had_files and wc.data_fd >= 0 and self.on_files is not None:
+            self.on_files(wc)
         if sync:
             try:
                 await asyncio.to_thread(wc.sync)

@@ -98,12 +98,17 @@ def tokens_placed(prefix: str, nodes: list[str], per_node: int) -> dict[str, str
 
 
 async def owner_record(nc: nats.NATS, key: str) -> str | None:
+    record = await owner_entry(nc, key)
+    return record["node"] if record else None
+
+
+async def owner_entry(nc: nats.NATS, key: str) -> dict[str, Any] | None:
     kv = await nc.jetstream().key_value(OWNERS_BUCKET)
     try:
         entry = await kv.get(escape(key))
     except Exception:
         return None
-    return json.loads(entry.value)["node"] if entry.value else None
+    return json.loads(entry.value) if entry.value else None
 
 
 def log_text(path: Path) -> str:
@@ -139,9 +144,12 @@ async def test_sessions_spread_over_two_cache_nodes_and_read_back(
     )
     log2 = log_text(s.root / "s2.log")
     for t, node in placed.items():
-        assert f"write cache session-{t}: pulled {dirty_bytes()} dirty bytes from cache node {node}" in log2
+        assert (
+            f"write cache session-{t}: pulled {dirty_bytes()} dirty bytes from cache node {node}"
+            in log2
+        )
     # Bytes beside the unaligned write still come from the base image.
-    base = base_image.read_bytes()
+    base = await asyncio.to_thread(base_image.read_bytes)
     t0 = next(iter(placed))
     out = await asyncio.to_thread(qemu_io, f"{uri2}/{t0}", "read -v 1005000 16")
     assert base[1005000 : 1005000 + 4].hex() in out.replace(" ", "")
@@ -241,9 +249,7 @@ async def test_kill9_of_one_cache_node_fails_only_its_sessions(
     for token in [*placed, late]:
         exports.update(export(token, base_image))
     _n1, uri = await s.start_node(exports, "s1")
-    await asyncio.gather(
-        *(asyncio.to_thread(qemu_io, f"{uri}/{t}", *writes(0x31)) for t in placed)
-    )
+    await asyncio.gather(*(asyncio.to_thread(qemu_io, f"{uri}/{t}", *writes(0x31)) for t in placed))
     s.caches["b"].kill9()
 
     for t, node in placed.items():
@@ -296,6 +302,42 @@ async def test_session_closed_drops_the_cache_on_the_node_holding_it(
         assert await owner_record(nc, f"session-{t}") is None
     for name in ("a", "b"):
         assert len(list((s.root / f"data-{name}" / "cache" / "write").iterdir())) == 0
+
+
+async def test_a_cache_whose_files_are_lost_is_an_error_not_a_new_empty_cache(
+    system, base_image: Path, nc: nats.NATS
+) -> None:  # type: ignore[no-untyped-def]
+    """Its node comes back without its files (a machine restart empties /dev/shm, a disk is
+    replaced): the device's next session is refused, not given an empty cache."""
+    s = system()
+    await s.start_cache()
+    kept = {
+        "write_cache_persistence": "keep",
+        "mac": "52:54:00:c0:ff:02",
+        "write_cache": "server-ram",
+    }
+    exports = {
+        **export("lf1", base_image, session_id="s-lf1", **kept),
+        **export("lf2", base_image, session_id="s-lf2", **kept),
+    }
+    key = "device-525400c0ff02-golden-v1"
+    _n1, uri1 = await s.start_node(exports, "s1")
+    await asyncio.to_thread(qemu_io, f"{uri1}/lf1", *writes(0x66))
+    for _ in range(50):  # the holder notes in its record that the cache has data
+        if (await owner_entry(nc, key) or {}).get("written"):
+            break
+        await asyncio.sleep(0.1)
+    assert (await owner_entry(nc, key) or {}).get("written"), await owner_entry(nc, key)
+    s.cache.kill9()  # type: ignore[union-attr]
+    for f in (s.root / "shm").iterdir():  # the machine restarted: tmpfs is empty
+        f.unlink()
+    await s.start_cache()
+    _n2, uri2 = await s.start_node(exports, "s2")
+    out = await asyncio.to_thread(qemu_io, f"{uri2}/lf2", *reads(0x66), expect_error=True)
+    message = f"write cache {key} held by cache node {s.node_id()} had data, but its files are gone"
+    assert message in out, out
+    assert message in log_text(s.cache_log())
+    assert key not in await held(s, s.node_id())
 
 
 async def test_gather_without_any_cache_node_is_an_error(nc: nats.NATS) -> None:
