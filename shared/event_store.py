@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -25,14 +26,24 @@ import orjson
 
 from shared.envelope import Envelope
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("streamboot.event_store")
+
+SCHEMA_VERSION = 2
 NOTIFY_CHANNEL = "streamboot_events"
 # Any 64-bit constant: the lock every append transaction holds.
 APPEND_LOCK_KEY = 0x5EB0_0701
 
+SCHEMA_INFO = "CREATE TABLE IF NOT EXISTS schema_info (key text PRIMARY KEY, value text NOT NULL)"
+
+# Every index here is read by a query of this module (the rest of the code reads through
+# it): position (order, cursors), id (idempotency), (stream_id, version) (concurrency,
+# read_stream), type (read_all's type filter), (mac, position) (read_all's mac filter: a
+# device's timeline). Each index is paid on every append. The type index holds the type
+# alone: a few distinct keys, so PostgreSQL deduplicates it to a twentieth of the size of
+# (type, position), whose inserts in the middle of the tree split a page every few rows
+# (measured: a fifth of an append's server time, against a twentieth).
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_info (key text PRIMARY KEY, value text NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE events (
     position bigserial PRIMARY KEY,
     id uuid NOT NULL UNIQUE,
     stream_id text NOT NULL,
@@ -42,16 +53,32 @@ CREATE TABLE IF NOT EXISTS events (
     correlation_id text,
     causation_id text,
     traceparent text,
-    data jsonb NOT NULL,
+    -- json, not jsonb: stored as sent and sent back as stored. jsonb parsed every event
+    -- into its binary form on append and printed it back on every read, for operators
+    -- nothing here uses (ad-hoc SQL can still say data::jsonb).
+    data json NOT NULL,
+    -- The data's "mac" (device-related events), set by the appender: what a device's
+    -- timeline is looked up by.
+    mac text,
     UNIQUE (stream_id, version)
 );
-CREATE INDEX IF NOT EXISTS events_type_position ON events (type, position);
-CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id, position)
-    WHERE correlation_id IS NOT NULL;
--- "What happened to this machine": device-related events carry data.mac.
-CREATE INDEX IF NOT EXISTS events_mac ON events ((data->>'mac'), position)
-    WHERE data ? 'mac';
-CREATE TABLE IF NOT EXISTS cursors (name text PRIMARY KEY, position bigint NOT NULL);
+CREATE INDEX events_type ON events (type);
+CREATE INDEX events_mac ON events (mac, position) WHERE mac IS NOT NULL;
+CREATE TABLE cursors (name text PRIMARY KEY, position bigint NOT NULL);
+"""
+
+# Version 1 -> 2: data jsonb -> json, the MAC as a column instead of an expression index,
+# the type index without the position, no index on correlation_id (nothing queried it).
+# One rewrite of the table.
+MIGRATE_1_TO_2 = """
+DROP INDEX IF EXISTS events_correlation;
+DROP INDEX IF EXISTS events_type_position;
+ALTER TABLE events ADD COLUMN mac text;
+UPDATE events SET mac = data->>'mac' WHERE data ? 'mac';
+DROP INDEX IF EXISTS events_mac;
+ALTER TABLE events ALTER COLUMN data TYPE json USING data::json;
+CREATE INDEX events_type ON events (type);
+CREATE INDEX events_mac ON events (mac, position) WHERE mac IS NOT NULL;
 """
 
 ANY_VERSION: None = None
@@ -123,6 +150,7 @@ _INSERT_COLUMNS = [
     "causation_id",
     "traceparent",
     "data",
+    "mac",
 ]
 
 
@@ -131,19 +159,11 @@ def _row(record: asyncpg.Record) -> StoredEvent:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # orjson: replay decodes millions of rows, and it is several times faster than json.
+    # json's binary wire format is the JSON text itself; orjson is several times faster
+    # than the json module both ways.
     await conn.set_type_codec(
-        "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
+        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
     )
-
-
-# jsonb's binary wire format is a version byte (1) followed by the JSON text.
-def _jsonb_encode(value: Any) -> bytes:
-    return b"\x01" + orjson.dumps(value)
-
-
-def _jsonb_decode(data: bytes) -> Any:
-    return orjson.loads(memoryview(data)[1:])
 
 
 # What a projection needs of each event, and no more: replay decodes millions of rows.
@@ -183,7 +203,19 @@ class EventStore:
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 8) -> EventStore:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=_init_connection
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            # Every statement planned for its arguments and the log's current size. asyncpg
+            # prepares statements, and PostgreSQL then switches to a generic plan, made once
+            # and kept: one made while the log was small (a sequential scan for the append's
+            # id check) was kept as it grew, until autovacuum's next ANALYZE happened to
+            # invalidate it, and meanwhile every append read the whole log (measured: 0.1 s,
+            # then over 1 s per batch of 1,000 at 140,000 events); and a generic plan cannot
+            # tell `position > (the end of the log)` from `position > 0`. Planning costs
+            # a fraction of a millisecond per statement.
+            server_settings={"plan_cache_mode": "force_custom_plan"},
         )
         store = cls(pool, dsn)
         await store.migrate()
@@ -198,18 +230,33 @@ class EventStore:
 
     async def migrate(self) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            # Serialise concurrent first starts of several services.
+            # Serialise concurrent first starts of several services (and keep writers out
+            # while an older log is upgraded).
             await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
-            await conn.execute(SCHEMA)
+            await conn.execute(SCHEMA_INFO)
             found = await conn.fetchval("SELECT value FROM schema_info WHERE key = 'version'")
             if found is None:
+                await conn.execute(SCHEMA)
                 await conn.execute(
                     "INSERT INTO schema_info VALUES ('version', $1)", str(SCHEMA_VERSION)
                 )
-            elif int(found) != SCHEMA_VERSION:
+            elif found == "1":
+                # One transaction: a crash or an error leaves the version-1 log as it was.
+                count = await conn.fetchval("SELECT count(*) FROM events")
+                log.warning(
+                    "event log: upgrading %d events from schema version 1 to %d "
+                    "(one rewrite of the table)",
+                    count,
+                    SCHEMA_VERSION,
+                )
+                await conn.execute(MIGRATE_1_TO_2)
+                await conn.execute(
+                    "UPDATE schema_info SET value = $1 WHERE key = 'version'", str(SCHEMA_VERSION)
+                )
+            elif found != str(SCHEMA_VERSION):
                 raise SchemaMismatchError(
                     f"the event log has schema version {found}; this streamboot reads "
-                    f"version {SCHEMA_VERSION}. Refusing to touch it."
+                    f"version {SCHEMA_VERSION} (and upgrades version 1). Refusing to touch it."
                 )
 
     # --- appending ------------------------------------------------------------------------
@@ -238,15 +285,13 @@ class EventStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         """A transaction holding the append lock: read, decide and append with no other writer
-        in between (the registry uses this to enforce uniqueness rules across its replicas)."""
+        in between (the registry uses this to enforce uniqueness rules across its replicas).
+        Each append in it NOTIFYs followers, which PostgreSQL delivers at the commit."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_LOCK_FOR_APPENDS, APPEND_LOCK_KEY)
-            tx = Transaction(conn)
-            yield tx
-            if tx.last_position is not None:
-                await conn.execute(
-                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(tx.last_position)
-                )
+            # Its own statement: a statement's snapshot is taken before it runs, so reads
+            # in the same statement as the lock could miss a commit made while it waited.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+            yield Transaction(conn)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -266,7 +311,6 @@ class EventStore:
         types: Sequence[str] | None = None,
         stream_id: str | None = None,
         mac: str | None = None,
-        correlation_id: str | None = None,
     ) -> list[StoredEvent]:
         """Events in global order after a position, optionally filtered (each filter indexed)."""
         where = ["position > $1"]
@@ -279,10 +323,7 @@ class EventStore:
             where.append(f"stream_id = ${len(args)}")
         if mac:
             args.append(mac)
-            where.append(f"data ? 'mac' AND data->>'mac' = ${len(args)}")
-        if correlation_id:
-            args.append(correlation_id)
-            where.append(f"correlation_id = ${len(args)}")
+            where.append(f"mac = ${len(args)}")
         args.append(limit)
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} "
@@ -374,33 +415,19 @@ class Transaction:
         if not events:
             return []
         conn = self.conn
-        ids = [e.id for e in events]
-        existing = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM events WHERE id = ANY($1::uuid[]) ORDER BY position", ids
-        )
-        if existing:
-            if len(existing) == len(set(ids)):
-                return [_row(r).envelope() for r in existing]
-            raise EventStoreError(
-                f"{len(existing)} of {len(ids)} events of this batch are already stored: "
-                "a retry must resend the same batch"
-            )
         streams = list(dict.fromkeys(e.stream_id for e in events))
         expectations = dict(expected or {})
         if expected_version is not None:
             if len(streams) != 1:
                 raise ValueError("expected_version needs a single-stream batch; use expected=")
             expectations[streams[0]] = expected_version
-        current = {
-            r["stream_id"]: r["v"]
-            for r in await conn.fetch(
-                # One index probe per stream (a GROUP BY would scan every row of each stream).
-                "SELECT s AS stream_id, (SELECT max(version) FROM events WHERE stream_id = s) AS v "
-                "FROM unnest($1::text[]) AS s",
-                streams,
-            )
-            if r["v"] is not None
-        }
+        ids = [e.id for e in events]
+        # One round trip for both checks: each stream's version, and how many of the ids
+        # are stored already.
+        versions_now, stored = await conn.fetchrow(_CHECK_VERSIONS_AND_IDS, streams, ids)
+        if stored:
+            return await self._already_stored(ids, stored)
+        current = {s: v for s, v in zip(streams, versions_now, strict=True) if v is not None}
         for stream, want in expectations.items():
             have = current.get(stream, 0)
             if have != want:
@@ -423,29 +450,50 @@ class Transaction:
                     e.causation_id,
                     e.traceparent,
                     e.data,
+                    mac if isinstance(mac := e.data.get("mac"), str) else None,
                 )
                 for e, v in zip(events, versions, strict=True)
             ],
         )
-        last = await conn.fetchval("SELECT currval(pg_get_serial_sequence('events', 'position'))")
-        positions = list(range(last - len(events) + 1, last + 1))
-        self.last_position = max(positions)
+        # Followers only wake on it (they read from their own position); delivered at the
+        # commit, so never before the events are visible.
+        last = await conn.fetchval(_LAST_POSITION_AND_NOTIFY, NOTIFY_CHANNEL)
+        first = last - len(events) + 1
+        self.last_position = last
         # The appended envelopes get their version and position filled in, in place: a
         # pydantic copy per event was half the cost of a 1,000-event append.
-        for e, v, p in zip(events, versions, positions, strict=True):
+        for p, (e, v) in enumerate(zip(events, versions, strict=True), first):
             e.__dict__["version"] = v
             e.__dict__["position"] = p
         return list(events)
 
+    async def _already_stored(self, ids: list[uuid.UUID], found: int) -> list[Envelope]:
+        """A retried batch: every id stored already, else the batch is refused."""
+        if found != len(set(ids)):
+            raise EventStoreError(
+                f"{found} of {len(ids)} events of this batch are already stored: "
+                "a retry must resend the same batch"
+            )
+        existing = await self.conn.fetch(
+            f"SELECT {_COLUMNS} FROM events WHERE id = ANY($1::uuid[]) ORDER BY position", ids
+        )
+        return [_row(r).envelope() for r in existing]
 
-# The append lock, and plans made for each statement of the transaction rather than cached:
-# a generic plan cached while the log was small (a sequential scan for the id check) was
-# kept as the log grew, until autovacuum's next ANALYZE happened to invalidate it; meanwhile
-# every append read the whole log (measured: 0.1 s, then over 1 s per batch of 1,000 at
-# 140,000 events). A custom plan sees the table's current size.
-_LOCK_FOR_APPENDS = (
-    "SELECT pg_advisory_xact_lock($1), set_config('plan_cache_mode', 'force_custom_plan', true)"
+
+# The streams' versions in the order given: one index probe per stream (a GROUP BY would
+# scan every row of each stream).
+_STREAM_VERSIONS = """ARRAY(
+    SELECT (SELECT max(version) FROM events WHERE stream_id = s.s)
+    FROM unnest($1::text[]) WITH ORDINALITY AS s(s, n) ORDER BY s.n
+)"""
+_CHECK_VERSIONS_AND_IDS = (
+    f"SELECT {_STREAM_VERSIONS}, (SELECT count(*)::int FROM events WHERE id = ANY($2::uuid[]))"
 )
+
+_LAST_POSITION_AND_NOTIFY = """
+SELECT last, pg_notify($1, last::text)
+FROM (SELECT currval(pg_get_serial_sequence('events', 'position')) AS last) AS l
+"""
 
 
 def _assign_versions(events: Iterable[Envelope], current: Mapping[str, int]) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import asyncpg
 import pytest
 
 from shared.envelope import Envelope
@@ -125,3 +126,73 @@ async def test_schema_version_mismatch_is_refused(store: EventStore, database_ur
     await store.pool.execute("UPDATE schema_info SET value = '99' WHERE key = 'version'")
     with pytest.raises(Exception, match="schema version 99"):
         await EventStore.connect(database_url)
+
+
+# The schema of version 1, as it was made (jsonb data, an expression index on data->>'mac').
+SCHEMA_V1 = """
+CREATE TABLE schema_info (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE events (
+    position bigserial PRIMARY KEY,
+    id uuid NOT NULL UNIQUE,
+    stream_id text NOT NULL,
+    version integer NOT NULL,
+    type text NOT NULL,
+    time timestamptz NOT NULL,
+    correlation_id text,
+    causation_id text,
+    traceparent text,
+    data jsonb NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE INDEX events_type_position ON events (type, position);
+CREATE INDEX events_correlation ON events (correlation_id, position)
+    WHERE correlation_id IS NOT NULL;
+CREATE INDEX events_mac ON events ((data->>'mac'), position) WHERE data ? 'mac';
+CREATE TABLE cursors (name text PRIMARY KEY, position bigint NOT NULL);
+INSERT INTO schema_info VALUES ('version', '1');
+"""
+
+
+async def test_a_version_1_log_is_upgraded(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(SCHEMA_V1)
+        await conn.execute(
+            "INSERT INTO events (id, stream_id, version, type, time, correlation_id, data) "
+            "VALUES (gen_random_uuid(), 'device-m1', 1, 'DeviceRegistered', now(), NULL, "
+            """'{"mac": "52:54:00:00:00:01", "hostname": "h"}'), """
+            "(gen_random_uuid(), 'session-s1', 1, 'SessionOpened', now(), 's1', "
+            """'{"session_id": "s1", "mac": "52:54:00:00:00:01", "n": [1, 2.5]}'), """
+            "(gen_random_uuid(), 'session-s1', 2, 'SessionClosed', now(), 's1', "
+            """'{"session_id": "s1"}')"""
+        )
+        await conn.execute("INSERT INTO cursors VALUES ('relay', 2)")
+    finally:
+        await conn.close()
+
+    store = await EventStore.connect(database_url)
+    try:
+        assert await store.pool.fetchval("SELECT value FROM schema_info") == "2"
+        rows = await store.read_all()
+        assert [(r.position, r.type) for r in rows] == [
+            (1, "DeviceRegistered"),
+            (2, "SessionOpened"),
+            (3, "SessionClosed"),
+        ]
+        assert rows[1].data == {"session_id": "s1", "mac": "52:54:00:00:00:01", "n": [1, 2.5]}
+        assert [r.position for r in await store.read_all(mac="52:54:00:00:00:01")] == [1, 2]
+        assert await store.get_cursor("relay") == 2
+        assert await store.pool.fetchval("SELECT pg_typeof(data)::text FROM events LIMIT 1") == (
+            "json"
+        )
+        indexes = {r[0] for r in await store.pool.fetch("SELECT indexname FROM pg_indexes")}
+        assert {"events_mac", "events_type"} <= indexes
+        assert not {"events_correlation", "events_type_position"} & indexes
+        [appended] = await store.append([ev("session-s1", session_id="s1")], expected_version=2)
+        assert (appended.position, appended.version) == (4, 3)
+    finally:
+        await store.close()
+    # A second start finds version 2 and changes nothing.
+    again = await EventStore.connect(database_url)
+    assert len(await again.read_all()) == 4
+    await again.close()
