@@ -57,6 +57,21 @@ async def test_retried_append_is_a_noop(store: EventStore) -> None:
     assert await store.last_position() == first[-1].position
 
 
+async def test_retry_after_the_stream_moved_on_is_a_noop(store: EventStore) -> None:
+    [first] = await store.append([ev("retry-3", n=0)], expected_version=0)
+    await store.append([ev("retry-3", n=1)], expected_version=1)
+    # The lost reply's retry: its expectation no longer holds, its event is stored.
+    [again] = await store.append([first], expected_version=0)
+    assert (again.id, again.position, again.version) == (first.id, first.position, 1)
+    with pytest.raises(ConcurrencyError):
+        await store.append([ev("retry-3", n=2)], expected_version=0)
+    # A retry that reached the COPY (no expectation) rolled back; the next append goes on.
+    await store.append([first])
+    [later] = await store.append([ev("retry-3", n=3)])
+    assert later.version == 3 and later.position > first.position
+    assert [r.data["n"] for r in await store.read_all()] == [0, 1, 3]
+
+
 async def test_partial_retry_is_refused(store: EventStore) -> None:
     batch = [ev("retry-2", n=i) for i in range(2)]
     await store.append(batch[:1])
