@@ -2,7 +2,9 @@
 streamboot (`streamboot up --boot-interface br0 --dhcp full`) serving on it.
 
 Everything runs inside the namespace (`ip netns exec`): the system, the CLI, and QEMU, whose
-NIC is a tap on the bridge. Nothing listens outside it.
+NIC is a tap on the bridge. Nothing listens outside it. The namespace, the VM's QEMU command
+line and the console watcher are also used on their own by bench/pxechain.py, whose
+reference chain (dnsmasq, busybox httpd, nbdkit) runs in the same kind of namespace.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,100 @@ def pxe_tools_missing() -> list[str]:
     return missing
 
 
+def create_bridge_namespace(ns: str, taps: int, address: str = SERVER_IP) -> None:
+    """A network namespace ``ns`` with a bridge br0 (``address``/24) and tap0..tapN-1 on it."""
+    run("ip", "netns", "add", ns)
+    n = ["ip", "-n", ns]
+    run(*n, "link", "set", "lo", "up")
+    run(*n, "link", "add", "br0", "type", "bridge")
+    run(*n, "addr", "add", f"{address}/24", "dev", "br0")
+    run(*n, "link", "set", "br0", "up")
+    for i in range(taps):
+        run(*n, "tuntap", "add", "dev", f"tap{i}", "mode", "tap")
+        run(*n, "link", "set", f"tap{i}", "master", "br0")
+        run(*n, "link", "set", f"tap{i}", "up")
+
+
+def delete_namespace(ns: str) -> None:
+    """Delete the namespace, first ending what still runs in it (only the lab's own
+    processes can be there, e.g. a forked server child still holding a dead VM's
+    connection)."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
+    for pid in pids.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def pxe_vm_argv(mac: str, tap: int) -> list[str]:
+    """QEMU (TCG) network-booting from a virtio NIC on tapN (Debian's ipxe-qemu ROM)."""
+    return [
+        "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nographic",
+        "-no-reboot", "-serial", "stdio", "-monitor", "none", "-boot", "n",
+        "-netdev", f"tap,id=n0,ifname=tap{tap},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
+    ]  # fmt: skip
+
+
+@dataclass
+class VmRun:
+    console: str
+    # Seconds from the VM's start to the first appearance of each watched text on the
+    # console (absent: never seen), and to the VM's exit (None: killed).
+    seen: dict[str, float]
+    exited_s: float | None
+
+
+def watch_vm(
+    argv: list[str],
+    console: Path,
+    *,
+    until: str | None,
+    timeout_s: float,
+    watch: tuple[str, ...] = (),
+    poll_s: float = 0.5,
+    on_seen: Callable[[str, int], None] | None = None,
+) -> VmRun:
+    """Run a VM whose serial console goes to ``console``, reading it incrementally every
+    ``poll_s``; stop it once ``until`` appears (None: wait for it to power off) or after
+    ``timeout_s``. Texts in ``watch`` (and ``until``) get the time they first appeared, and
+    ``on_seen(text, vm_pid)`` is called then."""
+    pending = [*watch, *([until] if until else [])]
+    seen: dict[str, float] = {}
+    text = ""
+    exited_s = None
+    with open(console, "wb") as out:
+        start = time.monotonic()
+        vm = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with open(console, "rb") as f:
+            while True:
+                done = vm.poll() is not None
+                now = time.monotonic() - start
+                if done and exited_s is None:
+                    exited_s = now
+                chunk = f.read()
+                if chunk:
+                    # A text split across two reads is found in the joined text (the time is
+                    # that of the read that completed it).
+                    text += chunk.decode(errors="replace")
+                    for want in [w for w in pending if w not in seen]:
+                        if want in text:
+                            seen[want] = now
+                            if on_seen is not None:
+                                on_seen(want, vm.pid)
+                if done or (until and until in seen) or now > timeout_s:
+                    break
+                time.sleep(poll_s)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        vm.wait(10)
+    return VmRun(console.read_text(errors="replace"), seen, exited_s)
+
+
 @dataclass
 class BootLab:
     root: Path
@@ -61,16 +158,7 @@ class BootLab:
         return ["ip", "netns", "exec", self.ns, *argv]
 
     def create(self) -> None:
-        run("ip", "netns", "add", self.ns)
-        n = ["ip", "-n", self.ns]
-        run(*n, "link", "set", "lo", "up")
-        run(*n, "link", "add", "br0", "type", "bridge")
-        run(*n, "addr", "add", f"{SERVER_IP}/24", "dev", "br0")
-        run(*n, "link", "set", "br0", "up")
-        for i in range(self.taps):
-            run(*n, "tuntap", "add", "dev", f"tap{i}", "mode", "tap")
-            run(*n, "link", "set", f"tap{i}", "master", "br0")
-            run(*n, "link", "set", f"tap{i}", "up")
+        create_bridge_namespace(self.ns, self.taps)
 
     def start(self, **env: str) -> None:
         full = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")}
@@ -116,28 +204,9 @@ class BootLab:
     def boot_vm(self, mac: str, tap: int, until: str, timeout_s: float = BOOT_TIMEOUT_S) -> str:
         """PXE-boot a VM with this MAC on tap N; returns its serial console once ``until``
         appears or the VM powers itself off."""
-        argv = self.exec(
-            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nographic",
-            "-no-reboot", "-serial", "stdio", "-monitor", "none", "-boot", "n",
-            "-netdev", f"tap,id=n0,ifname=tap{tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
-        )  # fmt: skip
         console = self.root / f"vm-{mac.replace(':', '')}.log"
-        with open(console, "wb") as out:
-            vm = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while vm.poll() is None and time.monotonic() < deadline:
-                if until in console.read_text(errors="replace"):
-                    break
-                time.sleep(0.5)
-        finally:
-            if vm.poll() is None:
-                vm.kill()
-            vm.wait(10)
-        return console.read_text(errors="replace")
+        argv = self.exec(*pxe_vm_argv(mac, tap))
+        return watch_vm(argv, console, until=until, timeout_s=timeout_s).console
 
     def wait_for_event(
         self, type_: str, mac: str | None = None, timeout_s: float = 60
@@ -160,4 +229,4 @@ class BootLab:
                 self.up.wait(90)
             except subprocess.TimeoutExpired:
                 self.up.kill()
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
+        delete_namespace(self.ns)
