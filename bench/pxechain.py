@@ -1,0 +1,517 @@
+"""streamboot's PXE chain beside the reference chain (issue #6): QEMU (TCG) network-boots the
+same demo vdisk from each, interleaved, and the time from QEMU's start to the demo's marker
+and to its power-off is compared. Run as root:
+
+    uv run python bench/pxechain.py [--runs 3] [--fast-dhcp] [--no-kernel-variant] [--json F]
+
+Each chain has its own network namespace (bridge br0 at 10.77.0.1/24, taps; see
+tests/e2e/pxe_lab.py) and the same VM (tests.e2e.pxe_lab.pxe_vm_argv: 256 MiB, virtio NIC
+with Debian's ipxe-qemu ROM, `-boot n`):
+
+- ``streamboot``: `streamboot up --boot-interface br0 --dhcp full` (DHCP, iPXE script,
+  sanboot over its HTTP stream, hand-off, NBD root with a server-disk write cache), the demo
+  vdisk made by `streamboot vdisk build-demo`, a new device per run (`device add`, `assign`).
+- ``reference sanboot``: dnsmasq (DHCP; iPXE, recognised by option 175 or user class iPXE,
+  gets a script URL), busybox httpd (Range requests) serving the script
+  ``sanboot http://10.77.0.1:18082/demo.img``, the image and a static hand-off answer,
+  nbdkit ``--filter=cow file demo.img`` as the NBD root.
+- ``reference kernel``: the same servers, the script loads the image's own vmlinuz and
+  initrd.img over HTTP (`kernel`/`initrd`, the image's kernel command line), NBD root.
+
+The image is byte for byte the one streamboot serves (its vdisk's v1.raw): its kernel command
+line names ``streamboot.handoff=http://10.77.0.1:18082/handoff``, which the reference's busybox
+httpd answers from a file (busybox ignores the query string) with the lines the boot service
+would send. IPv6: iPXE waits ~13 s for IPv6 autoconfiguration unless a router advertisement
+without M/O flags arrives; streamboot answers router solicitations (services/boot/ipv6_ra.py:
+no prefix, router lifetime 0), and the reference's dnsmasq sends router advertisements
+(`enable-ra`, `ra-only` for fd77::/64 on br0, router lifetime 0; it needs a prefix, so iPXE
+also takes a SLAAC address there): both chains end that wait the same way, at once.
+
+DHCP: by default dnsmasq runs as configured above, with its defaults: it pings an address
+before it first offers it (up to 3 s), and its offer carries no PXE options, so iPXE keeps
+listening for ProxyDHCP offers for a few seconds before it requests it. streamboot does
+neither (its offer to a PXE client carries option 60 "PXEClient", so iPXE takes it at once).
+`--fast-dhcp` tunes the reference the same way: dnsmasq `no-ping` and iPXE's own setting
+ipxe.no-pxedhcp (option 175.176 = 1: "do not wait for ProxyDHCP").
+
+Times are read from the serial console, which the bench reads every 50 ms and stamps itself
+(the console has no timestamps): each phase is the first appearance of its text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from streamboot.demo.image import MARKER, PARTITION_START, SECTOR  # noqa: E402
+from tests.conftest import traversable_tmpdir  # noqa: E402
+from tests.e2e.pxe_lab import (  # noqa: E402
+    SERVER_IP,
+    BootLab,
+    create_bridge_namespace,
+    delete_namespace,
+    pxe_tools_missing,
+    pxe_vm_argv,
+    watch_vm,
+)
+
+HTTP_PORT = 18082  # the reference's httpd: where the image's streamboot.handoff URL points
+NBD_PORT = 10809
+POOL = ("10.77.0.100", "10.77.0.150")
+RA_PREFIX = "fd77::"
+BOOT_TIMEOUT_S = 300.0
+POLL_S = 0.05
+WRITE_CACHE = "server-disk"  # `vdisk build-demo`'s default: the client writes to its export
+
+# Phases: the first appearance of each text on the serial console. SeaBIOS's serial console
+# clears the screen (ESC c ...) when a video mode is set: the kernel's real-mode setup code
+# does that first thing, so that clear right after the last line of the loader (syslinux's
+# banner, iPXE's initrd download) is "the kernel starts" (it prints nothing else: `quiet`).
+CLEAR = "\r\n\x1bc\x1b[?7l\x1b[2J"
+PHASES: tuple[tuple[str, str], ...] = (
+    ("iPXE", "iPXE initialising devices"),  # the NIC's option ROM runs
+    ("DHCP", "Filename: http://"),  # iPXE configured: it has its script's URL
+    ("script", ""),  # per chain, below
+    ("sanboot", "Booting from SAN device"),
+    ("SYSLINUX", "SYSLINUX 6"),
+    ("kernel", ""),  # per chain, below
+    ("hand-off", "streamboot-client: network"),  # the initramfs asks for its export
+    ("NBD", "streamboot-client: attached nbd://"),
+    ("marker", MARKER),
+)
+# Each chain's VMs get MACs of their own (the run number is the last byte): dnsmasq picks
+# the reference's script by MAC.
+MAC_PREFIX = {
+    "streamboot": "52:54:00:77:01",
+    "reference sanboot": "52:54:00:77:02",
+    "reference kernel": "52:54:00:77:03",
+}
+PER_CHAIN = {
+    # The script that boots (streamboot: the second one, for this MAC) has run its first
+    # line; the kernel's setup code runs.
+    "streamboot": {"script": "streamboot: booting demo", "kernel": "Anvin et al" + CLEAR},
+    "reference sanboot": {"script": "sanboot.ipxe : ", "kernel": "Anvin et al" + CLEAR},
+    "reference kernel": {"script": "kernel.ipxe : ", "kernel": "initrd.img... ok" + CLEAR},
+}
+
+
+def phases_for(chain: str) -> list[tuple[str, str]]:
+    return [(name, PER_CHAIN[chain].get(name, text)) for name, text in PHASES]
+
+
+def run(argv: list[str], timeout: float = 60) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+@dataclass
+class Reference:
+    """dnsmasq + busybox httpd + nbdkit in a namespace of their own."""
+
+    root: Path
+    image: Path  # streamboot's golden image of the demo vdisk
+    fast_dhcp: bool = False  # no-ping, ipxe.no-pxedhcp (see the module's doc)
+    ns: str = field(default_factory=lambda: f"sbref-{uuid.uuid4().hex[:6]}")
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def www(self) -> Path:
+        return self.root / "www"
+
+    def exec(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def create(self) -> None:
+        create_bridge_namespace(self.ns, taps=2)
+        # dnsmasq advertises a prefix it has an address in (nodad: br0 has no carrier yet).
+        run(["ip", "-n", self.ns, "addr", "add", f"{RA_PREFIX}1/64", "dev", "br0", "nodad"])
+        self.www.mkdir(parents=True)
+        demo = self.www / "demo.img"
+        shutil.copyfile(self.image, demo)
+        # The image's own kernel, initramfs and command line, for the kernel/initrd variant.
+        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+        target = f"{demo}@@{PARTITION_START * SECTOR}"
+        for name in ("vmlinuz", "initrd.img", "syslinux.cfg"):
+            subprocess.run(
+                ["mcopy", "-n", "-i", target, f"::/{name}", str(self.root / name)],
+                check=True, capture_output=True, env=env,
+            )  # fmt: skip
+        for name in ("vmlinuz", "initrd.img"):
+            shutil.move(self.root / name, self.www / name)
+        append = next(
+            line.split("APPEND", 1)[1].strip()
+            for line in (self.root / "syslinux.cfg").read_text().splitlines()
+            if line.strip().startswith("APPEND")
+        )
+        base = f"http://{SERVER_IP}:{HTTP_PORT}"
+        (self.www / "sanboot.ipxe").write_text(f"#!ipxe\nsanboot {base}/demo.img\n")
+        (self.www / "kernel.ipxe").write_text(
+            f"#!ipxe\nkernel {base}/vmlinuz {append}\ninitrd {base}/initrd.img\nboot\n"
+        )
+        # What the boot service's /handoff answers (clients/linux/handoff.sh reads it).
+        (self.www / "handoff").write_text(
+            f"nbd_host={SERVER_IP}\nnbd_port={NBD_PORT}\nexport=demo\nwrite_cache={WRITE_CACHE}\n"
+        )
+
+    def start(self) -> None:
+        # dnsmasq: DHCP only (no DNS); iPXE gets a script by MAC: the kernel/initrd one for
+        # the "reference kernel" chain's VMs, the sanboot one for everyone else. Router
+        # advertisements with no M/O flags and router lifetime 0, like streamboot's answer
+        # to a solicitation, but with a prefix (dnsmasq advertises none without one), so
+        # iPXE also takes a SLAAC address (net0: fd77::... on the console).
+        conf = self.root / "dnsmasq.conf"
+        conf.write_text(
+            "\n".join([
+                "port=0", "interface=br0", "bind-interfaces", "no-resolv", "no-hosts",
+                f"dhcp-range={POOL[0]},{POOL[1]},255.255.255.0,1h",
+                f"dhcp-leasefile={self.root / 'dnsmasq.leases'}",
+                "dhcp-authoritative",
+                "dhcp-match=set:ipxe,175", "dhcp-userclass=set:ipxe,iPXE",
+                f"dhcp-mac=set:kernel,{MAC_PREFIX['reference kernel']}:*",
+                f"dhcp-boot=tag:ipxe,tag:kernel,http://{SERVER_IP}:{HTTP_PORT}/kernel.ipxe",
+                f"dhcp-boot=tag:ipxe,tag:!kernel,http://{SERVER_IP}:{HTTP_PORT}/sanboot.ipxe",
+                "enable-ra", f"dhcp-range={RA_PREFIX},ra-only,64", "ra-param=br0,10,0",
+                "log-dhcp", f"log-facility={self.root / 'dnsmasq.log'}",
+                *(["no-ping", "dhcp-option=tag:ipxe,encap:175,176,1"] if self.fast_dhcp else []),
+            ]) + "\n"
+        )  # fmt: skip
+        self._spawn("dnsmasq", "dnsmasq", "--keep-in-foreground", f"--conf-file={conf}")
+        self._spawn(
+            "httpd", "busybox", "httpd", "-f", "-vv", "-p", f"{SERVER_IP}:{HTTP_PORT}",
+            "-h", str(self.www),
+        )  # fmt: skip
+        self.restart_nbd()
+        self.wait(HTTP_PORT)
+
+    def restart_nbd(self) -> None:
+        """A fresh nbdkit (an empty cow overlay), as each streamboot session gets a fresh
+        write cache."""
+        old = self.procs.pop("nbdkit", None)
+        if old is not None:
+            old.terminate()
+            old.wait(10)
+        self._spawn(
+            "nbdkit", "nbdkit", "-f", "-i", SERVER_IP, "-p", str(NBD_PORT),
+            "--filter=cow", "file", str(self.www / "demo.img"),
+        )  # fmt: skip
+        self.wait(NBD_PORT)
+
+    def requests(self) -> list[str]:
+        """The paths busybox httpd was asked for so far (-vv logs each request line)."""
+        log = (self.root / "httpd.out").read_text(errors="replace")
+        return [line.split("url:", 1)[1] for line in log.splitlines() if "url:" in line]
+
+    def wait(self, port: int) -> None:
+        """Until something listens on SERVER_IP:port (inside the namespace)."""
+        code = f"from bench.common import wait_port; wait_port({port}, host={SERVER_IP!r})"
+        subprocess.run(self.exec(sys.executable, "-c", code), cwd=ROOT, check=True, timeout=30)
+
+    def _spawn(self, name: str, *argv: str) -> None:
+        log = open(self.root / f"{name}.out", "ab")
+        self.procs[name] = subprocess.Popen(
+            self.exec(*argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        delete_namespace(self.ns)
+
+
+@dataclass
+class Result:
+    chain: str
+    run: int
+    mac: str
+    seen: dict[str, float]
+    marker_s: float | None
+    poweroff_s: float | None
+    vm_cpu_s: float  # QEMU's CPU time (user + system)
+    server_cpu_s: float  # the chain's servers' CPU time while the VM ran
+    # At each phase: (QEMU's CPU s, the servers' CPU s) since the VM started.
+    cpu_at: dict[str, tuple[float, float]] = field(default_factory=dict)
+    image_gets: int | None = None  # reference: HTTP requests for the image (sanboot)
+
+
+def session_closed(lab: BootLab, mac: str, timeout_s: float = 60) -> None:
+    """Wait until this MAC's session is closed (the hand-off's NBD disconnect, then the
+    firmware's HTTP connection found dead by keepalive), so the next VM boots on a quiet
+    system. If the event log cannot be read, wait what that takes with the lab's timers."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        opened = lab.wait_for_event("SessionOpened", mac=mac, timeout_s=10)
+        ids = {e["data"]["session_id"] for e in opened}
+        while ids and time.monotonic() < deadline:
+            closed = {e["data"]["session_id"] for e in lab.events("--type", "SessionClosed")}
+            if ids <= closed:
+                return
+            time.sleep(1)
+    except AssertionError as exc:  # `streamboot events list` failed
+        print(f"  (event log not readable, waiting 15 s instead: {str(exc)[-200:]!r})")
+        time.sleep(15)
+        return
+    print(f"  (session of {mac} not closed after {timeout_s:.0f} s; going on)", flush=True)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of these processes and all their descendants, the reaped ones included."""
+    total = 0.0
+    for pid in pids:
+        try:
+            top = psutil.Process(pid)
+            tree = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def boot(
+    chain: str, run_no: int, mac: str, exec_: list[str], console: Path, servers: list[int]
+) -> Result:
+    phases = phases_for(chain)
+    server_cpu, vm_cpu = cpu_seconds(servers), children_cpu()
+    cpu_at: dict[str, tuple[float, float]] = {}
+
+    def on_seen(text: str, vm_pid: int) -> None:
+        try:
+            t = psutil.Process(vm_pid).cpu_times()
+        except psutil.NoSuchProcess:
+            return
+        cpu_at[text] = (t.user + t.system, cpu_seconds(servers) - server_cpu)
+
+    vm = watch_vm(
+        [*exec_, *pxe_vm_argv(mac, tap=0)],
+        console,
+        until=None,  # wait for the demo to power off
+        timeout_s=BOOT_TIMEOUT_S,
+        watch=tuple(text for _, text in phases),
+        poll_s=POLL_S,
+        on_seen=on_seen,
+    )
+    server_cpu, vm_cpu = cpu_seconds(servers) - server_cpu, children_cpu() - vm_cpu
+    seen = {name: vm.seen[text] for name, text in phases if text in vm.seen}
+    if "marker" not in seen:
+        raise SystemExit(
+            f"{chain} run {run_no}: no marker; console {console}:\n{vm.console[-3000:]}"
+        )
+    return Result(
+        chain, run_no, mac, seen, seen.get("marker"), vm.exited_s, vm_cpu, server_cpu,
+        cpu_at={name: cpu_at[text] for name, text in phases if text in cpu_at},
+    )  # fmt: skip
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    return min(values), statistics.median(values)
+
+
+def report(results: list[Result], chains: list[str], runs: int, note: str = "") -> str:
+    out = [f"QEMU TCG PXE boot of the demo vdisk, {runs} interleaved runs per chain{note}", ""]
+    out.append(
+        "| chain | to marker best / median s | to power-off best / median s | runs (marker) |"
+    )
+    out.append("|---|---|---|---|")
+    for chain in chains:
+        mine = [r for r in results if r.chain == chain]
+        marker = [r.marker_s for r in mine if r.marker_s is not None]
+        off = [r.poweroff_s for r in mine if r.poweroff_s is not None]
+        m_best, m_med = stats(marker)
+        o = "{:.1f} / {:.1f}".format(*stats(off)) if off else "-"
+        each = " ".join(f"{v:.1f}" for v in marker)
+        out.append(f"| {chain} | {m_best:.1f} / {m_med:.1f} | {o} | {each} |")
+    out.append("")
+    base = [r for r in results if r.chain == "streamboot"]
+    for ref in chains[1:]:
+        theirs = [r for r in results if r.chain == ref]
+        for what, get in (
+            ("marker", lambda r: r.marker_s),
+            ("power-off", lambda r: r.poweroff_s),
+        ):
+            a = [get(r) for r in base if get(r) is not None]
+            b = [get(r) for r in theirs if get(r) is not None]
+            if a and b:
+                out.append(
+                    f"streamboot / {ref}, to {what}: best {min(a) / min(b):.2f}x, "
+                    f"median {statistics.median(a) / statistics.median(b):.2f}x"
+                )
+    out.append("")
+    out.append("Phases (median s from QEMU start to the first appearance on the console), CPU:")
+    out.append("")
+    names = [name for name, _ in PHASES] + ["power-off", "VM CPU s", "servers' CPU s"]
+    extra = {"power-off": "poweroff_s", "VM CPU s": "vm_cpu_s", "servers' CPU s": "server_cpu_s"}
+    out.append("| phase | " + " | ".join(chains) + " |")
+    out.append("|---|" + "---|" * len(chains))
+    for name in names:
+        cells = []
+        for chain in chains:
+            values = [
+                getattr(r, extra[name]) if name in extra else r.seen.get(name)
+                for r in results
+                if r.chain == chain
+            ]
+            values = [v for v in values if v is not None]
+            cells.append(f"{statistics.median(values):.2f}" if values else "-")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(
+        "Between phases (median of the runs' differences: wall s / QEMU CPU s / servers' CPU s):"
+    )
+    out.append("")
+    steps: list[str] = []
+    cells_of: dict[tuple[str, str], str] = {}
+    for chain in chains:
+        mine = [r for r in results if r.chain == chain]
+        order = ["start"] + [n for n, _ in PHASES if all(n in r.cpu_at for r in mine)]
+
+        def at(r: Result, name: str) -> tuple[float, float, float]:
+            return (0.0, 0.0, 0.0) if name == "start" else (r.seen[name], *r.cpu_at[name])
+
+        for a, b in itertools.pairwise(order):
+            step = f"{a} -> {b}"
+            if step not in steps:
+                steps.append(step)
+            wall, vm, srv = (
+                statistics.median(at(r, b)[i] - at(r, a)[i] for r in mine) for i in range(3)
+            )
+            cells_of[chain, step] = f"{wall:.2f} / {vm:.2f} / {srv:.2f}"
+    rank = {name: i for i, name in enumerate(["start"] + [n for n, _ in PHASES])}
+    steps.sort(key=lambda step: [rank[n] for n in step.split(" -> ")])
+    out.append("| step | " + " | ".join(chains) + " |")
+    out.append("|---|" + "---|" * len(chains))
+    for step in steps:
+        out.append(f"| {step} | " + " | ".join(cells_of.get((c, step), "-") for c in chains) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--no-kernel-variant",
+        action="store_true",
+        help="leave out the reference's kernel/initrd-over-HTTP chain",
+    )
+    parser.add_argument(
+        "--fast-dhcp",
+        action="store_true",
+        help="reference: dnsmasq no-ping and ipxe.no-pxedhcp (no ping check, no ProxyDHCP wait)",
+    )
+    parser.add_argument("--json", type=Path, help="write every run's times here")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (consoles, logs)")
+    args = parser.parse_args()
+    missing = pxe_tools_missing() + [
+        pkg for tool, pkg in {"dnsmasq": "dnsmasq-base", "nbdkit": "nbdkit", "busybox": "busybox-static"}.items()
+        if shutil.which(tool) is None
+    ]  # fmt: skip
+    if missing:
+        raise SystemExit(f"needs {missing} (make bench-deps)")
+    chains = ["streamboot", "reference sanboot"]
+    if not args.no_kernel_variant:
+        chains.append("reference kernel")
+
+    work = traversable_tmpdir("streamboot-pxechain-")
+    lab = BootLab(work / "streamboot", taps=1)
+    lab.root.mkdir()
+    lab.root.chmod(0o711)
+    reference: Reference | None = None
+    results: list[Result] = []
+    try:
+        lab.create()
+        # Short timers only for what happens after the boot (so that a session is closed
+        # before the next run starts); nothing on the boot path is changed.
+        lab.start(
+            STREAMBOOT_SESSION_DETACH_GRACE_S="3",
+            STREAMBOOT_STREAM_KEEPALIVE_IDLE_S="5",
+            STREAMBOOT_STREAM_KEEPALIVE_INTERVAL_S="2",
+            STREAMBOOT_STREAM_KEEPALIVE_COUNT="2",
+        )
+        print("building the demo vdisk (streamboot vdisk build-demo demo)...", flush=True)
+        lab.cli("vdisk", "build-demo", "demo")
+        image = lab.data_dir / "vdisks" / "demo" / "v1.raw"
+        reference = Reference(work / "reference", image, fast_dhcp=args.fast_dhcp)
+        reference.create()
+        reference.start()
+        for run_no in range(1, args.runs + 1):
+            for index, chain in enumerate(chains, start=1):
+                mac = f"{MAC_PREFIX[chain]}:{run_no:02x}"
+                console = work / f"console-{index}-{run_no}.log"
+                if chain == "streamboot":
+                    lab.cli("device", "add", mac, "--hostname", f"bench-{run_no:02d}")
+                    lab.cli("assign", mac, "demo", "--default")
+                    exec_ = ["ip", "netns", "exec", lab.ns]
+                    servers = [lab.up.pid] if lab.up else []
+                else:
+                    reference.restart_nbd()
+                    exec_ = ["ip", "netns", "exec", reference.ns]
+                    servers = [proc.pid for proc in reference.procs.values()]
+                    before = len(reference.requests())
+                load = os.getloadavg()[0]
+                result = boot(chain, run_no, mac, exec_, console, servers)
+                if chain == "reference sanboot":
+                    asked = reference.requests()[before:]
+                    result.image_gets = sum(path.startswith("/demo.img") for path in asked)
+                results.append(result)
+                print(
+                    f"run {run_no} {chain:<18} marker {result.marker_s:6.2f} s  power-off "
+                    f"{result.poweroff_s or float('nan'):6.2f} s  (load {load:.2f}, CPU s: VM "
+                    f"{result.vm_cpu_s:.1f}, servers {result.server_cpu_s:.1f})  "
+                    + " ".join(f"{k}={v:.1f}" for k, v in result.seen.items())
+                    + (f" image-GETs={result.image_gets}" if result.image_gets else ""),
+                    flush=True,
+                )
+                if chain == "streamboot":
+                    session_closed(lab, mac)
+                time.sleep(2)
+        print()
+        note = (
+            " (reference DHCP tuned: dnsmasq no-ping, ipxe.no-pxedhcp)"
+            if args.fast_dhcp
+            else " (reference DHCP: dnsmasq defaults)"
+        )
+        print(report(results, chains, args.runs, note))
+        print(f"\nuptime: {run(['uptime']).strip()}")
+        if args.json:
+            args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    finally:
+        if reference is not None:
+            reference.stop()
+        lab.stop()
+        if args.keep:
+            print(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
