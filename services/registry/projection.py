@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 Record = dict[str, Any]
 
 
@@ -59,6 +61,14 @@ class Projection:
             "SessionClosed": self._session_closed,
             "BlocksRequested": self._session_active,
         }
+        # Events that a replay applies from their stream's key, without decoding their data:
+        # block batches are most of a log, and their extents the costliest data to decode.
+        # (type -> the stream kind's prefix, the handler of the key and the time.) Session
+        # events live in their session's stream, session-<session_id>
+        # (shared.events.stream_id_for); an event in another stream is decoded as usual.
+        self._by_stream_key: dict[str, tuple[str, Callable[[str, Any], None]]] = {
+            "BlocksRequested": ("session-", self._touch_session),
+        }
 
     # --- applying ---------------------------------------------------------------------
 
@@ -73,10 +83,27 @@ class Projection:
         self.position = position
 
     def apply_records(self, rows: Sequence[Any]) -> int:
-        """Apply (position, type, data, time) records (shared.event_store.fetch_for_replay)."""
-        apply = self.apply
-        for position, type_, data, when in rows:
-            apply(type_, data, position, when)
+        """Apply (position, type, data as JSON text, time, stream id) records
+        (shared.event_store.fetch_for_replay): :meth:`apply` inlined, and an event's data is
+        decoded only when a handler needs it."""
+        handlers = self._handlers
+        by_stream_key = self._by_stream_key
+        loads = orjson.loads
+        position = self.position
+        try:
+            for at, type_, data, when, stream in rows:
+                if at <= position:
+                    continue
+                handler = handlers.get(type_)
+                if handler is not None:
+                    keyed = by_stream_key.get(type_)
+                    if keyed is not None and stream.startswith(keyed[0]):
+                        keyed[1](stream[len(keyed[0]) :], when)
+                    else:
+                        handler(loads(data), when)
+                position = at
+        finally:
+            self.position = position
         return len(rows)
 
     def apply_rows(self, rows: Iterable[Any]) -> int:
@@ -288,7 +315,10 @@ class Projection:
                 s["detached_at"] = at
 
     def _session_active(self, d: Record, when: Any) -> None:
-        s = self.sessions.get(d["session_id"])
+        self._touch_session(d["session_id"], when)
+
+    def _touch_session(self, session_id: str, when: Any) -> None:
+        s = self.sessions.get(session_id)
         if s is not None:
             s["last_activity"] = _ts(when)
 
