@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
@@ -94,6 +95,55 @@ async def test_global_order_under_concurrency(store: EventStore) -> None:
         stream = [r for r in rows if r.stream_id == f"w-{w}"]
         assert [r.version for r in stream] == list(range(1, 41))
         assert [r.data["i"] for r in stream] == [i for i in range(20) for _ in (0, 1)]
+
+
+async def test_every_field_is_stored_as_given(store: EventStore) -> None:
+    """The appended rows are encoded by the store itself (binary COPY): each field type."""
+    paris = timezone(timedelta(hours=2))
+    events = [
+        Envelope(
+            type="Ünïcode",
+            stream_id="device-52:54:00:00:00:01",
+            time=datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=paris),
+            correlation_id="s-1",
+            causation_id="c-ü",
+            traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            data={"mac": "52:54:00:00:00:01", "n": [1, 2.5, None, True], "s": 'é\n\t"\\'},
+        ),
+        Envelope(
+            type="Old",
+            stream_id="old-1",
+            time=datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+            data={"mac": 7},  # not a string: no mac
+        ),
+        Envelope(type="Naive", stream_id="old-1", time=datetime(2024, 1, 1, 12, 0)),
+    ]
+    stored = await store.append(events)
+    rows = await store.read_all()
+    assert len(rows) == 3
+    for e, row in zip(events, rows, strict=True):
+        assert (row.id, row.type, row.stream_id, row.version, row.position) == (
+            e.id, e.type, e.stream_id, e.version, e.position
+        )  # fmt: skip
+        assert (row.correlation_id, row.causation_id, row.traceparent) == (
+            e.correlation_id, e.causation_id, e.traceparent
+        )  # fmt: skip
+        assert row.data == e.data
+    assert rows[0].time == events[0].time and rows[1].time == events[1].time
+    assert rows[2].time == events[2].time.astimezone(UTC)  # a naive time is local time
+    assert [s.version for s in stored] == [1, 1, 2]
+    assert [r.stream_id for r in await store.read_all(mac="52:54:00:00:00:01")] == [
+        "device-52:54:00:00:00:01"
+    ]
+    assert await store.pool.fetchval("SELECT count(*) FROM events WHERE mac IS NOT NULL") == 1
+
+
+async def test_a_big_batch_is_sent_in_chunks(store: EventStore) -> None:
+    batch = [ev(f"big-{i % 7}", i=i) for i in range(1234)]
+    await store.append(batch)
+    rows = await store.read_all(0, 2000)
+    assert [r.data["i"] for r in rows] == list(range(1234))
+    assert [r.id for r in rows] == [e.id for e in batch]
 
 
 async def test_filters_and_batches(store: EventStore) -> None:
