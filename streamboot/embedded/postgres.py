@@ -205,6 +205,10 @@ class EmbeddedPostgres:
             "-c", "shared_buffers=512MB",
             "-c", "max_wal_size=4GB",
             "-c", "wal_compression=on",
+            # The WAL writer flushes a batch's WAL while the batch is still being written,
+            # so its commit waits on less (measured: 1.8 -> 1.4 ms per commit of 1,000
+            # events). Commits still wait for their WAL to be on disk.
+            "-c", "wal_writer_delay=10ms",
         ]  # fmt: skip
         if self.fast:
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
