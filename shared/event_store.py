@@ -144,6 +144,7 @@ _COLUMNS = (
 
 # The columns an append writes, in the order _copy_rows encodes them.
 _INSERT_COLUMNS = [
+    "position",
     "id",
     "stream_id",
     "version",
@@ -462,19 +463,20 @@ class Transaction:
                     return await self._already_stored(ids, stored)
                 raise ConcurrencyError(stream, want, have)
         versions = _versions(events, current)
-        # COPY is about twice as fast as INSERT for batches. Under the append lock no other
-        # session draws from the position sequence, so one COPY's positions are consecutive
-        # and end at currval.
+        # The batch's positions, drawn from the sequence at once: under the append lock no
+        # other session draws from it, so they are the next ones in commit order (and the
+        # COPY does not call nextval per row: 4% of its time). With the NOTIFY: followers
+        # only wake on it (they read from their own position), and it is delivered at the
+        # commit, so never before the events are visible (nor at all if the COPY fails).
+        last = await conn.fetchval(_RESERVE_POSITIONS_AND_NOTIFY, len(events), NOTIFY_CHANNEL)
+        first = last - len(events) + 1
+        # COPY is about twice as fast as INSERT for batches.
         await conn.copy_to_table(
             "events",
-            source=_copy_data(events, versions),
+            source=_copy_data(events, versions, first),
             columns=_INSERT_COLUMNS,
             format="binary",
         )
-        # Followers only wake on it (they read from their own position); delivered at the
-        # commit, so never before the events are visible.
-        last = await conn.fetchval(_LAST_POSITION_AND_NOTIFY, NOTIFY_CHANNEL)
-        first = last - len(events) + 1
         self.last_position = last
         # The appended envelopes get their version and position filled in, in place: a
         # pydantic copy per event was half the cost of a 1,000-event append.
@@ -511,9 +513,10 @@ _CHECK_VERSIONS_AND_IDS = (
 )
 _COUNT_STORED = "SELECT count(*)::int FROM events WHERE id = ANY($1::uuid[])"
 
-_LAST_POSITION_AND_NOTIFY = """
-SELECT last, pg_notify($1, last::text)
-FROM (SELECT currval(pg_get_serial_sequence('events', 'position')) AS last) AS l
+_RESERVE_POSITIONS_AND_NOTIFY = """
+SELECT last, pg_notify($2, last::text)
+FROM (SELECT setval(seq, nextval(seq) + $1 - 1) AS last
+      FROM (SELECT pg_get_serial_sequence('events', 'position')::regclass AS seq) AS s) AS l
 """
 
 
@@ -537,7 +540,7 @@ def _versions(events: Sequence[Envelope], current: Mapping[str, int]) -> list[in
 # BaseModel defines __getattr__, which slows every attribute read.
 #
 # The row: field count, then per column of _INSERT_COLUMNS its length (-1: NULL) and
-# bytes. uuid: 16 bytes; text and json: UTF-8 (asyncpg's client_encoding); int4: 4 bytes;
+# bytes. int8: 8 bytes; uuid: 16; int4: 4; text and json: UTF-8 (asyncpg's client_encoding);
 # timestamptz: microseconds since 2000-01-01 UTC in 8 bytes. All big-endian.
 
 _COPY_CHUNK_ROWS = 100
@@ -546,7 +549,7 @@ _COPY_TRAILER = b"\xff\xff"
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _int32 = struct.Struct("!i").pack
 _NULL = _int32(-1)
-_ROW_START = struct.Struct("!hi16si").pack  # field count; id; the stream id's length
+_ROW_START = struct.Struct("!hiqi16si").pack  # field count; position; id; stream id's length
 _VERSION = struct.Struct("!iii").pack  # version; the type's length
 _TIME = struct.Struct("!iq").pack
 
@@ -558,9 +561,9 @@ def _text(value: str | None) -> bytes:
     return _int32(len(b)) + b
 
 
-def _copy_rows(events: Sequence[Envelope], versions: Sequence[int]) -> bytes:
+def _copy_rows(events: Sequence[Envelope], versions: Sequence[int], first: int) -> bytes:
     rows = []
-    for e, version in zip(events, versions, strict=True):
+    for position, (e, version) in enumerate(zip(events, versions, strict=True), first):
         f = e.__dict__
         stream = f["stream_id"].encode()
         type_ = f["type"].encode()
@@ -574,7 +577,7 @@ def _copy_rows(events: Sequence[Envelope], versions: Sequence[int]) -> bytes:
         rows.append(
             b"".join(
                 (
-                    _ROW_START(len(_INSERT_COLUMNS), 16, f["id"].bytes, len(stream)),
+                    _ROW_START(len(_INSERT_COLUMNS), 8, position, 16, f["id"].bytes, len(stream)),
                     stream,
                     _VERSION(4, version, len(type_)),
                     type_,
@@ -591,10 +594,12 @@ def _copy_rows(events: Sequence[Envelope], versions: Sequence[int]) -> bytes:
     return b"".join(rows)
 
 
-async def _copy_data(events: Sequence[Envelope], versions: Sequence[int]) -> AsyncIterator[bytes]:
+async def _copy_data(
+    events: Sequence[Envelope], versions: Sequence[int], first: int
+) -> AsyncIterator[bytes]:
     """The COPY's data, a chunk of rows at a time (asyncpg sends each as it comes)."""
     yield _COPY_HEADER
     for start in range(0, len(events), _COPY_CHUNK_ROWS):
         end = start + _COPY_CHUNK_ROWS
-        yield _copy_rows(events[start:end], versions[start:end])
+        yield _copy_rows(events[start:end], versions[start:end], first + start)
     yield _COPY_TRAILER
