@@ -29,8 +29,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +51,7 @@ from streamboot.block_replay import (  # noqa: E402
     split_extents,
 )
 from streamboot.embedded.proc import free_port  # noqa: E402
+from tests.cache.conftest import Proc  # noqa: E402
 
 TRACE = ROOT / "bench" / "fixtures" / "demo-boot-trace.json"
 FTP_DELAY_S = 0.005
@@ -150,36 +149,6 @@ class Row:
     first_error: str | None
 
 
-class Proc:
-    def __init__(
-        self,
-        args: list[str],
-        env: dict[str, str] | None = None,
-        log: Path | None = None,
-        ready: str | None = "READY",
-    ) -> None:
-        self.logf = open(log or os.devnull, "ab")  # closed in stop()
-        self.p = subprocess.Popen(
-            args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-            stderr=self.logf, start_new_session=True,
-        )  # fmt: skip
-        self.line = ""
-        if ready:
-            assert self.p.stdout is not None
-            self.line = self.p.stdout.readline().decode()
-            assert self.line.startswith(ready), f"{args[:4]} not ready: {self.line!r} (log {log})"
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-        self.logf.close()
-
-
 class Streamboot:
     """The cache service + one stream node (tests/cache/stream_node.py) on an embedded NATS."""
 
@@ -214,16 +183,14 @@ class Streamboot:
             for t in tokens
         }  # fmt: skip
         (work / "exports.json").write_text(json.dumps(exports))
-        self.cache = Proc(
-            [sys.executable, "-m", "services.cache"], env, work / "cache.log", ready=None
-        )
+        self.cache = Proc([sys.executable, "-m", "services.cache"], env, work / "cache.log")
         self._wait_cache(nats_url)
         self.node = Proc(
             [sys.executable, "-m", "tests.cache.stream_node", nats_url, str(work / "exports.json")]
             + (["--no-cache"] if in_process else []),
             {**env, "STREAMBOOT_LOG_LEVEL": "WARNING"}, work / "node.log",
         )  # fmt: skip
-        self.port = int(self.node.line.split()[1])
+        self.port = int(self.node.ready_line()[0])
 
     def _wait_cache(self, nats_url: str) -> None:
         import nats
@@ -304,6 +271,7 @@ def bench(
             [sys.executable, "-m", "tests.cache.ftpd", str(store), str(ftp_port), str(FTP_DELAY_S)],
             log=work / "ftpd.log",
         )
+        ftpd.ready_line()
         try:
             for n in clients:
                 for pace in paces:
@@ -356,7 +324,7 @@ def server_under_test(
         args = [*base, "--filter=cow", "file", str(image)]
     else:
         args = [*base, "null", f"size={image.stat().st_size}"]
-    proc = Proc(args, log=sub / "nbdkit.log", ready=None)
+    proc = Proc(args, log=sub / "nbdkit.log")
     try:
         wait_port(port)
         yield port

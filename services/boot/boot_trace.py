@@ -67,6 +67,10 @@ class BootTraces:
             pass
 
 
+def _attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {f"streamboot.{k}": v for k, v in attributes.items() if v is not None}
+
+
 @contextmanager
 def boot_span(
     name: str, boot: dict[str, Any], start_ns: int | None = None, **attributes: Any
@@ -76,7 +80,7 @@ def boot_span(
         name,
         context=context_from_traceparent(boot["traceparent"]),
         start_time=start_ns,
-        attributes={f"streamboot.{k}": v for k, v in attributes.items() if v is not None},
+        attributes=_attributes(attributes),
     ) as span:
         yield span
 
@@ -89,6 +93,6 @@ def record_boot_span(
         name,
         context=context_from_traceparent(boot["traceparent"]),
         start_time=start_ns,
-        attributes={f"streamboot.{k}": v for k, v in attributes.items() if v is not None},
+        attributes=_attributes(attributes),
     )
     span.end(end_time=end_ns)

@@ -29,17 +29,24 @@ TIMEOUT = 60
 
 
 class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    """A service process of a test (or a benchmark): its stderr in ``log``, its stdout kept
+    for the READY line that processes which print one end their start with."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, log: Path | None = None
+    ) -> None:
         self.log = log
-        self.logf = open(log, "ab")  # closed in stop()
+        self.logf = open(log or os.devnull, "ab")  # closed in stop()
         self.p = subprocess.Popen(
-            args, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=self.logf
-        )
+            args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=self.logf,
+        )  # fmt: skip
 
     def ready_line(self) -> list[str]:
         assert self.p.stdout is not None
         line = self.p.stdout.readline().decode()
-        assert line.startswith("READY"), f"not ready: {line!r}; log:\n{self.log.read_text()}"
+        logged = self.log.read_text() if self.log else ""
+        assert line.startswith("READY"), f"not ready: {line!r}; log:\n{logged}"
         return line.split()[1:]
 
     def kill9(self) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,10 @@ async def owner_entry(nc: nats.NATS, key: str) -> dict[str, Any] | None:
     return json.loads(entry.value) if entry.value else None
 
 
+def exports_of(tokens: Iterable[str], base: Path) -> dict[str, dict[str, Any]]:
+    return {t: fields for token in tokens for t, fields in export(token, base).items()}
+
+
 def log_text(path: Path) -> str:
     return path.read_text(errors="replace")
 
@@ -121,9 +125,7 @@ async def test_sessions_spread_over_two_cache_nodes_and_read_back(
     s = system()
     a, b = await two_nodes(s)
     placed = tokens_placed("sp", [a, b], 3)
-    exports: dict[str, dict[str, Any]] = {}
-    for token in placed:
-        exports.update(export(token, base_image))
+    exports = exports_of(placed, base_image)
     _n1, uri1 = await s.start_node(exports, "s1")
     _n2, uri2 = await s.start_node(exports, "s2")
     patterns = {t: 0x20 + i for i, t in enumerate(placed)}
@@ -245,9 +247,7 @@ async def test_kill9_of_one_cache_node_fails_only_its_sessions(
     placed = tokens_placed("k9", [a, b], 2)
     # One more session, opened after b died, whose key ranks first on b.
     late = next(t for t, n in tokens_placed("k9late", [a, b], 1).items() if n == b)
-    exports: dict[str, dict[str, Any]] = {}
-    for token in [*placed, late]:
-        exports.update(export(token, base_image))
+    exports = exports_of([*placed, late], base_image)
     _n1, uri = await s.start_node(exports, "s1")
     await asyncio.gather(*(asyncio.to_thread(qemu_io, f"{uri}/{t}", *writes(0x31)) for t in placed))
     s.caches["b"].kill9()
@@ -283,9 +283,7 @@ async def test_session_closed_drops_the_cache_on_the_node_holding_it(
     s = system()
     a, b = await two_nodes(s)
     placed = tokens_placed("cl", [a, b], 3)
-    exports: dict[str, dict[str, Any]] = {}
-    for token in placed:
-        exports.update(export(token, base_image))
+    exports = exports_of(placed, base_image)
     _n1, uri = await s.start_node(exports, "s1")
     await asyncio.gather(
         *(asyncio.to_thread(qemu_io, f"{uri}/{t}", "write -P 0x44 0 64k") for t in placed)

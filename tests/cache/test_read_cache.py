@@ -48,6 +48,12 @@ def vdisk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"dir": d, "full": full}
 
 
+def version2(token: str, folder: Path = Path(), **kw: object) -> dict[str, dict[str, object]]:
+    """The export of the fixture's version 2 (base + delta) under ``folder`` of a store."""
+    layers = [str(folder / "base.raw"), str(folder / "v2.map")]
+    return export(token, folder / "base.raw", version=2, layers=layers, **kw)
+
+
 def boot_trace(seed: int = 1) -> list[tuple[int, int]]:
     """A boot-like read pattern: mostly sequential runs with jumps, 4 KiB to 128 KiB reads."""
     rnd = random.Random(seed)
@@ -108,11 +114,9 @@ async def test_second_boot_from_a_slow_ftp_store_reads_its_boot_from_the_cache( 
         await s.start_registry(database_url)
         cache = await s.start_cache()
         ex = {
-            **export("b1", Path("base.raw"), store="ftp", version=2, session_id="s-boot1"),
-            **export("b2", Path("base.raw"), store="ftp", version=2, session_id="s-boot2"),
+            **version2("b1", store="ftp", session_id="s-boot1"),
+            **version2("b2", store="ftp", session_id="s-boot2"),
         }
-        for e in ex.values():
-            e["layers"] = ["base.raw", "v2.map"]
         node_a, uri_a = await s.start_node(ex, "a", "--publish-events")
 
         # First boot: every block from the store, through the cache; learnt as the profile.
@@ -177,10 +181,7 @@ async def test_block_device_store_and_bounded_read_cache(system, vdisk) -> None:
     cap = 2 * 1024 * 1024
     s = system(cache_stores=json.dumps({"san": "blockdev:///"}), cache_read_capacity=str(cap))
     await s.start_cache()
-    d = vdisk["dir"]
-    ex = export("bd", d / "base.raw", store="san", version=2)
-    ex["bd"]["layers"] = [str(d / "base.raw"), str(d / "v2.map")]
-    _node, uri = await s.start_node(ex, "a")
+    _node, uri = await s.start_node(version2("bd", vdisk["dir"], store="san"), "a")
     trace = [(o, 65536) for o in range(0, 8 << 20, 65536)]
     await asyncio.to_thread(replay, uri, "bd", trace, expect)
     rc = (await s.stats())["read_cache"]
@@ -194,9 +195,7 @@ async def test_ftp_store_gone_mid_read_is_an_error_not_wrong_data(system, vdisk)
     async with ftp(vdisk["dir"], 0.0) as (_ftpd, url):
         s = system(cache_stores=json.dumps({"ftp": url}))
         await s.start_cache()
-        ex = export("gone", Path("base.raw"), store="ftp", version=2)
-        ex["gone"]["layers"] = ["base.raw", "v2.map"]
-        _node, uri = await s.start_node(ex, "a")
+        _node, uri = await s.start_node(version2("gone", store="ftp"), "a")
         await asyncio.to_thread(replay, uri, "gone", [(0, 65536)], expect)
     # The FTP server has stopped: blocks already cached still read, others fail clearly.
     await asyncio.to_thread(replay, uri, "gone", [(0, 65536)], expect)
@@ -219,9 +218,7 @@ async def test_a_miss_does_not_hold_up_other_reads(system, vdisk) -> None:  # ty
     async with ftp(vdisk["dir"], 0.5) as (_ftpd, url):
         s = system(cache_stores=json.dumps({"ftp": url}))
         await s.start_cache()
-        ex = export("slow", Path("base.raw"), store="ftp", version=2)
-        ex["slow"]["layers"] = ["base.raw", "v2.map"]
-        _node, uri = await s.start_node(ex, "a")
+        _node, uri = await s.start_node(version2("slow", store="ftp"), "a")
         await asyncio.to_thread(replay, uri, "slow", [(0, 65536)], expect)  # now on the node
         port = int(uri.rsplit(":", 1)[1])
 
@@ -254,9 +251,7 @@ async def test_local_store_boot_profile_is_prefetched_on_boot_requested(  # type
     s = system()
     await s.start_registry(database_url)
     await s.start_cache()
-    d = vdisk["dir"]
-    ex = export("l1", d / "base.raw", version=2, session_id="s-local1")
-    ex["l1"]["layers"] = [str(d / "base.raw"), str(d / "v2.map")]
+    ex = version2("l1", vdisk["dir"], session_id="s-local1")
     _node, uri = await s.start_node(ex, "a", "--publish-events")
     nc = await nats.connect(nats_url)
     got: dict[str, list[dict]] = {"BootProfileUpdated": [], "PrefetchCompleted": []}

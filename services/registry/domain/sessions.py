@@ -46,6 +46,10 @@ def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
     ]
 
 
+# Write caches on the client: the server never sees its writes, its export is read-only.
+CLIENT_SIDE_CACHES = ("client-ram", "client-disk")
+
+
 def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
     """The least loaded live stream node (ties broken by name, so the choice is stable)."""
     return min(live_stream_nodes(heartbeats), key=lambda n: (n.load, n.node), default=None)
@@ -144,7 +148,7 @@ def open_session(
             write_cache=write_cache,
             write_cache_persistence=persistence,
             # Client-side write caches: the server export is read-only.
-            read_only=write_cache in ("client-ram", "client-disk") and not writes_to_vdisk,
+            read_only=write_cache in CLIENT_SIDE_CACHES and not writes_to_vdisk,
             token_hash=token_hash,
             nbd_uri=f"nbd://{node.nbd}/",
             http_url=f"{node.http}/s/",
@@ -212,7 +216,7 @@ def open_replay(
             write_cache=write_cache,
             write_cache_persistence="discard",
             # A client-side write cache never wrote to the server: neither does its replay.
-            read_only=write_cache in ("client-ram", "client-disk"),
+            read_only=write_cache in CLIENT_SIDE_CACHES,
             token_hash=token_hash,
             nbd_uri=f"nbd://{node.nbd}/",
             http_url=f"{node.http}/s/",
