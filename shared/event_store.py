@@ -30,7 +30,7 @@ from shared.envelope import Envelope
 
 log = logging.getLogger("streamboot.event_store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NOTIFY_CHANNEL = "streamboot_events"
 # Any 64-bit constant: the lock every append transaction holds.
 APPEND_LOCK_KEY = 0x5EB0_0701
@@ -38,12 +38,11 @@ APPEND_LOCK_KEY = 0x5EB0_0701
 SCHEMA_INFO = "CREATE TABLE IF NOT EXISTS schema_info (key text PRIMARY KEY, value text NOT NULL)"
 
 # Every index here is read by a query of this module (the rest of the code reads through
-# it): position (order, cursors), id (idempotency), (stream_id, version) (concurrency,
-# read_stream), type (read_all's type filter), (mac, position) (read_all's mac filter: a
-# device's timeline). Each index is paid on every append. The type index holds the type
-# alone: a few distinct keys, so PostgreSQL deduplicates it to a twentieth of the size of
-# (type, position), whose inserts in the middle of the tree split a page every few rows
-# (measured: a fifth of an append's server time, against a twentieth).
+# it), and paid by every append: position (order, cursors), id (idempotency), (stream_id,
+# version) (concurrency, read_stream), (mac, position) (read_all's mac filter: a device's
+# timeline). The type filter (`events list --type`) has no index: it walks the log in
+# order (60 ms for a rare type in a million events), where the index cost a tenth of each
+# append's server time.
 SCHEMA = """
 CREATE TABLE events (
     position bigserial PRIMARY KEY,
@@ -55,24 +54,24 @@ CREATE TABLE events (
     correlation_id text,
     causation_id text,
     traceparent text,
-    -- json, not jsonb: stored as sent and sent back as stored. jsonb parsed every event
-    -- into its binary form on append and printed it back on every read, for operators
-    -- nothing here uses (ad-hoc SQL can still say data::jsonb).
-    data json NOT NULL,
+    -- The event's JSON text as the store encoded it (orjson), sent back as stored. Not
+    -- json: its input function parsed every event again on append (a tenth of the
+    -- server's time); nor jsonb (a third). Ad-hoc SQL says data::jsonb->>'field'.
+    data text NOT NULL,
     -- The data's "mac" (device-related events), set by the appender: what a device's
     -- timeline is looked up by.
     mac text,
     UNIQUE (stream_id, version)
 );
-CREATE INDEX events_type ON events (type);
 CREATE INDEX events_mac ON events (mac, position) WHERE mac IS NOT NULL;
 CREATE TABLE cursors (name text PRIMARY KEY, position bigint NOT NULL);
 """
 
-# Version 1 -> 2: data jsonb -> json, the MAC as a column instead of an expression index,
-# the type index without the position, no index on correlation_id (nothing queried it).
-# One rewrite of the table.
-MIGRATE_1_TO_2 = """
+# Each upgrade from the version before: applied in order, all in one transaction.
+MIGRATIONS = {
+    # 1 -> 2: data jsonb -> json, the MAC as a column instead of an expression index, the
+    # type index without the position, no index on correlation_id (nothing queried it).
+    2: """
 DROP INDEX IF EXISTS events_correlation;
 DROP INDEX IF EXISTS events_type_position;
 ALTER TABLE events ADD COLUMN mac text;
@@ -81,7 +80,13 @@ DROP INDEX IF EXISTS events_mac;
 ALTER TABLE events ALTER COLUMN data TYPE json USING data::json;
 CREATE INDEX events_type ON events (type);
 CREATE INDEX events_mac ON events (mac, position) WHERE mac IS NOT NULL;
-"""
+""",
+    # 2 -> 3: data json -> text, no type index. One rewrite of the table.
+    3: """
+DROP INDEX IF EXISTS events_type;
+ALTER TABLE events ALTER COLUMN data TYPE text;
+""",
+}
 
 ANY_VERSION: None = None
 NO_STREAM = 0
@@ -159,21 +164,14 @@ _INSERT_COLUMNS = [
 
 
 def _row(record: asyncpg.Record) -> StoredEvent:
-    return StoredEvent(*record)
-
-
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    # json's binary wire format is the JSON text itself; orjson is several times faster
-    # than the json module both ways.
-    await conn.set_type_codec(
-        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
-    )
+    *envelope, data = record
+    return StoredEvent(*envelope, orjson.loads(data))
 
 
 # What a projection needs of each event, and no more: replay reads millions of rows. The
 # data comes as its JSON text, for the projection to decode only where it needs it; the
 # time as epoch seconds (a float costs a fraction of a datetime to make).
-REPLAY_COLUMNS = "position, type, data::text, date_part('epoch', time), stream_id"
+REPLAY_COLUMNS = "position, type, data, date_part('epoch', time), stream_id"
 
 
 async def fetch_for_replay(
@@ -202,6 +200,16 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+_BEGIN_AND_LOCK = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing. The pool's connections keep no session state
+    (LISTEN and session locks go to EventStore.session; no cursors or SETs; asyncpg still
+    rolls back an open transaction), so asyncpg's default reset query was a round trip per
+    append for nothing."""
+
+
 class EventStore:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self._pool = pool
@@ -213,7 +221,6 @@ class EventStore:
             dsn,
             min_size=min_size,
             max_size=max_size,
-            init=_init_connection,
             # Every statement planned for its arguments and the log's current size. asyncpg
             # prepares statements, and PostgreSQL then switches to a generic plan, made once
             # and kept: one made while the log was small (a sequential scan for the append's
@@ -223,6 +230,7 @@ class EventStore:
             # tell `position > (the end of the log)` from `position > 0`. Planning costs
             # a fraction of a millisecond per statement.
             server_settings={"plan_cache_mode": "force_custom_plan"},
+            reset=_keep_session,
         )
         store = cls(pool, dsn)
         await store.migrate()
@@ -234,6 +242,16 @@ class EventStore:
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of its own, closed afterwards, for session state (LISTEN, session
+        advisory locks) that must not go back to the pool, which does not reset it."""
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
     async def migrate(self) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -247,23 +265,25 @@ class EventStore:
                 await conn.execute(
                     "INSERT INTO schema_info VALUES ('version', $1)", str(SCHEMA_VERSION)
                 )
-            elif found == "1":
-                # One transaction: a crash or an error leaves the version-1 log as it was.
+            elif found.isdigit() and int(found) < SCHEMA_VERSION:
+                # One transaction: a crash or an error leaves the older log as it was.
                 count = await conn.fetchval("SELECT count(*) FROM events")
                 log.warning(
-                    "event log: upgrading %d events from schema version 1 to %d "
-                    "(one rewrite of the table)",
+                    "event log: upgrading %d events from schema version %s to %d "
+                    "(a rewrite of the table)",
                     count,
+                    found,
                     SCHEMA_VERSION,
                 )
-                await conn.execute(MIGRATE_1_TO_2)
+                for version in range(int(found) + 1, SCHEMA_VERSION + 1):
+                    await conn.execute(MIGRATIONS[version])
                 await conn.execute(
                     "UPDATE schema_info SET value = $1 WHERE key = 'version'", str(SCHEMA_VERSION)
                 )
             elif found != str(SCHEMA_VERSION):
                 raise SchemaMismatchError(
                     f"the event log has schema version {found}; this streamboot reads "
-                    f"version {SCHEMA_VERSION} (and upgrades version 1). Refusing to touch it."
+                    f"version {SCHEMA_VERSION} (and upgrades older ones). Refusing to touch it."
                 )
 
     # --- appending ------------------------------------------------------------------------
@@ -306,11 +326,21 @@ class EventStore:
         """A transaction holding the append lock: read, decide and append with no other writer
         in between (the registry uses this to enforce uniqueness rules across its replicas).
         Each append in it NOTIFYs followers, which PostgreSQL delivers at the commit."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            # Its own statement: a statement's snapshot is taken before it runs, so reads
-            # in the same statement as the lock could miss a commit made while it waited.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
-            yield Transaction(conn)
+        async with self._pool.acquire() as conn:
+            # BEGIN and the lock in one round trip (simple query protocol). The lock is its
+            # own statement all the same: a statement's snapshot is taken before it runs, so
+            # reads in the same statement as the lock could miss a commit made while it
+            # waited; each statement of the message gets its own.
+            await conn.execute(_BEGIN_AND_LOCK)
+            try:
+                yield Transaction(conn)
+            except BaseException:
+                # If the connection is gone, the pool's release terminates it (and the
+                # server rolls back).
+                if not conn.is_closed():
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
 
     # --- reading --------------------------------------------------------------------------
 
@@ -374,14 +404,13 @@ class EventStore:
 
         Wakes on NOTIFY; polls as a fallback so a missed notification only delays."""
         wake = asyncio.Event()
-        listener = await asyncpg.connect(self._dsn)
 
         def on_notify(*_: object) -> None:
             wake.set()
 
-        await listener.add_listener(NOTIFY_CHANNEL, on_notify)
-        position = after_position
-        try:
+        async with self.session() as listener:
+            await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+            position = after_position
             while True:
                 wake.clear()
                 rows = await self.read_all(position, 1000, **filters)
@@ -394,8 +423,6 @@ class EventStore:
                     await asyncio.wait_for(wake.wait(), poll_s)
                 except TimeoutError:
                     pass
-        finally:
-            await listener.close()
 
     # --- cursors (for the relay and other durable readers) -----------------------------
 
@@ -446,12 +473,21 @@ class Transaction:
                 raise ValueError("expected_version needs a single-stream batch; use expected=")
             expectations[streams[0]] = expected_version
         ids = [e.id for e in events]
-        # One round trip for both checks: each stream's version, and how many of the ids
-        # are stored already.
+        # One round trip: each stream's version, how many of the ids are stored already,
+        # and the batch's positions, drawn from the sequence at once (under the append lock
+        # no other session draws from it, so they are the next ones in commit order, and
+        # the COPY does not call nextval per row: 4% of its time). A batch that turns out
+        # to be refused or a retry leaves a hole in positions, which readers that keep
+        # "the last position I saw" do not mind. With the NOTIFY: followers only wake on it
+        # (they read from their own position), and it is delivered at the commit, so never
+        # before the events are visible (nor at all if the transaction fails).
         if retry is False:
-            versions_now, stored = await conn.fetchrow(_CHECK_VERSIONS, streams)
+            check = await conn.fetchrow(_CHECK_AND_RESERVE, streams, len(events), NOTIFY_CHANNEL)
         else:
-            versions_now, stored = await conn.fetchrow(_CHECK_VERSIONS_AND_IDS, streams, ids)
+            check = await conn.fetchrow(
+                _CHECK_IDS_AND_RESERVE, streams, len(events), NOTIFY_CHANNEL, ids
+            )
+        versions_now, stored, last = check
         if stored:
             return await self._already_stored(ids, stored)
         current = {s: v for s, v in zip(streams, versions_now, strict=True) if v is not None}
@@ -463,12 +499,6 @@ class Transaction:
                     return await self._already_stored(ids, stored)
                 raise ConcurrencyError(stream, want, have)
         versions = _versions(events, current)
-        # The batch's positions, drawn from the sequence at once: under the append lock no
-        # other session draws from it, so they are the next ones in commit order (and the
-        # COPY does not call nextval per row: 4% of its time). With the NOTIFY: followers
-        # only wake on it (they read from their own position), and it is delivered at the
-        # commit, so never before the events are visible (nor at all if the COPY fails).
-        last = await conn.fetchval(_RESERVE_POSITIONS_AND_NOTIFY, len(events), NOTIFY_CHANNEL)
         first = last - len(events) + 1
         # COPY is about twice as fast as INSERT for batches.
         await conn.copy_to_table(
@@ -507,17 +537,17 @@ _STREAM_VERSIONS = """ARRAY(
     SELECT (SELECT max(version) FROM events WHERE stream_id = s.s)
     FROM unnest($1::text[]) WITH ORDINALITY AS s(s, n) ORDER BY s.n
 )"""
-_CHECK_VERSIONS = f"SELECT {_STREAM_VERSIONS}, 0"
-_CHECK_VERSIONS_AND_IDS = (
-    f"SELECT {_STREAM_VERSIONS}, (SELECT count(*)::int FROM events WHERE id = ANY($2::uuid[]))"
+# Draws $2 positions; NOTIFYs channel $3.
+_RESERVE_POSITIONS = """(SELECT last FROM (
+    SELECT setval(seq, nextval(seq) + $2 - 1) AS last, pg_notify($3, '')
+    FROM (SELECT pg_get_serial_sequence('events', 'position')::regclass AS seq) AS s) AS l)"""
+_CHECK_AND_RESERVE = f"SELECT {_STREAM_VERSIONS}, 0, {_RESERVE_POSITIONS}"
+_CHECK_IDS_AND_RESERVE = (
+    f"SELECT {_STREAM_VERSIONS}, "
+    "(SELECT count(*)::int FROM events WHERE id = ANY($4::uuid[])), "
+    f"{_RESERVE_POSITIONS}"
 )
 _COUNT_STORED = "SELECT count(*)::int FROM events WHERE id = ANY($1::uuid[])"
-
-_RESERVE_POSITIONS_AND_NOTIFY = """
-SELECT last, pg_notify($2, last::text)
-FROM (SELECT setval(seq, nextval(seq) + $1 - 1) AS last
-      FROM (SELECT pg_get_serial_sequence('events', 'position')::regclass AS seq) AS s) AS l
-"""
 
 
 def _versions(events: Sequence[Envelope], current: Mapping[str, int]) -> list[int]:
@@ -540,7 +570,7 @@ def _versions(events: Sequence[Envelope], current: Mapping[str, int]) -> list[in
 # BaseModel defines __getattr__, which slows every attribute read.
 #
 # The row: field count, then per column of _INSERT_COLUMNS its length (-1: NULL) and
-# bytes. int8: 8 bytes; uuid: 16; int4: 4; text and json: UTF-8 (asyncpg's client_encoding);
+# bytes. int8: 8 bytes; uuid: 16; int4: 4; text: UTF-8 (asyncpg's client_encoding);
 # timestamptz: microseconds since 2000-01-01 UTC in 8 bytes. All big-endian.
 
 _COPY_CHUNK_ROWS = 100

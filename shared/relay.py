@@ -62,7 +62,7 @@ class EventRelay:
 
     async def run(self, poll_s: float = 0.5) -> None:
         """Publish forever; only the holder of the relay lock works, others wait their turn."""
-        async with self._store.pool.acquire() as lock_conn:
+        async with self._store.session() as lock_conn:
             # Polling a database lock: there is no event to wait on.
             while not await lock_conn.fetchval(  # noqa: ASYNC110
                 "SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY

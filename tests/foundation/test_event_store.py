@@ -7,10 +7,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
+import orjson
 import pytest
 
 from shared.envelope import Envelope
-from shared.event_store import ConcurrencyError, EventStore
+from shared.event_store import ConcurrencyError, EventStore, fetch_for_replay
 
 
 def ev(stream: str, **data: object) -> Envelope:
@@ -218,26 +219,60 @@ INSERT INTO schema_info VALUES ('version', '1');
 """
 
 
-async def test_a_version_1_log_is_upgraded(database_url: str) -> None:
+# Version 2, as it was made (json data, the MAC as a column, a type index).
+SCHEMA_V2 = """
+CREATE TABLE schema_info (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE events (
+    position bigserial PRIMARY KEY,
+    id uuid NOT NULL UNIQUE,
+    stream_id text NOT NULL,
+    version integer NOT NULL,
+    type text NOT NULL,
+    time timestamptz NOT NULL,
+    correlation_id text,
+    causation_id text,
+    traceparent text,
+    data json NOT NULL,
+    mac text,
+    UNIQUE (stream_id, version)
+);
+CREATE INDEX events_type ON events (type);
+CREATE INDEX events_mac ON events (mac, position) WHERE mac IS NOT NULL;
+CREATE TABLE cursors (name text PRIMARY KEY, position bigint NOT NULL);
+INSERT INTO schema_info VALUES ('version', '2');
+"""
+
+# Three events of one device, as each older version stored them.
+OLD_EVENTS = (
+    "INSERT INTO events (id, stream_id, version, type, time, correlation_id, data) "
+    "VALUES (gen_random_uuid(), 'device-m1', 1, 'DeviceRegistered', now(), NULL, "
+    """'{"mac": "52:54:00:00:00:01", "hostname": "h"}'), """
+    "(gen_random_uuid(), 'session-s1', 1, 'SessionOpened', now(), 's1', "
+    """'{"session_id": "s1", "mac": "52:54:00:00:00:01", "n": [1, 2.5]}'), """
+    "(gen_random_uuid(), 'session-s1', 2, 'SessionClosed', now(), 's1', "
+    """'{"session_id": "s1"}')"""
+)
+
+
+@pytest.mark.parametrize(
+    "schema, fill_mac",
+    [(SCHEMA_V1, ""), (SCHEMA_V2, "UPDATE events SET mac = data->>'mac'")],
+    ids=["version-1", "version-2"],
+)
+async def test_an_older_log_is_upgraded(database_url: str, schema: str, fill_mac: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(SCHEMA_V1)
-        await conn.execute(
-            "INSERT INTO events (id, stream_id, version, type, time, correlation_id, data) "
-            "VALUES (gen_random_uuid(), 'device-m1', 1, 'DeviceRegistered', now(), NULL, "
-            """'{"mac": "52:54:00:00:00:01", "hostname": "h"}'), """
-            "(gen_random_uuid(), 'session-s1', 1, 'SessionOpened', now(), 's1', "
-            """'{"session_id": "s1", "mac": "52:54:00:00:00:01", "n": [1, 2.5]}'), """
-            "(gen_random_uuid(), 'session-s1', 2, 'SessionClosed', now(), 's1', "
-            """'{"session_id": "s1"}')"""
-        )
+        await conn.execute(schema)
+        await conn.execute(OLD_EVENTS)
+        if fill_mac:  # version 2's appender set the column
+            await conn.execute(fill_mac)
         await conn.execute("INSERT INTO cursors VALUES ('relay', 2)")
     finally:
         await conn.close()
 
     store = await EventStore.connect(database_url)
     try:
-        assert await store.pool.fetchval("SELECT value FROM schema_info") == "2"
+        assert await store.pool.fetchval("SELECT value FROM schema_info") == "3"
         rows = await store.read_all()
         assert [(r.position, r.type) for r in rows] == [
             (1, "DeviceRegistered"),
@@ -246,18 +281,22 @@ async def test_a_version_1_log_is_upgraded(database_url: str) -> None:
         ]
         assert rows[1].data == {"session_id": "s1", "mac": "52:54:00:00:00:01", "n": [1, 2.5]}
         assert [r.position for r in await store.read_all(mac="52:54:00:00:00:01")] == [1, 2]
+        assert [r.position for r in await store.read_all(types=["SessionClosed"])] == [3]
         assert await store.get_cursor("relay") == 2
         assert await store.pool.fetchval("SELECT pg_typeof(data)::text FROM events LIMIT 1") == (
-            "json"
+            "text"
         )
         indexes = {r[0] for r in await store.pool.fetch("SELECT indexname FROM pg_indexes")}
-        assert {"events_mac", "events_type"} <= indexes
-        assert not {"events_correlation", "events_type_position"} & indexes
+        assert "events_mac" in indexes
+        assert not {"events_correlation", "events_type_position", "events_type"} & indexes
         [appended] = await store.append([ev("session-s1", session_id="s1")], expected_version=2)
         assert (appended.position, appended.version) == (4, 3)
+        async with store.pool.acquire() as conn:
+            replayed = await fetch_for_replay(conn, 0, 10)
+        assert orjson.loads(replayed[1]["data"]) == rows[1].data
     finally:
         await store.close()
-    # A second start finds version 2 and changes nothing.
+    # A second start finds version 3 and changes nothing.
     again = await EventStore.connect(database_url)
     assert len(await again.read_all()) == 4
     await again.close()
