@@ -95,6 +95,10 @@ class SessionWriteCache:
             os.replace(tmp, meta)
             # Not fsynced yet: nothing is promised before the first FLUSH/FUA (see sync()).
             self.meta_synced = False
+            # All clean: nothing to read back (the map of a 100 GiB disk is 25 MiB).
+            self.state = bytearray(nblocks)
+            self.dirty = 0
+            return
         raw = os.pread(self.map_fd, nblocks, 0)
         self.state = bytearray(raw.ljust(nblocks, b"\0"))
         self.dirty = self.state.count(DIRTY)
