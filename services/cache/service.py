@@ -56,6 +56,8 @@ log = logging.getLogger("streamboot.cache")
 # An open may be routed from node to node at most this often (a placement, then the owner
 # record of a race's winner); more means the records changed under us.
 MAX_HOPS = 2
+# How long after answering a new write cache's open its files are created.
+PREPARE_AFTER_S = 0.002
 
 
 def ram_dir(settings: Settings) -> Path:
@@ -151,6 +153,10 @@ class CacheService:
             wc = self.writes.open(body)
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
+        if wc.data_fd < 0:
+            # A new cache: its files are made once this reply is out (nats-py sends it
+            # from its flusher task, a loop turn or two later), not in the first write.
+            asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self.writes.prepare, wc.key)
         return {
             "node": self.node,
             "state": wc.encoded_state(),

@@ -67,6 +67,9 @@ class SessionWriteCache:
     map_fd: int = -1
     full_reported: bool = False
     meta_synced: bool = True  # False from creation until the first sync()
+    # True from the first write or zero (and for recovered caches): files may exist before
+    # that (WriteCaches.prepare), changes may not.
+    changed: bool = False
 
     @property
     def size(self) -> int:
@@ -104,15 +107,15 @@ class SessionWriteCache:
         self.dirty = self.state.count(DIRTY)
 
     def encoded_state(self) -> str:
-        if self.data_fd < 0:  # never written (a boot storm's sessions): the same every time
+        if not self.changed:  # never written (a boot storm's sessions): the same every time
             return _clean_state(len(self.state))
         return encode_block_map(bytes(self.state))
 
     def _files(self) -> None:
-        # Files appear with the first change: a session that never writes costs no I/O
-        # (a boot storm opens hundreds of sessions at once), and has nothing to recover.
+        # Files appear ahead of the first change (WriteCaches.prepare), or with it.
         if self.data_fd < 0:
             self.open_files(create=True)
+        self.changed = True
 
     def _set(self, first: int, stop: int, value: int) -> None:
         before = self.state.count(DIRTY, first, stop)
@@ -150,7 +153,7 @@ class SessionWriteCache:
         punch_hole(self.data_fd, first * BLOCK, (stop - first) * BLOCK)
 
     def sync(self) -> None:
-        if self.data_fd < 0:
+        if not self.changed:
             return  # nothing written yet: nothing to make durable
         os.fsync(self.data_fd)
         os.fsync(self.map_fd)
@@ -248,7 +251,7 @@ class WriteCaches:
         self.dirs = {"server-disk": disk_dir, "server-ram": ram_dir}
         self.capacity = capacity
         self.on_full = on_full
-        # Called once when a cache's files appear (its first change).
+        # Called once, at a cache's first change.
         self.on_files = on_files
         self.caches: dict[str, SessionWriteCache] = {}
         # Caches found on disk that could not be reopened, with why: never silently
@@ -265,6 +268,7 @@ class WriteCaches:
                     meta = json.loads(meta_path.read_text())
                     wc = SessionWriteCache(key, d, meta, int(meta.get("capacity", self.capacity)))
                     wc.open_files(create=False)
+                    wc.changed = True
                 except (OSError, ValueError) as e:
                     log.error("write cache %s in %s cannot be recovered: %s", key, d, e)
                     self.unrecoverable[key] = f"{meta_path}: {e}"
@@ -305,6 +309,20 @@ class WriteCaches:
         log.info("write cache %s opened (%s, %s)", key, kind, meta.get("persistence"))
         return wc
 
+    def prepare(self, key: str) -> None:
+        """Create a new cache's files ahead of its first write, once its open is answered:
+        the first write then costs a write, not the creation of three files (measured:
+        0.9 ms of the cache service's time against 0.3 ms, while the client waited). A
+        session that never writes pays the creation too, off anyone's path."""
+        wc = self.caches.get(key)
+        if wc is None or wc.data_fd >= 0:
+            return
+        try:
+            wc.open_files(create=True)
+        except OSError as e:
+            wc.close()  # the first write tries again, and reports it
+            log.warning("write cache %s: files not created ahead: %s", key, e)
+
     def get(self, key: str) -> SessionWriteCache:
         wc = self.caches.get(key)
         if wc is None:
@@ -327,7 +345,7 @@ class WriteCaches:
             log.error("write to %s refused: %s", key, e)
             return bytes([errno.ESTALE]) * len(records)
         sync = False
-        had_files = wc.data_fd >= 0
+        had_changed = wc.changed
         for i, (op, flags, offset, length, data) in enumerate(records):
             try:
                 if op == OP_WRITE:
@@ -346,7 +364,7 @@ class WriteCaches:
                         self.on_full(wc)
                 else:
                     log.error("write cache %s: %s", key, e)
-        if not had_files and wc.data_fd >= 0 and self.on_files is not None:
+        if not had_changed and wc.changed and self.on_files is not None:
             self.on_files(wc)
         if sync:
             try:
