@@ -16,11 +16,26 @@ import collections
 import errno
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 RECV_SIZE = 256 * 1024
 IOV_MAX = 1024
+
+
+class _RecvBuffer(threading.local):
+    """One receive buffer per thread (so per event loop), shared by its transports: a
+    transport hands its protocol a view of it, which the protocol copies from before
+    returning, and nothing else runs in between. A buffer per connection cost 256 KiB per
+    client (50 MiB for 200) and a zero-fill at every connect (0.15 ms, measured)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(RECV_SIZE)
+        self.view = memoryview(self.buf)
+
+
+_recv = _RecvBuffer()
 
 
 class RawTransport(asyncio.Transport):
@@ -34,8 +49,6 @@ class RawTransport(asyncio.Transport):
         self._fd = sock.fileno()
         self._protocol = protocol
         self._queue: collections.deque[Any] = collections.deque()  # buffer | [fd, off, n]
-        self._rbuf = bytearray(RECV_SIZE)
-        self._rview = memoryview(self._rbuf)
         self._queued = 0
         self._high = 64 * 1024
         self._low = 16 * 1024
@@ -60,7 +73,7 @@ class RawTransport(asyncio.Transport):
 
     def _on_readable(self) -> None:
         try:
-            n = self._sock.recv_into(self._rbuf)
+            n = self._sock.recv_into(_recv.buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -72,7 +85,7 @@ class RawTransport(asyncio.Transport):
                 self.close()
             return
         # The protocols copy what they keep: a view of the reused buffer is enough.
-        self._protocol.data_received(self._rview[:n])  # type: ignore[arg-type]
+        self._protocol.data_received(_recv.view[:n])  # type: ignore[arg-type]
 
     def pause_reading(self) -> None:
         if self._reading:
