@@ -54,10 +54,13 @@ class ProfileHint(Layer):
                     "size": s.size,
                 },
             )
-        except OSError as e:
+            self._advise(reply.get("profile", []))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            # A hint: the session goes on without it, and says why once.
             log.warning("no boot profile for %s@%s: %s", s.vdisk, s.version, e)
-            return
-        for off, n in reply.get("profile", []):
+
+    def _advise(self, profile: list[list[int]]) -> None:
+        for off, n in profile:
             n = min(int(n), self.size - int(off))
             if n <= 0:
                 continue
