@@ -57,6 +57,15 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def new_session_token() -> str:
+    """256 random bits, URL-safe, never starting with "-": a token is an argument of
+    command lines (`streamboot session close TOKEN`, NBD clients' export names), where a
+    leading dash reads as an option (1 token in 64 did)."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
+
+
 async def replay(conn: asyncpg.Connection, projection: Projection) -> int:
     """Apply every event after the projection's position; returns how many.
 
@@ -456,7 +465,7 @@ class RegistryApp:
             dev = await self._known_or_auto_added(mac, smbios_uuid)
             span.set_attribute("streamboot.mac", dev["mac"])
             node, warning = await self._place()
-            token = secrets.token_urlsafe(32)  # 256 bits
+            token = new_session_token()
             sid = str(uuid7())
             await self._execute(
                 lambda p: sessions.open_session(
@@ -493,7 +502,7 @@ class RegistryApp:
         original, used = await self._recorded_session(original_id)
         beats = await self._heartbeats() if self._heartbeats is not None else []
         node = choose_replay_node(beats, stream_node, used)
-        token = secrets.token_urlsafe(32)
+        token = new_session_token()
         sid = str(uuid7())
         await self._execute(
             lambda p: sessions.open_replay(
