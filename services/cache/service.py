@@ -76,7 +76,7 @@ class CacheService:
         for name, url in s.cache_stores.items():
             self.stores[name] = open_store(url)
         self.writes = WriteCaches(
-            root / "write", ram_dir(s), s.cache_write_capacity, self._full, self._has_files
+            root / "write", ram_dir(s), s.cache_write_capacity, self._full, self._first_change
         )
         self.reads = ReadCaches(root / "read", s.cache_read_capacity, self.stores)
         self.profiles = BootProfiles(
@@ -109,7 +109,7 @@ class CacheService:
         sid = wc.meta.get("session_id") or wc.key
         self.emit(WriteCacheFull(session_id=sid, capacity=wc.capacity, used=wc.used), sid)
 
-    def _has_files(self, wc: SessionWriteCache) -> None:
+    def _first_change(self, wc: SessionWriteCache) -> None:
         async def mark() -> None:
             try:
                 await self.owners.mark_written(wc.key)

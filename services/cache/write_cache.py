@@ -246,13 +246,13 @@ class WriteCaches:
         ram_dir: Path,
         capacity: int,
         on_full: Full,
-        on_files: Callable[[SessionWriteCache], None] | None = None,
+        on_first_change: Callable[[SessionWriteCache], None] | None = None,
     ) -> None:
         self.dirs = {"server-disk": disk_dir, "server-ram": ram_dir}
         self.capacity = capacity
         self.on_full = on_full
         # Called once, at a cache's first change.
-        self.on_files = on_files
+        self.on_first_change = on_first_change
         self.caches: dict[str, SessionWriteCache] = {}
         # Caches found on disk that could not be reopened, with why: never silently
         # replaced by a new empty cache of the same key.
@@ -364,8 +364,8 @@ class WriteCaches:
                         self.on_full(wc)
                 else:
                     log.error("write cache %s: %s", key, e)
-        if not had_changed and wc.changed and self.on_files is not None:
-            self.on_files(wc)
+        if not had_changed and wc.changed and self.on_first_change is not None:
+            self.on_first_change(wc)
         if sync:
             try:
                 await asyncio.to_thread(wc.sync)

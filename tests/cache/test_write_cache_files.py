@@ -20,7 +20,7 @@ def caches(tmp_path: Path, changed: list[str]) -> WriteCaches:
         tmp_path / "ram",
         capacity=1 << 30,
         on_full=lambda wc: None,
-        on_files=lambda wc: changed.append(wc.key),
+        on_first_change=lambda wc: changed.append(wc.key),
     )
 
 

@@ -41,6 +41,19 @@ def version_key(spec: ExportSpec) -> str:
     return f"{spec.store}:{spec.vdisk}@{spec.version}"
 
 
+def read_cache_body(spec: ExportSpec) -> dict[str, object]:
+    """A version as ``rc.open`` (and every ``rc.read``) describes it: enough for any cache
+    node to open the version's read cache."""
+    return {
+        "key": version_key(spec),
+        "vdisk": spec.vdisk,
+        "version": spec.version,
+        "store": spec.store,
+        "layers": [str(p) for p in spec.layers],
+        "size": spec.size,
+    }
+
+
 class Mirror:
     """This node's copy of the blocks of one version it has fetched so far."""
 
@@ -107,24 +120,13 @@ class CachedStoreBackend(ReadOnlyBottom):
         self.mirror = link.mirror(self.key, spec.size)
         self._prefetch: asyncio.Task[None] | None = None
 
-    def _open_body(self) -> dict[str, object]:
-        s = self.spec
-        return {
-            "key": self.key,
-            "vdisk": s.vdisk,
-            "version": s.version,
-            "store": s.store,
-            "layers": [str(p) for p in s.layers],
-            "size": s.size,
-        }
-
     def _body(self, offset: int, length: int) -> dict[str, object]:
         # With the version's description: any cache node (queue group) can serve a read,
         # opening the version's read cache at its first one.
-        return {**self._open_body(), "offset": offset, "length": length}
+        return {**read_cache_body(self.spec), "offset": offset, "length": length}
 
     async def attach(self) -> None:
-        reply = await self.link.client.request_json(wire.RC_OPEN, self._open_body())
+        reply = await self.link.client.request_json(wire.RC_OPEN, read_cache_body(self.spec))
         profile = [(int(o), int(n)) for o, n in reply.get("profile", [])]
         if profile:
             self._prefetch = asyncio.get_running_loop().create_task(self._pull(profile))

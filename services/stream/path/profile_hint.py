@@ -18,7 +18,7 @@ import os
 
 from services.cache import wire
 from services.stream.path.backend import Backend, Layer
-from services.stream.path.cached_store import CacheLink, version_key
+from services.stream.path.cached_store import CacheLink, read_cache_body
 from services.stream.spec import ExportSpec
 from shared.vdisk_layout import ZERO_FD
 
@@ -43,17 +43,7 @@ class ProfileHint(Layer):
     async def _warm(self) -> None:
         s = self.spec
         try:
-            reply = await self.link.client.request_json(
-                wire.RC_OPEN,
-                {
-                    "key": version_key(s),
-                    "vdisk": s.vdisk,
-                    "version": s.version,
-                    "store": "local",
-                    "layers": [str(p) for p in s.layers],
-                    "size": s.size,
-                },
-            )
+            reply = await self.link.client.request_json(wire.RC_OPEN, read_cache_body(s))
             self._advise(reply.get("profile", []))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # A hint: the session goes on without it, and says why once.

@@ -49,8 +49,8 @@ class RemoteWriteCache(WriteCache):
         self.spec = spec
         self.client = client
         self.key = cache_key(spec)
-        self.node: str | None = None  # the cache node holding it (attach says)
-        self.channel: WriteChannel | None = None  # to that node
+        # To the cache node holding it (attach says which).
+        self.channel: WriteChannel | None = None
 
     async def attach(self) -> None:
         """Open (or find again) the cache service's write cache and mirror its blocks.
@@ -71,7 +71,6 @@ class RemoteWriteCache(WriteCache):
                 "mac": s.mac,
             },
         )
-        self.node = opened.node
         self.channel = self.client.writer(self.key, opened.node)
         state = opened.state
         if len(state) != len(self.state):
