@@ -9,7 +9,12 @@ Servers, side by side in one run, each cold (fresh processes, empty caches) then
 same processes again, new sessions):
 
 - ``streamboot``      cache service + stream node, the vdisk in the local store, server-disk
-                      write caches in the cache service (every write crosses NATS);
+                      write caches in the cache service (every write crosses NATS); each
+                      session is announced to the node ANNOUNCE_LEAD_S before its client
+                      connects, as the registry does when it opens a boot session (the
+                      client then still fetches its iPXE script: services/stream/announce.py);
+- ``streamboot-unannounced``  the same, each session opened by its client's connection
+                      (what a boot pays when the announcement is lost or late);
 - ``streamboot-ftp``  the same, the vdisk on an FTP share (aioftp) with an artificial delay
                       per transfer, read through the cache service's read cache;
 - ``nbdkit-cow``      nbdkit's file plugin with its cow filter on the same image;
@@ -32,7 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +60,9 @@ from tests.cache.conftest import Proc  # noqa: E402
 
 TRACE = ROOT / "bench" / "fixtures" / "demo-boot-trace.json"
 FTP_DELAY_S = 0.005
+# How long before its client connects a session is announced to the stream node: a lower
+# bound of the time an iPXE client takes to receive its script and connect to the node.
+ANNOUNCE_LEAD_S = 0.005
 
 # --- recording ------------------------------------------------------------------------
 
@@ -161,8 +169,12 @@ class Streamboot:
         tokens: list[str],
         ftp_url: str | None,
         in_process: bool = False,
+        announced: bool = False,
     ) -> None:
         self.work = work
+        self.nats_url = nats_url
+        self.announced = announced
+        self.node_id = f"stream-{work.name}"
         data = work / "data"
         env = {
             "STREAMBOOT_NATS_URL": nats_url,
@@ -183,11 +195,13 @@ class Streamboot:
             for t in tokens
         }  # fmt: skip
         (work / "exports.json").write_text(json.dumps(exports))
+        self.exports = exports
         self.cache = Proc([sys.executable, "-m", "services.cache"], env, work / "cache.log")
         self._wait_cache(nats_url)
         self.node = Proc(
             [sys.executable, "-m", "tests.cache.stream_node", nats_url, str(work / "exports.json")]
-            + (["--no-cache"] if in_process else []),
+            + (["--no-cache"] if in_process else [])
+            + (["--node-id", self.node_id] if announced else []),
             {**env, "STREAMBOOT_LOG_LEVEL": "WARNING"}, work / "node.log",
         )  # fmt: skip
         self.port = int(self.node.ready_line()[0])
@@ -210,6 +224,22 @@ class Streamboot:
 
         asyncio.run(ask())
 
+    async def announce(self, tokens: list[str]) -> None:
+        """What the registry does when it opens these sessions: tell the stream node, which
+        opens them while the clients are still on their way (ANNOUNCE_LEAD_S)."""
+        import nats
+
+        from services.stream.announce import announce_session
+
+        nc = await nats.connect(self.nats_url)
+        try:
+            for t in tokens:
+                await announce_session(nc, self.node_id, t, self.exports[t])
+            await nc.flush()
+        finally:
+            await nc.close()
+        await asyncio.sleep(ANNOUNCE_LEAD_S)
+
     def stop(self) -> None:
         self.node.stop()
         self.cache.stop()
@@ -230,11 +260,13 @@ def embedded_nats(work: Path) -> Iterator[str]:
 
 
 def run_clients(
-    port: int, names: list[str], trace: list[Any], paced: bool
+    port: int, names: list[str], trace: list[Any], paced: bool, announce: Announce | None = None
 ) -> tuple[list[ReplayResult], float]:
     import uvloop
 
     async def storm() -> tuple[list[ReplayResult], float]:
+        if announce is not None:
+            await announce(names)  # before the clock: the clients are not connected yet
         t0 = time.perf_counter()
         results = await asyncio.gather(*(replay("127.0.0.1", port, n, trace, paced) for n in names))
         return list(results), time.perf_counter() - t0
@@ -294,13 +326,16 @@ def bench(
 
 
 _runs = 0
+# Announces a storm's sessions (by token) to the stream node before the clients connect.
+Announce = Callable[[list[str]], Awaitable[None]]
 
 
 @contextmanager
 def server_under_test(
     server: str, image: Path, work: Path, nats_url: str, ftp_port: int, tokens: list[str]
-) -> Iterator[int]:
-    """A fresh (cold) server; yields its NBD port."""
+) -> Iterator[tuple[int, Announce | None]]:
+    """A fresh (cold) server; yields its NBD port and, for streamboot, what announces a
+    storm's sessions before their clients connect."""
     global _runs
     _runs += 1
     sub = work / f"{server}-{_runs}"
@@ -312,9 +347,10 @@ def server_under_test(
         # streamboot-inproc: the stream's in-process write cache, no cache service in the
         # path (what the cache service costs, by difference).
         inproc = server == "streamboot-inproc"
-        sb = Streamboot(sub, nats_url, image, store, tokens, url(ftp_port), inproc)
+        announced = server in ("streamboot", "streamboot-ftp")
+        sb = Streamboot(sub, nats_url, image, store, tokens, url(ftp_port), inproc, announced)
         try:
-            yield sb.port
+            yield sb.port, (sb.announce if announced else None)
         finally:
             sb.stop()
         return
@@ -327,7 +363,7 @@ def server_under_test(
     proc = Proc(args, log=sub / "nbdkit.log")
     try:
         wait_port(port)
-        yield port
+        yield port, None
     finally:
         proc.stop()
 
@@ -342,9 +378,9 @@ def run_round(
     out = {}
     with server_under_test(
         server, image, work, nats_url, ftp_port, tokens["cold"] + tokens["warm"]
-    ) as port:
+    ) as (port, announce):
         for phase in ("cold", "warm"):
-            res, wall = run_clients(port, tokens[phase], trace, paced)
+            res, wall = run_clients(port, tokens[phase], trace, paced, announce)
             out[phase] = summarize(server, phase, pace, res, wall)
     return out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -131,6 +132,15 @@ async def key_value_bucket(js: JetStreamContext, name: str, ttl_s: float) -> Key
             return await js.create_key_value(KeyValueConfig(bucket=name, history=1, ttl=ttl_s))
         except BadRequestError:
             return await js.key_value(name)  # created by another process meanwhile
+
+
+_UNSAFE_IN_SUBJECT = re.compile(r"[^A-Za-z0-9-]")
+
+
+def subject_token(text: str) -> str:
+    """A NATS subject token / KV key for any text: every character but ``[A-Za-z0-9-]`` as
+    ``_XX`` (its code, hex). Injective, so two names never share a token."""
+    return _UNSAFE_IN_SUBJECT.sub(lambda m: "".join(f"_{b:02X}" for b in m.group().encode()), text)
 
 
 def encode(payload: Any) -> bytes:

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,24 +38,16 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from services.cache import wire
-from shared.bus import HEARTBEAT_BUCKET, key_value_bucket
+from shared.bus import HEARTBEAT_BUCKET, key_value_bucket, subject_token
 
 log = logging.getLogger("streamboot.cache.placement")
 
 OWNERS_BUCKET = "streamboot_cache_owners"
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
-
-
-def escape(text: str) -> str:
-    """A NATS subject token / KV key for any text: every character but ``[A-Za-z0-9-]`` as
-    ``_XX`` (its code, hex). Injective, so two names never share a token."""
-    return _UNSAFE.sub(lambda m: "".join(f"_{b:02X}" for b in m.group().encode()), text)
-
 
 def node_subject(node: str, verb: str) -> str:
     """``streamboot.cache.node.<node>.<verb>``: only that node answers."""
-    return f"{wire.NODE_PREFIX}.{escape(node)}.{verb}"
+    return f"{wire.NODE_PREFIX}.{subject_token(node)}.{verb}"
 
 
 def score(key: str, node: str) -> int:
@@ -88,7 +79,7 @@ class Owners:
 
     async def get(self, key: str) -> Owner | None:
         try:
-            entry = await self.kv.get(escape(key))
+            entry = await self.kv.get(subject_token(key))
         except (KeyNotFoundError, KeyDeletedError):
             return None
         if not entry.value:
@@ -108,7 +99,7 @@ class Owners:
         }
         for _ in range(5):
             try:
-                rev = await self.kv.create(escape(key), json.dumps(record).encode())
+                rev = await self.kv.create(subject_token(key), json.dumps(record).encode())
                 return Owner(self.node, rev, record)
             except KeyWrongLastSequenceError:
                 owner = await self.get(key)  # someone holds it (or just deleted it: retry)
@@ -124,7 +115,9 @@ class Owners:
             return
         record = {**owner.record, "written": True}
         with contextlib.suppress(KeyWrongLastSequenceError):
-            await self.kv.update(escape(key), json.dumps(record).encode(), last=owner.revision)
+            await self.kv.update(
+                subject_token(key), json.dumps(record).encode(), last=owner.revision
+            )
 
     async def release(self, key: str) -> None:
         """Delete the record of a dropped cache, if it is still this node's."""
@@ -132,7 +125,7 @@ class Owners:
         if owner is None or owner.node != self.node:
             return
         try:
-            await self.kv.delete(escape(key), last=owner.revision)
+            await self.kv.delete(subject_token(key), last=owner.revision)
         except APIError as e:
             if e.err_code not in (10071, 10164):  # not "changed meanwhile": a real failure
                 raise

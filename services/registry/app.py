@@ -49,6 +49,8 @@ log = logging.getLogger("streamboot.registry")
 Decision = Callable[[Projection], list[Event]]
 # Returns the heartbeats of every instance (shared.heartbeat.read_heartbeats).
 HeartbeatSource = Callable[[], Awaitable[list[dict[str, Any]]]]
+# Tells a stream node (by id) to open a session (token, its resolve answer) ahead of its client.
+SessionAnnouncer = Callable[[str, str, Record], Awaitable[None]]
 
 REPLAY_BATCH = 50_000
 
@@ -89,7 +91,9 @@ class RegistryApp:
         heartbeats: HeartbeatSource | None = None,
         on_appended: Callable[[], None] | None = None,
         write_caches: Callable[[], Awaitable[tuple[list[Record], bool]]] | None = None,
+        announce: SessionAnnouncer | None = None,
     ) -> None:
+        self._announce = announce
         # The cache service's per-session write-cache usage (shown with the sessions): every
         # cache node's write caches, and whether every live cache node answered.
         self._write_caches = write_caches
@@ -491,6 +495,7 @@ class RegistryApp:
             )
             if warning:
                 view["warning"] = warning
+            await self._announce_session(node.node, token)
             return view
 
     async def open_replay_session(
@@ -512,7 +517,19 @@ class RegistryApp:
         )
         view = self.session_view(self.projection.sessions[sid])
         view.update(token=token, nbd_uri=view["nbd_uri"] + token, http_url=view["http_url"] + token)
+        await self._announce_session(node.node, token)
         return view
+
+    async def _announce_session(self, node: str, token: str) -> None:
+        """Let the session's stream node open it now, while the client is still on its way
+        (``services/stream/announce.py``). Best effort: without it the client's first
+        connection opens the session."""
+        if not node or self._announce is None:
+            return
+        try:
+            await self._announce(node, token, await self.resolve(token))
+        except Exception as exc:
+            log.warning("registry: could not announce a session to stream node %s: %s", node, exc)
 
     async def _recorded_session(self, session_id: str) -> tuple[Record, list[str]]:
         """A session's SessionOpened data, read from the log (closed sessions are not in

@@ -26,6 +26,7 @@ from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
+from services.stream.announce import announce_session
 from shared import bus
 from shared.event_log import serve_appends
 from shared.event_store import EventStore
@@ -104,6 +105,7 @@ class RegistryService:
             heartbeats=lambda: read_heartbeats(js, settings.heartbeat_timeout_s),
             on_appended=relay.poke,
             write_caches=lambda: write_caches(nc, js, settings.heartbeat_timeout_s),
+            announce=lambda node, token, record: announce_session(nc, node, token, record),
         )
         await app.start()
         for stale in await asyncio.to_thread(vdisk_store.drop_stale_staging, app.vdisk_root):

@@ -1,19 +1,20 @@
 """The stream service process: the data plane wired to the bus.
 
-Tokens are resolved by asking the registry; the data plane's events go through a queued
-sink into the log; a ``SessionClosed`` seen on the bus drops that session's state here.
+Tokens are resolved by asking the registry, or arrive announced by it ahead of the client
+(``announce.py``); the data plane's events go through a queued sink into the log; a
+``SessionClosed`` seen on the bus drops that session's state here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from services.cache.client import CacheClient
+from services.stream.announce import listen_for_announcements, spec_from_record
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
@@ -40,20 +41,7 @@ class RegistryResolver:
             if exc.kind == "not_found":
                 return None
             raise
-        return ExportSpec(
-            session_id=reply["session_id"],
-            vdisk=reply["vdisk"],
-            version=int(reply["version"]),
-            layers=tuple(Path(p) for p in reply["layers"]),
-            size=int(reply["size"]),
-            write_cache=reply.get("write_cache", "server-ram"),
-            read_only=bool(reply.get("read_only", False)),
-            write_cache_persistence=reply.get("write_cache_persistence", "discard"),
-            mac=reply.get("mac"),
-            store=reply.get("store", "local"),
-            traceparent=reply.get("boot_traceparent"),
-            record_blocks=not reply.get("replay_of"),
-        )
+        return spec_from_record(reply)
 
 
 async def start(rt: ServiceRuntime) -> None:
@@ -75,6 +63,7 @@ async def start(rt: ServiceRuntime) -> None:
             log.info("session %s closed by the registry: state dropped", data["session_id"])
 
     sub = await rt.nc.subscribe("events.SessionClosed.>", cb=on_session_closed)
+    announcements = await listen_for_announcements(rt.nc, rt.settings.node_id, servers.sessions)
     host = rt.settings.advertised_host
 
     def vitals() -> dict[str, object]:
@@ -90,6 +79,7 @@ async def start(rt: ServiceRuntime) -> None:
 
     async def stop() -> None:
         await sub.unsubscribe()
+        await announcements.unsubscribe()
         await servers.stop()
         await sink.drain()
 

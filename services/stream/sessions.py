@@ -77,6 +77,8 @@ class Session:
         self.started = time.monotonic()
         self.started_ns = time.time_ns()
         self.read_once = False
+        # Opened on the registry's announcement; no client has connected yet.
+        self.announced = False
         self.record_blocks = spec.record_blocks
         self._extents: list[list] = []
         self._flusher: asyncio.TimerHandle | None = None
@@ -136,6 +138,7 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._emits: set[asyncio.Task[None]] = set()
+        self._prepares: set[asyncio.Task[None]] = set()
         # Open connection spans of the boots' traces, by (session, protocol, client).
         self._spans: dict[tuple[str, str, str], trace.Span] = {}
         # Every open connection (with or without a session), so shutdown can end them all.
@@ -146,10 +149,49 @@ class SessionManager:
 
     async def acquire(self, token: str) -> Session | None:
         """The session of ``token`` with one more connection on it; None for unknown tokens."""
+        session = await self._open(token, None)
+        if session is None:
+            return None
+        if session._linger is not None:
+            session._linger.cancel()
+            session._linger = None
+        if session.announced:
+            # Opened ahead of its client: the boot's clock (BlocksRequested times, the first
+            # read's span) starts now, when the client arrives.
+            session.announced = False
+            session.started, session.started_ns = time.monotonic(), time.time_ns()
+        session.connections += 1
+        return session
+
+    def prepare(self, token: str, spec: ExportSpec) -> None:
+        """Open a session the registry announced, before its client connects: the write
+        cache is placed and its files made while the client still fetches its boot script.
+        In the background; a failure is logged and the client's connection tries again."""
+        task = asyncio.get_running_loop().create_task(self._prepare(token, spec))
+        self._prepares.add(task)
+        task.add_done_callback(self._prepares.discard)
+
+    async def _prepare(self, token: str, spec: ExportSpec) -> None:
+        fresh = token not in self.sessions
+        session = await self._open(token, spec)
+        if session is None or not fresh or session.connections or session.closed:
+            return
+        session.announced = True
+        if session._linger is None:
+            session._linger = asyncio.get_running_loop().call_later(
+                self.settings.announced_wait_s, self._linger_expired, session
+            )
+
+    async def _open(self, token: str, spec: ExportSpec | None) -> Session | None:
+        """The open session of ``token``, opening it if need be (asking the resolver unless
+        ``spec`` is given); one open at a time per token, so an announced session and its
+        client's first connection share one."""
         lock = self._opening.setdefault(token, asyncio.Lock())
         async with lock:
             session = self.sessions.get(token)
-            if session is None:
+            if session is not None:
+                return session
+            if spec is None:
                 try:
                     spec = await self.resolver.resolve(token)
                 except Exception:
@@ -157,29 +199,26 @@ class SessionManager:
                     return None
                 if spec is None:
                     return None
-                try:
-                    backend = build_stack(spec, self.settings, self.cache)
-                except (OSError, ValueError) as e:
-                    log.error("cannot open session %s: %s", spec.session_id, e)
-                    return None
-                try:
-                    await attach_stack(backend)
-                except OSError as e:
-                    log.error(
-                        "cannot attach session %s to the cache service: %s", spec.session_id, e
-                    )
-                    backend.close()
-                    if len(self.refusals) > 1000:
-                        self.refusals.clear()
-                    self.refusals[token] = f"session {spec.session_id}: {e.strerror or e}"
-                    return None
-                self.refusals.pop(token, None)
-                session = Session(token, spec, backend, self)
-                self.sessions[token] = session
-            if session._linger is not None:
-                session._linger.cancel()
-                session._linger = None
-            session.connections += 1
+            try:
+                backend = build_stack(spec, self.settings, self.cache)
+            except (OSError, ValueError) as e:
+                log.error("cannot open session %s: %s", spec.session_id, e)
+                return None
+            try:
+                await attach_stack(backend)
+            except OSError as e:
+                log.error("cannot attach session %s to the cache service: %s", spec.session_id, e)
+                backend.close()
+                if len(self.refusals) > 1000:
+                    self.refusals.clear()
+                self.refusals[token] = f"session {spec.session_id}: {e.strerror or e}"
+                return None
+            except BaseException:  # cancelled (shutdown): nothing half-open stays behind
+                backend.close()
+                raise
+            self.refusals.pop(token, None)
+            session = Session(token, spec, backend, self)
+            self.sessions[token] = session
             return session
 
     def release(self, session: Session) -> None:
@@ -300,6 +339,10 @@ class SessionManager:
             await asyncio.gather(*list(self._emits), return_exceptions=True)
 
     async def close_all(self, sessions: Iterable[Session] | None = None) -> None:
+        if sessions is None:  # shutting down: no announced session opens after this
+            for task in list(self._prepares):
+                task.cancel()
+            await asyncio.gather(*self._prepares, return_exceptions=True)
         for s in list(sessions if sessions is not None else self.sessions.values()):
             self.close(s)
         await self.drain_events()

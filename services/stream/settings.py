@@ -27,6 +27,9 @@ class StreamSettings:
     # A session's state (its write cache) outlives its last connection this long, so a
     # client can reconnect (iPXE HTTP -> kernel NBD, multi-conn clients); 0 = drop at once.
     session_linger_s: float = 60.0
+    # A session the registry announced (opened here before its client came) waits this long
+    # for its first connection, then is dropped like a lingering one.
+    announced_wait_s: float = 60.0
     # BlocksRequested batching.
     events_batch_extents: int = 512
     events_interval_s: float = 1.0

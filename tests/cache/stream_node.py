@@ -1,8 +1,11 @@
 """A stream node in its own process, wired to the cache service, for kill -9 tests and benches.
 
     python -m tests.cache.stream_node NATS_URL EXPORTS_JSON [--port 0] [--publish-events]
+        [--node-id ID]
 
-EXPORTS_JSON maps tokens to ExportSpec fields. Prints ``READY <nbd_port> <http_port>``.
+EXPORTS_JSON maps tokens to ExportSpec fields. With ``--node-id``, sessions announced to
+that node (``services/stream/announce.py``) are opened ahead of their client, as in the
+stream service. Prints ``READY <nbd_port> <http_port>``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import nats
 import uvloop
 
 from services.cache.client import CacheClient
+from services.stream.announce import listen_for_announcements
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
@@ -48,12 +52,19 @@ def load_exports(path: Path) -> dict[str, ExportSpec]:
 
 async def serve(args: argparse.Namespace) -> None:
     nc = await nats.connect(args.nats_url)
-    settings = StreamSettings(nbd_port=args.port, http_port=0, session_linger_s=args.linger)
+    settings = StreamSettings(
+        nbd_port=args.port,
+        http_port=0,
+        session_linger_s=args.linger,
+        node_id=args.node_id or "stream",
+    )
     sink = BusSink(nc) if args.publish_events else NullSink()
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
     if not args.no_cache:
         servers.sessions.cache = CacheLink(CacheClient(nc))
     await servers.start()
+    if args.node_id:
+        await listen_for_announcements(nc, args.node_id, servers.sessions)
     print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,6 +82,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=60.0)
     ap.add_argument("--publish-events", action="store_true")
+    ap.add_argument("--node-id", help="open the sessions announced to this stream node id")
     ap.add_argument("--no-cache", action="store_true", help="write caches in process (compare)")
     logging.basicConfig(level=logging.INFO)
     uvloop.run(serve(ap.parse_args()))

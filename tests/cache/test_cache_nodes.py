@@ -25,8 +25,9 @@ import pytest
 
 from services.cache import wire
 from services.cache.client import all_write_caches, gather
-from services.cache.placement import OWNERS_BUCKET, escape, node_subject, rank
+from services.cache.placement import OWNERS_BUCKET, node_subject, rank
 from services.registry.maintenance import overlay_write_cache
+from shared.bus import subject_token
 from tests.cache.conftest import IMAGE_SIZE, System, cache_request, export, qemu_io
 from tests.cache.test_write_cache import close_session
 
@@ -105,7 +106,7 @@ async def owner_record(nc: nats.NATS, key: str) -> str | None:
 async def owner_entry(nc: nats.NATS, key: str) -> dict[str, Any] | None:
     kv = await nc.jetstream().key_value(OWNERS_BUCKET)
     try:
-        entry = await kv.get(escape(key))
+        entry = await kv.get(subject_token(key))
     except Exception:
         return None
     return json.loads(entry.value) if entry.value else None

@@ -75,6 +75,15 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
         again = cli(data_dir, "session", "open", MAC, check=False)
         assert again.returncode != 0 and "session" in (again.stdout + again.stderr).lower()
 
+        # The registry told the stream node, which placed the session's write cache at the
+        # cache service before any client connected (services/stream/announce.py).
+        for _ in range(30):
+            [listed] = cli_json(data_dir, "session", "list")
+            if listed.get("write_cache_node"):
+                break
+            time.sleep(0.1)
+        assert listed["write_cache_node"] and listed["write_cache_used"] == 0, listed
+
         # Real clients read the export through the stream service.
         copy = tmp_path / "copy.raw"
         subprocess.run(

@@ -4,11 +4,14 @@ placement by real heartbeats, resolve, close, the sweeper."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nats import errors as nats_errors
 
+from services.stream.announce import prepare_subject, spec_from_record
 from shared import bus
 from shared.event_log import EventClient
 from shared.events import SessionAttached, SessionDetached
@@ -109,6 +112,41 @@ async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any
     finally:
         await busy.stop()
         await idle.stop()
+
+
+async def test_the_stream_node_is_told_of_its_session_before_the_client(
+    registry: Registry, nc: Any
+) -> None:
+    """The registry announces each session it opens to the stream node it placed it on
+    (services/stream/announce.py), with what ``session.resolve`` would answer for its
+    token; with no live stream node there is no one to tell."""
+    macs = ["52:54:00:00:00:11", "52:54:00:00:00:12"]
+    await seed(registry, registry.data_dir, *macs)
+    everywhere = await nc.subscribe("streamboot.stream.*.session.prepare")
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[0]})
+    assert "no stream node is alive" in s["warning"]
+    with pytest.raises(nats_errors.TimeoutError):
+        await everywhere.next_msg(timeout=0.5)
+
+    beat = Heartbeat(nc.jetstream(), "stream", "node.a:1", 1.0, lambda: {
+        "load": 0, "nbd": "127.0.0.1:33331", "http_stream": "http://127.0.0.1:33332"})  # fmt: skip
+    await beat.beat()
+    mine = await nc.subscribe(prepare_subject("node.a:1"))
+    try:
+        s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[1]})
+        assert s["stream_node"] == "node.a:1"
+        msg = await mine.next_msg(timeout=5)
+        announced = json.loads(msg.data)
+        assert announced.pop("token") == s["token"]
+        resolved = await bus.request_json(
+            nc, "streamboot.registry.session.resolve", {"token": s["token"]}
+        )
+        assert announced == resolved
+        assert spec_from_record(announced).session_id == s["session_id"]
+    finally:
+        await beat.stop()
+        await mine.unsubscribe()
+        await everywhere.unsubscribe()
 
 
 async def test_device_lookup_applies_unknown_device_policy(registry: Registry, nc: Any) -> None:

@@ -1,0 +1,191 @@
+"""Sessions announced by the registry are opened before their client connects.
+
+A real cache service and nats-server; the stream node's servers run in this process (so the
+test can look at its sessions) and listen for announcements as the stream service does; the
+clients are qemu-io over real NBD connections.
+
+- an announced session's write cache is placed at the cache service before any client
+  connects; the client's connection then finds the session open, writes and reads back;
+  its boot clock (BlocksRequested times) starts at the connection, not at the announcement;
+- an announcement and the client's connection arriving together share one open;
+- an announced session no client claims is dropped after ``announced_wait_s``;
+- a malformed announcement is a warning in the log, and the next one still works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from services.cache.client import CacheClient, all_write_caches
+from services.stream.announce import (
+    announce_session,
+    listen_for_announcements,
+    prepare_subject,
+)
+from services.stream.path.cached_store import CacheLink
+from services.stream.server import StreamServers
+from services.stream.settings import StreamSettings
+from services.stream.spec import ExportSpec, ListSink, StaticResolver
+from shared.events import BlocksRequested
+from tests.cache.conftest import System, export, qemu_io
+
+pytestmark = pytest.mark.timeout(120)
+
+NODE = "stream-announced"
+
+
+class Node:
+    """Stream servers wired to the cache service and to the announcement subject."""
+
+    def __init__(self, nc: nats.NATS, exports: dict[str, dict[str, Any]], wait_s: float):
+        self.nc = nc
+        self.exports = exports
+        self.sink = ListSink()
+        specs = {
+            t: ExportSpec(**{**f, "layers": tuple(Path(p) for p in f["layers"])})
+            for t, f in exports.items()
+        }
+        settings = StreamSettings(nbd_port=0, http_port=0, node_id=NODE, announced_wait_s=wait_s)
+        self.servers = StreamServers(StaticResolver(specs), self.sink, settings)
+        self.servers.sessions.cache = CacheLink(CacheClient(nc))
+
+    async def start(self) -> str:
+        await self.servers.start()
+        await listen_for_announcements(self.nc, NODE, self.servers.sessions)
+        return f"nbd://127.0.0.1:{self.servers.nbd_port}"
+
+    async def announce(self, token: str) -> None:
+        await announce_session(self.nc, NODE, token, self.exports[token])
+        await self.nc.flush()
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
+    conn = await nats.connect(nats_url)
+    yield conn
+    await conn.close()
+
+
+async def cached_sessions(nc: nats.NATS) -> set[str]:
+    caches, _ = await all_write_caches(nc)
+    return {c["session_id"] for c in caches}
+
+
+async def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_an_announced_session_is_ready_before_its_client_connects(
+    system: Callable[..., System], nc: nats.NATS, base_image: Path
+) -> None:
+    sysm = system()
+    await sysm.start_cache()
+    node = Node(nc, export("early", base_image), wait_s=60)
+    uri = await node.start()
+    sessions = node.servers.sessions
+    try:
+        await node.announce("early")
+
+        async def placed() -> bool:
+            return "session-early" in await cached_sessions(nc)
+
+        await wait_for(placed, "the cache service to hold the announced session's cache")
+        session = sessions.sessions["early"]
+        assert session.announced and session.connections == 0
+
+        await asyncio.sleep(1.0)  # the client takes its time (fetching its boot script...)
+        await asyncio.to_thread(
+            qemu_io, f"{uri}/early", "read 8M 4k", "write -P 7 0 64k", "read -P 7 0 64k"
+        )
+        assert sessions.sessions["early"] is session  # the connection used the opened one
+        assert not session.announced
+
+        await sessions.drain_events()
+        [first, *_] = [
+            ext
+            for e in node.sink.of_type(BlocksRequested)
+            for ext in e.extents  # type: ignore[attr-defined]
+        ]
+        # Times count from the client's connection, not from the announcement 1 s earlier.
+        assert first[0] < 900, first
+    finally:
+        await node.servers.stop()
+
+
+async def test_an_announcement_and_its_client_arriving_together_share_one_open(
+    system: Callable[..., System], nc: nats.NATS, base_image: Path
+) -> None:
+    sysm = system()
+    await sysm.start_cache()
+    node = Node(nc, export("together", base_image), wait_s=60)
+    uri = await node.start()
+    try:
+        await node.announce("together")
+        await asyncio.to_thread(qemu_io, f"{uri}/together", "write -P 9 4k 4k", "read -P 9 4k 4k")
+        caches, _ = await all_write_caches(nc)
+        assert [c["session_id"] for c in caches].count("session-together") == 1
+        assert list(node.servers.sessions.sessions) == ["together"]
+    finally:
+        await node.servers.stop()
+
+
+async def test_an_announced_session_no_client_claims_is_dropped(
+    system: Callable[..., System], nc: nats.NATS, base_image: Path
+) -> None:
+    sysm = system()
+    await sysm.start_cache()
+    node = Node(nc, export("never", base_image), wait_s=0.5)
+    await node.start()
+    sessions = node.servers.sessions
+    try:
+        await node.announce("never")
+
+        async def opened() -> bool:
+            return "never" in sessions.sessions
+
+        async def dropped() -> bool:
+            return "never" not in sessions.sessions
+
+        await wait_for(opened, "the announced session to open")
+        await wait_for(dropped, "the unclaimed session to be dropped", timeout_s=5)
+    finally:
+        await node.servers.stop()
+
+
+async def test_a_malformed_announcement_is_logged_and_the_next_one_works(
+    system: Callable[..., System],
+    nc: nats.NATS,
+    base_image: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sysm = system()
+    await sysm.start_cache()
+    node = Node(nc, export("after", base_image), wait_s=60)
+    await node.start()
+    caplog.set_level(logging.WARNING, logger="streamboot.stream.announce")
+    try:
+        for junk in (b"not json", b'{"token": "x"}', b'{"token": 5, "session_id": "s"}', b"[]"):
+            await nc.publish(prepare_subject(NODE), junk)
+        await node.announce("after")
+
+        async def opened() -> bool:
+            return "after" in node.servers.sessions.sessions
+
+        await wait_for(opened, "the well-formed announcement to open its session")
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 4, warnings
+        assert all("malformed session announcement" in w for w in warnings)
+        assert list(node.servers.sessions.sessions) == ["after"]
+    finally:
+        await node.servers.stop()
