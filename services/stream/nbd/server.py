@@ -8,6 +8,7 @@ command run as tasks, so their replies may overtake each other (NBD allows any o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import Awaitable
@@ -36,6 +37,10 @@ SREAD_HDR = struct.Struct(">IHHQIQ")
 # Reads at least this large go out by sendfile when the transport can (RawTransport).
 SENDFILE_MIN = 64 * 1024
 ZEROS = memoryview(bytes(1024 * 1024))
+GREETING = P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
+INFO_BLOCK_SIZE = P.INFO_BLOCK_SIZE_S.pack(
+    P.INFO_BLOCK_SIZE, P.MIN_BLOCK, P.PREFERRED_BLOCK, P.MAX_BLOCK
+)
 # Requests a connection may have in flight before we stop reading more.
 MAX_INFLIGHT = 128
 
@@ -58,10 +63,13 @@ class NbdConnection(Connection):
 
     # --- handshake -----------------------------------------------------------------------
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The server speaks first: the greeting goes out before the socket is tuned and the
+        # handshake's task is scheduled (a tenth of a millisecond sooner per connect).
+        transport.write(GREETING)  # type: ignore[attr-defined]
+        super().connection_made(transport)
+
     async def run(self) -> None:
-        self.write(
-            P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
-        )
         (cflags,) = P.CLIENT_FLAGS.unpack(await self.read_exact(4))
         if cflags & ~P.CLIENT_FLAGS_KNOWN or not cflags & P.FLAG_FIXED_NEWSTYLE:
             return self.close("bad-client-flags")
@@ -134,19 +142,13 @@ class NbdConnection(Connection):
             self._reply(opt, P.REP_ERR_UNKNOWN, self.mgr.refusals.get(token, "").encode())
             return False
         b = session.backend
-        self._reply(
-            opt,
-            P.REP_INFO,
-            P.INFO_EXPORT_S.pack(P.INFO_EXPORT, b.size, self._transmission_flags(b)),
+        flags = self._transmission_flags(b)
+        # One send for the three replies: the client reads on only after the ACK.
+        self.write(
+            P.option_reply(opt, P.REP_INFO, P.INFO_EXPORT_S.pack(P.INFO_EXPORT, b.size, flags))
+            + P.option_reply(opt, P.REP_INFO, INFO_BLOCK_SIZE)
+            + P.option_reply(opt, P.REP_ACK)
         )
-        self._reply(
-            opt,
-            P.REP_INFO,
-            P.INFO_BLOCK_SIZE_S.pack(
-                P.INFO_BLOCK_SIZE, P.MIN_BLOCK, P.PREFERRED_BLOCK, P.MAX_BLOCK
-            ),
-        )
-        self._reply(opt, P.REP_ACK)
         if opt == P.OPT_INFO:
             self._drop_session()
             return False
