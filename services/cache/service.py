@@ -148,6 +148,9 @@ class CacheService:
                 )
                 self.writes.forget(key)
 
+    def _prepare(self, key: str) -> None:
+        self._spawn(self.writes.prepare(key))
+
     def _opened(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             wc = self.writes.open(body)
@@ -156,7 +159,7 @@ class CacheService:
         if wc.data_fd < 0:
             # A new cache: its files are made once this reply is out (nats-py sends it
             # from its flusher task, a loop turn or two later), not in the first write.
-            asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self.writes.prepare, wc.key)
+            asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepare, wc.key)
         return {
             "node": self.node,
             "state": wc.encoded_state(),
