@@ -35,20 +35,42 @@ CLEAN, DIRTY, ZEROED = 0, 1, 2
 _OTHERS = {CLEAN: (DIRTY, ZEROED), DIRTY: (CLEAN, ZEROED), ZEROED: (CLEAN, DIRTY)}
 
 
+def new_cache_file(kind: str, directory: Path | None, size: int) -> int:
+    """The file a write cache holds its blocks in: a memfd (``server-ram``) or an unlinked
+    sparse temp file (``server-disk``: unlinked at once, so it vanishes with the process,
+    whatever happens)."""
+    if kind == "server-ram":
+        fd = os.memfd_create("streamboot-wc", os.MFD_CLOEXEC)
+    elif kind == "server-disk":
+        fd, name = tempfile.mkstemp(prefix="wc-", dir=directory)
+        os.unlink(name)
+    else:
+        raise ValueError(f"no in-process write cache of kind {kind!r}")
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class WriteCache(Layer):
-    def __init__(self, next_: Backend, kind: str = "server-ram", directory: Path | None = None):
+    def __init__(
+        self,
+        next_: Backend,
+        kind: str = "server-ram",
+        directory: Path | None = None,
+        *,
+        make_file: bool = True,
+    ) -> None:
+        """``make_file=False``: the subclass sets ``fd`` (from :func:`new_cache_file`) before
+        the first request."""
         super().__init__(next_)
-        if kind == "server-ram":
-            self.fd = os.memfd_create("streamboot-wc", os.MFD_CLOEXEC)
-        elif kind == "server-disk":
-            # Unlinked at once: the cache vanishes with the process, whatever happens.
-            fd, name = tempfile.mkstemp(prefix="wc-", dir=directory)
-            os.unlink(name)
-            self.fd = fd
-        else:
+        if kind not in ("server-ram", "server-disk"):
             raise ValueError(f"no in-process write cache of kind {kind!r}")
         self.kind = kind
-        os.ftruncate(self.fd, self.size)
+        self.directory = directory
+        self.fd = new_cache_file(kind, directory, self.size) if make_file else -1
         self.state = bytearray(-(-self.size // BLOCK))
         self._touched = 0  # blocks not CLEAN; 0 means every read passes straight down
 
@@ -184,5 +206,7 @@ class WriteCache(Layer):
         return out
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         self.next.close()
