@@ -101,6 +101,8 @@ class CacheLink:
     client: CacheClient
     mirror_dir: Path | None = None
     mirrors: dict[str, Mirror] = field(default_factory=dict)
+    # When each local version's boot profile was last warmed on this node (ProfileHint).
+    warmed: dict[str, float] = field(default_factory=dict)
 
     def mirror(self, key: str, size: int) -> Mirror:
         m = self.mirrors.get(key)
