@@ -79,10 +79,19 @@ class Session:
         self.read_once = False
         # Opened on the registry's announcement; no client has connected yet.
         self.announced = False
+        # Pending while an announced session attaches (its write cache being placed at the
+        # cache service): no request is served before. None once attached.
+        self.ready: asyncio.Future[None] | None = None
         self.record_blocks = spec.record_blocks
         self._extents: list[list] = []
         self._flusher: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+
+    async def wait_ready(self) -> bool:
+        """Wait until the session can serve; False if it closed instead (its attach failed)."""
+        if self.ready is not None:
+            await asyncio.shield(self.ready)
+        return not self.closed
 
     @property
     def session_id(self) -> str:
@@ -147,10 +156,14 @@ class SessionManager:
         # write cache K is not alive"); kept until that token opens.
         self.refusals: dict[str, str] = {}
 
-    async def acquire(self, token: str) -> Session | None:
-        """The session of ``token`` with one more connection on it; None for unknown tokens."""
+    async def acquire(self, token: str, *, ready: bool = True) -> Session | None:
+        """The session of ``token`` with one more connection on it; None for unknown tokens
+        (or when opening it failed). ``ready=False``: an announced session may still be
+        attaching (``Session.ready``): the caller serves no request before it is."""
         session = await self._open(token, None)
         if session is None:
+            return None
+        if ready and not await session.wait_ready():
             return None
         if session._linger is not None:
             session._linger.cancel()
@@ -172,15 +185,35 @@ class SessionManager:
         task.add_done_callback(self._prepares.discard)
 
     async def _prepare(self, token: str, spec: ExportSpec) -> None:
-        fresh = token not in self.sessions
-        session = await self._open(token, spec)
-        if session is None or not fresh or session.connections or session.closed:
-            return
-        session.announced = True
-        if session._linger is None:
-            session._linger = asyncio.get_running_loop().call_later(
+        lock = self._opening.setdefault(token, asyncio.Lock())
+        async with lock:
+            if token in self.sessions:
+                return  # its client got here first
+            try:
+                backend = build_stack(spec, self.settings, self.cache)
+            except (OSError, ValueError) as e:
+                log.error("cannot open announced session %s: %s", spec.session_id, e)
+                return
+            session = Session(token, spec, backend, self)
+            session.announced = True
+            loop = asyncio.get_running_loop()
+            session.ready = loop.create_future()
+            self.sessions[token] = session
+            session._linger = loop.call_later(
                 self.settings.announced_wait_s, self._linger_expired, session
             )
+        # Attached outside the lock: a client that connects meanwhile gets the session at
+        # once (NBD answers its handshake) and its requests wait for ``ready``.
+        ok = False
+        try:
+            ok = await self._attach(token, spec, backend)
+        finally:
+            ready, session.ready = session.ready, None
+            if session.closed:  # closed while attaching: close() left the stack to us
+                backend.close()
+            elif not ok:
+                self.close(session, "session-unavailable")
+            ready.set_result(None)
 
     async def _open(self, token: str, spec: ExportSpec | None) -> Session | None:
         """The open session of ``token``, opening it if need be (asking the resolver unless
@@ -205,21 +238,30 @@ class SessionManager:
                 log.error("cannot open session %s: %s", spec.session_id, e)
                 return None
             try:
-                await attach_stack(backend)
-            except OSError as e:
-                log.error("cannot attach session %s to the cache service: %s", spec.session_id, e)
-                backend.close()
-                if len(self.refusals) > 1000:
-                    self.refusals.clear()
-                self.refusals[token] = f"session {spec.session_id}: {e.strerror or e}"
-                return None
+                ok = await self._attach(token, spec, backend)
             except BaseException:  # cancelled (shutdown): nothing half-open stays behind
                 backend.close()
                 raise
-            self.refusals.pop(token, None)
+            if not ok:
+                backend.close()
+                return None
             session = Session(token, spec, backend, self)
             self.sessions[token] = session
             return session
+
+    async def _attach(self, token: str, spec: ExportSpec, backend: Backend) -> bool:
+        """Attach a built stack to the cache service; False (logged, with the reason kept
+        for the client) when that fails."""
+        try:
+            await attach_stack(backend)
+        except OSError as e:
+            log.error("cannot attach session %s to the cache service: %s", spec.session_id, e)
+            if len(self.refusals) > 1000:
+                self.refusals.clear()
+            self.refusals[token] = f"session {spec.session_id}: {e.strerror or e}"
+            return False
+        self.refusals.pop(token, None)
+        return True
 
     def release(self, session: Session) -> None:
         session.connections -= 1
@@ -238,8 +280,8 @@ class SessionManager:
         if session.connections == 0:
             self.close(session)
 
-    def close(self, session: Session) -> None:
-        """Drop a session's state (its write cache with it)."""
+    def close(self, session: Session, reason: str = "session-closed") -> None:
+        """Drop a session's state (its write cache with it); its connections end (``reason``)."""
         if session.closed:
             return
         session.closed = True
@@ -250,8 +292,10 @@ class SessionManager:
             del self.sessions[session.token]
         self._opening.pop(session.token, None)
         for conn in list(session.conns):
-            conn.abort("session-closed")
-        session.backend.close()
+            conn.abort(reason)
+        if session.ready is None:
+            session.backend.close()
+        # else: still attaching (announced): _prepare closes the stack when that returns
 
     def close_session_id(self, session_id: str) -> bool:
         """Drop the session with this id (the registry closed it); False if not here."""

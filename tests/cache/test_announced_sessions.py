@@ -8,6 +8,10 @@ clients are qemu-io over real NBD connections.
   connects; the client's connection then finds the session open, writes and reads back;
   its boot clock (BlocksRequested times) starts at the connection, not at the announcement;
 - an announcement and the client's connection arriving together share one open;
+- a client that connects while its announced session is still attaching (the cache service
+  held up, SIGSTOP) gets its NBD handshake at once; its requests wait and are then served;
+  if the attach fails instead (the cache service killed), the connection ends, the log says
+  why, and the client's next connection gets the reason in the handshake;
 - an announced session no client claims is dropped after ``announced_wait_s``;
 - a malformed announcement is a warning in the log, and the next one still works.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,7 @@ from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec, ListSink, StaticResolver
 from shared.events import BlocksRequested
-from tests.cache.conftest import System, export, qemu_io
+from tests.cache.conftest import System, export, qemu_io, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,7 +49,13 @@ NODE = "stream-announced"
 class Node:
     """Stream servers wired to the cache service and to the announcement subject."""
 
-    def __init__(self, nc: nats.NATS, exports: dict[str, dict[str, Any]], wait_s: float):
+    def __init__(
+        self,
+        nc: nats.NATS,
+        exports: dict[str, dict[str, Any]],
+        wait_s: float,
+        cache_timeout_s: float = 10.0,
+    ):
         self.nc = nc
         self.exports = exports
         self.sink = ListSink()
@@ -54,7 +65,7 @@ class Node:
         }
         settings = StreamSettings(nbd_port=0, http_port=0, node_id=NODE, announced_wait_s=wait_s)
         self.servers = StreamServers(StaticResolver(specs), self.sink, settings)
-        self.servers.sessions.cache = CacheLink(CacheClient(nc))
+        self.servers.sessions.cache = CacheLink(CacheClient(nc, timeout_s=cache_timeout_s))
 
     async def start(self) -> str:
         await self.servers.start()
@@ -136,6 +147,86 @@ async def test_an_announcement_and_its_client_arriving_together_share_one_open(
         caches, _ = await all_write_caches(nc)
         assert [c["session_id"] for c in caches].count("session-together") == 1
         assert list(node.servers.sessions.sessions) == ["together"]
+    finally:
+        await node.servers.stop()
+
+
+async def test_a_client_during_the_attach_is_answered_at_once_and_served_after_it(
+    system: Callable[..., System], nc: nats.NATS, base_image: Path
+) -> None:
+    sysm = system()
+    cache = await sysm.start_cache()
+    node = Node(nc, export("early-client", base_image), wait_s=60)
+    uri = await node.start()
+    sessions = node.servers.sessions
+    try:
+        cache.p.send_signal(signal.SIGSTOP)  # the cache service holds up every open
+        await node.announce("early-client")
+
+        async def attaching() -> bool:
+            s = sessions.sessions.get("early-client")
+            return s is not None and s.ready is not None
+
+        await wait_for(attaching, "the announced session to start attaching")
+        client = asyncio.create_task(
+            asyncio.to_thread(
+                qemu_io, f"{uri}/early-client", "write -P 3 64k 4k", "read -P 3 64k 4k"
+            )
+        )
+        session = sessions.sessions["early-client"]
+
+        async def handshaken() -> bool:
+            return bool(session.conns)
+
+        # The handshake is over (the connection is the session's) while it still attaches.
+        await wait_for(handshaken, "the client's handshake")
+        assert session.ready is not None and not client.done()
+        await asyncio.sleep(0.5)
+        assert not client.done()  # its requests wait for the attach
+        cache.p.send_signal(signal.SIGCONT)
+        await client  # then they are served: written and read back
+        assert session.ready is None and not session.closed
+    finally:
+        cache.p.send_signal(signal.SIGCONT)
+        await node.servers.stop()
+
+
+async def test_a_client_whose_announced_session_fails_to_attach_is_told_why(
+    system: Callable[..., System],
+    nc: nats.NATS,
+    base_image: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sysm = system()
+    cache = await sysm.start_cache()
+    node = Node(nc, export("doomed", base_image), wait_s=60, cache_timeout_s=2.0)
+    uri = await node.start()
+    sessions = node.servers.sessions
+    try:
+        cache.p.send_signal(signal.SIGSTOP)
+        await node.announce("doomed")
+
+        async def attaching() -> bool:
+            s = sessions.sessions.get("doomed")
+            return s is not None and s.ready is not None
+
+        await wait_for(attaching, "the announced session to start attaching")
+        client = asyncio.create_task(
+            asyncio.to_thread(
+                run, "qemu-io", "-f", "raw", "-c", "read 0 4k", f"{uri}/doomed", check=False
+            )
+        )
+        cache.kill9()  # the open never gets an answer: it times out (2 s here)
+        first = await client
+        assert first.returncode != 0 and "error" in first.stdout + first.stderr, first
+        assert "doomed" not in sessions.sessions
+        assert any("cannot attach session" in r.getMessage() for r in caplog.records)
+        # The next connection opens the session itself and is refused with the reason.
+        again = await asyncio.to_thread(
+            run, "qemu-io", "-f", "raw", "-c", "read 0 4k", f"{uri}/doomed", check=False
+        )
+        assert again.returncode != 0
+        assert "cache service" in again.stdout + again.stderr, again
     finally:
         await node.servers.stop()
 

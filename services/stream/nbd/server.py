@@ -60,6 +60,8 @@ class NbdConnection(Connection):
         self.backend: Backend | None = None
         self._reading_paused = False
         self._disconnecting = False
+        # Transmission began before the session finished attaching: requests wait.
+        self._gated = False
 
     # --- handshake -----------------------------------------------------------------------
 
@@ -187,7 +189,10 @@ class NbdConnection(Connection):
 
     async def _open(self, token: str) -> Session | None:
         self._drop_session()
-        session = await self.mgr.acquire(token)
+        # Not waiting for an announced session to finish attaching: the handshake ends now
+        # and the requests wait (_start_transmission), so a client overlaps its own work
+        # with the session's set-up.
+        session = await self.mgr.acquire(token, ready=False)
         if session is not None:
             if self.closed:
                 self.mgr.release(session)
@@ -225,6 +230,23 @@ class NbdConnection(Connection):
         self.read_only = not self.backend.can_write()
         self.transmitting = True
         self.mgr.attached(self.session, "nbd", self.peer)
+        if self.session.ready is not None:
+            # Still attaching: the requests wait in the socket until it is done.
+            self._gated = True
+            self.transport.pause_reading()
+            self.spawn(self._when_ready(self.session))
+            return
+        if self.buf:
+            self._process()
+
+    async def _when_ready(self, session: Session) -> None:
+        if not await session.wait_ready():
+            return  # its attach failed: close() ended this connection, the log says why
+        self._gated = False
+        if self.closed:
+            return
+        if not self._reading_paused:
+            self.transport.resume_reading()
         if self.buf:
             self._process()
 
@@ -235,7 +257,8 @@ class NbdConnection(Connection):
             return super().data_received(data)
         self.last = self.loop.time()
         self.buf += data
-        self._process()
+        if not self._gated:
+            self._process()
 
     def _process(self) -> None:
         """Handle every complete request in the buffer."""
