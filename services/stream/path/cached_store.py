@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 EXTENT = 256 * 1024
 PREFETCH_DEPTH = 8
+
+
+# A version is warmed (rc.open, its boot profile fetched or fadvised) once per node this often.
+WARM_EVERY_S = 30.0
 
 
 def version_key(spec: ExportSpec) -> str:
@@ -101,8 +106,23 @@ class CacheLink:
     client: CacheClient
     mirror_dir: Path | None = None
     mirrors: dict[str, Mirror] = field(default_factory=dict)
-    # When each local version's boot profile was last warmed on this node (ProfileHint).
+    # When each version was last warmed on this node (should_warm).
     warmed: dict[str, float] = field(default_factory=dict)
+
+    def should_warm(self, key: str) -> bool:
+        """Whether a session of version ``key`` should warm it (``rc.open`` + its boot
+        profile) now: once per version per node every ``WARM_EVERY_S``, since the page
+        cache and the mirror are the node's, not a session's. Recorded as warming."""
+        now = time.monotonic()
+        last = self.warmed.get(key)
+        if last is not None and now - last < WARM_EVERY_S:
+            return False
+        self.warmed[key] = now
+        return True
+
+    def warm_failed(self, key: str) -> None:
+        """The warm did not happen: the next session of the version tries again."""
+        self.warmed.pop(key, None)
 
     def mirror(self, key: str, size: int) -> Mirror:
         m = self.mirrors.get(key)
@@ -128,7 +148,13 @@ class CachedStoreBackend(ReadOnlyBottom):
         return {**read_cache_body(self.spec), "offset": offset, "length": length}
 
     async def attach(self) -> None:
-        reply = await self.link.client.request_json(wire.RC_OPEN, read_cache_body(self.spec))
+        if not self.link.should_warm(self.key):
+            return  # opened and prefetched for another session a moment ago
+        try:
+            reply = await self.link.client.request_json(wire.RC_OPEN, read_cache_body(self.spec))
+        except BaseException:
+            self.link.warm_failed(self.key)
+            raise
         profile = [(int(o), int(n)) for o, n in reply.get("profile", [])]
         if profile:
             self._prefetch = asyncio.get_running_loop().create_task(self._pull(profile))

@@ -9,9 +9,10 @@ version's layers, so a later BootRequested for it can be prefetched) and
 ``posix_fadvise(WILLNEED)`` over the profile's pieces, which starts the kernel's reads
 without waiting for them. A failure here never fails a session.
 
-Once per version per node every ``WARM_EVERY_S``, not once per session: the page cache is
-the node's, and a storm of 200 sessions of one version needs one ``rc.open``, not 200
-(measured: they were a fifth of the cache service's requests in such a burst).
+Once per version per node every ``WARM_EVERY_S`` (``CacheLink.should_warm``), not once per
+session: the page cache is the node's, and a storm of 200 sessions of one version needs
+one ``rc.open``, not 200 (measured: they were a fifth of the cache service's requests in
+such a burst).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 
 from services.cache import wire
 from services.stream.path.backend import Backend, Layer
@@ -28,8 +28,6 @@ from services.stream.spec import ExportSpec
 from shared.vdisk_layout import ZERO_FD
 
 log = logging.getLogger(__name__)
-
-WARM_EVERY_S = 30.0
 
 
 class ProfileHint(Layer):
@@ -40,18 +38,13 @@ class ProfileHint(Layer):
         self._hint: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
-        key = version_key(self.spec)
-        last = self.link.warmed.get(key)
-        now = time.monotonic()
-        if last is not None and now - last < WARM_EVERY_S:
-            return  # warmed here a moment ago (or being warmed by another session)
-        self.link.warmed[key] = now
-        self._hint = asyncio.get_running_loop().create_task(self._warm())
+        if self.link.should_warm(version_key(self.spec)):
+            self._hint = asyncio.get_running_loop().create_task(self._warm())
 
     def close(self) -> None:
         if self._hint is not None and not self._hint.done():
             self._hint.cancel()  # before the chain's files close under its fadvise
-            self.link.warmed.pop(version_key(self.spec), None)  # the next session warms
+            self.link.warm_failed(version_key(self.spec))  # the next session warms
         super().close()
 
     async def _warm(self) -> None:
@@ -62,7 +55,7 @@ class ProfileHint(Layer):
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # A hint: the session goes on without it, and says why once; the next one tries.
             log.warning("no boot profile for %s@%s: %s", s.vdisk, s.version, e)
-            self.link.warmed.pop(version_key(s), None)
+            self.link.warm_failed(version_key(s))
 
     def _advise(self, profile: list[list[int]]) -> None:
         for off, n in profile:
