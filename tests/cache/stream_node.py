@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import nats
 import uvloop
@@ -42,12 +43,16 @@ class BusSink:
         await self.nc.publish(env.subject(), env.model_dump_json().encode())
 
 
-def load_exports(path: Path) -> dict[str, ExportSpec]:
-    raw = json.loads(path.read_text())
+def export_specs(raw: dict[str, dict[str, Any]]) -> dict[str, ExportSpec]:
+    """Tokens -> ExportSpec fields (layers as path strings), as ExportSpecs."""
     return {
         token: ExportSpec(**{**fields, "layers": tuple(Path(p) for p in fields["layers"])})
         for token, fields in raw.items()
     }
+
+
+def load_exports(path: Path) -> dict[str, ExportSpec]:
+    return export_specs(json.loads(path.read_text()))
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -19,9 +19,11 @@ clients are qemu-io over real NBD connections.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,12 @@ from services.stream.announce import (
 )
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
+from services.stream.sessions import Session, SessionManager
 from services.stream.settings import StreamSettings
-from services.stream.spec import ExportSpec, ListSink, StaticResolver
+from services.stream.spec import ListSink, StaticResolver
 from shared.events import BlocksRequested
-from tests.cache.conftest import System, export, qemu_io, run
+from tests.cache.conftest import Proc, System, export, qemu_io, run
+from tests.cache.stream_node import export_specs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,12 +63,8 @@ class Node:
         self.nc = nc
         self.exports = exports
         self.sink = ListSink()
-        specs = {
-            t: ExportSpec(**{**f, "layers": tuple(Path(p) for p in f["layers"])})
-            for t, f in exports.items()
-        }
         settings = StreamSettings(nbd_port=0, http_port=0, node_id=NODE, announced_wait_s=wait_s)
-        self.servers = StreamServers(StaticResolver(specs), self.sink, settings)
+        self.servers = StreamServers(StaticResolver(export_specs(exports)), self.sink, settings)
         self.servers.sessions.cache = CacheLink(CacheClient(nc, timeout_s=cache_timeout_s))
 
     async def start(self) -> str:
@@ -89,97 +89,104 @@ async def cached_sessions(nc: nats.NATS) -> set[str]:
     return {c["session_id"] for c in caches}
 
 
+@pytest.fixture
+async def node_for(
+    system: Callable[..., System], nc: nats.NATS, base_image: Path
+) -> AsyncIterator[Callable[..., Awaitable[tuple[Proc, Node, str]]]]:
+    """A cache service and a started Node exporting one token: (cache, node, nbd URI)."""
+    started: list[Node] = []
+
+    async def make(
+        token: str, wait_s: float = 60.0, cache_timeout_s: float = 10.0
+    ) -> tuple[Proc, Node, str]:
+        cache = await system().start_cache()
+        node = Node(nc, export(token, base_image), wait_s, cache_timeout_s)
+        started.append(node)
+        return cache, node, await node.start()
+
+    yield make
+    for node in started:
+        await node.servers.stop()
+
+
 async def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> None:
+    """Until ``check()`` (or what it returns, if awaitable) is true."""
     for _ in range(int(timeout_s / 0.05)):
-        if await check():
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def attaching(sessions: SessionManager, token: str) -> Session:
+    """The announced session of ``token``, once it is attaching (``ready`` pending)."""
+
+    def started() -> bool:
+        s = sessions.sessions.get(token)
+        return s is not None and s.ready is not None
+
+    await wait_for(started, f"the announced session {token} to start attaching")
+    return sessions.sessions[token]
+
+
 async def test_an_announced_session_is_ready_before_its_client_connects(
-    system: Callable[..., System], nc: nats.NATS, base_image: Path
+    node_for: Callable[..., Awaitable[tuple[Proc, Node, str]]], nc: nats.NATS
 ) -> None:
-    sysm = system()
-    await sysm.start_cache()
-    node = Node(nc, export("early", base_image), wait_s=60)
-    uri = await node.start()
+    _cache, node, uri = await node_for("early")
     sessions = node.servers.sessions
-    try:
-        await node.announce("early")
+    await node.announce("early")
 
-        async def placed() -> bool:
-            return "session-early" in await cached_sessions(nc)
+    async def placed() -> bool:
+        return "session-early" in await cached_sessions(nc)
 
-        await wait_for(placed, "the cache service to hold the announced session's cache")
-        session = sessions.sessions["early"]
-        assert session.announced and session.connections == 0
+    await wait_for(placed, "the cache service to hold the announced session's cache")
+    session = sessions.sessions["early"]
+    assert session.announced and session.connections == 0
 
-        await asyncio.sleep(1.0)  # the client takes its time (fetching its boot script...)
-        await asyncio.to_thread(
-            qemu_io, f"{uri}/early", "read 8M 4k", "write -P 7 0 64k", "read -P 7 0 64k"
-        )
-        assert sessions.sessions["early"] is session  # the connection used the opened one
-        assert not session.announced
+    await asyncio.sleep(1.0)  # the client takes its time (fetching its boot script...)
+    await asyncio.to_thread(
+        qemu_io, f"{uri}/early", "read 8M 4k", "write -P 7 0 64k", "read -P 7 0 64k"
+    )
+    assert sessions.sessions["early"] is session  # the connection used the opened one
+    assert not session.announced
 
-        await sessions.drain_events()
-        [first, *_] = [
-            ext
-            for e in node.sink.of_type(BlocksRequested)
-            for ext in e.extents  # type: ignore[attr-defined]
-        ]
-        # Times count from the client's connection, not from the announcement 1 s earlier.
-        assert first[0] < 900, first
-    finally:
-        await node.servers.stop()
+    await sessions.drain_events()
+    [first, *_] = [
+        ext
+        for e in node.sink.of_type(BlocksRequested)
+        for ext in e.extents  # type: ignore[attr-defined]
+    ]
+    # Times count from the client's connection, not from the announcement 1 s earlier.
+    assert first[0] < 900, first
 
 
 async def test_an_announcement_and_its_client_arriving_together_share_one_open(
-    system: Callable[..., System], nc: nats.NATS, base_image: Path
+    node_for: Callable[..., Awaitable[tuple[Proc, Node, str]]], nc: nats.NATS
 ) -> None:
-    sysm = system()
-    await sysm.start_cache()
-    node = Node(nc, export("together", base_image), wait_s=60)
-    uri = await node.start()
-    try:
-        await node.announce("together")
-        await asyncio.to_thread(qemu_io, f"{uri}/together", "write -P 9 4k 4k", "read -P 9 4k 4k")
-        caches, _ = await all_write_caches(nc)
-        assert [c["session_id"] for c in caches].count("session-together") == 1
-        assert list(node.servers.sessions.sessions) == ["together"]
-    finally:
-        await node.servers.stop()
+    _cache, node, uri = await node_for("together")
+    await node.announce("together")
+    await asyncio.to_thread(qemu_io, f"{uri}/together", "write -P 9 4k 4k", "read -P 9 4k 4k")
+    caches, _ = await all_write_caches(nc)
+    assert [c["session_id"] for c in caches].count("session-together") == 1
+    assert list(node.servers.sessions.sessions) == ["together"]
 
 
 async def test_a_client_during_the_attach_is_answered_at_once_and_served_after_it(
-    system: Callable[..., System], nc: nats.NATS, base_image: Path
+    node_for: Callable[..., Awaitable[tuple[Proc, Node, str]]],
 ) -> None:
-    sysm = system()
-    cache = await sysm.start_cache()
-    node = Node(nc, export("early-client", base_image), wait_s=60)
-    uri = await node.start()
-    sessions = node.servers.sessions
+    cache, node, uri = await node_for("early-client")
     try:
         cache.p.send_signal(signal.SIGSTOP)  # the cache service holds up every open
         await node.announce("early-client")
-
-        async def attaching() -> bool:
-            s = sessions.sessions.get("early-client")
-            return s is not None and s.ready is not None
-
-        await wait_for(attaching, "the announced session to start attaching")
+        session = await attaching(node.servers.sessions, "early-client")
         client = asyncio.create_task(
             asyncio.to_thread(
                 qemu_io, f"{uri}/early-client", "write -P 3 64k 4k", "read -P 3 64k 4k"
             )
         )
-        session = sessions.sessions["early-client"]
-
-        async def handshaken() -> bool:
-            return bool(session.conns)
-
         # The handshake is over (the connection is the session's) while it still attaches.
-        await wait_for(handshaken, "the client's handshake")
+        await wait_for(lambda: bool(session.conns), "the client's handshake")
         assert session.ready is not None and not client.done()
         await asyncio.sleep(0.5)
         assert not client.done()  # its requests wait for the attach
@@ -188,95 +195,56 @@ async def test_a_client_during_the_attach_is_answered_at_once_and_served_after_i
         assert session.ready is None and not session.closed
     finally:
         cache.p.send_signal(signal.SIGCONT)
-        await node.servers.stop()
 
 
 async def test_a_client_whose_announced_session_fails_to_attach_is_told_why(
-    system: Callable[..., System],
-    nc: nats.NATS,
-    base_image: Path,
+    node_for: Callable[..., Awaitable[tuple[Proc, Node, str]]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    sysm = system()
-    cache = await sysm.start_cache()
-    node = Node(nc, export("doomed", base_image), wait_s=60, cache_timeout_s=2.0)
-    uri = await node.start()
+    cache, node, uri = await node_for("doomed", cache_timeout_s=2.0)
     sessions = node.servers.sessions
-    try:
-        cache.p.send_signal(signal.SIGSTOP)
-        await node.announce("doomed")
+    cache.p.send_signal(signal.SIGSTOP)
+    await node.announce("doomed")
+    await attaching(sessions, "doomed")
 
-        async def attaching() -> bool:
-            s = sessions.sessions.get("doomed")
-            return s is not None and s.ready is not None
+    def read() -> subprocess.CompletedProcess[str]:
+        return run("qemu-io", "-f", "raw", "-c", "read 0 4k", f"{uri}/doomed", check=False)
 
-        await wait_for(attaching, "the announced session to start attaching")
-        client = asyncio.create_task(
-            asyncio.to_thread(
-                run, "qemu-io", "-f", "raw", "-c", "read 0 4k", f"{uri}/doomed", check=False
-            )
-        )
-        cache.kill9()  # the open never gets an answer: it times out (2 s here)
-        first = await client
-        assert first.returncode != 0 and "error" in first.stdout + first.stderr, first
-        assert "doomed" not in sessions.sessions
-        assert any("cannot attach session" in r.getMessage() for r in caplog.records)
-        # The next connection opens the session itself and is refused with the reason.
-        again = await asyncio.to_thread(
-            run, "qemu-io", "-f", "raw", "-c", "read 0 4k", f"{uri}/doomed", check=False
-        )
-        assert again.returncode != 0
-        assert "cache service" in again.stdout + again.stderr, again
-    finally:
-        await node.servers.stop()
+    client = asyncio.create_task(asyncio.to_thread(read))
+    cache.kill9()  # the open never gets an answer: it times out (2 s here)
+    first = await client
+    assert first.returncode != 0 and "error" in first.stdout + first.stderr, first
+    assert "doomed" not in sessions.sessions
+    assert any("cannot attach session" in r.getMessage() for r in caplog.records)
+    # The next connection opens the session itself and is refused with the reason.
+    again = await asyncio.to_thread(read)
+    assert again.returncode != 0
+    assert "cache service" in again.stdout + again.stderr, again
 
 
 async def test_an_announced_session_no_client_claims_is_dropped(
-    system: Callable[..., System], nc: nats.NATS, base_image: Path
+    node_for: Callable[..., Awaitable[tuple[Proc, Node, str]]],
 ) -> None:
-    sysm = system()
-    await sysm.start_cache()
-    node = Node(nc, export("never", base_image), wait_s=0.5)
-    await node.start()
-    sessions = node.servers.sessions
-    try:
-        await node.announce("never")
-
-        async def opened() -> bool:
-            return "never" in sessions.sessions
-
-        async def dropped() -> bool:
-            return "never" not in sessions.sessions
-
-        await wait_for(opened, "the announced session to open")
-        await wait_for(dropped, "the unclaimed session to be dropped", timeout_s=5)
-    finally:
-        await node.servers.stop()
+    _cache, node, _uri = await node_for("never", wait_s=0.5)
+    sessions = node.servers.sessions.sessions
+    await node.announce("never")
+    await wait_for(lambda: "never" in sessions, "the announced session to open")
+    await wait_for(lambda: "never" not in sessions, "the unclaimed session to be dropped", 5)
 
 
 async def test_a_malformed_announcement_is_logged_and_the_next_one_works(
-    system: Callable[..., System],
+    node_for: Callable[..., Awaitable[tuple[Proc, Node, str]]],
     nc: nats.NATS,
-    base_image: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    sysm = system()
-    await sysm.start_cache()
-    node = Node(nc, export("after", base_image), wait_s=60)
-    await node.start()
+    _cache, node, _uri = await node_for("after")
     caplog.set_level(logging.WARNING, logger="streamboot.stream.announce")
-    try:
-        for junk in (b"not json", b'{"token": "x"}', b'{"token": 5, "session_id": "s"}', b"[]"):
-            await nc.publish(prepare_subject(NODE), junk)
-        await node.announce("after")
-
-        async def opened() -> bool:
-            return "after" in node.servers.sessions.sessions
-
-        await wait_for(opened, "the well-formed announcement to open its session")
-        warnings = [r.getMessage() for r in caplog.records]
-        assert len(warnings) == 4, warnings
-        assert all("malformed session announcement" in w for w in warnings)
-        assert list(node.servers.sessions.sessions) == ["after"]
-    finally:
-        await node.servers.stop()
+    for junk in (b"not json", b'{"token": "x"}', b'{"token": 5, "session_id": "s"}', b"[]"):
+        await nc.publish(prepare_subject(NODE), junk)
+    await node.announce("after")
+    sessions = node.servers.sessions.sessions
+    await wait_for(lambda: "after" in sessions, "the well-formed announcement to open its session")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 4, warnings
+    assert all("malformed session announcement" in w for w in warnings)
+    assert list(sessions) == ["after"]
