@@ -132,6 +132,7 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
             e["type"] for e in events(data_dir, "--stream", f"session-{session['session_id']}")
         ]
     finally:
+        assert up.proc.poll() is None, f"up exited during the test:\n{up.output}"
         children = up.descendants()
         assert up.stop() == 0, up.output
         assert_all_gone(children)
