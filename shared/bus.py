@@ -6,6 +6,10 @@ Subjects (the whole map lives here so nobody invents a second one):
 - ``streamboot.registry.<verb>``  request/reply: registry commands and queries
 - ``streamboot.cache.<verb>``     request/reply: cache commands (raw nats-py, data plane)
 - ``streamboot.cache.node.<node>.<verb>``  the same, to one cache node (services/cache/wire.py)
+- ``streamboot.cache.wc.attached``  publish, every stream node: a write cache was attached
+  (services/stream/takeover.py)
+- ``streamboot.stream.<node>.session.prepare``  publish: a session announced to its stream
+  node ahead of its client (services/stream/announce.py)
 - heartbeats: the JetStream KV bucket HEARTBEAT_BUCKET, key ``<service>.<node>``
 - which cache node holds which write cache: KV ``streamboot_cache_owners``
   (services/cache/placement.py)

@@ -160,12 +160,28 @@ class CacheService:
             # A new cache: its files are made once this reply is out (nats-py sends it
             # from its flusher task, a loop turn or two later), not in the first write.
             asyncio.get_running_loop().call_later(PREPARE_AFTER_S, self._prepare, wc.key)
+        if body.get("stream_instance"):
+            self._spawn(self._attached(wc.key, body))
         return {
             "node": self.node,
             "state": wc.encoded_state(),
             "used": wc.used,
             "capacity": wc.capacity,
         }
+
+    async def _attached(self, key: str, body: dict[str, Any]) -> None:
+        """Tell every stream process that ``key`` is now attached by the one that opened
+        it, so another one still holding a session on it drops its stale mirror."""
+        notice = {
+            "key": key,
+            "session_id": body.get("session_id"),
+            "stream_node": body.get("stream_node"),
+            "stream_instance": body["stream_instance"],
+        }
+        try:
+            await self.rt.nc.publish(wire.WC_ATTACHED, json.dumps(notice).encode())
+        except Exception as e:  # the open itself succeeded
+            log.warning("write cache %s: could not publish its attach (%s)", key, e)
 
     async def wc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
         """Open a write cache on the node that holds it (or, for a new key, the node placed

@@ -8,8 +8,9 @@ default max payload outside our embedded config).
 Subjects. In the queue group ``cache`` (any one cache node answers):
 
 - ``streamboot.cache.wc.open``   JSON {key, session_id, size, kind, persistence, vdisk, version,
-                                 mac, create} -> {node, state: base64(zlib(one state byte per
-                                 4 KiB block)), used, capacity}. The node that answers routes
+                                 mac, create, stream_node, stream_instance} -> {node,
+                                 state: base64(zlib(one state byte per 4 KiB block)), used,
+                                 capacity}. The node that answers routes
                                  the open to the node holding (or placed to hold) the key
                                  (``services/cache/placement.py``); ``node`` says which one
                                  that is. ``create: false`` (the registry's ``vdisk commit``):
@@ -34,6 +35,15 @@ the first node's answer):
                                  kind, persistence, zeroed, node}]}
 - ``streamboot.cache.stats``     JSON {} -> {node, read cache figures, write caches, profiles, peers}
 
+Published by the node holding a write cache, to every stream node (no reply):
+
+- ``streamboot.cache.wc.attached``  JSON {key, session_id, stream_node, stream_instance}: a
+                                 stream process (``stream_instance``, one id per process)
+                                 opened write cache ``key`` for a session. Any other stream
+                                 process still holding a session on that cache drops it: its
+                                 mirror no longer sees the writes made through the new one
+                                 (``services/stream/takeover.py``).
+
 Write batch: ``<H`` key length, the key (utf-8), then records ``<BBQI`` (op, flags, offset,
 length), each WRITE record followed by its ``length`` bytes of data. Records are applied in
 order; a batch with a SYNC record is fsynced before the reply.
@@ -52,6 +62,7 @@ from collections.abc import Iterator
 PREFIX = "streamboot.cache"
 WC_OPEN = f"{PREFIX}.wc.open"
 WC_LIST = f"{PREFIX}.wc.list"
+WC_ATTACHED = f"{PREFIX}.wc.attached"
 RC_OPEN = f"{PREFIX}.rc.open"
 RC_READ = f"{PREFIX}.rc.read"
 STATS = f"{PREFIX}.stats"

@@ -2,7 +2,8 @@
 
 Tokens are resolved by asking the registry, or arrive announced by it ahead of the client
 (``announce.py``); the data plane's events go through a queued sink into the log; a
-``SessionClosed`` seen on the bus drops that session's state here.
+``SessionClosed`` seen on the bus drops that session's state here, and so does the attach
+of its write cache by another stream node (``takeover.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec
+from services.stream.takeover import listen_for_takeovers
 from shared.bus import RemoteError, request_json
 from shared.event_sink import QueuedEventSink
 from shared.service import ServiceRuntime, run_service
@@ -62,8 +64,13 @@ async def start(rt: ServiceRuntime) -> None:
         if servers.close_session(data.get("session_id", "")):
             log.info("session %s closed by the registry: state dropped", data["session_id"])
 
-    sub = await rt.nc.subscribe("events.SessionClosed.>", cb=on_session_closed)
-    announcements = await listen_for_announcements(rt.nc, rt.settings.node_id, servers.sessions)
+    subs = [
+        await rt.nc.subscribe("events.SessionClosed.>", cb=on_session_closed),
+        await listen_for_announcements(rt.nc, rt.settings.node_id, servers.sessions),
+    ]
+    if servers.sessions.cache is not None:
+        link = servers.sessions.cache
+        subs.append(await listen_for_takeovers(rt.nc, link.instance, servers.sessions))
     host = rt.settings.advertised_host
 
     def vitals() -> dict[str, object]:
@@ -78,8 +85,8 @@ async def start(rt: ServiceRuntime) -> None:
     rt.vitals = vitals
 
     async def stop() -> None:
-        await sub.unsubscribe()
-        await announcements.unsubscribe()
+        for sub in subs:
+            await sub.unsubscribe()
         await servers.stop()
         await sink.drain()
 

@@ -58,7 +58,9 @@ def build_stack(
         if settings.write_cache_dir is not None:
             settings.write_cache_dir.mkdir(parents=True, exist_ok=True)
         if cache is not None:
-            backend = RemoteWriteCache(backend, spec, cache.client, settings.write_cache_dir)
+            backend = RemoteWriteCache(
+                backend, spec, cache, settings.node_id, settings.write_cache_dir
+            )
         else:
             backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir)
     return backend
@@ -296,6 +298,25 @@ class SessionManager:
         if session.ready is None:
             session.backend.close()
         # else: still attaching (announced): _prepare closes the stack when that returns
+
+    def taken_over(self, key: str, node: str) -> int:
+        """Another stream process (on ``node``) attached write cache ``key``: drop this
+        node's sessions on it, whose mirrors would no longer see the writes made there (a
+        client coming back here within the linger would read stale blocks). Returns how
+        many were dropped; their connections end (reason ``session-moved``)."""
+        moved = [
+            s
+            for s in self.sessions.values()
+            if isinstance(s.backend, RemoteWriteCache) and s.backend.key == key
+        ]
+        for s in moved:
+            log.warning(
+                "session %s: its write cache %s was attached by stream node %s; dropped here "
+                "(%d connection(s) ended) so no read comes from a stale mirror",
+                s.session_id, key, node, len(s.conns),
+            )  # fmt: skip
+            self.close(s, "session-moved")
+        return len(moved)
 
     def close_session_id(self, session_id: str) -> bool:
         """Drop the session with this id (the registry closed it); False if not here."""

@@ -5,7 +5,8 @@
 
 EXPORTS_JSON maps tokens to ExportSpec fields. With ``--node-id``, sessions announced to
 that node (``services/stream/announce.py``) are opened ahead of their client, as in the
-stream service. Prints ``READY <nbd_port> <http_port>``.
+stream service; with the cache service, sessions whose write cache another stream process
+attached are dropped (``services/stream/takeover.py``). Prints ``READY <nbd_port> <http_port>``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from services.stream.takeover import listen_for_takeovers
 from shared.events import Event, envelope
 
 
@@ -67,6 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
     if not args.no_cache:
         servers.sessions.cache = CacheLink(CacheClient(nc))
+        await listen_for_takeovers(nc, servers.sessions.cache.instance, servers.sessions)
     await servers.start()
     if args.node_id:
         await listen_for_announcements(nc, args.node_id, servers.sessions)

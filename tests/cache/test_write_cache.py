@@ -53,6 +53,35 @@ async def test_session_moves_to_another_node_with_all_its_writes(system, base_im
     assert wc["zeroed"] == 131072
 
 
+async def test_a_node_drops_its_session_when_another_node_attaches_it(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Node A keeps the session after its client left (linger); the client writes through
+    node B, then comes back to A: A must not answer from its old mirror."""
+    s = system()
+    await s.start_cache()
+    ex = export("back", base_image)
+    _node_a, uri_a = await s.start_node(ex, "a")
+    _node_b, uri_b = await s.start_node(ex, "b")
+    await asyncio.to_thread(qemu_io, f"{uri_a}/back", "write -P 0x11 0 65536")
+    # A second client stays connected to A meanwhile: its connection is ended too.
+    held = RawNbd(int(uri_a.rsplit(":", 1)[1]))
+    held.go("back")
+    assert held.read(0, 4096) == b"\x11" * 4096
+    await asyncio.to_thread(
+        qemu_io, f"{uri_b}/back", "read -P 0x11 0 65536", "write -P 0x55 0 4096"
+    )
+    assert await asyncio.to_thread(held.closed_by_peer)
+    held.close()
+    # Back on A: the session opens again there and pulls what B wrote.
+    await asyncio.to_thread(
+        qemu_io, f"{uri_a}/back", "read -P 0x55 0 4096", "read -P 0x11 4096 61440"
+    )
+    log = (s.root / "a.log").read_text()
+    assert "session session-back: its write cache session-back was attached by stream node" in log
+    assert "(1 connection(s) ended)" in log
+
+
 async def test_fua_and_flushed_writes_survive_kill9_of_the_cache_service(
     system, base_image: Path
 ) -> None:  # type: ignore[no-untyped-def]

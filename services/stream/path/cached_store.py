@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -105,6 +106,9 @@ class CacheLink:
 
     client: CacheClient
     mirror_dir: Path | None = None
+    # This process among the stream nodes: the cache service's ``wc.attached`` notices say
+    # which process attached a write cache (node ids may repeat; a restart is a new one).
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)
     mirrors: dict[str, Mirror] = field(default_factory=dict)
     # When each version was last warmed on this node (should_warm).
     warmed: dict[str, float] = field(default_factory=dict)

@@ -21,8 +21,9 @@ import os
 from pathlib import Path
 
 from services.cache import wire
-from services.cache.client import CacheClient, WriteChannel
+from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
+from services.stream.path.cached_store import CacheLink
 from services.stream.path.write_cache import BLOCK, DIRTY, ZEROED, WriteCache, new_cache_file
 from services.stream.spec import ExportSpec
 
@@ -42,13 +43,21 @@ def cache_key(spec: ExportSpec) -> str:
 
 class RemoteWriteCache(WriteCache):
     def __init__(
-        self, next_: Backend, spec: ExportSpec, client: CacheClient, directory: Path | None
+        self,
+        next_: Backend,
+        spec: ExportSpec,
+        link: CacheLink,
+        node_id: str,
+        directory: Path | None,
     ) -> None:
         # The mirror: RAM for a RAM cache, an unlinked file beside it for a disk cache; made
         # in attach, beside the open's round trip.
         super().__init__(next_, spec.write_cache, directory, make_file=False)
         self.spec = spec
-        self.client = client
+        self.client = link.client
+        # Who attaches (sent with the open): the cache service tells the other stream
+        # processes, so one still holding this session drops its mirror (takeover.py).
+        self.attacher = {"stream_node": node_id, "stream_instance": link.instance}
         self.key = cache_key(spec)
         # To the cache node holding it (attach says which).
         self.channel: WriteChannel | None = None
@@ -76,6 +85,7 @@ class RemoteWriteCache(WriteCache):
                     "kind": s.write_cache,
                     "persistence": s.write_cache_persistence,
                     "mac": s.mac,
+                    **self.attacher,
                 },
             )
         finally:
