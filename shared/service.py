@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -92,6 +93,15 @@ def setup_logging(level: str) -> None:
     )
 
 
+def freeze_startup_heap() -> None:
+    """Put what the process built at start (modules, settings, clients, servers: it lives
+    as long as the process) out of the cyclic GC's reach. A full collection then walks only
+    what was made since: in a fresh stream or cache process one took 20-60 ms, in the
+    middle of the first boot storm, holding every client of the process."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -> None:
     settings = Settings()
     setup_logging(settings.log_level)
@@ -119,6 +129,7 @@ async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -
     )
     rt.spawn(heartbeat.run(), "heartbeat")
     rt.on_stop(heartbeat.stop)
+    freeze_startup_heap()
     log.info("%s: running (node %s)", name, settings.node_id)
     await rt.stopping.wait()
     log.info("%s: stopping", name)

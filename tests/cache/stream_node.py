@@ -30,6 +30,7 @@ from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec, NullSink, StaticResolver
 from services.stream.takeover import listen_for_takeovers
 from shared.events import Event, envelope
+from shared.service import freeze_startup_heap
 
 
 class BusSink:
@@ -73,6 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
     await servers.start()
     if args.node_id:
         await listen_for_announcements(nc, args.node_id, servers.sessions)
+    freeze_startup_heap()  # as the stream service does (shared/service.py)
     print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
