@@ -149,6 +149,10 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._emits: set[asyncio.Task[None]] = set()
+        # Announced sessions not opened yet (opened one per loop turn by _preparer), and
+        # the attaches of those opened.
+        self._announced: dict[str, ExportSpec] = {}
+        self._preparer: asyncio.Task[None] | None = None
         self._prepares: set[asyncio.Task[None]] = set()
         # Open connection spans of the boots' traces, by (session, protocol, client).
         self._spans: dict[tuple[str, str, str], trace.Span] = {}
@@ -181,36 +185,60 @@ class SessionManager:
     def prepare(self, token: str, spec: ExportSpec) -> None:
         """Open a session the registry announced, before its client connects: the write
         cache is placed and its files made while the client still fetches its boot script.
-        In the background; a failure is logged and the client's connection tries again."""
-        task = asyncio.get_running_loop().create_task(self._prepare(token, spec))
+        In the background; a failure is logged and the client's connection tries again.
+
+        Announcements queue and are opened one per loop turn, so the connections that
+        arrive meanwhile get their handshakes answered between them (a storm's 200
+        announcements would otherwise build 200 stacks before the loop reads a socket);
+        a client whose announcement is still queued has it opened at once."""
+        self._announced[token] = spec
+        if self._preparer is None:
+            self._preparer = asyncio.get_running_loop().create_task(self._prepare_queued())
+
+    async def _prepare_queued(self) -> None:
+        try:
+            while self._announced:
+                token = next(iter(self._announced))
+                self._start_prepared(token, self._announced.pop(token))
+                await asyncio.sleep(0)  # the sockets' turn
+        finally:
+            self._preparer = None
+
+    def _start_prepared(self, token: str, spec: ExportSpec) -> Session | None:
+        """Build an announced session's stack and register it (``ready`` pending); its
+        attach goes on in the background. None if it cannot be built, or if a connection
+        is opening the token itself (it got there first)."""
+        lock = self._opening.get(token)
+        if token in self.sessions or (lock is not None and lock.locked()):
+            return self.sessions.get(token)
+        try:
+            backend = build_stack(spec, self.settings, self.cache)
+        except (OSError, ValueError) as e:
+            log.error("cannot open announced session %s: %s", spec.session_id, e)
+            return None
+        session = Session(token, spec, backend, self)
+        session.announced = True
+        loop = asyncio.get_running_loop()
+        session.ready = loop.create_future()
+        self.sessions[token] = session
+        session._linger = loop.call_later(
+            self.settings.announced_wait_s, self._linger_expired, session
+        )
+        task = loop.create_task(self._attach_prepared(session))
         self._prepares.add(task)
         task.add_done_callback(self._prepares.discard)
+        return session
 
-    async def _prepare(self, token: str, spec: ExportSpec) -> None:
-        lock = self._opening.setdefault(token, asyncio.Lock())
-        async with lock:
-            if token in self.sessions:
-                return  # its client got here first
-            try:
-                backend = build_stack(spec, self.settings, self.cache)
-            except (OSError, ValueError) as e:
-                log.error("cannot open announced session %s: %s", spec.session_id, e)
-                return
-            session = Session(token, spec, backend, self)
-            session.announced = True
-            loop = asyncio.get_running_loop()
-            session.ready = loop.create_future()
-            self.sessions[token] = session
-            session._linger = loop.call_later(
-                self.settings.announced_wait_s, self._linger_expired, session
-            )
-        # Attached outside the lock: a client that connects meanwhile gets the session at
-        # once (NBD answers its handshake) and its requests wait for ``ready``.
+    async def _attach_prepared(self, session: Session) -> None:
+        """Attach an announced session (a client connecting meanwhile gets the session at
+        once: NBD answers its handshake and its requests wait for ``ready``)."""
+        backend, ready = session.backend, session.ready
+        assert ready is not None
         ok = False
         try:
-            ok = await self._attach(token, spec, backend)
+            ok = await self._attach(session.token, session.spec, backend)
         finally:
-            ready, session.ready = session.ready, None
+            session.ready = None
             if session.closed:  # closed while attaching: close() left the stack to us
                 backend.close()
             elif not ok:
@@ -221,6 +249,11 @@ class SessionManager:
         """The open session of ``token``, opening it if need be (asking the resolver unless
         ``spec`` is given); one open at a time per token, so an announced session and its
         client's first connection share one."""
+        queued = self._announced.pop(token, None)
+        if queued is not None:  # announced, not opened yet: this connection goes first
+            session = self._start_prepared(token, queued)
+            if session is not None:
+                return session
         lock = self._opening.setdefault(token, asyncio.Lock())
         async with lock:
             session = self.sessions.get(token)
@@ -320,6 +353,10 @@ class SessionManager:
 
     def close_session_id(self, session_id: str) -> bool:
         """Drop the session with this id (the registry closed it); False if not here."""
+        for token, spec in list(self._announced.items()):
+            if spec.session_id == session_id:  # announced, not opened yet: never will be
+                del self._announced[token]
+                return True
         for s in list(self.sessions.values()):
             if s.session_id == session_id:
                 self.close(s)
@@ -405,9 +442,11 @@ class SessionManager:
 
     async def close_all(self, sessions: Iterable[Session] | None = None) -> None:
         if sessions is None:  # shutting down: no announced session opens after this
-            for task in list(self._prepares):
+            self._announced.clear()
+            tasks = [*self._prepares, *([self._preparer] if self._preparer else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._prepares, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         for s in list(sessions if sessions is not None else self.sessions.values()):
             self.close(s)
         await self.drain_events()
