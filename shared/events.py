@@ -122,6 +122,9 @@ class VdiskPolicyChanged(VdiskEvent):
     mode: Literal["standard", "private"] | None = None
     write_cache: WriteCacheKind | None = None
     write_cache_persistence: WriteCachePersistence | None = None
+    # The store stream and cache nodes read the vdisk's layers from (a name in
+    # STREAMBOOT_CACHE_STORES, or "local").
+    store: str | None = None
 
 
 class VdiskRemoved(VdiskEvent):

@@ -25,7 +25,10 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STREAMBOOT_", extra="ignore")
+    # An empty variable means "the default" (compose passes `${STREAMBOOT_X:-}` as "").
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMBOOT_", extra="ignore", env_ignore_empty=True
+    )
 
     data_dir: Path = Field(default_factory=default_data_dir)
     # External servers; when unset, `streamboot up` starts embedded ones and passes their URLs.

@@ -101,6 +101,8 @@ class RegistryApp:
         self.settings = settings
         self.projection = Projection()
         self.vdisk_root: Path = settings.vdisk_root
+        # Where stream and cache nodes may read a vdisk's layers from (vdisk set --store).
+        self.stores = {vdisks.LOCAL_STORE, *settings.cache_stores}
         self._heartbeats = heartbeats
         self._on_appended = on_appended or (lambda: None)
         self._lock = asyncio.Lock()
@@ -363,6 +365,7 @@ class RegistryApp:
         mode: str = "standard",
         write_cache: str = "server-disk",
         write_cache_persistence: str = "discard",
+        store: str | None = None,
         from_maintenance_session: str | None = None,
     ) -> Record:
         """Register a version staged by ``vdisk_store.stage_version`` (or built from a
@@ -392,6 +395,8 @@ class RegistryApp:
                 mode=mode,
                 write_cache=write_cache,
                 write_cache_persistence=write_cache_persistence,
+                store=store,
+                stores=self.stores,
             )
 
         def effect() -> Callable[[], None]:
@@ -421,7 +426,7 @@ class RegistryApp:
         return self.vdisk_view(name)
 
     async def set_policy(self, name: str, **policy: str | None) -> Record:
-        await self._execute(lambda p: vdisks.set_policy(p, name, **policy))
+        await self._execute(lambda p: vdisks.set_policy(p, name, **policy, stores=self.stores))
         return self.vdisk_view(name)
 
     async def remove_vdisk(self, name: str) -> Record:
@@ -619,7 +624,7 @@ class RegistryApp:
             "vdisk": s["vdisk"],
             "version": s["version"],
             "size": vd["versions"][s["version"]]["size"],
-            "layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, s["version"])),
+            "layers": self._served_layers(vd, s["version"]),
             "read_only": s["read_only"],
             "write_cache": s["write_cache"],
             "write_cache_persistence": s["write_cache_persistence"],
@@ -629,6 +634,15 @@ class RegistryApp:
             # Set for a replay: the node records no BlocksRequested for it.
             "replay_of": replay_of,
         }
+
+    def _served_layers(self, vd: Record, version: int) -> list[str]:
+        """A version's layers as stream and cache nodes find them: paths in this registry's
+        vdisk dir for the local store, else relative to the store's root (a share holding
+        the same ``<vdisk>/<layer>`` tree)."""
+        chain = vdisks.chain(vd, version)
+        if vd["store"] == vdisks.LOCAL_STORE:
+            return vdisk_store.layer_paths(self.vdisk_root, chain)
+        return chain
 
     async def sweep(self, now: float | None = None) -> list[str]:
         """Close sessions whose client left (after the detach grace) or that idled out."""

@@ -231,7 +231,7 @@ class Projection:
 
     def _policy_changed(self, d: Record, _when: Any) -> None:
         vd = self.vdisks[d["name"]]
-        for key in ("mode", "write_cache", "write_cache_persistence"):
+        for key in ("mode", "write_cache", "write_cache_persistence", "store"):
             if d.get(key) is not None:
                 vd[key] = d[key]
 

@@ -68,6 +68,7 @@ class VersionIn(BaseModel):
     mode: Literal["standard", "private"] = "standard"
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] = "server-disk"
     write_cache_persistence: Literal["discard", "keep"] = "discard"
+    store: str | None = None  # a new vdisk's store (default local)
     # Set when the version is a maintenance session's writes (`streamboot vdisk commit`).
     from_maintenance_session: str | None = None
 
@@ -81,6 +82,7 @@ class PolicyIn(BaseModel):
     mode: Literal["standard", "private"] | None = None
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
+    store: str | None = None
 
 
 class SessionIn(BaseModel):

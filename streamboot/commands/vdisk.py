@@ -37,6 +37,10 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
+STORE_HELP = (
+    "where stream and cache nodes read the layers: local (this registry's vdisk dir) or a "
+    "store named in STREAMBOOT_CACHE_STORES holding the same <vdisk>/<layer> files"
+)
 PHASES = {
     "overlay": "applying the session's writes",
     "convert": "converting to raw",
@@ -53,7 +57,7 @@ def _gib(n: int) -> str:
 def show_vdisk(v: dict[str, Any]) -> None:
     out.print(
         f"[bold]{v['name']}[/]  {_gib(v['size'])}  mode {v['mode']}, write cache "
-        f"{v['write_cache']} ({v['write_cache_persistence']})"
+        f"{v['write_cache']} ({v['write_cache_persistence']}), store {v['store']}"
     )
     out.print(
         f"  versions: latest {v['latest_version']}, production {v['production_version'] or '-'}"
@@ -144,10 +148,11 @@ def import_(
         str, typer.Option(help="new vdisk: server-ram|server-disk|client-ram|client-disk")
     ] = "server-disk",
     persistence: Annotated[str, typer.Option(help="new vdisk: discard|keep")] = "discard",
+    store: Annotated[str | None, typer.Option(help=STORE_HELP)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Import a disk image as a new vdisk, or as a new version (a delta) of an existing one."""
-    import_image(path, data_dir, name, stage, mode, write_cache, persistence, as_json)
+    import_image(path, data_dir, name, stage, mode, write_cache, persistence, as_json, store)
 
 
 def import_image(
@@ -159,6 +164,7 @@ def import_image(
     write_cache: str,
     persistence: str,
     as_json: bool,
+    store: str | None = None,
 ) -> None:
     with cli_errors(as_json):
         check_name(name)
@@ -179,7 +185,7 @@ def import_image(
             staged = vdisk_store.stage_version(root, name, path, version, chain, progress)
         result = register(
             client, root, staged, stage=stage, mode=mode, write_cache=write_cache,
-            write_cache_persistence=persistence,
+            write_cache_persistence=persistence, store=store,
         )  # fmt: skip
     print_result(result, as_json, show_vdisk)
 
@@ -318,10 +324,16 @@ def set_(
         str | None, typer.Option(help="server-ram|server-disk|client-ram|client-disk")
     ] = None,
     persistence: Annotated[str | None, typer.Option(help="discard|keep")] = None,
+    store: Annotated[str | None, typer.Option(help=STORE_HELP)] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Change the image mode or the write-cache policy."""
-    body = {"mode": mode, "write_cache": write_cache, "write_cache_persistence": persistence}
+    """Change the image mode, the write-cache policy or the store it is read from."""
+    body = {
+        "mode": mode,
+        "write_cache": write_cache,
+        "write_cache_persistence": persistence,
+        "store": store,
+    }
     run(data_dir, as_json, lambda c: c.patch(f"/vdisks/{name}", body), show_vdisk)
 
 

@@ -256,10 +256,21 @@ def test_compose_services(compose_model: dict[str, Any], image_env: dict[str, st
             assert url.endswith(f":{env['STREAMBOOT_METRICS_PORT']}/metrics")
         # Only the registry talks to PostgreSQL.
         assert ("STREAMBOOT_DATABASE_URL" in env) == (name == "registry")
+        # The registry checks a vdisk's store by name, the cache service reads it: unset,
+        # the variable is empty, which the settings read as "no other store".
+        assert env["STREAMBOOT_CACHE_STORES"] == ""
     registry = services["registry"]
     assert registry["environment"]["STREAMBOOT_API_TOKEN"] == "test-token"
     assert "@postgres:5432/" in registry["environment"]["STREAMBOOT_DATABASE_URL"]
     assert registry["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_an_empty_setting_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What compose passes for an unset `${STREAMBOOT_X:-}`."""
+    monkeypatch.setenv("STREAMBOOT_CACHE_STORES", "")
+    assert Settings().cache_stores == {}
+    monkeypatch.setenv("STREAMBOOT_CACHE_STORES", '{"nas": "ftp://sb:pw@nas/vdisks"}')
+    assert Settings().cache_stores == {"nas": "ftp://sb:pw@nas/vdisks"}
 
 
 def test_compose_volumes(compose_model: dict[str, Any], image_env: dict[str, str]) -> None:

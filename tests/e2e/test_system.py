@@ -11,16 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from streamboot.embedded.proc import free_port
+from tests.cache.ftpd import url as ftp_url
 from tests.e2e.test_up import AVAILABLE, STREAMBOOT, Up, assert_all_gone
 
 MAC = "52:54:00:e2:e0:01"
+MAC_FTP = "52:54:00:e2:e0:02"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -148,6 +154,68 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
     finally:
         assert up.stop() == 0, up.output
     assert hashlib.sha256(image.read_bytes()).hexdigest() == golden
+
+
+def test_a_vdisk_on_an_ftp_share_streams_through_the_cache_service(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A vdisk whose store is an FTP share (STREAMBOOT_CACHE_STORES, `vdisk import
+    --store`): the stream node reads it through the cache service's read cache, which reads
+    the share (aioftp's own server), not the registry's vdisk dir."""
+    share = tmp_path / "share"
+    share.mkdir()
+    port = free_port()
+    ftpd = subprocess.Popen(
+        [sys.executable, "-m", "tests.cache.ftpd", str(share), str(port), "0.002"],
+        cwd=ROOT, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    image = tmp_path / "golden.raw"
+    image.write_bytes(os.urandom(8 * 1024 * 1024))
+    golden = hashlib.sha256(image.read_bytes()).hexdigest()
+    up = Up(data_dir, AVAILABLE, STREAMBOOT_CACHE_STORES=json.dumps({"share": ftp_url(port)}))
+    try:
+        assert ftpd.stdout is not None and ftpd.stdout.readline().startswith(b"READY")
+        up.wait_running()
+        wait_all_alive(data_dir)
+        unknown = cli(
+            data_dir, "vdisk", "import", str(image), "--name", "g", "--store", "nas", check=False
+        )
+        assert unknown.returncode != 0
+        assert "unknown store 'nas': configured are local, share" in unknown.stdout + unknown.stderr
+
+        cli(data_dir, "vdisk", "import", str(image), "--name", "shared", "--store", "share")
+        assert cli_json(data_dir, "vdisk", "show", "shared")["store"] == "share"
+        # The share holds the vdisk's files (an operator's NAS exporting the vdisk dir);
+        # the registry's own copy is then spoiled: every byte must come over FTP.
+        root = Path(cli_json(data_dir, "registry", "status")["vdisk_root"])
+        shutil.copytree(root / "shared", share / "shared")
+        for layer in (root / "shared").iterdir():
+            layer.write_bytes(bytes(layer.stat().st_size))
+
+        cli(data_dir, "device", "add", MAC_FTP)
+        cli(data_dir, "assign", MAC_FTP, "shared", "--default")
+        session = cli_json(data_dir, "session", "open", MAC_FTP)
+        copy = tmp_path / "copy.raw"
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "raw", session["nbd_uri"], str(copy)],
+            check=True, timeout=120,
+        )  # fmt: skip
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == golden
+
+        # Moved back to the local store, a new session reads the (spoiled) local copy.
+        cli(data_dir, "session", "close", session["token"])
+        cli(data_dir, "vdisk", "set", "shared", "--store", "local")
+        session = cli_json(data_dir, "session", "open", MAC_FTP)
+        local = subprocess.run(
+            ["curl", "-sf", "-r", "0-4095", session["http_url"]],
+            capture_output=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        assert local == bytes(4096)
+    finally:
+        ftpd.kill()
+        ftpd.wait()
+        assert up.proc.poll() is None, f"up exited during the test:\n{up.output}"
+        assert up.stop() == 0, up.output
 
 
 def wait_all_alive(data_dir: Path, timeout_s: float = 60) -> dict[str, Any]:

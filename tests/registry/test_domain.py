@@ -136,6 +136,31 @@ def test_publish_needs_the_next_version() -> None:
     assert e.value.kind == "conflict"
 
 
+def test_a_vdisk_is_read_from_a_configured_store() -> None:
+    p = Projection()
+    stores = ("local", "nas")
+
+    def publish(version: int, store: str) -> list[Event]:
+        return vdisks.publish(
+            p, "win", version=version, stage=None, path=f"win/v{version}", size=1,
+            checksum="c", changed_blocks=1, block_size=1, store=store, stores=stores,
+        )  # fmt: skip
+
+    with pytest.raises(DomainError, match="unknown store 'ftp': configured are local, nas"):
+        publish(1, "ftp")
+    apply(p, publish(1, "nas"))
+    assert p.vdisks["win"]["store"] == "nas"
+    # A new version stays where the vdisk is; moving it is a policy change.
+    with pytest.raises(DomainError, match="is in store 'nas'"):
+        publish(2, "local")
+    apply(p, vdisks.set_policy(p, "win", store="local", stores=stores))
+    assert p.vdisks["win"]["store"] == "local"
+    with pytest.raises(DomainError, match="unknown store 'gone'"):
+        vdisks.set_policy(p, "win", store="gone", stores=stores)
+    with_vdisk(p, "plain")
+    assert p.vdisks["plain"]["store"] == "local"
+
+
 def test_one_live_session_per_device_with_conflict_event() -> None:
     p = Projection()
     with_vdisk(p)

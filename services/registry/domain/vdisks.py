@@ -12,6 +12,8 @@ and withdraws that version (no new boot picks it; running sessions keep it).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from services.registry.domain.errors import conflict, invalid, not_found
 from services.registry.domain.identity import check_name
 from services.registry.projection import Projection, Record
@@ -27,6 +29,8 @@ from shared.events import (
 
 STAGE_ORDER = {"maintenance": 0, "test": 1, "production": 2}
 MODES = ("standard", "private")
+# The registry's own vdisk dir, always there; other stores are named in the settings.
+LOCAL_STORE = "local"
 WRITE_CACHES = ("server-ram", "server-disk", "client-ram", "client-disk")
 PERSISTENCES = ("discard", "keep")
 
@@ -62,6 +66,8 @@ def publish(
     mode: str = "standard",
     write_cache: str = "server-disk",
     write_cache_persistence: str = "discard",
+    store: str | None = None,
+    stores: Collection[str] = (LOCAL_STORE,),
 ) -> list[Event]:
     """A new version (and the vdisk itself, for version 1). The first version goes straight
     to production (there is nothing to boot otherwise); later ones default to maintenance."""
@@ -82,6 +88,7 @@ def publish(
         raise invalid(f"vdisk {name!r}: an image of {size} bytes is empty")
     if vd is None:
         _check_policy(mode, write_cache, write_cache_persistence)
+        _check_store(store, stores)
         events.append(
             VdiskCreated(
                 name=name,
@@ -89,7 +96,12 @@ def publish(
                 mode=mode,  # type: ignore[arg-type]
                 write_cache=write_cache,  # type: ignore[arg-type]
                 write_cache_persistence=write_cache_persistence,  # type: ignore[arg-type]
+                store=store or LOCAL_STORE,
             )
+        )
+    elif store is not None and store != vd["store"]:
+        raise invalid(
+            f"vdisk {name!r} is in store {vd['store']!r}; move it with `vdisk set --store`"
         )
     events.append(
         VdiskVersionPublished(
@@ -143,9 +155,12 @@ def set_policy(
     mode: str | None = None,
     write_cache: str | None = None,
     write_cache_persistence: str | None = None,
+    store: str | None = None,
+    stores: Collection[str] = (LOCAL_STORE,),
 ) -> list[Event]:
     vd = get_vdisk(p, name)
     _check_policy(mode, write_cache, write_cache_persistence)
+    _check_store(store, stores)
     if mode == "private" and vd["mode"] != "private":
         users = {s["mac"] for s in p.live_boots_of_vdisk(name)}
         if len(users) > 1:
@@ -153,14 +168,15 @@ def set_policy(
                 f"vdisk {name!r} is used by {len(users)} live sessions; a private vdisk "
                 "serves one device"
             )
-    if all(v is None for v in (mode, write_cache, write_cache_persistence)):
-        raise invalid("nothing to change: give a mode, write cache or persistence")
+    if all(v is None for v in (mode, write_cache, write_cache_persistence, store)):
+        raise invalid("nothing to change: give a mode, write cache, persistence or store")
     return [
         VdiskPolicyChanged(
             name=name,
             mode=mode,  # type: ignore[arg-type]
             write_cache=write_cache,  # type: ignore[arg-type]
             write_cache_persistence=write_cache_persistence,  # type: ignore[arg-type]
+            store=store,
         )
     ]
 
@@ -207,6 +223,14 @@ def _check_policy(mode: str | None, cache: str | None, persistence: str | None) 
         raise invalid(f"unknown write cache {cache!r}: {', '.join(WRITE_CACHES)}")
     if persistence is not None and persistence not in PERSISTENCES:
         raise invalid(f"unknown write-cache persistence {persistence!r}: discard or keep")
+
+
+def _check_store(store: str | None, stores: Collection[str]) -> None:
+    if store is not None and store not in stores:
+        raise invalid(
+            f"unknown store {store!r}: configured are {', '.join(sorted(stores))} "
+            "(STREAMBOOT_CACHE_STORES names the others)"
+        )
 
 
 # --- what a boot gets ------------------------------------------------------------------
