@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     stream_session_linger_s: float = 60.0
     cache_write_capacity: int = 8 << 30  # bytes one session's write cache may hold
     cache_read_capacity: int = 4 << 30  # bytes of the shared read cache, all versions
+    # A cache node with less free space than this (its disk for server-disk caches, its RAM
+    # dir for server-ram) gets no new write cache while another live node has room.
+    cache_min_free_bytes: int = 2 << 30
     cache_ram_dir: Path | None = None  # server-ram write caches (default: a /dev/shm folder)
     # Non-local vdisk stores by name, e.g. {"ftp": "ftp://user:pw@host:21/vdisks",
     # "san": "blockdev:///"}; "local" is always the vdisk dir.

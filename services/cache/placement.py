@@ -13,7 +13,9 @@ A write cache lives on one cache node (its files are under that node's DATA_DIR,
   cache's record lives as long as the cache.
 - **Placement of a new key**: rendezvous hashing (:func:`rank`) over the live cache nodes
   (their heartbeats, :class:`Peers`): stable per key while the set of nodes is, so a kept
-  cache's next boot usually reaches its holder without a hop, and spread evenly.
+  cache's next boot usually reaches its holder without a hop, and spread evenly. A node
+  whose heartbeat says it is short of space for that kind of cache comes after every node
+  with room (:func:`placement_order`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,14 @@ def score(key: str, node: str) -> int:
 def rank(key: str, nodes: Iterable[str]) -> list[str]:
     """The nodes by preference for ``key`` (rendezvous hashing: highest score first)."""
     return sorted(set(nodes), key=lambda n: score(key, n), reverse=True)
+
+
+def placement_order(key: str, nodes: Iterable[str], has_room: Callable[[str], bool]) -> list[str]:
+    """Where a new write cache ``key`` goes: the nodes with room by rank, then the others
+    (a node short of space takes new caches only when no node with room is alive)."""
+    ranked = rank(key, nodes)
+    room = {n: has_room(n) for n in ranked}
+    return [n for n in ranked if room[n]] + [n for n in ranked if not room[n]]
 
 
 @dataclass
@@ -139,11 +149,18 @@ class Peers:
         self.node = node
         self.timeout_s = timeout_s
         self.beats: dict[str, float] = {}  # node -> time of its last heartbeat
+        # node -> {cache kind: whether it has room for new write caches}, from its heartbeat
+        self.room: dict[str, dict[str, bool]] = {}
 
     def alive(self) -> list[str]:
         now = time.time()
         live = {n for n, at in self.beats.items() if now - at <= self.timeout_s}
         return sorted(live | {self.node})
+
+    def has_room(self, node: str, kind: str) -> bool:
+        """Whether ``node`` said it has room for a new ``kind`` write cache (yes if it
+        never said: older nodes do not)."""
+        return self.room.get(node, {}).get(kind, True)
 
     async def run(self) -> None:
         """Follow the heartbeat bucket forever (watching again after an error)."""
@@ -178,6 +195,10 @@ class Peers:
             return
         try:
             beat = json.loads(value)
-            self.beats[str(beat["node"])] = float(beat.get("at", 0))
+            node = str(beat["node"])
+            self.beats[node] = float(beat.get("at", 0))
+            room = beat.get("room")
+            if isinstance(room, dict):
+                self.room[node] = {str(k): bool(v) for k, v in room.items()}
         except (ValueError, KeyError, TypeError):
             pass

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from opentelemetry import trace
 from services.cache import wire
 from services.cache.boot_profiles import BootProfiles, Profile
 from services.cache.client import not_alive
-from services.cache.placement import Owners, Peers, node_subject, rank
+from services.cache.placement import Owners, Peers, node_subject, placement_order
 from services.cache.read_cache import ReadCaches, VersionCache, warm_local
 from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
@@ -87,6 +87,8 @@ class CacheService:
         self.prefetches = 0
         self.node = s.node_id
         self.peers = Peers(rt.js, self.node, s.heartbeat_timeout_s)
+        self.min_free = s.cache_min_free_bytes
+        self._short: set[str] = set()  # cache kinds this node has no room for (logged once)
         self.owners: Owners  # opened by start()
 
     # --- events out -----------------------------------------------------------------
@@ -169,6 +171,46 @@ class CacheService:
             "capacity": wc.capacity,
         }
 
+    def free_bytes(self) -> dict[str, int]:
+        """Free space where each kind of write cache lives here (disk, RAM dir)."""
+        free = {}
+        for kind, d in self.writes.dirs.items():
+            try:
+                st = os.statvfs(d)
+            except OSError:
+                free[kind] = 0
+            else:
+                free[kind] = st.f_bavail * st.f_frsize
+        return free
+
+    def space(self) -> dict[str, Any]:
+        """Free bytes per kind of write cache, and whether this node takes new ones (free
+        space at least ``cache_min_free_bytes``): in its heartbeat and stats."""
+        free = self.free_bytes()
+        return {"room": self._room(free), "free_bytes": free}
+
+    def _room(self, free: dict[str, int]) -> dict[str, bool]:
+        """Room per kind; a change is logged."""
+        room = {kind: n >= self.min_free for kind, n in free.items()}
+        short = {kind for kind, ok in room.items() if not ok}
+        for kind in short - self._short:
+            log.warning(
+                "cache node %s: less than %d MiB free for %s write caches: new ones go to "
+                "other cache nodes while one has room", self.node, self.min_free >> 20, kind,
+            )  # fmt: skip
+        for kind in self._short - short:
+            log.info("cache node %s: room again for new %s write caches", self.node, kind)
+        self._short = short
+        return room
+
+    def _has_room(self, kind: str) -> Callable[[str], bool]:
+        def has_room(node: str) -> bool:
+            if node == self.node:
+                return self._room(self.free_bytes()).get(kind, True)
+            return self.peers.has_room(node, kind)
+
+        return has_room
+
     async def _attached(self, key: str, body: dict[str, Any]) -> None:
         """Tell every stream process that ``key`` is now attached by the one that opened
         it, so another one still holding a session on it drops its stale mirror."""
@@ -202,9 +244,11 @@ class CacheService:
                 raise RemoteError(f"no cache node holds write cache {key}", "not_found")
         else:
             if hops == 0:
-                # The live node the key ranks first opens it (the next one if it is gone):
-                # a new key is placed there; a known one is routed on by its record.
-                for target in rank(key, self.peers.alive()):
+                # The live node the key ranks first opens it (the next one if it is gone;
+                # nodes short of space last): a new key is placed there; a known one is
+                # routed on by its record.
+                kind = str(body.get("kind"))
+                for target in placement_order(key, self.peers.alive(), self._has_room(kind)):
                     if target == self.node:
                         break
                     try:
@@ -325,6 +369,7 @@ class CacheService:
             "node": self.node,
             "pid": os.getpid(),
             "peers": self.peers.alive(),
+            **self.space(),
             "read_cache": self.reads.stats(),
             "write_caches": self._views(),
             "profiles": {
@@ -504,6 +549,8 @@ async def start(rt: ServiceRuntime) -> None:
             "write_cache_bytes": sum(wc.used for wc in svc.writes.caches.values()),
             "read_cache_bytes": r["used"],
             "read_cache_hit_ratio": r["hit_ratio"],
+            # Placement skips a node short of space (placement.Peers reads "room").
+            **svc.space(),
         }
 
     rt.vitals = vitals

@@ -106,8 +106,9 @@ class System:
     def cache_log(self, name: str = "") -> Path:
         return self.root / (f"cache-{name}.log" if name else "cache.log")
 
-    async def start_cache(self, name: str = "") -> Proc:
-        env = dict(self.env)
+    async def start_cache(self, name: str = "", **settings: str) -> Proc:
+        """A cache node; ``settings`` override its own (``cache_min_free_bytes="1"``)."""
+        env = {**self.env, **{f"STREAMBOOT_{k.upper()}": v for k, v in settings.items()}}
         if name:
             env["STREAMBOOT_DATA_DIR"] = str(self.root / f"data-{name}")
             env["STREAMBOOT_CACHE_RAM_DIR"] = str(self.root / f"shm-{name}")

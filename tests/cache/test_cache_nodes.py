@@ -60,10 +60,11 @@ async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
     await conn.close()
 
 
-async def two_nodes(s: System) -> tuple[str, str]:
-    """Cache nodes ``a`` and ``b``, started and each knowing the other is alive."""
+async def two_nodes(s: System, **b_settings: str) -> tuple[str, str]:
+    """Cache nodes ``a`` and ``b`` (``b_settings``: its own), started and each knowing the
+    other is alive."""
     await s.start_cache("a")
-    await s.start_cache("b")
+    await s.start_cache("b", **b_settings)
     a, b = s.node_id("a"), s.node_id("b")
     for _ in range(100):
         views = [await node_stats(s, n) for n in (a, b)]
@@ -171,6 +172,25 @@ async def test_sessions_spread_over_two_cache_nodes_and_read_back(
     # A plain request of the scatter subject still gets one node's whole answer.
     one = await cache_request(s.nats_url, wire.WC_LIST, {})
     assert one["node"] in (a, b) and len(one["caches"]) == 3
+
+
+async def test_a_node_short_of_space_gets_no_new_cache_while_another_has_room(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = system()
+    # Node b wants more free space than any disk has: it is short of room for both kinds.
+    a, b = await two_nodes(s, cache_min_free_bytes=str(1 << 60))
+    assert (await node_stats(s, b))["room"] == {"server-disk": False, "server-ram": False}
+    assert (await node_stats(s, a))["room"] == {"server-disk": True, "server-ram": True}
+    placed = tokens_placed("room", [a, b], 2)  # two keys rank b first
+    _n, uri = await s.start_node(exports_of(placed, base_image), "s1")
+    for token in placed:
+        await asyncio.to_thread(
+            qemu_io, f"{uri}/{token}", "write -P 0x33 0 64k", "read -P 0x33 0 64k"
+        )
+    assert set(await held(s, a)) == {f"session-{t}" for t in placed}
+    assert not await held(s, b)
+    assert "new ones go to other cache nodes while one has room" in log_text(s.cache_log("b"))
 
 
 async def test_kept_cache_is_found_again_after_its_node_restarts(
