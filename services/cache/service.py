@@ -11,7 +11,8 @@ Wiring only; each job is its own module:
 
 On BootRequested it prefetches the version's boot profile into the read cache and emits
 PrefetchCompleted; on SessionClosed the node holding the session's write cache drops it
-(unless kept).
+(unless kept), read through a durable JetStream consumer per node, so closes that happened
+while the node was down are applied when it comes back.
 
 With several cache nodes: write-cache requests reach the node holding the key (per-node
 subjects, the owner records, see ``placement.py``); read-cache requests, boot profiles and
@@ -33,6 +34,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 
 from services.cache import wire
@@ -44,7 +46,7 @@ from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
-from shared.bus import BusError, RemoteError, serve_json
+from shared.bus import EVENTS_STREAM, BusError, RemoteError, serve_json, subject_token
 from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
 from shared.service import ServiceRuntime, run_service
 from shared.settings import Settings
@@ -58,6 +60,8 @@ log = logging.getLogger("streamboot.cache")
 MAX_HOPS = 2
 # How long after answering a new write cache's open its files are created.
 PREPARE_AFTER_S = 0.002
+# A cache node's consumer of SessionClosed outlives its node's absence this long.
+CLOSED_CONSUMER_KEEP_S = 30 * 24 * 3600.0
 
 
 def ram_dir(settings: Settings) -> Path:
@@ -393,6 +397,38 @@ class CacheService:
         """Queue group (once): the session's boot, if it was being learnt, ends."""
         self.profiles.end_boot(json.loads(msg.data).get("data", {}).get("session_id", ""))
 
+    async def follow_closed_sessions(self) -> None:
+        """Drop the ``discard`` caches of closed sessions, also of those closed while this
+        node was down: a durable JetStream consumer per node resumes where it stopped (a
+        core subscription would miss them, and the caches would stay for good)."""
+        durable = f"cache-closed-{subject_token(self.node)}"
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.NEW,  # at creation; then from where it stopped
+            ack_policy=AckPolicy.EXPLICIT,
+            inactive_threshold=CLOSED_CONSUMER_KEEP_S,  # a node gone for good lets go
+        )
+        while True:
+            try:
+                sub = await self.rt.js.pull_subscribe(
+                    "events.SessionClosed.>", durable=durable, stream=EVENTS_STREAM, config=config
+                )
+                while True:
+                    try:
+                        msgs = await sub.fetch(64, timeout=30)
+                    except NatsTimeoutError:
+                        continue
+                    for msg in msgs:
+                        try:
+                            await self.drop_closed_session(msg)
+                        except Exception:  # a bad event must not come back forever
+                            log.exception("cache: cannot handle a SessionClosed event")
+                        await msg.ack()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("cache: following closed sessions failed (%s); again in 1 s", e)
+                await asyncio.sleep(1.0)
+
     async def drop_closed_session(self, msg: Msg) -> None:
         """Every node: the one holding the session's ``discard`` cache drops it (and its
         owner record); the others hold nothing of it."""
@@ -513,6 +549,7 @@ async def start(rt: ServiceRuntime) -> None:
     if recovered:
         log.info("cache: recovered %d write caches", len(svc.writes.caches))
     rt.spawn(svc.peers.run(), "cache-peers")
+    rt.spawn(svc.follow_closed_sessions(), "cache-closed-sessions")
     nc, q = rt.nc, wire.QUEUE
 
     def node(verb: str) -> str:
@@ -536,7 +573,6 @@ async def start(rt: ServiceRuntime) -> None:
         await nc.subscribe(wire.RC_READ, queue=q, cb=svc.spawn_read),
         await nc.subscribe("events.BlocksRequested.>", queue=q, cb=svc.on_blocks),
         await nc.subscribe("events.SessionClosed.>", queue=q, cb=svc.on_session_closed),
-        await nc.subscribe("events.SessionClosed.>", cb=svc.drop_closed_session),
         await nc.subscribe("events.ClientBooted.>", queue=q, cb=svc.on_client_booted),
         await nc.subscribe("events.BootRequested.>", queue=q, cb=svc.on_boot_requested),
     ]

@@ -323,6 +323,30 @@ async def test_session_closed_drops_the_cache_on_the_node_holding_it(
         assert len(list((s.root / f"data-{name}" / "cache" / "write").iterdir())) == 0
 
 
+async def test_a_session_closed_while_its_cache_node_was_down_is_dropped_when_it_returns(
+    system, base_image: Path, nc: nats.NATS
+) -> None:  # type: ignore[no-untyped-def]
+    s = system()
+    a = s.node_id()
+    cache = await s.start_cache()
+    await asyncio.sleep(0.5)  # its consumer of SessionClosed is in place
+    _n1, uri = await s.start_node(export("down", base_image), "s1")
+    await asyncio.to_thread(qemu_io, f"{uri}/down", "write -P 0x45 0 64k")
+    assert "session-down" in await held(s, a)
+    files = s.data / "cache" / "write"
+    assert list(files.glob("session-down*"))
+    cache.stop()  # a clean stop: its caches stay on disk for the next start
+    await close_session(s.nats_url, "session-down")  # nobody holding it is listening
+    await s.start_cache()
+    for _ in range(100):
+        if "session-down" not in await held(s, a):
+            break
+        await asyncio.sleep(0.1)
+    assert "session-down" not in await held(s, a)
+    assert await owner_record(nc, "session-down") is None
+    assert not list(files.glob("session-down*"))
+
+
 async def test_a_cache_whose_files_are_lost_is_an_error_not_a_new_empty_cache(
     system, base_image: Path, nc: nats.NATS
 ) -> None:  # type: ignore[no-untyped-def]
