@@ -74,6 +74,13 @@ class Mirror:
         self.size = size
         self.present = bytearray(-(-size // EXTENT))
         self.fetching: dict[int, asyncio.Future[None]] = {}  # run offset -> its fetch
+        self.closed = False
+
+    def close(self) -> None:
+        """Give the mirror's disk space back (the file was unlinked at birth)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
 
     def missing(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Byte runs (extent aligned, clipped to the disk) not yet in the mirror."""
@@ -93,6 +100,8 @@ class Mirror:
         return runs
 
     def fill(self, offset: int, data: bytes) -> None:
+        if self.closed:  # a late fetch: its fd number may already be another file's
+            return
         if data.count(0) != len(data):  # all-zero data stays a hole: it reads as zeros
             os.pwrite(self.fd, data, offset)
         first = offset // EXTENT
@@ -110,6 +119,12 @@ class CacheLink:
     # which process attached a write cache (node ids may repeat; a restart is a new one).
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)
     mirrors: dict[str, Mirror] = field(default_factory=dict)
+    # A version's mirror no session has used this long is dropped (its disk space back;
+    # old versions would otherwise pile up on a long-running node).
+    mirror_idle_s: float = 600.0
+    # Sessions using each mirror, and the pending drops of unused ones.
+    mirror_users: dict[str, int] = field(default_factory=dict)
+    _drops: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     # When each version was last warmed on this node (should_warm).
     warmed: dict[str, float] = field(default_factory=dict)
 
@@ -129,10 +144,36 @@ class CacheLink:
         self.warmed.pop(key, None)
 
     def mirror(self, key: str, size: int) -> Mirror:
+        """The node's mirror of version ``key``, for one more session (``release_mirror``
+        when it closes)."""
+        drop = self._drops.pop(key, None)
+        if drop is not None:
+            drop.cancel()
         m = self.mirrors.get(key)
         if m is None:
             m = self.mirrors[key] = Mirror(key, size, self.mirror_dir)
+        self.mirror_users[key] = self.mirror_users.get(key, 0) + 1
         return m
+
+    def release_mirror(self, key: str) -> None:
+        """A session of version ``key`` closed; the last one leaves the mirror to be
+        dropped after ``mirror_idle_s`` unless another session comes."""
+        users = self.mirror_users.get(key, 0) - 1
+        if users > 0:
+            self.mirror_users[key] = users
+            return
+        self.mirror_users.pop(key, None)
+        if key in self.mirrors and key not in self._drops:
+            loop = asyncio.get_running_loop()
+            self._drops[key] = loop.call_later(self.mirror_idle_s, self._drop_mirror, key)
+
+    def _drop_mirror(self, key: str) -> None:
+        self._drops.pop(key, None)
+        m = self.mirrors.pop(key, None)
+        if m is not None:
+            m.close()
+            self.warmed.pop(key, None)  # its blocks are gone: the next session warms again
+            log.info("mirror of %s dropped: no session used it for %.0f s", key, self.mirror_idle_s)
 
 
 class CachedStoreBackend(ReadOnlyBottom):
@@ -144,6 +185,7 @@ class CachedStoreBackend(ReadOnlyBottom):
         self.size = spec.size
         self.key = version_key(spec)
         self.mirror = link.mirror(self.key, spec.size)
+        self._released = False
         self._prefetch: asyncio.Task[None] | None = None
 
     def _body(self, offset: int, length: int) -> dict[str, object]:
@@ -215,4 +257,7 @@ class CachedStoreBackend(ReadOnlyBottom):
     def close(self) -> None:
         if self._prefetch is not None:
             self._prefetch.cancel()
-        # The mirror stays: the next session of this version on this node reuses it.
+        # The mirror stays a while: the next session of this version on this node reuses it.
+        if not self._released:  # once: a second release would count another session out
+            self._released = True
+            self.link.release_mirror(self.key)
