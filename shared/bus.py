@@ -56,9 +56,16 @@ class ServiceUnavailable(BusError):
     pass
 
 
-async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NATS:
+async def connect(
+    url: str,
+    name: str,
+    *,
+    connect_timeout_s: float = 30.0,
+    on_reconnect: Callable[[], None] | None = None,
+) -> NATS:
     """Connect to NATS, retrying with backoff until ``connect_timeout_s``; once connected,
-    nats-py reconnects forever and we log every state change clearly."""
+    nats-py reconnects forever and we log every state change clearly. ``on_reconnect`` is
+    called after each reconnection (what was published meanwhile is lost to this client)."""
 
     client: list[NATS] = []
 
@@ -67,8 +74,10 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
         if client and not (client[0].is_closed or client[0].is_draining):
             log.warning("%s: disconnected from NATS %s; reconnecting", name, url)
 
-    async def on_reconnect() -> None:
+    async def reconnected() -> None:
         log.warning("%s: reconnected to NATS %s", name, url)
+        if on_reconnect is not None:
+            on_reconnect()
 
     async def on_error(exc: Exception) -> None:
         log.error("%s: NATS error: %s", name, exc)
@@ -87,7 +96,7 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> NA
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
+                reconnected_cb=reconnected,
                 error_cb=on_error,
                 allow_reconnect=True,
                 connect_timeout=2,

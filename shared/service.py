@@ -43,11 +43,23 @@ class ServiceRuntime:
         # (for figures that change, such as load).
         self.vitals: dict[str, Any] | Callable[[], dict[str, Any]] = {}
         self._stop_hooks: list[StopHook] = []
+        self._reconnect_hooks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.stopping = asyncio.Event()
 
     def on_stop(self, hook: StopHook) -> None:
         self._stop_hooks.append(hook)
+
+    def on_reconnect(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` after each NATS reconnection (core messages sent meanwhile are lost)."""
+        self._reconnect_hooks.append(hook)
+
+    def _reconnected(self) -> None:
+        for hook in self._reconnect_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("%s: error after reconnecting to NATS", self.name)
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """A background task that must keep running: if it dies, the service says so and stops."""
@@ -65,7 +77,9 @@ class ServiceRuntime:
 
     async def connect(self) -> None:
         url = self.settings.require_nats_url()
-        self.nc = await bus.connect(url, f"{self.name}@{self.settings.node_id}")
+        self.nc = await bus.connect(
+            url, f"{self.name}@{self.settings.node_id}", on_reconnect=self._reconnected
+        )
         self.js = self.nc.jetstream()
         await bus.ensure_event_stream(self.js)
         self.events = EventClient(self.nc)

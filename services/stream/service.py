@@ -71,6 +71,7 @@ async def start(rt: ServiceRuntime) -> None:
     if servers.sessions.cache is not None:
         link = servers.sessions.cache
         subs.append(await listen_for_takeovers(rt.nc, link.instance, servers.sessions))
+        rt.on_reconnect(servers.sessions.drop_unused_remote_sessions)
     host = rt.settings.advertised_host
 
     def vitals() -> dict[str, object]:

@@ -351,6 +351,24 @@ class SessionManager:
             self.close(s, "session-moved")
         return len(moved)
 
+    def drop_unused_remote_sessions(self) -> int:
+        """This node was cut off from NATS: a notice that another node attached one of its
+        sessions' write caches may be lost (takeover.py). Drop the sessions no connection
+        uses (lingering, or announced and not claimed yet); their clients reopen them and
+        pull their caches again. Returns how many."""
+        unused = [
+            s
+            for s in self.sessions.values()
+            if s.connections == 0 and isinstance(s.backend, RemoteWriteCache)
+        ]
+        for s in unused:
+            log.warning(
+                "session %s dropped after a NATS outage: another node may have served its "
+                "client meanwhile; its next connection opens it again", s.session_id,
+            )  # fmt: skip
+            self.close(s, "nats-outage")
+        return len(unused)
+
     def close_session_id(self, session_id: str) -> bool:
         """Drop the session with this id (the registry closed it); False if not here."""
         for token, spec in list(self._announced.items()):

@@ -59,7 +59,13 @@ def load_exports(path: Path) -> dict[str, ExportSpec]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    nc = await nats.connect(args.nats_url)
+    servers: StreamServers | None = None
+
+    async def reconnected() -> None:  # as the stream service does (service.py)
+        if servers is not None and servers.sessions.cache is not None:
+            servers.sessions.drop_unused_remote_sessions()
+
+    nc = await nats.connect(args.nats_url, reconnected_cb=reconnected, max_reconnect_attempts=-1)
     settings = StreamSettings(
         nbd_port=args.port,
         http_port=0,

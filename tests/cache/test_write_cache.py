@@ -7,7 +7,9 @@ import asyncio
 import errno
 from pathlib import Path
 
-from tests.cache.conftest import IMAGE_SIZE, export, qemu_io
+from streamboot.embedded.nats import EmbeddedNats
+from streamboot.embedded.proc import free_port
+from tests.cache.conftest import IMAGE_SIZE, System, export, qemu_io
 from tests.stream.nbdraw import RawNbd
 
 # (offset, length, pattern) written through node A; 0 = write-zeroes.
@@ -80,6 +82,42 @@ async def test_a_node_drops_its_session_when_another_node_attaches_it(
     log = (s.root / "a.log").read_text()
     assert "session session-back: its write cache session-back was attached by stream node" in log
     assert "(1 connection(s) ended)" in log
+
+
+async def test_a_node_cut_off_from_nats_drops_its_unused_sessions(
+    tmp_path: Path, base_image: Path
+) -> None:
+    """A takeover notice sent while a node is cut off from NATS is lost to it: after the
+    reconnection the node drops the sessions no client is connected to."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port())
+    await nats_server.start(log_path=tmp_path / "nats.log")
+    s = System(nats_server.url, tmp_path / "sys", {})
+    s.root.mkdir()
+    try:
+        await s.start_cache()
+        _node, uri = await s.start_node(export("cut", base_image), "a")
+        await asyncio.to_thread(qemu_io, f"{uri}/cut", "write -P 0x51 0 64k")  # then lingers
+        await nats_server.stop()
+        await asyncio.sleep(1.0)
+        await nats_server.start(log_path=tmp_path / "nats.log")
+        log = s.root / "a.log"
+        for _ in range(150):
+            if "dropped after a NATS outage" in log.read_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "session session-cut dropped after a NATS outage" in log.read_text()
+        # The client's next connection opens the session again, with its write.
+        for _ in range(50):  # until the cache service is back on NATS too
+            out = await asyncio.to_thread(
+                qemu_io, f"{uri}/cut", "read -P 0x51 0 64k", expect_error=True
+            )
+            if "read 65536/65536" in out and "failed" not in out:
+                break
+            await asyncio.sleep(0.2)
+        assert "read 65536/65536" in out and "failed" not in out, out
+    finally:
+        s.stop()
+        await nats_server.stop()
 
 
 async def test_fua_and_flushed_writes_survive_kill9_of_the_cache_service(
