@@ -129,3 +129,23 @@ def render(result: dict[str, Any]) -> None:
         console.print(
             f"[yellow]{beat['service']} on {beat['node']}: last heartbeat {age:.0f}s ago[/yellow]"
         )
+    for line in space_warnings(result["instances"]):
+        console.print(f"[yellow]{line}[/yellow]")
+
+
+def space_warnings(instances: list[dict[str, Any]]) -> list[str]:
+    """A line per live cache node short of space for a kind of write cache (its heartbeat's
+    ``room``, services/cache/service.py): it takes no new ones while another node has room."""
+    lines = []
+    for beat in instances:
+        if beat["service"] != "cache" or not beat["alive"]:
+            continue
+        free = beat.get("free_bytes") or {}
+        for kind, ok in sorted((beat.get("room") or {}).items()):
+            if not ok:
+                lines.append(
+                    f"cache on {beat['node']}: short of space for {kind} write caches "
+                    f"({free.get(kind, 0) / 2**20:,.0f} MiB free); new ones go to other "
+                    "cache nodes while one has room"
+                )
+    return lines
