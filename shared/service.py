@@ -30,6 +30,8 @@ from shared.telemetry import setup_tracing, shutdown_tracing
 log = logging.getLogger("streamboot.service")
 
 StopHook = Callable[[], Awaitable[None]]
+# How long a stopping service waits for its cancelled background tasks.
+STOP_TASKS_TIMEOUT_S = 5.0
 
 
 class ServiceRuntime:
@@ -87,9 +89,10 @@ class ServiceRuntime:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_TASKS_TIMEOUT_S)
+            for task in pending:
+                log.error("%s: task %s did not stop when cancelled", self.name, task.get_name())
         for hook in reversed(self._stop_hooks):
             try:
                 await hook()

@@ -62,6 +62,8 @@ MAX_HOPS = 2
 PREPARE_AFTER_S = 0.002
 # A cache node's consumer of SessionClosed outlives its node's absence this long.
 CLOSED_CONSUMER_KEEP_S = 30 * 24 * 3600.0
+# How long one pull for SessionClosed waits (an idle node asks again after it).
+CLOSED_FETCH_WAIT_S = 2.0
 
 
 def ram_dir(settings: Settings) -> Path:
@@ -407,14 +409,17 @@ class CacheService:
             ack_policy=AckPolicy.EXPLICIT,
             inactive_threshold=CLOSED_CONSUMER_KEEP_S,  # a node gone for good lets go
         )
-        while True:
+        # Checked each turn, not only cancellation: a cancel that lands as nats-py's fetch
+        # times out can be lost (seen: the service then did not stop).
+        stopping = self.rt.stopping
+        while not stopping.is_set():
             try:
                 sub = await self.rt.js.pull_subscribe(
                     "events.SessionClosed.>", durable=durable, stream=EVENTS_STREAM, config=config
                 )
-                while True:
+                while not stopping.is_set():
                     try:
-                        msgs = await sub.fetch(64, timeout=30)
+                        msgs = await sub.fetch(64, timeout=CLOSED_FETCH_WAIT_S)
                     except NatsTimeoutError:
                         continue
                     for msg in msgs:
