@@ -94,7 +94,9 @@ class CacheService:
         self.node = s.node_id
         self.peers = Peers(rt.js, self.node, s.heartbeat_timeout_s)
         self.min_free = s.cache_min_free_bytes
-        self._short: set[str] = set()  # cache kinds this node has no room for (logged once)
+        # Room per kind as last measured (every heartbeat): placement reads it, no statvfs
+        # per open; the other nodes see the same figure in that heartbeat.
+        self.room: dict[str, bool] = {}
         self.owners: Owners  # opened by start()
 
     # --- events out -----------------------------------------------------------------
@@ -191,28 +193,28 @@ class CacheService:
 
     def space(self) -> dict[str, Any]:
         """Free bytes per kind of write cache, and whether this node takes new ones (free
-        space at least ``cache_min_free_bytes``): in its heartbeat and stats."""
+        space at least ``cache_min_free_bytes``): in its heartbeat and stats. A change of
+        room is logged."""
         free = self.free_bytes()
-        return {"room": self._room(free), "free_bytes": free}
-
-    def _room(self, free: dict[str, int]) -> dict[str, bool]:
-        """Room per kind; a change is logged."""
         room = {kind: n >= self.min_free for kind, n in free.items()}
-        short = {kind for kind, ok in room.items() if not ok}
-        for kind in short - self._short:
-            log.warning(
-                "cache node %s: less than %d MiB free for %s write caches: new ones go to "
-                "other cache nodes while one has room", self.node, self.min_free >> 20, kind,
-            )  # fmt: skip
-        for kind in self._short - short:
-            log.info("cache node %s: room again for new %s write caches", self.node, kind)
-        self._short = short
-        return room
+        for kind, ok in room.items():
+            if ok == self.room.get(kind, True):
+                continue
+            if ok:
+                log.info("cache node %s: room again for new %s write caches", self.node, kind)
+            else:
+                log.warning(
+                    "cache node %s: less than %d MiB free for %s write caches: new ones go "
+                    "to other cache nodes while one has room", self.node, self.min_free >> 20,
+                    kind,
+                )  # fmt: skip
+        self.room = room
+        return {"room": room, "free_bytes": free}
 
     def _has_room(self, kind: str) -> Callable[[str], bool]:
         def has_room(node: str) -> bool:
             if node == self.node:
-                return self._room(self.free_bytes()).get(kind, True)
+                return self.room.get(kind, True)
             return self.peers.has_room(node, kind)
 
         return has_room
