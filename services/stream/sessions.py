@@ -330,7 +330,7 @@ class SessionManager:
             conn.abort(reason)
         if session.ready is None:
             session.backend.close()
-        # else: still attaching (announced): _prepare closes the stack when that returns
+        # else: still attaching (announced): _attach_prepared closes the stack when done
 
     def taken_over(self, key: str, node: str) -> int:
         """Another stream process (on ``node``) attached write cache ``key``: drop this
