@@ -49,6 +49,12 @@ variable "dhcp_interface" {
   type        = string
 }
 
+variable "cache_stores" {
+  description = "STREAMBOOT_CACHE_STORES for the registry and the cache nodes: other stores by name, JSON ({\"nas\": \"ftp://user:pw@nas/vdisks\"}); empty = the local vdisk dir only. A URL with a password: pass it with -var-file from a file kept out of version control"
+  type        = string
+  default     = ""
+}
+
 variable "vdisk_volume" {
   description = "Host volume holding the vdisk store: one shared mount across the clients"
   type        = string
@@ -296,6 +302,8 @@ job "streamboot" {
         STREAMBOOT_BIND_HOST    = "0.0.0.0"
         STREAMBOOT_API_PORT     = "18080"
         STREAMBOOT_METRICS_PORT = "9464"
+        # Checks a vdisk's store by name (vdisk import/set --store).
+        STREAMBOOT_CACHE_STORES = var.cache_stores
       }
 
       template {
@@ -549,6 +557,8 @@ job "streamboot" {
         STREAMBOOT_NODE_ID      = "cache-${node.unique.name}-${NOMAD_ALLOC_INDEX}"
         STREAMBOOT_BIND_HOST    = "0.0.0.0"
         STREAMBOOT_METRICS_PORT = "9464"
+        # Reads the vdisks put in another store (an FTP share, a block device).
+        STREAMBOOT_CACHE_STORES = var.cache_stores
       }
 
       template {

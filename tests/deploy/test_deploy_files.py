@@ -440,6 +440,12 @@ def test_nomad_services(
             assert bool(volume.get("read_only")) == read_only, name
         else:
             assert vdisk_dir not in mounts, name
+    # The registry checks a vdisk's store by name, the cache nodes read it: one variable.
+    variables = unwrap(nomad["variable"])
+    assert variables["cache_stores"]["default"] == ""
+    for name in ("registry", "cache"):
+        (env,) = tasks(groups[name])[name]["env"]
+        assert env["STREAMBOOT_CACHE_STORES"] == "${var.cache_stores}", name
     # Stream advertises the address and dynamic ports Nomad gave it.
     (stream_env,) = tasks(groups["stream"])["stream"]["env"]
     assert stream_env["STREAMBOOT_NBD_PORT"] == "${NOMAD_PORT_nbd}"
