@@ -31,6 +31,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from services.cache import wire
+from services.cache.block_map import Run, decode_runs
 from services.cache.placement import node_subject
 
 log = logging.getLogger("streamboot.cache.client")
@@ -44,11 +45,13 @@ def not_alive(node: str, key: str | None) -> str:
 
 @dataclass
 class OpenedWriteCache:
-    """A write cache as ``wc.open`` found it: the node holding it, its block map."""
+    """A write cache as ``wc.open`` found it: the node holding it, its dirty and zeroed
+    block runs (none for a cache never written)."""
 
     key: str
     node: str
-    state: bytes
+    blocks: int
+    runs: list[Run]
     used: int
     capacity: int
 
@@ -92,10 +95,17 @@ class CacheClient:
     async def open_write_cache(self, body: dict[str, Any]) -> OpenedWriteCache:
         """Open (or find again) the write cache ``body["key"]`` wherever it lives."""
         reply = await self.request_json(wire.WC_OPEN, body)
+        blocks = int(reply["blocks"])
+        try:
+            runs = decode_runs(reply["runs"], blocks)
+        except ValueError as e:
+            key = body["key"]
+            raise wire.CacheError(errno.EIO, f"write cache {key}: bad block map: {e}") from e
         return OpenedWriteCache(
             key=str(body["key"]),
             node=str(reply["node"]),
-            state=wire.decode_block_map(reply["state"]),
+            blocks=blocks,
+            runs=runs,
             used=int(reply.get("used", 0)),
             capacity=int(reply.get("capacity", 0)),
         )

@@ -177,7 +177,8 @@ class CacheService:
             self._spawn(self._attached(wc.key, body))
         return {
             "node": self.node,
-            "state": wc.encoded_state(),
+            "blocks": len(wc.state),
+            "runs": wc.state.encode(),
             "used": wc.used,
             "capacity": wc.capacity,
         }

@@ -9,7 +9,8 @@ Subjects. In the queue group ``cache`` (any one cache node answers):
 
 - ``streamboot.cache.wc.open``   JSON {key, session_id, size, kind, persistence, vdisk, version,
                                  mac, create, stream_node, stream_instance} -> {node,
-                                 state: base64(zlib(one state byte per 4 KiB block)), used,
+                                 blocks, runs: the map's dirty and zeroed block runs
+                                 (block_map.encode_runs; "" for a clean cache), used,
                                  capacity}. The node that answers routes
                                  the open to the node holding (or placed to hold) the key
                                  (``services/cache/placement.py``); ``node`` says which one
@@ -53,10 +54,8 @@ Status-prefixed reply: ``b"\\0" + data``, or ``b"\\1" + JSON {"error", "kind"}``
 
 from __future__ import annotations
 
-import base64
 import json
 import struct
-import zlib
 from collections.abc import Iterator
 
 PREFIX = "streamboot.cache"
@@ -71,7 +70,6 @@ QUEUE = "cache"
 NODE_PREFIX = f"{PREFIX}.node"
 V_WC_OPEN, V_WC_WRITE, V_WC_READ, V_STATS = "wc.open", "wc.write", "wc.read", "stats"
 
-BLOCK = 4096
 # Largest message we send: under NATS's 1 MiB default with room for headers.
 MAX_MESSAGE = (1 << 20) - 4096
 # Largest data of one WRITE record / one read reply.
@@ -81,33 +79,6 @@ OP_WRITE, OP_ZERO, OP_FLUSH = 1, 2, 3
 FLAG_SYNC = 1
 RECORD = struct.Struct("<BBQI")
 KEYLEN = struct.Struct("<H")
-
-# Block states of a write cache (same values as services/stream/path/write_cache.py).
-CLEAN, DIRTY, ZEROED = 0, 1, 2
-
-
-def encode_block_map(state: bytes) -> str:
-    """A write cache's block map as it travels: one state byte per block, zlib, base64."""
-    return base64.b64encode(zlib.compress(state, 1)).decode()
-
-
-def decode_block_map(encoded: str) -> bytes:
-    return zlib.decompress(base64.b64decode(encoded))
-
-
-def dirty_runs(state: bytes) -> list[tuple[int, int, int]]:
-    """``(state, first_block, stop_block)`` of the non-clean runs of a block map."""
-    out = []
-    i, n = 0, len(state)
-    while i < n:
-        v = state[i]
-        j = i + 1
-        while j < n and state[j] == v:
-            j += 1
-        if v != CLEAN:
-            out.append((v, i, j))
-        i = j
-    return out
 
 
 def batch_prefix(key: str) -> bytes:

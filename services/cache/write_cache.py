@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import json
 import logging
 import os
@@ -33,16 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.cache.wire import (
-    BLOCK,
-    DIRTY,
-    FLAG_SYNC,
-    OP_FLUSH,
-    OP_WRITE,
-    OP_ZERO,
-    ZEROED,
-    encode_block_map,
-)
+from services.cache.block_map import BLOCK, DIRTY, ZEROED, BlockMap, blocks_of
+from services.cache.wire import FLAG_SYNC, OP_FLUSH, OP_WRITE, OP_ZERO
 
 log = logging.getLogger("streamboot.cache.write")
 
@@ -84,8 +75,8 @@ class SessionWriteCache:
     directory: Path
     meta: dict[str, Any]
     capacity: int
-    state: bytearray = field(default_factory=bytearray)
-    dirty: int = 0  # blocks in state DIRTY: what the cache holds
+    # Set by open_files / adopt_files / WriteCaches.open.
+    state: BlockMap = field(default_factory=lambda: BlockMap(0))
     data_fd: int = -1
     map_fd: int = -1
     full_reported: bool = False
@@ -103,7 +94,7 @@ class SessionWriteCache:
 
     @property
     def used(self) -> int:
-        return self.dirty * BLOCK
+        return self.state.dirty * BLOCK
 
     def paths(self) -> tuple[Path, Path, Path]:
         d, k = self.directory, self.key
@@ -118,24 +109,15 @@ class SessionWriteCache:
         flags = os.O_RDWR | os.O_CLOEXEC
         self.data_fd = os.open(data, flags)
         self.map_fd = os.open(map_, flags)
-        nblocks = -(-self.size // BLOCK)
-        raw = os.pread(self.map_fd, nblocks, 0)
-        self.state = bytearray(raw.ljust(nblocks, b"\0"))
-        self.dirty = self.state.count(DIRTY)
+        self.state.close()
+        self.state = BlockMap(blocks_of(self.size))
+        self.state.load_file(self.map_fd)
 
     def adopt_files(self, data_fd: int, map_fd: int) -> None:
         """Take the files :func:`make_files` made for this (still unchanged) cache."""
         self.data_fd, self.map_fd = data_fd, map_fd
         # Not fsynced yet: nothing is promised before the first FLUSH/FUA (see sync()).
         self.meta_synced = False
-        # All clean: nothing to read back (the map of a 100 GiB disk is 25 MiB).
-        self.state = bytearray(-(-self.size // BLOCK))
-        self.dirty = 0
-
-    def encoded_state(self) -> str:
-        if not self.changed:  # never written (a boot storm's sessions): the same every time
-            return _clean_state(len(self.state))
-        return encode_block_map(bytes(self.state))
 
     def _files(self) -> None:
         # Files appear ahead of the first change (WriteCaches.prepare), or with it.
@@ -144,11 +126,8 @@ class SessionWriteCache:
         self.changed = True
 
     def _set(self, first: int, stop: int, value: int) -> None:
-        before = self.state.count(DIRTY, first, stop)
-        run = bytes([value]) * (stop - first)
-        self.state[first:stop] = run
-        self.dirty += (stop - first if value == DIRTY else 0) - before
-        os.pwrite(self.map_fd, run, first)
+        self.state.set(first, stop, value)
+        os.pwrite(self.map_fd, bytes([value]) * (stop - first), first)
 
     def _range(self, offset: int, length: int) -> tuple[int, int]:
         if offset < 0 or length <= 0 or offset + length > self.size:
@@ -211,6 +190,7 @@ class SessionWriteCache:
             if fd >= 0:
                 os.close(fd)
         self.data_fd = self.map_fd = -1
+        self.state.close()
 
     def remove(self) -> None:
         self.removed = True
@@ -228,13 +208,8 @@ class SessionWriteCache:
             "persistence": self.meta.get("persistence"),
             "used": self.used,
             "capacity": self.capacity,
-            "zeroed": self.state.count(ZEROED) * BLOCK,
+            "zeroed": self.state.zeroed * BLOCK,
         }
-
-
-@functools.lru_cache(maxsize=16)
-def _clean_state(nblocks: int) -> str:
-    return encode_block_map(bytes(nblocks))
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -331,7 +306,7 @@ class WriteCaches:
         }
         meta["capacity"] = self.capacity
         wc = SessionWriteCache(key, self.dirs[kind], meta, self.capacity)
-        wc.state = bytearray(-(-wc.size // BLOCK))
+        wc.state = BlockMap(blocks_of(wc.size))
         self.caches[key] = wc
         log.info("write cache %s opened (%s, %s)", key, kind, meta.get("persistence"))
         return wc

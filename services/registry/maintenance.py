@@ -25,6 +25,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from services.cache import wire
+from services.cache.block_map import BLOCK, DIRTY
 from services.cache.client import CacheClient
 from services.registry import vdisk_store
 from services.registry.vdisk_store import Progress, StagedVersion
@@ -54,11 +55,10 @@ async def overlay_write_cache(
             "create": False,
         },
     )
-    state = opened.state
     pieces: list[tuple[int, int, bool]] = []
-    for v, a, b in wire.dirty_runs(state):
-        start, stop = a * wire.BLOCK, min(b * wire.BLOCK, size)
-        pieces += [(o, n, v == wire.DIRTY) for o, n in wire.chunks(start, stop - start)]
+    for v, a, b in opened.runs:
+        start, stop = a * BLOCK, min(b * BLOCK, size)
+        pieces += [(o, n, v == DIRTY) for o, n in wire.chunks(start, stop - start)]
     total = sum(n for _, n, _ in pieces)
     done = 0
     sem = asyncio.Semaphore(PULL_DEPTH)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from services.cache import wire
+from services.cache.block_map import decode_runs
 from services.cache.write_cache import SessionWriteCache, WriteCaches
 
 SIZE = 64 << 20
@@ -43,12 +44,12 @@ async def test_files_are_made_ahead_and_the_first_write_is_still_the_first_chang
     wcs.recover()
     wc = wcs.open(open_request("s1"))
     assert not any(p.exists() for p in wc.paths())  # the open itself makes nothing
-    clean = wc.encoded_state()
+    assert wc.state.encode() == ""  # a clean map travels as nothing
 
     await wcs.prepare("s1")
     assert all(p.exists() for p in wc.paths())
     assert os.fstat(wc.data_fd).st_size == SIZE
-    assert wc.encoded_state() == clean and wc.used == 0 and not wc.changed
+    assert wc.state.encode() == "" and wc.used == 0 and not wc.changed
     assert changed == []  # files are not data: the owner record is not marked written
     wc.sync()  # nothing written: nothing to make durable, and no error
 
@@ -56,13 +57,14 @@ async def test_files_are_made_ahead_and_the_first_write_is_still_the_first_chang
     assert await wcs.apply("s1", [write(0, b"b" * 4096)]) == b"\0"
     assert changed == ["s1"]  # once, at the first change
     assert wc.read(8192, 4096) == b"a" * 4096 and wc.read(4096, 4096) == bytes(4096)
-    assert wire.decode_block_map(wc.encoded_state())[:3] == bytes([1, 0, 1])
+    assert decode_runs(wc.state.encode(), len(wc.state)) == [(1, 0, 1), (1, 2, 3)]
 
     # A node restart finds it with its blocks.
     wc.close()
     again = caches(tmp_path, [])
     assert again.recover() == 1
     assert again.caches["s1"].read(0, 4096) == b"b" * 4096 and again.caches["s1"].changed
+    assert again.caches["s1"].state.nonclean_runs() == [(1, 0, 1), (1, 2, 3)]
 
 
 async def test_files_that_cannot_be_made_ahead_are_an_error_at_the_first_write(

@@ -21,10 +21,11 @@ import os
 from pathlib import Path
 
 from services.cache import wire
+from services.cache.block_map import BLOCK, DIRTY, ZEROED
 from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
-from services.stream.path.write_cache import BLOCK, DIRTY, ZEROED, WriteCache, new_cache_file
+from services.stream.path.write_cache import WriteCache, new_cache_file
 from services.stream.spec import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,14 @@ class RemoteWriteCache(WriteCache):
         finally:
             self.fd = await mirror  # also when the open failed: close() closes it
         self.channel = self.client.writer(self.key, opened.node)
-        state = opened.state
-        if len(state) != len(self.state):
+        if opened.blocks != len(self.state):
             raise OSError(
-                f"write cache {self.key}: map of {len(state)} blocks, disk has {len(self.state)}"
+                f"write cache {self.key}: map of {opened.blocks} blocks, disk has {len(self.state)}"
             )
-        if not state.strip(b"\0"):
+        if not opened.runs:  # never written (a boot storm's sessions)
             return
         pulls = []
-        for v, a, b in wire.dirty_runs(state):
+        for v, a, b in opened.runs:
             if v == ZEROED:
                 self._mark(a, b, ZEROED)
             elif v == DIRTY:

@@ -18,6 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from services.cache.block_map import BLOCK, CLEAN, DIRTY, ZEROED, BlockMap, blocks_of
 from services.stream.path.backend import (
     STATE_HOLE,
     STATE_ZERO,
@@ -29,10 +30,6 @@ from services.stream.path.backend import (
     map_read_async,
     read_into,
 )
-
-BLOCK = 4096
-CLEAN, DIRTY, ZEROED = 0, 1, 2
-_OTHERS = {CLEAN: (DIRTY, ZEROED), DIRTY: (CLEAN, ZEROED), ZEROED: (CLEAN, DIRTY)}
 
 
 def new_cache_file(kind: str, directory: Path | None, size: int) -> int:
@@ -71,7 +68,7 @@ class WriteCache(Layer):
         self.kind = kind
         self.directory = directory
         self.fd = new_cache_file(kind, directory, self.size) if make_file else -1
-        self.state = bytearray(-(-self.size // BLOCK))
+        self.state = BlockMap(blocks_of(self.size))
         self._touched = 0  # blocks not CLEAN; 0 means every read passes straight down
 
     def can_write(self) -> bool:
@@ -96,26 +93,13 @@ class WriteCache(Layer):
 
     @property
     def dirty_bytes(self) -> int:
-        return self.state.count(DIRTY) * BLOCK
+        return self.state.dirty * BLOCK
 
     def _runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """``(state, start, stop)`` byte runs of equal block state covering the range."""
-        st = self.state
         end = offset + length
-        last = (end - 1) // BLOCK + 1
-        runs = []
-        pos, i = offset, offset // BLOCK
-        while pos < end:
-            v = st[i]
-            j = last
-            for other in _OTHERS[v]:
-                k = st.find(other, i + 1, last)
-                if k != -1 and k < j:
-                    j = k
-            stop = min(end, j * BLOCK)
-            runs.append((v, pos, stop))
-            pos, i = stop, j
-        return runs
+        runs = self.state.runs(offset // BLOCK, (end - 1) // BLOCK + 1)
+        return [(v, max(a * BLOCK, offset), min(b * BLOCK, end)) for v, a, b in runs]
 
     def map_read(self, offset: int, length: int) -> list[Piece]:
         if not self._touched:
@@ -131,10 +115,7 @@ class WriteCache(Layer):
         return pieces
 
     def _mark(self, first: int, stop: int, value: int) -> None:
-        if first >= stop:
-            return
-        self._touched += self.state.count(CLEAN, first, stop)
-        self.state[first:stop] = bytes([value]) * (stop - first)
+        self._touched += self.state.set(first, stop, value)
 
     async def _materialize(self, block: int) -> None:
         """Copy a partly overwritten block into the cache so its other bytes survive."""
@@ -209,4 +190,5 @@ class WriteCache(Layer):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self.state.close()
         self.next.close()
