@@ -1,0 +1,129 @@
+"""What one session costs the servers, by vdisk size: CPU and memory per announced session.
+
+    uv run python bench/session_cost.py [--sizes-gib 0.0625,100,1024] [--sessions 50]
+
+For each size, a sparse raw image of that size in a temp dir, served by the cache service
+and one stream node (bench/bootstorm.py's ``Streamboot``) on an embedded NATS. ``--sessions``
+sessions are announced (as the registry does when a boot session opens) and attach (write
+cache placed, files made, mirror made); then one client per session connects, writes 64 KiB
+at each end of the disk and reads it back. Reported: CPU milliseconds and resident MiB per
+session in the stream node, the cache service and nats-server while the sessions open, the
+same for the clients' writes, and the clients' connect time p50/p99 beside nbdkit's cow
+filter on the same image (its overlay is made per connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bootstorm import Streamboot, embedded_nats, run_clients, server_under_test  # noqa: E402
+from streamboot.block_replay import Request, percentile  # noqa: E402
+
+TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_MS
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def nats_server_pid() -> int:
+    return int(subprocess.check_output(["pgrep", "-n", "nats-server"]).split()[0])
+
+
+def measure(pids: dict[str, int], action: object, sessions: int) -> dict[str, tuple[float, float]]:
+    """(CPU ms, RSS MiB) per session that each process spent on ``action()``."""
+    cpu0 = {k: cpu_ms(p) for k, p in pids.items()}
+    rss0 = {k: rss_mib(p) for k, p in pids.items()}
+    action()  # type: ignore[operator]
+    time.sleep(1.0)  # the background part (files made after the open's reply...)
+    return {
+        k: ((cpu_ms(p) - cpu0[k]) / sessions, (rss_mib(p) - rss0[k]) / sessions)
+        for k, p in pids.items()
+    }
+
+
+def client_trace(size: int) -> list[Request]:
+    end = size - 65536
+    return [
+        Request(0, 0, 65536, "w"),
+        Request(0, end, 65536, "w"),
+        Request(0, 0, 65536, "r"),
+        Request(0, end, 65536, "r"),
+    ]
+
+
+def run_size(work: Path, nats_url: str, size: int, sessions: int) -> None:
+    image = work / f"disk-{size}.raw"
+    image.touch()
+    os.truncate(image, size)
+    sub = work / f"streamboot-{size}"
+    sub.mkdir()
+    tokens = [f"cost-{size}-{i}-{time.time_ns()}" for i in range(sessions)]
+    sb = Streamboot(sub, nats_url, image, "local", tokens, None, announced=True)
+    try:
+        time.sleep(1.0)  # started: heartbeats and the like settle
+        pids = {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_server_pid()}
+        opened = measure(pids, lambda: asyncio.run(sb.announce(tokens)), sessions)
+        results: list[object] = []
+        trace = client_trace(size)
+        written = measure(
+            pids,
+            lambda: results.extend(run_clients(sb.port, tokens, trace, False)[0]),
+            sessions,
+        )
+        errors = [r.error for r in results if r.error]  # type: ignore[attr-defined]
+        connect = [r.connect_s * 1000 for r in results]  # type: ignore[attr-defined]
+    finally:
+        sb.stop()
+    with server_under_test("nbdkit-cow", image, work, nats_url, 0, []) as (port, _):
+        peer = run_clients(port, [f"peer-{i}" for i in range(sessions)], trace, False)[0]
+    peer_connect = [r.connect_s * 1000 for r in peer]
+    gib = size / (1 << 30)
+    for phase, got in (("open", opened), ("write", written)):
+        cells = ", ".join(f"{k} {c:6.2f} ms {m:7.3f} MiB" for k, (c, m) in got.items())
+        print(f"{gib:8.2f} GiB  {phase:<5} per session: {cells}")
+    print(
+        f"{gib:8.2f} GiB  connect p50/p99 ms: streamboot {percentile(connect, 50):.2f}/"
+        f"{percentile(connect, 99):.2f}, nbdkit-cow {percentile(peer_connect, 50):.2f}/"
+        f"{percentile(peer_connect, 99):.2f}; errors: {len(errors)}"
+        + (f" ({errors[0]})" if errors else "")
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes-gib", default="0.0625,100,1024")
+    ap.add_argument("--sessions", type=int, default=50)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="session-cost-"))
+    try:
+        with embedded_nats(work) as nats_url:
+            for gib in (float(x) for x in args.sizes_gib.split(",")):
+                run_size(work, nats_url, int(gib * (1 << 30)), args.sessions)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
