@@ -53,6 +53,29 @@ def test_delta_stores_only_changed_blocks(tmp_path: Path) -> None:
     assert write_delta([base, tmp_path / "v2.map"], new, tmp_path / "v3") == 0
 
 
+def test_readers_of_a_version_share_its_layout_built_once(tmp_path: Path) -> None:
+    """Every session of a version opens a reader: the owner map of its chain (one entry per
+    block, from every delta's bitmap) is built once per version, not per session; a layer
+    replaced by another file is a new layout."""
+    v1 = os.urandom(8 * BS)
+    base = make(tmp_path / "base.raw", v1)
+    v2 = bytearray(v1)
+    v2[3 * BS] ^= 0xFF
+    write_delta([base], make(tmp_path / "v2-full.raw", bytes(v2)), tmp_path / "v2")
+    layers = [base, tmp_path / "v2.map"]
+    with open_chain(layers) as a, open_chain(layers) as b:
+        assert a._owner is not None and a._owner is b._owner
+        assert a.fds != b.fds  # each reader its own files
+        assert b.pread(0, b.size) == bytes(v2)
+    # The same path, another file (a version rebuilt by hand): read as it is now.
+    v2[5 * BS] ^= 0xFF
+    write_delta([base], make(tmp_path / "v2b-full.raw", bytes(v2)), tmp_path / "v2b")
+    for ext in (".map", ".data"):
+        os.replace(tmp_path / f"v2b{ext}", tmp_path / f"v2{ext}")
+    with open_chain(layers) as c:
+        assert c.pread(0, c.size) == bytes(v2)
+
+
 def test_chain_of_three_with_growth_and_shrink(tmp_path: Path) -> None:
     v1 = os.urandom(4 * BS)
     base = make(tmp_path / "base.raw", v1)
