@@ -162,9 +162,6 @@ class CacheService:
                 )
                 self.writes.forget(key)
 
-    def _prepare(self, key: str) -> None:
-        self._spawn(self.writes.prepare(key))
-
     def _opened(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             wc = self.writes.open(body)
@@ -172,7 +169,7 @@ class CacheService:
             raise RemoteError(str(e), e.kind) from e
         if wc.data_fd < 0:
             # A new cache: its files are made once this reply is out, not in the first write.
-            asyncio.get_running_loop().call_later(AFTER_REPLY_S, self._prepare, wc.key)
+            asyncio.get_running_loop().call_later(AFTER_REPLY_S, self.writes.prepare, wc.key)
         if body.get("stream_instance"):
             self._spawn(self._attached(wc.key, body))
         return {

@@ -1,11 +1,9 @@
-"""The cache service's write-cache files: made ahead of the first write (in a thread), told
-apart from it.
+"""The cache service's write-cache files: made ahead of the first write, told apart from it.
 
 In process (no NATS): what a cache node does between an open and the first write."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 from pathlib import Path
@@ -46,7 +44,7 @@ async def test_files_are_made_ahead_and_the_first_write_is_still_the_first_chang
     assert not any(p.exists() for p in wc.paths())  # the open itself makes nothing
     assert wc.state.encode() == ""  # a clean map travels as nothing
 
-    await wcs.prepare("s1")
+    wcs.prepare("s1")
     assert all(p.exists() for p in wc.paths())
     assert os.fstat(wc.data_fd).st_size == SIZE
     assert wc.state.encode() == "" and wc.used == 0 and not wc.changed
@@ -74,7 +72,7 @@ async def test_files_that_cannot_be_made_ahead_are_an_error_at_the_first_write(
     wcs.recover()
     wc: SessionWriteCache = wcs.open(open_request("s2"))
     (tmp_path / "disk").rmdir()  # the cache directory is gone (a lost mount...)
-    await wcs.prepare("s2")  # logged, nothing half-open left behind
+    wcs.prepare("s2")  # logged, nothing half-open left behind
     assert wc.data_fd == -1 and wc.map_fd == -1
     assert await wcs.apply("s2", [write(0, b"c" * 4096)]) == bytes([errno.ENOENT])
     (tmp_path / "disk").mkdir()
@@ -82,48 +80,12 @@ async def test_files_that_cannot_be_made_ahead_are_an_error_at_the_first_write(
     assert wc.read(0, 4096) == b"c" * 4096
 
 
-async def test_preparing_a_cache_that_is_gone_or_made_does_nothing(tmp_path: Path) -> None:
+def test_preparing_a_cache_that_is_gone_or_made_does_nothing(tmp_path: Path) -> None:
     wcs = caches(tmp_path, [])
     wcs.recover()
-    await wcs.prepare("never-opened")
+    wcs.prepare("never-opened")
     wc = wcs.open(open_request("s3"))
-    await wcs.prepare("s3")
+    wcs.prepare("s3")
     fd = wc.data_fd
-    await wcs.prepare("s3")
+    wcs.prepare("s3")
     assert wc.data_fd == fd
-
-
-async def test_a_write_while_the_files_are_being_made_waits_for_them(tmp_path: Path) -> None:
-    changed: list[str] = []
-    wcs = caches(tmp_path, changed)
-    wcs.recover()
-    wc = wcs.open(open_request("s4"))
-    making = asyncio.create_task(wcs.prepare("s4"))
-    await asyncio.sleep(0)  # the files are being made in a thread now
-    assert wc.preparing is not None
-    assert await wcs.apply("s4", [write(4096, b"d" * 4096)]) == b"\0"
-    await making
-    assert wc.preparing is None and changed == ["s4"]
-    assert wc.read(4096, 4096) == b"d" * 4096
-    # The write went into the files prepare made (not a second set): a restart finds it.
-    wc.close()
-    again = caches(tmp_path, [])
-    assert again.recover() == 1 and again.caches["s4"].read(4096, 4096) == b"d" * 4096
-
-
-async def test_a_cache_dropped_while_its_files_are_being_made_leaves_none(
-    tmp_path: Path,
-) -> None:
-    wcs = caches(tmp_path, [])
-    wcs.recover()
-    wc = wcs.open(open_request("s5"))
-    making = asyncio.create_task(wcs.prepare("s5"))
-    await asyncio.sleep(0)
-    assert wc.preparing is not None
-    late = asyncio.create_task(wcs.apply("s5", [write(0, b"e" * 4096)]))
-    await asyncio.sleep(0)  # the write waits for the files...
-    assert wcs.drop("s5")  # ...and the session closes at once
-    await making
-    assert await late == bytes([errno.ESTALE])  # refused, not written into a dropped cache
-    assert not any(p.exists() for p in wc.paths())
-    assert wc.data_fd == -1 and wc.map_fd == -1
