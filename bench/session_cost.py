@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bootstorm import Streamboot, embedded_nats, run_clients, server_under_test  # noqa: E402
 from streamboot.block_replay import Request, percentile  # noqa: E402
+from tests.cache.conftest import rss_mib  # noqa: E402
 
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 
@@ -36,13 +37,6 @@ TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 def cpu_ms(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * TICK_MS
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def nats_server_pid() -> int:

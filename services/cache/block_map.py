@@ -67,9 +67,9 @@ class BlockMap:
         if first >= stop:
             return 0
         before = self._m[first:stop]
-        was_clean = before.count(CLEAN)
         n = stop - first
-        dirty, zeroed = before.count(DIRTY), n - was_clean - before.count(DIRTY)
+        was_clean, dirty = before.count(CLEAN), before.count(DIRTY)
+        zeroed = n - was_clean - dirty
         self.dirty += (n if state == DIRTY else 0) - dirty
         self.zeroed += (n if state == ZEROED else 0) - zeroed
         self._m[first:stop] = bytes([state]) * n
@@ -132,10 +132,6 @@ class BlockMap:
                 self.dirty += chunk.count(DIRTY)
                 self.zeroed += chunk.count(ZEROED)
                 pos += len(chunk)
-
-    def apply_runs(self, runs: list[Run]) -> None:
-        for v, a, b in runs:
-            self.set(a, b, v)
 
     def encode(self) -> str:
         """The non-clean runs as they travel: gaps and lengths as 64-bit arrays beside the

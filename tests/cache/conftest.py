@@ -65,6 +65,14 @@ class Proc:
         self.logf.close()
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"process {pid}: no VmRSS")
+
+
 async def cache_request(nats_url: str, subject: str, body: dict[str, Any]) -> Any:
     nc = await nats.connect(nats_url)
     try:

@@ -19,6 +19,7 @@ from services.cache.block_map import (
     decode_runs,
     encode_runs,
 )
+from tests.cache.conftest import rss_mib
 
 
 def reference_runs(ref: bytearray, first: int, stop: int) -> list[tuple[int, int, int]]:
@@ -90,21 +91,16 @@ def test_a_bad_map_is_refused(encoded: str) -> None:
         decode_runs(encoded, 100)
 
 
-def resident_mib() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
-
-
 def test_maps_of_huge_disks_cost_memory_for_what_is_set() -> None:
     """Eight maps of 1 TiB disks would be 2 GiB as bytearrays; scanning them whole (as an
     attach does) must not make them resident either."""
-    before = resident_mib()
+    before = rss_mib(os.getpid())
     maps = [BlockMap(blocks_of(1 << 40)) for _ in range(8)]
     for m in maps:
         m.set(0, 16, DIRTY)
         m.set(len(m) - 16, len(m), ZEROED)
         assert m.nonclean_runs() == [(DIRTY, 0, 16), (ZEROED, len(m) - 16, len(m))]
-    grown = resident_mib() - before
+    grown = rss_mib(os.getpid()) - before
     for m in maps:
         m.close()
     assert grown < 32, f"{grown:.0f} MiB resident for eight 1 TiB maps"

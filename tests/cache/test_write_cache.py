@@ -10,7 +10,7 @@ from pathlib import Path
 
 from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.proc import free_port
-from tests.cache.conftest import IMAGE_SIZE, Proc, System, export, qemu_io
+from tests.cache.conftest import IMAGE_SIZE, System, export, qemu_io, rss_mib
 from tests.stream.nbdraw import RawNbd
 
 # (offset, length, pattern) written through node A; 0 = write-zeroes.
@@ -244,13 +244,6 @@ async def close_session(nats_url: str, session_id: str) -> None:
     await nc.close()
 
 
-def rss_mib(proc: Proc) -> float:
-    for line in Path(f"/proc/{proc.p.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 async def test_sessions_of_a_huge_disk_cost_memory_for_their_writes_only(
     system, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -267,13 +260,14 @@ async def test_sessions_of_a_huge_disk_cost_memory_for_their_writes_only(
     tokens = [f"huge{i}" for i in range(4)]
     exports = {t: export(t, huge, size=size)[t] for t in tokens}
     node_a, uri_a = await s.start_node(exports, "a")
-    before = {"cache": rss_mib(cache), "node": rss_mib(node_a)}
+    procs = {"cache": cache.p.pid, "node": node_a.p.pid}
+    before = {k: rss_mib(pid) for k, pid in procs.items()}
     end = size - 65536
     for i, t in enumerate(tokens):
         await asyncio.to_thread(
             qemu_io, f"{uri_a}/{t}", f"write -P {0x61 + i} 0 64k", f"write -P {0x71 + i} {end} 64k"
         )
-    grown = {"cache": rss_mib(cache) - before["cache"], "node": rss_mib(node_a) - before["node"]}
+    grown = {k: rss_mib(pid) - before[k] for k, pid in procs.items()}
     assert all(g < 64 for g in grown.values()), grown
     node_a.kill9()
     _node_b, uri_b = await s.start_node(exports, "b")
@@ -288,4 +282,4 @@ async def test_sessions_of_a_huge_disk_cost_memory_for_their_writes_only(
     stats = await s.stats()
     used = {w["session_id"]: w["used"] for w in stats["write_caches"]}
     assert all(used[f"session-{t}"] == 2 * 65536 for t in tokens), used
-    assert rss_mib(cache) - before["cache"] < 64
+    assert rss_mib(cache.p.pid) - before["cache"] < 64
