@@ -44,6 +44,7 @@ from services.cache.placement import Owners, Peers, node_subject, placement_orde
 from services.cache.read_cache import ReadCaches, VersionCache, warm_local
 from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
+from services.cache.when_quiet import WhenQuiet
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
 from shared.bus import EVENTS_STREAM, BusError, RemoteError, serve_json, subject_token
@@ -58,10 +59,15 @@ log = logging.getLogger("streamboot.cache")
 # An open may be routed from node to node at most this often (a placement, then the owner
 # record of a race's winner); more means the records changed under us.
 MAX_HOPS = 2
-# Work a reply need not wait for (a new cache's files, its owner record's "written" mark)
-# starts this long after the reply: nats-py sends a reply from its flusher task, a loop
-# turn or two after respond().
+# Work a reply need not wait for (the owner record's "written" mark at a cache's first
+# change) starts this long after the reply: nats-py sends a reply from its flusher task, a
+# loop turn or two after respond().
 AFTER_REPLY_S = 0.002
+# A new cache's files are made once opens have paused this long (a storm's opens come in a
+# burst while its clients connect), at the latest this long after its open; a first write
+# coming sooner makes them itself (when_quiet.py).
+PREPARE_QUIET_S = 0.02
+PREPARE_MAX_WAIT_S = 1.0
 # A cache node's consumer of SessionClosed outlives its node's absence this long.
 CLOSED_CONSUMER_KEEP_S = 30 * 24 * 3600.0
 # How long one pull for SessionClosed waits (an idle node asks again after it).
@@ -100,6 +106,7 @@ class CacheService:
         # per open; the other nodes see the same figure in that heartbeat.
         self.room: dict[str, bool] = {}
         self.owners: Owners  # opened by start()
+        self.unprepared = WhenQuiet(self.writes.prepare, PREPARE_QUIET_S, PREPARE_MAX_WAIT_S)
 
     # --- events out -----------------------------------------------------------------
 
@@ -168,8 +175,8 @@ class CacheService:
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
         if wc.data_fd < 0:
-            # A new cache: its files are made once this reply is out, not in the first write.
-            asyncio.get_running_loop().call_later(AFTER_REPLY_S, self.writes.prepare, wc.key)
+            # A new cache: its files are made once the opens pause, not in the first write.
+            self.unprepared.add(wc.key)
         if body.get("stream_instance"):
             self._spawn(self._attached(wc.key, body))
         return {
@@ -523,6 +530,7 @@ class CacheService:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         for task in self._tasks:
             task.cancel()
+        self.unprepared.cancel()  # files not made yet: a later first write makes them
         self.writes.close()
         self.reads.close()
         for store in self.stores.values():
