@@ -114,6 +114,10 @@ async def test_write_cache_layer(tmp_path: Path, kind: str) -> None:
     base = make(tmp_path / "base.raw", image)
     wc = WriteCache(ReadCache(ChainBackend([base])), kind, tmp_path)
     want = bytearray(image)
+    await wc.zero(BS, BS)  # whole blocks: a mark, no data
+    assert await wc.pread(0, 2 * BS) == image[:BS] + bytes(BS)
+    assert wc.fd < 0  # its file comes with the first data: a session that only reads has none
+    want[BS : 2 * BS] = bytes(BS)
     for off, data in ((100, b"a" * 10), (4096, b"b" * 8192), (BS - 3, b"c" * 6)):
         await wc.pwrite(off, data)
         want[off : off + len(data)] = data

@@ -25,7 +25,7 @@ from services.cache.block_map import BLOCK, DIRTY, ZEROED
 from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
-from services.stream.path.write_cache import WriteCache, new_cache_file
+from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ class RemoteWriteCache(WriteCache):
         directory: Path | None,
     ) -> None:
         # The mirror: RAM for a RAM cache, an unlinked file beside it for a disk cache; made
-        # in attach, beside the open's round trip.
-        super().__init__(next_, spec.write_cache, directory, make_file=False)
+        # by the first write or pull.
+        super().__init__(next_, spec.write_cache, directory)
         self.spec = spec
         self.client = link.client
         # Who attaches (sent with the open): the cache service tells the other stream
@@ -70,10 +70,6 @@ class RemoteWriteCache(WriteCache):
         write and pull of this session then goes to that node, so a gone node is an error
         naming it, never a new empty cache on another one."""
         s = self.spec
-        # The mirror's file, on the loop: 0.03 ms here. It was made in a worker thread,
-        # whose hand-off and GIL contention cost a storm more than that (see
-        # services/cache/write_cache.py, WriteCaches.prepare). close() closes it.
-        self.fd = new_cache_file(self.kind, self.directory, self.size)
         opened = await self.client.open_write_cache(
             {
                 "key": self.key,
@@ -106,7 +102,7 @@ class RemoteWriteCache(WriteCache):
         async def pull(offset: int, length: int) -> None:
             async with sem:
                 data = await self.client.read_write_cache(opened.node, self.key, offset, length)
-            os.pwrite(self.fd, data, offset)
+            os.pwrite(self._file(), data, offset)
             self._mark(offset // BLOCK, -(-(offset + length) // BLOCK), DIRTY)
 
         await asyncio.gather(*(pull(o, n) for o, n in pulls))
