@@ -56,6 +56,60 @@ class ServiceUnavailable(BusError):
     pass
 
 
+RECONNECT_WAIT_S = 0.5
+# While NATS stays unreachable nats-py reports every failed reconnect (one per
+# RECONNECT_WAIT_S): the first is logged, then one line this often, saying for how long
+# and how many attempts.
+OUTAGE_LOG_EVERY_S = 30.0
+
+
+class ConnectionLog:
+    """What a service logs about its NATS connection: each loss and recovery (with how long
+    it was down), other errors at once, an outage's failed reconnects at a bounded rate."""
+
+    def __init__(self, name: str, url: str, on_reconnect: Callable[[], None] | None) -> None:
+        self.name, self.url, self.on_reconnect = name, url, on_reconnect
+        self.client: NATS | None = None
+        self.down_since: float | None = None  # loop time of the loss, while it lasts
+        self.failed = 0  # reconnects failed in this outage
+        self.logged_at = 0.0
+
+    async def disconnected(self) -> None:
+        # A close we asked for also reports a disconnect: only a lost connection is news.
+        nc = self.client
+        if nc is None or nc.is_closed or nc.is_draining:
+            return
+        self.down_since, self.failed = asyncio.get_running_loop().time(), 0
+        log.warning("%s: disconnected from NATS %s; reconnecting", self.name, self.url)
+
+    async def reconnected(self) -> None:
+        if self.down_since is None:
+            log.warning("%s: reconnected to NATS %s", self.name, self.url)
+        else:
+            down = asyncio.get_running_loop().time() - self.down_since
+            log.warning(
+                "%s: reconnected to NATS %s after %.1fs (%d failed attempts)",
+                self.name, self.url, down, self.failed,
+            )  # fmt: skip
+        self.down_since = None
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+    async def error(self, exc: Exception) -> None:
+        if self.down_since is None:
+            log.error("%s: NATS error: %s", self.name, exc)
+            return
+        self.failed += 1
+        now = asyncio.get_running_loop().time()
+        if self.failed == 1 or now - self.logged_at >= OUTAGE_LOG_EVERY_S:
+            self.logged_at = now
+            log.error(
+                "%s: NATS %s unreachable for %.0fs (%d failed reconnects, trying every "
+                "%gs): %s", self.name, self.url, now - self.down_since, self.failed,
+                RECONNECT_WAIT_S, exc,
+            )  # fmt: skip
+
+
 async def connect(
     url: str,
     name: str,
@@ -64,24 +118,9 @@ async def connect(
     on_reconnect: Callable[[], None] | None = None,
 ) -> NATS:
     """Connect to NATS, retrying with backoff until ``connect_timeout_s``; once connected,
-    nats-py reconnects forever and we log every state change clearly. ``on_reconnect`` is
-    called after each reconnection (what was published meanwhile is lost to this client)."""
-
-    client: list[NATS] = []
-
-    async def on_disconnect() -> None:
-        # A close we asked for also reports a disconnect: only a lost connection is news.
-        if client and not (client[0].is_closed or client[0].is_draining):
-            log.warning("%s: disconnected from NATS %s; reconnecting", name, url)
-
-    async def reconnected() -> None:
-        log.warning("%s: reconnected to NATS %s", name, url)
-        if on_reconnect is not None:
-            on_reconnect()
-
-    async def on_error(exc: Exception) -> None:
-        log.error("%s: NATS error: %s", name, exc)
-
+    nats-py reconnects forever and :class:`ConnectionLog` says what happens. ``on_reconnect``
+    is called after each reconnection (what was published meanwhile is lost to this client)."""
+    events = ConnectionLog(name, url, on_reconnect)
     delay = 0.1
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout_s
@@ -94,15 +133,15 @@ async def connect(
                 [u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=reconnected,
-                error_cb=on_error,
+                reconnect_time_wait=RECONNECT_WAIT_S,
+                disconnected_cb=events.disconnected,
+                reconnected_cb=events.reconnected,
+                error_cb=events.error,
                 allow_reconnect=True,
                 connect_timeout=2,
             )
             nc = await asyncio.wait_for(attempt, max(0.5, min(5.0, deadline - loop.time())))
-            client.append(nc)
+            events.client = nc
             return nc
         except Exception as exc:
             if loop.time() + delay > deadline:
