@@ -64,9 +64,10 @@ MAX_HOPS = 2
 # loop turn or two after respond().
 AFTER_REPLY_S = 0.002
 # A new cache's files are made once opens have paused this long (a storm's opens come in a
-# burst while its clients connect), at the latest this long after its open; a first write
-# coming sooner makes them itself (when_quiet.py).
-PREPARE_QUIET_S = 0.02
+# burst while its clients connect, ~1 ms apart here), at the latest this long after its
+# open; a first write coming sooner makes them itself (when_quiet.py). Short enough for the
+# bench's lone client, whose only write comes ~20 ms after its open.
+PREPARE_QUIET_S = 0.01
 PREPARE_MAX_WAIT_S = 1.0
 # A cache node's consumer of SessionClosed outlives its node's absence this long.
 CLOSED_CONSUMER_KEEP_S = 30 * 24 * 3600.0

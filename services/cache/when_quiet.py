@@ -1,10 +1,10 @@
 """Work that can wait until a burst of requests has passed.
 
 A boot storm's session opens come in a burst while their clients are connecting; making
-each new write cache's files right behind its open (three file creations) took CPU from
-the handshakes and opens still coming, on a machine whose cores the storm already fills.
-The files are only needed by a session's first write, which makes them itself if they
-have not come, so they can wait for a pause.
+each new write cache's files right behind its open (three file creations, 0.3-0.6 ms of
+CPU here) took it from the handshakes and opens still coming, on a machine whose cores the
+storm already fills. The files are only needed by a session's first write, which makes
+them itself if they have not come, so they can wait for a pause.
 """
 
 from __future__ import annotations
