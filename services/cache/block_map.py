@@ -75,20 +75,25 @@ class BlockMap:
         self._m[first:stop] = bytes([state]) * n
         return was_clean
 
+    def _run_at(self, i: int, stop: int) -> Run:
+        """The run of equal state that starts at block ``i`` (ending by ``stop``)."""
+        m = self._m
+        v = m[i]
+        j = stop
+        for other in _OTHERS[v]:
+            k = m.find(other, i + 1, j)
+            if k != -1:
+                j = k
+        return (v, i, j)
+
     def runs(self, first: int, stop: int) -> list[Run]:
         """The runs of equal state covering blocks ``first``..``stop``."""
-        m = self._m
         out = []
         i = first
         while i < stop:
-            v = m[i]
-            j = stop
-            for other in _OTHERS[v]:
-                k = m.find(other, i + 1, j)
-                if k != -1:
-                    j = k
-            out.append((v, i, j))
-            i = j
+            run = self._run_at(i, stop)
+            out.append(run)
+            i = run[2]
         return out
 
     def nonclean_runs(self) -> list[Run]:
@@ -107,7 +112,7 @@ class BlockMap:
             found = [k for k in upcoming.values() if k != -1]
             if not found:
                 return out
-            run = self.runs(min(found), n)[0]
+            run = self._run_at(min(found), n)
             out.append(run)
             i = run[2]
 
