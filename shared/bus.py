@@ -255,7 +255,16 @@ async def serve_json(
                 log.exception("handler for %s failed", subject)
                 result = {"error": f"{type(exc).__name__}: {exc}", "kind": "internal"}
             if msg.reply:
-                await msg.respond(encode(result))
+                reply = encode(result)
+                if len(reply) > nc.max_payload:
+                    # nats-py would raise in respond() and the caller wait for its timeout.
+                    message = (
+                        f"the answer to {subject} is {len(reply)} bytes, more than NATS "
+                        f"takes in one message (max_payload {nc.max_payload})"
+                    )
+                    log.error("%s", message)
+                    reply = encode({"error": message, "kind": "too_big"})
+                await msg.respond(reply)
         finally:
             otel_context.detach(token)
 
