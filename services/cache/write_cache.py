@@ -310,10 +310,11 @@ class WriteCaches:
         return wc
 
     def prepare(self, key: str) -> None:
-        """Create a new cache's files ahead of its first write, once its open is answered:
-        the first write then costs a write, not the creation of three files (measured:
-        0.9 ms of the cache service's time against 0.3 ms, while the client waited). A
-        session that never writes pays the creation too, off anyone's path.
+        """Create a new cache's files ahead of its first write, once the opens pause (the
+        service's WhenQuiet): the first write then costs a write, not the creation of three
+        files (measured: 0.9 ms of the cache service's time against 0.3 ms, while the
+        client waited). A session that never writes pays the creation too, off anyone's
+        path.
 
         On the loop: the three creations take ~0.1 ms of CPU here. They ran in a worker
         thread, whose hand-off and GIL contention cost a storm more than the work (50-300
