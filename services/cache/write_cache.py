@@ -151,9 +151,13 @@ class SessionWriteCache:
     def zero(self, offset: int, length: int) -> None:
         first, stop = self._range(offset, length)
         self._files()
+        had_data = self.state.count(DIRTY, first, stop)
         self._set(first, stop, ZEROED)
-        # Give the space back: zeroed blocks are only marked.
-        punch_hole(self.data_fd, first * BLOCK, (stop - first) * BLOCK)
+        # Give the space back: zeroed blocks are only marked. Only dirty blocks hold data
+        # (the file is sparse, and a block zeroed before was punched then): a punch costs
+        # ~70 us here, most of a trim's time when the guest trims what it never wrote.
+        if had_data:
+            punch_hole(self.data_fd, first * BLOCK, (stop - first) * BLOCK)
 
     def sync(self) -> None:
         if not self.changed:
