@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,7 +206,8 @@ class WriteChannel:
         # The node holding the cache: its own subject, not the queue group.
         self.node = node
         self.subject = node_subject(node, wire.V_WC_WRITE)
-        self._queue: list[tuple[bytes, bytes | None, asyncio.Future[None]]] = []
+        # A deque: a burst of small writes queues thousands of records, taken from the front.
+        self._queue: deque[tuple[bytes, bytes | None, asyncio.Future[None]]] = deque()
         self._inflight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -234,7 +236,7 @@ class WriteChannel:
                 n = len(head) + (len(data) if data else 0)
                 if futs and size + n > wire.MAX_MESSAGE:
                     break
-                self._queue.pop(0)
+                self._queue.popleft()
                 parts.append(head)
                 if data:
                     parts.append(data)
