@@ -96,16 +96,17 @@ class BlockMap:
             i = run[2]
         return out
 
-    def nonclean_runs(self) -> list[Run]:
-        """The runs of dirty and zeroed blocks of the whole map, in order."""
+    def nonclean_runs(self, first: int = 0, limit: int | None = None) -> list[Run]:
+        """The runs of dirty and zeroed blocks from block ``first`` to the end of the map, in
+        order; at most ``limit`` of them."""
         m, n = self._m, self.nblocks
         # Where each non-clean state occurs next (searched again only once passed): one
         # scan of the map per state, however many runs.
         present = {b"\1": self.dirty, b"\2": self.zeroed}
-        upcoming = {s: m.find(s, 0, n) for s, k in present.items() if k}
+        upcoming = {s: m.find(s, first, n) for s, k in present.items() if k}
         out: list[Run] = []
-        i = 0
-        while True:
+        i = first
+        while limit is None or len(out) < limit:
             for s, k in upcoming.items():
                 if k != -1 and k < i:
                     upcoming[s] = m.find(s, i, n)
@@ -115,6 +116,7 @@ class BlockMap:
             run = self._run_at(min(found), n)
             out.append(run)
             i = run[2]
+        return out
 
     def load_file(self, fd: int) -> None:
         """Fill the map from a map file (one state byte per block, sparse: only the parts

@@ -94,17 +94,27 @@ class CacheClient:
         return wire.unwrap(await self._request(subject, json.dumps(body).encode()))
 
     async def open_write_cache(self, body: dict[str, Any]) -> OpenedWriteCache:
-        """Open (or find again) the write cache ``body["key"]`` wherever it lives."""
+        """Open (or find again) the write cache ``body["key"]`` wherever it lives; its map
+        comes with the open's reply, the rest of a long one page by page from its node."""
+        key = str(body["key"])
         reply = await self.request_json(wire.WC_OPEN, body)
-        blocks = int(reply["blocks"])
-        try:
-            runs = decode_runs(reply["runs"], blocks)
-        except ValueError as e:
-            key = body["key"]
-            raise wire.CacheError(errno.EIO, f"write cache {key}: bad block map: {e}") from e
+        node, blocks = str(reply["node"]), int(reply["blocks"])
+        page, runs = reply, []
+        while True:
+            try:
+                runs.extend(decode_runs(page["runs"], blocks))
+            except ValueError as e:
+                raise wire.CacheError(errno.EIO, f"write cache {key}: bad block map: {e}") from e
+            more = page.get("more_from")
+            if more is None:
+                break
+            if runs and int(more) < runs[-1][2]:
+                raise wire.CacheError(errno.EIO, f"write cache {key}: map pages go backwards")
+            subject = node_subject(node, wire.V_WC_MAP)
+            page = await self.request_json(subject, {"key": key, "from": int(more)}, node=node)
         return OpenedWriteCache(
-            key=str(body["key"]),
-            node=str(reply["node"]),
+            key=key,
+            node=node,
             blocks=blocks,
             runs=runs,
             used=int(reply.get("used", 0)),

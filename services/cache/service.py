@@ -38,6 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 
 from services.cache import wire
+from services.cache.block_map import encode_runs
 from services.cache.boot_profiles import BootProfiles, Profile
 from services.cache.client import not_alive
 from services.cache.placement import Owners, Peers, node_subject, placement_order
@@ -183,10 +184,23 @@ class CacheService:
         return {
             "node": self.node,
             "blocks": len(wc.state),
-            "runs": wc.state.encode(),
+            **map_page(wc, 0),
             "used": wc.used,
             "capacity": wc.capacity,
         }
+
+    async def wc_map(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+        """The next page of a write cache's runs, from block ``from`` (after wc.open)."""
+        try:
+            wc = self.writes.get(str(body.get("key")))
+            first = int(body["from"])
+        except WriteCacheError as e:
+            raise RemoteError(str(e), e.kind) from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise RemoteError(f"bad map request: {e!r}", "invalid") from e
+        if not 0 <= first <= len(wc.state):
+            raise RemoteError(f"write cache {wc.key} has no block {first}", "invalid")
+        return map_page(wc, first)
 
     def free_bytes(self) -> dict[str, int]:
         """Free space where each kind of write cache lives here (disk, RAM dir)."""
@@ -538,6 +552,14 @@ class CacheService:
             await store.close()
 
 
+def map_page(wc: SessionWriteCache, first: int) -> dict[str, Any]:
+    """Up to MAP_PAGE_RUNS runs of a cache's map from block ``first``, and where the next
+    page starts (None: that was the last)."""
+    runs = wc.state.nonclean_runs(first, wire.MAP_PAGE_RUNS + 1)
+    more = runs[-2][2] if len(runs) > wire.MAP_PAGE_RUNS else None
+    return {"runs": encode_runs(runs[: wire.MAP_PAGE_RUNS]), "more_from": more}
+
+
 class _NotAlive(Exception):
     """No cache node answers on that node's subjects."""
 
@@ -580,6 +602,7 @@ async def start(rt: ServiceRuntime) -> None:
         # One subscription, so one session's batches are applied in the order sent.
         await nc.subscribe(node(wire.V_WC_WRITE), cb=svc.wc_write),
         await nc.subscribe(node(wire.V_WC_READ), cb=svc.wc_read),
+        await serve_json(nc, node(wire.V_WC_MAP), svc.wc_map),
         await serve_json(nc, node(wire.V_STATS), svc.stats),
         # Every node answers (scatter-gather).
         await serve_json(nc, wire.WC_LIST, svc.wc_list),

@@ -69,11 +69,16 @@ QUEUE = "cache"
 # Per-node subjects: f"{NODE_PREFIX}.<escaped node id>.<verb>" (placement.node_subject).
 NODE_PREFIX = f"{PREFIX}.node"
 V_WC_OPEN, V_WC_WRITE, V_WC_READ, V_STATS = "wc.open", "wc.write", "wc.read", "stats"
+V_WC_MAP = "wc.map"
 
 # Largest message we send: under NATS's 1 MiB default with room for headers.
 MAX_MESSAGE = (1 << 20) - 4096
 # Largest data of one WRITE record / one read reply.
 MAX_CHUNK = 512 * 1024
+# Runs of a write cache's map per reply (wc.open, then wc.map from where it stopped): at
+# most 17 bytes a run before zlib and base64, so a page stays under MAX_MESSAGE even when
+# nothing compresses. A cache kept across many boots can gather more than one message holds.
+MAP_PAGE_RUNS = 32768
 
 OP_WRITE, OP_ZERO, OP_FLUSH = 1, 2, 3
 FLAG_SYNC = 1

@@ -37,6 +37,7 @@ class EmbeddedNats:
     host: str = "127.0.0.1"
     monitor_port: int | None = None
     process: ManagedProcess | None = None
+    max_payload: str = MAX_PAYLOAD
 
     @property
     def url(self) -> str:
@@ -52,7 +53,7 @@ class EmbeddedNats:
         lines = [
             f'listen: "{self.host}:{self.port}"',
             f'server_name: "streamboot-{self.port}"',
-            f"max_payload: {MAX_PAYLOAD}",
+            f"max_payload: {self.max_payload}",
             f"jetstream {{ store_dir: {_quote(store)} }}",
         ]
         if self.monitor_port:

@@ -1,0 +1,67 @@
+"""A write cache kept across many boots gathers a map of many scattered runs. Whoever opens it
+gets every run whatever NATS's message limit (1 MB by default on an external server): the
+map travels in pages (``wc.open``, then ``wc.map``). Real nats-server, real cache service."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import nats
+
+from services.cache import wire
+from services.cache.block_map import BLOCK, DIRTY, ZEROED, encode_runs
+from services.cache.client import CacheClient
+from streamboot.embedded.nats import EmbeddedNats
+from streamboot.embedded.proc import free_port
+from tests.cache.conftest import System
+
+SIZE = 1 << 40
+
+
+async def test_a_map_bigger_than_a_nats_message_is_opened_whole(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats", port=free_port(), max_payload="1MB")
+    await server.start(log_path=tmp_path / "nats.log")
+    (tmp_path / "sys").mkdir()
+    system = System(server.url, tmp_path / "sys", {})
+    nc = await nats.connect(server.url)
+    try:
+        await system.start_cache()
+        client = CacheClient(nc, timeout_s=60)
+        body = {"key": "device-kept-d-v1", "session_id": "s1", "vdisk": "d", "version": 1,
+                "size": SIZE, "kind": "server-disk", "persistence": "keep", "mac": None}  # fmt: skip
+        opened = await client.open_write_cache(body)
+        assert opened.runs == []
+
+        # 300,000 runs of 1-3 blocks at random places (none touch): zeroed (marks), every
+        # 400th a written block (data).
+        rng = random.Random(5)
+        starts = sorted(rng.sample(range(0, SIZE // BLOCK, 4), 300_000))
+        want = [
+            (DIRTY, a, a + 1) if i % 400 == 0 else (ZEROED, a, a + rng.randint(1, 3))
+            for i, a in enumerate(starts)
+        ]
+        assert len(encode_runs(want)) > nc.max_payload == 1 << 20  # one reply cannot hold it
+        channel = client.writer(body["key"], opened.node)
+        data = bytes(range(256)) * (BLOCK // 256)
+        futs = [
+            channel.submit(wire.OP_WRITE, a * BLOCK, BLOCK, data)
+            if state == DIRTY
+            else channel.submit(wire.OP_ZERO, a * BLOCK, (b - a) * BLOCK)
+            for state, a, b in want
+        ]
+        await asyncio.gather(*futs)
+        await channel.submit(wire.OP_FLUSH, 0, 0, None, True)
+
+        # A stream node taking the session over opens it again: every run, in order.
+        again = await client.open_write_cache({**body, "session_id": "s2"})
+        assert again.runs == want
+        assert again.used == sum(1 for s, _, _ in want if s == DIRTY) * BLOCK
+        dirty = want[400]
+        got = await client.read_write_cache(again.node, body["key"], dirty[1] * BLOCK, BLOCK)
+        assert got == data
+    finally:
+        await nc.close()
+        system.stop()
+        await server.stop()
