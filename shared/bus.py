@@ -57,6 +57,7 @@ class ServiceUnavailable(BusError):
 
 
 RECONNECT_WAIT_S = 0.5
+DRAIN_TIMEOUT_S = 5.0
 # While NATS stays unreachable nats-py reports every failed reconnect (one per
 # RECONNECT_WAIT_S): the first is logged, then one line this often, saying for how long
 # and how many attempts.
@@ -139,6 +140,9 @@ async def connect(
                 error_cb=events.error,
                 allow_reconnect=True,
                 connect_timeout=2,
+                # A stopping service drains its connection: bounded well inside the usual
+                # stop grace (compose: 10 s), not nats-py's 30 s.
+                drain_timeout=DRAIN_TIMEOUT_S,
             )
             nc = await asyncio.wait_for(attempt, max(0.5, min(5.0, deadline - loop.time())))
             events.client = nc

@@ -22,6 +22,7 @@ the events other than the drop stay in the queue group ``cache`` (any node, once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -442,17 +443,24 @@ class CacheService:
                 sub = await self.rt.js.pull_subscribe(
                     "events.SessionClosed.>", durable=durable, stream=EVENTS_STREAM, config=config
                 )
-                while not stopping.is_set():
-                    try:
-                        msgs = await sub.fetch(64, timeout=CLOSED_FETCH_WAIT_S)
-                    except NatsTimeoutError:
-                        continue
-                    for msg in msgs:
+                try:
+                    while not stopping.is_set():
                         try:
-                            await self.drop_closed_session(msg)
-                        except Exception:  # a bad event must not come back forever
-                            log.exception("cache: cannot handle a SessionClosed event")
-                        await msg.ack()
+                            msgs = await sub.fetch(64, timeout=CLOSED_FETCH_WAIT_S)
+                        except NatsTimeoutError:
+                            continue
+                        for msg in msgs:
+                            try:
+                                await self.drop_closed_session(msg)
+                            except Exception:  # a bad event must not come back forever
+                                log.exception("cache: cannot handle a SessionClosed event")
+                            await msg.ack()
+                finally:
+                    # Left subscribed, its inbox kept what nats-py's fetch took without
+                    # marking it done (the expiries of fetches made while the loop was
+                    # busy), and the connection's drain at stop waited 30 s for them.
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -27,7 +27,7 @@ async def test_a_map_bigger_than_a_nats_message_is_opened_whole(tmp_path: Path) 
     system = System(server.url, tmp_path / "sys", {})
     nc = await nats.connect(server.url)
     try:
-        await system.start_cache()
+        cache = await system.start_cache()
         client = CacheClient(nc, timeout_s=60)
         body = {"key": "device-kept-d-v1", "session_id": "s1", "vdisk": "d", "version": 1,
                 "size": SIZE, "kind": "server-disk", "persistence": "keep", "mac": None}  # fmt: skip
@@ -61,6 +61,14 @@ async def test_a_map_bigger_than_a_nats_message_is_opened_whole(tmp_path: Path) 
         dirty = want[400]
         got = await client.read_write_cache(again.node, body["key"], dirty[1] * BLOCK, BLOCK)
         assert got == data
+
+        # And it stops cleanly on SIGTERM right after a burst. A burst holding its loop for
+        # seconds left nats-py's pull subscription (SessionClosed) with expiries it never
+        # marked done, and the drain at stop waited 30 s for them.
+        await asyncio.gather(*(channel.submit(wire.OP_ZERO, a * BLOCK, BLOCK) for a in starts))
+        cache.p.terminate()
+        assert await asyncio.to_thread(cache.p.wait, 30) == 0
+        assert "draining connection timed out" not in system.cache_log().read_text()
     finally:
         await nc.close()
         system.stop()
