@@ -197,7 +197,7 @@ class CacheService:
             first = int(body["from"])
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise RemoteError(f"bad map request: {e!r}", "invalid") from e
         if not 0 <= first <= len(wc.state):
             raise RemoteError(f"write cache {wc.key} has no block {first}", "invalid")
@@ -456,9 +456,9 @@ class CacheService:
                                 log.exception("cache: cannot handle a SessionClosed event")
                             await msg.ack()
                 finally:
-                    # Left subscribed, its inbox kept what nats-py's fetch took without
-                    # marking it done (the expiries of fetches made while the loop was
-                    # busy), and the connection's drain at stop waited 30 s for them.
+                    # nats-py's fetch takes the expiry notices of earlier fetches out of
+                    # the inbox without marking them done: a subscription left open made
+                    # the connection's drain at stop wait its whole timeout for them.
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
             except asyncio.CancelledError:

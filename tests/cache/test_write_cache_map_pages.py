@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -13,9 +14,10 @@ import nats
 from services.cache import wire
 from services.cache.block_map import BLOCK, DIRTY, ZEROED, encode_runs
 from services.cache.client import CacheClient
+from services.cache.placement import node_subject
 from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.proc import free_port
-from tests.cache.conftest import System
+from tests.cache.conftest import System, cache_request
 
 SIZE = 1 << 40
 
@@ -73,3 +75,16 @@ async def test_a_map_bigger_than_a_nats_message_is_opened_whole(tmp_path: Path) 
         await nc.close()
         system.stop()
         await server.stop()
+
+
+async def test_a_bad_map_request_is_refused_by_name(system: Callable[..., System]) -> None:
+    sys_ = system()
+    await sys_.start_cache()
+    subject = node_subject(sys_.node_id(), wire.V_WC_MAP)
+    for body, says in (
+        (None, "bad map request"),
+        ({"key": "no-such-cache", "from": 0}, "no write cache 'no-such-cache'"),
+        ({"key": "no-such-cache"}, "no write cache"),
+    ):
+        reply = await cache_request(sys_.nats_url, subject, body)  # type: ignore[arg-type]
+        assert says in reply["error"], reply
