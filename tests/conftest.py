@@ -6,16 +6,21 @@ temp folder, so tests never touch servers that happen to run on the machine.
 - `nats_url` (session): nats://127.0.0.1:PORT, JetStream on.
 - `postgres_dsn` (session): server-level DSN (the `postgres` maintenance database, superuser).
 - `database_url` (function): a fresh empty database per test, dropped afterwards.
+
+And `wait_for`, for a test that waits on something another process or task does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -24,6 +29,16 @@ from shared.settings import Settings
 from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.postgres import EmbeddedPostgres
 from streamboot.embedded.proc import free_port
+
+
+async def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> None:
+    """Until ``check()`` (or what it returns, if awaitable) is true."""
+    for _ in range(int(timeout_s / 0.05)):
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def traversable_tmpdir(prefix: str) -> Path:

@@ -320,7 +320,7 @@ class WriteCaches:
         client waited). A session that never writes pays the creation too, off anyone's
         path.
 
-        On the loop: the three creations take ~0.1 ms of CPU here. They ran in a worker
+        On the loop: the three creations take 0.1-0.6 ms of CPU here. They ran in a worker
         thread, whose hand-off and GIL contention cost a storm more than the work (50-300
         announced sessions, /proc CPU: ~0.2 ms more per session in the cache service; ten
         clients connecting 5 ms after their sessions were announced: 3.4-11 ms against

@@ -19,7 +19,6 @@ clients are qemu-io over real NBD connections.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import subprocess
@@ -44,6 +43,7 @@ from services.stream.spec import ListSink, StaticResolver
 from shared.events import BlocksRequested
 from tests.cache.conftest import Proc, System, export, qemu_io, run
 from tests.cache.stream_node import export_specs
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,16 +107,6 @@ async def node_for(
     yield make
     for node in started:
         await node.servers.stop()
-
-
-async def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> None:
-    """Until ``check()`` (or what it returns, if awaitable) is true."""
-    for _ in range(int(timeout_s / 0.05)):
-        result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def attaching(sessions: SessionManager, token: str) -> Session:

@@ -7,13 +7,7 @@ import asyncio
 import time
 
 from services.cache.when_quiet import WhenQuiet
-
-
-async def until(cond: object, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "deferred work never ran"
-        await asyncio.sleep(0.005)
+from tests.conftest import wait_for
 
 
 async def test_a_burst_is_served_first_then_its_work_runs_in_order() -> None:
@@ -24,7 +18,7 @@ async def test_a_burst_is_served_first_then_its_work_runs_in_order() -> None:
         await asyncio.sleep(0.05)  # each add comes before the pause: pushed back again
         assert done == []
     quiet.add("k1")  # already waiting: once, at its first place
-    await until(lambda: len(done) == 5)
+    await wait_for(lambda: len(done) == 5, "the burst's work")
     assert done == ["k0", "k1", "k2", "k3", "k4"]
     assert quiet.pending == {}
 
@@ -74,7 +68,7 @@ async def test_failing_work_does_not_strand_the_rest_and_cancel_drops_all() -> N
         quiet = WhenQuiet(work, quiet_s=0.0, max_wait_s=1)
         for k in ("bad", "ok"):
             quiet.add(k)
-        await until(lambda: done == ["ok"])
+        await wait_for(lambda: done == ["ok"], "the work after the failing one")
         assert len(errors) == 1 and isinstance(errors[0]["exception"], OSError)
     finally:
         loop.set_exception_handler(old)

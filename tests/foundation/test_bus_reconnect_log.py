@@ -6,22 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable
 
 import pytest
 
 from shared import bus
 from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.proc import free_port
-from tests.conftest import traversable_tmpdir
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        assert loop.time() < deadline, "never happened"
-        await asyncio.sleep(0.05)
+from tests.conftest import traversable_tmpdir, wait_for
 
 
 async def test_an_outage_is_logged_once_with_its_length_not_at_every_reconnect(
@@ -39,8 +30,8 @@ async def test_an_outage_is_logged_once_with_its_length_not_at_every_reconnect(
         def lines(text: str) -> list[str]:
             return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
-        await until(lambda: bool(lines("disconnected from NATS")))
-        await until(lambda: bool(lines("unreachable")))
+        await wait_for(lambda: bool(lines("disconnected from NATS")), "the disconnect", 20)
+        await wait_for(lambda: bool(lines("unreachable")), "the first failed reconnect", 20)
         await asyncio.sleep(6 * bus.RECONNECT_WAIT_S)  # several more failed reconnects
         unreachable = lines("unreachable")
         assert len(unreachable) == 1, unreachable  # not one line per attempt
@@ -48,7 +39,7 @@ async def test_an_outage_is_logged_once_with_its_length_not_at_every_reconnect(
         assert len(lines("NATS error")) <= 1  # the loss itself (an EOF), not each retry
 
         await server.start(log_path=root / "nats.log")  # same port: nats-py finds it
-        await until(lambda: bool(reconnects))
+        await wait_for(lambda: bool(reconnects), "the reconnection", 20)
         (back,) = lines("reconnected to NATS")
         failed = int(back.split("(")[1].split()[0])
         assert failed >= 3, back  # the attempts the outage cost, counted not logged
