@@ -141,6 +141,9 @@ async def test_an_announced_session_is_ready_before_its_client_connects(
     assert sessions.sessions["early"] is session  # the connection used the opened one
     assert not session.announced
 
+    # qemu-io has exited, but the node may not have read its socket's end yet; the
+    # extents go out when the connection detaches.
+    await wait_for(lambda: session.connections == 0, "the node to see the client leave")
     await sessions.drain_events()
     [first, *_] = [
         ext

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,14 @@ class ServerThread:
             return [e for e, _ in self.sink.events if cls is None or isinstance(e, cls)]
 
         return self.call(snapshot)
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Until every connection has ended here: a client program that has exited may
+        not have had its socket's end read by the server yet."""
+        deadline = time.monotonic() + timeout_s
+        while self.call(lambda: len(self.servers.sessions.connections)):
+            assert time.monotonic() < deadline, "connections still open"
+            time.sleep(0.02)
 
     def live_sessions(self) -> set[str]:
         return self.call(lambda: {s.session_id for s in self.servers.sessions.sessions.values()})

@@ -186,6 +186,7 @@ def test_http_reads_see_session_writes(server: ServerThread) -> None:
 
 def test_events_attached_detached_and_blocks(server: ServerThread) -> None:
     qemu_io(f"{server.nbd}/tok-a", "read 0 64k", "write -P 1 1M 4k", "read 2M 8k")
+    server.wait_idle()
     attached = server.events(SessionAttached)
     detached = server.events(SessionDetached)
     assert any(e.session_id == "session-tok-a" and e.protocol == "nbd" for e in attached)
