@@ -47,6 +47,7 @@ from services.cache.read_cache import ReadCaches, VersionCache, warm_local
 from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
 from services.cache.when_quiet import WhenQuiet
+from services.cache.write_batches import WriteBatches
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
 from shared.bus import EVENTS_STREAM, BusError, RemoteError, serve_json, subject_token
@@ -110,6 +111,7 @@ class CacheService:
         self.room: dict[str, bool] = {}
         self.owners: Owners  # opened by start()
         self.unprepared = WhenQuiet(self.writes.prepare, PREPARE_QUIET_S, PREPARE_MAX_WAIT_S)
+        self.batches = WriteBatches(self.writes, self._spawn)
 
     # --- events out -----------------------------------------------------------------
 
@@ -333,16 +335,6 @@ class CacheService:
         if isinstance(reply, dict) and "error" in reply:
             raise RemoteError(reply["error"], reply.get("kind", "error"))
         return reply  # type: ignore[no-any-return]
-
-    async def wc_write(self, msg: Msg) -> None:
-        try:
-            key, records = wire.parse_batch(msg.data)
-        except ValueError as e:
-            log.error("bad write batch: %s", e)
-            await msg.respond(wire.fail(str(e), "invalid"))
-            return
-        statuses = await self.writes.apply(key, records)
-        await msg.respond(statuses)
 
     async def wc_read(self, msg: Msg) -> None:
         try:
@@ -608,7 +600,7 @@ async def start(rt: ServiceRuntime) -> None:
         await serve_json(nc, wire.WC_OPEN, svc.wc_open, queue=q, concurrent=True),
         await serve_json(nc, node(wire.V_WC_OPEN), svc.wc_open, concurrent=True),
         # One subscription, so one session's batches are applied in the order sent.
-        await nc.subscribe(node(wire.V_WC_WRITE), cb=svc.wc_write),
+        await nc.subscribe(node(wire.V_WC_WRITE), cb=svc.batches.on_batch),
         await nc.subscribe(node(wire.V_WC_READ), cb=svc.wc_read),
         await serve_json(nc, node(wire.V_WC_MAP), svc.wc_map),
         await serve_json(nc, node(wire.V_STATS), svc.stats),

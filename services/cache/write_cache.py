@@ -85,6 +85,11 @@ class SessionWriteCache:
     # that (WriteCaches.prepare), changes may not.
     changed: bool = False
     removed: bool = False  # dropped: its files are deleted
+    # Group commit (durable()): changes made, changes the last finished fsync covered, and
+    # the fsync under way.
+    changes: int = 0
+    synced: int = 0
+    _sync: asyncio.Task[None] | None = None
 
     @property
     def size(self) -> int:
@@ -124,6 +129,7 @@ class SessionWriteCache:
         self.changed = True
 
     def _set(self, first: int, stop: int, value: int) -> None:
+        self.changes += 1
         self.state.set(first, stop, value)
         os.pwrite(self.map_fd, bytes([value]) * (stop - first), first)
 
@@ -179,6 +185,30 @@ class SessionWriteCache:
             finally:
                 os.close(dfd)
             self.meta_synced = True
+
+    async def durable(self) -> None:
+        """Return once every change made so far is on disk.
+
+        One fsync at a time per cache, in a worker thread; the FLUSHes and FUA writes that
+        come while it runs share the next one (group commit), and one with nothing new
+        since the last fsync costs none. A failed fsync raises in every waiter."""
+        target = self.changes
+        while self.synced < target:
+            task = self._sync or self._start_sync()
+            await asyncio.shield(task)  # a waiter cancelled does not cancel the others' fsync
+
+    def _start_sync(self) -> asyncio.Task[None]:
+        covered = self.changes
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(self.sync)
+                self.synced = max(self.synced, covered)
+            finally:
+                self._sync = None
+
+        self._sync = asyncio.get_running_loop().create_task(run())
+        return self._sync
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -273,6 +303,7 @@ class WriteCaches:
                     wc = SessionWriteCache(key, d, meta, int(meta.get("capacity", self.capacity)))
                     wc.open_files(create=False)
                     wc.changed = True
+                    wc.changes = 1  # unknown whether its last changes were fsynced
                 except (OSError, ValueError) as e:
                     log.error("write cache %s in %s cannot be recovered: %s", key, d, e)
                     self.unrecoverable[key] = f"{meta_path}: {e}"
@@ -344,17 +375,26 @@ class WriteCaches:
         return wc
 
     async def apply(self, key: str, records: list[tuple[int, int, int, int, Any]]) -> bytes:
-        """Apply a batch in order; one status byte per record. Returns after fsync if asked.
+        """Apply a batch in order; one status byte per record. Returns after fsync if asked."""
+        statuses, wc = self.apply_now(key, records)
+        return statuses if wc is None else await self.when_durable(wc, statuses)
 
-        The writes run on the loop (page-cache copies); an fsync runs in a thread, so other
-        subjects (opens, reads) go on meanwhile. The caller awaits this before taking the
-        next batch, which keeps batches in order."""
+    def apply_now(
+        self, key: str, records: list[tuple[int, int, int, int, Any]]
+    ) -> tuple[bytes, SessionWriteCache | None]:
+        """Apply a batch in order (page-cache copies, on the loop); one status byte per
+        record, and the cache to make durable before answering when the batch holds a FLUSH
+        or a FUA write (:meth:`when_durable`), else None.
+
+        The caller applies batches in the order they came and may answer the next before
+        this one's fsync is done: NBD orders nothing between requests in flight, and a
+        FLUSH covers what was answered before it was sent."""
         statuses = bytearray(len(records))
         try:
             wc = self.get(key)
         except WriteCacheError as e:
             log.error("write to %s refused: %s", key, e)
-            return bytes([errno.ESTALE]) * len(records)
+            return bytes([errno.ESTALE]) * len(records), None
         sync = False
         had_changed = wc.changed
         for i, (op, flags, offset, length, data) in enumerate(records):
@@ -377,15 +417,19 @@ class WriteCaches:
                     log.error("write cache %s: %s", key, e)
         if not had_changed and wc.changed and self.on_first_change is not None:
             self.on_first_change(wc)
-        if sync:
-            try:
-                await asyncio.to_thread(wc.sync)
-            except OSError as e:
-                log.error("write cache %s: fsync failed: %s", key, e)
-                return bytes([errno.EIO]) * len(records)
         if wc.full_reported and wc.used < wc.capacity * 0.9:
             wc.full_reported = False
-        return bytes(statuses)
+        return bytes(statuses), (wc if sync else None)
+
+    @staticmethod
+    async def when_durable(wc: SessionWriteCache, statuses: bytes) -> bytes:
+        """``statuses`` once ``wc`` is on disk; EIO for every record if the fsync failed."""
+        try:
+            await wc.durable()
+        except OSError as e:
+            log.error("write cache %s: fsync failed: %s", wc.key, e)
+            return bytes([errno.EIO]) * len(statuses)
+        return statuses
 
     def drop(self, key: str) -> bool:
         wc = self.caches.pop(key, None)
