@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,12 @@ from typing import Any
 
 from services.cache.block_map import BLOCK, DIRTY, ZEROED, BlockMap, blocks_of
 from services.cache.wire import FLAG_SYNC, OP_FLUSH, OP_WRITE, OP_ZERO
+from shared import metrics
 
 log = logging.getLogger("streamboot.cache.write")
+# streamboot_request_seconds{service="cache", op="fsync"}: one write cache's fsync (what a
+# FLUSH or FUA write waits for, beside the round trip).
+FSYNC_LATENCY = metrics.request_histogram("cache", "fsync")
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 
@@ -201,11 +206,13 @@ class SessionWriteCache:
         covered = self.changes
 
         async def run() -> None:
+            started = time.perf_counter()
             try:
                 await asyncio.to_thread(self.sync)
                 self.synced = max(self.synced, covered)
             finally:
                 self._sync = None
+                FSYNC_LATENCY.observe(time.perf_counter() - started)
 
         self._sync = asyncio.get_running_loop().create_task(run())
         return self._sync

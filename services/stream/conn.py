@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from services.stream.sessions import Session, SessionManager
 from services.stream.settings import StreamSettings
+from shared import metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         self.bytes_read = 0
         self.bytes_written = 0
+        # The node's Prometheus byte counters (shared/metrics.py) of this protocol.
+        self._read_tally = metrics.bytes_counter(self.protocol_name, "read")
+        self._write_tally = metrics.bytes_counter(self.protocol_name, "write")
         self.inflight = 0
         self.closed = False
         self.reason = "disconnect"
@@ -74,6 +78,15 @@ class Connection(asyncio.Protocol):
         self._batch: list[Any] | None = None  # buffers and [fd, offset, count] pieces
         self.zero_copy = False
         self._batch_files = False
+
+    def count_read(self, n: int) -> None:
+        """``n`` bytes sent to the client: its SessionDetached, and the node's metrics."""
+        self.bytes_read += n
+        self._read_tally.inc(n)
+
+    def count_written(self, n: int) -> None:
+        self.bytes_written += n
+        self._write_tally.inc(n)
 
     # --- transport callbacks -----------------------------------------------------------
 

@@ -156,7 +156,7 @@ class HttpConnection(Connection):
                 if not read_into_nowait(pieces, view):
                     await self.loop.run_in_executor(None, read_into, pieces, view)
                 self.write(out)
-                self.bytes_read += n
+                self.count_read(n)
                 pos += n
                 await self.drain()
         finally:

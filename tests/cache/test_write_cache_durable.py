@@ -21,7 +21,7 @@ import pytest
 
 from services.cache import wire
 from services.cache.write_batches import WriteBatches
-from services.cache.write_cache import SessionWriteCache, WriteCaches
+from services.cache.write_cache import FSYNC_LATENCY, SessionWriteCache, WriteCaches
 from tests.cache.test_write_cache_files import caches, open_request, write
 from tests.conftest import wait_for
 
@@ -70,10 +70,13 @@ async def test_a_flush_with_nothing_new_since_the_last_fsync_costs_none(
     wcs: WriteCaches,
 ) -> None:
     _wc, sync = opened(wcs, "a")
+    timed = sum(FSYNC_LATENCY.counts)
     assert await wcs.apply("a", [fua_write(0, b"x" * 4096)]) == b"\0"
     assert sync.started == 1
+    assert sum(FSYNC_LATENCY.counts) == timed + 1  # the fsync's latency, for Prometheus
     assert await wcs.apply("a", [flush()]) == b"\0"
     assert sync.started == 1  # the FUA write's fsync already covered it
+    assert sum(FSYNC_LATENCY.counts) == timed + 1
     assert await wcs.apply("a", [write(4096, b"y" * 4096), flush()]) == b"\0\0"
     assert sync.started == 2
 

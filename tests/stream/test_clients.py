@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.events import BlocksRequested, SessionAttached, SessionDetached
 from tests.stream.conftest import IMAGE_SIZE, ServerThread, sha256
@@ -201,3 +204,44 @@ def test_events_attached_detached_and_blocks(server: ServerThread) -> None:
     assert (1 << 20, 4096, "w") in ops
     assert (2 << 20, 8192, "r") in ops
     assert all(t >= 0 for t, *_ in extents)
+
+
+def metrics_here() -> dict[str, Any]:
+    """This process's metrics as Prometheus reads them (the server runs in this process)."""
+    text = generate_latest(REGISTRY).decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def metric(families: dict[str, Any], family: str, sample: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for s in families[family].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_the_data_plane_counts_bytes_and_times_requests(server: ServerThread) -> None:
+    before = metrics_here()
+    qemu_io(f"{server.nbd}/tok-a", "read 0 64k", "write -P 1 1M 4k", "flush")
+    out = subprocess.run(
+        ["curl", "-sS", "-r", "0-4095", f"{server.http}/s/tok-a"], capture_output=True, timeout=30
+    )
+    assert len(out.stdout) == 4096, out.stderr
+    server.wait_idle()
+    after = metrics_here()
+
+    def grew(family: str, sample: str, **labels: str) -> float:
+        return metric(after, family, sample, **labels) - metric(before, family, sample, **labels)
+
+    streamed = ("streamboot_bytes_streamed", "streamboot_bytes_streamed_total")
+    assert grew(*streamed, protocol="nbd", direction="read") >= 64 * 1024
+    assert grew(*streamed, protocol="nbd", direction="write") == 4096
+    assert grew(*streamed, protocol="http", direction="read") == 4096
+
+    timed = ("streamboot_request_seconds", "streamboot_request_seconds_count")
+    assert grew(*timed, service="stream", op="nbd:read") >= 1
+    assert grew(*timed, service="stream", op="nbd:write") == 1
+    assert grew(*timed, service="stream", op="nbd:flush") >= 1
+    spent = grew("streamboot_request_seconds", "streamboot_request_seconds_sum",
+                 service="stream", op="nbd:write")  # fmt: skip
+    assert 0 < spent < 30

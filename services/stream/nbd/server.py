@@ -12,6 +12,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Awaitable
+from time import perf_counter
 
 from services.stream.conn import Connection
 from services.stream.nbd import protocol as P
@@ -25,6 +26,7 @@ from services.stream.path.backend import (
     read_into_nowait,
 )
 from services.stream.sessions import Session, SessionManager
+from shared import metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,13 @@ INFO_BLOCK_SIZE = P.INFO_BLOCK_SIZE_S.pack(
 )
 # Requests a connection may have in flight before we stop reading more.
 MAX_INFLIGHT = 128
+# streamboot_request_seconds{service="stream", op="nbd:<command>"}: from the request read to
+# its reply queued (a write, flush, trim or zero includes the cache service's answer).
+LATENCY = {
+    op: metrics.request_histogram("stream", f"nbd:{op}")
+    for op in ("read", "write", "flush", "trim", "zero")
+}
+READ_LATENCY = LATENCY["read"]
 
 
 class ProtocolError(Exception):
@@ -306,7 +315,8 @@ class NbdConnection(Connection):
         else:
             self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, err, handle))
 
-    def _read(self, flags: int, handle: int, offset: int, length: int) -> None:
+    def _read(self, flags: int, handle: int, offset: int, length: int, t0: float = 0.0) -> None:
+        t0 = t0 or perf_counter()
         if self._bad_range(offset, length):
             err = P.EOVERFLOW if length > P.MAX_BLOCK and self.structured else P.EINVAL
             return self._error(handle, err, True, "read out of range")
@@ -315,10 +325,12 @@ class NbdConnection(Connection):
             pieces = self.backend.map_read(offset, length)
         except BlocksMissing as miss:  # a remote store's blocks: answered once fetched
             self.inflight += 1
-            self.spawn(self._read_when_fetched(flags, handle, offset, length, miss))
+            self.spawn(self._read_when_fetched(flags, handle, offset, length, miss, t0))
             return None
         if length >= SENDFILE_MIN and self.zero_copy and all_cached(pieces):
-            return self._read_zero_copy(handle, offset, length, pieces)
+            self._read_zero_copy(handle, offset, length, pieces)
+            READ_LATENCY.observe(perf_counter() - t0)
+            return None
         if self.structured:
             hlen = SREAD_HDR.size
             out = bytearray(hlen + length)
@@ -330,19 +342,20 @@ class NbdConnection(Connection):
             hlen = SIMPLE.size
             out = bytearray(hlen + length)
             SIMPLE.pack_into(out, 0, P.SIMPLE_REPLY_MAGIC, 0, handle)
-        self.bytes_read += length
+        self.count_read(length)
         self.session.record("r", offset, length)
         view = memoryview(out)[hlen:]
         try:
             if read_into_nowait(pieces, view):
                 self.write(out)
+                READ_LATENCY.observe(perf_counter() - t0)
                 return
         except OSError as e:
             log.warning("read %d+%d failed: %s", offset, length, e)
             return self._error(handle, P.EIO, True, str(e))
         # Not in the page cache: read in a thread; later requests may be answered first.
         self.inflight += 1
-        self.spawn(self._slow_read(handle, pieces, view, out))
+        self.spawn(self._slow_read(handle, pieces, view, out, t0))
 
     def _read_zero_copy(self, handle: int, offset: int, length: int, pieces: list[Piece]) -> None:
         """Header from Python, data by sendfile straight from the page cache."""
@@ -364,11 +377,11 @@ class NbdConnection(Connection):
                     n -= k
             else:
                 self.write_file(fd, off, n)
-        self.bytes_read += length
+        self.count_read(length)
         self.session.record("r", offset, length)
 
     async def _slow_read(
-        self, handle: int, pieces: list[Piece], view: memoryview, out: bytearray
+        self, handle: int, pieces: list[Piece], view: memoryview, out: bytearray, t0: float
     ) -> None:
         try:
             await self.loop.run_in_executor(None, read_into, pieces, view)
@@ -377,18 +390,20 @@ class NbdConnection(Connection):
         else:
             self.write(out)
         finally:
+            READ_LATENCY.observe(perf_counter() - t0)
             self._done()
 
     async def _read_when_fetched(
-        self, flags: int, handle: int, offset: int, length: int, miss: BlocksMissing
+        self, flags: int, handle: int, offset: int, length: int, miss: BlocksMissing, t0: float
     ) -> None:
         try:
             await miss.fetch()
         except OSError as e:
             self._error(handle, P.EIO, True, f"read failed: {e}")
+            READ_LATENCY.observe(perf_counter() - t0)
         else:
             if not self.closed and self.session is not None:
-                self._read(flags, handle, offset, length)
+                self._read(flags, handle, offset, length, t0)
         finally:
             self._done()
 
@@ -408,24 +423,26 @@ class NbdConnection(Connection):
         if offset + len(data) > self.size:
             return self._error(handle, P.ENOSPC)
         assert self.backend is not None and self.session is not None
-        self.bytes_written += len(data)
+        self.count_written(len(data))
         self.session.record("w", offset, len(data))
-        self._run(handle, self.backend.pwrite(offset, data, bool(flags & P.CMD_FLAG_FUA)))
+        self._run(handle, self.backend.pwrite(offset, data, bool(flags & P.CMD_FLAG_FUA)), "write")
 
     def _command(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> None:
         b = self.backend
         assert b is not None and self.session is not None
         fua = bool(flags & P.CMD_FLAG_FUA)
         if cmd == P.CMD_FLUSH:
-            self._run(handle, b.flush())
+            self._run(handle, b.flush(), "flush")
         elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
             if self.read_only:
                 return self._error(handle, P.EPERM)
             if offset + length > self.size:
                 return self._error(handle, P.ENOSPC)
             self.session.record("w", offset, length)
-            op = b.trim if cmd == P.CMD_TRIM else b.zero
-            self._run(handle, op(offset, length, fua))
+            if cmd == P.CMD_TRIM:
+                self._run(handle, b.trim(offset, length, fua), "trim")
+            else:
+                self._run(handle, b.zero(offset, length, fua), "zero")
         elif cmd == P.CMD_DISC:
             # Answer what is in flight, then close; no reply to DISC itself.
             self.transmitting = False
@@ -443,11 +460,11 @@ class NbdConnection(Connection):
         else:
             self._error(handle, P.EINVAL, cmd == P.CMD_BLOCK_STATUS)
 
-    def _run(self, handle: int, op: Awaitable[None]) -> None:
+    def _run(self, handle: int, op: Awaitable[None], name: str) -> None:
         self.inflight += 1
-        self.spawn(self._finish(handle, op))
+        self.spawn(self._finish(handle, op, name, perf_counter()))
 
-    async def _finish(self, handle: int, op: Awaitable[None]) -> None:
+    async def _finish(self, handle: int, op: Awaitable[None], name: str, t0: float) -> None:
         try:
             await op
         except PermissionError:
@@ -458,6 +475,7 @@ class NbdConnection(Connection):
         else:
             self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
         finally:
+            LATENCY[name].observe(perf_counter() - t0)
             self._done()
 
     async def _block_status(self, handle: int, offset: int, length: int, flags: int) -> None:
