@@ -118,6 +118,15 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
         assert listed["write_cache_node"]  # the cache node holding it (there may be several)
         assert "MiB" in cli(data_dir, "session", "list").stdout  # the usage column
 
+        # `status` adds up what the stream node streamed (its heartbeat, every 2 s).
+        least = len(image.read_bytes()) + 4096 + 64 * 1024
+        for _ in range(50):
+            figures = json.loads(cli(data_dir, "status", "--json").stdout)["figures"]
+            if figures["bytes_streamed"] >= least:
+                break
+            time.sleep(0.2)
+        assert figures["bytes_streamed"] >= least, figures
+
         # The log holds the story of this session, in order.
         story = [
             e["type"] for e in events(data_dir, "--stream", f"session-{session['session_id']}")
