@@ -18,6 +18,7 @@ Subjects (the whole map lives here so nobody invents a second one):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import re
@@ -25,12 +26,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+from nats.aio.client import NO_RESPONDERS_STATUS
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import Header, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -220,6 +222,60 @@ async def request_json(nc: NATS, subject: str, payload: Any, *, timeout_s: float
     if isinstance(body, dict) and "error" in body:
         raise RemoteError(body["error"], body.get("kind", "error"), body.get("detail"))
     return body
+
+
+class Requests:
+    """Request/reply over one inbox subscription of this connection, for the data plane:
+    a counter names each request's reply subject and a timer bounds it.
+
+    Same errors as ``nc.request`` (NoRespondersError, nats' TimeoutError), for less: it
+    spends a NUID, ``os.urandom`` and ``asyncio.wait_for`` per request. Measured, 20,000
+    sequential 4 KiB requests to an echo process: 131-144 us of the caller's CPU per
+    request with ``nc.request``, 87-98 us this way (wall 271-300 against 210-232 us)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._inbox = ""  # "<inbox>." once subscribed
+        self._subscribing: asyncio.Lock | None = None
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._next = itertools.count()
+
+    async def request(self, subject: str, payload: bytes, timeout_s: float) -> Msg:
+        if not self._inbox:
+            await self._subscribe()
+        reply = f"{self._inbox}{next(self._next)}"
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Msg] = loop.create_future()
+        self._pending[reply] = answer
+        timer = loop.call_later(timeout_s, _time_out, answer)
+        try:
+            await self.nc.publish(subject, payload, reply=reply)
+            msg = await answer
+        finally:
+            timer.cancel()
+            self._pending.pop(reply, None)
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
+            raise NoRespondersError
+        return msg
+
+    async def _subscribe(self) -> None:
+        if self._subscribing is None:
+            self._subscribing = asyncio.Lock()
+        async with self._subscribing:
+            if not self._inbox:
+                inbox = self.nc.new_inbox() + "."
+                await self.nc.subscribe(inbox + "*", cb=self._on_reply)
+                self._inbox = inbox
+
+    async def _on_reply(self, msg: Msg) -> None:
+        answer = self._pending.pop(msg.subject, None)
+        if answer is not None and not answer.done():
+            answer.set_result(msg)
+
+
+def _time_out(answer: asyncio.Future[Msg]) -> None:
+    if not answer.done():
+        answer.set_exception(NatsTimeoutError())
 
 
 class RemoteError(BusError):

@@ -34,6 +34,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from services.cache import wire
 from services.cache.block_map import Run, decode_runs
 from services.cache.placement import node_subject
+from shared.bus import Requests
 
 log = logging.getLogger("streamboot.cache.client")
 
@@ -62,14 +63,17 @@ class CacheClient:
         self.nc = nc
         self.timeout_s = timeout_s
         self.depth = depth
+        self._requests: Requests | None = None  # on first use (some tests pass no nc)
 
     async def _request(
         self, subject: str, payload: bytes, *, node: str | None = None, key: str | None = None
     ) -> bytes:
         """One request; with ``node``, a request to that node's own subject (``key``: the
         write cache it is about, for the error message)."""
+        if self._requests is None:
+            self._requests = Requests(self.nc)
         try:
-            msg = await self.nc.request(subject, payload, timeout=self.timeout_s)
+            msg = await self._requests.request(subject, payload, self.timeout_s)
         except NoRespondersError as e:
             if node is not None:
                 raise wire.CacheError(errno.EIO, not_alive(node, key), "not_alive") from e
