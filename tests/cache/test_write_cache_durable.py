@@ -66,6 +66,18 @@ def opened(wcs: WriteCaches, key: str) -> tuple[SessionWriteCache, HeldSync]:
     return wc, HeldSync(wc)
 
 
+async def flush_held(
+    wcs: WriteCaches, wc: SessionWriteCache, sync: HeldSync, data: bytes
+) -> asyncio.Task[bytes]:
+    """A write and a FLUSH to ``wc`` whose fsync is held at its start: the pending answer."""
+    sync.hold.clear()
+    statuses, to_sync = wcs.apply_now(wc.key, [write(0, data), flush()])
+    assert to_sync is wc
+    answer = asyncio.create_task(wcs.when_durable(wc, statuses))
+    await wait_for(lambda: sync.started == 1, f"{wc.key}'s fsync to start")
+    return answer
+
+
 async def test_a_flush_with_nothing_new_since_the_last_fsync_costs_none(
     wcs: WriteCaches,
 ) -> None:
@@ -83,11 +95,7 @@ async def test_a_flush_with_nothing_new_since_the_last_fsync_costs_none(
 
 async def test_flushes_during_an_fsync_share_the_next_one(wcs: WriteCaches) -> None:
     wc, sync = opened(wcs, "a")
-    sync.hold.clear()
-    statuses, to_sync = wcs.apply_now("a", [write(0, b"1" * 4096), flush()])
-    assert to_sync is wc
-    first = asyncio.create_task(wcs.when_durable(wc, statuses))
-    await wait_for(lambda: sync.started == 1, "the first fsync to start")
+    first = await flush_held(wcs, wc, sync, b"1" * 4096)
 
     # Written while that fsync runs: it may not cover them, so their flushes wait for
     # another one, which all three share.
@@ -108,11 +116,7 @@ async def test_flushes_during_an_fsync_share_the_next_one(wcs: WriteCaches) -> N
 async def test_one_caches_fsync_holds_up_no_other_cache(wcs: WriteCaches) -> None:
     a, a_sync = opened(wcs, "a")
     b, b_sync = opened(wcs, "b")
-    a_sync.hold.clear()
-    statuses, to_sync = wcs.apply_now("a", [write(0, b"a" * 4096), flush()])
-    assert to_sync is a
-    a_flush = asyncio.create_task(wcs.when_durable(a, statuses))
-    await wait_for(lambda: a_sync.started == 1, "a's fsync to start")
+    a_flush = await flush_held(wcs, a, a_sync, b"a" * 4096)
 
     # b writes and flushes while a's fsync is held.
     assert wcs.apply_now("b", [write(0, b"b" * 4096)]) == (b"\0", None)
@@ -126,11 +130,8 @@ async def test_one_caches_fsync_holds_up_no_other_cache(wcs: WriteCaches) -> Non
 
 async def test_a_failed_fsync_fails_every_flush_waiting_on_it(wcs: WriteCaches) -> None:
     wc, sync = opened(wcs, "a")
-    sync.hold.clear()
     sync.fail = OSError(errno.EIO, "disk gone")
-    s1, _ = wcs.apply_now("a", [write(0, b"1" * 4096), flush()])
-    first = asyncio.create_task(wcs.when_durable(wc, s1))
-    await wait_for(lambda: sync.started == 1, "the fsync to start")
+    first = await flush_held(wcs, wc, sync, b"1" * 4096)
     s2, _ = wcs.apply_now("a", [flush()])  # nothing new: it waits on the same fsync
     second = asyncio.create_task(wcs.when_durable(wc, s2))
     await asyncio.sleep(0.05)
