@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -66,21 +67,33 @@ class CacheClient:
         self._requests: Requests | None = None  # on first use (some tests pass no nc)
 
     async def _request(
-        self, subject: str, payload: bytes, *, node: str | None = None, key: str | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        node: str | None = None,
+        key: str | None = None,
+        timeout_s: float | None = None,
     ) -> bytes:
         """One request; with ``node``, a request to that node's own subject (``key``: the
-        write cache it is about, for the error message)."""
+        write cache it is about, for the error message). Errors are :class:`CacheError`;
+        those of kind ``not_alive``, ``timeout`` and ``bus`` may pass (``transient``)."""
         if self._requests is None:
             self._requests = Requests(self.nc)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            msg = await self._requests.request(subject, payload, self.timeout_s)
+            msg = await self._requests.request(subject, payload, timeout_s)
         except NoRespondersError as e:
             if node is not None:
                 raise wire.CacheError(errno.EIO, not_alive(node, key), "not_alive") from e
-            raise wire.CacheError(errno.EIO, "cache service not running (no responders)") from e
+            raise wire.CacheError(
+                errno.EIO, "cache service not running (no responders)", "not_alive"
+            ) from e
         except NatsTimeoutError as e:
             who = f"cache node {node}" if node is not None else "cache service"
-            raise wire.CacheError(errno.EIO, f"{who}: no reply in {self.timeout_s}s") from e
+            raise wire.CacheError(errno.EIO, f"{who}: no reply in {timeout_s}s", "timeout") from e
+        except NatsError as e:  # not connected to NATS (reconnecting, closed)
+            raise wire.CacheError(errno.EIO, f"cache service: NATS: {e}", "bus") from e
         return msg.data
 
     async def request_json(
@@ -239,6 +252,21 @@ class WriteChannel:
             loop.call_soon(self._send)
         return fut
 
+    async def probe(self, timeout_s: float) -> None:
+        """A batch of no records: answered once the node is there (CacheError when it is
+        not). The node answers in order, so a batch sent before the probe and still
+        unanswered after it was lost (sent to a process that died): it fails now, as
+        transient, instead of at its timeout."""
+        older = [t for t in self._tasks if not t.done()]
+        await self.client._request(
+            self.subject, self.prefix, node=self.node, key=self.key, timeout_s=timeout_s
+        )
+        # Each of them has started by now (a task takes its first step in the loop turn
+        # after it was made; this answer came in a later one), so a cancelled one answers
+        # its records.
+        for task in older:
+            task.cancel()
+
     def _send(self) -> None:
         self._scheduled = False
         while self._queue and self._inflight < self.client.depth:
@@ -273,9 +301,20 @@ class WriteChannel:
                     fut.set_result(None)
                 else:
                     fut.set_exception(_status_error(status, self.key))
+        except asyncio.CancelledError:  # by probe(): this batch was lost
+            lost = wire.CacheError(
+                errno.EIO, f"cache node {self.node}: no answer to a batch (lost)", "not_alive"
+            )
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(lost)
         except Exception as e:
             err = e if isinstance(e, OSError) else OSError(errno.EIO, f"cache service: {e}")
-            log.error("write cache %s: batch of %d records failed: %s", self.key, len(futs), err)
+            # A node away is logged once by whoever rides it out (remote_write_cache.py).
+            level = logging.DEBUG if wire.transient(err) else logging.ERROR
+            log.log(
+                level, "write cache %s: batch of %d records failed: %s", self.key, len(futs), err
+            )
             for fut in futs:
                 if not fut.done():
                     fut.set_exception(err)

@@ -130,6 +130,15 @@ class CacheError(OSError):
         self.kind = kind
 
 
+# Kinds of CacheError that say nothing about the request itself: the node did not answer
+# (gone, restarting, stopped) or the bus was away. The same request may succeed later.
+TRANSIENT_KINDS = frozenset({"not_alive", "timeout", "bus"})
+
+
+def transient(e: BaseException) -> bool:
+    return isinstance(e, CacheError) and e.kind in TRANSIENT_KINDS
+
+
 def unwrap(reply: bytes) -> bytes:
     """The data of a status-prefixed reply, or :class:`CacheError`."""
     import errno

@@ -55,7 +55,9 @@ async def start(rt: ServiceRuntime) -> None:
     if rt.settings.stream_use_cache:
         # Server-side write caches live in the cache service; non-local stores read through it.
         servers.sessions.cache = CacheLink(
-            CacheClient(rt.nc), rt.settings.data_path("stream", "mirror")
+            CacheClient(rt.nc),
+            rt.settings.data_path("stream", "mirror"),
+            outage_grace_s=rt.settings.stream_cache_outage_grace_s,
         )
     await servers.start()
 

@@ -75,7 +75,8 @@ async def serve(args: argparse.Namespace) -> None:
     sink = BusSink(nc) if args.publish_events else NullSink()
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
     if not args.no_cache:
-        servers.sessions.cache = CacheLink(CacheClient(nc))
+        client = CacheClient(nc, timeout_s=args.cache_timeout)
+        servers.sessions.cache = CacheLink(client, outage_grace_s=args.outage_grace)
         await listen_for_takeovers(nc, servers.sessions.cache.instance, servers.sessions)
     await servers.start()
     if args.node_id:
@@ -97,6 +98,9 @@ def main() -> None:
     ap.add_argument("exports")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=60.0)
+    # How long writes wait for a cache node that does not answer (the stream's default).
+    ap.add_argument("--outage-grace", type=float, default=30.0)
+    ap.add_argument("--cache-timeout", type=float, default=10.0)  # each request's
     ap.add_argument("--publish-events", action="store_true")
     ap.add_argument("--node-id", help="open the sessions announced to this stream node id")
     ap.add_argument("--no-cache", action="store_true", help="write caches in process (compare)")

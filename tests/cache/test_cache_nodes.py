@@ -269,7 +269,8 @@ async def test_kill9_of_one_cache_node_fails_only_its_sessions(
     # One more session, opened after b died, whose key ranks first on b.
     late = next(t for t, n in tokens_placed("k9late", [a, b], 1).items() if n == b)
     exports = exports_of([*placed, late], base_image)
-    _n1, uri = await s.start_node(exports, "s1")
+    # Writes to a node that does not answer wait this long for it (not the default 30 s).
+    _n1, uri = await s.start_node(exports, "s1", "--outage-grace", "1")
     await asyncio.gather(*(asyncio.to_thread(qemu_io, f"{uri}/{t}", *writes(0x31)) for t in placed))
     s.caches["b"].kill9()
 

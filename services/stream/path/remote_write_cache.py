@@ -10,6 +10,15 @@ node, which first pulls the session's block map and dirty blocks (:meth:`attach`
 What travels is whole 4 KiB blocks as the mirror holds them after the write (the mirror
 already did the read-modify-write of partial blocks), so the cache service never needs
 the vdisk itself. Zeroed and trimmed blocks travel as marks only.
+
+A cache node that does not answer (restarting after an upgrade or a crash, stopped, the
+bus away) does not fail the session's writes at once: a guest file system takes a failed
+write as a dead disk. They wait, unanswered, while the node is probed; once it answers,
+everything changed since the last acknowledged FLUSH is sent again from the mirror (in-flight
+batches were lost with the node) and the waiting requests are answered. Only after
+``CacheLink.outage_grace_s`` do they fail with EIO, naming the node. Sending the mirror's
+blocks *as they are then* keeps the order right: a later write reads the mirror later and
+goes out behind on the same channel.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from services.cache.block_map import BLOCK, DIRTY, ZEROED
 from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
+from services.stream.path.unflushed import Unflushed
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
 
@@ -32,6 +42,14 @@ log = logging.getLogger(__name__)
 
 # Dirty-block pulls in flight while a session attaches.
 PULL_DEPTH = 8
+# While a cache node does not answer: first probe after this, doubling up to RETRY_MAX_S;
+# each probe waits PROBE_TIMEOUT_S for its answer.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+PROBE_TIMEOUT_S = 1.0
+# Sent again after an outage at most this many bytes at a time (the rest read from the
+# mirror as the window moves on), so a large unflushed set never sits in memory at once.
+RESEND_WINDOW = 32 << 20
 
 
 def cache_key(spec: ExportSpec) -> str:
@@ -62,6 +80,10 @@ class RemoteWriteCache(WriteCache):
         self.key = cache_key(spec)
         # To the cache node holding it (attach says which).
         self.channel: WriteChannel | None = None
+        self.outage_grace_s = link.outage_grace_s
+        self.unflushed = Unflushed()
+        # The ride-out of the node's current outage, shared by every request it holds.
+        self._outage: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
         """Open (or find again) the cache service's write cache and mirror its blocks.
@@ -135,17 +157,104 @@ class RemoteWriteCache(WriteCache):
         if not data:
             return
         await super().pwrite(offset, data, fua)  # never suspends: the mirror is local
-        await _all(self._ship(offset, len(data), fua))
+        self.unflushed.add(offset, len(data))
+        await self._deliver(self._ship(offset, len(data), fua), fua)
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
         if not length:
             return
         await super().zero(offset, length, fua)
-        await _all(self._ship(offset, length, fua))
+        self.unflushed.add(offset, length)
+        await self._deliver(self._ship(offset, length, fua), fua)
 
     async def flush(self) -> None:
-        # Ordered after every record queued before it; the cache fsyncs, then answers.
-        await self._channel().submit(wire.OP_FLUSH, 0, 0, None, True)
+        while True:
+            covered = self.unflushed.take()
+            try:
+                # Ordered after every record queued before it; the cache fsyncs, then answers.
+                await self._channel().submit(wire.OP_FLUSH, 0, 0, None, True)
+                return
+            except wire.CacheError as e:
+                self.unflushed.give_back(covered)
+                if not wire.transient(e):
+                    raise
+                await self._ride_out(e)
+
+    async def _deliver(self, records: list[asyncio.Future[None]], fua: bool) -> None:
+        """Wait for a change's records; when the node is away, for the node."""
+        try:
+            await _all(records)
+        except wire.CacheError as e:
+            if not wire.transient(e):
+                raise
+            await self._ride_out(e)  # sent again with everything unflushed
+            if fua:
+                await self.flush()
+
+    async def _ride_out(self, error: wire.CacheError) -> None:
+        if self._outage is None or self._outage.done():
+            self._outage = asyncio.get_running_loop().create_task(self._recover(error))
+        # Shielded: a request given up by its client (connection closed) does not end the
+        # ride-out the others wait on.
+        await asyncio.shield(self._outage)
+
+    async def _recover(self, error: wire.CacheError) -> None:
+        """Probe the node until it answers, then send the unflushed ranges again; past
+        ``outage_grace_s``, raise the last error (every waiting request fails with it)."""
+        channel = self._channel()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        log.warning(
+            "write cache %s: %s; holding the session's writes, retrying for up to %g s",
+            self.key, error, self.outage_grace_s,
+        )  # fmt: skip
+        delay = RETRY_FIRST_S
+        while True:
+            left = self.outage_grace_s - (loop.time() - began)
+            if left <= 0:
+                log.error(
+                    "write cache %s: %s for %.1f s: its writes fail with EIO",
+                    self.key, error, loop.time() - began,
+                )  # fmt: skip
+                raise error
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, RETRY_MAX_S)
+            try:
+                await channel.probe(min(PROBE_TIMEOUT_S, max(left, 0.01)))
+                resent = await self._resend()
+            except wire.CacheError as e:
+                if not wire.transient(e):
+                    raise
+                error = e
+                continue
+            log.warning(
+                "write cache %s: cache node %s answers again after %.1f s; sent again the "
+                "%d bytes changed since the last flush",
+                self.key, channel.node, loop.time() - began, resent,
+            )  # fmt: skip
+            return
+
+    async def _resend(self) -> int:
+        """Ship every unflushed range again, as the mirror holds it now; bytes covered."""
+        total = 0
+        window: list[asyncio.Future[None]] = []
+        size = 0
+        for a, b in self.unflushed.runs():
+            for pos in range(a, b, RESEND_WINDOW):
+                n = min(RESEND_WINDOW, b - pos)
+                window.extend(self._ship(pos, n, False))
+                size += n
+                total += n
+                if size >= RESEND_WINDOW:
+                    await _all(window)
+                    window, size = [], 0
+        await _all(window)
+        return total
+
+    def close(self) -> None:
+        if self._outage is not None:
+            self._outage.cancel()  # the session is gone: nothing to hold any more
+        super().close()
 
     def _channel(self) -> WriteChannel:
         if self.channel is None:  # the stack attaches before any request is served

@@ -1,0 +1,96 @@
+"""A cache node that goes away and comes back: the session's writes wait for it instead of
+failing, and nothing they wrote is lost (remote_write_cache.py, "ride-out")."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.cache.conftest import System, export, qemu_io, run
+from tests.cache.test_write_cache import read_cmds, write_cmds
+from tests.conftest import wait_for
+
+
+def in_log(log: Path, text: str) -> Callable[[], bool]:
+    return lambda: log.exists() and text in log.read_text()
+
+
+async def read_back_elsewhere(s: System, ex: dict, token: str, *cmds: str) -> None:
+    """Kill -9 the cache service (what it acknowledged as flushed must be on its disk) and
+    read the session back through a new stream node, which pulls it from the cache."""
+    assert s.cache is not None
+    s.cache.kill9()
+    await s.start_cache()
+    _node_b, uri_b = await s.start_node(ex, f"after-{token}")
+    await asyncio.to_thread(qemu_io, f"{uri_b}/{token}", *cmds)
+
+
+async def test_writes_wait_for_a_restarting_cache_node_and_are_all_kept(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = system()
+    cache = await s.start_cache()
+    ex = export("ride-rs", base_image)
+    node_a, uri = await s.start_node(ex, "a")
+    await asyncio.to_thread(qemu_io, f"{uri}/ride-rs", *write_cmds()[:2], "flush")
+    cache.kill9()
+    # A client writes while no cache node answers: the writes and the flush wait...
+    during = [*write_cmds()[2:], "write -P 0x66 12M 64k", "flush"]
+    client = asyncio.create_task(asyncio.to_thread(qemu_io, f"{uri}/ride-rs", *during))
+    await wait_for(
+        in_log(s.root / "a.log", "holding the session's writes"), "holding the session's writes", 20
+    )
+    await asyncio.sleep(0.5)
+    assert not client.done()
+    # ...until the node is back (same node id and disk: it recovers its caches).
+    await s.start_cache()
+    await asyncio.wait_for(client, 30)  # qemu_io asserts no error
+    await wait_for(in_log(s.root / "a.log", "answers again after"), "answers again after", 20)
+    node_a.kill9()
+    await read_back_elsewhere(s, ex, "ride-rs", *read_cmds(), "read -P 0x66 12M 64k")
+
+
+async def test_a_batch_lost_with_the_cache_node_is_sent_again(system, base_image: Path) -> None:  # type: ignore[no-untyped-def]
+    """The write reaches the cache process, which dies before applying it: only the stream
+    node's mirror has it, and it goes out again once the node answers."""
+    s = system()
+    cache = await s.start_cache()
+    ex = export("ride-lost", base_image)
+    node_a, uri = await s.start_node(ex, "a", "--cache-timeout", "1")
+    await asyncio.to_thread(qemu_io, f"{uri}/ride-lost", "write -P 0x21 0 64k", "flush")
+    cache.p.send_signal(signal.SIGSTOP)  # takes the batch off the bus, never answers
+    client = asyncio.create_task(
+        asyncio.to_thread(qemu_io, f"{uri}/ride-lost", "write -P 0x22 1M 128k", "flush")
+    )
+    await asyncio.sleep(0.5)
+    cache.kill9()
+    await wait_for(
+        in_log(s.root / "a.log", "holding the session's writes"), "holding the session's writes", 20
+    )
+    await s.start_cache()
+    await asyncio.wait_for(client, 30)
+    await wait_for(in_log(s.root / "a.log", "sent again the"), "sent again the", 20)
+    node_a.kill9()
+    await read_back_elsewhere(s, ex, "ride-lost", "read -P 0x21 0 64k", "read -P 0x22 1M 128k")
+
+
+async def test_a_cache_node_gone_past_the_grace_fails_the_writes_clearly(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = system()
+    cache = await s.start_cache()
+    ex = export("ride-gone", base_image)
+    _node, uri = await s.start_node(ex, "a", "--outage-grace", "1.5")
+    await asyncio.to_thread(qemu_io, f"{uri}/ride-gone", "write -P 0x31 0 64k")
+    cache.kill9()
+    out: subprocess.CompletedProcess[str] = await asyncio.to_thread(
+        run, "qemu-io", "-f", "raw", "-c", "write -P 0x32 0 4k", f"{uri}/ride-gone", check=False
+    )
+    assert "Input/output error" in out.stdout + out.stderr, out
+    log = (s.root / "a.log").read_text()
+    assert "retrying for up to 1.5 s" in log
+    assert "holding write cache session-ride-gone is not alive for 1." in log
+    assert "its writes fail with EIO" in log
