@@ -144,8 +144,8 @@ class CacheClient:
         subject = node_subject(node, wire.V_WC_READ)
         return wire.unwrap(await self._request(subject, body, node=node, key=key))
 
-    def writer(self, key: str, node: str) -> WriteChannel:
-        return WriteChannel(self, key, node)
+    def writer(self, key: str, node: str, writer: str = "") -> WriteChannel:
+        return WriteChannel(self, key, node, writer)
 
 
 @dataclass
@@ -226,9 +226,11 @@ async def all_write_caches(
 class WriteChannel:
     """One cache key's ordered, batched, pipelined stream of write records."""
 
-    def __init__(self, client: CacheClient, key: str, node: str) -> None:
+    def __init__(self, client: CacheClient, key: str, node: str, writer: str = "") -> None:
         self.client = client
-        self.prefix = wire.batch_prefix(key)
+        # writer: this stream process (CacheLink.instance); the node refuses batches of a
+        # process the cache was not last attached by.
+        self.prefix = wire.batch_prefix(key, writer)
         self.key = key
         # The node holding the cache: its own subject, not the queue group.
         self.node = node
@@ -330,4 +332,8 @@ def _status_error(status: int, key: str) -> OSError:
         return OSError(errno.ENOSPC, f"write cache {key} is full")
     if status == errno.ESTALE:
         return OSError(errno.EIO, f"write cache {key} was dropped by the cache service")
+    if status == errno.EBUSY:
+        return OSError(
+            errno.EIO, f"write cache {key} is attached by another stream process (session moved)"
+        )
     return OSError(status, f"write cache {key}: {errno.errorcode.get(status, status)}")

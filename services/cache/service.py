@@ -183,6 +183,7 @@ class CacheService:
             # A new cache: its files are made once the opens pause, not in the first write.
             self.unprepared.add(wc.key)
         if body.get("stream_instance"):
+            wc.attached_by = str(body["stream_instance"])
             self._spawn(self._attached(wc.key, body))
         return {
             "node": self.node,

@@ -45,9 +45,12 @@ Published by the node holding a write cache, to every stream node (no reply):
                                  mirror no longer sees the writes made through the new one
                                  (``services/stream/takeover.py``).
 
-Write batch: ``<H`` key length, the key (utf-8), then records ``<BBQI`` (op, flags, offset,
-length), each WRITE record followed by its ``length`` bytes of data. Records are applied in
-order; a batch with a SYNC record is fsynced before the reply.
+Write batch: ``<H`` key length, the key (utf-8), ``<H`` writer length, the writer (utf-8:
+the sending stream process, its ``CacheLink.instance``), then records ``<BBQI`` (op, flags,
+offset, length), each WRITE record followed by its ``length`` bytes of data. Records are
+applied in order; a batch with a SYNC record is fsynced before the reply. A cache attached
+by a stream process refuses the batches of any other writer (EBUSY each): a process the
+session moved away from cannot write over it (fencing).
 
 Status-prefixed reply: ``b"\\0" + data``, or ``b"\\1" + JSON {"error", "kind"}``.
 """
@@ -86,19 +89,26 @@ RECORD = struct.Struct("<BBQI")
 KEYLEN = struct.Struct("<H")
 
 
-def batch_prefix(key: str) -> bytes:
-    kb = key.encode()
-    return KEYLEN.pack(len(kb)) + kb
+def batch_prefix(key: str, writer: str = "") -> bytes:
+    kb, wb = key.encode(), writer.encode()
+    return KEYLEN.pack(len(kb)) + kb + KEYLEN.pack(len(wb)) + wb
 
 
-def parse_batch(payload: bytes) -> tuple[str, list[tuple[int, int, int, int, memoryview | None]]]:
-    """``(key, [(op, flags, offset, length, data|None)])``; ValueError on a malformed batch."""
+Records = list[tuple[int, int, int, int, memoryview | None]]
+
+
+def parse_batch(payload: bytes) -> tuple[str, str, Records]:
+    """``(key, writer, [(op, flags, offset, length, data|None)])``; ValueError on a
+    malformed batch."""
     view = memoryview(payload)
     try:
         (klen,) = KEYLEN.unpack_from(view, 0)
         key = bytes(view[2 : 2 + klen]).decode()
         pos = 2 + klen
-        records = []
+        (wlen,) = KEYLEN.unpack_from(view, pos)
+        writer = bytes(view[pos + 2 : pos + 2 + wlen]).decode()
+        pos += 2 + wlen
+        records: Records = []
         while pos < len(view):
             op, flags, offset, length = RECORD.unpack_from(view, pos)
             pos += RECORD.size
@@ -109,9 +119,9 @@ def parse_batch(payload: bytes) -> tuple[str, list[tuple[int, int, int, int, mem
                 data = view[pos : pos + length]
                 pos += length
             records.append((op, flags, offset, length, data))
-    except struct.error as e:
+    except (struct.error, UnicodeDecodeError) as e:
         raise ValueError(f"malformed write batch: {e}") from e
-    return key, records
+    return key, writer, records
 
 
 def ok(data: bytes | memoryview = b"") -> bytes:

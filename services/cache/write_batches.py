@@ -34,12 +34,12 @@ class WriteBatches:
 
     async def on_batch(self, msg: Msg) -> None:
         try:
-            key, records = wire.parse_batch(msg.data)
+            key, writer, records = wire.parse_batch(msg.data)
         except ValueError as e:
             log.error("bad write batch: %s", e)
             await msg.respond(wire.fail(str(e), "invalid"))
             return
-        statuses, to_sync = self.writes.apply_now(key, records)
+        statuses, to_sync = self.writes.apply_now(key, records, writer)
         if to_sync is None:
             await msg.respond(statuses)
         else:

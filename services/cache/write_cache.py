@@ -95,6 +95,9 @@ class SessionWriteCache:
     changes: int = 0
     synced: int = 0
     _sync: asyncio.Task[None] | None = None
+    # The stream process that last attached it (wc.open's stream_instance); batches of any
+    # other are refused. Unknown ("") after a restart until the next attach.
+    attached_by: str = ""
 
     @property
     def size(self) -> int:
@@ -387,7 +390,7 @@ class WriteCaches:
         return statuses if wc is None else await self.when_durable(wc, statuses)
 
     def apply_now(
-        self, key: str, records: list[tuple[int, int, int, int, Any]]
+        self, key: str, records: list[tuple[int, int, int, int, Any]], writer: str = ""
     ) -> tuple[bytes, SessionWriteCache | None]:
         """Apply a batch in order (page-cache copies, on the loop); one status byte per
         record, and the cache to make durable before answering when the batch holds a FLUSH
@@ -402,6 +405,14 @@ class WriteCaches:
         except WriteCacheError as e:
             log.error("write to %s refused: %s", key, e)
             return bytes([errno.ESTALE]) * len(records), None
+        if writer and wc.attached_by and writer != wc.attached_by:
+            # The session moved to another stream process: this one's late batches (a
+            # ride-out of an outage sending its unflushed blocks again) must not land.
+            log.warning(
+                "write cache %s: %d records from stream process %s refused: attached by %s",
+                key, len(records), writer, wc.attached_by,
+            )  # fmt: skip
+            return bytes([errno.EBUSY]) * len(records), None
         sync = False
         had_changed = wc.changed
         for i, (op, flags, offset, length, data) in enumerate(records):

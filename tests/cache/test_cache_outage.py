@@ -6,9 +6,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import nats
+import pytest
+
+from services.cache import wire
+from services.cache.client import CacheClient
 from tests.cache.conftest import System, export, qemu_io, run
 from tests.cache.test_write_cache import read_cmds, write_cmds
 from tests.conftest import wait_for
@@ -94,3 +100,33 @@ async def test_a_cache_node_gone_past_the_grace_fails_the_writes_clearly(
     assert "retrying for up to 1.5 s" in log
     assert "holding write cache session-ride-gone is not alive for 1." in log
     assert "its writes fail with EIO" in log
+
+
+async def test_a_stream_process_the_session_moved_away_from_cannot_write_over_it(
+    system, nats_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Fencing: once process B attached the cache, the batches of A (say, sending its
+    unflushed blocks again after an outage) are refused, so B's writes stay."""
+    s = system()
+    await s.start_cache()
+    nc = await nats.connect(nats_url)
+    try:
+        client = CacheClient(nc)
+        key = f"fence-{uuid.uuid4().hex[:8]}"
+        body = {"key": key, "session_id": key, "vdisk": "golden", "version": 1,
+                "size": 1 << 20, "kind": "server-disk", "persistence": "discard"}  # fmt: skip
+        opened_a = await client.open_write_cache({**body, "stream_instance": "process-a"})
+        a = client.writer(key, opened_a.node, "process-a")
+        await a.submit(wire.OP_WRITE, 0, 4096, b"a" * 4096)
+        opened_b = await client.open_write_cache({**body, "stream_instance": "process-b"})
+        b = client.writer(key, opened_b.node, "process-b")
+        await b.submit(wire.OP_WRITE, 0, 4096, b"b" * 4096)
+        with pytest.raises(OSError, match="attached by another stream process"):
+            await a.submit(wire.OP_WRITE, 0, 4096, b"A" * 4096)
+        with pytest.raises(OSError, match="attached by another stream process"):
+            await a.submit(wire.OP_FLUSH, 0, 0, None, True)
+        assert await client.read_write_cache(opened_b.node, key, 0, 4096) == b"b" * 4096
+        await b.submit(wire.OP_FLUSH, 0, 0, None, True)  # the attached one goes on
+        assert "refused: attached by process-b" in s.cache_log().read_text()
+    finally:
+        await nc.close()

@@ -26,7 +26,7 @@ async def test_a_batch_a_dead_node_took_fails_as_lost_when_a_later_probe_is_answ
         batches.append(msg.data)
         if len(batches) == 1:
             return  # taken off the bus by a process that died before answering
-        _key, records = wire.parse_batch(msg.data)
+        _key, _writer, records = wire.parse_batch(msg.data)
         await msg.respond(bytes(len(records)))  # one 0 status per record
 
     server_nc, client_nc = await nats.connect(nats_url), await nats.connect(nats_url)
@@ -45,7 +45,7 @@ async def test_a_batch_a_dead_node_took_fails_as_lost_when_a_later_probe_is_answ
         # The channel goes on: the next record is answered.
         await asyncio.wait_for(channel.submit(wire.OP_WRITE, 0, 4, b"efgh"), 5)
         assert len(batches) == 3  # the lost one, the probe (no records), the next one
-        assert wire.parse_batch(batches[1]) == ("k", [])
+        assert wire.parse_batch(batches[1]) == ("k", "", [])
     finally:
         await server_nc.close()
         await client_nc.close()

@@ -105,7 +105,7 @@ class RemoteWriteCache(WriteCache):
                 **self.attacher,
             },
         )
-        self.channel = self.client.writer(self.key, opened.node)
+        self.channel = self.client.writer(self.key, opened.node, self.attacher["stream_instance"])
         if opened.blocks != len(self.state):
             raise OSError(
                 f"write cache {self.key}: map of {opened.blocks} blocks, disk has {len(self.state)}"
