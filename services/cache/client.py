@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,10 @@ class OpenedWriteCache:
     runs: list[Run]
     used: int
     capacity: int
+    # The node process that answered, and whether an fsync covers every change it holds
+    # (if not, what the runs say may be lost should its machine restart).
+    incarnation: bytes = b""
+    synced: bool = True
 
 
 class CacheClient:
@@ -136,6 +140,8 @@ class CacheClient:
             runs=runs,
             used=int(reply.get("used", 0)),
             capacity=int(reply.get("capacity", 0)),
+            incarnation=bytes.fromhex(str(reply.get("incarnation", ""))),
+            synced=bool(reply.get("synced", True)),
         )
 
     async def read_write_cache(self, node: str, key: str, offset: int, length: int) -> bytes:
@@ -231,6 +237,9 @@ class WriteChannel:
         # writer: this stream process (CacheLink.instance); the node refuses batches of a
         # process the cache was not last attached by.
         self.prefix = wire.batch_prefix(key, writer)
+        # The node process that answered last; a change means it restarted: on_restart.
+        self.incarnation = b""
+        self.on_restart: Callable[[], None] | None = None
         self.key = key
         # The node holding the cache: its own subject, not the queue group.
         self.node = node
@@ -260,14 +269,23 @@ class WriteChannel:
         unanswered after it was lost (sent to a process that died): it fails now, as
         transient, instead of at its timeout."""
         older = [t for t in self._tasks if not t.done()]
-        await self.client._request(
+        reply = await self.client._request(
             self.subject, self.prefix, node=self.node, key=self.key, timeout_s=timeout_s
         )
+        self._answered_by(reply[: wire.INCARNATION])
         # Each of them has started by now (a task takes its first step in the loop turn
         # after it was made; this answer came in a later one), so a cancelled one answers
         # its records.
         for task in older:
             task.cancel()
+
+    def _answered_by(self, incarnation: bytes) -> None:
+        if incarnation == self.incarnation:
+            return
+        restarted = bool(self.incarnation)
+        self.incarnation = incarnation
+        if restarted and self.on_restart is not None:
+            self.on_restart()
 
     def _send(self) -> None:
         self._scheduled = False
@@ -294,9 +312,12 @@ class WriteChannel:
     async def _request(self, payload: bytes, futs: list[asyncio.Future[None]]) -> None:
         try:
             reply = await self.client._request(self.subject, payload, node=self.node, key=self.key)
-            if len(reply) != len(futs):
+            statuses = reply[wire.INCARNATION :]
+            if len(statuses) != len(futs):
                 raise wire.CacheError(errno.EIO, f"cache service: {reply[:200]!r}")
-            for fut, status in zip(futs, reply, strict=True):
+            # Before the records are answered: a FLUSH among them learns of a restart.
+            self._answered_by(reply[: wire.INCARNATION])
+            for fut, status in zip(futs, statuses, strict=True):
                 if fut.done():
                     continue
                 if status == 0:

@@ -111,7 +111,9 @@ class CacheService:
         self.room: dict[str, bool] = {}
         self.owners: Owners  # opened by start()
         self.unprepared = WhenQuiet(self.writes.prepare, PREPARE_QUIET_S, PREPARE_MAX_WAIT_S)
-        self.batches = WriteBatches(self.writes, self._spawn)
+        # This process among the runs of this node (write replies and opens carry it).
+        self.incarnation = os.urandom(wire.INCARNATION)
+        self.batches = WriteBatches(self.writes, self._spawn, self.incarnation)
 
     # --- events out -----------------------------------------------------------------
 
@@ -191,6 +193,8 @@ class CacheService:
             **map_page(wc, 0),
             "used": wc.used,
             "capacity": wc.capacity,
+            "incarnation": self.incarnation.hex(),
+            "synced": wc.synced == wc.changes,
         }
 
     async def wc_map(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:

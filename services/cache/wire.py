@@ -11,7 +11,8 @@ Subjects. In the queue group ``cache`` (any one cache node answers):
                                  mac, create, stream_node, stream_instance} -> {node,
                                  blocks, runs: the map's dirty and zeroed block runs
                                  (block_map.encode_runs; "" for a clean cache), used,
-                                 capacity}. The node that answers routes
+                                 capacity, incarnation (hex), synced: whether an fsync
+                                 covers every change}. The node that answers routes
                                  the open to the node holding (or placed to hold) the key
                                  (``services/cache/placement.py``); ``node`` says which one
                                  that is. ``create: false`` (the registry's ``vdisk commit``):
@@ -25,7 +26,8 @@ Per node (``streamboot.cache.node.<node>.<verb>``, only that node answers; the s
 to its write cache's node through these for its whole life):
 
 - ``wc.open``   as above, ``hops`` > 0: an open routed here by another cache node
-- ``wc.write``  binary batch (below) -> one status byte (errno, 0 = ok) per record
+- ``wc.write``  binary batch (below) -> the node process's incarnation (INCARNATION
+                bytes, new at each start), then one status byte (errno, 0 = ok) per record
 - ``wc.read``   JSON {key, offset, length} -> status-prefixed bytes
 - ``stats``     as ``streamboot.cache.stats``
 
@@ -82,6 +84,10 @@ MAX_CHUNK = 512 * 1024
 # most 17 bytes a run before zlib and base64, so a page stays under MAX_MESSAGE even when
 # nothing compresses. A cache kept across many boots can gather more than one message holds.
 MAP_PAGE_RUNS = 32768
+
+# A cache node process's id, new at each start, first in every write reply: a stream node
+# that sees it change knows the node restarted (and may have lost what it had not fsynced).
+INCARNATION = 8
 
 OP_WRITE, OP_ZERO, OP_FLUSH = 1, 2, 3
 FLAG_SYNC = 1

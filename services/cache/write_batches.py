@@ -26,11 +26,16 @@ log = logging.getLogger(__name__)
 
 class WriteBatches:
     def __init__(
-        self, writes: WriteCaches, spawn: Callable[[Coroutine[Any, Any, Any]], None]
+        self,
+        writes: WriteCaches,
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        incarnation: bytes,
     ) -> None:
         self.writes = writes
         # Runs a task the service awaits briefly on stop (its replies still go out).
         self.spawn = spawn
+        # First in every reply (wire.INCARNATION): this process, not an earlier one.
+        self.incarnation = incarnation
 
     async def on_batch(self, msg: Msg) -> None:
         try:
@@ -41,13 +46,13 @@ class WriteBatches:
             return
         statuses, to_sync = self.writes.apply_now(key, records, writer)
         if to_sync is None:
-            await msg.respond(statuses)
+            await msg.respond(self.incarnation + statuses)
         else:
             self.spawn(self._answer_when_durable(msg, to_sync, statuses))
 
     async def _answer_when_durable(self, msg: Msg, wc: SessionWriteCache, statuses: bytes) -> None:
         reply = await self.writes.when_durable(wc, statuses)
         try:
-            await msg.respond(reply)
+            await msg.respond(self.incarnation + reply)
         except Exception as e:  # the bus went away: the stream's request times out
             log.error("write cache %s: answer after fsync not sent: %s", wc.key, e)

@@ -18,6 +18,7 @@ from services.cache.client import CacheClient
 from tests.cache.conftest import System, export, qemu_io, run
 from tests.cache.test_write_cache import read_cmds, write_cmds
 from tests.conftest import wait_for
+from tests.stream.nbdraw import RawNbd
 
 
 def in_log(log: Path, text: str) -> Callable[[], bool]:
@@ -81,6 +82,51 @@ async def test_a_batch_lost_with_the_cache_node_is_sent_again(system, base_image
     await wait_for(in_log(s.root / "a.log", "sent again the"), "sent again the", 20)
     node_a.kill9()
     await read_back_elsewhere(s, ex, "ride-lost", "read -P 0x21 0 64k", "read -P 0x22 1M 128k")
+
+
+def lose_unfsynced(cache_files: Path, offset: int, length: int) -> None:
+    """What a machine restart under a killed cache node takes of a write it acknowledged
+    but never fsynced: the page cache of its data and of its map (clean again)."""
+    with open(f"{cache_files}.data", "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(length))
+    with open(f"{cache_files}.map", "r+b") as f:  # one state byte per 4 KiB block
+        f.seek(offset // 4096)
+        f.write(bytes(length // 4096))
+
+
+async def test_writes_a_restarted_cache_machine_lost_are_sent_again(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """No request fails here: the stream node learns of the restart from the next answer
+    (a new incarnation of the node) and sends again what changed since the last flush."""
+    s = system()
+    cache = await s.start_cache()
+    ex = export("ride-crash", base_image)
+    node_a, uri = await s.start_node(ex, "a")
+    await asyncio.to_thread(qemu_io, f"{uri}/ride-crash", "write -P 0x51 0 64k", "flush")
+
+    def write_unflushed() -> None:  # qemu-io would flush when it closes the disk
+        c = RawNbd(int(uri.rsplit(":", 1)[1]))
+        c.go("ride-crash")
+        assert c.write(1 << 20, b"\x52" * 65536) == 0
+        c.close()
+
+    # Acknowledged, not flushed: the cache holds it in its page cache only.
+    await asyncio.to_thread(write_unflushed)
+    cache.kill9()
+    await asyncio.to_thread(
+        lose_unfsynced, s.data / "cache" / "write" / "session-ride-crash", 1 << 20, 65536
+    )
+    await s.start_cache()
+    await asyncio.to_thread(qemu_io, f"{uri}/ride-crash", "write -P 0x53 2M 64k", "flush")
+    log = s.root / "a.log"
+    await wait_for(in_log(log, "restarted; sending again"), "the restart noticed", 20)
+    await wait_for(in_log(log, "sent again the"), "the lost write sent again", 20)
+    node_a.kill9()
+    await read_back_elsewhere(
+        s, ex, "ride-crash", "read -P 0x51 0 64k", "read -P 0x52 1M 64k", "read -P 0x53 2M 64k"
+    )
 
 
 async def test_a_cache_node_gone_past_the_grace_fails_the_writes_clearly(

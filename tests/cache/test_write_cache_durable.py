@@ -25,6 +25,9 @@ from services.cache.write_cache import FSYNC_LATENCY, SessionWriteCache, WriteCa
 from tests.cache.test_write_cache_files import caches, open_request, write
 from tests.conftest import wait_for
 
+# The cache node process answering (first in every write reply).
+INCARNATION = b"process1"
+
 
 def flush() -> tuple[int, int, int, int, None]:
     return (wire.OP_FLUSH, wire.FLAG_SYNC, 0, 0, None)
@@ -173,7 +176,7 @@ async def test_the_write_subject_answers_other_sessions_during_an_fsync(
     a_sync.hold.clear()
     nc = await nats.connect(nats_url)
     try:
-        await nc.subscribe(subject, cb=WriteBatches(wcs, spawn).on_batch)
+        await nc.subscribe(subject, cb=WriteBatches(wcs, spawn, INCARNATION).on_batch)
         a_commit = asyncio.create_task(
             nc.request(subject, batch("a", write(0, b"a" * 4096), flush()), timeout=10)
         )
@@ -181,15 +184,17 @@ async def test_the_write_subject_answers_other_sessions_during_an_fsync(
 
         # Sent after a's FLUSH, on the same subscription: answered while a's fsync waits.
         b_write = await nc.request(subject, batch("b", write(0, b"b" * 4096)), timeout=5)
-        assert b_write.data == b"\0"
+        assert b_write.data == INCARNATION + b"\0"
         b_commit = await nc.request(subject, batch("b", fua_write(4096, b"c" * 4096)), timeout=5)
-        assert b_commit.data == b"\0"
+        assert b_commit.data == INCARNATION + b"\0"
         a_more = await nc.request(subject, batch("a", write(8192, b"d" * 4096)), timeout=5)
-        assert a_more.data == b"\0"  # a's own next write does not wait for its fsync either
+        assert (
+            a_more.data == INCARNATION + b"\0"
+        )  # a's own next write does not wait for its fsync either
         assert not a_commit.done()
 
         a_sync.hold.set()
-        assert (await a_commit).data == b"\0\0"
+        assert (await a_commit).data == INCARNATION + b"\0\0"
         assert a.read(0, 4096) == b"a" * 4096 and a.read(8192, 4096) == b"d" * 4096
 
         bad = await nc.request(subject, b"\xff", timeout=5)

@@ -27,7 +27,7 @@ async def test_a_batch_a_dead_node_took_fails_as_lost_when_a_later_probe_is_answ
         if len(batches) == 1:
             return  # taken off the bus by a process that died before answering
         _key, _writer, records = wire.parse_batch(msg.data)
-        await msg.respond(bytes(len(records)))  # one 0 status per record
+        await msg.respond(b"process1" + bytes(len(records)))  # one 0 status per record
 
     server_nc, client_nc = await nats.connect(nats_url), await nats.connect(nats_url)
     try:
@@ -64,3 +64,32 @@ async def test_no_node_answering_is_a_transient_error_naming_the_node(nats_url: 
             assert "cache node test-nobody holding write cache k is not alive" in str(e)
     finally:
         await nc.close()
+
+
+async def test_an_answer_from_a_new_process_of_the_node_is_a_restart(nats_url: str) -> None:
+    node = f"test-node-{uuid.uuid4().hex[:8]}"
+    incarnation = [b"process1"]
+
+    async def cache_node(msg: Msg) -> None:
+        _key, _writer, records = wire.parse_batch(msg.data)
+        await msg.respond(incarnation[0] + bytes(len(records)))
+
+    server_nc, client_nc = await nats.connect(nats_url), await nats.connect(nats_url)
+    try:
+        await server_nc.subscribe(node_subject(node, wire.V_WC_WRITE), cb=cache_node)
+        await server_nc.flush()
+        channel = CacheClient(client_nc).writer("k", node)
+        channel.incarnation = b"process1"  # as wc.open said
+        restarts: list[bytes] = []
+        channel.on_restart = lambda: restarts.append(channel.incarnation)
+        await channel.submit(wire.OP_WRITE, 0, 4, b"abcd")
+        await channel.probe(timeout_s=5)
+        assert restarts == []
+        incarnation[0] = b"process2"  # the node restarted
+        await channel.submit(wire.OP_FLUSH, 0, 0, None, True)
+        await channel.submit(wire.OP_WRITE, 0, 4, b"efgh")
+        await channel.probe(timeout_s=5)
+        assert restarts == [b"process2"]
+    finally:
+        await server_nc.close()
+        await client_nc.close()

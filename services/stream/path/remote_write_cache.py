@@ -34,7 +34,7 @@ from services.cache.block_map import BLOCK, DIRTY, ZEROED
 from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
-from services.stream.path.unflushed import Unflushed
+from services.stream.path.unflushed import Unflushed, merge
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
 
@@ -82,7 +82,12 @@ class RemoteWriteCache(WriteCache):
         self.channel: WriteChannel | None = None
         self.outage_grace_s = link.outage_grace_s
         self.unflushed = Unflushed()
-        # The ride-out of the node's current outage, shared by every request it holds.
+        # The ranges each FLUSH under way took from ``unflushed``: a resend covers them too.
+        self._flushing: list[list[tuple[int, int]]] = []
+        # Restarts of the node seen (a new incarnation in an answer): a FLUSH answered
+        # across one may not cover what it took.
+        self.restarts = 0
+        # The recovery under way (an outage ridden out, or a restart): probe, then resend.
         self._outage: asyncio.Task[None] | None = None
 
     async def attach(self) -> None:
@@ -106,12 +111,17 @@ class RemoteWriteCache(WriteCache):
             },
         )
         self.channel = self.client.writer(self.key, opened.node, self.attacher["stream_instance"])
+        self.channel.incarnation = opened.incarnation
+        self.channel.on_restart = self._node_restarted
         if opened.blocks != len(self.state):
             raise OSError(
                 f"write cache {self.key}: map of {opened.blocks} blocks, disk has {len(self.state)}"
             )
         if not opened.runs:  # never written (a boot storm's sessions)
             return
+        if not opened.synced:  # the node may lose some of it should its machine restart
+            for _v, a, b in opened.runs:
+                self.unflushed.add(a * BLOCK, min(b * BLOCK, self.size) - a * BLOCK)
         pulls = []
         for v, a, b in opened.runs:
             if v == ZEROED:
@@ -169,16 +179,27 @@ class RemoteWriteCache(WriteCache):
 
     async def flush(self) -> None:
         while True:
+            if self._outage is not None and not self._outage.done():
+                await asyncio.shield(self._outage)  # what is being sent again goes first
+            restarts = self.restarts
             covered = self.unflushed.take()
+            self._flushing.append(covered)
             try:
                 # Ordered after every record queued before it; the cache fsyncs, then answers.
                 await self._channel().submit(wire.OP_FLUSH, 0, 0, None, True)
-                return
             except wire.CacheError as e:
                 self.unflushed.give_back(covered)
                 if not wire.transient(e):
                     raise
                 await self._ride_out(e)
+                continue
+            finally:
+                self._flushing.remove(covered)
+            if self.restarts == restarts:
+                return
+            # Answered by a node process that started after these ranges went out: its
+            # fsync may not cover them. Once they are sent again, flush again.
+            self.unflushed.give_back(covered)
 
     async def _deliver(self, records: list[asyncio.Future[None]], fua: bool) -> None:
         """Wait for a change's records; when the node is away, for the node."""
@@ -192,33 +213,51 @@ class RemoteWriteCache(WriteCache):
                 await self.flush()
 
     async def _ride_out(self, error: wire.CacheError) -> None:
-        if self._outage is None or self._outage.done():
-            self._outage = asyncio.get_running_loop().create_task(self._recover(error))
         # Shielded: a request given up by its client (connection closed) does not end the
         # ride-out the others wait on.
-        await asyncio.shield(self._outage)
+        await asyncio.shield(self._recovery(error))
 
-    async def _recover(self, error: wire.CacheError) -> None:
+    def _node_restarted(self) -> None:
+        """An answer came from a new process of the node: what it had not fsynced may be
+        gone (its machine may have restarted), so send that again."""
+        self.restarts += 1
+        log.warning(
+            "write cache %s: cache node %s restarted; sending again what changed since the "
+            "last flush", self.key, self._channel().node,
+        )  # fmt: skip
+        self._recovery(None)
+
+    def _recovery(self, error: wire.CacheError | None) -> asyncio.Task[None]:
+        """The recovery under way, or a new one."""
+        if self._outage is None or self._outage.done():
+            self._outage = asyncio.get_running_loop().create_task(self._recover(error))
+            self._outage.add_done_callback(_retrieved)
+        return self._outage
+
+    async def _recover(self, error: wire.CacheError | None) -> None:
         """Probe the node until it answers, then send the unflushed ranges again; past
-        ``outage_grace_s``, raise the last error (every waiting request fails with it)."""
+        ``outage_grace_s``, raise the last error (every waiting request fails with it).
+        ``error``: what failed (an outage), or None (the node restarted, and answers)."""
         channel = self._channel()
         loop = asyncio.get_running_loop()
         began = loop.time()
-        log.warning(
-            "write cache %s: %s; holding the session's writes, retrying for up to %g s",
-            self.key, error, self.outage_grace_s,
-        )  # fmt: skip
-        delay = RETRY_FIRST_S
+        if error is not None:
+            log.warning(
+                "write cache %s: %s; holding the session's writes, retrying for up to %g s",
+                self.key, error.strerror, self.outage_grace_s,
+            )  # fmt: skip
+        delay = 0.0 if error is None else RETRY_FIRST_S
         while True:
             left = self.outage_grace_s - (loop.time() - began)
             if left <= 0:
+                assert error is not None
                 log.error(
                     "write cache %s: %s for %.1f s: its writes fail with EIO",
-                    self.key, error, loop.time() - began,
+                    self.key, error.strerror, loop.time() - began,
                 )  # fmt: skip
                 raise error
             await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, RETRY_MAX_S)
+            delay = min(max(delay * 2, RETRY_FIRST_S), RETRY_MAX_S)
             try:
                 await channel.probe(min(PROBE_TIMEOUT_S, max(left, 0.01)))
                 resent = await self._resend()
@@ -228,9 +267,10 @@ class RemoteWriteCache(WriteCache):
                 error = e
                 continue
             log.warning(
-                "write cache %s: cache node %s answers again after %.1f s; sent again the "
-                "%d bytes changed since the last flush",
-                self.key, channel.node, loop.time() - began, resent,
+                "write cache %s: cache node %s answers%s; sent again the %d bytes changed "
+                "since the last flush",
+                self.key, channel.node,
+                "" if error is None else f" again after {loop.time() - began:.1f} s", resent,
             )  # fmt: skip
             return
 
@@ -239,7 +279,8 @@ class RemoteWriteCache(WriteCache):
         total = 0
         window: list[asyncio.Future[None]] = []
         size = 0
-        for a, b in self.unflushed.runs():
+        taken = [r for ranges in self._flushing for r in ranges]
+        for a, b in merge(self.unflushed.runs() + taken):
             for pos in range(a, b, RESEND_WINDOW):
                 n = min(RESEND_WINDOW, b - pos)
                 window.extend(self._ship(pos, n, False))
@@ -260,6 +301,12 @@ class RemoteWriteCache(WriteCache):
         if self.channel is None:  # the stack attaches before any request is served
             raise OSError(errno.EIO, f"write cache {self.key} used before it was attached")
         return self.channel
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A recovery nobody waits on (started by a restart) that failed: logged already."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _all(futs: list[asyncio.Future[None]]) -> None:
