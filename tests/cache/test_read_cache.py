@@ -282,3 +282,25 @@ async def test_local_store_boot_profile_is_prefetched_on_boot_requested(  # type
     (done,) = await wait_for(prefetched, "PrefetchCompleted")
     assert done["version"] == 2 and done["bytes"] >= unique_bytes(trace)
     await nc.close()
+
+
+async def test_a_read_waits_for_a_restarting_cache_service(system, vdisk) -> None:  # type: ignore[no-untyped-def]
+    # A block of a remote store not yet on the node, asked while no cache node answers: the
+    # read waits (stream_cache_outage_grace_s) and gets the right bytes once one is back.
+    expect = vdisk["full"].read_bytes()
+    async with ftp(vdisk["dir"], 0.0) as (_ftpd, url):
+        s = system(cache_stores=json.dumps({"ftp": url}))
+        cache = await s.start_cache()
+        _node, uri = await s.start_node(version2("waitrd", store="ftp"), "a")
+        await asyncio.to_thread(replay, uri, "waitrd", [(0, 65536)], expect)
+        cache.kill9()
+        reading = asyncio.create_task(
+            asyncio.to_thread(replay, uri, "waitrd", [(8 << 20, 65536)], expect)
+        )
+        log = s.root / "a.log"
+        waiting = "asking again for up to 30 s"
+        await wait_for(lambda: asyncio.to_thread(lambda: waiting in log.read_text()), "the wait")
+        assert not reading.done()
+        await s.start_cache()
+        assert await asyncio.wait_for(reading, 30) == 65536  # replay checks every byte
+        assert "from the cache service: answered after" in await asyncio.to_thread(log.read_text)

@@ -30,6 +30,7 @@ from pathlib import Path
 from services.cache import wire
 from services.cache.client import CacheClient
 from services.stream.path.backend import BlocksMissing, Extent, ReadOnlyBottom
+from services.stream.path.outage import retried_while_away
 from services.stream.spec import ExportSpec
 from shared.vdisk_layout import Piece
 
@@ -250,9 +251,12 @@ class CachedStoreBackend(ReadOnlyBottom):
         await asyncio.shield(pending)
 
     async def _read_run(self, offset: int, length: int) -> None:
-        self.mirror.fill(
-            offset, await self.link.client.request_bytes(wire.RC_READ, self._body(offset, length))
+        data = await retried_while_away(
+            lambda: self.link.client.request_bytes(wire.RC_READ, self._body(offset, length)),
+            self.link.outage_grace_s,
+            f"read of {self.key} at {offset}+{length} from the cache service",
         )
+        self.mirror.fill(offset, data)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return [(length, 0)]

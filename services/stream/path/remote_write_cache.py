@@ -34,6 +34,7 @@ from services.cache.block_map import BLOCK, DIRTY, ZEROED
 from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
+from services.stream.path.outage import RETRY_FIRST_S, RETRY_MAX_S
 from services.stream.path.unflushed import Unflushed, merge
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
@@ -42,10 +43,8 @@ log = logging.getLogger(__name__)
 
 # Dirty-block pulls in flight while a session attaches.
 PULL_DEPTH = 8
-# While a cache node does not answer: first probe after this, doubling up to RETRY_MAX_S;
-# each probe waits PROBE_TIMEOUT_S for its answer.
-RETRY_FIRST_S = 0.05
-RETRY_MAX_S = 1.0
+# While a cache node does not answer, each probe (spaced as outage.py says) waits this
+# long for its answer.
 PROBE_TIMEOUT_S = 1.0
 # Sent again after an outage at most this many bytes at a time (the rest read from the
 # mirror as the window moves on), so a large unflushed set never sits in memory at once.
