@@ -15,7 +15,7 @@ import pytest
 
 from services.cache import wire
 from services.cache.client import CacheClient
-from tests.cache.conftest import System, export, qemu_io, run
+from tests.cache.conftest import Proc, System, export, qemu_io, run
 from tests.cache.test_write_cache import read_cmds, write_cmds
 from tests.conftest import wait_for
 from tests.stream.nbdraw import RawNbd
@@ -23,6 +23,16 @@ from tests.stream.nbdraw import RawNbd
 
 def in_log(log: Path, text: str) -> Callable[[], bool]:
     return lambda: log.exists() and text in log.read_text()
+
+
+async def cache_and_node(
+    s: System, base_image: Path, token: str, *node_args: str
+) -> tuple[System, Proc, dict, Proc, str]:
+    """A cache service and stream node "a" serving session ``token``."""
+    cache = await s.start_cache()
+    ex = export(token, base_image)
+    node, uri = await s.start_node(ex, "a", *node_args)
+    return s, cache, ex, node, uri
 
 
 async def read_back_elsewhere(s: System, ex: dict, token: str, *cmds: str) -> None:
@@ -38,10 +48,7 @@ async def read_back_elsewhere(s: System, ex: dict, token: str, *cmds: str) -> No
 async def test_writes_wait_for_a_restarting_cache_node_and_are_all_kept(
     system, base_image: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    s = system()
-    cache = await s.start_cache()
-    ex = export("ride-rs", base_image)
-    node_a, uri = await s.start_node(ex, "a")
+    s, cache, ex, node_a, uri = await cache_and_node(system(), base_image, "ride-rs")
     await asyncio.to_thread(qemu_io, f"{uri}/ride-rs", *write_cmds()[:2], "flush")
     cache.kill9()
     # A client writes while no cache node answers: the writes and the flush wait...
@@ -63,10 +70,9 @@ async def test_writes_wait_for_a_restarting_cache_node_and_are_all_kept(
 async def test_a_batch_lost_with_the_cache_node_is_sent_again(system, base_image: Path) -> None:  # type: ignore[no-untyped-def]
     """The write reaches the cache process, which dies before applying it: only the stream
     node's mirror has it, and it goes out again once the node answers."""
-    s = system()
-    cache = await s.start_cache()
-    ex = export("ride-lost", base_image)
-    node_a, uri = await s.start_node(ex, "a", "--cache-timeout", "1")
+    s, cache, ex, node_a, uri = await cache_and_node(
+        system(), base_image, "ride-lost", "--cache-timeout", "1"
+    )
     await asyncio.to_thread(qemu_io, f"{uri}/ride-lost", "write -P 0x21 0 64k", "flush")
     cache.p.send_signal(signal.SIGSTOP)  # takes the batch off the bus, never answers
     client = asyncio.create_task(
@@ -100,10 +106,7 @@ async def test_writes_a_restarted_cache_machine_lost_are_sent_again(
 ) -> None:  # type: ignore[no-untyped-def]
     """No request fails here: the stream node learns of the restart from the next answer
     (a new incarnation of the node) and sends again what changed since the last flush."""
-    s = system()
-    cache = await s.start_cache()
-    ex = export("ride-crash", base_image)
-    node_a, uri = await s.start_node(ex, "a")
+    s, cache, ex, node_a, uri = await cache_and_node(system(), base_image, "ride-crash")
     await asyncio.to_thread(qemu_io, f"{uri}/ride-crash", "write -P 0x51 0 64k", "flush")
 
     def write_unflushed() -> None:  # qemu-io would flush when it closes the disk
@@ -132,10 +135,9 @@ async def test_writes_a_restarted_cache_machine_lost_are_sent_again(
 async def test_a_cache_node_gone_past_the_grace_fails_the_writes_clearly(
     system, base_image: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    s = system()
-    cache = await s.start_cache()
-    ex = export("ride-gone", base_image)
-    _node, uri = await s.start_node(ex, "a", "--outage-grace", "1.5")
+    s, cache, _ex, _node, uri = await cache_and_node(
+        system(), base_image, "ride-gone", "--outage-grace", "1.5"
+    )
     await asyncio.to_thread(qemu_io, f"{uri}/ride-gone", "write -P 0x31 0 64k")
     cache.kill9()
     out: subprocess.CompletedProcess[str] = await asyncio.to_thread(

@@ -123,8 +123,9 @@ class CacheLink:
     # A version's mirror no session has used this long is dropped (its disk space back;
     # old versions would otherwise pile up on a long-running node).
     mirror_idle_s: float = 600.0
-    # How long a session's writes wait for a cache node that does not answer before they
-    # fail with EIO (remote_write_cache.py); settings.stream_cache_outage_grace_s.
+    # How long a session's writes, and its reads through the cache service, wait for a
+    # cache node that does not answer before they fail with EIO (outage.py);
+    # settings.stream_cache_outage_grace_s.
     outage_grace_s: float = 30.0
     # Sessions using each mirror, and the pending drops of unused ones.
     mirror_users: dict[str, int] = field(default_factory=dict)

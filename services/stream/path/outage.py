@@ -2,9 +2,10 @@
 NATS away): probes spaced from RETRY_FIRST_S doubling to RETRY_MAX_S, for up to the
 session's outage grace (``CacheLink.outage_grace_s``), before the client gets EIO.
 
-Writes ride out an outage in ``remote_write_cache.py`` (they also send again what the node
-may have lost); reads through the cache service (:func:`retried_while_away`) just ask again:
-a read changes nothing.
+Both wait in :func:`keep_asking`: writes ride out an outage in ``remote_write_cache.py``
+(what they ask again is a probe of the node, then everything it may have lost); reads
+through the cache service (:func:`retried_while_away`) just ask again: a read changes
+nothing.
 """
 
 from __future__ import annotations
@@ -24,29 +25,40 @@ RETRY_MAX_S = 1.0
 T = TypeVar("T")
 
 
-async def retried_while_away(request: Callable[[], Awaitable[T]], grace_s: float, what: str) -> T:
-    """``request()``, asked again while it fails because no cache node answers, for up to
-    ``grace_s``; its other errors, and the last one past the grace, are raised."""
+async def keep_asking(
+    request: Callable[[float], Awaitable[T]], grace_s: float, first_delay_s: float = RETRY_FIRST_S
+) -> T:
+    """``request(seconds_left)`` until it answers: again while it fails because no cache node
+    answers, spaced from ``first_delay_s`` doubling to RETRY_MAX_S, for up to ``grace_s``.
+    Its other errors, and the last such one past the grace, are raised."""
     loop = asyncio.get_running_loop()
-    began = loop.time()
-    delay = RETRY_FIRST_S
-    waiting = False
+    deadline = loop.time() + grace_s
+    delay = first_delay_s
     while True:
+        await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+        delay = min(max(delay * 2, RETRY_FIRST_S), RETRY_MAX_S)
         try:
-            result = await request()
+            return await request(deadline - loop.time())
         except wire.CacheError as e:
-            if not wire.transient(e):
+            if not wire.transient(e) or loop.time() >= deadline:
                 raise
-            waited = loop.time() - began
-            if waited + delay > grace_s:
-                log.error("%s: %s for %.1f s: EIO", what, e.strerror, waited)
-                raise
-            if not waiting:
-                waiting = True
-                log.warning("%s: %s; asking again for up to %g s", what, e.strerror, grace_s)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-            continue
-        if waiting:
-            log.warning("%s: answered after %.1f s", what, loop.time() - began)
-        return result
+
+
+async def retried_while_away(request: Callable[[], Awaitable[T]], grace_s: float, what: str) -> T:
+    """``request()``; when no cache node answers, asked again (:func:`keep_asking`)."""
+    try:
+        return await request()
+    except wire.CacheError as e:
+        if not wire.transient(e):
+            raise
+        log.warning("%s: %s; asking again for up to %g s", what, e.strerror, grace_s)
+    began = asyncio.get_running_loop().time()
+    try:
+        result = await keep_asking(lambda _left: request(), grace_s)
+    except wire.CacheError as e:
+        if wire.transient(e):
+            waited = asyncio.get_running_loop().time() - began
+            log.error("%s: %s for %.1f s: EIO", what, e.strerror, waited)
+        raise
+    log.warning("%s: answered after %.1f s", what, asyncio.get_running_loop().time() - began)
+    return result

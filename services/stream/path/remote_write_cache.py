@@ -34,7 +34,7 @@ from services.cache.block_map import BLOCK, DIRTY, ZEROED
 from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
-from services.stream.path.outage import RETRY_FIRST_S, RETRY_MAX_S
+from services.stream.path.outage import RETRY_FIRST_S, keep_asking
 from services.stream.path.unflushed import Unflushed, merge
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
@@ -237,7 +237,7 @@ class RemoteWriteCache(WriteCache):
         """Probe the node until it answers, then send the unflushed ranges again; past
         ``outage_grace_s``, raise the last error (every waiting request fails with it).
         ``error``: what failed (an outage), or None (the node restarted, and answers)."""
-        channel = self._channel()
+        node = self._channel().node
         loop = asyncio.get_running_loop()
         began = loop.time()
         if error is not None:
@@ -245,33 +245,29 @@ class RemoteWriteCache(WriteCache):
                 "write cache %s: %s; holding the session's writes, retrying for up to %g s",
                 self.key, error.strerror, self.outage_grace_s,
             )  # fmt: skip
-        delay = 0.0 if error is None else RETRY_FIRST_S
-        while True:
-            left = self.outage_grace_s - (loop.time() - began)
-            if left <= 0:
-                assert error is not None
+        try:
+            resent = await keep_asking(
+                self._probe_and_resend,
+                self.outage_grace_s,
+                first_delay_s=0.0 if error is None else RETRY_FIRST_S,
+            )
+        except wire.CacheError as e:
+            if wire.transient(e):
                 log.error(
                     "write cache %s: %s for %.1f s: its writes fail with EIO",
-                    self.key, error.strerror, loop.time() - began,
+                    self.key, e.strerror, loop.time() - began,
                 )  # fmt: skip
-                raise error
-            await asyncio.sleep(min(delay, left))
-            delay = min(max(delay * 2, RETRY_FIRST_S), RETRY_MAX_S)
-            try:
-                await channel.probe(min(PROBE_TIMEOUT_S, max(left, 0.01)))
-                resent = await self._resend()
-            except wire.CacheError as e:
-                if not wire.transient(e):
-                    raise
-                error = e
-                continue
-            log.warning(
-                "write cache %s: cache node %s answers%s; sent again the %d bytes changed "
-                "since the last flush",
-                self.key, channel.node,
-                "" if error is None else f" again after {loop.time() - began:.1f} s", resent,
-            )  # fmt: skip
-            return
+            raise
+        log.warning(
+            "write cache %s: cache node %s answers%s; sent again the %d bytes changed "
+            "since the last flush",
+            self.key, node, "" if error is None else f" again after {loop.time() - began:.1f} s",
+            resent,
+        )  # fmt: skip
+
+    async def _probe_and_resend(self, left_s: float) -> int:
+        await self._channel().probe(min(PROBE_TIMEOUT_S, max(left_s, 0.01)))
+        return await self._resend()
 
     async def _resend(self) -> int:
         """Ship every unflushed range again, as the mirror holds it now; bytes covered."""
