@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     stream_keepalive_count: int = 3
     # A session's state outlives its last connection this long (HTTP SAN -> NBD hand-off).
     stream_session_linger_s: float = 60.0
-    # A session's writes wait this long for a cache node that does not answer (restarting,
-    # stopped, NATS away) before they fail with EIO; once it answers they go on.
+    # A session's writes, its open and its reads through the cache service wait this long
+    # for a cache node that does not answer (restarting, stopped, NATS away) before they
+    # fail with EIO (an open: the client is refused); once it answers they go on.
     stream_cache_outage_grace_s: float = 30.0
     cache_write_capacity: int = 8 << 30  # bytes one session's write cache may hold
     cache_read_capacity: int = 4 << 30  # bytes of the shared read cache, all versions

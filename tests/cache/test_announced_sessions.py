@@ -59,13 +59,15 @@ class Node:
         exports: dict[str, dict[str, Any]],
         wait_s: float,
         cache_timeout_s: float = 10.0,
+        outage_grace_s: float = 30.0,
     ):
         self.nc = nc
         self.exports = exports
         self.sink = ListSink()
         settings = StreamSettings(nbd_port=0, http_port=0, node_id=NODE, announced_wait_s=wait_s)
         self.servers = StreamServers(StaticResolver(export_specs(exports)), self.sink, settings)
-        self.servers.sessions.cache = CacheLink(CacheClient(nc, timeout_s=cache_timeout_s))
+        client = CacheClient(nc, timeout_s=cache_timeout_s)
+        self.servers.sessions.cache = CacheLink(client, outage_grace_s=outage_grace_s)
 
     async def start(self) -> str:
         await self.servers.start()
@@ -97,10 +99,10 @@ async def node_for(
     started: list[Node] = []
 
     async def make(
-        token: str, wait_s: float = 60.0, cache_timeout_s: float = 10.0
+        token: str, wait_s: float = 60.0, cache_timeout_s: float = 10.0, grace_s: float = 30.0
     ) -> tuple[Proc, Node, str]:
         cache = await system().start_cache()
-        node = Node(nc, export(token, base_image), wait_s, cache_timeout_s)
+        node = Node(nc, export(token, base_image), wait_s, cache_timeout_s, grace_s)
         started.append(node)
         return cache, node, await node.start()
 
@@ -194,7 +196,9 @@ async def test_a_client_whose_announced_session_fails_to_attach_is_told_why(
     node_for: Callable[..., Awaitable[tuple[Proc, Node, str]]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cache, node, uri = await node_for("doomed", cache_timeout_s=2.0)
+    # The open waits for the cache service for up to 1 s (the outage grace) after its
+    # first attempt, then fails.
+    cache, node, uri = await node_for("doomed", cache_timeout_s=2.0, grace_s=1.0)
     sessions = node.servers.sessions
     cache.p.send_signal(signal.SIGSTOP)
     await node.announce("doomed")
@@ -204,7 +208,7 @@ async def test_a_client_whose_announced_session_fails_to_attach_is_told_why(
         return run("qemu-io", "-f", "raw", "-c", "read 0 4k", f"{uri}/doomed", check=False)
 
     client = asyncio.create_task(asyncio.to_thread(read))
-    cache.kill9()  # the open never gets an answer: it times out (2 s here)
+    cache.kill9()  # the open never gets an answer: it times out (2 s here), then no responders
     first = await client
     assert first.returncode != 0 and "error" in first.stdout + first.stderr, first
     assert "doomed" not in sessions.sessions

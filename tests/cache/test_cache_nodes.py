@@ -218,7 +218,8 @@ async def test_kept_cache_is_found_again_after_its_node_restarts(
     s.caches[name].kill9()
     # The device's next session while the node holding its writes is down: a clear error,
     # in the stream node's log and the living cache node's, and no new empty cache.
-    _n2, uri2 = await s.start_node(exports, "s2")
+    # (Its open waits for that node for the outage grace, 1 s here, first.)
+    _n2, uri2 = await s.start_node(exports, "s2", "--outage-grace", "1")
     out = await asyncio.to_thread(qemu_io, f"{uri2}/kr2", *reads(0x5A), expect_error=True)
     message = f"cache node {owner} holding write cache {key} is not alive"
     assert "Requested export not available" in out and message in out, out  # NBD's reason

@@ -90,6 +90,27 @@ async def test_a_batch_lost_with_the_cache_node_is_sent_again(system, base_image
     await read_back_elsewhere(s, ex, "ride-lost", "read -P 0x21 0 64k", "read -P 0x22 1M 128k")
 
 
+async def test_a_session_opened_while_the_cache_node_restarts_waits_for_it(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A client that boots while the cache service restarts: its session's open (wc.open)
+    waits for the service instead of refusing the client's connection."""
+    s, cache, ex, node_a, uri = await cache_and_node(system(), base_image, "ride-open")
+    cache.kill9()
+    cmds = ["write -P 0x41 0 64k", "read -P 0x41 0 64k", "flush"]
+    client = asyncio.create_task(asyncio.to_thread(qemu_io, f"{uri}/ride-open", *cmds))
+    log = s.root / "a.log"
+    waiting = "open of write cache session-ride-open: cache service not running"
+    await wait_for(in_log(log, waiting), "the open waiting", 20)
+    await asyncio.sleep(0.5)
+    assert not client.done()
+    await s.start_cache()
+    await asyncio.wait_for(client, 30)  # qemu_io asserts no error
+    assert "open of write cache session-ride-open: answered after" in log.read_text()
+    node_a.kill9()
+    await read_back_elsewhere(s, ex, "ride-open", "read -P 0x41 0 64k")
+
+
 def lose_unfsynced(cache_files: Path, offset: int, length: int) -> None:
     """What a machine restart under a killed cache node takes of a write it acknowledged
     but never fsynced: the page cache of its data and of its map (clean again)."""

@@ -304,3 +304,27 @@ async def test_a_read_waits_for_a_restarting_cache_service(system, vdisk) -> Non
         await s.start_cache()
         assert await asyncio.wait_for(reading, 30) == 65536  # replay checks every byte
         assert "from the cache service: answered after" in await asyncio.to_thread(log.read_text)
+
+
+async def test_a_session_of_a_remote_store_opened_while_the_cache_service_restarts(
+    system, vdisk
+) -> None:  # type: ignore[no-untyped-def]
+    # The session's open (rc.open for its read cache, wc.open for its write cache) waits for
+    # the cache service instead of refusing the client's connection.
+    expect = vdisk["full"].read_bytes()
+    async with ftp(vdisk["dir"], 0.0) as (_ftpd, url):
+        s = system(cache_stores=json.dumps({"ftp": url}))
+        cache = await s.start_cache()
+        _node, uri = await s.start_node(version2("waitopen", store="ftp"), "a")
+        cache.kill9()
+        reading = asyncio.create_task(
+            asyncio.to_thread(replay, uri, "waitopen", [(0, 65536), (8 << 20, 65536)], expect)
+        )
+        log = s.root / "a.log"
+        waiting = "open of the read cache of ftp:"
+        await wait_for(lambda: asyncio.to_thread(lambda: waiting in log.read_text()), "the wait")
+        assert not reading.done()
+        await s.start_cache()
+        assert await asyncio.wait_for(reading, 30) == 2 * 65536  # replay checks every byte
+        text = await asyncio.to_thread(log.read_text)
+        assert "open of the read cache of ftp:" in text and "answered after" in text

@@ -202,7 +202,11 @@ class CachedStoreBackend(ReadOnlyBottom):
         if not self.link.should_warm(self.key):
             return  # opened and prefetched for another session a moment ago
         try:
-            reply = await self.link.client.request_json(wire.RC_OPEN, read_cache_body(self.spec))
+            reply = await retried_while_away(
+                lambda: self.link.client.request_json(wire.RC_OPEN, read_cache_body(self.spec)),
+                self.link.outage_grace_s,
+                f"open of the read cache of {self.key}",
+            )
         except BaseException:
             self.link.warm_failed(self.key)
             raise

@@ -3,9 +3,9 @@ NATS away): probes spaced from RETRY_FIRST_S doubling to RETRY_MAX_S, for up to 
 session's outage grace (``CacheLink.outage_grace_s``), before the client gets EIO.
 
 Both wait in :func:`keep_asking`: writes ride out an outage in ``remote_write_cache.py``
-(what they ask again is a probe of the node, then everything it may have lost); reads
-through the cache service (:func:`retried_while_away`) just ask again: a read changes
-nothing.
+(what they ask again is a probe of the node, then everything it may have lost); session
+opens (``wc.open``, ``rc.open``, the pulls of a write cache's blocks) and reads through the
+cache service (:func:`retried_while_away`) just ask again: asking twice changes nothing.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from services.cache.block_map import BLOCK, DIRTY, ZEROED
 from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
-from services.stream.path.outage import RETRY_FIRST_S, keep_asking
+from services.stream.path.outage import RETRY_FIRST_S, keep_asking, retried_while_away
 from services.stream.path.unflushed import Unflushed, merge
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
@@ -94,20 +94,26 @@ class RemoteWriteCache(WriteCache):
 
         Whichever cache node holds the key answers (``wc.open`` routes it there); every
         write and pull of this session then goes to that node, so a gone node is an error
-        naming it, never a new empty cache on another one."""
+        naming it (once ``outage_grace_s`` has passed), never a new empty cache on another
+        one."""
         s = self.spec
-        opened = await self.client.open_write_cache(
-            {
-                "key": self.key,
-                "session_id": s.session_id,
-                "vdisk": s.vdisk,
-                "version": s.version,
-                "size": self.size,
-                "kind": s.write_cache,
-                "persistence": s.write_cache_persistence,
-                "mac": s.mac,
-                **self.attacher,
-            },
+        body = {
+            "key": self.key,
+            "session_id": s.session_id,
+            "vdisk": s.vdisk,
+            "version": s.version,
+            "size": self.size,
+            "kind": s.write_cache,
+            "persistence": s.write_cache_persistence,
+            "mac": s.mac,
+            **self.attacher,
+        }
+        # A client booting while its cache node restarts waits for it (up to the grace)
+        # rather than failing its boot.
+        opened = await retried_while_away(
+            lambda: self.client.open_write_cache(body),
+            self.outage_grace_s,
+            f"open of write cache {self.key}",
         )
         self.channel = self.client.writer(self.key, opened.node, self.attacher["stream_instance"])
         self.channel.incarnation = opened.incarnation
@@ -132,7 +138,11 @@ class RemoteWriteCache(WriteCache):
 
         async def pull(offset: int, length: int) -> None:
             async with sem:
-                data = await self.client.read_write_cache(opened.node, self.key, offset, length)
+                data = await retried_while_away(
+                    lambda: self.client.read_write_cache(opened.node, self.key, offset, length),
+                    self.outage_grace_s,
+                    f"pull of write cache {self.key} at {offset}+{length}",
+                )
             os.pwrite(self._file(), data, offset)
             self._mark(offset // BLOCK, -(-(offset + length) // BLOCK), DIRTY)
 
