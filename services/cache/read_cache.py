@@ -1,7 +1,8 @@
 """The shared read cache: per vdisk version, the blocks read so far, filled from the store.
 
-One sparse file per version (``<dir>/<version key>.cache``, image offset = file offset)
-and a bitmap of 256 KiB extents in memory. All versions share one byte budget
+One sparse file per version (``<dir>/<version key>/blocks.cache``, image offset = file
+offset) and a map of its 256 KiB extents present (in memory and in ``present`` beside it:
+a restarted cache service finds its read cache warm, :class:`VersionCache`). All versions share one byte budget
 (``capacity``): the least recently used extent goes first (its range is punched out of
 the file). Shared by every session of every stream node that reads that version.
 
@@ -107,19 +108,99 @@ def warm_local(layers: list[Path], extents: list[tuple[int, int]]) -> int:
     return done
 
 
+def boot_id() -> str:
+    """This boot of the machine: a page cache written before it is still there."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""  # never equal to a recorded one: only a clean stop keeps a cache
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, on disk before this returns (file and rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class VersionCache:
-    def __init__(self, key: str, info: dict[str, Any], chain: RemoteChain, path: Path) -> None:
+    """One version's cached blocks: ``blocks.cache`` (image offset = file offset) and
+    ``present`` (one byte per extent) in the version's folder.
+
+    They outlive the process: a cache service restarted (an upgrade, a crash restarted by
+    compose or Nomad) finds its read cache warm, so the boots after it do not go back to a
+    slow store. ``state.json`` says when the files can be trusted: after a clean stop (both
+    fsynced), or on the same boot of the machine (a killed process leaves its writes in the
+    page cache, and a fill writes its blocks before their ``present`` bytes). After a
+    machine restart without a clean stop, the page cache may have lost blocks whose
+    ``present`` bytes reached the disk: the cache starts empty."""
+
+    def __init__(self, key: str, info: dict[str, Any], chain: RemoteChain, folder: Path) -> None:
         self.key = key
         self.info = info
         self.chain = chain
         self.size = chain.size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.folder = folder
+        self._state = folder / "state.json"
+        extents = -(-self.size // EXTENT)
+        kept = self._kept(extents)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if kept else os.O_TRUNC)
+        self.fd = os.open(folder / "blocks.cache", flags, 0o600)
+        self.present_fd = os.open(folder / "present", flags, 0o600)
         os.ftruncate(self.fd, self.size)
-        self.present = bytearray(-(-self.size // EXTENT))
+        os.ftruncate(self.present_fd, extents)
+        self.present = bytearray(os.pread(self.present_fd, extents, 0) if kept else extents)
+        # From now on the files change: only this boot may trust them, until a clean stop.
+        _write_durably(self._state, json.dumps({"info": info, "boot_id": boot_id()}))
         self._filling: dict[int, asyncio.Future[None]] = {}
 
+    @property
+    def kept_bytes(self) -> int:
+        return sum(self.present) * EXTENT
+
+    def _kept(self, extents: int) -> bool:
+        """Whether the files a previous process left hold this version's blocks."""
+        try:
+            state = json.loads(self._state.read_text())
+            present = (self.folder / "present").read_bytes()
+            blocks = (self.folder / "blocks.cache").stat().st_size
+        except (OSError, ValueError):
+            return False
+        return (
+            isinstance(state, dict)
+            and state.get("info") == self.info
+            and (state.get("clean") is True or state.get("boot_id") == boot_id() != "")
+            and blocks == self.size
+            and len(present) == extents
+            and present.count(0) + present.count(1) == extents
+        )
+
+    def mark(self, first: int, stop: int, value: int) -> None:
+        """Extents ``first..stop`` now are (1) or are not (0) in ``blocks.cache``."""
+        self.present[first:stop] = bytes([value]) * (stop - first)
+        os.pwrite(self.present_fd, self.present[first:stop], first)
+
     def close(self) -> None:
+        """A clean stop: the files on disk, and ``state.json`` says any later boot may use them."""
+        try:
+            os.fsync(self.fd)
+            os.fsync(self.present_fd)
+            state = {"info": self.info, "boot_id": boot_id(), "clean": True}
+            _write_durably(self._state, json.dumps(state))
+        except OSError as e:
+            log.warning("read cache of %s not kept for the next start: %s", self.key, e)
         os.close(self.fd)
+        os.close(self.present_fd)
         self.chain.close()
 
 
@@ -180,10 +261,17 @@ class ReadCaches:
                 raise StoreError(
                     f"{key}: the store's chain is {chain.size} bytes, not {req['size']}"
                 )
-            vc = VersionCache(key, info, chain, work / "blocks.cache")
+            vc = VersionCache(key, info, chain, work)
             (work / "version.json").write_text(json.dumps(info))
             self.versions[key] = vc
-            log.info("read cache for %s opened (%d bytes, store %s)", key, vc.size, store_name)
+            for i, here in enumerate(vc.present):
+                if here:
+                    self.lru[(key, i)] = None
+            log.info(
+                "read cache for %s opened (%d bytes, store %s; %d bytes kept from before)",
+                key, vc.size, store_name, vc.kept_bytes,
+            )  # fmt: skip
+            self.evict()  # the budget may be smaller than it was
             return vc
 
     def register_local(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -261,8 +349,8 @@ class ReadCaches:
             self.store_bytes += len(data)
             if data.count(0) != len(data):
                 os.pwrite(vc.fd, data, start)
+            vc.mark(a, b, 1)  # after the blocks: a killed process leaves no false "present"
             for i in range(a, b):
-                vc.present[i] = 1
                 self.lru[(vc.key, i)] = None
             fut.set_result(None)
         except BaseException as e:
@@ -279,7 +367,7 @@ class ReadCaches:
             vc = self.versions.get(key)
             if vc is None:
                 continue
-            vc.present[i] = 0
+            vc.mark(i, i + 1, 0)  # before the hole: never "present" over a hole
             punch_hole(vc.fd, i * EXTENT, EXTENT)
             self.evicted_bytes += EXTENT
 

@@ -328,3 +328,41 @@ async def test_a_session_of_a_remote_store_opened_while_the_cache_service_restar
         assert await asyncio.wait_for(reading, 30) == 2 * 65536  # replay checks every byte
         text = await asyncio.to_thread(log.read_text)
         assert "open of the read cache of ftp:" in text and "answered after" in text
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed", "machine-restarted"])
+async def test_a_restarted_cache_service_finds_its_read_cache_warm(  # type: ignore[no-untyped-def]
+    system, vdisk, how: str
+) -> None:
+    """An upgrade (stop, start) or a crash (kill -9) of the cache service does not send the
+    next boots back to the slow store; a machine restart without a clean stop does (its
+    page cache, which held some of the cache's blocks, is gone), and still reads right."""
+    expect = vdisk["full"].read_bytes()
+    trace = [(0, 1 << 20), (3 << 20, 256 << 10), (12 << 20, 512 << 10)]  # a zero MiB too
+    wanted = sum(n for _o, n in trace)
+    async with ftp(vdisk["dir"], 0.0) as (_ftpd, url):
+        s = system(cache_stores=json.dumps({"ftp": url}))
+        cache = await s.start_cache()
+        first, second = f"rk1-{how}", f"rk2-{how}"  # session keys are unique across the run
+        ex = {**version2(first, store="ftp"), **version2(second, store="ftp")}
+        _node_a, uri_a = await s.start_node(ex, "a")
+        assert await asyncio.to_thread(replay, uri_a, first, trace, expect) == wanted
+        assert (await s.stats())["read_cache"]["store_bytes"] >= wanted
+        if how == "stopped":
+            cache.stop()
+        else:
+            cache.kill9()
+        if how == "machine-restarted":
+            (state,) = s.data.glob("cache/read/*/state.json")
+            state.write_text(json.dumps({**json.loads(state.read_text()), "boot_id": "earlier"}))
+        await s.start_cache()
+        # Another stream node: its mirror is empty, every block comes from the cache service.
+        _node_b, uri_b = await s.start_node(ex, "b")
+        assert await asyncio.to_thread(replay, uri_b, second, trace, expect) == wanted
+        stats = (await s.stats())["read_cache"]
+        if how == "machine-restarted":
+            assert stats["store_bytes"] >= wanted, stats
+            assert "0 bytes kept from before" in s.cache_log().read_text()
+        else:
+            assert stats["store_bytes"] == 0 and stats["hit_bytes"] >= wanted, stats
+            assert f"{wanted} bytes kept from before" in s.cache_log().read_text()
