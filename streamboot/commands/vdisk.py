@@ -208,7 +208,7 @@ def build_demo(
     import it, so a new user can PXE-boot a machine or VM within minutes."""
     import tempfile
 
-    from streamboot.demo.image import DemoBuildError, build_demo_image
+    from streamboot.demo.image import DemoBuildError, build_demo_image, default_cache_dir
     from streamboot.runtime import NotRunningError, load_runtime
 
     with cli_errors(as_json):
@@ -219,7 +219,7 @@ def build_demo(
             except NotRunningError as exc:
                 raise ClientError(str(exc), "unreachable", EXIT_UNREACHABLE) from exc
             handoff_url = f"{boot_http}/handoff" if boot_http else None
-        cache = Path(tempfile.gettempdir()) / "streamboot-demo-cache"
+        cache = default_cache_dir()
         with tempfile.TemporaryDirectory(prefix="streamboot-demo-") as tmp:
             image = Path(tmp) / f"{name}.img"
             if not as_json:

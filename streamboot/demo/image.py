@@ -119,6 +119,11 @@ def _run(argv: list[str], **kw: object) -> str:
     return done.stdout
 
 
+def default_cache_dir() -> Path:
+    """Where ``streamboot vdisk build-demo`` keeps the kernel it downloaded."""
+    return Path(tempfile.gettempdir()) / "streamboot-demo-cache"
+
+
 def fetch_kernel(cache_dir: Path) -> Kernel:
     """Download and unpack Debian's cloud kernel into ``cache_dir`` (once)."""
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from streamboot.demo.image import default_cache_dir, fetch_kernel
 from tests.conftest import traversable_tmpdir
 from tests.e2e.pxe_lab import BootLab, pxe_tools_missing
 
@@ -47,6 +48,9 @@ def lab() -> Iterator[BootLab]:
             STREAMBOOT_IPXE_MENU_TIMEOUT_S="3",
             STREAMBOOT_UNKNOWN_DEVICE_POLICY="refuse",
         )
+        # The lab's namespace has no way out: the kernel comes from the host's network,
+        # as when a user runs build-demo (it then finds it in its cache).
+        fetch_kernel(default_cache_dir())
         lab.cli("vdisk", "build-demo", "demo")
         lab.cli("vdisk", "build-demo", "other")
         yield lab
