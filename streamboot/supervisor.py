@@ -1,9 +1,13 @@
 """`streamboot up`: NATS, PostgreSQL and the four services on one machine, in the foreground.
 
 Start order: data dir lock → NATS → PostgreSQL → services → runtime.json. Stop order is
-the reverse, on SIGINT/SIGTERM or when any child exits on its own (then `up` fails, so a
-crashed service is never silently missing). Children die with the supervisor even on
-`kill -9` (parent-death signal, see `embedded.proc`).
+the reverse, on SIGINT/SIGTERM. A service that exits on its own is started again, as
+compose's and Nomad's restart policies do (its clients ride the gap out: a stream node's
+sessions wait for a restarting cache service), said on the output with its exit code;
+one that keeps exiting (RESTART_LIMIT times in RESTART_WINDOW_S), or NATS or PostgreSQL
+exiting, stops everything and `up` fails: a crashed piece is never silently missing.
+Children die with the supervisor even on `kill -9` (parent-death signal, see
+`embedded.proc`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORTS = ("nats_port", "postgres_port")
 PORT_FIELDS: tuple[str, ...] = tuple(PORTS)
 SERVICE_STOP_TIMEOUT_S = 10.0
+# A service exiting this many times within the window is a crash loop: everything stops.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
+# Before the n-th restart within the window: (n - 1) * this (the first one at once).
+RESTART_BACKOFF_S = 1.0
 
 
 def service_available(name: str) -> bool:
@@ -104,6 +113,11 @@ class Supervisor:
         self.postgres: EmbeddedPostgres | None = None
         self.children: list[ManagedProcess] = []
         self._stop = asyncio.Event()
+        # What a service is started with, and runtime.json, kept for restarts.
+        self._service_env: dict[str, str] = {}
+        self._runtime: dict[str, object] = {}
+        # When each service last exited on its own, within RESTART_WINDOW_S.
+        self._exits: dict[str, list[float]] = {}
 
     async def run(self) -> int:
         """Run until a signal (exit 0) or a child's own exit (exit 1)."""
@@ -185,11 +199,10 @@ class Supervisor:
             "STREAMBOOT_API_TOKEN": token,
             **{f"STREAMBOOT_{f.upper()}": str(getattr(s, f)) for f in PORT_FIELDS},
         }
+        self._service_env = env
         pids: dict[str, int] = {}
         for name in self.services:
-            proc = await spawn(
-                f"service {name}", [sys.executable, "-m", f"services.{name}"], env=env
-            )
+            proc = await self._spawn_service(name)
             self.children.append(proc)
             pids[name] = proc.pid
 
@@ -197,19 +210,18 @@ class Supervisor:
         eps = endpoints(s)
         if self.nats is not None and self.nats.monitor_port:
             eps["nats_monitor"] = f"http://{EMBEDDED_HOST}:{self.nats.monitor_port}"
-        dd.write_runtime(
-            {
-                "pid": os.getpid(),
-                "data_dir": str(dd.path),
-                "started": time.time(),
-                "nats_url": nats_url,
-                "database_url": database_url,
-                "api_url": eps["api"],
-                "api_token_file": str(dd / API_TOKEN_FILE),
-                "endpoints": eps,
-                "services": pids,
-            }
-        )
+        self._runtime = {
+            "pid": os.getpid(),
+            "data_dir": str(dd.path),
+            "started": time.time(),
+            "nats_url": nats_url,
+            "database_url": database_url,
+            "api_url": eps["api"],
+            "api_token_file": str(dd / API_TOKEN_FILE),
+            "endpoints": eps,
+            "services": pids,
+        }
+        dd.write_runtime(self._runtime)
         lines += [f"  {name:<12} {url}" for name, url in eps.items()]
         lines.append(f"  API token in {dd / API_TOKEN_FILE}; logs in {dd / 'logs'}")
         lines.append(
@@ -268,24 +280,77 @@ class Supervisor:
                     "another port (0 = any free one)"
                 )
 
+    async def _spawn_service(self, name: str) -> ManagedProcess:
+        return await spawn(
+            f"service {name}", [sys.executable, "-m", f"services.{name}"], env=self._service_env
+        )
+
     async def _watch(self) -> int:
-        """Wait for a stop signal or for any child to exit by itself."""
+        """Run until a stop signal (0), or a child exits that is not started again (1)."""
         waits = {asyncio.ensure_future(c.process.wait()): c for c in self.children}
         stop_wait = asyncio.ensure_future(self._stop.wait())
-        done, _ = await asyncio.wait({stop_wait, *waits}, return_when=asyncio.FIRST_COMPLETED)
-        for task in [stop_wait, *waits]:
-            if task not in done:
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {stop_wait, *waits}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop_wait in done:
+                    self.out("streamboot up: stopping")
+                    return 0
+                for task in [t for t in done if t in waits]:
+                    child = waits.pop(task)
+                    self.out(
+                        f"streamboot up: {child.name} exited with code {child.process.returncode}"
+                    )
+                    if tail := child.log_tail():
+                        self.out(tail)
+                    delay = self._restart_delay(child)
+                    if delay is None:
+                        self.out("streamboot up: stopping everything")
+                        return 1
+                    await asyncio.wait({stop_wait}, timeout=delay)
+                    if self._stop.is_set():
+                        break  # the stop signal is seen at the top of the loop
+                    again = await self._restart(child)
+                    waits[asyncio.ensure_future(again.process.wait())] = again
+        finally:
+            for task in [stop_wait, *waits]:
                 task.cancel()
-        if stop_wait in done:
-            self.out("streamboot up: stopping")
-            return 0
-        dead = [waits[t] for t in done if t in waits]
-        for child in dead:
-            self.out(f"streamboot up: {child.name} exited with code {child.process.returncode}")
-            if tail := child.log_tail():
-                self.out(tail)
-        self.out("streamboot up: stopping everything")
-        return 1
+
+    def _restart_delay(self, child: ManagedProcess) -> float | None:
+        """How long to wait before starting ``child`` again; None when it must not be:
+        it is NATS or PostgreSQL, or a service in a crash loop."""
+        if not child.name.startswith("service "):
+            return None
+        name = child.name.removeprefix("service ")
+        now = time.monotonic()
+        exits = [t for t in self._exits.get(name, []) if now - t < RESTART_WINDOW_S]
+        exits.append(now)
+        self._exits[name] = exits
+        if len(exits) >= RESTART_LIMIT:
+            self.out(
+                f"streamboot up: service {name} exited {len(exits)} times within "
+                f"{RESTART_WINDOW_S:.0f} s; not starting it again"
+            )
+            return None
+        return (len(exits) - 1) * RESTART_BACKOFF_S
+
+    async def _restart(self, child: ManagedProcess) -> ManagedProcess:
+        name = child.name.removeprefix("service ")
+        await child.stop(0)  # whatever is left of its process group goes
+        again = await self._spawn_service(name)
+        self.children[self.children.index(child)] = again
+        services = self._runtime.get("services")
+        if isinstance(services, dict):
+            services[name] = again.pid
+            self.data_dir.write_runtime(self._runtime)
+        n = len(self._exits[name])
+        self.out(
+            f"streamboot up: service {name} started again (pid {again.pid}; "
+            f"{n} exit{'s' if n > 1 else ''} within {RESTART_WINDOW_S:.0f} s, "
+            f"{RESTART_LIMIT} stop everything)"
+        )
+        return again
 
     async def _stop_all(self) -> None:
         """Services first (they may still flush to NATS/Postgres), then NATS, then Postgres."""

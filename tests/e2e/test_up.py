@@ -1,7 +1,8 @@
 """`streamboot up` end to end: a real subprocess, a temp data dir, free ports.
 
 Checks: it starts NATS + PostgreSQL (+ whichever services exist), stops cleanly on SIGTERM
-with no process left behind, keeps data across restarts, leaves no orphans when killed -9,
+with no process left behind, starts a service that dies again (and stops everything on a
+crash loop, or when NATS dies), keeps data across restarts, leaves no orphans when killed -9,
 refuses a second `up` on the same dir, and refuses foreign or corrupt data dirs untouched.
 
 `status`, `events list` and the CLI verbs against a running `up` are in test_system.py.
@@ -243,6 +244,67 @@ def test_up_refuses_a_port_in_use(data_dir: Path) -> None:
         up = Up(data_dir, AVAILABLE, STREAMBOOT_POSTGRES_PORT=str(port))
         assert up.wait_exit() == 2
     assert f"TCP port 127.0.0.1:{port} (postgres_port) is already in use" in up.output
+    assert not (data_dir / "runtime.json").exists()
+
+
+def service_process(up: Up, name: str) -> psutil.Process | None:
+    def is_it(p: psutil.Process) -> bool:
+        try:
+            return f"services.{name}" in p.cmdline()
+        except (psutil.Error, OSError):  # gone meanwhile (the one just killed)
+            return False
+
+    return next((p for p in up.descendants() if is_it(p)), None)
+
+
+def wait_started_again(up: Up, name: str, old_pid: int) -> psutil.Process:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        assert up.proc.poll() is None, f"up exited:\n{up.output}"
+        assert time.monotonic() < deadline, f"{name} not started again:\n{up.output}"
+        again = service_process(up, name)
+        runtime = json.loads((up.data_dir / "runtime.json").read_text())
+        if again is not None and again.pid != old_pid and runtime["services"][name] == again.pid:
+            return again
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif("cache" not in AVAILABLE, reason="no cache service")
+def test_up_starts_a_service_that_dies_again_and_stops_on_a_crash_loop(data_dir: Path) -> None:
+    up = Up(data_dir, AVAILABLE)
+    up.wait_running()
+    first = service_process(up, "cache")
+    assert first is not None
+    first.kill()
+    again = wait_started_again(up, "cache", first.pid)
+    assert f"service cache exited with code {-signal.SIGKILL}" in up.output
+    assert f"service cache started again (pid {again.pid}; 1 exit within 60 s" in up.output
+    # It works: it answers on the bus (the stats every cache node answers).
+    nats_url = json.loads((data_dir / "runtime.json").read_text())["nats_url"]
+
+    async def stats() -> dict[str, Any]:
+        nc = await nats.connect(nats_url)
+        try:
+            for _ in range(100):
+                try:
+                    return json.loads((await nc.request("streamboot.cache.stats", b"{}", 1)).data)
+                except Exception:
+                    await asyncio.sleep(0.2)
+            raise AssertionError(f"the cache service started again never answered:\n{up.output}")
+        finally:
+            await nc.close()
+
+    assert "read_cache" in run(stats())
+    # Killed again and again: a crash loop stops everything, and says so.
+    for _ in range(3):
+        victim = again
+        victim.kill()
+        again = wait_started_again(up, "cache", victim.pid)
+    children = up.descendants()
+    again.kill()
+    assert up.wait_exit() == 1
+    assert "service cache exited 5 times within 60 s; not starting it again" in up.output
+    assert_all_gone(children)
     assert not (data_dir / "runtime.json").exists()
 
 
