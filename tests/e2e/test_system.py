@@ -3,7 +3,8 @@
 A device is added, a vdisk imported and assigned, a boot session opened; real clients read
 the session's export through the stream service (which resolves the token through the
 registry over NATS); the event log tells the story; `status` shows every service; closing
-the session ends access; a restart keeps the events.
+the session ends access; a restart keeps the events; a crash of the cache service loses
+no write and fails no client.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from tests.e2e.test_up import AVAILABLE, STREAMBOOT, Up, assert_all_gone
 
 MAC = "52:54:00:e2:e0:01"
 MAC_FTP = "52:54:00:e2:e0:02"
+MAC_CRASH = "52:54:00:e2:e0:03"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -223,6 +226,43 @@ def test_a_vdisk_on_an_ftp_share_streams_through_the_cache_service(
     finally:
         ftpd.kill()
         ftpd.wait()
+        assert up.proc.poll() is None, f"up exited during the test:\n{up.output}"
+        assert up.stop() == 0, up.output
+
+
+def test_a_crash_of_the_cache_service_loses_no_write_and_fails_no_client(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """`up` starts the killed cache service again; the client's writes meanwhile wait for
+    it (the stream's ride-out), then every acknowledged write reads back."""
+    image = tmp_path / "golden.raw"
+    image.write_bytes(os.urandom(8 * 1024 * 1024))
+    up = Up(data_dir, AVAILABLE)
+    try:
+        up.wait_running()
+        wait_all_alive(data_dir)
+        cli(data_dir, "device", "add", MAC_CRASH, "--hostname", "e2e-003")
+        cli(data_dir, "vdisk", "import", str(image), "--name", "crashy")
+        cli(data_dir, "assign", MAC_CRASH, "crashy", "--default")
+        uri = cli_json(data_dir, "session", "open", MAC_CRASH)["nbd_uri"]
+
+        def qemu_io(*cmds: str) -> None:
+            argv = ["qemu-io", "-f", "raw", *(a for c in cmds for a in ("-c", c)), uri]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0 and "error" not in done.stdout.lower(), done
+
+        qemu_io("write -P 0x5a 1M 64k")  # acknowledged, not flushed
+        cache = json.loads((data_dir / "runtime.json").read_text())["services"]["cache"]
+        os.kill(cache, signal.SIGKILL)
+        # At once, while the service is down and being started again.
+        qemu_io("write -P 0x6b 2M 64k", "flush", "read -P 0x5a 1M 64k", "read -P 0x6b 2M 64k")
+        assert "service cache exited with code -9" in up.output
+        assert "service cache started again" in up.output
+        assert "holding the session's writes" in up.output  # the stream node waited
+        [listed] = cli_json(data_dir, "session", "list")
+        assert listed["write_cache_used"] >= 128 * 1024, listed
+        qemu_io("read -P 0x5a 1M 64k", "read -P 0x6b 2M 64k")  # a new connection
+    finally:
         assert up.proc.poll() is None, f"up exited during the test:\n{up.output}"
         assert up.stop() == 0, up.output
 
