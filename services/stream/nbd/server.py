@@ -327,7 +327,12 @@ class NbdConnection(Connection):
             self.inflight += 1
             self.spawn(self._read_when_fetched(flags, handle, offset, length, miss, t0))
             return None
-        if length >= SENDFILE_MIN and self.zero_copy and all_cached(pieces):
+        if (
+            length >= SENDFILE_MIN
+            and self.zero_copy
+            and len(self.mgr.connections) >= self.mgr.settings.nbd_zero_copy_min_connections
+            and all_cached(pieces)
+        ):
             self._read_zero_copy(handle, offset, length, pieces)
             READ_LATENCY.observe(perf_counter() - t0)
             return None
