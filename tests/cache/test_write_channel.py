@@ -11,7 +11,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from services.cache import wire
-from services.cache.client import CacheClient
+from services.cache.client import CacheClient, WriteChannel
 from services.cache.placement import node_subject
 from tests.conftest import wait_for
 
@@ -66,6 +66,17 @@ async def test_no_node_answering_is_a_transient_error_naming_the_node(nats_url: 
         await nc.close()
 
 
+async def reachable(channel: WriteChannel) -> None:
+    for _ in range(50):
+        try:
+            return await channel.probe(timeout_s=1)
+        except wire.CacheError as e:
+            if e.kind != "not_alive":
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"cache node {channel.node} never answered")
+
+
 async def test_an_answer_from_a_new_process_of_the_node_is_a_restart(nats_url: str) -> None:
     node = f"test-node-{uuid.uuid4().hex[:8]}"
     incarnation = [b"process1"]
@@ -82,6 +93,9 @@ async def test_an_answer_from_a_new_process_of_the_node_is_a_restart(nats_url: s
         channel.incarnation = b"process1"  # as wc.open said
         restarts: list[bytes] = []
         channel.on_restart = lambda: restarts.append(channel.incarnation)
+        # Once in a full run the first request here got "no responders" although the
+        # subscription was flushed on the other connection: wait until this one sees it.
+        await reachable(channel)
         await channel.submit(wire.OP_WRITE, 0, 4, b"abcd")
         await channel.probe(timeout_s=5)
         assert restarts == []
