@@ -2,9 +2,9 @@
 
 One sparse file per version (``<dir>/<version key>/blocks.cache``, image offset = file
 offset) and a map of its 256 KiB extents present (in memory and in ``present`` beside it:
-a restarted cache service finds its read cache warm, :class:`VersionCache`). All versions share one byte budget
-(``capacity``): the least recently used extent goes first (its range is punched out of
-the file). Shared by every session of every stream node that reads that version.
+a restarted cache service finds its read cache warm, :class:`VersionCache`). All versions
+share one byte budget (``capacity``): the least recently used extent goes first (its range
+is punched out of the file). Shared by every session of every stream node that reads that version.
 
 A version's chain (base + deltas, ``shared/vdisk_layout.py``) is resolved here, since the
 store only hands out layer files: the small delta maps are copied from the store, and the

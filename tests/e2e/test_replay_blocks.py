@@ -22,21 +22,13 @@ import pytest
 
 from services.cache import wire
 from streamboot.block_replay import split_extents
-from tests.e2e.test_system import cli, cli_json, events, wait_all_alive
+from tests.e2e.test_system import cli, cli_json, events, provision, qemu_io, wait_all_alive
 from tests.e2e.test_up import AVAILABLE, Up
 
 pytestmark = pytest.mark.timeout(600)
 MAC = "52:54:00:e2:e0:07"
 MAC_OLD = "52:54:00:e2:e0:08"
 MiB = 1 << 20
-
-
-def qemu_io(uri: str, *commands: str) -> None:
-    args = [x for c in commands for x in ("-c", c)]
-    done = subprocess.run(
-        ["qemu-io", "-f", "raw", *args, uri], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout + done.stderr
 
 
 def session_story(data_dir: Path, sid: str, until: set[str]) -> list[dict[str, Any]]:
@@ -79,9 +71,7 @@ def test_replay_blocks_re_reads_a_past_boot(data_dir: Path, tmp_path: Path) -> N
     try:
         up.wait_running()
         wait_all_alive(data_dir)
-        cli(data_dir, "device", "add", MAC, "--hostname", "replay-001")
-        cli(data_dir, "vdisk", "import", str(image), "--name", "golden")
-        cli(data_dir, "assign", MAC, "golden", "--default")
+        provision(data_dir, MAC, image, "golden", "--hostname", "replay-001")
 
         # The boot to replay: reads, a write, a read of the written block.
         s1 = cli_json(data_dir, "session", "open", MAC)
@@ -166,9 +156,7 @@ def test_replay_blocks_re_reads_a_past_boot(data_dir: Path, tmp_path: Path) -> N
         # A replay needs the boot's vdisk version.
         small = tmp_path / "old.raw"
         small.write_bytes(os.urandom(MiB))
-        cli(data_dir, "device", "add", MAC_OLD)
-        cli(data_dir, "vdisk", "import", str(small), "--name", "old")
-        cli(data_dir, "assign", MAC_OLD, "old", "--default")
+        provision(data_dir, MAC_OLD, small, "old")
         s3 = cli_json(data_dir, "session", "open", MAC_OLD)
         qemu_io(s3["nbd_uri"], "read 0 64k")
         session_story(data_dir, s3["session_id"], {"BlocksRequested"})

@@ -55,6 +55,21 @@ def events(data_dir: Path, *args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def provision(data_dir: Path, mac: str, image: Path, vdisk: str, *device_args: str) -> None:
+    """A device with ``vdisk`` (imported from ``image``) as its default, through the CLI."""
+    cli(data_dir, "device", "add", mac, *device_args)
+    cli(data_dir, "vdisk", "import", str(image), "--name", vdisk)
+    cli(data_dir, "assign", mac, vdisk, "--default")
+
+
+def qemu_io(uri: str, *commands: str) -> None:
+    args = [x for c in commands for x in ("-c", c)]
+    done = subprocess.run(
+        ["qemu-io", "-f", "raw", *args, uri], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout + done.stderr
+
+
 def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_path: Path) -> None:
     assert {"registry", "stream", "cache"} <= set(AVAILABLE)
     image = tmp_path / "golden.raw"
@@ -73,9 +88,7 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
             "http_stream",
         }
 
-        cli(data_dir, "device", "add", MAC, "--hostname", "e2e-001")
-        cli(data_dir, "vdisk", "import", str(image), "--name", "golden")
-        cli(data_dir, "assign", MAC, "golden", "--default")
+        provision(data_dir, MAC, image, "golden", "--hostname", "e2e-001")
         session = cli_json(data_dir, "session", "open", MAC)
         assert {"token", "nbd_uri", "http_url", "vdisk", "version"} <= set(session)
         assert session["vdisk"] == "golden" and session["version"] == 1
@@ -241,27 +254,19 @@ def test_a_crash_of_the_cache_service_loses_no_write_and_fails_no_client(
     try:
         up.wait_running()
         wait_all_alive(data_dir)
-        cli(data_dir, "device", "add", MAC_CRASH, "--hostname", "e2e-003")
-        cli(data_dir, "vdisk", "import", str(image), "--name", "crashy")
-        cli(data_dir, "assign", MAC_CRASH, "crashy", "--default")
+        provision(data_dir, MAC_CRASH, image, "crashy", "--hostname", "e2e-003")
         uri = cli_json(data_dir, "session", "open", MAC_CRASH)["nbd_uri"]
-
-        def qemu_io(*cmds: str) -> None:
-            argv = ["qemu-io", "-f", "raw", *(a for c in cmds for a in ("-c", c)), uri]
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0 and "error" not in done.stdout.lower(), done
-
-        qemu_io("write -P 0x5a 1M 64k")  # acknowledged, not flushed
+        qemu_io(uri, "write -P 0x5a 1M 64k")  # acknowledged, not flushed
         cache = json.loads((data_dir / "runtime.json").read_text())["services"]["cache"]
         os.kill(cache, signal.SIGKILL)
         # At once, while the service is down and being started again.
-        qemu_io("write -P 0x6b 2M 64k", "flush", "read -P 0x5a 1M 64k", "read -P 0x6b 2M 64k")
+        qemu_io(uri, "write -P 0x6b 2M 64k", "flush", "read -P 0x5a 1M 64k", "read -P 0x6b 2M 64k")
         assert "service cache exited with code -9" in up.output
         assert "service cache started again" in up.output
         assert "holding the session's writes" in up.output  # the stream node waited
         [listed] = cli_json(data_dir, "session", "list")
         assert listed["write_cache_used"] >= 128 * 1024, listed
-        qemu_io("read -P 0x5a 1M 64k", "read -P 0x6b 2M 64k")  # a new connection
+        qemu_io(uri, "read -P 0x5a 1M 64k", "read -P 0x6b 2M 64k")  # a new connection
     finally:
         assert up.proc.poll() is None, f"up exited during the test:\n{up.output}"
         assert up.stop() == 0, up.output
