@@ -48,6 +48,9 @@ class StreamServers:
             lambda: HttpConnection(self.sessions), s.bind_host, s.http_port, reuse_address=True
         )
         self._servers = [nbd, http]
+        if s.write_cache_dir is not None:
+            s.write_cache_dir.mkdir(parents=True, exist_ok=True)
+        self.sessions.spares.make_when_quiet()
         self.nbd_port = nbd.sockets[0].getsockname()[1]
         self.http_port = http.sockets[0].getsockname()[1]
         log.info("stream: nbd on %s:%d, http on %s:%d", s.bind_host, self.nbd_port,

@@ -22,6 +22,7 @@ from services.stream.path.chain import ChainBackend
 from services.stream.path.profile_hint import ProfileHint
 from services.stream.path.read_cache import ReadCache
 from services.stream.path.remote_write_cache import RemoteWriteCache, attach_stack
+from services.stream.path.spare_files import SpareFiles
 from services.stream.path.write_cache import WriteCache
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
@@ -35,12 +36,16 @@ Protocol_ = Literal["nbd", "http"]
 
 
 def build_stack(
-    spec: ExportSpec, settings: StreamSettings, cache: CacheLink | None = None
+    spec: ExportSpec,
+    settings: StreamSettings,
+    cache: CacheLink | None = None,
+    spares: SpareFiles | None = None,
 ) -> Backend:
     """write cache -> read cache -> version chain (no write cache on a read-only export).
 
     With a cache service (``cache``), server-side write caches live there (a local mirror
-    keeps reads fast) and a vdisk of a non-local store is read through its read cache."""
+    keeps reads fast) and a vdisk of a non-local store is read through its read cache.
+    ``spares``: disk files made ahead for the write cache (spare_files.py)."""
     bottom: Backend
     if cache is not None and spec.store != "local":
         bottom = CachedStoreBackend(spec, cache)
@@ -59,10 +64,10 @@ def build_stack(
             settings.write_cache_dir.mkdir(parents=True, exist_ok=True)
         if cache is not None:
             backend = RemoteWriteCache(
-                backend, spec, cache, settings.node_id, settings.write_cache_dir
+                backend, spec, cache, settings.node_id, settings.write_cache_dir, spares
             )
         else:
-            backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir)
+            backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir, spares)
     return backend
 
 
@@ -161,6 +166,8 @@ class SessionManager:
         # Why the last open of a token failed, for the client (e.g. "cache node X holding
         # write cache K is not alive"); kept until that token opens.
         self.refusals: dict[str, str] = {}
+        # Files for the disk mirrors of write caches, made ahead of the first writes.
+        self.spares = SpareFiles(settings.write_cache_dir)
 
     async def acquire(self, token: str, *, ready: bool = True) -> Session | None:
         """The session of ``token`` with one more connection on it; None for unknown tokens
@@ -212,7 +219,7 @@ class SessionManager:
         if token in self.sessions or (lock is not None and lock.locked()):
             return self.sessions.get(token)
         try:
-            backend = build_stack(spec, self.settings, self.cache)
+            backend = build_stack(spec, self.settings, self.cache, self.spares)
         except (OSError, ValueError) as e:
             log.error("cannot open announced session %s: %s", spec.session_id, e)
             return None
@@ -268,7 +275,7 @@ class SessionManager:
                 if spec is None:
                     return None
             try:
-                backend = build_stack(spec, self.settings, self.cache)
+                backend = build_stack(spec, self.settings, self.cache, self.spares)
             except (OSError, ValueError) as e:
                 log.error("cannot open session %s: %s", spec.session_id, e)
                 return None
@@ -467,4 +474,6 @@ class SessionManager:
             await asyncio.gather(*tasks, return_exceptions=True)
         for s in list(sessions if sessions is not None else self.sessions.values()):
             self.close(s)
+        if sessions is None:
+            self.spares.close()
         await self.drain_events()

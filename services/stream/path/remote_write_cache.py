@@ -35,6 +35,7 @@ from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
 from services.stream.path.outage import RETRY_FIRST_S, keep_asking, retried_while_away
+from services.stream.path.spare_files import SpareFiles
 from services.stream.path.unflushed import Unflushed, merge
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
@@ -67,10 +68,11 @@ class RemoteWriteCache(WriteCache):
         link: CacheLink,
         node_id: str,
         directory: Path | None,
+        spares: SpareFiles | None = None,
     ) -> None:
         # The mirror: RAM for a RAM cache, an unlinked file beside it for a disk cache; made
         # by the first write or pull.
-        super().__init__(next_, spec.write_cache, directory)
+        super().__init__(next_, spec.write_cache, directory, spares)
         self.spec = spec
         self.client = link.client
         # Who attaches (sent with the open): the cache service tells the other stream

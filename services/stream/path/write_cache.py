@@ -15,7 +15,6 @@ sharing this cache never see a half-applied write.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from services.cache.block_map import BLOCK, CLEAN, DIRTY, ZEROED, BlockMap, blocks_of
@@ -30,17 +29,19 @@ from services.stream.path.backend import (
     map_read_async,
     read_into,
 )
+from services.stream.path.spare_files import SpareFiles, unlinked_file
 
 
-def new_cache_file(kind: str, directory: Path | None, size: int) -> int:
+def new_cache_file(
+    kind: str, directory: Path | None, size: int, spares: SpareFiles | None = None
+) -> int:
     """The file a write cache holds its blocks in: a memfd (``server-ram``) or an unlinked
-    sparse temp file (``server-disk``: unlinked at once, so it vanishes with the process,
-    whatever happens)."""
+    sparse file (``server-disk``: it vanishes with the process, whatever happens), one of
+    ``spares`` when given (made ahead: spare_files.py)."""
     if kind == "server-ram":
         fd = os.memfd_create("streamboot-wc", os.MFD_CLOEXEC)
     elif kind == "server-disk":
-        fd, name = tempfile.mkstemp(prefix="wc-", dir=directory)
-        os.unlink(name)
+        fd = spares.take() if spares is not None else unlinked_file(directory)
     else:
         raise ValueError(f"no in-process write cache of kind {kind!r}")
     try:
@@ -57,15 +58,17 @@ class WriteCache(Layer):
         next_: Backend,
         kind: str = "server-ram",
         directory: Path | None = None,
+        spares: SpareFiles | None = None,
     ) -> None:
         super().__init__(next_)
         if kind not in ("server-ram", "server-disk"):
             raise ValueError(f"no in-process write cache of kind {kind!r}")
         self.kind = kind
         self.directory = directory
-        # Made by the first change (_file): a disk file costs 0.13-0.22 ms to create here,
-        # which a storm of sessions opening at once paid before any handshake, and a
-        # session that only reads never needs it.
+        self.spares = spares
+        # Made by the first change (_file), from ``spares`` when they are given: a disk
+        # file costs 0.2-1.1 ms to create here, which a storm of sessions opening at once
+        # paid before any handshake, and a session that only reads never needs it.
         self.fd = -1
         self.state = BlockMap(blocks_of(self.size))
         self._touched = 0  # blocks not CLEAN; 0 means every read passes straight down
@@ -116,7 +119,7 @@ class WriteCache(Layer):
     def _file(self) -> int:
         """The cache's file, made at the first change."""
         if self.fd < 0:
-            self.fd = new_cache_file(self.kind, self.directory, self.size)
+            self.fd = new_cache_file(self.kind, self.directory, self.size, self.spares)
         return self.fd
 
     def _mark(self, first: int, stop: int, value: int) -> None:
