@@ -4,6 +4,7 @@
                                                        # streamboot; its BlocksRequested
                                                        # become bench/fixtures/demo-boot-trace.json
     uv run python bench/bootstorm.py run [--clients 1,10,50,200] [--paces recorded,fast]
+                                         [--pin]  # the replay client on a CPU of its own
 
 Servers, side by side in one run, each cold (fresh processes, empty caches) then warm (the
 same processes again, new sessions):
@@ -277,6 +278,28 @@ def embedded_nats(work: Path) -> Iterator[str]:
         loop.close()
 
 
+# --pin: (replay client's CPUs, servers' CPUs). The clients stand for other machines: on
+# their own CPU, never on a server's. Unpinned, the scheduler sometimes runs a one-client
+# replay on its server's CPU, which spares each request a wakeup across CPUs (here the
+# same replay: 15-16 ms that way, 20-21 ms across), and which server had that luck in its
+# best round can decide a close row.
+PIN: tuple[set[int], set[int]] | None = None
+
+
+def place(side: int) -> None:
+    """Run this process (and the servers it starts next) on the client's CPUs (side 0)
+    or the servers' (side 1), when pinned."""
+    if PIN is not None:
+        os.sched_setaffinity(0, PIN[side])
+
+
+def pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
 def run_clients(
     port: int, names: list[str], trace: list[Any], paced: bool, announce: Announce | None = None
 ) -> tuple[list[ReplayResult], float]:
@@ -289,7 +312,11 @@ def run_clients(
         results = await asyncio.gather(*(replay("127.0.0.1", port, n, trace, paced) for n in names))
         return list(results), time.perf_counter() - t0
 
-    return uvloop.run(storm())
+    place(0)
+    try:
+        return uvloop.run(storm())
+    finally:
+        place(1)
 
 
 def summarize(server: str, cache: str, pace: str, results: list[ReplayResult], wall: float) -> Row:
@@ -320,6 +347,7 @@ def bench(
     shutil.copyfile(image_src, image)
     assert image.stat().st_size == size, "the trace was recorded on another demo image"
     rows: list[Row] = []
+    place(1)
     with embedded_nats(work) as nats_url:
         ftp_port = free_port()
         ftpd = Proc(
@@ -493,11 +521,19 @@ def main() -> None:
         "--recorded-rounds", type=int, default=1,
         help="rounds at the recorded pace (7.3 s each; their differences are milliseconds)",
     )  # fmt: skip
+    run.add_argument(
+        "--pin", action="store_true",
+        help="the replay client on the last CPU, the servers on the others (see PIN)",
+    )  # fmt: skip
     run.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     if args.cmd == "record":
         record(args.out)
         return
+    global PIN
+    PIN = pinning(args.pin)
+    if PIN is not None:
+        print(f"pinned: replay client on CPU {sorted(PIN[0])}, servers on {sorted(PIN[1])}")
     work = Path(tempfile.mkdtemp(prefix="bootstorm-"))
     try:
         print(HEADER, flush=True)
