@@ -133,6 +133,23 @@ def test_qemu_io_patterns_read_back_on_second_connection(server: ServerThread) -
     )
 
 
+def test_a_zeroed_range_read_right_after_data_of_the_same_size_is_zeros(
+    server: ServerThread,
+) -> None:
+    # One connection, one request at a time: each copied read may reuse the reply buffer
+    # of the one before, which held data where these zero pieces are not read into.
+    uri = f"{server.nbd}/tok-a"
+    qemu_io(uri, "write -P 0x3c 5M 128k", "write -z 5373952 128k")
+    qemu_io(
+        uri,
+        "read -P 0x3c 5M 128k",
+        "read -P 0 5373952 128k",
+        "read -P 0x3c 5M 128k",
+        "read -P 0 5373952 128k",
+        read_only=True,
+    )
+
+
 def test_other_session_sees_none_of_the_writes(server: ServerThread, images) -> None:  # type: ignore[no-untyped-def]
     qemu_io(f"{server.nbd}/tok-b", "write -P 0x11 0 1M", "flush")
     qemu_io(f"{server.nbd}/tok-b", "read -P 0x11 0 1M", read_only=True)

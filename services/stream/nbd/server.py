@@ -39,6 +39,8 @@ SREAD_HDR = struct.Struct(">IHHQIQ")
 # Reads at least this large go out by sendfile when the transport can (RawTransport).
 SENDFILE_MIN = 64 * 1024
 ZEROS = memoryview(bytes(1024 * 1024))
+# A copied read's reply buffer up to this size is kept for the next (one per connection).
+MAX_SPARE_REPLY = 1024 * 1024 + 64
 GREETING = P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
 INFO_BLOCK_SIZE = P.INFO_BLOCK_SIZE_S.pack(
     P.INFO_BLOCK_SIZE, P.MIN_BLOCK, P.PREFERRED_BLOCK, P.MAX_BLOCK
@@ -71,6 +73,10 @@ class NbdConnection(Connection):
         self._disconnecting = False
         # Transmission began before the session finished attaching: requests wait.
         self._gated = False
+        # A copied read's reply buffer, used again by the next once the transport has sent
+        # it (_reply_buffer / end_batch), and the one lent out in this batch.
+        self._spare_reply: bytearray | None = None
+        self._lent_reply: bytearray | None = None
 
     # --- handshake -----------------------------------------------------------------------
 
@@ -338,14 +344,14 @@ class NbdConnection(Connection):
             return None
         if self.structured:
             hlen = SREAD_HDR.size
-            out = bytearray(hlen + length)
+            out = self._reply_buffer(hlen + length, pieces, hlen)
             SREAD_HDR.pack_into(
                 out, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
                 P.REPLY_TYPE_OFFSET_DATA, handle, 8 + length, offset,
             )  # fmt: skip
         else:
             hlen = SIMPLE.size
-            out = bytearray(hlen + length)
+            out = self._reply_buffer(hlen + length, pieces, hlen)
             SIMPLE.pack_into(out, 0, P.SIMPLE_REPLY_MAGIC, 0, handle)
         self.count_read(length)
         self.session.record("r", offset, length)
@@ -359,8 +365,38 @@ class NbdConnection(Connection):
             log.warning("read %d+%d failed: %s", offset, length, e)
             return self._error(handle, P.EIO, True, str(e))
         # Not in the page cache: read in a thread; later requests may be answered first.
+        if out is self._lent_reply:
+            self._lent_reply = None  # the thread fills it after this batch: not reused
         self.inflight += 1
         self.spawn(self._slow_read(handle, pieces, view, out, t0))
+
+    def _reply_buffer(self, size: int, pieces: list[Piece], hlen: int) -> bytearray:
+        """A buffer for a copied read's reply: the previous one again once the transport
+        has sent it (no allocation and zero fill of 128 KiB per read), else a new zeroed
+        one. One per batch is lent, and only on our own transport, whose queue says at the
+        batch's end whether the buffer was sent (end_batch)."""
+        if self._batch is None or not self.zero_copy or self._lent_reply is not None:
+            return bytearray(size)
+        out = self._spare_reply
+        self._spare_reply = None
+        if out is not None and len(out) == size:
+            pos = hlen
+            for fd, _off, n in pieces:  # read_into_nowait skips zero pieces: clear them
+                if fd == ZERO_FD:
+                    out[pos : pos + n] = bytes(n)
+                pos += n
+        elif size <= MAX_SPARE_REPLY:
+            out = bytearray(size)
+        else:
+            return bytearray(size)
+        self._lent_reply = out
+        return out
+
+    def end_batch(self) -> None:
+        super().end_batch()
+        lent, self._lent_reply = self._lent_reply, None
+        if lent is not None and not self.transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            self._spare_reply = lent
 
     def _read_zero_copy(self, handle: int, offset: int, length: int, pieces: list[Piece]) -> None:
         """Header from Python, data by sendfile straight from the page cache."""
