@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     stream_keepalive_count: int = 3
     # A session's state outlives its last connection this long (HTTP SAN -> NBD hand-off).
     stream_session_linger_s: float = 60.0
+    # Large NBD reads go out by sendfile once this many connections are open on a stream
+    # node, and are copied below that (docs/stream.md: "...once the node is busy").
+    stream_nbd_zero_copy_min_connections: int = 8
     # A session's writes, its open and its reads through the cache service wait this long
     # for a cache node that does not answer (restarting, stopped, NATS away) before they
     # fail with EIO (an open: the client is refused); once it answers they go on.

@@ -56,5 +56,6 @@ class StreamSettings:
             keepalive_interval_s=s.stream_keepalive_interval_s,
             keepalive_count=s.stream_keepalive_count,
             session_linger_s=s.stream_session_linger_s,
+            nbd_zero_copy_min_connections=s.stream_nbd_zero_copy_min_connections,
             write_cache_dir=s.data_path("stream", "write-cache"),
         )

@@ -1,0 +1,19 @@
+"""The stream node's settings come from the STREAMBOOT_* environment (shared/settings.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.stream.settings import StreamSettings
+from shared.settings import Settings
+
+
+def test_the_copy_to_sendfile_threshold_is_set_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("STREAMBOOT_STREAM_NBD_ZERO_COPY_MIN_CONNECTIONS", raising=False)
+    assert StreamSettings.from_settings(Settings()).nbd_zero_copy_min_connections == 8
+    monkeypatch.setenv("STREAMBOOT_STREAM_NBD_ZERO_COPY_MIN_CONNECTIONS", "1")
+    monkeypatch.setenv("STREAMBOOT_STREAM_SESSION_LINGER_S", "5")
+    s = StreamSettings.from_settings(Settings())
+    assert s.nbd_zero_copy_min_connections == 1 and s.session_linger_s == 5.0
