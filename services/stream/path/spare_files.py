@@ -45,9 +45,9 @@ def unlinked_file(directory: Path | None) -> int:
 
 
 class SpareFiles:
-    """Up to ``keep`` unlinked files in ``directory``, ready to be taken."""
+    """Up to ``keep`` unlinked files in ``directory`` (None: the temp dir), ready to be taken."""
 
-    def __init__(self, directory: Path, keep: int = KEEP) -> None:
+    def __init__(self, directory: Path | None, keep: int = KEEP) -> None:
         self.directory = directory
         self.keep = keep
         self._fds: list[int] = []
