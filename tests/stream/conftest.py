@@ -36,6 +36,15 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_open(fd: int) -> bool:
+    """Whether ``fd`` is still an open descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 class ServerThread:
     """StreamServers on a uvloop loop in a daemon thread."""
 

@@ -4,12 +4,12 @@ after (services/stream/path/cached_store.py: CacheLink.mirror / release_mirror).
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 from services.cache.client import CacheClient
 from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.spec import ExportSpec
+from tests.stream.conftest import is_open
 
 SIZE = 4 << 20
 IDLE_S = 0.2
@@ -20,14 +20,6 @@ def backend(link: CacheLink, version: int = 1) -> CachedStoreBackend:
         f"s-{version}", "golden", version, (Path("golden/v1.raw"),), SIZE, store="nas"
     )
     return CachedStoreBackend(spec, link)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 async def test_a_mirror_is_dropped_once_no_session_used_it_for_a_while(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import time
@@ -13,29 +12,15 @@ import pytest
 
 from services.stream.path import spare_files
 from services.stream.path.spare_files import SpareFiles
-from tests.stream.conftest import ServerThread
+from tests.conftest import wait_for
+from tests.stream.conftest import ServerThread, is_open
 from tests.stream.test_clients import qemu_io
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-async def until(check, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "not made in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_spares_are_made_ahead_taken_and_made_again(tmp_path: Path) -> None:
     spares = SpareFiles(tmp_path, keep=3)
     spares.make_when_quiet()
-    await until(lambda: len(spares._fds) == 3)
+    await wait_for(lambda: len(spares._fds) == 3, "spares made")
     ready = list(spares._fds)
     assert not os.listdir(tmp_path)  # no names: they vanish with the process
 
@@ -48,7 +33,7 @@ async def test_spares_are_made_ahead_taken_and_made_again(tmp_path: Path) -> Non
         assert os.pread(fd, 4096, i * 4096) == bytes([i]) * 4096
     assert not os.listdir(tmp_path)
 
-    await until(lambda: len(spares._fds) == 3)  # once the takes paused
+    await wait_for(lambda: len(spares._fds) == 3, "spares made again")  # once takes paused
     again = list(spares._fds)
     assert not set(again) & set(taken)
     spares.close()
@@ -79,7 +64,7 @@ async def test_a_directory_that_cannot_hold_files_is_an_error_at_the_first_write
 ) -> None:
     spares = SpareFiles(tmp_path / "gone")
     spares.make_when_quiet()
-    await until(lambda: "spare write-cache files not made" in caplog.text)
+    await wait_for(lambda: "spare write-cache files not made" in caplog.text, "the warning")
     assert str(tmp_path / "gone") in caplog.text and not spares._fds
     with pytest.raises(FileNotFoundError):
         spares.take()
