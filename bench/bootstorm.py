@@ -26,7 +26,9 @@ rounds, default 1) and ``fast`` (as fast as the client can; ``--rounds`` rounds,
 a small storm: ``fast_rounds``). Servers are interleaved round by round and the best round
 of each is kept: the machine is shared and short runs are noisy. Each client runs its trace
 at queue depth 1, like the recorded boot's order. Reported per row: per-client completion
-time p50/p99, request latency p50/p99, aggregate throughput, errors. The closing verdict
+time p50/p99, request latency p50/p99, aggregate throughput, errors, and the CPU time the
+server's processes used per client (streamboot: stream node, cache service, nats-server;
+the replay client's own is not counted). The closing verdict
 compares streamboot's p99 with nbdkit-cow's (best rounds, and the median round beside it);
 at the recorded pace a difference under the replay's timer resolution is called a tie.
 """
@@ -51,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import wait_port  # noqa: E402
+from bench.common import cpu_ms, wait_port  # noqa: E402
 from streamboot.block_replay import (  # noqa: E402
     SPLIT,
     ReplayResult,
@@ -174,6 +176,9 @@ class Row:
     # (the row's figures are its best round's).
     rounds: int = 1
     completion_p99_median: float = float("nan")
+    # CPU time the server's processes used per client (streamboot: stream node, cache
+    # service and nats-server); over the rounds of the row, their mean.
+    server_cpu_ms: float = float("nan")
 
 
 class Streamboot:
@@ -265,14 +270,16 @@ class Streamboot:
 
 
 @contextmanager
-def embedded_nats(work: Path) -> Iterator[str]:
+def embedded_nats(work: Path) -> Iterator[tuple[str, int]]:
+    """A nats-server for a benchmark: its URL and its pid."""
     from streamboot.embedded.nats import EmbeddedNats
 
     server = EmbeddedNats(work / "nats", port=free_port())
     loop = asyncio.new_event_loop()  # start and stop on one loop: it owns the child
     loop.run_until_complete(server.start(log_path=work / "nats.log"))
     try:
-        yield server.url
+        assert server.process is not None
+        yield server.url, server.process.pid
     finally:
         loop.run_until_complete(server.stop())
         loop.close()
@@ -319,7 +326,9 @@ def run_clients(
         place(1)
 
 
-def summarize(server: str, cache: str, pace: str, results: list[ReplayResult], wall: float) -> Row:
+def summarize(
+    server: str, cache: str, pace: str, results: list[ReplayResult], wall: float, cpu_ms: float
+) -> Row:
     lat = [x for r in results for x in r.latencies]
     errs = [r.error for r in results if r.error]
     return Row(
@@ -328,6 +337,7 @@ def summarize(server: str, cache: str, pace: str, results: list[ReplayResult], w
         percentile(lat, 50) * 1000, percentile(lat, 99) * 1000,
         sum(r.bytes for r in results) / wall / (1 << 20),
         sum(r.errors for r in results), errs[0] if errs else None,
+        server_cpu_ms=cpu_ms / len(results),
     )  # fmt: skip
 
 
@@ -348,13 +358,14 @@ def bench(
     assert image.stat().st_size == size, "the trace was recorded on another demo image"
     rows: list[Row] = []
     place(1)
-    with embedded_nats(work) as nats_url:
+    with embedded_nats(work) as (nats_url, nats_pid):
         ftp_port = free_port()
         ftpd = Proc(
             [sys.executable, "-m", "tests.cache.ftpd", str(store), str(ftp_port), str(FTP_DELAY_S)],
             log=work / "ftpd.log",
         )
         ftpd.ready_line()
+        rig = Rig(image, work, nats_url, nats_pid, ftp_port)
         try:
             for n in clients:
                 for pace in paces:
@@ -364,9 +375,7 @@ def bench(
                     n_rounds = recorded_rounds if pace == "recorded" else fast_rounds(n, rounds)
                     for r in range(n_rounds):
                         for server in servers:
-                            res = run_round(
-                                server, n, pace, trace, image, work, nats_url, ftp_port, r
-                            )
+                            res = run_round(server, n, pace, trace, rig, r)
                             for phase, row in res.items():
                                 got.setdefault((server, phase), []).append(row)
                     for key in got:
@@ -382,15 +391,34 @@ _runs = 0
 Announce = Callable[[list[str]], Awaitable[None]]
 
 
+@dataclass
+class Rig:
+    """What every server of a run shares: the image, a work dir, NATS and the FTP share."""
+
+    image: Path
+    work: Path
+    nats_url: str
+    nats_pid: int
+    ftp_port: int = 0
+
+
+@dataclass
+class Under:
+    """A server under test: its NBD port, for streamboot what announces a storm's sessions
+    before their clients connect, and the processes whose CPU time is the server's."""
+
+    port: int
+    announce: Announce | None
+    pids: list[int]
+
+
 @contextmanager
-def server_under_test(
-    server: str, image: Path, work: Path, nats_url: str, ftp_port: int, tokens: list[str]
-) -> Iterator[tuple[int, Announce | None]]:
-    """A fresh (cold) server; yields its NBD port and, for streamboot, what announces a
-    storm's sessions before their clients connect."""
+def server_under_test(server: str, rig: Rig, tokens: list[str]) -> Iterator[Under]:
+    """A fresh (cold) server."""
     global _runs
     _runs += 1
-    sub = work / f"{server}-{_runs}"
+    image, nats_url = rig.image, rig.nats_url
+    sub = rig.work / f"{server}-{_runs}"
     sub.mkdir()
     if server.startswith("streamboot"):
         from tests.cache.ftpd import url
@@ -400,9 +428,10 @@ def server_under_test(
         # path (what the cache service costs, by difference).
         inproc = server == "streamboot-inproc"
         announced = server in ("streamboot", "streamboot-ftp")
-        sb = Streamboot(sub, nats_url, image, store, tokens, url(ftp_port), inproc, announced)
+        sb = Streamboot(sub, nats_url, image, store, tokens, url(rig.ftp_port), inproc, announced)
         try:
-            yield sb.port, (sb.announce if announced else None)
+            pids = [sb.node.p.pid, sb.cache.p.pid, rig.nats_pid]
+            yield Under(sb.port, sb.announce if announced else None, pids)
         finally:
             sb.stop()
         return
@@ -415,25 +444,24 @@ def server_under_test(
     proc = Proc(args, log=sub / "nbdkit.log")
     try:
         wait_port(port)
-        yield port, None
+        yield Under(port, None, [proc.p.pid])
     finally:
         proc.stop()
 
 
 def run_round(
-    server: str, n: int, pace: str, trace: list[Any], image: Path, work: Path,
-    nats_url: str, ftp_port: int, round_: int,
-) -> dict[str, Row]:  # fmt: skip
+    server: str, n: int, pace: str, trace: list[Any], rig: Rig, round_: int
+) -> dict[str, Row]:
     """Cold (a fresh server) then warm (the same server again, new sessions)."""
     paced = pace == "recorded"
     tokens = {k: [f"{k}-{_runs}-{round_}-{i}" for i in range(n)] for k in ("cold", "warm")}
     out = {}
-    with server_under_test(
-        server, image, work, nats_url, ftp_port, tokens["cold"] + tokens["warm"]
-    ) as (port, announce):
+    with server_under_test(server, rig, tokens["cold"] + tokens["warm"]) as under:
         for phase in ("cold", "warm"):
-            res, wall = run_clients(port, tokens[phase], trace, paced, announce)
-            out[phase] = summarize(server, phase, pace, res, wall)
+            cpu0 = cpu_ms(under.pids)
+            res, wall = run_clients(under.port, tokens[phase], trace, paced, under.announce)
+            cpu = cpu_ms(under.pids) - cpu0
+            out[phase] = summarize(server, phase, pace, res, wall, cpu)
     return out
 
 
@@ -451,17 +479,20 @@ def best(rows: list[Row]) -> Row:
     keep.first_error = next((x.first_error for x in rows if x.first_error), None)
     keep.rounds = len(rows)
     keep.completion_p99_median = statistics.median(x.completion_p99 for x in rows)
+    # Per-round CPU is counted in 10 ms ticks: the mean over the rounds is the figure.
+    keep.server_cpu_ms = statistics.mean(x.server_cpu_ms for x in rows)
     return keep
 
 
-HEADER = f"{'server':<17} {'cache':<5} {'N':>4} {'pace':<8} {'compl p50 s':>11} {'p99 s':>7} {'lat p50 ms':>10} {'p99 ms':>7} {'MiB/s':>8} {'errors':>6}"
+HEADER = f"{'server':<17} {'cache':<5} {'N':>4} {'pace':<8} {'compl p50 s':>11} {'p99 s':>7} {'lat p50 ms':>10} {'p99 ms':>7} {'MiB/s':>8} {'errors':>6} {'CPU ms/cl':>9}"
 
 
 def fmt_row(r: Row) -> str:
     return (
         f"{r.server:<17} {r.cache:<5} {r.clients:>4} {r.pace:<8} {r.completion_p50:>11.3f} "
         f"{r.completion_p99:>7.3f} {r.latency_p50_ms:>10.3f} {r.latency_p99_ms:>7.3f} "
-        f"{r.mib_s:>8.1f} {r.errors:>6}" + (f"  ({r.first_error})" if r.first_error else "")
+        f"{r.mib_s:>8.1f} {r.errors:>6} {r.server_cpu_ms:>9.2f}"
+        + (f"  ({r.first_error})" if r.first_error else "")
     )
 
 

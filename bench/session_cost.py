@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,30 +26,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bootstorm import Streamboot, embedded_nats, run_clients, server_under_test  # noqa: E402
+from bench.bootstorm import (  # noqa: E402
+    Rig,
+    Streamboot,
+    embedded_nats,
+    run_clients,
+    server_under_test,
+)
+from bench.common import cpu_ms  # noqa: E402
 from streamboot.block_replay import Request, percentile  # noqa: E402
 from tests.cache.conftest import rss_mib  # noqa: E402
-
-TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ms(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_MS
-
-
-def nats_server_pid() -> int:
-    return int(subprocess.check_output(["pgrep", "-n", "nats-server"]).split()[0])
 
 
 def measure(pids: dict[str, int], action: object, sessions: int) -> dict[str, tuple[float, float]]:
     """(CPU ms, RSS MiB) per session that each process spent on ``action()``."""
-    cpu0 = {k: cpu_ms(p) for k, p in pids.items()}
+    cpu0 = {k: cpu_ms([p]) for k, p in pids.items()}
     rss0 = {k: rss_mib(p) for k, p in pids.items()}
     action()  # type: ignore[operator]
     time.sleep(1.0)  # the background part (files made after the open's reply...)
     return {
-        k: ((cpu_ms(p) - cpu0[k]) / sessions, (rss_mib(p) - rss0[k]) / sessions)
+        k: ((cpu_ms([p]) - cpu0[k]) / sessions, (rss_mib(p) - rss0[k]) / sessions)
         for k, p in pids.items()
     }
 
@@ -65,7 +60,7 @@ def client_trace(size: int) -> list[Request]:
     ]
 
 
-def run_size(work: Path, nats_url: str, size: int, sessions: int) -> None:
+def run_size(work: Path, nats_url: str, nats_pid: int, size: int, sessions: int) -> None:
     image = work / f"disk-{size}.raw"
     image.touch()
     os.truncate(image, size)
@@ -75,7 +70,7 @@ def run_size(work: Path, nats_url: str, size: int, sessions: int) -> None:
     sb = Streamboot(sub, nats_url, image, "local", tokens, None, announced=True)
     try:
         time.sleep(1.0)  # started: heartbeats and the like settle
-        pids = {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_server_pid()}
+        pids = {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_pid}
         opened = measure(pids, lambda: asyncio.run(sb.announce(tokens)), sessions)
         results: list[object] = []
         trace = client_trace(size)
@@ -88,8 +83,8 @@ def run_size(work: Path, nats_url: str, size: int, sessions: int) -> None:
         connect = [r.connect_s * 1000 for r in results]  # type: ignore[attr-defined]
     finally:
         sb.stop()
-    with server_under_test("nbdkit-cow", image, work, nats_url, 0, []) as (port, _):
-        peer = run_clients(port, [f"peer-{i}" for i in range(sessions)], trace, False)[0]
+    with server_under_test("nbdkit-cow", Rig(image, work, nats_url, nats_pid), []) as under:
+        peer = run_clients(under.port, [f"peer-{i}" for i in range(sessions)], trace, False)[0]
     peer_connect = [r.connect_s * 1000 for r in peer]
     gib = size / (1 << 30)
     for phase, got in (("open", opened), ("write", written)):
@@ -112,9 +107,9 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="session-cost-"))
     try:
-        with embedded_nats(work) as nats_url:
+        with embedded_nats(work) as (nats_url, nats_pid):
             for gib in (float(x) for x in args.sizes_gib.split(",")):
-                run_size(work, nats_url, int(gib * (1 << 30)), args.sessions)
+                run_size(work, nats_url, nats_pid, int(gib * (1 << 30)), args.sessions)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

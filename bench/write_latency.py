@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bootstorm import embedded_nats, server_under_test  # noqa: E402
+from bench.bootstorm import Rig, embedded_nats, server_under_test  # noqa: E402
 from services.stream.nbd import protocol as nbd  # noqa: E402
 from streamboot.block_replay import NbdExport, nbd_open, percentile  # noqa: E402
 
@@ -136,7 +136,8 @@ def run_server(
     image = work / "sparse.img"
     n = storm or sessions + WARMUP_SESSIONS
     tokens = [f"wl-{server}-{time.time_ns()}-{i}" for i in range(n)]
-    with server_under_test(server, image, work, nats_url, 0, tokens) as (port, announce):
+    with server_under_test(server, Rig(image, work, nats_url, 0), tokens) as under:
+        port, announce = under.port, under.announce
 
         async def one_by_one() -> list[dict[str, float]]:
             out = []
@@ -169,7 +170,7 @@ def main() -> None:
         work = Path(tmp)
         with open(work / "sparse.img", "wb") as f:
             f.truncate(SIZE)
-        with embedded_nats(work) as nats_url:
+        with embedded_nats(work) as (nats_url, _):
             res = {
                 s: run_server(
                     s, work, nats_url, args.sessions, args.gap_ms / 1000, args.storm, args.commits
