@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # Large NBD reads go out by sendfile once this many connections are open on a stream
     # node, and are copied below that (docs/stream.md: "...once the node is busy").
     stream_nbd_zero_copy_min_connections: int = 8
+    # A stream node with few connections polls this many microseconds after each request
+    # instead of sleeping, so the next one is read without a wake-up (docs/stream.md).
+    stream_busy_poll_us: int = 200
     # A session's writes, its open and its reads through the cache service wait this long
     # for a cache node that does not answer (restarting, stopped, NATS away) before they
     # fail with EIO (an open: the client is refused); once it answers they go on.

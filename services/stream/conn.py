@@ -109,6 +109,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
+        self.mgr.busy_poll.touch(self.loop)
         self.buf += data
         if self._waiter is not None and len(self.buf) >= self._want:
             self._wake()

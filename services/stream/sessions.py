@@ -16,6 +16,7 @@ from typing import Literal
 
 from opentelemetry import trace
 
+from services.stream.busy_poll import BusyPoll
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.path.chain import ChainBackend
@@ -168,6 +169,8 @@ class SessionManager:
         self.refusals: dict[str, str] = {}
         # Files for the disk mirrors of write caches, made ahead of the first writes.
         self.spares = SpareFiles(settings.write_cache_dir)
+        # Touched by every request: the loop polls a while after it (busy_poll.py).
+        self.busy_poll = BusyPoll(settings.busy_poll_s, self.connections)
 
     async def acquire(self, token: str, *, ready: bool = True) -> Session | None:
         """The session of ``token`` with one more connection on it; None for unknown tokens

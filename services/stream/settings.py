@@ -43,6 +43,9 @@ class StreamSettings:
     # reads: 17.8 ms against 20.2 at best, the same median); with many, sendfile spares the
     # CPU (200 clients at once: 1.9 s against 2.7 s, median of 4). docs/stream.md.
     nbd_zero_copy_min_connections: int = 8
+    # After a request the loop polls this long instead of sleeping, while fewer than
+    # busy_poll.MAX_CONNECTIONS connections are open (services/stream/busy_poll.py); 0 = off.
+    busy_poll_s: float = 200e-6
 
     @classmethod
     def from_settings(cls, s: Settings) -> StreamSettings:
@@ -57,5 +60,6 @@ class StreamSettings:
             keepalive_count=s.stream_keepalive_count,
             session_linger_s=s.stream_session_linger_s,
             nbd_zero_copy_min_connections=s.stream_nbd_zero_copy_min_connections,
+            busy_poll_s=s.stream_busy_poll_us / 1e6,
             write_cache_dir=s.data_path("stream", "write-cache"),
         )

@@ -31,6 +31,7 @@ from services.stream.spec import ExportSpec, NullSink, StaticResolver
 from services.stream.takeover import listen_for_takeovers
 from shared.events import Event, envelope
 from shared.service import freeze_startup_heap
+from shared.settings import Settings
 
 
 class BusSink:
@@ -71,6 +72,8 @@ async def serve(args: argparse.Namespace) -> None:
         http_port=0,
         session_linger_s=args.linger,
         node_id=args.node_id or "stream",
+        # As the stream service has it, so STREAMBOOT_STREAM_BUSY_POLL_US reaches a bench.
+        busy_poll_s=Settings().stream_busy_poll_us / 1e6,
     )
     sink = BusSink(nc) if args.publish_events else NullSink()
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)

@@ -17,3 +17,12 @@ def test_the_copy_to_sendfile_threshold_is_set_from_the_environment(
     monkeypatch.setenv("STREAMBOOT_STREAM_SESSION_LINGER_S", "5")
     s = StreamSettings.from_settings(Settings())
     assert s.nbd_zero_copy_min_connections == 1 and s.session_linger_s == 5.0
+
+
+def test_the_busy_poll_window_is_set_in_microseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STREAMBOOT_STREAM_BUSY_POLL_US", raising=False)
+    assert StreamSettings.from_settings(Settings()).busy_poll_s == pytest.approx(200e-6)
+    monkeypatch.setenv("STREAMBOOT_STREAM_BUSY_POLL_US", "0")  # off
+    assert StreamSettings.from_settings(Settings()).busy_poll_s == 0
+    monkeypatch.setenv("STREAMBOOT_STREAM_BUSY_POLL_US", "50")
+    assert StreamSettings.from_settings(Settings()).busy_poll_s == pytest.approx(50e-6)

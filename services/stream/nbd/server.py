@@ -271,6 +271,7 @@ class NbdConnection(Connection):
         if not self.transmitting:
             return super().data_received(data)
         self.last = self.loop.time()
+        self.mgr.busy_poll.touch(self.loop)
         self.buf += data
         if not self._gated:
             self._process()
