@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     stream_session_linger_s: float = 60.0
     # Large NBD reads go out by sendfile once this many connections are open on a stream
     # node, and are copied below that (docs/stream.md: "...once the node is busy").
-    stream_nbd_zero_copy_min_connections: int = 8
+    stream_nbd_zero_copy_min_connections: int = 1
     # A stream node with few connections polls this many microseconds after each request
     # instead of sleeping, so the next one is read without a wake-up (docs/stream.md).
     stream_busy_poll_us: int = 200

@@ -37,12 +37,12 @@ class StreamSettings:
     # NBD over our own socket transport, so large clean reads go out by sendfile
     # (services/stream/rawtransport.py); False = uvloop's transports (copies every reply).
     nbd_zero_copy: bool = True
-    # ...once this many connections are open on the node. With a few clients the CPU waits
-    # for them, and a copy (one preadv, one sendmsg) answers a read sooner than the reply
-    # header, sendfile and its page-cache probes (one client replaying the boot trace's
-    # reads: 17.8 ms against 20.2 at best, the same median); with many, sendfile spares the
-    # CPU (200 clients at once: 1.9 s against 2.7 s, median of 4). docs/stream.md.
-    nbd_zero_copy_min_connections: int = 8
+    # ...once this many connections are open on the node (below: one preadv + sendmsg
+    # copy). 1 = always: fio's libnbd client reads faster by sendfile at every size and
+    # depth measured (128 KiB at queue depth 1: 1904 MiB/s against 1442; 1 MiB x 8: 4380
+    # against 1195), and the boot trace's replay by one client is the same either way
+    # once the node polls after requests (docs/stream.md).
+    nbd_zero_copy_min_connections: int = 1
     # After a request the loop polls this long instead of sleeping, while fewer than
     # busy_poll.MAX_CONNECTIONS connections are open (services/stream/busy_poll.py); 0 = off.
     busy_poll_s: float = 200e-6

@@ -25,7 +25,6 @@ from tests.stream.nbdraw import RawNbd
 def server(make_server, request) -> ServerThread:  # type: ignore[no-untyped-def]
     return make_server(
         nbd_zero_copy=request.param,
-        nbd_zero_copy_min_connections=1,  # sendfile whenever zero-copy is on
         handshake_timeout_s=1.0,
         idle_timeout_s=1.0,
         stall_timeout_s=1.0,

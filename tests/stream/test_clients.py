@@ -41,10 +41,11 @@ def qemu_io(uri: str, *commands: str, read_only: bool = False) -> str:
 
 
 TRANSPORTS = {
-    # Our own transport, large reads by sendfile however few clients there are...
-    "sendfile": {"nbd_zero_copy": True, "nbd_zero_copy_min_connections": 1},
-    # ...as configured by default: with a few clients, reads are copied (one sendmsg)...
-    "raw-copy": {"nbd_zero_copy": True},
+    # Our own transport as configured by default: large reads by sendfile...
+    "sendfile": {"nbd_zero_copy": True},
+    # ...the same copying every read (one preadv + sendmsg), as below a raised
+    # STREAMBOOT_STREAM_NBD_ZERO_COPY_MIN_CONNECTIONS...
+    "raw-copy": {"nbd_zero_copy": True, "nbd_zero_copy_min_connections": 1_000_000},
     # ...and uvloop's transports.
     "uvloop": {"nbd_zero_copy": False},
 }
