@@ -21,7 +21,6 @@ from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.path.chain import ChainBackend
 from services.stream.path.profile_hint import ProfileHint
-from services.stream.path.read_cache import ReadCache
 from services.stream.path.remote_write_cache import RemoteWriteCache, attach_stack
 from services.stream.path.spare_files import SpareFiles
 from services.stream.path.write_cache import WriteCache
@@ -42,10 +41,11 @@ def build_stack(
     cache: CacheLink | None = None,
     spares: SpareFiles | None = None,
 ) -> Backend:
-    """write cache -> read cache -> version chain (no write cache on a read-only export).
+    """write cache -> version chain (no write cache on a read-only export).
 
     With a cache service (``cache``), server-side write caches live there (a local mirror
-    keeps reads fast) and a vdisk of a non-local store is read through its read cache.
+    keeps reads fast) and a vdisk of a non-local store is read through its shared read
+    cache instead of a chain; a local vdisk's shared read cache is its files' page cache.
     ``spares``: disk files made ahead for the write cache (spare_files.py)."""
     bottom: Backend
     if cache is not None and spec.store != "local":
@@ -54,7 +54,7 @@ def build_stack(
         bottom = ChainBackend(spec.layers)
         if cache is not None:
             bottom = ProfileHint(bottom, spec, cache)
-    backend: Backend = ReadCache(bottom)
+    backend = bottom
     if backend.size != spec.size:
         backend.close()
         raise ValueError(

@@ -9,7 +9,6 @@ import pytest
 
 from services.stream.path.backend import STATE_HOLE, STATE_ZERO
 from services.stream.path.chain import ChainBackend
-from services.stream.path.read_cache import ReadCache
 from services.stream.path.write_cache import WriteCache
 from shared.vdisk_layout import ZERO_FD, LayoutError, open_chain, write_delta
 
@@ -112,7 +111,7 @@ def test_malformed_layers_are_refused(tmp_path: Path) -> None:
 async def test_write_cache_layer(tmp_path: Path, kind: str) -> None:
     image = os.urandom(4 * BS)
     base = make(tmp_path / "base.raw", image)
-    wc = WriteCache(ReadCache(ChainBackend([base])), kind, tmp_path)
+    wc = WriteCache(ChainBackend([base]), kind, tmp_path)
     want = bytearray(image)
     await wc.zero(BS, BS)  # whole blocks: a mark, no data
     assert await wc.pread(0, 2 * BS) == image[:BS] + bytes(BS)

@@ -6,7 +6,7 @@ A backend is a small table of callbacks: ``size``, the ``can_*`` capability prob
 the next backend and passes every callback it does not change down to it, so the session
 stack reads::
 
-    WriteCache -> ReadCache -> ChainBackend (version chain) -> files of the vdisk store
+    WriteCache -> ChainBackend (version chain) -> files of the vdisk store
 
 Why ``map_read`` is synchronous and returns pieces instead of bytes: the read of a clean
 block is the hot path. The servers ask the stack *where* the bytes are (pieces
