@@ -127,16 +127,15 @@ async def committing_session(port: int, token: str, commits: int) -> dict[str, l
 
 
 def run_server(
-    server: str, work: Path, nats_url: str, sessions: int, gap_s: float, storm: int, commits: int
+    server: str, rig: Rig, sessions: int, gap_s: float, storm: int, commits: int
 ) -> dict[str, list[float]]:
     """Each case's latencies (ms): over the sessions after the warm-up ones, or (``storm``)
     over every request of the ``storm`` concurrent sessions."""
     import uvloop
 
-    image = work / "sparse.img"
     n = storm or sessions + WARMUP_SESSIONS
     tokens = [f"wl-{server}-{time.time_ns()}-{i}" for i in range(n)]
-    with server_under_test(server, Rig(image, work, nats_url, 0), tokens) as under:
+    with server_under_test(server, rig, tokens) as under:
         port, announce = under.port, under.announce
 
         async def one_by_one() -> list[dict[str, float]]:
@@ -170,11 +169,10 @@ def main() -> None:
         work = Path(tmp)
         with open(work / "sparse.img", "wb") as f:
             f.truncate(SIZE)
-        with embedded_nats(work) as (nats_url, _):
+        with embedded_nats(work) as (nats_url, nats_pid):
+            rig = Rig(work / "sparse.img", work, nats_url, nats_pid)
             res = {
-                s: run_server(
-                    s, work, nats_url, args.sessions, args.gap_ms / 1000, args.storm, args.commits
-                )
+                s: run_server(s, rig, args.sessions, args.gap_ms / 1000, args.storm, args.commits)
                 for s in SERVERS
             }
     if args.storm:
