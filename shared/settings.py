@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     # A session's state outlives its last connection this long (HTTP SAN -> NBD hand-off).
     stream_session_linger_s: float = 60.0
     # Large NBD reads go out by sendfile once this many connections are open on a stream
-    # node, and are copied below that (docs/stream.md: "...once the node is busy").
+    # node, and are copied below that (docs/stream.md: "...and whatever the number of
+    # clients").
     stream_nbd_zero_copy_min_connections: int = 1
     # A stream node with few connections polls this many microseconds after each request
     # instead of sleeping, so the next one is read without a wake-up (docs/stream.md).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.settings import Settings
 
@@ -59,7 +60,15 @@ class StreamSettings:
             keepalive_interval_s=s.stream_keepalive_interval_s,
             keepalive_count=s.stream_keepalive_count,
             session_linger_s=s.stream_session_linger_s,
-            nbd_zero_copy_min_connections=s.stream_nbd_zero_copy_min_connections,
-            busy_poll_s=s.stream_busy_poll_us / 1e6,
             write_cache_dir=s.data_path("stream", "write-cache"),
+            **cls.tuning(s),
         )
+
+    @staticmethod
+    def tuning(s: Settings) -> dict[str, Any]:
+        """The data plane's tuning from STREAMBOOT_*, for a server built by hand (the
+        standalone server, the benches' test node) to take as the stream service does."""
+        return {
+            "nbd_zero_copy_min_connections": s.stream_nbd_zero_copy_min_connections,
+            "busy_poll_s": s.stream_busy_poll_us / 1e6,
+        }

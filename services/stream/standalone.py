@@ -35,14 +35,12 @@ async def serve(args: argparse.Namespace) -> None:
         size=size,
         write_cache=args.write_cache,
     )
-    env = Settings()  # the data plane's tuning, from STREAMBOOT_* as the stream service has it
     settings = StreamSettings(
         nbd_port=args.nbd_port,
         http_port=args.http_port,
         session_linger_s=args.linger,
         nbd_zero_copy=not args.no_zero_copy,
-        nbd_zero_copy_min_connections=env.stream_nbd_zero_copy_min_connections,
-        busy_poll_s=env.stream_busy_poll_us / 1e6,
+        **StreamSettings.tuning(Settings()),
     )
     servers = StreamServers(StaticResolver({args.token: spec}), NullSink(), settings)
     await servers.start()

@@ -67,15 +67,12 @@ async def serve(args: argparse.Namespace) -> None:
             servers.sessions.drop_unused_remote_sessions()
 
     nc = await nats.connect(args.nats_url, reconnected_cb=reconnected, max_reconnect_attempts=-1)
-    env = Settings()
     settings = StreamSettings(
         nbd_port=args.port,
         http_port=0,
         session_linger_s=args.linger,
         node_id=args.node_id or "stream",
-        # The data plane's tuning from STREAMBOOT_*, as the stream service has it (benches).
-        nbd_zero_copy_min_connections=env.stream_nbd_zero_copy_min_connections,
-        busy_poll_s=env.stream_busy_poll_us / 1e6,
+        **StreamSettings.tuning(Settings()),  # so STREAMBOOT_* reaches the benches
     )
     sink = BusSink(nc) if args.publish_events else NullSink()
     servers = StreamServers(StaticResolver(load_exports(Path(args.exports))), sink, settings)
