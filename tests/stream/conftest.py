@@ -74,13 +74,19 @@ class ServerThread:
 
         return self.call(snapshot)
 
+    def wait_until(self, check: Callable[[], Any], what: str, timeout_s: float = 5.0) -> None:
+        """Until ``check()`` (run on the server's loop) is true; fails naming ``what``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.call(check):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
     def wait_idle(self, timeout_s: float = 10.0) -> None:
         """Until every connection has ended here: a client program that has exited may
         not have had its socket's end read by the server yet."""
-        deadline = time.monotonic() + timeout_s
-        while self.call(lambda: len(self.servers.sessions.connections)):
-            assert time.monotonic() < deadline, "connections still open"
-            time.sleep(0.02)
+        self.wait_until(
+            lambda: not self.servers.sessions.connections, "connections still open", timeout_s
+        )
 
     def live_sessions(self) -> set[str]:
         return self.call(lambda: {s.session_id for s in self.servers.sessions.sessions.values()})
