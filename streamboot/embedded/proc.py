@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import os
 import pwd
+import random
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -149,18 +150,39 @@ async def spawn(
     return ManagedProcess(name=name, process=process, stop_signal=stop_signal, log_path=log_path)
 
 
+# Ports picked for ``*_PORT=0`` lie from here up to the kernel's ephemeral range.
+PICKED_PORT_FLOOR = 20000
+
+
+def ephemeral_port_floor() -> int:
+    """The lowest port the kernel gives outgoing connections (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now for TCP and UDP on `host` (tests, `*_PORT=0`; TFTP/DHCP are UDP)."""
-    while True:
+    """A port free right now for TCP and UDP on `host` (tests, `*_PORT=0`; TFTP/DHCP are UDP).
+
+    Picked below the kernel's ephemeral range: a port from ``bind(0)`` is an ephemeral one,
+    which any process's outgoing connection may be given before our server binds it (seen:
+    `streamboot up`'s registry API port, "address already in use")."""
+    top = ephemeral_port_floor()
+    for _ in range(1000 if top > PICKED_PORT_FLOOR else 0):
+        port = random.randrange(PICKED_PORT_FLOOR, top)
+        if free_for_both(host, port):
+            return port
+    while True:  # no room below the ephemeral range: any free port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
-            port: int = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
+            port = tcp.getsockname()[1]
+        if free_for_both(host, port):
+            return port
+
+
+def free_for_both(host: str, port: int) -> bool:
+    return not port_in_use(host, port) and not port_in_use(host, port, udp=True)
 
 
 def port_in_use(host: str, port: int, udp: bool = False) -> bool:
