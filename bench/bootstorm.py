@@ -4,7 +4,7 @@
                                                        # streamboot; its BlocksRequested
                                                        # become bench/fixtures/demo-boot-trace.json
     uv run python bench/bootstorm.py run [--clients 1,10,50,200] [--paces recorded,fast]
-                                         [--pin]  # the replay client on a CPU of its own
+                                         [--no-pin]  # let the scheduler place the client
 
 Servers, side by side in one run, each cold (fresh processes, empty caches) then warm (the
 same processes again, new sessions):
@@ -285,11 +285,16 @@ def embedded_nats(work: Path) -> Iterator[tuple[str, int]]:
         loop.close()
 
 
-# --pin: (replay client's CPUs, servers' CPUs). The clients stand for other machines: on
-# their own CPU, never on a server's. Unpinned, the scheduler sometimes runs a one-client
-# replay on its server's CPU, which spares each request a wakeup across CPUs (here the
-# same replay: 15-16 ms that way, 20-21 ms across), and which server had that luck in its
-# best round can decide a close row.
+# Pinned (the default; --no-pin to turn it off): (replay client's CPUs, servers' CPUs).
+# The clients stand for other machines: on their own CPU, never on a server's. Unpinned,
+# where the scheduler puts a one-client replay decides a close row. The warm replay, 16
+# rounds each, best / median round in ms, local store then FTP store: all on one CPU
+# 25.0 / 28.8 and 24.2 / 33.7; the client on a CPU of its own 17.6 / 22.2 and 18.1 / 24.6;
+# unpinned 17.1 / 21.9 and 22.2 / 29.0. So unpinned, the FTP server's warm replay (after a
+# cold phase spent mostly waiting on the store) often ran as if packed onto one CPU with
+# its client; this machine's kernel packs lightly loaded tasks onto few vCPUs
+# (sched_vcpu_pack), which would explain it. A remote client never shares a server's CPU:
+# the pinned run is the one that models a boot.
 PIN: tuple[set[int], set[int]] | None = None
 
 
@@ -553,7 +558,7 @@ def main() -> None:
         help="rounds at the recorded pace (7.3 s each; their differences are milliseconds)",
     )  # fmt: skip
     run.add_argument(
-        "--pin", action="store_true",
+        "--pin", action=argparse.BooleanOptionalAction, default=True,
         help="the replay client on the last CPU, the servers on the others (see PIN)",
     )  # fmt: skip
     run.add_argument("--json", type=Path, help="also write the rows here")
