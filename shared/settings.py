@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     stream_cache_outage_grace_s: float = 30.0
     cache_write_capacity: int = 8 << 30  # bytes one session's write cache may hold
     cache_read_capacity: int = 4 << 30  # bytes of the shared read cache, all versions
+    # A version's read cache that changed and then was quiet this long is fsynced and
+    # marked durable, so a machine restart (not only a clean stop) finds it warm; 0 = only
+    # at a clean stop (services/cache/read_cache.py, VersionCache).
+    cache_read_checkpoint_s: float = 10.0
     # A cache node with less free space than this (its disk for server-disk caches, its RAM
     # dir for server-ram) gets no new write cache while another live node has room.
     cache_min_free_bytes: int = 2 << 30

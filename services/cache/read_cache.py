@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -139,11 +141,16 @@ class VersionCache:
 
     They outlive the process: a cache service restarted (an upgrade, a crash restarted by
     compose or Nomad) finds its read cache warm, so the boots after it do not go back to a
-    slow store. ``state.json`` says when the files can be trusted: after a clean stop (both
-    fsynced), or on the same boot of the machine (a killed process leaves its writes in the
-    page cache, and a fill writes its blocks before their ``present`` bytes). After a
-    machine restart without a clean stop, the page cache may have lost blocks whose
-    ``present`` bytes reached the disk: the cache starts empty."""
+    slow store. ``state.json`` says when the files can be trusted: after a clean stop or a
+    checkpoint (both fsynced: any later boot), or on the same boot of the machine (a killed
+    process leaves its writes in the page cache, and a fill writes its blocks before their
+    ``present`` bytes). After a machine restart since the last checkpoint, the page cache
+    may have lost blocks whose ``present`` bytes reached the disk: the cache starts empty.
+
+    A *checkpoint* (:meth:`checkpoint`, once the version has been quiet a while) is what a
+    clean stop does, while the service runs, so a machine that goes down (a power cut
+    overnight) finds the cache warm. Before the files change again ``state.json`` stops
+    saying so (:meth:`_changing`): it never vouches for files that changed after it."""
 
     def __init__(self, key: str, info: dict[str, Any], chain: RemoteChain, folder: Path) -> None:
         self.key = key
@@ -160,8 +167,16 @@ class VersionCache:
         os.ftruncate(self.fd, self.size)
         os.ftruncate(self.present_fd, extents)
         self.present = bytearray(os.pread(self.present_fd, extents, 0) if kept else extents)
-        # From now on the files change: only this boot may trust them, until a clean stop.
-        _write_durably(self._state, json.dumps({"info": info, "boot_id": boot_id()}))
+        # Whether state.json says any boot may trust the files (a clean stop or checkpoint).
+        self.durable_on_disk = kept and self._state_says_durable()
+        if not self.durable_on_disk:  # files just made, or trusted by this boot only
+            self._write_state(durable=False)
+        # Changes to the files so far, and how many the last checkpoint covered.
+        self.changes = self.checkpointed = 0
+        self.last_change = time.monotonic()
+        # Held while the files are fsynced or closed: a checkpoint's thread and the close.
+        self._files_lock = threading.Lock()
+        self.closed = False
         self._filling: dict[int, asyncio.Future[None]] = {}
 
     @property
@@ -185,22 +200,78 @@ class VersionCache:
             and present.count(0) + present.count(1) == extents
         )
 
+    def _state_says_durable(self) -> bool:
+        try:
+            return json.loads(self._state.read_text()).get("clean") is True
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _write_state(self, durable: bool) -> None:
+        state: dict[str, Any] = {"info": self.info, "boot_id": boot_id()}
+        if durable:
+            state["clean"] = True
+        _write_durably(self._state, json.dumps(state))
+        self.durable_on_disk = durable
+
+    def _changing(self) -> None:
+        """The files are about to change: after a checkpoint, first say (on disk) that only
+        this boot may trust them; a machine restart before the next checkpoint must not
+        find a ``present`` byte whose blocks never reached the disk."""
+        if self.durable_on_disk:
+            self._write_state(durable=False)
+        self.changes += 1
+        self.last_change = time.monotonic()
+
+    def write_blocks(self, offset: int, data: bytes) -> None:
+        self._changing()
+        os.pwrite(self.fd, data, offset)
+
     def mark(self, first: int, stop: int, value: int) -> None:
         """Extents ``first..stop`` now are (1) or are not (0) in ``blocks.cache``."""
+        self._changing()
         self.present[first:stop] = bytes([value]) * (stop - first)
         os.pwrite(self.present_fd, self.present[first:stop], first)
+
+    def checkpoint_due(self, quiet_s: float) -> bool:
+        """Changed since the last checkpoint, and quiet for ``quiet_s`` since."""
+        return self.changes != self.checkpointed and (
+            time.monotonic() - self.last_change >= quiet_s
+        )
+
+    async def checkpoint(self) -> bool:
+        """What a clean stop does, while running: the files fsynced (in a thread), then
+        ``state.json`` says any later boot may use them. False when the files changed
+        meanwhile (the next quiet spell tries again) or the cache closed."""
+        covered = self.changes
+        if not await asyncio.to_thread(self._sync_files):
+            return False
+        if self.changes != covered or self.closed:
+            return False
+        # On the loop, so no change slips in between the check and the state it vouches for.
+        self._write_state(durable=True)
+        self.checkpointed = covered
+        return True
+
+    def _sync_files(self) -> bool:
+        with self._files_lock:
+            if self.closed:
+                return False
+            os.fsync(self.fd)
+            os.fsync(self.present_fd)
+            return True
 
     def close(self) -> None:
         """A clean stop: the files on disk, and ``state.json`` says any later boot may use them."""
         try:
-            os.fsync(self.fd)
-            os.fsync(self.present_fd)
-            state = {"info": self.info, "boot_id": boot_id(), "clean": True}
-            _write_durably(self._state, json.dumps(state))
+            if self.changes != self.checkpointed or not self.durable_on_disk:
+                self._sync_files()
+                self._write_state(durable=True)
         except OSError as e:
             log.warning("read cache of %s not kept for the next start: %s", self.key, e)
-        os.close(self.fd)
-        os.close(self.present_fd)
+        with self._files_lock:
+            self.closed = True
+            os.close(self.fd)
+            os.close(self.present_fd)
         self.chain.close()
 
 
@@ -348,7 +419,7 @@ class ReadCaches:
             data = await vc.chain.read(start, stop - start)
             self.store_bytes += len(data)
             if data.count(0) != len(data):
-                os.pwrite(vc.fd, data, start)
+                vc.write_blocks(start, data)
             vc.mark(a, b, 1)  # after the blocks: a killed process leaves no false "present"
             for i in range(a, b):
                 self.lru[(vc.key, i)] = None
@@ -370,6 +441,23 @@ class ReadCaches:
             vc.mark(i, i + 1, 0)  # before the hole: never "present" over a hole
             punch_hole(vc.fd, i * EXTENT, EXTENT)
             self.evicted_bytes += EXTENT
+
+    async def keep_durable(self, quiet_s: float) -> None:
+        """Forever: checkpoint every version whose cache changed and then was quiet for
+        ``quiet_s`` (VersionCache.checkpoint), so a machine restart finds it warm."""
+        while True:
+            await asyncio.sleep(quiet_s / 2)
+            for vc in list(self.versions.values()):
+                if not vc.checkpoint_due(quiet_s):
+                    continue
+                try:
+                    if await vc.checkpoint():
+                        log.info(
+                            "read cache of %s checkpointed: %d bytes kept across a machine "
+                            "restart", vc.key, vc.kept_bytes,
+                        )  # fmt: skip
+                except OSError as e:
+                    log.warning("read cache of %s: checkpoint failed: %s", vc.key, e)
 
     def close(self) -> None:
         for vc in self.versions.values():

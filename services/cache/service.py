@@ -594,6 +594,9 @@ async def start(rt: ServiceRuntime) -> None:
         log.info("cache: recovered %d write caches", len(svc.writes.caches))
     rt.spawn(svc.peers.run(), "cache-peers")
     rt.spawn(svc.follow_closed_sessions(), "cache-closed-sessions")
+    if rt.settings.cache_read_checkpoint_s > 0:
+        quiet_s = rt.settings.cache_read_checkpoint_s
+        rt.spawn(svc.reads.keep_durable(quiet_s), "read-cache-checkpoints")
     nc, q = rt.nc, wire.QUEUE
 
     def node(verb: str) -> str:

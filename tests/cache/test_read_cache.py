@@ -371,7 +371,51 @@ async def test_a_restarted_cache_service_finds_its_read_cache_warm(  # type: ign
         stats = (await s.stats())["read_cache"]
         if how == "machine-restarted":
             assert stats["store_bytes"] >= wanted, stats
-            assert "0 bytes kept from before" in s.cache_log().read_text()
+            assert "; 0 bytes kept from before" in s.cache_log().read_text()
         else:
             assert stats["store_bytes"] == 0 and stats["hit_bytes"] >= wanted, stats
             assert f"{wanted} bytes kept from before" in s.cache_log().read_text()
+
+
+@pytest.mark.parametrize("after", ["quiet", "changed"])
+async def test_a_checkpoint_keeps_the_read_cache_across_a_machine_restart(  # type: ignore[no-untyped-def]
+    system, vdisk, after: str
+) -> None:
+    """A read cache quiet for CACHE_READ_CHECKPOINT_S is fsynced and marked durable: the
+    cache service killed and the machine restarted (its page cache gone), the next boot
+    reads from the cache, not the store. Filled again after the checkpoint and then lost
+    the same way, it starts empty: the mark is withdrawn before the files change."""
+    expect = vdisk["full"].read_bytes()
+    trace = [(0, 1 << 20), (3 << 20, 256 << 10), (12 << 20, 512 << 10)]
+    wanted = sum(n for _o, n in trace)
+    async with ftp(vdisk["dir"], 0.0) as (_ftpd, url):
+        s = system(cache_stores=json.dumps({"ftp": url}), cache_read_checkpoint_s="2")
+        cache = await s.start_cache()
+        first, second = f"ck1-{after}", f"ck2-{after}"
+        ex = {**version2(first, store="ftp"), **version2(second, store="ftp")}
+        _node_a, uri_a = await s.start_node(ex, "a")
+        assert await asyncio.to_thread(replay, uri_a, first, trace, expect) == wanted
+
+        async def checkpointed() -> bool:
+            return "checkpointed" in await asyncio.to_thread(s.cache_log().read_text)
+
+        await wait_for(checkpointed, "a checkpoint of the read cache")
+        (state,) = s.data.glob("cache/read/*/state.json")
+        assert json.loads(state.read_text()).get("clean") is True
+        if after == "changed":
+            more = [(8 << 20, 256 << 10)]  # not cached yet: a fill after the checkpoint
+            assert await asyncio.to_thread(replay, uri_a, first, more, expect) == 256 << 10
+            assert "clean" not in json.loads(state.read_text())
+        cache.kill9()
+        forget_the_page_cache(s.data)
+        await s.start_cache()
+        _node_b, uri_b = await s.start_node(ex, "b")  # an empty mirror: all from the cache
+        assert await asyncio.to_thread(replay, uri_b, second, trace, expect) == wanted
+        stats = (await s.stats())["read_cache"]
+        log_text = s.cache_log().read_text()
+        if after == "quiet":
+            assert stats["store_bytes"] == 0 and stats["hit_bytes"] >= wanted, stats
+            assert f"{wanted} bytes kept from before" in log_text
+        else:
+            assert stats["store_bytes"] >= wanted, stats
+            assert "; 0 bytes kept from before" in log_text
