@@ -308,17 +308,21 @@ ALL_CPUS = os.sched_getaffinity(0)
 PIN: tuple[set[int], set[int]] | None = None
 
 
+def cpus(side: int) -> set[int]:
+    """The client's CPUs (side 0) or the servers' (side 1) while pinned, else all."""
+    return PIN[side] if PIN is not None else ALL_CPUS
+
+
 def place(side: int) -> None:
-    """Run this process (and the servers it starts next) on the client's CPUs (side 0)
-    or the servers' (side 1) while pinned, else anywhere."""
-    os.sched_setaffinity(0, PIN[side] if PIN is not None else ALL_CPUS)
+    """Run this process (and the servers it starts next) on ``cpus(side)``."""
+    os.sched_setaffinity(0, cpus(side))
 
 
 def place_process(pid: int) -> None:
     """Put a running server process (every thread of it) where servers go now."""
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            os.sched_setaffinity(int(tid), PIN[1] if PIN is not None else ALL_CPUS)
+            os.sched_setaffinity(int(tid), cpus(1))
         except ProcessLookupError:
             pass  # a thread that just ended
 

@@ -160,7 +160,8 @@ class VersionCache:
         self.folder = folder
         self._state = folder / "state.json"
         extents = -(-self.size // EXTENT)
-        kept = self._kept(extents)
+        state = self._kept_state(extents)
+        kept = state is not None
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if kept else os.O_TRUNC)
         self.fd = os.open(folder / "blocks.cache", flags, 0o600)
         self.present_fd = os.open(folder / "present", flags, 0o600)
@@ -168,7 +169,7 @@ class VersionCache:
         os.ftruncate(self.present_fd, extents)
         self.present = bytearray(os.pread(self.present_fd, extents, 0) if kept else extents)
         # Whether state.json says any boot may trust the files (a clean stop or checkpoint).
-        self.durable_on_disk = kept and self._state_says_durable()
+        self.durable_on_disk = state is not None and state.get("clean") is True
         if not self.durable_on_disk:  # files just made, or trusted by this boot only
             self._write_state(durable=False)
         # Changes to the files so far, and how many the last checkpoint covered.
@@ -183,15 +184,16 @@ class VersionCache:
     def kept_bytes(self) -> int:
         return sum(self.present) * EXTENT
 
-    def _kept(self, extents: int) -> bool:
-        """Whether the files a previous process left hold this version's blocks."""
+    def _kept_state(self, extents: int) -> dict[str, Any] | None:
+        """The ``state.json`` of files a previous process left holding this version's
+        blocks, or None when they cannot be trusted."""
         try:
             state = json.loads(self._state.read_text())
             present = (self.folder / "present").read_bytes()
             blocks = (self.folder / "blocks.cache").stat().st_size
         except (OSError, ValueError):
-            return False
-        return (
+            return None
+        trusted = (
             isinstance(state, dict)
             and state.get("info") == self.info
             and (state.get("clean") is True or state.get("boot_id") == boot_id() != "")
@@ -199,12 +201,7 @@ class VersionCache:
             and len(present) == extents
             and present.count(0) + present.count(1) == extents
         )
-
-    def _state_says_durable(self) -> bool:
-        try:
-            return json.loads(self._state.read_text()).get("clean") is True
-        except (OSError, ValueError, AttributeError):
-            return False
+        return state if trusted else None
 
     def _write_state(self, durable: bool) -> None:
         state: dict[str, Any] = {"info": self.info, "boot_id": boot_id()}
@@ -263,7 +260,7 @@ class VersionCache:
     def close(self) -> None:
         """A clean stop: the files on disk, and ``state.json`` says any later boot may use them."""
         try:
-            if self.changes != self.checkpointed or not self.durable_on_disk:
+            if not self.durable_on_disk:  # any change since a checkpoint withdrew the mark
                 self._sync_files()
                 self._write_state(durable=True)
         except OSError as e:
