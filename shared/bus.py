@@ -2,7 +2,8 @@
 
 Subjects (the whole map lives here so nobody invents a second one):
 - ``events.<Type>.<kind>``       JetStream stream EVENTS_STREAM: every event, after it is in the log
-- ``streamboot.events.append``    request/reply to the registry: append events to the log
+- ``streamboot.events.append.<service>``  request/reply to the registry: append events to the
+  log; the last token names the appending service, which the bus's permissions make true
 - ``streamboot.registry.<verb>``  request/reply: registry commands and queries
 - ``streamboot.cache.<verb>``     request/reply: cache commands (raw nats-py, data plane)
 - ``streamboot.cache.node.<node>.<verb>``  the same, to one cache node (services/cache/wire.py)
@@ -46,7 +47,19 @@ EVENTS_SUBJECTS = "events.>"
 # JetStream drops a re-published event id within this window; the relay's restarts fall
 # well inside it, and consumers dedupe by event id for anything older.
 EVENTS_DUPLICATE_WINDOW_S = 24 * 3600
-APPEND_SUBJECT = "streamboot.events.append"
+APPEND_PREFIX = "streamboot.events.append"
+# The services that append over the bus; the registry appends its own events in process.
+APPENDING_SERVICES = ("boot", "stream", "cache")
+
+
+def append_subject(service: str) -> str:
+    """Where ``service`` sends its events: one subject per service, so the registry knows
+    (and the bus's permissions guarantee) who appended."""
+    if service not in APPENDING_SERVICES:
+        raise ValueError(f"{service!r} does not append events over the bus")
+    return f"{APPEND_PREFIX}.{service}"
+
+
 HEARTBEAT_BUCKET = "streamboot_heartbeats"
 
 

@@ -18,7 +18,15 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from shared.bus import APPEND_SUBJECT, BusError, RemoteError, request_json, serve_json
+from shared.bus import (
+    APPEND_PREFIX,
+    APPENDING_SERVICES,
+    BusError,
+    RemoteError,
+    append_subject,
+    request_json,
+    serve_json,
+)
 from shared.envelope import Envelope
 from shared.event_store import ConcurrencyError, EventStore
 from shared.events import Event, envelope
@@ -32,13 +40,17 @@ async def serve_appends(
     store: EventStore,
     on_appended: Callable[[list[Envelope]], None] | None = None,
 ) -> Any:
-    """The registry's handler for ``streamboot.events.append`` (a queue group: replicas share).
+    """The registry's handler for ``streamboot.events.append.<service>`` (a queue group:
+    replicas share). The subject's last token names the appending service.
 
     Request: ``{"events": [Envelope...], "expected": {stream_id: version} | null}``.
     Reply: ``{"positions": [...], "versions": [...]}`` or an error with kind ``conflict``.
     """
 
-    async def handle(body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+    async def handle(body: dict[str, Any], msg: Msg) -> dict[str, Any]:
+        caller = msg.subject.rsplit(".", 1)[-1]
+        if caller not in APPENDING_SERVICES:
+            raise RemoteError(f"{caller!r} may not append events", "forbidden")
         events = [Envelope.model_validate(e) for e in body.get("events", [])]
         try:
             stored = await store.append(events, expected=body.get("expected"))
@@ -51,14 +63,17 @@ async def serve_appends(
             "versions": [e.version for e in stored],
         }
 
-    return await serve_json(nc, APPEND_SUBJECT, handle, queue="registry")
+    return await serve_json(nc, f"{APPEND_PREFIX}.*", handle, queue="registry")
 
 
 class EventClient:
-    """Emits events from any service into the log (through the registry)."""
+    """Emits a service's events into the log (through the registry's append handler)."""
 
-    def __init__(self, nc: NATS, *, timeout_s: float = 5.0, max_backoff_s: float = 5.0) -> None:
+    def __init__(
+        self, nc: NATS, service: str, *, timeout_s: float = 5.0, max_backoff_s: float = 5.0
+    ) -> None:
         self._nc = nc
+        self._subject = append_subject(service)
         self._timeout_s = timeout_s
         self._max_backoff_s = max_backoff_s
 
@@ -97,7 +112,7 @@ class EventClient:
         while True:
             try:
                 reply = await request_json(
-                    self._nc, APPEND_SUBJECT, payload, timeout_s=self._timeout_s
+                    self._nc, self._subject, payload, timeout_s=self._timeout_s
                 )
                 return [
                     e.model_copy(update={"position": p, "version": v})

@@ -84,7 +84,7 @@ class ServiceRuntime:
         )
         self.js = self.nc.jetstream()
         await bus.ensure_event_stream(self.js)
-        self.events = EventClient(self.nc)
+        self.events = EventClient(self.nc, self.name)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -181,7 +181,7 @@ async def test_client_gone_closes_after_grace_only(registry: Registry, nc: Any) 
     await node.beat()  # n1 is alive: its attachments count
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
     sid = s["session_id"]
-    events = EventClient(nc)
+    events = EventClient(nc, "stream")
     att = {"session_id": sid, "stream_node": "n1", "client_addr": "127.0.0.1:5000"}
     await events.emit(SessionAttached(protocol="http", **att), correlation_id=sid)
     detached = await events.emit(
@@ -218,7 +218,7 @@ async def test_attachments_on_a_dead_stream_node_do_not_keep_a_session(
     await node.beat()
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
     sid = s["session_id"]
-    attached = await EventClient(nc).emit(
+    attached = await EventClient(nc, "stream").emit(
         SessionAttached(
             session_id=sid, stream_node="doomed", protocol="nbd", client_addr="10.0.0.9:1"
         ),
@@ -243,7 +243,7 @@ async def test_attachments_from_before_a_stream_node_restart_are_stale(
     await seed(registry, registry.data_dir, MAC)
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
     sid = s["session_id"]
-    attached = await EventClient(nc).emit(
+    attached = await EventClient(nc, "stream").emit(
         SessionAttached(session_id=sid, stream_node="phoenix", protocol="nbd", client_addr="a:1"),
         correlation_id=sid,
     )
