@@ -216,6 +216,46 @@ def commit_staged(root: Path, name: str, staging: str, layer: str) -> list[Path]
     return moved
 
 
+BOOT_FILES = ("vmlinuz", "initrd")
+
+
+def boot_dir(root: Path, name: str, version: int) -> Path:
+    """Where a version's kernel and initramfs are kept (the boot service serves them)."""
+    return root / name / "boot" / f"v{version}"
+
+
+def staged_boot_files(root: Path, name: str, staging: str) -> dict[str, object]:
+    """Sizes and sha256 of the kernel and initramfs an import staged in ``boot/`` (the
+    registry's own reading, not the importer's word); a lone or odd file is refused."""
+    staged_files(root, name, staging)  # checks the staging dir's name
+    sdir = root / name / staging / "boot"
+    found: dict[str, object] = {}
+    for fname in BOOT_FILES:
+        path = sdir / fname
+        if path.is_symlink() or not path.is_file():
+            raise invalid(f"staged import {staging!r} of {name!r} lacks its boot file {fname}")
+        found[f"{'kernel' if fname == 'vmlinuz' else 'initrd'}_size"] = path.stat().st_size
+        found[f"{'kernel' if fname == 'vmlinuz' else 'initrd'}_sha256"] = _hash(
+            path, path.stat().st_size, _no_progress
+        )
+    return found
+
+
+def commit_boot_files(root: Path, name: str, staging: str, version: int) -> list[Path]:
+    """Move a staged version's boot files into place; returns them (for undo)."""
+    target = boot_dir(root, name, version)
+    if target.exists():
+        raise DomainError(f"{target} already exists: the store and the log disagree", "conflict")
+    target.mkdir(parents=True)
+    moved = []
+    for fname in BOOT_FILES:
+        final = target / fname
+        (root / name / staging / "boot" / fname).rename(final)
+        final.chmod(0o644)
+        moved.append(final)
+    return moved
+
+
 def discard_staged(root: Path, name: str, staging: str) -> None:
     try:
         staged_files(root, name, staging)
