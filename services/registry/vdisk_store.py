@@ -14,6 +14,7 @@ Importing is two steps so that nothing is ever half-written:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.registry import boot_files
 from services.registry.domain.errors import DomainError, invalid, not_found
 from services.registry.domain.identity import check_name
 from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, open_chain, write_delta
@@ -46,6 +48,10 @@ class StagedVersion:
     checksum: str
     changed_blocks: int
     block_size: int
+    # What it holds to boot kernel-direct (boot_files.BootScan): the record for the
+    # registry, and warnings for the operator; the files are in the staging dir's boot/.
+    boot: dict[str, object] | None = None
+    boot_warnings: tuple[str, ...] = ()
 
 
 def _no_progress(_phase: str, _done: int, _total: int) -> None:
@@ -100,8 +106,10 @@ def stage_version(
     version: int,
     parent_chain: list[Path],
     progress: Progress = _no_progress,
+    kernel: str | None = None,
 ) -> StagedVersion:
-    """Write version ``version`` of ``name`` from ``source`` into a staging dir."""
+    """Write version ``version`` of ``name`` from ``source`` into a staging dir, with the
+    kernel and initramfs found in it (``kernel``: the operator's pick of version)."""
     check_name(name)
     source = Path(source)
     fmt, size = image_format(source)
@@ -120,6 +128,7 @@ def stage_version(
             else:
                 raw.rename(base)
                 checksum = _hash(base, size, progress)
+            found = scan_boot_files(base, staging, kernel, progress)
             return StagedVersion(
                 name=name,
                 version=1,
@@ -129,14 +138,32 @@ def stage_version(
                 checksum=f"sha256:{checksum}",
                 changed_blocks=-(-size // DEFAULT_BLOCK_SIZE),
                 block_size=DEFAULT_BLOCK_SIZE,
+                boot=found.record(),
+                boot_warnings=tuple(found.warnings),
             )
-        return delta_version(
+        found = scan_boot_files(raw, staging, kernel, progress)
+        staged = delta_version(
             staging, name, raw, version, parent_chain, progress, temporary=raw != source,
             unchanged=f"{source} is identical to version {version - 1} of {name!r}: no new version",
         )  # fmt: skip
+        return with_boot_files(staged, found)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def scan_boot_files(
+    image: Path, staging: Path, kernel: str | None, progress: Progress
+) -> boot_files.BootScan:
+    """Find the version's kernel and initramfs in its full image, copied to staging/boot."""
+    progress("boot files", 0, 1)
+    found = boot_files.scan(image, staging / "boot", kernel)
+    progress("boot files", 1, 1)
+    return found
+
+
+def with_boot_files(staged: StagedVersion, found: boot_files.BootScan) -> StagedVersion:
+    return dataclasses.replace(staged, boot=found.record(), boot_warnings=tuple(found.warnings))
 
 
 def delta_version(
