@@ -199,6 +199,7 @@ class RegistryApp:
         smbios_uuid: str | None = None,
         collection: str | None = None,
         tester: bool = False,
+        kernel_args: str | None = None,
     ) -> Record:
         stored = await self._execute(
             lambda p: devices.register(
@@ -208,6 +209,7 @@ class RegistryApp:
                 smbios_uuid=smbios_uuid,
                 collection=collection,
                 tester=tester,
+                kernel_args=kernel_args,
             )
         )
         return self.device_view(stored[0].data["mac"])
