@@ -231,36 +231,24 @@ def build_demo(
         str, typer.Option(help="server-ram|server-disk|client-ram|client-disk")
     ] = "server-disk",
     size_mib: Annotated[int, typer.Option(help="image size")] = 64,
-    handoff_url: Annotated[
-        str | None,
-        typer.Option(help="the boot service's /handoff URL (default: the running system's)"),
-    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Build a small bootable Linux (Debian kernel, busybox, syslinux, the NBD hand-off) and
-    import it, so a new user can PXE-boot a machine or VM within minutes."""
+    import it, so a new user can PXE-boot a machine or VM within minutes (kernel-direct:
+    the registry finds its kernel like any image's)."""
     import tempfile
 
     from streamboot.demo.image import DemoBuildError, build_demo_image, default_cache_dir
-    from streamboot.runtime import NotRunningError, load_runtime
 
     with cli_errors(as_json):
         check_name(name)
-        if handoff_url is None:
-            try:
-                boot_http = load_runtime(data_dir).get("endpoints", {}).get("boot_http")
-            except NotRunningError as exc:
-                raise ClientError(str(exc), "unreachable", EXIT_UNREACHABLE) from exc
-            handoff_url = f"{boot_http}/handoff" if boot_http else None
         cache = default_cache_dir()
         with tempfile.TemporaryDirectory(prefix="streamboot-demo-") as tmp:
             image = Path(tmp) / f"{name}.img"
             if not as_json:
-                console.print(f"building the demo image (hand-off {handoff_url or 'none'})...")
+                console.print("building the demo image...")
             try:
-                build_demo_image(
-                    image, name=name, size_mib=size_mib, cache_dir=cache, handoff_url=handoff_url
-                )
+                build_demo_image(image, name=name, size_mib=size_mib, cache_dir=cache)
             except DemoBuildError as exc:
                 raise ClientError(str(exc), "invalid") from exc
             import_image(image, data_dir, name, None, "standard", write_cache, "discard", as_json)

@@ -53,7 +53,9 @@ def ext4(image: Path, offset: int, size: int, source: Path) -> str:
         str(image), f"{size // 1024}k")  # fmt: skip
     # The UUID as e2fsprogs reports it (not the reader's own superblock parsing).
     head = run("dumpe2fs", "-h", f"{image}?offset={offset}")
-    return next(x.split(":", 1)[1].strip() for x in head.splitlines() if x.startswith("Filesystem UUID"))
+    return next(
+        x.split(":", 1)[1].strip() for x in head.splitlines() if x.startswith("Filesystem UUID")
+    )
 
 
 DEBIAN = {
@@ -141,7 +143,12 @@ def test_a_whole_disk_filesystem_is_the_root(tmp_path: Path) -> None:
 def test_no_kernel_and_unreadable_filesystems_are_told_not_raised(tmp_path: Path) -> None:
     image = disk(tmp_path / "none.img", 16, "label: dos\nstart=2048, type=83\n")
     [part] = read_partitions(image) or []
-    ext4(image, part.start, part.size, tree(tmp_path / "r", {"etc/x": b"1", "boot/vmlinuz-1.0": b"k"}))
+    ext4(
+        image,
+        part.start,
+        part.size,
+        tree(tmp_path / "r", {"etc/x": b"1", "boot/vmlinuz-1.0": b"k"}),
+    )
     found = scan(image, tmp_path / "out")
     assert found.kernel_version is None and found.kernels == ["1.0"]
     assert found.problem and "no initramfs" in found.problem
