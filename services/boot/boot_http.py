@@ -120,6 +120,22 @@ class BootHttp:
         want = entry.get("client_ip")
         return bool(self.check_client_address and want and want != request.client_ip)
 
+    async def abandon(self, nonce: str, mac: str, request: Request) -> None:
+        """A kernel-direct boot whose kernel did not load gives its nonce back: the nonce is
+        spent and its session closed, so the retry opens a new one at once. Only an unused
+        nonce of this MAC, from its address, does that."""
+        got = await self.handoffs.redeem(
+            nonce, request.client_ip if self.check_client_address else None
+        )
+        if got.outcome != "ok" or got.entry is None or got.entry.get("mac") != mac:
+            return
+        try:
+            await self.registry.close(got.entry["token"], "kernel-load-failed")
+            log.info("boot: %s could not load its kernel; session %s closed", mac,
+                     got.entry["session_id"])  # fmt: skip
+        except (RemoteError, ServiceUnavailable) as exc:
+            log.warning("boot: closing the abandoned session of %s failed: %s", mac, exc)
+
     async def redeem(self, request: Request) -> Response:
         """The initramfs trades its nonce for the session's export, once (docs/boot.md)."""
         nonce = request.query.get("nonce", "")
@@ -186,6 +202,8 @@ class BootHttp:
             uuid = None  # iPXE leaves ${uuid} empty or odd on some firmware: MAC is enough
         chosen = query.get("vdisk") or None
         retry = scripts.script_url(self.base_url, mac, uuid, chosen)
+        if _NONCE.match(query.get("abandon", "")):
+            await self.abandon(query["abandon"], mac, request)
         try:
             device = await self.registry.lookup(mac, uuid)
             if not device.vdisks:

@@ -4,7 +4,7 @@ iPXE and busybox wget send GET/HEAD and read one answer at a time; aiohttp is no
 dependency and a framework would be most of the code path. Each request's head is bounded
 (size and time); connections are kept alive (iPXE loads the kernel and the initramfs on one)
 until the client says ``Connection: close`` or idles. A file answer (:class:`FileSlice`) is
-streamed from the file (``sendfile`` where the loop has it), never read whole into memory,
+streamed from the file chunk by chunk, never read whole into memory,
 with ``Range`` (one range: 206 and ``Content-Range``; unsatisfiable: 416).
 """
 
@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 log = logging.getLogger("streamboot.boot.http")
 
 MAX_HEADER_BYTES = 16 * 1024
+FILE_CHUNK = 256 * 1024
 READ_TIMEOUT_S = 10.0
 REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
@@ -163,10 +164,15 @@ class HttpServer:
         try:
             writer.write(_head(response, keep, f.end - f.start))
             await writer.drain()
-            if not head_only and f.end > f.start:
-                with os.fdopen(os.dup(f.fd), "rb") as file:
-                    loop = asyncio.get_running_loop()
-                    await loop.sendfile(writer.transport, file, f.start, f.end - f.start)
+            pos = f.start
+            while not head_only and pos < f.end:
+                # Chunk by chunk, each sent before the next is read (uvloop has no sendfile).
+                data = os.pread(f.fd, min(FILE_CHUNK, f.end - pos), pos)
+                if not data:
+                    raise ConnectionError("the file shrank while it was sent")
+                writer.write(data)
+                await writer.drain()
+                pos += len(data)
         finally:
             os.close(f.fd)
 

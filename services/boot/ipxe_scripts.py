@@ -147,7 +147,8 @@ def kernel_command_line(boot: KernelBoot) -> str:
 
 def kernel_script(session: SessionInfo, boot: KernelBoot, *, retry_url: str) -> str:
     """Load the version's kernel and initramfs over HTTP and start the kernel, whose
-    initramfs redeems the nonce and attaches the root over NBD."""
+    initramfs redeems the nonce and attaches the root over NBD. When loading fails, the
+    retry gives the nonce back (``abandon=``): its session closes and a new one opens."""
     who = f" as {text(session.hostname)}" if session.hostname else ""
     kernel = f" (kernel {text(boot.kernel_version)})" if boot.kernel_version else ""
     return (
@@ -161,7 +162,7 @@ def kernel_script(session: SessionInfo, boot: KernelBoot, *, retry_url: str) -> 
         ":failed\n"
         "echo streamboot: loading the kernel failed; asking again in 10 seconds\n"
         "sleep 10\n"
-        f"chain {retry_url}\n"
+        f"chain {retry_url}&abandon={word(boot.nonce)}\n"
     )
 
 

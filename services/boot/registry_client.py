@@ -19,6 +19,7 @@ from shared.bus import request_json
 LOOKUP = "streamboot.registry.device.lookup"
 OPEN = "streamboot.registry.session.open"
 RESOLVE = "streamboot.registry.session.resolve"
+CLOSE = "streamboot.registry.session.close"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ class RegistryClient:
             write_cache_persistence=reply.get("write_cache_persistence") or "discard",
             boot=reply.get("boot"),
             kernel_args=reply.get("kernel_args"),
+        )
+
+    async def close(self, token: str, reason: str) -> None:
+        await request_json(
+            self.nc, CLOSE, {"token": token, "reason": reason}, timeout_s=self.timeout_s
         )
 
     async def resolve(self, token: str) -> dict[str, Any]:
