@@ -200,6 +200,7 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
 
     # The nonce: not from another address, then once, then never again.
     redeem = f"{boot.url}/session/redeem?nonce={nonce}"
+    assert (await curl("-I", redeem)).stdout.startswith("HTTP/1.1 405")  # spends nothing
     other = (await curl("-i", "--interface", "127.0.0.2", redeem)).stdout
     assert other.startswith("HTTP/1.1 403") and other.endswith("wrong client address\n")
     answer = (await curl("-i", redeem)).stdout
