@@ -159,7 +159,8 @@ class Gate:
             await reply(
                 send,
                 403,
-                f"token {name!r} has role {role}; {method} {path} needs {needed} or above",
+                f"token {name!r} has role {role}; {method} {audit_path(path)} needs {needed} "
+                "or above",
                 "forbidden",
             )
             return
