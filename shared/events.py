@@ -315,6 +315,38 @@ class PrefetchCompleted(Event):
     duration_ms: float
 
 
+# --- the admin API's tokens and what they did ------------------------------------------
+
+ApiRole = Literal["admin", "operator", "viewer"]
+
+
+class ApiTokenEvent(Event):
+    stream_kind: ClassVar[str] = "apitoken"
+    token_name: str
+
+
+class ApiTokenCreated(ApiTokenEvent):
+    role: ApiRole
+    # sha256 of the bearer token: the log never holds the token itself.
+    token_hash: str
+    created_by: str
+
+
+class ApiTokenRevoked(ApiTokenEvent):
+    revoked_by: str
+
+
+class AdminActionPerformed(ApiTokenEvent):
+    """A mutating admin API request and how it ended (the audit trail): by which token,
+    with which role. The path carries no secret (a session token in it is masked)."""
+
+    role: ApiRole
+    method: str
+    path: str
+    status: int
+    outcome: Literal["done", "refused", "failed"]
+
+
 def stream_id_for(event: Event) -> str:
     """The aggregate an event belongs to."""
     key: str
@@ -331,6 +363,8 @@ def stream_id_for(event: Event) -> str:
             key = event.mac
         case BootProfileUpdated() | PrefetchCompleted():
             key = f"{event.vdisk}@{event.version}"
+        case ApiTokenEvent():
+            key = event.token_name
         case _:
             key = "misc"
     return f"{event.stream_kind}-{key}"

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     postgres_bin_dir: Path | None = None
     # Bearer token of the admin API; `streamboot up` generates it into DATA_DIR/api-token.
     api_token: str | None = None
+    # The largest request body the admin API takes (413 past it); its bodies are small JSON.
+    api_max_body_bytes: int = 1 << 20
 
     # Control plane timing.
     heartbeat_interval_s: float = 2.0

@@ -41,6 +41,11 @@ class Projection:
         self.sessions: dict[str, Record] = {}
         self.session_by_mac: dict[str, str] = {}
         self.session_by_token_hash: dict[str, str] = {}
+        # Admin API tokens by name (revoked ones kept: a name is never reused), the live
+        # ones by hash, and when each name last did a mutating request.
+        self.api_tokens: dict[str, Record] = {}
+        self.api_token_by_hash: dict[str, str] = {}
+        self.api_token_last_action: dict[str, float] = {}
         self._handlers: dict[str, Callable[[Record, Any], None]] = {
             "DeviceRegistered": self._device_registered,
             "DeviceUpdated": self._device_updated,
@@ -61,6 +66,9 @@ class Projection:
             "SessionDetached": self._session_detached,
             "SessionClosed": self._session_closed,
             "BlocksRequested": self._session_active,
+            "ApiTokenCreated": self._api_token_created,
+            "ApiTokenRevoked": self._api_token_revoked,
+            "AdminActionPerformed": self._admin_action,
         }
         # Events that a replay applies from their stream's key, without decoding their data:
         # block batches are most of a log, and their extents the costliest data to decode.
@@ -354,6 +362,29 @@ class Projection:
                     "write_cache": s["write_cache"],
                 }
 
+    # --- admin API tokens -------------------------------------------------------------
+
+    def _api_token_created(self, d: Record, when: Any) -> None:
+        name = d["token_name"]
+        self.api_tokens[name] = {
+            "name": name,
+            "role": d["role"],
+            "token_hash": d["token_hash"],
+            "created_by": d["created_by"],
+            "created_at": _ts(when),
+            "revoked_at": None,
+        }
+        self.api_token_by_hash[d["token_hash"]] = name
+
+    def _api_token_revoked(self, d: Record, when: Any) -> None:
+        t = self.api_tokens.get(d["token_name"])
+        if t is not None and t["revoked_at"] is None:
+            t["revoked_at"] = _ts(when)
+            self.api_token_by_hash.pop(t["token_hash"], None)
+
+    def _admin_action(self, d: Record, when: Any) -> None:
+        self.api_token_last_action[d["token_name"]] = _ts(when)
+
     # --- queries used by decisions and views ------------------------------------------
 
     def device_by_uuid(self, smbios_uuid: str) -> Record | None:
@@ -393,4 +424,7 @@ class Projection:
             "sessions": self.sessions,
             "session_by_mac": self.session_by_mac,
             "session_by_token_hash": self.session_by_token_hash,
+            "api_tokens": self.api_tokens,
+            "api_token_by_hash": self.api_token_by_hash,
+            "api_token_last_action": self.api_token_last_action,
         }

@@ -52,13 +52,15 @@ class Registry:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=30)
 
-    async def cli(self, *args: str, timeout_s: float = 120) -> tuple[int, str, str]:
+    async def cli(
+        self, *args: str, timeout_s: float = 120, env: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
         """Run the real `streamboot` CLI against this registry (without blocking the loop
-        that serves it)."""
+        that serves it); ``env`` adds STREAMBOOT_ settings (another API token...)."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from streamboot.cli import main; main()", *args, "--data-dir", str(self.data_dir),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
+            env={k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")} | (env or {}),
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
         assert proc.returncode is not None
