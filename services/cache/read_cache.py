@@ -28,6 +28,7 @@ from typing import Any
 from services.cache.stores import Store, StoreError
 from services.cache.write_cache import punch_hole
 from shared import metrics
+from shared.keyed_locks import KeyedLocks
 from shared.vdisk_layout import ZERO_FD, ChainReader, is_delta
 
 log = logging.getLogger("streamboot.cache.read")
@@ -281,7 +282,7 @@ class ReadCaches:
         self.stores = stores
         self.versions: dict[str, VersionCache] = {}
         self.local: dict[str, dict[str, Any]] = {}
-        self._opening: dict[str, asyncio.Lock] = {}
+        self._opening = KeyedLocks()  # keys come from the bus: none is kept after its open
         self.lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.hit_bytes = 0
         self.miss_bytes = 0
@@ -312,7 +313,7 @@ class ReadCaches:
         vc = self.versions.get(key)
         if vc is not None:
             return vc
-        async with self._opening.setdefault(key, asyncio.Lock()):
+        async with self._opening.hold(key):
             vc = self.versions.get(key)
             if vc is not None:
                 return vc

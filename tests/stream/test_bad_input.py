@@ -118,6 +118,16 @@ def test_export_name_unknown_token_disconnects(server: ServerThread) -> None:
     assert c.closed_by_peer()
 
 
+def test_go_with_unknown_tokens_leaves_nothing_behind(server: ServerThread, image: bytes) -> None:
+    for i in range(100):
+        c = RawNbd(server.servers.nbd_port)
+        with pytest.raises(ConnectionError, match="GO refused"):
+            c.go(f"nobody-{i}")
+        c.close()
+    assert server.call(lambda: len(server.servers.sessions._opening)) == 0
+    assert_healthy(server, image)
+
+
 def test_oversized_option_length(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.start()
