@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from shared.http_head import MAX_HEAD, BadRequest, parse_head, too_long
+
 log = logging.getLogger("streamboot.boot.http")
 
-MAX_HEADER_BYTES = 16 * 1024
 READ_TIMEOUT_S = 10.0
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -46,9 +47,7 @@ class HttpServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=MAX_HEADER_BYTES
-        )
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("boot http on %s:%d", self.host, self.port)
 
@@ -79,23 +78,22 @@ class HttpServer:
 
     async def _respond(self, reader: asyncio.StreamReader, peer: str) -> tuple[Response, bool]:
         try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            try:
+                raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            except asyncio.LimitOverrunError:
+                raise too_long() from None
+            head = parse_head(raw)
+            head.content_length()  # refuses a malformed one; a GET's body is never read
         except TimeoutError:
             return Response(408, "request timeout\n"), False
-        except asyncio.LimitOverrunError:
-            return Response(431, "request header too large\n"), False
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 raise
             return Response(400, "incomplete request\n"), False
-        try:
-            line = raw.split(b"\r\n", 1)[0].decode("ascii")
-            method, target, version = line.split(" ")
-            if not version.startswith("HTTP/1."):
-                raise ValueError(version)
-        except (UnicodeDecodeError, ValueError):
-            log.warning("boot http: bad request line from %s: %r", peer, raw[:80])
-            return Response(400, "bad request\n"), False
+        except BadRequest as e:
+            log.warning("boot http: %d to %s: %s", e.status, peer, e.reason)
+            return Response(e.status, f"{e.reason}\n"), False
+        method, target = head.method, head.target
         if method not in ("GET", "HEAD"):
             return Response(405, "only GET\n"), False
         url = urlsplit(target)
