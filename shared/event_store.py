@@ -13,6 +13,7 @@ Design (see docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import struct
@@ -110,6 +111,21 @@ class ConcurrencyError(EventStoreError):
 
 class SchemaMismatchError(EventStoreError):
     pass
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says PostgreSQL cannot be reached right now (stopped, restarting,
+    the connection lost): the same statement may succeed later."""
+    if isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.OperatorInterventionError,
+    ):
+        return True
+    # asyncpg's "cannot perform operation: connection is closed"
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,10 +351,11 @@ class EventStore:
             try:
                 yield Transaction(conn)
             except BaseException:
-                # If the connection is gone, the pool's release terminates it (and the
-                # server rolls back).
-                if not conn.is_closed():
-                    await conn.execute("ROLLBACK")
+                # If the connection is gone, the server rolls back (and asyncpg has detached
+                # it from the pool: even is_closed() raises); the original error goes up.
+                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+                    if not conn.is_closed():
+                        await conn.execute("ROLLBACK")
                 raise
             await conn.execute("COMMIT")
 
