@@ -121,7 +121,10 @@ def unreachable(exc: BaseException) -> bool:
         OSError
         | TimeoutError
         | asyncpg.PostgresConnectionError
-        | asyncpg.OperatorInterventionError,
+        | asyncpg.OperatorInterventionError
+        # A pooled connection left mid-operation by the server's loss ("cannot switch to
+        # state ..., another operation is in progress"); the pool replaces it.
+        | asyncpg.InternalClientError,
     ):
         return True
     # asyncpg's "cannot perform operation: connection is closed"
@@ -353,7 +356,12 @@ class EventStore:
             except BaseException:
                 # If the connection is gone, the server rolls back (and asyncpg has detached
                 # it from the pool: even is_closed() raises); the original error goes up.
-                with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+                with contextlib.suppress(
+                    asyncpg.InterfaceError,
+                    asyncpg.InternalClientError,
+                    asyncpg.PostgresConnectionError,
+                    OSError,
+                ):
                     if not conn.is_closed():
                         await conn.execute("ROLLBACK")
                 raise

@@ -65,9 +65,17 @@ class EventRelay:
         """Publish forever; only the holder of the relay lock works, others wait their turn.
         PostgreSQL going away ends the lock's session: the relay stops publishing, takes
         the lock again once PostgreSQL is back, and carries on from the durable cursor."""
+        loop = asyncio.get_running_loop()
+        away_since: float | None = None
         while True:
             try:
                 async with self._store.session() as lock_conn:
+                    if away_since is not None:
+                        log.warning(
+                            "relay: PostgreSQL answers again after %.1f s; taking the relay lock",
+                            loop.time() - away_since,
+                        )
+                        away_since = None
                     await self._hold_lock(lock_conn, poll_s)
                     try:
                         await self._publish_while_locked(lock_conn, poll_s)
@@ -77,7 +85,9 @@ class EventRelay:
             except Exception as exc:
                 if not unreachable(exc):
                     raise
-                log.warning("relay: PostgreSQL away (%s); taking the relay lock again", exc)
+                if away_since is None:  # one line per outage, and one when it ends
+                    away_since = loop.time()
+                    log.warning("relay: PostgreSQL away (%s); publishing stopped", exc)
                 await asyncio.sleep(poll_s)
 
     async def _hold_lock(self, lock_conn: asyncpg.Connection, poll_s: float) -> None:

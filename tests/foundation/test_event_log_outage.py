@@ -132,9 +132,17 @@ async def test_events_survive_a_postgres_crash_exactly_once(
                 await asyncio.sleep(0.01)
 
         emitters = [asyncio.create_task(emit_acknowledged()), asyncio.create_task(emit_queued())]
-        await asyncio.sleep(1.5)
+
+        async def acked_at_least(n: int) -> None:
+            for _ in range(1200):
+                if len(acked) >= n:
+                    return
+                assert not any(t.done() for t in emitters), [t.exception() for t in emitters if t.done()]
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"only {len(acked)} appends acknowledged, waiting for {n}")
+
+        await acked_at_least(5)
         before = len(acked)
-        assert before > 0
         # PostgreSQL dies as a crash would take it (its backends with it), and is started
         # again after a while, as `up` does.
         assert pg.process is not None
@@ -144,12 +152,11 @@ async def test_events_survive_a_postgres_crash_exactly_once(
         await asyncio.sleep(3)
         assert len(acked) <= before + 1  # nothing acknowledged while the log was away
         await pg.start(log_path=pg.data_dir / "postgres.log")
-        await asyncio.sleep(3)
+        await acked_at_least(before + 10)  # appends go on after PostgreSQL came back
         running = False
         await asyncio.gather(*emitters)  # every append acknowledged: none raised
         await sink.drain(60)
         sink_task.cancel()
-        assert len(acked) > before + 10  # appends went on after PostgreSQL came back
 
         conn = await asyncpg.connect(pg.url)
         try:
