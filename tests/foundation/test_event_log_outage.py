@@ -137,7 +137,9 @@ async def test_events_survive_a_postgres_crash_exactly_once(
             for _ in range(1200):
                 if len(acked) >= n:
                     return
-                assert not any(t.done() for t in emitters), [t.exception() for t in emitters if t.done()]
+                assert not any(t.done() for t in emitters), [
+                    t.exception() for t in emitters if t.done()
+                ]
                 await asyncio.sleep(0.1)
             raise AssertionError(f"only {len(acked)} appends acknowledged, waiting for {n}")
 
