@@ -9,6 +9,7 @@ no write and fails no client.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats
 import psutil
 import pytest
 
@@ -274,6 +276,21 @@ def test_a_crash_of_the_cache_service_loses_no_write_and_fails_no_client(
         assert up.stop() == 0, up.output
 
 
+def cache_write_caches(data_dir: Path) -> set[str]:
+    """The session ids of the write caches the cache service holds."""
+    nats_url = json.loads((data_dir / "runtime.json").read_text())["nats_url"]
+
+    async def ask() -> set[str]:
+        nc = await nats.connect(nats_url)
+        try:
+            reply = await nc.request("streamboot.cache.stats", b"{}", timeout=10)
+        finally:
+            await nc.close()
+        return {w["session_id"] for w in json.loads(reply.data)["write_caches"]}
+
+    return asyncio.run(ask())
+
+
 def until_it_answers(data_dir: Path, *args: str, timeout_s: float = 60) -> str:
     """A CLI command tried until it succeeds (the system is riding out a restart)."""
     deadline = time.monotonic() + timeout_s
@@ -309,6 +326,15 @@ def test_nats_and_postgres_dying_are_started_again_and_the_system_answers(
             until_it_answers(data_dir, "device", "add", f"52:54:00:e2:e1:0{n}")
         session = json.loads(until_it_answers(data_dir, "session", "open", MAC_OUTAGE, "--json"))
         qemu_io(session["nbd_uri"], "write -P 7 0 4k", "read -P 7 0 4k", "read 8k 4k")
+        # Events still flow through the relay and JetStream to their consumers: the cache
+        # service's durable consumer of SessionClosed drops the session's write cache.
+        sid = session["session_id"]
+        assert sid in cache_write_caches(data_dir)
+        cli(data_dir, "session", "close", session["token"])
+        deadline = time.monotonic() + 60
+        while sid in cache_write_caches(data_dir):
+            assert time.monotonic() < deadline, f"write cache of {sid} not dropped:\n{up.output}"
+            time.sleep(0.2)
         # The services rode both restarts out: none of them was started again.
         assert json.loads((data_dir / "runtime.json").read_text())["services"] == services
         macs = {e["data"].get("mac") for e in events(data_dir, "--type", "DeviceRegistered")}
