@@ -131,6 +131,22 @@ def unreachable(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
 
 
+class _OutageWithoutTraceback(logging.Filter):
+    """asyncpg's pool logs each failed reconnect while PostgreSQL is away with a traceback;
+    the message and the error say it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and unreachable(exc):
+            said = str(exc).replace("\n", " ").replace("%", "%%")  # msg is a %-format
+            record.msg = f"{record.msg} ({said})"
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_OutageWithoutTraceback())
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """A row as read back: light enough for replaying millions (no validation)."""
