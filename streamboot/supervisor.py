@@ -63,6 +63,8 @@ RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
 # Before the n-th restart within the window: (n - 1) * this (the first one at once).
 RESTART_BACKOFF_S = 1.0
+# How long a restarted PostgreSQL may take to accept connections (crash recovery).
+POSTGRES_RECOVERY_S = 600.0
 
 
 def service_available(name: str) -> bool:
@@ -330,8 +332,15 @@ class Supervisor:
             await asyncio.wait({stop_wait}, timeout=delay)
             if self._stop.is_set():
                 return None
+            restart = asyncio.ensure_future(self._restart(child))
+            await asyncio.wait({restart, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not restart.done():  # a stop signal while PostgreSQL recovers, say
+                restart.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StartupError):
+                    await restart
+                return None
             try:
-                return await self._restart(child)
+                return restart.result()
             except StartupError as exc:
                 self.out(f"streamboot up: {child.name} did not start again: {exc}")
 
@@ -359,7 +368,8 @@ class Supervisor:
             again = _require(self.nats.process)
             what = f"the services reconnect to {self.nats.url}"
         elif self.postgres is not None and child is self.postgres.process:
-            await self.postgres.start(log_path=logs / "postgres.log")
+            # After a crash it replays its WAL first (up to max_wal_size): give it time.
+            await self.postgres.start(log_path=logs / "postgres.log", wait_s=POSTGRES_RECOVERY_S)
             again = _require(self.postgres.process)
             what = "the registry reconnects; events wait in the services meanwhile"
         else:

@@ -307,3 +307,29 @@ def test_up_starts_a_service_that_dies_again_and_stops_on_a_crash_loop(data_dir:
     assert "service cache exited 5 times within 60 s; not starting it again" in up.output
     assert_all_gone(children)
     assert not (data_dir / "runtime.json").exists()
+
+
+def test_up_stopped_while_postgres_starts_again_stops_cleanly(data_dir: Path) -> None:
+    up = Up(data_dir, AVAILABLE)
+    up.wait_running()
+    children = up.descendants()
+    [postgres] = [p for p in psutil.Process(up.proc.pid).children() if p.name() == "postgres"]
+    postgres.kill()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "postgres exited" not in up.output:
+        assert time.monotonic() < deadline, up.output
+        time.sleep(0.05)
+    # Whether the stop lands during the restart or after it, everything stops, cleanly.
+    assert up.stop() == 0, up.output
+    assert_all_gone(children)
+    # Nor is the PostgreSQL started again (if it was) left behind.
+
+    def of_this_dir() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if str(data_dir) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        return found
+
+    assert_all_gone(of_this_dir())
+    assert not (data_dir / "runtime.json").exists()
