@@ -1,5 +1,6 @@
-"""Parsing an HTTP/1.x request head from a client, strictly (the stream's range server and
-the boot service's script server; the REST API has uvicorn).
+"""Parsing an HTTP/1.x request head and its ``Range`` from a client, strictly (the stream's
+range server and the boot service's server of scripts and boot files; the REST API has
+uvicorn).
 
 Whatever a client sends, the answer is a :class:`BadRequest` with the status to reply (400,
 431) and a reason to log in one line, never an exception from deeper down.
@@ -7,13 +8,17 @@ Whatever a client sends, the answer is a :class:`BadRequest` with the status to 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # The whole head: request line, header lines and the empty line that ends them.
 MAX_HEAD = 16 * 1024
+# Bodies are read and dropped (GET and HEAD only); more than this is no client of ours.
+MAX_BODY = 16 * 1024
 # A decimal number longer than this is larger than any size we serve (2**64 has 20
 # digits); ``int()`` of a very long one is quadratic and refused by Python past 4,300.
 MAX_DIGITS = 19
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")  # ASCII digits only (\d has others)
 
 
 class BadRequest(Exception):
@@ -67,3 +72,19 @@ def decimal(digits: str) -> int:
     """A number of a header value (digits only), capped: past ``MAX_DIGITS`` digits it is
     2**64, more than any offset or size."""
     return int(digits) if len(digits) <= MAX_DIGITS else 1 << 64
+
+
+def parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` as ``(start, end)`` (end exclusive);
+    None when it cannot be satisfied or is not one range of bytes."""
+    m = _RANGE.match(value.strip())
+    if not m or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # suffix: the last N bytes
+        n = min(decimal(m[2]), size)
+        return (size - n, size) if n else None
+    start = decimal(m[1])
+    end = min(decimal(m[2]) + 1, size) if m[2] else size
+    if start >= size or end <= start:
+        return None
+    return start, end

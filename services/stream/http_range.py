@@ -9,7 +9,6 @@ any task hop: pieces from the session's stack, ``preadv`` into one buffer, one w
 from __future__ import annotations
 
 import logging
-import re
 
 from services.stream.conn import Connection
 from services.stream.path.backend import (
@@ -18,14 +17,18 @@ from services.stream.path.backend import (
     read_into,
     read_into_nowait,
 )
-from shared.http_head import MAX_HEAD, BadRequest, decimal, parse_head, too_long
+from shared.http_head import (
+    MAX_BODY,
+    MAX_HEAD,
+    BadRequest,
+    parse_head,
+    parse_range,
+    too_long,
+)
 
 log = logging.getLogger(__name__)
 
-# Bodies are read and dropped; more than this is no client of ours.
-MAX_BODY = 16 * 1024
 CHUNK = 1024 * 1024
-_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")  # ASCII digits only (\d has others)
 _REASONS = {
     200: "OK",
     206: "Partial Content",
@@ -35,21 +38,6 @@ _REASONS = {
     416: "Range Not Satisfiable",
     431: "Request Header Fields Too Large",
 }
-
-
-def parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """``(start, end_exclusive)`` of a single-range header; None when unsatisfiable."""
-    m = _RANGE.match(value.strip())
-    if not m or (not m[1] and not m[2]):
-        return None
-    if not m[1]:  # suffix: the last N bytes
-        n = min(decimal(m[2]), size)
-        return (size - n, size) if n else None
-    start = decimal(m[1])
-    end = min(decimal(m[2]) + 1, size) if m[2] else size
-    if start >= size or end <= start:
-        return None
-    return start, end
 
 
 class HttpConnection(Connection):
@@ -134,7 +122,7 @@ class HttpConnection(Connection):
         session = await self.mgr.acquire(token)
         if session is None:
             return False
-        if self.closed:
+        if self.closed or not self.mgr.admits(session, "http", self.peer):
             self.mgr.release(session)
             return False
         self.session = session
