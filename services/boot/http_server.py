@@ -17,14 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-from shared.http_head import (
-    MAX_BODY,
-    MAX_HEAD,
-    BadRequest,
-    parse_head,
-    parse_range,
-    too_long,
-)
+from shared import http_head
+from shared.http_head import BadRequest
 
 log = logging.getLogger("streamboot.boot.http")
 
@@ -83,7 +77,7 @@ def file_response(path: str, request: Request) -> Response:
     wanted = request.headers.get("range")
     if wanted is None:
         return Response(200, "", "application/octet-stream", FileSlice(fd, 0, size, size))
-    span = parse_range(wanted, size)
+    span = http_head.parse_range(wanted, size)
     if span is None:
         os.close(fd)
         return Response(416, f"range {wanted!r} not satisfiable (size {size})\n")
@@ -113,7 +107,9 @@ class HttpServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, limit=http_head.MAX_HEAD
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("boot http on %s:%d", self.host, self.port)
 
@@ -174,10 +170,10 @@ class HttpServer:
             try:
                 raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
             except asyncio.LimitOverrunError:
-                raise too_long() from None
-            head = parse_head(raw)
+                raise http_head.too_long() from None
+            head = http_head.parse_head(raw)
             body = head.content_length()
-            if body > MAX_BODY:
+            if body > http_head.MAX_BODY:
                 raise BadRequest(400, f"request body of {body} bytes")
             if body:  # read and dropped: the next request on the connection starts after it
                 await asyncio.wait_for(reader.readexactly(body), READ_TIMEOUT_S)
