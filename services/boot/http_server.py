@@ -13,21 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
+from shared import http_head
+from shared.http_head import BadRequest
+
 log = logging.getLogger("streamboot.boot.http")
 
-MAX_HEADER_BYTES = 16 * 1024
 FILE_CHUNK = 256 * 1024
 READ_TIMEOUT_S = 10.0
 REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            410: "Gone", 416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,6 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` as ``(start, end)`` (end exclusive);
-    None when it cannot be satisfied or is not one range of bytes."""
-    m = _RANGE.match(value.strip())
-    if m is None or m.group(1) == m.group(2) == "":
-        return None
-    first, last = m.group(1), m.group(2)
-    if first == "":
-        start, end = max(0, size - int(last)), size
-    else:
-        start = int(first)
-        end = min(size, int(last) + 1) if last else size
-    return (start, end) if start < end else None
-
-
 def file_response(path: str, request: Request) -> Response:
     """The file at ``path`` (no symlink as its last part) for a GET/HEAD with or without
     ``Range``; 404 when it is not a regular file."""
@@ -92,7 +77,7 @@ def file_response(path: str, request: Request) -> Response:
     wanted = request.headers.get("range")
     if wanted is None:
         return Response(200, "", "application/octet-stream", FileSlice(fd, 0, size, size))
-    span = parse_range(wanted, size)
+    span = http_head.parse_range(wanted, size)
     if span is None:
         os.close(fd)
         return Response(416, f"range {wanted!r} not satisfiable (size {size})\n")
@@ -123,7 +108,7 @@ class HttpServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=MAX_HEADER_BYTES
+            self._serve, self.host, self.port, limit=http_head.MAX_HEAD
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("boot http on %s:%d", self.host, self.port)
@@ -182,28 +167,26 @@ class HttpServer:
         """The next request's answer, whether it is a HEAD and whether to keep the
         connection; None when the client left (or idled) before a new request."""
         try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            try:
+                raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            except asyncio.LimitOverrunError:
+                raise http_head.too_long() from None
+            head = http_head.parse_head(raw)
+            body = head.content_length()
+            if body > http_head.MAX_BODY:
+                raise BadRequest(400, f"request body of {body} bytes")
+            if body:  # read and dropped: the next request on the connection starts after it
+                await asyncio.wait_for(reader.readexactly(body), READ_TIMEOUT_S)
         except TimeoutError:
             return (Response(408, "request timeout\n"), False, False) if first else None
-        except asyncio.LimitOverrunError:
-            return Response(431, "request header too large\n"), False, False
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 return None
             return Response(400, "incomplete request\n"), False, False
-        try:
-            head = raw.decode("latin-1").split("\r\n")
-            method, target, version = head[0].split(" ")
-            if not version.startswith("HTTP/1."):
-                raise ValueError(version)
-            headers = {}
-            for line in head[1:]:
-                if line:
-                    name, value = line.split(":", 1)
-                    headers[name.strip().lower()] = value.strip()
-        except ValueError:
-            log.warning("boot http: bad request from %s: %r", peer, raw[:80])
-            return Response(400, "bad request\n"), False, False
+        except BadRequest as e:
+            log.warning("boot http: %d to %s: %s", e.status, peer, e.reason)
+            return Response(e.status, f"{e.reason}\n"), False, False
+        method, target, version, headers = head.method, head.target, head.version, head.headers
         connection = headers.get("connection", "").lower()
         keep = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
         if method not in ("GET", "HEAD"):

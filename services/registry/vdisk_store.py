@@ -34,6 +34,11 @@ from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, open_chain, wri
 CHUNK = 4 * 1024 * 1024
 SECTOR = 512
 STAGING_PREFIX = ".staging-"
+# A vdisk's files and folder: written by the registry's user; read by the stream and cache
+# services, which run as that user here and in compose, or under another user in its group
+# (a store shared read-only with data-plane machines); never by everyone.
+FILE_MODE = 0o640
+DIR_MODE = 0o750
 # (phase, done, total): phase is "convert", "copy", "hash" or "delta".
 Progress = Callable[[str, int, int], None]
 
@@ -93,10 +98,17 @@ def new_staging(root: Path, name: str) -> Path:
     """A fresh private staging dir for an import of ``name``."""
     check_name(name)
     vdir = root / name
-    vdir.mkdir(parents=True, exist_ok=True)
+    vdir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     staging = vdir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
-    staging.mkdir()
+    # Nobody else gets in while files are made there with whatever mode their tool gives.
+    staging.mkdir(mode=0o700)
     return staging
+
+
+def _seal(files: list[Path]) -> None:
+    """The staged files as they will be served (their mode travels with the rename)."""
+    for f in files:
+        os.chmod(f, FILE_MODE)
 
 
 def stage_version(
@@ -128,6 +140,7 @@ def stage_version(
             else:
                 raw.rename(base)
                 checksum = _hash(base, size, progress)
+            _seal([base])
             found = scan_boot_files(base, staging, kernel, progress)
             return StagedVersion(
                 name=name,
@@ -188,6 +201,7 @@ def delta_version(
         image.unlink()
     if changed == 0:
         raise invalid(unchanged)
+    _seal(list(delta_paths(staging / f"v{version}")))
     return StagedVersion(
         name=name,
         version=version,

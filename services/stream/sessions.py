@@ -33,6 +33,7 @@ from shared.events import (
     SessionAttached,
     SessionDetached,
 )
+from shared.keyed_locks import KeyedLocks
 from shared.telemetry import context_from_traceparent
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ class SessionManager:
         # non-local stores go through it.
         self.cache: CacheLink | None = None
         self.sessions: dict[str, Session] = {}
-        self._opening: dict[str, asyncio.Lock] = {}
+        # The opens under way, one per token (tokens come from clients: none is kept after).
+        self._opening = KeyedLocks()
         self._emits: set[asyncio.Task[None]] = set()
         # Announced sessions not opened yet (opened one per loop turn by _preparer), and
         # the attaches of those opened.
@@ -224,8 +226,7 @@ class SessionManager:
         """Build an announced session's stack and register it (``ready`` pending); its
         attach goes on in the background. None if it cannot be built, or if a connection
         is opening the token itself (it got there first)."""
-        lock = self._opening.get(token)
-        if token in self.sessions or (lock is not None and lock.locked()):
+        if token in self.sessions or self._opening.busy(token):
             return self.sessions.get(token)
         try:
             backend = build_stack(spec, self.settings, self.cache, self.spares)
@@ -270,8 +271,7 @@ class SessionManager:
             session = self._start_prepared(token, queued)
             if session is not None:
                 return session
-        lock = self._opening.setdefault(token, asyncio.Lock())
-        async with lock:
+        async with self._opening.hold(token):
             session = self.sessions.get(token)
             if session is not None:
                 return session
@@ -341,7 +341,6 @@ class SessionManager:
             session._linger.cancel()
         if self.sessions.get(session.token) is session:
             del self.sessions[session.token]
-        self._opening.pop(session.token, None)
         for conn in list(session.conns):
             conn.abort(reason)
         if session.ready is None:

@@ -194,6 +194,11 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
     assert (await curl("-i", "-r", f"{len(INITRD)}-", f"{files}/initrd")).stdout.startswith(
         "HTTP/1.1 416"
     )
+    huge = "9" * 5000  # past what int() takes: a 416 or the whole file, no traceback
+    too_far = await curl("-i", "-H", f"Range: bytes={huge}-", f"{files}/initrd")
+    assert too_far.stdout.startswith("HTTP/1.1 416"), too_far.stdout
+    to_the_end = await curl("-H", f"Range: bytes=0-{huge}", f"{files}/initrd")
+    assert to_the_end.stdout.encode() == INITRD
     assert (
         await curl("-o", "/dev/null", "-w", "%{http_code}", f"{files}/../v1.raw")
     ).stdout == "404"
@@ -418,6 +423,36 @@ async def test_bad_http_requests(boot: Boot) -> None:
     assert "bad MAC address" in script
     async with boot.http() as http:  # still serving
         assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_hostile_http_heads_get_an_answer_and_one_log_line(
+    boot: Boot, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = boot.url.removeprefix("http://").split(":")
+
+    async def get(*headers: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+        )
+        await writer.drain()
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+        return answer
+
+    caplog.set_level("INFO", logger="streamboot.boot.http")
+    assert (await get(b"Content-Length: -5")).startswith(b"HTTP/1.1 400")
+    assert (await get(b"Content-Length: " + b"9" * 5000)).startswith(b"HTTP/1.1 400")
+    # Just over 16 KiB with its end in the same piece.
+    assert (await get(b"X: " + b"a" * (16 * 1024 - 20))).startswith(b"HTTP/1.1 431")
+    # No ranges here: a Range header, however long, is ignored.
+    assert (await get(b"Range: bytes=" + b"9" * 5000 + b"-")).startswith(b"HTTP/1.1 200")
+    # A small body is read and dropped: the next request on the connection is answered.
+    two = await get(b"Content-Length: 5\r\n\r\nhelloGET /healthz HTTP/1.1", b"Connection: close")
+    assert two.startswith(b"HTTP/1.1 200") and two.count(b"HTTP/1.1 200") == 2, two
+    refused = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [m.split(" to ")[0] for m in refused] == ["boot http: 400"] * 2 + ["boot http: 431"]
 
 
 async def test_auto_added_device_without_vdisk_is_told_so(boot: Boot, registry: Registry) -> None:
