@@ -18,7 +18,6 @@ the REST API calls.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -48,15 +47,19 @@ def error_reply(exc: Exception) -> dict[str, Any]:
 
 
 def _replying(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
-    """Errors become error replies: a caller never waits for a timeout to learn of them."""
+    """Errors become error replies: a caller never waits for a timeout to learn of them.
 
-    @functools.wraps(fn)
+    FastStream passes the message by the parameter's name, which it reads from the
+    signature (following ``__wrapped__``): the wrapper keeps its own (``body``) so every
+    handler is called the same way whatever it names its argument."""
+
     async def wrapper(body: dict[str, Any]) -> Reply:
         try:
             return await fn(body or {})
         except Exception as exc:
             return error_reply(exc)
 
+    wrapper.__name__ = wrapper.__qualname__ = fn.__name__
     return wrapper
 
 

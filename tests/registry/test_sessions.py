@@ -309,3 +309,14 @@ async def test_private_vdisk_and_maintenance_serve_one_device(registry: Registry
         assert r.status_code == 409 and "private and in use" in r.json()["error"]
     rejected = await registry.app.store.read_all(types=["SessionConflictRejected"])
     assert [e.data["mac"] for e in rejected] == [b, b]
+
+
+async def test_session_and_vdisk_lists_answer_over_nats(registry: Registry, nc: Any) -> None:
+    """Every list handler replies (a handler the broker cannot call never answers)."""
+    await seed(registry, registry.data_dir, MAC)
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    listed = await bus.request_json(nc, "streamboot.registry.session.list", {}, timeout_s=5)
+    assert [x["session_id"] for x in listed] == [s["session_id"]]
+    assert "token_hash" not in listed[0]
+    vdisks = await bus.request_json(nc, "streamboot.registry.vdisk.list", {}, timeout_s=5)
+    assert [v["name"] for v in vdisks] == ["win"]
