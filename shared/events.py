@@ -271,6 +271,21 @@ class PrefetchCompleted(Event):
     duration_ms: float
 
 
+# --- the registry itself ----------------------------------------------------------------
+
+
+class ProjectionError(Event):
+    """An event of the log that the registry's projection could not apply (its handler
+    raised): it is skipped, and this records which one and why, once."""
+
+    stream_kind: ClassVar[str] = "registry"
+    position: int
+    event_id: str | None = None
+    skipped_type: str
+    skipped_stream_id: str
+    error: str
+
+
 def stream_id_for(event: Event) -> str:
     """The aggregate an event belongs to."""
     key: str
@@ -287,6 +302,8 @@ def stream_id_for(event: Event) -> str:
             key = event.mac
         case BootProfileUpdated() | PrefetchCompleted():
             key = f"{event.vdisk}@{event.version}"
+        case ProjectionError():
+            key = "projection"
         case _:
             key = "misc"
     return f"{event.stream_kind}-{key}"

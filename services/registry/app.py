@@ -33,7 +33,7 @@ from services.registry.domain.sessions import StreamNode, choose_replay_node, pi
 from services.registry.projection import Projection, Record
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
-from shared.events import Event, SessionEvent, envelope
+from shared.events import Event, ProjectionError, SessionEvent, envelope
 from shared.metrics import count_boot
 from shared.settings import Settings
 from shared.telemetry import (
@@ -117,18 +117,54 @@ class RegistryApp:
         log.info(
             "registry: projection built from %d events (position %d)", n, self.projection.position
         )
+        await self.record_projection_errors()
         return n
 
     async def catch_up(self) -> None:
         async with self.store.pool.acquire() as conn:
             await replay(conn, self.projection)
+        await self.record_projection_errors()
+
+    async def record_projection_errors(self) -> None:
+        """Append a ProjectionError for each event the projection skipped that the log does
+        not name yet (under the append lock after a catch-up: once, whatever the replicas)."""
+        pending = self.projection.unrecorded_failures()
+        if not pending:
+            return
+        ids = await self.store.ids_at([f["position"] for f in pending])
+
+        def decide(p: Projection) -> list[Event]:
+            # Decided on the caught-up state: another caller may have recorded some.
+            return [
+                ProjectionError(
+                    position=f["position"],
+                    event_id=ids.get(f["position"]),
+                    skipped_type=f["type"],
+                    skipped_stream_id=f["stream_id"],
+                    error=f["error"][:1000],
+                )
+                for f in p.unrecorded_failures()
+            ]
+
+        for e in await self._decide_and_append(decide, None, None):
+            d = e.data
+            log.error(
+                "registry: skipped event %s at position %d (%s in %s): %s",
+                d["event_id"], d["position"], d["skipped_type"], d["skipped_stream_id"], d["error"],
+            )  # fmt: skip
+
+    def projection_errors(self) -> Record:
+        """How many events the projection skipped, and the last one (status)."""
+        failures = self.projection.failures
+        last = failures[max(failures)] if failures else None
+        return {"count": len(failures), "last": last}
 
     def offer(self, rows: Sequence[StoredEvent | Envelope]) -> None:
         """Apply events that are newer than the projection. Appends are serialised by the
         store's lock, so commit order is position order (positions may have holes from
         rolled-back appends): whoever offers, events arrive in order."""
         for row in rows:
-            self.projection.apply(row.type, row.data, row.position or 0, row.time)
+            self.projection.apply(row.type, row.data, row.position or 0, row.time, row.stream_id)
 
     async def follow(self) -> None:
         """Keep the projection up with every append (other services, other replicas)."""
@@ -136,6 +172,7 @@ class RegistryApp:
             try:
                 async for row in self.store.follow(self.projection.position):
                     self.offer([row])
+                    await self.record_projection_errors()
             except Exception as exc:  # PostgreSQL restarting, a dropped connection...
                 log.warning("registry: following the log paused (%s)", exc)
                 await asyncio.sleep(1.0)
@@ -161,6 +198,21 @@ class RegistryApp:
     ) -> list[Envelope]:
         """Decide and append atomically; ``effect`` runs between the two (file moves) and
         returns its undo, called when the append fails."""
+        try:
+            return await self._decide_and_append(decide, correlation_id, effect)
+        finally:
+            # The catch-up under the lock may have skipped an event: say so in the log.
+            try:
+                await self.record_projection_errors()
+            except Exception as exc:  # the next command or catch-up records it
+                log.warning("registry: could not record a skipped event (%s)", exc)
+
+    async def _decide_and_append(
+        self,
+        decide: Decision,
+        correlation_id: str | None,
+        effect: Callable[[], Callable[[], None]] | None,
+    ) -> list[Envelope]:
         error: DomainError | None = None
         undo: Callable[[], None] | None = None
         async with self._lock:
@@ -710,10 +762,12 @@ class RegistryApp:
             if not equal:
                 log.error("registry: rebuilt projection differs from the live one; using it")
             self.projection = fresh
+        await self.record_projection_errors()
         return {
             "events": n,
             "position": fresh.position,
             "equal_to_live": equal,
+            "projection_errors": len(fresh.failures),
             "seconds": round(elapsed, 3),
             "devices": len(fresh.devices),
             "vdisks": len(fresh.vdisks),

@@ -8,6 +8,10 @@ lookup. Everything here is derived from the log, so a rebuild equals the live st
 (:meth:`Projection.snapshot` is what the rebuild test compares).
 
 Records are plain dicts so they go to JSON (REST, NATS) as they are.
+
+One bad event never stops the fold: an event whose handler raises is skipped and kept in
+:attr:`Projection.failures`; the registry records it once as a ``ProjectionError`` event
+(whose handler marks it recorded), so a restart or a rebuild gets past it the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ class Projection:
         self.sessions: dict[str, Record] = {}
         self.session_by_mac: dict[str, str] = {}
         self.session_by_token_hash: dict[str, str] = {}
+        # Events skipped because their handler raised: position -> what and why.
+        self.failures: dict[int, Record] = {}
+        # Positions of skipped events that a ProjectionError in the log already names.
+        self.recorded_failures: set[int] = set()
         self._handlers: dict[str, Callable[[Record, Any], None]] = {
             "DeviceRegistered": self._device_registered,
             "DeviceUpdated": self._device_updated,
@@ -60,6 +68,7 @@ class Projection:
             "SessionDetached": self._session_detached,
             "SessionClosed": self._session_closed,
             "BlocksRequested": self._session_active,
+            "ProjectionError": self._projection_error,
         }
         # Events that a replay applies from their stream's key, without decoding their data:
         # block batches are most of a log, and their extents the costliest data to decode.
@@ -72,14 +81,19 @@ class Projection:
 
     # --- applying ---------------------------------------------------------------------
 
-    def apply(self, type_: str, data: Record, position: int, when: Any = None) -> None:
+    def apply(
+        self, type_: str, data: Record, position: int, when: Any = None, stream: str = ""
+    ) -> None:
         """Apply one event; events at or before the current position are skipped, so the
         follower and the writers may both offer the same event."""
         if position <= self.position:
             return
         handler = self._handlers.get(type_)
         if handler is not None:
-            handler(data, when)
+            try:
+                handler(data, when)
+            except Exception as exc:
+                self._failed(position, type_, stream, exc)
         self.position = position
 
     def apply_records(self, rows: Sequence[Any]) -> int:
@@ -97,10 +111,13 @@ class Projection:
                 handler = handlers.get(type_)
                 if handler is not None:
                     keyed = by_stream_key.get(type_)
-                    if keyed is not None and stream.startswith(keyed[0]):
-                        keyed[1](stream[len(keyed[0]) :], when)
-                    else:
-                        handler(loads(data), when)
+                    try:
+                        if keyed is not None and stream.startswith(keyed[0]):
+                            keyed[1](stream[len(keyed[0]) :], when)
+                        else:
+                            handler(loads(data), when)
+                    except Exception as exc:
+                        self._failed(at, type_, stream, exc)
                 position = at
         finally:
             self.position = position
@@ -111,9 +128,26 @@ class Projection:
         n = 0
         apply = self.apply
         for row in rows:
-            apply(row.type, row.data, row.position, row.time)
+            apply(row.type, row.data, row.position, row.time, row.stream_id)
             n += 1
         return n
+
+    # --- events that cannot be applied ------------------------------------------------
+
+    def _failed(self, position: int, type_: str, stream: str, exc: Exception) -> None:
+        self.failures[position] = {
+            "position": position,
+            "type": type_,
+            "stream_id": stream,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+
+    def _projection_error(self, d: Record, _when: Any) -> None:
+        self.recorded_failures.add(int(d["position"]))
+
+    def unrecorded_failures(self) -> list[Record]:
+        """Skipped events that no ProjectionError in the log names yet, in log order."""
+        return [f for at, f in sorted(self.failures.items()) if at not in self.recorded_failures]
 
     # --- devices ----------------------------------------------------------------------
 
@@ -379,4 +413,6 @@ class Projection:
             "sessions": self.sessions,
             "session_by_mac": self.session_by_mac,
             "session_by_token_hash": self.session_by_token_hash,
+            "failures": self.failures,
+            "recorded_failures": sorted(self.recorded_failures),
         }

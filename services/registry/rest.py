@@ -255,6 +255,7 @@ def build_api(app: RegistryApp, api_token: str) -> FastAPI:
             "vdisks": len(p.vdisks),
             "live_sessions": len(p.sessions),
             "vdisk_root": str(app.vdisk_root),
+            "projection_errors": app.projection_errors(),
         }
 
     api.include_router(r)
