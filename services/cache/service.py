@@ -517,8 +517,8 @@ class CacheService:
         started = time.perf_counter()
         try:
             if info.get("store", "local") == "local":
-                root = self.rt.settings.vdisk_root
-                layers = [root / p for p in info["layers"]]  # absolute paths stay as they are
+                local = self.stores["local"]
+                layers = [Path(local.layer(vdisk, str(p))) for p in info["layers"]]
                 fetched = await asyncio.to_thread(warm_local, layers, extents)
             else:
                 fetched = await self._prefetch_remote(await self.reads.open(info), extents)

@@ -34,6 +34,7 @@ from services.registry.projection import Projection, Record
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
 from shared.events import Event, ProjectionError, SessionEvent, envelope
+from shared.layer_paths import LayerPathError, check_relative_layer
 from shared.metrics import count_boot
 from shared.settings import Settings
 from shared.telemetry import (
@@ -377,7 +378,9 @@ class RegistryApp:
             "live_sessions": len(self.projection.live_sessions_of_vdisk(name)),
             "last_maintenance": vd["last_maintenance"],
             # The latest version's chain, for an importer computing the next delta.
-            "latest_layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, latest)),
+            "latest_layers": vdisk_store.layer_paths(
+                self.vdisk_root, name, vdisks.chain(vd, latest)
+            ),
         }
 
     def commit_source(self, name: str) -> Record:
@@ -390,7 +393,9 @@ class RegistryApp:
             "vdisk": name,
             "next_version": last["version"] + 1,
             "size": vd["versions"][last["version"]]["size"],
-            "layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, last["version"])),
+            "layers": vdisk_store.layer_paths(
+                self.vdisk_root, name, vdisks.chain(vd, last["version"])
+            ),
             "write_cache_key": f"device-{last['mac'].replace(':', '')}-{name}-v{last['version']}",
         }
 
@@ -693,8 +698,11 @@ class RegistryApp:
         the same ``<vdisk>/<layer>`` tree)."""
         chain = vdisks.chain(vd, version)
         if vd["store"] == vdisks.LOCAL_STORE:
-            return vdisk_store.layer_paths(self.vdisk_root, chain)
-        return chain
+            return vdisk_store.layer_paths(self.vdisk_root, vd["name"], chain)
+        try:
+            return [check_relative_layer(rel, vd["name"]) for rel in chain]
+        except LayerPathError as exc:
+            raise invalid(str(exc)) from None
 
     async def sweep(self, now: float | None = None) -> list[str]:
         """Close sessions whose client left (after the detach grace) or that idled out."""

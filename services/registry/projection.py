@@ -22,12 +22,37 @@ from typing import Any
 
 import orjson
 
+from shared.layer_paths import check_layer_name
+
 Record = dict[str, Any]
 
 
 def _ts(when: Any) -> float:
     """An event time as epoch seconds (rows carry datetimes, tests may pass floats)."""
     return when.timestamp() if isinstance(when, datetime) else float(when or 0.0)
+
+
+MIN_BLOCK_SIZE = 512
+
+
+def check_version(vd: Record, d: Record) -> None:
+    """A published version must fit its vdisk: the next number after the latest, its
+    parent the one before, its layer a plain file of the vdisk's own folder, its size not
+    empty and its changed blocks within it. Raises ValueError naming what is wrong."""
+    name, version = vd["name"], d["version"]
+    expected = max(vd["versions"], default=0) + 1
+    if version != expected:
+        raise ValueError(f"vdisk {name!r}: version {version} out of order (next is {expected})")
+    if d.get("parent") != (version - 1 if version > 1 else None):
+        raise ValueError(f"vdisk {name!r}: version {version} has parent {d.get('parent')}")
+    check_layer_name(name, d["path"])
+    size, bs, changed = d["size"], d["block_size"], d["changed_blocks"]
+    if size <= 0:
+        raise ValueError(f"vdisk {name!r}: version {version} is empty ({size} bytes)")
+    if bs < MIN_BLOCK_SIZE or bs & (bs - 1):
+        raise ValueError(f"vdisk {name!r}: block size {bs} is not a power of two >= 512")
+    if not 0 <= changed <= -(-size // bs):
+        raise ValueError(f"vdisk {name!r}: {changed} changed blocks in {size} bytes")
 
 
 class Projection:
@@ -195,6 +220,8 @@ class Projection:
         self.devices[d["mac"]]["enabled"] = True
 
     def _device_removed(self, d: Record, _when: Any) -> None:
+        if d["mac"] not in self.devices:
+            raise ValueError(f"device {d['mac']} is not registered")
         dev = self.devices.pop(d["mac"])
         self.mac_by_hostname.pop(dev["hostname"], None)
         self.mac_by_machine_id.pop(dev["machine_id"], None)
@@ -229,6 +256,7 @@ class Projection:
 
     def _version_published(self, d: Record, when: Any) -> None:
         vd = self.vdisks[d["name"]]
+        check_version(vd, d)
         vd["versions"][d["version"]] = {
             "version": d["version"],
             "parent": d.get("parent"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -23,6 +24,7 @@ from services.stream.spec import ExportSpec
 from services.stream.takeover import listen_for_takeovers
 from shared.bus import RemoteError, request_json
 from shared.event_sink import QueuedEventSink
+from shared.layer_paths import LayerPathError
 from shared.service import ServiceRuntime, run_service
 
 log = logging.getLogger("streamboot.stream")
@@ -33,8 +35,9 @@ RESOLVE_SUBJECT = "streamboot.registry.session.resolve"
 class RegistryResolver:
     """Asks the registry what a session token opens."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, vdisk_root: Path | None) -> None:
         self._nc = nc
+        self._vdisk_root = vdisk_root
 
     async def resolve(self, token: str) -> ExportSpec | None:
         try:
@@ -43,15 +46,18 @@ class RegistryResolver:
             if exc.kind == "not_found":
                 return None
             raise
-        return spec_from_record(reply)
+        try:
+            return spec_from_record(reply, self._vdisk_root)
+        except LayerPathError as exc:
+            log.error("stream: refused session %s: %s", reply.get("session_id"), exc)
+            return None
 
 
 async def start(rt: ServiceRuntime) -> None:
     sink = QueuedEventSink(rt.events)
     rt.spawn(sink.run(), "event-sink")
-    servers = StreamServers(
-        RegistryResolver(rt.nc), sink, StreamSettings.from_settings(rt.settings)
-    )
+    settings = StreamSettings.from_settings(rt.settings)
+    servers = StreamServers(RegistryResolver(rt.nc, settings.vdisk_root), sink, settings)
     if rt.settings.stream_use_cache:
         # Server-side write caches live in the cache service; non-local stores read through it.
         servers.sessions.cache = CacheLink(

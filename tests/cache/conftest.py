@@ -195,7 +195,9 @@ async def system(nats_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., S
 
 @pytest.fixture(scope="module")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("vdisk") / "base.raw"
+    # In the vdisk's own folder: layers are read from nowhere else (shared/layer_paths.py).
+    path = tmp_path_factory.mktemp("vdisk") / "golden" / "base.raw"
+    path.parent.mkdir()
     path.write_bytes(os.urandom(IMAGE_SIZE))
     return path
 
