@@ -78,6 +78,19 @@ async def serve_appends(
     return await serve_json(nc, f"{APPEND_PREFIX}.*", handle, queue="registry")
 
 
+SESSION_STATUS_SUBJECT = "streamboot.registry.session.status"
+
+
+async def closed_in_log(nc: NATS, session_id: str, *, timeout_s: float = 5.0) -> bool:
+    """Whether the log holds the close of this session (the registry reads it there). A
+    consumer told of a SessionClosed asks this before it destroys anything of the session:
+    the message alone proves nothing. Raises BusError when the registry cannot say."""
+    reply = await request_json(
+        nc, SESSION_STATUS_SUBJECT, {"session_id": session_id}, timeout_s=timeout_s
+    )
+    return bool(reply.get("closed"))
+
+
 class EventClient:
     """Emits a service's events into the log (through the registry's append handler)."""
 

@@ -625,6 +625,23 @@ class RegistryApp:
         finish_boot_trace(closing[-1], reason, self.projection)
         return {"closed": stored[0].data["session_id"], "reason": reason}
 
+    async def session_status(self, session_id: str) -> Record:
+        """Whether a session is live and whether its close is in the log, read from the log
+        itself (a replica's projection may lag): what a consumer checks before it acts on a
+        SessionClosed it was told of."""
+        if not session_id:
+            raise invalid("which session? (a session id)")
+        rows = await self.store.read_all(
+            types=["SessionClosed"], stream_id=f"session-{session_id}", limit=1
+        )
+        closed = rows[0] if rows else None
+        return {
+            "session_id": session_id,
+            "live": closed is None and session_id in self.projection.sessions,
+            "closed": closed is not None,
+            "reason": closed.data.get("reason") if closed is not None else None,
+        }
+
     def list_sessions(self) -> list[Record]:
         ss = self.projection.sessions.values()
         return [self.session_view(s) for s in sorted(ss, key=lambda s: s["opened_at"])]

@@ -9,6 +9,8 @@ reply is ``{"error": message, "kind": "invalid"|"not_found"|"conflict"|"refused"
 - ``streamboot.registry.session.close``   {token | session_id, reason?}
 - ``streamboot.registry.session.replay``  {session_id, stream_node?} -> a replay session
 - ``streamboot.registry.session.list``    {}
+- ``streamboot.registry.session.status``  {session_id} -> {session_id, live, closed, reason}:
+  whether the log holds its close (asked before a write cache is dropped)
 - ``streamboot.registry.device.lookup``   {mac, smbios_uuid?} (a boot: applies the unknown-device policy)
 - ``streamboot.registry.vdisk.list``      {}
 
@@ -112,6 +114,10 @@ def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
     @handle("session.list")
     async def session_list(_body: dict[str, Any]) -> Reply:
         return app.list_sessions()
+
+    @handle("session.status")
+    async def session_status(body: dict[str, Any]) -> Reply:
+        return await app.session_status(str(body.get("session_id", "")))
 
     @handle("device.lookup")
     async def device_lookup(body: dict[str, Any]) -> Reply:

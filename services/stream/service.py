@@ -22,7 +22,8 @@ from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec
 from services.stream.takeover import listen_for_takeovers
-from shared.bus import RemoteError, request_json
+from shared.bus import BusError, RemoteError, request_json
+from shared.event_log import closed_in_log
 from shared.event_sink import QueuedEventSink
 from shared.layer_paths import LayerPathError
 from shared.service import ServiceRuntime, run_service
@@ -68,9 +69,22 @@ async def start(rt: ServiceRuntime) -> None:
     await servers.start()
 
     async def on_session_closed(msg: Msg) -> None:
-        data = json.loads(msg.data).get("data", {})
-        if servers.close_session(data.get("session_id", "")):
-            log.info("session %s closed by the registry: state dropped", data["session_id"])
+        try:
+            sid = json.loads(msg.data)["data"]["session_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if not isinstance(sid, str) or not servers.sessions.holds(sid):
+            return
+        # The message alone proves nothing (anyone may publish it): the log must say so.
+        try:
+            closed = await closed_in_log(rt.nc, sid)
+        except BusError as exc:
+            log.warning("session %s: cannot confirm its close (%s); kept", sid, exc)
+            return
+        if not closed:
+            log.warning("session %s: a SessionClosed that is not in the log; ignored", sid)
+        elif servers.close_session(sid):
+            log.info("session %s closed by the registry: state dropped", sid)
 
     subs = [
         await rt.nc.subscribe("events.SessionClosed.>", cb=on_session_closed),
