@@ -33,6 +33,8 @@ def _ts(when: Any) -> float:
 
 
 MIN_BLOCK_SIZE = 512
+# SessionDetached.reason of the connections a stream node ends as it stops.
+NODE_STOPPED = "shutdown"
 
 
 def check_version(vd: Record, d: Record) -> None:
@@ -373,7 +375,9 @@ class Projection:
                 s["attached_on"].pop(node, None)
             at = _ts(when)
             s["last_activity"] = at
-            if s["attached"] == 0:
+            # A node that stops ends its connections ("shutdown"): the client did not
+            # leave, and may come back once the node is up again (the idle timeout decides).
+            if s["attached"] == 0 and d.get("reason") != NODE_STOPPED:
                 s["detached_at"] = at
 
     def _session_active(self, d: Record, when: Any) -> None:
