@@ -22,10 +22,12 @@ from shared import bus
 from shared.envelope import Envelope
 from shared.event_log import EventClient
 from shared.event_owners import OWNERS
+from shared.event_sink import QueuedEventSink
 from shared.events import (
     CATALOG,
     AssignmentChanged,
     BlocksRequested,
+    BootRequested,
     DeviceRegistered,
     SessionAttached,
     VdiskCreated,
@@ -237,3 +239,30 @@ async def test_a_forged_vdisk_written_into_the_log_by_hand_is_not_applied(
     assert "not a plain file name" in skipped.data["error"]
     with pytest.raises(bus.RemoteError):
         await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+
+
+async def test_a_refused_batch_does_not_block_the_events_after_it(
+    registry: Registry, nc: Any
+) -> None:
+    """The data plane's queued sink drops a batch the door refuses (no retry changes the
+    answer) and goes on with the next ones."""
+    sink = QueuedEventSink(EventClient(nc, "stream"))
+    task = asyncio.create_task(sink.run())
+    try:
+        await sink.emit(BootRequested(mac=MAC), None)  # boot's event, not the stream's
+        for _ in range(200):
+            if sink.dropped:
+                break
+            await asyncio.sleep(0.05)
+        assert sink.dropped == 1
+        sid = str(uuid.uuid4())
+        await sink.emit(
+            SessionAttached(session_id=sid, stream_node="n", protocol="nbd", client_addr="a:1"),
+            sid,
+        )
+        await sink.drain()
+        [attached] = await registry.app.store.read_all(types=["SessionAttached"])
+        assert attached.data["session_id"] == sid
+        assert await registry.app.store.read_all(types=["BootRequested"]) == []
+    finally:
+        task.cancel()
