@@ -29,6 +29,7 @@ from shared.bus import (
     serve_json,
 )
 from shared.envelope import Envelope
+from shared.event_owners import Refused, admit
 from shared.event_store import ConcurrencyError, EventStore, unreachable
 from shared.events import Event, envelope
 from shared.telemetry import current_traceparent
@@ -48,16 +49,27 @@ async def serve_appends(
     replicas share). The subject's last token names the appending service.
 
     Request: ``{"events": [Envelope...], "expected": {stream_id: version} | null}``.
-    Reply: ``{"positions": [...], "versions": [...]}`` or an error with kind ``conflict``.
+    Reply: ``{"positions": [...], "versions": [...]}`` or an error with kind ``conflict``,
+    ``forbidden`` (an event type the caller does not own) or ``invalid`` (not a well-formed
+    event of its type): every event is checked (shared/event_owners.py) before any is
+    stored, so a refused batch leaves nothing in the log.
     """
 
-    async def handle(body: dict[str, Any], msg: Msg) -> dict[str, Any]:
+    async def handle(body: Any, msg: Msg) -> dict[str, Any]:
         caller = msg.subject.rsplit(".", 1)[-1]
         if caller not in APPENDING_SERVICES:
-            raise RemoteError(f"{caller!r} may not append events", "forbidden")
-        events = [Envelope.model_validate(e) for e in body.get("events", [])]
+            raise RemoteError(f"{caller[:100]!r} may not append events", "forbidden")
+        raw = body.get("events") if isinstance(body, dict) else None
+        expected = body.get("expected") if isinstance(body, dict) else None
+        if not isinstance(raw, list) or not (expected is None or isinstance(expected, dict)):
+            raise RemoteError("an append is {events: [...], expected: {...} | null}", "invalid")
         try:
-            stored = await store.append(events, expected=body.get("expected"))
+            events = [admit(caller, e) for e in raw]
+        except Refused as exc:
+            log.warning("event log: refused %d event(s) from %s: %s", len(raw), caller, exc)
+            raise RemoteError(str(exc), exc.kind) from None
+        try:
+            stored = await store.append(events, expected=expected)
         except ConcurrencyError as exc:
             raise RemoteError(str(exc), "conflict", {"actual": exc.actual}) from exc
         except Exception as exc:
@@ -73,6 +85,19 @@ async def serve_appends(
         }
 
     return await serve_json(nc, f"{APPEND_PREFIX}.*", handle, queue="registry")
+
+
+SESSION_STATUS_SUBJECT = "streamboot.registry.session.status"
+
+
+async def closed_in_log(nc: NATS, session_id: str, *, timeout_s: float = 5.0) -> bool:
+    """Whether the log holds the close of this session (the registry reads it there). A
+    consumer told of a SessionClosed asks this before it destroys anything of the session:
+    the message alone proves nothing. Raises BusError when the registry cannot say."""
+    reply = await request_json(
+        nc, SESSION_STATUS_SUBJECT, {"session_id": session_id}, timeout_s=timeout_s
+    )
+    return bool(reply.get("closed"))
 
 
 class EventClient:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from shared.bus import RemoteError
 from shared.envelope import Envelope
 from shared.event_log import EventClient
 from shared.events import Event, envelope
@@ -20,6 +21,8 @@ log = logging.getLogger("streamboot.event_sink")
 MAX_BATCH = 256
 # Past this many unsent events the oldest go, loudly: the bus has been away for a long time.
 MAX_QUEUED = 200_000
+# Answers of the log's door that no retry changes (shared/event_owners.py).
+REFUSED = ("forbidden", "invalid")
 
 
 class QueuedEventSink:
@@ -51,12 +54,17 @@ class QueuedEventSink:
             while True:
                 try:
                     await self._client.append(batch, retry_for_s=60)
-                    for _ in batch:
-                        self._queue.task_done()
-                    break
                 except Exception as exc:
-                    log.warning("could not append %d events (%s); retrying", len(batch), exc)
-                    await asyncio.sleep(1)
+                    if not (isinstance(exc, RemoteError) and exc.kind in REFUSED):
+                        log.warning("could not append %d events (%s); retrying", len(batch), exc)
+                        await asyncio.sleep(1)
+                        continue
+                    # The log will never take this batch: retrying would block the rest.
+                    log.error("event log refused %d events (%s); dropped", len(batch), exc)
+                    self.dropped += len(batch)
+                for _ in batch:
+                    self._queue.task_done()
+                break
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Give queued events a chance to reach the log before the process exits."""

@@ -435,6 +435,13 @@ class EventStore:
                 return
             position = rows[-1].position
 
+    async def ids_at(self, positions: Sequence[int]) -> dict[int, str]:
+        """The ids of the events at these positions (those that exist)."""
+        rows = await self._pool.fetch(
+            "SELECT position, id FROM events WHERE position = ANY($1::bigint[])", list(positions)
+        )
+        return {r["position"]: str(r["id"]) for r in rows}
+
     async def last_position(self) -> int:
         return await self._pool.fetchval("SELECT coalesce(max(position), 0) FROM events")
 

@@ -347,6 +347,21 @@ class AdminActionPerformed(ApiTokenEvent):
     outcome: Literal["done", "refused", "failed"]
 
 
+# --- the registry itself ----------------------------------------------------------------
+
+
+class ProjectionError(Event):
+    """An event of the log that the registry's projection could not apply (its handler
+    raised): it is skipped, and this records which one and why, once."""
+
+    stream_kind: ClassVar[str] = "registry"
+    position: int
+    event_id: str | None = None
+    skipped_type: str
+    skipped_stream_id: str
+    error: str
+
+
 def stream_id_for(event: Event) -> str:
     """The aggregate an event belongs to."""
     key: str
@@ -365,6 +380,8 @@ def stream_id_for(event: Event) -> str:
             key = f"{event.vdisk}@{event.version}"
         case ApiTokenEvent():
             key = event.token_name
+        case ProjectionError():
+            key = "projection"
         case _:
             key = "misc"
     return f"{event.stream_kind}-{key}"

@@ -307,7 +307,9 @@ class ReadCaches:
                 raise StoreError(f"no store named {store_name!r} on this cache node")
             work = self.dir / _safe(key)
             info = {k: req.get(k) for k in ("key", "vdisk", "version", "store", "layers", "size")}
-            chain = RemoteChain(store, [str(p) for p in req["layers"]], work / "chain")
+            vdisk = str(req.get("vdisk"))
+            layers = [store.layer(vdisk, str(p)) for p in req["layers"]]
+            chain = RemoteChain(store, layers, work / "chain")
             await chain.open()
             if req.get("size") is not None and chain.size != int(req["size"]):
                 chain.close()

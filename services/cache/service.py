@@ -51,6 +51,7 @@ from services.cache.write_batches import WriteBatches
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
 from shared.bus import EVENTS_STREAM, BusError, RemoteError, serve_json, subject_token
+from shared.event_log import closed_in_log
 from shared.event_sink import QueuedEventSink
 from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
 from shared.service import ServiceRuntime, run_service
@@ -77,6 +78,8 @@ PREPARE_MAX_WAIT_S = 1.0
 CLOSED_CONSUMER_KEEP_S = 30 * 24 * 3600.0
 # How long one pull for SessionClosed waits (an idle node asks again after it).
 CLOSED_FETCH_WAIT_S = 2.0
+# A close the registry cannot confirm (it is away) comes back after this.
+CLOSED_RETRY_S = 2.0
 
 
 def ram_dir(settings: Settings) -> Path:
@@ -446,6 +449,10 @@ class CacheService:
                         for msg in msgs:
                             try:
                                 await self.drop_closed_session(msg)
+                            except BusError as e:  # the registry cannot confirm it now
+                                log.warning("cache: a close not confirmed yet (%s)", e)
+                                await msg.nak(delay=CLOSED_RETRY_S)
+                                continue
                             except Exception:  # a bad event must not come back forever
                                 log.exception("cache: cannot handle a SessionClosed event")
                             await msg.ack()
@@ -463,8 +470,15 @@ class CacheService:
 
     async def drop_closed_session(self, msg: Msg) -> None:
         """Every node: the one holding the session's ``discard`` cache drops it (and its
-        owner record); the others hold nothing of it."""
+        owner record), once the registry confirms that the close is in the log (anyone
+        may publish a message; raises BusError when it cannot tell now); the others hold
+        nothing of it."""
         sid = json.loads(msg.data).get("data", {}).get("session_id", "")
+        if not isinstance(sid, str) or not self.writes.discardable(sid):
+            return
+        if not await closed_in_log(self.rt.nc, sid):
+            log.warning("cache: a SessionClosed of %s that is not in the log; its cache kept", sid)
+            return
         for key in self.writes.drop_session(sid):
             try:
                 await self.owners.release(key)
@@ -514,8 +528,8 @@ class CacheService:
         started = time.perf_counter()
         try:
             if info.get("store", "local") == "local":
-                root = self.rt.settings.vdisk_root
-                layers = [root / p for p in info["layers"]]  # absolute paths stay as they are
+                local = self.stores["local"]
+                layers = [Path(local.layer(vdisk, str(p))) for p in info["layers"]]
                 fetched = await asyncio.to_thread(warm_local, layers, extents)
             else:
                 fetched = await self._prefetch_remote(await self.reads.open(info), extents)

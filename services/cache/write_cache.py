@@ -456,13 +456,17 @@ class WriteCaches:
         log.info("write cache %s dropped", key)
         return True
 
-    def drop_session(self, session_id: str) -> list[str]:
-        """The session closed: drop its discard-persistence caches, keep ``keep`` ones."""
-        gone = [
+    def discardable(self, session_id: str) -> list[str]:
+        """The keys of the session's caches that its close drops (``discard`` ones)."""
+        return [
             k
             for k, wc in self.caches.items()
             if wc.meta.get("session_id") == session_id and wc.meta.get("persistence") != "keep"
         ]
+
+    def drop_session(self, session_id: str) -> list[str]:
+        """The session closed: drop its discard-persistence caches, keep ``keep`` ones."""
+        gone = self.discardable(session_id)
         for k in gone:
             self.drop(k)
         return gone

@@ -34,7 +34,8 @@ from services.registry.domain.sessions import StreamNode, choose_replay_node, pi
 from services.registry.projection import Projection, Record
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
-from shared.events import Event, SessionEvent, envelope
+from shared.events import Event, ProjectionError, SessionEvent, envelope
+from shared.layer_paths import LayerPathError, check_relative_layer
 from shared.metrics import count_boot
 from shared.settings import Settings
 from shared.telemetry import (
@@ -118,18 +119,54 @@ class RegistryApp:
         log.info(
             "registry: projection built from %d events (position %d)", n, self.projection.position
         )
+        await self.record_projection_errors()
         return n
 
     async def catch_up(self) -> None:
         async with self.store.pool.acquire() as conn:
             await replay(conn, self.projection)
+        await self.record_projection_errors()
+
+    async def record_projection_errors(self) -> None:
+        """Append a ProjectionError for each event the projection skipped that the log does
+        not name yet (under the append lock after a catch-up: once, whatever the replicas)."""
+        pending = self.projection.unrecorded_failures()
+        if not pending:
+            return
+        ids = await self.store.ids_at([f["position"] for f in pending])
+
+        def decide(p: Projection) -> list[Event]:
+            # Decided on the caught-up state: another caller may have recorded some.
+            return [
+                ProjectionError(
+                    position=f["position"],
+                    event_id=ids.get(f["position"]),
+                    skipped_type=f["type"],
+                    skipped_stream_id=f["stream_id"],
+                    error=f["error"][:1000],
+                )
+                for f in p.unrecorded_failures()
+            ]
+
+        for e in await self._decide_and_append(decide, None, None):
+            d = e.data
+            log.error(
+                "registry: skipped event %s at position %d (%s in %s): %s",
+                d["event_id"], d["position"], d["skipped_type"], d["skipped_stream_id"], d["error"],
+            )  # fmt: skip
+
+    def projection_errors(self) -> Record:
+        """How many events the projection skipped, and the last one (status)."""
+        failures = self.projection.failures
+        last = failures[max(failures)] if failures else None
+        return {"count": len(failures), "last": last}
 
     def offer(self, rows: Sequence[StoredEvent | Envelope]) -> None:
         """Apply events that are newer than the projection. Appends are serialised by the
         store's lock, so commit order is position order (positions may have holes from
         rolled-back appends): whoever offers, events arrive in order."""
         for row in rows:
-            self.projection.apply(row.type, row.data, row.position or 0, row.time)
+            self.projection.apply(row.type, row.data, row.position or 0, row.time, row.stream_id)
 
     async def follow(self) -> None:
         """Keep the projection up with every append (other services, other replicas)."""
@@ -137,6 +174,7 @@ class RegistryApp:
             try:
                 async for row in self.store.follow(self.projection.position):
                     self.offer([row])
+                    await self.record_projection_errors()
             except Exception as exc:  # PostgreSQL restarting, a dropped connection...
                 log.warning("registry: following the log paused (%s)", exc)
                 await asyncio.sleep(1.0)
@@ -162,6 +200,21 @@ class RegistryApp:
     ) -> list[Envelope]:
         """Decide and append atomically; ``effect`` runs between the two (file moves) and
         returns its undo, called when the append fails."""
+        try:
+            return await self._decide_and_append(decide, correlation_id, effect)
+        finally:
+            # The catch-up under the lock may have skipped an event: say so in the log.
+            try:
+                await self.record_projection_errors()
+            except Exception as exc:  # the next command or catch-up records it
+                log.warning("registry: could not record a skipped event (%s)", exc)
+
+    async def _decide_and_append(
+        self,
+        decide: Decision,
+        correlation_id: str | None,
+        effect: Callable[[], Callable[[], None]] | None,
+    ) -> list[Envelope]:
         error: DomainError | None = None
         undo: Callable[[], None] | None = None
         async with self._lock:
@@ -334,7 +387,9 @@ class RegistryApp:
                 str(n): v.get("boot") for n, v in sorted(vd["versions"].items()) if v.get("boot")
             },
             # The latest version's chain, for an importer computing the next delta.
-            "latest_layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, latest)),
+            "latest_layers": vdisk_store.layer_paths(
+                self.vdisk_root, name, vdisks.chain(vd, latest)
+            ),
         }
 
     def commit_source(self, name: str) -> Record:
@@ -347,7 +402,9 @@ class RegistryApp:
             "vdisk": name,
             "next_version": last["version"] + 1,
             "size": vd["versions"][last["version"]]["size"],
-            "layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, last["version"])),
+            "layers": vdisk_store.layer_paths(
+                self.vdisk_root, name, vdisks.chain(vd, last["version"])
+            ),
             "write_cache_key": f"device-{last['mac'].replace(':', '')}-{name}-v{last['version']}",
         }
 
@@ -611,6 +668,23 @@ class RegistryApp:
         finish_boot_trace(closing[-1], reason, self.projection)
         return {"closed": stored[0].data["session_id"], "reason": reason}
 
+    async def session_status(self, session_id: str) -> Record:
+        """Whether a session is live and whether its close is in the log, read from the log
+        itself (a replica's projection may lag): what a consumer checks before it acts on a
+        SessionClosed it was told of."""
+        if not session_id:
+            raise invalid("which session? (a session id)")
+        rows = await self.store.read_all(
+            types=["SessionClosed"], stream_id=f"session-{session_id}", limit=1
+        )
+        closed = rows[0] if rows else None
+        return {
+            "session_id": session_id,
+            "live": closed is None and session_id in self.projection.sessions,
+            "closed": closed is not None,
+            "reason": closed.data.get("reason") if closed is not None else None,
+        }
+
     def list_sessions(self) -> list[Record]:
         ss = self.projection.sessions.values()
         return [self.session_view(s) for s in sorted(ss, key=lambda s: s["opened_at"])]
@@ -686,8 +760,11 @@ class RegistryApp:
         the same ``<vdisk>/<layer>`` tree)."""
         chain = vdisks.chain(vd, version)
         if vd["store"] == vdisks.LOCAL_STORE:
-            return vdisk_store.layer_paths(self.vdisk_root, chain)
-        return chain
+            return vdisk_store.layer_paths(self.vdisk_root, vd["name"], chain)
+        try:
+            return [check_relative_layer(rel, vd["name"]) for rel in chain]
+        except LayerPathError as exc:
+            raise invalid(str(exc)) from None
 
     async def sweep(self, now: float | None = None) -> list[str]:
         """Close sessions whose client left (after the detach grace) or that idled out."""
@@ -796,10 +873,12 @@ class RegistryApp:
             if not equal:
                 log.error("registry: rebuilt projection differs from the live one; using it")
             self.projection = fresh
+        await self.record_projection_errors()
         return {
             "events": n,
             "position": fresh.position,
             "equal_to_live": equal,
+            "projection_errors": len(fresh.failures),
             "seconds": round(elapsed, 3),
             "devices": len(fresh.devices),
             "vdisks": len(fresh.vdisks),

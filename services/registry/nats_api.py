@@ -9,6 +9,8 @@ reply is ``{"error": message, "kind": "invalid"|"not_found"|"conflict"|"refused"
 - ``streamboot.registry.session.close``   {token | session_id, reason?}
 - ``streamboot.registry.session.replay``  {session_id, stream_node?} -> a replay session
 - ``streamboot.registry.session.list``    {}
+- ``streamboot.registry.session.status``  {session_id} -> {session_id, live, closed, reason}:
+  whether the log holds its close (asked before a write cache is dropped)
 - ``streamboot.registry.device.lookup``   {mac, smbios_uuid?} (a boot: applies the unknown-device policy)
 - ``streamboot.registry.vdisk.list``      {}
 
@@ -18,7 +20,6 @@ the REST API calls.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -48,15 +49,19 @@ def error_reply(exc: Exception) -> dict[str, Any]:
 
 
 def _replying(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
-    """Errors become error replies: a caller never waits for a timeout to learn of them."""
+    """Errors become error replies: a caller never waits for a timeout to learn of them.
 
-    @functools.wraps(fn)
+    FastStream passes the message by the parameter's name, which it reads from the
+    signature (following ``__wrapped__``): the wrapper keeps its own (``body``) so every
+    handler is called the same way whatever it names its argument."""
+
     async def wrapper(body: dict[str, Any]) -> Reply:
         try:
             return await fn(body or {})
         except Exception as exc:
             return error_reply(exc)
 
+    wrapper.__name__ = wrapper.__qualname__ = fn.__name__
     return wrapper
 
 
@@ -110,6 +115,10 @@ def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
     @handle("session.list")
     async def session_list(_body: dict[str, Any]) -> Reply:
         return app.list_sessions()
+
+    @handle("session.status")
+    async def session_status(body: dict[str, Any]) -> Reply:
+        return await app.session_status(str(body.get("session_id", "")))
 
     @handle("device.lookup")
     async def device_lookup(body: dict[str, Any]) -> Reply:

@@ -8,6 +8,10 @@ lookup. Everything here is derived from the log, so a rebuild equals the live st
 (:meth:`Projection.snapshot` is what the rebuild test compares).
 
 Records are plain dicts so they go to JSON (REST, NATS) as they are.
+
+One bad event never stops the fold: an event whose handler raises is skipped and kept in
+:attr:`Projection.failures`; the registry records it once as a ``ProjectionError`` event
+(whose handler marks it recorded), so a restart or a rebuild gets past it the same way.
 """
 
 from __future__ import annotations
@@ -18,12 +22,39 @@ from typing import Any
 
 import orjson
 
+from shared.layer_paths import check_layer_name
+
 Record = dict[str, Any]
 
 
 def _ts(when: Any) -> float:
     """An event time as epoch seconds (rows carry datetimes, tests may pass floats)."""
     return when.timestamp() if isinstance(when, datetime) else float(when or 0.0)
+
+
+MIN_BLOCK_SIZE = 512
+# SessionDetached.reason of the connections a stream node ends as it stops.
+NODE_STOPPED = "shutdown"
+
+
+def check_version(vd: Record, d: Record) -> None:
+    """A published version must fit its vdisk: the next number after the latest, its
+    parent the one before, its layer a plain file of the vdisk's own folder, its size not
+    empty and its changed blocks within it. Raises ValueError naming what is wrong."""
+    name, version = vd["name"], d["version"]
+    expected = max(vd["versions"], default=0) + 1
+    if version != expected:
+        raise ValueError(f"vdisk {name!r}: version {version} out of order (next is {expected})")
+    if d.get("parent") != (version - 1 if version > 1 else None):
+        raise ValueError(f"vdisk {name!r}: version {version} has parent {d.get('parent')}")
+    check_layer_name(name, d["path"])
+    size, bs, changed = d["size"], d["block_size"], d["changed_blocks"]
+    if size <= 0:
+        raise ValueError(f"vdisk {name!r}: version {version} is empty ({size} bytes)")
+    if bs < MIN_BLOCK_SIZE or bs & (bs - 1):
+        raise ValueError(f"vdisk {name!r}: block size {bs} is not a power of two >= 512")
+    if not 0 <= changed <= -(-size // bs):
+        raise ValueError(f"vdisk {name!r}: {changed} changed blocks in {size} bytes")
 
 
 class Projection:
@@ -46,6 +77,10 @@ class Projection:
         self.api_tokens: dict[str, Record] = {}
         self.api_token_by_hash: dict[str, str] = {}
         self.api_token_last_action: dict[str, float] = {}
+        # Events skipped because their handler raised: position -> what and why.
+        self.failures: dict[int, Record] = {}
+        # Positions of skipped events that a ProjectionError in the log already names.
+        self.recorded_failures: set[int] = set()
         self._handlers: dict[str, Callable[[Record, Any], None]] = {
             "DeviceRegistered": self._device_registered,
             "DeviceUpdated": self._device_updated,
@@ -69,6 +104,7 @@ class Projection:
             "ApiTokenCreated": self._api_token_created,
             "ApiTokenRevoked": self._api_token_revoked,
             "AdminActionPerformed": self._admin_action,
+            "ProjectionError": self._projection_error,
         }
         # Events that a replay applies from their stream's key, without decoding their data:
         # block batches are most of a log, and their extents the costliest data to decode.
@@ -81,14 +117,19 @@ class Projection:
 
     # --- applying ---------------------------------------------------------------------
 
-    def apply(self, type_: str, data: Record, position: int, when: Any = None) -> None:
+    def apply(
+        self, type_: str, data: Record, position: int, when: Any = None, stream: str = ""
+    ) -> None:
         """Apply one event; events at or before the current position are skipped, so the
         follower and the writers may both offer the same event."""
         if position <= self.position:
             return
         handler = self._handlers.get(type_)
         if handler is not None:
-            handler(data, when)
+            try:
+                handler(data, when)
+            except Exception as exc:
+                self._failed(position, type_, stream, exc)
         self.position = position
 
     def apply_records(self, rows: Sequence[Any]) -> int:
@@ -106,10 +147,13 @@ class Projection:
                 handler = handlers.get(type_)
                 if handler is not None:
                     keyed = by_stream_key.get(type_)
-                    if keyed is not None and stream.startswith(keyed[0]):
-                        keyed[1](stream[len(keyed[0]) :], when)
-                    else:
-                        handler(loads(data), when)
+                    try:
+                        if keyed is not None and stream.startswith(keyed[0]):
+                            keyed[1](stream[len(keyed[0]) :], when)
+                        else:
+                            handler(loads(data), when)
+                    except Exception as exc:
+                        self._failed(at, type_, stream, exc)
                 position = at
         finally:
             self.position = position
@@ -120,9 +164,26 @@ class Projection:
         n = 0
         apply = self.apply
         for row in rows:
-            apply(row.type, row.data, row.position, row.time)
+            apply(row.type, row.data, row.position, row.time, row.stream_id)
             n += 1
         return n
+
+    # --- events that cannot be applied ------------------------------------------------
+
+    def _failed(self, position: int, type_: str, stream: str, exc: Exception) -> None:
+        self.failures[position] = {
+            "position": position,
+            "type": type_,
+            "stream_id": stream,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+
+    def _projection_error(self, d: Record, _when: Any) -> None:
+        self.recorded_failures.add(int(d["position"]))
+
+    def unrecorded_failures(self) -> list[Record]:
+        """Skipped events that no ProjectionError in the log names yet, in log order."""
+        return [f for at, f in sorted(self.failures.items()) if at not in self.recorded_failures]
 
     # --- devices ----------------------------------------------------------------------
 
@@ -173,6 +234,8 @@ class Projection:
         self.devices[d["mac"]]["enabled"] = True
 
     def _device_removed(self, d: Record, _when: Any) -> None:
+        if d["mac"] not in self.devices:
+            raise ValueError(f"device {d['mac']} is not registered")
         dev = self.devices.pop(d["mac"])
         self.mac_by_hostname.pop(dev["hostname"], None)
         self.mac_by_machine_id.pop(dev["machine_id"], None)
@@ -209,6 +272,7 @@ class Projection:
 
     def _version_published(self, d: Record, when: Any) -> None:
         vd = self.vdisks[d["name"]]
+        check_version(vd, d)
         vd["versions"][d["version"]] = {
             "version": d["version"],
             "parent": d.get("parent"),
@@ -333,7 +397,9 @@ class Projection:
                 s["attached_on"].pop(node, None)
             at = _ts(when)
             s["last_activity"] = at
-            if s["attached"] == 0:
+            # A node that stops ends its connections ("shutdown"): the client did not
+            # leave, and may come back once the node is up again (the idle timeout decides).
+            if s["attached"] == 0 and d.get("reason") != NODE_STOPPED:
                 s["detached_at"] = at
 
     def _session_active(self, d: Record, when: Any) -> None:
@@ -427,4 +493,6 @@ class Projection:
             "api_tokens": self.api_tokens,
             "api_token_by_hash": self.api_token_by_hash,
             "api_token_last_action": self.api_token_last_action,
+            "failures": self.failures,
+            "recorded_failures": sorted(self.recorded_failures),
         }

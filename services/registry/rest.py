@@ -298,6 +298,7 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
             "vdisks": len(p.vdisks),
             "live_sessions": len(p.sessions),
             "vdisk_root": str(app.vdisk_root),
+            "projection_errors": app.projection_errors(),
         }
 
     # admin API tokens (admin only, by the gate)

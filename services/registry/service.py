@@ -135,6 +135,7 @@ class RegistryService:
                 "position": p.position,
                 "live_sessions": len(p.sessions),
                 "load": len(p.sessions),
+                "projection_errors": app.projection_errors(),
                 "metrics": self.metrics.url,
                 "figures": headline.figures(),
             }

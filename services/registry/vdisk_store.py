@@ -29,6 +29,7 @@ from pathlib import Path
 from services.registry import boot_files
 from services.registry.domain.errors import DomainError, invalid, not_found
 from services.registry.domain.identity import check_name
+from shared.layer_paths import LayerPathError, check_layer_file
 from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, open_chain, write_delta
 
 CHUNK = 4 * 1024 * 1024
@@ -327,8 +328,13 @@ def drop_stale_staging(root: Path, max_age_s: float = 24 * 3600) -> list[Path]:
     return dropped
 
 
-def layer_paths(root: Path, layers: list[str]) -> list[str]:
-    return [str(root / rel) for rel in layers]
+def layer_paths(root: Path, name: str, layers: list[str]) -> list[str]:
+    """The files of a vdisk's layers (store-relative paths from the log) in the vdisk dir;
+    one that would lie outside the vdisk's own folder is refused."""
+    try:
+        return [str(check_layer_file(root / rel, name, root)) for rel in layers]
+    except LayerPathError as exc:
+        raise invalid(str(exc)) from None
 
 
 # --- helpers ---------------------------------------------------------------------------

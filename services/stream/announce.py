@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 
 from services.stream.spec import ExportSpec
 from shared.bus import subject_token
+from shared.layer_paths import check_layer_file, check_relative_layer
 
 if TYPE_CHECKING:  # the registry imports this module: not the stream's data path
     from services.stream.sessions import SessionManager
@@ -37,19 +38,28 @@ def prepare_subject(node: str) -> str:
     return f"streamboot.stream.{subject_token(node)}.session.prepare"
 
 
-def spec_from_record(record: dict[str, Any]) -> ExportSpec:
-    """The export of a session from the registry's ``session.resolve`` answer."""
+def spec_from_record(record: dict[str, Any], vdisk_root: Path | None = None) -> ExportSpec:
+    """The export of a session from the registry's ``session.resolve`` answer. Its layers
+    must be files of the vdisk's own folder (in ``vdisk_root`` when given; else
+    ``LayerPathError``): this node reads local ones itself, and never a file outside a
+    vdisk's folder, whoever asks."""
+    vdisk = str(record["vdisk"])
+    store = record.get("store", "local")
+    if store == "local":
+        layers = tuple(check_layer_file(p, vdisk, vdisk_root) for p in record["layers"])
+    else:
+        layers = tuple(Path(check_relative_layer(p, vdisk)) for p in record["layers"])
     return ExportSpec(
         session_id=str(record["session_id"]),
-        vdisk=str(record["vdisk"]),
+        vdisk=vdisk,
         version=int(record["version"]),
-        layers=tuple(Path(p) for p in record["layers"]),
+        layers=layers,
         size=int(record["size"]),
         write_cache=record.get("write_cache", "server-ram"),
         read_only=bool(record.get("read_only", False)),
         write_cache_persistence=record.get("write_cache_persistence", "discard"),
         mac=record.get("mac"),
-        store=record.get("store", "local"),
+        store=store,
         traceparent=record.get("boot_traceparent"),
         record_blocks=not record.get("replay_of"),
         client_addr=record.get("client_addr"),
@@ -71,7 +81,7 @@ async def listen_for_announcements(nc: NATS, node: str, sessions: SessionManager
             token = body["token"]
             if not isinstance(token, str) or not token:
                 raise ValueError("no session token")
-            spec = spec_from_record(body)
+            spec = spec_from_record(body, sessions.settings.vdisk_root)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("stream: ignored a malformed session announcement (%s: %s)",
                         type(e).__name__, e)  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -21,8 +22,10 @@ from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec
 from services.stream.takeover import listen_for_takeovers
-from shared.bus import RemoteError, request_json
+from shared.bus import BusError, RemoteError, request_json
+from shared.event_log import closed_in_log
 from shared.event_sink import QueuedEventSink
+from shared.layer_paths import LayerPathError
 from shared.service import ServiceRuntime, run_service
 
 log = logging.getLogger("streamboot.stream")
@@ -33,8 +36,9 @@ RESOLVE_SUBJECT = "streamboot.registry.session.resolve"
 class RegistryResolver:
     """Asks the registry what a session token opens."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, vdisk_root: Path | None) -> None:
         self._nc = nc
+        self._vdisk_root = vdisk_root
 
     async def resolve(self, token: str) -> ExportSpec | None:
         try:
@@ -43,15 +47,18 @@ class RegistryResolver:
             if exc.kind == "not_found":
                 return None
             raise
-        return spec_from_record(reply)
+        try:
+            return spec_from_record(reply, self._vdisk_root)
+        except LayerPathError as exc:
+            log.error("stream: refused session %s: %s", reply.get("session_id"), exc)
+            return None
 
 
 async def start(rt: ServiceRuntime) -> None:
     sink = QueuedEventSink(rt.events)
     rt.spawn(sink.run(), "event-sink")
-    servers = StreamServers(
-        RegistryResolver(rt.nc), sink, StreamSettings.from_settings(rt.settings)
-    )
+    settings = StreamSettings.from_settings(rt.settings)
+    servers = StreamServers(RegistryResolver(rt.nc, settings.vdisk_root), sink, settings)
     if rt.settings.stream_use_cache:
         # Server-side write caches live in the cache service; non-local stores read through it.
         servers.sessions.cache = CacheLink(
@@ -62,9 +69,22 @@ async def start(rt: ServiceRuntime) -> None:
     await servers.start()
 
     async def on_session_closed(msg: Msg) -> None:
-        data = json.loads(msg.data).get("data", {})
-        if servers.close_session(data.get("session_id", "")):
-            log.info("session %s closed by the registry: state dropped", data["session_id"])
+        try:
+            sid = json.loads(msg.data)["data"]["session_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if not isinstance(sid, str) or not servers.sessions.holds(sid):
+            return
+        # The message alone proves nothing (anyone may publish it): the log must say so.
+        try:
+            closed = await closed_in_log(rt.nc, sid)
+        except BusError as exc:
+            log.warning("session %s: cannot confirm its close (%s); kept", sid, exc)
+            return
+        if not closed:
+            log.warning("session %s: a SessionClosed that is not in the log; ignored", sid)
+        elif servers.close_session(sid):
+            log.info("session %s closed by the registry: state dropped", sid)
 
     subs = [
         await rt.nc.subscribe("events.SessionClosed.>", cb=on_session_closed),

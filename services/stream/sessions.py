@@ -384,6 +384,12 @@ class SessionManager:
             self.close(s, "nats-outage")
         return len(unused)
 
+    def holds(self, session_id: str) -> bool:
+        """Whether this node has the session (opened or announced)."""
+        return any(s.session_id == session_id for s in self._announced.values()) or any(
+            s.session_id == session_id for s in self.sessions.values()
+        )
+
     def close_session_id(self, session_id: str) -> bool:
         """Drop the session with this id (the registry closed it); False if not here."""
         for token, spec in list(self._announced.items()):

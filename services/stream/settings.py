@@ -38,6 +38,8 @@ class StreamSettings:
     events_batch_extents: int = 512
     events_interval_s: float = 1.0
     write_cache_dir: Path | None = None
+    # The vdisk dir: layers of the local store are read only from <vdisk_root>/<vdisk>/.
+    vdisk_root: Path | None = None
     # NBD over our own socket transport, so large clean reads go out by sendfile
     # (services/stream/rawtransport.py); False = uvloop's transports (copies every reply).
     nbd_zero_copy: bool = True
@@ -65,6 +67,7 @@ class StreamSettings:
             keepalive_count=s.stream_keepalive_count,
             session_linger_s=s.stream_session_linger_s,
             write_cache_dir=s.data_path("stream", "write-cache"),
+            vdisk_root=s.vdisk_root,
             **cls.tuning(s),
         )
 

@@ -22,6 +22,11 @@ def show_rebuild(r: dict[str, Any]) -> None:
         f"{same} the live state; {r['devices']} devices, {r['vdisks']} vdisks, "
         f"{r['live_sessions']} live sessions"
     )
+    if r.get("projection_errors"):
+        console.print(
+            f"[yellow]{r['projection_errors']} event(s) could not be applied and were skipped "
+            "(ProjectionError events in the log say which and why)[/yellow]"
+        )
 
 
 @app.command()

@@ -129,8 +129,24 @@ def render(result: dict[str, Any]) -> None:
         console.print(
             f"[yellow]{beat['service']} on {beat['node']}: last heartbeat {age:.0f}s ago[/yellow]"
         )
-    for line in space_warnings(result["instances"]):
+    for line in space_warnings(result["instances"]) + projection_warnings(result["instances"]):
         console.print(f"[yellow]{line}[/yellow]")
+
+
+def projection_warnings(instances: list[dict[str, Any]]) -> list[str]:
+    """A line per live registry whose projection skipped events it could not apply."""
+    lines = []
+    for beat in instances:
+        errors = beat.get("projection_errors") or {}
+        if beat["service"] != "registry" or not beat["alive"] or not errors.get("count"):
+            continue
+        last = errors.get("last") or {}
+        lines.append(
+            f"registry on {beat['node']}: {errors['count']} event(s) of the log skipped "
+            f"(not applicable); last at position {last.get('position')} "
+            f"({last.get('type')}): {last.get('error')}"
+        )
+    return lines
 
 
 def space_warnings(instances: list[dict[str, Any]]) -> list[str]:

@@ -22,6 +22,8 @@ import pytest
 
 from services.cache import wire
 from services.cache.placement import node_subject
+from shared.event_store import EventStore
+from shared.events import SessionClosed, envelope
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 16 * 1024 * 1024
@@ -105,6 +107,7 @@ class System:
             **env,
         }
         self.procs: list[Proc] = []
+        self.registry: Proc | None = None
         self.cache: Proc | None = None
         self.caches: dict[str, Proc] = {}
 
@@ -158,6 +161,7 @@ class System:
         env["STREAMBOOT_API_PORT"] = str(free_port())
         reg = Proc([sys.executable, "-m", "services.registry"], env, self.root / "registry.log")
         self.procs.append(reg)
+        self.registry = reg
         log = self.root / "registry.log"
         for _ in range(300):
             if "serving API" in log.read_text():
@@ -165,6 +169,17 @@ class System:
             assert reg.p.poll() is None, log.read_text()
             await asyncio.sleep(0.1)
         raise AssertionError("registry never started")
+
+    async def close_session(self, database_url: str, session_id: str) -> None:
+        """A session's close as the registry makes it: into the log, which its relay then
+        publishes (the cache confirms a close with the registry before it drops a cache)."""
+        if self.registry is None:
+            await self.start_registry(database_url)
+        store = await EventStore.connect(database_url)
+        try:
+            await store.append([envelope(SessionClosed(session_id=session_id, reason="t"))])
+        finally:
+            await store.close()
 
     async def stats(self) -> Any:
         return await cache_request(self.nats_url, wire.STATS, {})
@@ -195,7 +210,9 @@ async def system(nats_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., S
 
 @pytest.fixture(scope="module")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("vdisk") / "base.raw"
+    # In the vdisk's own folder: layers are read from nowhere else (shared/layer_paths.py).
+    path = tmp_path_factory.mktemp("vdisk") / "golden" / "base.raw"
+    path.parent.mkdir()
     path.write_bytes(os.urandom(IMAGE_SIZE))
     return path
 

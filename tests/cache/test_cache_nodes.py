@@ -29,7 +29,6 @@ from services.cache.placement import OWNERS_BUCKET, node_subject, rank
 from services.registry.maintenance import overlay_write_cache
 from shared.bus import subject_token
 from tests.cache.conftest import IMAGE_SIZE, System, cache_request, export, qemu_io
-from tests.cache.test_write_cache import close_session
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -194,7 +193,7 @@ async def test_a_node_short_of_space_gets_no_new_cache_while_another_has_room(
 
 
 async def test_kept_cache_is_found_again_after_its_node_restarts(
-    system, base_image: Path, nc: nats.NATS
+    system, base_image: Path, nc: nats.NATS, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
     s = system()
     a, b = await two_nodes(s)
@@ -211,7 +210,7 @@ async def test_kept_cache_is_found_again_after_its_node_restarts(
     _n1, uri1 = await s.start_node(exports, "s1")
     await asyncio.to_thread(qemu_io, f"{uri1}/kr1", *writes(0x5A))
     assert await owner_record(nc, key) == owner
-    await close_session(s.nats_url, "s-kr1")  # kept: outlives its session
+    await s.close_session(database_url, "s-kr1")  # kept: outlives its session
     await asyncio.sleep(0.3)
     assert key in await held(s, owner)
 
@@ -301,7 +300,7 @@ async def test_kill9_of_one_cache_node_fails_only_its_sessions(
 
 
 async def test_session_closed_drops_the_cache_on_the_node_holding_it(
-    system, base_image: Path, nc: nats.NATS
+    system, base_image: Path, nc: nats.NATS, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
     s = system()
     a, b = await two_nodes(s)
@@ -313,7 +312,7 @@ async def test_session_closed_drops_the_cache_on_the_node_holding_it(
     )
     assert len(await held(s, a)) == 3 and len(await held(s, b)) == 3
     for t in placed:  # each SessionClosed published once, as the relay does
-        await close_session(s.nats_url, f"session-{t}")
+        await s.close_session(database_url, f"session-{t}")
     for _ in range(100):
         if not await held(s, a) and not await held(s, b):
             break
@@ -326,7 +325,7 @@ async def test_session_closed_drops_the_cache_on_the_node_holding_it(
 
 
 async def test_a_session_closed_while_its_cache_node_was_down_is_dropped_when_it_returns(
-    system, base_image: Path, nc: nats.NATS
+    system, base_image: Path, nc: nats.NATS, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
     s = system()
     a = s.node_id()
@@ -338,7 +337,7 @@ async def test_a_session_closed_while_its_cache_node_was_down_is_dropped_when_it
     files = s.data / "cache" / "write"
     assert list(files.glob("session-down*"))
     cache.stop()  # a clean stop: its caches stay on disk for the next start
-    await close_session(s.nats_url, "session-down")  # nobody holding it is listening
+    await s.close_session(database_url, "session-down")  # nobody holding it is listening
     await s.start_cache()
     for _ in range(100):
         if "session-down" not in await held(s, a):

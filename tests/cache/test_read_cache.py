@@ -34,24 +34,26 @@ async def ftp(root: Path, delay_s: float) -> AsyncIterator[tuple[SlowFtpServer, 
 
 @pytest.fixture(scope="module")
 def vdisk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """base.raw + a v2 delta in a store folder, and v2's full image to compare with."""
-    d = tmp_path_factory.mktemp("store")
+    """base.raw + a v2 delta in the vdisk's folder of a store, and v2's full image."""
+    root = tmp_path_factory.mktemp("store")
+    d = root / "golden"
+    d.mkdir()
     rnd = random.Random(5)
     base = bytearray(rnd.randbytes(IMAGE_SIZE))
     base[12 << 20 : 13 << 20] = bytes(1 << 20)  # a zero MiB (a hole in the cache file)
     (d / "base.raw").write_bytes(base)
     v2 = bytearray(base)
     v2[3 << 20 : (3 << 20) + 200_000] = rnd.randbytes(200_000)
-    full = d.parent / "v2-full.raw"
+    full = root / "v2-full.raw"
     full.write_bytes(v2)
     assert write_delta([d / "base.raw"], full, d / "v2") > 0
-    return {"dir": d, "full": full}
+    return {"dir": root, "full": full}
 
 
 def version2(token: str, folder: Path = Path(), **kw: object) -> dict[str, dict[str, object]]:
     """The export of the fixture's version 2 (base + delta) under ``folder`` of a store."""
-    layers = [str(folder / "base.raw"), str(folder / "v2.map")]
-    return export(token, folder / "base.raw", version=2, layers=layers, **kw)
+    layers = [str(folder / "golden" / "base.raw"), str(folder / "golden" / "v2.map")]
+    return export(token, folder / "golden" / "base.raw", version=2, layers=layers, **kw)
 
 
 def boot_trace(seed: int = 1) -> list[tuple[int, int]]:
@@ -188,9 +190,10 @@ async def test_second_boot_from_a_slow_ftp_store_reads_its_boot_from_the_cache( 
 async def test_block_device_store_and_bounded_read_cache(system, vdisk) -> None:  # type: ignore[no-untyped-def]
     expect = vdisk["full"].read_bytes()
     cap = 2 * 1024 * 1024
-    s = system(cache_stores=json.dumps({"san": "blockdev:///"}), cache_read_capacity=str(cap))
+    san = f"blockdev://{vdisk['dir']}"
+    s = system(cache_stores=json.dumps({"san": san}), cache_read_capacity=str(cap))
     await s.start_cache()
-    _node, uri = await s.start_node(version2("bd", vdisk["dir"], store="san"), "a")
+    _node, uri = await s.start_node(version2("bd", store="san"), "a")
     trace = [(o, 65536) for o in range(0, 8 << 20, 65536)]
     await asyncio.to_thread(replay, uri, "bd", trace, expect)
     rc = (await s.stats())["read_cache"]
@@ -257,7 +260,7 @@ async def test_local_store_boot_profile_is_prefetched_on_boot_requested(  # type
     it (PrefetchCompleted)."""
     expect = vdisk["full"].read_bytes()
     trace = boot_trace(seed=2)
-    s = system()
+    s = system(vdisk_dir=str(vdisk["dir"]))
     await s.start_registry(database_url)
     await s.start_cache()
     ex = version2("l1", vdisk["dir"], session_id="s-local1")

@@ -188,7 +188,7 @@ async def test_full_write_cache_answers_enospc_and_keeps_what_it_acknowledged(
 
 
 async def test_write_to_a_dropped_cache_is_a_clear_error(
-    system, base_image: Path, nats_url: str
+    system, base_image: Path, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
     s = system()
     await s.start_cache()
@@ -196,7 +196,7 @@ async def test_write_to_a_dropped_cache_is_a_clear_error(
     _node, uri = await s.start_node(ex, "a")
     await asyncio.to_thread(qemu_io, f"{uri}/drop", "write -P 0x12 0 64k")
     # The registry closes the session: the cache service drops the session's cache.
-    await close_session(nats_url, "session-drop")
+    await s.close_session(database_url, "session-drop")
     for _ in range(100):
         if not (await s.stats())["write_caches"]:
             break
@@ -208,7 +208,7 @@ async def test_write_to_a_dropped_cache_is_a_clear_error(
 
 
 async def test_kept_write_cache_outlives_the_session(
-    system, base_image: Path, nats_url: str
+    system, base_image: Path, database_url: str
 ) -> None:  # type: ignore[no-untyped-def]
     """Persistence ``keep``: the device's next session of the same version finds its writes,
     even after the first session was closed; a ``discard`` session's cache is gone."""
@@ -221,27 +221,10 @@ async def test_kept_write_cache_outlives_the_session(
     }
     _node, uri = await s.start_node(ex, "a")
     await asyncio.to_thread(qemu_io, f"{uri}/k1", "write -P 0x61 0 64k", "flush")
-    await close_session(nats_url, "s-k1")
+    await s.close_session(database_url, "s-k1")
     await asyncio.to_thread(qemu_io, f"{uri}/k2", "read -P 0x61 0 64k")
     (wc,) = (await s.stats())["write_caches"]
     assert wc["key"] == "device-525400aabbcc-golden-v1" and wc["session_id"] == "s-k2"
-
-
-async def close_session(nats_url: str, session_id: str) -> None:
-    """SessionClosed as the registry's relay publishes it."""
-    import json
-
-    import nats
-
-    nc = await nats.connect(nats_url)
-    await nc.publish(
-        "events.SessionClosed.session",
-        json.dumps(
-            {"type": "SessionClosed", "data": {"session_id": session_id, "reason": "t"}}
-        ).encode(),
-    )
-    await nc.flush()
-    await nc.close()
 
 
 async def test_sessions_of_a_huge_disk_cost_memory_for_their_writes_only(

@@ -143,7 +143,7 @@ def test_a_vdisk_is_read_from_a_configured_store() -> None:
     def publish(version: int, store: str) -> list[Event]:
         return vdisks.publish(
             p, "win", version=version, stage=None, path=f"win/v{version}", size=1,
-            checksum="c", changed_blocks=1, block_size=1, store=store, stores=stores,
+            checksum="c", changed_blocks=1, block_size=4096, store=store, stores=stores,
         )  # fmt: skip
 
     with pytest.raises(DomainError, match="unknown store 'ftp': configured are local, nas"):

@@ -208,11 +208,36 @@ async def test_client_gone_closes_after_grace_only(registry: Registry, nc: Any) 
     await node.stop()
 
 
+async def test_a_stream_node_stopping_is_not_its_client_leaving(
+    registry: Registry, nc: Any
+) -> None:
+    """A stream node that stops ends its connections ("shutdown"): the client did not
+    leave, so the detach grace does not apply; the idle timeout still does."""
+    await seed(registry, registry.data_dir, MAC)
+    sid = (await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC}))[
+        "session_id"
+    ]
+    events = EventClient(nc, "stream")
+    att = {"session_id": sid, "stream_node": "n1", "client_addr": "127.0.0.1:5000"}
+    await events.emit(SessionAttached(protocol="nbd", **att), correlation_id=sid)
+    stopped = await events.emit(
+        SessionDetached(protocol="nbd", bytes_read=1, bytes_written=1, reason="shutdown", **att),
+        correlation_id=sid,
+    )
+    await registry.app.catch_up()
+    t = stopped.time.timestamp()
+    grace = registry.settings.session_detach_grace_s
+    idle = registry.settings.session_idle_timeout_s
+    assert await registry.app.sweep(now=t + 10 * grace) == []
+    assert await registry.app.sweep(now=t + idle) == [sid]
+
+
 async def test_attachments_on_a_dead_stream_node_do_not_keep_a_session(
     registry: Registry, nc: Any
 ) -> None:
     """A stream node that is killed never reports its clients' detach: once it stops
-    heartbeating, its attachments no longer hold the session open (after the grace)."""
+    heartbeating, its attachments no longer hold the session open, but only the idle
+    timeout closes it (its client may come back once the node is up again)."""
     await seed(registry, registry.data_dir, MAC)
     node = Heartbeat(nc.jetstream(), "stream", "doomed", 1.0)
     await node.beat()
@@ -229,8 +254,10 @@ async def test_attachments_on_a_dead_stream_node_do_not_keep_a_session(
     grace = registry.settings.session_detach_grace_s
     assert await registry.app.sweep(now=t + 10 * grace) == []  # its node is alive
     await node.stop()  # the node dies (its heartbeat is gone)
-    assert await registry.app.sweep(now=t + grace / 2) == []  # not before the grace
-    assert await registry.app.sweep(now=t + grace) == [sid]
+    idle = registry.settings.session_idle_timeout_s
+    assert await registry.app.sweep(now=t + grace) == []  # not after the detach grace
+    assert await registry.app.sweep(now=t + idle - 1) == []
+    assert await registry.app.sweep(now=t + idle) == [sid]
     [closed] = await registry.app.store.read_all(types=["SessionClosed"])
     assert closed.data["reason"] == "stream-node-gone"
 
@@ -239,7 +266,8 @@ async def test_attachments_from_before_a_stream_node_restart_are_stale(
     registry: Registry, nc: Any
 ) -> None:
     """A stream node restarted under the same name lost its connections: attachments older
-    than its current instance do not keep a session open."""
+    than its current instance do not keep a session open past the idle timeout (and do
+    not close it sooner: its client may reconnect)."""
     await seed(registry, registry.data_dir, MAC)
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
     sid = s["session_id"]
@@ -252,7 +280,9 @@ async def test_attachments_from_before_a_stream_node_restart_are_stale(
     await reborn.beat()
     t = attached.time.timestamp()
     grace = registry.settings.session_detach_grace_s
-    assert await registry.app.sweep(now=t + grace) == [sid]
+    idle = registry.settings.session_idle_timeout_s
+    assert await registry.app.sweep(now=t + grace) == []
+    assert await registry.app.sweep(now=t + idle) == [sid]
     await reborn.stop()
 
 
@@ -309,3 +339,14 @@ async def test_private_vdisk_and_maintenance_serve_one_device(registry: Registry
         assert r.status_code == 409 and "private and in use" in r.json()["error"]
     rejected = await registry.app.store.read_all(types=["SessionConflictRejected"])
     assert [e.data["mac"] for e in rejected] == [b, b]
+
+
+async def test_session_and_vdisk_lists_answer_over_nats(registry: Registry, nc: Any) -> None:
+    """Every list handler replies (a handler the broker cannot call never answers)."""
+    await seed(registry, registry.data_dir, MAC)
+    s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    listed = await bus.request_json(nc, "streamboot.registry.session.list", {}, timeout_s=5)
+    assert [x["session_id"] for x in listed] == [s["session_id"]]
+    assert "token_hash" not in listed[0]
+    vdisks = await bus.request_json(nc, "streamboot.registry.vdisk.list", {}, timeout_s=5)
+    assert [v["name"] for v in vdisks] == ["win"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.cache.stores import StoreError
 from services.cache.stores.local import LocalStore
+from shared.layer_paths import check_layer_file
 
 
 class BlockDeviceStore(LocalStore):
@@ -15,6 +16,10 @@ class BlockDeviceStore(LocalStore):
     def __init__(self, root: str) -> None:
         super().__init__(root or "/")
         self.url = f"blockdev://{self.root}"
+
+    def layer(self, vdisk: str, path: str) -> str:
+        # <root>/<vdisk>/<layer> is a device node or a link to one, by design.
+        return str(check_layer_file(path, vdisk, self.root, follow_links=False))
 
     def _path(self, path: str) -> Path:
         p = super()._path(path)

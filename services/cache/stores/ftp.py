@@ -20,6 +20,7 @@ import posixpath
 import aioftp
 
 from services.cache.stores import StoreError
+from shared.layer_paths import check_relative_layer
 
 POOL = 4
 
@@ -32,6 +33,9 @@ class FtpStore:
         self._idle: list[aioftp.Client] = []
         self._slots = asyncio.Semaphore(POOL)
         self._sizes: dict[str, int] = {}
+
+    def layer(self, vdisk: str, path: str) -> str:
+        return check_relative_layer(path, vdisk)
 
     def _path(self, path: str) -> str:
         return path if path.startswith("/") else posixpath.join(self.root, path)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from services.cache.stores import StoreError
+from shared.layer_paths import check_layer_file
 
 
 class LocalStore:
@@ -14,6 +15,9 @@ class LocalStore:
         self.root = Path(root)
         self.url = f"file://{self.root}"
         self._fds: dict[str, int] = {}
+
+    def layer(self, vdisk: str, path: str) -> str:
+        return str(check_layer_file(path, vdisk, self.root))
 
     def _path(self, path: str) -> Path:
         p = Path(path)

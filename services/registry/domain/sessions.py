@@ -250,9 +250,12 @@ def expired(
     alive_nodes: dict[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Sessions to close now, with the reason: the client left (no attachment for the grace
-    period after its last detach), it never came / went quiet (idle timeout), or every
-    stream node it was attached to is dead or restarted since (``alive_nodes``: node ->
-    start time of the instance heartbeating now; None = unknown, trust the attachments)."""
+    period after its last detach), or it never came / went quiet (idle timeout).
+
+    A session whose stream node died or restarted since its attachments (``alive_nodes``:
+    node -> start time of the instance heartbeating now; None = unknown) is not closed for
+    that: its client may come back to the node once it is up again, and a close would drop
+    its write cache. Only the idle timeout closes it ("stream-node-gone")."""
     out = []
     for s in p.sessions.values():
         if s["attached"] > 0:
@@ -261,7 +264,7 @@ def expired(
                 for node in s.get("attached_on", {})
             ):
                 continue
-            if now - s["last_activity"] >= detach_grace_s:
+            if now - s["last_activity"] >= idle_timeout_s:
                 out.append((s["session_id"], "stream-node-gone"))
             continue
         if s["detached_at"] is not None and now - s["detached_at"] >= detach_grace_s:

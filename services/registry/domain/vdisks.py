@@ -29,6 +29,7 @@ from shared.events import (
     VdiskVersionPromoted,
     VdiskVersionPublished,
 )
+from shared.layer_paths import LayerPathError, check_layer_name
 
 STAGE_ORDER = {"maintenance": 0, "test": 1, "production": 2}
 MODES = ("standard", "private")
@@ -93,6 +94,10 @@ def publish(
         raise invalid(f"unknown stage {stage!r}: maintenance, test or production")
     if size <= 0:
         raise invalid(f"vdisk {name!r}: an image of {size} bytes is empty")
+    try:
+        check_layer_name(name, path)
+    except LayerPathError as exc:
+        raise invalid(str(exc)) from None
     if vd is None:
         _check_policy(mode, write_cache, write_cache_persistence)
         _check_store(store, stores)
