@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     tftp_timeout_s: float = 1.0
     tftp_retries: int = 5
     tftp_max_windowsize: int = 64
+    tftp_max_client_timeout_s: int = 10  # a client's `timeout` option above this is ignored
+    tftp_max_transfers_per_client: int = 4  # per client address
+    tftp_client_requests_per_s: float = 10.0  # per client address, bursts of 3 s worth
     dhcp_mode: Literal["off", "proxy", "full"] = "off"
     dhcp_interface: str | None = None  # SO_BINDTODEVICE + broadcast; None: bind_host only
     dhcp_pxe_port: int = 14011  # proxy mode's second port (4011 for real)
