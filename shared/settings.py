@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     dhcp_router: str | None = None
     dhcp_dns: list[str] = Field(default_factory=list)
     dhcp_lease_s: int = 3600
+    dhcp_announce_per_s: float = 20.0  # BootRequested per second from PXE DISCOVERs (bursts: 5 s)
     boot_bios_file: str = "undionly.kpxe"
     boot_efi64_file: str = "ipxe.efi"
     ipxe_menu_timeout_s: int = 10

@@ -254,6 +254,7 @@ async def start_dhcp(
         router=s.dhcp_router,
         dns=tuple(s.dhcp_dns),
         lease_s=s.dhcp_lease_s,
+        announce_per_s=s.dhcp_announce_per_s,
     )
     leases = None
     if config.mode == "full":
