@@ -7,13 +7,19 @@ store marks it ``dirty``; the server writes the file (:func:`write_leases`: a te
 fsynced, renamed over the old one, the folder fsynced) before it sends the ACKs that the
 change answers, so a crash never loses a lease a client was told it has.
 
-Every pool address has at most one record, found by MAC and by address in O(1).
+Every pool address has at most one record, found by MAC and by address in O(1); the
+address to offer next comes from heaps (free addresses in pool order, records by expiry,
+offers and declines by age), so a DISCOVER costs O(log n) however large the pool, also
+when a flood of forged MACs has every address on offer. Heap entries are checked when they
+come to the top (a record replaced since is skipped) and rebuilt when stale ones pile up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import ipaddress
+import itertools
 import json
 import os
 import tempfile
@@ -26,6 +32,10 @@ from typing import Any, Literal
 OFFER_HOLD_S = 30.0
 # A declined address (in use on the network: the client's ARP check) stays out this long.
 DECLINE_HOLD_S = 600.0
+
+# A heap entry: (expires, tie-breaker, the record); stale once the record is not its
+# address's record any more, or its expiry changed.
+_Entry = tuple[float, int, "Lease"]
 
 
 @dataclass
@@ -48,10 +58,15 @@ class LeaseStore:
         if end < start:
             raise ValueError(f"empty DHCP pool {pool_start}-{pool_end}")
         self.pool = [str(ipaddress.IPv4Address(n)) for n in range(int(start), int(end) + 1)]
-        self._in_pool = set(self.pool)
+        self._index = {ip: i for i, ip in enumerate(self.pool)}
         self.by_mac: dict[str, Lease] = {}
         self.by_ip: dict[str, Lease] = {}
         self.dirty = False  # a change to what the file keeps, not yet written
+        self._free = list(range(len(self.pool)))  # pool indexes, a heap (ascending: a heap)
+        self._by_expiry: list[_Entry] = []
+        self._offers: list[_Entry] = []
+        self._declines: list[_Entry] = []
+        self._seq = itertools.count()
         self._load()
 
     def _load(self) -> None:
@@ -61,7 +76,7 @@ class LeaseStore:
             return
         for item in raw.get("leases", []):
             lease = Lease(**item)
-            if lease.state != "offered" and lease.ip in self._in_pool:
+            if lease.state != "offered" and lease.ip in self._index:
                 self._put(lease)
 
     def snapshot(self) -> list[dict[str, Any]]:
@@ -75,12 +90,49 @@ class LeaseStore:
                 self._drop(old)
         self.by_mac[lease.mac] = lease
         self.by_ip[lease.ip] = lease
+        self._schedule(lease)
+
+    def _schedule(self, lease: Lease) -> None:
+        entry = (lease.expires, next(self._seq), lease)
+        heapq.heappush(self._by_expiry, entry)
+        if lease.state == "offered":
+            heapq.heappush(self._offers, entry)
+        elif lease.state == "declined":
+            heapq.heappush(self._declines, entry)
+        if len(self._by_expiry) > 4 * len(self.by_ip) + 1024:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The heaps from the live records alone (stale entries piled up)."""
+        entries = [(x.expires, next(self._seq), x) for x in self.by_ip.values()]
+        self._by_expiry = sorted(entries)
+        self._offers = sorted(e for e in entries if e[2].state == "offered")
+        self._declines = sorted(e for e in entries if e[2].state == "declined")
+        self._free = [i for i, ip in enumerate(self.pool) if ip not in self.by_ip]
 
     def _drop(self, lease: Lease) -> None:
         if self.by_mac.get(lease.mac) is lease:
             del self.by_mac[lease.mac]
         if self.by_ip.get(lease.ip) is lease:
             del self.by_ip[lease.ip]
+            heapq.heappush(self._free, self._index[lease.ip])
+
+    def _top(self, heap: list[_Entry]) -> Lease | None:
+        """The heap's first live record (dropping stale entries on the way)."""
+        while heap:
+            expires, _, lease = heap[0]
+            if self.by_ip.get(lease.ip) is lease and lease.expires == expires:
+                return lease
+            heapq.heappop(heap)
+        return None
+
+    def _first_free(self) -> str | None:
+        while self._free:
+            ip = self.pool[self._free[0]]
+            if ip not in self.by_ip:
+                return ip
+            heapq.heappop(self._free)
+        return None
 
     def _holder(self, ip: str, now: float) -> Lease | None:
         lease = self.by_ip.get(ip)
@@ -93,27 +145,16 @@ class LeaseStore:
         own = self.by_mac.get(mac)
         if own is not None and own.state != "declined":
             return own.ip
-        if requested in self._in_pool and self._holder(requested, now) is None:
+        if requested in self._index and self._holder(requested, now) is None:
             return requested  # type: ignore[return-value]
-        expired: Lease | None = None
-        offered: Lease | None = None
-        declined: Lease | None = None
-        for ip in self.pool:  # one pass: at most one dict lookup per address
-            lease = self.by_ip.get(ip)
-            if lease is None:
-                return ip
-            if lease.expires <= now:
-                if expired is None or lease.expires < expired.expires:
-                    expired = lease
-            elif lease.state == "offered":
-                if offered is None or lease.expires < offered.expires:
-                    offered = lease
-            elif lease.state == "declined":
-                if declined is None or lease.expires < declined.expires:
-                    declined = lease
-        for candidate in (expired, offered, declined):
-            if candidate is not None:
-                return candidate.ip
+        if (ip := self._first_free()) is not None:
+            return ip
+        oldest = self._top(self._by_expiry)
+        if oldest is not None and oldest.expires <= now:
+            return oldest.ip
+        for heap in (self._offers, self._declines):
+            if (lease := self._top(heap)) is not None:
+                return lease.ip
         raise PoolExhausted(f"every address in {self.pool[0]}-{self.pool[-1]} is bound")
 
     def offer(self, mac: str, requested: str | None, now: float) -> Lease:
@@ -132,7 +173,7 @@ class LeaseStore:
         """Confirm a REQUEST for ``ip``; None when that address is not the client's to take.
         An offer to another client does not stop it: servers need not reserve an offered
         address (RFC 2131 3.1), and a flood of DISCOVERs must not keep a real client out."""
-        if ip not in self._in_pool:
+        if ip not in self._index:
             return None
         holder = self._holder(ip, now)
         if holder is not None and holder.mac != mac and holder.state != "offered":
@@ -147,6 +188,7 @@ class LeaseStore:
         lease = self.by_mac.get(mac)
         if lease is not None and lease.state == "bound":
             lease.expires = now  # kept: the client gets the same address next time
+            self._schedule(lease)
             self.dirty = True
 
     def decline(self, mac: str, ip: str, now: float) -> bool:

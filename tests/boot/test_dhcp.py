@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from services.boot import dhcp_packets as dp
-from services.boot.dhcp_leases import LeaseStore, read_leases, write_leases
+from services.boot.dhcp_leases import LeaseStore, PoolExhausted, read_leases, write_leases
 from services.boot.dhcp_server import (
     DhcpConfig,
     DhcpResponder,
@@ -259,6 +259,43 @@ def test_decline_only_from_the_client_that_holds_the_address(tmp_path: Path) -> 
     assert store.dirty
     retry = responder.handle(discover_from(holder), now=4)
     assert retry is not None and retry.yiaddr == "10.213.0.102"
+
+
+def test_lease_store_keeps_its_promises_under_random_traffic(tmp_path: Path) -> None:
+    # The store's heaps against the rules, checked after every step of random traffic.
+    store = LeaseStore(tmp_path / "l.json", "10.213.0.1", "10.213.0.16")
+    rng, now = random.Random(2132), 0.0
+    macs = [f"02:00:00:00:00:{n:02x}" for n in range(40)]
+    for _ in range(5000):
+        now += rng.random() * 4
+        mac, op = rng.choice(macs), rng.random()
+        bound_before = {x.ip: x.mac for x in store.by_ip.values()
+                        if x.state in ("bound", "declined") and x.expires > now}  # fmt: skip
+        if op < 0.5:
+            free = [ip for ip in store.pool if ip not in store.by_ip]
+            own = store.by_mac.get(mac)
+            try:
+                lease = store.offer(mac, None, now)
+            except PoolExhausted:
+                assert len(bound_before) == len(store.pool) and own is None
+                continue
+            assert bound_before.get(lease.ip, mac) == mac  # never someone else's lease
+            if free and (own is None or own.state == "declined"):
+                assert lease.ip == free[0]  # the first free address, in pool order
+        elif op < 0.8:
+            ip = rng.choice(store.pool)
+            if store.bind(mac, ip, rng.choice((30, 300)), now, None) is not None:
+                assert bound_before.get(ip, mac) == mac
+            else:
+                assert bound_before.get(ip, mac) != mac
+        elif op < 0.9:
+            store.release(mac, now)
+        else:
+            ip = rng.choice(store.pool)
+            holder = store.by_ip.get(ip)
+            assert store.decline(mac, ip, now) == (holder is not None and holder.mac == mac)
+        assert all(store.by_ip[x.ip] is x for x in store.by_mac.values())
+        assert all(store.by_mac[x.mac] is x for x in store.by_ip.values())
 
 
 # --- a server on loopback, fed crafted packets ------------------------------------------
