@@ -31,7 +31,7 @@ class LogBudget:
         self.lines, self.interval_s, self.max_sources = lines, interval_s, max_sources
         self.suppressed = 0  # lines counted and not logged, since the start
         self._used = 0
-        self._window_end = 0.0
+        self._window_start = self._window_end = 0.0
         self._kinds: Counter[str] = Counter()
         self._sources: Counter[str] = Counter()
         self._more_sources = False  # more distinct sources than max_sources
@@ -45,7 +45,7 @@ class LogBudget:
         now = time.monotonic()
         if now >= self._window_end:
             self.flush()
-            self._window_end = now + self.interval_s
+            self._window_start, self._window_end = now, now + self.interval_s
             self._used = 0
         if self._used < self.lines:
             self._used += 1
@@ -82,8 +82,9 @@ class LogBudget:
         distinct = f"{len(self._sources)}{'+' if self._more_sources else ''}"
         top = ", ".join(f"{s} ({n})" for s, n in self._sources.most_common(SUMMARY_SOURCES))
         self.logger.warning(
-            "%s: %d more lines not logged in the last %.0f s (%s) from %s sources; most from %s",
-            self.name, count, self.interval_s, kinds, distinct, top,
+            "%s: %d more lines not logged in the last %.1f s (%s) from %s sources; most from %s",
+            self.name, count, min(time.monotonic(), self._window_end) - self._window_start,
+            kinds, distinct, top,
         )  # fmt: skip
         self._kinds.clear()
         self._sources.clear()
