@@ -370,9 +370,10 @@ class DhcpServer:
             reply.file.decode() or "-", *dest,
         )  # fmt: skip
         if leases is not None and leases.dirty:
-            self._waiting.append((transport, dp.build(reply), dest))  # sent once written
             self._write_soon()
-            return
+            if reply.message_type == dp.ACK:  # it tells of a lease: sent once that is written
+                self._waiting.append((transport, dp.build(reply), dest))
+                return
         # Sent on the next turn of the loop, after the task the BootRequested callback may
         # have started (FIFO): the boot's announcement is under way before the client hears back.
         asyncio.get_running_loop().call_soon(transport.sendto, dp.build(reply), dest)

@@ -13,14 +13,15 @@ import time
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up; one token per request."""
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
         self.rate, self.burst = rate, burst
-        self.tokens, self.stamp = burst, time.monotonic()
+        self.tokens, self.stamp = burst, time.monotonic() if now is None else now
 
     def allow(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
         if self.tokens < 1:
             return False
         self.tokens -= 1
@@ -42,7 +43,7 @@ class PerSourceRate:
         if bucket is None:
             if len(self._buckets) >= self.max_sources:
                 self._forget_idle(now)
-            bucket = self._buckets[source] = TokenBucket(self.rate, self.burst)
+            bucket = self._buckets[source] = TokenBucket(self.rate, self.burst, now)
         return bucket.allow(now)
 
     def _forget_idle(self, now: float) -> None:
