@@ -21,7 +21,6 @@ import stat
 import struct
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,9 @@ _gso_usable = True  # cleared for the process on the first send the kernel refus
 # netascii files are converted in memory; a boot file server has no business sending
 # huge text files, and this bounds what one request can make us allocate.
 MAX_NETASCII_BYTES = 16 * 1024 * 1024
+# The listener's receive buffer: room for a burst of requests (a boot storm, or a flood a
+# real client's request must get through) while the loop is busy elsewhere.
+LISTENER_RCVBUF = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,16 @@ class TftpConfig:
     max_client_timeout_s: int = 10
     max_transfers_per_client: int = 4
     client_requests_per_s: float = 10.0  # bursts of 3 s worth; 0: no limit
+
+
+def enlarge_receive_buffer(sock: socket.socket, size: int) -> None:
+    """SO_RCVBUFFORCE where permitted (root, CAP_NET_ADMIN: what port 69 runs as), else
+    SO_RCVBUF, which the kernel caps at net.core.rmem_max."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def resolve_path(root: Path, filename: str) -> Path:
@@ -167,8 +179,10 @@ class Transfer:
         source: Source,
         config: TftpConfig,
         on_done: Callable[[Transfer, str | None], None],
+        datagram: bytes = b"",
     ) -> None:
         self.loop, self.sock, self.peer, self.request = loop, sock, peer, request
+        self.datagram = datagram  # the request as it came: its resends are recognised
         self.source, self.on_done = source, on_done
         n = negotiate(
             request.options,
@@ -196,7 +210,7 @@ class Transfer:
         # Since when (monotonic) the transfer waits for its client: its start or the last
         # ACK that moved it on. Written by the transfer's thread, read by the listener to
         # pick the slot to reclaim when all are taken.
-        self.waiting_since = time.monotonic()
+        self.waiting_since = self.started = time.monotonic()
         self.started_ns = time.time_ns()
         self.ended_ns = 0
         self.thread = threading.Thread(target=self._run, name=f"tftp {peer[0]}", daemon=True)
@@ -304,6 +318,8 @@ class Transfer:
         """The block number of an ACK; None for a packet to ignore; PeerError for an ERROR."""
         try:
             return parse_ack(packet)
+        except PeerError:
+            raise  # the client ends the transfer
         except TftpError as exc:  # debug only: the peer chooses how many it sends
             log.debug(
                 "tftp %s: ignoring bad packet from %s: %s", self.request.filename, self.peer, exc
@@ -388,12 +404,12 @@ class TftpServer:
     """The listener on the well-known port: parses requests and starts transfers.
 
     A transfer holds a slot from its request until its thread ends. Slots are kept per
-    client port (a new request from the same address and port replaces that port's transfer:
-    the client gave up on it) and limited per client address. When all are taken, a new
-    request takes the slot of the transfer that has waited longest for its client: a client
-    that acknowledges keeps its slot (it waits a round trip at most), one that never does
-    loses it. Requests beyond an address's rate are dropped unanswered: an answer to a
-    forged source address would go to someone else.
+    client port (a different request from the same address and port replaces that port's
+    transfer: the client gave up on it; the same request again, before the client has
+    acknowledged anything, is its resend and changes nothing) and limited per client
+    address. When all are taken, a new request may take one (see :meth:`_victim`).
+    Requests beyond an address's rate are dropped unanswered: an answer to a forged source
+    address would go to someone else.
     """
 
     def __init__(
@@ -408,10 +424,10 @@ class TftpServer:
         self.transfers: set[Transfer] = set()  # every running transfer
         self.stats = {
             "transfers": 0, "completed": 0, "failed": 0, "bytes": 0, "refused": 0,
-            "dropped": 0, "replaced": 0, "reclaimed": 0, "errors_ignored": 0,
+            "dropped": 0, "replaced": 0, "duplicates": 0, "reclaimed": 0, "errors_ignored": 0,
         }  # fmt: skip
         self._slots: dict[tuple[str, int], Transfer] = {}  # the slot holders by client port
-        self._per_address: Counter[str] = Counter()
+        self._by_address: dict[str, set[Transfer]] = {}  # the slot holders by client address
         rate = config.client_requests_per_s
         self._rate = PerSourceRate(rate, max(1.0, 3 * rate))
         self._log = LogBudget(log, "tftp")
@@ -422,6 +438,7 @@ class TftpServer:
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Listener(self), local_addr=(self.host, self.port)
         )
+        enlarge_receive_buffer(self._transport.get_extra_info("socket"), LISTENER_RCVBUF)
         self.port = self._transport.get_extra_info("sockname")[1]
         log.info("tftp: serving %s on %s:%d", self.config.root, self.host, self.port)
 
@@ -441,6 +458,12 @@ class TftpServer:
         if is_error(data):
             self.stats["errors_ignored"] += 1
             return
+        old = self._slots.get(peer)
+        if old is not None and old.datagram == data and old.waiting_since == old.started:
+            # The client's resend of a request we have not heard back on: the same transfer
+            # (its own timer resends the first packet), so a resend costs nothing.
+            self.stats["duplicates"] += 1
+            return
         if not self._rate.allow(address):
             self.stats["dropped"] += 1
             self._log.log(
@@ -454,18 +477,17 @@ class TftpServer:
             request = parse_request(data)
             if request.opcode == WRQ:
                 raise TftpError(ERR_ACCESS, "read-only server")
-            if (old := self._slots.get(peer)) is not None:
+            if old is not None:
                 self.stats["replaced"] += 1
                 self._free(old, "replaced by a new request from the same port")
-            if self._per_address[address] >= self.config.max_transfers_per_client:
+            if len(self._by_address.get(address, ())) >= self.config.max_transfers_per_client:
                 raise TftpError(ERR_UNDEFINED, "too many transfers from this address, try again")
             source = open_source(resolve_path(self.config.root, request.filename), request.mode)
             if len(self._slots) >= self.config.max_transfers:
+                if (victim := self._victim(address)) is None:
+                    raise TftpError(ERR_UNDEFINED, "server busy, try again")
                 self.stats["reclaimed"] += 1
-                self._free(
-                    min(self._slots.values(), key=lambda t: t.waiting_since),
-                    "slot reclaimed: the server is full and this client the slowest to answer",
-                )
+                self._free(victim, "slot reclaimed for another client: the server is full")
         except TftpError as exc:
             if source is not None:
                 source.close()
@@ -491,11 +513,11 @@ class TftpServer:
             log.error("tftp: cannot open a transfer socket for %s:%d: %s", *peer, exc)
             return
         transfer = Transfer(
-            asyncio.get_running_loop(), sock, peer, request, source, self.config, self._done
+            asyncio.get_running_loop(), sock, peer, request, source, self.config, self._done, data
         )
         self.transfers.add(transfer)
         self._slots[peer] = transfer
-        self._per_address[address] += 1
+        self._by_address.setdefault(address, set()).add(transfer)
         self.stats["transfers"] += 1
         log.debug(
             "tftp: %s -> %s:%d blksize=%d windowsize=%d",
@@ -505,6 +527,19 @@ class TftpServer:
             transfer.windowsize,
         )
         transfer.start()
+
+    def _victim(self, address: str) -> Transfer | None:
+        """The slot a request from ``address`` may take on a full server: one of the address
+        that holds the most, if that is at least two more than ``address`` holds (so slots
+        spread over addresses and do not swap back and forth); else one whose client has
+        not answered for a whole retransmission interval. A transfer whose client answers
+        in time is never taken."""
+        held = max(self._by_address.values(), key=len)
+        if len(held) > len(self._by_address.get(address, ())) + 1:
+            return min(held, key=_reclaim_order)
+        now = time.monotonic()
+        stale = [t for t in self._slots.values() if now - t.waiting_since >= t.timeout_s]
+        return min(stale, key=_reclaim_order) if stale else None
 
     def _free(self, transfer: Transfer, reason: str) -> None:
         """End a transfer and give its slot to a new request now (its thread ends soon)."""
@@ -516,9 +551,10 @@ class TftpServer:
             return  # released already (replaced or reclaimed)
         del self._slots[transfer.peer]
         address = transfer.peer[0]
-        self._per_address[address] -= 1
-        if self._per_address[address] <= 0:
-            del self._per_address[address]
+        held = self._by_address[address]
+        held.discard(transfer)
+        if not held:
+            del self._by_address[address]
 
     def _done(self, transfer: Transfer, error: str | None) -> None:
         self.transfers.discard(transfer)
@@ -544,6 +580,13 @@ class TftpServer:
                 self.on_transfer(transfer, error)
             except Exception:  # an observer's bug must not stop the accounting
                 log.exception("tftp: transfer observer failed")
+
+
+def _reclaim_order(transfer: Transfer) -> tuple[bool, float]:
+    """Which of the candidates a full server takes first: a transfer whose client never
+    acknowledged anything (no sign that anyone is there: a forged source never sees the
+    TID), the oldest first; then the one that has waited longest for its client."""
+    return transfer.waiting_since != transfer.started, transfer.waiting_since
 
 
 class _Listener(asyncio.DatagramProtocol):

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import struct
-import threading
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,51 +33,64 @@ from tests.boot.test_tftp import error_of, raw_socket, run, settled
 pytestmark = pytest.mark.timeout(120)
 
 
+# The attacker runs in its own process (as it would), so its Python loop does not compete
+# with the server's transfer threads for this process's GIL.
+ATTACKER = """
+import select, socket, sys
+port, addresses, each, repeat, request = (
+    int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4]),
+    bytes.fromhex(sys.argv[5]),
+)
+socks = []
+for address in addresses:
+    for _ in range(each):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((address, 0))
+        sock.setblocking(False)
+        socks.append(sock)
+while True:
+    for sock in socks:
+        for _ in range(repeat):
+            sock.sendto(request, ("127.0.0.1", port))
+    print("pass", flush=True)
+    if select.select([sys.stdin], [], [], 0.05)[0]:
+        break
+    for sock in socks:  # never acknowledged: read and thrown away
+        try:
+            while True:
+                sock.recv(65536)
+        except BlockingIOError:
+            pass
+"""
+
+
 class Attack:
     """Read requests from many sockets that never acknowledge, in passes until stopped."""
 
     def __init__(
         self, port: int, addresses: list[str], sockets_each: int, repeat: int, request: bytes
     ) -> None:
-        self.target, self.request, self.repeat = ("127.0.0.1", port), request, repeat
-        self.socks = []
-        for address in addresses:
-            for _ in range(sockets_each):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.bind((address, 0))
-                sock.setblocking(False)
-                self.socks.append(sock)
-        self.sent = self.received = self.passes = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run)
+        self.args = [str(port), ",".join(addresses), str(sockets_each), str(repeat), request.hex()]
+        self.proc: asyncio.subprocess.Process | None = None
 
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            for sock in self.socks:
-                for _ in range(self.repeat):
-                    sock.sendto(self.request, self.target)
-                self.sent += len(self.request) * self.repeat
-            self.passes += 1
-            self.stopping.wait(0.05)
-            self.drain()
+    async def passes(self, n: int) -> None:
+        """Wait until the attacker has sent ``n`` more passes."""
+        assert self.proc is not None and self.proc.stdout is not None
+        for _ in range(n):
+            assert await self.proc.stdout.readline() == b"pass\n"
 
-    def drain(self) -> None:
-        for sock in self.socks:
-            while True:
-                try:
-                    self.received += len(sock.recv(65536))
-                except BlockingIOError:
-                    break
-
-    def __enter__(self) -> Attack:
-        self.thread.start()
+    async def __aenter__(self) -> Attack:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", ATTACKER, *self.args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self.thread.join()
-        for sock in self.socks:
-            sock.close()
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b"stop\n")
+        await self.proc.stdin.drain()
+        await asyncio.wait_for(self.proc.communicate(), 30)
 
 
 async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -117,17 +130,19 @@ async def test_real_clients_fetch_during_a_lockout_attack(
 ) -> None:
     # The defaults of a real server: 512 slots, 1 s retransmission, 5 retries.
     async with running(TftpConfig(root=root)) as server:
-        with Attack(server.port, *SHAPES[shape], LOCKOUT) as attack:
-            await until(lambda: attack.passes >= 3, "three passes of the attack")
+        async with Attack(server.port, *SHAPES[shape], LOCKOUT) as attack:
+            await attack.passes(3)
             if shape == "many addresses":  # enough addresses to take every slot
                 await until(lambda: server.stats["reclaimed"] > 0, "the slots all taken")
             await real_clients_fetch(server, root, tmp_path)
             live = len(server.transfers)
+            await attack.passes(1)  # the attack went on all along
         assert server.stats["completed"] >= 3
-        if shape != "many addresses":
-            # One address holds at most its share of the slots, and its surplus is dropped.
+        if shape == "one socket":  # one transfer; the same request again is its resend
+            assert live <= 1 + 3 and server.stats["duplicates"] > 0
+        elif shape == "one address":  # its share of the slots, the rest refused or dropped
             assert live <= TftpConfig.max_transfers_per_client + 3
-            assert server.stats["dropped"] > 0
+            assert server.stats["refused"] + server.stats["dropped"] > 0
 
 
 async def test_a_timeout_above_the_cap_is_ignored(root: Path) -> None:
@@ -148,15 +163,19 @@ async def test_a_timeout_above_the_cap_is_ignored(root: Path) -> None:
         await settled(server)
 
 
-async def test_flood_from_one_socket_gets_less_back_than_it_sent(root: Path) -> None:
+@pytest.mark.parametrize("varied", [False, True], ids=["same request", "varied requests"])
+async def test_flood_from_one_socket_gets_less_back_than_it_sent(root: Path, varied: bool) -> None:
     async with running(TftpConfig(root=root, timeout_s=0.2, retries=2)) as server:
-        request = build_request(RRQ, "small.bin")
+        # The same request again is a resend (one transfer); varied ones replace each other.
+        requests = [
+            build_request(RRQ, "small.bin", **({"x": n % 2} if varied else {})) for n in range(2000)
+        ]
 
         def flood() -> tuple[int, int]:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 sock.bind(("127.0.0.2", 0))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                for _ in range(2000):
+                for request in requests:
                     sock.sendto(request, ("127.0.0.1", server.port))
                 sock.settimeout(1.0)  # the last transfer's resends come 0.2 s apart
                 received = 0
@@ -164,26 +183,30 @@ async def test_flood_from_one_socket_gets_less_back_than_it_sent(root: Path) -> 
                     while True:
                         received += len(sock.recv(65536))
                 except TimeoutError:
-                    return 2000 * len(request), received
+                    return sum(map(len, requests)), received
 
         sent, received = await asyncio.to_thread(flood)
         await settled(server)
     assert 0 < received <= sent
-    # Each new request from that port replaced the transfer before it.
-    assert server.stats["replaced"] >= 1 and server.stats["dropped"] > 0
+    if varied:
+        assert server.stats["replaced"] >= 1 and server.stats["dropped"] > 0
+    else:
+        assert server.stats["duplicates"] > 0
 
 
-async def test_a_new_request_from_the_same_port_replaces_its_transfer(
-    root: Path, tmp_path: Path
-) -> None:
+async def test_a_new_request_from_the_same_port_replaces_its_transfer(root: Path) -> None:
     content = (root / "small.bin").read_bytes()
     async with running(TftpConfig(root=root, timeout_s=5)) as server:
 
         def go() -> bytes:
             with raw_socket() as sock:
                 tids = []
-                for _ in range(3):  # a client that gave up twice and asked again
-                    sock.sendto(build_request(RRQ, "small.bin"), ("127.0.0.1", server.port))
+                # A client that asks, asks the same again (a resend: the same transfer), then
+                # gives up twice and asks anew (an unknown option changes the request only).
+                for n in (1, 1, 2, 3):
+                    sock.sendto(build_request(RRQ, "small.bin", x=n), ("127.0.0.1", server.port))
+                    if n == 1 and tids:
+                        continue
                     while True:
                         packet, tid = sock.recvfrom(65536)
                         if tid not in tids:
@@ -198,11 +221,12 @@ async def test_a_new_request_from_the_same_port_replaces_its_transfer(
                     assert struct.unpack_from("!HH", packet) == (DATA, (block + 1) & 0xFFFF)
                     data, block = data + packet[4:], block + 1
                 sock.sendto(build_ack(block), tid)
+                assert len(tids) == 3
                 return data
 
         assert await asyncio.to_thread(go) == content
         await settled(server)
-        assert server.stats["replaced"] == 2
+        assert server.stats["replaced"] == 2 and server.stats["duplicates"] == 1
         assert server.stats["completed"] == 1 and server.stats["failed"] == 2
 
 
@@ -236,6 +260,24 @@ def exchange_from(address: str, port: int, packet: bytes) -> tuple[bytes, tuple[
         sock.bind((address, 0))
         sock.sendto(packet, ("127.0.0.1", port))
         return sock.recvfrom(65536)
+
+
+async def test_an_error_from_the_client_ends_its_transfer(root: Path) -> None:
+    # What PXE firmware does after asking for tsize: ERROR 8, then a request of its own.
+    # The client's port stays open, so only the ERROR can end the transfer in time (the
+    # next resend would be a minute away).
+    async with running(TftpConfig(root=root, timeout_s=60)) as server:
+        with raw_socket() as sock:
+
+            def go() -> None:
+                sock.sendto(build_request(RRQ, "small.bin", tsize=0), ("127.0.0.1", server.port))
+                oack, tid = sock.recvfrom(65536)
+                assert struct.unpack_from("!H", oack)[0] == OACK
+                sock.sendto(build_error(8, "tsize only"), tid)
+
+            await asyncio.to_thread(go)
+            await until(lambda: not server.transfers, "the transfer ended")
+        assert server.stats["failed"] == 1
 
 
 async def test_an_error_packet_is_never_answered(server: TftpServer) -> None:
