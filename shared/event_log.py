@@ -4,8 +4,9 @@ Only the registry touches PostgreSQL. Every other service hands its events to
 :class:`EventClient`, which sends them to the registry's append handler
 (:func:`serve_appends`) and returns once they are in the log. The client keeps unsent events
 in order and retries with backoff while the registry or NATS is away, so an event that a
-service produced is not dropped because of a restart somewhere else; the event id makes the
-retries idempotent.
+service produced is not dropped because of a restart somewhere else (the registry's, NATS's
+or PostgreSQL's: an append that finds PostgreSQL away is answered "unavailable" and sent
+again); the event id makes the retries idempotent.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from shared.bus import (
     serve_json,
 )
 from shared.envelope import Envelope
-from shared.event_store import ConcurrencyError, EventStore
+from shared.event_store import ConcurrencyError, EventStore, unreachable
 from shared.events import Event, envelope
 from shared.telemetry import current_traceparent
 
 log = logging.getLogger("streamboot.event_log")
+
+# The error kind of an append that may succeed if sent again: the log's database is away.
+UNAVAILABLE = "unavailable"
 
 
 async def serve_appends(
@@ -56,6 +60,11 @@ async def serve_appends(
             stored = await store.append(events, expected=body.get("expected"))
         except ConcurrencyError as exc:
             raise RemoteError(str(exc), "conflict", {"actual": exc.actual}) from exc
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            # PostgreSQL restarting: the client sends the same events again (same ids).
+            raise RemoteError(f"the event log is unavailable: {exc}", UNAVAILABLE) from exc
         if on_appended is not None:
             on_appended(stored)
         return {
@@ -118,9 +127,9 @@ class EventClient:
                     e.model_copy(update={"position": p, "version": v})
                     for e, p, v in zip(events, reply["positions"], reply["versions"], strict=True)
                 ]
-            except RemoteError:
-                raise
             except BusError as exc:
+                if isinstance(exc, RemoteError) and exc.kind != UNAVAILABLE:
+                    raise
                 if loop.time() + delay > deadline:
                     raise
                 log.warning("event log not reachable (%s); retrying in %.1fs", exc, delay)

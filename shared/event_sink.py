@@ -29,6 +29,10 @@ class QueuedEventSink:
         self.dropped = 0
 
     async def emit(self, event: Event, correlation_id: str | None) -> None:
+        self.put(event, correlation_id)
+
+    def put(self, event: Event, correlation_id: str | None = None) -> None:
+        """Queue an event (from synchronous code too): in the log once the registry has it."""
         if self._queue.qsize() >= MAX_QUEUED:
             self._queue.get_nowait()
             self._queue.task_done()

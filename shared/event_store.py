@@ -13,6 +13,7 @@ Design (see docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import struct
@@ -110,6 +111,40 @@ class ConcurrencyError(EventStoreError):
 
 class SchemaMismatchError(EventStoreError):
     pass
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says PostgreSQL cannot be reached right now (stopped, restarting,
+    the connection lost): the same statement may succeed later."""
+    if isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.OperatorInterventionError
+        # A pooled connection left mid-operation by the server's loss ("cannot switch to
+        # state ..., another operation is in progress"); the pool replaces it.
+        | asyncpg.InternalClientError,
+    ):
+        return True
+    # asyncpg's "cannot perform operation: connection is closed"
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+
+
+class _OutageWithoutTraceback(logging.Filter):
+    """asyncpg's pool logs each failed reconnect while PostgreSQL is away with a traceback;
+    the message and the error say it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and unreachable(exc):
+            said = str(exc).replace("\n", " ").replace("%", "%%")  # msg is a %-format
+            record.msg = f"{record.msg} ({said})"
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_OutageWithoutTraceback())
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,10 +370,16 @@ class EventStore:
             try:
                 yield Transaction(conn)
             except BaseException:
-                # If the connection is gone, the pool's release terminates it (and the
-                # server rolls back).
-                if not conn.is_closed():
-                    await conn.execute("ROLLBACK")
+                # If the connection is gone, the server rolls back (and asyncpg has detached
+                # it from the pool: even is_closed() raises); the original error goes up.
+                with contextlib.suppress(
+                    asyncpg.InterfaceError,
+                    asyncpg.InternalClientError,
+                    asyncpg.PostgresConnectionError,
+                    OSError,
+                ):
+                    if not conn.is_closed():
+                        await conn.execute("ROLLBACK")
                 raise
             await conn.execute("COMMIT")
 

@@ -15,9 +15,10 @@ import asyncio
 import logging
 import os
 
+import asyncpg
 from nats.js import JetStreamContext
 
-from shared.event_store import EventStore, StoredEvent
+from shared.event_store import EventStore, StoredEvent, unreachable
 
 log = logging.getLogger("streamboot.relay")
 
@@ -61,31 +62,59 @@ class EventRelay:
         self._wake.set()
 
     async def run(self, poll_s: float = 0.5) -> None:
-        """Publish forever; only the holder of the relay lock works, others wait their turn."""
-        async with self._store.session() as lock_conn:
-            # Polling a database lock: there is no event to wait on.
-            while not await lock_conn.fetchval(  # noqa: ASYNC110
-                "SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY
-            ):
-                await asyncio.sleep(poll_s)
+        """Publish forever; only the holder of the relay lock works, others wait their turn.
+        PostgreSQL going away ends the lock's session: the relay stops publishing, takes
+        the lock again once PostgreSQL is back, and carries on from the durable cursor."""
+        loop = asyncio.get_running_loop()
+        away_since: float | None = None
+        while True:
             try:
-                while True:
-                    self._wake.clear()
+                async with self._store.session() as lock_conn:
+                    if away_since is not None:
+                        log.warning(
+                            "relay: PostgreSQL answers again after %.1f s; taking the relay lock",
+                            loop.time() - away_since,
+                        )
+                        away_since = None
+                    await self._hold_lock(lock_conn, poll_s)
                     try:
-                        moved = await self.publish_pending()
-                    except Exception as exc:
-                        # NATS or Postgres away: nothing is lost, the cursor did not move.
-                        log.warning("relay: publishing paused (%s); retrying", exc)
-                        await asyncio.sleep(poll_s)
-                        continue
-                    if moved:
-                        continue
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), poll_s)
-                    except TimeoutError:
-                        pass
-            finally:
-                await lock_conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)
+                        await self._publish_while_locked(lock_conn, poll_s)
+                    finally:
+                        if not lock_conn.is_closed():
+                            await lock_conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                if away_since is None:  # one line per outage, and one when it ends
+                    away_since = loop.time()
+                    log.warning("relay: PostgreSQL away (%s); publishing stopped", exc)
+                await asyncio.sleep(poll_s)
+
+    async def _hold_lock(self, lock_conn: asyncpg.Connection, poll_s: float) -> None:
+        # Polling a database lock: there is no event to wait on.
+        while not await lock_conn.fetchval(  # noqa: ASYNC110
+            "SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY
+        ):
+            await asyncio.sleep(poll_s)
+
+    async def _publish_while_locked(self, lock_conn: asyncpg.Connection, poll_s: float) -> None:
+        while True:
+            if lock_conn.is_closed():  # the lock went with its session
+                raise ConnectionResetError("the relay lock's connection closed")
+            self._wake.clear()
+            try:
+                moved = await self.publish_pending()
+            except Exception as exc:
+                # NATS or Postgres away: nothing is lost, the cursor did not move.
+                log.warning("relay: publishing paused (%s); retrying", exc)
+                await asyncio.sleep(poll_s)
+                continue
+            if moved:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), poll_s)
+            except TimeoutError:
+                pass
 
     async def publish_pending(self) -> int:
         """Publish one batch after the cursor; returns how many events it published."""

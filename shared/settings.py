@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     postgres_bin_dir: Path | None = None
     # Bearer token of the admin API; `streamboot up` generates it into DATA_DIR/api-token.
     api_token: str | None = None
+    # The largest request body the admin API takes (413 past it); its bodies are small JSON.
+    api_max_body_bytes: int = 1 << 20
 
     # Control plane timing.
     heartbeat_interval_s: float = 2.0
@@ -99,6 +101,10 @@ class Settings(BaseSettings):
     # attachment (a PXE client leaves HTTP and comes back over NBD seconds later).
     session_detach_grace_s: float = 30.0
     session_sweep_interval_s: float = 5.0
+    # A kernel-direct boot's nonce is redeemed, and its session's exports are used, only
+    # from the address the boot service saw the client at; False for NAT labs, where every
+    # client reaches the servers from one address (docs/security.md).
+    client_address_check: bool = True
     # Registry: what to do with an unknown device that boots, and how to name it.
     unknown_device_policy: Literal["refuse", "auto-add"] = "refuse"
     auto_add_name_template: str = "lab-{n:03}"

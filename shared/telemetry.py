@@ -7,7 +7,9 @@ can be read back without a collector), or ``none``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,6 +51,13 @@ class _ForcibleIds(RandomIdGenerator):
 _ids = _ForcibleIds()
 
 
+TRACE_FILE_MODE = 0o600
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, TRACE_FILE_MODE)
+
+
 class JsonLinesSpanExporter(SpanExporter):
     """Appends each finished span as one JSON line; safe for several processes (O_APPEND)."""
 
@@ -56,10 +65,14 @@ class JsonLinesSpanExporter(SpanExporter):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._lock = threading.Lock()
+        # Spans name clients' MACs, sessions and vdisks: for this user only, a file kept
+        # from an older run included.
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, TRACE_FILE_MODE)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = "".join(span_to_json(s) + "\n" for s in spans)
-        with self._lock, open(self._path, "a", encoding="utf-8") as out:
+        with self._lock, open(self._path, "a", encoding="utf-8", opener=_private) as out:
             out.write(lines)
         return SpanExportResult.SUCCESS
 

@@ -17,6 +17,7 @@ from streamboot.commands import (
     replay,
     session,
     status,
+    token,
     trace,
     up,
     vdisk,
@@ -41,6 +42,7 @@ app.add_typer(registry.app, name="registry")
 app.add_typer(dhcp.app, name="dhcp")
 app.add_typer(trace.app, name="trace")
 app.add_typer(replay.app, name="replay")
+app.add_typer(token.app, name="token")
 
 
 def main() -> None:

@@ -1,11 +1,13 @@
 """`streamboot up`: NATS, PostgreSQL and the four services on one machine, in the foreground.
 
 Start order: data dir lock → NATS → PostgreSQL → services → runtime.json. Stop order is
-the reverse, on SIGINT/SIGTERM. A service that exits on its own is started again, as
-compose's and Nomad's restart policies do (its clients ride the gap out: a stream node's
-sessions wait for a restarting cache service), said on the output with its exit code;
-one that keeps exiting (RESTART_LIMIT times in RESTART_WINDOW_S), or NATS or PostgreSQL
-exiting, stops everything and `up` fails: a crashed piece is never silently missing.
+the reverse, on SIGINT/SIGTERM. A child that exits on its own (a service, the embedded
+NATS or PostgreSQL) is started again, as compose's and Nomad's restart policies do, said on
+the output with its exit code; the others ride the gap out (services reconnect to NATS
+and PostgreSQL and keep their unsent events; a stream node's sessions wait for a
+restarting cache service). One that keeps exiting (RESTART_LIMIT times in
+RESTART_WINDOW_S, failed restarts included) stops everything and `up` fails: a crashed
+piece is never silently missing.
 Children die with the supervisor even on `kill -9` (parent-death signal, see
 `embedded.proc`).
 """
@@ -33,6 +35,7 @@ from streamboot.embedded.proc import (
     free_port,
     port_in_use,
     spawn,
+    wait_group_gone,
 )
 
 SERVICES: tuple[str, ...] = ("registry", "stream", "cache", "boot")
@@ -55,11 +58,13 @@ EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORTS = ("nats_port", "postgres_port")
 PORT_FIELDS: tuple[str, ...] = tuple(PORTS)
 SERVICE_STOP_TIMEOUT_S = 10.0
-# A service exiting this many times within the window is a crash loop: everything stops.
+# A child exiting this many times within the window is a crash loop: everything stops.
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
 # Before the n-th restart within the window: (n - 1) * this (the first one at once).
 RESTART_BACKOFF_S = 1.0
+# How long a restarted PostgreSQL may take to accept connections (crash recovery).
+POSTGRES_RECOVERY_S = 600.0
 
 
 def service_available(name: str) -> bool:
@@ -304,51 +309,83 @@ class Supervisor:
                     )
                     if tail := child.log_tail():
                         self.out(tail)
-                    delay = self._restart_delay(child)
-                    if delay is None:
+                    again = await self._revive(child, stop_wait)
+                    if again is None:
+                        if self._stop.is_set():
+                            break  # the stop signal is seen at the top of the loop
                         self.out("streamboot up: stopping everything")
                         return 1
-                    await asyncio.wait({stop_wait}, timeout=delay)
-                    if self._stop.is_set():
-                        break  # the stop signal is seen at the top of the loop
-                    again = await self._restart(child)
                     waits[asyncio.ensure_future(again.process.wait())] = again
         finally:
             for task in [stop_wait, *waits]:
                 task.cancel()
 
-    def _restart_delay(self, child: ManagedProcess) -> float | None:
-        """How long to wait before starting ``child`` again; None when it must not be:
-        it is NATS or PostgreSQL, or a service in a crash loop."""
-        if not child.name.startswith("service "):
-            return None
-        name = child.name.removeprefix("service ")
+    async def _revive(
+        self, child: ManagedProcess, stop_wait: asyncio.Future[bool]
+    ) -> ManagedProcess | None:
+        """Start ``child`` again after its backoff, trying again while the start fails;
+        None when it must not be (a crash loop) or a stop signal came meanwhile."""
+        while True:
+            delay = self._restart_delay(child.name)
+            if delay is None:
+                return None
+            await asyncio.wait({stop_wait}, timeout=delay)
+            if self._stop.is_set():
+                return None
+            restart = asyncio.ensure_future(self._restart(child))
+            await asyncio.wait({restart, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not restart.done():  # a stop signal while PostgreSQL recovers, say
+                restart.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StartupError):
+                    await restart
+                return None
+            try:
+                return restart.result()
+            except StartupError as exc:
+                self.out(f"streamboot up: {child.name} did not start again: {exc}")
+
+    def _restart_delay(self, name: str) -> float | None:
+        """How long to wait before starting child ``name`` again; None when it must not
+        be: it exited RESTART_LIMIT times within RESTART_WINDOW_S."""
         now = time.monotonic()
         exits = [t for t in self._exits.get(name, []) if now - t < RESTART_WINDOW_S]
         exits.append(now)
         self._exits[name] = exits
         if len(exits) >= RESTART_LIMIT:
             self.out(
-                f"streamboot up: service {name} exited {len(exits)} times within "
+                f"streamboot up: {name} exited {len(exits)} times within "
                 f"{RESTART_WINDOW_S:.0f} s; not starting it again"
             )
             return None
         return (len(exits) - 1) * RESTART_BACKOFF_S
 
     async def _restart(self, child: ManagedProcess) -> ManagedProcess:
-        name = child.name.removeprefix("service ")
         await child.stop(0)  # whatever is left of its process group goes
-        again = await self._spawn_service(name)
+        await wait_group_gone(child.pid)  # e.g. postgres backends, still holding its memory
+        logs = self.data_dir / "logs"
+        if self.nats is not None and child is self.nats.process:
+            await self.nats.start(log_path=logs / "nats.log")
+            again = _require(self.nats.process)
+            what = f"the services reconnect to {self.nats.url}"
+        elif self.postgres is not None and child is self.postgres.process:
+            # After a crash it replays its WAL first (up to max_wal_size): give it time.
+            await self.postgres.start(log_path=logs / "postgres.log", wait_s=POSTGRES_RECOVERY_S)
+            again = _require(self.postgres.process)
+            what = "the registry reconnects; events wait in the services meanwhile"
+        else:
+            name = child.name.removeprefix("service ")
+            again = await self._spawn_service(name)
+            services = self._runtime.get("services")
+            if isinstance(services, dict):
+                services[name] = again.pid
+                self.data_dir.write_runtime(self._runtime)
+            what = ""
         self.children[self.children.index(child)] = again
-        services = self._runtime.get("services")
-        if isinstance(services, dict):
-            services[name] = again.pid
-            self.data_dir.write_runtime(self._runtime)
-        n = len(self._exits[name])
+        n = len(self._exits[child.name])
         self.out(
-            f"streamboot up: service {name} started again (pid {again.pid}; "
+            f"streamboot up: {child.name} started again (pid {again.pid}; "
             f"{n} exit{'s' if n > 1 else ''} within {RESTART_WINDOW_S:.0f} s, "
-            f"{RESTART_LIMIT} stop everything)"
+            f"{RESTART_LIMIT} stop everything)" + (f"; {what}" if what else "")
         )
         return again
 

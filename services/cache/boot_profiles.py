@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.private_file import replace_private
+
 log = logging.getLogger("streamboot.cache.profiles")
 
 UNIT = 64 * 1024
@@ -165,6 +167,6 @@ class BootProfiles:
 
     def _save(self, prof: Profile) -> None:
         path = self.dir / f"{prof.key.replace('/', '_')}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": prof.key, "boots": prof.boots, "units": prof.units}))
-        tmp.replace(path)
+        replace_private(
+            path, json.dumps({"key": prof.key, "boots": prof.boots, "units": prof.units})
+        )

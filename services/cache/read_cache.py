@@ -28,6 +28,8 @@ from typing import Any
 from services.cache.stores import Store, StoreError
 from services.cache.write_cache import punch_hole
 from shared import metrics
+from shared.keyed_locks import KeyedLocks
+from shared.private_file import replace_private
 from shared.vdisk_layout import ZERO_FD, ChainReader, is_delta
 
 log = logging.getLogger("streamboot.cache.read")
@@ -118,23 +120,6 @@ def boot_id() -> str:
         return ""  # never equal to a recorded one: only a clean stop keeps a cache
 
 
-def _write_durably(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``, on disk before this returns (file and rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class VersionCache:
     """One version's cached blocks: ``blocks.cache`` (image offset = file offset) and
     ``present`` (one byte per extent) in the version's folder.
@@ -207,7 +192,7 @@ class VersionCache:
         state: dict[str, Any] = {"info": self.info, "boot_id": boot_id()}
         if durable:
             state["clean"] = True
-        _write_durably(self._state, json.dumps(state))
+        replace_private(self._state, json.dumps(state), durable=True)
         self.durable_on_disk = durable
 
     def _changing(self) -> None:
@@ -281,7 +266,7 @@ class ReadCaches:
         self.stores = stores
         self.versions: dict[str, VersionCache] = {}
         self.local: dict[str, dict[str, Any]] = {}
-        self._opening: dict[str, asyncio.Lock] = {}
+        self._opening = KeyedLocks()  # keys come from the bus: none is kept after its open
         self.lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.hit_bytes = 0
         self.miss_bytes = 0
@@ -312,7 +297,7 @@ class ReadCaches:
         vc = self.versions.get(key)
         if vc is not None:
             return vc
-        async with self._opening.setdefault(key, asyncio.Lock()):
+        async with self._opening.hold(key):
             vc = self.versions.get(key)
             if vc is not None:
                 return vc
@@ -330,7 +315,7 @@ class ReadCaches:
                     f"{key}: the store's chain is {chain.size} bytes, not {req['size']}"
                 )
             vc = VersionCache(key, info, chain, work)
-            (work / "version.json").write_text(json.dumps(info))
+            replace_private(work / "version.json", json.dumps(info))
             self.versions[key] = vc
             for i, here in enumerate(vc.present):
                 if here:
@@ -351,7 +336,7 @@ class ReadCaches:
             self.local[key] = info
             work = self.dir / _safe(key)
             work.mkdir(parents=True, exist_ok=True)
-            (work / "version.json").write_text(json.dumps(info))
+            replace_private(work / "version.json", json.dumps(info))
         return info
 
     def known(self) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ from services.cache.write_batches import WriteBatches
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
 from shared.bus import EVENTS_STREAM, BusError, RemoteError, serve_json, subject_token
+from shared.event_sink import QueuedEventSink
 from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
 from shared.service import ServiceRuntime, run_service
 from shared.settings import Settings
@@ -88,6 +89,7 @@ def ram_dir(settings: Settings) -> Path:
 class CacheService:
     def __init__(self, rt: ServiceRuntime) -> None:
         self.rt = rt
+        self.events = QueuedEventSink(rt.events)
         s = rt.settings
         root = s.data_path("cache")
         self.stores: dict[str, Store] = {"local": LocalStore(str(s.vdisk_root))}
@@ -123,13 +125,8 @@ class CacheService:
         task.add_done_callback(self._tasks.discard)
 
     def emit(self, event: Event, correlation_id: str | None = None) -> None:
-        async def send() -> None:
-            try:
-                await self.rt.events.emit(event, correlation_id=correlation_id)
-            except Exception:
-                log.exception("cannot emit %s", event.event_type())
-
-        self._spawn(send())
+        # Queued in order and retried while the registry, NATS or PostgreSQL is away.
+        self.events.put(event, correlation_id)
 
     def _full(self, wc: SessionWriteCache) -> None:
         sid = wc.meta.get("session_id") or wc.key
@@ -545,7 +542,7 @@ class CacheService:
         return self.reads.store_bytes - before
 
     async def close(self) -> None:
-        # Events still retrying (registry away) get a moment, then are given up.
+        await self.events.drain()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         for task in self._tasks:
@@ -592,6 +589,7 @@ async def start(rt: ServiceRuntime) -> None:
     await svc.register_recovered()
     if recovered:
         log.info("cache: recovered %d write caches", len(svc.writes.caches))
+    rt.spawn(svc.events.run(), "event-sink")
     rt.spawn(svc.peers.run(), "cache-peers")
     rt.spawn(svc.follow_closed_sessions(), "cache-closed-sessions")
     if rt.settings.cache_read_checkpoint_s > 0:

@@ -36,6 +36,7 @@ from typing import Any
 from services.cache.block_map import BLOCK, DIRTY, ZEROED, BlockMap, blocks_of
 from services.cache.wire import FLAG_SYNC, OP_FLUSH, OP_WRITE, OP_ZERO
 from shared import metrics
+from shared.private_file import replace_private
 
 log = logging.getLogger("streamboot.cache.write")
 # streamboot_request_seconds{service="cache", op="fsync"}: one write cache's fsync (what a
@@ -62,9 +63,7 @@ def make_files(paths: tuple[Path, Path, Path], size: int, meta: dict[str, Any]) 
         try:
             os.ftruncate(data_fd, size)
             os.ftruncate(map_fd, -(-size // BLOCK))
-            tmp = meta_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_path)
+            replace_private(meta_path, json.dumps(meta))
         except BaseException:
             os.close(map_fd)
             raise

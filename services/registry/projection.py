@@ -41,6 +41,11 @@ class Projection:
         self.sessions: dict[str, Record] = {}
         self.session_by_mac: dict[str, str] = {}
         self.session_by_token_hash: dict[str, str] = {}
+        # Admin API tokens by name (revoked ones kept: a name is never reused), the live
+        # ones by hash, and when each name last did a mutating request.
+        self.api_tokens: dict[str, Record] = {}
+        self.api_token_by_hash: dict[str, str] = {}
+        self.api_token_last_action: dict[str, float] = {}
         self._handlers: dict[str, Callable[[Record, Any], None]] = {
             "DeviceRegistered": self._device_registered,
             "DeviceUpdated": self._device_updated,
@@ -53,6 +58,7 @@ class Projection:
             "VdiskVersionPromoted": self._version_promoted,
             "VdiskRolledBack": self._rolled_back,
             "VdiskPolicyChanged": self._policy_changed,
+            "BootFilesScanned": self._boot_files_scanned,
             "VdiskRemoved": self._vdisk_removed,
             "SessionOpened": self._session_opened,
             "ReplaySessionOpened": self._replay_session_opened,
@@ -60,6 +66,9 @@ class Projection:
             "SessionDetached": self._session_detached,
             "SessionClosed": self._session_closed,
             "BlocksRequested": self._session_active,
+            "ApiTokenCreated": self._api_token_created,
+            "ApiTokenRevoked": self._api_token_revoked,
+            "AdminActionPerformed": self._admin_action,
         }
         # Events that a replay applies from their stream's key, without decoding their data:
         # block batches are most of a log, and their extents the costliest data to decode.
@@ -128,6 +137,7 @@ class Projection:
             "tester": bool(d.get("tester", False)),
             "enabled": True,
             "auto_added": bool(d.get("auto_added", False)),
+            "kernel_args": d.get("kernel_args"),
             "registered_at": _ts(when),
         }
         self.mac_by_hostname[d["hostname"]] = mac
@@ -153,6 +163,8 @@ class Projection:
             dev["collection"] = d["collection"] or None
         if d.get("tester") is not None:
             dev["tester"] = d["tester"]
+        if d.get("kernel_args") is not None:
+            dev["kernel_args"] = d["kernel_args"] or None  # "" clears them
 
     def _device_disabled(self, d: Record, _when: Any) -> None:
         self.devices[d["mac"]]["enabled"] = False
@@ -185,6 +197,8 @@ class Projection:
             "write_cache": d.get("write_cache", "server-disk"),
             "write_cache_persistence": d.get("write_cache_persistence", "discard"),
             "store": d.get("store", "local"),
+            "boot_method": "auto",
+            "kernel": None,  # the operator's pick of kernel version
             "created_at": _ts(when),
             "versions": {},
             # Production versions in promotion order; the last one is what clients boot.
@@ -206,6 +220,7 @@ class Projection:
             "block_size": d["block_size"],
             "withdrawn": False,
             "published_at": _ts(when),
+            "boot": None,  # BootFilesScanned
         }
         vd["size"] = d["size"]
         vd["last_maintenance"] = None  # committed, or superseded by an import
@@ -231,9 +246,16 @@ class Projection:
 
     def _policy_changed(self, d: Record, _when: Any) -> None:
         vd = self.vdisks[d["name"]]
-        for key in ("mode", "write_cache", "write_cache_persistence", "store"):
+        for key in ("mode", "write_cache", "write_cache_persistence", "store", "boot_method"):
             if d.get(key) is not None:
                 vd[key] = d[key]
+        if d.get("kernel") is not None:
+            vd["kernel"] = d["kernel"] or None  # "" clears the pick
+
+    def _boot_files_scanned(self, d: Record, _when: Any) -> None:
+        ver = self.vdisks[d["name"]]["versions"].get(d["version"])
+        if ver is not None:
+            ver["boot"] = {k: v for k, v in d.items() if k not in ("name", "version")}
 
     def _vdisk_removed(self, d: Record, _when: Any) -> None:
         name = d["name"]
@@ -340,6 +362,29 @@ class Projection:
                     "write_cache": s["write_cache"],
                 }
 
+    # --- admin API tokens -------------------------------------------------------------
+
+    def _api_token_created(self, d: Record, when: Any) -> None:
+        name = d["token_name"]
+        self.api_tokens[name] = {
+            "name": name,
+            "role": d["role"],
+            "token_hash": d["token_hash"],
+            "created_by": d["created_by"],
+            "created_at": _ts(when),
+            "revoked_at": None,
+        }
+        self.api_token_by_hash[d["token_hash"]] = name
+
+    def _api_token_revoked(self, d: Record, when: Any) -> None:
+        t = self.api_tokens.get(d["token_name"])
+        if t is not None and t["revoked_at"] is None:
+            t["revoked_at"] = _ts(when)
+            self.api_token_by_hash.pop(t["token_hash"], None)
+
+    def _admin_action(self, d: Record, when: Any) -> None:
+        self.api_token_last_action[d["token_name"]] = _ts(when)
+
     # --- queries used by decisions and views ------------------------------------------
 
     def device_by_uuid(self, smbios_uuid: str) -> Record | None:
@@ -379,4 +424,7 @@ class Projection:
             "sessions": self.sessions,
             "session_by_mac": self.session_by_mac,
             "session_by_token_hash": self.session_by_token_hash,
+            "api_tokens": self.api_tokens,
+            "api_token_by_hash": self.api_token_by_hash,
+            "api_token_last_action": self.api_token_last_action,
         }

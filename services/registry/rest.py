@@ -1,76 +1,110 @@
 """The registry's admin REST API (FastAPI; OpenAPI at /docs).
 
-Every route but ``/health`` (and the docs) needs ``Authorization: Bearer <token>``; the
-token comes from ``STREAMBOOT_API_TOKEN``. Domain errors map to statuses by kind:
+Every route but ``/health`` (and the docs) needs ``Authorization: Bearer <token>`` of a
+role that may call it: :mod:`services.registry.gate` checks that from the request head,
+caps the body and records the audit trail. Domain errors map to statuses by kind:
 invalid 400, refused 403, not_found 404, conflict 409; the body is
-``{"error": message, "kind": kind}``. Every route is one call into
-:class:`~services.registry.app.RegistryApp`, the layer the NATS handlers call too.
+``{"error": message, "kind": kind}``. A body that does not fit its model is 400 too, with
+a message naming the fields and the problems, never the input itself. Every route is one
+call into :class:`~services.registry.app.RegistryApp`, the layer the NATS handlers call too.
 """
 
 from __future__ import annotations
 
-import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, Field
 
 from services.registry.app import RegistryApp
 from services.registry.domain.errors import DomainError
+from services.registry.gate import Gate
 
 STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409}
+# An error message quotes what it refuses; past this it is cut (the input is the caller's).
+MAX_ERROR_CHARS = 500
+MAX_LISTED_ERRORS = 5
+
+# Identifiers (MACs, names, ids) and file names: bounded, so no error quotes a big input.
+Name = Annotated[str, Field(max_length=64)]
+Text = Annotated[str, Field(max_length=255)]
+# Kernel command lines and the importer's notes.
+LongText = Annotated[str, Field(max_length=4096)]
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
+def clip(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def validation_message(errors: Any) -> str:
+    """What is wrong with a request, by field: pydantic's messages without the input."""
+    parts = [
+        f"{'.'.join(str(x) for x in e.get('loc', ()))[:100]}: {str(e.get('msg', 'invalid'))[:200]}"
+        for e in errors[:MAX_LISTED_ERRORS]
+    ]
+    more = len(errors) - MAX_LISTED_ERRORS
+    return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 # --- request bodies --------------------------------------------------------------------
 
 
 class DeviceIn(BaseModel):
-    mac: str
-    hostname: str | None = None
-    smbios_uuid: str | None = None
-    collection: str | None = None
+    mac: Name
+    hostname: Name | None = None
+    smbios_uuid: Name | None = None
+    collection: Name | None = None
     tester: bool = False
+    kernel_args: LongText | None = None
 
 
 class DevicePatch(BaseModel):
-    hostname: str | None = None
-    smbios_uuid: str | None = None
-    collection: str | None = None
+    hostname: Name | None = None
+    smbios_uuid: Name | None = None
+    collection: Name | None = None
     tester: bool | None = None
+    kernel_args: LongText | None = None  # "" clears them
 
 
 class AssignmentIn(BaseModel):
     target_kind: Literal["device", "collection"] = "device"
-    target: str
-    vdisk: str
+    target: Name
+    vdisk: Name
     default: bool = False
+
+
+class BootScanIn(BaseModel):
+    kernel_version: Text | None = None
+    root: Text | None = None
+    root_fstype: Name | None = None
+    kernels: Annotated[list[Text], Field(max_length=256)] = []
+    chosen_by: Literal["newest", "operator"] | None = None
+    problem: LongText | None = None
 
 
 class VersionIn(BaseModel):
     """A version staged in the store by ``vdisk_store.stage_version`` (the importing CLI)."""
 
     version: int
-    staging: str
-    layer: str
+    staging: Text
+    layer: Text
     size: int
-    checksum: str
+    checksum: Text
     changed_blocks: int
     block_size: int
     stage: Literal["maintenance", "test", "production"] | None = None
     mode: Literal["standard", "private"] = "standard"
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] = "server-disk"
     write_cache_persistence: Literal["discard", "keep"] = "discard"
-    store: str | None = None  # a new vdisk's store (default local)
+    store: Name | None = None  # a new vdisk's store (default local)
     # Set when the version is a maintenance session's writes (`streamboot vdisk commit`).
-    from_maintenance_session: str | None = None
+    from_maintenance_session: Name | None = None
+    # What the importer found to boot kernel-direct (services/registry/boot_files.py);
+    # the registry checks the staged files itself.
+    boot: BootScanIn | None = None
 
 
 class PromoteIn(BaseModel):
@@ -82,58 +116,66 @@ class PolicyIn(BaseModel):
     mode: Literal["standard", "private"] | None = None
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
-    store: str | None = None
+    store: Name | None = None
+    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    kernel: Text | None = None  # "" clears the pick
 
 
 class SessionIn(BaseModel):
-    mac: str | None = None
-    smbios_uuid: str | None = None
-    vdisk: str | None = None
+    mac: Name | None = None
+    smbios_uuid: Name | None = None
+    vdisk: Name | None = None
     maintenance: bool = False
 
 
 class ReplayIn(BaseModel):
     """A replay session for a past session (``streamboot replay blocks``)."""
 
-    session_id: str
-    stream_node: str | None = None
+    session_id: Name
+    stream_node: Text | None = None
+
+
+class TokenIn(BaseModel):
+    name: Name
+    role: Literal["admin", "operator", "viewer"]
 
 
 # --- the app ---------------------------------------------------------------------------
 
 
-def build_api(app: RegistryApp, api_token: str) -> FastAPI:
+def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
+    """The API; ``api_token`` is the built-in admin's (bootstrap-admin) token."""
     api = FastAPI(
         title="streamboot registry",
         description="Devices, vdisks and their versions, assignments, boot sessions.",
         version="0.1.0",
     )
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if creds is None or not secrets.compare_digest(
-            creds.credentials.encode(), api_token.encode()
-        ):
-            raise ApiError(
-                401, "missing or wrong API bearer token (see DATA_DIR/api-token)", "unauthorized"
-            )
+    api.add_middleware(
+        Gate,
+        bootstrap_token=api_token,
+        authenticate=app.api_principal,
+        audit=app.record_admin_action,
+        max_body_bytes=max_body_bytes,
+    )
 
     @api.exception_handler(DomainError)
     async def domain_error(_req: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "kind": exc.kind}, status_code=STATUS[exc.kind])
-
-    @api.exception_handler(ApiError)
-    async def api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(
-            {"error": str(exc), "kind": exc.kind}, status_code=exc.status, headers=headers
+            {"error": clip(str(exc)), "kind": exc.kind}, status_code=STATUS[exc.kind]
+        )
+
+    @api.exception_handler(RequestValidationError)
+    async def bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"error": validation_message(exc.errors()), "kind": "invalid"}, status_code=400
         )
 
     @api.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "position": app.projection.position}
 
-    r = APIRouter(dependencies=[Depends(authorized)])
+    # The gate checks the token; this only shows the bearer scheme in the OpenAPI docs.
+    r = APIRouter(dependencies=[Depends(HTTPBearer(auto_error=False))])
 
     # devices
     @r.get("/devices")
@@ -148,6 +190,7 @@ def build_api(app: RegistryApp, api_token: str) -> FastAPI:
             smbios_uuid=body.smbios_uuid,
             collection=body.collection,
             tester=body.tester,
+            kernel_args=body.kernel_args,
         )
 
     @r.get("/devices/{mac}")
@@ -256,6 +299,19 @@ def build_api(app: RegistryApp, api_token: str) -> FastAPI:
             "live_sessions": len(p.sessions),
             "vdisk_root": str(app.vdisk_root),
         }
+
+    # admin API tokens (admin only, by the gate)
+    @r.get("/tokens")
+    async def list_tokens() -> list[dict[str, Any]]:
+        return app.list_api_tokens()
+
+    @r.post("/tokens", status_code=201)
+    async def create_token(body: TokenIn, request: Request) -> dict[str, Any]:
+        return await app.create_api_token(body.name, body.role, by=request.state.principal[0])
+
+    @r.delete("/tokens/{name}")
+    async def revoke_token(name: str, request: Request) -> dict[str, Any]:
+        return await app.revoke_api_token(name, by=request.state.principal[0])
 
     api.include_router(r)
     return api

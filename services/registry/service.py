@@ -115,7 +115,7 @@ class RegistryService:
         await self.broker.start()
         self.server = _ApiServer(
             uvicorn.Config(
-                build_api(app, api_token(settings)),
+                build_api(app, api_token(settings), settings.api_max_body_bytes),
                 host=settings.bind_host,
                 port=settings.api_port,
                 log_level="warning",

@@ -9,7 +9,6 @@ any task hop: pieces from the session's stack, ``preadv`` into one buffer, one w
 from __future__ import annotations
 
 import logging
-import re
 
 from services.stream.conn import Connection
 from services.stream.path.backend import (
@@ -18,12 +17,18 @@ from services.stream.path.backend import (
     read_into,
     read_into_nowait,
 )
+from shared.http_head import (
+    MAX_BODY,
+    MAX_HEAD,
+    BadRequest,
+    parse_head,
+    parse_range,
+    too_long,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 16 * 1024
 CHUNK = 1024 * 1024
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _REASONS = {
     200: "OK",
     206: "Partial Content",
@@ -31,22 +36,8 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     416: "Range Not Satisfiable",
+    431: "Request Header Fields Too Large",
 }
-
-
-def parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """``(start, end_exclusive)`` of a single-range header; None when unsatisfiable."""
-    m = _RANGE.match(value.strip())
-    if not m or (not m[1] and not m[2]):
-        return None
-    if not m[1]:  # suffix: the last N bytes
-        n = min(int(m[2]), size)
-        return (size - n, size) if n else None
-    start = int(m[1])
-    end = min(int(m[2]) + 1, size) if m[2] else size
-    if start >= size or end <= start:
-        return None
-    return start, end
 
 
 class HttpConnection(Connection):
@@ -60,28 +51,25 @@ class HttpConnection(Connection):
 
     async def run(self) -> None:
         while not self.closed:
-            head = await self.read_until(b"\r\n\r\n", MAX_HEAD)
-            self.last = self.loop.time()
             try:
-                request_line, *header_lines = head.decode("latin-1").split("\r\n")
-                method, target, version = request_line.split(" ")
-                headers = {}
-                for line in header_lines:
-                    if line:
-                        k, v = line.split(":", 1)
-                        headers[k.strip().lower()] = v.strip()
-                body = int(headers.get("content-length", "0"))
-            except ValueError:
-                self._respond(400, {"Content-Length": 0}, False)
+                try:
+                    raw = await self.read_until(b"\r\n\r\n", MAX_HEAD)
+                except ValueError:  # no end of the head within MAX_HEAD
+                    raise too_long() from None
+                self.last = self.loop.time()
+                head = parse_head(raw)
+                body = head.content_length()
+                if body > MAX_BODY:  # a GET or HEAD has none; nothing here reads one
+                    raise BadRequest(400, f"request body of {body} bytes")
+            except BadRequest as e:
+                log.warning("http: %d to %s: %s", e.status, self.peer, e.reason)
+                self._respond(e.status, {"Content-Length": 0}, False)
                 return self.close("bad-request")
-            conn_hdr = headers.get("connection", "").lower()
-            keep = (version == "HTTP/1.1" and conn_hdr != "close") or conn_hdr == "keep-alive"
+            conn_hdr = head.headers.get("connection", "").lower()
+            keep = (head.version == "HTTP/1.1" and conn_hdr != "close") or conn_hdr == "keep-alive"
             if body:
-                if body > MAX_HEAD:
-                    self._respond(400, {"Content-Length": 0}, False)
-                    return self.close("bad-request")
                 await self.read_exact(body)
-            await self._serve(method, target, headers, keep)
+            await self._serve(head.method, head.target, head.headers, keep)
             if not keep:
                 return self.close()
 
@@ -100,6 +88,10 @@ class HttpConnection(Connection):
         if "range" in headers:
             rng = parse_range(headers["range"], size)
             if rng is None:
+                log.warning(
+                    "http: 416 to %s: range %r of a %d-byte export",
+                    self.peer, headers["range"][:40], size,
+                )  # fmt: skip
                 hdrs: dict[str, str | int] = {"Content-Range": f"bytes */{size}"}
                 return self._respond(416, {**hdrs, "Content-Length": 0}, keep)
             start, end = rng
@@ -130,7 +122,7 @@ class HttpConnection(Connection):
         session = await self.mgr.acquire(token)
         if session is None:
             return False
-        if self.closed:
+        if self.closed or not self.mgr.admits(session, "http", self.peer):
             self.mgr.release(session)
             return False
         self.session = session

@@ -26,7 +26,14 @@ from services.stream.path.spare_files import SpareFiles
 from services.stream.path.write_cache import WriteCache
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
-from shared.events import BlocksRequested, Event, SessionAttached, SessionDetached
+from shared.events import (
+    BlocksRequested,
+    Event,
+    SessionAddressRefused,
+    SessionAttached,
+    SessionDetached,
+)
+from shared.keyed_locks import KeyedLocks
 from shared.telemetry import context_from_traceparent
 
 log = logging.getLogger(__name__)
@@ -153,7 +160,8 @@ class SessionManager:
         # non-local stores go through it.
         self.cache: CacheLink | None = None
         self.sessions: dict[str, Session] = {}
-        self._opening: dict[str, asyncio.Lock] = {}
+        # The opens under way, one per token (tokens come from clients: none is kept after).
+        self._opening = KeyedLocks()
         self._emits: set[asyncio.Task[None]] = set()
         # Announced sessions not opened yet (opened one per loop turn by _preparer), and
         # the attaches of those opened.
@@ -218,8 +226,7 @@ class SessionManager:
         """Build an announced session's stack and register it (``ready`` pending); its
         attach goes on in the background. None if it cannot be built, or if a connection
         is opening the token itself (it got there first)."""
-        lock = self._opening.get(token)
-        if token in self.sessions or (lock is not None and lock.locked()):
+        if token in self.sessions or self._opening.busy(token):
             return self.sessions.get(token)
         try:
             backend = build_stack(spec, self.settings, self.cache, self.spares)
@@ -264,8 +271,7 @@ class SessionManager:
             session = self._start_prepared(token, queued)
             if session is not None:
                 return session
-        lock = self._opening.setdefault(token, asyncio.Lock())
-        async with lock:
+        async with self._opening.hold(token):
             session = self.sessions.get(token)
             if session is not None:
                 return session
@@ -335,7 +341,6 @@ class SessionManager:
             session._linger.cancel()
         if self.sessions.get(session.token) is session:
             del self.sessions[session.token]
-        self._opening.pop(session.token, None)
         for conn in list(session.conns):
             conn.abort(reason)
         if session.ready is None:
@@ -389,6 +394,32 @@ class SessionManager:
             if s.session_id == session_id:
                 self.close(s)
                 return True
+        return False
+
+    def admits(self, session: Session, protocol: Protocol_, peer: str) -> bool:
+        """Whether a connection from ``peer`` ("address:port") may use ``session``: only
+        the address the session was issued to, when it was issued to one; a refusal is
+        logged and recorded (SessionAddressRefused)."""
+        want = session.spec.client_addr
+        if not want or not self.settings.client_address_check:
+            return True
+        ip = peer.rsplit(":", 1)[0].strip("[]")
+        if ip == want or ip.removeprefix("::ffff:") == want:
+            return True
+        log.warning(
+            "stream: session %s refused a %s connection from %s: it was issued to %s",
+            session.session_id, protocol, ip, want,
+        )  # fmt: skip
+        self.emit(
+            SessionAddressRefused(
+                session_id=session.session_id,
+                stream_node=self.settings.node_id,
+                protocol=protocol,
+                client_addr=ip,
+                expected_addr=want,
+            ),
+            session.session_id,
+        )
         return False
 
     def attached(self, session: Session, protocol: Protocol_, client_addr: str) -> None:

@@ -103,6 +103,21 @@ class ManagedProcess:
         return await self.process.wait()
 
 
+async def wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
+    """Until no process of group ``pgid`` is left (after a SIGKILL they take a moment to
+    go), or ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass  # members under another user (postgres dropped to it): still there
+        await asyncio.sleep(0.05)
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)

@@ -17,7 +17,7 @@ import pytest
 from services.stream.nbd import protocol as P
 from shared.vdisk_layout import write_delta
 from streamboot.embedded.proc import free_port
-from tests.cache.conftest import IMAGE_SIZE, export
+from tests.cache.conftest import IMAGE_SIZE, export, qemu_io
 from tests.cache.ftpd import SlowFtpServer, ftp_server
 from tests.cache.ftpd import url as ftp_url
 from tests.stream.nbdraw import RawNbd
@@ -419,3 +419,27 @@ async def test_a_checkpoint_keeps_the_read_cache_across_a_machine_restart(  # ty
         else:
             assert stats["store_bytes"] >= wanted, stats
             assert "; 0 bytes kept from before" in log_text
+
+
+async def test_two_sector_writes_into_one_block_of_a_fetched_vdisk_both_land(system, vdisk) -> None:  # type: ignore[no-untyped-def]
+    # Both 512-byte writes are partial writes of one 4 KiB block that is not on the node
+    # yet: each copies the block from the store first, and they are in flight together.
+    expect = vdisk["full"].read_bytes()
+    at = 5 << 20
+    async with ftp(vdisk["dir"], 0.2) as (_ftpd, url):
+        s = system(cache_stores=json.dumps({"ftp": url}))
+        await s.start_cache()
+        _node, uri = await s.start_node(version2("race", store="ftp"), "a")
+        await asyncio.to_thread(
+            qemu_io,
+            f"{uri}/race",
+            f"aio_write -P 0xaa {at} 512",
+            f"aio_write -P 0xbb {at + 512} 512",
+            "aio_flush",
+            f"read -P 0xaa {at} 512",
+            f"read -P 0xbb {at + 512} 512",
+        )
+        c = RawNbd(int(uri.rsplit(":", 1)[1]), timeout=30)
+        c.go("race")
+        assert c.read(at + 1024, 3072) == expect[at + 1024 : at + 4096]
+        c.close()

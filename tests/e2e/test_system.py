@@ -9,6 +9,7 @@ no write and fails no client.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats
+import psutil
 import pytest
 
 from streamboot.embedded.proc import free_port
@@ -29,6 +32,7 @@ from tests.e2e.test_up import AVAILABLE, STREAMBOOT, Up, assert_all_gone
 MAC = "52:54:00:e2:e0:01"
 MAC_FTP = "52:54:00:e2:e0:02"
 MAC_CRASH = "52:54:00:e2:e0:03"
+MAC_OUTAGE = "52:54:00:e2:e0:04"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -269,6 +273,73 @@ def test_a_crash_of_the_cache_service_loses_no_write_and_fails_no_client(
         qemu_io(uri, "read -P 0x5a 1M 64k", "read -P 0x6b 2M 64k")  # a new connection
     finally:
         assert up.proc.poll() is None, f"up exited during the test:\n{up.output}"
+        assert up.stop() == 0, up.output
+
+
+def cache_write_caches(data_dir: Path) -> set[str]:
+    """The session ids of the write caches the cache service holds."""
+    nats_url = json.loads((data_dir / "runtime.json").read_text())["nats_url"]
+
+    async def ask() -> set[str]:
+        nc = await nats.connect(nats_url)
+        try:
+            reply = await nc.request("streamboot.cache.stats", b"{}", timeout=10)
+        finally:
+            await nc.close()
+        return {w["session_id"] for w in json.loads(reply.data)["write_caches"]}
+
+    return asyncio.run(ask())
+
+
+def until_it_answers(data_dir: Path, *args: str, timeout_s: float = 60) -> str:
+    """A CLI command tried until it succeeds (the system is riding out a restart)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = cli(data_dir, *args, check=False)
+        if done.returncode == 0:
+            return done.stdout
+        assert time.monotonic() < deadline, f"streamboot {' '.join(args)}:\n{done.stderr}"
+        time.sleep(0.5)
+
+
+def test_nats_and_postgres_dying_are_started_again_and_the_system_answers(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    image = tmp_path / "outage.raw"
+    image.write_bytes(os.urandom(1024 * 1024))
+    up = Up(data_dir, AVAILABLE)
+    try:
+        up.wait_running()
+        wait_all_alive(data_dir)
+        services = json.loads((data_dir / "runtime.json").read_text())["services"]
+        provision(data_dir, MAC_OUTAGE, image, "outage")
+        for n, server in enumerate(("nats-server", "postgres"), start=1):
+            [victim] = [p for p in psutil.Process(up.proc.pid).children() if p.name() == server]
+            victim.kill()
+            deadline = time.monotonic() + 120
+            while f"{server} started again" not in up.output:
+                assert up.proc.poll() is None, f"up exited:\n{up.output}"
+                assert time.monotonic() < deadline, f"{server} not started again:\n{up.output}"
+                time.sleep(0.2)
+            assert f"{server} exited with code {-signal.SIGKILL}" in up.output
+            # The system answers: a mutation goes through the registry into the log.
+            until_it_answers(data_dir, "device", "add", f"52:54:00:e2:e1:0{n}")
+        session = json.loads(until_it_answers(data_dir, "session", "open", MAC_OUTAGE, "--json"))
+        qemu_io(session["nbd_uri"], "write -P 7 0 4k", "read -P 7 0 4k", "read 8k 4k")
+        # Events still flow through the relay and JetStream to their consumers: the cache
+        # service's durable consumer of SessionClosed drops the session's write cache.
+        sid = session["session_id"]
+        assert sid in cache_write_caches(data_dir)
+        cli(data_dir, "session", "close", session["token"])
+        deadline = time.monotonic() + 60
+        while sid in cache_write_caches(data_dir):
+            assert time.monotonic() < deadline, f"write cache of {sid} not dropped:\n{up.output}"
+            time.sleep(0.2)
+        # The services rode both restarts out: none of them was started again.
+        assert json.loads((data_dir / "runtime.json").read_text())["services"] == services
+        macs = {e["data"].get("mac") for e in events(data_dir, "--type", "DeviceRegistered")}
+        assert {"52:54:00:e2:e1:01", "52:54:00:e2:e1:02", MAC_OUTAGE} <= macs
+    finally:
         assert up.stop() == 0, up.output
 
 

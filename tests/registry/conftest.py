@@ -52,13 +52,15 @@ class Registry:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=30)
 
-    async def cli(self, *args: str, timeout_s: float = 120) -> tuple[int, str, str]:
+    async def cli(
+        self, *args: str, timeout_s: float = 120, env: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
         """Run the real `streamboot` CLI against this registry (without blocking the loop
-        that serves it)."""
+        that serves it); ``env`` adds STREAMBOOT_ settings (another API token...)."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from streamboot.cli import main; main()", *args, "--data-dir", str(self.data_dir),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
+            env={k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")} | (env or {}),
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
         assert proc.returncode is not None
@@ -142,4 +144,28 @@ def write_image(path: Path, size: int, patches: dict[int, bytes]) -> Path:
         for offset, data in patches.items():
             f.seek(offset)
             f.write(data)
+    return path
+
+
+KERNEL = b"fake kernel " * 5000
+INITRD = b"fake initramfs " * 9000
+
+
+def write_bootable_image(path: Path, version: str = "6.1.0-12-amd64") -> Path:
+    """A GPT disk (sfdisk) with one ext4 root (mke2fs -d, no mount) holding /etc and a
+    Debian-style /boot: what the registry finds kernels in."""
+    import subprocess
+
+    with open(path, "wb") as f:
+        f.truncate(24 << 20)
+    subprocess.run(["sfdisk", "-q", str(path)], input="label: gpt\nstart=2048, type=linux\n",
+                   text=True, check=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "boot").mkdir()
+        (root / "etc").mkdir()
+        (root / "boot" / f"vmlinuz-{version}").write_bytes(KERNEL)
+        (root / "boot" / f"initrd.img-{version}").write_bytes(INITRD)
+        subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(root), "-E", "offset=1048576",
+                        str(path), "20M"], check=True)  # fmt: skip
     return path

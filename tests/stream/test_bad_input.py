@@ -118,6 +118,16 @@ def test_export_name_unknown_token_disconnects(server: ServerThread) -> None:
     assert c.closed_by_peer()
 
 
+def test_go_with_unknown_tokens_leaves_nothing_behind(server: ServerThread, image: bytes) -> None:
+    for i in range(100):
+        c = RawNbd(server.servers.nbd_port)
+        with pytest.raises(ConnectionError, match="GO refused"):
+            c.go(f"nobody-{i}")
+        c.close()
+    assert server.call(lambda: len(server.servers.sessions._opening)) == 0
+    assert_healthy(server, image)
+
+
 def test_oversized_option_length(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.start()
@@ -235,7 +245,51 @@ def test_http_bad_requests(server: ServerThread) -> None:
     resp = exchange(b"GET /s/tok-ro HTTP/1.1\r\nRange: bytes=5-1\r\nConnection: close\r\n\r\n")
     assert resp.startswith(b"HTTP/1.1 416")
     # A head that never ends is cut off, not buffered forever.
-    assert exchange(b"GET /s/tok-ro HTTP/1.1\r\n" + b"X: " + b"a" * 20000) == b""
+    assert exchange(b"GET /s/tok-ro HTTP/1.1\r\n" + b"X: " + b"a" * 20000).startswith(
+        b"HTTP/1.1 431"
+    )
+
+
+def test_http_hostile_heads_get_an_answer_and_one_log_line(
+    server: ServerThread, image: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    def exchange(raw: bytes) -> bytes:
+        s = socket.create_connection(("127.0.0.1", server.servers.http_port), timeout=10)
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        data = bytearray()
+        while chunk := s.recv(1 << 20):
+            data += chunk
+        s.close()
+        return bytes(data)
+
+    def get(*headers: bytes) -> bytes:
+        return exchange(
+            b"GET /s/tok-ro HTTP/1.1\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+        )
+
+    huge = b"9" * 5000
+    caplog.set_level("INFO", logger="services.stream")
+    assert get(b"Range: bytes=" + huge + b"-").startswith(b"HTTP/1.1 416")
+    assert get(b"Range: bytes=-" + huge, b"Connection: close").startswith(b"HTTP/1.1 206")
+    whole = get(b"Range: bytes=0-" + huge, b"Connection: close")
+    head, _, body = whole.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206") and len(body) == len(image), (head, len(body))
+    assert body == image
+    assert get(b"Content-Length: -5").startswith(b"HTTP/1.1 400")
+    assert get(b"Content-Length: " + huge).startswith(b"HTTP/1.1 400")
+    # 17 KB of head in one piece: over the 16 KiB limit even though its end is there.
+    assert get(b"X: " + b"a" * 17_000).startswith(b"HTTP/1.1 431")
+    server.wait_idle()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    refused = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [m.split(" to ")[0] for m in refused] == [
+        "http: 416",
+        "http: 400",
+        "http: 400",
+        "http: 431",
+    ]
+    assert_healthy(server, image)
 
 
 def test_out_of_order_reply_for_cold_read(server: ServerThread, images) -> None:  # type: ignore[no-untyped-def]

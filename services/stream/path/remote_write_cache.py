@@ -177,14 +177,16 @@ class RemoteWriteCache(WriteCache):
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         if not data:
             return
-        await super().pwrite(offset, data, fua)  # never suspends: the mirror is local
+        # Suspends only while the vdisk's blocks are fetched (write_cache.py); the change is
+        # applied to the mirror in the step that returns here, and shipped in that step too.
+        await super().pwrite(offset, data, fua)
         self.unflushed.add(offset, len(data))
         await self._deliver(self._ship(offset, len(data), fua), fua)
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
         if not length:
             return
-        await super().zero(offset, length, fua)
+        await super().zero(offset, length, fua)  # as pwrite: shipped in the same step
         self.unflushed.add(offset, length)
         await self._deliver(self._ship(offset, length, fua), fua)
 

@@ -8,8 +8,14 @@ Either way a block the session wrote is served with the same ``preadv`` as a cle
 
 Granularity is 4 KiB: a write that covers part of a block first copies the block from the
 layers below (read-modify-write). Zeroed / trimmed whole blocks are only marked, not stored.
-All callbacks run to completion without awaiting, so concurrent requests of the connections
-sharing this cache never see a half-applied write.
+
+Concurrency: the connections sharing this cache run their requests concurrently on one
+event loop. A change suspends only while the layers below fetch the blocks its partial
+edges need (a vdisk in a remote store: ``BlocksMissing``); other requests run meanwhile and
+may change those blocks. So the fetch only brings the blocks onto this node: once nothing
+is missing, the change reads the blocks' state as it is *then* and applies itself whole
+(edges copied, data written, marks set) without suspending again. Two writes into one block
+therefore never copy stale bytes over each other, and no request sees half of a change.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from services.stream.path.backend import (
     STATE_ZERO,
     ZERO_FD,
     Backend,
+    BlocksMissing,
     Extent,
     Layer,
     Piece,
-    map_read_async,
     read_into,
 )
 from services.stream.path.spare_files import SpareFiles, unlinked_file
@@ -125,37 +131,50 @@ class WriteCache(Layer):
     def _mark(self, first: int, stop: int, value: int) -> None:
         self._touched += self.state.set(first, stop, value)
 
-    async def _materialize(self, block: int) -> None:
-        """Copy a partly overwritten block into the cache so its other bytes survive."""
-        if self.state[block] == DIRTY:
-            return
-        start = block * BLOCK
-        n = min(BLOCK, self.size - start)
-        buf = bytearray(n)
-        if self.state[block] == CLEAN:
-            pieces = await map_read_async(self.next, start, n)  # a remote bottom may fetch
-            read_into(pieces, memoryview(buf))
-        os.pwrite(self._file(), buf, start)
-        self._mark(block, block + 1, DIRTY)
+    async def _materialize(self, blocks: set[int]) -> None:
+        """Copy partly overwritten blocks into the cache so their other bytes survive.
 
-    async def _edges(self, offset: int, length: int) -> tuple[int, int]:
-        """Materialize partial edge blocks; return the block range now fully covered."""
-        end = offset + length
-        first, last = offset // BLOCK, (end - 1) // BLOCK
-        if offset % BLOCK:
-            await self._materialize(first)
-        if end % BLOCK and end != self.size:
-            await self._materialize(last)
-        return first, last + 1
+        Suspends only to fetch what the layers below do not have on this node yet, then
+        looks at every block's state again: the copy and the caller's change that follows
+        (with no await in between) happen in the same step of the loop."""
+        while True:
+            copies: list[tuple[int, list[Piece] | None]] = []
+            try:
+                for block in sorted(blocks):
+                    state = self.state[block]
+                    if state == DIRTY:
+                        continue
+                    start = block * BLOCK
+                    n = min(BLOCK, self.size - start)
+                    copies.append((block, self.next.map_read(start, n) if state == CLEAN else None))
+            except BlocksMissing as miss:
+                await miss.fetch()  # a remote bottom fetches; other requests run meanwhile
+                continue
+            break
+        for block, pieces in copies:
+            start = block * BLOCK
+            buf = bytearray(min(BLOCK, self.size - start))  # ZEROED: zeros
+            if pieces is not None:
+                read_into(pieces, memoryview(buf))
+            os.pwrite(self._file(), buf, start)
+            self._mark(block, block + 1, DIRTY)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         if not data:
             return
-        first, stop = await self._edges(offset, len(data))
+        end = offset + len(data)
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        edges = set()
+        if offset % BLOCK:
+            edges.add(first)
+        if end % BLOCK and end != self.size:
+            edges.add(last)
+        await self._materialize(edges)
+        # From here to the end, no await: the write lands on the edges just copied.
         written = os.pwrite(self._file(), data, offset)
         if written != len(data):
             raise OSError(f"short write to write cache: {written} of {len(data)}")
-        self._mark(first, stop, DIRTY)
+        self._mark(first, last + 1, DIRTY)
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
         if not length:
@@ -167,11 +186,11 @@ class WriteCache(Layer):
         if first > stop:  # inside one block
             edges = [(offset, end)]
         else:
-            edges = [(offset, first * BLOCK), (stop * BLOCK, end)]
+            edges = [(a, b) for a, b in ((offset, first * BLOCK), (stop * BLOCK, end)) if a < b]
+        await self._materialize({a // BLOCK for a, _ in edges})
+        # From here to the end, no await (as in pwrite).
         for a, b in edges:
-            if a < b:
-                await self._materialize(a // BLOCK)
-                os.pwrite(self._file(), bytes(b - a), a)
+            os.pwrite(self._file(), bytes(b - a), a)
         if first < stop:
             self._mark(first, stop, ZEROED)
 

@@ -1,0 +1,237 @@
+"""The admin API's door: who may call what, how much body they may send, and the audit trail.
+
+An ASGI middleware in front of the routes that decides from the request head alone, before
+a byte of the body is read: no or an unknown/revoked bearer token is 401, a role below the
+route's is 403, a ``Content-Length`` over the cap is 413, each answered with
+``Connection: close`` so the unread body is never taken in. A body that streams past the cap
+is cut off with 413 too. Every mutating request of a known token, whatever its outcome
+(403 included), appends an ``AdminActionPerformed`` naming the token and its role before
+its answer goes out.
+
+Roles are ranked (viewer < operator < admin); what a route needs follows from its method and
+path (:func:`required_role`), so a new route needs admin until it is listed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.registry.domain.api_tokens import BOOTSTRAP_ADMIN
+
+log = logging.getLogger("streamboot.registry.api")
+
+# (name, role) of the token a request came with.
+Principal = tuple[str, str]
+Authenticate = Callable[[str], Principal | None]
+Audit = Callable[[str, str, str, str, int], Awaitable[None]]
+
+RANK = {"viewer": 0, "operator": 1, "admin": 2}
+READS = frozenset({"GET", "HEAD"})
+# Open to anyone: liveness and the API's own description.
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# What an operator may change: devices, assignments, sessions (everything else is admin's).
+OPERATOR_PREFIXES = ("/devices", "/assignments", "/sessions")
+# Token management is admin's, reads included.
+ADMIN_PREFIXES = ("/tokens",)
+MAX_AUDIT_PATH = 512
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def required_role(method: str, path: str) -> str | None:
+    """The least role that may make this request; None for the open paths."""
+    if path in OPEN_PATHS:
+        return None
+    if any(_under(path, p) for p in ADMIN_PREFIXES):
+        return "admin"
+    if method in READS:
+        return "viewer"
+    if any(_under(path, p) for p in OPERATOR_PREFIXES):
+        return "operator"
+    return "admin"
+
+
+def audit_path(path: str) -> str:
+    """The path as the audit trail records it: a session closed by its token
+    (``DELETE /sessions/TOKEN``) is recorded without the token, which is a bearer secret."""
+    parts = path.split("/")
+    if len(parts) == 3 and parts[1] == "sessions" and parts[2] != "replay":
+        try:
+            uuid.UUID(parts[2])
+        except ValueError:
+            parts[2] = "<token>"
+    return "/".join(parts)[:MAX_AUDIT_PATH]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def reply(
+    send: Send, status: int, message: str, kind: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A short JSON error that closes the connection (the body, if any, stays unread)."""
+    body = orjson.dumps({"error": message, "kind": kind})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def bearer(scope: Scope) -> str | None:
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def content_length(scope: Scope) -> int | None:
+    """The declared body size; -1 when the header is not a number."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                return int(value) if value.isdigit() else -1
+            except ValueError:  # more digits than int() takes
+                return -1
+    return None
+
+
+class Gate:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        bootstrap_token: str,
+        authenticate: Authenticate,
+        audit: Audit,
+        max_body_bytes: int,
+    ) -> None:
+        self.app = app
+        self._bootstrap = bootstrap_token.encode()
+        self._authenticate = authenticate
+        self._audit = audit
+        self.max_body_bytes = max_body_bytes
+
+    def principal(self, token: str) -> Principal | None:
+        if secrets.compare_digest(token.encode(), self._bootstrap):
+            return BOOTSTRAP_ADMIN, "admin"
+        return self._authenticate(token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        needed = required_role(method, path)
+        if needed is None:
+            await self.app(scope, receive, send)
+            return
+        token = bearer(scope)
+        who = self.principal(token) if token else None
+        if who is None:
+            await reply(
+                send,
+                401,
+                "missing, unknown or revoked API bearer token (see DATA_DIR/api-token "
+                "and `streamboot token`)",
+                "unauthorized",
+                ((b"www-authenticate", b"Bearer"),),
+            )
+            return
+        name, role = who
+        mutating = method not in READS
+        if RANK[role] < RANK[needed]:
+            if mutating:
+                await self._record(name, role, method, path, 403)
+            await reply(
+                send,
+                403,
+                f"token {name!r} has role {role}; {method} {audit_path(path)} needs {needed} "
+                "or above",
+                "forbidden",
+            )
+            return
+        declared = content_length(scope)
+        if declared is not None and not 0 <= declared <= self.max_body_bytes:
+            status = 413 if declared > 0 else 400
+            if mutating:
+                await self._record(name, role, method, path, status)
+            if status == 413:
+                await reply(send, 413, self._over_message(), "too_large")
+            else:
+                await reply(send, 400, "invalid Content-Length header", "invalid")
+            return
+        scope.setdefault("state", {})["principal"] = who
+        await self._pass(scope, receive, send, who, mutating)
+
+    def _over_message(self) -> str:
+        return f"request body over the API's limit of {self.max_body_bytes} bytes"
+
+    async def _pass(
+        self, scope: Scope, receive: Receive, send: Send, who: Principal, mutating: bool
+    ) -> None:
+        """Run the route with the body counted as it streams in, and the answer audited."""
+        received = 0
+        over = False
+        answered = False
+
+        async def counted() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    over = True
+                    raise BodyTooLarge
+            return message
+
+        async def audited(message: Message) -> None:
+            nonlocal answered
+            if over:
+                return  # the route's answer to a cut-off body: the 413 below replaces it
+            if message["type"] == "http.response.start":
+                answered = True
+                if mutating:
+                    await self._record(*who, scope["method"], scope["path"], message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, counted, audited)
+        except BodyTooLarge:
+            pass
+        except Exception:
+            if mutating and not answered:  # the 500 goes out past this middleware
+                await self._record(*who, scope["method"], scope["path"], 500)
+            raise
+        if over and not answered:
+            if mutating:
+                await self._record(*who, scope["method"], scope["path"], 413)
+            await reply(send, 413, self._over_message(), "too_large")
+
+    async def _record(self, name: str, role: str, method: str, path: str, status: int) -> None:
+        """Audit; a failure is logged, never turned into the request's answer: the action
+        itself is done (or refused) already."""
+        try:
+            await self._audit(name, role, method, audit_path(path), status)
+        except Exception as exc:
+            log.error(
+                "registry: could not record %s %s by token %r (status %d) in the log: %s",
+                method,
+                path,
+                name,
+                status,
+                exc,
+            )
