@@ -530,10 +530,10 @@ class TftpServer:
 
     def _victim(self, address: str) -> Transfer | None:
         """The slot a request from ``address`` may take on a full server: one of the address
-        that holds the most, if that is at least two more than ``address`` holds (so slots
-        spread over addresses and do not swap back and forth); else one whose client has
-        not answered for a whole retransmission interval. A transfer whose client answers
-        in time is never taken."""
+        that holds the most, if that is at least two more than ``address`` holds (slots
+        spread over addresses and do not swap back and forth; a machine keeps at least
+        one); else one whose client has not answered for a whole retransmission interval;
+        else none."""
         held = max(self._by_address.values(), key=len)
         if len(held) > len(self._by_address.get(address, ())) + 1:
             return min(held, key=_reclaim_order)

@@ -255,6 +255,30 @@ async def test_per_address_limit_and_the_others_still_served(root: Path) -> None
         assert struct.unpack_from("!HH", reply) == (DATA, 1)
 
 
+async def test_a_full_server_shares_its_slots_out_by_address(root: Path) -> None:
+    async with running(TftpConfig(root=root, timeout_s=5, max_transfers=2)) as server:
+        request = build_request(RRQ, "small.bin")
+
+        def first_packet(address: str) -> bytes:
+            with raw_socket() as sock:  # never acknowledges; its transfer waits 5 s a round
+                sock.bind((address, 0))
+                sock.sendto(request, ("127.0.0.1", server.port))
+                return sock.recv(65536)
+
+        async def ask(address: str) -> bytes:
+            return await asyncio.to_thread(first_packet, address)
+
+        # One address holds both slots: a machine with none gets one of them.
+        assert struct.unpack_from("!HH", await ask("127.0.0.2"))[0] == DATA
+        assert struct.unpack_from("!HH", await ask("127.0.0.2"))[0] == DATA
+        assert struct.unpack_from("!HH", await ask("127.0.0.3"))[0] == DATA
+        assert server.stats["reclaimed"] == 1
+        # One slot each, both waiting for less than a round: nothing to take from anyone.
+        code, message = error_of(await ask("127.0.0.4"))
+        assert code == ERR_UNDEFINED and "busy" in message
+        assert sorted(len(held) for held in server._by_address.values()) == [1, 1]
+
+
 def exchange_from(address: str, port: int, packet: bytes) -> tuple[bytes, tuple[str, int]]:
     with raw_socket() as sock:
         sock.bind((address, 0))
