@@ -510,7 +510,10 @@ class TftpServer:
             sock.connect(peer)
         except OSError as exc:
             source.close()
-            log.error("tftp: cannot open a transfer socket for %s:%d: %s", *peer, exc)
+            self._log.log(
+                logging.ERROR, "no transfer socket", address,
+                "tftp: cannot open a transfer socket for %s:%d: %s", *peer, exc,
+            )  # fmt: skip
             return
         transfer = Transfer(
             asyncio.get_running_loop(), sock, peer, request, source, self.config, self._done, data
