@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     tftp_timeout_s: float = 1.0
     tftp_retries: int = 5
     tftp_max_windowsize: int = 64
+    tftp_max_client_timeout_s: int = 10  # a client's `timeout` option above this is ignored
+    tftp_max_transfers_per_client: int = 4  # per client address
+    tftp_client_requests_per_s: float = 10.0  # per client address, bursts of 3 s worth
     dhcp_mode: Literal["off", "proxy", "full"] = "off"
     dhcp_interface: str | None = None  # SO_BINDTODEVICE + broadcast; None: bind_host only
     dhcp_pxe_port: int = 14011  # proxy mode's second port (4011 for real)
@@ -71,6 +74,7 @@ class Settings(BaseSettings):
     dhcp_router: str | None = None
     dhcp_dns: list[str] = Field(default_factory=list)
     dhcp_lease_s: int = 3600
+    dhcp_announce_per_s: float = 20.0  # BootRequested per second from PXE DISCOVERs (bursts: 5 s)
     boot_bios_file: str = "undionly.kpxe"
     boot_efi64_file: str = "ipxe.efi"
     ipxe_menu_timeout_s: int = 10

@@ -5,6 +5,11 @@ with recorded packets; :class:`DhcpServer` moves datagrams. In proxy mode only P
 are answered, with no address: on the DHCP port (the broadcast DISCOVER) and on the PXE
 port 4011 (the unicast REQUEST that follows). In full mode every client gets an address
 from the pool; PXE clients also get their boot file.
+
+Anyone on the link can send DHCP packets with any MAC, so what one packet costs is bounded:
+an OFFER writes nothing, a lease is written before its ACK is sent and writes are batched
+(:class:`DhcpServer`), the log has a budget per interval (:mod:`log_budget`), and the boot
+announcements that PXE DISCOVERs start (a registry lookup and an event each) have a rate.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Literal
 
 from services.boot import dhcp_packets as dp
 from services.boot.client_addresses import ClientAddresses
-from services.boot.dhcp_leases import LeaseStore, PoolExhausted
+from services.boot.dhcp_leases import LeaseStore, PoolExhausted, write_leases
+from services.boot.log_budget import LogBudget
+from services.boot.rate_limit import TokenBucket
 
 log = logging.getLogger("streamboot.boot.dhcp")
 
@@ -43,6 +50,9 @@ class DhcpConfig:
     router: str | None = None
     dns: tuple[str, ...] = ()
     lease_s: int = 3600
+    # BootRequested announcements (a registry lookup and an event in the log each) per
+    # second, in bursts of 5 s worth; beyond, a PXE DISCOVER is answered but not announced.
+    announce_per_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,16 @@ class DhcpResponder:
     # Where the addresses seen go, so TFTP transfers can be traced to a MAC.
     addresses: ClientAddresses | None = None
     stats: dict[str, int] = field(
-        default_factory=lambda: {"received": 0, "replied": 0, "malformed": 0, "pxe_discovers": 0}
-    )
+        default_factory=lambda: {
+            "received": 0, "replied": 0, "malformed": 0, "pxe_discovers": 0,
+            "not_announced": 0, "declines_refused": 0, "lease_writes": 0,
+        }
+    )  # fmt: skip
+    log_budget: LogBudget = field(default_factory=lambda: LogBudget(log, "dhcp"))
+
+    def __post_init__(self) -> None:
+        rate = self.config.announce_per_s
+        self._announce = TokenBucket(rate, max(1.0, 5 * rate))
 
     def handle(
         self, packet: dp.DhcpPacket, *, pxe_port: bool = False, now: float | None = None
@@ -87,13 +105,22 @@ class DhcpResponder:
             return None
         pxe = dp.is_pxe(packet)
         if pxe and kind == dp.DISCOVER:
-            # First, before any reply: the cache starts warming on this event.
             self.stats["pxe_discovers"] += 1
-            self.on_pxe_discover(
-                PxeClient(
-                    packet.mac, dp.client_arch(packet), dp.client_uuid(packet), dp.is_ipxe(packet)
-                )
-            )
+            if self._announce.allow():
+                # First, before any reply: the cache starts warming on this event.
+                self.on_pxe_discover(
+                    PxeClient(
+                        packet.mac, dp.client_arch(packet), dp.client_uuid(packet),
+                        dp.is_ipxe(packet),
+                    )
+                )  # fmt: skip
+            else:
+                self.stats["not_announced"] += 1
+                self.log_budget.log(
+                    logging.WARNING, "not announced: over the rate", packet.mac,
+                    "dhcp: PXE DISCOVER from %s not announced: more than %g boots a second",
+                    packet.mac, self.config.announce_per_s,
+                )  # fmt: skip
         if self.config.mode == "proxy" or pxe_port:
             reply = self._proxy(packet, kind, pxe, pxe_port)
         else:
@@ -140,7 +167,10 @@ class DhcpResponder:
             try:
                 lease = self.leases.offer(mac, dp.requested_ip(packet), now)
             except PoolExhausted as exc:
-                log.error("dhcp: cannot offer %s an address: %s", mac, exc)
+                self.log_budget.log(
+                    logging.ERROR, "no address to offer", mac,
+                    "dhcp: cannot offer %s an address: %s", mac, exc,
+                )  # fmt: skip
                 return None
             reply = self._reply(packet, dp.OFFER, lease.ip)
         elif kind == dp.REQUEST:
@@ -163,9 +193,19 @@ class DhcpResponder:
             self.leases.release(mac, now)
             return None
         elif kind == dp.DECLINE:
-            if (ip := dp.requested_ip(packet)) is not None:
-                log.warning("dhcp: %s declined %s (in use on the network?)", mac, ip)
-                self.leases.decline(mac, ip, now)
+            if (ip := dp.requested_ip(packet)) is None:
+                return None
+            if self.leases.decline(mac, ip, now):
+                self.log_budget.log(
+                    logging.WARNING, "declined", mac,
+                    "dhcp: %s declined %s (in use on the network?)", mac, ip,
+                )  # fmt: skip
+            else:
+                self.stats["declines_refused"] += 1
+                self.log_budget.log(
+                    logging.WARNING, "DECLINE refused: not the holder", mac,
+                    "dhcp: ignoring a DECLINE of %s from %s: not offered or bound to it", ip, mac,
+                )  # fmt: skip
             return None
         elif kind == dp.INFORM:
             reply = self._reply(packet, dp.ACK)
@@ -199,9 +239,10 @@ class DhcpResponder:
     def _add_boot(self, packet: dp.DhcpPacket, reply: dp.DhcpPacket) -> bool:
         name = boot_file(packet, self.config)
         if name is None:
-            log.warning(
-                "dhcp: no boot file for %s (architecture %s)", packet.mac, dp.client_arch(packet)
-            )
+            self.log_budget.log(
+                logging.WARNING, "no boot file for the architecture", packet.mac,
+                "dhcp: no boot file for %s (architecture %s)", packet.mac, dp.client_arch(packet),
+            )  # fmt: skip
             return False
         reply.siaddr = self.config.server_ip
         reply.file = name.encode()[:127]
@@ -245,13 +286,28 @@ def interface_address(interface: str) -> str:
     return socket.inet_ntoa(res[20:24])
 
 
+# The lease file is written at most this often: a flood of REQUESTs, RELEASEs or DECLINEs
+# costs a few writes a second, however many packets it has; a lone ACK waits for none.
+LEASE_WRITE_INTERVAL_S = 0.5
+
+
 class DhcpServer:
-    """Serves a responder on one or two sockets (the DHCP port, and 4011 for proxy mode)."""
+    """Serves a responder on one or two sockets (the DHCP port, and 4011 for proxy mode).
+
+    Lease changes are written by one task, a group commit: it takes the store's state and
+    the ACKs that wait for it, writes the file in a thread, then sends those ACKs. What
+    changes during a write waits for the next one, so an ACK always leaves after the write
+    that holds its lease: a crash loses only leases no client was told about (their REQUEST
+    is sent again), never one a client uses.
+    """
 
     def __init__(self, responder: DhcpResponder, *, server_port: int, client_port: int) -> None:
         self.responder = responder
         self.server_port, self.client_port = server_port, client_port
         self._transports: list[asyncio.DatagramTransport] = []
+        self._waiting: list[tuple[asyncio.DatagramTransport, bytes, tuple[str, int]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._last_write = -LEASE_WRITE_INTERVAL_S
 
     async def start(self, sock: socket.socket, pxe_sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -270,6 +326,9 @@ class DhcpServer:
     async def stop(self) -> None:
         for transport in self._transports:
             transport.close()
+        if self._writer is not None:
+            await self._writer  # what was acknowledged or released is in the file
+        self.responder.log_budget.flush()
 
     def on_datagram(
         self,
@@ -278,34 +337,76 @@ class DhcpServer:
         source: tuple[str, int],
         pxe_port: bool,
     ) -> None:
-        stats = self.responder.stats
+        stats, budget = self.responder.stats, self.responder.log_budget
         stats["received"] += 1
         try:
             packet = dp.parse(data)
         except dp.DhcpParseError as exc:
             stats["malformed"] += 1
-            log.warning("dhcp: malformed packet from %s:%d: %s", *source, exc)
+            budget.log(
+                logging.WARNING, "malformed", source[0],
+                "dhcp: malformed packet from %s:%d: %s", *source, exc,
+            )  # fmt: skip
             return
         try:
             reply = self.responder.handle(packet, pxe_port=pxe_port)
         except Exception:  # one bad packet must not stop DHCP for everyone
             log.exception("dhcp: failed to answer %s from %s", packet.mac, source)
             return
+        leases = self.responder.leases
         if reply is None:
+            if leases is not None and leases.dirty:
+                self._write_soon()  # a RELEASE or DECLINE: nobody waits for it
             return
         dest = reply_address(
             packet, source, server_port=self.server_port, client_port=self.client_port
         )
-        # Sent on the next turn of the loop, after the task the BootRequested callback may
-        # have started (FIFO): the boot's announcement is under way before the client hears back.
-        asyncio.get_running_loop().call_soon(transport.sendto, dp.build(reply), dest)
         stats["replied"] += 1
-        log.info(
+        budget.log(
+            logging.INFO, dp.MESSAGE_NAMES.get(reply.message_type or 0, "?"), packet.mac,
             "dhcp: %s %s -> %s %s file=%s to %s:%d",
             dp.MESSAGE_NAMES.get(packet.message_type or 0, "?"), packet.mac,
             dp.MESSAGE_NAMES.get(reply.message_type or 0, "?"), reply.yiaddr,
             reply.file.decode() or "-", *dest,
         )  # fmt: skip
+        if leases is not None and leases.dirty:
+            self._write_soon()
+            if reply.message_type == dp.ACK:  # it tells of a lease: sent once that is written
+                self._waiting.append((transport, dp.build(reply), dest))
+                return
+        # Sent on the next turn of the loop, after the task the BootRequested callback may
+        # have started (FIFO): the boot's announcement is under way before the client hears back.
+        asyncio.get_running_loop().call_soon(transport.sendto, dp.build(reply), dest)
+
+    def _write_soon(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_leases())
+
+    async def _write_leases(self) -> None:
+        leases = self.responder.leases
+        assert leases is not None
+        loop = asyncio.get_running_loop()
+        while leases.dirty:
+            if (pause := self._last_write + LEASE_WRITE_INTERVAL_S - loop.time()) > 0:
+                await asyncio.sleep(pause)  # gathers what arrives meanwhile into this write
+            snapshot, batch = leases.snapshot(), self._waiting
+            leases.dirty, self._waiting = False, []
+            try:
+                await asyncio.to_thread(write_leases, leases.path, snapshot)
+            except OSError as exc:
+                leases.dirty = True  # the next change tries again
+                log.error(
+                    "dhcp: cannot write %s (%s): %d ACKs not sent, their clients will ask again",
+                    leases.path,
+                    exc,
+                    len(batch),
+                )
+                return
+            finally:
+                self._last_write = loop.time()
+            self.responder.stats["lease_writes"] += 1
+            for transport, data, dest in batch:
+                transport.sendto(data, dest)
 
 
 class _Protocol(asyncio.DatagramProtocol):

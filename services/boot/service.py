@@ -147,6 +147,9 @@ async def start(rt: ServiceRuntime) -> None:
             timeout_s=s.tftp_timeout_s,
             retries=s.tftp_retries,
             max_windowsize=s.tftp_max_windowsize,
+            max_client_timeout_s=s.tftp_max_client_timeout_s,
+            max_transfers_per_client=s.tftp_max_transfers_per_client,
+            client_requests_per_s=s.tftp_client_requests_per_s,
         ),
         s.bind_host,
         s.tftp_port,
@@ -253,6 +256,7 @@ async def start_dhcp(
         router=s.dhcp_router,
         dns=tuple(s.dhcp_dns),
         lease_s=s.dhcp_lease_s,
+        announce_per_s=s.dhcp_announce_per_s,
     )
     leases = None
     if config.mode == "full":

@@ -44,6 +44,12 @@ class Request:
     options: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
 
+def is_error(data: bytes) -> bool:
+    """Whether a datagram is an ERROR packet: never answered (RFC 1350), or two servers
+    could bounce errors between each other for ever."""
+    return len(data) >= 2 and data[0] == 0 and data[1] == ERROR
+
+
 def parse_request(data: bytes) -> Request:
     """An RRQ/WRQ: opcode, filename NUL, mode NUL, then option NUL value NUL pairs."""
     if len(data) < 4:
@@ -126,16 +132,27 @@ WINDOW_BYTES = 128 * 1024
 
 
 def negotiate(
-    options: dict[str, str], file_size: int | None, *, max_blksize: int, max_windowsize: int
+    options: dict[str, str],
+    file_size: int | None,
+    *,
+    max_blksize: int,
+    max_windowsize: int,
+    max_timeout_s: int = 255,
 ) -> Negotiated:
     """Accept what we support within our limits (RFC 2347: unknown or bad options are
-    ignored, never an error: the transfer then runs with the defaults)."""
+    ignored, never an error: the transfer then runs with the defaults).
+
+    A ``timeout`` above ``max_timeout_s`` is ignored, not lowered: RFC 2349 has the OACK
+    repeat the client's value exactly. Each retransmission interval holds a transfer slot,
+    so a client asking for 255 s would hold one for ``retries`` x 255 s."""
     acked: dict[str, str] = {}
     blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, None
     if (value := _int(options.get("blksize"))) is not None and value >= MIN_BLKSIZE:
         blksize = min(value, max_blksize, MAX_BLKSIZE)
         acked["blksize"] = str(blksize)
-    if (value := _int(options.get("timeout"))) is not None and 1 <= value <= 255:
+    if (value := _int(options.get("timeout"))) is not None and 1 <= value <= min(
+        255, max_timeout_s
+    ):
         timeout = float(value)
         acked["timeout"] = str(value)
     if "tsize" in options and file_size is not None:

@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.boot.log_budget import LogBudget
+from services.boot.rate_limit import PerSourceRate
 from services.boot.tftp_packets import (
     ACK,
     ERR_ACCESS,
@@ -38,6 +40,7 @@ from services.boot.tftp_packets import (
     TftpError,
     build_error,
     build_oack,
+    is_error,
     negotiate,
     parse_ack,
     parse_request,
@@ -57,6 +60,9 @@ _gso_usable = True  # cleared for the process on the first send the kernel refus
 # netascii files are converted in memory; a boot file server has no business sending
 # huge text files, and this bounds what one request can make us allocate.
 MAX_NETASCII_BYTES = 16 * 1024 * 1024
+# The listener's receive buffer: room for a burst of requests (a boot storm, or a flood a
+# real client's request must get through) while the loop is busy elsewhere.
+LISTENER_RCVBUF = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,22 @@ class TftpConfig:
     max_blksize: int = 65464
     max_windowsize: int = 64
     max_transfers: int = 512
+    # What one client may take (see docs/boot.md, "Limits"): a PXE or iPXE client needs one
+    # or two transfers and a few requests a second; a client's `timeout` option above the
+    # cap is ignored (each interval holds a slot).
+    max_client_timeout_s: int = 10
+    max_transfers_per_client: int = 4
+    client_requests_per_s: float = 10.0  # bursts of 3 s worth; 0: no limit
+
+
+def enlarge_receive_buffer(sock: socket.socket, size: int) -> None:
+    """SO_RCVBUFFORCE where permitted (root, CAP_NET_ADMIN: what port 69 runs as), else
+    SO_RCVBUF, which the kernel caps at net.core.rmem_max."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def resolve_path(root: Path, filename: str) -> Path:
@@ -157,14 +179,17 @@ class Transfer:
         source: Source,
         config: TftpConfig,
         on_done: Callable[[Transfer, str | None], None],
+        datagram: bytes = b"",
     ) -> None:
         self.loop, self.sock, self.peer, self.request = loop, sock, peer, request
+        self.datagram = datagram  # the request as it came: its resends are recognised
         self.source, self.on_done = source, on_done
         n = negotiate(
             request.options,
             source.size,
             max_blksize=config.max_blksize,
             max_windowsize=config.max_windowsize,
+            max_timeout_s=config.max_client_timeout_s,
         )
         self.blksize, self.windowsize = n.blksize, n.windowsize
         self.timeout_s = n.timeout_s or config.timeout_s
@@ -182,6 +207,10 @@ class Transfer:
         self.inbox = bytearray(2048)  # ACKs and ERRORs are small; longer is cut, then refused
         self.gso_option = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", self.segment))]
         self.aborted: str | None = None
+        # Since when (monotonic) the transfer waits for its client: its start or the last
+        # ACK that moved it on. Written by the transfer's thread, read by the listener to
+        # pick the slot to reclaim when all are taken.
+        self.waiting_since = self.started = time.monotonic()
         self.started_ns = time.time_ns()
         self.ended_ns = 0
         self.thread = threading.Thread(target=self._run, name=f"tftp {peer[0]}", daemon=True)
@@ -255,7 +284,8 @@ class Transfer:
                         except OSError as exc:
                             return self._send_failed(exc)
                         retries = max_retries
-                        deadline = monotonic() + timeout_s
+                        self.waiting_since = now = monotonic()
+                        deadline = now + timeout_s
                         continue
                 else:
                     try:
@@ -270,6 +300,7 @@ class Transfer:
                         return None
                     oack_pending, resend = False, self._send_window
                     retries = self.max_retries
+                    self.waiting_since = time.monotonic()
                     error = self._send_window()
                     deadline = time.monotonic() + timeout_s
                     continue
@@ -287,8 +318,10 @@ class Transfer:
         """The block number of an ACK; None for a packet to ignore; PeerError for an ERROR."""
         try:
             return parse_ack(packet)
-        except TftpError as exc:
-            log.warning(
+        except PeerError:
+            raise  # the client ends the transfer
+        except TftpError as exc:  # debug only: the peer chooses how many it sends
+            log.debug(
                 "tftp %s: ignoring bad packet from %s: %s", self.request.filename, self.peer, exc
             )
             return None
@@ -368,7 +401,16 @@ class Transfer:
 
 
 class TftpServer:
-    """The listener on the well-known port: parses requests and starts transfers."""
+    """The listener on the well-known port: parses requests and starts transfers.
+
+    A transfer holds a slot from its request until its thread ends. Slots are kept per
+    client port (a different request from the same address and port replaces that port's
+    transfer: the client gave up on it; the same request again, before the client has
+    acknowledged anything, is its resend and changes nothing) and limited per client
+    address. When all are taken, a new request may take one (see :meth:`_victim`).
+    Requests beyond an address's rate are dropped unanswered: an answer to a forged source
+    address would go to someone else.
+    """
 
     def __init__(
         self,
@@ -379,8 +421,16 @@ class TftpServer:
     ) -> None:
         self.config, self.host, self.port = config, host, port
         self.on_transfer = on_transfer  # told of each transfer's end (on the event loop)
-        self.transfers: set[Transfer] = set()
-        self.stats = {"transfers": 0, "completed": 0, "failed": 0, "bytes": 0, "refused": 0}
+        self.transfers: set[Transfer] = set()  # every running transfer
+        self.stats = {
+            "transfers": 0, "completed": 0, "failed": 0, "bytes": 0, "refused": 0,
+            "dropped": 0, "replaced": 0, "duplicates": 0, "reclaimed": 0, "errors_ignored": 0,
+        }  # fmt: skip
+        self._slots: dict[tuple[str, int], Transfer] = {}  # the slot holders by client port
+        self._by_address: dict[str, set[Transfer]] = {}  # the slot holders by client address
+        rate = config.client_requests_per_s
+        self._rate = PerSourceRate(rate, max(1.0, 3 * rate))
+        self._log = LogBudget(log, "tftp")
         self._transport: asyncio.DatagramTransport | None = None
 
     async def start(self) -> None:
@@ -388,6 +438,7 @@ class TftpServer:
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Listener(self), local_addr=(self.host, self.port)
         )
+        enlarge_receive_buffer(self._transport.get_extra_info("socket"), LISTENER_RCVBUF)
         self.port = self._transport.get_extra_info("sockname")[1]
         log.info("tftp: serving %s on %s:%d", self.config.root, self.host, self.port)
 
@@ -399,27 +450,59 @@ class TftpServer:
             transfer.abort("server stopping")
         for transfer in transfers:  # their threads end at once: the receive was shut down
             await asyncio.to_thread(transfer.thread.join, 5.0)
+        self._log.flush()
 
     def on_datagram(self, data: bytes, peer: tuple[str, int]) -> None:
         assert self._transport is not None
+        address = peer[0]
+        if is_error(data):
+            self.stats["errors_ignored"] += 1
+            return
+        old = self._slots.get(peer)
+        if old is not None and old.datagram == data and old.waiting_since == old.started:
+            # The client's resend of a request we have not heard back on: the same transfer
+            # (its own timer resends the first packet), so a resend costs nothing.
+            self.stats["duplicates"] += 1
+            return
+        if not self._rate.allow(address):
+            self.stats["dropped"] += 1
+            self._log.log(
+                logging.WARNING, "over the request rate", address,
+                "tftp: dropping requests from %s: more than %g a second",
+                address, self.config.client_requests_per_s,
+            )  # fmt: skip
+            return
+        source: Source | None = None
         try:
             request = parse_request(data)
             if request.opcode == WRQ:
                 raise TftpError(ERR_ACCESS, "read-only server")
-            if len(self.transfers) >= self.config.max_transfers:
-                raise TftpError(ERR_UNDEFINED, "server busy, try again")
-            path = resolve_path(self.config.root, request.filename)
-            source = open_source(path, request.mode)
+            if old is not None:
+                self.stats["replaced"] += 1
+                self._free(old, "replaced by a new request from the same port")
+            if len(self._by_address.get(address, ())) >= self.config.max_transfers_per_client:
+                raise TftpError(ERR_UNDEFINED, "too many transfers from this address, try again")
+            source = open_source(resolve_path(self.config.root, request.filename), request.mode)
+            if len(self._slots) >= self.config.max_transfers:
+                if (victim := self._victim(address)) is None:
+                    raise TftpError(ERR_UNDEFINED, "server busy, try again")
+                self.stats["reclaimed"] += 1
+                self._free(victim, "slot reclaimed for another client: the server is full")
         except TftpError as exc:
+            if source is not None:
+                source.close()
             self.stats["refused"] += 1
-            log.warning("tftp: refused request from %s:%d: %s", *peer, exc.message)
+            self._log.log(
+                logging.WARNING, exc.message, address,
+                "tftp: refused request from %s:%d: %s", *peer, exc.message,
+            )  # fmt: skip
             self._transport.sendto(build_error(exc.code, exc.message), peer)
             return
         except Exception:  # never let one request take the listener down
             log.exception("tftp: request from %s:%d failed", *peer)
             self._transport.sendto(build_error(ERR_UNDEFINED, "internal error"), peer)
             return
-        assert request.opcode == RRQ
+        assert request.opcode == RRQ and source is not None
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setblocking(False)
@@ -427,12 +510,17 @@ class TftpServer:
             sock.connect(peer)
         except OSError as exc:
             source.close()
-            log.error("tftp: cannot open a transfer socket for %s:%d: %s", *peer, exc)
+            self._log.log(
+                logging.ERROR, "no transfer socket", address,
+                "tftp: cannot open a transfer socket for %s:%d: %s", *peer, exc,
+            )  # fmt: skip
             return
         transfer = Transfer(
-            asyncio.get_running_loop(), sock, peer, request, source, self.config, self._done
+            asyncio.get_running_loop(), sock, peer, request, source, self.config, self._done, data
         )
         self.transfers.add(transfer)
+        self._slots[peer] = transfer
+        self._by_address.setdefault(address, set()).add(transfer)
         self.stats["transfers"] += 1
         log.debug(
             "tftp: %s -> %s:%d blksize=%d windowsize=%d",
@@ -443,31 +531,65 @@ class TftpServer:
         )
         transfer.start()
 
+    def _victim(self, address: str) -> Transfer | None:
+        """The slot a request from ``address`` may take on a full server: one of the address
+        that holds the most, if that is at least two more than ``address`` holds (slots
+        spread over addresses and do not swap back and forth; a machine keeps at least
+        one); else one whose client has not answered for a whole retransmission interval;
+        else none."""
+        held = max(self._by_address.values(), key=len)
+        if len(held) > len(self._by_address.get(address, ())) + 1:
+            return min(held, key=_reclaim_order)
+        now = time.monotonic()
+        stale = [t for t in self._slots.values() if now - t.waiting_since >= t.timeout_s]
+        return min(stale, key=_reclaim_order) if stale else None
+
+    def _free(self, transfer: Transfer, reason: str) -> None:
+        """End a transfer and give its slot to a new request now (its thread ends soon)."""
+        self._release(transfer)
+        transfer.abort(reason)
+
+    def _release(self, transfer: Transfer) -> None:
+        if self._slots.get(transfer.peer) is not transfer:
+            return  # released already (replaced or reclaimed)
+        del self._slots[transfer.peer]
+        address = transfer.peer[0]
+        held = self._by_address[address]
+        held.discard(transfer)
+        if not held:
+            del self._by_address[address]
+
     def _done(self, transfer: Transfer, error: str | None) -> None:
         self.transfers.discard(transfer)
+        self._release(transfer)
         if error is None:
             self.stats["completed"] += 1
             self.stats["bytes"] += transfer.source.size
-            log.info(
+            self._log.log(
+                logging.INFO, "sent", transfer.peer[0],
                 "tftp: sent %s (%d bytes) to %s:%d in %.3fs",
-                transfer.request.filename,
-                transfer.source.size,
-                *transfer.peer,
+                transfer.request.filename, transfer.source.size, *transfer.peer,
                 transfer.seconds,
-            )
+            )  # fmt: skip
         else:
             self.stats["failed"] += 1
-            log.warning(
+            self._log.log(
+                logging.WARNING, f"ended: {error.split(':', 1)[0]}", transfer.peer[0],
                 "tftp: transfer of %s to %s:%d ended: %s",
-                transfer.request.filename,
-                *transfer.peer,
-                error,
-            )
+                transfer.request.filename, *transfer.peer, error,
+            )  # fmt: skip
         if self.on_transfer is not None:
             try:
                 self.on_transfer(transfer, error)
             except Exception:  # an observer's bug must not stop the accounting
                 log.exception("tftp: transfer observer failed")
+
+
+def _reclaim_order(transfer: Transfer) -> tuple[bool, float]:
+    """Which of the candidates a full server takes first: a transfer whose client never
+    acknowledged anything (no sign that anyone is there: a forged source never sees the
+    TID), the oldest first; then the one that has waited longest for its client."""
+    return transfer.waiting_since != transfer.started, transfer.waiting_since
 
 
 class _Listener(asyncio.DatagramProtocol):

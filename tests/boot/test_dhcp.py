@@ -5,10 +5,12 @@ packets on loopback, and the real udhcpc over a veth pair between two network na
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import socket
 import stat
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from services.boot import dhcp_packets as dp
-from services.boot.dhcp_leases import LeaseStore
+from services.boot.dhcp_leases import LeaseStore, PoolExhausted, read_leases, write_leases
 from services.boot.dhcp_server import (
     DhcpConfig,
     DhcpResponder,
@@ -158,8 +160,10 @@ def test_proxy_answers_the_pxe_request_on_port_4011_only() -> None:
 def test_full_dhcp_lease_cycle_and_persistence(tmp_path: Path) -> None:
     path = tmp_path / "leases.json"
     cfg = full_config()
-    responder = DhcpResponder(cfg, LeaseStore(path, cfg.pool_start, cfg.pool_end))  # type: ignore[arg-type]
+    store = LeaseStore(path, cfg.pool_start, cfg.pool_end)  # type: ignore[arg-type]
+    responder = DhcpResponder(cfg, store)
     offer = responder.handle(dp.parse(PXE_DISCOVER), now=1000)
+    assert not store.dirty  # an offer is never written
     assert offer is not None and offer.message_type == dp.OFFER and offer.yiaddr == "10.213.0.100"
     assert offer.file == b"ipxe.efi"
     assert offer.options[dp.OPT_ROUTER] == dp.ip_bytes("10.213.0.1")
@@ -170,6 +174,8 @@ def test_full_dhcp_lease_cycle_and_persistence(tmp_path: Path) -> None:
     )  # fmt: skip
     ack = responder.handle(request, now=1001)
     assert ack is not None and ack.message_type == dp.ACK and ack.yiaddr == "10.213.0.100"
+    assert store.dirty  # the server writes the file before it sends the ACK
+    write_leases(path, store.snapshot())
 
     # A restart reads the same leases back.
     store = LeaseStore(path, "10.213.0.100", "10.213.0.102")
@@ -199,28 +205,97 @@ def test_full_dhcp_lease_cycle_and_persistence(tmp_path: Path) -> None:
     assert again is not None and again.yiaddr == "10.213.0.100"
 
 
-def test_pool_exhaustion_and_decline(tmp_path: Path) -> None:
-    store = LeaseStore(tmp_path / "l.json", "10.213.0.100", "10.213.0.101")
-    cfg = full_config()
-    responder = DhcpResponder(cfg, store)
-    macs = ["525400000001", "525400000002", "525400000003"]
-    replies = []
-    for mac in macs:
-        packet = dp.parse(PLAIN_DISCOVER)
-        packet.chaddr = bytes.fromhex(mac)
-        replies.append(responder.handle(packet, now=0))
-    assert [r.yiaddr if r else None for r in replies] == ["10.213.0.100", "10.213.0.101", None]
-    # An offer expires: the third client gets the first address later on.
+def discover_from(mac: str) -> dp.DhcpPacket:
     packet = dp.parse(PLAIN_DISCOVER)
-    packet.chaddr = bytes.fromhex(macs[2])
-    late = responder.handle(packet, now=3600)
-    assert late is not None
-    # A declined address stays out of the pool for a while.
-    decline = with_options(PLAIN_DISCOVER, o53=bytes((dp.DECLINE,)), o50=dp.ip_bytes(late.yiaddr))
-    decline.chaddr = packet.chaddr
-    assert responder.handle(decline, now=3601) is None
-    retry = responder.handle(packet, now=3602)
-    assert retry is not None and retry.yiaddr != late.yiaddr
+    packet.chaddr = bytes.fromhex(mac)
+    return packet
+
+
+def message_from(mac: str, kind: int, ip: str) -> dp.DhcpPacket:
+    packet = with_options(PLAIN_DISCOVER, o53=bytes((kind,)), o50=dp.ip_bytes(ip))
+    packet.chaddr = bytes.fromhex(mac)
+    return packet
+
+
+def test_offers_do_not_exhaust_the_pool_and_bound_leases_do(tmp_path: Path) -> None:
+    store = LeaseStore(tmp_path / "l.json", "10.213.0.100", "10.213.0.101")
+    responder = DhcpResponder(full_config(), store)
+    first, second, third = "525400000001", "525400000002", "525400000003"
+    offers = [responder.handle(discover_from(mac), now=0) for mac in (first, second)]
+    assert [r.yiaddr if r else None for r in offers] == ["10.213.0.100", "10.213.0.101"]
+    ack = responder.handle(message_from(first, dp.REQUEST, "10.213.0.100"), now=1)
+    assert ack is not None and ack.message_type == dp.ACK
+    # No free address left: the third client gets the offer the second has not taken up...
+    late = responder.handle(discover_from(third), now=2)
+    assert late is not None and late.yiaddr == "10.213.0.101"
+    # ... and the same one again when it asks again (one offer per MAC, not one per packet).
+    again = responder.handle(discover_from(third), now=3)
+    assert again is not None and again.yiaddr == "10.213.0.101"
+    # Whoever REQUESTs first gets it: an offer is not a promise.
+    ack = responder.handle(message_from(second, dp.REQUEST, "10.213.0.101"), now=4)
+    assert ack is not None and ack.message_type == dp.ACK and ack.yiaddr == "10.213.0.101"
+    nak = responder.handle(message_from(third, dp.REQUEST, "10.213.0.101"), now=5)
+    assert nak is not None and nak.message_type == dp.NAK
+    # Every address bound: nothing to offer until a lease expires.
+    assert responder.handle(discover_from(third), now=6) is None
+    later = responder.handle(discover_from(third), now=3600)
+    assert later is not None and later.yiaddr == "10.213.0.100"
+
+
+def test_decline_only_from_the_client_that_holds_the_address(tmp_path: Path) -> None:
+    store = LeaseStore(tmp_path / "l.json", "10.213.0.100", "10.213.0.102")
+    responder = DhcpResponder(full_config(), store)
+    holder, stranger = "525400000001", "5254000000ff"
+    offer = responder.handle(discover_from(holder), now=0)
+    assert offer is not None and offer.yiaddr == "10.213.0.100"
+    # A MAC that was never offered the address: ignored, the address stays in the pool.
+    for ip in ("10.213.0.100", "10.213.0.101"):
+        assert responder.handle(message_from(stranger, dp.DECLINE, ip), now=1) is None
+    assert responder.stats["declines_refused"] == 2 and not store.dirty
+    other = responder.handle(discover_from("525400000002"), now=2)
+    assert other is not None and other.yiaddr == "10.213.0.101"
+    # The holder's DECLINE keeps the address out of the pool for a while.
+    assert responder.handle(message_from(holder, dp.DECLINE, "10.213.0.100"), now=3) is None
+    assert store.dirty
+    retry = responder.handle(discover_from(holder), now=4)
+    assert retry is not None and retry.yiaddr == "10.213.0.102"
+
+
+def test_lease_store_keeps_its_promises_under_random_traffic(tmp_path: Path) -> None:
+    # The store's heaps against the rules, checked after every step of random traffic.
+    store = LeaseStore(tmp_path / "l.json", "10.213.0.1", "10.213.0.16")
+    rng, now = random.Random(2132), 0.0
+    macs = [f"02:00:00:00:00:{n:02x}" for n in range(40)]
+    for _ in range(5000):
+        now += rng.random() * 4
+        mac, op = rng.choice(macs), rng.random()
+        bound_before = {x.ip: x.mac for x in store.by_ip.values()
+                        if x.state in ("bound", "declined") and x.expires > now}  # fmt: skip
+        if op < 0.5:
+            free = [ip for ip in store.pool if ip not in store.by_ip]
+            own = store.by_mac.get(mac)
+            try:
+                lease = store.offer(mac, None, now)
+            except PoolExhausted:
+                assert len(bound_before) == len(store.pool) and own is None
+                continue
+            assert bound_before.get(lease.ip, mac) == mac  # never someone else's lease
+            if free and (own is None or own.state == "declined"):
+                assert lease.ip == free[0]  # the first free address, in pool order
+        elif op < 0.8:
+            ip = rng.choice(store.pool)
+            if store.bind(mac, ip, rng.choice((30, 300)), now, None) is not None:
+                assert bound_before.get(ip, mac) == mac
+            else:
+                assert bound_before.get(ip, mac) != mac
+        elif op < 0.9:
+            store.release(mac, now)
+        else:
+            ip = rng.choice(store.pool)
+            holder = store.by_ip.get(ip)
+            assert store.decline(mac, ip, now) == (holder is not None and holder.mac == mac)
+        assert all(store.by_ip[x.ip] is x for x in store.by_mac.values())
+        assert all(store.by_mac[x.mac] is x for x in store.by_ip.values())
 
 
 # --- a server on loopback, fed crafted packets ------------------------------------------
@@ -350,3 +425,180 @@ async def test_proxy_offer_is_broadcast_on_the_interface(link: Link) -> None:
         await server.stop()
     assert offer.message_type == dp.OFFER and offer.yiaddr == "0.0.0.0"
     assert offer.file == b"ipxe.efi" and offer.mac == link.client_mac
+
+
+# --- floods: random MACs, forged DECLINEs -----------------------------------------------
+
+
+def random_discover(rng: random.Random, raw: bytes = PLAIN_DISCOVER) -> bytes:
+    packet = dp.parse(raw)
+    packet.chaddr = bytes((0x02, *rng.randbytes(5)))  # locally administered, like a forger's
+    packet.xid = rng.getrandbits(32)
+    return dp.build(packet)
+
+
+@pytest.fixture
+async def full_server(tmp_path: Path) -> AsyncIterator[tuple[DhcpServer, int, list[PxeClient]]]:
+    cfg = replace(full_config(), pool_end="10.213.0.149", announce_per_s=1.0)
+    seen: list[PxeClient] = []
+    leases = LeaseStore(tmp_path / "leases.json", cfg.pool_start, cfg.pool_end)  # type: ignore[arg-type]
+    server = DhcpServer(DhcpResponder(cfg, leases, seen.append), server_port=67, client_port=68)
+    sock = open_socket("127.0.0.1", 0, None)
+    port = sock.getsockname()[1]
+    await server.start(sock)
+    try:
+        yield server, port, seen
+    finally:
+        await server.stop()
+
+
+def flood(port: int, packets: list[bytes]) -> int:
+    """Send ``packets`` to the server on loopback; how many answers came back."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        answers = 0
+        for i, packet in enumerate(packets):
+            sock.sendto(packet, ("127.0.0.1", port))
+            if i % 50 == 49:  # paced like a sender on a link, not beyond the socket buffers
+                sock.settimeout(0.2)
+                answers += drain(sock)
+        sock.settimeout(0.5)
+        return answers + drain(sock)
+
+
+def drain(sock: socket.socket) -> int:
+    """Answers until none came for the socket's timeout."""
+    n = 0
+    while True:
+        try:
+            sock.recv(2048)
+        except TimeoutError:
+            return n
+        n += 1
+        sock.settimeout(0.02)
+
+
+async def test_a_discover_flood_writes_no_lease_file(
+    full_server: tuple[DhcpServer, int, list[PxeClient]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, port, seen = full_server
+    caplog.set_level(logging.INFO, logger="streamboot.boot.dhcp")
+    path = tmp_path / "leases.json"
+    await lease_cycle(port, "52:54:00:00:00:01")  # one real lease: the file exists
+    before = path.stat()
+    rng = random.Random(2131)
+    packets = [random_discover(rng, raw) for raw in (PLAIN_DISCOVER, PXE_DISCOVER) * 1000]
+    answers = await asyncio.to_thread(flood, port, packets)
+    assert answers > 1000  # a pool of 50: offers were reused, not exhausted
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert server.responder.stats["lease_writes"] == 1
+    # A real client still gets its lease in the middle of the flood.
+    ack = await lease_cycle(port, "52:54:00:00:00:02")
+    assert ack.message_type == dp.ACK
+    # 1000 PXE DISCOVERs from random MACs: a bounded number of boot announcements.
+    assert len(seen) < 100 and server.responder.stats["not_announced"] >= 1000 - len(seen)
+    await server.stop()
+    dhcp_lines = [r for r in caplog.records if r.name == "streamboot.boot.dhcp"]
+    summaries = [r for r in dhcp_lines if "more lines not logged" in r.getMessage()]
+    assert len(dhcp_lines) < 100 and summaries
+
+
+async def lease_cycle(port: int, mac: str) -> dp.DhcpPacket:
+    """DISCOVER, REQUEST the offered address; the answer to the REQUEST."""
+
+    def go() -> dp.DhcpPacket:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            discover = dp.parse(PLAIN_DISCOVER)
+            discover.chaddr = bytes.fromhex(mac.replace(":", ""))
+            sock.sendto(dp.build(discover), ("127.0.0.1", port))
+            offer = next_reply(sock, discover.xid)
+            request = message_from(discover.chaddr.hex(), dp.REQUEST, offer.yiaddr)
+            request.xid = discover.xid
+            request.options[dp.OPT_SERVER_ID] = dp.ip_bytes("10.213.0.1")
+            sock.sendto(dp.build(request), ("127.0.0.1", port))
+            return next_reply(sock, discover.xid)
+
+    return await asyncio.to_thread(go)
+
+
+def next_reply(sock: socket.socket, xid: int) -> dp.DhcpPacket:
+    while True:
+        reply = dp.parse(sock.recv(2048))
+        if reply.xid == xid:
+            return reply
+
+
+async def test_an_ack_leaves_only_once_its_lease_is_in_the_file(
+    full_server: tuple[DhcpServer, int, list[PxeClient]], tmp_path: Path
+) -> None:
+    server, port, _ = full_server
+    path = tmp_path / "leases.json"
+    macs = [f"52:54:00:00:01:{n:02x}" for n in range(40)]
+
+    def go() -> list[tuple[str, dp.DhcpPacket, set[str]]]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            offers = {}
+            for i, mac in enumerate(macs):
+                discover = dp.parse(PLAIN_DISCOVER)
+                discover.chaddr, discover.xid = bytes.fromhex(mac.replace(":", "")), i
+                sock.sendto(dp.build(discover), ("127.0.0.1", port))
+                offers[mac] = next_reply(sock, i)
+            for i, mac in enumerate(macs):  # all REQUESTs at once
+                request = message_from(mac.replace(":", ""), dp.REQUEST, offers[mac].yiaddr)
+                request.xid = i
+                sock.sendto(dp.build(request), ("127.0.0.1", port))
+            acks = []
+            for _ in macs:
+                ack = dp.parse(sock.recv(2048))
+                in_file = {str(x["mac"]) for x in read_leases(path)}  # right on arrival
+                acks.append((macs[ack.xid], ack, in_file))
+            return acks
+
+    acks = await asyncio.to_thread(go)
+    for mac, ack, in_file in acks:
+        assert ack.message_type == dp.ACK and mac in in_file
+    # Forty leases, written in a few batches (the first lease alone, the rest together).
+    assert 1 <= server.responder.stats["lease_writes"] < len(macs) // 4
+
+
+async def test_real_udhcpc_gets_an_address_during_a_discover_flood(
+    link: Link, tmp_path: Path
+) -> None:
+    cfg = replace(full_config(), pool_end="10.213.0.119")  # 20 addresses, 2,000 forged MACs
+    leases = LeaseStore(tmp_path / "leases.json", cfg.pool_start, cfg.pool_end)  # type: ignore[arg-type]
+    responder = DhcpResponder(cfg, leases)
+    server = await start_in_namespace(link, responder)
+    sender = link.in_client_ns(client_socket(link, port=0))
+    done = threading.Event()
+
+    def forge() -> int:
+        rng = random.Random(1)
+        with sender:
+            for i in range(2000):
+                sender.sendto(random_discover(rng), ("255.255.255.255", 67))
+                if i % 10 == 9:
+                    done.wait(0.01)  # spread over a few seconds: udhcpc runs in the middle
+        return i + 1
+
+    flooding = asyncio.ensure_future(asyncio.to_thread(forge))
+    try:
+        for _ in range(200):  # until the forged offers hold every address of the pool
+            if len(leases.by_ip) == 20:
+                break
+            await asyncio.sleep(0.02)
+        assert len(leases.by_ip) == 20 and not flooding.done()
+        env = await udhcpc(link, tmp_path)
+        assert not flooding.done(), "the flood ended before udhcpc had its address"
+        assert await flooding == 2000
+    finally:
+        done.set()
+        await server.stop()
+    assert env["ip"].startswith("10.213.0.1")
+    [lease] = read_leases(tmp_path / "leases.json")
+    assert (lease["mac"], lease["ip"], lease["state"]) == (link.client_mac, env["ip"], "bound")
+    assert responder.stats["lease_writes"] == 1
