@@ -60,9 +60,14 @@ def _replying(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Callable[...,
     return wrapper
 
 
-def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
+def build_broker(
+    nats_url: str, app: RegistryApp, credentials: tuple[str, str] | None = None
+) -> NatsBroker:
+    user, password = credentials or (None, None)
     broker = NatsBroker(
         nats_url,
+        user=user,
+        password=password,
         name="streamboot-registry",
         middlewares=[NatsTelemetryMiddleware()],
         max_reconnect_attempts=-1,
