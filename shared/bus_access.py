@@ -203,8 +203,12 @@ def authorization_block(users: list[NatsUser]) -> str:
             f"      user: {q(u.name)}",
             f"      password: {q(u.password)}",
             "      permissions: {",
-            f"        publish: {{ allow: [{', '.join(map(q, u.grant.publish_allow()))}] }}",
-            f"        subscribe: {{ allow: [{', '.join(map(q, u.grant.subscribe_allow()))}] }}",
+            "        publish: { allow: [",
+            *(f"          {q(s)}," for s in u.grant.publish_allow()),
+            "        ] }",
+            "        subscribe: { allow: [",
+            *(f"          {q(s)}," for s in u.grant.subscribe_allow()),
+            "        ] }",
         ]
         if u.grant.responds:
             lines.append("        allow_responses: true")

@@ -15,6 +15,7 @@ from streamboot.commands import (
     events,
     registry,
     replay,
+    secrets,
     session,
     status,
     trace,
@@ -41,6 +42,7 @@ app.add_typer(registry.app, name="registry")
 app.add_typer(dhcp.app, name="dhcp")
 app.add_typer(trace.app, name="trace")
 app.add_typer(replay.app, name="replay")
+app.add_typer(secrets.app, name="secrets")
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ temp folder, so tests never touch servers that happen to run on the machine.
   that may do anything (tests only): `.url` (no credentials), `.url_for(role)`,
   `.env(role)` / `.settings(role)` for a service a test starts (its own role's user, so a
   missing permission shows), `.credentials(role)`.
+  Stopping it fails on any permission violation it logged (but those of clients named
+  `violator...`, which break a rule on purpose).
 - `nats_url` (session): nats://test:PASSWORD@127.0.0.1:PORT, the `test` user's URL.
 - `postgres_dsn` (session): server-level DSN (the `postgres` maintenance database,
   superuser, its scram-sha-256 password in it).
@@ -77,6 +79,7 @@ class BusServer:
 
     server: EmbeddedNats
     passwords: dict[str, str]
+    log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -100,10 +103,22 @@ class BusServer:
         """``Settings`` fields of an in-process service of ``role``."""
         return {"nats_url": self.url, "nats_user": role, "nats_password": self.passwords[role]}
 
+    def violations(self) -> list[str]:
+        """Permission violations the server logged, but those of clients named
+        ``violator...`` (tests that break a rule on purpose)."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if "Violation" in line and ":violator" not in line]
+
     async def stop(self) -> None:
+        """Stop; any permission violation it saw fails the test (a role lacks a right)."""
         await self.server.stop()
+        found = self.violations()
+        assert not found, "permission violations on the bus:\n" + "\n".join(found)
 
     async def start(self, log_path: Path) -> None:
+        self.log_path = log_path
         await self.server.start(log_path=log_path)
 
 
@@ -123,6 +138,20 @@ async def nats_server(servers_root: Path) -> AsyncIterator[BusServer]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_bus_violations(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test on the session's nats-server fails if a permission violation was logged
+    while it ran: some role lacks a right it uses (shared/bus_access.py)."""
+    if not {"nats_server", "nats_url"} & set(request.fixturenames):
+        yield
+        return
+    server: BusServer = request.getfixturevalue("nats_server")
+    before = len(server.violations())
+    yield
+    found = server.violations()[before:]
+    assert not found, "permission violations on the bus:\n" + "\n".join(found)
 
 
 @pytest.fixture(scope="session")

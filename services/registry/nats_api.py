@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsUserPassword
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 
 from services.registry.app import RegistryApp
@@ -63,11 +63,9 @@ def _replying(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Callable[...,
 def build_broker(
     nats_url: str, app: RegistryApp, credentials: tuple[str, str] | None = None
 ) -> NatsBroker:
-    user, password = credentials or (None, None)
     broker = NatsBroker(
         nats_url,
-        user=user,
-        password=password,
+        security=NatsUserPassword(*credentials) if credentials else None,
         name="streamboot-registry",
         middlewares=[NatsTelemetryMiddleware()],
         max_reconnect_attempts=-1,

@@ -72,6 +72,14 @@ class DataDir:
                 + ". Nothing was changed; use a matching streamboot or another --data-dir."
             )
 
+    def ensure_marked(self) -> None:
+        """Make the dir (refusing a foreign one) and mark it as ours."""
+        self.check_format()
+        self.path.mkdir(parents=True, exist_ok=True)
+        marker = self / MARKER_FILE
+        if not marker.exists():
+            _write_atomic(marker, json.dumps({"format": FORMAT, "created": time.time()}) + "\n")
+
     def lock(self) -> None:
         """Take the supervisor lock (one `up` per dir), then mark the dir as ours."""
         self.check_format()
@@ -93,9 +101,7 @@ class DataDir:
         handle.flush()
         self._lock = handle
         self.remove_runtime()  # left by a supervisor that was killed -9
-        marker = self / MARKER_FILE
-        if not marker.exists():
-            _write_atomic(marker, json.dumps({"format": FORMAT, "created": time.time()}) + "\n")
+        self.ensure_marked()
         for sub in ("logs", "nats"):
             (self / sub).mkdir(exist_ok=True)
 
