@@ -165,12 +165,14 @@ MATRIX: dict[str, Grant] = {
         kv_write=(HEARTBEAT_BUCKET, BOOT_TRACES_BUCKET, BOOT_HANDOFF_BUCKET),
     ),
     # The operator's CLI (and `up` waiting for heartbeats): `status` reads heartbeats,
-    # `vdisk commit` reads a kept write cache from its node. Everything else is the API.
+    # `vdisk commit` reads a kept write cache from its node, an operator reads the cache
+    # nodes' figures (`stats`, read-only). Everything else goes through the admin API.
     "cli": Grant(
         publish=(
             "streamboot.cache.wc.open",
             "streamboot.cache.node.*.wc.map",
             "streamboot.cache.node.*.wc.read",
+            "streamboot.cache.stats",
         ),
         subscribe=(),
         kv_read=(HEARTBEAT_BUCKET,),
