@@ -88,8 +88,15 @@ class Up:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
     def stop(self) -> int:
+        """Stop it; any permission violation its NATS logged fails the test (a service
+        lacks a right it uses: shared/bus_access.py)."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=STOP_TIMEOUT_S)
+        code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+        nats_log = self.data_dir / "logs" / "nats.log"
+        if nats_log.exists():
+            found = [line for line in nats_log.read_text().splitlines() if "Violation" in line]
+            assert not found, "permission violations on the bus:\n" + "\n".join(found)
+        return code
 
     def wait_exit(self) -> int:
         return self.proc.wait(timeout=START_TIMEOUT_S)
