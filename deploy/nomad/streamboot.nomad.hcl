@@ -314,6 +314,7 @@ job "streamboot" {
                     "streamboot.cache.wc.open",
                     "streamboot.cache.node.*.wc.map",
                     "streamboot.cache.node.*.wc.read",
+                    "streamboot.cache.stats",
                     "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
                     "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",
                     "$JS.API.DIRECT.GET.KV_streamboot_heartbeats.>",

@@ -75,7 +75,10 @@ def assert_nats_config(text: str, passwords: dict[str, str]) -> None:
     assert re.search(r"^\s*jetstream\s*\{", text, re.M), text
     (payload,) = re.findall(r"^\s*max_payload:\s*(\S+)", text, re.M)
     assert payload == MAX_PAYLOAD
-    assert authorization_block(role_users(passwords)) in text, text
+    assert authorization_block(role_users(passwords)) in text, (
+        "the NATS users differ from shared/bus_access.py: run "
+        "`uv run python deploy/render_nats_auth.py`\n" + text
+    )
     assert text.count("authorization {") == 1 and "no_auth_user" not in text
 
 

@@ -217,6 +217,6 @@ def test_the_matrix_names_the_services_own_subjects_and_buckets() -> None:
 
 
 def test_docs_show_the_matrix() -> None:
-    """docs/security.md shows the permission matrix as it is (make it with
-    `python -c 'from shared.bus_access import matrix_table; print(matrix_table())'`)."""
+    """docs/security.md shows the permission matrix as it is (`uv run python
+    deploy/render_nats_auth.py` writes it)."""
     assert matrix_table() in (ROOT / "docs" / "security.md").read_text()
