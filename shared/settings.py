@@ -176,10 +176,13 @@ class Settings(BaseSettings):
         )
 
     def nats_credentials(self, role: str) -> tuple[str, str] | None:
-        """(user, password) on NATS for a process of ``role``: the settings' own, else the
-        role's password in the data dir; None when neither exists (anonymous)."""
+        """(user, password) on NATS for a process of ``role``: the settings' own, else
+        None when the URL carries some (nats-py uses those), else the role's password in
+        the data dir; None when there is none (anonymous)."""
         if self.nats_user:
             return self.nats_user, self.nats_password or ""
+        if self.nats_url and urlsplit(self.nats_url.split(",")[0].strip()).username:
+            return None
         try:
             return role, nats_password_file(self.data_dir, role).read_text().strip()
         except (FileNotFoundError, PermissionError):

@@ -308,21 +308,20 @@ class Supervisor:
                     "another port (0 = any free one)"
                 )
 
-    def _credentials(self, role: str) -> tuple[str, str]:
-        """NATS credentials of ``role``: the settings' own user when given (every process
-        then uses it), else the role's generated one."""
+    def _credentials(self, role: str) -> tuple[str, str] | None:
+        """NATS credentials of ``role``: the settings' own user when given, or those in an
+        external URL (every process then uses them), else the role's generated one."""
         s = self.settings
         if s.nats_user:
             return s.nats_user, s.nats_password or ""
+        if s.nats_url and s.nats_credentials(role) is None:  # the URL carries its own
+            return None
         return role, self._nats_passwords[role]
 
     async def _spawn_service(self, name: str) -> ManagedProcess:
-        user, password = self._credentials(name)
-        env = {
-            **self._service_env,
-            "STREAMBOOT_NATS_USER": user,
-            "STREAMBOOT_NATS_PASSWORD": password,
-        }
+        env = dict(self._service_env)
+        if (credentials := self._credentials(name)) is not None:
+            env["STREAMBOOT_NATS_USER"], env["STREAMBOOT_NATS_PASSWORD"] = credentials
         if name == "registry":  # the only service that talks to PostgreSQL
             env["STREAMBOOT_DATABASE_URL"] = self._database_url
         else:

@@ -238,23 +238,29 @@ def test_up_killed_hard_leaves_no_orphans(data_dir: Path) -> None:
     assert again.stop() == 0, again.output
 
 
+@pytest.mark.parametrize("given_in", ["settings", "url"])
 def test_up_with_external_servers_starts_neither(
-    data_dir: Path, nats_server: BusServer, database_url: str
+    data_dir: Path, nats_server: BusServer, database_url: str, given_in: str
 ) -> None:
-    """An external NATS with credentials given in the settings (one user for every
-    process: here the tests' `test` user) and an external PostgreSQL with a password."""
+    """An external NATS with credentials given in the settings or in its URL (one user for
+    every process: here the tests' `test` user) and an external PostgreSQL with a
+    password."""
     user, password = nats_server.credentials("test")
-    external = {
-        "STREAMBOOT_NATS_URL": nats_server.url,
-        "STREAMBOOT_NATS_USER": user,
-        "STREAMBOOT_NATS_PASSWORD": password,
-        "STREAMBOOT_DATABASE_URL": database_url,
-    }
+    external = {"STREAMBOOT_DATABASE_URL": database_url}
+    if given_in == "settings":
+        external |= {
+            "STREAMBOOT_NATS_URL": nats_server.url,
+            "STREAMBOOT_NATS_USER": user,
+            "STREAMBOOT_NATS_PASSWORD": password,
+        }
+    else:
+        external["STREAMBOOT_NATS_URL"] = nats_server.url_for("test")
     up = Up(data_dir, AVAILABLE, **external)
     info = up.wait_running()
     try:
-        # Shown and kept without the database's password.
-        assert info["nats_url"] == nats_server.url
+        # Shown and kept without the passwords.
+        prefix = f"nats://{user}@" if given_in == "url" else "nats://"
+        assert info["nats_url"] == nats_server.url.replace("nats://", prefix)
         assert info["database_url"] == without_password(database_url) != database_url
         assert password not in up.output and urlsplit(database_url).password not in up.output
         names = {p.name() for p in up.descendants()}

@@ -20,6 +20,9 @@ def test_nats_credentials_from_settings_else_the_roles_secret(
     secret.write_text("from-the-data-dir\n")
     assert Settings(data_dir=tmp_path).nats_credentials("cli") == ("cli", "from-the-data-dir")
     assert Settings(data_dir=tmp_path).nats_credentials("stream") is None
+    # Credentials in the URL: nats-py uses those.
+    in_url = Settings(data_dir=tmp_path, nats_url="nats://ops:pw@h:4222")
+    assert in_url.nats_credentials("cli") is None
     monkeypatch.setenv("STREAMBOOT_NATS_USER", "ops")
     monkeypatch.setenv("STREAMBOOT_NATS_PASSWORD", "given")
     assert Settings(data_dir=tmp_path).nats_credentials("cli") == ("ops", "given")
