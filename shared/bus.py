@@ -14,6 +14,8 @@ Subjects (the whole map lives here so nobody invents a second one):
 - heartbeats: the JetStream KV bucket HEARTBEAT_BUCKET, key ``<service>.<node>``
 - which cache node holds which write cache: KV ``streamboot_cache_owners``
   (services/cache/placement.py)
+
+Who may publish and subscribe which of them (one NATS user per role): shared/bus_access.py.
 """
 
 from __future__ import annotations
