@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import secrets
 import shutil
 import tempfile
 import time
@@ -171,7 +172,7 @@ async def bench_peer(dsn: str, total: int, batch: int) -> dict[str, float]:
 
 async def main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="streamboot-bench-"))
-    pg = EmbeddedPostgres(root, port=free_port())
+    pg = EmbeddedPostgres(root, port=free_port(), password=secrets.token_urlsafe(16))
     await pg.start(log_path=root / "postgres.log")
     try:
         admin = await asyncpg.connect(pg.dsn("postgres"))

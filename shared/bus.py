@@ -14,6 +14,8 @@ Subjects (the whole map lives here so nobody invents a second one):
 - heartbeats: the JetStream KV bucket HEARTBEAT_BUCKET, key ``<service>.<node>``
 - which cache node holds which write cache: KV ``streamboot_cache_owners``
   (services/cache/placement.py)
+
+Who may publish and subscribe which of them (one NATS user per role): shared/bus_access.py.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared import metrics
+from shared.settings import without_password
 from shared.telemetry import extract_context, inject_headers
 
 log = logging.getLogger("streamboot.bus")
@@ -88,6 +91,7 @@ class ConnectionLog:
         self.client: NATS | None = None
         self.down_since: float | None = None  # loop time of the loss, while it lasts
         self.failed = 0  # reconnects failed in this outage
+        self.refused = asyncio.Event()  # the server refused the first login
         self.logged_at = 0.0
 
     async def disconnected(self) -> None:
@@ -112,6 +116,9 @@ class ConnectionLog:
             self.on_reconnect()
 
     async def error(self, exc: Exception) -> None:
+        if self.client is None and "authorization violation" in str(exc).lower():
+            self.refused.set()  # the first connection's login: `connect` says so, once
+            return
         if self.down_since is None:
             log.error("%s: NATS error: %s", self.name, exc)
             return
@@ -130,13 +137,20 @@ async def connect(
     url: str,
     name: str,
     *,
+    credentials: tuple[str, str] | None = None,
     connect_timeout_s: float = 30.0,
     on_reconnect: Callable[[], None] | None = None,
 ) -> NATS:
     """Connect to NATS, retrying with backoff until ``connect_timeout_s``; once connected,
     nats-py reconnects forever and :class:`ConnectionLog` says what happens. ``on_reconnect``
-    is called after each reconnection (what was published meanwhile is lost to this client)."""
-    events = ConnectionLog(name, url, on_reconnect)
+    is called after each reconnection (what was published meanwhile is lost to this client).
+
+    ``credentials``: (user, password) of this process's role (``Settings.nats_credentials``,
+    shared/bus_access.py); they win over any given in the URL. A refused login is not
+    retried: it would be refused again."""
+    shown = without_password(url)
+    events = ConnectionLog(name, shown, on_reconnect)
+    user, password = credentials or (None, None)
     delay = 0.1
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout_s
@@ -158,20 +172,58 @@ async def connect(
                 # A stopping service drains its connection: bounded well inside the usual
                 # stop grace (compose: 10 s), not nats-py's 30 s.
                 drain_timeout=DRAIN_TIMEOUT_S,
+                user=user,
+                password=password,
             )
-            nc = await asyncio.wait_for(attempt, max(0.5, min(5.0, deadline - loop.time())))
+            nc = await _first_of(
+                attempt, events.refused, max(0.5, min(5.0, deadline - loop.time()))
+            )
+            if nc is None:
+                who = f"user {user!r}" if user else "no credentials"
+                raise BusError(
+                    f"NATS at {shown} refused the login ({who}): set STREAMBOOT_NATS_USER "
+                    "and STREAMBOOT_NATS_PASSWORD (see docs/security.md), or start it with "
+                    "`streamboot up`"
+                )
             events.client = nc
             return nc
+        except BusError:
+            raise
         except Exception as exc:
             if loop.time() + delay > deadline:
                 raise BusError(
-                    f"cannot reach NATS at {url}: {str(exc) or 'no connection within the timeout'}"
+                    f"cannot reach NATS at {shown}: "
+                    f"{str(exc) or 'no connection within the timeout'}"
                 ) from exc
             log.warning(
-                "%s: NATS at %s not reachable (%s); retrying in %.1fs", name, url, exc, delay
+                "%s: NATS at %s not reachable (%s); retrying in %.1fs", name, shown, exc, delay
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def _first_of(
+    attempt: Awaitable[NATS], refused: asyncio.Event, timeout_s: float
+) -> NATS | None:
+    """The connection, or None as soon as the login is refused (nats-py would go on
+    trying); TimeoutError after ``timeout_s``."""
+    connecting = asyncio.ensure_future(attempt)
+    refusal = asyncio.ensure_future(refused.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {connecting, refusal}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        refusal.cancel()
+    if connecting in done:
+        return connecting.result()
+    connecting.cancel()
+    await asyncio.wait({connecting})  # its cancellation done; its error is ours to drop
+    if not connecting.cancelled() and connecting.exception() is None:
+        await connecting.result().close()  # connected just as it was cancelled
+    if refused.is_set():
+        return None
+    raise TimeoutError
 
 
 async def ensure_event_stream(js: JetStreamContext) -> None:

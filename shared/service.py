@@ -80,10 +80,13 @@ class ServiceRuntime:
     async def connect(self) -> None:
         url = self.settings.require_nats_url()
         self.nc = await bus.connect(
-            url, f"{self.name}@{self.settings.node_id}", on_reconnect=self._reconnected
+            url,
+            f"{self.name}@{self.settings.node_id}",
+            credentials=self.settings.nats_credentials(self.name),
+            on_reconnect=self._reconnected,
         )
+        # The event stream is the registry's to create (shared/bus_access.py).
         self.js = self.nc.jetstream()
-        await bus.ensure_event_stream(self.js)
         self.events = EventClient(self.nc, self.name)
 
     async def stop(self) -> None:

@@ -12,12 +12,21 @@ import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNTIME_FILE = "runtime.json"
 API_TOKEN_FILE = "api-token"
+# Secrets `streamboot up` generates (0600, in a 0700 folder of the data dir): a NATS
+# password per role (file ``nats-<role>``, user name = role) and the PostgreSQL password.
+SECRETS_DIR = "secrets"
+POSTGRES_PASSWORD_FILE = "postgres"
+
+
+def nats_password_file(data_dir: Path, role: str) -> Path:
+    return Path(data_dir) / SECRETS_DIR / f"nats-{role}"
 
 
 def default_data_dir() -> Path:
@@ -34,6 +43,10 @@ class Settings(BaseSettings):
     # External servers; when unset, `streamboot up` starts embedded ones and passes their URLs.
     nats_url: str | None = None
     database_url: str | None = None
+    # NATS credentials of this process (shared/bus_access.py: one user per role). Unset:
+    # the password `up` generated for the process's role in DATA_DIR/secrets/nats-<role>.
+    nats_user: str | None = None
+    nats_password: str | None = None
 
     # Addresses: `bind_host` is where servers listen, `public_host` what clients are told.
     bind_host: str = "127.0.0.1"
@@ -172,13 +185,57 @@ class Settings(BaseSettings):
             "nats_url", f"nats://127.0.0.1:{self.nats_port}"
         )
 
+    def nats_credentials(self, role: str) -> tuple[str, str] | None:
+        """(user, password) on NATS for a process of ``role``: the settings' own, else
+        None when the URL carries some (nats-py uses those), else the role's password in
+        the data dir; None when there is none (anonymous)."""
+        if self.nats_user:
+            return self.nats_user, self.nats_password or ""
+        if self.nats_url and urlsplit(self.nats_url.split(",")[0].strip()).username:
+            return None
+        try:
+            return role, nats_password_file(self.data_dir, role).read_text().strip()
+        except (FileNotFoundError, PermissionError):
+            return None
+
     def require_database_url(self) -> str:
-        url = self.database_url or runtime_info(self.data_dir).get("database_url")
+        """STREAMBOOT_DATABASE_URL, else the embedded one of the running `up` (runtime.json
+        holds it without its password, which is in DATA_DIR/secrets/postgres)."""
+        if self.database_url:
+            return self.database_url
+        url = runtime_info(self.data_dir).get("database_url")
         if not url:
             raise RuntimeError(
                 "no database: set STREAMBOOT_DATABASE_URL or start the system with `streamboot up`"
             )
-        return url
+        try:
+            password = (self.data_dir / SECRETS_DIR / POSTGRES_PASSWORD_FILE).read_text().strip()
+        except FileNotFoundError:
+            return url
+        return url_with_password(url, password)
+
+
+def url_with_password(url: str, password: str) -> str:
+    """``url`` (``scheme://user@host...``) with ``password`` in it."""
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def without_password(url: str) -> str:
+    """``url`` as it may be printed, logged or written to runtime.json: any password in it
+    left out (a comma-separated list of URLs, as NATS seeds are given, each)."""
+
+    def one(u: str) -> str:
+        parts = urlsplit(u.strip())
+        if parts.password is None:
+            return u
+        userinfo, _, host = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}@{host}"))
+
+    return ",".join(one(u) for u in url.split(","))
 
 
 def runtime_info(data_dir: Path) -> dict[str, str]:

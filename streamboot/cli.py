@@ -15,6 +15,7 @@ from streamboot.commands import (
     events,
     registry,
     replay,
+    secrets,
     session,
     status,
     token,
@@ -43,6 +44,7 @@ app.add_typer(dhcp.app, name="dhcp")
 app.add_typer(trace.app, name="trace")
 app.add_typer(replay.app, name="replay")
 app.add_typer(token.app, name="token")
+app.add_typer(secrets.app, name="secrets")
 
 
 def main() -> None:

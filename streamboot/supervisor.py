@@ -24,8 +24,15 @@ import time
 from collections.abc import Callable, Sequence
 
 from shared import bus
+from shared.bus_access import role_users
 from shared.heartbeat import read_heartbeats
-from shared.settings import API_TOKEN_FILE, Settings
+from shared.settings import (
+    API_TOKEN_FILE,
+    POSTGRES_PASSWORD_FILE,
+    SECRETS_DIR,
+    Settings,
+    without_password,
+)
 from streamboot.embedded.datadir import DataDir
 from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.postgres import EmbeddedPostgres
@@ -120,6 +127,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         # What a service is started with, and runtime.json, kept for restarts.
         self._service_env: dict[str, str] = {}
+        self._nats_passwords: dict[str, str] = {}
+        self._database_url = ""  # with its password: the registry's only
         self._runtime: dict[str, object] = {}
         # When each service last exited on its own, within RESTART_WINDOW_S.
         self._exits: dict[str, list[float]] = {}
@@ -155,17 +164,23 @@ class Supervisor:
         token = s.api_token or self.data_dir.api_token()
         dd = self.data_dir
         lines = [f"streamboot up: data dir {dd.path}"]
+        # One NATS user per role (shared/bus_access.py); an external server is given the
+        # same users (`streamboot secrets nats-config`) unless STREAMBOOT_NATS_USER names
+        # one for every process.
+        self._nats_passwords = dd.nats_passwords()
 
+        new_pg_password = False
         if not s.database_url:
+            pg_password, new_pg_password = dd.postgres_password()
             self.postgres = EmbeddedPostgres(
-                dd.path, port=s.postgres_port, host=EMBEDDED_HOST,
+                dd.path, port=s.postgres_port, password=pg_password, host=EMBEDDED_HOST,
                 user=s.postgres_user, bin_dir=s.postgres_bin_dir,
             )  # fmt: skip
             self.postgres.prepare()  # refuse a foreign/other-version database before any start
 
         if s.nats_url:
             nats_url = s.nats_url
-            lines.append(f"  NATS         {nats_url}  (external)")
+            lines.append(f"  NATS         {without_password(nats_url)}  (external)")
         else:
             monitor = s.nats_monitor_port
             self.nats = EmbeddedNats(
@@ -173,23 +188,32 @@ class Supervisor:
                 port=s.nats_port,
                 host=EMBEDDED_HOST,
                 monitor_port=free_port(EMBEDDED_HOST) if monitor == 0 else monitor,
+                users=role_users(self._nats_passwords),
             )
             await self.nats.start(log_path=dd / "logs" / "nats.log")
             self.children.append(_require(self.nats.process))
             nats_url = self.nats.url
-            lines.append(f"  NATS         {nats_url}  (JetStream in {dd / 'nats'})")
+            lines.append(
+                f"  NATS         {nats_url}  (JetStream in {dd / 'nats'}; a user per "
+                f"service, passwords in {dd / SECRETS_DIR})"
+            )
 
         if self.postgres is None:
-            database_url = str(s.database_url)
+            self._database_url = str(s.database_url)
+            database_url = without_password(self._database_url)
             lines.append(f"  PostgreSQL   {database_url}  (external)")
         else:
-            await self.postgres.start(log_path=dd / "logs" / "postgres.log")
+            await self.postgres.start(
+                log_path=dd / "logs" / "postgres.log", new_password=new_pg_password
+            )
             self.children.append(_require(self.postgres.process))
+            self._database_url = self.postgres.dsn()
             database_url = self.postgres.url
             assert self.postgres.binaries is not None
             lines.append(
                 f"  PostgreSQL   {database_url}  (PostgreSQL {self.postgres.binaries.major}, "
-                f"data in {self.postgres.pgdata}, trust auth on loopback)"
+                f"data in {self.postgres.pgdata}, scram-sha-256 on loopback, password in "
+                f"{dd / SECRETS_DIR / POSTGRES_PASSWORD_FILE})"
             )
 
         env = {
@@ -200,7 +224,6 @@ class Supervisor:
             "PYTHONUNBUFFERED": "1",
             "STREAMBOOT_DATA_DIR": str(dd.path),
             "STREAMBOOT_NATS_URL": nats_url,
-            "STREAMBOOT_DATABASE_URL": database_url,
             "STREAMBOOT_API_TOKEN": token,
             **{f"STREAMBOOT_{f.upper()}": str(getattr(s, f)) for f in PORT_FIELDS},
         }
@@ -219,7 +242,7 @@ class Supervisor:
             "pid": os.getpid(),
             "data_dir": str(dd.path),
             "started": time.time(),
-            "nats_url": nats_url,
+            "nats_url": without_password(nats_url),
             "database_url": database_url,
             "api_url": eps["api"],
             "api_token_file": str(dd / API_TOKEN_FILE),
@@ -241,7 +264,12 @@ class Supervisor:
         system is usable once `up` says "Running" and runtime.json exists."""
         if not self.services:
             return
-        nc = await bus.connect(nats_url, "streamboot-up", connect_timeout_s=10)
+        nc = await bus.connect(
+            nats_url,
+            "streamboot-up",
+            credentials=self._credentials("cli"),
+            connect_timeout_s=10,
+        )
         try:
             js = nc.jetstream()
             loop = asyncio.get_running_loop()
@@ -285,10 +313,25 @@ class Supervisor:
                     "another port (0 = any free one)"
                 )
 
+    def _credentials(self, role: str) -> tuple[str, str] | None:
+        """NATS credentials of ``role``: the settings' own user when given, or those in an
+        external URL (every process then uses them), else the role's generated one."""
+        s = self.settings
+        if s.nats_user:
+            return s.nats_user, s.nats_password or ""
+        if s.nats_url and s.nats_credentials(role) is None:  # the URL carries its own
+            return None
+        return role, self._nats_passwords[role]
+
     async def _spawn_service(self, name: str) -> ManagedProcess:
-        return await spawn(
-            f"service {name}", [sys.executable, "-m", f"services.{name}"], env=self._service_env
-        )
+        env = dict(self._service_env)
+        if (credentials := self._credentials(name)) is not None:
+            env["STREAMBOOT_NATS_USER"], env["STREAMBOOT_NATS_PASSWORD"] = credentials
+        if name == "registry":  # the only service that talks to PostgreSQL
+            env["STREAMBOOT_DATABASE_URL"] = self._database_url
+        else:
+            env.pop("STREAMBOOT_DATABASE_URL", None)
+        return await spawn(f"service {name}", [sys.executable, "-m", f"services.{name}"], env=env)
 
     async def _watch(self) -> int:
         """Run until a stop signal (0), or a child exits that is not started again (1)."""

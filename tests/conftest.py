@@ -3,8 +3,16 @@
 They are started with the same `streamboot.embedded` modules as `streamboot up`, under a
 temp folder, so tests never touch servers that happen to run on the machine.
 
-- `nats_url` (session): nats://127.0.0.1:PORT, JetStream on.
-- `postgres_dsn` (session): server-level DSN (the `postgres` maintenance database, superuser).
+- `nats_server` (session): the nats-server, JetStream on, with the authorization `up` gives
+  it (shared/bus_access.py: a user per role, anonymous clients refused) plus a `test` user
+  that may do anything (tests only): `.url` (no credentials), `.url_for(role)`,
+  `.env(role)` / `.settings(role)` for a service a test starts (its own role's user, so a
+  missing permission shows), `.credentials(role)`.
+  Stopping it fails on any permission violation it logged (but those of clients named
+  `violator...`, which break a rule on purpose).
+- `nats_url` (session): nats://test:PASSWORD@127.0.0.1:PORT, the `test` user's URL.
+- `postgres_dsn` (session): server-level DSN (the `postgres` maintenance database,
+  superuser, its scram-sha-256 password in it).
 - `database_url` (function): a fresh empty database per test, dropped afterwards.
 
 And `wait_for`, for a test that waits on something another process or task does.
@@ -16,15 +24,18 @@ import asyncio
 import inspect
 import itertools
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from shared.bus_access import ROLES, Grant, NatsUser, role_users
 from shared.settings import Settings
 from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.postgres import EmbeddedPostgres
@@ -56,20 +67,106 @@ def servers_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+# Tests only: a user that may publish and subscribe anything, for what a test drives by
+# hand (requests to a service, events it plays the relay for, streams it makes).
+TEST_ROLE = "test"
+TEST_GRANT = Grant(publish=(">",), subscribe=(">",), responds=True)
+
+
+@dataclass
+class BusServer:
+    """A nats-server with `up`'s authorization and the `test` user."""
+
+    server: EmbeddedNats
+    passwords: dict[str, str]
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def credentials(self, role: str) -> tuple[str, str]:
+        return role, self.passwords[role]
+
+    def url_for(self, role: str) -> str:
+        return self.url.replace("nats://", f"nats://{role}:{self.passwords[role]}@", 1)
+
+    def env(self, role: str) -> dict[str, str]:
+        """The environment of a service process of ``role``."""
+        return {
+            "STREAMBOOT_NATS_URL": self.url,
+            "STREAMBOOT_NATS_USER": role,
+            "STREAMBOOT_NATS_PASSWORD": self.passwords[role],
+        }
+
+    def settings(self, role: str) -> dict[str, str]:
+        """``Settings`` fields of an in-process service of ``role``."""
+        return {"nats_url": self.url, "nats_user": role, "nats_password": self.passwords[role]}
+
+    def violations(self) -> list[str]:
+        """Permission violations the server logged, but those of clients named
+        ``violator...`` (tests that break a rule on purpose)."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if "Violation" in line and ":violator" not in line]
+
+    async def stop(self) -> None:
+        """Stop; any permission violation it saw fails the test (a role lacks a right)."""
+        await self.server.stop()
+        found = self.violations()
+        assert not found, "permission violations on the bus:\n" + "\n".join(found)
+
+    async def start(self, log_path: Path) -> None:
+        self.log_path = log_path
+        await self.server.start(log_path=log_path)
+
+
+async def start_nats(root: Path, log_path: Path, **options: Any) -> BusServer:
+    """A nats-server under ``root`` with the roles' users and the `test` user."""
+    passwords = {role: secrets.token_urlsafe(16) for role in (*ROLES, TEST_ROLE)}
+    users = [*role_users(passwords), NatsUser(TEST_ROLE, passwords[TEST_ROLE], TEST_GRANT)]
+    nats = BusServer(EmbeddedNats(root, port=free_port(), users=users, **options), passwords)
+    await nats.start(log_path)
+    return nats
+
+
 @pytest.fixture(scope="session")
-async def nats_url(servers_root: Path) -> AsyncIterator[str]:
-    server = EmbeddedNats(servers_root / "nats", port=free_port())
-    await server.start(log_path=servers_root / "nats.log")
+async def nats_server(servers_root: Path) -> AsyncIterator[BusServer]:
+    server = await start_nats(servers_root / "nats", servers_root / "nats.log")
     try:
-        yield server.url
+        yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_bus_violations(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test on the session's nats-server fails if a permission violation was logged
+    while it ran: some role lacks a right it uses (shared/bus_access.py)."""
+    if not {"nats_server", "nats_url"} & set(request.fixturenames):
+        yield
+        return
+    server: BusServer = request.getfixturevalue("nats_server")
+    before = len(server.violations())
+    yield
+    found = server.violations()[before:]
+    assert not found, "permission violations on the bus:\n" + "\n".join(found)
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: BusServer) -> str:
+    return nats_server.url_for(TEST_ROLE)
 
 
 @pytest.fixture(scope="session")
 async def postgres_dsn(servers_root: Path) -> AsyncIterator[str]:
     server = EmbeddedPostgres(
-        servers_root, port=free_port(), user=Settings().postgres_user, fast=True
+        servers_root,
+        port=free_port(),
+        password=secrets.token_urlsafe(16),
+        user=Settings().postgres_user,
+        fast=True,
     )
     await server.start(log_path=servers_root / "postgres.log")
     try:

@@ -1,6 +1,8 @@
 # streamboot on a Nomad cluster (Docker driver): the same shape as compose.yaml.
 #
-#   nomad var put nomad/jobs/streamboot api_token=... postgres_password=...
+#   nomad var put nomad/jobs/streamboot api_token=... postgres_password=... \
+#     nats_password_registry=... nats_password_stream=... nats_password_cache=... \
+#     nats_password_boot=... nats_password_cli=...
 #   nomad job run -var dhcp_interface=eth1 -var stream_count=4 deploy/nomad/streamboot.nomad.hcl
 #
 # Services find each other through Nomad's own service discovery (templates below).
@@ -114,7 +116,7 @@ job "streamboot" {
 
       config {
         image = "nats:2.10-alpine"
-        args  = ["-c", "/local/nats.conf"]
+        args  = ["-c", "/secrets/nats.conf"]
         ports = ["client", "monitor"]
       }
 
@@ -123,8 +125,9 @@ job "streamboot" {
         destination = "/data"
       }
 
+      # In secrets/: it holds every role's NATS password.
       template {
-        destination = "local/nats.conf"
+        destination = "secrets/nats.conf"
         data        = <<-EOT
           server_name: streamboot-nats
           listen: 0.0.0.0:4222
@@ -133,6 +136,217 @@ job "streamboot" {
           jetstream {
             store_dir: /data/jetstream
           }
+          # A user per role, only its own subjects (generated from shared/bus_access.py:
+          # tests/deploy/test_deploy_files.py checks it); no anonymous client.
+          {{ with nomadVar "nomad/jobs/streamboot" -}}
+          authorization {
+            users = [
+              {
+                user: "registry"
+                password: "{{ .nats_password_registry }}"
+                permissions: {
+                  publish: { allow: [
+                    "events.>",
+                    "streamboot.stream.*.session.prepare",
+                    "streamboot.cache.wc.list",
+                    "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_heartbeats.>",
+                    "$JS.FC.KV_streamboot_heartbeats.>",
+                    "$KV.streamboot_heartbeats.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.STREAM.INFO.STREAMBOOT_EVENTS",
+                    "$JS.API.STREAM.CREATE.STREAMBOOT_EVENTS",
+                  ] }
+                  subscribe: { allow: [
+                    "streamboot.registry.>",
+                    "streamboot.events.append.>",
+                    "_INBOX.>",
+                  ] }
+                  allow_responses: true
+                }
+              }
+              {
+                user: "stream"
+                password: "{{ .nats_password_stream }}"
+                permissions: {
+                  publish: { allow: [
+                    "streamboot.events.append.stream",
+                    "streamboot.registry.session.resolve",
+                    "streamboot.registry.session.status",
+                    "streamboot.cache.wc.open",
+                    "streamboot.cache.rc.open",
+                    "streamboot.cache.rc.read",
+                    "streamboot.cache.node.*.wc.write",
+                    "streamboot.cache.node.*.wc.read",
+                    "streamboot.cache.node.*.wc.map",
+                    "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_heartbeats.>",
+                    "$JS.FC.KV_streamboot_heartbeats.>",
+                    "$KV.streamboot_heartbeats.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_heartbeats",
+                  ] }
+                  subscribe: { allow: [
+                    "events.SessionClosed.>",
+                    "streamboot.stream.*.session.prepare",
+                    "streamboot.cache.wc.attached",
+                    "_INBOX.>",
+                  ] }
+                }
+              }
+              {
+                user: "cache"
+                password: "{{ .nats_password_cache }}"
+                permissions: {
+                  publish: { allow: [
+                    "streamboot.events.append.cache",
+                    "streamboot.registry.session.status",
+                    "streamboot.cache.wc.attached",
+                    "streamboot.cache.node.*.wc.open",
+                    "streamboot.cache.node.*.stats",
+                    "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_heartbeats.>",
+                    "$JS.FC.KV_streamboot_heartbeats.>",
+                    "$KV.streamboot_heartbeats.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.STREAM.INFO.KV_streamboot_cache_owners",
+                    "$JS.API.DIRECT.GET.KV_streamboot_cache_owners",
+                    "$JS.API.DIRECT.GET.KV_streamboot_cache_owners.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_cache_owners",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_cache_owners",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_cache_owners.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_cache_owners.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_cache_owners.>",
+                    "$JS.FC.KV_streamboot_cache_owners.>",
+                    "$KV.streamboot_cache_owners.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_cache_owners",
+                    "$JS.API.STREAM.INFO.STREAMBOOT_EVENTS",
+                    "$JS.API.CONSUMER.INFO.STREAMBOOT_EVENTS.>",
+                    "$JS.API.CONSUMER.CREATE.STREAMBOOT_EVENTS.>",
+                    "$JS.API.CONSUMER.DURABLE.CREATE.STREAMBOOT_EVENTS.>",
+                    "$JS.API.CONSUMER.MSG.NEXT.STREAMBOOT_EVENTS.>",
+                    "$JS.ACK.STREAMBOOT_EVENTS.>",
+                  ] }
+                  subscribe: { allow: [
+                    "streamboot.cache.wc.open",
+                    "streamboot.cache.wc.list",
+                    "streamboot.cache.rc.open",
+                    "streamboot.cache.rc.read",
+                    "streamboot.cache.stats",
+                    "streamboot.cache.node.>",
+                    "events.BlocksRequested.>",
+                    "events.SessionClosed.>",
+                    "events.ClientBooted.>",
+                    "events.BootRequested.>",
+                    "_INBOX.>",
+                  ] }
+                  allow_responses: true
+                }
+              }
+              {
+                user: "boot"
+                password: "{{ .nats_password_boot }}"
+                permissions: {
+                  publish: { allow: [
+                    "streamboot.events.append.boot",
+                    "streamboot.registry.device.lookup",
+                    "streamboot.registry.session.open",
+                    "streamboot.registry.session.resolve",
+                    "streamboot.registry.session.close",
+                    "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_heartbeats.>",
+                    "$JS.FC.KV_streamboot_heartbeats.>",
+                    "$KV.streamboot_heartbeats.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.STREAM.INFO.KV_streamboot_boot_traces",
+                    "$JS.API.DIRECT.GET.KV_streamboot_boot_traces",
+                    "$JS.API.DIRECT.GET.KV_streamboot_boot_traces.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_boot_traces",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_boot_traces",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_boot_traces.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_boot_traces.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_boot_traces.>",
+                    "$JS.FC.KV_streamboot_boot_traces.>",
+                    "$KV.streamboot_boot_traces.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_boot_traces",
+                    "$JS.API.STREAM.INFO.KV_streamboot_boot_handoff",
+                    "$JS.API.DIRECT.GET.KV_streamboot_boot_handoff",
+                    "$JS.API.DIRECT.GET.KV_streamboot_boot_handoff.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_boot_handoff",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_boot_handoff",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_boot_handoff.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_boot_handoff.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_boot_handoff.>",
+                    "$JS.FC.KV_streamboot_boot_handoff.>",
+                    "$KV.streamboot_boot_handoff.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_boot_handoff",
+                    "$JS.API.STREAM.INFO.KV_streamboot_boot_nonces",
+                    "$JS.API.DIRECT.GET.KV_streamboot_boot_nonces",
+                    "$JS.API.DIRECT.GET.KV_streamboot_boot_nonces.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_boot_nonces",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_boot_nonces",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_boot_nonces.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_boot_nonces.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_boot_nonces.>",
+                    "$JS.FC.KV_streamboot_boot_nonces.>",
+                    "$KV.streamboot_boot_nonces.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_boot_nonces",
+                  ] }
+                  subscribe: { allow: [
+                    "_INBOX.>",
+                  ] }
+                }
+              }
+              {
+                user: "cli"
+                password: "{{ .nats_password_cli }}"
+                permissions: {
+                  publish: { allow: [
+                    "streamboot.cache.wc.open",
+                    "streamboot.cache.node.*.wc.map",
+                    "streamboot.cache.node.*.wc.read",
+                    "streamboot.cache.stats",
+                    "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",
+                    "$JS.API.DIRECT.GET.KV_streamboot_heartbeats.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_heartbeats.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_heartbeats.>",
+                    "$JS.FC.KV_streamboot_heartbeats.>",
+                  ] }
+                  subscribe: { allow: [
+                    "_INBOX.>",
+                  ] }
+                }
+              }
+            ]
+          }
+          {{- end }}
         EOT
       }
 
@@ -312,6 +526,16 @@ job "streamboot" {
         data        = local.bus_env
       }
 
+      # This task's NATS user (docs/security.md): its role, its password only.
+      template {
+        destination = "secrets/nats.env"
+        env         = true
+        data        = <<-EOT
+          STREAMBOOT_NATS_USER=registry
+          {{ with nomadVar "nomad/jobs/streamboot" }}STREAMBOOT_NATS_PASSWORD={{ .nats_password_registry }}{{ end }}
+        EOT
+      }
+
       template {
         destination = "secrets/registry.env"
         env         = true
@@ -406,6 +630,16 @@ job "streamboot" {
         data        = local.bus_env
       }
 
+      # This task's NATS user (docs/security.md): its role, its password only.
+      template {
+        destination = "secrets/nats.env"
+        env         = true
+        data        = <<-EOT
+          STREAMBOOT_NATS_USER=boot
+          {{ with nomadVar "nomad/jobs/streamboot" }}STREAMBOOT_NATS_PASSWORD={{ .nats_password_boot }}{{ end }}
+        EOT
+      }
+
       resources {
         cpu    = 500
         memory = 256
@@ -479,6 +713,16 @@ job "streamboot" {
         destination = "local/bus.env"
         env         = true
         data        = local.bus_env
+      }
+
+      # This task's NATS user (docs/security.md): its role, its password only.
+      template {
+        destination = "secrets/nats.env"
+        env         = true
+        data        = <<-EOT
+          STREAMBOOT_NATS_USER=stream
+          {{ with nomadVar "nomad/jobs/streamboot" }}STREAMBOOT_NATS_PASSWORD={{ .nats_password_stream }}{{ end }}
+        EOT
       }
 
       resources {
@@ -565,6 +809,16 @@ job "streamboot" {
         destination = "local/bus.env"
         env         = true
         data        = local.bus_env
+      }
+
+      # This task's NATS user (docs/security.md): its role, its password only.
+      template {
+        destination = "secrets/nats.env"
+        env         = true
+        data        = <<-EOT
+          STREAMBOOT_NATS_USER=cache
+          {{ with nomadVar "nomad/jobs/streamboot" }}STREAMBOOT_NATS_PASSWORD={{ .nats_password_cache }}{{ end }}
+        EOT
       }
 
       resources {

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsUserPassword
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 
 from services.registry.app import RegistryApp
@@ -65,9 +65,12 @@ def _replying(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Callable[...,
     return wrapper
 
 
-def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
+def build_broker(
+    nats_url: str, app: RegistryApp, credentials: tuple[str, str] | None = None
+) -> NatsBroker:
     broker = NatsBroker(
         nats_url,
+        security=NatsUserPassword(*credentials) if credentials else None,
         name="streamboot-registry",
         middlewares=[NatsTelemetryMiddleware()],
         max_reconnect_attempts=-1,

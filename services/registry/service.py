@@ -33,7 +33,7 @@ from shared.event_store import EventStore
 from shared.heartbeat import Heartbeat, read_heartbeats
 from shared.metrics import Headline, live_sessions_from, start_metrics_server
 from shared.relay import EventRelay
-from shared.settings import API_TOKEN_FILE, Settings
+from shared.settings import API_TOKEN_FILE, Settings, without_password
 from shared.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("streamboot.registry")
@@ -94,7 +94,8 @@ class RegistryService:
         settings = self.settings
         setup_tracing("registry", settings)
         nats_url = settings.require_nats_url()
-        self.nc = nc = await bus.connect(nats_url, "registry")
+        credentials = settings.nats_credentials("registry")
+        self.nc = nc = await bus.connect(nats_url, "registry", credentials=credentials)
         js = nc.jetstream()
         await bus.ensure_event_stream(js)
         self.store = store = await EventStore.connect(settings.require_database_url())
@@ -111,7 +112,7 @@ class RegistryService:
         for stale in await asyncio.to_thread(vdisk_store.drop_stale_staging, app.vdisk_root):
             log.warning("registry: dropped the staging dir of an abandoned import: %s", stale)
         self._appends = await serve_appends(nc, store, lambda _stored: relay.poke())
-        self.broker = build_broker(nats_url, app)
+        self.broker = build_broker(nats_url, app, credentials)
         await self.broker.start()
         self.server = _ApiServer(
             uvicorn.Config(
@@ -156,7 +157,7 @@ class RegistryService:
             "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",
             settings.bind_host,
             settings.api_port,
-            nats_url,
+            without_password(nats_url),
             len(app.projection.devices),
             len(app.projection.vdisks),
         )

@@ -14,7 +14,7 @@ from rich.table import Table
 from shared import bus
 from shared.heartbeat import read_heartbeats
 from shared.metrics import system_figures
-from shared.settings import Settings, runtime_info
+from shared.settings import Settings, runtime_info, without_password
 from streamboot.commands import DataDirOption
 
 SERVICES = ("registry", "boot", "stream", "cache")
@@ -25,9 +25,10 @@ ADVERTISED = ("nbd", "http_stream", "tftp", "dhcp", "boot_http", "api_url")
 async def gather_status(settings: Settings) -> dict[str, Any]:
     runtime = runtime_info(settings.data_dir)
     nats_url = settings.nats_url or runtime.get("nats_url")
+    database_url = settings.database_url or runtime.get("database_url")
     endpoints: dict[str, Any] = {
-        "nats_url": nats_url,
-        "database_url": settings.database_url or runtime.get("database_url"),
+        "nats_url": nats_url and without_password(nats_url),
+        "database_url": database_url and without_password(database_url),
         "api_url": runtime.get("api_url"),
     }
     status: dict[str, Any] = {
@@ -43,7 +44,12 @@ async def gather_status(settings: Settings) -> dict[str, Any]:
         status["error"] = f"streamboot is not running here (no runtime.json in {settings.data_dir})"
         return status
     try:
-        nc = await bus.connect(nats_url, "streamboot-status", connect_timeout_s=2)
+        nc = await bus.connect(
+            nats_url,
+            "streamboot-status",
+            credentials=settings.nats_credentials("cli"),
+            connect_timeout_s=2,
+        )
     except bus.BusError as exc:
         status["error"] = str(exc)
         return status

@@ -29,7 +29,7 @@ from services.registry.client import (
     run,
 )
 from services.registry.domain.identity import check_name
-from shared.settings import Settings
+from shared.settings import Settings, without_password
 from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="vdisks (disk images) and their versions.")
@@ -267,9 +267,9 @@ def commit(
         root = Path(client.get("/registry/status")["vdisk_root"])
         source = client.get(f"/vdisks/{name}/commit-source")
         kernel = client.get(f"/vdisks/{name}").get("kernel")
-        nats_url = Settings(data_dir=data_dir).require_nats_url()
+        settings = Settings(data_dir=data_dir)
         with progress_bar(as_json) as progress:
-            staged = asyncio.run(_stage_commit(nats_url, root, source, progress, kernel))
+            staged = asyncio.run(_stage_commit(settings, root, source, progress, kernel))
         result = register(
             client, root, staged, stage=stage, from_maintenance_session=source["session_id"]
         )
@@ -277,7 +277,7 @@ def commit(
 
 
 async def _stage_commit(
-    nats_url: str,
+    settings: Settings,
     root: Path,
     source: dict[str, Any],
     progress: vdisk_store.Progress,
@@ -286,14 +286,21 @@ async def _stage_commit(
     from services.registry.maintenance import stage_commit
     from shared import bus
 
+    nats_url = settings.require_nats_url()
     try:
         # bus.connect reconnects forever once nats-py retries; bound it here.
-        nc = await asyncio.wait_for(
-            bus.connect(nats_url, "streamboot-cli", connect_timeout_s=5), 10
+        connecting = bus.connect(
+            nats_url,
+            "streamboot-cli",
+            credentials=settings.nats_credentials("cli"),
+            connect_timeout_s=5,
         )
+        nc = await asyncio.wait_for(connecting, 10)
     except (bus.BusError, TimeoutError) as exc:
         raise ClientError(
-            f"cannot reach NATS at {nats_url} ({exc or 'timeout'})", "unreachable", EXIT_UNREACHABLE
+            f"cannot reach NATS at {without_password(nats_url)} ({exc or 'timeout'})",
+            "unreachable",
+            EXIT_UNREACHABLE,
         ) from None
     try:
         return await stage_commit(nc, root, source, progress, kernel)

@@ -4,6 +4,9 @@ Layout of DIR:
     streamboot.json   {"format": N}: which layout this is (foreign/newer ones are refused)
     supervisor.lock   fcntl lock held by the running `up`, with its pid
     api-token         the admin API bearer token (0600), made at the first `up`
+    secrets/          (0700) NATS passwords, one per role (nats-<role>), and the PostgreSQL
+                      password (postgres), each 0600, made at the first `up`; deleting one
+                      makes `up` generate it again at its next start
     runtime.json      endpoints of the running system (removed at stop)
     postgres/         PGDATA of the embedded PostgreSQL
     nats/             nats-server config and JetStream store
@@ -20,7 +23,14 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from shared.settings import API_TOKEN_FILE, RUNTIME_FILE
+from shared.bus_access import ROLES
+from shared.settings import (
+    API_TOKEN_FILE,
+    POSTGRES_PASSWORD_FILE,
+    RUNTIME_FILE,
+    SECRETS_DIR,
+    nats_password_file,
+)
 from streamboot.embedded.proc import StartupError
 
 FORMAT = 1
@@ -62,6 +72,14 @@ class DataDir:
                 + ". Nothing was changed; use a matching streamboot or another --data-dir."
             )
 
+    def ensure_marked(self) -> None:
+        """Make the dir (refusing a foreign one) and mark it as ours."""
+        self.check_format()
+        self.path.mkdir(parents=True, exist_ok=True)
+        marker = self / MARKER_FILE
+        if not marker.exists():
+            _write_atomic(marker, json.dumps({"format": FORMAT, "created": time.time()}) + "\n")
+
     def lock(self) -> None:
         """Take the supervisor lock (one `up` per dir), then mark the dir as ours."""
         self.check_format()
@@ -83,9 +101,7 @@ class DataDir:
         handle.flush()
         self._lock = handle
         self.remove_runtime()  # left by a supervisor that was killed -9
-        marker = self / MARKER_FILE
-        if not marker.exists():
-            _write_atomic(marker, json.dumps({"format": FORMAT, "created": time.time()}) + "\n")
+        self.ensure_marked()
         for sub in ("logs", "nats"):
             (self / sub).mkdir(exist_ok=True)
 
@@ -96,12 +112,24 @@ class DataDir:
 
     def api_token(self) -> str:
         """The API bearer token, created (0600) on first use."""
-        path = self / API_TOKEN_FILE
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-        return path.read_text().strip()
+        return _secret(self / API_TOKEN_FILE)
+
+    def nats_passwords(self) -> dict[str, str]:
+        """The NATS password of every role (shared/bus_access.py), created on first use."""
+        self._secrets_dir()
+        return {role: _secret(nats_password_file(self.path, role)) for role in ROLES}
+
+    def postgres_password(self) -> tuple[str, bool]:
+        """The embedded PostgreSQL's password, and whether it was made just now."""
+        path = self._secrets_dir() / POSTGRES_PASSWORD_FILE
+        new = not path.exists()
+        return _secret(path), new
+
+    def _secrets_dir(self) -> Path:
+        path = self / SECRETS_DIR
+        path.mkdir(mode=0o700, exist_ok=True)
+        path.chmod(0o700)
+        return path
 
     def write_runtime(self, info: dict[str, Any]) -> None:
         _write_atomic(self / RUNTIME_FILE, json.dumps(info, indent=2) + "\n")
@@ -122,6 +150,15 @@ def supervisor_running(data_dir: Path) -> bool:
         except BlockingIOError:
             return True
         return False
+
+
+def _secret(path: Path) -> str:
+    """The secret in ``path``, generated (0600 from its creation) when missing."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
 
 
 def _write_atomic(path: Path, text: str) -> None:

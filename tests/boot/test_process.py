@@ -16,15 +16,16 @@ import pytest
 
 from services.boot import dhcp_packets as dp
 from streamboot.embedded.proc import free_port
+from tests.conftest import BusServer
 
 pytestmark = pytest.mark.timeout(120)
 PLAIN_DISCOVER = (Path(__file__).parent / "fixtures" / "udhcpc_plain_discover.bin").read_bytes()
 
 
-def boot_env(nats_url: str, data_dir: Path, dhcp_port: int) -> dict[str, str]:
+def boot_env(bus: BusServer, data_dir: Path, dhcp_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")}
     env.update(
-        STREAMBOOT_NATS_URL=nats_url,
+        bus.env("boot"),
         STREAMBOOT_DATA_DIR=str(data_dir),
         STREAMBOOT_NODE_ID="boot-process-test",
         STREAMBOOT_HEARTBEAT_INTERVAL_S="0.5",
@@ -91,9 +92,11 @@ async def stop(proc: asyncio.subprocess.Process) -> bytes:
     return err
 
 
-async def test_status_endpoints_and_leases_across_restart(nats_url: str, tmp_path: Path) -> None:
+async def test_status_endpoints_and_leases_across_restart(
+    nats_url: str, nats_server: BusServer, tmp_path: Path
+) -> None:
     dhcp_port = free_port()
-    env = boot_env(nats_url, tmp_path, dhcp_port)
+    env = boot_env(nats_server, tmp_path, dhcp_port)
     mac = bytes.fromhex("525400c0ffee")
     proc = await run_boot(env)
     try:

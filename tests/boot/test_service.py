@@ -27,6 +27,7 @@ from shared.service import ServiceRuntime
 from shared.settings import Settings
 from shared.telemetry import parse_traceparent
 from streamboot.embedded.proc import free_port
+from tests.conftest import BusServer
 from tests.registry.conftest import INITRD, KERNEL, Registry, write_bootable_image, write_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,13 +54,13 @@ class Boot:
 
 
 @pytest.fixture
-async def boot(registry: Registry, nats_url: str, tmp_path: Path) -> AsyncIterator[Boot]:
+async def boot(registry: Registry, nats_server: BusServer, tmp_path: Path) -> AsyncIterator[Boot]:
     root = tmp_path / "tftp"
     root.mkdir()
     (root / "ipxe.efi").write_bytes(os.urandom(70_000))
     settings = Settings(
         data_dir=tmp_path / "boot-data",
-        nats_url=nats_url,
+        **nats_server.settings("boot"),
         node_id="boot-test",
         boot_http_port=0,
         tftp_port=0,

@@ -22,8 +22,10 @@ import pytest
 
 from services.cache import wire
 from services.cache.placement import node_subject
+from shared import bus
 from shared.event_store import EventStore
 from shared.events import SessionClosed, envelope
+from tests.conftest import TEST_ROLE, BusServer
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 16 * 1024 * 1024
@@ -84,6 +86,15 @@ async def cache_request(nats_url: str, subject: str, body: dict[str, Any]) -> An
         await nc.close()
 
 
+async def ensure_event_stream(nats_url: str) -> None:
+    """The event stream, which the registry makes: the cache follows closes there."""
+    nc = await nats.connect(nats_url)
+    try:
+        await bus.ensure_event_stream(nc.jetstream())
+    finally:
+        await nc.close()
+
+
 class System:
     """The cache nodes + stream nodes of one test, under one folder.
 
@@ -91,14 +102,17 @@ class System:
     a named one (``start_cache("b")``) ``data-b``, ``shm-b`` and ``cache-b.log``, with its
     own node id (:meth:`node_id`): several cache nodes, each holding its own caches."""
 
-    def __init__(self, nats_url: str, root: Path, env: dict[str, str]) -> None:
-        self.nats_url = nats_url
+    def __init__(self, bus: BusServer, root: Path, env: dict[str, str]) -> None:
+        self.bus = bus
+        # What the test itself does on the bus (requests, stats): the `test` user.
+        self.nats_url = bus.url_for(TEST_ROLE)
         self.root = root
         self.data = root / "data"
         # Node ids unique over the whole run (the NATS server and its KV outlive a test).
         self.id_prefix = f"cache-{root.parent.name}-{root.name}"
+        # Each process runs as its own role's NATS user (the cache's here).
         self.env = {
-            "STREAMBOOT_NATS_URL": nats_url,
+            **bus.env("cache"),
             "STREAMBOOT_DATA_DIR": str(self.data),
             "STREAMBOOT_CACHE_RAM_DIR": str(root / "shm"),
             "STREAMBOOT_NODE_ID": self.id_prefix,
@@ -144,8 +158,11 @@ class System:
     ) -> tuple[Proc, str]:
         path = self.root / f"exports-{name}.json"
         path.write_text(json.dumps(exports))
+        # A node that publishes events plays the registry's relay too: the `test` user.
+        role = TEST_ROLE if "--publish-events" in extra else "stream"
+        url = self.bus.url_for(role)
         node = Proc(
-            [sys.executable, "-m", "tests.cache.stream_node", self.nats_url, str(path), *extra],
+            [sys.executable, "-m", "tests.cache.stream_node", url, str(path), *extra],
             self.env,
             self.root / f"{name}.log",
         )
@@ -157,7 +174,7 @@ class System:
         """The real registry (event log + relay): the cache's events go through it."""
         from streamboot.embedded.proc import free_port
 
-        env = {**self.env, "STREAMBOOT_DATABASE_URL": database_url}
+        env = {**self.env, **self.bus.env("registry"), "STREAMBOOT_DATABASE_URL": database_url}
         env["STREAMBOOT_API_PORT"] = str(free_port())
         reg = Proc([sys.executable, "-m", "services.registry"], env, self.root / "registry.log")
         self.procs.append(reg)
@@ -190,12 +207,13 @@ class System:
 
 
 @pytest.fixture
-async def system(nats_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., System]]:
+async def system(nats_server: BusServer, tmp_path: Path) -> AsyncIterator[Callable[..., System]]:
     made: list[System] = []
+    await ensure_event_stream(nats_server.url_for(TEST_ROLE))
 
     def make(**env: str) -> System:
         s = System(
-            nats_url,
+            nats_server,
             tmp_path / f"sys{len(made)}",
             {f"STREAMBOOT_{k.upper()}": v for k, v in env.items()},
         )

@@ -8,9 +8,8 @@ import errno
 import os
 from pathlib import Path
 
-from streamboot.embedded.nats import EmbeddedNats
-from streamboot.embedded.proc import free_port
 from tests.cache.conftest import IMAGE_SIZE, System, export, qemu_io, rss_mib
+from tests.conftest import start_nats
 from tests.stream.nbdraw import RawNbd
 
 # (offset, length, pattern) written through node A; 0 = write-zeroes.
@@ -90,9 +89,8 @@ async def test_a_node_cut_off_from_nats_drops_its_unused_sessions(
 ) -> None:
     """A takeover notice sent while a node is cut off from NATS is lost to it: after the
     reconnection the node drops the sessions no client is connected to."""
-    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port())
-    await nats_server.start(log_path=tmp_path / "nats.log")
-    s = System(nats_server.url, tmp_path / "sys", {})
+    nats_server = await start_nats(tmp_path / "nats", tmp_path / "nats.log")
+    s = System(nats_server, tmp_path / "sys", {})
     s.root.mkdir()
     try:
         await s.start_cache()

@@ -15,19 +15,17 @@ from services.cache import wire
 from services.cache.block_map import BLOCK, DIRTY, ZEROED, encode_runs
 from services.cache.client import CacheClient
 from services.cache.placement import node_subject
-from streamboot.embedded.nats import EmbeddedNats
-from streamboot.embedded.proc import free_port
 from tests.cache.conftest import System, cache_request
+from tests.conftest import start_nats
 
 SIZE = 1 << 40
 
 
 async def test_a_map_bigger_than_a_nats_message_is_opened_whole(tmp_path: Path) -> None:
-    server = EmbeddedNats(tmp_path / "nats", port=free_port(), max_payload="1MB")
-    await server.start(log_path=tmp_path / "nats.log")
+    server = await start_nats(tmp_path / "nats", tmp_path / "nats.log", max_payload="1MB")
     (tmp_path / "sys").mkdir()
-    system = System(server.url, tmp_path / "sys", {})
-    nc = await nats.connect(server.url)
+    system = System(server, tmp_path / "sys", {})
+    nc = await nats.connect(system.nats_url)
     try:
         cache = await system.start_cache()
         client = CacheClient(nc, timeout_s=60)

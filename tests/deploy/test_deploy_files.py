@@ -30,6 +30,7 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
+from shared.bus_access import ROLES, authorization_block, role_users
 from shared.settings import Settings
 from streamboot.embedded.nats import MAX_PAYLOAD
 from streamboot.supervisor import SERVICES
@@ -46,13 +47,18 @@ SCALED = ("stream", "cache")
 VDISK_WRITER = "registry"
 VDISK_READERS = {"stream", "cache"}
 ENV_NAME = re.compile(r"\bSTREAMBOOT_[A-Z0-9_]+")
+# The NATS password of each role (shared/bus_access.py) as the tests give them to compose.
+NATS_PASSWORDS = {role: f"nats-pw-{role}" for role in ROLES}
 # Compose's required variables (`${VAR:?...}`), with values good enough for `config`.
 COMPOSE_REQUIRED = {
     "STREAMBOOT_API_TOKEN": "test-token",
     "POSTGRES_PASSWORD": "test-password",
     "STREAMBOOT_PUBLIC_HOST": "192.0.2.10",
     "STREAMBOOT_DHCP_INTERFACE": "eth1",
+    **{f"STREAMBOOT_NATS_PASSWORD_{r.upper()}": pw for r, pw in NATS_PASSWORDS.items()},
 }
+# How the Nomad job's NATS config template writes each role's password.
+NOMAD_PASSWORDS = {role: f"{{{{ .nats_password_{role} }}}}" for role in ROLES}
 
 
 def test_settings_env_names_are_derived() -> None:
@@ -62,11 +68,18 @@ def test_settings_env_names_are_derived() -> None:
     )
 
 
-def assert_nats_config(text: str) -> None:
-    """JetStream on, and the payload limit the embedded server uses (vdisk block batches)."""
+def assert_nats_config(text: str, passwords: dict[str, str]) -> None:
+    """JetStream on, the payload limit the embedded server uses (vdisk block batches), and
+    the embedded server's authorization: the users of every role with the permissions of
+    shared/bus_access.py, no other user and no anonymous one."""
     assert re.search(r"^\s*jetstream\s*\{", text, re.M), text
     (payload,) = re.findall(r"^\s*max_payload:\s*(\S+)", text, re.M)
     assert payload == MAX_PAYLOAD
+    assert authorization_block(role_users(passwords)) in text, (
+        "the NATS users differ from shared/bus_access.py: run "
+        "`uv run python deploy/render_nats_auth.py`\n" + text
+    )
+    assert text.count("authorization {") == 1 and "no_auth_user" not in text
 
 
 # --- Dockerfile ----------------------------------------------------------------------
@@ -256,6 +269,9 @@ def test_compose_services(compose_model: dict[str, Any], image_env: dict[str, st
             assert url.endswith(f":{env['STREAMBOOT_METRICS_PORT']}/metrics")
         # Only the registry talks to PostgreSQL.
         assert ("STREAMBOOT_DATABASE_URL" in env) == (name == "registry")
+        # Its own NATS user, with the password the NATS config gives that user.
+        assert env["STREAMBOOT_NATS_USER"] == name
+        assert env["STREAMBOOT_NATS_PASSWORD"] == NATS_PASSWORDS[name]
         # The registry checks a vdisk's store by name, the cache service reads it: unset,
         # the variable is empty, which the settings read as "no other store".
         assert env["STREAMBOOT_CACHE_STORES"] == ""
@@ -334,7 +350,9 @@ def test_compose_infrastructure(compose_model: dict[str, Any]) -> None:
     (conf,) = nats["configs"]
     command = nats["command"]
     assert command[command.index("-c") + 1] == conf["target"]
-    assert_nats_config(compose_model["configs"][conf["source"]]["content"])
+    # `config` writes a literal `$` escaped, as `$$`, so its output stays a compose file.
+    content = compose_model["configs"][conf["source"]]["content"].replace("$$", "$")
+    assert_nats_config(content, NATS_PASSWORDS)
     assert "js-enabled-only=true" in " ".join(nats["healthcheck"]["test"])
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     jaeger_ports = {int(p["target"]) for p in services["jaeger"]["ports"]}
@@ -427,6 +445,12 @@ def test_nomad_services(
         assert names <= SETTINGS_ENV, names - SETTINGS_ENV
         assert {"STREAMBOOT_NATS_URL", "STREAMBOOT_OTLP_ENDPOINT"} <= names
         assert ("STREAMBOOT_DATABASE_URL" in names) == (name == "registry")
+        # Its own NATS user and only its own password, from the Nomad variables.
+        (nats_env,) = [t for t in task["template"] if t["destination"] == "secrets/nats.env"]
+        assert nats_env["env"]
+        assert f"STREAMBOOT_NATS_USER={name}\n" in nats_env["data"]
+        assert f"STREAMBOOT_NATS_PASSWORD={NOMAD_PASSWORDS[name]}" in nats_env["data"]
+        assert re.findall(r"nats_password_\w+", nats_env["data"]) == [f"nats_password_{name}"]
         (check,) = groups[name]["service"][0]["check"]
         assert check["type"] == "http"
         assert check["path"] == ("/health" if name == "registry" else "/metrics")
@@ -472,7 +496,12 @@ def test_nomad_nats(groups: dict[str, Any]) -> None:
     (template,) = task["template"]
     # The server reads the file the template writes (task dir `local/` is `/local`).
     assert config["args"] == ["-c", "/" + template["destination"]]
-    assert_nats_config(template["data"])
+    # Every password from the Nomad variables, in a template under secrets/ (python-hcl2
+    # keeps the heredoc's quotes escaped).
+    assert template["destination"].startswith("secrets/")
+    data = template["data"].replace('\\"', '"')
+    assert '{{ with nomadVar "nomad/jobs/streamboot" -}}' in data
+    assert_nats_config(data, NOMAD_PASSWORDS)
     (check,) = groups["nats"]["service"][0]["check"]
     assert "js-enabled-only=true" in check["path"]
 

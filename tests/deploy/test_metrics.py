@@ -28,6 +28,7 @@ from prometheus_client.samples import Sample
 from shared import bus, metrics
 from shared.heartbeat import read_heartbeats
 from shared.settings import Settings
+from tests.conftest import BusServer
 
 START_TIMEOUT_S = 60.0
 SYSTEM_FAMILIES = {
@@ -75,11 +76,13 @@ async def wait_for_beat(nats_url: str, service: str, node: str) -> dict[str, Any
 
 
 @pytest.fixture
-async def cache_process(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[Any, str, Path]]:
+async def cache_process(
+    nats_server: BusServer, tmp_path: Path
+) -> AsyncIterator[tuple[Any, str, Path]]:
     node = f"metrics-test-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")}
     env.update(
-        STREAMBOOT_NATS_URL=nats_url,
+        nats_server.env("cache"),
         STREAMBOOT_DATA_DIR=str(tmp_path / "data"),
         STREAMBOOT_NODE_ID=node,
         STREAMBOOT_METRICS_PORT="0",

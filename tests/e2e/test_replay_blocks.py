@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from services.cache import wire
+from shared import bus
+from shared.settings import Settings
 from streamboot.block_replay import split_extents
 from tests.e2e.test_system import cli, cli_json, events, provision, qemu_io, wait_all_alive
 from tests.e2e.test_up import AVAILABLE, Up
@@ -44,8 +45,10 @@ def session_story(data_dir: Path, sid: str, until: set[str]) -> list[dict[str, A
 
 def profile_boots(data_dir: Path, key: str) -> int:
     async def ask() -> int:
-        url = json.loads((data_dir / "runtime.json").read_text())["nats_url"]
-        nc = await nats.connect(url)
+        settings = Settings(data_dir=data_dir)  # as the CLI: its user, its password
+        nc = await bus.connect(
+            settings.require_nats_url(), "e2e-cli", credentials=settings.nats_credentials("cli")
+        )
         try:
             msg = await nc.request(wire.STATS, b"{}", timeout=10)
         finally:

@@ -24,14 +24,22 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats
 import psutil
 import pytest
 
+from services.boot import boot_trace
+from shared import bus
+from shared.bus import key_value_bucket
+from shared.bus_access import ROLES
+from shared.heartbeat import read_heartbeats
+from shared.settings import Settings, url_with_password, without_password
 from streamboot.runtime import NotRunningError, api_client, load_runtime
 from streamboot.supervisor import PORT_FIELDS, SERVICES
+from tests.conftest import BusServer
 
 STREAMBOOT = Path(sys.executable).parent / "streamboot"
 # The four services are written in parallel with this test: start those that exist.
@@ -81,8 +89,15 @@ class Up:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
     def stop(self) -> int:
+        """Stop it; any permission violation its NATS logged fails the test (a service
+        lacks a right it uses: shared/bus_access.py)."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=STOP_TIMEOUT_S)
+        code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+        nats_log = self.data_dir / "logs" / "nats.log"
+        if nats_log.exists():
+            found = [line for line in nats_log.read_text().splitlines() if "Violation" in line]
+            assert not found, "permission violations on the bus:\n" + "\n".join(found)
+        return code
 
     def wait_exit(self) -> int:
         return self.proc.wait(timeout=START_TIMEOUT_S)
@@ -94,25 +109,56 @@ def assert_all_gone(processes: list[psutil.Process]) -> None:
     assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
 
 
-async def write_marks(database_url: str, nats_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
+def database_url(data_dir: Path) -> str:
+    """What the CLI connects with: runtime.json's URL and the password in DIR/secrets."""
+    return Settings(data_dir=data_dir).require_database_url()
+
+
+async def connect_as(data_dir: Path, role: str) -> nats.NATS:
+    """A NATS connection as ``role``, with the password `up` made for it."""
+    settings = Settings(data_dir=data_dir)
+    return await bus.connect(
+        settings.require_nats_url(), f"e2e-{role}", credentials=settings.nats_credentials(role)
+    )
+
+
+async def write_marks(data_dir: Path) -> None:
+    conn = await asyncpg.connect(database_url(data_dir))
     await conn.execute("CREATE TABLE e2e_mark (v text); INSERT INTO e2e_mark VALUES ('run 1')")
     await conn.close()
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    await js.add_stream(name="E2E_MARK", subjects=["e2e.mark"])
-    await js.publish("e2e.mark", b"event from run 1")
+    # JetStream on disk: a key in a bucket of the boot role's own.
+    nc = await connect_as(data_dir, "boot")
+    kv = await key_value_bucket(nc.jetstream(), boot_trace.BUCKET, boot_trace.TTL_S)
+    await kv.put("e2e-mark", b"event from run 1")
     await nc.close()
 
 
-async def read_marks(database_url: str, nats_url: str) -> tuple[str, bytes]:
-    conn = await asyncpg.connect(database_url)
+async def read_marks(data_dir: Path) -> tuple[str, bytes]:
+    conn = await asyncpg.connect(database_url(data_dir))
     row = await conn.fetchval("SELECT v FROM e2e_mark")
     await conn.close()
-    nc = await nats.connect(nats_url)
-    msg = await nc.jetstream().get_msg("E2E_MARK", 1)
+    nc = await connect_as(data_dir, "boot")
+    entry = await (await nc.jetstream().key_value(boot_trace.BUCKET)).get("e2e-mark")
     await nc.close()
-    return row, msg.data
+    return row, entry.value or b""
+
+
+async def refused(url: str) -> str:
+    """The error a login with what ``url`` carries (nothing else) gets."""
+    with pytest.raises(Exception) as failed:
+        conn = await asyncpg.connect(url)
+        await conn.close()
+    return str(failed.value)
+
+
+def assert_secrets_private(data_dir: Path) -> None:
+    """Every password `up` made (and the NATS config holding them) is its owner's only."""
+    secrets = data_dir / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    files = sorted(p.name for p in secrets.iterdir())
+    assert files == sorted(["postgres", *(f"nats-{r}" for r in ROLES)])
+    for path in [*secrets.iterdir(), data_dir / "nats" / "nats-server.conf"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
 def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None:
@@ -120,6 +166,14 @@ def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None
     info = first.wait_running()
     assert {"nats_url", "database_url", "api_url", "endpoints"} <= info.keys()
     assert info["nats_url"] in first.output and info["database_url"] in first.output
+    # No password is shown or written where others may read it; without it: refused.
+    assert_secrets_private(data_dir)
+    pg_password = (data_dir / "secrets" / "postgres").read_text().strip()
+    runtime_text = (data_dir / "runtime.json").read_text()
+    assert pg_password not in first.output and pg_password not in runtime_text
+    assert "password" in run(refused(info["database_url"]))
+    with pytest.raises(bus.BusError, match="refused the login"):
+        run(bus.connect(info["nats_url"], "e2e-anonymous", connect_timeout_s=5))
     token_file = data_dir / "api-token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     token = token_file.read_text()
@@ -127,7 +181,7 @@ def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None
     with api_client(data_dir) as client:
         assert str(client.base_url).rstrip("/") == info["api_url"]
         assert client.headers["Authorization"] == f"Bearer {token.strip()}"
-    run(write_marks(info["database_url"], info["nats_url"]))
+    run(write_marks(data_dir))
 
     children = first.descendants()
     names = {p.name() for p in children}
@@ -138,14 +192,24 @@ def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None
     with pytest.raises(NotRunningError, match="not running"):
         load_runtime(data_dir)
 
+    # Rotation: deleted secrets are made anew at the next `up`, and used.
+    secrets = data_dir / "secrets"
+    old = {name: (secrets / name).read_text() for name in ("postgres", "nats-boot")}
+    for name in old:
+        (secrets / name).unlink()
+
     second = Up(data_dir, AVAILABLE)
     info = second.wait_running()
     try:
         assert token_file.read_text() == token
-        assert run(read_marks(info["database_url"], info["nats_url"])) == (
+        assert all((secrets / name).read_text() != text for name, text in old.items())
+        assert_secrets_private(data_dir)
+        assert run(read_marks(data_dir)) == (
             "run 1",
             b"event from run 1",
         )
+        old_dsn = url_with_password(info["database_url"], old["postgres"].strip())
+        assert "password authentication failed" in run(refused(old_dsn))
 
         # A concurrent `up` on the same dir is refused and does not disturb the first.
         third = Up(data_dir, AVAILABLE)
@@ -175,14 +239,31 @@ def test_up_killed_hard_leaves_no_orphans(data_dir: Path) -> None:
     assert again.stop() == 0, again.output
 
 
+@pytest.mark.parametrize("given_in", ["settings", "url"])
 def test_up_with_external_servers_starts_neither(
-    data_dir: Path, nats_url: str, database_url: str
+    data_dir: Path, nats_server: BusServer, database_url: str, given_in: str
 ) -> None:
-    external = {"STREAMBOOT_NATS_URL": nats_url, "STREAMBOOT_DATABASE_URL": database_url}
+    """An external NATS with credentials given in the settings or in its URL (one user for
+    every process: here the tests' `test` user) and an external PostgreSQL with a
+    password."""
+    user, password = nats_server.credentials("test")
+    external = {"STREAMBOOT_DATABASE_URL": database_url}
+    if given_in == "settings":
+        external |= {
+            "STREAMBOOT_NATS_URL": nats_server.url,
+            "STREAMBOOT_NATS_USER": user,
+            "STREAMBOOT_NATS_PASSWORD": password,
+        }
+    else:
+        external["STREAMBOOT_NATS_URL"] = nats_server.url_for("test")
     up = Up(data_dir, AVAILABLE, **external)
     info = up.wait_running()
     try:
-        assert (info["nats_url"], info["database_url"]) == (nats_url, database_url)
+        # Shown and kept without the passwords.
+        prefix = f"nats://{user}@" if given_in == "url" else "nats://"
+        assert info["nats_url"] == nats_server.url.replace("nats://", prefix)
+        assert info["database_url"] == without_password(database_url) != database_url
+        assert password not in up.output and urlsplit(database_url).password not in up.output
         names = {p.name() for p in up.descendants()}
         assert not names & {"nats-server", "postgres"}, names
     finally:
@@ -280,22 +361,23 @@ def test_up_starts_a_service_that_dies_again_and_stops_on_a_crash_loop(data_dir:
     again = wait_started_again(up, "cache", first.pid)
     assert f"service cache exited with code {-signal.SIGKILL}" in up.output
     assert f"service cache started again (pid {again.pid}; 1 exit within 60 s" in up.output
-    # It works: it answers on the bus (the stats every cache node answers).
-    nats_url = json.loads((data_dir / "runtime.json").read_text())["nats_url"]
+    # It works: it is back on the bus, as its own NATS user (its heartbeat, read as the
+    # CLI reads it).
 
-    async def stats() -> dict[str, Any]:
-        nc = await nats.connect(nats_url)
+    async def heartbeat() -> dict[str, Any]:
+        nc = await connect_as(data_dir, "cli")
         try:
             for _ in range(100):
-                try:
-                    return json.loads((await nc.request("streamboot.cache.stats", b"{}", 1)).data)
-                except Exception:
-                    await asyncio.sleep(0.2)
+                beats = await read_heartbeats(nc.jetstream(), 10)
+                for beat in beats:
+                    if beat["service"] == "cache" and beat.get("pid") == again.pid:
+                        return beat
+                await asyncio.sleep(0.2)
             raise AssertionError(f"the cache service started again never answered:\n{up.output}")
         finally:
             await nc.close()
 
-    assert "read_cache" in run(stats())
+    assert run(heartbeat())["alive"]
     # Killed again and again: a crash loop stops everything, and says so.
     for _ in range(3):
         victim = again

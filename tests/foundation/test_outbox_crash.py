@@ -14,6 +14,7 @@ import pytest
 from shared.bus import EVENTS_STREAM
 from shared.event_store import EventStore
 from shared.relay import CURSOR
+from tests.conftest import BusServer
 
 HELPER = Path(__file__).with_name("relay_process.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ async def stream_messages(nats_url: str) -> list[str]:
             for m in msgs:
                 ids.append(m.headers["Nats-Msg-Id"])
                 await m.ack()
-    except nats.errors.TimeoutError:
+    except TimeoutError:  # nats-py raises its own subclass or, under load, asyncio's
         pass
     await nc.close()
     return ids
@@ -67,13 +68,13 @@ async def fresh_stream(nats_url: str):
 
 
 async def test_crash_after_append_before_publish(
-    nats_url: str, database_url: str, fresh_stream: None
+    nats_url: str, nats_server: BusServer, database_url: str, fresh_stream: None
 ) -> None:
     # The appending process exits before anything is published: the events are in the log only.
-    appended = run(nats_url, database_url, 5, "no-relay")
+    appended = run(nats_server.url_for("registry"), database_url, 5, "no-relay")
     assert appended.returncode == 0, appended.stderr
     assert await stream_messages(nats_url) == []
-    relayed = run(nats_url, database_url, 0, "relay")
+    relayed = run(nats_server.url_for("registry"), database_url, 0, "relay")
     assert relayed.returncode == 0, relayed.stderr
     store = await EventStore.connect(database_url)
     ids = [str(e.id) for e in await store.read_stream("crash-1")]
@@ -83,14 +84,16 @@ async def test_crash_after_append_before_publish(
 
 
 async def test_crash_after_publish_before_cursor_moves(
-    nats_url: str, database_url: str, fresh_stream: None
+    nats_url: str, nats_server: BusServer, database_url: str, fresh_stream: None
 ) -> None:
-    dying = run(nats_url, database_url, 7, "relay", fault="relay.after_publish")
+    dying = run(
+        nats_server.url_for("registry"), database_url, 7, "relay", fault="relay.after_publish"
+    )
     assert dying.returncode == 137, (dying.stdout, dying.stderr)
     store = await EventStore.connect(database_url)
     assert await store.get_cursor(CURSOR) == 0  # it died before recording progress
     # The restarted relay publishes the same batch again; JetStream drops the duplicates.
-    again = run(nats_url, database_url, 0, "relay")
+    again = run(nats_server.url_for("registry"), database_url, 0, "relay")
     assert again.returncode == 0, again.stderr
     ids = [str(e.id) for e in await store.read_stream("crash-1")]
     assert await store.get_cursor(CURSOR) == await store.last_position()
@@ -100,7 +103,7 @@ async def test_crash_after_publish_before_cursor_moves(
 
 
 async def test_relay_survives_nats_outage_without_losing(
-    nats_url: str, database_url: str, fresh_stream: None
+    nats_url: str, nats_server: BusServer, database_url: str, fresh_stream: None
 ) -> None:
     """Publishing to a JetStream that is not there fails; the cursor stays, nothing is lost."""
     store = await EventStore.connect(database_url)

@@ -11,11 +11,24 @@ import asyncpg
 import nats
 import pytest
 
-from streamboot.embedded.postgres import EmbeddedPostgres, _major_of, candidate_bin_dirs
+from streamboot.embedded.postgres import (
+    EmbeddedPostgres,
+    _major_of,
+    _rewrite,
+    candidate_bin_dirs,
+    trusts,
+)
 from streamboot.embedded.proc import StartupError, free_port
 from tests.conftest import traversable_tmpdir
 
 BIN_DIRS = [d for d in candidate_bin_dirs() if _major_of(d)]
+PASSWORD = "test-password-" + "p" * 16
+# What pg_hba.conf said before the embedded PostgreSQL had a password (initdb --auth=trust).
+OLD_TRUST_HBA = """\
+local   all             all                                     trust
+host    all             all             127.0.0.1/32            trust
+host    all             all             ::1/128                 trust
+"""
 
 
 @pytest.fixture
@@ -53,10 +66,12 @@ async def test_database_url_is_a_fresh_database_per_test(database_url: str, run:
 
 @pytest.mark.parametrize("bin_dir", BIN_DIRS, ids=str)
 async def test_postgres_keeps_data_across_restarts(data_dir: Path, bin_dir: Path) -> None:
-    server = EmbeddedPostgres(data_dir, port=free_port(), bin_dir=bin_dir, fast=True)
+    server = EmbeddedPostgres(
+        data_dir, port=free_port(), password=PASSWORD, bin_dir=bin_dir, fast=True
+    )
     await server.start(log_path=data_dir / "pg.log")
     try:
-        conn = await asyncpg.connect(server.url)
+        conn = await asyncpg.connect(server.dsn())
         version = await conn.fetchval("SHOW server_version_num")
         await conn.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('hello')")
         await conn.close()
@@ -64,10 +79,12 @@ async def test_postgres_keeps_data_across_restarts(data_dir: Path, bin_dir: Path
         await server.stop()
     assert int(version) // 10000 == _major_of(bin_dir)
 
-    again = EmbeddedPostgres(data_dir, port=free_port(), bin_dir=bin_dir, fast=True)
+    again = EmbeddedPostgres(
+        data_dir, port=free_port(), password=PASSWORD, bin_dir=bin_dir, fast=True
+    )
     await again.start(log_path=data_dir / "pg.log")
     try:
-        conn = await asyncpg.connect(again.url)
+        conn = await asyncpg.connect(again.dsn())
         assert await conn.fetchval("SELECT v FROM kept") == "hello"
         await conn.close()
     finally:
@@ -79,11 +96,15 @@ async def test_postgres_refuses_data_of_another_major_version(data_dir: Path) ->
     if len(majors) < 2:
         pytest.skip("needs two PostgreSQL major versions (system + pgserver)")
     (old_major, old_dir), (_, new_dir) = sorted(majors.items())[:2]
-    server = EmbeddedPostgres(data_dir, port=free_port(), bin_dir=old_dir, fast=True)
+    server = EmbeddedPostgres(
+        data_dir, port=free_port(), password=PASSWORD, bin_dir=old_dir, fast=True
+    )
     await server.start(log_path=data_dir / "pg.log")
     await server.stop()
 
-    other = EmbeddedPostgres(data_dir, port=free_port(), bin_dir=new_dir, fast=True)
+    other = EmbeddedPostgres(
+        data_dir, port=free_port(), password=PASSWORD, bin_dir=new_dir, fast=True
+    )
     with pytest.raises(StartupError, match=f"holds a PostgreSQL {old_major} database"):
         await other.start(log_path=data_dir / "pg.log")
     assert (data_dir / "postgres" / "PG_VERSION").read_text().strip() == str(old_major)
@@ -93,7 +114,7 @@ async def test_postgres_refuses_data_of_another_major_version(data_dir: Path) ->
 async def test_postgres_refuses_a_foreign_folder(data_dir: Path) -> None:
     (data_dir / "postgres").mkdir()
     (data_dir / "postgres" / "precious.txt").write_text("not a database")
-    server = EmbeddedPostgres(data_dir, port=free_port())
+    server = EmbeddedPostgres(data_dir, port=free_port(), password=PASSWORD)
     with pytest.raises(StartupError, match="not a PostgreSQL data folder"):
         await server.start(log_path=data_dir / "pg.log")
     assert sorted(p.name for p in (data_dir / "postgres").iterdir()) == ["precious.txt"]
@@ -105,7 +126,71 @@ async def test_root_gets_a_clear_error_for_an_untraversable_parent(data_dir: Pat
     hidden = data_dir / "private"
     hidden.mkdir(mode=0o700)
     (hidden / "dd").mkdir()
-    server = EmbeddedPostgres(hidden / "dd", port=free_port())
+    server = EmbeddedPostgres(hidden / "dd", port=free_port(), password=PASSWORD)
     with pytest.raises(StartupError, match=f"cannot traverse {hidden} "):
         await server.start(log_path=data_dir / "pg.log")
     assert not (hidden / "dd" / "postgres").exists()
+
+
+async def refused_without(server: EmbeddedPostgres, password: str | None) -> str:
+    """The error PostgreSQL answers a login with ``password`` (None: none) on loopback."""
+    dsn = server.url_of("postgres")
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        conn = await asyncpg.connect(dsn, password=password)
+        await conn.close()  # not reached when refused
+    return str(refused.value)
+
+
+async def test_postgres_refuses_a_login_without_its_password(data_dir: Path) -> None:
+    server = EmbeddedPostgres(data_dir, port=free_port(), password=PASSWORD, fast=True)
+    await server.start(log_path=data_dir / "pg.log")
+    try:
+        assert "password" in await refused_without(server, None)
+        assert "password authentication failed" in await refused_without(server, "guess")
+        conn = await asyncpg.connect(server.dsn())
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        assert not trusts(server.pgdata / "pg_hba.conf")
+        # The password is never shown: only the DSN used to connect carries it.
+        assert PASSWORD not in server.url and PASSWORD not in repr(server)
+    finally:
+        await server.stop()
+    assert not (data_dir / ".postgres-initdb-password").exists()
+
+
+async def test_a_trust_data_dir_gets_a_password_and_keeps_its_data(data_dir: Path) -> None:
+    """A data dir of a streamboot that trusted every loopback login (no password set) is
+    upgraded at the next start: password set, pg_hba.conf scram-sha-256, data kept."""
+    old = EmbeddedPostgres(data_dir, port=free_port(), password=PASSWORD, fast=True)
+    await old.start(log_path=data_dir / "pg.log")
+    try:
+        conn = await asyncpg.connect(old.dsn())
+        await conn.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('before')")
+        await conn.execute("ALTER ROLE streamboot PASSWORD NULL")
+        await conn.close()
+    finally:
+        await old.stop()
+    _rewrite(old.pgdata / "pg_hba.conf", OLD_TRUST_HBA)
+    assert trusts(old.pgdata / "pg_hba.conf")
+
+    upgraded = EmbeddedPostgres(data_dir, port=free_port(), password="new-" + PASSWORD, fast=True)
+    await upgraded.start(log_path=data_dir / "pg.log")
+    try:
+        assert not trusts(upgraded.pgdata / "pg_hba.conf")
+        assert "password" in await refused_without(upgraded, None)
+        conn = await asyncpg.connect(upgraded.dsn())
+        assert await conn.fetchval("SELECT v FROM kept") == "before"
+        await conn.close()
+    finally:
+        await upgraded.stop()
+
+    # Rotation: a password made anew (its secret file deleted) replaces the old one.
+    rotated = EmbeddedPostgres(data_dir, port=free_port(), password="rotated-pw", fast=True)
+    await rotated.start(log_path=data_dir / "pg.log", new_password=True)
+    try:
+        assert "password authentication failed" in await refused_without(rotated, "new-" + PASSWORD)
+        conn = await asyncpg.connect(rotated.dsn())
+        assert await conn.fetchval("SELECT v FROM kept") == "before"
+        await conn.close()
+    finally:
+        await rotated.stop()

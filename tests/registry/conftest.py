@@ -21,8 +21,9 @@ from services.registry import service
 from services.registry.app import RegistryApp
 from shared import bus
 from shared.event_store import EventStore
-from shared.settings import API_TOKEN_FILE, RUNTIME_FILE, Settings
+from shared.settings import API_TOKEN_FILE, RUNTIME_FILE, Settings, nats_password_file
 from streamboot.embedded.proc import free_port
+from tests.conftest import BusServer
 
 TOKEN = "test-token-" + "x" * 20
 
@@ -97,11 +98,21 @@ async def start_registry(settings: Settings) -> service.RegistryService:
 
 
 @pytest.fixture
-async def registry(nats_url: str, database_url: str, data_dir: Path) -> AsyncIterator[Registry]:
-    settings = make_settings(data_dir, nats_url, database_url)
+async def registry(
+    nats_server: BusServer, database_url: str, data_dir: Path
+) -> AsyncIterator[Registry]:
+    # The registry runs as its role's NATS user; the CLI finds the `cli` user's password
+    # where `up` keeps it.
+    bus_settings = nats_server.settings("registry")
+    settings = make_settings(data_dir, database_url=database_url, **bus_settings)
     svc = await start_registry(settings)
     api_url = f"http://127.0.0.1:{settings.api_port}"
-    (data_dir / RUNTIME_FILE).write_text(json.dumps({"api_url": api_url, "nats_url": nats_url}))
+    (data_dir / RUNTIME_FILE).write_text(
+        json.dumps({"api_url": api_url, "nats_url": nats_server.url})
+    )
+    cli_password = nats_password_file(data_dir, "cli")
+    cli_password.parent.mkdir(mode=0o700, exist_ok=True)
+    cli_password.write_text(nats_server.passwords["cli"] + "\n")
     fd = os.open(data_dir / API_TOKEN_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(TOKEN + "\n")

@@ -18,6 +18,7 @@ import pytest
 from shared.heartbeat import read_heartbeats
 from shared.vdisk_layout import open_chain
 from streamboot.embedded.proc import free_port
+from tests.conftest import BusServer
 from tests.registry.conftest import Registry, write_image
 
 pytestmark = [
@@ -65,12 +66,13 @@ def read_chain(layers: list[str], offset: int, length: int) -> bytes:
         return chain.pread(offset, length)
 
 
-async def test_maintenance_writes_become_the_next_version(registry: Registry, nc: Any) -> None:
+async def test_maintenance_writes_become_the_next_version(
+    registry: Registry, nc: Any, nats_server: BusServer
+) -> None:
     dd = registry.data_dir
     node = f"stream-maint-{os.getpid()}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
-        "STREAMBOOT_NATS_URL": registry.settings.require_nats_url(),
         "STREAMBOOT_DATA_DIR": str(dd),
         "STREAMBOOT_NODE_ID": node,
         "STREAMBOOT_NBD_PORT": str(free_port()),
@@ -85,8 +87,8 @@ async def test_maintenance_writes_become_the_next_version(registry: Registry, nc
         assert (await http.post("/devices", json={"mac": MAC})).is_success
         assert (await http.post("/assignments", json={"target": MAC, "vdisk": "win"})).is_success
         async with (
-            service("cache", env, dd / "cache.log"),
-            service("stream", env, dd / "stream.log"),
+            service("cache", {**env, **nats_server.env("cache")}, dd / "cache.log"),
+            service("stream", {**env, **nats_server.env("stream")}, dd / "stream.log"),
         ):
             await wait_alive(nc, "cache", node)
             await wait_alive(nc, "stream", node)
