@@ -29,6 +29,7 @@ NODE = "stream-phoenix"
 def start_stream(s: System, reg: Registry, nbd_port: int, log_name: str) -> Proc:
     env = {
         **s.env,
+        **s.bus.env("stream"),
         "STREAMBOOT_DATA_DIR": str(reg.data_dir),  # the registry's vdisk dir
         "STREAMBOOT_NODE_ID": NODE,
         "STREAMBOOT_NBD_PORT": str(nbd_port),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import uuid
@@ -31,13 +32,15 @@ from shared.settings import Settings
 from streamboot.embedded.postgres import EmbeddedPostgres
 from streamboot.embedded.proc import free_port, wait_group_gone
 from tests.cache.conftest import Proc
-from tests.conftest import traversable_tmpdir
+from tests.conftest import TEST_ROLE, BusServer, traversable_tmpdir
 
 
 @pytest.fixture
 async def own_postgres() -> AsyncIterator[EmbeddedPostgres]:
     root = traversable_tmpdir("streamboot-pg-outage-")
-    pg = EmbeddedPostgres(root, port=free_port(), user=Settings().postgres_user)
+    pg = EmbeddedPostgres(
+        root, port=free_port(), user=Settings().postgres_user, password=secrets.token_urlsafe(16)
+    )
     await pg.start(log_path=root / "postgres.log")
     try:
         yield pg
@@ -45,9 +48,9 @@ async def own_postgres() -> AsyncIterator[EmbeddedPostgres]:
         await pg.stop()
 
 
-def registry(nats_url: str, database_url: str, log: Path) -> Proc:
+def registry(bus: BusServer, database_url: str, log: Path) -> Proc:
     env = {
-        "STREAMBOOT_NATS_URL": nats_url,
+        **bus.env("registry"),
         "STREAMBOOT_DATABASE_URL": database_url,
         "STREAMBOOT_API_PORT": str(free_port()),
         "STREAMBOOT_METRICS_PORT": "0",
@@ -98,10 +101,11 @@ async def published(nats_url: str, stream_ids: set[str], want: int) -> list[tupl
 
 
 async def test_events_survive_a_postgres_crash_exactly_once(
-    nats_url: str, own_postgres: EmbeddedPostgres, tmp_path: Path
+    nats_server: BusServer, own_postgres: EmbeddedPostgres, tmp_path: Path
 ) -> None:
     pg = own_postgres
-    registries = [registry(nats_url, pg.url, tmp_path / f"registry-{i}.log") for i in (1, 2)]
+    nats_url = nats_server.url_for("boot")  # the events' appender
+    registries = [registry(nats_server, pg.dsn(), tmp_path / f"registry-{i}.log") for i in (1, 2)]
     nc = await nats.connect(nats_url)
     try:
         for r in registries:
@@ -161,7 +165,7 @@ async def test_events_survive_a_postgres_crash_exactly_once(
         await sink.drain(60)
         sink_task.cancel()
 
-        conn = await asyncpg.connect(pg.url)
+        conn = await asyncpg.connect(pg.dsn())
         try:
             rows = await conn.fetch(
                 "SELECT stream_id, id::text, data FROM events WHERE stream_id = ANY($1)",
@@ -176,7 +180,9 @@ async def test_events_survive_a_postgres_crash_exactly_once(
         )
         assert arches == list(range(queued))  # every queued one, once
 
-        on_js = await published(nats_url, {f"boot-{acked_mac}", f"boot-{queued_mac}"}, len(rows))
+        on_js = await published(
+            nats_server.url_for(TEST_ROLE), {f"boot-{acked_mac}", f"boot-{queued_mac}"}, len(rows)
+        )
         assert sorted(i for _s, i in on_js) == sorted(r["id"] for r in rows)
         for r in registries:  # both rode the outage out (one relaying, one waiting)
             assert r.p.poll() is None, r.log.read_text() if r.log else ""
