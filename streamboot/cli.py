@@ -10,6 +10,7 @@ import typer
 
 from streamboot.commands import (
     assign,
+    client,
     device,
     dhcp,
     events,
@@ -41,6 +42,7 @@ app.add_typer(registry.app, name="registry")
 app.add_typer(dhcp.app, name="dhcp")
 app.add_typer(trace.app, name="trace")
 app.add_typer(replay.app, name="replay")
+app.add_typer(client.app, name="client")
 
 
 def main() -> None:
