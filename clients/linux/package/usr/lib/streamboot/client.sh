@@ -224,11 +224,11 @@ sb_redeem() {
 # Prints "DEVICE FSTYPE" of the first blkid line (read on stdin, the `DEV: KEY="value"...`
 # format of util-linux and busybox blkid) whose KEY is VALUE (case-insensitive).
 sb_pick_dev() {
-    _sb_want=$(echo "$2" | tr 'A-F' 'a-f')
+    _sb_want=$(echo " $1=\"$2\"" | tr 'A-Z' 'a-z')
     while IFS= read -r _sb_line; do
-        _sb_low=$(echo "$_sb_line" | tr 'A-F' 'a-f')
+        _sb_low=$(echo "$_sb_line" | tr 'A-Z' 'a-z')
         case "$_sb_low" in
-            *" $1=\"$_sb_want\""*)
+            *"$_sb_want"*)
                 _sb_type=
                 case "$_sb_line" in
                     *' TYPE="'*) _sb_type=${_sb_line#*' TYPE="'}; _sb_type=${_sb_type%%\"*} ;;
