@@ -62,7 +62,12 @@ Say = Callable[[str], None]
 def _run(argv: list[str], timeout: float = 1800, **kw: object) -> str:
     try:
         done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=True, **kw  # type: ignore[call-overload]
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+            **kw,  # type: ignore[call-overload]
         )
     except FileNotFoundError as exc:
         raise DebianBuildError(f"{argv[0]} is not installed") from exc
@@ -107,11 +112,16 @@ def require_build_tools() -> None:
         raise DebianBuildError(f"build-debian needs: apt-get install {' '.join(missing)}")
 
 
+def cached_root(cache_dir: Path, suite: str, mirror: str, packages: list[str]) -> Path:
+    """Where the debootstrapped root for (suite, mirror, packages) is kept."""
+    return cache_dir / "debootstrap" / bootstrap_key(suite, mirror, packages) / "rootfs"
+
+
 def bootstrap(cache_dir: Path, suite: str, mirror: str, packages: list[str], say: Say) -> Path:
     """The debootstrapped root for (suite, mirror, packages): from the cache, or made once
     into it (a half-made one never counts: it is renamed into place when complete)."""
-    base = cache_dir / "debootstrap" / bootstrap_key(suite, mirror, packages)
-    rootfs = base / "rootfs"
+    rootfs = cached_root(cache_dir, suite, mirror, packages)
+    base = rootfs.parent
     if rootfs.is_dir():
         return rootfs
     partial = base.with_name(base.name + ".partial")
