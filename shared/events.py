@@ -45,6 +45,8 @@ class DeviceRegistered(DeviceEvent):
     collection: str | None = None
     tester: bool = False
     auto_added: bool = False
+    # Extra kernel arguments of its kernel-direct boots (words of [A-Za-z0-9._:/=,+-]).
+    kernel_args: str | None = None
 
 
 class DeviceUpdated(DeviceEvent):
@@ -52,6 +54,7 @@ class DeviceUpdated(DeviceEvent):
     smbios_uuid: str | None = None
     collection: str | None = None
     tester: bool | None = None
+    kernel_args: str | None = None  # "" clears them
 
 
 class DeviceDisabled(DeviceEvent):
@@ -125,6 +128,28 @@ class VdiskPolicyChanged(VdiskEvent):
     # The store stream and cache nodes read the vdisk's layers from (a name in
     # STREAMBOOT_CACHE_STORES, or "local").
     store: str | None = None
+    # auto (kernel-direct when boot files were found, else sanboot), kernel or sanboot.
+    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    # The kernel version versions published from now on boot ("" clears: the newest).
+    kernel: str | None = None
+
+
+class BootFilesScanned(VdiskEvent):
+    """What a published version holds to boot kernel-direct: the kernel and initramfs
+    chosen (copied to <vdisk dir>/<vdisk>/boot/v<version>/), the root filesystem, every
+    kernel seen; or, with ``kernel_version`` None, why there is none (``problem``)."""
+
+    version: int
+    kernel_version: str | None = None
+    kernel_size: int = 0
+    kernel_sha256: str | None = None
+    initrd_size: int = 0
+    initrd_sha256: str | None = None
+    root: str | None = None  # UUID=..., PARTUUID=... or whole
+    root_fstype: str | None = None
+    kernels: list[str] = []
+    chosen_by: Literal["newest", "operator"] | None = None
+    problem: str | None = None
 
 
 class VdiskRemoved(VdiskEvent):
@@ -180,6 +205,8 @@ class SessionOpened(SessionEvent):
     # the session ends.
     boot_traceparent: str | None = None
     boot_started_ns: int | None = None
+    # The address the boot service saw the client at: its exports refuse other addresses.
+    client_addr: str | None = None
 
 
 class ReplaySessionOpened(SessionEvent):
@@ -208,6 +235,23 @@ class ClientBooted(SessionEvent):
     trace's "booted" span)."""
 
     mac: str
+
+
+class NonceRefused(SessionEvent):
+    """A redeem of a kernel-direct boot's nonce was refused (spent, wrong address...)."""
+
+    client_addr: str
+    reason: str
+
+
+class SessionAddressRefused(SessionEvent):
+    """A stream node refused a connection to a session from an address other than the
+    one the session was issued to."""
+
+    stream_node: str
+    protocol: Literal["nbd", "http"]
+    client_addr: str
+    expected_addr: str
 
 
 class SessionConflictRejected(SessionEvent):

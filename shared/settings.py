@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     # attachment (a PXE client leaves HTTP and comes back over NBD seconds later).
     session_detach_grace_s: float = 30.0
     session_sweep_interval_s: float = 5.0
+    # A kernel-direct boot's nonce is redeemed, and its session's exports are used, only
+    # from the address the boot service saw the client at; False for NAT labs, where every
+    # client reaches the servers from one address (docs/security.md).
+    client_address_check: bool = True
     # Registry: what to do with an unknown device that boots, and how to name it.
     unknown_device_policy: Literal["refuse", "auto-add"] = "refuse"
     auto_add_name_template: str = "lab-{n:03}"

@@ -2,8 +2,12 @@
 
 - ``GET /ipxe/boot.ipxe``: the fixed entry script (chains to the per-client script).
 - ``GET /ipxe/script?mac=..&uuid=..[&vdisk=..]``: what this client boots: a refusal
-  message, a menu of its vdisks, or ``sanboot`` of its new session's HTTP URL.
-- ``GET /handoff?mac=..``: the NBD export of that device's live session, for its initramfs.
+  message, a menu of its vdisks, a kernel-direct boot (``kernel``/``initrd`` with a one-time
+  nonce on the command line) or ``sanboot`` of its new session's HTTP URL.
+- ``GET /session/redeem?nonce=..``: the session's NBD export and identity, for the
+  initramfs; once per nonce, and only to the address the script went to.
+- ``GET|HEAD /boot-files/<vdisk>/<version>/vmlinuz|initrd``: a version's kernel and
+  initramfs, from the local vdisk store (Range, keep-alive).
 
 Scripts are always answered with 200: iPXE shows an HTTP error as a bare error code,
 whereas a script can tell the person at the machine what is wrong and retry by itself.
@@ -13,21 +17,26 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from services.boot import ipxe_scripts as scripts
 from services.boot.boot_trace import BootTraces, boot_span
 from services.boot.handoff_store import HandoffStore
-from services.boot.http_server import Request, Response
+from services.boot.http_server import Request, Response, file_response
 from services.boot.registry_client import RegistryClient
 from shared.bus import RemoteError, ServiceUnavailable
-from shared.events import BootMenuShown, ClientBooted, Event
+from shared.events import BootMenuShown, ClientBooted, Event, NonceRefused
 
 log = logging.getLogger("streamboot.boot.ipxe")
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 _UUID = re.compile(r"^[0-9a-fA-F-]{32,36}$")
+_NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_BOOT_FILE = re.compile(
+    r"^/boot-files/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/([0-9]{1,9})/(vmlinuz|initrd)$"
+)
 IPXE = "text/plain; charset=utf-8"
 RETRY_BUSY_S = 10  # registry away, or a live session that has not closed yet
 REFUSED_WAIT_S = 60
@@ -48,61 +57,142 @@ class BootHttp:
         base_url: str,
         menu_timeout_s: int = 10,
         traces: BootTraces | None = None,
+        boot_files_root: Path | None = None,
+        check_client_address: bool = True,
     ) -> None:
         self.registry, self.handoffs, self.emit = registry, handoffs, emit
         self.base_url, self.menu_timeout_s = base_url.rstrip("/"), menu_timeout_s
         self.traces = traces
+        # The local vdisk store, where the registry keeps each version's boot files.
+        self.boot_files_root = boot_files_root
+        # Off for NAT labs, where every client reaches the server from one address.
+        self.check_client_address = check_client_address
 
     async def __call__(self, request: Request) -> Response:
         if request.path == "/ipxe/boot.ipxe":
             return Response(200, scripts.boot_script(self.base_url), IPXE)
         if request.path == "/ipxe/script":
-            return Response(200, await self.traced_script(request.query), IPXE)
-        if request.path == "/handoff":
-            return await self.traced("handoff", request.query, self.handoff)
+            return Response(200, await self.traced_script(request), IPXE)
+        if request.path == "/session/redeem":
+            return await self.redeem(request)
+        if request.path.startswith("/boot-files/"):
+            return self.boot_file(request)
         if request.path == "/booted":
-            return await self.traced("booted", request.query, self.booted)
+            return await self.booted(request)
         if request.path == "/healthz":
             return Response(200, "ok\n")
         return Response(404, "not found\n")
 
-    async def traced_script(self, query: dict[str, str]) -> str:
+    async def traced_script(self, request: Request) -> str:
         """The script request as a span of the boot's trace (the registry's lookup and
         session opening become its children through the NATS headers)."""
-        mac = normalize_mac(query.get("mac", ""))
+        mac = normalize_mac(request.query.get("mac", ""))
         if mac is None or self.traces is None:
-            return await self.client_script(query)
+            return await self.client_script(request)
         boot = await self.traces.current(mac)
-        with boot_span("ipxe script", boot, mac=mac, vdisk=query.get("vdisk")):
-            return await self.client_script(query, boot)
+        with boot_span("ipxe script", boot, mac=mac, vdisk=request.query.get("vdisk")):
+            return await self.client_script(request, boot)
 
-    async def traced(
-        self,
-        name: str,
-        query: dict[str, str],
-        handler: Callable[[dict[str, str]], Awaitable[Response]],
-    ) -> Response:
-        """A request of the client's OS (hand-off, booted) as a span of its boot's trace."""
-        mac = normalize_mac(query.get("mac", ""))
-        entry = await self.handoffs.get(mac) if mac else None
-        root = (entry or {}).get("boot_traceparent")
-        if not root:
-            return await handler(query)
-        with boot_span(name, {"traceparent": root}, mac=mac) as span:
-            response = await handler(query)
-            span.set_attribute("http.status_code", response.status)
-            return response
+    def boot_file(self, request: Request) -> Response:
+        """A version's kernel or initramfs, as the registry stored it when it was published."""
+        m = _BOOT_FILE.match(request.path)
+        if m is None or self.boot_files_root is None:
+            return Response(404, "not found\n")
+        vdisk, version, name = m.group(1), int(m.group(2)), m.group(3)
+        return file_response(
+            str(self.boot_files_root / vdisk / "boot" / f"v{version}" / name), request
+        )
 
-    async def booted(self, query: dict[str, str]) -> Response:
+    async def booted(self, request: Request) -> Response:
         """The client's OS says it has booted (the end of its boot phase)."""
-        mac = normalize_mac(query.get("mac", ""))
-        entry = await self.handoffs.get(mac) if mac else None
+        mac = normalize_mac(request.query.get("mac", ""))
+        entry = await self.handoffs.get_boot(mac) if mac else None
         if entry is None:
             return Response(404, "no session was opened for this machine\n")
-        self.emit(ClientBooted(session_id=entry["session_id"], mac=mac))
+        if self._wrong_address(entry, request):
+            return Response(403, "wrong client address\n")
+        root = entry.get("boot_traceparent")
+        with boot_span("booted", {"traceparent": root} if root else None, mac=mac):
+            self.emit(ClientBooted(session_id=entry["session_id"], mac=mac))
         return Response(200, "ok\n")
 
-    async def client_script(self, query: dict[str, str], boot: dict[str, Any] | None = None) -> str:
+    def _wrong_address(self, entry: dict[str, Any], request: Request) -> bool:
+        want = entry.get("client_ip")
+        return bool(self.check_client_address and want and want != request.client_ip)
+
+    async def abandon(self, nonce: str, mac: str, request: Request) -> None:
+        """A kernel-direct boot whose kernel did not load gives its nonce back: the nonce is
+        spent and its session closed, so the retry opens a new one at once. Only an unused
+        nonce of this MAC, from its address, does that."""
+        got = await self.handoffs.redeem(
+            nonce, request.client_ip if self.check_client_address else None
+        )
+        if got.outcome != "ok" or got.entry is None or got.entry.get("mac") != mac:
+            return
+        try:
+            await self.registry.close(got.entry["token"], "kernel-load-failed")
+            log.info("boot: %s could not load its kernel; session %s closed", mac,
+                     got.entry["session_id"])  # fmt: skip
+        except (RemoteError, ServiceUnavailable) as exc:
+            log.warning("boot: closing the abandoned session of %s failed: %s", mac, exc)
+
+    async def redeem(self, request: Request) -> Response:
+        """The initramfs trades its nonce for the session's export, once (docs/boot.md)."""
+        nonce = request.query.get("nonce", "")
+        if not _NONCE.match(nonce):
+            return Response(404, "nonce unknown\n")
+        got = await self.handoffs.redeem(
+            nonce, request.client_ip if self.check_client_address else None
+        )
+        entry = got.entry or {}
+        root = entry.get("boot_traceparent")
+        with boot_span("redeem", {"traceparent": root} if root else None) as span:
+            response = await self._redeemed(got.outcome, entry, request)
+            span.set_attribute("http.status_code", response.status)
+        if response.status != 200:
+            log.warning(
+                "boot: redeem from %s refused: %s", request.client_ip, response.body.strip()
+            )
+            if entry.get("session_id"):
+                self.emit(
+                    NonceRefused(
+                        session_id=entry["session_id"],
+                        client_addr=request.client_ip,
+                        reason=response.body.strip(),
+                    )
+                )
+        return response
+
+    async def _redeemed(self, outcome: str, entry: dict[str, Any], request: Request) -> Response:
+        if outcome == "unknown":
+            return Response(404, "nonce unknown\n")
+        if outcome == "redeemed":
+            return Response(410, "nonce already redeemed\n")
+        if outcome == "wrong-address":
+            return Response(403, "wrong client address\n")
+        try:
+            live = await self.registry.resolve(entry["token"])
+        except RemoteError:
+            return Response(410, "session closed\n")
+        except ServiceUnavailable:
+            return Response(503, "registry unavailable, the nonce is spent: boot again\n")
+        if live.get("session_id") != entry["session_id"]:
+            return Response(410, "session closed\n")
+        answer = {
+            "nbd_host": entry["nbd_host"],
+            "nbd_port": entry["nbd_port"],
+            "export": entry["token"],
+            "write_cache": live.get("write_cache") or entry["write_cache"],
+            "persistence": live.get("write_cache_persistence") or entry["persistence"],
+            "hostname": entry.get("hostname"),
+            "machine_id": entry.get("machine_id"),
+            "session_id": entry["session_id"],
+            "traceparent": entry.get("boot_traceparent"),
+        }
+        return Response(200, scripts.redeem_text(answer))
+
+    async def client_script(self, request: Request, boot: dict[str, Any] | None = None) -> str:
+        query = request.query
         mac = normalize_mac(query.get("mac", ""))
         if mac is None:
             log.warning("boot: script asked with a bad MAC %r", query.get("mac"))
@@ -112,6 +202,8 @@ class BootHttp:
             uuid = None  # iPXE leaves ${uuid} empty or odd on some firmware: MAC is enough
         chosen = query.get("vdisk") or None
         retry = scripts.script_url(self.base_url, mac, uuid, chosen)
+        if _NONCE.match(query.get("abandon", "")):
+            await self.abandon(query["abandon"], mac, request)
         try:
             device = await self.registry.lookup(mac, uuid)
             if not device.vdisks:
@@ -143,7 +235,7 @@ class BootHttp:
                     )
                 )
             session = await self.registry.open_session(
-                mac, uuid, chosen or device.vdisks[0], boot=boot
+                mac, uuid, chosen or device.vdisks[0], boot=boot, client_addr=request.client_ip
             )
         except RemoteError as exc:
             log.warning("boot: %s refused: %s (%s)", mac, exc, exc.kind)
@@ -165,7 +257,14 @@ class BootHttp:
             return scripts.message_script(
                 ["the boot server is busy or starting"], retry_url=retry, wait_s=RETRY_BUSY_S
             )
-        await self.handoffs.put(mac, session)
+        await self.handoffs.put_boot(
+            mac,
+            {
+                "session_id": session.session_id,
+                "client_ip": request.client_ip,
+                "boot_traceparent": session.boot_traceparent,
+            },
+        )
         log.info(
             "boot: %s boots %s v%d (session %s)", mac, session.vdisk, session.version,
             session.session_id,
@@ -173,29 +272,34 @@ class BootHttp:
         info = scripts.SessionInfo(
             session.vdisk, session.version, session.http_url, session.hostname
         )
-        return scripts.sanboot_script(info, retry_url=scripts.script_url(self.base_url, mac, uuid))
-
-    async def handoff(self, query: dict[str, str]) -> Response:
-        mac = normalize_mac(query.get("mac", ""))
-        if mac is None:
-            return Response(400, "bad or missing mac\n")
-        entry = await self.handoffs.get(mac)
-        if entry is None:
-            return Response(404, f"no session was opened for {mac}\n")
-        try:
-            live = await self.registry.resolve(entry["token"])
-        except RemoteError:
-            return Response(404, f"no live session for {mac}\n")
-        except ServiceUnavailable:
-            return Response(503, "registry unavailable, try again\n")
-        if normalize_mac(str(live.get("mac", ""))) != mac:
-            return Response(404, f"no live session for {mac}\n")
-        return Response(
-            200,
-            scripts.handoff_text(
-                nbd_host=entry["nbd_host"],
-                nbd_port=entry["nbd_port"],
-                export=entry["token"],
-                write_cache=live.get("write_cache") or entry["write_cache"],
-            ),
+        retry = scripts.script_url(self.base_url, mac, uuid)
+        how = session.boot or {}
+        if how.get("method") != "kernel":
+            return scripts.sanboot_script(info, retry_url=retry)
+        nonce = await self.handoffs.issue(
+            {
+                "session_id": session.session_id,
+                "token": session.token,
+                "client_ip": request.client_ip,
+                "mac": mac,
+                "nbd_host": session.nbd_host,
+                "nbd_port": session.nbd_port,
+                "write_cache": session.write_cache,
+                "persistence": session.write_cache_persistence,
+                "hostname": session.hostname,
+                "machine_id": session.machine_id,
+                "boot_traceparent": session.boot_traceparent,
+            }
         )
+        kernel = scripts.KernelBoot(
+            files_url=f"{self.base_url}/boot-files/{session.vdisk}/{session.version}",
+            server=self.base_url,
+            nonce=nonce,
+            root=str(how.get("root") or "whole"),
+            write_cache=session.write_cache,
+            hostname=session.hostname or "",
+            machine_id=session.machine_id or "",
+            extra_args=session.kernel_args,
+            kernel_version=how.get("kernel_version"),
+        )
+        return scripts.kernel_script(info, kernel, retry_url=retry)

@@ -73,9 +73,13 @@ def _attributes(attributes: dict[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def boot_span(
-    name: str, boot: dict[str, Any], start_ns: int | None = None, **attributes: Any
+    name: str, boot: dict[str, Any] | None, start_ns: int | None = None, **attributes: Any
 ) -> Iterator[trace.Span]:
-    """A span of this boot's trace, current while the block runs."""
+    """A span of this boot's trace, current while the block runs (none when the boot's
+    trace is not known: a span of no trace would only be noise)."""
+    if boot is None:
+        yield trace.INVALID_SPAN
+        return
     with tracer.start_as_current_span(
         name,
         context=context_from_traceparent(boot["traceparent"]),

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._:,()/@+=\[\]-]")
-# The hand-off answer is `eval`ed by the initramfs shell: nothing but plain word characters.
-_SHELL_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
+# Kernel command-line values and redeem answers (docs/boot.md, "Kernel-direct boot"): the
+# initramfs splits and `eval`s them, so nothing but these characters.
+_WORD = re.compile(r"[A-Za-z0-9._:/=,+-]+")
+_WORD_UNSAFE = re.compile(r"[^A-Za-z0-9._:/=,+-]")
 
 
 def text(value: object) -> str:
@@ -100,15 +102,78 @@ def menu_script(
     return "\n".join(out) + "\n"
 
 
-def shell_word(value: object) -> str:
-    return _SHELL_UNSAFE.sub("_", str(value))[:200]
+def word(value: object) -> str:
+    """A value made safe for the kernel command line and the redeem answer."""
+    return _WORD_UNSAFE.sub("_", str(value))[:200]
 
 
-def handoff_text(*, nbd_host: str, nbd_port: int, export: str, write_cache: str) -> str:
-    """The initramfs hand-off answer: shell-safe ``key=value`` lines (clients/linux/handoff.sh)."""
+def kernel_args_words(args: str | None) -> list[str]:
+    """An operator's extra kernel arguments, word by word, without the unsafe ones (the
+    registry refuses them when they are set; this holds the line whatever it said)."""
+    return [w for w in (args or "").split() if _WORD.fullmatch(w) and len(w) <= 200]
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """A kernel-direct boot: where the files are and what the command line says."""
+
+    files_url: str  # <boot-http>/boot-files/<vdisk>/<version>
+    server: str  # the boot service's base URL, for the initramfs
+    nonce: str
+    root: str  # UUID=..., PARTUUID=... or whole
+    write_cache: str
+    hostname: str
+    machine_id: str
+    extra_args: str | None = None
+    kernel_version: str | None = None
+
+
+def kernel_command_line(boot: KernelBoot) -> str:
+    words = [
+        "boot=streamboot",
+        "root=streamboot",
+        "ip=dhcp",
+        "rd.neednet=1",
+        f"streamboot.server={word(boot.server)}",
+        f"streamboot.nonce={word(boot.nonce)}",
+        f"streamboot.root={word(boot.root)}",
+        f"streamboot.wc={word(boot.write_cache)}",
+        f"systemd.hostname={word(boot.hostname)}",
+        f"systemd.machine_id={word(boot.machine_id)}",
+        *kernel_args_words(boot.extra_args),
+    ]
+    return " ".join(words)
+
+
+def kernel_script(session: SessionInfo, boot: KernelBoot, *, retry_url: str) -> str:
+    """Load the version's kernel and initramfs over HTTP and start the kernel, whose
+    initramfs redeems the nonce and attaches the root over NBD. When loading fails, the
+    retry gives the nonce back (``abandon=``): its session closes and a new one opens."""
+    who = f" as {text(session.hostname)}" if session.hostname else ""
+    kernel = f" (kernel {text(boot.kernel_version)})" if boot.kernel_version else ""
     return (
-        f"nbd_host={shell_word(nbd_host)}\n"
-        f"nbd_port={int(nbd_port)}\n"
-        f"export={shell_word(export)}\n"
-        f"write_cache={shell_word(write_cache)}\n"
+        "#!ipxe\n"
+        f"echo streamboot: booting {text(session.vdisk)} version {int(session.version)}{who}"
+        f"{kernel}\n"
+        f"kernel {boot.files_url}/vmlinuz initrd=initrd {kernel_command_line(boot)} "
+        "|| goto failed\n"
+        f"initrd --name initrd {boot.files_url}/initrd || goto failed\n"
+        "boot || goto failed\n"
+        ":failed\n"
+        "echo streamboot: loading the kernel failed; asking again in 10 seconds\n"
+        "sleep 10\n"
+        f"chain {retry_url}&abandon={word(boot.nonce)}\n"
+    )
+
+
+REDEEM_KEYS = (
+    "nbd_host", "nbd_port", "export", "write_cache", "persistence", "hostname", "machine_id",
+    "session_id", "traceparent",
+)  # fmt: skip
+
+
+def redeem_text(answer: dict[str, object]) -> str:
+    """The redeem answer: ``key=value`` lines the initramfs reads (docs/boot.md)."""
+    return "".join(
+        f"{k}={word(answer[k])}\n" for k in REDEEM_KEYS if answer.get(k) not in (None, "")
     )

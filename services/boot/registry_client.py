@@ -19,6 +19,7 @@ from shared.bus import request_json
 LOOKUP = "streamboot.registry.device.lookup"
 OPEN = "streamboot.registry.session.open"
 RESOLVE = "streamboot.registry.session.resolve"
+CLOSE = "streamboot.registry.session.close"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ class Session:
     hostname: str | None
     # The boot's trace root (see services/boot/boot_trace.py).
     boot_traceparent: str | None = None
+    machine_id: str | None = None
+    write_cache_persistence: str = "discard"
+    # How it boots (the registry's answer): {"method": "kernel"|"sanboot", "root",
+    # "kernel_version", "reason"}; None from a registry that does not say.
+    boot: dict[str, Any] | None = None
+    kernel_args: str | None = None  # the device's extra kernel arguments
 
 
 class RegistryClient:
@@ -74,8 +81,13 @@ class RegistryClient:
         vdisk: str | None,
         correlation_id: str | None = None,
         boot: dict[str, Any] | None = None,
+        client_addr: str | None = None,
     ) -> Session:
+        """Open a boot session; ``client_addr``: the requester's address, which the
+        session's exports then accept connections from (docs/security.md)."""
         body: dict[str, Any] = {"mac": mac, "smbios_uuid": smbios_uuid, "vdisk": vdisk}
+        if client_addr:
+            body["client_addr"] = client_addr
         if correlation_id:
             body["correlation_id"] = correlation_id
         if boot:
@@ -94,6 +106,15 @@ class RegistryClient:
             write_cache=reply.get("write_cache", ""),
             hostname=reply.get("hostname"),
             boot_traceparent=reply.get("boot_traceparent"),
+            machine_id=reply.get("machine_id"),
+            write_cache_persistence=reply.get("write_cache_persistence") or "discard",
+            boot=reply.get("boot"),
+            kernel_args=reply.get("kernel_args"),
+        )
+
+    async def close(self, token: str, reason: str) -> None:
+        await request_json(
+            self.nc, CLOSE, {"token": token, "reason": reason}, timeout_s=self.timeout_s
         )
 
     async def resolve(self, token: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The boot service process: HTTP for iPXE and the hand-off, TFTP, and DHCP when enabled.
+"""The boot service process: HTTP for iPXE, the boot files and the hand-off, TFTP, and DHCP when enabled.
 
 Started by ``python -m services.boot`` (see :func:`shared.service.run_service`); its
 endpoints go into the heartbeat (``tftp``, ``dhcp``, ``boot_http``) for ``streamboot status``.
@@ -126,6 +126,8 @@ async def start(rt: ServiceRuntime) -> None:
         traces=traces,
         base_url="",  # set below once the port is known
         menu_timeout_s=s.ipxe_menu_timeout_s,
+        boot_files_root=s.vdisk_root,
+        check_client_address=s.client_address_check,
     )
     http = HttpServer(app, s.bind_host, s.boot_http_port)
     await http.start()

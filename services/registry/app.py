@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import secrets
 import time
@@ -198,6 +199,7 @@ class RegistryApp:
         smbios_uuid: str | None = None,
         collection: str | None = None,
         tester: bool = False,
+        kernel_args: str | None = None,
     ) -> Record:
         stored = await self._execute(
             lambda p: devices.register(
@@ -207,6 +209,7 @@ class RegistryApp:
                 smbios_uuid=smbios_uuid,
                 collection=collection,
                 tester=tester,
+                kernel_args=kernel_args,
             )
         )
         return self.device_view(stored[0].data["mac"])
@@ -324,6 +327,12 @@ class RegistryApp:
             "production_version": vdisks.production_version(vd),
             "live_sessions": len(self.projection.live_sessions_of_vdisk(name)),
             "last_maintenance": vd["last_maintenance"],
+            "boot_method": vd.get("boot_method", "auto"),
+            "kernel": vd.get("kernel"),
+            # What each version holds to boot kernel-direct (BootFilesScanned).
+            "boot": {
+                str(n): v.get("boot") for n, v in sorted(vd["versions"].items()) if v.get("boot")
+            },
             # The latest version's chain, for an importer computing the next delta.
             "latest_layers": vdisk_store.layer_paths(self.vdisk_root, vdisks.chain(vd, latest)),
         }
@@ -367,11 +376,25 @@ class RegistryApp:
         write_cache_persistence: str = "discard",
         store: str | None = None,
         from_maintenance_session: str | None = None,
+        boot: Record | None = None,
     ) -> Record:
         """Register a version staged by ``vdisk_store.stage_version`` (or built from a
         maintenance session's writes): move its files into place and append the events, or
-        drop the staging dir and raise."""
+        drop the staging dir and raise. ``boot``: what the importer found to boot
+        kernel-direct (``services/registry/boot_files.py``); the staged kernel and initramfs
+        are measured here."""
         root = self.vdisk_root
+        found = None
+        if boot is not None:
+            found = {k: v for k, v in boot.items() if v is not None}
+            if boot.get("kernel_version"):
+                try:
+                    found.update(
+                        await asyncio.to_thread(vdisk_store.staged_boot_files, root, name, staging)
+                    )
+                except DomainError:
+                    vdisk_store.discard_staged(root, name, staging)
+                    raise
 
         def decide(p: Projection) -> list[Event]:
             if from_maintenance_session is not None:
@@ -397,10 +420,19 @@ class RegistryApp:
                 write_cache_persistence=write_cache_persistence,
                 store=store,
                 stores=self.stores,
+                boot=found,
             )
 
         def effect() -> Callable[[], None]:
-            moved = vdisk_store.commit_staged(root, name, staging, layer)
+            moved = []
+            if found and found.get("kernel_version"):
+                moved = vdisk_store.commit_boot_files(root, name, staging, version)
+            try:
+                moved += vdisk_store.commit_staged(root, name, staging, layer)
+            except BaseException:
+                for path in moved:
+                    path.unlink(missing_ok=True)
+                raise
 
             def undo() -> None:
                 for path in moved:
@@ -462,7 +494,14 @@ class RegistryApp:
         correlation_id: str | None = None,
         boot_traceparent: str | None = None,
         boot_started_ns: int | None = None,
+        client_addr: str | None = None,
     ) -> Record:
+        """A boot session: SessionOpened, plus (in the answer only) the session token, how
+        it boots (``boot``: vdisks.boot_plan) and the device's extra kernel arguments.
+        ``client_addr``: where the client asked from (the boot service saw it); the
+        session's exports accept that address only (docs/security.md)."""
+        if client_addr is not None:
+            client_addr = _check_address(client_addr)
         # One trace per boot: the boot service names the root it began at the first DHCP
         # packet; a client that skipped PXE gets a root here, at the session's opening.
         if not boot_traceparent:
@@ -487,16 +526,20 @@ class RegistryApp:
                     node=node,
                     boot_traceparent=boot_traceparent,
                     boot_started_ns=boot_started_ns,
+                    client_addr=client_addr,
                 ),
                 correlation_id=correlation_id or sid,
             )
             span.set_attribute("streamboot.session_id", sid)
             count_boot()
-            view = self.session_view(self.projection.sessions[sid])
+            s = self.projection.sessions[sid]
+            view = self.session_view(s)
             view.update(
                 token=token,
                 nbd_uri=view["nbd_uri"] + token,
                 http_url=view["http_url"] + token,
+                boot=vdisks.boot_plan(self.projection.vdisks[s["vdisk"]], s["version"]),
+                kernel_args=self.projection.devices[s["mac"]].get("kernel_args"),
             )
             if warning:
                 view["warning"] = warning
@@ -633,6 +676,8 @@ class RegistryApp:
             "boot_traceparent": s.get("boot_traceparent"),
             # Set for a replay: the node records no BlocksRequested for it.
             "replay_of": replay_of,
+            # The only address the session's exports accept (None: any).
+            "client_addr": s.get("client_addr"),
         }
 
     def _served_layers(self, vd: Record, version: int) -> list[str]:
@@ -719,6 +764,13 @@ class RegistryApp:
             "vdisks": len(fresh.vdisks),
             "live_sessions": len(fresh.sessions),
         }
+
+
+def _check_address(addr: str) -> str:
+    try:
+        return str(ipaddress.ip_address(addr))
+    except ValueError:
+        raise invalid(f"bad client address {addr!r}") from None
 
 
 def finish_boot_trace(session: Record, reason: str, p: Projection) -> None:

@@ -9,7 +9,7 @@ cache, which the cache service holds under ``device-<mac>-<vdisk>-v<version>`` (
 3. overlay the cache service's dirty blocks (``streamboot.cache.wc.open`` for the block map,
    routed to the cache node holding the cache; that node's ``wc.read`` for the data) and
    zero its zeroed blocks;
-4. store the delta over the chain (``vdisk_store.delta_version``) and register it
+4. find its kernel and initramfs (``vdisk_store.scan_boot_files``), store the delta over the chain (``vdisk_store.delta_version``) and register it
    (``POST /vdisks/NAME/versions`` with ``from_maintenance_session``): the registry checks,
    under its append lock, that this session is still the last one and nothing moved on.
 """
@@ -83,7 +83,7 @@ async def overlay_write_cache(
 
 
 async def stage_commit(
-    nc: NATS, root: Path, source: dict[str, Any], progress: Progress
+    nc: NATS, root: Path, source: dict[str, Any], progress: Progress, kernel: str | None = None
 ) -> StagedVersion:
     name, version = source["vdisk"], int(source["next_version"])
     layers = [Path(p) for p in source["layers"]]
@@ -92,7 +92,10 @@ async def stage_commit(
         work = staging / "work.raw"
         await asyncio.to_thread(vdisk_store.materialise, layers, work, progress)
         await overlay_write_cache(nc, source, work, progress)
-        return await asyncio.to_thread(
+        found = await asyncio.to_thread(
+            vdisk_store.scan_boot_files, work, staging, kernel, progress
+        )
+        staged = await asyncio.to_thread(
             vdisk_store.delta_version,
             staging,
             name,
@@ -106,6 +109,7 @@ async def stage_commit(
                 f"{name!r} version {source['version']}: no new version"
             ),
         )
+        return vdisk_store.with_boot_files(staged, found)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

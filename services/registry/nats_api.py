@@ -89,6 +89,7 @@ def build_broker(nats_url: str, app: RegistryApp) -> NatsBroker:
             correlation_id=body.get("correlation_id"),
             boot_traceparent=body.get("boot_traceparent"),
             boot_started_ns=body.get("boot_started_ns"),
+            client_addr=body.get("client_addr"),
         )
 
     @handle("session.resolve")

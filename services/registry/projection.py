@@ -53,6 +53,7 @@ class Projection:
             "VdiskVersionPromoted": self._version_promoted,
             "VdiskRolledBack": self._rolled_back,
             "VdiskPolicyChanged": self._policy_changed,
+            "BootFilesScanned": self._boot_files_scanned,
             "VdiskRemoved": self._vdisk_removed,
             "SessionOpened": self._session_opened,
             "ReplaySessionOpened": self._replay_session_opened,
@@ -128,6 +129,7 @@ class Projection:
             "tester": bool(d.get("tester", False)),
             "enabled": True,
             "auto_added": bool(d.get("auto_added", False)),
+            "kernel_args": d.get("kernel_args"),
             "registered_at": _ts(when),
         }
         self.mac_by_hostname[d["hostname"]] = mac
@@ -153,6 +155,8 @@ class Projection:
             dev["collection"] = d["collection"] or None
         if d.get("tester") is not None:
             dev["tester"] = d["tester"]
+        if d.get("kernel_args") is not None:
+            dev["kernel_args"] = d["kernel_args"] or None  # "" clears them
 
     def _device_disabled(self, d: Record, _when: Any) -> None:
         self.devices[d["mac"]]["enabled"] = False
@@ -185,6 +189,8 @@ class Projection:
             "write_cache": d.get("write_cache", "server-disk"),
             "write_cache_persistence": d.get("write_cache_persistence", "discard"),
             "store": d.get("store", "local"),
+            "boot_method": "auto",
+            "kernel": None,  # the operator's pick of kernel version
             "created_at": _ts(when),
             "versions": {},
             # Production versions in promotion order; the last one is what clients boot.
@@ -206,6 +212,7 @@ class Projection:
             "block_size": d["block_size"],
             "withdrawn": False,
             "published_at": _ts(when),
+            "boot": None,  # BootFilesScanned
         }
         vd["size"] = d["size"]
         vd["last_maintenance"] = None  # committed, or superseded by an import
@@ -231,9 +238,16 @@ class Projection:
 
     def _policy_changed(self, d: Record, _when: Any) -> None:
         vd = self.vdisks[d["name"]]
-        for key in ("mode", "write_cache", "write_cache_persistence", "store"):
+        for key in ("mode", "write_cache", "write_cache_persistence", "store", "boot_method"):
             if d.get(key) is not None:
                 vd[key] = d[key]
+        if d.get("kernel") is not None:
+            vd["kernel"] = d["kernel"] or None  # "" clears the pick
+
+    def _boot_files_scanned(self, d: Record, _when: Any) -> None:
+        ver = self.vdisks[d["name"]]["versions"].get(d["version"])
+        if ver is not None:
+            ver["boot"] = {k: v for k, v in d.items() if k not in ("name", "version")}
 
     def _vdisk_removed(self, d: Record, _when: Any) -> None:
         name = d["name"]

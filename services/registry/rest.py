@@ -38,6 +38,7 @@ class DeviceIn(BaseModel):
     smbios_uuid: str | None = None
     collection: str | None = None
     tester: bool = False
+    kernel_args: str | None = None
 
 
 class DevicePatch(BaseModel):
@@ -45,6 +46,7 @@ class DevicePatch(BaseModel):
     smbios_uuid: str | None = None
     collection: str | None = None
     tester: bool | None = None
+    kernel_args: str | None = None  # "" clears them
 
 
 class AssignmentIn(BaseModel):
@@ -52,6 +54,15 @@ class AssignmentIn(BaseModel):
     target: str
     vdisk: str
     default: bool = False
+
+
+class BootScanIn(BaseModel):
+    kernel_version: str | None = None
+    root: str | None = None
+    root_fstype: str | None = None
+    kernels: list[str] = []
+    chosen_by: Literal["newest", "operator"] | None = None
+    problem: str | None = None
 
 
 class VersionIn(BaseModel):
@@ -71,6 +82,9 @@ class VersionIn(BaseModel):
     store: str | None = None  # a new vdisk's store (default local)
     # Set when the version is a maintenance session's writes (`streamboot vdisk commit`).
     from_maintenance_session: str | None = None
+    # What the importer found to boot kernel-direct (services/registry/boot_files.py);
+    # the registry checks the staged files itself.
+    boot: BootScanIn | None = None
 
 
 class PromoteIn(BaseModel):
@@ -83,6 +97,8 @@ class PolicyIn(BaseModel):
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
     store: str | None = None
+    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    kernel: str | None = None  # "" clears the pick
 
 
 class SessionIn(BaseModel):
@@ -148,6 +164,7 @@ def build_api(app: RegistryApp, api_token: str) -> FastAPI:
             smbios_uuid=body.smbios_uuid,
             collection=body.collection,
             tester=body.tester,
+            kernel_args=body.kernel_args,
         )
 
     @r.get("/devices/{mac}")

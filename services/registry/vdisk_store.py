@@ -14,6 +14,7 @@ Importing is two steps so that nothing is ever half-written:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.registry import boot_files
 from services.registry.domain.errors import DomainError, invalid, not_found
 from services.registry.domain.identity import check_name
 from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, open_chain, write_delta
@@ -46,6 +48,10 @@ class StagedVersion:
     checksum: str
     changed_blocks: int
     block_size: int
+    # What it holds to boot kernel-direct (boot_files.BootScan): the record for the
+    # registry, and warnings for the operator; the files are in the staging dir's boot/.
+    boot: dict[str, object] | None = None
+    boot_warnings: tuple[str, ...] = ()
 
 
 def _no_progress(_phase: str, _done: int, _total: int) -> None:
@@ -100,8 +106,10 @@ def stage_version(
     version: int,
     parent_chain: list[Path],
     progress: Progress = _no_progress,
+    kernel: str | None = None,
 ) -> StagedVersion:
-    """Write version ``version`` of ``name`` from ``source`` into a staging dir."""
+    """Write version ``version`` of ``name`` from ``source`` into a staging dir, with the
+    kernel and initramfs found in it (``kernel``: the operator's pick of version)."""
     check_name(name)
     source = Path(source)
     fmt, size = image_format(source)
@@ -120,6 +128,7 @@ def stage_version(
             else:
                 raw.rename(base)
                 checksum = _hash(base, size, progress)
+            found = scan_boot_files(base, staging, kernel, progress)
             return StagedVersion(
                 name=name,
                 version=1,
@@ -129,14 +138,32 @@ def stage_version(
                 checksum=f"sha256:{checksum}",
                 changed_blocks=-(-size // DEFAULT_BLOCK_SIZE),
                 block_size=DEFAULT_BLOCK_SIZE,
+                boot=found.record(),
+                boot_warnings=tuple(found.warnings),
             )
-        return delta_version(
+        found = scan_boot_files(raw, staging, kernel, progress)
+        staged = delta_version(
             staging, name, raw, version, parent_chain, progress, temporary=raw != source,
             unchanged=f"{source} is identical to version {version - 1} of {name!r}: no new version",
         )  # fmt: skip
+        return with_boot_files(staged, found)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def scan_boot_files(
+    image: Path, staging: Path, kernel: str | None, progress: Progress
+) -> boot_files.BootScan:
+    """Find the version's kernel and initramfs in its full image, copied to staging/boot."""
+    progress("boot files", 0, 1)
+    found = boot_files.scan(image, staging / "boot", kernel)
+    progress("boot files", 1, 1)
+    return found
+
+
+def with_boot_files(staged: StagedVersion, found: boot_files.BootScan) -> StagedVersion:
+    return dataclasses.replace(staged, boot=found.record(), boot_warnings=tuple(found.warnings))
 
 
 def delta_version(
@@ -213,6 +240,46 @@ def commit_staged(root: Path, name: str, staging: str, layer: str) -> list[Path]
         (root / name / staging / fname).rename(final)
         moved.append(final)
     shutil.rmtree(root / name / staging, ignore_errors=True)
+    return moved
+
+
+BOOT_FILES = ("vmlinuz", "initrd")
+
+
+def boot_dir(root: Path, name: str, version: int) -> Path:
+    """Where a version's kernel and initramfs are kept (the boot service serves them)."""
+    return root / name / "boot" / f"v{version}"
+
+
+def staged_boot_files(root: Path, name: str, staging: str) -> dict[str, object]:
+    """Sizes and sha256 of the kernel and initramfs an import staged in ``boot/`` (the
+    registry's own reading, not the importer's word); a lone or odd file is refused."""
+    staged_files(root, name, staging)  # checks the staging dir's name
+    sdir = root / name / staging / "boot"
+    found: dict[str, object] = {}
+    for fname in BOOT_FILES:
+        path = sdir / fname
+        if path.is_symlink() or not path.is_file():
+            raise invalid(f"staged import {staging!r} of {name!r} lacks its boot file {fname}")
+        found[f"{'kernel' if fname == 'vmlinuz' else 'initrd'}_size"] = path.stat().st_size
+        found[f"{'kernel' if fname == 'vmlinuz' else 'initrd'}_sha256"] = _hash(
+            path, path.stat().st_size, _no_progress
+        )
+    return found
+
+
+def commit_boot_files(root: Path, name: str, staging: str, version: int) -> list[Path]:
+    """Move a staged version's boot files into place; returns them (for undo)."""
+    target = boot_dir(root, name, version)
+    if target.exists():
+        raise DomainError(f"{target} already exists: the store and the log disagree", "conflict")
+    target.mkdir(parents=True)
+    moved = []
+    for fname in BOOT_FILES:
+        final = target / fname
+        (root / name / staging / "boot" / fname).rename(final)
+        final.chmod(0o644)
+        moved.append(final)
     return moved
 
 

@@ -52,6 +52,7 @@ def spec_from_record(record: dict[str, Any]) -> ExportSpec:
         store=record.get("store", "local"),
         traceparent=record.get("boot_traceparent"),
         record_blocks=not record.get("replay_of"),
+        client_addr=record.get("client_addr"),
     )
 
 

@@ -130,7 +130,7 @@ class HttpConnection(Connection):
         session = await self.mgr.acquire(token)
         if session is None:
             return False
-        if self.closed:
+        if self.closed or not self.mgr.admits(session, "http", self.peer):
             self.mgr.release(session)
             return False
         self.session = session

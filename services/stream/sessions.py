@@ -26,7 +26,13 @@ from services.stream.path.spare_files import SpareFiles
 from services.stream.path.write_cache import WriteCache
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
-from shared.events import BlocksRequested, Event, SessionAttached, SessionDetached
+from shared.events import (
+    BlocksRequested,
+    Event,
+    SessionAddressRefused,
+    SessionAttached,
+    SessionDetached,
+)
 from shared.telemetry import context_from_traceparent
 
 log = logging.getLogger(__name__)
@@ -389,6 +395,32 @@ class SessionManager:
             if s.session_id == session_id:
                 self.close(s)
                 return True
+        return False
+
+    def admits(self, session: Session, protocol: Protocol_, peer: str) -> bool:
+        """Whether a connection from ``peer`` ("address:port") may use ``session``: only
+        the address the session was issued to, when it was issued to one; a refusal is
+        logged and recorded (SessionAddressRefused)."""
+        want = session.spec.client_addr
+        if not want or not self.settings.client_address_check:
+            return True
+        ip = peer.rsplit(":", 1)[0].strip("[]")
+        if ip == want or ip.removeprefix("::ffff:") == want:
+            return True
+        log.warning(
+            "stream: session %s refused a %s connection from %s: it was issued to %s",
+            session.session_id, protocol, ip, want,
+        )  # fmt: skip
+        self.emit(
+            SessionAddressRefused(
+                session_id=session.session_id,
+                stream_node=self.settings.node_id,
+                protocol=protocol,
+                client_addr=ip,
+                expected_addr=want,
+            ),
+            session.session_id,
+        )
         return False
 
     def attached(self, session: Session, protocol: Protocol_, client_addr: str) -> None:

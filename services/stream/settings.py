@@ -15,6 +15,9 @@ class StreamSettings:
     nbd_port: int = 10809  # 0 = pick a free port
     http_port: int = 18081
     node_id: str = "stream"
+    # Refuse a session's connections from any address but the one it was issued to
+    # (ExportSpec.client_addr); off for NAT labs.
+    client_address_check: bool = True
     # A connection with no request for this long (and none in flight) is closed; 0 = never.
     # Dead peers are normally found sooner by TCP keepalive / TCP_USER_TIMEOUT below.
     idle_timeout_s: float = 600.0
@@ -55,6 +58,7 @@ class StreamSettings:
             nbd_port=s.nbd_port,
             http_port=s.http_stream_port,
             node_id=s.node_id,
+            client_address_check=s.client_address_check,
             idle_timeout_s=s.session_idle_timeout_s,
             keepalive_idle_s=s.stream_keepalive_idle_s,
             keepalive_interval_s=s.stream_keepalive_interval_s,

@@ -40,6 +40,8 @@ class ExportSpec:
     # boot's, so they are not logged again as BlocksRequested (boot profiles learn from
     # those, and the replay's client measures its own requests).
     record_blocks: bool = True
+    # The address the session was issued to: other addresses are refused (None: any).
+    client_addr: str | None = None
 
     @property
     def export_read_only(self) -> bool:

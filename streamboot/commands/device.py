@@ -14,6 +14,10 @@ from streamboot.commands import DataDirOption
 app = typer.Typer(no_args_is_help=True, help="Devices (client machines), keyed by MAC.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 console = Console(soft_wrap=True)
+KERNEL_ARGS_HELP = (
+    "extra kernel arguments of its kernel-direct boots, e.g. 'console=ttyS0' (words of "
+    "letters, digits and ._:/=,+-; '' clears them)"
+)
 
 
 def show_device(d: dict[str, Any]) -> None:
@@ -24,6 +28,7 @@ def show_device(d: dict[str, Any]) -> None:
     console.print(f"  SMBIOS UUID  {d['smbios_uuid'] or '-'}")
     console.print(f"  collection   {d['collection'] or '-'}")
     console.print(f"  tester       {'yes' if d['tester'] else 'no'}")
+    console.print(f"  kernel args  {d.get('kernel_args') or '-'}")
     vdisks = ", ".join(
         v + (" (default)" if v == a.get("default") else "") for v in a.get("vdisks", [])
     )
@@ -57,6 +62,7 @@ def add(
     uuid: Annotated[str | None, typer.Option("--uuid", help="SMBIOS UUID")] = None,
     collection: Annotated[str | None, typer.Option(help="collection (group) name")] = None,
     tester: Annotated[bool, typer.Option(help="boots the test version of its vdisks")] = False,
+    kernel_args: Annotated[str | None, typer.Option(help=KERNEL_ARGS_HELP)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Register a device by MAC."""
@@ -66,6 +72,7 @@ def add(
         "smbios_uuid": uuid,
         "collection": collection,
         "tester": tester,
+        "kernel_args": kernel_args,
     }
     run(data_dir, as_json, lambda c: c.post("/devices", body), show_device)
 
@@ -90,11 +97,21 @@ def update(
     uuid: Annotated[str | None, typer.Option("--uuid")] = None,
     collection: Annotated[str | None, typer.Option(help="'' leaves the collection")] = None,
     tester: Annotated[bool | None, typer.Option("--tester/--no-tester")] = None,
+    kernel_args: Annotated[str | None, typer.Option(help=KERNEL_ARGS_HELP)] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a device's hostname, SMBIOS UUID, collection or tester flag."""
-    body = {"hostname": hostname, "smbios_uuid": uuid, "collection": collection, "tester": tester}
+    """Change a device's hostname, SMBIOS UUID, collection, tester flag or kernel arguments."""
+    body = {
+        "hostname": hostname,
+        "smbios_uuid": uuid,
+        "collection": collection,
+        "tester": tester,
+        "kernel_args": kernel_args,
+    }
     run(data_dir, as_json, lambda c: c.patch(f"/devices/{mac}", body), show_device)
+
+
+app.command("set", help="The same as `device update`.")(update)
 
 
 @app.command()

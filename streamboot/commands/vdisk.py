@@ -47,6 +47,7 @@ PHASES = {
     "copy": "copying",
     "hash": "checksumming",
     "delta": "storing changed blocks",
+    "boot files": "looking for kernels",
 }
 
 
@@ -63,11 +64,37 @@ def show_vdisk(v: dict[str, Any]) -> None:
         f"  versions: latest {v['latest_version']}, production {v['production_version'] or '-'}"
         f"; live sessions {v['live_sessions']}"
     )
+    kernel = f", kernel {v['kernel']} (operator's pick)" if v.get("kernel") else ""
+    out.print(f"  boot method {v.get('boot_method', 'auto')}{kernel}")
     if "version" in v:
         ver = v["version"]
         out.print(
             f"  published version {ver['version']} ({ver['stage']}): {ver['changed_blocks']} "
             f"blocks of {ver['block_size']} bytes, {ver['checksum']}"
+        )
+        show_boot(ver["version"], ver.get("boot"), v.get("boot_method", "auto"))
+    else:
+        for n, boot in (v.get("boot") or {}).items():
+            show_boot(int(n), boot, v.get("boot_method", "auto"))
+
+
+def show_boot(version: int, boot: dict[str, Any] | None, method: str) -> None:
+    """What a version holds to boot kernel-direct, and so how it boots."""
+    if not boot:
+        return
+    seen = ", ".join(boot.get("kernels") or []) or "none"
+    if boot.get("kernel_version"):
+        how = "kernel-direct" if method != "sanboot" else "sanboot (the vdisk's boot method)"
+        out.print(
+            f"  version {version}: boots {how}: kernel {boot['kernel_version']} "
+            f"({_gib(boot.get('kernel_size', 0))}, initramfs "
+            f"{_gib(boot.get('initrd_size', 0))}, {boot.get('chosen_by')}), root "
+            f"{boot.get('root')}; kernels seen: {seen}"
+        )
+    else:
+        out.print(
+            f"  version {version}: boots by sanboot (the image's own bootloader): "
+            f"{boot.get('problem')}; kernels seen: {seen}"
         )
 
 
@@ -116,7 +143,10 @@ def register(
 ) -> Any:
     """Hand a staged version to the registry, which moves it into place or refuses it;
     either way no staging dir is left."""
+    for warning in staged.boot_warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     body = {
+        "boot": staged.boot,
         "version": staged.version,
         "staging": staged.staging,
         "layer": staged.layer,
@@ -177,12 +207,15 @@ def import_image(
                 current["latest_version"] + 1,
                 [Path(p) for p in current["latest_layers"]],
             )
+            kernel = current.get("kernel")
         except ClientError as exc:
             if exc.kind != "not_found":
                 raise
-            version, chain = 1, []
+            version, chain, kernel = 1, [], None
         with progress_bar(as_json) as progress:
-            staged = vdisk_store.stage_version(root, name, path, version, chain, progress)
+            staged = vdisk_store.stage_version(
+                root, name, path, version, chain, progress, kernel=kernel
+            )
         result = register(
             client, root, staged, stage=stage, mode=mode, write_cache=write_cache,
             write_cache_persistence=persistence, store=store,
@@ -198,36 +231,24 @@ def build_demo(
         str, typer.Option(help="server-ram|server-disk|client-ram|client-disk")
     ] = "server-disk",
     size_mib: Annotated[int, typer.Option(help="image size")] = 64,
-    handoff_url: Annotated[
-        str | None,
-        typer.Option(help="the boot service's /handoff URL (default: the running system's)"),
-    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Build a small bootable Linux (Debian kernel, busybox, syslinux, the NBD hand-off) and
-    import it, so a new user can PXE-boot a machine or VM within minutes."""
+    import it, so a new user can PXE-boot a machine or VM within minutes (kernel-direct:
+    the registry finds its kernel like any image's)."""
     import tempfile
 
     from streamboot.demo.image import DemoBuildError, build_demo_image, default_cache_dir
-    from streamboot.runtime import NotRunningError, load_runtime
 
     with cli_errors(as_json):
         check_name(name)
-        if handoff_url is None:
-            try:
-                boot_http = load_runtime(data_dir).get("endpoints", {}).get("boot_http")
-            except NotRunningError as exc:
-                raise ClientError(str(exc), "unreachable", EXIT_UNREACHABLE) from exc
-            handoff_url = f"{boot_http}/handoff" if boot_http else None
         cache = default_cache_dir()
         with tempfile.TemporaryDirectory(prefix="streamboot-demo-") as tmp:
             image = Path(tmp) / f"{name}.img"
             if not as_json:
-                console.print(f"building the demo image (hand-off {handoff_url or 'none'})...")
+                console.print("building the demo image...")
             try:
-                build_demo_image(
-                    image, name=name, size_mib=size_mib, cache_dir=cache, handoff_url=handoff_url
-                )
+                build_demo_image(image, name=name, size_mib=size_mib, cache_dir=cache)
             except DemoBuildError as exc:
                 raise ClientError(str(exc), "invalid") from exc
             import_image(image, data_dir, name, None, "standard", write_cache, "discard", as_json)
@@ -297,9 +318,10 @@ def commit(
         client = RegistryClient.from_data_dir(data_dir)
         root = Path(client.get("/registry/status")["vdisk_root"])
         source = client.get(f"/vdisks/{name}/commit-source")
+        kernel = client.get(f"/vdisks/{name}").get("kernel")
         nats_url = Settings(data_dir=data_dir).require_nats_url()
         with progress_bar(as_json) as progress:
-            staged = asyncio.run(_stage_commit(nats_url, root, source, progress))
+            staged = asyncio.run(_stage_commit(nats_url, root, source, progress, kernel))
         result = register(
             client, root, staged, stage=stage, from_maintenance_session=source["session_id"]
         )
@@ -307,7 +329,11 @@ def commit(
 
 
 async def _stage_commit(
-    nats_url: str, root: Path, source: dict[str, Any], progress: vdisk_store.Progress
+    nats_url: str,
+    root: Path,
+    source: dict[str, Any],
+    progress: vdisk_store.Progress,
+    kernel: str | None,
 ) -> vdisk_store.StagedVersion:
     from services.registry.maintenance import stage_commit
     from shared import bus
@@ -322,7 +348,7 @@ async def _stage_commit(
             f"cannot reach NATS at {nats_url} ({exc or 'timeout'})", "unreachable", EXIT_UNREACHABLE
         ) from None
     try:
-        return await stage_commit(nc, root, source, progress)
+        return await stage_commit(nc, root, source, progress, kernel)
     except (OSError, bus.BusError, TimeoutError) as exc:
         # The cache service holds the session's writes: name it when it is the problem.
         raise ClientError(f"reading the write cache from the cache service failed: {exc}") from None
@@ -377,14 +403,30 @@ def set_(
     ] = None,
     persistence: Annotated[str | None, typer.Option(help="discard|keep")] = None,
     store: Annotated[str | None, typer.Option(help=STORE_HELP)] = None,
+    boot_method: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (kernel-direct when a kernel was found, else sanboot)|kernel|sanboot"
+        ),
+    ] = None,
+    kernel: Annotated[
+        str | None,
+        typer.Option(
+            help="kernel version (as in vmlinuz-VERSION) that versions published from now on "
+            "boot, instead of the newest; '' for the newest"
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Change the image mode, the write-cache policy or the store it is read from."""
+    """Change the image mode, the write-cache policy, the store it is read from or how it
+    boots."""
     body = {
         "mode": mode,
         "write_cache": write_cache,
         "write_cache_persistence": persistence,
         "store": store,
+        "boot_method": boot_method,
+        "kernel": kernel,
     }
     run(data_dir, as_json, lambda c: c.patch(f"/vdisks/{name}", body), show_vdisk)
 

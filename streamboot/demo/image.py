@@ -4,7 +4,9 @@ The image (64 MiB by default) is what a new user boots first, and what the tests
 benchmarks boot under QEMU::
 
     sector 0        MBR: syslinux's mbr.bin, partition 1 (FAT16, bootable), partition 2 (ext4)
-    1 MiB ..        FAT16 "STREAMBOOT": ldlinux.sys (syslinux), syslinux.cfg, vmlinuz, initrd.img
+    1 MiB ..        FAT16 "STREAMBOOT", a separate /boot: ldlinux.sys (syslinux), syslinux.cfg,
+                    vmlinuz-VERSION, initrd.img-VERSION (named as Debian names them, so the
+                    registry finds them like any image's and boots them kernel-direct)
     .. -9 MiB       ext4 "streamroot" (8 MiB): the demo's root filesystem, which a client with a
                     client-side write cache mounts read-only under a RAM overlay
     last MiB        scratch area outside the partitions: the client writes a record there
@@ -276,9 +278,9 @@ SYSLINUX_CFG = """DEFAULT streamboot
 PROMPT 0
 TIMEOUT 0
 LABEL streamboot
-  KERNEL vmlinuz
-  INITRD initrd.img
-  APPEND console=ttyS0 quiet panic=-1 streamboot.marker={name}{handoff}
+  KERNEL vmlinuz-{version}
+  INITRD initrd.img-{version}
+  APPEND console=ttyS0 quiet panic=-1 streamboot.marker={name}{args}
 """
 
 
@@ -306,13 +308,15 @@ def build_demo_image(
     name: str = "demo",
     size_mib: int = 64,
     cache_dir: Path,
-    handoff_url: str | None = None,
+    kernel_args: str = "",
 ) -> Path:
     """Build the demo vdisk at ``out`` (raw). Returns ``out``.
 
-    ``handoff_url`` (the boot service's ``/handoff``) goes on the kernel command line: the
-    client then attaches its NBD export after a network (HTTP SAN) boot. Without it the
-    client uses the disk it was booted from (a local or NBD-attached virtio/ATA disk)."""
+    Booted kernel-direct by the boot service, its kernel command line carries
+    ``streamboot.server=`` and ``streamboot.nonce=``: the client redeems the nonce and
+    attaches its NBD export. Booted by its own syslinux (a local disk, sanboot), the line is
+    syslinux.cfg's plus ``kernel_args`` (tests put a server and nonce there), and without
+    them the client uses the disk it was booted from."""
     require_tools()
     if size_mib < 32:
         raise DemoBuildError("the demo image needs at least 32 MiB")
@@ -322,11 +326,12 @@ def build_demo_image(
     offset = PARTITION_START * SECTOR
     with tempfile.TemporaryDirectory(prefix="streamboot-demo-") as tmp:
         work = Path(tmp)
-        build_initramfs(kernel, work / "initrd.img")
-        shutil.copyfile(kernel.vmlinuz, work / "vmlinuz")
+        vmlinuz, initrd = work / f"vmlinuz-{kernel.version}", work / f"initrd.img-{kernel.version}"
+        build_initramfs(kernel, initrd)
+        shutil.copyfile(kernel.vmlinuz, vmlinuz)
         (work / "syslinux.cfg").write_text(
             SYSLINUX_CFG.format(
-                name=name, handoff=f" streamboot.handoff={handoff_url}" if handoff_url else ""
+                name=name, version=kernel.version, args=f" {kernel_args}" if kernel_args else ""
             )
         )
         partial = out.with_name(out.name + ".partial")
@@ -337,7 +342,7 @@ def build_demo_image(
               str(partial), str(part_sectors * SECTOR // 1024)])  # fmt: skip
         env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
         target = f"{partial}@@{offset}"
-        _run(["mcopy", "-i", target, str(work / "vmlinuz"), str(work / "initrd.img"),
+        _run(["mcopy", "-i", target, str(vmlinuz), str(initrd),
               str(work / "syslinux.cfg"), "::/"], env=env)  # fmt: skip
         _run(["syslinux", "--install", "--offset", str(offset), str(partial)], env=env)
         rootfs = work / "rootfs"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from shared.service import ServiceRuntime
 from shared.settings import Settings
 from shared.telemetry import parse_traceparent
 from streamboot.embedded.proc import free_port
-from tests.registry.conftest import Registry, write_image
+from tests.registry.conftest import INITRD, KERNEL, Registry, write_bootable_image, write_image
 
 pytestmark = pytest.mark.timeout(120)
 MAC = "52:54:00:12:34:56"
@@ -67,6 +68,7 @@ async def boot(registry: Registry, nats_url: str, tmp_path: Path) -> AsyncIterat
         dhcp_port=free_port(),
         dhcp_pxe_port=free_port(),
         ipxe_menu_timeout_s=5,
+        vdisk_dir=registry.app.vdisk_root,  # one machine: the registry's store, as under `up`
     )
     rt = ServiceRuntime("boot", settings)
     await rt.connect()
@@ -120,36 +122,114 @@ async def test_unknown_device_is_refused_on_screen(boot: Boot, registry: Registr
     assert registry.app.list_sessions() == []
 
 
-async def test_one_vdisk_boots_and_hands_off(boot: Boot, registry: Registry, nc: Any) -> None:
+async def test_a_vdisk_without_a_kernel_boots_by_sanboot(
+    boot: Boot, registry: Registry, nc: Any
+) -> None:
     await seed(registry, registry.data_dir, MAC, "win")
     script = await boot.script(mac=MAC.upper().replace(":", "-"), uuid=UUID)
     [line] = [x for x in script.splitlines() if x.startswith("sanboot ")]
     url = line.split()[1]
     [session] = registry.app.list_sessions()
     assert session["mac"] == MAC and session["vdisk"] == "win"
+    assert session["client_addr"] == "127.0.0.1"  # where the script was asked from
     assert url.startswith(session["http_url"]) and len(url) > len(session["http_url"])
     token = url[len(session["http_url"]) :]
+    assert "kernel " not in script and "nonce" not in script
 
+    # The old hand-off gave any caller a live session's read-write export: gone.
     async with boot.http() as http:
         r = await http.get("/handoff", params={"mac": MAC})
-        assert r.status_code == 200, r.text
-        answer = dict(line.split("=", 1) for line in r.text.splitlines())
-        assert answer["export"] == token
-        assert f"nbd://{answer['nbd_host']}:{answer['nbd_port']}/" == session["nbd_uri"]
-        assert answer["write_cache"] == session["write_cache"]
-        # Only that device's session.
-        assert (await http.get("/handoff", params={"mac": "52:54:00:00:00:01"})).status_code == 404
-        assert (await http.get("/handoff", params={"mac": "nonsense"})).status_code == 400
-        assert (await http.get("/handoff")).status_code == 400
+        assert r.status_code == 404 and token not in r.text
 
     # Booting again while the session is live: told on screen, retried by itself.
     again = await boot.script(mac=MAC, uuid=UUID)
     assert "cannot boot" in again and "chain " in again and "sanboot" not in again
-
-    # Closed session: no more hand-off.
     await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
-    async with boot.http() as http:
-        assert (await http.get("/handoff", params={"mac": MAC})).status_code == 404
+
+
+async def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    """Real curl, in a thread: the boot service answers in this test's own event loop."""
+    return await asyncio.to_thread(
+        subprocess.run, ["curl", "-sS", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+async def test_kernel_direct_boot_with_a_one_time_nonce(
+    boot: Boot, registry: Registry, nc: Any
+) -> None:
+    image = write_bootable_image(registry.data_dir / "linux.raw")
+    await registry.cli_json("vdisk", "import", str(image), "--name", "linux")
+    async with registry.http() as http:
+        body = {"mac": MAC, "kernel_args": "console=ttyS0 quiet"}
+        assert (await http.post("/devices", json=body)).status_code == 201
+        body = {"target": MAC, "vdisk": "linux", "default": True}
+        assert (await http.post("/assignments", json=body)).status_code == 200
+    script = await boot.script(mac=MAC, uuid=UUID)
+    [kernel] = [x for x in script.splitlines() if x.startswith("kernel ")]
+    [session] = registry.app.list_sessions()
+    scanned = registry.app.vdisk_view("linux")["boot"]["1"]
+    files = f"{boot.url}/boot-files/linux/1"
+    nonce = kernel.split("streamboot.nonce=")[1].split()[0]
+    assert kernel == (
+        f"kernel {files}/vmlinuz initrd=initrd boot=streamboot root=streamboot ip=dhcp "
+        f"rd.neednet=1 streamboot.server={boot.url} streamboot.nonce={nonce} "
+        f"streamboot.root={scanned['root']} streamboot.wc=server-disk "
+        f"systemd.hostname={session['hostname']} systemd.machine_id={session['machine_id']} "
+        "console=ttyS0 quiet || goto failed"
+    )
+    assert f"initrd --name initrd {files}/initrd || goto failed" in script
+    assert scanned["root"].startswith("UUID=") and len(nonce) >= 16
+
+    # The kernel and initramfs, as iPXE loads them: whole, by range, on one connection.
+    whole = await curl(
+        "-v", f"{files}/vmlinuz", "-o", "/dev/null", f"{files}/initrd", "-o", "/dev/null"
+    )
+    assert whole.returncode == 0 and "Re-using existing connection" in whole.stderr, whole.stderr
+    assert (await curl(f"{files}/vmlinuz")).stdout.encode() == KERNEL
+    part = await curl("-i", "-r", "12-23", f"{files}/initrd")
+    assert part.stdout.startswith("HTTP/1.1 206") and "Content-Range: bytes 12-23/" in part.stdout
+    assert part.stdout.endswith(INITRD[12:24].decode())
+    head = (await curl("-I", f"{files}/initrd")).stdout
+    assert f"Content-Length: {len(INITRD)}" in head and "Accept-Ranges: bytes" in head
+    assert (await curl("-i", "-r", f"{len(INITRD)}-", f"{files}/initrd")).stdout.startswith(
+        "HTTP/1.1 416"
+    )
+    assert (
+        await curl("-o", "/dev/null", "-w", "%{http_code}", f"{files}/../v1.raw")
+    ).stdout == "404"
+
+    # The nonce: not from another address, then once, then never again.
+    redeem = f"{boot.url}/session/redeem?nonce={nonce}"
+    other = (await curl("-i", "--interface", "127.0.0.2", redeem)).stdout
+    assert other.startswith("HTTP/1.1 403") and other.endswith("wrong client address\n")
+    answer = (await curl("-i", redeem)).stdout
+    assert answer.startswith("HTTP/1.1 200"), answer
+    lines = dict(x.split("=", 1) for x in answer.split("\n\n", 1)[1].splitlines())
+    assert lines["nbd_port"] and lines["nbd_host"] and lines["export"]
+    assert f"nbd://{lines['nbd_host']}:{lines['nbd_port']}/" == session["nbd_uri"]
+    assert lines["write_cache"] == "server-disk" and lines["persistence"] == "discard"
+    assert lines["hostname"] == session["hostname"]
+    assert lines["machine_id"] == session["machine_id"]
+    assert lines["session_id"] == session["session_id"]
+    resolved = await bus.request_json(
+        nc, "streamboot.registry.session.resolve", {"token": lines["export"]}
+    )
+    assert resolved["session_id"] == session["session_id"]
+    assert resolved["client_addr"] == "127.0.0.1"
+    again = (await curl("-i", redeem)).stdout
+    assert again.startswith("HTTP/1.1 410") and again.endswith("nonce already redeemed\n")
+    unknown = (await curl("-i", f"{boot.url}/session/redeem?nonce={'x' * 32}")).stdout
+    assert unknown.startswith("HTTP/1.1 404") and unknown.endswith("nonce unknown\n")
+    refused = await events_of(registry, "NonceRefused", 2)
+    assert [(e.data["client_addr"], e.data["reason"]) for e in refused] == [
+        ("127.0.0.2", "wrong client address"),
+        ("127.0.0.1", "nonce already redeemed"),
+    ]
+
+    # A vdisk that must boot by sanboot does, whatever it holds.
+    await bus.request_json(nc, "streamboot.registry.session.close", {"token": lines["export"]})
+    await registry.cli_json("vdisk", "set", "linux", "--boot-method", "sanboot")
+    assert "sanboot " in await boot.script(mac=MAC, uuid=UUID)
 
 
 async def test_menu_and_the_choice_are_recorded(boot: Boot, registry: Registry) -> None:
@@ -322,7 +402,7 @@ async def test_registry_away_means_retry(nats_url: str) -> None:
     from services.boot.boot_http import BootHttp
     from services.boot.handoff_store import HandoffStore
     from services.boot.http_server import Request
-    from services.boot.registry_client import RegistryClient, Session
+    from services.boot.registry_client import RegistryClient
 
     conn = await bus.connect(nats_url, "boot-test-no-registry")
     try:
@@ -337,17 +417,16 @@ async def test_registry_away_means_retry(nats_url: str) -> None:
             "busy or starting" in answer.body
             and "chain http://127.0.0.1:1/ipxe/script" in answer.body
         )
-        unknown = await app(Request("GET", "/handoff", {"mac": "52:54:00:00:00:99"}, "test"))
+        unknown = await app(Request("GET", "/session/redeem", {"nonce": "n" * 32}, "127.0.0.1:9"))
         assert unknown.status == 404
-        # A session was opened for it, but whether it is still live cannot be checked now.
-        await app.handoffs.put(
-            "52:54:00:00:00:98",
-            Session(
-                "s", "tok", "win", 1, "http://x/s/tok", "127.0.0.1", 10809, "server-disk", None
-            ),
-        )
-        handoff = await app(Request("GET", "/handoff", {"mac": "52:54:00:00:00:98"}, "test"))
-        assert handoff.status == 503
+        # A nonce was issued, but whether its session is still live cannot be checked now:
+        # spent, and the client is told to boot again.
+        nonce = await app.handoffs.issue(
+            {"session_id": "s", "token": "tok", "client_ip": "127.0.0.1", "nbd_host": "h",
+             "nbd_port": 1, "write_cache": "server-disk", "persistence": "discard"}
+        )  # fmt: skip
+        away = await app(Request("GET", "/session/redeem", {"nonce": nonce}, "127.0.0.1:9"))
+        assert away.status == 503
     finally:
         await conn.close()
 

@@ -1,8 +1,8 @@
 """The proof of the product: diskless VMs PXE-boot a streamed Linux from `streamboot up`.
 
 In a network namespace with a bridge (tests/e2e/pxe_lab.py): DHCP -> iPXE -> HTTP script ->
-sanboot over HTTP -> syslinux -> kernel -> initramfs -> hand-off -> NBD root read and
-written -> marker -> power off. Then the log tells the boot in order, the write went to
+kernel-direct (the kernel and initramfs the registry found in the vdisk, over HTTP) ->
+initramfs -> the nonce redeemed -> NBD root read and written -> marker -> power off. Then the log tells the boot in order, the write went to
 the session's write cache and never into the golden image. A device with two vdisks gets
 the menu and boots the default after the timeout; an unknown MAC is refused and sees why.
 """
@@ -30,6 +30,8 @@ MAC_ONE = "52:54:00:77:00:01"
 MAC_MENU = "52:54:00:77:00:02"
 MAC_UNKNOWN = "52:54:00:77:00:03"
 BOOTED = "streamboot-client: BOOTED"
+# The demo's own console and behaviour on a panic, as a device's extra kernel arguments.
+CONSOLE = "console=ttyS0 panic=-1"
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +72,19 @@ def golden(lab: BootLab, vdisk: str) -> Path:
 def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
     image = golden(lab, "demo")
     before = sha256(image)
-    lab.cli("device", "add", MAC_ONE, "--hostname", "pxe-001")
+    shown = lab.cli("vdisk", "show", "demo").stdout
+    assert "boots kernel-direct: kernel " in shown and "root UUID=" in shown, shown
+    lab.cli("device", "add", MAC_ONE, "--hostname", "pxe-001", "--kernel-args", CONSOLE)
     lab.cli("assign", MAC_ONE, "demo", "--default")
 
     console = lab.boot_vm(MAC_ONE, tap=0, until="reboot: Power down")
     assert f"{BOOTED} demo" in console, console[-4000:]
     for step in (
         "Filename: http://10.77.0.1:",  # DHCP handed iPXE its script URL
-        "streamboot: booting demo version 1 as pxe-001",  # the script for this MAC
-        "Booting from SAN device",  # sanboot over HTTP
-        "SYSLINUX",
-        "attached nbd://10.77.0.1:",  # the initramfs hand-off
+        "streamboot: booting demo version 1 as pxe-001 (kernel ",  # the script for this MAC
+        "/boot-files/demo/1/vmlinuz",  # iPXE loads the kernel over HTTP
+        "streamboot.nonce=",  # on the kernel command line
+        "attached nbd://10.77.0.1:",  # the nonce redeemed, the export attached
         "streamboot-client: disk /dev/nbd0",
         "streamboot-client: WROTE ",
     ):
@@ -95,7 +99,7 @@ def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
     types = [e["type"] for e in session]
     assert types[0] == "SessionOpened" and types[-1] == "SessionClosed", types
     protocols = [e["data"]["protocol"] for e in session if e["type"] == "SessionAttached"]
-    assert protocols == ["http", "nbd"]  # firmware phase, then the kernel's NBD root
+    assert protocols == ["nbd"]  # kernel-direct: no firmware disk phase, the NBD root only
     assert any(e["data"]["session_id"] == sid for e in closed)
 
     # The VM's write went to its session's write cache, never into the golden image.
@@ -122,8 +126,8 @@ def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
 # Every step of a PXE boot, as spans of one trace (the FastStream spans of the registry's
 # handlers come on top).
 BOOT_SPANS = {
-    "dhcp", "assignment lookup", "ipxe script", "registry.session.open", "http connection",
-    "nbd connection", "first read", "handoff", "booted", "boot pxe-001",
+    "dhcp", "assignment lookup", "ipxe script", "registry.session.open",
+    "nbd connection", "first read", "redeem", "booted", "boot pxe-001",
 }  # fmt: skip
 
 
@@ -150,7 +154,7 @@ def assert_one_trace_per_boot(lab: BootLab, sid: str) -> None:
 
 
 def test_two_vdisks_give_a_menu_that_boots_the_default(lab: BootLab) -> None:
-    lab.cli("device", "add", MAC_MENU, "--hostname", "pxe-002")
+    lab.cli("device", "add", MAC_MENU, "--hostname", "pxe-002", "--kernel-args", CONSOLE)
     lab.cli("assign", MAC_MENU, "demo")
     lab.cli("assign", MAC_MENU, "other", "--default")
     # Until the VM powers off: stopping at "BOOTED" could cut the line before the vdisk's

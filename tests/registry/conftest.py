@@ -143,3 +143,27 @@ def write_image(path: Path, size: int, patches: dict[int, bytes]) -> Path:
             f.seek(offset)
             f.write(data)
     return path
+
+
+KERNEL = b"fake kernel " * 5000
+INITRD = b"fake initramfs " * 9000
+
+
+def write_bootable_image(path: Path, version: str = "6.1.0-12-amd64") -> Path:
+    """A GPT disk (sfdisk) with one ext4 root (mke2fs -d, no mount) holding /etc and a
+    Debian-style /boot: what the registry finds kernels in."""
+    import subprocess
+
+    with open(path, "wb") as f:
+        f.truncate(24 << 20)
+    subprocess.run(["sfdisk", "-q", str(path)], input="label: gpt\nstart=2048, type=linux\n",
+                   text=True, check=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "boot").mkdir()
+        (root / "etc").mkdir()
+        (root / "boot" / f"vmlinuz-{version}").write_bytes(KERNEL)
+        (root / "boot" / f"initrd.img-{version}").write_bytes(INITRD)
+        subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(root), "-E", "offset=1048576",
+                        str(path), "20M"], check=True)  # fmt: skip
+    return path

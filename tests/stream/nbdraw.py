@@ -9,8 +9,11 @@ from services.stream.nbd import protocol as P
 
 
 class RawNbd:
-    def __init__(self, port: int, timeout: float = 10) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10, source: str | None = None) -> None:
+        """``source``: the local address to connect from (another loopback address)."""
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+        )
 
     def recv_exact(self, n: int) -> bytes:
         data = b""

@@ -7,6 +7,7 @@ import uuid
 from services.registry.domain.errors import conflict, invalid, not_found, refused
 from services.registry.domain.identity import (
     check_hostname,
+    check_kernel_args,
     check_name,
     normalize_mac,
     normalize_uuid,
@@ -56,6 +57,7 @@ def register(
     tester: bool = False,
     machine_id: str | None = None,
     auto_added: bool = False,
+    kernel_args: str | None = None,
 ) -> list[Event]:
     mac = normalize_mac(mac)
     if mac in p.devices:
@@ -70,6 +72,7 @@ def register(
     if mid in p.mac_by_machine_id:
         raise conflict(f"machine identifier {mid} is already used")
     coll = check_name(collection, "collection name") if collection else None
+    args = check_kernel_args(kernel_args) if kernel_args else None
     return [
         DeviceRegistered(
             mac=mac,
@@ -79,6 +82,7 @@ def register(
             collection=coll,
             tester=tester,
             auto_added=auto_added,
+            kernel_args=args or None,
         )
     ]
 
@@ -121,8 +125,10 @@ def update(
     smbios_uuid: str | None = None,
     collection: str | None = None,
     tester: bool | None = None,
+    kernel_args: str | None = None,
 ) -> list[Event]:
     dev = get_device(p, mac)
+    args = check_kernel_args(kernel_args) if kernel_args is not None else None
     host = check_hostname(hostname) if hostname else None
     if host and host != dev["hostname"] and host in p.mac_by_hostname:
         raise conflict(f"hostname {host!r} is already used by device {p.mac_by_hostname[host]}")
@@ -135,7 +141,12 @@ def update(
         raise conflict(f"device {dev['mac']} has a live session; close it before renaming")
     return [
         DeviceUpdated(
-            mac=dev["mac"], hostname=host, smbios_uuid=uid, collection=collection, tester=tester
+            mac=dev["mac"],
+            hostname=host,
+            smbios_uuid=uid,
+            collection=collection,
+            tester=tester,
+            kernel_args=args,
         )
     ]
 

@@ -42,6 +42,28 @@ def check_hostname(hostname: str) -> str:
     return h
 
 
+_KERNEL_ARG = re.compile(r"^[A-Za-z0-9._:/=,+-]{1,200}$")
+MAX_KERNEL_ARGS = 1024
+
+
+def check_kernel_args(args: str) -> str:
+    """Extra kernel arguments: words of safe characters (they go onto an iPXE command line
+    and into the initramfs's shell), normalised to single spaces; "" clears them."""
+    words = args.split()
+    bad = [w for w in words if not _KERNEL_ARG.match(w)]
+    if bad:
+        raise invalid(
+            f"invalid kernel argument {bad[0]!r}: letters, digits and ._:/=,+- only "
+            "(no quotes, spaces inside a value or shell characters)"
+        )
+    if any(w.startswith("streamboot.") for w in words):
+        raise invalid("streamboot.* kernel arguments are the boot service's own")
+    normal = " ".join(words)
+    if len(normal) > MAX_KERNEL_ARGS:
+        raise invalid(f"kernel arguments longer than {MAX_KERNEL_ARGS} characters")
+    return normal
+
+
 def check_name(name: str, what: str = "vdisk name") -> str:
     if not _NAME.match(name or ""):
         raise invalid(

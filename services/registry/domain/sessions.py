@@ -67,6 +67,7 @@ def open_session(
     node: StreamNode,
     boot_traceparent: str | None = None,
     boot_started_ns: int | None = None,
+    client_addr: str | None = None,
 ) -> list[Event]:
     """The SessionOpened event of a new boot session, or a DomainError; a uniqueness
     conflict carries a SessionConflictRejected event for the log."""
@@ -101,6 +102,7 @@ def open_session(
         raise refused(f"vdisk {vdisk!r} is not assigned to device {the_mac}")
     vd = vdisk_rules.get_vdisk(p, vdisk)
     version = vdisk_rules.boot_version(vd, tester=dev["tester"], maintenance=maintenance)
+    vdisk_rules.boot_plan(vd, version)  # a vdisk that cannot boot as its policy says: refused
 
     live = p.session_by_mac.get(the_mac)
     if live is not None:
@@ -156,6 +158,7 @@ def open_session(
             writes_to_vdisk=writes_to_vdisk,
             boot_traceparent=boot_traceparent,
             boot_started_ns=boot_started_ns,
+            client_addr=client_addr,
         )
     ]
 

@@ -12,12 +12,15 @@ and withdraws that version (no new boot picks it; running sessions keep it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
+from typing import Any
 
 from services.registry.domain.errors import conflict, invalid, not_found
 from services.registry.domain.identity import check_name
 from services.registry.projection import Projection, Record
 from shared.events import (
+    BootFilesScanned,
     Event,
     VdiskCreated,
     VdiskPolicyChanged,
@@ -33,6 +36,8 @@ MODES = ("standard", "private")
 LOCAL_STORE = "local"
 WRITE_CACHES = ("server-ram", "server-disk", "client-ram", "client-disk")
 PERSISTENCES = ("discard", "keep")
+BOOT_METHODS = ("auto", "kernel", "sanboot")
+_KERNEL_VERSION = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
 
 
 def get_vdisk(p: Projection, name: str) -> Record:
@@ -68,8 +73,10 @@ def publish(
     write_cache_persistence: str = "discard",
     store: str | None = None,
     stores: Collection[str] = (LOCAL_STORE,),
+    boot: dict[str, Any] | None = None,
 ) -> list[Event]:
-    """A new version (and the vdisk itself, for version 1). The first version goes straight
+    """A new version (and the vdisk itself, for version 1), with what it holds to boot
+    kernel-direct (``boot``: BootFilesScanned's data, checked by the caller). The first version goes straight
     to production (there is nothing to boot otherwise); later ones default to maintenance."""
     check_name(name)
     events: list[Event] = []
@@ -116,6 +123,8 @@ def publish(
             block_size=block_size,
         )
     )
+    if boot is not None:
+        events.append(BootFilesScanned(name=name, version=version, **boot))
     return events
 
 
@@ -157,10 +166,16 @@ def set_policy(
     write_cache_persistence: str | None = None,
     store: str | None = None,
     stores: Collection[str] = (LOCAL_STORE,),
+    boot_method: str | None = None,
+    kernel: str | None = None,
 ) -> list[Event]:
     vd = get_vdisk(p, name)
     _check_policy(mode, write_cache, write_cache_persistence)
     _check_store(store, stores)
+    if boot_method is not None and boot_method not in BOOT_METHODS:
+        raise invalid(f"unknown boot method {boot_method!r}: {', '.join(BOOT_METHODS)}")
+    if kernel and not _KERNEL_VERSION.match(kernel):
+        raise invalid(f"invalid kernel version {kernel!r} (as in vmlinuz-VERSION)")
     if mode == "private" and vd["mode"] != "private":
         users = {s["mac"] for s in p.live_boots_of_vdisk(name)}
         if len(users) > 1:
@@ -168,8 +183,12 @@ def set_policy(
                 f"vdisk {name!r} is used by {len(users)} live sessions; a private vdisk "
                 "serves one device"
             )
-    if all(v is None for v in (mode, write_cache, write_cache_persistence, store)):
-        raise invalid("nothing to change: give a mode, write cache, persistence or store")
+    if all(
+        v is None for v in (mode, write_cache, write_cache_persistence, store, boot_method, kernel)
+    ):
+        raise invalid(
+            "nothing to change: give a mode, write cache, persistence, store, boot method or kernel"
+        )
     return [
         VdiskPolicyChanged(
             name=name,
@@ -177,6 +196,8 @@ def set_policy(
             write_cache=write_cache,  # type: ignore[arg-type]
             write_cache_persistence=write_cache_persistence,  # type: ignore[arg-type]
             store=store,
+            boot_method=boot_method,  # type: ignore[arg-type]
+            kernel=kernel,
         )
     ]
 
@@ -258,6 +279,29 @@ def boot_version(vd: Record, *, tester: bool, maintenance: bool) -> int:
             "(promote one with `streamboot vdisk promote`)"
         )
     return prod
+
+
+def boot_plan(vd: Record, version: int) -> Record:
+    """How a session of ``version`` boots: ``kernel`` (kernel-direct, with the kernel
+    version and the root filesystem found at publish time) or ``sanboot`` (the image's own
+    bootloader) with the reason; a vdisk that must boot kernel-direct but cannot is a
+    conflict (told on the client's screen)."""
+    boot = vd["versions"][version].get("boot") or {}
+    method = vd.get("boot_method", "auto")
+    if method == "sanboot":
+        return {"method": "sanboot", "reason": "the vdisk's boot method is sanboot"}
+    if boot.get("kernel_version"):
+        return {
+            "method": "kernel",
+            "kernel_version": boot["kernel_version"],
+            "root": boot.get("root") or "whole",
+        }
+    why = boot.get("problem") or "its boot files were not looked for when it was published"
+    if method == "kernel":
+        raise conflict(
+            f"vdisk {vd['name']!r} version {version} must boot kernel-direct but cannot: {why}"
+        )
+    return {"method": "sanboot", "reason": why}
 
 
 def chain(vd: Record, version: int) -> list[str]:

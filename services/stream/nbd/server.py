@@ -154,6 +154,10 @@ class NbdConnection(Connection):
             return False
         token = name.decode("utf-8", "replace")
         session = await self._open(token)
+        if session is not None and not self.mgr.admits(session, "nbd", self.peer):
+            self._drop_session()
+            self._reply(opt, P.REP_ERR_POLICY, b"this session belongs to another address")
+            return False
         if session is None:
             # With the reason when there is one (the client may show it).
             self._reply(opt, P.REP_ERR_UNKNOWN, self.mgr.refusals.get(token, "").encode())
