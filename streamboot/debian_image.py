@@ -38,13 +38,28 @@ SECTOR = 512
 PARTITION_START = 2048  # sectors: 1 MiB
 ROOT_LABEL = "streamroot"
 
-MARKER_UNIT = f"""[Unit]
+# The marker: what the tests (and an operator trying it) look for on the serial console.
+# last-boot= is the boot id the previous boot left in this root ("none": earlier writes are
+# gone, as with a discarded write cache); written and synced before the line is printed.
+MARKER_SCRIPT = f"""#!/bin/sh
+state=/var/lib/streamboot-marker
+last=$(cat "$state/last-boot" 2>/dev/null || echo none)
+boot=$(cat /proc/sys/kernel/random/boot_id)
+mkdir -p "$state" && echo "$boot" > "$state/last-boot" && sync
+echo "{MARKER} hostname=$(hostname) machine-id=$(cat /etc/machine-id)" \\
+    "rootfs=$(findmnt -n -o FSTYPE /) boot-id=$boot last-boot=$last" > /dev/console
+# streamboot.poweroff_at_marker=1 on the command line: a clean power-off right after.
+case " $(cat /proc/cmdline) " in
+    *" streamboot.poweroff_at_marker=1 "*) systemctl --no-block poweroff ;;
+esac
+"""
+MARKER_UNIT = """[Unit]
 Description=streamboot: print the boot marker on the console at multi-user
 After=multi-user.target
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'echo "{MARKER} hostname=$(hostname) machine-id=$(cat /etc/machine-id) rootfs=$(findmnt -n -o FSTYPE /)" > /dev/console'
+ExecStart=/usr/local/sbin/streamboot-marker
 
 [Install]
 WantedBy=multi-user.target
@@ -182,6 +197,10 @@ def configure(rootfs: Path) -> None:
     (rootfs / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     units = etc / "systemd" / "system"
     (units / "streamboot-marker.service").write_text(MARKER_UNIT)
+    marker = rootfs / "usr/local/sbin/streamboot-marker"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(MARKER_SCRIPT)
+    marker.chmod(0o755)
     for target, unit, link in (
         ("multi-user.target.wants", "/etc/systemd/system/streamboot-marker.service", None),
         ("getty.target.wants", "/lib/systemd/system/serial-getty@.service", "serial-getty@ttyS0.service"),
