@@ -48,9 +48,9 @@ boot=$(cat /proc/sys/kernel/random/boot_id)
 mkdir -p "$state" && echo "$boot" > "$state/last-boot" && sync
 echo "{MARKER} hostname=$(hostname) machine-id=$(cat /etc/machine-id)" \\
     "rootfs=$(findmnt -n -o FSTYPE /) boot-id=$boot last-boot=$last" > /dev/console
-# streamboot.poweroff_at_marker=1 on the command line: a clean power-off right after.
+# streamboot-marker.poweroff=1 on the command line: a clean power-off right after.
 case " $(cat /proc/cmdline) " in
-    *" streamboot.poweroff_at_marker=1 "*) systemctl --no-block poweroff ;;
+    *" streamboot-marker.poweroff=1 "*) systemctl --no-block poweroff ;;
 esac
 """
 MARKER_UNIT = """[Unit]

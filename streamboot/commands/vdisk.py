@@ -37,6 +37,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
+# A new vdisk's policy (import, build-debian).
+NewModeOption = Annotated[str, typer.Option(help="new vdisk: standard|private")]
+NewWriteCacheOption = Annotated[
+    str, typer.Option(help="new vdisk: server-ram|server-disk|client-ram|client-disk")
+]
+NewPersistenceOption = Annotated[str, typer.Option(help="new vdisk: discard|keep")]
 STORE_HELP = (
     "where stream and cache nodes read the layers: local (this registry's vdisk dir) or a "
     "store named in STREAMBOOT_CACHE_STORES holding the same <vdisk>/<layer> files"
@@ -173,11 +179,9 @@ def import_(
             help="maintenance|test|production (default: production for a new vdisk, maintenance for a new version)"
         ),
     ] = None,
-    mode: Annotated[str, typer.Option(help="new vdisk: standard|private")] = "standard",
-    write_cache: Annotated[
-        str, typer.Option(help="new vdisk: server-ram|server-disk|client-ram|client-disk")
-    ] = "server-disk",
-    persistence: Annotated[str, typer.Option(help="new vdisk: discard|keep")] = "discard",
+    mode: NewModeOption = "standard",
+    write_cache: NewWriteCacheOption = "server-disk",
+    persistence: NewPersistenceOption = "discard",
     store: Annotated[str | None, typer.Option(help=STORE_HELP)] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -268,11 +272,9 @@ def build_debian(
         Path | None,
         typer.Option(help="where the debootstrapped system is kept (default ~/.cache/streamboot)"),
     ] = None,
-    mode: Annotated[str, typer.Option(help="new vdisk: standard|private")] = "standard",
-    write_cache: Annotated[
-        str, typer.Option(help="new vdisk: server-ram|server-disk|client-ram|client-disk")
-    ] = "server-disk",
-    persistence: Annotated[str, typer.Option(help="new vdisk: discard|keep")] = "discard",
+    mode: NewModeOption = "standard",
+    write_cache: NewWriteCacheOption = "server-disk",
+    persistence: NewPersistenceOption = "discard",
     as_json: JsonOption = False,
 ) -> None:
     """Build a real Debian (systemd, a kernel, the streamboot client, a serial console) with

@@ -26,6 +26,14 @@ STREAMBOOT = Path(sys.executable).parent / "streamboot"
 SERVER_IP = "10.77.0.1"
 POOL = ("10.77.0.100", "10.77.0.150")
 BOOT_TIMEOUT_S = 240.0
+# Short timers so a test sees sessions end: a powered-off VM's half-open connection is
+# found by keepalive after 5 + 2 * 2 s.
+SHORT_SESSION_TIMERS = {
+    "STREAMBOOT_SESSION_DETACH_GRACE_S": "3",
+    "STREAMBOOT_STREAM_KEEPALIVE_IDLE_S": "5",
+    "STREAMBOOT_STREAM_KEEPALIVE_INTERVAL_S": "2",
+    "STREAMBOOT_STREAM_KEEPALIVE_COUNT": "2",
+}
 
 
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ kernel arguments ask it to): last-boot= tells whether the previous boot's writes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,7 +23,14 @@ import pytest
 
 from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for
 from tests.conftest import traversable_tmpdir
-from tests.e2e.pxe_lab import OVMF, STREAMBOOT, BootLab, pxe_tools_missing
+from tests.e2e.pxe_lab import (
+    OVMF,
+    SHORT_SESSION_TIMERS,
+    STREAMBOOT,
+    BootLab,
+    pxe_tools_missing,
+)
+from tests.stream.conftest import sha256
 
 TEST_CACHE = Path.home() / ".cache" / "streamboot-test"
 
@@ -43,7 +49,7 @@ pytestmark = [
     pytest.mark.skipif(bool(realos_missing()), reason=f"needs {realos_missing()}"),
 ]
 VDISK = "debian"
-ARGS = "console=ttyS0 panic=-1 streamboot.poweroff_at_marker=1"
+ARGS = "console=ttyS0 panic=-1 streamboot-marker.poweroff=1"
 POWER_DOWN = "reboot: Power down"
 BOOT_S = 900.0  # one boot under TCG on a shared machine, power-off included
 MEMORY = 1024
@@ -55,12 +61,7 @@ def lab() -> Iterator[BootLab]:
     lab = BootLab(root, taps=3)
     lab.create()
     try:
-        lab.start(
-            STREAMBOOT_SESSION_DETACH_GRACE_S="3",
-            STREAMBOOT_STREAM_KEEPALIVE_IDLE_S="5",
-            STREAMBOOT_STREAM_KEEPALIVE_INTERVAL_S="2",
-            STREAMBOOT_STREAM_KEEPALIVE_COUNT="2",
-        )
+        lab.start(**SHORT_SESSION_TIMERS)
         # The namespace has no way out: the debootstrap comes from the host's network into
         # the test cache first (once; a user's first build does the same).
         bootstrap(TEST_CACHE, "bookworm", DEFAULT_MIRROR, packages_for(()), say=print)
@@ -74,14 +75,6 @@ def lab() -> Iterator[BootLab]:
     finally:
         lab.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def marker(console: str) -> dict[str, str]:
