@@ -70,6 +70,7 @@ def test_dracut_builds_the_module_into_an_initramfs(dracut_base: Path, tmp_path:
         "usr/lib/streamboot/client.sh",
         "usr/lib/dracut/hooks/cmdline/90-parse-streamboot.sh",
         "usr/lib/dracut/hooks/mount/90-mount-streamboot.sh",
+        "usr/lib/dracut/hooks/initqueue/settled/90-attach-streamboot.sh",
         "usr/sbin/streambootroot",
         "usr/sbin/nbd-client",
         "usr/sbin/netroot",  # the network module runs the handler once the NIC is up

@@ -21,6 +21,7 @@ DEB_FILES = {
     "./usr/lib/dracut/modules.d/90streamboot/module-setup.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90streamboot/parse-streamboot.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90streamboot/streambootroot.sh": "-rwxr-xr-x",
+    "./usr/lib/dracut/modules.d/90streamboot/attach-streamboot.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90streamboot/mount-streamboot.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/dracut.conf.d/90-streamboot.conf": "-rw-r--r--",
 }

@@ -21,13 +21,14 @@ installkernel() {
 
 # called by dracut
 install() {
-    inst_multiple nbd-client blkid mount modprobe mkdir sleep tr head tail cat ls mv
+    inst_multiple nbd-client blkid mount modprobe mkdir sleep tr head tail cat ls mv ip grep
     # Optional: the redeem request (curl, else nc), formatting a client-disk write cache,
     # bounded nbd-client attempts.
     inst_multiple -o curl nc mkfs.ext4 mke2fs timeout udevadm
     inst_simple "${STREAMBOOT_CORE:-/usr/lib/streamboot/client.sh}" /lib/streamboot/client.sh
     inst_hook cmdline 90 "$moddir/parse-streamboot.sh"
     inst_script "$moddir/streambootroot.sh" /sbin/streambootroot
+    inst_hook initqueue/settled 90 "$moddir/attach-streamboot.sh"
     inst_hook mount 90 "$moddir/mount-streamboot.sh"
     dracut_need_initqueue
 }
