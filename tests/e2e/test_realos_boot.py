@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for
+from streamboot.debian_image import (
+    DEFAULT_MIRROR,
+    MARKER,
+    PARTITION_START,
+    SECTOR,
+    bootstrap,
+    packages_for,
+)
+from tests.client.conftest import TEST_CACHE, build_dracut, debian_root, dracut_missing
 from tests.conftest import traversable_tmpdir
 from tests.e2e.pxe_lab import (
     OVMF,
@@ -31,8 +39,6 @@ from tests.e2e.pxe_lab import (
     pxe_tools_missing,
 )
 from tests.stream.conftest import sha256
-
-TEST_CACHE = Path.home() / ".cache" / "streamboot-test"
 
 
 def realos_missing() -> list[str]:
@@ -85,10 +91,10 @@ def marker(console: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in found.group(1).split())
 
 
-def add_device(lab: BootLab, mac: str, hostname: str) -> str:
-    """Register the device (booting VDISK); returns the machine-id the registry holds."""
+def add_device(lab: BootLab, mac: str, hostname: str, vdisk: str = VDISK) -> str:
+    """Register the device (booting ``vdisk``); returns the machine-id the registry holds."""
     out = lab.cli("device", "add", mac, "--hostname", hostname, "--kernel-args", ARGS, "--json")
-    lab.cli("assign", mac, VDISK, "--default")
+    lab.cli("assign", mac, vdisk, "--default")
     return json.loads(out.stdout)["machine_id"]
 
 
@@ -236,3 +242,35 @@ def test_a_uefi_machine_boots_through_ipxe_efi_over_tftp(lab: BootLab) -> None:
     # The firmware asked as UEFI x64 (RFC 4578 type 7 or 9), so DHCP gave it ipxe.efi.
     asked = [e["data"]["arch"] for e in lab.events("--mac", mac) if e["type"] == "BootRequested"]
     assert set(asked) & {7, 9}, asked
+
+
+@pytest.mark.skipif(bool(dracut_missing()), reason=str(dracut_missing()))
+def test_a_dracut_initramfs_boots_the_same_debian(lab: BootLab, tmp_path: Path) -> None:
+    """The dracut module, built by dracut into the image in place of initramfs-tools'
+    initramfs (as a Fedora/RHEL image has it), boots the Debian to multi-user."""
+    root = debian_root()
+    assert root is not None  # the lab's build-debian made it
+    [kver] = [p.name for p in (root / "lib/modules").iterdir()]
+    initrd = tmp_path / "initrd"
+    build_dracut(
+        initrd, tmp_path / "work", "--add", "streamboot", "--omit", "plymouth",
+        "--kmoddir", str(root / "lib/modules" / kver), "--kver", kver, "--compress", "gzip -1",
+    )  # fmt: skip
+    image = tmp_path / "dracut.img"
+    golden = lab.data_dir / "vdisks" / VDISK / "v1.raw"
+    subprocess.run(["cp", "--sparse=always", str(golden), str(image)], check=True, timeout=600)
+    # The image's initramfs replaced without a mount: debugfs on the root partition.
+    subprocess.run(
+        ["debugfs", "-w", "-f", "-", f"{image}?offset={PARTITION_START * SECTOR}"],
+        input=f"cd /boot\nrm initrd.img-{kver}\nwrite {initrd} initrd.img-{kver}\n",
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    lab.cli("vdisk", "import", str(image), "--name", "debian-dracut")
+    mac = "52:54:00:88:00:07"
+    machine_id = add_device(lab, mac, "deb-dracut", vdisk="debian-dracut")
+    console = boot(lab, mac, 0)
+    wait_closed(lab, mac)
+    assert "dracut-" in console and "(Initramfs)" in console, console[-4000:]
+    seen = marker(console)
+    assert seen["hostname"] == "deb-dracut" and seen["machine-id"] == machine_id
+    assert seen["rootfs"] == "ext4"

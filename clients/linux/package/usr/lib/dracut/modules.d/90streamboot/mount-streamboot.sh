@@ -1,9 +1,7 @@
 #!/bin/sh
-# dracut mount hook: mounts the attached streamboot root at $NEWROOT by write-cache type.
+# dracut mount hook: the root is mounted by the time the initqueue ends (streambootroot);
+# a root that is not is said once, clearly.
 
 [ "$root" = streamboot ] || return 0
-. /lib/streamboot/client.sh
-[ -e "$SB_RUN/attached" ] || die "streamboot: the disk was never attached (no network, or the netroot handler failed: see above)"
-# Values written by streambootroot, all checked by the core before (sb_valid charset).
-. "$SB_RUN/attached"
-sb_mount_root "$NEWROOT" || die "streamboot: $SB_ERROR"
+ismounted "$NEWROOT" ||
+    die "streamboot: the root was never mounted (no network, or the attach failed: see above)"

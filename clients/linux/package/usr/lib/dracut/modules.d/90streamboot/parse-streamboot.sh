@@ -1,7 +1,7 @@
 #!/bin/sh
 # dracut cmdline hook: root=streamboot selects the streamboot client. The network module
 # brings the NIC up (ip=dhcp rd.neednet=1), then runs /sbin/streambootroot (netroot) to
-# redeem the session and attach the disk; the mount hook mounts it at $NEWROOT.
+# redeem the session, attach the disk and mount it at $NEWROOT.
 
 [ -z "$root" ] && root=$(getarg root=)
 [ "$root" = streamboot ] || return 0
