@@ -57,7 +57,7 @@ pytestmark = [
 VDISK = "debian"
 ARGS = "console=ttyS0 panic=-1 streamboot-marker.poweroff=1"
 POWER_DOWN = "reboot: Power down"
-BOOT_S = 900.0  # one boot under TCG on a shared machine, power-off included
+BOOT_S = 600.0  # one boot under TCG on a shared machine, power-off included
 MEMORY = 1024
 
 
