@@ -99,10 +99,12 @@ def add_device(lab: BootLab, mac: str, hostname: str, vdisk: str = VDISK) -> str
 
 
 def boot(lab: BootLab, mac: str, tap: int, **vm: object) -> str:
-    """One boot to the marker and the clean power-off after it; its console."""
+    """One boot to the marker and the clean power-off after it, until its session closed
+    (the next boot then gets a fresh one); its console."""
     console = lab.boot_vm(mac, tap, until=None, timeout_s=BOOT_S, memory_mib=MEMORY, **vm)
     assert "streamboot: root /dev/nbd0" in console, console[-5000:]
     assert POWER_DOWN in console, f"no clean power-off:\n{console[-3000:]}"
+    wait_closed(lab, mac)
     return console
 
 
@@ -154,8 +156,6 @@ def test_two_vms_boot_the_real_debian_at_once_each_as_itself(lab: BootLab) -> No
         assert seen[mac]["last-boot"] == "none"
         assert "Reached target" in consoles[mac] and "Multi-User System" in consoles[mac]
     assert len({s["machine-id"] for s in seen.values()}) == 2
-    for mac in macs:
-        wait_closed(lab, mac)
     # Each booted OS wrote (journal, the marker's state) into its write cache, never here.
     assert sha256(golden) == before
 
@@ -164,7 +164,6 @@ def test_two_vms_boot_the_real_debian_at_once_each_as_itself(lab: BootLab) -> No
     again = marker(boot(lab, first, 0))
     assert again["last-boot"] == "none"
     assert again["boot-id"] != seen[first]["boot-id"]
-    wait_closed(lab, first)
 
 
 def test_a_kept_server_write_cache_keeps_the_writes_across_reboots(lab: BootLab) -> None:
@@ -173,9 +172,7 @@ def test_a_kept_server_write_cache_keeps_the_writes_across_reboots(lab: BootLab)
     lab.cli("vdisk", "set", VDISK, "--persistence", "keep")
     try:
         one = marker(boot(lab, mac, 2))
-        wait_closed(lab, mac)
         two = marker(boot(lab, mac, 2))
-        wait_closed(lab, mac)
     finally:
         lab.cli("vdisk", "set", VDISK, "--persistence", "discard")
     assert two["last-boot"] == one["boot-id"]
@@ -187,7 +184,6 @@ def test_client_ram_mounts_an_overlay_in_ram(lab: BootLab) -> None:
     lab.cli("vdisk", "set", VDISK, "--write-cache", "client-ram")
     try:
         console = boot(lab, mac, 0)
-        wait_closed(lab, mac)
     finally:
         lab.cli("vdisk", "set", VDISK, "--write-cache", "server-disk")
     seen = marker(console)
@@ -204,7 +200,6 @@ def test_client_disk_uses_the_local_partition_formatted_when_discarded(
     try:
         # No local disk: a clear message, the write cache in RAM, the boot goes on.
         console = boot(lab, mac, 1)
-        wait_closed(lab, mac)
         assert "no local partition labelled streamboot-wc" in console, console[-4000:]
         assert marker(console)["rootfs"] == "overlay"
 
@@ -213,9 +208,7 @@ def test_client_disk_uses_the_local_partition_formatted_when_discarded(
             f.truncate(512 * 2**20)
         subprocess.run(["mkfs.ext4", "-q", "-L", "streamboot-wc", str(local)], check=True)
         one = boot(lab, mac, 1, drives=(local,))
-        wait_closed(lab, mac)
         two = boot(lab, mac, 1, drives=(local,))
-        wait_closed(lab, mac)
         for console in (one, two):
             assert "write cache on the local partition /dev/vda" in console, console[-4000:]
             assert "formatting the local write cache /dev/vda" in console
@@ -224,7 +217,6 @@ def test_client_disk_uses_the_local_partition_formatted_when_discarded(
 
         lab.cli("vdisk", "set", VDISK, "--persistence", "keep")
         three = boot(lab, mac, 1, drives=(local,))
-        wait_closed(lab, mac)
         assert "formatting the local write cache" not in three
         assert marker(three)["last-boot"] == marker(two)["boot-id"]
     finally:
@@ -236,7 +228,6 @@ def test_a_uefi_machine_boots_through_ipxe_efi_over_tftp(lab: BootLab) -> None:
     mac = "52:54:00:88:00:06"
     add_device(lab, mac, "deb-uefi")
     console = boot(lab, mac, 2, uefi=True)
-    wait_closed(lab, mac)
     seen = marker(console)
     assert seen["hostname"] == "deb-uefi" and seen["rootfs"] == "ext4"
     # The firmware asked as UEFI x64 (RFC 4578 type 7 or 9), so DHCP gave it ipxe.efi.
@@ -269,7 +260,6 @@ def test_a_dracut_initramfs_boots_the_same_debian(lab: BootLab, tmp_path: Path) 
     mac = "52:54:00:88:00:07"
     machine_id = add_device(lab, mac, "deb-dracut", vdisk="debian-dracut")
     console = boot(lab, mac, 0)
-    wait_closed(lab, mac)
     assert "dracut-" in console and "(Initramfs)" in console, console[-4000:]
     seen = marker(console)
     assert seen["hostname"] == "deb-dracut" and seen["machine-id"] == machine_id
