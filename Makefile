@@ -10,12 +10,13 @@ SHELL := /bin/bash
 # (udhcpc; also the demo vdisk's initramfs, which needs the static build: not `busybox`,
 # which conflicts with it), iproute2 (ip netns); QEMU with its iPXE NIC ROMs and Debian's
 # iPXE builds for the VM tests; syslinux, mtools, dosfstools, e2fsprogs and nbd-client to
-# build the demo vdisk. Keep the whole list here.
+# build the demo vdisk; fdisk (sfdisk) for the partitioned images of the kernel discovery
+# tests. Keep the whole list here.
 TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-static iproute2 \
 	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
-	nbd-client debootstrap fdisk dracut-core dracut-network ovmf
-# (debootstrap, fdisk: `vdisk build-debian`; dracut-core, dracut-network: the client's
-# dracut module is built into an initramfs; ovmf: the UEFI VM of the real-OS tests.)
+	nbd-client fdisk debootstrap dracut-core dracut-network ovmf
+# (debootstrap: `vdisk build-debian`; dracut-core, dracut-network: the client's dracut
+# module is built into an initramfs; ovmf: the UEFI VM of the real-OS tests.)
 # The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer), dnsmasq-base (the
 # reference PXE chain's DHCP in bench/pxechain.py).
 BENCH_DEB_PACKAGES := $(TEST_DEB_PACKAGES) fio tftpd-hpa dnsmasq-base

@@ -9,8 +9,9 @@ tests/e2e/pxe_lab.py) and the same VM (tests.e2e.pxe_lab.pxe_vm_argv: 256 MiB, v
 with Debian's ipxe-qemu ROM, `-boot n`):
 
 - ``streamboot``: `streamboot up --boot-interface br0 --dhcp full` (DHCP, iPXE script,
-  sanboot over its HTTP stream, hand-off, NBD root with a server-disk write cache), the demo
-  vdisk made by `streamboot vdisk build-demo`, a new device per run (`device add`, `assign`).
+  kernel-direct: the vdisk's kernel and initramfs over HTTP, the nonce redeemed, NBD root
+  with a server-disk write cache), the demo vdisk made by `streamboot vdisk build-demo`, a
+  new device per run (`device add --kernel-args`, `assign`).
 - ``reference sanboot``: dnsmasq (DHCP; iPXE, recognised by option 175 or user class iPXE,
   gets a script URL), busybox httpd (Range requests) serving the script
   ``sanboot http://10.77.0.1:18082/demo.img``, the image and a static hand-off answer,
@@ -18,10 +19,10 @@ with Debian's ipxe-qemu ROM, `-boot n`):
 - ``reference kernel``: the same servers, the script loads the image's own vmlinuz and
   initrd.img over HTTP (`kernel`/`initrd`, the image's kernel command line), NBD root.
 
-The image is byte for byte the one streamboot serves (its vdisk's v1.raw): its kernel command
-line names ``streamboot.handoff=http://10.77.0.1:18082/handoff``, which the reference's busybox
-httpd answers from a file (busybox ignores the query string) with the lines the boot service
-would send. IPv6: iPXE waits ~13 s for IPv6 autoconfiguration unless a router advertisement
+The image is the one streamboot serves (its vdisk's v1.raw), with its syslinux.cfg's kernel
+command line extended by ``streamboot.server=http://10.77.0.1:18082 streamboot.nonce=...``,
+whose ``/session/redeem`` the reference's busybox httpd answers from a file (busybox ignores
+the query string) with the lines the boot service would send. IPv6: iPXE waits ~13 s for IPv6 autoconfiguration unless a router advertisement
 without M/O flags arrives; streamboot answers router solicitations (services/boot/ipv6_ra.py:
 no prefix, router lifetime 0), and the reference's dnsmasq sends router advertisements
 (`enable-ra`, `ra-only` for fd77::/64 on br0, router lifetime 0; it needs a prefix, so iPXE
@@ -71,7 +72,8 @@ from tests.e2e.pxe_lab import (  # noqa: E402
     watch_vm,
 )
 
-HTTP_PORT = 18082  # the reference's httpd: where the image's streamboot.handoff URL points
+HTTP_PORT = 18082  # the reference's httpd: where the image's streamboot.server URL points
+REF_NONCE = "reference-chain-nonce"  # any nonce: the reference's redeem answer is a file
 NBD_PORT = 10809
 POOL = ("10.77.0.100", "10.77.0.150")
 RA_PREFIX = "fd77::"
@@ -105,7 +107,7 @@ MAC_PREFIX = {
 PER_CHAIN = {
     # The script that boots (streamboot: the second one, for this MAC) has run its first
     # line; the kernel's setup code runs.
-    "streamboot": {"script": "streamboot: booting demo", "kernel": "Anvin et al" + CLEAR},
+    "streamboot": {"script": "streamboot: booting demo", "kernel": "/initrd... ok" + CLEAR},
     "reference sanboot": {"script": "sanboot.ipxe : ", "kernel": "Anvin et al" + CLEAR},
     "reference kernel": {"script": "kernel.ipxe : ", "kernel": "initrd.img... ok" + CLEAR},
 }
@@ -143,28 +145,32 @@ class Reference:
         self.www.mkdir(parents=True)
         demo = self.www / "demo.img"
         shutil.copyfile(self.image, demo)
-        # The image's own kernel, initramfs and command line, for the kernel/initrd variant.
+        # The image's own kernel, initramfs and command line, for the kernel/initrd variant;
+        # the command line gets the reference's redeem URL and nonce (for both variants).
         env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
         target = f"{demo}@@{PARTITION_START * SECTOR}"
-        for name in ("vmlinuz", "initrd.img", "syslinux.cfg"):
-            subprocess.run(
-                ["mcopy", "-n", "-i", target, f"::/{name}", str(self.root / name)],
-                check=True, capture_output=True, env=env,
-            )  # fmt: skip
-        for name in ("vmlinuz", "initrd.img"):
-            shutil.move(self.root / name, self.www / name)
-        append = next(
-            line.split("APPEND", 1)[1].strip()
-            for line in (self.root / "syslinux.cfg").read_text().splitlines()
-            if line.strip().startswith("APPEND")
-        )
         base = f"http://{SERVER_IP}:{HTTP_PORT}"
+
+        def mcopy(*argv: str) -> None:
+            subprocess.run(["mcopy", "-n", "-i", target, *argv], check=True,
+                           capture_output=True, env=env)  # fmt: skip
+
+        cfg = self.root / "syslinux.cfg"
+        mcopy("::/syslinux.cfg", str(cfg))
+        words = {line.split()[0]: line.split(None, 1)[1].strip()
+                 for line in cfg.read_text().splitlines() if len(line.split()) > 1}  # fmt: skip
+        for key, name in (("KERNEL", "vmlinuz"), ("INITRD", "initrd.img")):
+            mcopy(f"::/{words[key]}", str(self.www / name))
+        append = f"{words['APPEND']} streamboot.server={base} streamboot.nonce={REF_NONCE}"
+        cfg.write_text(cfg.read_text().replace(words["APPEND"], append))
+        mcopy("-o", str(cfg), "::/syslinux.cfg")
         (self.www / "sanboot.ipxe").write_text(f"#!ipxe\nsanboot {base}/demo.img\n")
         (self.www / "kernel.ipxe").write_text(
             f"#!ipxe\nkernel {base}/vmlinuz {append}\ninitrd {base}/initrd.img\nboot\n"
         )
-        # What the boot service's /handoff answers (clients/linux/handoff.sh reads it).
-        (self.www / "handoff").write_text(
+        # What the boot service's /session/redeem answers (clients/linux/handoff.sh reads it).
+        (self.www / "session").mkdir()
+        (self.www / "session" / "redeem").write_text(
             f"nbd_host={SERVER_IP}\nnbd_port={NBD_PORT}\nexport=demo\nwrite_cache={WRITE_CACHE}\n"
         )
 
@@ -467,7 +473,8 @@ def main() -> None:
                 mac = f"{MAC_PREFIX[chain]}:{run_no:02x}"
                 console = work / f"console-{index}-{run_no}.log"
                 if chain == "streamboot":
-                    lab.cli("device", "add", mac, "--hostname", f"bench-{run_no:02d}")
+                    lab.cli("device", "add", mac, "--hostname", f"bench-{run_no:02d}",
+                            "--kernel-args", "console=ttyS0 quiet panic=-1")  # fmt: skip
                     lab.cli("assign", mac, "demo", "--default")
                     exec_ = ["ip", "netns", "exec", lab.ns]
                     servers = [lab.up.pid] if lab.up else []

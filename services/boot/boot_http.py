@@ -138,6 +138,8 @@ class BootHttp:
 
     async def redeem(self, request: Request) -> Response:
         """The initramfs trades its nonce for the session's export, once (docs/boot.md)."""
+        if request.method != "GET":
+            return Response(405, "redeem with GET\n")  # a HEAD would spend the nonce unseen
         nonce = request.query.get("nonce", "")
         if not _NONCE.match(nonce):
             return Response(404, "nonce unknown\n")

@@ -76,13 +76,47 @@ def test_untrusted_text_cannot_inject_commands() -> None:
     assert "${net0" not in menu and "$(" not in menu
 
 
-def test_handoff_answer_is_shell_safe() -> None:
-    text = s.handoff_text(
-        nbd_host="10.0.0.2", nbd_port=10809, export="AbC-_9$(reboot)", write_cache="server-disk"
-    )
+def test_redeem_answer_is_plain_words() -> None:
+    text = s.redeem_text(
+        {"nbd_host": "10.0.0.2", "nbd_port": 10809, "export": "AbC-_9$(reboot)",
+         "write_cache": "server-disk", "persistence": "discard", "hostname": "pc 1;x",
+         "machine_id": "ab" * 16, "session_id": "s-1", "traceparent": None}
+    )  # fmt: skip
     assert text.splitlines() == [
-        "nbd_host=10.0.0.2", "nbd_port=10809", "export=AbC-_9__reboot_", "write_cache=server-disk",
+        "nbd_host=10.0.0.2", "nbd_port=10809", "export=AbC-_9__reboot_",
+        "write_cache=server-disk", "persistence=discard", "hostname=pc_1_x",
+        f"machine_id={'ab' * 16}", "session_id=s-1",
     ]  # fmt: skip
+
+
+def kernel_boot(**over: str) -> s.KernelBoot:
+    fields = {
+        "files_url": f"{BASE}/boot-files/deb/3", "server": BASE, "nonce": "N" * 32,
+        "root": "UUID=1234-ab", "write_cache": "client-ram", "hostname": "pc-1",
+        "machine_id": "cd" * 16, "extra_args": None, "kernel_version": "6.1.0-12-amd64",
+    }  # fmt: skip
+    return s.KernelBoot(**{**fields, **over})  # type: ignore[arg-type]
+
+
+def test_kernel_command_line_is_the_contract_and_drops_unsafe_extra_words() -> None:
+    line = s.kernel_command_line(
+        kernel_boot(extra_args="console=ttyS0,115200n8  quiet ${x} a;reboot $(id) `id`")
+    )
+    assert line == (
+        f"boot=streamboot root=streamboot ip=dhcp rd.neednet=1 streamboot.server={BASE} "
+        f"streamboot.nonce={'N' * 32} streamboot.root=UUID=1234-ab streamboot.wc=client-ram "
+        f"systemd.hostname=pc-1 systemd.machine_id={'cd' * 16} console=ttyS0,115200n8 quiet"
+    )
+
+
+def test_kernel_script_loads_both_files_and_gives_the_nonce_back_on_failure() -> None:
+    info = s.SessionInfo("deb", 3, "http://x/s/tok", "pc-1")
+    script = s.kernel_script(info, kernel_boot(), retry_url=s.script_url(BASE, "52:54:00:00:00:01"))
+    assert script.startswith("#!ipxe\n") and "(kernel 6.1.0-12-amd64)" in script
+    assert f"kernel {BASE}/boot-files/deb/3/vmlinuz initrd=initrd boot=streamboot" in script
+    assert f"initrd --name initrd {BASE}/boot-files/deb/3/initrd || goto failed" in script
+    assert "\nboot || goto failed\n" in script and "tok" not in script
+    assert script.rstrip().endswith(f"&abandon={'N' * 32}")
 
 
 def test_mac_normalization() -> None:

@@ -200,6 +200,7 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
 
     # The nonce: not from another address, then once, then never again.
     redeem = f"{boot.url}/session/redeem?nonce={nonce}"
+    assert (await curl("-I", redeem)).stdout.startswith("HTTP/1.1 405")  # spends nothing
     other = (await curl("-i", "--interface", "127.0.0.2", redeem)).stdout
     assert other.startswith("HTTP/1.1 403") and other.endswith("wrong client address\n")
     answer = (await curl("-i", redeem)).stdout
@@ -230,6 +231,35 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
     await bus.request_json(nc, "streamboot.registry.session.close", {"token": lines["export"]})
     await registry.cli_json("vdisk", "set", "linux", "--boot-method", "sanboot")
     assert "sanboot " in await boot.script(mac=MAC, uuid=UUID)
+
+
+async def test_a_kernel_that_did_not_load_gives_its_nonce_back(
+    boot: Boot, registry: Registry
+) -> None:
+    image = write_bootable_image(registry.data_dir / "linux.raw")
+    await seed_image(registry, MAC, "linux", image)
+    first = await boot.script(mac=MAC, uuid=UUID)
+    nonce = first.split("streamboot.nonce=")[1].split()[0]
+    [old] = registry.app.list_sessions()
+    # Another machine cannot close the session with the nonce (wrong address): refused.
+    other = await curl("-sS", "--interface", "127.0.0.2",
+                       f"{boot.url}/ipxe/script?mac={MAC}&abandon={nonce}")  # fmt: skip
+    assert "already has a live session" in other.stdout
+    # iPXE's retry after a failed `kernel`: the old session closes, a new one opens at once.
+    again = await boot.script(mac=MAC, uuid=UUID, abandon=nonce)
+    assert "kernel " in again and nonce not in again
+    [new] = registry.app.list_sessions()
+    assert new["session_id"] != old["session_id"]
+    closed = await events_of(registry, "SessionClosed", 1)
+    assert closed[0].data["reason"] == "kernel-load-failed"
+
+
+async def seed_image(reg: Registry, mac: str, name: str, image: Path) -> None:
+    await reg.cli_json("vdisk", "import", str(image), "--name", name)
+    async with reg.http() as http:
+        assert (await http.post("/devices", json={"mac": mac})).status_code == 201
+        body = {"target": mac, "vdisk": name, "default": True}
+        assert (await http.post("/assignments", json=body)).status_code == 200
 
 
 async def test_menu_and_the_choice_are_recorded(boot: Boot, registry: Registry) -> None:

@@ -5,16 +5,18 @@ nothing half-written)."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from shared.settings import Settings
 from shared.vdisk_layout import open_chain
-from tests.registry.conftest import Registry, write_image
+from tests.registry.conftest import INITRD, KERNEL, Registry, write_bootable_image, write_image
 
 pytestmark = pytest.mark.timeout(180)
 A = "52:54:00:00:00:0a"
@@ -231,3 +233,44 @@ async def test_rebuild_equals_live_state(registry: Registry, data_dir: Path) -> 
     assert live["assignments"] == {"collection:lab": {"vdisks": ["r"], "default": "r"}}
     assert live["devices"][B]["hostname"] == "bee" and not live["devices"][B]["enabled"]
     assert "gone" not in live["vdisks"] and len(live["sessions"]) == 1
+
+
+async def test_import_finds_the_kernel_or_says_why_it_boots_by_sanboot(
+    registry: Registry, data_dir: Path
+) -> None:
+    image = write_bootable_image(data_dir / "deb.raw")
+    code, out, err = await registry.cli("vdisk", "import", str(image), "--name", "deb")
+    assert code == 0, err
+    assert "version 1: boots kernel-direct: kernel 6.1.0-12-amd64" in out, out
+    boot = registry.app.vdisk_root / "deb" / "boot" / "v1"
+    assert (boot / "vmlinuz").read_bytes() == KERNEL and (boot / "initrd").read_bytes() == INITRD
+    [found] = await registry.app.store.read_all(types=["BootFilesScanned"])
+    assert found.data["kernel_sha256"] == hashlib.sha256(KERNEL).hexdigest()
+    assert found.data["initrd_size"] == len(INITRD) and found.data["chosen_by"] == "newest"
+    assert found.data["root"].startswith("UUID=") and found.data["problem"] is None
+
+    # A new version without any filesystem: published all the same, to boot by sanboot.
+    blank = write_image(data_dir / "blank.raw", image.stat().st_size, {0: b"nothing"})
+    code, out, err = await registry.cli("vdisk", "import", str(blank), "--name", "deb")
+    assert code == 0, err
+    assert "version 2: boots by sanboot (the image's own bootloader): no ext2/3/4" in out, out
+    assert not (registry.app.vdisk_root / "deb" / "boot" / "v2").exists()
+    code, out, _ = await registry.cli("vdisk", "show", "deb")
+    assert "version 1: boots kernel-direct" in out and "version 2: boots by sanboot" in out
+
+    # A claim of boot files the staging dir does not hold: refused, nothing half-published.
+    staged = vdisk_store.stage_version(
+        registry.app.vdisk_root, "deb", image, 3, [Path(p) for p in
+        registry.app.vdisk_view("deb")["latest_layers"]],
+    )  # fmt: skip
+    shutil.rmtree(registry.app.vdisk_root / "deb" / staged.staging / "boot")
+    async with registry.http() as http:
+        r = await http.post("/vdisks/deb/versions", json={
+            "version": 3, "staging": staged.staging, "layer": staged.layer, "size": staged.size,
+            "checksum": staged.checksum, "changed_blocks": staged.changed_blocks,
+            "block_size": staged.block_size, "boot": staged.boot,
+        })  # fmt: skip
+    assert r.status_code == 400 and "lacks its boot file" in r.json()["error"]
+    assert registry.app.vdisk_view("deb")["latest_version"] == 2
+    assert not (registry.app.vdisk_root / "deb" / staged.staging).exists()
+    assert not (registry.app.vdisk_root / "deb" / "boot" / "v3").exists()

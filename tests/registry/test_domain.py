@@ -393,3 +393,45 @@ def test_replay_node_choice() -> None:
     with pytest.raises(DomainError, match="no stream node is alive") as e:
         choose(beats[2:], None, ["c"])
     assert e.value.kind == "refused"
+
+
+def test_kernel_args_are_plain_words_and_cleared_by_empty() -> None:
+    p = Projection()
+    mac = device(p, "52:54:00:00:00:31", kernel_args="console=ttyS0,115200n8   quiet")
+    assert p.devices[mac]["kernel_args"] == "console=ttyS0,115200n8 quiet"
+    for bad in ("a;reboot", "x=$(id)", "init=/bin/sh'", "streamboot.nonce=x", "a`b"):
+        with pytest.raises(DomainError, match="kernel argument"):
+            devices.update(p, mac, kernel_args=bad)
+    apply(p, devices.update(p, mac, kernel_args=""))
+    assert p.devices[mac]["kernel_args"] is None
+
+
+def test_how_a_version_boots_follows_what_was_found_and_the_policy() -> None:
+    p = Projection()
+    found = {"kernel_version": "6.1.0-12-amd64", "root": "UUID=ab", "kernels": ["6.1.0-12-amd64"]}
+    apply(p, vdisks.publish(
+        p, "deb", version=1, stage=None, path="deb/v1.raw", size=1 << 20, checksum="sha256:x",
+        changed_blocks=1, block_size=65536, boot=found,
+    ))  # fmt: skip
+    apply(p, vdisks.publish(
+        p, "deb", version=2, stage="production", path="deb/v2.map", size=1 << 20,
+        checksum="sha256:y", changed_blocks=1, block_size=65536,
+        boot={"problem": "no vmlinuz-VERSION in /boot or / of any filesystem"},
+    ))  # fmt: skip
+    vd = p.vdisks["deb"]
+    assert vdisks.boot_plan(vd, 1) == {
+        "method": "kernel", "kernel_version": "6.1.0-12-amd64", "root": "UUID=ab",
+    }  # fmt: skip
+    assert vdisks.boot_plan(vd, 2)["method"] == "sanboot"
+    assert "no vmlinuz" in vdisks.boot_plan(vd, 2)["reason"]
+    apply(p, vdisks.set_policy(p, "deb", boot_method="kernel"))
+    with pytest.raises(DomainError, match="must boot kernel-direct"):
+        vdisks.boot_plan(vd, 2)
+    mac = device(p, "52:54:00:00:00:32")
+    apply(p, assignments.assign(p, "device", mac, "deb", default=True))
+    with pytest.raises(DomainError, match="must boot kernel-direct"):
+        sessions.open_session(p, mac=mac, session_id="s", token_hash="h", node=NODE)
+    apply(p, vdisks.set_policy(p, "deb", boot_method="sanboot", kernel="6.1.0-9-amd64"))
+    assert vdisks.boot_plan(vd, 1)["method"] == "sanboot" and vd["kernel"] == "6.1.0-9-amd64"
+    with pytest.raises(DomainError, match="boot method"):
+        vdisks.set_policy(p, "deb", boot_method="pxe")

@@ -1,5 +1,5 @@
-"""The Linux client's hand-off: after the firmware phase, the initramfs brings up the NIC,
-asks the hand-off endpoint for this MAC's export, attaches it with nbd-client and uses it.
+"""The Linux client's hand-off: the initramfs brings up the NIC, redeems the nonce on its
+kernel command line for its session's export, attaches it with nbd-client and uses it.
 
 QEMU's user-mode network stands in for the LAN here: the guest reaches the host's loopback
 servers at 10.0.2.2. The full PXE chain on a bridge is the boot service's end-to-end test.
@@ -35,9 +35,12 @@ MAC = "52:54:00:12:34:56"
 HOST_FROM_GUEST = "10.0.2.2"
 
 
+NONCE = "n0nce-for-this-vm-only"
+
+
 class Handoff:
-    """A stand-in hand-off endpoint answering for one MAC (the boot service's is tested
-    against the registry in tests/boot)."""
+    """A stand-in boot service answering the redeem of one nonce, once (the real one is
+    tested against the registry in tests/boot)."""
 
     def __init__(self, answer: str) -> None:
         self.asked: list[tuple[str, str]] = []
@@ -46,11 +49,12 @@ class Handoff:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 url = urlparse(self.path)
-                mac = parse_qs(url.query).get("mac", [""])[0]
-                outer.asked.append((url.path, mac))
-                ok = url.path in ("/handoff", "/booted") and mac == MAC
-                reply = answer if url.path == "/handoff" else "ok\n"
-                body = (reply if ok else "unknown machine\n").encode()
+                query = parse_qs(url.query)
+                key = query.get("nonce" if url.path == "/session/redeem" else "mac", [""])[0]
+                outer.asked.append((url.path, key))
+                ok = (url.path, key) in (("/session/redeem", NONCE), ("/booted", MAC))
+                reply = answer if url.path == "/session/redeem" else "ok\n"
+                body = (reply if ok else "nonce unknown\n").encode()
                 self.send_response(200 if ok else 404)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -91,11 +95,14 @@ def test_initramfs_hands_off_to_nbd(
         f"nbd_host={HOST_FROM_GUEST}\nnbd_port={port}\nexport=tok-{write_cache}\n"
         f"write_cache={write_cache}\n"
     )
-    # The firmware phase: a local copy of the vdisk with the hand-off URL on the kernel line.
+    # The firmware phase: a local copy of the vdisk whose kernel line is what the boot
+    # service's kernel-direct script would write.
     firmware_disk = build_demo_image(
         tmp_path / "firmware.img",
         cache_dir=demo_image.parent / "kernel",
-        handoff_url=f"http://{HOST_FROM_GUEST}:{handoff.port}/handoff",
+        kernel_args=(
+            f"streamboot.server=http://{HOST_FROM_GUEST}:{handoff.port} streamboot.nonce={NONCE}"
+        ),
     )
     result = boot_vm(
         str(firmware_disk),
@@ -104,8 +111,8 @@ def test_initramfs_hands_off_to_nbd(
     )
     lines = result.lines()
     assert any(line.startswith("BOOTED") for line in lines), result.console[-3000:]
-    # It asked for its export, then said it had booted.
-    assert handoff.asked == [("/handoff", MAC), ("/booted", MAC)]
+    # It redeemed its nonce, then said it had booted.
+    assert handoff.asked == [("/session/redeem", NONCE), ("/booted", MAC)]
     assert (
         f"attached nbd://{HOST_FROM_GUEST}:{port} as /dev/nbd0 (write cache {write_cache})" in lines
     )
