@@ -10,6 +10,7 @@ import typer
 
 from streamboot.commands import (
     assign,
+    client,
     device,
     dhcp,
     events,
@@ -45,6 +46,7 @@ app.add_typer(trace.app, name="trace")
 app.add_typer(replay.app, name="replay")
 app.add_typer(token.app, name="token")
 app.add_typer(secrets.app, name="secrets")
+app.add_typer(client.app, name="client")
 
 
 def main() -> None:

@@ -153,7 +153,6 @@ class DhcpResponder:
         reply = self._reply(packet, kind)
         if not self._add_boot(packet, reply):
             return None
-        reply.options[dp.OPT_VENDOR_SPECIFIC] = PXE_VENDOR_OPTIONS
         return reply
 
     # -- full DHCP -----------------------------------------------------------------------
@@ -247,6 +246,9 @@ class DhcpResponder:
         reply.siaddr = self.config.server_ip
         reply.file = name.encode()[:127]
         reply.options[dp.OPT_VENDOR_CLASS] = b"PXEClient"
+        # With PXEClient and no discovery control, UEFI firmware (OVMF) goes looking for a
+        # boot server on port 4011 instead of loading the file named here.
+        reply.options[dp.OPT_VENDOR_SPECIFIC] = PXE_VENDOR_OPTIONS
         reply.options[dp.OPT_TFTP_SERVER] = self.config.server_ip.encode()
         reply.options[dp.OPT_BOOTFILE] = name.encode()
         return True

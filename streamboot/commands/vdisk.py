@@ -37,6 +37,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
+# A new vdisk's policy (import, build-debian).
+NewModeOption = Annotated[str, typer.Option(help="new vdisk: standard|private")]
+NewWriteCacheOption = Annotated[
+    str, typer.Option(help="new vdisk: server-ram|server-disk|client-ram|client-disk")
+]
+NewPersistenceOption = Annotated[str, typer.Option(help="new vdisk: discard|keep")]
 STORE_HELP = (
     "where stream and cache nodes read the layers: local (this registry's vdisk dir) or a "
     "store named in STREAMBOOT_CACHE_STORES holding the same <vdisk>/<layer> files"
@@ -173,11 +179,9 @@ def import_(
             help="maintenance|test|production (default: production for a new vdisk, maintenance for a new version)"
         ),
     ] = None,
-    mode: Annotated[str, typer.Option(help="new vdisk: standard|private")] = "standard",
-    write_cache: Annotated[
-        str, typer.Option(help="new vdisk: server-ram|server-disk|client-ram|client-disk")
-    ] = "server-disk",
-    persistence: Annotated[str, typer.Option(help="new vdisk: discard|keep")] = "discard",
+    mode: NewModeOption = "standard",
+    write_cache: NewWriteCacheOption = "server-disk",
+    persistence: NewPersistenceOption = "discard",
     store: Annotated[str | None, typer.Option(help=STORE_HELP)] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -252,6 +256,56 @@ def build_demo(
             except DemoBuildError as exc:
                 raise ClientError(str(exc), "invalid") from exc
             import_image(image, data_dir, name, None, "standard", write_cache, "discard", as_json)
+
+
+@app.command("build-debian")
+def build_debian(
+    name: Annotated[str, typer.Argument(help="name of the new vdisk (or a new version of it)")],
+    data_dir: DataDirOption,
+    suite: Annotated[str, typer.Option(help="Debian suite")] = "bookworm",
+    size: Annotated[str, typer.Option(help="image size (e.g. 4G, 8192M)")] = "4G",
+    packages: Annotated[
+        str, typer.Option(help="more Debian packages, comma separated (e.g. openssh-server)")
+    ] = "",
+    mirror: Annotated[str, typer.Option(help="Debian mirror")] = "http://deb.debian.org/debian",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="where the debootstrapped system is kept (default ~/.cache/streamboot)"),
+    ] = None,
+    mode: NewModeOption = "standard",
+    write_cache: NewWriteCacheOption = "server-disk",
+    persistence: NewPersistenceOption = "discard",
+    as_json: JsonOption = False,
+) -> None:
+    """Build a real Debian (systemd, a kernel, the streamboot client, a serial console) with
+    debootstrap and import it: PXE-booted kernel-direct, it reaches multi-user. Needs root."""
+    import tempfile
+
+    from streamboot.debian_image import DebianBuildError, build_debian_image, require_build_tools
+
+    def say(message: str) -> None:
+        if not as_json:
+            console.print(message)
+
+    with cli_errors(as_json):
+        check_name(name)
+        try:
+            require_build_tools()
+        except DebianBuildError as exc:
+            raise ClientError(str(exc), "invalid") from exc
+        client = RegistryClient.from_data_dir(data_dir)  # fails early when nothing runs
+        client.get("/registry/status")
+        # Next to the data, not in /tmp (which may be RAM): the image is gigabytes.
+        with tempfile.TemporaryDirectory(prefix="build-debian-", dir=data_dir) as tmp:
+            image = Path(tmp) / f"{name}.img"
+            try:
+                build_debian_image(
+                    image, suite=suite, size=size, extra_packages=packages.split(","),
+                    mirror=mirror, cache_dir=cache_dir, say=say,
+                )  # fmt: skip
+            except DebianBuildError as exc:
+                raise ClientError(str(exc), "invalid") from exc
+            import_image(image, data_dir, name, None, mode, write_cache, persistence, as_json)
 
 
 @app.command()

@@ -68,7 +68,8 @@ def recipe_digest() -> str:
     import hashlib
 
     h = hashlib.sha256(Path(__file__).read_bytes())
-    for path in sorted(CLIENT_DIR.iterdir()):
+    # The demo's own files; the client package's subdirectories are not in its initramfs.
+    for path in sorted(p for p in CLIENT_DIR.iterdir() if p.is_file()):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:12]
 

@@ -157,6 +157,17 @@ def test_proxy_answers_the_pxe_request_on_port_4011_only() -> None:
     assert reply is not None and reply.message_type == dp.ACK and reply.file == b"ipxe.efi"
 
 
+def test_a_full_dhcp_offer_tells_pxe_firmware_to_load_the_file_directly(tmp_path: Path) -> None:
+    # Without option 43's discovery control, OVMF's PXE looked for a boot server on port
+    # 4011 and gave up: "PXE-E16: No valid offer received".
+    cfg = full_config()
+    responder = DhcpResponder(cfg, LeaseStore(tmp_path / "l.json", cfg.pool_start, cfg.pool_end))  # type: ignore[arg-type]
+    offer = responder.handle(dp.parse(PXE_DISCOVER), now=1000)
+    assert offer is not None and offer.file == b"ipxe.efi"
+    assert offer.options[dp.OPT_VENDOR_CLASS] == b"PXEClient"
+    assert offer.options[dp.OPT_VENDOR_SPECIFIC] == bytes((6, 1, 8, 255))
+
+
 def test_full_dhcp_lease_cycle_and_persistence(tmp_path: Path) -> None:
     path = tmp_path / "leases.json"
     cfg = full_config()

@@ -26,6 +26,14 @@ STREAMBOOT = Path(sys.executable).parent / "streamboot"
 SERVER_IP = "10.77.0.1"
 POOL = ("10.77.0.100", "10.77.0.150")
 BOOT_TIMEOUT_S = 240.0
+# Short timers so a test sees sessions end: a powered-off VM's half-open connection is
+# found by keepalive after 5 + 2 * 2 s.
+SHORT_SESSION_TIMERS = {
+    "STREAMBOOT_SESSION_DETACH_GRACE_S": "3",
+    "STREAMBOOT_STREAM_KEEPALIVE_IDLE_S": "5",
+    "STREAMBOOT_STREAM_KEEPALIVE_INTERVAL_S": "2",
+    "STREAMBOOT_STREAM_KEEPALIVE_COUNT": "2",
+}
 
 
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -76,13 +84,28 @@ def delete_namespace(ns: str) -> None:
     subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
-def pxe_vm_argv(mac: str, tap: int) -> list[str]:
-    """QEMU (TCG) network-booting from a virtio NIC on tapN (Debian's ipxe-qemu ROM)."""
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+
+
+def pxe_vm_argv(
+    mac: str,
+    tap: int,
+    *,
+    memory_mib: int = 256,
+    uefi: bool = False,
+    drives: tuple[Path, ...] = (),
+) -> list[str]:
+    """QEMU (TCG) network-booting from a virtio NIC on tapN: SeaBIOS with the NIC's iPXE ROM
+    (Debian's ipxe-qemu), or with ``uefi`` OVMF's own PXE without the ROM, which fetches
+    ipxe.efi over TFTP as a UEFI fleet's firmware does. ``drives``: local virtio disks."""
+    firmware = ["-bios", str(OVMF)] if uefi else ["-boot", "n"]
+    rom = ",romfile=" if uefi else ""
+    disks = [a for d in drives for a in ("-drive", f"file={d},format=raw,if=virtio")]
     return [
-        "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "256", "-nographic",
-        "-no-reboot", "-serial", "stdio", "-monitor", "none", "-boot", "n",
+        "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", str(memory_mib),
+        "-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none", *firmware,
         "-netdev", f"tap,id=n0,ifname=tap{tap},script=no,downscript=no",
-        "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
+        "-device", f"virtio-net-pci,netdev=n0,mac={mac}{rom}", *disks,
     ]  # fmt: skip
 
 
@@ -201,11 +224,18 @@ class BootLab:
         out = self.cli("events", "list", "--json", *args).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
-    def boot_vm(self, mac: str, tap: int, until: str, timeout_s: float = BOOT_TIMEOUT_S) -> str:
-        """PXE-boot a VM with this MAC on tap N; returns its serial console once ``until``
-        appears or the VM powers itself off."""
+    def boot_vm(
+        self,
+        mac: str,
+        tap: int,
+        until: str | None,
+        timeout_s: float = BOOT_TIMEOUT_S,
+        **vm: Any,
+    ) -> str:
+        """PXE-boot a VM with this MAC on tap N (``vm``: pxe_vm_argv's options); returns its
+        serial console once ``until`` appears (None: once the VM powers itself off)."""
         console = self.root / f"vm-{mac.replace(':', '')}.log"
-        argv = self.exec(*pxe_vm_argv(mac, tap))
+        argv = self.exec(*pxe_vm_argv(mac, tap, **vm))
         return watch_vm(argv, console, until=until, timeout_s=timeout_s).console
 
     def wait_for_event(

@@ -20,7 +20,7 @@ import pytest
 
 from streamboot.demo.image import default_cache_dir, fetch_kernel
 from tests.conftest import traversable_tmpdir
-from tests.e2e.pxe_lab import BootLab, pxe_tools_missing
+from tests.e2e.pxe_lab import SHORT_SESSION_TIMERS, BootLab, pxe_tools_missing
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,12 +41,7 @@ def lab() -> Iterator[BootLab]:
     lab.create()
     try:
         lab.start(
-            # Short timers so the test sees sessions end: a powered-off VM's half-open
-            # HTTP connection is found by keepalive after 5 + 2 * 2 s.
-            STREAMBOOT_SESSION_DETACH_GRACE_S="3",
-            STREAMBOOT_STREAM_KEEPALIVE_IDLE_S="5",
-            STREAMBOOT_STREAM_KEEPALIVE_INTERVAL_S="2",
-            STREAMBOOT_STREAM_KEEPALIVE_COUNT="2",
+            **SHORT_SESSION_TIMERS,
             STREAMBOOT_IPXE_MENU_TIMEOUT_S="3",
             STREAMBOOT_UNKNOWN_DEVICE_POLICY="refuse",
         )
