@@ -53,7 +53,7 @@ def tune_socket(sock: socket.socket | None, s: StreamSettings) -> None:
 
 
 class Connection(asyncio.Protocol):
-    protocol_name: Literal["nbd", "http"] = "nbd"
+    protocol_name: Literal["nbd", "http", "iscsi"] = "nbd"
 
     def __init__(self, mgr: SessionManager) -> None:
         self.mgr = mgr
