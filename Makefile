@@ -14,7 +14,7 @@ SHELL := /bin/bash
 # tests. Keep the whole list here.
 TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-static iproute2 \
 	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
-	nbd-client fdisk
+	nbd-client fdisk libiscsi-bin qemu-block-extra tgt
 # The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer), dnsmasq-base (the
 # reference PXE chain's DHCP in bench/pxechain.py).
 BENCH_DEB_PACKAGES := $(TEST_DEB_PACKAGES) fio tftpd-hpa dnsmasq-base

@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 BLOCK = 512
 # Largest READ/WRITE/VERIFY in blocks (VPD B0 says so; initiators split larger requests).
 MAX_TRANSFER_BLOCKS = 2048
-MAX_UNMAP_BLOCKS = 1 << 22
+MAX_UNMAP_BLOCKS = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 64
-MAX_WRITE_SAME_BLOCKS = 1 << 16
+MAX_WRITE_SAME_BLOCKS = 1 << 15
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -103,11 +103,14 @@ _RW = {
 
 
 def decode_rw(cdb: bytes) -> Rw | None:
-    """A READ/WRITE (6/10/12/16) CDB's transfer, or None for other commands."""
+    """A READ/WRITE (6/10/12/16) CDB's transfer, or None for other commands;
+    CheckCondition for a field we cannot honour."""
     shape = _RW.get(cdb[0])
     if shape is None:
         return None
     write, lo, ln, co, cn = shape
+    if cdb[0] not in (0x08, 0x0A) and cdb[1] & 0xE0:
+        raise invalid_field()  # RDPROTECT/WRPROTECT: the medium has no protection info
     lba = int.from_bytes(cdb[lo : lo + ln], "big")
     blocks = int.from_bytes(cdb[co : co + cn], "big")
     if cdb[0] in (0x08, 0x0A):
@@ -197,6 +200,7 @@ class Lun:
 
     def _vpd_block_limits(self) -> bytes:
         b = bytearray(0x3C)
+        b[0] = 0x01  # WSNZ: WRITE SAME of 0 blocks ("to the end") is refused
         struct.pack_into(">I", b, 4, MAX_TRANSFER_BLOCKS)
         struct.pack_into(">I", b, 8, MAX_TRANSFER_BLOCKS)
         if self.can_unmap:
@@ -269,6 +273,8 @@ class Lun:
             else (int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big"))
         )
         bytchk = (cdb[1] >> 1) & 0x03
+        if cdb[1] & 0xE0:  # VRPROTECT
+            raise invalid_field()
         if bytchk not in (0, 1):
             raise invalid_field()
         if lba + blocks > self.blocks:
@@ -301,13 +307,12 @@ class Lun:
         unmap = bool(cdb[1] & 0x08)
         if self.read_only:
             raise write_protected()
-        if cdb[1] & 0x10 or (unmap and not self.can_unmap):  # ANCHOR
+        if cdb[1] & 0xF0 or (unmap and not self.can_unmap):  # WRPROTECT, ANCHOR
             raise invalid_field()
         if lba + blocks > self.blocks:
             raise lba_out_of_range()
         if blocks == 0 or blocks > MAX_WRITE_SAME_BLOCKS:
-            # 0 would mean "to the end of the medium": more than one command may take.
-            raise invalid_field()
+            raise invalid_field()  # 0 ("to the end") is refused: WSNZ in VPD B0
         pattern = bytes(BLOCK) if ndob else data[:BLOCK]
         if len(pattern) < BLOCK:
             raise CheckCondition(ILLEGAL_REQUEST, 0x1A)

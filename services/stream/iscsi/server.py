@@ -101,6 +101,8 @@ class DataOutTask:
     ttt: int = P.NO_TAG
     r2t_end: int = 0
     r2t_sn: int = 0
+    # The DataSN the next Data-Out must carry (counted per R2T burst, and for unsolicited).
+    data_sn: int = 0
 
 
 class IscsiConnection(Connection):
@@ -489,9 +491,12 @@ class IscsiConnection(Connection):
         response = 0  # function complete
         if function == 1:  # ABORT TASK
             ref = req.u32(20)
-            self._writes.pop(ref, None)
-            if ref in self._running:
-                self._aborted.add(ref)
+            if self._writes.pop(ref, None) is not None:
+                pass
+            elif ref in self._running:
+                self._aborted.add(ref)  # its response is not sent
+            else:
+                response = 1  # task does not exist: answered already (or never was)
         elif function in (2, 3, 5, 6, 7):  # ABORT/CLEAR TASK SET, LUN RESET, TARGET RESETS
             if function in (2, 3, 5) and req.lun != 0:
                 response = 2  # LUN does not exist
@@ -518,15 +523,18 @@ class IscsiConnection(Connection):
         if len(req.data) > edtl:
             return self._reject(P.REJECT_PROTOCOL, req.bhs)
         error: S.CheckCondition | None = None
-        rw = S.decode_rw(cdb)
-        if req.lun != 0 and cdb[0] not in (0x12, 0xA0, 0x03):
-            error = S.lun_not_supported()
-        elif rw is not None:
-            try:
+        rw: S.Rw | None = None
+        try:
+            if req.lun != 0 and cdb[0] not in (0x12, 0xA0, 0x03):
+                raise S.lun_not_supported()
+            rw = S.decode_rw(cdb)
+            if rw is not None:
                 lun.check_rw(rw, edtl)
-            except S.CheckCondition as e:
-                error = e
+        except S.CheckCondition as e:
+            error = e
         if req.flags & P.CMD_WRITE and edtl:
+            if len(self._writes) >= CMD_WINDOW or req.itt in self._writes:
+                return self._reject(P.REJECT_PROTOCOL, req.bhs)
             if edtl > MAX_DATA_OUT and error is None:
                 error = S.invalid_field()
             task = DataOutTask(req.itt, req.lun_raw, cdb, edtl, rw, error, t0)
@@ -534,8 +542,6 @@ class IscsiConnection(Connection):
             task.unsolicited_end = task.received
             if not self.initial_r2t and not req.final:
                 task.unsolicited_end = min(edtl, self.first_burst)
-            if len(self._writes) >= CMD_WINDOW and req.itt not in self._writes:
-                return self._reject(P.REJECT_PROTOCOL, req.bhs)
             self._writes[req.itt] = task
             self._advance_write(task)
             return
@@ -543,10 +549,8 @@ class IscsiConnection(Connection):
             return self._respond(req.itt, error=error)
         if rw is not None and not rw.write:
             return self._read(req.itt, req.lun_raw, rw, edtl, t0)
-        if rw is not None:  # a WRITE without data: nothing moves
-            if rw.blocks:
-                return self._respond(req.itt, error=S.invalid_field())
-            return self._respond(req.itt)
+        if rw is not None:  # a WRITE without Data-Out: nothing to write
+            return self._write_command(req.itt, req.lun_raw, rw, edtl, b"", t0)
         if req.lun != 0 and cdb[0] == 0x12:
             return self._respond_data(req.itt, req.lun_raw, edtl, S.inquiry_no_lun(cdb))
         self._start(req.itt, req.lun_raw, edtl, self._command(cdb, b"", t0))
@@ -571,6 +575,9 @@ class IscsiConnection(Connection):
                 raise P.PduError("unsolicited Data-Out beyond FirstBurstLength")
         elif ttt != task.ttt or offset + len(req.data) > task.r2t_end:
             raise P.PduError("Data-Out outside its R2T")
+        if req.u32(36) != task.data_sn:
+            raise P.PduError(f"Data-Out DataSN {req.u32(36)}, expected {task.data_sn}")
+        task.data_sn += 1
         self._data_arrived(task, offset, req.data)
         if ttt == P.NO_TAG:
             if req.final:
@@ -587,6 +594,7 @@ class IscsiConnection(Connection):
             return  # unsolicited data or an R2T's burst still coming
         if task.received < task.edtl:
             task.ttt = next(self._ttt)
+            task.data_sn = 0
             task.r2t_end = min(task.edtl, task.received + self.max_burst)
             bhs = P.header(P.OP_R2T, P.FLAG_FINAL, task.itt)
             bhs[8:16] = task.lun
@@ -603,24 +611,34 @@ class IscsiConnection(Connection):
             return self._respond(task.itt, error=task.error)
         data = bytes(task.buf)
         if task.rw is None:
-            return self._start(task.itt, task.lun, 0, self._command(task.cdb, data, task.t0), 0)
-        need = task.rw.blocks * S.BLOCK
-        if len(data) < need:  # the initiator said it sends less than the CDB writes
-            return self._respond(task.itt, error=S.invalid_field())
-        lun = self.lun
-        assert lun is not None and self.session is not None
-        self.count_written(need)
-        self.session.record("w", task.rw.lba * S.BLOCK, need)
-        op = self._write(task, lun, data[:need])
-        self._start(task.itt, task.lun, 0, op, task.edtl - need)
+            op = self._command(task.cdb, data, task.t0)
+            return self._start(task.itt, task.lun, 0, op, (0, 0))
+        self._write_command(task.itt, task.lun, task.rw, task.edtl, data, task.t0)
 
-    async def _write(self, task: DataOutTask, lun: S.Lun, data: bytes) -> bytes:
-        assert task.rw is not None
+    def _write_command(
+        self, itt: int, lun: bytes, rw: S.Rw, edtl: int, data: bytes, t0: float
+    ) -> None:
+        """Write the whole blocks both the CDB and the Data-Out cover (an expected length
+        that differs from the CDB's is answered with its residual, as SAM says)."""
+        assert self.lun is not None and self.session is not None
+        need = rw.blocks * S.BLOCK
+        residual = (edtl - need, 0) if edtl > need else (0, need - edtl)
+        blocks = min(len(data), need) // S.BLOCK
+        if not blocks:
+            return self._respond(itt, underflow=residual[0], overflow=residual[1])
+        n = blocks * S.BLOCK
+        self.count_written(n)
+        self.session.record("w", rw.lba * S.BLOCK, n)
+        part = S.Rw(True, rw.lba, blocks, rw.fua)
+        self._start(itt, lun, 0, self._write(part, data[:n], t0), residual)
+
+    async def _write(self, rw: S.Rw, data: bytes, t0: float) -> bytes:
+        assert self.lun is not None
         try:
-            await lun.write(task.rw, data)
+            await self.lun.write(rw, data)
             return b""
         finally:
-            LATENCY["write"].observe(perf_counter() - task.t0)
+            LATENCY["write"].observe(perf_counter() - t0)
 
     def _start(
         self,
@@ -628,10 +646,10 @@ class IscsiConnection(Connection):
         lun: bytes,
         edtl: int,
         op: Coroutine[Any, Any, bytes | bytearray],
-        data_out_residual: int | None = None,
+        data_out_residual: tuple[int, int] | None = None,
     ) -> None:
         """Run ``op`` as a task; its result is the command's Data-In (for a command that
-        moved Data-Out, ``data_out_residual`` is the part of it that was not used)."""
+        moved Data-Out, ``data_out_residual`` is its (underflow, overflow) instead)."""
         self.inflight += 1
         self._running.add(itt)
         self.spawn(self._finish(itt, lun, edtl, op, data_out_residual))
@@ -642,7 +660,7 @@ class IscsiConnection(Connection):
         lun: bytes,
         edtl: int,
         op: Coroutine[Any, Any, bytes | bytearray],
-        data_out_residual: int | None,
+        data_out_residual: tuple[int, int] | None,
     ) -> None:
         error: S.CheckCondition | None = None
         out: bytes | bytearray = b""
@@ -657,7 +675,7 @@ class IscsiConnection(Connection):
         elif error is not None:
             self._respond(itt, error=error)
         elif data_out_residual is not None:
-            self._respond(itt, underflow=data_out_residual)
+            self._respond(itt, underflow=data_out_residual[0], overflow=data_out_residual[1])
         else:
             self._respond_data(itt, lun, edtl, out)
 
