@@ -14,7 +14,9 @@ class StreamSettings:
     bind_host: str = "127.0.0.1"
     nbd_port: int = 10809  # 0 = pick a free port
     http_port: int = 18081
-    iscsi_port: int = 13260
+    # 0: a free port, so the many servers tests and benches build by hand never collide on
+    # it; the service takes STREAMBOOT_ISCSI_PORT (default 13260) through from_settings.
+    iscsi_port: int = 0
     node_id: str = "stream"
     # Refuse a session's connections from any address but the one it was issued to
     # (ExportSpec.client_addr); off for NAT labs.

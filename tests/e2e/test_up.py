@@ -120,6 +120,7 @@ def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None
     info = first.wait_running()
     assert {"nats_url", "database_url", "api_url", "endpoints"} <= info.keys()
     assert info["nats_url"] in first.output and info["database_url"] in first.output
+    assert info["endpoints"]["iscsi"] in first.output  # the stream node's iSCSI portal
     token_file = data_dir / "api-token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     token = token_file.read_text()
