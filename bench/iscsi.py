@@ -20,18 +20,19 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import wait_port
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import wait_port  # noqa: E402
+from tests.stream.tgt import free_port, tgt_target  # noqa: E402
+
 TOKEN = "bench-token"
-TGT_IQN = "iqn.2026-12.bench:tgt"
 
 # name, iscsi-perf arguments
 WORKLOADS = [
@@ -40,12 +41,6 @@ WORKLOADS = [
     ("rand read 4K qd1", ["-m", "1", "-b", "8", "-r"]),
 ]
 RESULT = re.compile(r"iops average (\d+) \((\d+) MB/s\)\s*$", re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_image(path: Path, size: int) -> None:
@@ -66,29 +61,6 @@ def streamboot(image: Path) -> Iterator[str]:
         yield f"iscsi://127.0.0.1:{port}/iqn.2026-12.io.streamboot:{TOKEN}/0"
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-
-
-@contextlib.contextmanager
-def tgt(image: Path) -> Iterator[str]:
-    port, control = free_port(), 1000 + os.getpid() % 30000
-    proc = subprocess.Popen(
-        ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port)
-        adm = ["tgtadm", "-C", str(control), "--lld", "iscsi"]
-        for args in (
-            ["--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN],
-            ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(image)],
-            ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
-        ):
-            subprocess.run([*adm, *args], check=True, capture_output=True)
-        yield f"iscsi://127.0.0.1:{port}/{TGT_IQN}/1"
-    finally:
-        proc.terminate()
         proc.wait(10)
 
 
@@ -122,7 +94,7 @@ def main() -> None:
         with open(image, "rb") as f:  # warm the page cache
             while f.read(8 << 20):
                 pass
-        with streamboot(image) as ours, tgt(image) as theirs:
+        with streamboot(image) as ours, tgt_target(image) as theirs:
             targets = {"streamboot": ours, "tgt": theirs}
             print(f"{'workload':20} {'target':10} {'IOPS':>8} {'MB/s':>8} {'vs tgt':>7}")
             for name, wargs in WORKLOADS:

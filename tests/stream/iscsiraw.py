@@ -8,6 +8,8 @@ import struct
 
 import crc32c
 
+from tests.stream.nbdraw import recv_exact
+
 INITIATOR = "iqn.2026-12.test:raw"
 
 
@@ -24,13 +26,7 @@ class RawIscsi:
         self.header_digest = False
 
     def recv_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-            data += chunk
-        return data
+        return recv_exact(self.sock, n)
 
     def recv_pdu(self) -> tuple[bytes, bytes]:
         bhs = self.recv_exact(48)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,20 +20,11 @@ from services.stream.iscsi.server import TARGET_PREFIX
 from shared.events import SessionAttached, SessionDetached
 from tests.stream.conftest import IMAGE_SIZE, ServerThread, sha256
 from tests.stream.iscsiraw import RawIscsi
-
-TIMEOUT = 120
+from tests.stream.test_clients import qemu_io, run
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("iscsi-inq"), reason="libiscsi-bin is not installed (make test-deps)"
 )
-
-
-def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    # errors="replace": iscsi-inq prints binary designators as they are.
-    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=TIMEOUT)
-    if check:
-        assert out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +34,6 @@ def server(make_server) -> ServerThread:  # type: ignore[no-untyped-def]
 
 def url(server: ServerThread, token: str, lun: int = 0) -> str:
     return f"iscsi://127.0.0.1:{server.servers.iscsi_port}/{TARGET_PREFIX}{token}/{lun}"
-
-
-def qemu_io(uri: str, *commands: str) -> str:
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    out = run(*args, uri)
-    assert "Pattern verification failed" not in out.stdout + out.stderr, out.stdout
-    assert "error" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
-    return out.stdout
 
 
 def test_inquiry_names_the_device(server: ServerThread) -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 
 from services.stream.iscsi.server import TARGET_PREFIX
 from tests.stream.conftest import ServerThread
+from tests.stream.tgt import tgt_target
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,13 +31,6 @@ pytestmark = [
 ]
 
 SUITE_TIMEOUT = 1800
-TGT_IQN = "iqn.2026-12.test:tgt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def results(xml: Path) -> dict[str, bool]:
@@ -68,29 +60,8 @@ def run_suite(url: str, cwd: Path) -> dict[str, bool]:
 def tgt(images, tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
     disk = tmp_path / "tgt.raw"
     shutil.copyfile(images["base"], disk)
-    port, control = free_port(), 1000 + os.getpid() % 30000
-    proc = subprocess.Popen(
-        ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        adm = ["tgtadm", "-C", str(control), "--lld", "iscsi"]
-        for _ in range(100):  # until tgtd listens on its control socket
-            if subprocess.run([*adm, "--op", "show", "--mode", "sys"],
-                              capture_output=True).returncode == 0:  # fmt: skip
-                break
-            time.sleep(0.1)
-        for args in (
-            ["--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN],
-            ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(disk)],
-            ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
-        ):
-            subprocess.run([*adm, *args], check=True, capture_output=True)
-        yield f"iscsi://127.0.0.1:{port}/{TGT_IQN}/1"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with tgt_target(disk) as url:
+        yield url
 
 
 def test_passes_everything_tgt_passes(make_server, tgt: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -99,7 +99,13 @@ _RW = {
     0x2A: (True, 2, 4, 7, 2),
     0xAA: (True, 2, 4, 6, 4),
     0x8A: (True, 2, 8, 10, 4),
+    # WRITE AND VERIFY 10/12/16: a write that is on the medium when answered (as FUA), so
+    # the verify after it cannot differ.
+    0x2E: (True, 2, 4, 7, 2),
+    0xAE: (True, 2, 4, 6, 4),
+    0x8E: (True, 2, 8, 10, 4),
 }
+_WRITE_VERIFY = (0x2E, 0xAE, 0x8E)
 
 
 def decode_rw(cdb: bytes) -> Rw | None:
@@ -118,8 +124,15 @@ def decode_rw(cdb: bytes) -> Rw | None:
         blocks = blocks or 256  # a 6-byte CDB's 0 means 256 blocks
         fua = False
     else:
-        fua = bool(cdb[1] & 0x08)
+        fua = cdb[0] in _WRITE_VERIFY or bool(cdb[1] & 0x08)
     return Rw(write, lba, blocks, fua)
+
+
+def lba_range(cdb: bytes) -> tuple[int, int]:
+    """(LBA, blocks) of a 10-byte (opcodes below 0x80) or 16-byte CDB."""
+    if cdb[0] < 0x80:
+        return int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[7:9], "big")
+    return int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big")
 
 
 def vdisk_id(vdisk: str) -> bytes:
@@ -252,11 +265,7 @@ class Lun:
         return struct.pack(">I4x", 4 + len(desc)) + desc
 
     async def _sync_cache(self, cdb: bytes, data: bytes) -> bytes:
-        lba, blocks = (
-            (int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[7:9], "big"))
-            if cdb[0] == 0x35
-            else (int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big"))
-        )
+        lba, blocks = lba_range(cdb)
         if lba + blocks > self.blocks:
             raise lba_out_of_range()
         try:
@@ -266,12 +275,14 @@ class Lun:
             raise write_error() from None
         return b""
 
+    async def _prefetch(self, cdb: bytes, data: bytes) -> bytes:
+        lba, blocks = lba_range(cdb)
+        if lba + blocks > self.blocks:
+            raise lba_out_of_range()
+        return b""  # a hint: the read path has its own cache
+
     async def _verify(self, cdb: bytes, data: bytes) -> bytes:
-        lba, blocks = (
-            (int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[7:9], "big"))
-            if cdb[0] == 0x2F
-            else (int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big"))
-        )
+        lba, blocks = lba_range(cdb)
         bytchk = (cdb[1] >> 1) & 0x03
         if cdb[1] & 0xE0:  # VRPROTECT
             raise invalid_field()
@@ -298,12 +309,8 @@ class Lun:
             raise read_error() from None
 
     async def _write_same(self, cdb: bytes, data: bytes) -> bytes:
-        if cdb[0] == 0x41:
-            lba, blocks = int.from_bytes(cdb[2:6], "big"), int.from_bytes(cdb[7:9], "big")
-            ndob = False
-        else:
-            lba, blocks = int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big")
-            ndob = bool(cdb[1] & 0x01)
+        lba, blocks = lba_range(cdb)
+        ndob = cdb[0] == 0x93 and bool(cdb[1] & 0x01)
         unmap = bool(cdb[1] & 0x08)
         if self.read_only:
             raise write_protected()
@@ -460,6 +467,8 @@ _HANDLERS = {
     0x9E: Lun._service_action_in,
     0x35: Lun._sync_cache,
     0x91: Lun._sync_cache,
+    0x34: Lun._prefetch,
+    0x90: Lun._prefetch,
     0x2F: Lun._verify,
     0x8F: Lun._verify,
     0x41: Lun._write_same,
