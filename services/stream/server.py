@@ -49,9 +49,15 @@ class StreamServers:
         http = await loop.create_server(
             lambda: HttpConnection(self.sessions), s.bind_host, s.http_port, reuse_address=True
         )
-        iscsi = await loop.create_server(
-            lambda: IscsiConnection(self.sessions), s.bind_host, s.iscsi_port, reuse_address=True
-        )
+        iscsi: asyncio.base_events.Server | RawServer
+        if s.nbd_zero_copy:  # the same transport choice as NBD: large reads by sendfile
+            iscsi = RawServer(loop, lambda: IscsiConnection(self.sessions), s.bind_host,
+                              s.iscsi_port)  # fmt: skip
+        else:
+            iscsi = await loop.create_server(
+                lambda: IscsiConnection(self.sessions), s.bind_host, s.iscsi_port,
+                reuse_address=True,
+            )  # fmt: skip
         self._servers = [nbd, http, iscsi]
         if s.write_cache_dir is not None:
             s.write_cache_dir.mkdir(parents=True, exist_ok=True)

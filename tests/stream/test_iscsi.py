@@ -27,9 +27,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def server(make_server) -> ServerThread:  # type: ignore[no-untyped-def]
-    return make_server(session_linger_s=60.0, handshake_timeout_s=1.0)
+@pytest.fixture(scope="module", params=[True, False], ids=["sendfile", "uvloop"])
+def server(make_server, request) -> ServerThread:  # type: ignore[no-untyped-def]
+    # Our own transport (large reads by sendfile) and uvloop's (every read copied).
+    return make_server(session_linger_s=60.0, handshake_timeout_s=1.0, nbd_zero_copy=request.param)
 
 
 def url(server: ServerThread, token: str, lun: int = 0) -> str:
@@ -65,6 +66,16 @@ def test_qemu_img_convert_whole_export(server: ServerThread, images, tmp_path: P
     assert sha256(out) == sha256(images["base"])
     info = json.loads(run("qemu-img", "info", "--output=json", url(server, "tok-ro")).stdout)
     assert info["virtual-size"] == IMAGE_SIZE
+
+
+def test_header_digests(server: ServerThread, images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "copy.raw"
+    opts = (
+        "driver=raw,file.driver=iscsi,file.transport=tcp,file.lun=0,file.header-digest=crc32c,"
+        f"file.portal=127.0.0.1:{server.servers.iscsi_port},file.target={TARGET_PREFIX}tok-ro"
+    )
+    run("qemu-img", "convert", "--image-opts", opts, "-O", "raw", str(out))
+    assert sha256(out) == sha256(images["base"])
 
 
 def test_version_chain_served(server: ServerThread, images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -178,14 +178,16 @@ def build(
     data: bytes | bytearray | memoryview = b"",
     header_digest: bool = False,
     data_digest: bool = False,
+    length: int | None = None,
 ) -> list[bytes | bytearray | memoryview]:
-    """The buffers of one PDU (``bhs`` gets its DataSegmentLength set here)."""
-    n = len(data)
+    """The buffers of one PDU (``bhs`` gets its DataSegmentLength set here). ``length``:
+    the caller sends that many data bytes itself (no padding or data digest added)."""
+    n = len(data) if length is None else length
     bhs[5:8] = n.to_bytes(3, "big")
     out: list[bytes | bytearray | memoryview] = [bhs]
     if header_digest:
         out.append(crc(bhs).to_bytes(4, "little"))
-    if n:
+    if n and length is None:
         out.append(data)
         pad = bytes(pad4(n))
         if pad:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import struct
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -26,7 +27,14 @@ from typing import Any
 from services.stream.conn import Connection
 from services.stream.iscsi import pdu as P
 from services.stream.iscsi import scsi as S
-from services.stream.path.backend import BlocksMissing, Piece, read_into, read_into_nowait
+from services.stream.path.backend import (
+    ZERO_FD,
+    BlocksMissing,
+    Piece,
+    all_cached,
+    read_into,
+    read_into_nowait,
+)
 from services.stream.sessions import Session, SessionManager
 from shared import metrics
 
@@ -60,6 +68,13 @@ LOGIN_UNSUPPORTED_VERSION = 0x0205
 LOGIN_TARGET_ERROR = 0x0300
 
 STAGE_SECURITY, STAGE_OPERATIONAL, STAGE_FULL = 0, 1, 3
+
+# Data-In header: opcode, flags, -, status, AHS length, DataSegmentLength (set by
+# P.build), LUN, ITT, TTT, StatSN, ExpCmdSN, MaxCmdSN, DataSN, buffer offset, residual.
+DATA_IN = struct.Struct(">BBxBB3x8sIIIIIIII")
+# Reads at least this large go out by sendfile when the transport can (RawTransport).
+SENDFILE_MIN = 64 * 1024
+ZEROS = memoryview(bytes(MAX_RECV_DATA))
 
 _tsih = itertools.cycle(range(1, 0x10000))
 
@@ -711,9 +726,17 @@ class IscsiConnection(Connection):
             data = len(sense).to_bytes(2, "big") + sense
         self._send(bhs, data)
 
-    def _respond_data(self, itt: int, lun: bytes, edtl: int, data: bytes | memoryview) -> None:
-        """Data-In PDUs of ``data`` (cut to ``edtl``), the GOOD status in the last."""
-        n = len(data)
+    def _respond_data(
+        self,
+        itt: int,
+        lun: bytes,
+        edtl: int,
+        data: bytes | bytearray | memoryview,
+        pieces: list[Piece] | None = None,
+    ) -> None:
+        """Data-In PDUs of ``data`` (cut to ``edtl``), the GOOD status in the last. With
+        ``pieces`` (and ``data`` empty) the bytes are sent from the files by sendfile."""
+        n = len(data) if pieces is None else sum(p[2] for p in pieces)
         sent = min(n, edtl)
         flags = 0
         resid = 0
@@ -731,23 +754,40 @@ class IscsiConnection(Connection):
         while pos < sent:
             k = min(step, sent - pos)
             end = pos + k
-            last = end == sent
-            bhs = P.header(P.OP_DATA_IN, 0, itt)
-            if last:
-                bhs[1] = P.FLAG_FINAL | P.DATA_STATUS | flags
-                P.put32(bhs, 44, resid)
-                self._status_fields(bhs)
+            bhs = bytearray(P.BHS_LEN)
+            if end == sent:
+                stat_sn = self.stat_sn
+                self.stat_sn = (stat_sn + 1) & 0xFFFFFFFF
+                fl, status, res = P.FLAG_FINAL | P.DATA_STATUS | flags, S.GOOD, resid
             else:
-                if end % self.max_burst == 0:
-                    bhs[1] = P.FLAG_FINAL  # a Data-In sequence ends at MaxBurstLength
-                P.put32(bhs, 28, self.exp_cmd_sn)
-                P.put32(bhs, 32, self._max_cmd_sn())
-            bhs[8:16] = lun
-            P.put32(bhs, 20, P.NO_TAG)
-            P.put32(bhs, 36, sn)
-            P.put32(bhs, 40, pos)
-            self._send(bhs, view[pos:end])
+                # A Data-In sequence ends at MaxBurstLength (F without status).
+                stat_sn, status, res = 0, 0, 0
+                fl = P.FLAG_FINAL if end % self.max_burst == 0 else 0
+            DATA_IN.pack_into(
+                bhs, 0, P.OP_DATA_IN, fl, status, 0, lun, itt, P.NO_TAG, stat_sn,
+                self.exp_cmd_sn, self._max_cmd_sn(), sn, pos, res,
+            )  # fmt: skip
+            if pieces is None:
+                self._send(bhs, view[pos:end])
+            else:
+                for buf in P.build(bhs, b"", self.header_digest, length=k):
+                    self.write(buf)
+                self._write_pieces(pieces, pos, k)
             pos, sn = end, sn + 1
+
+    def _write_pieces(self, pieces: list[Piece], start: int, n: int) -> None:
+        """Send bytes [start, start + n) of the pieces' concatenation, files by sendfile."""
+        at = 0
+        for fd, off, cnt in pieces:
+            lo, hi = max(start, at), min(start + n, at + cnt)
+            if lo < hi:
+                if fd == ZERO_FD:
+                    self.write(ZEROS[: hi - lo])
+                else:
+                    self.write_file(fd, off + lo - at, hi - lo)
+            at += cnt
+            if at >= start + n:
+                return
 
     def _read(self, itt: int, lun: bytes, rw: S.Rw, edtl: int, t0: float) -> None:
         assert self.lun is not None and self.session is not None
@@ -759,6 +799,16 @@ class IscsiConnection(Connection):
             return self._start(itt, lun, edtl, self._read_slow(rw, miss))
         self.count_read(length)
         self.session.record("r", offset, length)
+        if (
+            length >= SENDFILE_MIN
+            and self.zero_copy
+            and not self.data_digest
+            and self.max_send_data <= len(ZEROS)
+            and all_cached(pieces)
+        ):
+            self._respond_data(itt, lun, edtl, b"", pieces)
+            LATENCY["read"].observe(perf_counter() - t0)
+            return
         out = bytearray(length)
         try:
             done = read_into_nowait(pieces, memoryview(out))
