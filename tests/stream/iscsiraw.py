@@ -61,22 +61,26 @@ class RawIscsi:
             "DataDigest": "None",
             "MaxRecvDataSegmentLength": "262144",
         }
+        status = self.login_step(1, 3, keys)
+        if expect_ok:
+            assert status == 0, f"login status {status:#06x}"
+            self.header_digest = header_digest
+        return status
+
+    def login_step(self, csg: int, nsg: int, keys: dict[str, str]) -> int:
+        """One login request moving from stage ``csg`` to ``nsg``; its login status."""
         text = b"".join(f"{k}={v}".encode() + b"\0" for k, v in keys.items())
         bhs = bytearray(48)
         bhs[0] = 0x43
-        bhs[1] = 0x80 | (1 << 2) | 3
+        bhs[1] = 0x80 | (csg << 2) | nsg
         bhs[8:14] = bytes.fromhex("00023d000001")
         struct.pack_into(">IHxxII", bhs, 16, self.itt, 0, self.cmd_sn, self.exp_stat_sn)
         self.itt += 1
         self.send_pdu(bhs, text)
         rsp, _ = self.recv_pdu()
         assert rsp[0] & 0x3F == 0x23
-        status = rsp[36] << 8 | rsp[37]
         self.exp_stat_sn = struct.unpack_from(">I", rsp, 24)[0] + 1
-        if expect_ok:
-            assert status == 0, f"login status {status:#06x}"
-            self.header_digest = header_digest
-        return status
+        return rsp[36] << 8 | rsp[37]
 
     def scsi_bhs(self, cdb: bytes, edtl: int, read: bool = False, write: bool = False) -> bytearray:
         bhs = bytearray(48)

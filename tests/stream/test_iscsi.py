@@ -148,6 +148,23 @@ def test_attach_and_detach_events(server: ServerThread) -> None:
     assert any(e.session_id == "session-tok-v2" for e in detached)
 
 
+def test_closing_the_session_ends_its_connections(server: ServerThread) -> None:
+    logged_in, logging_in = RawIscsi(server.servers.iscsi_port), RawIscsi(server.servers.iscsi_port)
+    logged_in.login(TARGET_PREFIX + "tok-v2")
+    assert logged_in.read10(0, 1)[0] == 0
+    server.call(lambda: server.servers.close_session("session-tok-v2"))  # the registry closed it
+    assert logged_in.closed_by_peer()
+    # A login half done (security stage passed, the session opened) when its session is
+    # closed ends there: it never reaches full feature phase on the dropped session.
+    first = {"InitiatorName": "iqn.2026-12.test:raw", "TargetName": TARGET_PREFIX + "tok-v2",
+             "AuthMethod": "None"}  # fmt: skip
+    assert logging_in.login_step(0, 1, first) == 0
+    server.call(lambda: server.servers.close_session("session-tok-v2"))
+    with pytest.raises(ConnectionError):
+        logging_in.login_step(1, 3, {"MaxRecvDataSegmentLength": "262144"})
+    run("iscsi-inq", url(server, "tok-v2"))  # the next login opens it again
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

@@ -128,6 +128,8 @@ class IscsiConnection(Connection):
         self.portal = ""
         self.header_digest = False
         self.data_digest = False
+        # Negotiated during login, in force after its last response.
+        self._want_digest = {"HeaderDigest": False, "DataDigest": False}
         # Negotiated values (defaults of RFC 7143 13).
         self.max_send_data = 8192
         self.max_burst = 262144
@@ -330,6 +332,7 @@ class IscsiConnection(Connection):
             self.mgr.release(session)
             raise ConnectionResetError("closed during login")
         self._pending = session
+        session.conns.add(self)  # closing the session (registry) ends this login too
         if not self.mgr.admits(session, "iscsi", self.peer):
             raise LoginFailed(LOGIN_FORBIDDEN, "this session belongs to another address")
 
@@ -356,7 +359,7 @@ class IscsiConnection(Connection):
             pick = next((v for v in value.split(",") if v in ("CRC32C", "None")), None)
             if pick is None:
                 return "Reject"
-            setattr(self, "_want_" + key, pick == "CRC32C")
+            self._want_digest[key] = pick == "CRC32C"
             return pick
         if key == "MaxRecvDataSegmentLength":
             n = _number(value, 512, (1 << 24) - 1)
@@ -399,19 +402,19 @@ class IscsiConnection(Connection):
         return "NotUnderstood"
 
     def _enter_full_feature(self) -> None:
-        self.header_digest = getattr(self, "_want_HeaderDigest", False)
-        self.data_digest = getattr(self, "_want_DataDigest", False)
+        self.header_digest = self._want_digest["HeaderDigest"]
+        self.data_digest = self._want_digest["DataDigest"]
         session, self._pending = self._pending, None
         if session is None:
             return  # a discovery session
         self.session = session
-        session.conns.add(self)
         self.lun = S.Lun(session.backend, session.spec.vdisk)
         self.mgr.attached(session, "iscsi", self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         session, self._pending = self._pending, None
         if session is not None:  # a login that never finished: no attach to detach
+            session.conns.discard(self)
             self.mgr.release(session)
         super().connection_lost(exc)
 
