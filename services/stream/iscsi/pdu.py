@@ -71,7 +71,13 @@ class PduError(Exception):
 
 
 class DigestError(PduError):
-    """A header or data digest that does not match."""
+    """A header or data digest that does not match (``bhs``: the PDU's header; ``data``:
+    the data digest, so the header itself was sound)."""
+
+    def __init__(self, message: str, bhs: bytes, data: bool) -> None:
+        super().__init__(message)
+        self.bhs = bhs
+        self.data = data
 
 
 def crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
@@ -152,25 +158,37 @@ def extended_cdb(ahs: bytes) -> bytes:
     return b""
 
 
-def lengths(bhs: bytes, max_data: int) -> tuple[int, int]:
-    """(AHS bytes, data segment bytes) a header announces; PduError beyond the limits."""
-    ahs = bhs[4] * 4
-    data = int.from_bytes(bhs[5:8], "big")
+def parse(
+    buf: bytearray, pos: int, max_data: int, header_digest: bool, data_digest: bool
+) -> tuple[Pdu, int] | None:
+    """The PDU at ``buf[pos:]`` and its length on the wire, None while it is incomplete;
+    PduError (DigestError) for one we cannot take."""
+    avail = len(buf) - pos
+    if avail < BHS_LEN:
+        return None
+    ahs = buf[pos + 4] * 4
+    dlen = int.from_bytes(buf[pos + 5 : pos + 8], "big")
     if ahs > MAX_AHS:
         raise PduError("AHS too long")
-    if data > max_data:
-        raise PduError(f"data segment of {data} bytes exceeds {max_data}")
-    return ahs, data
-
-
-def check_header_digest(header: bytes, digest: bytes) -> None:
-    if crc(header) != int.from_bytes(digest, "little"):
-        raise DigestError("header digest mismatch")
-
-
-def check_data_digest(padded: bytes, digest: bytes) -> None:
-    if crc(padded) != int.from_bytes(digest, "little"):
-        raise DigestError("data digest mismatch")
+    if dlen > max_data:
+        raise PduError(f"data segment of {dlen} bytes exceeds {max_data}")
+    head = BHS_LEN + ahs
+    hd = DIGEST_LEN if header_digest else 0
+    padded = dlen + pad4(dlen)
+    dd = DIGEST_LEN if data_digest and dlen else 0
+    total = head + hd + padded + dd
+    if avail < total:
+        return None
+    header = bytes(buf[pos : pos + head])
+    if hd and crc(header) != int.from_bytes(buf[pos + head : pos + head + hd], "little"):
+        raise DigestError("header digest mismatch", header[:BHS_LEN], False)
+    at = pos + head + hd
+    if dd:
+        want = int.from_bytes(buf[at + padded : at + padded + dd], "little")
+        if crc(memoryview(buf)[at : at + padded]) != want:
+            raise DigestError("data digest mismatch", header[:BHS_LEN], True)
+    data = bytes(buf[at : at + dlen]) if dlen else b""
+    return Pdu(header[:BHS_LEN], header[BHS_LEN:], data), total
 
 
 def build(
@@ -184,6 +202,8 @@ def build(
     the caller sends that many data bytes itself (no padding or data digest added)."""
     n = len(data) if length is None else length
     bhs[5:8] = n.to_bytes(3, "big")
+    if not (header_digest or data_digest or n & 3 or length is not None):
+        return [bhs, data] if n else [bhs]  # the usual reply: no digests, whole blocks
     out: list[bytes | bytearray | memoryview] = [bhs]
     if header_digest:
         out.append(crc(bhs).to_bytes(4, "little"))

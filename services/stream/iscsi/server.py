@@ -147,7 +147,8 @@ class IscsiConnection(Connection):
         self._running: set[int] = set()
         self._aborted: set[int] = set()
         self._ttt = itertools.cycle(range(1, 0xFFFFFFFF))
-        self._room: asyncio.Future[None] | None = None
+        self._full_feature = False
+        self._reading_paused = False
         self._logout = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -159,8 +160,9 @@ class IscsiConnection(Connection):
     # --- sending -------------------------------------------------------------------------
 
     def _send(self, bhs: bytearray, data: bytes | bytearray | memoryview = b"") -> None:
+        write = self.write
         for buf in P.build(bhs, data, self.header_digest, self.data_digest):
-            self.write(buf)
+            write(buf)
 
     def _max_cmd_sn(self) -> int:
         room = max(1, CMD_WINDOW - len(self._running) - len(self._writes))
@@ -183,59 +185,63 @@ class IscsiConnection(Connection):
     # --- reading -------------------------------------------------------------------------
 
     async def _read_pdu(self, max_data: int) -> P.Pdu:
-        bhs = await self.read_exact(P.BHS_LEN)
-        ahs_len, dlen = P.lengths(bhs, max_data)
-        ahs = await self.read_exact(ahs_len) if ahs_len else b""
-        if self.header_digest:
-            P.check_header_digest(bhs + ahs, await self.read_exact(P.DIGEST_LEN))
-        data = b""
-        if dlen:
-            padded = await self.read_exact(dlen + P.pad4(dlen))
-            if self.data_digest:
-                try:
-                    P.check_data_digest(padded, await self.read_exact(P.DIGEST_LEN))
-                except P.DigestError:
-                    self._reject(P.REJECT_DIGEST, bhs)
-                    raise
-            data = padded[:dlen]
-        return P.Pdu(bhs, ahs, data)
-
-    def _pdu_buffered(self) -> bool:
-        """Whether a whole PDU is already in the receive buffer (no wait to read it)."""
-        buf = self.buf
-        if len(buf) < P.BHS_LEN:
-            return False
-        dlen = int.from_bytes(buf[5:8], "big")
-        digests = P.DIGEST_LEN * (self.header_digest + (self.data_digest and dlen > 0))
-        return len(buf) >= P.BHS_LEN + buf[4] * 4 + dlen + P.pad4(dlen) + digests
+        """The next PDU, waiting for it (the login phase)."""
+        while (got := P.parse(self.buf, 0, max_data, False, False)) is None:
+            await self._fill(len(self.buf) + 1)
+        del self.buf[: got[1]]
+        return got[0]
 
     async def run(self) -> None:
+        """The login; then the PDUs are handled as they arrive (data_received)."""
         try:
             await self._login()
-            while not self.closed and not self._logout:
-                if self.inflight >= MAX_INFLIGHT:
-                    self._room = self.loop.create_future()
-                    await self._room
-                    continue
-                # Never suspends while a batch is open: it ends unless a whole PDU is
-                # buffered, and then the read below takes it without waiting.
-                pdu = await self._read_pdu(MAX_RECV_DATA)
-                self.last = self.loop.time()
-                if self._batch is None:
-                    self.begin_batch()
-                self._dispatch(pdu)
-                if not self._pdu_buffered() or self.inflight >= MAX_INFLIGHT:
-                    self.end_batch()  # the replies go out before we wait for more
-        except P.PduError as e:
-            log.info("iscsi initiator %s: %s", self.peer, e)
-            self.end_batch()
-            self.close("protocol-error")
         except LoginFailed as e:
             log.info("iscsi login from %s (%s) refused: %s", self.peer, self.initiator, e)
             self.close("login-refused")
+            return
+        except P.PduError as e:
+            log.info("iscsi initiator %s: %s", self.peer, e)
+            self.close("protocol-error")
+            return
+        self._full_feature = True
+        if self.buf:
+            self._process()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._full_feature:
+            return super().data_received(data)
+        self.last = self.loop.time()
+        self.mgr.busy_poll.touch(self.loop)
+        self.buf += data
+        if not self._reading_paused:
+            self._process()
+
+    def _process(self) -> None:
+        """Handle every complete PDU in the buffer; their replies go out in one batch."""
+        buf = self.buf
+        pos = 0
+        self.begin_batch()
+        try:
+            while not self.closed and not self._logout:
+                got = P.parse(buf, pos, MAX_RECV_DATA, self.header_digest, self.data_digest)
+                if got is None:
+                    break
+                pos += got[1]
+                self._dispatch(got[0])
+                if self.inflight >= MAX_INFLIGHT:
+                    self._reading_paused = True
+                    self.transport.pause_reading()
+                    break
+        except P.PduError as e:
+            log.info("iscsi initiator %s: %s", self.peer, e)
+            if isinstance(e, P.DigestError) and e.data:
+                self._reject(P.REJECT_DIGEST, e.bhs)
+            self.end_batch()
+            self.close("protocol-error")
         finally:
-            if self._batch is not None:
-                self.end_batch()
+            if pos:
+                del buf[:pos]
+            self.end_batch()
 
     # --- login -----------------------------------------------------------------------------
 
@@ -446,9 +452,9 @@ class IscsiConnection(Connection):
 
     def _take_cmd_sn(self, req: P.Pdu) -> bool:
         """Check a command's CmdSN against the window; False (logged) when it is dropped."""
-        sn = req.cmd_sn
-        if req.immediate:
+        if req.bhs[0] & P.FLAG_IMMEDIATE:
             return True
+        sn = req.cmd_sn
         if sn != self.exp_cmd_sn:
             # On one connection commands arrive in order: anything else is a duplicate or
             # outside the window, which RFC 7143 says to drop silently.
@@ -700,9 +706,10 @@ class IscsiConnection(Connection):
     def _task_done(self, itt: int) -> None:
         self._running.discard(itt)
         self.inflight -= 1
-        room, self._room = self._room, None
-        if room is not None and not room.done():
-            room.set_result(None)
+        if self._reading_paused and self.inflight < MAX_INFLIGHT // 2 and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+            self.loop.call_soon(self._process)  # the PDUs that came before we paused
 
     def _respond(
         self,
