@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,16 @@ def test_lba_out_of_range_and_bad_opcode(server: ServerThread) -> None:
     c.close()
 
 
+def test_a_read_that_sends_data_writes_nothing(server: ServerThread, images) -> None:  # type: ignore[no-untyped-def]
+    c = RawIscsi(server.servers.iscsi_port)
+    c.login(TARGET_PREFIX + "tok-a")
+    read10 = bytes([0x28, 0, 0, 0, 0, 5, 0, 0, 1, 0]) + bytes(6)  # one block at LBA 5
+    status, sense = c.command(read10, 512, b"\x77" * 512)  # with the Write flag and data
+    assert status == 2 and (sense[2], sense[12]) == (0x05, 0x24), sense.hex()
+    assert c.read10(5, 1) == (0, images["base"].read_bytes()[5 * 512 : 6 * 512])
+    c.close()
+
+
 def test_unknown_target_is_refused_and_server_unaffected(server: ServerThread) -> None:
     out = run("iscsi-inq", url(server, "no-such-token"), check=False)
     assert out.returncode != 0
@@ -163,6 +175,21 @@ def test_closing_the_session_ends_its_connections(server: ServerThread) -> None:
     with pytest.raises(ConnectionError):
         logging_in.login_step(1, 3, {"MaxRecvDataSegmentLength": "262144"})
     run("iscsi-inq", url(server, "tok-v2"))  # the next login opens it again
+
+
+def test_a_vanished_initiator_detaches(server: ServerThread) -> None:
+    c = RawIscsi(server.servers.iscsi_port)
+    c.login(TARGET_PREFIX + "tok-b")
+    assert c.read10(0, 1)[0] == 0
+    # The initiator dies without a logout: its socket is reset.
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+
+    server.wait_idle()  # the reset has reached the server
+    assert any(
+        e.session_id == "session-tok-b" and e.protocol == "iscsi" and e.bytes_read == 512
+        for e in server.events(SessionDetached)
+    )
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -553,6 +553,8 @@ class IscsiConnection(Connection):
                 raise S.lun_not_supported()
             rw = S.decode_rw(cdb)
             if rw is not None:
+                if req.flags & P.CMD_WRITE and not rw.write:
+                    raise S.invalid_field()  # a READ that sends data: nothing is written
                 lun.check_rw(rw, edtl)
         except S.CheckCondition as e:
             error = e
