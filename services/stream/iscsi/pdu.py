@@ -88,7 +88,7 @@ def pad4(n: int) -> int:
     return -n & 3
 
 
-@dataclass
+@dataclass(slots=True)
 class Pdu:
     bhs: bytes
     ahs: bytes = b""

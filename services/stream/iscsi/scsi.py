@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.stream.path.backend import STATE_HOLE, Backend
 
@@ -81,8 +81,7 @@ def write_error() -> CheckCondition:
     return CheckCondition(MEDIUM_ERROR, 0x0C)
 
 
-@dataclass(frozen=True)
-class Rw:
+class Rw(NamedTuple):  # a tuple: built for every READ and WRITE
     write: bool
     lba: int
     blocks: int
