@@ -207,13 +207,8 @@ class IscsiConnection(Connection):
         if self.buf:
             self._process()
 
-    def data_received(self, data: bytes) -> None:
-        if not self._full_feature:
-            return super().data_received(data)
-        self.last = self.loop.time()
-        self.mgr.busy_poll.touch(self.loop)
-        self.buf += data
-        if not self._reading_paused:
+    def on_data(self) -> None:
+        if self._full_feature and not self._reading_paused:
             self._process()
 
     def _process(self) -> None:
