@@ -118,6 +118,8 @@ class DataOutTask:
     r2t_sn: int = 0
     # The DataSN the next Data-Out must carry (counted per R2T burst, and for unsolicited).
     data_sn: int = 0
+    # The data is read off the wire and dropped.
+    ignore: bool = False
 
 
 class IscsiConnection(Connection):
@@ -548,8 +550,6 @@ class IscsiConnection(Connection):
                 raise S.lun_not_supported()
             rw = S.decode_rw(cdb)
             if rw is not None:
-                if req.flags & P.CMD_WRITE and not rw.write:
-                    raise S.invalid_field()  # a READ that sends data: nothing is written
                 lun.check_rw(rw, edtl)
         except S.CheckCondition as e:
             error = e
@@ -559,6 +559,9 @@ class IscsiConnection(Connection):
             if edtl > MAX_DATA_OUT and error is None:
                 error = S.invalid_field()
             task = DataOutTask(req.itt, req.lun_raw, cdb, edtl, rw, error, t0)
+            # A READ sent with data (the Write flag): the data is taken and dropped, the
+            # READ answers GOOD with nothing to return (no Read flag), as tgt does.
+            task.ignore = rw is not None and not rw.write
             self._data_arrived(task, 0, req.data)
             task.unsolicited_end = task.received
             if not self.initial_r2t and not req.final:
@@ -581,7 +584,7 @@ class IscsiConnection(Connection):
             raise P.PduError(f"Data-Out at {offset}, expected {task.received}")
         if offset + len(data) > task.edtl:
             raise P.PduError("Data-Out beyond the expected data transfer length")
-        if task.error is None:
+        if task.error is None and not task.ignore:
             task.buf += data
         task.received += len(data)
 
@@ -630,6 +633,8 @@ class IscsiConnection(Connection):
         del self._writes[task.itt]
         if task.error is not None:
             return self._respond(task.itt, error=task.error)
+        if task.ignore:
+            return self._respond(task.itt)
         data = bytes(task.buf)
         if task.rw is None:
             op = self._command(task.cdb, data, task.t0)
