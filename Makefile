@@ -14,9 +14,10 @@ SHELL := /bin/bash
 # tests. Keep the whole list here.
 TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-static iproute2 \
 	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
-	nbd-client fdisk debootstrap dracut-core dracut-network ovmf
+	nbd-client fdisk debootstrap dracut-core dracut-network ovmf libiscsi-bin qemu-block-extra tgt
 # (debootstrap: `vdisk build-debian`; dracut-core, dracut-network: the client's dracut
-# module is built into an initramfs; ovmf: the UEFI VM of the real-OS tests.)
+# module is built into an initramfs; ovmf: the UEFI VM of the real-OS tests; libiscsi-bin:
+# the iSCSI initiators, qemu-block-extra: QEMU's iscsi:// driver, tgt: the reference target.)
 # The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer), dnsmasq-base (the
 # reference PXE chain's DHCP in bench/pxechain.py).
 BENCH_DEB_PACKAGES := $(TEST_DEB_PACKAGES) fio tftpd-hpa dnsmasq-base

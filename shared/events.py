@@ -249,7 +249,7 @@ class SessionAddressRefused(SessionEvent):
     one the session was issued to."""
 
     stream_node: str
-    protocol: Literal["nbd", "http"]
+    protocol: Literal["nbd", "http", "iscsi"]
     client_addr: str
     expected_addr: str
 
@@ -264,13 +264,13 @@ class SessionAttached(SessionEvent):
     """A client connected to a stream node for this session."""
 
     stream_node: str
-    protocol: Literal["nbd", "http"]
+    protocol: Literal["nbd", "http", "iscsi"]
     client_addr: str
 
 
 class SessionDetached(SessionEvent):
     stream_node: str
-    protocol: Literal["nbd", "http"]
+    protocol: Literal["nbd", "http", "iscsi"]
     client_addr: str
     bytes_read: int
     bytes_written: int

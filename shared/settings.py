@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     api_port: int = 18080
     http_stream_port: int = 18081
     nbd_port: int = 10809
+    iscsi_port: int = 13260
     boot_http_port: int = 18082
     tftp_port: int = 16969
     dhcp_port: int = 16767

@@ -53,7 +53,7 @@ def tune_socket(sock: socket.socket | None, s: StreamSettings) -> None:
 
 
 class Connection(asyncio.Protocol):
-    protocol_name: Literal["nbd", "http"] = "nbd"
+    protocol_name: Literal["nbd", "http", "iscsi"] = "nbd"
 
     def __init__(self, mgr: SessionManager) -> None:
         self.mgr = mgr
@@ -113,6 +113,12 @@ class Connection(asyncio.Protocol):
         self.buf += data
         if self._waiter is not None and len(self.buf) >= self._want:
             self._wake()
+        elif self._waiter is None:
+            self.on_data()
+
+    def on_data(self) -> None:
+        """Bytes came that no ``read_exact`` waits for: a protocol that parses its requests
+        straight out of ``buf`` (NBD transmission, iSCSI full feature phase) does it here."""
 
     def eof_received(self) -> bool:
         self._eof = True

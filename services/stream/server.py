@@ -1,9 +1,9 @@
-"""The stream node's data plane: NBD and HTTP range servers over one session manager.
+"""The stream node's data plane: NBD, HTTP range and iSCSI servers over one session manager.
 
 Wiring (done by ``services/stream/service.py``)::
 
     servers = StreamServers(resolver, sink, StreamSettings.from_settings(settings))
-    await servers.start()          # binds; servers.nbd_port / servers.http_port are the ports
+    await servers.start()          # binds; servers.nbd_port / http_port / iscsi_port
     ...
     servers.close_session(session_id)   # the registry closed a session: drop its state
     await servers.stop()
@@ -15,6 +15,7 @@ import asyncio
 import logging
 
 from services.stream.http_range import HttpConnection
+from services.stream.iscsi.server import IscsiConnection
 from services.stream.nbd.server import NbdConnection
 from services.stream.rawtransport import RawServer
 from services.stream.sessions import SessionManager
@@ -33,6 +34,7 @@ class StreamServers:
         self._servers: list[asyncio.base_events.Server | RawServer] = []
         self.nbd_port = 0
         self.http_port = 0
+        self.iscsi_port = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -47,14 +49,24 @@ class StreamServers:
         http = await loop.create_server(
             lambda: HttpConnection(self.sessions), s.bind_host, s.http_port, reuse_address=True
         )
-        self._servers = [nbd, http]
+        iscsi: asyncio.base_events.Server | RawServer
+        if s.nbd_zero_copy:  # the same transport choice as NBD: large reads by sendfile
+            iscsi = RawServer(loop, lambda: IscsiConnection(self.sessions), s.bind_host,
+                              s.iscsi_port)  # fmt: skip
+        else:
+            iscsi = await loop.create_server(
+                lambda: IscsiConnection(self.sessions), s.bind_host, s.iscsi_port,
+                reuse_address=True,
+            )  # fmt: skip
+        self._servers = [nbd, http, iscsi]
         if s.write_cache_dir is not None:
             s.write_cache_dir.mkdir(parents=True, exist_ok=True)
         self.sessions.spares.make_when_quiet()
         self.nbd_port = nbd.sockets[0].getsockname()[1]
         self.http_port = http.sockets[0].getsockname()[1]
-        log.info("stream: nbd on %s:%d, http on %s:%d", s.bind_host, self.nbd_port,
-                 s.bind_host, self.http_port)  # fmt: skip
+        self.iscsi_port = iscsi.sockets[0].getsockname()[1]
+        log.info("stream: nbd on %s:%d, http on %s:%d, iscsi on %s:%d", s.bind_host,
+                 self.nbd_port, s.bind_host, self.http_port, s.bind_host, self.iscsi_port)  # fmt: skip
 
     def close_session(self, session_id: str) -> bool:
         """Drop a session (its connections and write cache); False if it is not here."""

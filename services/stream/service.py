@@ -100,6 +100,7 @@ async def start(rt: ServiceRuntime) -> None:
         conns = sum(len(s.conns) for s in servers.sessions.sessions.values())
         return {
             "nbd": f"{host}:{servers.nbd_port}",
+            "iscsi": f"{host}:{servers.iscsi_port}",
             "http_stream": f"http://{host}:{servers.http_port}",
             "load": conns,
             "sessions": len(servers.sessions.sessions),

@@ -39,7 +39,7 @@ from shared.telemetry import context_from_traceparent
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("streamboot.stream")
 
-Protocol_ = Literal["nbd", "http"]
+Protocol_ = Literal["nbd", "http", "iscsi"]
 
 
 def build_stack(

@@ -14,6 +14,9 @@ class StreamSettings:
     bind_host: str = "127.0.0.1"
     nbd_port: int = 10809  # 0 = pick a free port
     http_port: int = 18081
+    # 0: a free port, so the many servers tests and benches build by hand never collide on
+    # it; the service takes STREAMBOOT_ISCSI_PORT (default 13260) through from_settings.
+    iscsi_port: int = 0
     node_id: str = "stream"
     # Refuse a session's connections from any address but the one it was issued to
     # (ExportSpec.client_addr); off for NAT labs.
@@ -21,7 +24,7 @@ class StreamSettings:
     # A connection with no request for this long (and none in flight) is closed; 0 = never.
     # Dead peers are normally found sooner by TCP keepalive / TCP_USER_TIMEOUT below.
     idle_timeout_s: float = 600.0
-    # The handshake (NBD options, first HTTP request line) must finish within this.
+    # The handshake (NBD options, first HTTP request line, iSCSI login) must finish within this.
     handshake_timeout_s: float = 30.0
     # A client that does not read its replies for this long is dropped.
     stall_timeout_s: float = 60.0
@@ -59,6 +62,7 @@ class StreamSettings:
             bind_host=s.bind_host,
             nbd_port=s.nbd_port,
             http_port=s.http_stream_port,
+            iscsi_port=s.iscsi_port,
             node_id=s.node_id,
             client_address_check=s.client_address_check,
             idle_timeout_s=s.session_idle_timeout_s,

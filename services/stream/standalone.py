@@ -2,7 +2,8 @@
 
     python -m services.stream.standalone --token T --nbd-port 10809 base.raw [v2.map ...]
 
-Prints ``READY <nbd_port> <http_port>`` once listening.
+Prints ``READY <nbd_port> <http_port> <iscsi_port>`` once listening (the iSCSI target of a
+token is ``iqn.2026-12.io.streamboot:<token>``).
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ async def serve(args: argparse.Namespace) -> None:
     settings = StreamSettings(
         nbd_port=args.nbd_port,
         http_port=args.http_port,
+        iscsi_port=args.iscsi_port,
         session_linger_s=args.linger,
         nbd_zero_copy=not args.no_zero_copy,
         **StreamSettings.tuning(Settings()),
     )
     servers = StreamServers(StaticResolver({args.token: spec}), NullSink(), settings)
     await servers.start()
-    print(f"READY {servers.nbd_port} {servers.http_port}", flush=True)
+    print(f"READY {servers.nbd_port} {servers.http_port} {servers.iscsi_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--token", default="standalone")
     ap.add_argument("--nbd-port", type=int, default=0)
     ap.add_argument("--http-port", type=int, default=0)
+    ap.add_argument("--iscsi-port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=3600.0)
     ap.add_argument("--no-zero-copy", action="store_true", help="uvloop transports, no sendfile")
     ap.add_argument(

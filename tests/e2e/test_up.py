@@ -174,6 +174,7 @@ def test_up_stops_cleanly_and_keeps_data_across_restarts(data_dir: Path) -> None
     assert "password" in run(refused(info["database_url"]))
     with pytest.raises(bus.BusError, match="refused the login"):
         run(bus.connect(info["nats_url"], "e2e-anonymous", connect_timeout_s=5))
+    assert info["endpoints"]["iscsi"] in first.output  # the stream node's iSCSI portal
     token_file = data_dir / "api-token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     token = token_file.read_text()

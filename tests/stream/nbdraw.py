@@ -8,6 +8,16 @@ import struct
 from services.stream.nbd import protocol as P
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
 class RawNbd:
     def __init__(self, port: int, timeout: float = 10, source: str | None = None) -> None:
         """``source``: the local address to connect from (another loopback address)."""
@@ -16,13 +26,7 @@ class RawNbd:
         )
 
     def recv_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-            data += chunk
-        return data
+        return recv_exact(self.sock, n)
 
     def greeting(self) -> int:
         magic, opt, flags = P.GREETING.unpack(self.recv_exact(P.GREETING.size))

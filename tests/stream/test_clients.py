@@ -23,7 +23,8 @@ TIMEOUT = 120
 
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    # errors="replace": some tools print binary fields as they are (iscsi-inq's designators).
+    out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=TIMEOUT)
     if check:
         assert out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
     return out

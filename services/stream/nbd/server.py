@@ -271,13 +271,8 @@ class NbdConnection(Connection):
 
     # --- transmission --------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        if not self.transmitting:
-            return super().data_received(data)
-        self.last = self.loop.time()
-        self.mgr.busy_poll.touch(self.loop)
-        self.buf += data
-        if not self._gated:
+    def on_data(self) -> None:
+        if self.transmitting and not self._gated:
             self._process()
 
     def _process(self) -> None:
