@@ -204,7 +204,9 @@ def test_private_and_maintenance_are_one_device_at_a_time() -> None:
         apply(p, assignments.assign(p, "device", mac, "win", default=False))
     apply(p, open_(p, macs[0], "s-1", maintenance=True))
     assert p.sessions["s-1"]["writes_to_vdisk"] and p.sessions["s-1"]["version"] == 2
-    with pytest.raises(DomainError, match="in maintenance by live session s-1"):
+    with pytest.raises(
+        DomainError, match=r"in maintenance by device 52:54:00:00:00:01 \(live session s-1\)"
+    ):
         open_(p, macs[1], "s-2", maintenance=True)
     [ok] = open_(p, macs[1], "s-3")  # the production version is shared
     assert ok.version == 1  # type: ignore[attr-defined]
