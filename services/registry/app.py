@@ -650,6 +650,9 @@ class RegistryApp:
         if self._write_caches is None:
             return False
         try:
+            beats = await self._heartbeats() if self._heartbeats is not None else []
+            if not any(b.get("service") == "cache" and b.get("alive") for b in beats):
+                return False  # no cache node: no write cache is kept anywhere
             caches, complete = await self._write_caches()
         except Exception as exc:
             log.info("registry: write caches unknown (%s); merged layers kept", exc)
