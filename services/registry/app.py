@@ -548,9 +548,7 @@ class RegistryApp:
             "version": self.projection.vdisks[name]["versions"][version],
         }
 
-    async def merge_vdisk(
-        self, name: str, upto: int | None = None, progress: vdisk_store.Progress | None = None
-    ) -> Record:
+    async def merge_vdisk(self, name: str, upto: int | None = None) -> Record:
         """Write the chain of version ``upto`` (default: production) as one base layer and
         publish it (``VdiskChainMerged``); then remove what nothing reads any more."""
         root = self.vdisk_root
@@ -564,7 +562,7 @@ class RegistryApp:
             log.info("registry: merging %s up to version %d (%d layers)", name, version,
                      len(layers))  # fmt: skip
             staging, checksum = await asyncio.to_thread(
-                merge_store.stage_base, root, name, layers, version, progress or _no_progress
+                merge_store.stage_base, root, name, layers, version
             )
 
             def effect() -> Callable[[], None]:
@@ -1039,10 +1037,6 @@ class RegistryApp:
             "vdisks": len(fresh.vdisks),
             "live_sessions": len(fresh.sessions),
         }
-
-
-def _no_progress(_phase: str, _done: int, _total: int) -> None:
-    pass
 
 
 def _check_address(addr: str) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from services.registry import vdisk_store
 from services.registry.domain.errors import conflict
-from services.registry.vdisk_store import Progress, hash_file, new_staging
+from services.registry.vdisk_store import Progress, _no_progress, hash_file, new_staging
 from shared.layer_paths import check_layer_file
 from shared.vdisk_layout import delta_paths, is_delta
 
@@ -56,7 +56,7 @@ def base_name(name: str, version: int) -> str:
 
 
 def stage_base(
-    root: Path, name: str, layers: list[str], version: int, progress: Progress
+    root: Path, name: str, layers: list[str], version: int, progress: Progress = _no_progress
 ) -> tuple[str, str]:
     """Write the chain ``layers`` (files) as one raw image in a new staging dir, durable;
     returns ``(staging dir name, "sha256:<hex>")``."""

@@ -52,7 +52,8 @@ def show_devices(devices: list[dict[str, Any]]) -> None:
             d["hostname"],
             d["collection"] or "-",
             "yes" if d["tester"] else "",
-            "enabled" if d["enabled"] else "disabled",
+            ("enabled" if d["enabled"] else "disabled")
+            + (", maintenance" if d.get("maintenance") else ""),
             ", ".join(a.get("vdisks", [])) or "-",
             d.get("session") or "-",
         )

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 
 from shared.vdisk_layout import open_chain
-from streamboot.embedded.proc import free_port
 from tests.boot.test_service import Boot, boot  # noqa: F401 (the boot service fixture)
 from tests.registry.conftest import Registry, write_bootable_image
-from tests.registry.test_maintenance import service, wait_alive
+from tests.registry.test_maintenance import service, service_env, wait_alive
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -69,17 +68,7 @@ async def test_a_device_in_maintenance_pxe_boots_read_write_and_its_writes_are_c
     assert on["maintenance"] is True and on["maintenance_vdisk"] == "deb"
 
     node = f"stream-pxe-maint-{os.getpid()}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
-        "STREAMBOOT_NATS_URL": registry.settings.require_nats_url(),
-        "STREAMBOOT_DATA_DIR": str(dd),
-        "STREAMBOOT_NODE_ID": node,
-        "STREAMBOOT_NBD_PORT": str(free_port()),
-        "STREAMBOOT_HTTP_STREAM_PORT": str(free_port()),
-        "STREAMBOOT_METRICS_PORT": "0",
-        "STREAMBOOT_CACHE_RAM_DIR": str(dd / "ram"),
-        "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
-    }
+    env = service_env(registry, node)
     async with service("cache", env, dd / "cache.log"), service("stream", env, dd / "stream.log"):
         await wait_alive(nc, "cache", node)
         await wait_alive(nc, "stream", node)

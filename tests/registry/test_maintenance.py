@@ -60,15 +60,11 @@ async def wait_alive(nc: Any, service_name: str, node: str) -> None:
     raise TimeoutError(f"{service_name} {node} sent no heartbeat")
 
 
-def read_chain(layers: list[str], offset: int, length: int) -> bytes:
-    with open_chain(layers) as chain:
-        return chain.pread(offset, length)
-
-
-async def test_maintenance_writes_become_the_next_version(registry: Registry, nc: Any) -> None:
+def service_env(registry: Registry, node: str, **settings: str) -> dict[str, str]:
+    """The environment of a stream or cache service of this test, on the registry's NATS
+    and data dir, on free ports (``settings``: more STREAMBOOT_ settings)."""
     dd = registry.data_dir
-    node = f"stream-maint-{os.getpid()}"
-    env = {
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
         "STREAMBOOT_NATS_URL": registry.settings.require_nats_url(),
         "STREAMBOOT_DATA_DIR": str(dd),
@@ -78,7 +74,19 @@ async def test_maintenance_writes_become_the_next_version(registry: Registry, nc
         "STREAMBOOT_METRICS_PORT": "0",
         "STREAMBOOT_CACHE_RAM_DIR": str(dd / "ram"),
         "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
+        **{f"STREAMBOOT_{k.upper()}": v for k, v in settings.items()},
     }
+
+
+def read_chain(layers: list[str], offset: int, length: int) -> bytes:
+    with open_chain(layers) as chain:
+        return chain.pread(offset, length)
+
+
+async def test_maintenance_writes_become_the_next_version(registry: Registry, nc: Any) -> None:
+    dd = registry.data_dir
+    node = f"stream-maint-{os.getpid()}"
+    env = service_env(registry, node)
     image = write_image(dd / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
     await registry.cli_json("vdisk", "import", str(image), "--name", "win")
     async with registry.http() as http:

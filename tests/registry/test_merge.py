@@ -17,9 +17,8 @@ import pytest
 
 from services.registry import merge as merge_store
 from shared.vdisk_layout import open_chain
-from streamboot.embedded.proc import free_port
 from tests.registry.conftest import Registry, write_image
-from tests.registry.test_maintenance import service, wait_alive
+from tests.registry.test_maintenance import service, service_env, wait_alive
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -98,17 +97,7 @@ async def test_merge_keeps_every_block_and_sessions_on_the_old_chain(
     assert want == hashlib.sha256(image.read_bytes()).hexdigest()
 
     node = f"stream-merge-{os.getpid()}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
-        "STREAMBOOT_NATS_URL": registry.settings.require_nats_url(),
-        "STREAMBOOT_DATA_DIR": str(dd),
-        "STREAMBOOT_NODE_ID": node,
-        "STREAMBOOT_NBD_PORT": str(free_port()),
-        "STREAMBOOT_HTTP_STREAM_PORT": str(free_port()),
-        "STREAMBOOT_METRICS_PORT": "0",
-        "STREAMBOOT_STREAM_USE_CACHE": "false",
-        "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
-    }
+    env = service_env(registry, node, stream_use_cache="false")
     async with registry.http() as http, service("stream", env, dd / "stream.log"):
         await wait_alive(nc, "stream", node)
         assert (await http.post("/devices", json={"mac": MAC})).status_code == 201
@@ -206,17 +195,7 @@ async def test_a_kept_write_cache_of_a_retired_version_keeps_the_old_layers(
     await registry.cli_json("vdisk", "import", str(image), "--name", "os", "--persistence", "keep")
     await new_version(registry, image, rng, "production")
     node = f"stream-merge-kept-{os.getpid()}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
-        "STREAMBOOT_NATS_URL": registry.settings.require_nats_url(),
-        "STREAMBOOT_DATA_DIR": str(dd),
-        "STREAMBOOT_NODE_ID": node,
-        "STREAMBOOT_NBD_PORT": str(free_port()),
-        "STREAMBOOT_HTTP_STREAM_PORT": str(free_port()),
-        "STREAMBOOT_METRICS_PORT": "0",
-        "STREAMBOOT_CACHE_RAM_DIR": str(dd / "ram"),
-        "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
-    }
+    env = service_env(registry, node)
     async with (
         registry.http() as http,
         service("cache", env, dd / "cache.log"),
