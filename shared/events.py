@@ -69,6 +69,13 @@ class DeviceRemoved(DeviceEvent):
     pass
 
 
+class DeviceMaintenanceChanged(DeviceEvent):
+    """The device's next PXE boots open a maintenance session on its default vdisk
+    (``maintenance``: true) or boot as usual again (false)."""
+
+    maintenance: bool
+
+
 class AssignmentChanged(Event):
     """The ordered vdisks of a device (``target`` = MAC) or a collection (``target`` = name)."""
 
@@ -154,6 +161,28 @@ class BootFilesScanned(VdiskEvent):
 
 class VdiskRemoved(VdiskEvent):
     pass
+
+
+class VdiskChainMerged(VdiskEvent):
+    """Versions ``upto`` and later read from ``base`` (the chain up to ``upto`` written
+    out as one raw image, block for block the same): ``layers`` maps each of those
+    versions to its new layer list. Versions before ``upto`` are retired (no boot picks
+    them); ``superseded`` are the layer files no kept version reads any more, removed once
+    no live session or kept write cache reads them (VdiskLayersRemoved)."""
+
+    upto: int
+    base: str
+    checksum: str
+    layers: dict[str, list[str]]
+    retired: list[int]
+    superseded: list[str]
+
+
+class VdiskLayersRemoved(VdiskEvent):
+    """Superseded layer files deleted from the store (nothing reads them any more)."""
+
+    layers: list[str]
+    bytes_freed: int
 
 
 # --- boots and sessions ----------------------------------------------------------------

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     auto_add_collection: str | None = None
     # The local vdisk store (default DATA_DIR/vdisks); the importing CLI writes into it too.
     vdisk_dir: Path | None = None
+    # Merge a vdisk's production chain into one base layer once it has more layers than
+    # this (0: only `streamboot vdisk merge` merges); docs/registry.md.
+    vdisk_auto_merge_layers: int = Field(default=0, ge=0)
 
     # Cache service (services/cache): per-session write caches, shared read cache, profiles.
     # The stream keeps server-side write caches in the cache service (False: in process).

@@ -214,6 +214,11 @@ class BootHttp:
                      f"assign one: streamboot assign {mac} VDISK"],
                     retry_url=retry, wait_s=REFUSED_WAIT_S,
                 )  # fmt: skip
+            maintained = device.maintenance and chosen is None
+            if maintained:
+                # Maintenance boots the default vdisk read-write: the registry opens a
+                # maintenance session for it (docs/registry.md); no menu to pick another.
+                chosen = device.default or device.vdisks[0]
             if chosen is None and len(device.vdisks) > 1:
                 self.emit(BootMenuShown(mac=mac, vdisks=device.vdisks, default=device.default))
                 return scripts.menu_script(
@@ -231,11 +236,12 @@ class BootHttp:
                         [f"vdisk {chosen} is not assigned to {device.hostname or mac}"],
                         retry_url=scripts.script_url(self.base_url, mac, uuid),
                     )
-                self.emit(
-                    BootMenuShown(
-                        mac=mac, vdisks=device.vdisks, default=device.default, chosen=chosen
+                if not maintained:
+                    self.emit(
+                        BootMenuShown(
+                            mac=mac, vdisks=device.vdisks, default=device.default, chosen=chosen
+                        )
                     )
-                )
             session = await self.registry.open_session(
                 mac, uuid, chosen or device.vdisks[0], boot=boot, client_addr=request.client_ip
             )

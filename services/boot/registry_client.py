@@ -29,6 +29,8 @@ class Device:
     vdisks: list[str]
     default: str | None
     production: dict[str, int | None]  # vdisk -> its production version
+    # In maintenance: it boots its default vdisk read-write, without a menu.
+    maintenance: bool = False
 
     @property
     def likely_boot(self) -> tuple[str | None, int | None]:
@@ -72,7 +74,10 @@ class RegistryClient:
         vdisks = [v["name"] for v in items]
         default = next((v["name"] for v in items if v.get("default")), None)
         production = {v["name"]: v.get("production") for v in items}
-        return Device(reply["mac"], reply.get("hostname"), vdisks, default, production)
+        return Device(
+            reply["mac"], reply.get("hostname"), vdisks, default, production,
+            maintenance=bool(reply.get("maintenance")),
+        )  # fmt: skip
 
     async def open_session(
         self,

@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 from opentelemetry import trace
 
+from services.registry import merge as merge_store
 from services.registry import vdisk_store
 from services.registry.domain import api_tokens, assignments, devices, sessions, vdisks
 from services.registry.domain.errors import DomainError, invalid, not_found
@@ -34,7 +35,7 @@ from services.registry.domain.sessions import StreamNode, choose_replay_node, pi
 from services.registry.projection import Projection, Record
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
-from shared.events import Event, ProjectionError, SessionEvent, envelope
+from shared.events import Event, ProjectionError, SessionEvent, VdiskLayersRemoved, envelope
 from shared.layer_paths import LayerPathError, check_relative_layer
 from shared.metrics import count_boot
 from shared.settings import Settings
@@ -108,6 +109,8 @@ class RegistryApp:
         self._heartbeats = heartbeats
         self._on_appended = on_appended or (lambda: None)
         self._lock = asyncio.Lock()
+        # (vdisk, version) whose automatic merge failed: not tried again by itself.
+        self._unmerged: set[tuple[str, int]] = set()
         self._tracer = tracer("streamboot.registry")
 
     # --- plumbing ---------------------------------------------------------------------
@@ -279,6 +282,22 @@ class RegistryApp:
         await self._execute(lambda p: devices.enable(p, mac))
         return self.show_device(mac)
 
+    async def set_device_maintenance(self, mac: str, on: bool) -> Record:
+        """``on``: the device's next PXE boots open a maintenance session on its default
+        vdisk (docs/registry.md, "Maintenance through PXE")."""
+
+        def decide(p: Projection) -> list[Event]:
+            dev = devices.get_device(p, mac)
+            choices = assignments.boot_choices(p, dev["mac"])
+            default = choices["default"] or next(iter(choices["vdisks"]), None)
+            return devices.set_maintenance(p, mac, on, default)
+
+        await self._execute(decide)
+        view = self.show_device(mac)
+        a = view["assignment"]
+        view["maintenance_vdisk"] = (a["default"] or next(iter(a["vdisks"]), None)) if on else None
+        return view
+
     async def remove_device(self, mac: str) -> Record:
         stored = await self._execute(lambda p: devices.remove(p, mac))
         return {"removed": stored[0].data["mac"]}
@@ -390,7 +409,30 @@ class RegistryApp:
             "latest_layers": vdisk_store.layer_paths(
                 self.vdisk_root, name, vdisks.chain(vd, latest)
             ),
+            **self._chain_view(vd),
         }
+
+    def _chain_view(self, vd: Record) -> Record:
+        """How long its chains are and what its layers take on disk (local store)."""
+        latest, prod = vdisks.latest_version(vd), vdisks.production_version(vd)
+        kept = sorted({x for v in vd["versions"].values() if not v["retired"] for x in v["layers"]})
+        view: Record = {
+            "chain_length": len(vd["versions"][latest]["layers"]) if latest else 0,
+            "production_chain_length": len(vd["versions"][prod]["layers"]) if prod else 0,
+            "retired_versions": sorted(n for n, v in vd["versions"].items() if v["retired"]),
+            "superseded_layers": list(vd["superseded"]),
+            "layers_bytes": None,
+            "superseded_bytes": None,
+        }
+        if vd["store"] == vdisks.LOCAL_STORE:
+            files = merge_store.layer_files
+            view["layers_bytes"] = merge_store.allocated_bytes(
+                files(self.vdisk_root, vd["name"], kept)
+            )
+            view["superseded_bytes"] = merge_store.allocated_bytes(
+                files(self.vdisk_root, vd["name"], vd["superseded"])
+            )
+        return view
 
     def commit_source(self, name: str) -> Record:
         """The finished maintenance session whose kept writes would become the next
@@ -505,6 +547,117 @@ class RegistryApp:
             **self.vdisk_view(name),
             "version": self.projection.vdisks[name]["versions"][version],
         }
+
+    async def merge_vdisk(self, name: str, upto: int | None = None) -> Record:
+        """Write the chain of version ``upto`` (default: production) as one base layer and
+        publish it (``VdiskChainMerged``); then remove what nothing reads any more."""
+        root = self.vdisk_root
+        version = vdisks.merge_target(self.projection, name, upto)  # bad input: said now
+        with merge_store.merge_lock(root, name):
+            await self.catch_up()
+            version = vdisks.merge_target(self.projection, name, version)
+            vd = self.projection.vdisks[name]
+            layers = self._served_layers(vd, version)
+            base = merge_store.base_name(name, version)
+            log.info("registry: merging %s up to version %d (%d layers)", name, version,
+                     len(layers))  # fmt: skip
+            staging, checksum = await asyncio.to_thread(
+                merge_store.stage_base, root, name, layers, version
+            )
+
+            def effect() -> Callable[[], None]:
+                moved = vdisk_store.commit_staged(root, name, staging, base)
+                merge_store.fsync_dir(root / name)
+
+                def undo() -> None:
+                    for path in moved:
+                        path.unlink(missing_ok=True)
+
+                return undo
+
+            try:
+                await self._execute(
+                    lambda p: vdisks.merge(p, name, version, base, checksum), effect=effect
+                )
+            finally:
+                vdisk_store.discard_staged(root, name, staging)
+        await self.sweep_layers()
+        return {**self.vdisk_view(name), "merged_upto": version, "base": base}
+
+    async def auto_merge(self) -> list[str]:
+        """Merge every local vdisk whose production chain has more layers than
+        ``vdisk_auto_merge_layers`` (0: never)."""
+        limit = self.settings.vdisk_auto_merge_layers
+        merged: list[str] = []
+        if limit <= 0:
+            return merged
+        for name, vd in sorted(self.projection.vdisks.items()):
+            prod = vdisks.production_version(vd)
+            if vd["store"] != vdisks.LOCAL_STORE or prod is None:
+                continue
+            if len(vd["versions"][prod]["layers"]) > limit and (name, prod) not in self._unmerged:
+                try:
+                    await self.merge_vdisk(name, prod)
+                    merged.append(name)
+                except DomainError as exc:
+                    # Not tried again for this version (a checksum that differs would
+                    # rewrite the whole image every round); `vdisk merge` still can.
+                    self._unmerged.add((name, prod))
+                    log.warning("registry: automatic merge of %s not done: %s", name, exc)
+        return merged
+
+    async def sweep_layers(self) -> list[str]:
+        """Delete the superseded layer files of merged chains once no session live at the
+        merge still lives and no cache node keeps a write cache of a retired version."""
+        removed: list[str] = []
+        for name, vd in sorted(self.projection.vdisks.items()):
+            if not vd["superseded"] or self._still_read(vd):
+                continue
+            retired = {n for n, v in vd["versions"].items() if v["retired"]}
+            if retired and await self._kept_caches_of(name, retired):
+                continue
+            removed += await self._remove_superseded(name, list(vd["superseded"]))
+        return removed
+
+    async def _remove_superseded(self, name: str, gone: list[str]) -> list[str]:
+        root = self.vdisk_root
+        freed = merge_store.allocated_bytes(merge_store.layer_files(root, name, gone))
+
+        def decide(p: Projection) -> list[Event]:
+            now = p.vdisks.get(name)
+            # Decided again on the caught-up state: a session or merge may have come.
+            if now is None or now["superseded"] != gone or self._still_read(now):
+                return []
+            return [VdiskLayersRemoved(name=name, layers=gone, bytes_freed=freed)]
+
+        def effect() -> Callable[[], None]:
+            merge_store.remove_layers(root, name, gone)
+            return lambda: None  # a removal whose event failed is done again
+
+        if not await self._execute(decide, effect=effect):
+            return []
+        log.info("registry: removed %d merged layer(s) of %s (%d bytes)", len(gone), name, freed)
+        return gone
+
+    def _still_read(self, vd: Record) -> bool:
+        return any(sid in self.projection.sessions for sid in vd["superseded_readers"])
+
+    async def _kept_caches_of(self, name: str, versions: set[int]) -> bool:
+        """Whether a cache node keeps a write cache of one of these versions (or a cache
+        node did not answer: then it may)."""
+        if self._write_caches is None:
+            return False
+        try:
+            beats = await self._heartbeats() if self._heartbeats is not None else []
+            if not any(b.get("service") == "cache" and b.get("alive") for b in beats):
+                return False  # no cache node: no write cache is kept anywhere
+            caches, complete = await self._write_caches()
+        except Exception as exc:
+            log.info("registry: write caches unknown (%s); merged layers kept", exc)
+            return True
+        return not complete or any(
+            c.get("vdisk") == name and c.get("version") in versions for c in caches
+        )
 
     async def promote(self, name: str, version: int, to: str) -> Record:
         await self._execute(lambda p: vdisks.promote(p, name, version, to))

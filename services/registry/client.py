@@ -42,7 +42,7 @@ class RegistryClient:
         )
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path) -> RegistryClient:
+    def from_data_dir(cls, data_dir: Path, timeout_s: float = 60.0) -> RegistryClient:
         api_url = os.environ.get("STREAMBOOT_API_URL") or runtime_info(data_dir).get("api_url")
         if not api_url:
             raise ClientError(
@@ -60,7 +60,7 @@ class RegistryClient:
                     f"cannot read the API token {Path(data_dir) / API_TOKEN_FILE}: {exc.strerror}",
                     "unauthorized",
                 ) from None
-        return cls(api_url, token)
+        return cls(api_url, token, timeout_s)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         try:

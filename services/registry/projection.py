@@ -87,6 +87,7 @@ class Projection:
             "DeviceDisabled": self._device_disabled,
             "DeviceEnabled": self._device_enabled,
             "DeviceRemoved": self._device_removed,
+            "DeviceMaintenanceChanged": self._device_maintenance,
             "AssignmentChanged": self._assignment_changed,
             "VdiskCreated": self._vdisk_created,
             "VdiskVersionPublished": self._version_published,
@@ -95,6 +96,8 @@ class Projection:
             "VdiskPolicyChanged": self._policy_changed,
             "BootFilesScanned": self._boot_files_scanned,
             "VdiskRemoved": self._vdisk_removed,
+            "VdiskChainMerged": self._chain_merged,
+            "VdiskLayersRemoved": self._layers_removed,
             "SessionOpened": self._session_opened,
             "ReplaySessionOpened": self._replay_session_opened,
             "SessionAttached": self._session_attached,
@@ -199,6 +202,8 @@ class Projection:
             "enabled": True,
             "auto_added": bool(d.get("auto_added", False)),
             "kernel_args": d.get("kernel_args"),
+            # Its next PXE boots open a maintenance session (DeviceMaintenanceChanged).
+            "maintenance": False,
             "registered_at": _ts(when),
         }
         self.mac_by_hostname[d["hostname"]] = mac
@@ -232,6 +237,9 @@ class Projection:
 
     def _device_enabled(self, d: Record, _when: Any) -> None:
         self.devices[d["mac"]]["enabled"] = True
+
+    def _device_maintenance(self, d: Record, _when: Any) -> None:
+        self.devices[d["mac"]]["maintenance"] = bool(d["maintenance"])
 
     def _device_removed(self, d: Record, _when: Any) -> None:
         if d["mac"] not in self.devices:
@@ -268,11 +276,18 @@ class Projection:
             "production_history": [],
             # The last closed maintenance session: its kept writes make the next version.
             "last_maintenance": None,
+            # Layer files of merged-away chains that may still be read (VdiskChainMerged),
+            # until they are removed (VdiskLayersRemoved).
+            "superseded": [],
+            # The sessions live when those chains were merged: they read the old files
+            # (their stream nodes opened them), so the files stay while any of them lives.
+            "superseded_readers": [],
         }
 
     def _version_published(self, d: Record, when: Any) -> None:
         vd = self.vdisks[d["name"]]
         check_version(vd, d)
+        parent = vd["versions"].get(d["version"] - 1)
         vd["versions"][d["version"]] = {
             "version": d["version"],
             "parent": d.get("parent"),
@@ -283,6 +298,10 @@ class Projection:
             "changed_blocks": d["changed_blocks"],
             "block_size": d["block_size"],
             "withdrawn": False,
+            # The files it reads, oldest first: its parent's and its own (a merge changes it).
+            "layers": [*(parent["layers"] if parent else []), d["path"]],
+            # Merged away into a later version's base: no boot picks it.
+            "retired": False,
             "published_at": _ts(when),
             "boot": None,  # BootFilesScanned
         }
@@ -320,6 +339,37 @@ class Projection:
         ver = self.vdisks[d["name"]]["versions"].get(d["version"])
         if ver is not None:
             ver["boot"] = {k: v for k, v in d.items() if k not in ("name", "version")}
+
+    def _chain_merged(self, d: Record, _when: Any) -> None:
+        vd = self.vdisks[d["name"]]
+        name, versions = vd["name"], vd["versions"]
+        new = {int(v): list(layers) for v, layers in d["layers"].items()}
+        for v, layers in new.items():
+            if v not in versions or v < d["upto"] or not layers or layers[0] != d["base"]:
+                raise ValueError(
+                    f"vdisk {name!r}: merged chain of version {v} is not over the base"
+                )
+            for layer in layers:
+                check_layer_name(name, layer)
+        for v in d["retired"]:
+            if v not in versions or v >= d["upto"]:
+                raise ValueError(f"vdisk {name!r}: version {v} cannot be retired by this merge")
+        for layer in d["superseded"]:
+            check_layer_name(name, layer)
+        for v, layers in new.items():
+            versions[v]["layers"] = layers
+        for v in d["retired"]:
+            versions[v]["retired"] = True
+        vd["superseded"] = sorted({*vd["superseded"], *d["superseded"]})
+        live = {sid for sid, s in self.sessions.items() if s["vdisk"] == name}
+        vd["superseded_readers"] = sorted({*vd["superseded_readers"], *live})
+
+    def _layers_removed(self, d: Record, _when: Any) -> None:
+        vd = self.vdisks[d["name"]]
+        gone = set(d["layers"])
+        vd["superseded"] = [x for x in vd["superseded"] if x not in gone]
+        if not vd["superseded"]:
+            vd["superseded_readers"] = []
 
     def _vdisk_removed(self, d: Record, _when: Any) -> None:
         name = d["name"]

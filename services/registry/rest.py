@@ -107,6 +107,16 @@ class VersionIn(BaseModel):
     boot: BootScanIn | None = None
 
 
+class MaintenanceIn(BaseModel):
+    """``on``: the device's next PXE boots open a maintenance session on its default vdisk."""
+
+    on: bool
+
+
+class MergeIn(BaseModel):
+    upto: int | None = None  # default: the production version
+
+
 class PromoteIn(BaseModel):
     version: int
     to: Literal["test", "production"]
@@ -209,6 +219,10 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
     async def enable_device(mac: str) -> dict[str, Any]:
         return await app.enable_device(mac)
 
+    @r.post("/devices/{mac}/maintenance")
+    async def device_maintenance(mac: str, body: MaintenanceIn) -> dict[str, Any]:
+        return await app.set_device_maintenance(mac, body.on)
+
     @r.delete("/devices/{mac}")
     async def remove_device(mac: str) -> dict[str, Any]:
         return await app.remove_device(mac)
@@ -252,6 +266,10 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
     @r.post("/vdisks/{name}/promote")
     async def promote(name: str, body: PromoteIn) -> dict[str, Any]:
         return await app.promote(name, body.version, body.to)
+
+    @r.post("/vdisks/{name}/merge")
+    async def merge(name: str, body: MergeIn) -> dict[str, Any]:
+        return await app.merge_vdisk(name, body.upto)
 
     @r.post("/vdisks/{name}/rollback")
     async def rollback(name: str) -> dict[str, Any]:

@@ -73,6 +73,17 @@ async def _sweep_forever(app: RegistryApp, interval_s: float) -> None:
             log.warning("registry: session sweep failed (%s); retrying", exc)
 
 
+async def _store_upkeep_forever(app: RegistryApp, interval_s: float) -> None:
+    """Merged layers nothing reads any more are removed; long chains merged (if set)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await app.sweep_layers()
+            await app.auto_merge()
+        except Exception as exc:
+            log.warning("registry: vdisk store upkeep failed (%s); retrying", exc)
+
+
 async def write_caches(
     nc: NATS, js: JetStreamContext, heartbeat_timeout_s: float
 ) -> tuple[list[dict[str, Any]], bool]:
@@ -152,6 +163,9 @@ class RegistryService:
                 _sweep_forever(app, settings.session_sweep_interval_s), name="sweep"
             ),
             asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(
+                _store_upkeep_forever(app, settings.session_sweep_interval_s), name="upkeep"
+            ),
         ]
         log.info(
             "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",

@@ -140,7 +140,7 @@ def stage_version(
                 checksum = _copy_sparse(source, base, size, progress)
             else:
                 raw.rename(base)
-                checksum = _hash(base, size, progress)
+                checksum = hash_file(base, size, progress)
             _seal([base])
             found = scan_boot_files(base, staging, kernel, progress)
             return StagedVersion(
@@ -194,7 +194,7 @@ def delta_version(
     """Stage version ``version`` as the delta of a full raw ``image`` over its parent chain
     (``temporary``: the image is staging scratch, removed afterwards)."""
     size = image.stat().st_size
-    checksum = _hash(image, size, progress)
+    checksum = hash_file(image, size, progress)
     progress("delta", 0, size)
     changed = write_delta(parent_chain, image, staging / f"v{version}")
     progress("delta", size, size)
@@ -277,7 +277,7 @@ def staged_boot_files(root: Path, name: str, staging: str) -> dict[str, object]:
         if path.is_symlink() or not path.is_file():
             raise invalid(f"staged import {staging!r} of {name!r} lacks its boot file {fname}")
         found[f"{'kernel' if fname == 'vmlinuz' else 'initrd'}_size"] = path.stat().st_size
-        found[f"{'kernel' if fname == 'vmlinuz' else 'initrd'}_sha256"] = _hash(
+        found[f"{'kernel' if fname == 'vmlinuz' else 'initrd'}_sha256"] = hash_file(
             path, path.stat().st_size, _no_progress
         )
     return found
@@ -381,7 +381,7 @@ def _copy_sparse(source: Path, dest: Path, size: int, progress: Progress) -> str
     return digest.hexdigest()
 
 
-def _hash(path: Path, size: int, progress: Progress) -> str:
+def hash_file(path: Path, size: int, progress: Progress) -> str:
     digest = hashlib.sha256()
     done = 0
     with open(path, "rb") as src:

@@ -36,6 +36,11 @@ def show_device(d: dict[str, Any]) -> None:
         f"  vdisks       {vdisks or '-'}" + (f"  [from {a['source']}]" if a.get("source") else "")
     )
     console.print(f"  session      {d.get('session') or '-'}")
+    if d.get("maintenance"):
+        console.print(
+            "  maintenance  on: its next PXE boot maintains "
+            f"{d.get('maintenance_vdisk') or a.get('default') or 'its default vdisk'} read-write"
+        )
 
 
 def show_devices(devices: list[dict[str, Any]]) -> None:
@@ -47,7 +52,8 @@ def show_devices(devices: list[dict[str, Any]]) -> None:
             d["hostname"],
             d["collection"] or "-",
             "yes" if d["tester"] else "",
-            "enabled" if d["enabled"] else "disabled",
+            ("enabled" if d["enabled"] else "disabled")
+            + (", maintenance" if d.get("maintenance") else ""),
             ", ".join(a.get("vdisks", [])) or "-",
             d.get("session") or "-",
         )
@@ -135,3 +141,18 @@ def remove(mac: str, data_dir: DataDirOption, as_json: JsonOption = False) -> No
         lambda c: c.delete(f"/devices/{mac}"),
         lambda r: console.print(f"removed device {r['removed']}"),
     )
+
+
+@app.command()
+def maintenance(
+    mac: str,
+    state: Annotated[str, typer.Argument(help="on|off")],
+    data_dir: DataDirOption,
+    as_json: JsonOption = False,
+) -> None:
+    """Put a device in maintenance (on: its next PXE boots open a read-write maintenance
+    session on its default vdisk; `streamboot vdisk commit` publishes the writes) or not."""
+    if state not in ("on", "off"):
+        raise typer.BadParameter(f"{state!r}: on or off", param_hint="STATE")
+    body = {"on": state == "on"}
+    run(data_dir, as_json, lambda c: c.post(f"/devices/{mac}/maintenance", body), show_device)

@@ -70,6 +70,19 @@ def show_vdisk(v: dict[str, Any]) -> None:
         f"  versions: latest {v['latest_version']}, production {v['production_version'] or '-'}"
         f"; live sessions {v['live_sessions']}"
     )
+    if "chain_length" in v:
+        space = (
+            f", layers take {_gib(v['layers_bytes'])}" if v.get("layers_bytes") is not None else ""
+        )
+        out.print(
+            f"  chain: {v['chain_length']} layer(s) for the latest version, "
+            f"{v['production_chain_length']} for production{space}"
+        )
+        if v.get("superseded_layers"):
+            out.print(
+                f"  merged away, removed once no session reads them: "
+                f"{', '.join(v['superseded_layers'])} ({_gib(v.get('superseded_bytes') or 0)})"
+            )
     kernel = f", kernel {v['kernel']} (operator's pick)" if v.get("kernel") else ""
     out.print(f"  boot method {v.get('boot_method', 'auto')}{kernel}")
     if "version" in v:
@@ -394,6 +407,25 @@ def promote(
     """Promote a version to test or production (running clients move at their next boot)."""
     body = {"version": version, "to": to}
     run(data_dir, as_json, lambda c: c.post(f"/vdisks/{name}/promote", body), show_vdisk)
+
+
+@app.command()
+def merge(
+    name: str,
+    data_dir: DataDirOption,
+    upto: Annotated[
+        int | None,
+        typer.Option(help="the version whose chain becomes one base (default: production)"),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Merge a version's chain of layers into one base layer (the same content, block for
+    block); versions before it retire, running sessions keep reading their old layers."""
+    with cli_errors(as_json):
+        # The registry writes the whole image: as long as that takes.
+        client = RegistryClient.from_data_dir(data_dir, timeout_s=24 * 3600)
+        result = client.post(f"/vdisks/{name}/merge", {"upto": upto})
+    print_result(result, as_json, show_vdisk)
 
 
 @app.command()

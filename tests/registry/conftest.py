@@ -48,6 +48,7 @@ class Registry:
     app: RegistryApp
     api_url: str
     data_dir: Path
+    bus: BusServer  # the services a test starts beside it connect as their own roles
 
     def http(self, token: str | None = TOKEN) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -117,7 +118,7 @@ async def registry(
     with os.fdopen(fd, "w") as f:
         f.write(TOKEN + "\n")
     try:
-        yield Registry(settings, svc.app, api_url, data_dir)
+        yield Registry(settings, svc.app, api_url, data_dir, nats_server)
     finally:
         await svc.stop()
 

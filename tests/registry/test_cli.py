@@ -187,7 +187,7 @@ async def test_bad_inputs_fail_clearly_and_write_nothing(
 
 
 async def test_registry_unreachable_is_a_clear_error(data_dir: Path) -> None:
-    reg = Registry(Settings(data_dir=data_dir), None, "", data_dir)  # type: ignore[arg-type]
+    reg = Registry(Settings(data_dir=data_dir), None, "", data_dir, None)  # type: ignore[arg-type]
     code, _, err = await reg.cli("device", "list")
     assert code == 3 and "not running" in err
 

@@ -12,7 +12,7 @@ from services.registry.domain.errors import DomainError
 from services.registry.domain.identity import normalize_mac
 from services.registry.domain.sessions import StreamNode, pick_stream_node
 from services.registry.projection import Projection
-from shared.events import Event, SessionConflictRejected, envelope
+from shared.events import Event, SessionConflictRejected, VdiskChainMerged, envelope
 
 NODE = StreamNode(node="s1", nbd="127.0.0.1:10809", http="http://127.0.0.1:18081")
 _positions = itertools.count(1)
@@ -204,7 +204,9 @@ def test_private_and_maintenance_are_one_device_at_a_time() -> None:
         apply(p, assignments.assign(p, "device", mac, "win", default=False))
     apply(p, open_(p, macs[0], "s-1", maintenance=True))
     assert p.sessions["s-1"]["writes_to_vdisk"] and p.sessions["s-1"]["version"] == 2
-    with pytest.raises(DomainError, match="in maintenance by live session s-1"):
+    with pytest.raises(
+        DomainError, match=r"in maintenance by device 52:54:00:00:00:01 \(live session s-1\)"
+    ):
         open_(p, macs[1], "s-2", maintenance=True)
     [ok] = open_(p, macs[1], "s-3")  # the production version is shared
     assert ok.version == 1  # type: ignore[attr-defined]
@@ -435,3 +437,61 @@ def test_how_a_version_boots_follows_what_was_found_and_the_policy() -> None:
     assert vdisks.boot_plan(vd, 1)["method"] == "sanboot" and vd["kernel"] == "6.1.0-9-amd64"
     with pytest.raises(DomainError, match="boot method"):
         vdisks.set_policy(p, "deb", boot_method="pxe")
+
+
+def test_merge_maps_later_versions_onto_the_base_and_retires_earlier_ones() -> None:
+    p = Projection()
+    with_vdisk(p, versions=4)
+    for v in (2, 3):
+        apply(p, vdisks.promote(p, "win", v, "production"))
+    with pytest.raises(DomainError, match="would retire production version 3"):
+        vdisks.merge_target(p, "win", 4)
+    with pytest.raises(DomainError, match="nothing to merge"):
+        vdisks.merge_target(p, "win", 1)
+    with pytest.raises(DomainError, match="not the version's"):
+        vdisks.merge(p, "win", 3, "win/v3.base.raw", "sha256:other")
+    [merged] = vdisks.merge(p, "win", 3, "win/v3.base.raw", "sha256:x")
+    assert merged.layers == {"3": ["win/v3.base.raw"], "4": ["win/v3.base.raw", "win/v4"]}
+    assert merged.retired == [1, 2] and merged.superseded == ["win/v1", "win/v2", "win/v3"]
+    apply(p, [merged])
+    assert vdisks.chain(p.vdisks["win"], 4) == ["win/v3.base.raw", "win/v4"]
+    with pytest.raises(DomainError, match="merged into a later version's base"):
+        vdisks.rollback(p, "win")
+    # The next version stacks on the base.
+    apply(p, vdisks.publish(p, "win", version=5, stage=None, path="win/v5", size=1 << 20,
+                            checksum="sha256:y", changed_blocks=1, block_size=65536))  # fmt: skip
+    assert vdisks.chain(p.vdisks["win"], 5) == ["win/v3.base.raw", "win/v4", "win/v5"]
+
+
+def test_a_merge_event_naming_files_outside_the_vdisk_is_skipped() -> None:
+    p = Projection()
+    with_vdisk(p, versions=2)
+    forged = envelope(
+        VdiskChainMerged(
+            name="win", upto=2, base="../../etc/shadow", checksum="sha256:x",
+            layers={"2": ["../../etc/shadow"]}, retired=[1], superseded=["win/v1"],
+        )
+    )  # fmt: skip
+    p.apply(forged.type, forged.data, next(_positions), 1000.0)
+    assert p.failures and vdisks.chain(p.vdisks["win"], 2) == ["win/v1", "win/v2"]
+    assert not p.vdisks["win"]["versions"][1]["retired"]
+
+
+def test_a_device_in_maintenance_maintains_its_default_vdisk_only() -> None:
+    p = Projection()
+    with_vdisk(p, "win", versions=2)
+    with_vdisk(p, "rescue")
+    mac = device(p, "52:54:00:00:00:31")
+    with pytest.raises(DomainError, match="no vdisk assigned to maintain"):
+        devices.set_maintenance(p, mac, True, None)
+    for name in ("win", "rescue"):
+        apply(p, assignments.assign(p, "device", mac, name, default=name == "win"))
+    apply(p, devices.set_maintenance(p, mac, True, "win"))
+    assert devices.set_maintenance(p, mac, True, "win") == []  # already on: nothing recorded
+    [other] = open_(p, mac, "s-r", vdisk="rescue")
+    assert not other.maintenance  # type: ignore[attr-defined]
+    [opened] = open_(p, mac, "s-w")
+    assert opened.maintenance and opened.version == 2 and not opened.read_only  # type: ignore[attr-defined]
+    apply(p, devices.set_maintenance(p, mac, False, "win"))
+    [plain] = open_(p, mac, "s-p")
+    assert not plain.maintenance and plain.version == 1  # type: ignore[attr-defined]

@@ -18,7 +18,6 @@ import pytest
 from shared.heartbeat import read_heartbeats
 from shared.vdisk_layout import open_chain
 from streamboot.embedded.proc import free_port
-from tests.conftest import BusServer
 from tests.registry.conftest import Registry, write_image
 
 pytestmark = [
@@ -61,18 +60,14 @@ async def wait_alive(nc: Any, service_name: str, node: str) -> None:
     raise TimeoutError(f"{service_name} {node} sent no heartbeat")
 
 
-def read_chain(layers: list[str], offset: int, length: int) -> bytes:
-    with open_chain(layers) as chain:
-        return chain.pread(offset, length)
-
-
-async def test_maintenance_writes_become_the_next_version(
-    registry: Registry, nc: Any, nats_server: BusServer
-) -> None:
+def service_env(registry: Registry, node: str, **settings: str) -> dict[str, str]:
+    """The environment of a stream or cache service of this test, on the registry's NATS
+    and data dir, on free ports (``settings``: more STREAMBOOT_ settings); a service adds
+    its own role's NATS user (``registry.bus.env(role)``)."""
     dd = registry.data_dir
-    node = f"stream-maint-{os.getpid()}"
-    env = {
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("STREAMBOOT_")},
+        "STREAMBOOT_NATS_URL": registry.bus.url,
         "STREAMBOOT_DATA_DIR": str(dd),
         "STREAMBOOT_NODE_ID": node,
         "STREAMBOOT_NBD_PORT": str(free_port()),
@@ -80,15 +75,27 @@ async def test_maintenance_writes_become_the_next_version(
         "STREAMBOOT_METRICS_PORT": "0",
         "STREAMBOOT_CACHE_RAM_DIR": str(dd / "ram"),
         "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
+        **{f"STREAMBOOT_{k.upper()}": v for k, v in settings.items()},
     }
+
+
+def read_chain(layers: list[str], offset: int, length: int) -> bytes:
+    with open_chain(layers) as chain:
+        return chain.pread(offset, length)
+
+
+async def test_maintenance_writes_become_the_next_version(registry: Registry, nc: Any) -> None:
+    dd = registry.data_dir
+    node = f"stream-maint-{os.getpid()}"
+    env = service_env(registry, node)
     image = write_image(dd / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
     await registry.cli_json("vdisk", "import", str(image), "--name", "win")
     async with registry.http() as http:
         assert (await http.post("/devices", json={"mac": MAC})).is_success
         assert (await http.post("/assignments", json={"target": MAC, "vdisk": "win"})).is_success
         async with (
-            service("cache", {**env, **nats_server.env("cache")}, dd / "cache.log"),
-            service("stream", {**env, **nats_server.env("stream")}, dd / "stream.log"),
+            service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
+            service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
         ):
             await wait_alive(nc, "cache", node)
             await wait_alive(nc, "stream", node)

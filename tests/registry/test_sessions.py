@@ -324,7 +324,7 @@ async def test_private_vdisk_and_maintenance_serve_one_device(registry: Registry
         r = await http.post("/sessions", json={"mac": a, "maintenance": True})
         assert r.status_code == 201 and r.json()["writes_to_vdisk"] is True
         r = await http.post("/sessions", json={"mac": b, "maintenance": True})
-        assert r.status_code == 409 and "in maintenance by live session" in r.json()["error"]
+        assert r.status_code == 409 and "one device at a time" in r.json()["error"]
         r = await http.post("/sessions", json={"mac": b})  # a normal boot is fine meanwhile
         assert r.status_code == 201 and r.json()["writes_to_vdisk"] is False
         for s in (await http.get("/sessions")).json():

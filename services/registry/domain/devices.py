@@ -16,6 +16,7 @@ from services.registry.projection import Projection, Record
 from shared.events import (
     DeviceDisabled,
     DeviceEnabled,
+    DeviceMaintenanceChanged,
     DeviceRegistered,
     DeviceRemoved,
     DeviceUpdated,
@@ -169,3 +170,17 @@ def remove(p: Projection, mac: str) -> list[Event]:
             "close it first (`streamboot session close`)"
         )
     return [DeviceRemoved(mac=dev["mac"])]
+
+
+def set_maintenance(p: Projection, mac: str, on: bool, default_vdisk: str | None) -> list[Event]:
+    """The device's next PXE boots open a maintenance session on its default vdisk
+    (``default_vdisk``: the caller's reading of its assignment), or no longer do."""
+    dev = get_device(p, mac)
+    if on and default_vdisk is None:
+        raise conflict(
+            f"device {dev['mac']} has no vdisk assigned to maintain "
+            f"(`streamboot assign {dev['mac']} VDISK --default`)"
+        )
+    if dev["maintenance"] == on:
+        return []  # already so: nothing to record
+    return [DeviceMaintenanceChanged(mac=dev["mac"], maintenance=on)]

@@ -91,16 +91,19 @@ def open_session(
 
     # Bad input first (it changes nothing), then the uniqueness rules (a refusal is logged).
     choices = boot_choices(p, the_mac)
+    default = choices["default"] or (choices["vdisks"][0] if choices["vdisks"] else None)
     if vdisk is None:
-        if not choices["vdisks"]:
+        if default is None:
             raise conflict(
                 f"device {the_mac} has no vdisk assigned (`streamboot assign {the_mac} VDISK`)"
             )
-        vdisk = choices["default"] or choices["vdisks"][0]
+        vdisk = default
     elif vdisk not in choices["vdisks"]:
         vdisk_rules.get_vdisk(p, vdisk)
         raise refused(f"vdisk {vdisk!r} is not assigned to device {the_mac}")
     vd = vdisk_rules.get_vdisk(p, vdisk)
+    # A device put in maintenance (`device maintenance MAC on`) maintains its default vdisk.
+    maintenance = maintenance or (dev.get("maintenance", False) and vdisk == default)
     version = vdisk_rules.boot_version(vd, tester=dev["tester"], maintenance=maintenance)
     vdisk_rules.boot_plan(vd, version)  # a vdisk that cannot boot as its policy says: refused
 
@@ -130,8 +133,8 @@ def open_session(
             )
         if maintenance and s.get("maintenance"):
             reject(
-                f"vdisk {vdisk!r} is in maintenance by live session "
-                f"{s['session_id']} (one device at a time)",
+                f"vdisk {vdisk!r} is in maintenance by device {s['mac']} (live session "
+                f"{s['session_id']}); one device at a time: shut that one down first",
                 s["session_id"],
             )
     writes_to_vdisk = private or maintenance
@@ -205,6 +208,12 @@ def open_replay(
     if version not in vd["versions"]:
         raise not_found(
             f"vdisk {name!r} version {version} of session {original['session_id']} is gone"
+        )
+    if vd["versions"][version].get("retired"):
+        # Its files go once the sessions that read them close: a replay would lose them.
+        raise conflict(
+            f"vdisk {name!r} version {version} of session {original['session_id']} was "
+            "merged into a later version's base (`vdisk merge`): nothing to replay against"
         )
     write_cache = original["write_cache"]
     return [

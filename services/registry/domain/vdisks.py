@@ -22,6 +22,7 @@ from services.registry.projection import Projection, Record
 from shared.events import (
     BootFilesScanned,
     Event,
+    VdiskChainMerged,
     VdiskCreated,
     VdiskPolicyChanged,
     VdiskRemoved,
@@ -140,6 +141,8 @@ def promote(p: Projection, name: str, version: int, to: str) -> list[Event]:
         raise not_found(f"vdisk {name!r} has no version {version} (latest: {latest_version(vd)})")
     if to not in ("test", "production"):
         raise invalid(f"cannot promote to {to!r}: only to test or production")
+    if ver["retired"]:
+        raise conflict(f"vdisk {name!r} version {version} was merged away and cannot be booted")
     if to == "production" and production_version(vd) == version:
         raise conflict(f"vdisk {name!r} version {version} is already the production version")
     if STAGE_ORDER[to] < STAGE_ORDER[ver["stage"]] and not ver["withdrawn"]:
@@ -158,6 +161,11 @@ def rollback(p: Projection, name: str) -> list[Event]:
         raise conflict(
             f"vdisk {name!r} has no earlier production version to roll back to "
             f"(production history: {history or 'empty'})"
+        )
+    if vd["versions"][history[-2]]["retired"]:
+        raise conflict(
+            f"vdisk {name!r}: version {history[-2]} was merged into a later version's base "
+            "(`vdisk merge`) and cannot be booted again"
         )
     return [VdiskRolledBack(name=name, from_version=history[-1], to_version=history[-2])]
 
@@ -274,7 +282,7 @@ def boot_version(vd: Record, *, tester: bool, maintenance: bool) -> int:
         tests = [
             n
             for n, v in versions.items()
-            if v["stage"] == "test" and not v["withdrawn"] and n > (prod or 0)
+            if v["stage"] == "test" and not v["withdrawn"] and not v["retired"] and n > (prod or 0)
         ]
         if tests:
             return max(tests)
@@ -311,4 +319,72 @@ def boot_plan(vd: Record, version: int) -> Record:
 
 def chain(vd: Record, version: int) -> list[str]:
     """The layer paths (store-relative) of a version, oldest first."""
-    return [vd["versions"][n]["path"] for n in range(1, version + 1)]
+    return list(vd["versions"][version]["layers"])
+
+
+def merge_target(p: Projection, name: str, upto: int | None) -> int:
+    """The version whose chain a merge writes out as one base (default: production), or
+    why not: a version newer than production would retire the one devices boot."""
+    vd = get_vdisk(p, name)
+    if vd["store"] != LOCAL_STORE:
+        raise invalid(
+            f"vdisk {name!r} is in store {vd['store']!r}: merges run on the registry's local "
+            "store only (merge there, then copy the files)"
+        )
+    prod = production_version(vd)
+    version = prod if upto is None else upto
+    if version is None or version not in vd["versions"]:
+        raise not_found(f"vdisk {name!r} has no version {version} (latest: {latest_version(vd)})")
+    ver = vd["versions"][version]
+    if ver["retired"]:
+        raise conflict(f"vdisk {name!r} version {version} was merged away: nothing to merge")
+    if prod is not None and version > prod:
+        raise conflict(
+            f"vdisk {name!r}: merging up to version {version} would retire production "
+            f"version {prod}, which devices boot; promote {version} first or merge up to {prod}"
+        )
+    if len(ver["layers"]) < 2:
+        raise conflict(
+            f"vdisk {name!r} version {version} is already one layer ({ver['layers'][0]}): "
+            "nothing to merge"
+        )
+    return version
+
+
+def merge(p: Projection, name: str, upto: int, base: str, checksum: str) -> list[Event]:
+    """Versions ``upto`` and later read from ``base`` (the chain of ``upto`` written out,
+    whose sha256 the caller checked against the version's); earlier ones retire."""
+    version = merge_target(p, name, upto)
+    vd = p.vdisks[name]
+    ver = vd["versions"][version]
+    if checksum != ver["checksum"]:
+        raise conflict(
+            f"vdisk {name!r}: the merged base of version {version} reads {checksum}, "
+            f"not the version's {ver['checksum']}: not published"
+        )
+    try:
+        check_layer_name(name, base)
+    except LayerPathError as exc:
+        raise invalid(str(exc)) from None
+    old = ver["layers"]
+    layers: dict[str, list[str]] = {}
+    for n, v in sorted(vd["versions"].items()):
+        if n >= version:
+            if v["layers"][: len(old)] != old:
+                raise conflict(f"vdisk {name!r}: version {n} is not over version {version}'s chain")
+            layers[str(n)] = [base, *v["layers"][len(old) :]]
+    kept = {x for ls in layers.values() for x in ls}
+    read_before = {x for n, v in vd["versions"].items() if n <= version for x in v["layers"]}
+    return [
+        VdiskChainMerged(
+            name=name,
+            upto=version,
+            base=base,
+            checksum=checksum,
+            layers=layers,
+            retired=sorted(
+                n for n, v in vd["versions"].items() if n < version and not v["retired"]
+            ),
+            superseded=sorted(read_before - kept),
+        )
+    ]
