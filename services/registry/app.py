@@ -49,7 +49,7 @@ from shared.telemetry import (
 log = logging.getLogger("streamboot.registry")
 
 Decision = Callable[[Projection], list[Event]]
-# Returns the heartbeats of every instance (shared.heartbeat.read_heartbeats).
+# Returns the heartbeats of every instance (shared.heartbeat.HeartbeatView.read).
 HeartbeatSource = Callable[[], Awaitable[list[dict[str, Any]]]]
 # Tells a stream node (by id) to open a session (token, its resolve answer) ahead of its client.
 SessionAnnouncer = Callable[[str, str, Record], Awaitable[None]]

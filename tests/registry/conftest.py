@@ -21,6 +21,7 @@ from services.registry import service
 from services.registry.app import RegistryApp
 from shared import bus
 from shared.event_store import EventStore
+from shared.heartbeat import HeartbeatView
 from shared.settings import API_TOKEN_FILE, RUNTIME_FILE, Settings
 from streamboot.embedded.proc import free_port
 
@@ -47,6 +48,23 @@ class Registry:
     app: RegistryApp
     api_url: str
     data_dir: Path
+    beats: HeartbeatView | None = None  # the registry service's (None: no service)
+
+    async def sees(self, service: str, node: str, *, alive: bool = True) -> None:
+        """Until the registry's heartbeat view shows that instance alive (or not): the
+        view is a watch, which gets a heartbeat a moment after it is put."""
+        from tests.conftest import wait_for
+
+        def shown() -> bool:
+            assert self.beats is not None
+            beats = self.beats.read_now()
+            return alive == any(
+                b["service"] == service and b["node"] == node and b["alive"] for b in beats
+            )
+
+        await wait_for(
+            shown, f"the registry to see {service} {node} {'alive' if alive else 'gone'}"
+        )
 
     def http(self, token: str | None = TOKEN) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -106,7 +124,7 @@ async def registry(nats_url: str, database_url: str, data_dir: Path) -> AsyncIte
     with os.fdopen(fd, "w") as f:
         f.write(TOKEN + "\n")
     try:
-        yield Registry(settings, svc.app, api_url, data_dir)
+        yield Registry(settings, svc.app, api_url, data_dir, svc.beats)
     finally:
         await svc.stop()
 
