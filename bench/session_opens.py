@@ -8,8 +8,9 @@ per row (registered in one batch of events, in a collection the vdisk is assigne
 one live stream node's heartbeat (so every open is placed and announced). Each row opens
 one session per device, ``C`` at a time, from this process. Reported per row: opens/s,
 the opens' latency p50/p99, errors, and the CPU milliseconds per open of the registry,
-PostgreSQL and nats-server (where the time goes). ``--profile`` runs the registry under
-cProfile and prints its top functions after the runs.
+PostgreSQL and nats-server (where the time goes). ``--profile`` samples the registry with
+py-spy during the rows (``py-spy`` on PATH, else ``uvx py-spy``) and prints where its CPU
+went: the functions on CPU (self) and the registry's own functions (inclusive).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import argparse
 import asyncio
 import json
 import os
-import pstats
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,8 @@ def mac_of(i: int) -> str:
 class Rig:
     """NATS, PostgreSQL and the registry (a child process), under ``work``."""
 
-    def __init__(self, work: Path, profile: bool) -> None:
+    def __init__(self, work: Path) -> None:
         self.work = work
-        self.profile_path = work / "registry.prof" if profile else None
         self.nats = EmbeddedNats(work / "nats", port=free_port())
         self.pg = EmbeddedPostgres(work, port=free_port(), user=Settings().postgres_user)
         self.api_port = free_port()
@@ -89,10 +89,9 @@ class Rig:
         self.env = env
 
     def _spawn_registry(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        prof = ["-m", "cProfile", "-o", str(self.profile_path)] if self.profile_path else []
         with open(self.work / "registry.log", "wb") as log:
             return subprocess.Popen(
-                [sys.executable, *prof, "-m", "services.registry"], env=env, cwd=ROOT, stderr=log
+                [sys.executable, "-m", "services.registry"], env=env, cwd=ROOT, stderr=log
             )
 
     @property
@@ -199,7 +198,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
     transports = args.transports.split(",")
     rows = len(concurrencies) * len(transports)
     macs = [mac_of(i) for i in range(args.opens * rows)]
-    rig = Rig(work, args.profile)
+    rig = Rig(work)
     try:
         await rig.start()
         await seed(rig, macs)
@@ -232,6 +231,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
             f"{'via':5} {'C':>4} {'opens/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
             f"{'registry':>8} {'postgres':>8} {'nats':>6}"
         )
+        spy = start_py_spy(rig, work / "registry.folded") if args.profile else None
         n = 0
         for transport in transports:
             for c in concurrencies:
@@ -246,18 +246,51 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
                 )
                 if r["errors"]:
                     print(f"      first error: {r['first_error']}")
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+            await asyncio.to_thread(spy.wait, 60)
+            print_profile(work / "registry.folded")
         beating.cancel()
         await http.aclose()
         await nc.close()
     finally:
         await rig.stop()
-        if rig.profile_path is not None and rig.profile_path.exists():
-            stats = pstats.Stats(str(rig.profile_path))
-            stats.sort_stats("tottime").print_stats(25)
         if args.keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def start_py_spy(rig: Rig, out: Path) -> subprocess.Popen[bytes]:
+    assert rig.registry is not None
+    spy = shutil.which("py-spy")
+    argv = [spy] if spy else ["uvx", "py-spy"]
+    return subprocess.Popen(
+        [*argv, "record", "--format", "raw", "--rate", "250", "--nonblocking",
+         "--pid", str(rig.registry.pid), "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def print_profile(folded: Path, top: int = 25) -> None:
+    """From py-spy's collapsed stacks: the share of samples per function on CPU, and per
+    function of the registry's own code anywhere on the stack."""
+    own: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf[frames[-1]] += n
+        for f in set(frames):
+            if "services/" in f or "shared/" in f:
+                own[f] += n
+    for title, counts in (("on CPU (self)", leaf), ("registry code (inclusive)", own)):
+        print(f"\nregistry, {total} samples: {title}")
+        for f, n in counts.most_common(top):
+            print(f"{100 * n / max(total, 1):6.1f}%  {f}")
 
 
 def main() -> None:
@@ -265,7 +298,7 @@ def main() -> None:
     ap.add_argument("--opens", type=int, default=2000, help="opens per row")
     ap.add_argument("--concurrency", default="1,10,100")
     ap.add_argument("--transports", default="nats,rest")
-    ap.add_argument("--profile", action="store_true", help="the registry under cProfile")
+    ap.add_argument("--profile", action="store_true", help="sample the registry with py-spy")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = ap.parse_args()
     import uvloop

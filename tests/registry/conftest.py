@@ -50,7 +50,9 @@ class Registry:
     data_dir: Path
     beats: HeartbeatView | None = None  # the registry service's (None: no service)
 
-    async def sees(self, service: str, node: str, *, alive: bool = True) -> None:
+    async def sees(
+        self, service: str, node: str, *, alive: bool = True, timeout_s: float = 10.0
+    ) -> None:
         """Until the registry's heartbeat view shows that instance alive (or not): the
         view is a watch, which gets a heartbeat a moment after it is put."""
         from tests.conftest import wait_for
