@@ -1,7 +1,8 @@
 """Heartbeats: each service instance puts its vital signs into a JetStream KV bucket.
 
-``streamboot status`` and the registry's stream-node placement read the bucket; an entry
-older than the timeout means the instance is dead (the bucket's TTL also sweeps it away).
+``streamboot status`` reads the bucket once (:func:`read_heartbeats`); the registry keeps a
+:class:`HeartbeatView` of it for placement and its sweeper. An entry older than the timeout
+means the instance is dead (the bucket's TTL also sweeps it away).
 """
 
 from __future__ import annotations
@@ -170,7 +171,6 @@ class HeartbeatView:
         self._revision = 0  # the last stream sequence this view applied
         self._confirmed = 0.0  # monotonic time the view was last known current
         self._loaded = asyncio.Event()
-        self.watches = 0  # how many watches were made (the first one included)
 
     def read_now(self) -> list[dict[str, Any]]:
         """The heartbeats as last seen; raises :class:`HeartbeatsUnavailable` if the view
@@ -203,7 +203,6 @@ class HeartbeatView:
     async def _follow(self) -> None:
         kv = await heartbeat_bucket(self._js)
         watcher = await kv.watchall(inactive_threshold=self.INACTIVE_THRESHOLD_S)
-        self.watches += 1
         self._revision = 0  # this watch's own: a stream made anew starts its sequence again
         fresh: dict[str, bytes] | None = {}  # the initial values, until their end marker
         try:
