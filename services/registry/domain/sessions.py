@@ -121,7 +121,9 @@ def open_session(
         )
 
     private = vd["mode"] == "private"
-    for s in p.live_boots_of_vdisk(vdisk):
+    # Only these two rules look at the vdisk's other sessions (a shared vdisk may have
+    # thousands: a standard boot does not walk them).
+    for s in p.live_boots_of_vdisk(vdisk) if private or maintenance else ():
         if private:
             reject(
                 f"vdisk {vdisk!r} is private and in use by live session {s['session_id']}",
