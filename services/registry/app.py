@@ -8,6 +8,15 @@ unique hostnames...) hold across any number of registry replicas: two replicas c
 decide on the same state. A refused decision can still carry events (SessionConflictRejected),
 which are committed before the error is raised.
 
+Group commit: commands that arrive while a transaction is under way wait, and the next
+transaction takes all of them (up to :data:`GROUP_COMMIT_MAX`): each is decided in turn on
+the projection with the ones before it applied, its events appended, and one commit makes
+the lot durable. A storm of session opens then pays one transaction, one fsync, one
+NOTIFY and one relay turn per group instead of per open. The rules stay exact: every
+decision sees every event appended before it. Should the group's transaction fail, the
+projection holds events that never committed: it is rebuilt from the log before anything
+else is decided.
+
 Queries read the projection, which a follower task keeps up with appends made by other
 services (through ``serve_appends``) and other replicas.
 """
@@ -50,12 +59,14 @@ from shared.telemetry import (
 log = logging.getLogger("streamboot.registry")
 
 Decision = Callable[[Projection], list[Event]]
-# Returns the heartbeats of every instance (shared.heartbeat.read_heartbeats).
+# Returns the heartbeats of every instance (shared.heartbeat.HeartbeatView.read).
 HeartbeatSource = Callable[[], Awaitable[list[dict[str, Any]]]]
 # Tells a stream node (by id) to open a session (token, its resolve answer) ahead of its client.
 SessionAnnouncer = Callable[[str, str, Record], Awaitable[None]]
 
 REPLAY_BATCH = 50_000
+# Commands decided and committed in one transaction at most.
+GROUP_COMMIT_MAX = 256
 
 
 def token_hash(token: str) -> str:
@@ -111,6 +122,11 @@ class RegistryApp:
         self._lock = asyncio.Lock()
         # (vdisk, version) whose automatic merge failed: not tried again by itself.
         self._unmerged: set[tuple[str, int]] = set()
+        self._waiting: list[_Pending] = []  # commands for the next group commit
+        self._committer: asyncio.Task[None] | None = None
+        # Set when a group's transaction failed after its events were applied.
+        self._projection_dirty = False
+        self.group_commits = 0  # transactions of grouped commands so far
         self._tracer = tracer("streamboot.registry")
 
     # --- plumbing ---------------------------------------------------------------------
@@ -182,8 +198,10 @@ class RegistryApp:
                 log.warning("registry: following the log paused (%s)", exc)
                 await asyncio.sleep(1.0)
 
-    def _envelopes(self, events: list[Event], correlation_id: str | None) -> list[Envelope]:
-        traceparent = current_traceparent()
+    @staticmethod
+    def _envelopes(
+        events: list[Event], correlation_id: str | None, traceparent: str | None
+    ) -> list[Envelope]:
         return [
             envelope(
                 e,
@@ -218,21 +236,120 @@ class RegistryApp:
         correlation_id: str | None,
         effect: Callable[[], Callable[[], None]] | None,
     ) -> list[Envelope]:
+        if effect is not None:
+            return await self._decide_alone(decide, correlation_id, effect)
+        pending = _Pending(decide, correlation_id, current_traceparent())
+        self._waiting.append(pending)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_groups(), name="group-commit")
+        # Shielded: a caller that gives up does not cancel the others' transaction.
+        stored, error = await asyncio.shield(pending.done)
+        if error is not None:
+            raise error
+        return stored
+
+    async def _commit_groups(self) -> None:
+        """Commit the waiting commands, a group per transaction, until none wait."""
+        while self._waiting:
+            group = self._waiting[:GROUP_COMMIT_MAX]
+            del self._waiting[:GROUP_COMMIT_MAX]
+            try:
+                await self._commit_group(group)
+            except BaseException as exc:
+                if not isinstance(exc, asyncio.CancelledError):
+                    # Before the callers learn of it: they must not see the group's events.
+                    await self._clean_projection()
+                for p in group:
+                    if not p.done.done():
+                        p.done.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+    async def _clean_projection(self) -> None:
+        """Rebuild now a projection a failed group left dirty, so queries do not show its
+        uncommitted events; if the log cannot be read now, the next command rebuilds it."""
+        if not self._projection_dirty:
+            return
+        try:
+            async with self._lock, self.store.transaction() as tx:
+                await self._catch_up_in(tx.conn)
+        except Exception as exc:
+            log.warning("registry: projection not rebuilt yet after a failed commit (%s)", exc)
+
+    async def _commit_group(self, group: list[_Pending]) -> None:
+        outcomes: list[tuple[_Pending, list[Envelope], Exception | None]] = []
+        applied = False
+        async with self._lock:
+            try:
+                async with self.store.transaction() as tx:
+                    await self._catch_up_in(tx.conn)
+                    for p in group:
+                        error: Exception | None = None
+                        try:
+                            events = p.decide(self.projection)
+                        except DomainError as exc:
+                            error, events = exc, exc.events
+                        except Exception as exc:  # this command's fault: the others go on
+                            outcomes.append((p, [], exc))
+                            continue
+                        stored = await tx.append(
+                            self._envelopes(events, p.correlation_id, p.traceparent)
+                        )
+                        if len(group) > 1 and stored:
+                            # The next decision must see these: applied before the commit.
+                            applied = True
+                            self.offer(stored)
+                        outcomes.append((p, stored, error))
+            except BaseException:
+                if applied:
+                    self._projection_dirty = True
+                raise
+            for _, stored, _ in outcomes:
+                self.offer(stored)
+            self.group_commits += 1
+        if any(stored for _, stored, _ in outcomes):
+            self._on_appended()
+        for p, stored, error in outcomes:
+            if not p.done.done():
+                p.done.set_result((stored, error))
+
+    async def _catch_up_in(self, conn: asyncpg.Connection) -> None:
+        """The projection up with the log, in the transaction holding the append lock
+        (rebuilt whole if a failed group left uncommitted events in it)."""
+        if self._projection_dirty:
+            fresh = Projection()
+            await replay(conn, fresh)
+            self.projection = fresh
+            self._projection_dirty = False
+            log.warning("registry: projection rebuilt after a failed group commit")
+        else:
+            await replay(conn, self.projection)
+
+    async def _decide_alone(
+        self,
+        decide: Decision,
+        correlation_id: str | None,
+        effect: Callable[[], Callable[[], None]],
+    ) -> list[Envelope]:
+        """A command with a side effect (file moves) in a transaction of its own: the
+        effect runs between the decision and the append, and is undone if they fail."""
         error: DomainError | None = None
         undo: Callable[[], None] | None = None
         async with self._lock:
             try:
                 async with self.store.transaction() as tx:
-                    await replay(tx.conn, self.projection)
+                    await self._catch_up_in(tx.conn)
                     try:
                         events = decide(self.projection)
                     except DomainError as exc:
                         if not exc.events:
                             raise
                         error, events = exc, exc.events
-                    if effect is not None and error is None and events:
+                    if error is None and events:
                         undo = effect()
-                    stored = await tx.append(self._envelopes(events, correlation_id))
+                    stored = await tx.append(
+                        self._envelopes(events, correlation_id, current_traceparent())
+                    )
             except BaseException:
                 # Not committed (the append or the commit failed): undo the file moves.
                 if undo is not None:
@@ -1017,7 +1134,7 @@ class RegistryApp:
         """Rebuild the projection from the whole log and swap it in; reports whether the
         fresh one equals the live one (it must: both are the same fold of the same log)."""
         async with self._lock, self.store.transaction() as tx:
-            await replay(tx.conn, self.projection)
+            await self._catch_up_in(tx.conn)
             fresh = Projection()
             started = time.perf_counter()
             n = await replay(tx.conn, fresh)
@@ -1037,6 +1154,22 @@ class RegistryApp:
             "vdisks": len(fresh.vdisks),
             "live_sessions": len(fresh.sessions),
         }
+
+
+class _Pending:
+    """A command waiting for its group commit; ``done`` gets (its events, its refusal)."""
+
+    __slots__ = ("correlation_id", "decide", "done", "traceparent")
+
+    def __init__(
+        self, decide: Decision, correlation_id: str | None, traceparent: str | None
+    ) -> None:
+        self.decide = decide
+        self.correlation_id = correlation_id
+        self.traceparent = traceparent
+        self.done: asyncio.Future[tuple[list[Envelope], Exception | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
 
 
 def _check_address(addr: str) -> str:

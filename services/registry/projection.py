@@ -72,6 +72,12 @@ class Projection:
         self.sessions: dict[str, Record] = {}
         self.session_by_mac: dict[str, str] = {}
         self.session_by_token_hash: dict[str, str] = {}
+        # The live sessions by what a new boot must not share with them, each in opening
+        # order (derived from ``sessions``: a session open checks these, not every session).
+        # Hostname and machine id: the devices' own boots; vdisk: replays included.
+        self.live_by_hostname: dict[str, dict[str, None]] = {}
+        self.live_by_machine_id: dict[str, dict[str, None]] = {}
+        self.live_by_vdisk: dict[str, dict[str, None]] = {}
         # Admin API tokens by name (revoked ones kept: a name is never reused), the live
         # ones by hash, and when each name last did a mutating request.
         self.api_tokens: dict[str, Record] = {}
@@ -401,6 +407,7 @@ class Projection:
         self.session_by_mac[d["mac"]] = sid
         if d.get("token_hash"):
             self.session_by_token_hash[d["token_hash"]] = sid
+        self._index_live(self.sessions[sid])
 
     def _replay_session_opened(self, d: Record, when: Any) -> None:
         """A replay is a live session (resolve, close and the sweeper treat it like any),
@@ -422,6 +429,22 @@ class Projection:
         }
         if d.get("token_hash"):
             self.session_by_token_hash[d["token_hash"]] = sid
+        self._index_live(self.sessions[sid])
+
+    def _index_live(self, s: Record, *, add: bool = True) -> None:
+        keys = [(self.live_by_vdisk, s["vdisk"])]
+        if not s.get("replay_of"):  # a replay holds no name or identity
+            keys += [
+                (self.live_by_hostname, s["hostname"]),
+                (self.live_by_machine_id, s["machine_id"]),
+            ]
+        for index, key in keys:
+            if add:
+                index.setdefault(key, {})[s["session_id"]] = None
+            elif (ids := index.get(key)) is not None:
+                ids.pop(s["session_id"], None)
+                if not ids:
+                    del index[key]
 
     def _session_attached(self, d: Record, when: Any) -> None:
         s = self.sessions.get(d["session_id"])
@@ -464,6 +487,7 @@ class Projection:
         s = self.sessions.pop(d["session_id"], None)
         if s is None:
             return
+        self._index_live(s, add=False)
         if self.session_by_mac.get(s["mac"]) == s["session_id"]:
             del self.session_by_mac[s["mac"]]
         if s.get("token_hash"):
@@ -519,7 +543,18 @@ class Projection:
 
     def live_sessions_of_vdisk(self, name: str) -> list[Record]:
         """Every live session reading the vdisk, replays included (its files are in use)."""
-        return [s for s in self.sessions.values() if s["vdisk"] == name]
+        return [self.sessions[sid] for sid in self.live_by_vdisk.get(name, ())]
+
+    def live_boot_sharing(self, hostname: str, machine_id: str) -> Record | None:
+        """The first-opened live boot (replays left out) with this hostname or machine id."""
+        ids = [
+            *self.live_by_hostname.get(hostname, ()),
+            *self.live_by_machine_id.get(machine_id, ()),
+        ]
+        if not ids:
+            return None
+        order = {sid: n for n, sid in enumerate(self.sessions)} if len(ids) > 1 else {}
+        return self.sessions[min(ids, key=lambda sid: order.get(sid, 0))]
 
     def live_boots_of_vdisk(self, name: str) -> list[Record]:
         """The devices' own live sessions on the vdisk (replays left out): what the

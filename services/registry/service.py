@@ -19,7 +19,6 @@ from typing import Any
 
 import uvicorn
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from services.cache.client import all_write_caches
 from services.registry import vdisk_store
@@ -30,7 +29,7 @@ from services.stream.announce import announce_session
 from shared import bus
 from shared.event_log import serve_appends
 from shared.event_store import EventStore
-from shared.heartbeat import Heartbeat, read_heartbeats
+from shared.heartbeat import Heartbeat, HeartbeatView
 from shared.metrics import Headline, live_sessions_from, start_metrics_server
 from shared.relay import EventRelay
 from shared.settings import API_TOKEN_FILE, Settings, without_password
@@ -84,12 +83,10 @@ async def _store_upkeep_forever(app: RegistryApp, interval_s: float) -> None:
             log.warning("registry: vdisk store upkeep failed (%s); retrying", exc)
 
 
-async def write_caches(
-    nc: NATS, js: JetStreamContext, heartbeat_timeout_s: float
-) -> tuple[list[dict[str, Any]], bool]:
+async def write_caches(nc: NATS, beats: HeartbeatView) -> tuple[list[dict[str, Any]], bool]:
     """Every cache node's write caches (scatter-gather; done once every live cache node,
     by its heartbeat, answered), and whether they all did."""
-    beats = await read_heartbeats(js, heartbeat_timeout_s)
+    beats = beats.read_now()
     nodes = {b["node"] for b in beats if b.get("service") == "cache" and b.get("alive")}
     return await all_write_caches(nc, nodes, timeout_s=1.0)
 
@@ -111,12 +108,19 @@ class RegistryService:
         await bus.ensure_event_stream(js)
         self.store = store = await EventStore.connect(settings.require_database_url())
         self.relay = relay = EventRelay(store, js)
+        # The live instances, read by every session open: one watch, read from memory.
+        self.beats = beats = HeartbeatView(js, settings.heartbeat_timeout_s)
+        self._watch = asyncio.create_task(beats.run(), name="heartbeat-view")
+        try:
+            await beats.wait_loaded(10.0)
+        except TimeoutError:
+            log.warning("registry: heartbeats not loaded yet; session opens wait for them")
         self.app = app = RegistryApp(
             store,
             settings,
-            heartbeats=lambda: read_heartbeats(js, settings.heartbeat_timeout_s),
+            heartbeats=beats.read,
             on_appended=relay.poke,
-            write_caches=lambda: write_caches(nc, js, settings.heartbeat_timeout_s),
+            write_caches=lambda: write_caches(nc, beats),
             announce=lambda node, token, record: announce_session(nc, node, token, record),
         )
         await app.start()
@@ -166,6 +170,7 @@ class RegistryService:
             asyncio.create_task(
                 _store_upkeep_forever(app, settings.session_sweep_interval_s), name="upkeep"
             ),
+            self._watch,
         ]
         log.info(
             "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",
@@ -201,9 +206,10 @@ class RegistryService:
         if hasattr(self, "broker"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.broker.stop(), 5.0)
-        for task in self.tasks:
+        tasks = [*self.tasks, *([self._watch] if hasattr(self, "_watch") else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if hasattr(self, "nc"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 5.0)

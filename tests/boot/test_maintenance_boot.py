@@ -19,7 +19,7 @@ import pytest
 from shared.vdisk_layout import open_chain
 from tests.boot.test_service import Boot, boot  # noqa: F401 (the boot service fixture)
 from tests.registry.conftest import Registry, write_bootable_image
-from tests.registry.test_maintenance import service, service_env, wait_alive
+from tests.registry.test_maintenance import service, service_env
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -73,8 +73,8 @@ async def test_a_device_in_maintenance_pxe_boots_read_write_and_its_writes_are_c
         service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
         service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
     ):
-        await wait_alive(nc, "cache", node)
-        await wait_alive(nc, "stream", node)
+        await registry.sees("cache", node, timeout_s=20.0)
+        await registry.sees("stream", node, timeout_s=20.0)
 
         # The device in maintenance: a kernel-direct boot of the latest version, read-write.
         script = await boot.script(mac=MAINT)

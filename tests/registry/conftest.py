@@ -21,6 +21,7 @@ from services.registry import service
 from services.registry.app import RegistryApp
 from shared import bus
 from shared.event_store import EventStore
+from shared.heartbeat import HeartbeatView
 from shared.settings import API_TOKEN_FILE, RUNTIME_FILE, Settings, nats_password_file
 from streamboot.embedded.proc import free_port
 from tests.conftest import BusServer
@@ -49,6 +50,25 @@ class Registry:
     api_url: str
     data_dir: Path
     bus: BusServer  # the services a test starts beside it connect as their own roles
+    beats: HeartbeatView | None = None  # the registry service's (None: no service)
+
+    async def sees(
+        self, service: str, node: str, *, alive: bool = True, timeout_s: float = 10.0
+    ) -> None:
+        """Until the registry's heartbeat view shows that instance alive (or not): the
+        view is a watch, which gets a heartbeat a moment after it is put."""
+        from tests.conftest import wait_for
+
+        def shown() -> bool:
+            assert self.beats is not None
+            beats = self.beats.read_now()
+            return alive == any(
+                b["service"] == service and b["node"] == node and b["alive"] for b in beats
+            )
+
+        await wait_for(
+            shown, f"the registry to see {service} {node} {'alive' if alive else 'gone'}"
+        )
 
     def http(self, token: str | None = TOKEN) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -118,7 +138,7 @@ async def registry(
     with os.fdopen(fd, "w") as f:
         f.write(TOKEN + "\n")
     try:
-        yield Registry(settings, svc.app, api_url, data_dir, nats_server)
+        yield Registry(settings, svc.app, api_url, data_dir, nats_server, svc.beats)
     finally:
         await svc.stop()
 

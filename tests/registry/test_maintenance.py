@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from shared.heartbeat import read_heartbeats
 from shared.vdisk_layout import open_chain
 from streamboot.embedded.proc import free_port
 from tests.registry.conftest import Registry, write_image
@@ -49,15 +48,6 @@ async def service(name: str, env: dict[str, str], log: Path) -> AsyncIterator[No
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-
-
-async def wait_alive(nc: Any, service_name: str, node: str) -> None:
-    for _ in range(400):
-        beats = await read_heartbeats(nc.jetstream(), 10)
-        if any(b["service"] == service_name and b["node"] == node and b["alive"] for b in beats):
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"{service_name} {node} sent no heartbeat")
 
 
 def service_env(registry: Registry, node: str, **settings: str) -> dict[str, str]:
@@ -97,8 +87,9 @@ async def test_maintenance_writes_become_the_next_version(registry: Registry, nc
             service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
             service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
         ):
-            await wait_alive(nc, "cache", node)
-            await wait_alive(nc, "stream", node)
+            # As the registry sees them: its view is a watch, a moment behind the bucket.
+            await registry.sees("cache", node, timeout_s=20.0)
+            await registry.sees("stream", node, timeout_s=20.0)
             r = await http.post("/sessions", json={"mac": MAC, "maintenance": True})
             assert r.status_code == 201, r.text
             s = r.json()

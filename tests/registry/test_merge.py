@@ -18,7 +18,7 @@ import pytest
 from services.registry import merge as merge_store
 from shared.vdisk_layout import open_chain
 from tests.registry.conftest import Registry, write_image
-from tests.registry.test_maintenance import service, service_env, wait_alive
+from tests.registry.test_maintenance import service, service_env
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -102,7 +102,7 @@ async def test_merge_keeps_every_block_and_sessions_on_the_old_chain(
         registry.http() as http,
         service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
     ):
-        await wait_alive(nc, "stream", node)
+        await registry.sees("stream", node, timeout_s=20.0)
         assert (await http.post("/devices", json={"mac": MAC})).status_code == 201
         assert (await http.post("/assignments", json={"target": MAC, "vdisk": "os"})).is_success
         r = await http.post("/sessions", json={"mac": MAC})
@@ -204,8 +204,8 @@ async def test_a_kept_write_cache_of_a_retired_version_keeps_the_old_layers(
         service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
         service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
     ):
-        await wait_alive(nc, "cache", node)
-        await wait_alive(nc, "stream", node)
+        await registry.sees("cache", node, timeout_s=20.0)
+        await registry.sees("stream", node, timeout_s=20.0)
         assert (await http.post("/devices", json={"mac": MAC})).status_code == 201
         assert (await http.post("/assignments", json={"target": MAC, "vdisk": "os"})).is_success
         s = (await http.post("/sessions", json={"mac": MAC})).json()

@@ -101,6 +101,8 @@ async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any
         "load": 1, "nbd": "127.0.0.1:22221", "http_stream": "http://127.0.0.1:22222"})  # fmt: skip
     await busy.beat()
     await idle.beat()
+    await registry.sees("stream", "node-busy")
+    await registry.sees("stream", "node-idle")
     try:
         s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[0]})
         assert s["stream_node"] == "node-idle" and "warning" not in s
@@ -110,6 +112,7 @@ async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any
         # The beats are by hand here (no beating loop): beat again, so that on a slow
         # machine the busy node is not taken for dead too by the time of the next open.
         await busy.beat()
+        await registry.sees("stream", "node-idle", alive=False)
         s2 = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[1]})
         assert s2["stream_node"] == "node-busy"
     finally:
@@ -134,6 +137,7 @@ async def test_the_stream_node_is_told_of_its_session_before_the_client(
     beat = Heartbeat(nc.jetstream(), "stream", "node.a:1", 1.0, lambda: {
         "load": 0, "nbd": "127.0.0.1:33331", "http_stream": "http://127.0.0.1:33332"})  # fmt: skip
     await beat.beat()
+    await registry.sees("stream", "node.a:1")
     mine = await nc.subscribe(prepare_subject("node.a:1"))
     try:
         s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[1]})
@@ -179,6 +183,7 @@ async def test_client_gone_closes_after_grace_only(registry: Registry, nc: Any) 
     await seed(registry, registry.data_dir, MAC)
     node = Heartbeat(nc.jetstream(), "stream", "n1", 1.0)
     await node.beat()  # n1 is alive: its attachments count
+    await registry.sees("stream", "n1")
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
     sid = s["session_id"]
     events = EventClient(nc, "stream")
@@ -241,6 +246,7 @@ async def test_attachments_on_a_dead_stream_node_do_not_keep_a_session(
     await seed(registry, registry.data_dir, MAC)
     node = Heartbeat(nc.jetstream(), "stream", "doomed", 1.0)
     await node.beat()
+    await registry.sees("stream", "doomed")
     s = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
     sid = s["session_id"]
     attached = await EventClient(nc, "stream").emit(
@@ -254,6 +260,7 @@ async def test_attachments_on_a_dead_stream_node_do_not_keep_a_session(
     grace = registry.settings.session_detach_grace_s
     assert await registry.app.sweep(now=t + 10 * grace) == []  # its node is alive
     await node.stop()  # the node dies (its heartbeat is gone)
+    await registry.sees("stream", "doomed", alive=False)
     idle = registry.settings.session_idle_timeout_s
     assert await registry.app.sweep(now=t + grace) == []  # not after the detach grace
     assert await registry.app.sweep(now=t + idle - 1) == []
@@ -278,6 +285,7 @@ async def test_attachments_from_before_a_stream_node_restart_are_stale(
     await registry.app.catch_up()
     reborn = Heartbeat(nc.jetstream(), "stream", "phoenix", 1.0)  # started after the attach
     await reborn.beat()
+    await registry.sees("stream", "phoenix")
     t = attached.time.timestamp()
     grace = registry.settings.session_detach_grace_s
     idle = registry.settings.session_idle_timeout_s

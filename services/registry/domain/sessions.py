@@ -110,22 +110,23 @@ def open_session(
     live = p.session_by_mac.get(the_mac)
     if live is not None:
         reject(f"device {the_mac} already has a live session ({live})", live)
-    for s in p.sessions.values():
-        if s.get("replay_of"):
-            continue  # a replay is not the device: it holds no name or identity
+    # A replay is not the device: it holds no name or identity (not in these indexes).
+    s = p.live_boot_sharing(dev["hostname"], dev["machine_id"])
+    if s is not None:
         if s["hostname"] == dev["hostname"]:
             reject(
                 f"hostname {dev['hostname']!r} is in use by live session {s['session_id']}",
                 s["session_id"],
             )
-        if s["machine_id"] == dev["machine_id"]:
-            reject(
-                f"machine id {dev['machine_id']} is in use by live session {s['session_id']}",
-                s["session_id"],
-            )
+        reject(
+            f"machine id {dev['machine_id']} is in use by live session {s['session_id']}",
+            s["session_id"],
+        )
 
     private = vd["mode"] == "private"
-    for s in p.live_boots_of_vdisk(vdisk):
+    # Only these two rules look at the vdisk's other sessions (a shared vdisk may have
+    # thousands: a standard boot does not walk them).
+    for s in p.live_boots_of_vdisk(vdisk) if private or maintenance else ():
         if private:
             reject(
                 f"vdisk {vdisk!r} is private and in use by live session {s['session_id']}",
