@@ -28,8 +28,8 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -115,23 +115,8 @@ class Bench:
 
     def at_once(self, clients: int, one: Callable[[int], float]) -> list[float]:
         """Boot ``clients`` VMs at once; each one's seconds to the marker."""
-        times: dict[int, float] = {}
-        errors: list[BaseException] = []
-
-        def run(client: int) -> None:
-            try:
-                times[client] = one(client)
-            except BaseException as exc:  # re-raised in the main thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return [times[c] for c in range(clients)]
+        with ThreadPoolExecutor(clients) as pool:
+            return list(pool.map(one, range(clients)))  # re-raises a VM's failure
 
     def watched(self, argv: list[str], name: str) -> float:
         console = self.lab.root / f"{name}.log"
