@@ -1,0 +1,208 @@
+"""Real OS boot benchmark: the Debian that `streamboot vdisk build-debian` makes, booted under
+QEMU TCG to its multi-user marker line, by 1 and by N clients at once, from streamboot
+(PXE, kernel-direct), from the local file and from nbdkit, in one run.
+
+- streamboot: `streamboot up` in a network namespace (tests/e2e/pxe_lab.py's BootLab), each
+  VM PXE-boots (SeaBIOS, iPXE, the vdisk's kernel and initramfs over HTTP, the root over
+  NBD from the guest's own nbd client), as tests/e2e/test_realos_boot.py boots it.
+- local file: the same kernel and initramfs (the files the registry extracted at import)
+  with ``-kernel/-initrd``, ``root=`` the image's root filesystem on a virtio disk that is
+  the golden image with ``snapshot=on`` (each VM its own throw-away copy-on-write layer).
+- nbdkit: the same as local, the virtio disk served by ``nbdkit --filter=cow file`` (one
+  server per VM, the cow filter being its write layer) through QEMU's own NBD block driver.
+  QEMU's driver rather than the guest's nbd initramfs keeps the kernel command line and
+  everything in the guest identical to the local case, so the difference is the server.
+
+Every VM gets 1 GiB, a hostname and a machine id on its command line (streamboot's VMs get
+theirs from the registry). The time is from QEMU's start to the marker on the serial
+console. Needs root (network namespaces); the debootstrap comes from the test cache.
+
+    sudo uv run python bench/realboot.py [--clients 1,4] [--runs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import wait_port  # noqa: E402
+from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for  # noqa: E402
+from streamboot.embedded.proc import free_port  # noqa: E402
+from tests.client.conftest import TEST_CACHE  # noqa: E402
+from tests.conftest import traversable_tmpdir  # noqa: E402
+from tests.e2e.pxe_lab import (  # noqa: E402
+    SHORT_SESSION_TIMERS,
+    STREAMBOOT,
+    BootLab,
+    pxe_tools_missing,
+    pxe_vm_argv,
+    watch_vm,
+)
+from tests.e2e.test_realos_boot import MEMORY, VDISK, wait_closed  # noqa: E402
+
+ARGS = "console=ttyS0 panic=-1"
+TIMEOUT_S = 900.0  # one boot under TCG on a loaded machine, with other VMs at once
+
+
+def mac_of(client: int) -> str:
+    return f"52:54:00:89:00:{client + 1:02x}"
+
+
+def hostname_of(client: int) -> str:
+    return f"bench-{client + 1:03d}"
+
+
+def find_root(shown: object) -> str:
+    """The ``root`` the registry found for the kernel-direct boot (``UUID=...``)."""
+    if isinstance(shown, dict):
+        if isinstance(shown.get("root"), str) and shown["root"].startswith("UUID="):
+            return shown["root"]
+        shown = list(shown.values())
+    if isinstance(shown, list):
+        for item in shown:
+            found = find_root(item)
+            if found:
+                return found
+    return ""
+
+
+def direct_argv(kernel: Path, initrd: Path, root: str, drive: str, client: int) -> list[str]:
+    """QEMU (TCG) starting the kernel directly, its root on a virtio disk at ``drive``."""
+    machine_id = f"{client + 1:032x}"
+    cmdline = (f"{ARGS} root={root} rw systemd.hostname={hostname_of(client)} "
+               f"systemd.machine_id={machine_id}")  # fmt: skip
+    return [
+        "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", str(MEMORY),
+        "-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none", "-nic", "none",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        "-drive", f"{drive},format=raw,if=virtio,cache=writeback",
+    ]  # fmt: skip
+
+
+@contextmanager
+def nbdkit(image: Path) -> Iterator[str]:
+    port = free_port()
+    argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=cow", "file", str(image)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield f"file=nbd://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Bench:
+    def __init__(self, lab: BootLab) -> None:
+        self.lab = lab
+        files = lab.data_dir / "vdisks" / VDISK / "boot" / "v1"
+        self.kernel, self.initrd = files / "vmlinuz", files / "initrd"
+        self.image = lab.data_dir / "vdisks" / VDISK / "v1.raw"
+        self.root = find_root(json.loads(lab.cli("vdisk", "show", VDISK, "--json").stdout))
+        if not (self.kernel.exists() and self.initrd.exists() and self.root):
+            raise SystemExit(f"no boot files in {files} or no root UUID for {VDISK}")
+
+    def at_once(self, clients: int, one: Callable[[int], float]) -> list[float]:
+        """Boot ``clients`` VMs at once; each one's seconds to the marker."""
+        with ThreadPoolExecutor(clients) as pool:
+            return list(pool.map(one, range(clients)))  # re-raises a VM's failure
+
+    def watched(self, argv: list[str], name: str) -> float:
+        console = self.lab.root / f"{name}.log"
+        run = watch_vm(argv, console, until=MARKER, timeout_s=TIMEOUT_S)
+        if MARKER not in run.seen:
+            raise SystemExit(f"{name}: no marker:\n{run.console[-3000:]}")
+        return run.seen[MARKER]
+
+    def streamboot(self, clients: int) -> list[float]:
+        def one(client: int) -> float:
+            argv = self.lab.exec(*pxe_vm_argv(mac_of(client), client, memory_mib=MEMORY))
+            return self.watched(argv, f"streamboot-{client}")
+
+        times = self.at_once(clients, one)
+        for client in range(clients):
+            wait_closed(self.lab, mac_of(client))  # the next round gets fresh sessions
+        return times
+
+    def local(self, clients: int) -> list[float]:
+        def one(client: int) -> float:
+            drive = f"file={self.image},snapshot=on"
+            argv = direct_argv(self.kernel, self.initrd, self.root, drive, client)
+            return self.watched(argv, f"local-{client}")
+
+        return self.at_once(clients, one)
+
+    def nbdkit(self, clients: int) -> list[float]:
+        with ExitStack() as stack:
+            drives = [stack.enter_context(nbdkit(self.image)) for _ in range(clients)]
+
+            def one(client: int) -> float:
+                argv = direct_argv(self.kernel, self.initrd, self.root, drives[client], client)
+                return self.watched(argv, f"nbdkit-{client}")
+
+            return self.at_once(clients, one)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,4", help="comma-separated client counts")
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    if missing := pxe_tools_missing():
+        raise SystemExit(f"needs {missing}")
+    root = traversable_tmpdir("streamboot-realboot-")
+    lab = BootLab(root, taps=max(counts))
+    lab.create()
+    try:
+        lab.start(**SHORT_SESSION_TIMERS)
+        bootstrap(TEST_CACHE, "bookworm", DEFAULT_MIRROR, packages_for(()), say=print)
+        subprocess.run(
+            lab.exec(str(STREAMBOOT), "vdisk", "build-debian", VDISK, "--size", "2G",
+                     "--cache-dir", str(TEST_CACHE), "--data-dir", str(lab.data_dir)),
+            check=True, timeout=3600,
+        )  # fmt: skip
+        for client in range(max(counts)):
+            lab.cli("device", "add", mac_of(client), "--hostname", hostname_of(client),
+                    "--kernel-args", ARGS)  # fmt: skip
+            lab.cli("assign", mac_of(client), VDISK, "--default")
+        bench = Bench(lab)
+        cases: dict[str, Callable[[int], list[float]]] = {
+            "local file": bench.local,
+            "streamboot (PXE)": bench.streamboot,
+            "nbdkit (cow)": bench.nbdkit,
+        }
+        times: dict[tuple[str, int], list[float]] = {}
+        # Interleaved, so that the machine's noise spreads over all the cases.
+        for run in range(args.runs):
+            for clients in counts:
+                for name, case in cases.items():
+                    got = case(clients)
+                    print(f"run {run + 1}, {clients} client(s), {name}: {got}", flush=True)
+                    times.setdefault((name, clients), []).extend(got)
+    finally:
+        lab.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\nQEMU TCG boot of the real Debian to its marker, {args.runs} run(s) each\n")
+    print(f"| {'case':<18} | clients | mean s | vs local |")
+    print(f"|{'-' * 20}|---------|--------|----------|")
+    for clients in counts:
+        base = statistics.mean(times[("local file", clients)])
+        for name in cases:
+            mean = statistics.mean(times[(name, clients)])
+            print(f"| {name:<18} | {clients:>7} | {mean:6.1f} | {mean / base:7.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
