@@ -35,6 +35,8 @@ def main() -> None:
     with atheris.instrument_imports(include=list(INSTRUMENTED[name])):
         from tests.fuzz import targets
     target = targets.TARGETS[name]
+    if name in targets.PREPARE:
+        targets.PREPARE[name]()
     findings = HERE / "findings" / name
     findings.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f"fuzz-{name}-")

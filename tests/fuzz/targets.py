@@ -23,6 +23,9 @@ from pydantic import ValidationError
 
 from services.boot import dhcp_packets, tftp_packets
 from services.registry.partitions import read_partitions
+from services.stream.server import StreamServers
+from services.stream.settings import StreamSettings
+from services.stream.spec import ExportSpec, NullSink, StaticResolver
 from shared import http_head, vdisk_layout
 from shared.envelope import Envelope
 from shared.event_owners import OWNERS, Refused, admit
@@ -170,10 +173,6 @@ class _NbdServer:
     instance: _NbdServer | None = None
 
     def __init__(self) -> None:
-        from services.stream.server import StreamServers
-        from services.stream.settings import StreamSettings
-        from services.stream.spec import ExportSpec, NullSink, StaticResolver
-
         d = _Files.dir()
         base = d / "nbd-base.raw"
         base.write_bytes(os.urandom(NBD_SIZE))
@@ -241,6 +240,9 @@ def nbd_client_stream(*options: tuple[int, bytes], requests: bytes = b"") -> byt
         out += b"IHAVEOPT" + struct.pack(">II", opt, len(payload)) + payload
     return out + requests
 
+
+# What a target needs set up before its first input (so its start is not timed as one).
+PREPARE: dict[str, Callable[[], object]] = {"nbd": _NbdServer.get}
 
 TARGETS: dict[str, Target] = {
     "nbd": nbd_target,

@@ -330,6 +330,6 @@ def test_local_write_path_matches_the_model(tmp_path: Path) -> None:
 def test_remote_write_path_matches_the_model_through_crashes(tmp_path: Path, nats_url: str) -> None:
     world = World(tmp_path, nats_url)
     try:
-        run_machine(world, scale=4)  # each example costs cache service restarts
+        run_machine(world, scale=6)  # each example costs cache service restarts
     finally:
         world.close()
