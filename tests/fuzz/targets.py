@@ -203,6 +203,17 @@ class _NbdServer:
             cls.instance = _NbdServer()
         return cls.instance
 
+    @classmethod
+    def stop(cls) -> None:
+        """Stop the server of this process, if one runs (the suite's, after its tests)."""
+        server, cls.instance = cls.instance, None
+        if server is None:
+            return
+        logging.getLogger("services.stream").removeHandler(server.findings)
+        stopped = asyncio.run_coroutine_threadsafe(server.servers.stop(), server.loop)
+        stopped.result(30)
+        server.loop.call_soon_threadsafe(server.loop.stop)
+
 
 class Hang(Exception):
     """The server neither answered nor closed within the limit."""

@@ -3,15 +3,22 @@ suite: what ``make fuzz`` found once stays found (each finding's input is in the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz.targets import TARGETS
+from tests.fuzz.targets import TARGETS, _NbdServer
 
 CORPUS = Path(__file__).parent / "corpus"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def nbd_server_stopped() -> Iterator[None]:
+    yield
+    _NbdServer.stop()
 
 
 def seeds(name: str) -> list[bytes]:
