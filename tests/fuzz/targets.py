@@ -9,8 +9,10 @@ runs each over its seed corpus in the normal suite.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -112,6 +114,7 @@ class _Files:
             # In RAM when there is a tmpfs: the targets write a file per input.
             shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
             cls._dir = Path(tempfile.mkdtemp(prefix="streamboot-fuzz-", dir=shm))
+            atexit.register(shutil.rmtree, cls._dir, True)
         return cls._dir
 
 
@@ -182,7 +185,8 @@ class _NbdServer:
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(lambda _loop, ctx: self.loop_errors.append(ctx))
         self.loop_errors: list[dict[str, object]] = []
-        settings = StreamSettings(write_cache_dir=d / "wc")
+        # Free ports: never a real stream node's, nor another fuzz run's.
+        settings = StreamSettings(nbd_port=0, http_port=0, write_cache_dir=d / "wc")
         self.servers = StreamServers(StaticResolver({NBD_TOKEN: spec}), NullSink(), settings)
         started = threading.Event()
 
