@@ -83,6 +83,6 @@ fuzz: sync
 	  $(UV) run python -m tests.fuzz.run $$t -runs=$(FUZZ_RUNS) -print_final_stats=1 2>&1 \
 	    | grep -E "^Done|ERROR|SUMMARY|stat::number_of_executed_units" ; \
 	  rc=$${PIPESTATUS[0]}; \
-	  echo "fuzz $$t: $(FUZZ_RUNS) runs in $$(( $$(date +%s) - start )) s (exit $$rc)"; \
+	  echo "fuzz $$t: exit $$rc after $$(( $$(date +%s) - start )) s (runs done: the stat line above)"; \
 	  [ $$rc -eq 0 ] || exit $$rc; \
 	done
