@@ -28,7 +28,7 @@ PYTEST_ARGS ?=
 # uv from PATH, else where `pip install --user` puts it (evaluated when a recipe runs).
 UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
 
-.PHONY: up test test-realos sync uv test-deps bench-deps deb-install lint
+.PHONY: up test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz
 
 up: sync
 	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(UP_ARGS)
@@ -76,3 +76,23 @@ deb-install:
 
 lint: sync
 	$(UV) run ruff check . && $(UV) run ruff format --check .
+
+# The model test of the write path, long (tests/model; docs/reliability.md). The normal
+# suite runs it with the short `ci` profile.
+soak: test-deps sync
+	HYPOTHESIS_PROFILE=soak $(UV) run pytest tests/model -q $(PYTEST_ARGS)
+
+# Every fuzz target under atheris for FUZZ_RUNS inputs each, one after the other (a crash or
+# an input slower than 1 s stops the run and lands in tests/fuzz/findings/). Each target's
+# time is printed; docs/reliability.md has the last numbers.
+FUZZ_RUNS ?= 1000000
+FUZZ_TARGETS ?= http_head tftp dhcp event vdisk_layout partitions nbd
+fuzz: sync
+	@for t in $(FUZZ_TARGETS); do \
+	  start=$$(date +%s); \
+	  $(UV) run python -m tests.fuzz.run $$t -runs=$(FUZZ_RUNS) -print_final_stats=1 2>&1 \
+	    | grep -E "^Done|ERROR|SUMMARY|stat::number_of_executed_units" ; \
+	  rc=$${PIPESTATUS[0]}; \
+	  echo "fuzz $$t: exit $$rc after $$(( $$(date +%s) - start )) s (runs done: the stat line above)"; \
+	  [ $$rc -eq 0 ] || exit $$rc; \
+	done

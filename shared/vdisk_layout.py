@@ -37,6 +37,9 @@ MAGIC = b"SBDELTA1"
 FORMAT = 1
 HEADER = struct.Struct("<8sIIQQ")
 DEFAULT_BLOCK_SIZE = 64 * 1024
+# What a delta map may say its block size is (a sector up to 16 MiB, a power of two).
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 16 << 20
 ZERO_FD = -1
 # Layer index meaning "no layer holds this block": it reads as zeros.
 _NONE = 255
@@ -67,6 +70,8 @@ class _Delta:
         magic, fmt, bs, size, count = HEADER.unpack_from(raw)
         if magic != MAGIC or fmt != FORMAT:
             raise LayoutError(f"{map_path}: not a delta map (magic {magic!r}, format {fmt})")
+        if not (MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE and bs & (bs - 1) == 0):
+            raise LayoutError(f"{map_path}: block size {bs} is not a power of two in range")
         nblocks = -(-size // bs)
         bitmap = raw[HEADER.size :]
         if len(bitmap) != -(-nblocks // 8):

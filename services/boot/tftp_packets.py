@@ -117,7 +117,11 @@ class PeerError(TftpError):
 
 def parse_oack(data: bytes) -> dict[str, str]:
     fields = data[2:].rstrip(b"\0").split(b"\0") if len(data) > 2 else []
-    return {k.decode().lower(): v.decode() for k, v in zip(fields[::2], fields[1::2], strict=False)}
+    try:
+        strings = [f.decode("ascii") for f in fields]
+    except UnicodeDecodeError as exc:  # RFC 2347 options are NETASCII
+        raise TftpError(ERR_ILLEGAL, "OACK is not ASCII") from exc
+    return {k.lower(): v for k, v in zip(strings[::2], strings[1::2], strict=False)}
 
 
 @dataclass(frozen=True)

@@ -352,7 +352,11 @@ def _status_error(status: int, key: str) -> OSError:
     if status == errno.ENOSPC:
         return OSError(errno.ENOSPC, f"write cache {key} is full")
     if status == errno.ESTALE:
-        return OSError(errno.EIO, f"write cache {key} was dropped by the cache service")
+        # Dropped (the session closed), or not held by a node process that restarted
+        # before the cache had files: the writer tells them apart (remote_write_cache.py).
+        return wire.CacheError(
+            errno.EIO, f"write cache {key} was dropped by the cache service", "dropped"
+        )
     if status == errno.EBUSY:
         return OSError(
             errno.EIO, f"write cache {key} is attached by another stream process (session moved)"

@@ -102,6 +102,8 @@ def _gpt(f, sector: int, size: int) -> list[Partition] | None:  # type: ignore[n
     entries_lba, count, entry_size = fields[10], fields[11], fields[12]
     if not (128 <= entry_size <= 4096 and entry_size % 8 == 0):
         return None
+    if not 0 < entries_lba * sector < size:
+        return None  # the entries would lie outside the image
     parts: list[Partition] = []
     f.seek(entries_lba * sector)
     table = f.read(min(count, MAX_GPT_ENTRIES) * entry_size)

@@ -199,3 +199,22 @@ async def test_a_stream_process_the_session_moved_away_from_cannot_write_over_it
         assert "refused: attached by process-b" in s.cache_log().read_text()
     finally:
         await nc.close()
+
+
+async def test_a_cache_node_restarted_before_a_new_cache_had_files_takes_its_first_writes(
+    system, base_image: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # A new cache's files are made once the opens pause (or by its first write): a cache
+    # node killed before that comes back without the cache, while the stream node still
+    # serves the session. Its writes then met "dropped by the cache service" (EIO); they
+    # must open it again on the restarted node and land. Found by tests/model.
+    s, cache, ex, node_a, uri = await cache_and_node(system(), base_image, "nofiles")
+    await asyncio.to_thread(qemu_io, f"{uri}/nofiles", "read 0 4k")  # opened, not written
+    cache.kill9()
+    # What a kill before the files were made leaves: no files (this one was quick enough).
+    for f in (s.data / "cache" / "write").glob("session-nofiles.*"):
+        f.unlink()
+    await s.start_cache()
+    await asyncio.to_thread(qemu_io, f"{uri}/nofiles", *write_cmds(), "flush")
+    node_a.kill9()
+    await read_back_elsewhere(s, ex, "nofiles", *read_cmds())

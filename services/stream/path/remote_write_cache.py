@@ -88,6 +88,11 @@ class RemoteWriteCache(WriteCache):
         # Restarts of the node seen (a new incarnation in an answer): a FLUSH answered
         # across one may not cover what it took.
         self.restarts = 0
+        # ``restarts`` when the cache was last opened: a node process that restarted since
+        # may not hold the cache yet (it had no files: never written, made when the opens
+        # pause), so the recovery opens it again before it sends anything.
+        self._opened_at = 0
+        self._opens = 0  # times opened again: a drop answered from before one is stale
         # The recovery under way (an outage ridden out, or a restart): probe, then resend.
         self._outage: asyncio.Task[None] | None = None
 
@@ -98,22 +103,10 @@ class RemoteWriteCache(WriteCache):
         write and pull of this session then goes to that node, so a gone node is an error
         naming it (once ``outage_grace_s`` has passed), never a new empty cache on another
         one."""
-        s = self.spec
-        body = {
-            "key": self.key,
-            "session_id": s.session_id,
-            "vdisk": s.vdisk,
-            "version": s.version,
-            "size": self.size,
-            "kind": s.write_cache,
-            "persistence": s.write_cache_persistence,
-            "mac": s.mac,
-            **self.attacher,
-        }
         # A client booting while its cache node restarts waits for it (up to the grace)
         # rather than failing its boot.
         opened = await retried_while_away(
-            lambda: self.client.open_write_cache(body),
+            lambda: self.client.open_write_cache(self._open_body()),
             self.outage_grace_s,
             f"open of write cache {self.key}",
         )
@@ -156,6 +149,29 @@ class RemoteWriteCache(WriteCache):
             opened.node,
         )
 
+    def _open_body(self) -> dict[str, object]:
+        s = self.spec
+        return {
+            "key": self.key,
+            "session_id": s.session_id,
+            "vdisk": s.vdisk,
+            "version": s.version,
+            "size": self.size,
+            "kind": s.write_cache,
+            "persistence": s.write_cache_persistence,
+            "mac": s.mac,
+            **self.attacher,
+        }
+
+    def _recoverable(self, e: wire.CacheError, opens: int) -> bool:
+        """Whether the recovery (probe, open again, resend) may cure ``e``, met by a request
+        shipped when the cache had been opened again ``opens`` times: the node did not
+        answer, or a restarted node process did not hold the cache yet. A cache dropped by
+        a node that has not restarted since it was opened is gone for good."""
+        if wire.transient(e):
+            return True
+        return e.kind == "dropped" and (self.restarts != self._opened_at or opens != self._opens)
+
     def _ship(self, offset: int, length: int, fua: bool) -> list[asyncio.Future[None]]:
         """Queue the blocks covering a changed range, as the mirror now holds them.
 
@@ -181,20 +197,20 @@ class RemoteWriteCache(WriteCache):
         # applied to the mirror in the step that returns here, and shipped in that step too.
         await super().pwrite(offset, data, fua)
         self.unflushed.add(offset, len(data))
-        await self._deliver(self._ship(offset, len(data), fua), fua)
+        await self._deliver(self._ship(offset, len(data), fua), fua, self._opens)
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
         if not length:
             return
         await super().zero(offset, length, fua)  # as pwrite: shipped in the same step
         self.unflushed.add(offset, length)
-        await self._deliver(self._ship(offset, length, fua), fua)
+        await self._deliver(self._ship(offset, length, fua), fua, self._opens)
 
     async def flush(self) -> None:
         while True:
             if self._outage is not None and not self._outage.done():
                 await asyncio.shield(self._outage)  # what is being sent again goes first
-            restarts = self.restarts
+            restarts, opens = self.restarts, self._opens
             covered = self.unflushed.take()
             self._flushing.append(covered)
             try:
@@ -202,7 +218,7 @@ class RemoteWriteCache(WriteCache):
                 await self._channel().submit(wire.OP_FLUSH, 0, 0, None, True)
             except wire.CacheError as e:
                 self.unflushed.give_back(covered)
-                if not wire.transient(e):
+                if not self._recoverable(e, opens):
                     raise
                 await self._ride_out(e)
                 continue
@@ -214,12 +230,12 @@ class RemoteWriteCache(WriteCache):
             # fsync may not cover them. Once they are sent again, flush again.
             self.unflushed.give_back(covered)
 
-    async def _deliver(self, records: list[asyncio.Future[None]], fua: bool) -> None:
+    async def _deliver(self, records: list[asyncio.Future[None]], fua: bool, opens: int) -> None:
         """Wait for a change's records; when the node is away, for the node."""
         try:
             await _all(records)
         except wire.CacheError as e:
-            if not wire.transient(e):
+            if not self._recoverable(e, opens):
                 raise
             await self._ride_out(e)  # sent again with everything unflushed
             if fua:
@@ -281,6 +297,18 @@ class RemoteWriteCache(WriteCache):
 
     async def _probe_and_resend(self, left_s: float) -> int:
         await self._channel().probe(min(PROBE_TIMEOUT_S, max(left_s, 0.01)))
+        restarts = self.restarts
+        if restarts != self._opened_at:
+            # Held again, or opened anew if it never had data; refused (not retried) if
+            # it had data and its files are gone.
+            try:
+                await self.client.open_write_cache(self._open_body())
+            except wire.CacheError as e:
+                if wire.transient(e):
+                    raise
+                raise OSError(errno.EIO, f"write cache {self.key}: {e.strerror}") from e
+            self._opened_at = restarts
+            self._opens += 1
         return await self._resend()
 
     async def _resend(self) -> int:
