@@ -48,6 +48,7 @@ from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
 from shared.vdisk_layout import Piece, write_delta
 from tests.cache.conftest import System
+from tests.conftest import BusServer
 
 SECTOR = 512
 # Not a whole number of 4 KiB blocks (the last one is partial), and larger than the base
@@ -128,20 +129,21 @@ OPS = st.sampled_from(["write", "zero", "trim"])
 class World:
     """What outlives one example: the event loop, the chain, the cache service."""
 
-    def __init__(self, root: Path, nats_url: str | None) -> None:
+    def __init__(self, root: Path, bus: BusServer | None) -> None:
         self.root = root
         self.loop = asyncio.new_event_loop()
         self.image = make_chain(root / "store")
         self.layers = [root / "store" / "golden" / "base.raw", root / "store" / "golden" / "v2.map"]
         self.golden = digest(root / "store" / "golden")
-        self.nats_url = nats_url
+        # The stream side's bus connection: the stream role's user.
+        self.nats_url = bus.url_for("stream") if bus is not None else None
         self.system: System | None = None
         self.nodes = 0
-        if nats_url is not None:
+        if bus is not None:
             (root / "sys").mkdir()
             (root / "wc").mkdir()  # the stream side's mirrors of write caches
             stores = json.dumps({"san": f"blockdev://{root / 'store'}"})
-            self.system = System(nats_url, root / "sys", {"STREAMBOOT_CACHE_STORES": stores})
+            self.system = System(bus, root / "sys", {"STREAMBOOT_CACHE_STORES": stores})
             self.run(self.system.start_cache())
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -327,8 +329,10 @@ def test_local_write_path_matches_the_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(1800)
-def test_remote_write_path_matches_the_model_through_crashes(tmp_path: Path, nats_url: str) -> None:
-    world = World(tmp_path, nats_url)
+def test_remote_write_path_matches_the_model_through_crashes(
+    tmp_path: Path, nats_server: BusServer
+) -> None:
+    world = World(tmp_path, nats_server)
     try:
         run_machine(world, scale=6)  # each example costs cache service restarts
     finally:
