@@ -303,11 +303,16 @@ class Supervisor:
         s = self.settings
         skip = {"nats_port"} if s.nats_url else set()
         skip |= {"postgres_port"} if s.database_url else set()
+        # Nothing binds a picked port until its server starts: never hand one out twice.
+        taken = {getattr(s, field) for field in PORTS} - {0}
         for field, proto in PORTS.items():
             port = getattr(s, field)
             host = EMBEDDED_HOST if field in EMBEDDED_PORTS else s.bind_host
             if port == 0:
-                setattr(s, field, free_port(host))
+                while (port := free_port(host)) in taken:
+                    pass
+                taken.add(port)
+                setattr(s, field, port)
             elif field not in skip and port_in_use(host, port, udp=proto == "udp"):
                 raise StartupError(
                     f"{proto.upper()} port {host}:{port} ({field}) is already in use, "

@@ -4,6 +4,7 @@ ephemeral range, so no outgoing connection can take one before its server binds 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,20 @@ def test_without_room_below_the_ephemeral_range_any_free_port_is_taken(
     port = free_port()
     assert port > 0
     assert not proc.port_in_use("127.0.0.1", port)
+
+
+def test_up_never_hands_out_one_picked_port_twice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Nothing binds a picked port until its server starts, so two fields set to 0 could
+    draw the same one: `up` then failed with "address already in use"."""
+    from shared.settings import Settings
+    from streamboot import supervisor
+
+    draws = iter([20001, 20001, 20002, 20001, 20002, *range(20003, 20020)])
+    monkeypatch.setattr(supervisor, "free_port", lambda _host="": next(draws))
+    zeros = {field: 0 for field in supervisor.PORTS}
+    settings = Settings(data_dir=tmp_path, **zeros)
+    supervisor.Supervisor(settings)._resolve_ports()
+    picked = [getattr(settings, field) for field in supervisor.PORTS]
+    assert len(set(picked)) == len(picked) and 0 not in picked
