@@ -25,6 +25,7 @@ import nats
 import psutil
 import pytest
 
+from shared.settings import nats_password_file
 from streamboot.embedded.proc import free_port
 from tests.cache.ftpd import url as ftp_url
 from tests.e2e.test_up import AVAILABLE, STREAMBOOT, Up, assert_all_gone
@@ -279,9 +280,11 @@ def test_a_crash_of_the_cache_service_loses_no_write_and_fails_no_client(
 def cache_write_caches(data_dir: Path) -> set[str]:
     """The session ids of the write caches the cache service holds."""
     nats_url = json.loads((data_dir / "runtime.json").read_text())["nats_url"]
+    # As the operator's CLI asks: the `cli` user of the data dir's secrets.
+    password = nats_password_file(data_dir, "cli").read_text().strip()
 
     async def ask() -> set[str]:
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(nats_url, user="cli", password=password)
         try:
             reply = await nc.request("streamboot.cache.stats", b"{}", timeout=10)
         finally:
