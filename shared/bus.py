@@ -133,6 +133,19 @@ class ConnectionLog:
             )  # fmt: skip
 
 
+async def follow_forever(follow: Callable[[], Awaitable[None]], what: str, pause_s: float) -> None:
+    """Run a follower (a KV watch, a consumer) forever: when it returns, or fails (said
+    in the log), start it again ``pause_s`` later."""
+    while True:
+        try:
+            await follow()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s failed (%s); following again", what, exc)
+        await asyncio.sleep(pause_s)
+
+
 async def connect(
     url: str,
     name: str,

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from shared.bus import HEARTBEAT_BUCKET, key_value_bucket
+from shared.bus import HEARTBEAT_BUCKET, follow_forever, key_value_bucket
 
 log = logging.getLogger("streamboot.heartbeat")
 
@@ -191,14 +191,7 @@ class HeartbeatView:
 
     async def run(self) -> None:
         """Follow the bucket forever (watching again after any failure)."""
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("heartbeats: watch failed (%s); watching again", exc)
-            await asyncio.sleep(0.5)
+        await follow_forever(self._follow, "heartbeats: the watch", 0.5)
 
     async def _follow(self) -> None:
         kv = await heartbeat_bucket(self._js)

@@ -20,7 +20,6 @@ A write cache lives on one cache node (its files are under that node's DATA_DIR,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -40,7 +39,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from services.cache import wire
-from shared.bus import HEARTBEAT_BUCKET, key_value_bucket, subject_token
+from shared.bus import HEARTBEAT_BUCKET, follow_forever, key_value_bucket, subject_token
 
 log = logging.getLogger("streamboot.cache.placement")
 
@@ -164,27 +163,23 @@ class Peers:
 
     async def run(self) -> None:
         """Follow the heartbeat bucket forever (watching again after an error)."""
-        while True:
-            try:
-                kv = await key_value_bucket(self.js, HEARTBEAT_BUCKET, 60.0)
-                watcher = await kv.watch("cache.>")
-                try:
-                    while True:
-                        # This node's own heartbeat is among the keys: silence this long
-                        # means the watch is gone (e.g. JetStream restarted): watch again.
-                        entry = await watcher.updates(timeout=max(10.0, 3 * self.timeout_s))
-                        if entry is KeyValue.KeyWatcher.STOP_ITER:
-                            break
-                        if entry is not None:  # None: the end of the initial values
-                            self._apply(entry.key, entry.value, entry.operation)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("cache peers: heartbeat watch failed (%s); watching again", e)
-            await asyncio.sleep(1.0)
+        await follow_forever(self._follow, "cache peers: the heartbeat watch", 1.0)
+
+    async def _follow(self) -> None:
+        kv = await key_value_bucket(self.js, HEARTBEAT_BUCKET, 60.0)
+        watcher = await kv.watch("cache.>")
+        try:
+            while True:
+                # This node's own heartbeat is among the keys: silence this long means the
+                # watch is gone (e.g. JetStream restarted): watch again.
+                entry = await watcher.updates(timeout=max(10.0, 3 * self.timeout_s))
+                if entry is KeyValue.KeyWatcher.STOP_ITER:
+                    break
+                if entry is not None:  # None: the end of the initial values
+                    self._apply(entry.key, entry.value, entry.operation)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         if op in ("DEL", "PURGE") or not value:
