@@ -3,7 +3,6 @@ the authorization of shared/bus_access.py: one user per role, anonymous clients 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import sys
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.bus_access import NatsUser, authorization_block
+from shared.private_file import replace_private
 from streamboot.embedded.proc import ManagedProcess, StartupError, spawn, wait_for_tcp
 
 # The NATS default is 1 MB; vdisk block batches need more. Only a config file can raise it.
@@ -68,10 +68,7 @@ class EmbeddedNats:
         if self.users is not None:
             text += authorization_block(self.users)
         # 0600 from its creation: it holds every role's password.
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        replace_private(self.config_path, text)
 
     async def start(self, log_path: Path, wait_s: float = 30.0) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

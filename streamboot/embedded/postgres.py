@@ -31,6 +31,7 @@ from pathlib import Path
 
 import asyncpg
 
+from shared.private_file import replace_private
 from shared.settings import url_with_password
 from streamboot.embedded.proc import ManagedProcess, RunAs, StartupError, spawn
 
@@ -311,9 +312,7 @@ class EmbeddedPostgres:
         # initdb reads the password from a file that the user it runs as can read: beside
         # PGDATA, 0600, theirs, and gone once initdb is done.
         pwfile = self.data_dir / ".postgres-initdb-password"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.password + "\n")
+        replace_private(pwfile, self.password + "\n")
         if run_as is not None:
             os.chown(pwfile, run_as.uid, run_as.gid)
         argv: list[str | os.PathLike[str]] = [
