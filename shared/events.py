@@ -266,6 +266,16 @@ class ClientBooted(SessionEvent):
     mac: str
 
 
+class ClientNotice(SessionEvent):
+    """The client tells the operator something it saw at boot: its client-disk write cache
+    fell back to RAM (no local partition), its initramfs stopped (``boot-failed``)...
+    ``kind`` is a short lower-case word, ``message`` one line of plain text."""
+
+    mac: str
+    kind: str
+    message: str
+
+
 class NonceRefused(SessionEvent):
     """A redeem of a kernel-direct boot's nonce was refused (spent, wrong address...)."""
 

@@ -1,8 +1,9 @@
 """Build the streamboot Linux client packages from clients/linux/.
 
 ``clients/linux/package/`` holds the files at the paths they are installed to: the shell
-core (/usr/lib/streamboot/client.sh), the initramfs-tools hook and boot script, and the
-dracut module. From it come ``streamboot-client_<version>_all.deb`` (dpkg-deb; control and
+core (/usr/lib/streamboot/client.sh), the initramfs-tools hook and boot script, the
+dracut module, and the booted OS's report to the server (report.sh, a systemd unit enabled
+by the symlink in multi-user.target.wants, which both packages keep a symlink). From it come ``streamboot-client_<version>_all.deb`` (dpkg-deb; control and
 triggers from ``clients/linux/debian/``) and ``streamboot-client-dracut-<version>.tar.gz``
 (the dracut files with ``clients/linux/dracut/Makefile``, for RPM distributions).
 """
@@ -22,7 +23,7 @@ PACKAGE_TREE = CLIENT_DIR / "package"
 DEBIAN_DIR = CLIENT_DIR / "debian"
 DRACUT_MAKEFILE = CLIENT_DIR / "dracut" / "Makefile"
 # The tarball's share of the tree: the core and everything dracut reads.
-DRACUT_PATHS = ("usr/lib/streamboot", "usr/lib/dracut")
+DRACUT_PATHS = ("usr/lib/streamboot", "usr/lib/dracut", "usr/lib/systemd")
 
 
 class PackageError(RuntimeError):
@@ -56,6 +57,9 @@ def build_deb(output: Path) -> Path:
         for src in _tree_files(PACKAGE_TREE):
             dst = stage / src.relative_to(PACKAGE_TREE)
             dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_symlink():
+                dst.symlink_to(src.readlink())
+                continue
             shutil.copyfile(src, dst)
             dst.chmod(_mode(src))
             size += src.stat().st_size
@@ -86,15 +90,21 @@ def build_dracut_tarball(output: Path) -> Path:
     top = f"streamboot-client-dracut-{version}"
     path = output / f"{top}.tar.gz"
 
-    def add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    def add(tar: tarfile.TarFile, name: str, data: bytes, mode: int, link: str = "") -> None:
         info = tarfile.TarInfo(f"{top}/{name}")
         info.size, info.mode, info.uname, info.gname = len(data), mode, "root", "root"
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, link
         tar.addfile(info, io.BytesIO(data))
 
     partial = path.with_name(path.name + ".partial")
     with tarfile.open(partial, "w:gz") as tar:
         add(tar, "Makefile", DRACUT_MAKEFILE.read_bytes(), 0o644)
         for src in _tree_files(PACKAGE_TREE, DRACUT_PATHS):
-            add(tar, str(src.relative_to(PACKAGE_TREE)), src.read_bytes(), _mode(src))
+            name = str(src.relative_to(PACKAGE_TREE))
+            if src.is_symlink():
+                add(tar, name, b"", 0o777, str(src.readlink()))
+            else:
+                add(tar, name, src.read_bytes(), _mode(src))
     partial.rename(path)
     return path

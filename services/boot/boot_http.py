@@ -8,6 +8,9 @@
   initramfs; once per nonce, and only to the address the script went to.
 - ``GET|HEAD /boot-files/<vdisk>/<version>/vmlinuz|initrd``: a version's kernel and
   initramfs, from the local vdisk store (Range, keep-alive).
+- ``GET /booted?mac=..``: the client's OS has booted (``ClientBooted``, once per session).
+- ``GET /client/notice?mac=..&kind=..&message=..``: something the client wants the operator
+  to see (``ClientNotice``). Both only from the address the MAC's session was issued to.
 
 Scripts are always answered with 200: iPXE shows an HTTP error as a bare error code,
 whereas a script can tell the person at the machine what is wrong and retry by itself.
@@ -23,11 +26,12 @@ from typing import Any
 
 from services.boot import ipxe_scripts as scripts
 from services.boot.boot_trace import BootTraces, boot_span
+from services.boot.client_reports import NOTICES_PER_SESSION, ReportBudget, notice_problem
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response, file_response
 from services.boot.registry_client import RegistryClient
 from shared.bus import RemoteError, ServiceUnavailable
-from shared.events import BootMenuShown, ClientBooted, Event, NonceRefused
+from shared.events import BootMenuShown, ClientBooted, ClientNotice, Event, NonceRefused
 
 log = logging.getLogger("streamboot.boot.ipxe")
 
@@ -67,6 +71,7 @@ class BootHttp:
         self.boot_files_root = boot_files_root
         # Off for NAT labs, where every client reaches the server from one address.
         self.check_client_address = check_client_address
+        self.reports = ReportBudget()
 
     async def __call__(self, request: Request) -> Response:
         if request.path == "/ipxe/boot.ipxe":
@@ -79,6 +84,8 @@ class BootHttp:
             return self.boot_file(request)
         if request.path == "/booted":
             return await self.booted(request)
+        if request.path == "/client/notice":
+            return await self.notice(request)
         if request.path == "/healthz":
             return Response(200, "ok\n")
         return Response(404, "not found\n")
@@ -103,17 +110,44 @@ class BootHttp:
             str(self.boot_files_root / vdisk / "boot" / f"v{version}" / name), request
         )
 
-    async def booted(self, request: Request) -> Response:
-        """The client's OS says it has booted (the end of its boot phase)."""
+    async def _reporter(self, request: Request) -> tuple[str, dict[str, Any]] | Response:
+        """The MAC and its latest boot for a report from the client, or the refusal."""
         mac = normalize_mac(request.query.get("mac", ""))
         entry = await self.handoffs.get_boot(mac) if mac else None
-        if entry is None:
+        if mac is None or entry is None:
             return Response(404, "no session was opened for this machine\n")
         if self._wrong_address(entry, request):
+            log.warning("boot: %s from %s refused: not the address of %s's session",
+                        request.path, request.client_ip, mac)  # fmt: skip
             return Response(403, "wrong client address\n")
+        return mac, entry
+
+    async def booted(self, request: Request) -> Response:
+        """The client's OS says it has booted (the end of its boot phase)."""
+        got = await self._reporter(request)
+        if isinstance(got, Response):
+            return got
+        mac, entry = got
+        if not self.reports.take(entry["session_id"], "booted", 1):
+            return Response(200, "ok (said already)\n")
         root = entry.get("boot_traceparent")
         with boot_span("booted", {"traceparent": root} if root else None, mac=mac):
             self.emit(ClientBooted(session_id=entry["session_id"], mac=mac))
+        return Response(200, "ok\n")
+
+    async def notice(self, request: Request) -> Response:
+        """Something the client wants the operator to see, as a ClientNotice event."""
+        kind, message = request.query.get("kind", ""), request.query.get("message", "")
+        if problem := notice_problem(kind, message):
+            return Response(400, f"{problem}\n")
+        got = await self._reporter(request)
+        if isinstance(got, Response):
+            return got
+        mac, entry = got
+        if not self.reports.take(entry["session_id"], "notice", NOTICES_PER_SESSION):
+            return Response(429, "too many notices for this session\n")
+        log.warning("boot: %s says (%s): %s", mac, kind, message)
+        self.emit(ClientNotice(session_id=entry["session_id"], mac=mac, kind=kind, message=message))
         return Response(200, "ok\n")
 
     def _wrong_address(self, entry: dict[str, Any], request: Request) -> bool:
@@ -181,6 +215,7 @@ class BootHttp:
         if live.get("session_id") != entry["session_id"]:
             return Response(410, "session closed\n")
         answer = {
+            "mac": entry.get("mac"),
             "nbd_host": entry["nbd_host"],
             "nbd_port": entry["nbd_port"],
             "export": entry["token"],

@@ -26,7 +26,8 @@ FILE_CHUNK = 256 * 1024
 READ_TIMEOUT_S = 10.0
 REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           410: "Gone", 416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
+           410: "Gone", 416: "Range Not Satisfiable", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 
 

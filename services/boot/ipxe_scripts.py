@@ -128,12 +128,19 @@ class KernelBoot:
     kernel_version: str | None = None
 
 
+# iPXE expands these when it runs the `kernel` line: the address its own DHCP got and the
+# booting NIC (pxelinux's BOOTIF form), so the initramfs need not ask DHCP again (dracut,
+# which reads no streamboot.ip=, still does: ip=dhcp).
+IPXE_ADDRESS_WORDS = ("streamboot.ip=${ip}:${gateway}:${netmask}", "BOOTIF=01-${mac:hexhyp}")
+
+
 def kernel_command_line(boot: KernelBoot) -> str:
     words = [
         "boot=streamboot",
         "root=streamboot",
         "ip=dhcp",
         "rd.neednet=1",
+        *IPXE_ADDRESS_WORDS,
         f"streamboot.server={word(boot.server)}",
         f"streamboot.nonce={word(boot.nonce)}",
         f"streamboot.root={word(boot.root)}",
@@ -167,7 +174,7 @@ def kernel_script(session: SessionInfo, boot: KernelBoot, *, retry_url: str) -> 
 
 
 REDEEM_KEYS = (
-    "nbd_host", "nbd_port", "export", "write_cache", "persistence", "hostname", "machine_id",
+    "mac", "nbd_host", "nbd_port", "export", "write_cache", "persistence", "hostname", "machine_id",
     "session_id", "traceparent",
 )  # fmt: skip
 

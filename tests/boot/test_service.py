@@ -21,11 +21,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.boot import dhcp_packets as dp
 from services.boot.boot_trace import BootTraces
+from services.boot.client_reports import NOTICES_PER_SESSION
 from services.boot.service import start
 from shared import bus
 from shared.service import ServiceRuntime
 from shared.settings import Settings
 from shared.telemetry import parse_traceparent
+from streamboot.client_package import PACKAGE_TREE
 from streamboot.embedded.proc import free_port
 from tests.conftest import BusServer
 from tests.registry.conftest import INITRD, KERNEL, Registry, write_bootable_image, write_image
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.timeout(120)
 MAC = "52:54:00:12:34:56"
 UUID = "d4c3b2a1-f6e5-1807-293a-4b5c6d7e8f90"
 FIXTURES = Path(__file__).parent / "fixtures"
+CORE = PACKAGE_TREE / "usr/lib/streamboot/client.sh"
 
 
 @dataclass
@@ -173,7 +176,8 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
     nonce = kernel.split("streamboot.nonce=")[1].split()[0]
     assert kernel == (
         f"kernel {files}/vmlinuz initrd=initrd boot=streamboot root=streamboot ip=dhcp "
-        f"rd.neednet=1 streamboot.server={boot.url} streamboot.nonce={nonce} "
+        "rd.neednet=1 streamboot.ip=${ip}:${gateway}:${netmask} BOOTIF=01-${mac:hexhyp} "
+        f"streamboot.server={boot.url} streamboot.nonce={nonce} "
         f"streamboot.root={scanned['root']} streamboot.wc=server-disk "
         f"systemd.hostname={session['hostname']} systemd.machine_id={session['machine_id']} "
         "console=ttyS0 quiet || goto failed"
@@ -212,6 +216,7 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
     answer = (await curl("-i", redeem)).stdout
     assert answer.startswith("HTTP/1.1 200"), answer
     lines = dict(x.split("=", 1) for x in answer.split("\n\n", 1)[1].splitlines())
+    assert lines["mac"] == MAC.lower()
     assert lines["nbd_port"] and lines["nbd_host"] and lines["export"]
     assert f"nbd://{lines['nbd_host']}:{lines['nbd_port']}/" == session["nbd_uri"]
     assert lines["write_cache"] == "server-disk" and lines["persistence"] == "discard"
@@ -258,6 +263,64 @@ async def test_a_kernel_that_did_not_load_gives_its_nonce_back(
     assert new["session_id"] != old["session_id"]
     closed = await events_of(registry, "SessionClosed", 1)
     assert closed[0].data["reason"] == "kernel-load-failed"
+
+
+async def test_the_client_reports_booted_and_notices_from_its_own_address(
+    boot: Boot, registry: Registry
+) -> None:
+    """The client core's report functions (as the initramfs and the booted OS's
+    streamboot-booted.service call them) against the real endpoints; hostile input refused."""
+    image = write_bootable_image(registry.data_dir / "linux.raw")
+    await seed_image(registry, MAC, "linux", image)
+    await boot.script(mac=MAC, uuid=UUID)  # the session, issued to 127.0.0.1
+    [session] = registry.app.list_sessions()
+    mac = MAC.lower()
+
+    def core(script: str, **env: str) -> subprocess.CompletedProcess[str]:
+        prelude = f"SB_RUN={registry.data_dir}/run SB_SERVER={boot.url} SB_MAC={mac}\n. {CORE}\n"
+        return subprocess.run(["sh", "-c", prelude + script], capture_output=True, text=True,
+                              timeout=60, check=False, env={**os.environ, **env})  # fmt: skip
+
+    said = "no local partition labelled streamboot-wc: RAM (it's 100% lost) & <gone>"
+    done = await asyncio.to_thread(core, 'sb_notice wc-ram-fallback "$SAID"; echo rc=$?', SAID=said)
+    assert done.stdout.strip() == "rc=0", done
+    done = await asyncio.to_thread(core, "sb_report_booted && sb_report_booted; echo rc=$?")
+    assert done.stdout.strip() == "rc=0", done
+    [notice] = await events_of(registry, "ClientNotice", 1)
+    assert notice.data == {
+        "session_id": session["session_id"], "mac": mac, "kind": "wc-ram-fallback",
+        # What the shell could not put in a URL became "_", nothing else changed.
+        "message": "no local partition labelled streamboot-wc: RAM (it_s 100_ lost) _ _gone_",
+    }  # fmt: skip
+    [booted] = await events_of(registry, "ClientBooted", 1)  # once, though said twice
+    assert booted.data == {"session_id": session["session_id"], "mac": mac}
+
+    # Another machine cannot speak for this one; hostile input is refused, nothing appended.
+    url = f"{boot.url}/client/notice?mac={mac}"
+    other = await curl("-i", "--interface", "127.0.0.2", f"{url}&kind=x&message=hi")
+    assert other.stdout.startswith("HTTP/1.1 403"), other.stdout
+    other = await curl("-i", "--interface", "127.0.0.2", f"{boot.url}/booted?mac={mac}")
+    assert other.stdout.startswith("HTTP/1.1 403"), other.stdout
+    for query, why in [
+        ("kind=Wc&message=hi", "lower-case word"),
+        ("kind=x&message=", "empty"),
+        (f"kind=x&message={'a' * 301}", "longer than 300"),
+        ("kind=x&message=a%0d%0aforged%20line", "printable ASCII"),
+        ("kind=x&message=%c3%a9", "printable ASCII"),
+    ]:
+        bad = await curl("-i", f"{url}&{query}")
+        assert bad.stdout.startswith("HTTP/1.1 400") and why in bad.stdout, (query, bad.stdout)
+    unknown = await curl("-i", f"{boot.url}/client/notice?mac=52:54:00:00:00:99&kind=x&message=hi")
+    assert unknown.stdout.startswith("HTTP/1.1 404"), unknown.stdout
+    # A budget per session: the log does not fill up with one machine's notices.
+    codes = [
+        (await curl("-o", "/dev/null", "-w", "%{http_code}", f"{url}&kind=x&message={n}")).stdout
+        for n in range(NOTICES_PER_SESSION)
+    ]
+    assert codes == ["200"] * (NOTICES_PER_SESSION - 1) + ["429"]
+    await asyncio.sleep(0.5)
+    notices = await registry.app.store.read_all(types=["ClientNotice"])
+    assert len(notices) == NOTICES_PER_SESSION
 
 
 async def seed_image(reg: Registry, mac: str, name: str, image: Path) -> None:

@@ -297,3 +297,56 @@ def test_no_answer_from_the_server_fails_after_bounded_retries(tmp_path: Path) -
     got = values(sh([busybox, "sh"], script, tmp_path))
     assert got["rc"] == "1"
     assert got["SB_ERROR"].startswith("no answer from the boot server at http://127.0.0.1:9")
+
+
+STATIC_DUMP = 'rc=$?; echo SB_STATIC=$SB_STATIC; echo SB_MAC=$SB_MAC; [ -z "$SB_STATIC" ] || echo IP=$(sb_ip_param "$SB_STATIC"); echo rc=$rc'
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(
+    ("words", "static", "mac", "ip"),
+    [
+        ("streamboot.ip=10.77.0.23:10.77.0.1:255.255.255.0 BOOTIF=01-52-54-00-12-ab-56",
+         "10.77.0.23:10.77.0.1:255.255.255.0", "52:54:00:12:ab:56",
+         "10.77.0.23::10.77.0.1:255.255.255.0:::off"),
+        # No router in iPXE's DHCP answer: ${gateway} is empty.
+        ("streamboot.ip=10.77.0.23::255.255.0.0", "10.77.0.23::255.255.0.0", "",
+         "10.77.0.23:::255.255.0.0:::off"),
+        # iPXE had no address (${ip} empty), or a damaged line: DHCP as without it.
+        ("streamboot.ip=:: BOOTIF=01-52-54-00-12-34", "", "", ""),
+        ("streamboot.ip=10.77.0.300:: BOOTIF=52-54-00-12-34-56", "", "", ""),
+        ("streamboot.ip=10.77.0.23", "", "", ""),
+        ("streamboot.ip=10.77.0.23:1.2.3.4:255.0.0.0:eth0", "", "", ""),
+        ("streamboot.ip=10.77..3:: BOOTIF=01-52-54-00-12-34-5G", "", "", ""),
+        ("streamboot.ip=$(reboot)::", "", "", ""),
+    ],
+)  # fmt: skip
+def test_the_address_ipxe_got_spares_a_second_dhcp(
+    shell: list[str], words: str, static: str, mac: str, ip: str, tmp_path: Path
+) -> None:
+    cmdline = f"streamboot.server=http://10.77.0.1:8080 streamboot.nonce={NONCE} {words}"
+    got = values(sh(shell, f"sb_parse_cmdline '{cmdline}'; {STATIC_DUMP}", tmp_path))
+    assert got["rc"] == "0", got
+    assert (got["SB_STATIC"], got["SB_MAC"], got.get("IP", "")) == (static, mac, ip)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_booted_os_reads_the_session_the_initramfs_left(
+    shell: list[str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    session = run / "session"
+    session.write_text(
+        "SESSION_ID=7\nWRITE_CACHE=client-disk\nSERVER=http://10.77.0.1:8080\n"
+        "MAC=52:54:00:12:34:56\n"
+    )
+    dump = "rc=$?; echo SB_SERVER=$SB_SERVER; echo SB_MAC=$SB_MAC; echo rc=$rc"
+    got = values(sh(shell, f"sb_load_session; {dump}", tmp_path))
+    assert got == {"SB_SERVER": "http://10.77.0.1:8080", "SB_MAC": "52:54:00:12:34:56",
+                   "rc": "0"}  # fmt: skip
+    # Not booted from streamboot, or a file someone tampered with: nothing to report to.
+    session.write_text("SERVER=http://10.77.0.1:8080;reboot\nMAC=52:54:00:12:34:56\n")
+    assert values(sh(shell, f"sb_load_session; {dump}", tmp_path))["rc"] == "1"
+    session.unlink()
+    assert values(sh(shell, f"sb_load_session; {dump}", tmp_path))["rc"] == "1"

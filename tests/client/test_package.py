@@ -24,7 +24,11 @@ DEB_FILES = {
     "./usr/lib/dracut/modules.d/90streamboot/attach-streamboot.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90streamboot/mount-streamboot.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/dracut.conf.d/90-streamboot.conf": "-rw-r--r--",
+    "./usr/lib/streamboot/report.sh": "-rwxr-xr-x",
+    "./usr/lib/systemd/system/streamboot-booted.service": "-rw-r--r--",
 }
+# Enabled by the package itself (no postinst): systemd reads /usr/lib's .wants symlinks.
+WANTS = "./usr/lib/systemd/system/multi-user.target.wants/streamboot-booted.service"
 
 
 def dpkg_deb(*args: str) -> str:
@@ -61,9 +65,13 @@ def test_the_deb_declares_its_dependencies_and_initramfs_trigger(
 
 def test_the_deb_holds_the_client_at_its_paths(packages: list[Path]) -> None:
     listing = {}
+    links = {}
     for line in dpkg_deb("-c", str(packages[-1])).splitlines():
+        line, _, target = line.partition(" -> ")
         perms, owner, *_rest, path = line.split()
         listing[path] = (perms, owner)
+        links[path] = target
+    assert links[WANTS] == "../streamboot-booted.service" and listing[WANTS][0][0] == "l"
     for path, perms in DEB_FILES.items():
         assert listing.get(path) == (perms, "root/root"), (path, listing.get(path))
     # The demo's initramfs files are not part of the package.
@@ -87,8 +95,9 @@ def test_the_dracut_tarball_installs_with_make_install(
     )  # fmt: skip
     installed = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert installed == sorted(
-        p.removeprefix("./") for p in DEB_FILES if "initramfs-tools" not in p
+        p.removeprefix("./") for p in [*DEB_FILES, WANTS] if "initramfs-tools" not in p
     )
+    assert (dest / WANTS).is_symlink()
     module = dest / "usr/lib/dracut/modules.d/90streamboot/module-setup.sh"
     assert module.stat().st_mode & 0o111
     conf = (dest / "usr/lib/dracut/dracut.conf.d/90-streamboot.conf").read_text()

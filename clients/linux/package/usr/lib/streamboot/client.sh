@@ -11,6 +11,7 @@
 #   streamboot.server=http://HOST:PORT streamboot.nonce=NONCE streamboot.root=UUID=...|
 #   PARTUUID=...|whole streamboot.wc=server-ram|server-disk|client-ram|client-disk
 #   systemd.hostname=NAME systemd.machine_id=HEX32
+#   streamboot.ip=ADDRESS:GATEWAY:NETMASK BOOTIF=01-aa-bb-cc-dd-ee-ff (what iPXE's DHCP got)
 # The nonce is redeemed once at GET SERVER/session/redeem?nonce=NONCE, whose text/plain
 # answer (key=value lines) names the NBD export and the session's identity.
 
@@ -69,6 +70,59 @@ sb_check_hostname() {
     [ "${#1}" -le 64 ]
 }
 
+# True when $1 is a dotted IPv4 address.
+sb_check_ipv4() {
+    case "$1" in
+        '' | *[!0-9.]* | .* | *. | *..*) return 1 ;;
+    esac
+    _sb_ifs=$IFS
+    IFS=.
+    # shellcheck disable=SC2086
+    set -- $1
+    IFS=$_sb_ifs
+    [ "$#" -eq 4 ] || return 1
+    for _sb_octet in "$@"; do
+        [ "${#_sb_octet}" -le 3 ] && [ "$_sb_octet" -le 255 ] || return 1
+    done
+}
+
+# The address iPXE's DHCP got, "ADDRESS:GATEWAY:NETMASK" (gateway and netmask may be
+# empty); true when it is one.
+sb_check_static() {
+    case "$1" in *:*:*) ;; *) return 1 ;; esac
+    _sb_addr=${1%%:*}
+    _sb_rest=${1#*:}
+    _sb_gw=${_sb_rest%%:*}
+    _sb_mask=${_sb_rest#*:}
+    case "$_sb_mask" in *:*) return 1 ;; esac
+    sb_check_ipv4 "$_sb_addr" || return 1
+    [ -z "$_sb_gw" ] || sb_check_ipv4 "$_sb_gw" || return 1
+    [ -z "$_sb_mask" ] || sb_check_ipv4 "$_sb_mask"
+}
+
+# The kernel's ip= form of the static address $1 (sb_check_static's), its interface left
+# empty for the initramfs to fill in: ADDRESS::GATEWAY:NETMASK:::off.
+sb_ip_param() {
+    _sb_rest=${1#*:}
+    echo "${1%%:*}::${_sb_rest%%:*}:${_sb_rest#*:}:::off"
+}
+
+# The MAC address of a BOOTIF=01-aa-bb-cc-dd-ee-ff value, as aa:bb:cc:dd:ee:ff.
+sb_bootif_mac() {
+    case "$1" in
+        01-[0-9a-f][0-9a-f]-[0-9a-f][0-9a-f]-[0-9a-f][0-9a-f]-[0-9a-f][0-9a-f]-[0-9a-f][0-9a-f]-[0-9a-f][0-9a-f])
+            echo "${1#01-}" | tr - : ;;
+        *) return 1 ;;
+    esac
+}
+
+sb_check_mac() {
+    case "$1" in
+        [0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]) return 0 ;;
+    esac
+    return 1
+}
+
 sb_check_machine_id() {
     case "$1" in
         *[!0-9a-f]*) return 1 ;;
@@ -77,7 +131,8 @@ sb_check_machine_id() {
 }
 
 # Reads the streamboot.* arguments of the command line $1 into SB_SERVER, SB_NONCE,
-# SB_ROOT, SB_WC (and SB_HOSTNAME, SB_MACHINE_ID from systemd.hostname/machine_id).
+# SB_ROOT, SB_WC (and SB_HOSTNAME, SB_MACHINE_ID from systemd.hostname/machine_id; SB_STATIC,
+# the address iPXE got, and SB_MAC from BOOTIF=, both empty when absent or malformed).
 sb_parse_cmdline() {
     SB_SERVER=$(sb_arg streamboot.server "$1") ||
         sb_fail "no streamboot.server= on the kernel command line (boot through the streamboot server's kernel-direct script)" || return 1
@@ -103,6 +158,9 @@ sb_parse_cmdline() {
     sb_check_wc "$SB_WC" || sb_fail "streamboot.wc= '$SB_WC' is not a write-cache type" || return 1
     SB_HOSTNAME=$(sb_arg systemd.hostname "$1") || SB_HOSTNAME=
     SB_MACHINE_ID=$(sb_arg systemd.machine_id "$1") || SB_MACHINE_ID=
+    # Only an optimisation (no second DHCP): a malformed one means DHCP as without it.
+    SB_STATIC=$(sb_arg streamboot.ip "$1") && sb_check_static "$SB_STATIC" || SB_STATIC=
+    SB_MAC=$(sb_bootif_mac "$(sb_arg BOOTIF "$1")") || SB_MAC=
     return 0
 }
 
@@ -133,6 +191,7 @@ sb_parse_answer() {
             machine_id) SB_MACHINE_ID=$_sb_val ;;
             session_id) SB_SESSION_ID=$_sb_val ;;
             traceparent) SB_TRACEPARENT=$_sb_val ;;
+            mac) sb_check_mac "$_sb_val" && SB_MAC=$_sb_val ;;
         esac
     done < "$1"
     for _sb_need in nbd_host:"$SB_NBD_HOST" nbd_port:"$SB_NBD_PORT" export:"$SB_EXPORT"; do
@@ -165,20 +224,24 @@ sb_url_hostport() {
     esac
 }
 
-# GET $1 into file $2 with a bounded time; prints the HTTP status (000: no answer).
-# curl when the initramfs has it, else a raw HTTP/1.0 request through nc (busybox), so a
-# refusal's one-line reason (the body) reaches the console either way.
+# GET $1 into file $2 within $3 seconds (10 when absent); prints the HTTP status (000: no
+# answer). curl when the system has it, else a raw HTTP/1.0 request through nc (busybox's,
+# also as `busybox nc` in a booted OS), so a refusal's one-line reason (the body) reaches
+# the console either way.
 sb_http_get() {
+    _sb_wait=${3:-10}
     if command -v curl > /dev/null 2>&1; then
-        _sb_code=$(curl -s --max-time 10 --max-filesize 65536 -o "$2" -w '%{http_code}' "$1" 2> /dev/null)
+        _sb_code=$(curl -s --max-time "$_sb_wait" --max-filesize 65536 -o "$2" -w '%{http_code}' "$1" 2> /dev/null)
         echo "${_sb_code:-000}"
         return 0
     fi
+    _sb_nc=nc
+    command -v nc > /dev/null 2>&1 || _sb_nc="busybox nc"
     set -- "$1" "$2" $(sb_url_hostport "$1")
     _sb_path=/${1#http://*/}
     [ "$_sb_path" = "/$1" ] && _sb_path=/
     printf 'GET %s HTTP/1.0\r\nHost: %s:%s\r\nConnection: close\r\n\r\n' "$_sb_path" "$3" "$4" |
-        nc -w 10 "$3" "$4" 2> /dev/null | head -c 65536 > "$2.raw"
+        $_sb_nc -w "$_sb_wait" "$3" "$4" 2> /dev/null | head -c 65536 > "$2.raw"
     sb_http_split "$2.raw" "$2"
 }
 
@@ -199,6 +262,45 @@ sb_http_split() {
         esac
     done < "$1"
     echo "$_sb_status"
+}
+
+# Text made safe for a URL's query: the characters of a console message, spaces as '+',
+# at most 300 of them.
+sb_query_text() {
+    printf '%s' "$1" | tr -c 'A-Za-z0-9 ._:/,=()-' '_' | head -c 300 | tr ' ' '+'
+}
+
+# Tells the operator something ($1 a lower-case word, $2 one line): the boot service makes
+# it a ClientNotice event. Best effort, one short try: it never stops a boot.
+sb_notice() {
+    [ -n "$SB_SERVER" ] && [ -n "$SB_MAC" ] || return 0
+    mkdir -p "$SB_RUN"
+    sb_http_get "$SB_SERVER/client/notice?mac=$SB_MAC&kind=$1&message=$(sb_query_text "$2")" \
+        "$SB_RUN/notice" 5 > /dev/null
+    return 0
+}
+
+# Tells the server the OS has booted (ClientBooted); false with the reason in SB_ERROR.
+sb_report_booted() {
+    mkdir -p "$SB_RUN"
+    _sb_status=$(sb_http_get "$SB_SERVER/booted?mac=$SB_MAC" "$SB_RUN/booted")
+    [ "$_sb_status" = 200 ] && return 0
+    _sb_why=$(head -n 1 "$SB_RUN/booted" 2> /dev/null | tr -cd 'A-Za-z0-9 ._:/=,+()-' | head -c 200)
+    sb_fail "the server did not take the report: ${_sb_why:-no answer} (HTTP $_sb_status)"
+}
+
+# Reads the session facts the initramfs left ($SB_RUN/session) into SB_SERVER and SB_MAC;
+# false when there are none (not booted from streamboot) or they are malformed.
+sb_load_session() {
+    SB_SERVER= SB_MAC=
+    [ -r "$SB_RUN/session" ] || return 1
+    while IFS= read -r _sb_line; do
+        case "$_sb_line" in
+            SERVER=http://*) sb_valid "${_sb_line#SERVER=}" && SB_SERVER=${_sb_line#SERVER=} ;;
+            MAC=*) sb_check_mac "${_sb_line#MAC=}" && SB_MAC=${_sb_line#MAC=} ;;
+        esac
+    done < "$SB_RUN/session"
+    [ -n "$SB_SERVER" ] && [ -n "$SB_MAC" ]
 }
 
 # Redeems the one-time nonce: the answer's values in SB_* (sb_parse_answer). A refusal
@@ -335,6 +437,7 @@ sb_mount_upper() {
             return 0
         fi
         sb_say "no local partition labelled $SB_WC_LABEL: the client-disk write cache falls back to RAM (writes are lost at power-off)"
+        sb_notice wc-ram-fallback "no local partition labelled $SB_WC_LABEL: the client-disk write cache is in RAM, writes are lost at power-off"
     fi
     mount -t tmpfs -o mode=0755 streamboot-wc "$1" || { sb_fail "cannot mount a tmpfs for the write cache"; return 1; }
 }
@@ -371,6 +474,7 @@ sb_mount_root() {
         echo "WRITE_CACHE=$SB_WC"
         echo "PERSISTENCE=$SB_PERSISTENCE"
         echo "SERVER=$SB_SERVER"
+        echo "MAC=$SB_MAC"
     } > "$SB_RUN/session"
     rm -f "$SB_RUN/answer" "$SB_RUN/answer.raw"
     sb_say "root $SB_ROOT_DEV ($SB_ROOT_TYPE, $SB_WC) mounted as ${SB_HOSTNAME:-this machine}"

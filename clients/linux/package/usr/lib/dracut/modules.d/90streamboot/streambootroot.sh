@@ -7,10 +7,16 @@
 command -v getarg > /dev/null || . /lib/dracut-lib.sh
 . /lib/streamboot/client.sh
 
+# The operator sees why (a ClientNotice), the console too, then dracut's emergency shell.
+stop() {
+    sb_notice boot-failed "$SB_ERROR"
+    die "streamboot: $SB_ERROR"
+}
+
 [ -e "$SB_RUN/attached" ] && exit 0
-sb_parse_cmdline "$(cat /proc/cmdline)" || die "streamboot: $SB_ERROR"
-sb_redeem || die "streamboot: $SB_ERROR"
-sb_attach || die "streamboot: $SB_ERROR"
-sb_mount_root "${NEWROOT:-/sysroot}" || die "streamboot: $SB_ERROR"
+sb_parse_cmdline "$(cat /proc/cmdline)" || stop
+sb_redeem || stop
+sb_attach || stop
+sb_mount_root "${NEWROOT:-/sysroot}" || stop
 : > "$SB_RUN/attached"
 exit 0
