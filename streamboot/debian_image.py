@@ -53,9 +53,11 @@ case " $(cat /proc/cmdline) " in
     *" streamboot-marker.poweroff=1 "*) systemctl --no-block poweroff ;;
 esac
 """
+# After the client's own report (streamboot-booted.service): a power-off right after the
+# marker must not cut it short.
 MARKER_UNIT = """[Unit]
 Description=streamboot: print the boot marker on the console at multi-user
-After=multi-user.target
+After=multi-user.target streamboot-booted.service
 
 [Service]
 Type=oneshot

@@ -103,7 +103,10 @@ def test_kernel_command_line_is_the_contract_and_drops_unsafe_extra_words() -> N
         kernel_boot(extra_args="console=ttyS0,115200n8  quiet ${x} a;reboot $(id) `id`")
     )
     assert line == (
-        f"boot=streamboot root=streamboot ip=dhcp rd.neednet=1 streamboot.server={BASE} "
+        "boot=streamboot root=streamboot ip=dhcp rd.neednet=1 "
+        # iPXE's own expansions: the only ${...} on the line.
+        "streamboot.ip=${ip}:${gateway}:${netmask} BOOTIF=01-${mac:hexhyp} "
+        f"streamboot.server={BASE} "
         f"streamboot.nonce={'N' * 32} streamboot.root=UUID=1234-ab streamboot.wc=client-ram "
         f"systemd.hostname=pc-1 systemd.machine_id={'cd' * 16} console=ttyS0,115200n8 quiet"
     )

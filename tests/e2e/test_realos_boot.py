@@ -11,6 +11,7 @@ kernel arguments ask it to): last-boot= tells whether the previous boot's writes
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -80,7 +81,8 @@ def lab() -> Iterator[BootLab]:
         yield lab
     finally:
         lab.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("STREAMBOOT_KEEP_LAB"):  # set: the consoles stay for a look
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def marker(console: str) -> dict[str, str]:
@@ -202,6 +204,9 @@ def test_client_disk_uses_the_local_partition_formatted_when_discarded(
         console = boot(lab, mac, 1)
         assert "no local partition labelled streamboot-wc" in console, console[-4000:]
         assert marker(console)["rootfs"] == "overlay"
+        # ... which the operator sees as an event too.
+        [notice] = [e["data"] for e in lab.events("--mac", mac) if e["type"] == "ClientNotice"]
+        assert notice["kind"] == "wc-ram-fallback" and "streamboot-wc" in notice["message"]
 
         local = tmp_path / "local.img"
         with open(local, "wb") as f:
@@ -230,6 +235,11 @@ def test_a_uefi_machine_boots_through_ipxe_efi_over_tftp(lab: BootLab) -> None:
     console = boot(lab, mac, 2, uefi=True)
     seen = marker(console)
     assert seen["hostname"] == "deb-uefi" and seen["rootfs"] == "ext4"
+    # The installed client said so at multi-user (streamboot-booted.service).
+    story = lab.events("--mac", mac)
+    [opened] = [e["data"]["session_id"] for e in story if e["type"] == "SessionOpened"]
+    booted = [e["data"] for e in story if e["type"] == "ClientBooted"]
+    assert booted == [{"session_id": opened, "mac": mac}], story
     # The firmware asked as UEFI x64 (RFC 4578 type 7 or 9), so DHCP gave it ipxe.efi.
     asked = [e["data"]["arch"] for e in lab.events("--mac", mac) if e["type"] == "BootRequested"]
     assert set(asked) & {7, 9}, asked

@@ -129,13 +129,13 @@ async def test_session_open_json_contract(registry: Registry, data_dir: Path) ->
     await registry.cli_json("device", "add", A)
     await registry.cli_json("assign", A, "img")
     await registry.cli_json(
-        "vdisk", "set", "img", "--write-cache", "client-ram", "--persistence", "keep"
+        "vdisk", "set", "img", "--write-cache", "client-disk", "--persistence", "keep"
     )
     s = await registry.cli_json("session", "open", A, "--vdisk", "img")
     for key in ("token", "nbd_uri", "http_url", "vdisk", "version", "session_id", "write_cache"):
         assert key in s
     assert s["vdisk"] == "img" and s["version"] == 1
-    assert s["write_cache"] == "client-ram" and s["write_cache_persistence"] == "keep"
+    assert s["write_cache"] == "client-disk" and s["write_cache_persistence"] == "keep"
     assert s["read_only"] is True  # client-side cache: the server export is read-only
     code, _, err = await registry.cli("session", "open", A)
     assert code == 1 and "already has a live session" in err

@@ -495,3 +495,28 @@ def test_a_device_in_maintenance_maintains_its_default_vdisk_only() -> None:
     apply(p, devices.set_maintenance(p, mac, False, "win"))
     [plain] = open_(p, mac, "s-p")
     assert not plain.maintenance and plain.version == 1  # type: ignore[attr-defined]
+
+
+def test_a_policy_that_keeps_writes_must_be_able_to_keep_them() -> None:
+    p = Projection()
+    with_vdisk(p)
+    apply(p, vdisks.set_policy(p, "win", write_cache="client-ram"))  # discard: fine
+    for change, said in [
+        ({"write_cache_persistence": "keep"}, "persistence keep"),
+        ({"mode": "private"}, "a private vdisk"),
+    ]:
+        with pytest.raises(DomainError, match=f"client-ram write cache cannot keep.*{said}"):
+            vdisks.set_policy(p, "win", **change)  # type: ignore[arg-type]
+    apply(p, vdisks.set_policy(p, "win", write_cache="client-disk", write_cache_persistence="keep"))
+    apply(p, vdisks.set_policy(p, "win", mode="private"))
+    with pytest.raises(DomainError, match="use client-disk"):
+        vdisks.set_policy(p, "win", write_cache="client-ram")
+    # Both at once, to something that keeps nothing: fine.
+    apply(p, vdisks.set_policy(p, "win", write_cache="client-ram", mode="standard",
+                               write_cache_persistence="discard"))  # fmt: skip
+    with pytest.raises(DomainError, match="cannot keep"):
+        vdisks.publish(
+            p, "other", version=1, stage=None, path="other/v1", size=1 << 20,
+            checksum="sha256:x", changed_blocks=1, block_size=65536,
+            write_cache="client-ram", write_cache_persistence="keep",
+        )  # fmt: skip

@@ -101,6 +101,7 @@ def publish(
         raise invalid(str(exc)) from None
     if vd is None:
         _check_policy(mode, write_cache, write_cache_persistence)
+        _check_keepable(mode, write_cache, write_cache_persistence)
         _check_store(store, stores)
         events.append(
             VdiskCreated(
@@ -184,6 +185,11 @@ def set_policy(
 ) -> list[Event]:
     vd = get_vdisk(p, name)
     _check_policy(mode, write_cache, write_cache_persistence)
+    _check_keepable(
+        mode or vd["mode"],
+        write_cache or vd["write_cache"],
+        write_cache_persistence or vd["write_cache_persistence"],
+    )
     _check_store(store, stores)
     if boot_method is not None and boot_method not in BOOT_METHODS:
         raise invalid(f"unknown boot method {boot_method!r}: {', '.join(BOOT_METHODS)}")
@@ -257,6 +263,20 @@ def _check_policy(mode: str | None, cache: str | None, persistence: str | None) 
         raise invalid(f"unknown write cache {cache!r}: {', '.join(WRITE_CACHES)}")
     if persistence is not None and persistence not in PERSISTENCES:
         raise invalid(f"unknown write-cache persistence {persistence!r}: discard or keep")
+
+
+def _check_keepable(mode: str | None, cache: str | None, persistence: str | None) -> None:
+    """A policy that says the writes are kept must be able to keep them: a client-ram
+    write cache lives in the client's memory and is gone at every power-off."""
+    if cache != "client-ram":
+        return
+    if persistence == "keep" or mode == "private":
+        said = "persistence keep" if persistence == "keep" else "a private vdisk (which keeps)"
+        raise invalid(
+            f"a client-ram write cache cannot keep writes across a reboot ({said}): use "
+            "client-disk (a local partition labelled streamboot-wc) or a server-side write "
+            "cache (server-disk) to keep them, or persistence discard"
+        )
 
 
 def _check_store(store: str | None, stores: Collection[str]) -> None:
