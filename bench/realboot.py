@@ -53,6 +53,17 @@ from tests.e2e.test_realos_boot import MEMORY, VDISK, wait_closed  # noqa: E402
 
 ARGS = "console=ttyS0 panic=-1"
 TIMEOUT_S = 900.0  # one boot under TCG on a loaded machine, with other VMs at once
+# Where the time goes: the first appearance of each text on the serial console (the local
+# cases print only the kernel's and systemd's).
+PHASES = {
+    "iPXE": "iPXE initialising devices",
+    "script": "streamboot: booting",
+    "kernel": "Linux version",
+    "/init": "Run /init as init process",
+    "attach": "streamboot: attaching",
+    "root": "streamboot: root",
+    "systemd": "Welcome to",
+}
 
 
 def mac_of(client: int) -> str:
@@ -110,6 +121,7 @@ class Bench:
         self.kernel, self.initrd = files / "vmlinuz", files / "initrd"
         self.image = lab.data_dir / "vdisks" / VDISK / "v1.raw"
         self.root = find_root(json.loads(lab.cli("vdisk", "show", VDISK, "--json").stdout))
+        self.phases: dict[tuple[str, str], list[float]] = {}  # (case, phase) -> seconds
         if not (self.kernel.exists() and self.initrd.exists() and self.root):
             raise SystemExit(f"no boot files in {files} or no root UUID for {VDISK}")
 
@@ -120,9 +132,15 @@ class Bench:
 
     def watched(self, argv: list[str], name: str) -> float:
         console = self.lab.root / f"{name}.log"
-        run = watch_vm(argv, console, until=MARKER, timeout_s=TIMEOUT_S)
+        run = watch_vm(
+            argv, console, until=MARKER, timeout_s=TIMEOUT_S, watch=tuple(PHASES.values())
+        )
         if MARKER not in run.seen:
             raise SystemExit(f"{name}: no marker:\n{run.console[-3000:]}")
+        case = name.rsplit("-", 1)[0]
+        for phase, text in PHASES.items():
+            if text in run.seen:
+                self.phases.setdefault((case, phase), []).append(run.seen[text])
         return run.seen[MARKER]
 
     def streamboot(self, clients: int) -> list[float]:
@@ -202,6 +220,14 @@ def main() -> None:
         for name in cases:
             mean = statistics.mean(times[(name, clients)])
             print(f"| {name:<18} | {clients:>7} | {mean:6.1f} | {mean / base:7.2f}x |")
+    print("\nMean seconds from QEMU's start to each console text, all runs and client counts\n")
+    cases_seen = ["local", "streamboot", "nbdkit"]
+    print("| text | " + " | ".join(cases_seen) + " |")
+    print("|---|" + "---|" * len(cases_seen))
+    for phase, text in PHASES.items():
+        got = [bench.phases.get((c, phase)) for c in cases_seen]
+        cells = [f"{statistics.mean(g):.1f}" if g else "-" for g in got]
+        print(f"| {phase} (`{text}`) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def describe(e: StoredEvent) -> str:
             return f"{len(extents)} extents, {sum(x[2] for x in extents):,} B"
         case "SessionClosed":
             return f"closed ({d.get('reason')})"
+        case "ClientNotice":
+            return f"{d.get('kind')}: {d.get('message')}"
         case _:
             return ""
 

@@ -11,6 +11,7 @@ from shared.event_store import EventStore
 from shared.events import (
     BlocksRequested,
     BootRequested,
+    ClientNotice,
     DeviceRegistered,
     Event,
     SessionAttached,
@@ -75,6 +76,8 @@ async def test_a_device_boot_history(store: EventStore) -> None:
     await store.append([at(120, detach("s1", "http", 9_500_000, 0))])
     await store.append([at(121, attach("s1", "nbd"))])
     await store.append([at(122, blocks("s1", 17000, 65536))])
+    notice = ClientNotice(session_id="s1", mac=MAC, kind="wc-ram-fallback", message="in RAM")
+    await store.append([at(122.5, notice)])
     # Another device's boot in between must not leak into this device's timeline.
     await store.append([at(123, BootRequested(mac=OTHER, arch=7)), at(124, opened("s9", OTHER))])
     await store.append([at(300, detach("s1", "nbd", 20_000_000, 1_000_000))])
@@ -87,9 +90,10 @@ async def test_a_device_boot_history(store: EventStore) -> None:
     first = boots[0]
     assert [s.type for s in first.steps] == [
         "BootRequested", "SessionOpened", "SessionAttached", "first block read",
-        "SessionDetached", "SessionAttached", "last block batch", "SessionDetached",
-        "SessionClosed",
+        "SessionDetached", "SessionAttached", "last block batch", "ClientNotice",
+        "SessionDetached", "SessionClosed",
     ]  # fmt: skip
+    assert first.steps[-3].detail == "wc-ram-fallback: in RAM"
     assert first.steps[1].since_start_s == pytest.approx(4.5)
     assert first.steps[1].since_previous_s == pytest.approx(4.5)
     assert first.duration_s == pytest.approx(201)
