@@ -135,8 +135,10 @@ class VdiskPolicyChanged(VdiskEvent):
     # The store stream and cache nodes read the vdisk's layers from (a name in
     # STREAMBOOT_CACHE_STORES, or "local").
     store: str | None = None
-    # auto (kernel-direct when boot files were found, else sanboot), kernel or sanboot.
-    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    # auto (kernel-direct when boot files were found, else sanboot), kernel, sanboot, or
+    # nbdroot (kernel-direct for an image without the streamboot client: Debian's own
+    # nbdroot= in its initramfs, server-side write caches only).
+    boot_method: Literal["auto", "kernel", "sanboot", "nbdroot"] | None = None
     # The kernel version versions published from now on boot ("" clears: the newest).
     kernel: str | None = None
 

@@ -317,8 +317,22 @@ class BootHttp:
         )
         retry = scripts.script_url(self.base_url, mac, uuid)
         how = session.boot or {}
-        if how.get("method") != "kernel":
+        if how.get("method") not in ("kernel", "nbdroot"):
             return scripts.sanboot_script(info, retry_url=retry)
+        files_url = f"{self.base_url}/boot-files/{session.vdisk}/{session.version}"
+        if how.get("method") == "nbdroot":
+            # An image without the streamboot client: no nonce to redeem, the export on the
+            # command line for Debian's own initramfs (docs/clients.md says what that costs).
+            nbdroot = scripts.NbdRootBoot(
+                files_url=files_url,
+                nbdroot=f"{session.nbd_host}:{session.nbd_port}/{session.token}",
+                root=str(how.get("root") or "whole"),
+                hostname=session.hostname or "",
+                machine_id=session.machine_id or "",
+                extra_args=session.kernel_args,
+                kernel_version=how.get("kernel_version"),
+            )
+            return scripts.nbdroot_script(info, nbdroot, retry_url=retry)
         nonce = await self.handoffs.issue(
             {
                 "session_id": session.session_id,
@@ -335,7 +349,7 @@ class BootHttp:
             }
         )
         kernel = scripts.KernelBoot(
-            files_url=f"{self.base_url}/boot-files/{session.vdisk}/{session.version}",
+            files_url=files_url,
             server=self.base_url,
             nonce=nonce,
             root=str(how.get("root") or "whole"),

@@ -156,20 +156,68 @@ def kernel_script(session: SessionInfo, boot: KernelBoot, *, retry_url: str) -> 
     """Load the version's kernel and initramfs over HTTP and start the kernel, whose
     initramfs redeems the nonce and attaches the root over NBD. When loading fails, the
     retry gives the nonce back (``abandon=``): its session closes and a new one opens."""
+    return _load_and_boot(
+        session, boot.files_url, boot.kernel_version, kernel_command_line(boot),
+        f"{retry_url}&abandon={word(boot.nonce)}",
+    )  # fmt: skip
+
+
+def _load_and_boot(
+    session: SessionInfo, files_url: str, kernel_version: str | None, args: str, retry_url: str
+) -> str:
     who = f" as {text(session.hostname)}" if session.hostname else ""
-    kernel = f" (kernel {text(boot.kernel_version)})" if boot.kernel_version else ""
+    kernel = f" (kernel {text(kernel_version)})" if kernel_version else ""
     return (
         "#!ipxe\n"
         f"echo streamboot: booting {text(session.vdisk)} version {int(session.version)}{who}"
         f"{kernel}\n"
-        f"kernel {boot.files_url}/vmlinuz initrd=initrd {kernel_command_line(boot)} "
-        "|| goto failed\n"
-        f"initrd --name initrd {boot.files_url}/initrd || goto failed\n"
+        f"kernel {files_url}/vmlinuz initrd=initrd {args} || goto failed\n"
+        f"initrd --name initrd {files_url}/initrd || goto failed\n"
         "boot || goto failed\n"
         ":failed\n"
         "echo streamboot: loading the kernel failed; asking again in 10 seconds\n"
         "sleep 10\n"
-        f"chain {retry_url}&abandon={word(boot.nonce)}\n"
+        f"chain {retry_url}\n"
+    )
+
+
+@dataclass(frozen=True)
+class NbdRootBoot:
+    """A kernel-direct boot of an image without the streamboot client, through Debian's
+    own initramfs NBD root (nbd-client's ``scripts/local-top/nbd``)."""
+
+    files_url: str
+    nbdroot: str  # HOST:PORT/EXPORT (the session token)
+    root: str  # UUID=..., PARTUUID=... or whole
+    hostname: str
+    machine_id: str
+    extra_args: str | None = None
+    kernel_version: str | None = None
+
+
+def nbdroot_command_line(boot: NbdRootBoot) -> str:
+    """Debian's ``nbdroot=`` form: the address iPXE got (initramfs-tools' static ``ip=`` on
+    the BOOTIF NIC), the export on /dev/nbd0, the root found in it mounted read-write."""
+    root = "/dev/nbd0" if boot.root == "whole" else word(boot.root)
+    words = [
+        "ip=${ip}::${gateway}:${netmask}:::off",
+        "BOOTIF=01-${mac:hexhyp}",
+        f"nbdroot={word(boot.nbdroot)}",
+        "nbddev=/dev/nbd0",
+        f"root={root}",
+        "rw",
+        f"systemd.hostname={word(boot.hostname)}",
+        f"systemd.machine_id={word(boot.machine_id)}",
+        *kernel_args_words(boot.extra_args),
+    ]
+    return " ".join(words)
+
+
+def nbdroot_script(session: SessionInfo, boot: NbdRootBoot, *, retry_url: str) -> str:
+    """Load the kernel and initramfs and boot with Debian's nbdroot= (no nonce: a retry
+    waits for the session to close like any other)."""
+    return _load_and_boot(
+        session, boot.files_url, boot.kernel_version, nbdroot_command_line(boot), retry_url
     )
 
 

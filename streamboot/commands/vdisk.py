@@ -103,7 +103,10 @@ def show_boot(version: int, boot: dict[str, Any] | None, method: str) -> None:
         return
     seen = ", ".join(boot.get("kernels") or []) or "none"
     if boot.get("kernel_version"):
-        how = "kernel-direct" if method != "sanboot" else "sanboot (the vdisk's boot method)"
+        how = {
+            "sanboot": "sanboot (the vdisk's boot method)",
+            "nbdroot": "kernel-direct with Debian's nbdroot= (no streamboot client)",
+        }.get(method, "kernel-direct")
         out.print(
             f"  version {version}: boots {how}: kernel {boot['kernel_version']} "
             f"({_gib(boot.get('kernel_size', 0))}, initramfs "
@@ -447,7 +450,8 @@ def set_(
     boot_method: Annotated[
         str | None,
         typer.Option(
-            help="auto (kernel-direct when a kernel was found, else sanboot)|kernel|sanboot"
+            help="auto (kernel-direct when a kernel was found, else sanboot)|kernel|sanboot|"
+            "nbdroot (kernel-direct without the streamboot client: Debian's nbdroot=)"
         ),
     ] = None,
     kernel: Annotated[

@@ -127,3 +127,25 @@ def test_mac_normalization() -> None:
     assert normalize_mac(" 52:54:00:ab:cd:ef ") == "52:54:00:ab:cd:ef"
     for bad in ("", "52:54:00:ab:cd", "zz:54:00:ab:cd:ef", "52:54:00:ab:cd:ef:00", "${mac}"):
         assert normalize_mac(bad) is None
+
+
+def test_nbdroot_script_is_debians_own_command_line() -> None:
+    boot = s.NbdRootBoot(
+        files_url=f"{BASE}/boot-files/deb/3", nbdroot="10.0.0.2:10809/tok_$(id)",
+        root="UUID=1234-ab", hostname="pc-1", machine_id="cd" * 16,
+        extra_args="console=ttyS0 ${x}", kernel_version="6.1.0-12-amd64",
+    )  # fmt: skip
+    retry = s.script_url(BASE, "52:54:00:00:00:01")
+    script = s.nbdroot_script(s.SessionInfo("deb", 3, "http://x/s/tok", "pc-1"), boot,
+                              retry_url=retry)  # fmt: skip
+    [kernel] = [x for x in script.splitlines() if x.startswith("kernel ")]
+    assert kernel == (
+        f"kernel {BASE}/boot-files/deb/3/vmlinuz initrd=initrd "
+        "ip=${ip}::${gateway}:${netmask}:::off BOOTIF=01-${mac:hexhyp} "
+        "nbdroot=10.0.0.2:10809/tok___id_ nbddev=/dev/nbd0 root=UUID=1234-ab rw "
+        f"systemd.hostname=pc-1 systemd.machine_id={'cd' * 16} console=ttyS0 || goto failed"
+    )
+    assert "boot=streamboot" not in script and "abandon=" not in script
+    assert script.endswith(f"chain {retry}\n")
+    whole = s.nbdroot_command_line(boot.__class__(**{**boot.__dict__, "root": "whole"}))
+    assert " root=/dev/nbd0 " in whole

@@ -505,7 +505,7 @@ def test_a_policy_that_keeps_writes_must_be_able_to_keep_them() -> None:
         ({"write_cache_persistence": "keep"}, "persistence keep"),
         ({"mode": "private"}, "a private vdisk"),
     ]:
-        with pytest.raises(DomainError, match=f"client-ram write cache cannot keep.*{said}"):
+        with pytest.raises(DomainError, match=rf"client-ram write cache cannot keep.*{said}"):
             vdisks.set_policy(p, "win", **change)  # type: ignore[arg-type]
     apply(p, vdisks.set_policy(p, "win", write_cache="client-disk", write_cache_persistence="keep"))
     apply(p, vdisks.set_policy(p, "win", mode="private"))
@@ -520,3 +520,18 @@ def test_a_policy_that_keeps_writes_must_be_able_to_keep_them() -> None:
             checksum="sha256:x", changed_blocks=1, block_size=65536,
             write_cache="client-ram", write_cache_persistence="keep",
         )  # fmt: skip
+
+
+def test_nbdroot_boots_only_with_a_server_side_write_cache() -> None:
+    p = Projection()
+    with_vdisk(p)
+    apply(p, vdisks.set_policy(p, "win", boot_method="nbdroot"))
+    with pytest.raises(DomainError, match=r"nbdroot .* cannot use a client-disk write cache"):
+        vdisks.set_policy(p, "win", write_cache="client-disk")
+    apply(p, vdisks.set_policy(p, "win", boot_method="auto", write_cache="client-disk"))
+    with pytest.raises(DomainError, match="only server-ram or server-disk"):
+        vdisks.set_policy(p, "win", boot_method="nbdroot")
+    # Without boot files it cannot boot kernel-direct at all: said on the client's screen.
+    apply(p, vdisks.set_policy(p, "win", boot_method="nbdroot", write_cache="server-ram"))
+    with pytest.raises(DomainError, match="must boot kernel-direct but cannot"):
+        vdisks.boot_plan(p.vdisks["win"], 1)

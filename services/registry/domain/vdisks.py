@@ -38,7 +38,7 @@ MODES = ("standard", "private")
 LOCAL_STORE = "local"
 WRITE_CACHES = ("server-ram", "server-disk", "client-ram", "client-disk")
 PERSISTENCES = ("discard", "keep")
-BOOT_METHODS = ("auto", "kernel", "sanboot")
+BOOT_METHODS = ("auto", "kernel", "sanboot", "nbdroot")
 _KERNEL_VERSION = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
 
 
@@ -190,6 +190,7 @@ def set_policy(
         write_cache or vd["write_cache"],
         write_cache_persistence or vd["write_cache_persistence"],
     )
+    _check_nbdroot(boot_method or vd.get("boot_method", "auto"), write_cache or vd["write_cache"])
     _check_store(store, stores)
     if boot_method is not None and boot_method not in BOOT_METHODS:
         raise invalid(f"unknown boot method {boot_method!r}: {', '.join(BOOT_METHODS)}")
@@ -279,6 +280,17 @@ def _check_keepable(mode: str | None, cache: str | None, persistence: str | None
         )
 
 
+def _check_nbdroot(method: str, cache: str) -> None:
+    """Debian's nbdroot= mounts the export read-write and knows no overlay: the writes must
+    go to a server-side write cache."""
+    if method == "nbdroot" and cache.startswith("client-"):
+        raise invalid(
+            f"boot method nbdroot (Debian's own initramfs, without the streamboot client) "
+            f"cannot use a {cache} write cache: it mounts the disk read-write, so only "
+            "server-ram or server-disk; install the client package for client-side caches"
+        )
+
+
 def _check_store(store: str | None, stores: Collection[str]) -> None:
     if store is not None and store not in stores:
         raise invalid(
@@ -325,12 +337,13 @@ def boot_plan(vd: Record, version: int) -> Record:
         return {"method": "sanboot", "reason": "the vdisk's boot method is sanboot"}
     if boot.get("kernel_version"):
         return {
-            "method": "kernel",
+            # nbdroot: the kernel-direct boot of an image without the streamboot client.
+            "method": "nbdroot" if method == "nbdroot" else "kernel",
             "kernel_version": boot["kernel_version"],
             "root": boot.get("root") or "whole",
         }
     why = boot.get("problem") or "its boot files were not looked for when it was published"
-    if method == "kernel":
+    if method in ("kernel", "nbdroot"):
         raise conflict(
             f"vdisk {vd['name']!r} version {version} must boot kernel-direct but cannot: {why}"
         )

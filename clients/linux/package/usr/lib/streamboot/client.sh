@@ -393,8 +393,9 @@ sb_attach() {
         sleep 2
     done
     [ -z "$_sb_err" ] || { sb_fail "cannot attach nbd://$SB_NBD_HOST:$SB_NBD_PORT: $_sb_err"; return 1; }
+    # blkid reads the device nodes themselves: udev (whose probing of the new disk over the
+    # network is slow) is waited for only when the root is not there yet.
     for _sb_i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
-        sb_settle
         # shellcheck disable=SC2046
         if _sb_found=$(sb_blkid "$SB_NBD" $(ls "$SB_NBD"p* 2> /dev/null) | sb_pick_root "$SB_ROOT" "$SB_NBD"); then
             SB_ROOT_DEV=${_sb_found% *}
@@ -402,6 +403,7 @@ sb_attach() {
             [ -n "$SB_ROOT_TYPE" ] || { sb_fail "the root $SB_ROOT ($SB_ROOT_DEV) has no filesystem"; return 1; }
             return 0
         fi
+        sb_settle
         sleep 1
     done
     sb_fail "no filesystem $SB_ROOT on the streamed disk $SB_NBD (its partitions: $(ls "$SB_NBD"p* 2> /dev/null | tr '\n' ' '))"
