@@ -274,3 +274,21 @@ def test_a_dracut_initramfs_boots_the_same_debian(lab: BootLab, tmp_path: Path) 
     seen = marker(console)
     assert seen["hostname"] == "deb-dracut" and seen["machine-id"] == machine_id
     assert seen["rootfs"] == "ext4"
+
+
+def test_an_image_booted_by_debians_own_nbdroot(lab: BootLab) -> None:
+    """Boot method nbdroot: the image's initramfs-tools boots its root through nbd-client's
+    own script (boot=local, nbdroot=), not the streamboot client, with the server-side
+    write cache and the registry's identity."""
+    mac = "52:54:00:88:00:08"
+    machine_id = add_device(lab, mac, "deb-nbdroot")
+    lab.cli("vdisk", "set", VDISK, "--boot-method", "nbdroot")
+    try:
+        console = lab.boot_vm(mac, 2, until=MARKER, timeout_s=BOOT_S, memory_mib=MEMORY)
+    finally:
+        lab.cli("vdisk", "set", VDISK, "--boot-method", "auto")
+    assert "Setting up nbd-client" in console, console[-5000:]
+    assert "streamboot: root" not in console  # the client's script never ran
+    seen = marker(console)
+    assert seen["hostname"] == "deb-nbdroot" and seen["machine-id"] == machine_id
+    assert seen["rootfs"] == "ext4"
