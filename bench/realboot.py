@@ -42,14 +42,13 @@ from streamboot.embedded.proc import free_port  # noqa: E402
 from tests.client.conftest import TEST_CACHE  # noqa: E402
 from tests.conftest import traversable_tmpdir  # noqa: E402
 from tests.e2e.pxe_lab import (  # noqa: E402
-    SHORT_SESSION_TIMERS,
     STREAMBOOT,
     BootLab,
     pxe_tools_missing,
     pxe_vm_argv,
     watch_vm,
 )
-from tests.e2e.test_realos_boot import MEMORY, VDISK, wait_closed  # noqa: E402
+from tests.e2e.test_realos_boot import MEMORY, REALOS_TIMERS, VDISK, wait_closed  # noqa: E402
 
 ARGS = "console=ttyS0 panic=-1"
 TIMEOUT_S = 900.0  # one boot under TCG on a loaded machine, with other VMs at once
@@ -184,7 +183,7 @@ def main() -> None:
     lab = BootLab(root, taps=max(counts))
     lab.create()
     try:
-        lab.start(**SHORT_SESSION_TIMERS)
+        lab.start(**REALOS_TIMERS)
         bootstrap(TEST_CACHE, "bookworm", DEFAULT_MIRROR, packages_for(()), say=print)
         subprocess.run(
             lab.exec(str(STREAMBOOT), "vdisk", "build-debian", VDISK, "--size", "2G",
