@@ -66,6 +66,10 @@ ExecStart=/usr/local/sbin/streamboot-marker
 [Install]
 WantedBy=multi-user.target
 """
+# A streamed client's initramfs needs its NIC drivers and the client, not every storage
+# controller and framebuffer (MODULES=most): a smaller file to load over the network and
+# to unpack at boot. The client's hook adds the local disks' drivers (client-disk).
+INITRAMFS_CONF = "# streamboot: the root comes over the network.\nMODULES=netboot\n"
 FSTAB = "# The root is mounted by the initramfs (the streamboot client), by write-cache type.\n"
 
 
@@ -167,6 +171,8 @@ def install_client(rootfs: Path, say: Say) -> None:
     """The client .deb into the root (its dependencies are already there), whose trigger
     rebuilds the initramfs, and the check that every initramfs really has it."""
     say("installing the streamboot client (the initramfs is rebuilt)...")
+    (rootfs / "etc/initramfs-tools/conf.d").mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc/initramfs-tools/conf.d/streamboot").write_text(INITRAMFS_CONF)
     deb = build_deb(rootfs / "tmp")
     _chroot(rootfs, "apt-get", "install", "-y", f"/tmp/{deb.name}")
     deb.unlink()
