@@ -444,8 +444,18 @@ sb_mount_upper() {
     mount -t tmpfs -o mode=0755 streamboot-wc "$1" || { sb_fail "cannot mount a tmpfs for the write cache"; return 1; }
 }
 
+# Every request to the streamed disk is a round trip over the network: reading ahead
+# further than a local disk's default (128 KiB) takes a program's pages in fewer of them.
+SB_READ_AHEAD_KB=${SB_READ_AHEAD_KB:-1024}
+sb_read_ahead() {
+    _sb_queue=/sys/block/${SB_NBD#/dev/}/queue/read_ahead_kb
+    [ -w "$_sb_queue" ] && echo "$SB_READ_AHEAD_KB" > "$_sb_queue" 2> /dev/null
+    return 0
+}
+
 # Mounts the attached root at $1 by write-cache type and gives it the session's identity.
 sb_mount_root() {
+    sb_read_ahead
     case "$SB_WC" in
         server-*)
             mount -t "$SB_ROOT_TYPE" -o rw "$SB_ROOT_DEV" "$1" ||
