@@ -38,11 +38,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 
-from services.cache import wire
-from services.cache.block_map import encode_runs
 from services.cache.boot_profiles import BootProfiles, Profile
-from services.cache.client import not_alive
-from services.cache.placement import Owners, Peers, node_subject, placement_order
+from services.cache.placement import Owners, Peers, placement_order
 from services.cache.read_cache import ReadCaches, VersionCache, warm_local
 from services.cache.stores import Store, StoreError, open_store
 from services.cache.stores.local import LocalStore
@@ -50,10 +47,27 @@ from services.cache.when_quiet import WhenQuiet
 from services.cache.write_batches import WriteBatches
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
+from shared.block_map import encode_runs
 from shared.bus import EVENTS_STREAM, BusError, RemoteError, serve_json, subject_token
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import not_alive
+from shared.contracts.cache.wire import node_subject
 from shared.event_log import closed_in_log
 from shared.event_sink import QueuedEventSink
-from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
+from shared.events import (
+    BadEvent,
+    BlocksRequested,
+    BootProfileUpdated,
+    BootRequested,
+    ClientBooted,
+    Event,
+    PrefetchCompleted,
+    SessionClosed,
+    WriteCacheFull,
+    parse_message,
+    received,
+    subject_of,
+)
 from shared.service import ServiceRuntime, run_service
 from shared.settings import Settings
 from shared.telemetry import context_from_traceparent
@@ -410,17 +424,20 @@ class CacheService:
     # --- events in ------------------------------------------------------------------
 
     async def on_blocks(self, msg: Msg) -> None:
-        try:
-            self.profiles.observe(json.loads(msg.data)["data"])
-        except (ValueError, KeyError) as e:
-            log.warning("unusable BlocksRequested event: %s", e)
+        event = received(msg, BlocksRequested)
+        if event is not None:
+            self.profiles.observe(event)
 
     async def on_client_booted(self, msg: Msg) -> None:
-        self.profiles.booted(json.loads(msg.data).get("data", {}).get("session_id", ""))
+        event = received(msg, ClientBooted)
+        if event is not None:
+            self.profiles.booted(event.session_id)
 
     async def on_session_closed(self, msg: Msg) -> None:
         """Queue group (once): the session's boot, if it was being learnt, ends."""
-        self.profiles.end_boot(json.loads(msg.data).get("data", {}).get("session_id", ""))
+        event = received(msg, SessionClosed)
+        if event is not None:
+            self.profiles.end_boot(event.session_id)
 
     async def follow_closed_sessions(self) -> None:
         """Drop the ``discard`` caches of closed sessions, also of those closed while this
@@ -438,7 +455,7 @@ class CacheService:
         while not stopping.is_set():
             try:
                 sub = await self.rt.js.pull_subscribe(
-                    "events.SessionClosed.>", durable=durable, stream=EVENTS_STREAM, config=config
+                    subject_of(SessionClosed), durable=durable, stream=EVENTS_STREAM, config=config
                 )
                 try:
                     while not stopping.is_set():
@@ -473,9 +490,10 @@ class CacheService:
         owner record), once the registry confirms that the close is in the log (anyone
         may publish a message; raises BusError when it cannot tell now); the others hold
         nothing of it."""
-        sid = json.loads(msg.data).get("data", {}).get("session_id", "")
-        if not isinstance(sid, str) or not self.writes.discardable(sid):
+        event = received(msg, SessionClosed)
+        if event is None or not self.writes.discardable(event.session_id):
             return
+        sid = event.session_id
         if not await closed_in_log(self.rt.nc, sid):
             log.warning("cache: a SessionClosed of %s that is not in the log; its cache kept", sid)
             return
@@ -486,11 +504,16 @@ class CacheService:
                 log.warning("write cache %s dropped, but its owner record stays: %s", key, e)
 
     async def on_boot_requested(self, msg: Msg) -> None:
-        event = json.loads(msg.data)
-        data = event.get("data", {})
-        info = self._version_for(data.get("vdisk"), data.get("version"))
+        try:
+            env, event = parse_message(msg.data)
+        except BadEvent as exc:
+            log.warning("cache: skipped a message on %s: %s", msg.subject, exc)
+            return
+        if not isinstance(event, BootRequested):
+            return
+        info = self._version_for(event.vdisk, event.version)
         if info is not None:
-            self._spawn(self.traced_prefetch(info, event.get("traceparent")))
+            self._spawn(self.traced_prefetch(info, env.traceparent))
 
     async def traced_prefetch(self, info: dict[str, Any], traceparent: str | None) -> int:
         """The prefetch as a span of the boot's trace (BootRequested carries it)."""
@@ -631,10 +654,10 @@ async def start(rt: ServiceRuntime) -> None:
         # Store reads may be slow: each read its own task (a subscription's callbacks run
         # one at a time). Writes stay in order on theirs.
         await nc.subscribe(wire.RC_READ, queue=q, cb=svc.spawn_read),
-        await nc.subscribe("events.BlocksRequested.>", queue=q, cb=svc.on_blocks),
-        await nc.subscribe("events.SessionClosed.>", queue=q, cb=svc.on_session_closed),
-        await nc.subscribe("events.ClientBooted.>", queue=q, cb=svc.on_client_booted),
-        await nc.subscribe("events.BootRequested.>", queue=q, cb=svc.on_boot_requested),
+        await nc.subscribe(subject_of(BlocksRequested), queue=q, cb=svc.on_blocks),
+        await nc.subscribe(subject_of(SessionClosed), queue=q, cb=svc.on_session_closed),
+        await nc.subscribe(subject_of(ClientBooted), queue=q, cb=svc.on_client_booted),
+        await nc.subscribe(subject_of(BootRequested), queue=q, cb=svc.on_boot_requested),
     ]
     await nc.flush()
 

@@ -27,10 +27,11 @@ from services.boot import dhcp_packets, tftp_packets
 from services.registry.partitions import read_partitions
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
-from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from services.stream.spec import ExportSpec
 from shared import http_head, vdisk_layout
 from shared.envelope import Envelope
 from shared.event_owners import OWNERS, Refused, admit
+from tests.doubles import NullSink, StaticResolver
 
 Target = Callable[[bytes], None]
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from services.cache import wire
+from shared.contracts.cache import wire
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import asyncio
 import logging
 import os
 
-from services.cache import wire
 from services.stream.path.backend import Backend, Layer
 from services.stream.path.cached_store import CacheLink, read_cache_body, version_key
 from services.stream.spec import ExportSpec
+from shared.contracts.cache import wire
 from shared.vdisk_layout import ZERO_FD
 
 log = logging.getLogger(__name__)

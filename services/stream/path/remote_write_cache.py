@@ -29,9 +29,6 @@ import logging
 import os
 from pathlib import Path
 
-from services.cache import wire
-from services.cache.block_map import BLOCK, DIRTY, ZEROED
-from services.cache.client import WriteChannel
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
 from services.stream.path.outage import RETRY_FIRST_S, keep_asking, retried_while_away
@@ -39,6 +36,9 @@ from services.stream.path.spare_files import SpareFiles
 from services.stream.path.unflushed import Unflushed, merge
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
+from shared.block_map import BLOCK, DIRTY, ZEROED
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import WriteChannel
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ RESEND_WINDOW = 32 << 20
 def cache_key(spec: ExportSpec) -> str:
     """The session's write cache: its own, or the device's kept one for this version."""
     if spec.write_cache_persistence == "keep" and spec.mac:
-        mac = spec.mac.replace(":", "").lower()
-        return f"device-{mac}-{spec.vdisk}-v{spec.version}"
+        return wire.kept_write_cache_key(spec.mac, spec.vdisk, spec.version)
     return spec.session_id
 
 

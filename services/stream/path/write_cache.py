@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from services.cache.block_map import BLOCK, CLEAN, DIRTY, ZEROED, BlockMap, blocks_of
 from services.stream.path.backend import (
     STATE_HOLE,
     STATE_ZERO,
@@ -36,6 +35,7 @@ from services.stream.path.backend import (
     read_into,
 )
 from services.stream.path.spare_files import SpareFiles, unlinked_file
+from shared.block_map import BLOCK, CLEAN, DIRTY, ZEROED, BlockMap, blocks_of
 
 
 def new_cache_file(
