@@ -18,12 +18,9 @@ from opentelemetry import trace
 
 from services.stream.busy_poll import BusyPoll
 from services.stream.path.backend import Backend
-from services.stream.path.cached_store import CachedStoreBackend, CacheLink
-from services.stream.path.chain import ChainBackend
-from services.stream.path.profile_hint import ProfileHint
-from services.stream.path.remote_write_cache import RemoteWriteCache, attach_stack
+from services.stream.path.cached_store import CacheLink
 from services.stream.path.spare_files import SpareFiles
-from services.stream.path.write_cache import WriteCache
+from services.stream.path.stack import Stack, build_stack
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
 from shared.events import (
@@ -42,48 +39,13 @@ tracer = trace.get_tracer("streamboot.stream")
 Protocol_ = Literal["nbd", "http", "iscsi"]
 
 
-def build_stack(
-    spec: ExportSpec,
-    settings: StreamSettings,
-    cache: CacheLink | None = None,
-    spares: SpareFiles | None = None,
-) -> Backend:
-    """write cache -> version chain (no write cache on a read-only export).
-
-    With a cache service (``cache``), server-side write caches live there (a local mirror
-    keeps reads fast) and a vdisk of a non-local store is read through its shared read
-    cache instead of a chain; a local vdisk's shared read cache is its files' page cache.
-    ``spares``: disk files made ahead for the write cache (spare_files.py)."""
-    bottom: Backend
-    if cache is not None and spec.store != "local":
-        bottom = CachedStoreBackend(spec, cache)
-    else:
-        bottom = ChainBackend(spec.layers)
-        if cache is not None:
-            bottom = ProfileHint(bottom, spec, cache)
-    backend = bottom
-    if backend.size != spec.size:
-        backend.close()
-        raise ValueError(
-            f"chain of {spec.vdisk}@{spec.version} is {backend.size} bytes, not {spec.size}"
-        )
-    if not spec.export_read_only:
-        if settings.write_cache_dir is not None:
-            settings.write_cache_dir.mkdir(parents=True, exist_ok=True)
-        if cache is not None:
-            backend = RemoteWriteCache(
-                backend, spec, cache, settings.node_id, settings.write_cache_dir, spares
-            )
-        else:
-            backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir, spares)
-    return backend
-
-
 class Session:
-    def __init__(self, token: str, spec: ExportSpec, backend: Backend, mgr: SessionManager):
+    def __init__(self, token: str, spec: ExportSpec, stack: Stack, mgr: SessionManager):
         self.token = token
         self.spec = spec
-        self.backend = backend
+        self.backend = stack.top
+        # Its write cache's key at the cache service (None: none there).
+        self.remote_key = stack.remote_key
         self.mgr = mgr
         self.connections = 0
         # Live connections, each with an ``abort(reason)``: closed with the session.
@@ -229,11 +191,11 @@ class SessionManager:
         if token in self.sessions or self._opening.busy(token):
             return self.sessions.get(token)
         try:
-            backend = build_stack(spec, self.settings, self.cache, self.spares)
+            stack = build_stack(spec, self.settings, self.cache, self.spares)
         except (OSError, ValueError) as e:
             log.error("cannot open announced session %s: %s", spec.session_id, e)
             return None
-        session = Session(token, spec, backend, self)
+        session = Session(token, spec, stack, self)
         session.announced = True
         loop = asyncio.get_running_loop()
         session.ready = loop.create_future()
@@ -284,19 +246,19 @@ class SessionManager:
                 if spec is None:
                     return None
             try:
-                backend = build_stack(spec, self.settings, self.cache, self.spares)
+                stack = build_stack(spec, self.settings, self.cache, self.spares)
             except (OSError, ValueError) as e:
                 log.error("cannot open session %s: %s", spec.session_id, e)
                 return None
             try:
-                ok = await self._attach(token, spec, backend)
+                ok = await self._attach(token, spec, stack.top)
             except BaseException:  # cancelled (shutdown): nothing half-open stays behind
-                backend.close()
+                stack.top.close()
                 raise
             if not ok:
-                backend.close()
+                stack.top.close()
                 return None
-            session = Session(token, spec, backend, self)
+            session = Session(token, spec, stack, self)
             self.sessions[token] = session
             return session
 
@@ -304,7 +266,7 @@ class SessionManager:
         """Attach a built stack to the cache service; False (logged, with the reason kept
         for the client) when that fails."""
         try:
-            await attach_stack(backend)
+            await backend.attach()
         except OSError as e:
             log.error("cannot attach session %s to the cache service: %s", spec.session_id, e)
             if len(self.refusals) > 1000:
@@ -352,11 +314,7 @@ class SessionManager:
         node's sessions on it, whose mirrors would no longer see the writes made there (a
         client coming back here within the linger would read stale blocks). Returns how
         many were dropped; their connections end (reason ``session-moved``)."""
-        moved = [
-            s
-            for s in self.sessions.values()
-            if isinstance(s.backend, RemoteWriteCache) and s.backend.key == key
-        ]
+        moved = [s for s in self.sessions.values() if s.remote_key == key]
         for s in moved:
             log.warning(
                 "session %s: its write cache %s was attached by stream node %s; dropped here "
@@ -372,9 +330,7 @@ class SessionManager:
         uses (lingering, or announced and not claimed yet); their clients reopen them and
         pull their caches again. Returns how many."""
         unused = [
-            s
-            for s in self.sessions.values()
-            if s.connections == 0 and isinstance(s.backend, RemoteWriteCache)
+            s for s in self.sessions.values() if s.connections == 0 and s.remote_key is not None
         ]
         for s in unused:
             log.warning(
