@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.stream.path.backend import Backend
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -129,17 +132,6 @@ class BadOption(ValueError):
     """An option payload that does not parse: answered NBD_REP_ERR_INVALID."""
 
 
-class Capabilities(Protocol):
-    """What the transmission flags are made of (a backend's ``can_*`` table)."""
-
-    def can_write(self) -> bool: ...
-    def can_flush(self) -> bool: ...
-    def can_trim(self) -> bool: ...
-    def can_zero(self) -> bool: ...
-    def can_fua(self) -> bool: ...
-    def can_multi_conn(self) -> bool: ...
-
-
 def parse_client_flags(data: bytes) -> bool | None:
     """The client's flags after the greeting: whether it wants no zeroes after
     NBD_OPT_EXPORT_NAME's reply; None for flags this server does not accept."""
@@ -199,7 +191,8 @@ def meta_context_replies(opt: int, want: bool) -> bytes:
     return out + option_reply(opt, REP_ACK)
 
 
-def transmission_flags(b: Capabilities) -> int:
+def transmission_flags(b: Backend) -> int:
+    """The export's flags, from the backend's ``can_*`` table."""
     flags = TF_HAS_FLAGS | TF_SEND_DF
     if not b.can_write():
         flags |= TF_READ_ONLY
