@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from services.cache import wire
@@ -51,29 +51,23 @@ class RideOut(Layer):
         next_.on_restart = self._node_restarted
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
-        try:
-            await self.remote.pwrite(offset, data, fua)
-        except Undelivered as u:
-            await self._sent_again(u, fua)
+        await self._held(self.remote.pwrite(offset, data, fua), fua)
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
-        try:
-            await self.remote.zero(offset, length, fua)
-        except Undelivered as u:
-            await self._sent_again(u, fua)
+        await self._held(self.remote.zero(offset, length, fua), fua)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        try:
-            await self.remote.trim(offset, length, fua)
-        except Undelivered as u:
-            await self._sent_again(u, fua)
+        await self._held(self.remote.trim(offset, length, fua), fua)
 
-    async def _sent_again(self, u: Undelivered, fua: bool) -> None:
-        """A change the node did not take: done once the recovery sent it again with
-        everything unflushed (a FUA change once that is flushed too)."""
-        await self._ride_out(u)
-        if fua:
-            await self.flush()
+    async def _held(self, change: Awaitable[None], fua: bool) -> None:
+        """A change; one the node did not take is done once the recovery sent it again
+        with everything unflushed (a FUA change once that is flushed too)."""
+        try:
+            await change
+        except Undelivered as u:
+            await self._ride_out(u)
+            if fua:
+                await self.flush()
 
     async def flush(self) -> None:
         while True:
