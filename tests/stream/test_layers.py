@@ -10,6 +10,7 @@ import asyncio
 import errno
 import os
 import random
+from collections.abc import Awaitable
 from functools import partial
 
 import pytest
@@ -199,15 +200,16 @@ class FlakyRemote(Layer):
             raise Undelivered(away() if self.away else wire.CacheError(5, "dropped", "dropped"), 0)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self.next.pwrite(offset, data, fua)
-        self._check()
+        await self._taken(self.next.pwrite(offset, data, fua))
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
-        await self.next.zero(offset, length, fua)
-        self._check()
+        await self._taken(self.next.zero(offset, length, fua))
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self.next.trim(offset, length, fua)
+        await self._taken(self.next.trim(offset, length, fua))
+
+    async def _taken(self, change: Awaitable[None]) -> None:
+        await change  # applied to the mirror, then shipped
         self._check()
 
     async def flush(self) -> None:
