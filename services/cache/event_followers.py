@@ -65,7 +65,7 @@ class EventFollowers:
             inactive_threshold=CLOSED_CONSUMER_KEEP_S,  # a node gone for good lets go
         )
         # Checked each turn, not only cancellation: a cancel that lands as nats-py's fetch
-        # times out can be lost (seen: the service then did not stop).
+        # times out can be lost, and the service would then not stop.
         stopping = self.rt.stopping
         while not stopping.is_set():
             try:

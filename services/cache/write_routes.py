@@ -34,9 +34,9 @@ MAX_HOPS = 2
 # loop turn or two after respond().
 AFTER_REPLY_S = 0.002
 # A new cache's files are made once opens have paused this long (a storm's opens come in a
-# burst while its clients connect, ~1 ms apart here), at the latest this long after its
-# open; a first write coming sooner makes them itself (when_quiet.py). Short enough for the
-# bench's lone client, whose only write comes ~20 ms after its open.
+# burst while its clients connect), at the latest this long after its open; a first write
+# coming sooner makes them itself (when_quiet.py). Short enough that a lone client's first
+# write usually finds them made.
 PREPARE_QUIET_S = 0.01
 PREPARE_MAX_WAIT_S = 1.0
 
@@ -70,8 +70,8 @@ class WriteCacheRoutes:
             except Exception as e:
                 log.warning("write cache %s: owner record not marked as written: %s", wc.key, e)
 
-        # After the reply to this write is out: the mark's KV request, sent first, made the
-        # session's first write 0.1-0.2 ms slower.
+        # After the reply to this write is out: the mark's KV request, sent first, would
+        # delay the session's first write.
         asyncio.get_running_loop().call_later(AFTER_REPLY_S, lambda: self._spawn(mark()))
 
     async def register_recovered(self) -> None:
