@@ -353,3 +353,43 @@ def test_the_booted_os_reads_the_session_the_initramfs_left(
     assert values(sh(shell, f"sb_load_session; {dump}", tmp_path))["rc"] == "1"
     session.unlink()
     assert values(sh(shell, f"sb_load_session; {dump}", tmp_path))["rc"] == "1"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(
+    ("persistence", "fstype", "formatted"),
+    [
+        ("keep", "ext4", False),  # the previous boot's writes stay
+        ("keep", "", True),  # a blank partition: formatted once
+        ("discard", "ext4", True),  # formatted at every boot
+    ],
+)
+def test_a_kept_local_write_cache_is_mounted_as_it_is(
+    shell: list[str], persistence: str, fstype: str, formatted: bool, tmp_path: Path
+) -> None:
+    """client-disk: the local partition labelled streamboot-wc is formatted only when the
+    policy discards (or it holds no filesystem yet); kept, it is mounted as it is."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    fs = f' TYPE="{fstype}"' if fstype else ""
+    # mkfs.ext4 on PATH (no shell function has a dot in its name), the rest as functions,
+    # which win over busybox's own applets too.
+    (bin_dir / "mkfs.ext4").write_text(f'#!/bin/sh\necho "mkfs $*" >> {log}\n')
+    (bin_dir / "mkfs.ext4").chmod(0o755)
+    fakes = (
+        f'blkid() {{ echo \'/dev/nbd0p1: UUID="{UUID}" TYPE="ext4"\'; '
+        f'echo \'/dev/vda1: LABEL="streamboot-wc"{fs} PARTLABEL="streamboot-wc"\'; }}\n'
+        f'mount() {{ echo "mount $*" >> {log}; }}\n'
+        "udevadm() { :; }\n"
+    )
+    script = fakes + (
+        f"PATH={bin_dir}:$PATH; SB_WC=client-disk SB_PERSISTENCE={persistence}; "
+        f"mkdir -p {tmp_path}/run; sb_mount_upper {tmp_path}/upper; echo rc=$?"
+    )
+    done = sh(shell, script, tmp_path)
+    assert done.stdout.strip() == "rc=0", done
+    calls = log.read_text().splitlines()
+    assert calls[-1] == f"mount -t ext4 /dev/vda1 {tmp_path}/upper"
+    assert (calls[0] == "mkfs -q -F -L streamboot-wc -E nodiscard /dev/vda1") is formatted
+    assert len(calls) == (2 if formatted else 1)
