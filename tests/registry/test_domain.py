@@ -509,6 +509,11 @@ def test_a_policy_that_keeps_writes_must_be_able_to_keep_them() -> None:
             vdisks.set_policy(p, "win", **change)  # type: ignore[arg-type]
     apply(p, vdisks.set_policy(p, "win", write_cache="client-disk", write_cache_persistence="keep"))
     apply(p, vdisks.set_policy(p, "win", mode="private"))
+    # A private vdisk with client-disk: its one device keeps its local write cache.
+    mac = device(p, "52:54:00:00:00:0a")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    [opened] = open_(p, mac, "s-9")
+    assert (opened.write_cache, opened.write_cache_persistence) == ("client-disk", "keep")  # type: ignore[attr-defined]
     with pytest.raises(DomainError, match="use client-disk"):
         vdisks.set_policy(p, "win", write_cache="client-ram")
     # Both at once, to something that keeps nothing: fine.
