@@ -146,6 +146,13 @@ class Settings(BaseSettings):
     # A stream node with few connections polls this many microseconds after each request
     # instead of sleeping, so the next one is read without a wake-up (docs/stream.md).
     stream_busy_poll_us: int = 200
+    # NBD over TLS (NBD_OPT_STARTTLS): off, on (clients may upgrade) or require (plain
+    # clients refused; the kernel's nbd driver cannot do TLS: docs/security.md). The
+    # operator's certificate and key, or (unset) a CA and certificate made under
+    # DATA_DIR/stream/tls (clients trust its ca-cert.pem).
+    stream_nbd_tls: Literal["off", "on", "require"] = "off"
+    stream_nbd_tls_cert: Path | None = None
+    stream_nbd_tls_key: Path | None = None
     # A session's writes, its open and its reads through the cache service wait this long
     # for a cache node that does not answer (restarting, stopped, NATS away) before they
     # fail with EIO (an open: the client is refused); once it answers they go on.

@@ -40,7 +40,9 @@ class StreamServers:
         loop = asyncio.get_running_loop()
         s = self.settings
         nbd: asyncio.base_events.Server | RawServer
-        if s.nbd_zero_copy:
+        # STARTTLS needs uvloop's transports (loop.start_tls), and TLS bytes cannot be sent
+        # from the page cache anyway.
+        if s.nbd_zero_copy and s.nbd_tls is None:
             nbd = RawServer(loop, lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port)
         else:
             nbd = await loop.create_server(

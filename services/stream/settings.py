@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.stream.nbd import tls
 from shared.settings import Settings
 
 
@@ -55,6 +56,8 @@ class StreamSettings:
     # After a request the loop polls this long instead of sleeping, while fewer than
     # busy_poll.MAX_CONNECTIONS connections are open (services/stream/busy_poll.py); 0 = off.
     busy_poll_s: float = 200e-6
+    # NBD over TLS (services/stream/nbd/tls.py): None = off.
+    nbd_tls: tls.NbdTls | None = None
 
     @classmethod
     def from_settings(cls, s: Settings) -> StreamSettings:
@@ -72,6 +75,13 @@ class StreamSettings:
             session_linger_s=s.stream_session_linger_s,
             write_cache_dir=s.data_path("stream", "write-cache"),
             vdisk_root=s.vdisk_root,
+            nbd_tls=tls.setup(
+                s.stream_nbd_tls,
+                s.stream_nbd_tls_cert,
+                s.stream_nbd_tls_key,
+                s.data_path("stream", "tls"),
+                [s.advertised_host, s.bind_host],
+            ),
             **cls.tuning(s),
         )
 

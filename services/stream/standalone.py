@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvloop
 
+from services.stream.nbd import tls
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec, NullSink, StaticResolver
@@ -42,6 +43,9 @@ async def serve(args: argparse.Namespace) -> None:
         iscsi_port=args.iscsi_port,
         session_linger_s=args.linger,
         nbd_zero_copy=not args.no_zero_copy,
+        nbd_tls=tls.setup(args.tls, None, None, args.tls_dir, ["127.0.0.1"])
+        if args.tls_dir
+        else None,
         **StreamSettings.tuning(Settings()),
     )
     servers = StreamServers(StaticResolver({args.token: spec}), NullSink(), settings)
@@ -63,6 +67,8 @@ def main() -> None:
     ap.add_argument("--http-port", type=int, default=0)
     ap.add_argument("--iscsi-port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=3600.0)
+    ap.add_argument("--tls", default="require", choices=["on", "require"])
+    ap.add_argument("--tls-dir", type=Path, help="NBD over TLS: credentials made here")
     ap.add_argument("--no-zero-copy", action="store_true", help="uvloop transports, no sendfile")
     ap.add_argument(
         "--write-cache",
