@@ -8,7 +8,8 @@ the client's link down for 10 s. Per fault:
 
 - the client rides it out, or gets a clean error (a failed command, never a hang);
 - no acknowledged write is lost (the disk is read back and every slot compared);
-- no event is lost or duplicated (the log's ids before and after; per-stream versions);
+- no event is lost or duplicated (the log's ids before and after; per-stream versions),
+  and the session's SessionClosed still reaches the cache service through JetStream;
 - the system is healthy again by itself (`status`: every service alive), and how long the
   client and the system took is recorded.
 
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_system import cache_write_caches
 from tests.faults.client import LiveClient
 from tests.faults.system import ClientNet, RamFs, System
 
@@ -123,6 +125,13 @@ def run_fault(
     durable_lost, acked_lost = client.lost(disk.read_bytes())
     disk.unlink()
     sysm.cli("session", "close", session["token"])
+    # SessionClosed still reaches its consumers (the log -> relay -> JetStream -> the cache
+    # service's durable consumer, which drops the session's write cache).
+    until(
+        lambda: session["session_id"] not in cache_write_caches(sysm.data_dir),
+        60,
+        "the cache service never dropped the closed session's write cache",
+    )
     after = sysm.events()
 
     ids = [e["id"] for e in after]
