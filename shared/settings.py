@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     # clients refused; the kernel's nbd driver cannot do TLS: docs/security.md). The
     # operator's certificate and key, or (unset) a CA and certificate made under
     # DATA_DIR/stream/tls (clients trust its ca-cert.pem).
+    # Connections one client address may hold before its session is attached (a host
+    # opening sockets it never speaks on); past it they are closed at once; 0 = no cap.
+    stream_max_handshakes_per_address: int = 256
     stream_nbd_tls: Literal["off", "on", "require"] = "off"
     stream_nbd_tls_cert: Path | None = None
     stream_nbd_tls_key: Path | None = None

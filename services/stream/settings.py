@@ -27,6 +27,9 @@ class StreamSettings:
     idle_timeout_s: float = 600.0
     # The handshake (NBD options, first HTTP request line, iSCSI login) must finish within this.
     handshake_timeout_s: float = 30.0
+    # Connections one client address may hold in their handshake at once; past it new ones
+    # are closed at once (services/stream/handshake_gate.py); 0 = no cap.
+    max_handshakes_per_address: int = 256
     # A client that does not read its replies for this long is dropped.
     stall_timeout_s: float = 60.0
     keepalive_idle_s: int = 30
@@ -73,6 +76,7 @@ class StreamSettings:
             keepalive_interval_s=s.stream_keepalive_interval_s,
             keepalive_count=s.stream_keepalive_count,
             session_linger_s=s.stream_session_linger_s,
+            max_handshakes_per_address=s.stream_max_handshakes_per_address,
             write_cache_dir=s.data_path("stream", "write-cache"),
             vdisk_root=s.vdisk_root,
             nbd_tls=tls.setup(
