@@ -50,7 +50,15 @@ from services.cache.when_quiet import WhenQuiet
 from services.cache.write_batches import WriteBatches
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared import metrics
-from shared.bus import EVENTS_STREAM, BusError, RemoteError, serve_json, subject_token
+from shared.bus import (
+    EVENTS_STREAM,
+    BusError,
+    RemoteError,
+    connection_mark,
+    respond,
+    serve_json,
+    subject_token,
+)
 from shared.event_log import closed_in_log
 from shared.event_sink import QueuedEventSink
 from shared.events import BootProfileUpdated, Event, PrefetchCompleted, WriteCacheFull
@@ -342,6 +350,7 @@ class CacheService:
         return reply  # type: ignore[no-any-return]
 
     async def wc_read(self, msg: Msg) -> None:
+        mark = connection_mark(msg._client)
         try:
             body = json.loads(msg.data)
             wc = self.writes.get(str(body["key"]))
@@ -351,7 +360,7 @@ class CacheService:
             reply = wire.fail(str(e), e.kind)
         except (ValueError, KeyError, OSError) as e:
             reply = wire.fail(f"bad read: {e}", "invalid")
-        await msg.respond(reply)
+        await respond(msg, reply, mark)
 
     def _views(self) -> list[dict[str, Any]]:
         return [{**wc.view(), "node": self.node} for wc in self.writes.caches.values()]
@@ -372,6 +381,7 @@ class CacheService:
         return {"profile": self.profiles.extents(body["vdisk"], int(body["version"]))}
 
     async def rc_read(self, msg: Msg) -> None:
+        mark = connection_mark(msg._client)
         try:
             body = json.loads(msg.data)
             vc = self.reads.get(str(body["key"]))
@@ -388,7 +398,7 @@ class CacheService:
             reply = wire.fail(str(e), "unavailable")
         except (ValueError, KeyError) as e:
             reply = wire.fail(f"bad read: {e}", "invalid")
-        await msg.respond(reply)
+        await respond(msg, reply, mark)
 
     async def spawn_read(self, msg: Msg) -> None:
         self._spawn(self.rc_read(msg))
