@@ -8,6 +8,7 @@ previous one, so a lost write shows as the older pattern when the disk is read b
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import threading
@@ -153,11 +154,16 @@ class LiveClient:
         return max(done) if done else None
 
     def first_ok_after(self, t: float) -> float | None:
-        """When the first command sent after ``t`` succeeded."""
-        for op in self.ops:
-            if op.at >= t and op.ok:
-                return op.at + op.took
-        return None
+        """When the first command to succeed after ``t`` did (one sent before ``t`` and
+        held through the fault counts)."""
+        done = [op.at + op.took for op in self.ops if op.ok and op.at + op.took >= t]
+        return min(done) if done else None
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time between two successes (or ``start``/``end``) in [start, end]."""
+        done = sorted(op.at + op.took for op in self.ops if op.ok)
+        marks = [start, *(x for x in done if start < x < end), end]
+        return max(b - a for a, b in itertools.pairwise(marks))
 
     def errors_after(self, t: float) -> list[str]:
         return [op.error for op in self.ops if op.at + op.took >= t and not op.ok]

@@ -19,14 +19,18 @@ def system() -> Iterator[tuple[System, ClientNet, RamFs]]:
         pytest.skip("the fault suite needs root (a network namespace, a tmpfs)")
     root = traversable_tmpdir("streamboot-faults-")
     net = ClientNet()
-    ram = RamFs(root / "ram")
+    ram = None
     system = None
     try:
+        ram = RamFs(root / "ram")
         system = System(root / "dd", net.host_ip, ram.path)
         yield system, net, ram
     finally:
-        if system is not None:
-            system.stop()
-        ram.close()
-        net.close()
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            if system is not None:
+                system.stop()  # fails on a permission violation NATS logged
+        finally:
+            if ram is not None:
+                ram.close()
+            net.close()
+            shutil.rmtree(root, ignore_errors=True)
