@@ -18,9 +18,9 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from services.cache import wire
 from services.cache.write_cache import SessionWriteCache, WriteCaches
 from shared.bus import connection_mark, respond
+from shared.contracts.cache import wire
 
 log = logging.getLogger(__name__)
 
