@@ -10,7 +10,7 @@ from typing import Literal
 
 from shared.events import Event
 
-ErrorKind = Literal["invalid", "not_found", "conflict", "refused"]
+ErrorKind = Literal["invalid", "not_found", "conflict", "refused", "busy"]
 
 
 class DomainError(Exception):
@@ -22,6 +22,8 @@ class DomainError(Exception):
         # Events to append even though the command failed (SessionConflictRejected: the
         # refusal itself is part of the audit trail).
         self.events: list[Event] = events or []
+        # For ``busy``: when to ask again (REST ``Retry-After``, NATS ``retry_after_s``).
+        self.retry_after_s: int | None = None
 
 
 def invalid(message: str) -> DomainError:
@@ -38,3 +40,10 @@ def conflict(message: str, events: list[Event] | None = None) -> DomainError:
 
 def refused(message: str) -> DomainError:
     return DomainError(message, "refused")
+
+
+def busy(message: str, retry_after_s: int) -> DomainError:
+    """Not a decision: the server takes no more of these now; nothing was done, ask again."""
+    exc = DomainError(message, "busy")
+    exc.retry_after_s = retry_after_s
+    return exc
