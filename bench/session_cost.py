@@ -1,6 +1,7 @@
 """What one session costs the servers, by vdisk size: CPU and memory per announced session.
 
     uv run python bench/session_cost.py [--sizes-gib 0.0625,100,1024] [--sessions 50]
+    uv run python bench/session_cost.py --idle 1000,10000     # idle attached sessions
 
 For each size, a sparse raw image of that size in a temp dir, served by the cache service
 and one stream node (bench/bootstorm.py's ``Streamboot``) on an embedded NATS. ``--sessions``
@@ -10,6 +11,13 @@ at each end of the disk and reads it back. Reported: CPU milliseconds and reside
 session in the stream node, the cache service and nats-server while the sessions open, the
 same for the clients' writes, and the clients' connect time p50/p99 beside nbdkit's cow
 filter on the same image (its overlay is made per connection).
+
+``--idle N,...``: for each N, a fresh cache service + stream node (the demo-sized sparse
+image, server-disk write caches), N sessions announced, then N clients that attach (the NBD
+handshake with their token) and stay connected, doing nothing. Reported: each process's
+resident memory and open file descriptors with the N attached, and per session (the rise
+over the processes at rest, divided by N); beside it nbdkit's cow filter holding N idle
+connections to the same image (a thread per connection).
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from bench.bootstorm import (  # noqa: E402
     run_clients,
     server_under_test,
 )
-from bench.common import cpu_ms  # noqa: E402
-from streamboot.block_replay import Request, percentile  # noqa: E402
-from tests.cache.conftest import rss_mib  # noqa: E402
+from bench.common import cpu_ms, wait_port  # noqa: E402
+from shared.fd_limit import raise_soft_limit  # noqa: E402
+from streamboot.block_replay import NbdExport, Request, nbd_open, percentile  # noqa: E402
+from streamboot.embedded.proc import free_port  # noqa: E402
+from tests.cache.conftest import Proc, rss_mib  # noqa: E402
 
 
 def measure(pids: dict[str, int], action: object, sessions: int) -> dict[str, tuple[float, float]]:
@@ -98,16 +108,109 @@ def run_size(work: Path, nats_url: str, nats_pid: int, size: int, sessions: int)
     )
 
 
+# Clients attach this many at a time (a storm of handshakes is not what is measured here).
+ATTACH_BATCH = 250
+IDLE_SIZE = 1 << 30
+
+
+def open_fds(pid: int) -> str:
+    """How many descriptors the process has open: sockets, and files by folder."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = "socket" if target.startswith("socket:") else os.path.dirname(target)[-24:]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    top = sorted(kinds.items(), key=lambda x: -x[1])[:3]
+    return f"{sum(kinds.values())} fds: " + ", ".join(f"{v} {k}" for k, v in top)
+
+
+async def attach_idle(port: int, names: list[str]) -> list[NbdExport]:
+    """One NBD client per name, each through the handshake and then left connected."""
+    held: list[NbdExport] = []
+    for i in range(0, len(names), ATTACH_BATCH):
+        batch = names[i : i + ATTACH_BATCH]
+        held += await asyncio.gather(*(nbd_open("127.0.0.1", port, n) for n in batch))
+    return held
+
+
+def hold_idle(port: int, names: list[str], pids: dict[str, int]) -> dict[str, tuple[float, str]]:
+    """Attach the clients, let the servers settle, and read (RSS MiB, fds) of each process."""
+
+    async def run() -> dict[str, tuple[float, str]]:
+        held = await attach_idle(port, names)
+        try:
+            await asyncio.sleep(3.0)  # attach events, write caches placed, allocator settles
+            return {k: (rss_mib(p), open_fds(p)) for k, p in pids.items()}
+        finally:
+            for x in held:
+                x.writer.close()
+
+    import uvloop
+
+    return uvloop.run(run())
+
+
+def idle_row(name: str, n: int, rest: dict[str, float], held: dict[str, tuple[float, str]]) -> str:
+    cells = ", ".join(
+        f"{k} {mib:7.1f} MiB ({(mib - rest[k]) * 1024 / n:6.1f} KiB/session; {fds})"
+        for k, (mib, fds) in held.items()
+    )
+    return f"{name:<10} {n:>6} idle attached: {cells}"
+
+
+def run_idle(work: Path, nats_url: str, nats_pid: int, n: int) -> list[str]:
+    image = work / "idle.raw"
+    if not image.exists():
+        image.touch()
+        os.truncate(image, IDLE_SIZE)
+    sub = work / f"idle-{n}"
+    sub.mkdir()
+    tokens = [f"idle-{n}-{i}-{time.time_ns()}" for i in range(n)]
+    sb = Streamboot(sub, nats_url, image, "local", tokens, None, announced=True)
+    try:
+        time.sleep(1.0)
+        pids = {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_pid}
+        rest = {k: rss_mib(p) for k, p in pids.items()}
+        asyncio.run(sb.announce(tokens))
+        held = hold_idle(sb.port, tokens, pids)
+    finally:
+        sb.stop()
+    rows = [idle_row("streamboot", n, rest, held)]
+    port = free_port()
+    args = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=cow", "file", str(image)]
+    peer = Proc(args, log=sub / "nbdkit.log")
+    try:
+        wait_port(port)
+        time.sleep(0.5)
+        rest = {"nbdkit-cow": rss_mib(peer.p.pid)}
+        held = hold_idle(port, [""] * n, {"nbdkit-cow": peer.p.pid})
+    finally:
+        peer.stop()
+    rows.append(idle_row("nbdkit-cow", n, rest, held))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--sizes-gib", default="0.0625,100,1024")
     ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--idle", help="idle attached sessions instead: counts, e.g. 1000,10000")
     args = ap.parse_args()
+    soft, _ = raise_soft_limit()  # the clients' sockets, and the servers inherit it
     work = Path(tempfile.mkdtemp(prefix="session-cost-"))
     try:
         with embedded_nats(work) as (nats_url, nats_pid):
+            if args.idle:
+                print(f"open-file limit {soft}")
+                for n in (int(x) for x in args.idle.split(",")):
+                    for row in run_idle(work, nats_url, nats_pid, n):
+                        print(row, flush=True)
+                return
             for gib in (float(x) for x in args.sizes_gib.split(",")):
                 run_size(work, nats_url, nats_pid, int(gib * (1 << 30)), args.sessions)
     finally:
