@@ -17,13 +17,14 @@ image, server-disk write caches), N sessions announced, then N clients that atta
 handshake with their token) and stay connected, doing nothing. Reported: each process's
 resident memory and open file descriptors with the N attached, and per session (the rise
 over the processes at rest, divided by N); beside it nbdkit's cow filter holding N idle
-connections to the same image (a thread per connection).
+connections to the same image (a thread per connection: at most PEER_MAX of them).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -111,6 +112,9 @@ def run_size(work: Path, nats_url: str, nats_pid: int, size: int, sessions: int)
 # Clients attach this many at a time (a storm of handshakes is not what is measured here).
 ATTACH_BATCH = 250
 IDLE_SIZE = 1 << 30
+# nbdkit serves each connection with a thread of its own: past about 2,000 here they stop
+# attaching, and thousands of threads crowd the machine's task limit for everyone.
+PEER_MAX = 1000
 
 
 def open_fds(pid: int) -> str:
@@ -127,20 +131,33 @@ def open_fds(pid: int) -> str:
     return f"{sum(kinds.values())} fds: " + ", ".join(f"{v} {k}" for k, v in top)
 
 
-async def attach_idle(port: int, names: list[str]) -> list[NbdExport]:
-    """One NBD client per name, each through the handshake and then left connected."""
+async def attach_idle(port: int, names: list[str]) -> tuple[list[NbdExport], list[str]]:
+    """One NBD client per name, each through the handshake and then left connected; the
+    ones that could not attach, by their error."""
     held: list[NbdExport] = []
+    failed: list[str] = []
     for i in range(0, len(names), ATTACH_BATCH):
         batch = names[i : i + ATTACH_BATCH]
-        held += await asyncio.gather(*(nbd_open("127.0.0.1", port, n) for n in batch))
-    return held
+        got = await asyncio.gather(
+            *(nbd_open("127.0.0.1", port, n) for n in batch), return_exceptions=True
+        )
+        for x in got:
+            if isinstance(x, NbdExport):
+                held.append(x)
+            else:
+                failed.append(f"{type(x).__name__}: {x}")
+    return held, failed
 
 
-def hold_idle(port: int, names: list[str], pids: dict[str, int]) -> dict[str, tuple[float, str]]:
+def hold_idle(
+    server: str, port: int, names: list[str], pids: dict[str, int]
+) -> dict[str, tuple[float, str]]:
     """Attach the clients, let the servers settle, and read (RSS MiB, fds) of each process."""
 
     async def run() -> dict[str, tuple[float, str]]:
-        held = await attach_idle(port, names)
+        held, failed = await attach_idle(port, names)
+        if failed:
+            print(f"  {server}: {len(failed)} of {len(names)} clients did not attach: {failed[0]}")
         try:
             await asyncio.sleep(3.0)  # attach events, write caches placed, allocator settles
             return {k: (rss_mib(p), open_fds(p)) for k, p in pids.items()}
@@ -153,7 +170,14 @@ def hold_idle(port: int, names: list[str], pids: dict[str, int]) -> dict[str, tu
     return uvloop.run(run())
 
 
+IDLE_ROWS: list[dict[str, object]] = []  # what --json writes
+
+
 def idle_row(name: str, n: int, rest: dict[str, float], held: dict[str, tuple[float, str]]) -> str:
+    for k, (mib, fds) in held.items():
+        kib = (mib - rest[k]) * 1024 / n
+        IDLE_ROWS.append({"server": name, "process": k, "sessions": n, "rss_mib": mib,
+                          "kib_per_session": kib, "fds": fds})  # fmt: skip
     cells = ", ".join(
         f"{k} {mib:7.1f} MiB ({(mib - rest[k]) * 1024 / n:6.1f} KiB/session; {fds})"
         for k, (mib, fds) in held.items()
@@ -175,7 +199,7 @@ def run_idle(work: Path, nats_url: str, nats_pid: int, n: int) -> list[str]:
         pids = {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_pid}
         rest = {k: rss_mib(p) for k, p in pids.items()}
         asyncio.run(sb.announce(tokens))
-        held = hold_idle(sb.port, tokens, pids)
+        held = hold_idle("streamboot", sb.port, tokens, pids)
     finally:
         sb.stop()
     rows = [idle_row("streamboot", n, rest, held)]
@@ -186,10 +210,11 @@ def run_idle(work: Path, nats_url: str, nats_pid: int, n: int) -> list[str]:
         wait_port(port)
         time.sleep(0.5)
         rest = {"nbdkit-cow": rss_mib(peer.p.pid)}
-        held = hold_idle(port, [""] * n, {"nbdkit-cow": peer.p.pid})
+        m = min(n, PEER_MAX)
+        held = hold_idle("nbdkit-cow", port, [""] * m, {"nbdkit-cow": peer.p.pid})
     finally:
         peer.stop()
-    rows.append(idle_row("nbdkit-cow", n, rest, held))
+    rows.append(idle_row("nbdkit-cow", m, rest, held))
     return rows
 
 
@@ -200,6 +225,7 @@ def main() -> None:
     ap.add_argument("--sizes-gib", default="0.0625,100,1024")
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--idle", help="idle attached sessions instead: counts, e.g. 1000,10000")
+    ap.add_argument("--json", type=Path, help="with --idle: also write the rows here")
     args = ap.parse_args()
     soft, _ = raise_soft_limit()  # the clients' sockets, and the servers inherit it
     work = Path(tempfile.mkdtemp(prefix="session-cost-"))
@@ -210,6 +236,8 @@ def main() -> None:
                 for n in (int(x) for x in args.idle.split(",")):
                     for row in run_idle(work, nats_url, nats_pid, n):
                         print(row, flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(IDLE_ROWS, indent=1))
                 return
             for gib in (float(x) for x in args.sizes_gib.split(",")):
                 run_size(work, nats_url, nats_pid, int(gib * (1 << 30)), args.sessions)

@@ -1,6 +1,7 @@
 """Session opens per second: through NATS (what the boot service asks) and the REST API.
 
     uv run python bench/session_opens.py [--opens 2000] [--concurrency 1,10,100] [--profile]
+                                         [--json rows.json]
 
 A real registry process on an embedded NATS and an embedded PostgreSQL (fsync on, as
 `streamboot up` runs them), one vdisk imported with the CLI, ``--opens`` known devices
@@ -232,12 +233,14 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
             f"{'registry':>8} {'postgres':>8} {'nats':>6}"
         )
         spy = start_py_spy(rig, work / "registry.folded") if args.profile else None
+        rows_out: list[dict[str, Any]] = []
         n = 0
         for transport in transports:
             for c in concurrencies:
                 batch = macs[n * args.opens : (n + 1) * args.opens]
                 n += 1
                 r = await run_row(rig, openers[transport], batch, c)
+                rows_out.append({"via": transport, "concurrency": c, **r})
                 print(
                     f"{transport:5} {c:>4} {r['opens_s']:>8.0f} {r['p50_ms']:>7.1f} "
                     f"{r['p99_ms']:>7.1f} {r['errors']:>6} {r['registry_cpu_ms']:>8.2f} "
@@ -246,6 +249,8 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
                 )
                 if r["errors"]:
                     print(f"      first error: {r['first_error']}")
+        if args.json:
+            args.json.write_text(json.dumps(rows_out, indent=1))
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
             await asyncio.to_thread(spy.wait, 60)
@@ -300,6 +305,7 @@ def main() -> None:
     ap.add_argument("--transports", default="nats,rest")
     ap.add_argument("--profile", action="store_true", help="sample the registry with py-spy")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     import uvloop
 
