@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -62,7 +63,10 @@ class Rig:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.nats = EmbeddedNats(work / "nats", port=free_port())
-        self.pg = EmbeddedPostgres(work, port=free_port(), user=Settings().postgres_user)
+        self.pg = EmbeddedPostgres(
+            work, port=free_port(), password=secrets.token_urlsafe(16),
+            user=Settings().postgres_user,
+        )  # fmt: skip
         self.api_port = free_port()
         self.registry: subprocess.Popen[bytes] | None = None
 
