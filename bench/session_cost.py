@@ -71,17 +71,30 @@ def client_trace(size: int) -> list[Request]:
     ]
 
 
-def run_size(work: Path, nats_url: str, nats_pid: int, size: int, sessions: int) -> None:
-    image = work / f"disk-{size}.raw"
-    image.touch()
-    os.truncate(image, size)
-    sub = work / f"streamboot-{size}"
+def sparse_image(path: Path, size: int) -> Path:
+    if not path.exists():
+        path.touch()
+        os.truncate(path, size)
+    return path
+
+
+def announced_node(
+    work: Path, nats_url: str, nats_pid: int, image: Path, tag: str, n: int
+) -> tuple[Streamboot, list[str], dict[str, int]]:
+    """A fresh cache service + stream node serving ``n`` tokens of ``image`` (announced
+    sessions), settled: it, the tokens, and the pids whose cost is measured."""
+    sub = work / tag
     sub.mkdir()
-    tokens = [f"cost-{size}-{i}-{time.time_ns()}" for i in range(sessions)]
+    tokens = [f"{tag}-{i}-{time.time_ns()}" for i in range(n)]
     sb = Streamboot(sub, nats_url, image, "local", tokens, None, announced=True)
+    time.sleep(1.0)  # started: heartbeats and the like settle
+    return sb, tokens, {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_pid}
+
+
+def run_size(work: Path, nats_url: str, nats_pid: int, size: int, sessions: int) -> None:
+    image = sparse_image(work / f"disk-{size}.raw", size)
+    sb, tokens, pids = announced_node(work, nats_url, nats_pid, image, f"cost-{size}", sessions)
     try:
-        time.sleep(1.0)  # started: heartbeats and the like settle
-        pids = {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_pid}
         opened = measure(pids, lambda: asyncio.run(sb.announce(tokens)), sessions)
         results: list[object] = []
         trace = client_trace(size)
@@ -186,17 +199,9 @@ def idle_row(name: str, n: int, rest: dict[str, float], held: dict[str, tuple[fl
 
 
 def run_idle(work: Path, nats_url: str, nats_pid: int, n: int) -> list[str]:
-    image = work / "idle.raw"
-    if not image.exists():
-        image.touch()
-        os.truncate(image, IDLE_SIZE)
-    sub = work / f"idle-{n}"
-    sub.mkdir()
-    tokens = [f"idle-{n}-{i}-{time.time_ns()}" for i in range(n)]
-    sb = Streamboot(sub, nats_url, image, "local", tokens, None, announced=True)
+    image = sparse_image(work / "idle.raw", IDLE_SIZE)
+    sb, tokens, pids = announced_node(work, nats_url, nats_pid, image, f"idle-{n}", n)
     try:
-        time.sleep(1.0)
-        pids = {"stream": sb.node.p.pid, "cache": sb.cache.p.pid, "nats": nats_pid}
         rest = {k: rss_mib(p) for k, p in pids.items()}
         asyncio.run(sb.announce(tokens))
         held = hold_idle("streamboot", sb.port, tokens, pids)
@@ -205,7 +210,7 @@ def run_idle(work: Path, nats_url: str, nats_pid: int, n: int) -> list[str]:
     rows = [idle_row("streamboot", n, rest, held)]
     port = free_port()
     args = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=cow", "file", str(image)]
-    peer = Proc(args, log=sub / "nbdkit.log")
+    peer = Proc(args, log=work / f"idle-{n}" / "nbdkit.log")
     try:
         wait_port(port)
         time.sleep(0.5)
