@@ -57,7 +57,7 @@ def opens_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def storm_table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
-        "| N | cache | streamboot p99 s | nbdkit-cow p99 s | ratio | streamboot errors | nbdkit-cow errors |",
+        "| N | cache | streamboot p99 s | nbdkit-cow p99 s | ratio | errors (sb / nbdkit) | server CPU ms per client (sb / nbdkit) |",
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     by = {(r["server"], r["cache"], r["clients"]): r for r in rows}
@@ -68,7 +68,8 @@ def storm_table(rows: list[dict[str, Any]]) -> list[str]:
         ratio = r["completion_p99"] / peer["completion_p99"]
         out.append(
             f"| {n} | {cache} | {r['completion_p99']:.3f} | {peer['completion_p99']:.3f} | "
-            f"{ratio:.2f}x | {r['errors']} | {peer['errors']} |"
+            f"{ratio:.2f}x | {r['errors']} / {peer['errors']} | "
+            f"{r['server_cpu_ms']:.1f} / {peer['server_cpu_ms']:.1f} |"
         )
     return out
 
