@@ -46,11 +46,11 @@ def run_part(argv: list[str], out: Path) -> Any:
 
 
 def opens_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| via | concurrent openers | opens/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| via | concurrent openers | opens/s | p50 ms | p99 ms | errors | busy answers | registry CPU ms/open |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         out.append(
             f"| {r['via']} | {r['concurrency']} | {r['opens_s']:.0f} | {r['p50_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {r['errors']} |"
+            f"{r['p99_ms']:.1f} | {r['errors']} | {r.get('busy', 0)} | {r['registry_cpu_ms']:.2f} |"
         )
     return out
 

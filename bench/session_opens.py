@@ -8,7 +8,9 @@ A real registry process on an embedded NATS and an embedded PostgreSQL (fsync on
 per row (registered in one batch of events, in a collection the vdisk is assigned to) and
 one live stream node's heartbeat (so every open is placed and announced). Each row opens
 one session per device, ``C`` at a time, from this process. Reported per row: opens/s,
-the opens' latency p50/p99, errors, and the CPU milliseconds per open of the registry,
+the opens' latency p50/p99, errors, the "busy, retry" answers (back-pressure: the opener
+waits the delay it is given and asks again, as a booting client does; the wait counts in
+its latency), and the CPU milliseconds per open of the registry,
 PostgreSQL and nats-server (where the time goes). ``--profile`` samples the registry with
 py-spy during the rows (``py-spy`` on PATH, else ``uvx py-spy``) and prints where its CPU
 went: the functions on CPU (self) and the registry's own functions (inclusive).
@@ -51,6 +53,14 @@ from streamboot.embedded.postgres import EmbeddedPostgres  # noqa: E402
 from streamboot.embedded.proc import free_port  # noqa: E402
 
 TOKEN = "bench-token-" + "x" * 24
+
+
+class Busy(Exception):
+    """The registry answered "busy, retry" (back-pressure): ask again after this delay."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"busy, retry in {retry_after_s}s")
+        self.retry_after_s = retry_after_s
 
 
 def mac_of(i: int) -> str:
@@ -172,15 +182,23 @@ async def run_row(
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     errors: list[str] = []
+    busy = 0
 
     async def one(mac: str) -> None:
+        nonlocal busy
         async with gate:
             t0 = time.perf_counter()
-            try:
-                await open_one(mac)
-                latencies.append(time.perf_counter() - t0)
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+            while True:
+                try:
+                    await open_one(mac)
+                    latencies.append(time.perf_counter() - t0)
+                    return
+                except Busy as exc:  # back-pressure: asked again after the delay, as
+                    busy += 1  # the boot service's clients do (the wait is in the latency)
+                    await asyncio.sleep(exc.retry_after_s)
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    return
 
     pids = rig.pids()
     cpu0 = {k: cpu_ms(v) for k, v in pids.items()}
@@ -193,6 +211,7 @@ async def run_row(
         "p50_ms": percentile(latencies, 50) * 1000 if latencies else 0,
         "p99_ms": percentile(latencies, 99) * 1000 if latencies else 0,
         "errors": len(errors),
+        "busy": busy,
         "first_error": errors[0] if errors else "",
         **{f"{k}_cpu_ms": v for k, v in cpu.items()},
     }
@@ -220,12 +239,19 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
         )
 
         async def over_nats(mac: str) -> Any:
-            return await bus.request_json(
-                nc, "streamboot.registry.session.open", {"mac": mac}, timeout_s=60
-            )
+            try:
+                return await bus.request_json(
+                    nc, "streamboot.registry.session.open", {"mac": mac}, timeout_s=60
+                )
+            except bus.RemoteError as exc:
+                if exc.kind == "busy":
+                    raise Busy(exc.detail["retry_after_s"]) from exc
+                raise
 
         async def over_rest(mac: str) -> Any:
             r = await http.post("/sessions", json={"mac": mac})
+            if r.status_code == 503 and "retry-after" in r.headers:
+                raise Busy(int(r.headers["retry-after"]))
             if r.status_code != 201:
                 raise RuntimeError(f"{r.status_code} {r.text[:200]}")
             return r.json()
@@ -233,7 +259,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
         openers = {"nats": over_nats, "rest": over_rest}
         print(f"{args.opens} opens per row; CPU ms per open by process")
         print(
-            f"{'via':5} {'C':>4} {'opens/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+            f"{'via':5} {'C':>4} {'opens/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'busy':>5} "
             f"{'registry':>8} {'postgres':>8} {'nats':>6}"
         )
         spy = start_py_spy(rig, work / "registry.folded") if args.profile else None
@@ -247,7 +273,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
                 rows_out.append({"via": transport, "concurrency": c, **r})
                 print(
                     f"{transport:5} {c:>4} {r['opens_s']:>8.0f} {r['p50_ms']:>7.1f} "
-                    f"{r['p99_ms']:>7.1f} {r['errors']:>6} {r['registry_cpu_ms']:>8.2f} "
+                    f"{r['p99_ms']:>7.1f} {r['errors']:>6} {r['busy']:>5} {r['registry_cpu_ms']:>8.2f} "
                     f"{r['postgres_cpu_ms']:>8.2f} {r['nats_cpu_ms']:>6.2f}",
                     flush=True,
                 )
