@@ -256,7 +256,7 @@ class Streamboot:
         opens them while the clients are still on their way (ANNOUNCE_LEAD_S)."""
         import nats
 
-        from services.stream.announce import announce_session
+        from shared.contracts.stream import announce_session
 
         nc = await nats.connect(self.nats_url)
         try:
