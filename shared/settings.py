@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     # attachment (a PXE client leaves HTTP and comes back over NBD seconds later).
     session_detach_grace_s: float = 30.0
     session_sweep_interval_s: float = 5.0
+    # Registry back-pressure (docs/registry.md): past this many session opens waiting for
+    # their commit, or once one has waited this long, an open is answered "busy, retry"
+    # (no session) instead of being decided after its caller stopped waiting (5 s).
+    registry_max_waiting_opens: int = Field(default=1024, ge=1)
+    registry_open_max_wait_s: float = Field(default=2.0, gt=0)
+    # The retry delay a busy answer suggests: drawn from 1 .. this many seconds, so refused
+    # clients do not come back in one wave.
+    registry_busy_retry_max_s: int = Field(default=3, ge=1)
     # A kernel-direct boot's nonce is redeemed, and its session's exports are used, only
     # from the address the boot service saw the client at; False for NAT labs, where every
     # client reaches the servers from one address (docs/security.md).

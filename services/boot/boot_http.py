@@ -9,8 +9,12 @@
 - ``GET|HEAD /boot-files/<vdisk>/<version>/vmlinuz|initrd``: a version's kernel and
   initramfs, from the local vdisk store (Range, keep-alive).
 
-Scripts are always answered with 200: iPXE shows an HTTP error as a bare error code,
-whereas a script can tell the person at the machine what is wrong and retry by itself.
+Scripts are answered with 200: iPXE shows an HTTP error as a bare error code, whereas a
+script can tell the person at the machine what is wrong and retry by itself. The one
+exception is "busy, retry" (the registry refused the open under back-pressure, or did not
+answer in time): 503 with ``Retry-After``, which iPXE's HTTP client honours by asking again
+after that many seconds (``http_parse_retry_after`` in iPXE's src/net/tcp/httpcore.c); the
+body is the same message-and-retry script, for a client that runs it instead.
 """
 
 from __future__ import annotations
@@ -40,6 +44,24 @@ _BOOT_FILE = re.compile(
 IPXE = "text/plain; charset=utf-8"
 RETRY_BUSY_S = 10  # registry away, or a live session that has not closed yet
 REFUSED_WAIT_S = 60
+MAX_RETRY_AFTER_S = 60  # a registry's busy answer asks for no longer than this
+
+
+class Busy(Exception):
+    """The script request cannot be served now: answered 503 with ``Retry-After``."""
+
+    def __init__(self, lines: list[str], retry_url: str, retry_after_s: int) -> None:
+        super().__init__(lines[0])
+        self.retry_after_s = retry_after_s
+        self.script = scripts.message_script(lines, retry_url=retry_url, wait_s=retry_after_s)
+
+
+def retry_after(detail: Any) -> int:
+    """The registry's suggested retry delay (``detail.retry_after_s``), within sane bounds."""
+    wait = detail.get("retry_after_s") if isinstance(detail, dict) else None
+    if isinstance(wait, int) and not isinstance(wait, bool) and 1 <= wait <= MAX_RETRY_AFTER_S:
+        return wait
+    return RETRY_BUSY_S
 
 
 def normalize_mac(value: str) -> str | None:
@@ -72,7 +94,10 @@ class BootHttp:
         if request.path == "/ipxe/boot.ipxe":
             return Response(200, scripts.boot_script(self.base_url), IPXE)
         if request.path == "/ipxe/script":
-            return Response(200, await self.traced_script(request), IPXE)
+            try:
+                return Response(200, await self.traced_script(request), IPXE)
+            except Busy as exc:
+                return Response(503, exc.script, IPXE, retry_after_s=exc.retry_after_s)
         if request.path == "/session/redeem":
             return await self.redeem(request)
         if request.path.startswith("/boot-files/"):
@@ -246,6 +271,10 @@ class BootHttp:
                 mac, uuid, chosen or device.vdisks[0], boot=boot, client_addr=request.client_ip
             )
         except RemoteError as exc:
+            if exc.kind == "busy":  # back-pressure: nothing was opened
+                wait = retry_after(exc.detail)
+                log.info("boot: %s: registry busy, told to retry in %ds", mac, wait)
+                raise Busy(["the boot server is busy"], retry, wait) from exc
             log.warning("boot: %s refused: %s (%s)", mac, exc, exc.kind)
             if exc.kind == "conflict":  # e.g. its previous session is still closing
                 return scripts.message_script(
@@ -262,9 +291,7 @@ class BootHttp:
             )
         except ServiceUnavailable as exc:
             log.error("boot: registry unavailable for %s: %s", mac, exc)
-            return scripts.message_script(
-                ["the boot server is busy or starting"], retry_url=retry, wait_s=RETRY_BUSY_S
-            )
+            raise Busy(["the boot server is busy or starting"], retry, RETRY_BUSY_S) from exc
         await self.handoffs.put_boot(
             mac,
             {

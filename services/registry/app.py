@@ -24,12 +24,14 @@ services (through ``serve_appends``) and other replicas.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import logging
+import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from opentelemetry import trace
 from services.registry import merge as merge_store
 from services.registry import vdisk_store
 from services.registry.domain import api_tokens, assignments, devices, sessions, vdisks
-from services.registry.domain.errors import DomainError, invalid, not_found
+from services.registry.domain.errors import DomainError, busy, invalid, not_found
 from services.registry.domain.sessions import StreamNode, choose_replay_node, pick_stream_node
 from services.registry.projection import Projection, Record
 from shared.contracts.cache.wire import kept_write_cache_key
@@ -129,6 +131,8 @@ class RegistryApp:
         # Set when a group's transaction failed after its events were applied.
         self._projection_dirty = False
         self.group_commits = 0  # transactions of grouped commands so far
+        self._opens_in_flight = 0  # session opens admitted and not answered (back-pressure)
+        self.opens_refused_busy = 0  # session opens answered "busy, retry" so far
         self._tracer = tracer("streamboot.registry")
 
     # --- plumbing ---------------------------------------------------------------------
@@ -220,11 +224,14 @@ class RegistryApp:
         *,
         correlation_id: str | None = None,
         effect: Callable[[], Callable[[], None]] | None = None,
+        deadline: float | None = None,
     ) -> list[Envelope]:
         """Decide and append atomically; ``effect`` runs between the two (file moves) and
-        returns its undo, called when the append fails."""
+        returns its undo, called when the append fails. A command with a ``deadline``
+        (loop time: a session open, :meth:`_admit_open`) not decided by then is refused
+        busy, with nothing appended."""
         try:
-            return await self._decide_and_append(decide, correlation_id, effect)
+            return await self._decide_and_append(decide, correlation_id, effect, deadline)
         finally:
             # The catch-up under the lock may have skipped an event: say so in the log.
             try:
@@ -237,10 +244,11 @@ class RegistryApp:
         decide: Decision,
         correlation_id: str | None,
         effect: Callable[[], Callable[[], None]] | None,
+        deadline: float | None = None,
     ) -> list[Envelope]:
         if effect is not None:
             return await self._decide_alone(decide, correlation_id, effect)
-        pending = _Pending(decide, correlation_id, current_traceparent())
+        pending = _Pending(decide, correlation_id, current_traceparent(), deadline)
         self._waiting.append(pending)
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_groups(), name="group-commit")
@@ -285,8 +293,14 @@ class RegistryApp:
             try:
                 async with self.store.transaction() as tx:
                     await self._catch_up_in(tx.conn)
+                    now = asyncio.get_running_loop().time()
                     for p in group:
                         error: Exception | None = None
+                        if p.deadline is not None and now > p.deadline:
+                            # Its caller is about to give up: deciding now could open a
+                            # session nobody hears of.
+                            outcomes.append((p, [], self._busy("waited too long for its turn")))
+                            continue
                         try:
                             events = p.decide(self.projection)
                         except DomainError as exc:
@@ -813,6 +827,24 @@ class RegistryApp:
             "and will work once a stream node runs there",
         )
 
+    def _busy(self, why: str) -> DomainError:
+        self.opens_refused_busy += 1
+        retry = random.randint(1, self.settings.registry_busy_retry_max_s)
+        return busy(f"the registry is busy ({why}): nothing was opened, retry in {retry}s", retry)
+
+    @contextlib.contextmanager
+    def _admitted_open(self) -> Iterator[float]:
+        """Back-pressure on session opens: refused at once (busy) when more are under way
+        than can be committed before their callers give up; else admitted, with the
+        deadline (loop time) by which it must be decided."""
+        if self._opens_in_flight >= self.settings.registry_max_waiting_opens:
+            raise self._busy(f"{self._opens_in_flight} session opens under way")
+        self._opens_in_flight += 1
+        try:
+            yield asyncio.get_running_loop().time() + self.settings.registry_open_max_wait_s
+        finally:
+            self._opens_in_flight -= 1
+
     async def open_session(
         self,
         mac: str | None,
@@ -829,6 +861,26 @@ class RegistryApp:
         it boots (``boot``: vdisks.boot_plan) and the device's extra kernel arguments.
         ``client_addr``: where the client asked from (the boot service saw it); the
         session's exports accept that address only (docs/security.md)."""
+        with self._admitted_open() as deadline:
+            return await self._open_session(
+                mac, deadline, smbios_uuid=smbios_uuid, vdisk=vdisk, maintenance=maintenance,
+                correlation_id=correlation_id, boot_traceparent=boot_traceparent,
+                boot_started_ns=boot_started_ns, client_addr=client_addr,
+            )  # fmt: skip
+
+    async def _open_session(
+        self,
+        mac: str | None,
+        deadline: float,
+        *,
+        smbios_uuid: str | None,
+        vdisk: str | None,
+        maintenance: bool,
+        correlation_id: str | None,
+        boot_traceparent: str | None,
+        boot_started_ns: int | None,
+        client_addr: str | None,
+    ) -> Record:
         if client_addr is not None:
             client_addr = _check_address(client_addr)
         # One trace per boot: the boot service names the root it began at the first DHCP
@@ -858,6 +910,7 @@ class RegistryApp:
                     client_addr=client_addr,
                 ),
                 correlation_id=correlation_id or sid,
+                deadline=deadline,
             )
             span.set_attribute("streamboot.session_id", sid)
             count_boot()
@@ -881,6 +934,12 @@ class RegistryApp:
         """A replay session for a past (or live) session's vdisk version, on ``stream_node``
         or the node the original used if alive: see ``ReplaySessionOpened``. No boot is
         counted and no boot trace begins; the caller closes it when done."""
+        with self._admitted_open() as deadline:
+            return await self._open_replay_session(original_id, stream_node, deadline)
+
+    async def _open_replay_session(
+        self, original_id: str, stream_node: str | None, deadline: float
+    ) -> Record:
         original, used = await self._recorded_session(original_id)
         beats = await self._heartbeats() if self._heartbeats is not None else []
         node = choose_replay_node(beats, stream_node, used)
@@ -891,6 +950,7 @@ class RegistryApp:
                 p, original=original, session_id=sid, token_hash=token_hash(token), node=node
             ),
             correlation_id=sid,
+            deadline=deadline,
         )
         view = self.session_view(self.projection.sessions[sid])
         view.update(token=token, nbd_uri=view["nbd_uri"] + token, http_url=view["http_url"] + token)
@@ -1159,12 +1219,17 @@ class RegistryApp:
 class _Pending:
     """A command waiting for its group commit; ``done`` gets (its events, its refusal)."""
 
-    __slots__ = ("correlation_id", "decide", "done", "traceparent")
+    __slots__ = ("correlation_id", "deadline", "decide", "done", "traceparent")
 
     def __init__(
-        self, decide: Decision, correlation_id: str | None, traceparent: str | None
+        self,
+        decide: Decision,
+        correlation_id: str | None,
+        traceparent: str | None,
+        deadline: float | None = None,
     ) -> None:
         self.decide = decide
+        self.deadline = deadline
         self.correlation_id = correlation_id
         self.traceparent = traceparent
         self.done: asyncio.Future[tuple[list[Envelope], Exception | None]] = (

@@ -3,7 +3,8 @@
 Every route but ``/health`` (and the docs) needs ``Authorization: Bearer <token>`` of a
 role that may call it: :mod:`services.registry.gate` checks that from the request head,
 caps the body and records the audit trail. Domain errors map to statuses by kind:
-invalid 400, refused 403, not_found 404, conflict 409; the body is
+invalid 400, refused 403, not_found 404, conflict 409, busy 503 with ``Retry-After`` (a
+session open refused by back-pressure: nothing was opened); the body is
 ``{"error": message, "kind": kind}``. A body that does not fit its model is 400 too, with
 a message naming the fields and the problems, never the input itself. Every route is one
 call into :class:`~services.registry.app.RegistryApp`, the layer the NATS handlers call too.
@@ -23,7 +24,7 @@ from services.registry.app import RegistryApp
 from services.registry.domain.errors import DomainError
 from services.registry.gate import Gate
 
-STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409}
+STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409, "busy": 503}
 # An error message quotes what it refuses; past this it is cut (the input is the caller's).
 MAX_ERROR_CHARS = 500
 MAX_LISTED_ERRORS = 5
@@ -170,8 +171,11 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
 
     @api.exception_handler(DomainError)
     async def domain_error(_req: Request, exc: DomainError) -> JSONResponse:
+        retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse(
-            {"error": clip(str(exc)), "kind": exc.kind}, status_code=STATUS[exc.kind]
+            {"error": clip(str(exc)), "kind": exc.kind},
+            status_code=STATUS[exc.kind],
+            headers=retry,
         )
 
     @api.exception_handler(RequestValidationError)

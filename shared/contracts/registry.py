@@ -3,7 +3,9 @@ and the client stub the boot and stream services call (the handlers are in
 services/registry/nats_api.py): a change of subject or field is a change here only.
 
 Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"error",
-"kind"}`` with ``kind`` one of invalid, not_found, conflict, refused, internal:
+"kind"}`` with ``kind`` one of invalid, not_found, conflict, refused, busy, internal; a
+``busy`` one (back-pressure on session opens and replays: nothing was done) carries
+``"detail": {"retry_after_s": N}``, the delay after which to ask again:
 
 - ``session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?,
   boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri, ...)
@@ -16,7 +18,7 @@ Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"erro
 - ``vdisk.list``      {}
 
 Errors arrive as :class:`shared.bus.RemoteError` (``kind``: not_found, refused, conflict,
-invalid, internal) or :class:`shared.bus.ServiceUnavailable`; callers decide what the
+invalid, busy, internal) or :class:`shared.bus.ServiceUnavailable`; callers decide what the
 client is shown.
 """
 
@@ -43,7 +45,7 @@ STATUS = f"{PREFIX}.session.status"
 VDISK_LIST = f"{PREFIX}.vdisk.list"
 # Every subject the registry answers, for the permissions and the docs.
 SUBJECTS = (OPEN, RESOLVE, CLOSE, REPLAY, LIST, STATUS, LOOKUP, VDISK_LIST)
-ERROR_KINDS = ("invalid", "not_found", "conflict", "refused", "internal")
+ERROR_KINDS = ("invalid", "not_found", "conflict", "refused", "busy", "internal")
 
 
 class SessionRecord(BaseModel):

@@ -27,7 +27,7 @@ from shared.service import ServiceRuntime
 from shared.settings import Settings
 from shared.telemetry import parse_traceparent
 from streamboot.embedded.proc import free_port
-from tests.conftest import BusServer
+from tests.conftest import BusServer, wait_for
 from tests.registry.conftest import INITRD, KERNEL, Registry, write_bootable_image, write_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -465,7 +465,7 @@ async def test_auto_added_device_without_vdisk_is_told_so(boot: Boot, registry: 
 
 async def test_registry_away_means_retry(nats_url: str) -> None:
     # No registry answers on this NATS: the client is asked to wait and retry, not refused.
-    from services.boot.boot_http import BootHttp
+    from services.boot.boot_http import RETRY_BUSY_S, BootHttp
     from services.boot.handoff_store import HandoffStore
     from services.boot.http_server import Request
     from shared.contracts.registry import RegistryClient
@@ -483,6 +483,8 @@ async def test_registry_away_means_retry(nats_url: str) -> None:
             "busy or starting" in answer.body
             and "chain http://127.0.0.1:1/ipxe/script" in answer.body
         )
+        # 503 with Retry-After: iPXE's HTTP client asks again after it by itself.
+        assert answer.status == 503 and answer.retry_after_s == RETRY_BUSY_S
         unknown = await app(Request("GET", "/session/redeem", {"nonce": "n" * 32}, "127.0.0.1:9"))
         assert unknown.status == 404
         # A nonce was issued, but whether its session is still live cannot be checked now:
@@ -512,3 +514,32 @@ async def test_boot_requested_survives_an_immediate_stop(boot: Boot, registry: R
     await boot.rt.stop()  # at once: the queued announcement must still reach the log
     [requested] = await registry.app.store.read_all(types=["BootRequested"])
     assert requested.data["mac"] == MAC
+
+
+async def test_a_busy_registry_means_503_retry_after(boot: Boot, registry: Registry) -> None:
+    """Back-pressure (issue 28): the registry refuses the open as busy; the script request
+    gets 503 with the registry's Retry-After (asked with curl), no session is opened, and
+    the next ask boots."""
+    await seed(registry, registry.data_dir, MAC, "win")
+    registry.app.settings.registry_max_waiting_opens = 1
+    url = f"{boot.url}/ipxe/script?mac={MAC}&uuid={UUID}"
+    async with registry.app._lock:  # one open under way holds the only place
+        first = asyncio.create_task(curl_head_body(url))
+        await wait_for(lambda: registry.app._opens_in_flight == 1, "the first open")
+        head, body = await curl_head_body(url)
+    assert head[0].split()[1] == "503", head
+    retry = [x.split(":", 1)[1].strip() for x in head if x.lower().startswith("retry-after:")]
+    assert len(retry) == 1, head
+    assert 1 <= int(retry[0]) <= registry.app.settings.registry_busy_retry_max_s
+    assert "busy" in body and f"chain {boot.url}/ipxe/script" in body
+    head, body = await first
+    assert head[0].split()[1] == "200" and "sanboot" in body, body
+    assert len(registry.app.projection.sessions) == 1  # the refused ask opened nothing
+
+
+async def curl_head_body(url: str) -> tuple[list[str], str]:
+    """GET with curl: the response head's lines and the body."""
+    done = await curl("-i", url)
+    assert done.returncode == 0, done.stderr
+    head, _, body = done.stdout.partition("\n\n")  # text mode: CRLF read as LF
+    return head.split("\n"), body
