@@ -86,6 +86,21 @@ class AssignmentChanged(Event):
     default: str | None = None
 
 
+class IscsiChapChanged(Event):
+    """The CHAP credentials iSCSI logins of a device (``target`` = MAC) or of a collection's
+    devices (``target`` = name) must give; all None: CHAP off. The secrets are sealed by
+    the registry's key (services/registry/sealing.py): the log never holds them in clear."""
+
+    stream_kind: ClassVar[str] = "chap"
+    target_kind: Literal["device", "collection"]
+    target: str
+    user: str | None = None
+    secret_sealed: str | None = None
+    # Mutual CHAP: the name and secret the target answers the initiator's challenge with.
+    reverse_user: str | None = None
+    reverse_secret_sealed: str | None = None
+
+
 # --- vdisks ----------------------------------------------------------------------------
 
 WriteCacheKind = Literal["server-ram", "server-disk", "client-ram", "client-disk"]
@@ -283,6 +298,17 @@ class SessionAddressRefused(SessionEvent):
     expected_addr: str
 
 
+class IscsiLoginRefused(SessionEvent):
+    """A stream node refused an iSCSI login to a session: CHAP missing or failed, or an
+    initiator other than the device's (``reason`` says which; never a secret)."""
+
+    stream_node: str
+    client_addr: str
+    initiator: str
+    status: int  # the login status sent (class << 8 | detail, RFC 7143 11.13.5)
+    reason: str
+
+
 class SessionConflictRejected(SessionEvent):
     mac: str
     reason: str
@@ -401,7 +427,7 @@ def stream_id_for(event: Event) -> str:
             key = event.name
         case SessionEvent():
             key = event.session_id
-        case AssignmentChanged():
+        case AssignmentChanged() | IscsiChapChanged():
             key = f"{event.target_kind}:{event.target}"
         case BootRequested() | BootMenuShown():
             key = event.mac

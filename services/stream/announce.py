@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from services.stream.spec import ExportSpec
+from services.stream.spec import ChapSecrets, ExportSpec
 from shared.bus import subject_token
 from shared.layer_paths import check_layer_file, check_relative_layer
 
@@ -63,7 +63,32 @@ def spec_from_record(record: dict[str, Any], vdisk_root: Path | None = None) -> 
         traceparent=record.get("boot_traceparent"),
         record_blocks=not record.get("replay_of"),
         client_addr=record.get("client_addr"),
+        chap=chap_from_record(record.get("chap")),
+        initiator_iqn=_optional_text(record.get("initiator_iqn")),
     )
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {type(value).__name__}")
+    return value
+
+
+def chap_from_record(value: Any) -> ChapSecrets | None:
+    """The ``chap`` of a resolve answer: None, or a user and secret (and both reverse ones
+    or neither), all non-empty strings; anything else is a malformed answer."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("chap is not an object")
+    user, secret = _optional_text(value.get("user")), _optional_text(value.get("secret"))
+    ruser = _optional_text(value.get("reverse_user"))
+    rsecret = _optional_text(value.get("reverse_secret"))
+    if user is None or secret is None or (ruser is None) != (rsecret is None):
+        raise ValueError("chap needs a user and a secret, and both reverse ones or neither")
+    return ChapSecrets(user, secret, ruser, rsecret)
 
 
 async def announce_session(nc: NATS, node: str, token: str, record: dict[str, Any]) -> None:

@@ -49,7 +49,9 @@ class RegistryResolver:
             raise
         try:
             return spec_from_record(reply, self._vdisk_root)
-        except LayerPathError as exc:
+        except (LayerPathError, ValueError, KeyError, TypeError) as exc:
+            # A malformed answer (layers outside the vdisk's folder, a bad CHAP record):
+            # the session is refused, the node serves on.
             log.error("stream: refused session %s: %s", reply.get("session_id"), exc)
             return None
 
