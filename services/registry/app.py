@@ -38,10 +38,11 @@ from opentelemetry import trace
 
 from services.registry import merge as merge_store
 from services.registry import vdisk_store
-from services.registry.domain import api_tokens, assignments, devices, sessions, vdisks
-from services.registry.domain.errors import DomainError, invalid, not_found
+from services.registry.domain import api_tokens, assignments, chap, devices, sessions, vdisks
+from services.registry.domain.errors import DomainError, invalid, not_found, refused
 from services.registry.domain.sessions import StreamNode, choose_replay_node, pick_stream_node
 from services.registry.projection import Projection, Record
+from services.registry.sealing import Sealer, SealingError, load_sealer
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
 from shared.events import Event, ProjectionError, SessionEvent, VdiskLayersRemoved, envelope
@@ -128,6 +129,7 @@ class RegistryApp:
         self._projection_dirty = False
         self.group_commits = 0  # transactions of grouped commands so far
         self._tracer = tracer("streamboot.registry")
+        self._sealer: Sealer | None = None  # loaded at the first secret it seals or opens
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -171,8 +173,12 @@ class RegistryApp:
             d = e.data
             log.error(
                 "registry: skipped event %s at position %d (%s in %s): %s",
-                d["event_id"], d["position"], d["skipped_type"], d["skipped_stream_id"], d["error"],
-            )  # fmt: skip
+                d["event_id"],
+                d["position"],
+                d["skipped_type"],
+                d["skipped_stream_id"],
+                d["error"],
+            )
 
     def projection_errors(self) -> Record:
         """How many events the projection skipped, and the last one (status)."""
@@ -427,10 +433,81 @@ class RegistryApp:
 
     def device_view(self, mac: str) -> Record:
         p = self.projection
+        found = chap.effective(p, mac)
         return {
             **p.devices[mac],
             "assignment": assignments.boot_choices(p, mac),
             "session": p.session_by_mac.get(mac),
+            "chap": chap.summary(found[2]) | {"source": found[0]} if found else None,
+        }
+
+    # --- CHAP ---------------------------------------------------------------------------
+
+    @property
+    def sealer(self) -> Sealer:
+        if self._sealer is None:
+            self._sealer = load_sealer(self.settings.data_dir, self.settings.sealing_key)
+        return self._sealer
+
+    async def set_chap(
+        self,
+        kind: str,
+        target: str,
+        *,
+        user: str,
+        secret: str,
+        reverse_user: str | None = None,
+        reverse_secret: str | None = None,
+    ) -> Record:
+        """CHAP credentials for the iSCSI logins of a device or a collection's devices;
+        the secrets go into the log sealed (services/registry/sealing.py)."""
+        seal = self.sealer.seal
+        await self._execute(
+            lambda p: chap.set_chap(
+                p,
+                kind,
+                target,
+                user=user,
+                secret=secret,
+                reverse_user=reverse_user,
+                reverse_secret=reverse_secret,
+                seal=seal,
+            )
+        )
+        return self.chap_view(kind, target)
+
+    async def clear_chap(self, kind: str, target: str) -> Record:
+        await self._execute(lambda p: chap.clear_chap(p, kind, target))
+        return self.chap_view(kind, target)
+
+    def chap_view(self, kind: str, target: str) -> Record:
+        key = chap.target_key(self.projection, kind, target)
+        rec = self.projection.chap.get((kind, key))
+        return {"target_kind": kind, "target": key, "chap": chap.summary(rec)}
+
+    def chap_secrets(self, mac: str | None) -> Record | None:
+        """A device's CHAP credentials in clear, for the stream node that checks its logins
+        and the boot service that writes them into its iPXE script; never for a view."""
+        found = chap.effective(self.projection, mac) if mac else None
+        if found is None:
+            return None
+        kind, key, rec = found
+        sealer = self.sealer
+
+        def opened(field: str) -> str | None:
+            sealed = rec.get(f"{field}_sealed")
+            if sealed is None:
+                return None
+            try:
+                return sealer.open(sealed, chap.seal_context(kind, key, field))
+            except SealingError as exc:
+                raise refused(f"the CHAP secret of {kind} {key}: {exc}") from None
+
+        return {
+            "user": rec["user"],
+            "secret": opened("secret"),
+            "reverse_user": rec.get("reverse_user"),
+            "reverse_secret": opened("reverse_secret"),
         }
 
     async def lookup_device(self, mac: str | None, smbios_uuid: str | None = None) -> Record:
@@ -1022,6 +1099,9 @@ class RegistryApp:
             "replay_of": replay_of,
             # The only address the session's exports accept (None: any).
             "client_addr": s.get("client_addr"),
+            # What its iSCSI logins must give (None: no CHAP). Only the stream role gets
+            # this answer (shared/bus_access.py): docs/security.md, "iSCSI CHAP secrets".
+            "chap": None if replay_of else self.chap_secrets(s["mac"]),
         }
 
     def _served_layers(self, vd: Record, version: int) -> list[str]:

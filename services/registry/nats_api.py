@@ -5,7 +5,8 @@ reply is ``{"error": message, "kind": "invalid"|"not_found"|"conflict"|"refused"
 (what ``shared.bus.request_json`` raises as ``RemoteError``):
 
 - ``streamboot.registry.session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?}
-- ``streamboot.registry.session.resolve`` {token} -> the export a stream node serves
+- ``streamboot.registry.session.resolve`` {token} -> the export a stream node serves (with
+  the device's CHAP credentials in clear: only the stream and boot roles may ask)
 - ``streamboot.registry.session.close``   {token | session_id, reason?}
 - ``streamboot.registry.session.replay``  {session_id, stream_node?} -> a replay session
 - ``streamboot.registry.session.list``    {}
@@ -89,7 +90,9 @@ def build_broker(
 
     @handle("session.open")
     async def session_open(body: dict[str, Any]) -> Reply:
-        return await app.open_session(
+        # The boot service writes the device's CHAP credentials into an iSCSI boot's
+        # script; the REST API's answer never carries them.
+        reply = await app.open_session(
             body.get("mac"),
             smbios_uuid=body.get("smbios_uuid"),
             vdisk=body.get("vdisk"),
@@ -99,6 +102,7 @@ def build_broker(
             boot_started_ns=body.get("boot_started_ns"),
             client_addr=body.get("client_addr"),
         )
+        return {**reply, "chap": app.chap_secrets(reply.get("mac"))}
 
     @handle("session.resolve")
     async def session_resolve(body: dict[str, Any]) -> Reply:
