@@ -150,8 +150,9 @@ class VdiskPolicyChanged(VdiskEvent):
     # The store stream and cache nodes read the vdisk's layers from (a name in
     # STREAMBOOT_CACHE_STORES, or "local").
     store: str | None = None
-    # auto (kernel-direct when boot files were found, else sanboot), kernel or sanboot.
-    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    # auto (kernel-direct when boot files were found, else sanboot), kernel, sanboot (over
+    # HTTP) or sanboot-iscsi.
+    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi"] | None = None
     # The kernel version versions published from now on boot ("" clears: the newest).
     kernel: str | None = None
 
@@ -241,6 +242,7 @@ class SessionOpened(SessionEvent):
     token_hash: str | None = None
     nbd_uri: str | None = None
     http_url: str | None = None
+    iscsi_portal: str | None = None  # "host:port" of the stream node's iSCSI target
     # Read-write boot of a maintenance version, or of a private-mode vdisk.
     maintenance: bool = False
     writes_to_vdisk: bool = False

@@ -58,6 +58,12 @@ class Session:
     # "kernel_version", "reason"}; None from a registry that does not say.
     boot: dict[str, Any] | None = None
     kernel_args: str | None = None  # the device's extra kernel arguments
+    # iSCSI: the stream node's portal ("host:port"), the session's target name, the
+    # device's initiator name and its CHAP credentials ({user, secret, reverse_*} or None).
+    iscsi_portal: str | None = None
+    iscsi_target: str | None = None
+    initiator_iqn: str | None = None
+    chap: dict[str, Any] | None = None
 
 
 class RegistryClient:
@@ -115,6 +121,10 @@ class RegistryClient:
             write_cache_persistence=reply.get("write_cache_persistence") or "discard",
             boot=reply.get("boot"),
             kernel_args=reply.get("kernel_args"),
+            iscsi_portal=reply.get("iscsi_portal"),
+            iscsi_target=reply.get("iscsi_target"),
+            initiator_iqn=reply.get("initiator_iqn"),
+            chap=reply.get("chap"),
         )
 
     async def close(self, token: str, reason: str) -> None:

@@ -46,6 +46,7 @@ from services.registry.sealing import Sealer, SealingError, load_sealer
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
 from shared.events import Event, ProjectionError, SessionEvent, VdiskLayersRemoved, envelope
+from shared.iscsi_names import TARGET_PREFIX, initiator_iqn, iscsi_uri
 from shared.layer_paths import LayerPathError, check_relative_layer
 from shared.metrics import count_boot
 from shared.settings import Settings
@@ -882,7 +883,10 @@ class RegistryApp:
         host = s.advertised_host
         return (
             StreamNode(
-                node="", nbd=f"{host}:{s.nbd_port}", http=f"http://{host}:{s.http_stream_port}"
+                node="",
+                nbd=f"{host}:{s.nbd_port}",
+                http=f"http://{host}:{s.http_stream_port}",
+                iscsi=f"{host}:{s.iscsi_port}",
             ),
             "no stream node is alive (no heartbeat); the endpoints are the configured defaults "
             "and will work once a stream node runs there",
@@ -945,6 +949,11 @@ class RegistryApp:
                 boot=vdisks.boot_plan(self.projection.vdisks[s["vdisk"]], s["version"]),
                 kernel_args=self.projection.devices[s["mac"]].get("kernel_args"),
             )
+            if view.get("iscsi_portal"):
+                view.update(
+                    iscsi_target=TARGET_PREFIX + token,
+                    iscsi_uri=iscsi_uri(view["iscsi_portal"], token),
+                )
             if warning:
                 view["warning"] = warning
             await self._announce_session(node.node, token)
@@ -1066,7 +1075,11 @@ class RegistryApp:
 
     @staticmethod
     def session_view(s: Record) -> Record:
-        return {k: v for k, v in s.items() if k != "token_hash"}
+        view = {k: v for k, v in s.items() if k != "token_hash"}
+        # The device's iSCSI initiator name: its iSCSI logins must give it (a replay is not
+        # the device, and has none).
+        view["initiator_iqn"] = None if s.get("replay_of") else initiator_iqn(s["mac"])
+        return view
 
     async def resolve(self, token: str) -> Record:
         """What a session token opens, for a stream node."""
@@ -1102,6 +1115,7 @@ class RegistryApp:
             # What its iSCSI logins must give (None: no CHAP). Only the stream role gets
             # this answer (shared/bus_access.py): docs/security.md, "iSCSI CHAP secrets".
             "chap": None if replay_of else self.chap_secrets(s["mac"]),
+            "initiator_iqn": None if replay_of else initiator_iqn(s["mac"]),
         }
 
     def _served_layers(self, vd: Record, version: int) -> list[str]:

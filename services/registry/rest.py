@@ -134,7 +134,7 @@ class PolicyIn(BaseModel):
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
     store: Name | None = None
-    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi"] | None = None
     kernel: Text | None = None  # "" clears the pick
 
 

@@ -22,7 +22,7 @@ ChapSecret = Annotated[
     str | None,
     typer.Option(
         "--chap-secret",
-        help="CHAP secret (12-64 of letters, digits, ._~+=-; Windows takes 12-16); '-' reads "
+        help="CHAP secret (12-64 of letters, digits, ._+=-; Windows takes 12-16); '-' reads "
         "it from stdin, out of the process list",
     ),
 ]

@@ -17,7 +17,8 @@ from services.registry.projection import Projection, Record
 from shared.events import Event, IscsiChapChanged
 
 _USER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_SECRET = re.compile(r"[A-Za-z0-9._~+=-]{12,64}")
+# Only characters an iPXE script line keeps as they are (services/boot/ipxe_scripts.py).
+_SECRET = re.compile(r"[A-Za-z0-9._+=-]{12,64}")
 KINDS = ("device", "collection")
 
 # (plain, context) -> sealed
@@ -46,7 +47,7 @@ def _user(value: str, what: str) -> str:
 def _secret(value: str, what: str) -> str:
     if not _SECRET.fullmatch(value):
         raise invalid(
-            f"invalid {what}: 12-64 letters, digits or ._~+=- (Windows' initiator takes 12-16)"
+            f"invalid {what}: 12-64 letters, digits or ._+=- (Windows' initiator takes 12-16)"
         )
     return value
 

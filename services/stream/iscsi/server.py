@@ -39,10 +39,10 @@ from services.stream.path.backend import (
 from services.stream.sessions import Session, SessionManager
 from shared import metrics
 from shared.events import IscsiLoginRefused
+from shared.iscsi_names import TARGET_PREFIX
 
 log = logging.getLogger(__name__)
 
-TARGET_PREFIX = "iqn.2026-12.io.streamboot:"
 # What we accept in one data segment, declared at login (MaxRecvDataSegmentLength).
 MAX_RECV_DATA = 256 * 1024
 MAX_BURST = 1024 * 1024
