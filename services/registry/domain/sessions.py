@@ -29,8 +29,8 @@ class StreamNode:
     node: str
     nbd: str  # "host:port"
     http: str  # "http://host:port"
-    iscsi: str = ""  # "host:port" (none from a node that does not advertise it)
     load: float = 0.0
+    iscsi: str = ""  # "host:port" (none from a node that does not advertise it)
 
 
 def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
