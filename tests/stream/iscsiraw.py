@@ -97,11 +97,15 @@ class RawIscsi:
         self.cmd_sn += 1
         return bhs
 
-    def command(self, cdb: bytes, edtl: int, data_out: bytes = b"") -> tuple[int, bytes]:
-        """(SCSI status, Data-In bytes or the sense data) of one command; Data-Out only as
-        immediate data."""
+    def command(
+        self, cdb: bytes, edtl: int, data_out: bytes = b"", lun: int = 0
+    ) -> tuple[int, bytes]:
+        """(SCSI status, Data-In bytes or the sense data) of one command to ``lun`` (single
+        level, peripheral addressing); Data-Out only as immediate data."""
         read = edtl > 0 and not data_out
-        self.send_pdu(self.scsi_bhs(cdb, edtl, read=read, write=bool(data_out)), data_out)
+        bhs = self.scsi_bhs(cdb, edtl, read=read, write=bool(data_out))
+        bhs[8:10] = lun.to_bytes(2, "big")
+        self.send_pdu(bhs, data_out)
         got = b""
         while True:
             bhs, data = self.recv_pdu()
