@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -175,3 +176,21 @@ def test_only_the_devices_initiator_name_logs_in(server: ServerThread) -> None:
     got = refusals(server, "tok-iqn")
     assert [e.status for e in got] == [0x0202, 0x0202], got
     assert "iqn.2026-12.test:intruder" in got[0].reason and got[0].initiator.endswith("intruder")
+
+
+@pytest.mark.skipif(not shutil.which("iscsi-test-cu"), reason="libiscsi-bin is not installed")
+def test_conformance_suites_log_in_with_mutual_chap(server: ServerThread, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A few of libiscsi's suites (each test logs in anew) with mutual CHAP in the URL: every
+    login passes CHAP, and the commands behave as without it (the whole suite runs
+    without CHAP in test_iscsi_conformance.py)."""
+    target = f"?target_user={TARGET_USER}&target_password={TARGET_SECRET}"
+    for suite in ("SCSI.TestUnitReady", "SCSI.Read10", "SCSI.Write10", "iSCSI.iSCSITMF"):
+        out = subprocess.run(
+            ["iscsi-test-cu", "-d", "-n", "-t", suite,
+             url(server, "tok-mutual", f"{USER}%{SECRET}", target)],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+        summary = out.stdout[out.stdout.rfind("Run Summary") :]
+        assert "Run Summary" in out.stdout, out.stdout[-2000:]
+        tests = next(x.split() for x in summary.splitlines() if x.strip().startswith("tests"))
+        assert int(tests[2]) > 0 and tests[4] == "0", summary  # Total Ran Passed Failed
