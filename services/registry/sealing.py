@@ -70,6 +70,14 @@ def load_sealer(data_dir: str | Path, env_key: str | None) -> Sealer:
     path = Path(data_dir) / SECRETS_DIR / KEY_FILE
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        replace_private(path, _b64(os.urandom(32)) + "\n", durable=True)
-        log.warning("registry: no STREAMBOOT_SEALING_KEY; generated one into %s", path)
+        tmp = path.with_name(f"{KEY_FILE}.{os.getpid()}")
+        replace_private(tmp, _b64(os.urandom(32)) + "\n", durable=True)
+        try:
+            # A link never replaces: two registries starting at once keep one key.
+            os.link(tmp, path)
+            log.warning("registry: no STREAMBOOT_SEALING_KEY; generated one into %s", path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return Sealer(_unb64(path.read_text().strip()))

@@ -113,3 +113,14 @@ def test_a_sealed_secret_opens_only_with_its_key_and_owner() -> None:
     for opener, context in ((b, "chap:device:x:secret"), (a, "chap:device:y:secret")):
         with pytest.raises(SealingError):
             opener.open(sealed, context)
+
+
+def test_the_sealing_key_is_made_once_and_kept(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from services.registry.sealing import load_sealer
+
+    sealed = load_sealer(tmp_path, None).seal("secret-of-pc-a", "c")
+    key = tmp_path / "secrets" / "sealing-key"
+    assert key.stat().st_mode & 0o777 == 0o600 and list(key.parent.iterdir()) == [key]
+    assert load_sealer(tmp_path, None).open(sealed, "c") == "secret-of-pc-a"
+    with pytest.raises(SealingError):  # another key (the environment's wins)
+        load_sealer(tmp_path, "A" * 43).open(sealed, "c")
