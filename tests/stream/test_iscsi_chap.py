@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.stream.announce import chap_from_record
 from services.stream.iscsi.server import TARGET_PREFIX
 from services.stream.settings import StreamSettings
 from services.stream.spec import ChapSecrets
@@ -194,3 +195,23 @@ def test_conformance_suites_log_in_with_mutual_chap(server: ServerThread, tmp_pa
         assert "Run Summary" in out.stdout, out.stdout[-2000:]
         tests = next(x.split() for x in summary.splitlines() if x.strip().startswith("tests"))
         assert int(tests[2]) > 0 and tests[4] == "0", summary  # Total Ran Passed Failed
+
+
+@pytest.mark.parametrize(
+    "chap",
+    [
+        "secret",
+        {"user": "u"},
+        {"user": "u", "secret": ""},
+        {"user": "u", "secret": 5},
+        {"user": "u", "secret": "s", "reverse_user": "t"},
+    ],
+)
+def test_a_malformed_chap_record_is_refused(chap: object) -> None:
+    """The registry's answer is input too: a CHAP record that is not one refuses the
+    session (RegistryResolver logs it) rather than serving it without CHAP."""
+    with pytest.raises(ValueError):
+        chap_from_record(chap)
+    assert chap_from_record(None) is None
+    assert chap_from_record({"user": "u", "secret": "s"}) == ChapSecrets("u", "s")
+    assert "sekrit" not in repr(ChapSecrets("u", "sekrit-secret", "t", "sekrit-target"))
