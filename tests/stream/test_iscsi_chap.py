@@ -215,3 +215,13 @@ def test_a_malformed_chap_record_is_refused(chap: object) -> None:
     assert chap_from_record(None) is None
     assert chap_from_record({"user": "u", "secret": "s"}) == ChapSecrets("u", "s")
     assert "sekrit" not in repr(ChapSecrets("u", "sekrit-secret", "t", "sekrit-target"))
+
+
+def test_discovery_with_chap_credentials(server: ServerThread) -> None:
+    """iscsi-ls with CHAP in the URL: discovery sessions have no session and no CHAP of
+    their own, so the login passes with AuthMethod=None and lists no target (tokens are
+    secrets, as without CHAP)."""
+    portal = f"iscsi://{USER}%{SECRET}@127.0.0.1:{server.servers.iscsi_port}"
+    out = run("iscsi-ls", portal, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "tok-" not in out.stdout
