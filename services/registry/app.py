@@ -43,6 +43,8 @@ from services.registry.domain.errors import DomainError, invalid, not_found, ref
 from services.registry.domain.sessions import StreamNode, choose_replay_node, pick_stream_node
 from services.registry.projection import Projection, Record
 from services.registry.sealing import Sealer, SealingError, load_sealer
+from shared.contracts.cache.wire import kept_write_cache_key
+from shared.contracts.registry import ChapRecord, SessionRecord
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
 from shared.events import Event, ProjectionError, SessionEvent, VdiskLayersRemoved, envelope
@@ -486,7 +488,7 @@ class RegistryApp:
         rec = self.projection.chap.get((kind, key))
         return {"target_kind": kind, "target": key, "chap": chap.summary(rec)}
 
-    def chap_secrets(self, mac: str | None) -> Record | None:
+    def chap_record(self, mac: str | None) -> ChapRecord | None:
         """A device's CHAP credentials in clear, for the stream node that checks its logins
         and the boot service that writes them into its iPXE script; never for a view."""
         found = chap.effective(self.projection, mac) if mac else None
@@ -504,12 +506,12 @@ class RegistryApp:
             except SealingError as exc:
                 raise refused(f"the CHAP secret of {kind} {key}: {exc}") from None
 
-        return {
-            "user": rec["user"],
-            "secret": opened("secret"),
-            "reverse_user": rec.get("reverse_user"),
-            "reverse_secret": opened("reverse_secret"),
-        }
+        return ChapRecord(
+            user=rec["user"],
+            secret=opened("secret"),
+            reverse_user=rec.get("reverse_user"),
+            reverse_secret=opened("reverse_secret"),
+        )
 
     async def lookup_device(self, mac: str | None, smbios_uuid: str | None = None) -> Record:
         """A booting device (the boot service asks): who it is and what it may boot. An
@@ -642,7 +644,7 @@ class RegistryApp:
             "layers": vdisk_store.layer_paths(
                 self.vdisk_root, name, vdisks.chain(vd, last["version"])
             ),
-            "write_cache_key": f"device-{last['mac'].replace(':', '')}-{name}-v{last['version']}",
+            "write_cache_key": kept_write_cache_key(last["mac"], name, last["version"]),
         }
 
     def versions(self, name: str) -> list[Record]:
@@ -983,7 +985,7 @@ class RegistryApp:
 
     async def _announce_session(self, node: str, token: str) -> None:
         """Let the session's stream node open it now, while the client is still on its way
-        (``services/stream/announce.py``). Best effort: without it the client's first
+        (``shared/contracts/stream.py``). Best effort: without it the client's first
         connection opens the session."""
         if not node or self._announce is None:
             return
@@ -1093,30 +1095,28 @@ class RegistryApp:
         s = self.projection.sessions[sid]
         vd = self.projection.vdisks[s["vdisk"]]
         replay_of = s.get("replay_of")
-        return {
-            "session_id": sid,
+        return SessionRecord(
+            session_id=sid,
             # A replay is not the device: nothing on the node may be keyed by its MAC.
-            "mac": None if replay_of else s["mac"],
-            "hostname": s["hostname"],
-            "vdisk": s["vdisk"],
-            "version": s["version"],
-            "size": vd["versions"][s["version"]]["size"],
-            "layers": self._served_layers(vd, s["version"]),
-            "read_only": s["read_only"],
-            "write_cache": s["write_cache"],
-            "write_cache_persistence": s["write_cache_persistence"],
-            "writes_to_vdisk": s.get("writes_to_vdisk", False),
-            "store": vd["store"],
-            "boot_traceparent": s.get("boot_traceparent"),
-            # Set for a replay: the node records no BlocksRequested for it.
-            "replay_of": replay_of,
-            # The only address the session's exports accept (None: any).
-            "client_addr": s.get("client_addr"),
-            # What its iSCSI logins must give (None: no CHAP). Only the stream role gets
-            # this answer (shared/bus_access.py): docs/security.md, "iSCSI CHAP secrets".
-            "chap": None if replay_of else self.chap_secrets(s["mac"]),
-            "initiator_iqn": None if replay_of else initiator_iqn(s["mac"]),
-        }
+            mac=None if replay_of else s["mac"],
+            hostname=s["hostname"],
+            vdisk=s["vdisk"],
+            version=s["version"],
+            size=vd["versions"][s["version"]]["size"],
+            layers=self._served_layers(vd, s["version"]),
+            read_only=s["read_only"],
+            write_cache=s["write_cache"],
+            write_cache_persistence=s["write_cache_persistence"],
+            writes_to_vdisk=s.get("writes_to_vdisk", False),
+            store=vd["store"],
+            boot_traceparent=s.get("boot_traceparent"),
+            replay_of=replay_of,
+            client_addr=s.get("client_addr"),
+            # What its iSCSI logins must give (None: no CHAP). Only the stream and boot
+            # roles get this answer (shared/bus_access.py): docs/security.md.
+            chap=None if replay_of else self.chap_record(s["mac"]),
+            initiator_iqn=None if replay_of else initiator_iqn(s["mac"]),
+        ).model_dump()
 
     def _served_layers(self, vd: Record, version: int) -> list[str]:
         """A version's layers as stream and cache nodes find them: paths in this registry's

@@ -381,7 +381,7 @@ class IscsiConnection(Connection):
         log.warning("iscsi: login from %s (%s) refused: %s", ip, self.initiator[:224], e)
         if session is None:
             return
-        self.mgr.emit(
+        self.mgr.events.emit(
             IscsiLoginRefused(
                 session_id=session.session_id,
                 stream_node=self.mgr.settings.node_id,
