@@ -26,6 +26,7 @@ REGISTRY_EVENTS = (
     "DeviceRemoved",
     "DeviceMaintenanceChanged",
     "AssignmentChanged",
+    "IscsiChapChanged",
     "VdiskCreated",
     "VdiskVersionPublished",
     "BootFilesScanned",
@@ -50,7 +51,13 @@ BUS_EVENTS = {
     # DHCP/iPXE: a boot began, the menu it showed, the OS saying it has booted.
     "boot": ("BootRequested", "BootMenuShown", "ClientBooted", "NonceRefused"),
     # The data plane: clients attaching and leaving, the blocks they read and wrote.
-    "stream": ("SessionAttached", "SessionDetached", "BlocksRequested", "SessionAddressRefused"),
+    "stream": (
+        "SessionAttached",
+        "SessionDetached",
+        "BlocksRequested",
+        "SessionAddressRefused",
+        "IscsiLoginRefused",
+    ),
     # Write caches filling up, boot profiles learnt, prefetches done.
     "cache": ("WriteCacheFull", "BootProfileUpdated", "PrefetchCompleted"),
 }

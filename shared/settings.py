@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     postgres_bin_dir: Path | None = None
     # Bearer token of the admin API; `streamboot up` generates it into DATA_DIR/api-token.
     api_token: str | None = None
+    # The key that seals CHAP secrets in the event log (services/registry/sealing.py).
+    sealing_key: str | None = None
     # The largest request body the admin API takes (413 past it); its bodies are small JSON.
     api_max_body_bytes: int = 1 << 20
 

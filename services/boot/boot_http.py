@@ -309,6 +309,16 @@ class BootHttp:
         )
         retry = scripts.script_url(self.base_url, mac, uuid)
         how = session.boot or {}
+        if how.get("method") == "sanboot-iscsi":
+            if not (session.iscsi_portal and session.iscsi_target and session.initiator_iqn):
+                return scripts.message_script(
+                    ["the stream node advertises no iSCSI portal"], retry_url=retry,
+                    wait_s=RETRY_BUSY_S,
+                )  # fmt: skip
+            iscsi = scripts.IscsiBoot(
+                session.iscsi_portal, session.iscsi_target, session.initiator_iqn, session.chap
+            )
+            return scripts.iscsi_sanboot_script(info, iscsi, retry_url=retry)
         if how.get("method") != "kernel":
             return scripts.sanboot_script(info, retry_url=retry)
         nonce = await self.handoffs.issue(

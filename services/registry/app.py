@@ -40,15 +40,17 @@ from opentelemetry import trace
 
 from services.registry import merge as merge_store
 from services.registry import vdisk_store
-from services.registry.domain import api_tokens, assignments, devices, sessions, vdisks
-from services.registry.domain.errors import DomainError, busy, invalid, not_found
+from services.registry.domain import api_tokens, assignments, chap, devices, sessions, vdisks
+from services.registry.domain.errors import DomainError, busy, invalid, not_found, refused
 from services.registry.domain.sessions import StreamNode, choose_replay_node, pick_stream_node
 from services.registry.projection import Projection, Record
+from services.registry.sealing import Sealer, SealingError, load_sealer
 from shared.contracts.cache.wire import kept_write_cache_key
-from shared.contracts.registry import SessionRecord
+from shared.contracts.registry import ChapRecord, SessionRecord
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
 from shared.events import Event, ProjectionError, SessionEvent, VdiskLayersRemoved, envelope
+from shared.iscsi_names import TARGET_PREFIX, initiator_iqn, iscsi_uri
 from shared.layer_paths import LayerPathError, check_relative_layer
 from shared.metrics import count_boot
 from shared.settings import Settings
@@ -134,6 +136,7 @@ class RegistryApp:
         self._opens_in_flight = 0  # session opens admitted and not answered (back-pressure)
         self.opens_refused_busy = 0  # session opens answered "busy, retry" so far
         self._tracer = tracer("streamboot.registry")
+        self._sealer: Sealer | None = None  # loaded at the first secret it seals or opens
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -177,8 +180,12 @@ class RegistryApp:
             d = e.data
             log.error(
                 "registry: skipped event %s at position %d (%s in %s): %s",
-                d["event_id"], d["position"], d["skipped_type"], d["skipped_stream_id"], d["error"],
-            )  # fmt: skip
+                d["event_id"],
+                d["position"],
+                d["skipped_type"],
+                d["skipped_stream_id"],
+                d["error"],
+            )
 
     def projection_errors(self) -> Record:
         """How many events the projection skipped, and the last one (status)."""
@@ -443,11 +450,82 @@ class RegistryApp:
 
     def device_view(self, mac: str) -> Record:
         p = self.projection
+        found = chap.effective(p, mac)
         return {
             **p.devices[mac],
             "assignment": assignments.boot_choices(p, mac),
             "session": p.session_by_mac.get(mac),
+            "chap": chap.summary(found[2]) | {"source": found[0]} if found else None,
         }
+
+    # --- CHAP ---------------------------------------------------------------------------
+
+    @property
+    def sealer(self) -> Sealer:
+        if self._sealer is None:
+            self._sealer = load_sealer(self.settings.data_dir, self.settings.sealing_key)
+        return self._sealer
+
+    async def set_chap(
+        self,
+        kind: str,
+        target: str,
+        *,
+        user: str,
+        secret: str,
+        reverse_user: str | None = None,
+        reverse_secret: str | None = None,
+    ) -> Record:
+        """CHAP credentials for the iSCSI logins of a device or a collection's devices;
+        the secrets go into the log sealed (services/registry/sealing.py)."""
+        seal = self.sealer.seal
+        await self._execute(
+            lambda p: chap.set_chap(
+                p,
+                kind,
+                target,
+                user=user,
+                secret=secret,
+                reverse_user=reverse_user,
+                reverse_secret=reverse_secret,
+                seal=seal,
+            )
+        )
+        return self.chap_view(kind, target)
+
+    async def clear_chap(self, kind: str, target: str) -> Record:
+        await self._execute(lambda p: chap.clear_chap(p, kind, target))
+        return self.chap_view(kind, target)
+
+    def chap_view(self, kind: str, target: str) -> Record:
+        key = chap.target_key(self.projection, kind, target)
+        rec = self.projection.chap.get((kind, key))
+        return {"target_kind": kind, "target": key, "chap": chap.summary(rec)}
+
+    def chap_record(self, mac: str | None) -> ChapRecord | None:
+        """A device's CHAP credentials in clear, for the stream node that checks its logins
+        and the boot service that writes them into its iPXE script; never for a view."""
+        found = chap.effective(self.projection, mac) if mac else None
+        if found is None:
+            return None
+        kind, key, rec = found
+        sealer = self.sealer
+
+        def opened(field: str) -> str | None:
+            sealed = rec.get(f"{field}_sealed")
+            if sealed is None:
+                return None
+            try:
+                return sealer.open(sealed, chap.seal_context(kind, key, field))
+            except SealingError as exc:
+                raise refused(f"the CHAP secret of {kind} {key}: {exc}") from None
+
+        return ChapRecord(
+            user=rec["user"],
+            secret=opened("secret"),
+            reverse_user=rec.get("reverse_user"),
+            reverse_secret=opened("reverse_secret"),
+        )
 
     async def lookup_device(self, mac: str | None, smbios_uuid: str | None = None) -> Record:
         """A booting device (the boot service asks): who it is and what it may boot. An
@@ -821,7 +899,10 @@ class RegistryApp:
         host = s.advertised_host
         return (
             StreamNode(
-                node="", nbd=f"{host}:{s.nbd_port}", http=f"http://{host}:{s.http_stream_port}"
+                node="",
+                nbd=f"{host}:{s.nbd_port}",
+                http=f"http://{host}:{s.http_stream_port}",
+                iscsi=f"{host}:{s.iscsi_port}",
             ),
             "no stream node is alive (no heartbeat); the endpoints are the configured defaults "
             "and will work once a stream node runs there",
@@ -923,6 +1004,11 @@ class RegistryApp:
                 boot=vdisks.boot_plan(self.projection.vdisks[s["vdisk"]], s["version"]),
                 kernel_args=self.projection.devices[s["mac"]].get("kernel_args"),
             )
+            if view.get("iscsi_portal"):
+                view.update(
+                    iscsi_target=TARGET_PREFIX + token,
+                    iscsi_uri=iscsi_uri(view["iscsi_portal"], token),
+                )
             if warning:
                 view["warning"] = warning
             await self._announce_session(node.node, token)
@@ -1051,7 +1137,11 @@ class RegistryApp:
 
     @staticmethod
     def session_view(s: Record) -> Record:
-        return {k: v for k, v in s.items() if k != "token_hash"}
+        view = {k: v for k, v in s.items() if k != "token_hash"}
+        # The device's iSCSI initiator name: its iSCSI logins must give it (a replay is not
+        # the device, and has none).
+        view["initiator_iqn"] = None if s.get("replay_of") else initiator_iqn(s["mac"])
+        return view
 
     async def resolve(self, token: str) -> Record:
         """What a session token opens, for a stream node."""
@@ -1082,6 +1172,10 @@ class RegistryApp:
             boot_traceparent=s.get("boot_traceparent"),
             replay_of=replay_of,
             client_addr=s.get("client_addr"),
+            # What its iSCSI logins must give (None: no CHAP). Only the stream and boot
+            # roles get this answer (shared/bus_access.py): docs/security.md.
+            chap=None if replay_of else self.chap_record(s["mac"]),
+            initiator_iqn=None if replay_of else initiator_iqn(s["mac"]),
         ).model_dump()
 
     def _served_layers(self, vd: Record, version: int) -> list[str]:

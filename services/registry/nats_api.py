@@ -84,7 +84,9 @@ def build_broker(
 
     @handle("session.open", OPEN_WORKERS)
     async def session_open(body: dict[str, Any]) -> Reply:
-        return await app.open_session(
+        # The boot service writes the device's CHAP credentials into an iSCSI boot's
+        # script; the REST API's answer never carries them.
+        reply = await app.open_session(
             body.get("mac"),
             smbios_uuid=body.get("smbios_uuid"),
             vdisk=body.get("vdisk"),
@@ -94,6 +96,8 @@ def build_broker(
             boot_started_ns=body.get("boot_started_ns"),
             client_addr=body.get("client_addr"),
         )
+        chap = app.chap_record(reply.get("mac"))
+        return {**reply, "chap": chap.model_dump() if chap else None}
 
     @handle("session.resolve")
     async def session_resolve(body: dict[str, Any]) -> Reply:

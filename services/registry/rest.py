@@ -70,6 +70,13 @@ class DevicePatch(BaseModel):
     kernel_args: LongText | None = None  # "" clears them
 
 
+class ChapIn(BaseModel):
+    user: Text
+    secret: Name
+    reverse_user: Text | None = None
+    reverse_secret: Name | None = None
+
+
 class AssignmentIn(BaseModel):
     target_kind: Literal["device", "collection"] = "device"
     target: Name
@@ -128,7 +135,7 @@ class PolicyIn(BaseModel):
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
     store: Name | None = None
-    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi"] | None = None
     kernel: Text | None = None  # "" clears the pick
 
 
@@ -230,6 +237,30 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
     @r.delete("/devices/{mac}")
     async def remove_device(mac: str) -> dict[str, Any]:
         return await app.remove_device(mac)
+
+    # CHAP credentials of iSCSI logins (the secrets are write-only: no answer shows them)
+    async def set_chap(kind: str, target: str, body: ChapIn) -> dict[str, Any]:
+        return await app.set_chap(kind, target, **body.model_dump())
+
+    @r.put("/devices/{mac}/chap")
+    async def set_device_chap(mac: str, body: ChapIn) -> dict[str, Any]:
+        return await set_chap("device", mac, body)
+
+    @r.delete("/devices/{mac}/chap")
+    async def clear_device_chap(mac: str) -> dict[str, Any]:
+        return await app.clear_chap("device", mac)
+
+    @r.get("/collections/{name}/chap")
+    async def show_collection_chap(name: str) -> dict[str, Any]:
+        return app.chap_view("collection", name)
+
+    @r.put("/collections/{name}/chap")
+    async def set_collection_chap(name: str, body: ChapIn) -> dict[str, Any]:
+        return await set_chap("collection", name, body)
+
+    @r.delete("/collections/{name}/chap")
+    async def clear_collection_chap(name: str) -> dict[str, Any]:
+        return await app.clear_chap("collection", name)
 
     # assignments
     @r.get("/assignments")

@@ -48,14 +48,21 @@ async def serve(args: argparse.Namespace) -> None:
     layers = tuple(Path(p) for p in args.layers)
     with open_chain(layers) as chain:
         size = chain.size
-    spec = ExportSpec(
-        session_id=args.token,
-        vdisk="standalone",
-        version=len(layers),
-        layers=layers,
-        size=size,
-        write_cache=args.write_cache,
+    # --sessions N: tokens TOKEN-0 .. TOKEN-(N-1), each its own session and write cache.
+    tokens = (
+        [args.token] if args.sessions <= 1 else [f"{args.token}-{i}" for i in range(args.sessions)]
     )
+    specs = {
+        t: ExportSpec(
+            session_id=t,
+            vdisk="standalone",
+            version=len(layers),
+            layers=layers,
+            size=size,
+            write_cache=args.write_cache,
+        )
+        for t in tokens
+    }
     settings = StreamSettings(
         nbd_port=args.nbd_port,
         http_port=args.http_port,
@@ -67,7 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
         else None,
         **StreamSettings.tuning(Settings()),
     )
-    servers = StreamServers(StaticResolver({args.token: spec}), NullSink(), settings)
+    servers = StreamServers(StaticResolver(specs), NullSink(), settings)
     await servers.start()
     print(f"READY {servers.nbd_port} {servers.http_port} {servers.iscsi_port}", flush=True)
     stop = asyncio.Event()
@@ -82,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("layers", nargs="+", help="base image, then delta .map files")
     ap.add_argument("--token", default="standalone")
+    ap.add_argument("--sessions", type=int, default=1, help="N sessions: TOKEN-0 .. TOKEN-N-1")
     ap.add_argument("--nbd-port", type=int, default=0)
     ap.add_argument("--http-port", type=int, default=0)
     ap.add_argument("--iscsi-port", type=int, default=0)

@@ -148,6 +148,33 @@ async def test_a_vdisk_without_a_kernel_boots_by_sanboot(
     await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
 
 
+async def test_sanboot_iscsi_script_logs_in_as_the_device_with_its_chap(
+    boot: Boot, registry: Registry, nc: Any
+) -> None:
+    await seed(registry, registry.data_dir, MAC, "win")
+    await registry.cli_json("vdisk", "set", "win", "--boot", "sanboot-iscsi")
+    await registry.cli_json("device", "set", MAC, "--chap-user", "pc-1", "--chap-secret",
+                            "secret-of-pc-1", "--chap-reverse-user", "sb", "--chap-reverse-secret",
+                            "secret-of-the-target")  # fmt: skip
+    script = await boot.script(mac=MAC, uuid=UUID)
+    [session] = registry.app.list_sessions()
+    iqn = "iqn.2026-12.io.streamboot.client:" + MAC.replace(":", "")
+    assert session["initiator_iqn"] == iqn
+    lines = script.splitlines()
+    assert f"set initiator-iqn {iqn}" in lines
+    for line in ("set username pc-1", "set password secret-of-pc-1", "set reverse-username sb",
+                 "set reverse-password secret-of-the-target"):  # fmt: skip
+        assert line in lines, script
+    [sanboot] = [x for x in lines if x.startswith("sanboot ")]
+    # iscsi:<server>::<port>:0:<target>; the target names the session by its token.
+    server, proto, port, lun, target = sanboot.split()[1].removeprefix("iscsi:").split(":", 4)
+    assert (proto, lun, f"{server}:{port}") == ("", "0", session["iscsi_portal"])
+    token = target.removeprefix("iqn.2026-12.io.streamboot:")
+    resolved = await bus.request_json(nc, "streamboot.registry.session.resolve", {"token": token})
+    assert resolved["initiator_iqn"] == iqn and resolved["chap"]["secret"] == "secret-of-pc-1"
+    await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
+
+
 async def curl(*args: str) -> subprocess.CompletedProcess[str]:
     """Real curl, in a thread: the boot service answers in this test's own event loop."""
     return await asyncio.to_thread(

@@ -30,6 +30,7 @@ class StreamNode:
     nbd: str  # "host:port"
     http: str  # "http://host:port"
     load: float = 0.0
+    iscsi: str = ""  # "host:port" (none from a node that does not advertise it)
 
 
 def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
@@ -39,6 +40,7 @@ def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
             node=str(b.get("node")),
             nbd=str(b["nbd"]),
             http=str(b["http_stream"]).rstrip("/"),
+            iscsi=str(b.get("iscsi") or ""),
             load=float(b.get("load") or 0),
         )
         for b in heartbeats
@@ -158,6 +160,7 @@ def open_session(
             token_hash=token_hash,
             nbd_uri=f"nbd://{node.nbd}/",
             http_url=f"{node.http}/s/",
+            iscsi_portal=node.iscsi or None,
             maintenance=maintenance,
             writes_to_vdisk=writes_to_vdisk,
             boot_traceparent=boot_traceparent,
