@@ -61,7 +61,7 @@ class Connection(asyncio.Protocol):
         self.buf = bytearray()
         # The client address counted in mgr.handshakes until the session is attached.
         self._in_handshake: str | None = None
-        self._refused = False
+        self._over_cap = False
         self.session: Session | None = None
         self.bytes_read = 0
         self.bytes_written = 0
@@ -119,7 +119,7 @@ class Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         host = str(peer[0]) if peer else "?"
         if not self.mgr.handshakes.admit(host):
-            self._refused = self.closed = True
+            self._over_cap = self.closed = True
             transport.abort()
             return
         self._in_handshake = host
@@ -150,7 +150,7 @@ class Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._refused:  # never started: nothing to undo
+        if self._over_cap:  # never started: nothing to undo
             return
         self._handshake_over()
         self.closed = True

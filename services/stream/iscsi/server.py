@@ -292,7 +292,7 @@ class IscsiConnection(Connection):
                     reply.append(("TargetPortalGroupTag", "1"))
             except LoginFailed as e:
                 if isinstance(e, LoginRefused):
-                    self._refused(e)
+                    self._login_refused(e)
                 self._login_response(req, csg, csg, False, [], e.status)
                 self.end_batch()
                 raise
@@ -375,7 +375,7 @@ class IscsiConnection(Connection):
         except C.ChapFailed as e:
             raise LoginRefused(LOGIN_AUTH_FAILED, str(e)) from None
 
-    def _refused(self, e: LoginFailed) -> None:
+    def _login_refused(self, e: LoginFailed) -> None:
         session = self._pending
         ip = self.peer.rsplit(":", 1)[0].strip("[]")
         log.warning("iscsi: login from %s (%s) refused: %s", ip, self.initiator[:224], e)
