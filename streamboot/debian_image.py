@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from streamboot.client_package import build_deb
+from streamboot.client_package import NBD_HELPER_PATH, build_deb, build_nbd_helper
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # What a streamed Debian needs besides minbase: systemd and udev, a kernel and its
@@ -165,6 +165,8 @@ def install_client(rootfs: Path, say: Say) -> None:
     """The client .deb into the root (its dependencies are already there), whose trigger
     rebuilds the initramfs, and the check that every initramfs really has it."""
     say("installing the streamboot client (the initramfs is rebuilt)...")
+    # Before the package: its trigger's initramfs then carries the failover helper.
+    build_nbd_helper(rootfs / NBD_HELPER_PATH)
     deb = build_deb(rootfs / "tmp")
     _chroot(rootfs, "apt-get", "install", "-y", f"/tmp/{deb.name}")
     deb.unlink()

@@ -58,6 +58,9 @@ class Session:
     # "kernel_version", "reason"}; None from a registry that does not say.
     boot: dict[str, Any] | None = None
     kernel_args: str | None = None  # the device's extra kernel arguments
+    # The other live stream nodes' NBD endpoints ("host:port"), where the client reattaches
+    # when its node dies (docs/failover.md).
+    nbd_nodes: tuple[str, ...] = ()
 
 
 class RegistryClient:
@@ -115,6 +118,7 @@ class RegistryClient:
             write_cache_persistence=reply.get("write_cache_persistence") or "discard",
             boot=reply.get("boot"),
             kernel_args=reply.get("kernel_args"),
+            nbd_nodes=tuple(str(n) for n in reply.get("nbd_nodes") or ()),
         )
 
     async def close(self, token: str, reason: str) -> None:
