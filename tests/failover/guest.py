@@ -45,7 +45,7 @@ ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
-if /bin/streamboot-nbd -d /dev/nbd0 -N "$(cat /export)" $(cat /nodes); then
+if /bin/streamboot-nbd -d /dev/nbd0 $(cat /options) -N "$(cat /export)" $(cat /nodes); then
     echo GUEST-ATTACHED
     . /script
 else
@@ -76,9 +76,11 @@ def missing() -> list[str]:
     return out
 
 
-def build_initramfs(work: Path, export: str, nodes: list[str], script: str) -> Path:
-    """An initramfs that attaches ``export`` from ``nodes`` ("host:port") and runs
-    ``script`` (sh)."""
+def build_initramfs(
+    work: Path, export: str, nodes: list[str], script: str, options: tuple[str, ...] = ()
+) -> Path:
+    """An initramfs that attaches ``export`` from ``nodes`` ("host:port") with the
+    helper's ``options`` and runs ``script`` (sh)."""
     found = debian_kernel()
     assert found is not None
     _, modules = found
@@ -94,6 +96,7 @@ def build_initramfs(work: Path, export: str, nodes: list[str], script: str) -> P
     (stage / "init").chmod(0o755)
     (stage / "export").write_text(export)
     (stage / "nodes").write_text(" ".join(nodes))
+    (stage / "options").write_text(" ".join(options))
     (stage / "script").write_text(script)
     os.mknod(stage / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
     out = work / "initramfs.cpio"
