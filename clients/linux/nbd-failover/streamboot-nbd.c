@@ -65,7 +65,11 @@ static int nbd_index;
 static int family_id, mcast_group;
 static unsigned nl_seq;
 
-/* A line on the console (stderr before the watcher detaches, and when there is none). */
+/* The console, opened once at the start: after the initramfs switches to the real root,
+ * this process's own root (the initramfs) has no /dev/console any more. */
+static int console_fd = -1;
+
+/* A line on the console (stderr when there is none). */
 static void say(const char *fmt, ...)
 {
 	char line[512];
@@ -73,10 +77,7 @@ static void say(const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(line, sizeof line, fmt, ap);
 	va_end(ap);
-	int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
-	dprintf(fd >= 0 ? fd : 2, "streamboot: %s\n", line);
-	if (fd >= 0)
-		close(fd);
+	dprintf(console_fd >= 0 ? console_fd : 2, "streamboot: %s\n", line);
 }
 
 static int read_full(int fd, void *buf, size_t len)
@@ -378,14 +379,16 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			if (errno == ENOBUFS) { /* overrun: a LINK_DEAD may be lost; check by reconfiguring */
+			if (errno == ENOBUFS) {
+				/* Overrun: a LINK_DEAD may be lost. Reconfiguring a device with no
+				 * dead connection changes nothing, so try it. */
 				n = 0;
 			} else {
 				say("failover watcher: netlink: %s; failover is off", strerror(errno));
 				return;
 			}
 		}
-		int dead = n == 0;
+		int overrun = n == 0, dead = overrun;
 		for (struct nlmsghdr *h = (struct nlmsghdr *)buf; n > 0 && NLMSG_OK(h, (size_t)n);
 		     h = NLMSG_NEXT(h, n)) {
 			struct genlmsghdr *g = NLMSG_DATA(h);
@@ -398,8 +401,9 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 		}
 		if (!dead)
 			continue;
-		say("lost stream node %s:%s; reconnecting (I/O is held meanwhile)",
-		    nodes[current].host, nodes[current].port);
+		if (!overrun)
+			say("lost stream node %s:%s; reconnecting (I/O is held meanwhile)",
+			    nodes[current].host, nodes[current].port);
 		double since = now_s(), told = since;
 		int waiting_said = 0;
 		for (;;) {
@@ -407,7 +411,8 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 			uint16_t f;
 			int which;
 			/* The next node first: the dead one is most likely still dead. */
-			int fd = attach_round((current + 1) % n_nodes, size, &s, &f, &which, 1);
+			int first = overrun ? current : (current + 1) % n_nodes;
+			int fd = attach_round(first, size, &s, &f, &which, 1);
 			if (fd >= 0) {
 				struct msg m;
 				start(&m, family_id, NBD_CMD_RECONFIGURE);
@@ -415,14 +420,15 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 				put_socket(&m, fd);
 				int rc = transact(ctl, &m, NULL, 0);
 				close(fd);
+				/* 0 also when no connection was dead (the kernel then drops ours). */
 				if (rc == 0) {
-					say("reattached to stream node %s:%s after %.1f s",
-					    nodes[which].host, nodes[which].port, now_s() - since);
+					if (!overrun)
+						say("reattached to stream node %s:%s after %.1f s",
+						    nodes[which].host, nodes[which].port,
+						    now_s() - since);
 					current = which;
 					break;
 				}
-				if (rc == -ENOSPC) /* no dead connection: a spurious wake-up */
-					break;
 				say("the kernel refused the new connection: %s", strerror(-rc));
 			}
 			if (!waiting_said || now_s() - told >= 30) {
@@ -474,6 +480,7 @@ int main(int argc, char **argv)
 		n_nodes++;
 	}
 
+	console_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
 	int ctl = genl_socket(), mc = genl_socket();
 	if (ctl < 0 || mc < 0 || resolve_family(ctl) != 0 || mcast_group <= 0) {
 		fprintf(stderr, "streamboot-nbd: the kernel's nbd netlink family is missing "
