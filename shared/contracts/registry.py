@@ -6,7 +6,8 @@ Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"erro
 "kind"}`` with ``kind`` one of invalid, not_found, conflict, refused, internal:
 
 - ``session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?,
-  boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri, ...)
+  boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri,
+  nbd_nodes: the other live stream nodes' "host:port", docs/failover.md, ...)
 - ``session.resolve`` {token} -> :class:`SessionRecord`
 - ``session.close``   {token | session_id, reason?}
 - ``session.replay``  {session_id, stream_node?} -> a replay session
