@@ -135,11 +135,13 @@ def test_a_real_debian_keeps_running_when_its_stream_node_is_killed(
     assert "reattached to stream node" in console
     assert marker(console)["hostname"] == "deb-failover"
     assert POWER_DOWN in console, console[-3000:]
-    # The session's events show the move: attached on the killed node, then on another.
+    # The session's events show the move: attached on the killed node, last on another
+    # (on a loaded machine a request slower than the helper's I/O timeout moves it earlier
+    # too, so the killed node need not be the first).
     sid = opened_session(lab, mac)
     nodes = [e["data"]["stream_node"] for e in lab.events("--type", "SessionAttached")
              if e["data"]["session_id"] == sid]  # fmt: skip
-    assert nodes[0] == killed[0] and nodes[-1] != killed[0], nodes
+    assert killed[0] in nodes and nodes[-1] != killed[0], (killed, nodes)
 
 
 def opened_session(booted: BootLab, mac: str) -> str:
