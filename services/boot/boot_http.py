@@ -33,6 +33,9 @@ from shared.bus import RemoteError, ServiceUnavailable
 from shared.contracts.registry import RegistryClient
 from shared.events import BootMenuShown, ClientBooted, Event, NonceRefused
 
+# Alternative stream nodes a redeem answer names (each "host:port" at most ~22 bytes).
+MAX_FAILOVER_NODES = 8
+
 log = logging.getLogger("streamboot.boot.ipxe")
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
@@ -208,6 +211,8 @@ class BootHttp:
         answer = {
             "nbd_host": entry["nbd_host"],
             "nbd_port": entry["nbd_port"],
+            # The first few: the answer's values are bounded (scripts.word).
+            "nbd_nodes": ",".join(list(entry.get("nbd_nodes") or ())[:MAX_FAILOVER_NODES]),
             "export": entry["token"],
             "write_cache": live.write_cache or entry["write_cache"],
             "persistence": live.write_cache_persistence or entry["persistence"],
@@ -329,6 +334,7 @@ class BootHttp:
                 "mac": mac,
                 "nbd_host": session.nbd_host,
                 "nbd_port": session.nbd_port,
+                "nbd_nodes": list(session.nbd_nodes),
                 "write_cache": session.write_cache,
                 "persistence": session.write_cache_persistence,
                 "hostname": session.hostname,

@@ -215,8 +215,8 @@ def kernel_script(session: SessionInfo, boot: KernelBoot, *, retry_url: str) -> 
 
 
 REDEEM_KEYS = (
-    "nbd_host", "nbd_port", "export", "write_cache", "persistence", "hostname", "machine_id",
-    "session_id", "traceparent",
+    "nbd_host", "nbd_port", "nbd_nodes", "export", "write_cache", "persistence", "hostname",
+    "machine_id", "session_id", "traceparent",
 )  # fmt: skip
 
 

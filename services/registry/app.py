@@ -42,7 +42,12 @@ from services.registry import merge as merge_store
 from services.registry import vdisk_store
 from services.registry.domain import api_tokens, assignments, chap, devices, sessions, vdisks
 from services.registry.domain.errors import DomainError, busy, invalid, not_found, refused
-from services.registry.domain.sessions import StreamNode, choose_replay_node, pick_stream_node
+from services.registry.domain.sessions import (
+    StreamNode,
+    choose_replay_node,
+    failover_nodes,
+    pick_stream_node,
+)
 from services.registry.projection import Projection, Record
 from services.registry.sealing import Sealer, SealingError, load_sealer
 from shared.contracts.cache.wire import kept_write_cache_key
@@ -890,11 +895,13 @@ class RegistryApp:
 
     # --- sessions ---------------------------------------------------------------------
 
-    async def _place(self) -> tuple[StreamNode, str | None]:
+    async def _place(self) -> tuple[StreamNode, str | None, list[str]]:
+        """The session's stream node, a warning when none is alive, and the other live
+        nodes' NBD endpoints (its client's failover list)."""
         beats = await self._heartbeats() if self._heartbeats is not None else []
         node = pick_stream_node(beats)
         if node is not None:
-            return node, None
+            return node, None, failover_nodes(beats, node)
         s = self.settings
         host = s.advertised_host
         return (
@@ -906,6 +913,7 @@ class RegistryApp:
             ),
             "no stream node is alive (no heartbeat); the endpoints are the configured defaults "
             "and will work once a stream node runs there",
+            [],
         )
 
     def _busy(self, why: str) -> DomainError:
@@ -974,7 +982,7 @@ class RegistryApp:
         with self._tracer.start_as_current_span("registry.session.open", context=parent) as span:
             dev = await self._known_or_auto_added(mac, smbios_uuid)
             span.set_attribute("streamboot.mac", dev["mac"])
-            node, warning = await self._place()
+            node, warning, others = await self._place()
             token = new_session_token()
             sid = str(uuid7())
             await self._execute(
@@ -1003,6 +1011,7 @@ class RegistryApp:
                 http_url=view["http_url"] + token,
                 boot=vdisks.boot_plan(self.projection.vdisks[s["vdisk"]], s["version"]),
                 kernel_args=self.projection.devices[s["mac"]].get("kernel_args"),
+                nbd_nodes=others,
             )
             if view.get("iscsi_portal"):
                 view.update(

@@ -9,7 +9,8 @@ Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"erro
 
 - ``session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?,
   boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri,
-  iscsi_*, initiator_iqn, and over NATS the device's ``chap``: :class:`ChapRecord` or null)
+  iscsi_*, initiator_iqn, and over NATS the device's ``chap``: :class:`ChapRecord` or null;
+  nbd_nodes: the other live stream nodes' "host:port", docs/failover.md, ...)
 - ``session.resolve`` {token} -> :class:`SessionRecord` (with the device's CHAP
   credentials in clear: only the stream and boot roles may ask)
 - ``session.close``   {token | session_id, reason?}
@@ -146,6 +147,9 @@ class Session:
     iscsi_target: str | None = None
     initiator_iqn: str | None = None
     chap: dict[str, Any] | None = None
+    # The other live stream nodes' NBD endpoints ("host:port"), where the client reattaches
+    # when its node dies (docs/failover.md).
+    nbd_nodes: tuple[str, ...] = ()
 
 
 class RegistryClient:
@@ -207,6 +211,7 @@ class RegistryClient:
             iscsi_target=reply.get("iscsi_target"),
             initiator_iqn=reply.get("initiator_iqn"),
             chap=reply.get("chap"),
+            nbd_nodes=tuple(str(n) for n in reply.get("nbd_nodes") or ()),
         )
 
     async def close(self, token: str, reason: str) -> None:

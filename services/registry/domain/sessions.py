@@ -57,6 +57,13 @@ def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
     return min(live_stream_nodes(heartbeats), key=lambda n: (n.load, n.node), default=None)
 
 
+def failover_nodes(heartbeats: Sequence[dict[str, Any]], chosen: StreamNode) -> list[str]:
+    """The NBD endpoints of the other live stream nodes, least loaded first: where the
+    session's client reattaches when its node dies (docs/failover.md)."""
+    others = [n for n in live_stream_nodes(heartbeats) if n.nbd != chosen.nbd]
+    return [n.nbd for n in sorted(others, key=lambda n: (n.load, n.node))]
+
+
 def open_session(
     p: Projection,
     *,
