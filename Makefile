@@ -45,7 +45,7 @@ test: test-deps sync
 # A real Debian built with `vdisk build-debian` (debootstrap cached in
 # ~/.cache/streamboot-test), PXE-booted by VMs one at a time (two at once in one test).
 test-realos: test-deps sync
-	$(UV) run pytest -m realos tests/e2e/test_realos_boot.py $(PYTEST_ARGS)
+	$(UV) run pytest -m realos tests/e2e $(PYTEST_ARGS)
 
 sync: uv
 	$(UV) sync
