@@ -1,0 +1,36 @@
+"""Small things a new user trips over in the CLI (issue 27's paper cuts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from streamboot.cli import app
+
+runner = CliRunner()
+
+
+def test_events_replay_refuses_an_invalid_mac_before_touching_anything(tmp_path: Path) -> None:
+    got = runner.invoke(
+        app, ["events", "replay", "--device", "nope", "--data-dir", str(tmp_path / "none")]
+    )
+    assert got.exit_code == 2
+    assert "'nope' is not a MAC address" in got.output
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_mac_is_taken_in_any_usual_spelling() -> None:
+    from streamboot.commands import mac_argument
+
+    for spelled in ("52-54-00-AA-00-01", "525400aa0001", " 52:54:00:aa:00:01 "):
+        assert mac_argument(spelled) == "52:54:00:aa:00:01"
+
+
+def test_flags_read_as_flags_in_the_help() -> None:
+    got = runner.invoke(app, ["device", "list", "--help"], env={"COLUMNS": "100"})
+    assert got.exit_code == 0
+    line = next(x for x in got.output.splitlines() if "--json" in x)
+    assert "<bool>" not in line and "print JSON" in line
+    # Options that take a value still name its type.
+    assert "<path>" in next(x for x in got.output.splitlines() if "--data-dir" in x)
