@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from shared.events import (
     CATALOG,
@@ -232,3 +233,39 @@ def run(events: list[tuple[Event, datetime]]) -> list[BootFlow]:
             boots.append(current)
         current.advance(event, at)
     return boots
+
+
+def describe(type_: str, d: dict[str, Any]) -> str:
+    """What one event of a boot says, in a few words (timelines, the console)."""
+    match type_:
+        case "BootRequested":
+            return f"PXE request (arch {d.get('arch')})"
+        case "BootMenuShown":
+            return f"menu {d.get('vdisks')} default {d.get('default')} chosen {d.get('chosen')}"
+        case "SessionOpened":
+            return f"{d.get('vdisk')} v{d.get('version')} on {d.get('stream_node')}"
+        case "SessionConflictRejected":
+            return f"refused: {d.get('reason')}"
+        case "SessionAttached":
+            return f"{d.get('protocol')} from {d.get('client_addr')}"
+        case "SessionDetached":
+            return (
+                f"{d.get('protocol')} gone ({d.get('reason')}), "
+                f"{d.get('bytes_read', 0):,} B read, {d.get('bytes_written', 0):,} B written"
+            )
+        case "BlocksRequested":
+            extents = d.get("extents", [])
+            return f"{len(extents)} extents, {sum(x[2] for x in extents):,} B"
+        case "SessionClosed":
+            return (
+                f"closed ({d.get('reason')}), {d.get('bytes_read', 0):,} B read, "
+                f"{d.get('bytes_written', 0):,} B written"
+            )
+        case "HandoffRedeemed":
+            return f"initramfs redeemed its nonce from {d.get('client_addr')}"
+        case "NonceRefused":
+            return f"nonce refused from {d.get('client_addr')}: {d.get('reason')}"
+        case "ClientBooted":
+            return "the OS says it has booted"
+        case _:
+            return ""

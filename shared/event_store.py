@@ -422,6 +422,25 @@ class EventStore:
         )
         return [_row(r) for r in rows]
 
+    async def read_device(
+        self,
+        mac: str,
+        after_position: int = 0,
+        limit: int = 100_000,
+        *,
+        types: Sequence[str] | None = None,
+    ) -> list[StoredEvent]:
+        """A device's events and its sessions' own (attached, detached, closed name the
+        session, not the MAC), in global order; indexed reads only."""
+        own = await self.read_all(0, limit, mac=mac)
+        rows = {e.position: e for e in own if e.position > after_position}
+        for sid in dict.fromkeys(e.data["session_id"] for e in own if e.type == "SessionOpened"):
+            for e in await self.read_stream(f"session-{sid}"):
+                if e.position > after_position:
+                    rows[e.position] = e
+        picked = [rows[p] for p in sorted(rows) if not types or rows[p].type in types]
+        return picked[:limit]
+
     async def iterate_all(
         self, after_position: int = 0, batch: int = 50_000
     ) -> AsyncIterator[StoredEvent]:

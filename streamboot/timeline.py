@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from shared.boot_flow import BootFlow, parse_event
+from shared.boot_flow import BootFlow, describe, parse_event
 from shared.event_store import EventStore, StoredEvent
 
 # Events that make a boot start: the first packet (PXE), or the session for clients that
@@ -74,42 +74,6 @@ class BootTimeline:
         }
 
 
-def describe(e: StoredEvent) -> str:
-    d = e.data
-    match e.type:
-        case "BootRequested":
-            return f"PXE request (arch {d.get('arch')})"
-        case "BootMenuShown":
-            return f"menu {d.get('vdisks')} default {d.get('default')} chosen {d.get('chosen')}"
-        case "SessionOpened":
-            return f"{d.get('vdisk')} v{d.get('version')} on {d.get('stream_node')}"
-        case "SessionConflictRejected":
-            return f"refused: {d.get('reason')}"
-        case "SessionAttached":
-            return f"{d.get('protocol')} from {d.get('client_addr')}"
-        case "SessionDetached":
-            return (
-                f"{d.get('protocol')} gone ({d.get('reason')}), "
-                f"{d.get('bytes_read', 0):,} B read, {d.get('bytes_written', 0):,} B written"
-            )
-        case "BlocksRequested":
-            extents = d.get("extents", [])
-            return f"{len(extents)} extents, {sum(x[2] for x in extents):,} B"
-        case "SessionClosed":
-            return (
-                f"closed ({d.get('reason')}), {d.get('bytes_read', 0):,} B read, "
-                f"{d.get('bytes_written', 0):,} B written"
-            )
-        case "HandoffRedeemed":
-            return f"initramfs redeemed its nonce from {d.get('client_addr')}"
-        case "NonceRefused":
-            return f"nonce refused from {d.get('client_addr')}: {d.get('reason')}"
-        case "ClientBooted":
-            return "the OS says it has booted"
-        case _:
-            return ""
-
-
 def build_timelines(
     mac: str, device_events: Sequence[StoredEvent], session_events: dict[str, Sequence[StoredEvent]]
 ) -> list[BootTimeline]:
@@ -154,7 +118,7 @@ def _timeline(mac: str, session_id: str | None, events: Sequence[StoredEvent]) -
         label = e.type
         if e.type == "BlocksRequested":
             label = "first block read" if id(e) == id(blocks[0]) else "last block batch"
-        tl.steps.append(Step(e.time, label, describe(e), phase=flow.phase))
+        tl.steps.append(Step(e.time, label, describe(e.type, e.data), phase=flow.phase))
     tl.phase, tl.problems = flow.phase, flow.problems
     if tl.steps:
         start = tl.steps[0].at
@@ -164,25 +128,6 @@ def _timeline(mac: str, session_id: str | None, events: Sequence[StoredEvent]) -
             step.since_previous_s = (step.at - previous).total_seconds()
             previous = step.at
     return tl
-
-
-async def device_events(
-    store: EventStore,
-    mac: str,
-    after: int = 0,
-    limit: int = 100_000,
-    types: Sequence[str] | None = None,
-) -> list[StoredEvent]:
-    """A device's events and its sessions' own (attached, detached, closed: they name the
-    session, not the MAC), in log order; indexed reads only."""
-    own = await store.read_all(0, limit, mac=mac)
-    rows = {e.position: e for e in own if e.position > after}
-    for sid in dict.fromkeys(e.data["session_id"] for e in own if e.type == "SessionOpened"):
-        for e in await store.read_stream(f"session-{sid}"):
-            if e.position > after:
-                rows[e.position] = e
-    picked = [rows[p] for p in sorted(rows) if not types or rows[p].type in types]
-    return picked[:limit]
 
 
 async def device_timelines(

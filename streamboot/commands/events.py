@@ -14,7 +14,7 @@ from rich.table import Table
 from shared.event_store import EventStore, StoredEvent
 from shared.settings import Settings
 from streamboot.commands import DataDirOption, mac_argument
-from streamboot.timeline import device_events, device_timelines
+from streamboot.timeline import device_timelines
 
 app = typer.Typer(no_args_is_help=True, help="Read and follow the event log.")
 
@@ -69,7 +69,7 @@ async def _list(
         if mac:
             rows = [
                 e
-                for e in await device_events(store, mac, after, limit, types)
+                for e in await store.read_device(mac, after, limit, types=types)
                 if stream is None or e.stream_id == stream
             ]
         else:
@@ -108,7 +108,7 @@ async def _tail(
         }
         # A MAC's sessions' own events do not carry the MAC: follow the sessions it opens.
         sessions = (
-            {e.data["session_id"] for e in await device_events(store, mac, types=["SessionOpened"])}
+            {e.data["session_id"] for e in await store.read_device(mac, types=["SessionOpened"])}
             if mac
             else set()
         )

@@ -19,7 +19,7 @@ from shared.events import (
     SessionOpened,
     envelope,
 )
-from streamboot.timeline import device_events, device_timelines
+from streamboot.timeline import device_timelines
 
 MAC = "52:54:00:00:0a:01"
 OTHER = "52:54:00:00:0a:02"
@@ -115,16 +115,16 @@ async def test_a_devices_events_include_its_sessions_own(store: EventStore) -> N
     await store.append([at(2, opened("s9", OTHER)), at(3, attach("s9", "nbd"))])
     await store.append([at(4, attach("s1", "nbd"))])
     await store.append([at(5, SessionClosed(session_id="s1", reason="expired"))])
-    rows = await device_events(store, MAC)
+    rows = await store.read_device(MAC)
     assert [(e.type, e.stream_id) for e in rows] == [
         ("BootRequested", f"boot-{MAC}"),
         ("SessionOpened", "session-s1"),
         ("SessionAttached", "session-s1"),
         ("SessionClosed", "session-s1"),
     ]
-    after_open = await device_events(store, MAC, after=rows[1].position, types=["SessionClosed"])
+    after_open = await store.read_device(MAC, rows[1].position, types=["SessionClosed"])
     assert [e.data["reason"] for e in after_open] == ["expired"]
-    assert len(await device_events(store, MAC, limit=2)) == 2
+    assert len(await store.read_device(MAC, limit=2)) == 2
 
 
 async def test_the_device_query_uses_the_mac_index(store: EventStore) -> None:
