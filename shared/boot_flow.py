@@ -38,6 +38,7 @@ from shared.events import (
     SessionAttached,
     SessionClosed,
     SessionConflictRejected,
+    SessionEvent,
     SessionOpened,
 )
 
@@ -211,6 +212,14 @@ def _problem(event: Event) -> str | None:
             return None
 
 
+def belongs_to_a_boot(event: Event) -> bool:
+    """Whether an event is part of a machine's boot (a PXE request, a menu, its session's
+    events) rather than of the inventory (a device added, a vdisk promoted)."""
+    return isinstance(event, BootRequested | BootMenuShown | SessionEvent) or (
+        event.event_type() == NOTICE_TYPE
+    )
+
+
 def parse_event(type_: str, data: dict[str, object]) -> Event | None:
     """The typed event of a stored one; None for a type or shape this catalog does not know
     (an older or newer log), which then takes no part in the flow."""
@@ -227,6 +236,8 @@ def run(events: list[tuple[Event, datetime]]) -> list[BootFlow]:
     """A machine's events (in log order) cut into boots, each run through the machine."""
     boots: list[BootFlow] = []
     for event, at in events:
+        if not belongs_to_a_boot(event):
+            continue
         current = boots[-1] if boots else None
         if starts_new_boot(current, event):
             current = BootFlow()

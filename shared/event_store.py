@@ -422,6 +422,21 @@ class EventStore:
         )
         return [_row(r) for r in rows]
 
+    async def read_latest(
+        self, limit: int, *, types: Sequence[str] | None = None
+    ) -> list[StoredEvent]:
+        """The last ``limit`` events (of these types), in global order: the log read
+        backwards from its end, for "what happened lately"."""
+        args: list[Any] = [limit]
+        where = ""
+        if types:
+            args.append(list(types))
+            where = "WHERE type = ANY($2) "
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM events {where}ORDER BY position DESC LIMIT $1", *args
+        )
+        return [_row(r) for r in reversed(rows)]
+
     async def read_device(
         self,
         mac: str,

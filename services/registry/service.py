@@ -23,6 +23,7 @@ from nats.aio.client import Client as NATS
 from services.cache.client import all_write_caches
 from services.registry import vdisk_store
 from services.registry.app import RegistryApp
+from services.registry.console import LiveFeed
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
 from services.stream.announce import announce_session
@@ -129,9 +130,12 @@ class RegistryService:
         self._appends = await serve_appends(nc, store, lambda _stored: relay.poke())
         self.broker = build_broker(nats_url, app, credentials)
         await self.broker.start()
+        # The console's live view: the log's recent past, then the event stream.
+        self.feed = LiveFeed(store, nc)
+        await self.feed.start()
         self.server = _ApiServer(
             uvicorn.Config(
-                build_api(app, api_token(settings), settings.api_max_body_bytes),
+                build_api(app, api_token(settings), settings.api_max_body_bytes, self.feed),
                 host=settings.bind_host,
                 port=settings.api_port,
                 log_level="warning",
@@ -203,6 +207,8 @@ class RegistryService:
                 await asyncio.wait_for(asyncio.shield(self.tasks[0]), 5.0)
         if hasattr(self, "heartbeat"):
             await self.heartbeat.stop()
+        if hasattr(self, "feed"):
+            await self.feed.stop()
         if hasattr(self, "broker"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.broker.stop(), 5.0)

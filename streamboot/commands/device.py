@@ -156,3 +156,36 @@ def maintenance(
         raise typer.BadParameter(f"{state!r}: on or off", param_hint="STATE")
     body = {"on": state == "on"}
     run(data_dir, as_json, lambda c: c.post(f"/devices/{mac}/maintenance", body), show_device)
+
+
+@app.command()
+def wake(
+    data_dir: DataDirOption,
+    mac: Annotated[str | None, typer.Argument(help="the device's MAC")] = None,
+    collection: Annotated[
+        str | None, typer.Option(help="wake every device of this collection")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Power a device on with a Wake-on-LAN packet (sent by the registry, out of the boot
+    interface); it then PXE-boots as usual."""
+    if (mac is None) == (collection is None):
+        raise typer.BadParameter("give a MAC or --collection, not both", param_hint="MAC")
+
+    def call(c: Any) -> Any:
+        if mac is not None:
+            return [c.post(f"/devices/{mac}/wake")]
+        macs = [d["mac"] for d in c.get("/devices") if d["collection"] == collection]
+        if not macs:
+            raise typer.BadParameter(f"collection {collection!r} has no devices")
+        return [c.post(f"/devices/{m}/wake") for m in macs]
+
+    run(
+        data_dir,
+        as_json,
+        call,
+        lambda woken: [
+            console.print(f"woke {w['mac']} ({w['hostname']}): packet sent to {w['sent_to']}")
+            for w in woken
+        ],
+    )

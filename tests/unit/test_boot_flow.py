@@ -148,6 +148,16 @@ def test_the_transition_table_only_goes_forward() -> None:
     assert TRANSITIONS[Phase.CLOSED] == frozenset() == TRANSITIONS[Phase.REFUSED]
 
 
+def test_inventory_events_are_no_boot() -> None:
+    from shared.events import DeviceRegistered
+
+    boots = run(
+        timed(DeviceRegistered(mac=MAC, machine_id="m", hostname="h"), BootRequested(mac=MAC))
+    )
+    assert [b.phase for b in boots] == [Phase.DISCOVERED]
+    assert len(boots[0].steps) == 1
+
+
 def test_stored_events_of_unknown_types_or_shapes_take_no_part() -> None:
     assert parse_event("NoSuchEvent", {}) is None
     assert parse_event("ClientBooted", {"session_id": "s1"}) is None  # mac missing
