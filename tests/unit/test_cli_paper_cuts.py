@@ -34,3 +34,9 @@ def test_flags_read_as_flags_in_the_help() -> None:
     assert "<bool>" not in line and "print JSON" in line
     # Options that take a value still name its type.
     assert "<path>" in next(x for x in got.output.splitlines() if "--data-dir" in x)
+
+
+def test_device_wake_wants_a_mac_or_a_collection(tmp_path: Path) -> None:
+    for args in ([], ["52:54:00:00:00:01", "--collection", "lab"]):
+        got = runner.invoke(app, ["device", "wake", *args, "--data-dir", str(tmp_path)])
+        assert got.exit_code == 2 and "give a MAC or --collection" in got.output
