@@ -437,6 +437,16 @@ class EventStore:
         )
         return [_row(r) for r in reversed(rows)]
 
+    async def session_opened(self, token_hash: str) -> StoredEvent | None:
+        """The SessionOpened of the session whose token has this SHA-256 (the log keeps
+        only the hash), through the index on the events' type."""
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM events WHERE type = 'SessionOpened' "
+            "AND data::jsonb->>'token_hash' = $1 ORDER BY position DESC LIMIT 1",
+            token_hash,
+        )
+        return _row(row) if row else None
+
     async def read_device(
         self,
         mac: str,

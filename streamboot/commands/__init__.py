@@ -26,13 +26,22 @@ DataDirOption = Annotated[
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 
 
-def mac_argument(value: str) -> str:
-    """A MAC typed by an operator in its normal form (``aa:bb:cc:dd:ee:ff``), or a usage
-    error naming the expected shape."""
+def as_mac(value: str) -> str | None:
+    """A MAC in its normal form (``aa:bb:cc:dd:ee:ff``) from any usual spelling; None
+    when ``value`` is not one."""
     m = value.strip().lower()
     if not _MAC.match(m):
+        return None
+    digits = m.replace(":", "").replace("-", "")
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def mac_argument(value: str) -> str:
+    """A MAC typed by an operator in its normal form, or a usage error naming the
+    expected shape."""
+    mac = as_mac(value)
+    if mac is None:
         raise typer.BadParameter(
             f"{value!r} is not a MAC address: expected six hex octets like 52:54:00:12:34:56"
         )
-    digits = m.replace(":", "").replace("-", "")
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+    return mac
