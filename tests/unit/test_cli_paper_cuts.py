@@ -40,3 +40,15 @@ def test_device_wake_wants_a_mac_or_a_collection(tmp_path: Path) -> None:
     for args in ([], ["52:54:00:00:00:01", "--collection", "lab"]):
         got = runner.invoke(app, ["device", "wake", *args, "--data-dir", str(tmp_path)])
         assert got.exit_code == 2 and "give a MAC or --collection" in got.output
+
+
+def test_status_after_up_was_killed_says_so_instead_of_blaming_nats(tmp_path: Path) -> None:
+    # What a `kill -9` of `up` leaves: runtime.json (endpoints of servers now gone) and no
+    # supervisor holding the data dir's lock.
+    (tmp_path / "runtime.json").write_text(
+        '{"nats_url": "nats://127.0.0.1:9", "api_url": "http://127.0.0.1:9"}'
+    )
+    got = runner.invoke(app, ["status", "--data-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert got.exit_code == 1
+    assert "`streamboot up` is not running" in got.output and "stale" in got.output
+    assert "NATS" not in got.output and "nats://" not in got.output  # no stale endpoint either
