@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from services.registry.client import run
 from streamboot.commands import DataDirOption
+from streamboot.tables import print_rows
 
 app = typer.Typer(no_args_is_help=True, help="Devices (client machines), keyed by MAC.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -44,20 +44,17 @@ def show_device(d: dict[str, Any]) -> None:
 
 
 def show_devices(devices: list[dict[str, Any]]) -> None:
-    table = Table("MAC", "hostname", "collection", "tester", "state", "vdisks", "session")
+    rows = []
     for d in devices:
         a = d.get("assignment") or {}
-        table.add_row(
-            d["mac"],
-            d["hostname"],
-            d["collection"] or "-",
-            "yes" if d["tester"] else "",
+        rows.append([
+            d["mac"], d["hostname"], d["collection"] or "-", "yes" if d["tester"] else "",
             ("enabled" if d["enabled"] else "disabled")
             + (", maintenance" if d.get("maintenance") else ""),
-            ", ".join(a.get("vdisks", [])) or "-",
-            d.get("session") or "-",
-        )
-    console.print(table)
+            ", ".join(a.get("vdisks", [])) or "-", d.get("session") or "-",
+        ])  # fmt: skip
+    headers = ("MAC", "hostname", "collection", "tester", "state", "vdisks", "session")
+    print_rows(console, headers, rows, ids=("MAC", "session"))
 
 
 @app.command()

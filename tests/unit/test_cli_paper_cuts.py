@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -52,3 +53,19 @@ def test_status_after_up_was_killed_says_so_instead_of_blaming_nats(tmp_path: Pa
     assert got.exit_code == 1
     assert "`streamboot up` is not running" in got.output and "stale" in got.output
     assert "NATS" not in got.output and "nats://" not in got.output  # no stale endpoint either
+
+
+def test_ids_and_macs_stay_whole_in_80_columns() -> None:
+    from rich.console import Console
+
+    from streamboot.tables import print_rows
+
+    sid, mac = "01890a5d-ac96-774b-bcce-b302099a8057", "52:54:00:12:34:56"
+    headers = ("session", "MAC", "hostname", "vdisk", "version", "node", "write cache")
+    row = [sid, mac, "lab-001-long-host", "win11-base", "3", "stream-node-1", "1.0 MiB of 10 GiB"]
+    for width in (80, 60, 200):
+        console = Console(width=width, record=True, file=io.StringIO())
+        print_rows(console, headers, [row], ids=("session", "MAC"))
+        text = console.export_text()
+        assert any(sid in line and mac in line for line in text.splitlines()), (width, text)
+        assert "…" not in text and "lab-001-long-host" in text
