@@ -206,8 +206,8 @@ def _problem(event: Event) -> str | None:
                 f"(session issued to {event.expected_addr})"
             )
         case _ if event.event_type() == NOTICE_TYPE:
-            text = getattr(event, "message", None) or getattr(event, "text", None)
-            return f"client notice: {text}" if text else "client notice"
+            kind, text = getattr(event, "kind", None), getattr(event, "message", None)
+            return f"client notice ({kind}): {text}" if kind else f"client notice: {text}"
         case _:
             return None
 
@@ -278,5 +278,7 @@ def describe(type_: str, d: dict[str, Any]) -> str:
             return f"nonce refused from {d.get('client_addr')}: {d.get('reason')}"
         case "ClientBooted":
             return "the OS says it has booted"
+        case "ClientNotice":
+            return f"{d.get('kind')}: {d.get('message')}"
         case _:
             return ""
