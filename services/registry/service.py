@@ -200,6 +200,8 @@ class RegistryService:
 
     async def stop(self) -> None:
         """Stop whatever was started (also after a start that failed half-way)."""
+        if hasattr(self, "feed"):
+            await self.feed.stop()  # ends the console's live streams, so the API can stop
         if hasattr(self, "server"):
             self.server.should_exit = True
         if self.tasks:
@@ -207,8 +209,6 @@ class RegistryService:
                 await asyncio.wait_for(asyncio.shield(self.tasks[0]), 5.0)
         if hasattr(self, "heartbeat"):
             await self.heartbeat.stop()
-        if hasattr(self, "feed"):
-            await self.feed.stop()
         if hasattr(self, "broker"):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.broker.stop(), 5.0)

@@ -53,6 +53,10 @@ async def page(browser: Any, registry: Registry) -> AsyncIterator[Any]:
     pg = await context.new_page()
     pg.requests = []  # type: ignore[attr-defined]
     pg.on("request", lambda r: pg.requests.append(r.url))
+    # Script errors and Content-Security-Policy violations show as console errors.
+    pg.errors = []  # type: ignore[attr-defined]
+    pg.on("console", lambda m: m.type == "error" and pg.errors.append(m.text))
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
     try:
         yield pg
     finally:
@@ -158,9 +162,10 @@ async def test_an_operators_morning(
     assert "POST /assignments" in audit and "bootstrap-admin" in audit
     await shot(page, tmp_path, "08-audit")
 
-    # Every request the page made went to its own origin.
+    # Every request the page made went to its own origin, and nothing failed in it.
     foreign = [u for u in page.requests if not u.startswith(registry.api_url + "/")]
     assert foreign == [], foreign
+    assert page.errors == [], page.errors
 
 
 async def test_a_viewer_sees_but_cannot_change(

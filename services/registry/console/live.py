@@ -59,6 +59,7 @@ class LiveView:
         self._bytes: deque[tuple[datetime, int]] = deque()
         self._changed = asyncio.Event()
         self.version = 0
+        self.closed = False  # set when the process stops: live streams end
 
     def feed(self, position: int, type_: str, data: dict[str, Any], at: datetime) -> bool:
         """One event of the log; False when it was seen already (a relay's re-publish)."""
@@ -114,6 +115,12 @@ class LiveView:
         """Machines' latest boots, the most recently active first."""
         return list(reversed(self.boots.values()))[:limit]
 
+    def close(self) -> None:
+        """End every live stream (the process is stopping)."""
+        self.closed = True
+        self.version += 1
+        self._changed.set()
+
     async def wait_change(self, seen: int, timeout_s: float) -> int:
         """The view's version once it is past ``seen``, or after ``timeout_s`` (a burst
         of events is one change for whoever wakes after it)."""
@@ -145,6 +152,7 @@ class LiveFeed:
         self._feed(pending)
 
     async def stop(self) -> None:
+        self.view.close()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

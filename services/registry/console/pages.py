@@ -45,6 +45,10 @@ NAV = (
     ("/console/audit", "Audit"),
 )
 MAX_FORM_BYTES = 4096
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 # Fragments a page can ask to be pushed on its live stream.
 LIVE_TOPICS = ("dashboard", "boots")
@@ -102,6 +106,15 @@ def _offline_redoc() -> bytes:
     return bundle.replace(REDOC_CDN_LOGO, f"{DOCS_ASSETS}/favicon.png".encode())
 
 
+def guarded(response: HTMLResponse) -> HTMLResponse:
+    """A console page may load and call only its own origin (every asset ships with it),
+    and is never framed by another site."""
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
+
+
 def affected(app: RegistryApp, vdisk: str) -> dict[str, Any]:
     """Who a change of a vdisk's stages reaches: the devices it is assigned to (directly or
     through their collection), split by tester flag, and its live sessions."""
@@ -145,16 +158,18 @@ def mount_console(
         return RedirectResponse("/login", status_code=303)
 
     def page(request: Request, name: str, login: Login, **ctx: Any) -> HTMLResponse:
-        return templates.TemplateResponse(
-            request,
-            name,
-            {
-                "login": login,
-                "can_operate": RANK[login.role] >= RANK["operator"],
-                "is_admin": login.role == "admin",
-                "path": request.url.path,
-                **ctx,
-            },
+        return guarded(
+            templates.TemplateResponse(
+                request,
+                name,
+                {
+                    "login": login,
+                    "can_operate": RANK[login.role] >= RANK["operator"],
+                    "is_admin": login.role == "admin",
+                    "path": request.url.path,
+                    **ctx,
+                },
+            )
         )
 
     def fragment(request: Request, name: str, login: Login, **ctx: Any) -> HTMLResponse:
@@ -164,7 +179,7 @@ def mount_console(
 
     @api.get("/login", include_in_schema=False)
     async def login_form(request: Request) -> HTMLResponse:
-        return templates.TemplateResponse(request, "login.html", {"error": None})
+        return guarded(templates.TemplateResponse(request, "login.html", {"error": None}))
 
     @api.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -350,7 +365,7 @@ def mount_console(
             # change without an event.
             seen = -1
             yield b"retry: 2000\n\n"
-            while not await request.is_disconnected():
+            while not view.closed and not await request.is_disconnected():
                 for topic in wanted:
                     html = await render_topic(request, login, topic)
                     data = "".join(f"data: {line}\n" for line in html.splitlines())
