@@ -102,6 +102,13 @@ async def test_an_operators_morning(
     await row.locator("button:has-text('Assign')").click()
     await row.locator(".vdisks .pill:has-text('demo')").wait_for()
     assert registry.app.show_device(MAC)["assignment"]["default"] == "demo"
+    # Edit it in place: a kernel argument for its kernel-direct boots.
+    await row.locator("button:has-text('Edit')").click()
+    edit = page.locator("tr.edit:visible")
+    await edit.locator("input[name=kernel_args]").fill("console=ttyS0")
+    await edit.locator("button:has-text('Save lab-001')").click()
+    await page.locator(".toast:has-text('lab-001 saved')").wait_for()
+    assert registry.app.show_device(MAC)["kernel_args"] == "console=ttyS0"
     await shot(page, tmp_path, "03-devices")
 
     # A boot, as the services record it, advances live on the Boots page.
@@ -160,6 +167,7 @@ async def test_an_operators_morning(
     audit = await page.inner_text("#audit")
     assert "POST /vdisks/demo/promote" in audit and "POST /devices" in audit
     assert "POST /assignments" in audit and "bootstrap-admin" in audit
+    assert f"PATCH /devices/{MAC}" in audit
     await shot(page, tmp_path, "08-audit")
 
     # Every request the page made went to its own origin, and nothing failed in it.

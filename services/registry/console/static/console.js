@@ -86,6 +86,14 @@
     call(btn, btn.dataset.body ? JSON.parse(btn.dataset.body) : {});
   });
 
+  // A button that shows or hides a part of the page (a device's edit form).
+  document.addEventListener("click", (ev) => {
+    const btn = ev.target.closest("button[data-toggle]");
+    if (!btn) return;
+    const part = document.getElementById(btn.dataset.toggle);
+    if (part) part.hidden = !part.hidden;
+  });
+
   // A copyable id: a click selects the whole of it.
   document.addEventListener("click", (ev) => {
     const el = ev.target.closest(".copy");
