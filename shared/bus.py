@@ -6,7 +6,7 @@ Subjects (the whole map lives here so nobody invents a second one):
   log; the last token names the appending service, which the bus's permissions make true
 - ``streamboot.registry.<verb>``  request/reply: registry commands and queries
 - ``streamboot.cache.<verb>``     request/reply: cache commands (raw nats-py, data plane)
-- ``streamboot.cache.node.<node>.<verb>``  the same, to one cache node (services/cache/wire.py)
+- ``streamboot.cache.node.<node>.<verb>``  the same, to one cache node (shared/contracts/cache/wire.py)
 - ``streamboot.cache.wc.attached``  publish, every stream node: a write cache was attached
   (services/stream/takeover.py)
 - ``streamboot.stream.<node>.session.prepare``  publish: a session announced to its stream

@@ -22,16 +22,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.bus import APPEND_PREFIX, EVENTS_STREAM, HEARTBEAT_BUCKET
+from shared.contracts import registry as registry_contract
 
 ROLES = ("registry", "stream", "cache", "boot", "cli")
 
-# KV buckets owned by one service (services/cache/placement.py, services/boot/*.py).
+# KV buckets owned by one service (the cache's placement.py, the boot service's stores).
 CACHE_OWNERS_BUCKET = "streamboot_cache_owners"
 BOOT_TRACES_BUCKET = "streamboot_boot_traces"
 BOOT_HANDOFF_BUCKET = "streamboot_boot_handoff"
 BOOT_NONCES_BUCKET = "streamboot_boot_nonces"
 # A destructive consumer confirms a session's close with the registry (stream and cache).
-SESSION_STATUS = "streamboot.registry.session.status"
+SESSION_STATUS = registry_contract.STATUS
 
 INBOX = "_INBOX.>"
 API = "$JS.API"

@@ -28,6 +28,7 @@ from shared.bus import (
     request_json,
     serve_json,
 )
+from shared.contracts import registry as registry_contract
 from shared.envelope import Envelope
 from shared.event_owners import Refused, admit
 from shared.event_store import ConcurrencyError, EventStore, unreachable
@@ -87,7 +88,7 @@ async def serve_appends(
     return await serve_json(nc, f"{APPEND_PREFIX}.*", handle, queue="registry")
 
 
-SESSION_STATUS_SUBJECT = "streamboot.registry.session.status"
+SESSION_STATUS_SUBJECT = registry_contract.STATUS
 
 
 async def closed_in_log(nc: NATS, session_id: str, *, timeout_s: float = 5.0) -> bool:

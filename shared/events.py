@@ -7,11 +7,14 @@ here, so that the whole vocabulary of the system stays in one place.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import logging
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from shared.envelope import Envelope
+
+log = logging.getLogger("streamboot.events")
 
 CATALOG: dict[str, type[Event]] = {}
 
@@ -450,3 +453,47 @@ def parse(env: Envelope) -> Event:
     except KeyError:
         raise KeyError(f"unknown event type {env.type!r}") from None
     return model.model_validate(env.data)
+
+
+def subject_of(kind: type[Event]) -> str:
+    """The bus subjects events of ``kind`` are published on (any stream kind)."""
+    return f"events.{kind.event_type()}.>"
+
+
+class BadEvent(ValueError):
+    """Bytes on the bus that are no event of the catalog."""
+
+
+def parse_message(data: bytes) -> tuple[Envelope, Event]:
+    """The envelope of a bus message and its typed event; :class:`BadEvent` (naming the
+    problem) on bytes that are no envelope or hold no event of the catalog."""
+    try:
+        env = Envelope.model_validate_json(data)
+        return env, parse(env)
+    except (ValueError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
+        raise BadEvent(f"not an event of the catalog: {str(exc).splitlines()[0]}") from None
+
+
+def parse_event(data: bytes) -> Event:
+    """The typed event of a bus message; :class:`BadEvent` on anything else."""
+    return parse_message(data)[1]
+
+
+class Message(Protocol):
+    subject: str
+    data: bytes
+
+
+E = TypeVar("E", bound=Event)
+
+
+def received(msg: Message, kind: type[E]) -> E | None:
+    """The event of ``kind`` a bus message holds; None, with a log line naming the
+    subject, for bytes that are no event, and None for an event of another type (a
+    subscription receives whatever anyone may publish on its subject)."""
+    try:
+        event = parse_event(msg.data)
+    except BadEvent as exc:
+        log.warning("skipped a message on %s: %s", msg.subject, exc)
+        return None
+    return event if isinstance(event, kind) else None

@@ -25,8 +25,8 @@ from services.boot import ipxe_scripts as scripts
 from services.boot.boot_trace import BootTraces, boot_span
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response, file_response
-from services.boot.registry_client import RegistryClient
 from shared.bus import RemoteError, ServiceUnavailable
+from shared.contracts.registry import RegistryClient
 from shared.events import BootMenuShown, ClientBooted, Event, HandoffRedeemed, NonceRefused
 
 log = logging.getLogger("streamboot.boot.ipxe")
@@ -178,18 +178,18 @@ class BootHttp:
             return Response(403, "wrong client address\n")
         try:
             live = await self.registry.resolve(entry["token"])
-        except RemoteError:
+        except (RemoteError, ValueError):
             return Response(410, "session closed\n")
         except ServiceUnavailable:
             return Response(503, "registry unavailable, the nonce is spent: boot again\n")
-        if live.get("session_id") != entry["session_id"]:
+        if live.session_id != entry["session_id"]:
             return Response(410, "session closed\n")
         answer = {
             "nbd_host": entry["nbd_host"],
             "nbd_port": entry["nbd_port"],
             "export": entry["token"],
-            "write_cache": live.get("write_cache") or entry["write_cache"],
-            "persistence": live.get("write_cache_persistence") or entry["persistence"],
+            "write_cache": live.write_cache or entry["write_cache"],
+            "persistence": live.write_cache_persistence or entry["persistence"],
             "hostname": entry.get("hostname"),
             "machine_id": entry.get("machine_id"),
             "session_id": entry["session_id"],

@@ -228,11 +228,3 @@ def write_leases(path: Path, snapshot: list[dict[str, Any]]) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
-
-
-def read_leases(path: Path) -> list[dict[str, object]]:
-    """The lease file as plain dicts (the CLI reads it without a running server)."""
-    try:
-        return list(json.loads(path.read_text()).get("leases", []))
-    except FileNotFoundError:
-        return []

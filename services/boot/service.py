@@ -31,9 +31,10 @@ from services.boot.dhcp_server import (
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import HttpServer
 from services.boot.ipv6_ra import answer_solicitations
-from services.boot.registry_client import RegistryClient
 from services.boot.tftp_server import TftpConfig, TftpServer, Transfer
 from shared.bus import BusError
+from shared.contracts.boot import leases_path
+from shared.contracts.registry import RegistryClient
 from shared.event_sink import QueuedEventSink
 from shared.events import BootRequested, Event
 from shared.service import ServiceRuntime
@@ -41,13 +42,8 @@ from shared.settings import Settings
 
 log = logging.getLogger("streamboot.boot")
 
-LEASES_FILE = ("boot", "dhcp-leases.json")
 # How long a PXE DISCOVER's BootRequested waits for the registry to name the vdisk.
 LOOKUP_WAIT_S = 1.0
-
-
-def leases_path(settings: Settings) -> Path:
-    return settings.data_path(*LEASES_FILE)
 
 
 def prepare_tftp_root(s: Settings) -> Path:

@@ -18,8 +18,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from shared.events import BlocksRequested
 from shared.private_file import replace_private
 
 log = logging.getLogger("streamboot.cache.profiles")
@@ -103,12 +103,12 @@ class BootProfiles:
         prof = self.profiles.get(self.key(vdisk, version))
         return prof.extents if prof else []
 
-    def observe(self, data: dict[str, Any]) -> None:
-        """One BlocksRequested event's data."""
-        sid = data.get("session_id", "")
+    def observe(self, event: BlocksRequested) -> None:
+        """One BlocksRequested event."""
+        sid = event.session_id
         if sid in self.finished:
             return
-        key = self.key(data["vdisk"], int(data["version"]))
+        key = self.key(event.vdisk, event.version)
         prof = self.profiles.get(key)
         if prof is not None and prof.boots >= self.max_boots:
             return
@@ -121,7 +121,7 @@ class BootProfiles:
             self.booted_early.discard(sid)
             boot.timer = loop.call_later(wait, self.end_boot, sid)
         past_window = False
-        for t_ms, offset, length, op in data.get("extents", []):
+        for t_ms, offset, length, op in event.extents:
             if t_ms > self.window_ms:
                 past_window = True
                 continue

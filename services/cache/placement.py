@@ -38,17 +38,11 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from services.cache import wire
 from shared.bus import HEARTBEAT_BUCKET, follow_forever, key_value_bucket, subject_token
 
 log = logging.getLogger("streamboot.cache.placement")
 
 OWNERS_BUCKET = "streamboot_cache_owners"
-
-
-def node_subject(node: str, verb: str) -> str:
-    """``streamboot.cache.node.<node>.<verb>``: only that node answers."""
-    return f"{wire.NODE_PREFIX}.{subject_token(node)}.{verb}"
 
 
 def score(key: str, node: str) -> int:

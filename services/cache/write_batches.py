@@ -18,8 +18,8 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from services.cache import wire
 from services.cache.write_cache import SessionWriteCache, WriteCaches
+from shared.contracts.cache import wire
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.cache.block_map import BLOCK, DIRTY, ZEROED, BlockMap, blocks_of
-from services.cache.wire import FLAG_SYNC, OP_FLUSH, OP_WRITE, OP_ZERO
 from shared import metrics
+from shared.block_map import BLOCK, DIRTY, ZEROED, BlockMap, blocks_of
+from shared.contracts.cache.wire import FLAG_SYNC, OP_FLUSH, OP_WRITE, OP_ZERO
 from shared.private_file import replace_private
 
 log = logging.getLogger("streamboot.cache.write")

@@ -24,11 +24,11 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from services.cache import wire
-from services.cache.block_map import BLOCK, DIRTY
-from services.cache.client import CacheClient
 from services.registry import vdisk_store
 from services.registry.vdisk_store import Progress, StagedVersion
+from shared.block_map import BLOCK, DIRTY
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import CacheClient
 
 PULL_DEPTH = 8
 

@@ -1,18 +1,5 @@
-"""The registry's control-plane handlers on NATS (FastStream request/reply).
-
-Subjects (queue group ``registry``: replicas share the load), JSON in and out; an error
-reply is ``{"error": message, "kind": "invalid"|"not_found"|"conflict"|"refused"|"internal"}``
-(what ``shared.bus.request_json`` raises as ``RemoteError``):
-
-- ``streamboot.registry.session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?}
-- ``streamboot.registry.session.resolve`` {token} -> the export a stream node serves
-- ``streamboot.registry.session.close``   {token | session_id, reason?}
-- ``streamboot.registry.session.replay``  {session_id, stream_node?} -> a replay session
-- ``streamboot.registry.session.list``    {}
-- ``streamboot.registry.session.status``  {session_id} -> {session_id, live, closed, reason}:
-  whether the log holds its close (asked before a write cache is dropped)
-- ``streamboot.registry.device.lookup``   {mac, smbios_uuid?} (a boot: applies the unknown-device policy)
-- ``streamboot.registry.vdisk.list``      {}
+"""The registry's control-plane handlers on NATS (FastStream request/reply). The subjects,
+bodies and error kinds are the contract in ``shared/contracts/registry.py``.
 
 Each handler is one call into :class:`~services.registry.app.RegistryApp`, the same layer
 the REST API calls.
@@ -29,11 +16,10 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 
 from services.registry.app import RegistryApp
 from services.registry.domain.errors import DomainError
+from shared.contracts.registry import PREFIX, QUEUE
 
 log = logging.getLogger("streamboot.registry.nats")
 
-PREFIX = "streamboot.registry"
-QUEUE = "registry"
 # Session opens from many booting clients at once: handle them concurrently (the app
 # serialises the decisions itself).
 WORKERS = 16

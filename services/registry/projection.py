@@ -22,6 +22,35 @@ from typing import Any
 
 import orjson
 
+from shared.events import (
+    AdminActionPerformed,
+    ApiTokenCreated,
+    ApiTokenRevoked,
+    AssignmentChanged,
+    BlocksRequested,
+    BootFilesScanned,
+    DeviceDisabled,
+    DeviceEnabled,
+    DeviceMaintenanceChanged,
+    DeviceRegistered,
+    DeviceRemoved,
+    DeviceUpdated,
+    Event,
+    ProjectionError,
+    ReplaySessionOpened,
+    SessionAttached,
+    SessionClosed,
+    SessionDetached,
+    SessionOpened,
+    VdiskChainMerged,
+    VdiskCreated,
+    VdiskLayersRemoved,
+    VdiskPolicyChanged,
+    VdiskRemoved,
+    VdiskRolledBack,
+    VdiskVersionPromoted,
+    VdiskVersionPublished,
+)
 from shared.layer_paths import check_layer_name
 
 Record = dict[str, Any]
@@ -87,41 +116,43 @@ class Projection:
         self.failures: dict[int, Record] = {}
         # Positions of skipped events that a ProjectionError in the log already names.
         self.recorded_failures: set[int] = set()
-        self._handlers: dict[str, Callable[[Record, Any], None]] = {
-            "DeviceRegistered": self._device_registered,
-            "DeviceUpdated": self._device_updated,
-            "DeviceDisabled": self._device_disabled,
-            "DeviceEnabled": self._device_enabled,
-            "DeviceRemoved": self._device_removed,
-            "DeviceMaintenanceChanged": self._device_maintenance,
-            "AssignmentChanged": self._assignment_changed,
-            "VdiskCreated": self._vdisk_created,
-            "VdiskVersionPublished": self._version_published,
-            "VdiskVersionPromoted": self._version_promoted,
-            "VdiskRolledBack": self._rolled_back,
-            "VdiskPolicyChanged": self._policy_changed,
-            "BootFilesScanned": self._boot_files_scanned,
-            "VdiskRemoved": self._vdisk_removed,
-            "VdiskChainMerged": self._chain_merged,
-            "VdiskLayersRemoved": self._layers_removed,
-            "SessionOpened": self._session_opened,
-            "ReplaySessionOpened": self._replay_session_opened,
-            "SessionAttached": self._session_attached,
-            "SessionDetached": self._session_detached,
-            "SessionClosed": self._session_closed,
-            "BlocksRequested": self._session_active,
-            "ApiTokenCreated": self._api_token_created,
-            "ApiTokenRevoked": self._api_token_revoked,
-            "AdminActionPerformed": self._admin_action,
-            "ProjectionError": self._projection_error,
+        # Keyed by the catalog's models: a handler for a type the catalog lacks fails here.
+        handlers: dict[type[Event], Callable[[Record, Any], None]] = {
+            DeviceRegistered: self._device_registered,
+            DeviceUpdated: self._device_updated,
+            DeviceDisabled: self._device_disabled,
+            DeviceEnabled: self._device_enabled,
+            DeviceRemoved: self._device_removed,
+            DeviceMaintenanceChanged: self._device_maintenance,
+            AssignmentChanged: self._assignment_changed,
+            VdiskCreated: self._vdisk_created,
+            VdiskVersionPublished: self._version_published,
+            VdiskVersionPromoted: self._version_promoted,
+            VdiskRolledBack: self._rolled_back,
+            VdiskPolicyChanged: self._policy_changed,
+            BootFilesScanned: self._boot_files_scanned,
+            VdiskRemoved: self._vdisk_removed,
+            VdiskChainMerged: self._chain_merged,
+            VdiskLayersRemoved: self._layers_removed,
+            SessionOpened: self._session_opened,
+            ReplaySessionOpened: self._replay_session_opened,
+            SessionAttached: self._session_attached,
+            SessionDetached: self._session_detached,
+            SessionClosed: self._session_closed,
+            BlocksRequested: self._session_active,
+            ApiTokenCreated: self._api_token_created,
+            ApiTokenRevoked: self._api_token_revoked,
+            AdminActionPerformed: self._admin_action,
+            ProjectionError: self._projection_error,
         }
+        self._handlers = {kind.event_type(): h for kind, h in handlers.items()}
         # Events that a replay applies from their stream's key, without decoding their data:
         # block batches are most of a log, and their extents the costliest data to decode.
         # (type -> the stream kind's prefix, the handler of the key and the time.) Session
         # events live in their session's stream, session-<session_id>
         # (shared.events.stream_id_for); an event in another stream is decoded as usual.
         self._by_stream_key: dict[str, tuple[str, Callable[[str, Any], None]]] = {
-            "BlocksRequested": ("session-", self._touch_session),
+            BlocksRequested.event_type(): ("session-", self._touch_session),
         }
 
     # --- applying ---------------------------------------------------------------------

@@ -8,14 +8,12 @@ of its write cache by another stream node (``takeover.py``).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.cache.client import CacheClient
 from services.stream.announce import listen_for_announcements, spec_from_record
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
@@ -23,14 +21,15 @@ from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec
 from services.stream.takeover import listen_for_takeovers
 from shared.bus import BusError, RemoteError, request_json
+from shared.contracts.cache.client import CacheClient
+from shared.contracts.registry import RESOLVE, SessionRecord
 from shared.event_log import closed_in_log
 from shared.event_sink import QueuedEventSink
+from shared.events import SessionClosed, received, subject_of
 from shared.layer_paths import LayerPathError
 from shared.service import ServiceRuntime, run_service
 
 log = logging.getLogger("streamboot.stream")
-
-RESOLVE_SUBJECT = "streamboot.registry.session.resolve"
 
 
 class RegistryResolver:
@@ -42,15 +41,16 @@ class RegistryResolver:
 
     async def resolve(self, token: str) -> ExportSpec | None:
         try:
-            reply = await request_json(self._nc, RESOLVE_SUBJECT, {"token": token}, timeout_s=5)
+            reply = await request_json(self._nc, RESOLVE, {"token": token}, timeout_s=5)
         except RemoteError as exc:
             if exc.kind == "not_found":
                 return None
             raise
+        record = SessionRecord.model_validate(reply)
         try:
-            return spec_from_record(reply, self._vdisk_root)
+            return spec_from_record(record, self._vdisk_root)
         except LayerPathError as exc:
-            log.error("stream: refused session %s: %s", reply.get("session_id"), exc)
+            log.error("stream: refused session %s: %s", record.session_id, exc)
             return None
 
 
@@ -69,12 +69,10 @@ async def start(rt: ServiceRuntime) -> None:
     await servers.start()
 
     async def on_session_closed(msg: Msg) -> None:
-        try:
-            sid = json.loads(msg.data)["data"]["session_id"]
-        except (ValueError, KeyError, TypeError):
+        event = received(msg, SessionClosed)
+        if event is None or not servers.sessions.holds(event.session_id):
             return
-        if not isinstance(sid, str) or not servers.sessions.holds(sid):
-            return
+        sid = event.session_id
         # The message alone proves nothing (anyone may publish it): the log must say so.
         try:
             closed = await closed_in_log(rt.nc, sid)
@@ -87,7 +85,7 @@ async def start(rt: ServiceRuntime) -> None:
             log.info("session %s closed by the registry: state dropped", sid)
 
     subs = [
-        await rt.nc.subscribe("events.SessionClosed.>", cb=on_session_closed),
+        await rt.nc.subscribe(subject_of(SessionClosed), cb=on_session_closed),
         await listen_for_announcements(rt.nc, rt.settings.node_id, servers.sessions),
     ]
     if servers.sessions.cache is not None:

@@ -4,6 +4,14 @@ Every connection that names the same token gets the same :class:`Session`, hence
 write cache object: a write on one connection is read back on another, and a flush covers
 all of them (what NBD_FLAG_CAN_MULTI_CONN promises). A session outlives its last connection
 by ``session_linger_s``; then its stack (and a server-side write cache) is dropped.
+
+The :class:`SessionManager` is the one owner of a session's lifecycle: it opens it (from a
+client's token through the resolver, or from an announcement), attaches its stack, counts
+its connections, lets it linger, and closes it (idle, closed by the registry, taken over
+by another node, or dropped after a NATS outage). The other jobs live beside it: one
+session's state and block-access record (``session.py``), the queue of announced sessions
+(``announced.py``), the stack's assembly (``path/stack.py``), events and spans
+(``session_events.py``).
 """
 
 from __future__ import annotations
@@ -12,143 +20,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import Literal
 
-from opentelemetry import trace
-
+from services.stream.announced import AnnounceQueue
 from services.stream.busy_poll import BusyPoll
 from services.stream.path.backend import Backend
-from services.stream.path.cached_store import CachedStoreBackend, CacheLink
-from services.stream.path.chain import ChainBackend
-from services.stream.path.profile_hint import ProfileHint
-from services.stream.path.remote_write_cache import RemoteWriteCache, attach_stack
+from services.stream.path.cached_store import CacheLink
 from services.stream.path.spare_files import SpareFiles
-from services.stream.path.write_cache import WriteCache
+from services.stream.path.stack import build_stack
+from services.stream.session import Session
+from services.stream.session_events import Protocol_, SessionEvents
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
-from shared.events import (
-    BlocksRequested,
-    Event,
-    SessionAddressRefused,
-    SessionAttached,
-    SessionDetached,
-)
 from shared.keyed_locks import KeyedLocks
-from shared.telemetry import context_from_traceparent
+
+__all__ = ["Protocol_", "Session", "SessionManager"]
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("streamboot.stream")
-
-Protocol_ = Literal["nbd", "http", "iscsi"]
-
-
-def build_stack(
-    spec: ExportSpec,
-    settings: StreamSettings,
-    cache: CacheLink | None = None,
-    spares: SpareFiles | None = None,
-) -> Backend:
-    """write cache -> version chain (no write cache on a read-only export).
-
-    With a cache service (``cache``), server-side write caches live there (a local mirror
-    keeps reads fast) and a vdisk of a non-local store is read through its shared read
-    cache instead of a chain; a local vdisk's shared read cache is its files' page cache.
-    ``spares``: disk files made ahead for the write cache (spare_files.py)."""
-    bottom: Backend
-    if cache is not None and spec.store != "local":
-        bottom = CachedStoreBackend(spec, cache)
-    else:
-        bottom = ChainBackend(spec.layers)
-        if cache is not None:
-            bottom = ProfileHint(bottom, spec, cache)
-    backend = bottom
-    if backend.size != spec.size:
-        backend.close()
-        raise ValueError(
-            f"chain of {spec.vdisk}@{spec.version} is {backend.size} bytes, not {spec.size}"
-        )
-    if not spec.export_read_only:
-        if settings.write_cache_dir is not None:
-            settings.write_cache_dir.mkdir(parents=True, exist_ok=True)
-        if cache is not None:
-            backend = RemoteWriteCache(
-                backend, spec, cache, settings.node_id, settings.write_cache_dir, spares
-            )
-        else:
-            backend = WriteCache(backend, spec.write_cache, settings.write_cache_dir, spares)
-    return backend
-
-
-class Session:
-    def __init__(self, token: str, spec: ExportSpec, backend: Backend, mgr: SessionManager):
-        self.token = token
-        self.spec = spec
-        self.backend = backend
-        self.mgr = mgr
-        self.connections = 0
-        # Live connections, each with an ``abort(reason)``: closed with the session.
-        self.conns: set = set()
-        self.closed = False
-        self.started = time.monotonic()
-        self.started_ns = time.time_ns()
-        self.read_once = False
-        # Opened on the registry's announcement; no client has connected yet.
-        self.announced = False
-        # Pending while an announced session attaches (its write cache being placed at the
-        # cache service): no request is served before. None once attached.
-        self.ready: asyncio.Future[None] | None = None
-        self.record_blocks = spec.record_blocks
-        self._extents: list[list] = []
-        self._flusher: asyncio.TimerHandle | None = None
-        self._linger: asyncio.TimerHandle | None = None
-
-    async def wait_ready(self) -> bool:
-        """Wait until the session can serve; False if it closed instead (its attach failed)."""
-        if self.ready is not None:
-            await asyncio.shield(self.ready)
-        return not self.closed
-
-    @property
-    def session_id(self) -> str:
-        return self.spec.session_id
-
-    def record(self, op: Literal["r", "w"], offset: int, length: int) -> None:
-        """Note a block access for BlocksRequested (adjacent accesses of one op merge)."""
-        if not self.record_blocks:
-            return
-        if op == "r" and not self.read_once:
-            self.read_once = True
-            self.mgr.first_read(self, offset, length)
-        ext = self._extents
-        if ext:
-            last = ext[-1]
-            if last[3] == op and last[1] + last[2] == offset:
-                last[2] += length
-                return
-        ext.append([int((time.monotonic() - self.started) * 1000), offset, length, op])
-        if len(ext) >= self.mgr.settings.events_batch_extents:
-            self.flush_extents()
-        elif self._flusher is None:
-            loop = asyncio.get_running_loop()
-            self._flusher = loop.call_later(self.mgr.settings.events_interval_s, self.flush_extents)
-
-    def flush_extents(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
-        if not self._extents:
-            return
-        batch = [tuple(e) for e in self._extents]
-        self._extents = []
-        self.mgr.emit(
-            BlocksRequested(
-                session_id=self.session_id,
-                vdisk=self.spec.vdisk,
-                version=self.spec.version,
-                extents=batch,  # type: ignore[arg-type]
-            ),
-            self.session_id,
-        )
 
 
 class SessionManager:
@@ -156,20 +43,16 @@ class SessionManager:
         self.resolver = resolver
         self.sink = sink
         self.settings = settings
+        self.events = SessionEvents(sink, settings.node_id)
         # The cache service, when this node has one (set by service.py): write caches and
         # non-local stores go through it.
         self.cache: CacheLink | None = None
         self.sessions: dict[str, Session] = {}
         # The opens under way, one per token (tokens come from clients: none is kept after).
         self._opening = KeyedLocks()
-        self._emits: set[asyncio.Task[None]] = set()
-        # Announced sessions not opened yet (opened one per loop turn by _preparer), and
-        # the attaches of those opened.
-        self._announced: dict[str, ExportSpec] = {}
-        self._preparer: asyncio.Task[None] | None = None
+        # Announced sessions not opened yet, and the attaches of those opened.
+        self._announced = AnnounceQueue(self._start_prepared)
         self._prepares: set[asyncio.Task[None]] = set()
-        # Open connection spans of the boots' traces, by (session, protocol, client).
-        self._spans: dict[tuple[str, str, str], trace.Span] = {}
         # Every open connection (with or without a session), so shutdown can end them all.
         self.connections: set = set()
         # Why the last open of a token failed, for the client (e.g. "cache node X holding
@@ -203,24 +86,9 @@ class SessionManager:
     def prepare(self, token: str, spec: ExportSpec) -> None:
         """Open a session the registry announced, before its client connects: the write
         cache is placed and its files made while the client still fetches its boot script.
-        In the background; a failure is logged and the client's connection tries again.
-
-        Announcements queue and are opened one per loop turn, so the connections that
-        arrive meanwhile get their handshakes answered between them (a storm's 200
-        announcements would otherwise build 200 stacks before the loop reads a socket);
-        a client whose announcement is still queued has it opened at once."""
-        self._announced[token] = spec
-        if self._preparer is None:
-            self._preparer = asyncio.get_running_loop().create_task(self._prepare_queued())
-
-    async def _prepare_queued(self) -> None:
-        try:
-            while self._announced:
-                token = next(iter(self._announced))
-                self._start_prepared(token, self._announced.pop(token))
-                await asyncio.sleep(0)  # the sockets' turn
-        finally:
-            self._preparer = None
+        In the background, paced (announced.py); a failure is logged and the client's
+        connection tries again."""
+        self._announced.add(token, spec)
 
     def _start_prepared(self, token: str, spec: ExportSpec) -> Session | None:
         """Build an announced session's stack and register it (``ready`` pending); its
@@ -229,11 +97,11 @@ class SessionManager:
         if token in self.sessions or self._opening.busy(token):
             return self.sessions.get(token)
         try:
-            backend = build_stack(spec, self.settings, self.cache, self.spares)
+            stack = build_stack(spec, self.settings, self.cache, self.spares)
         except (OSError, ValueError) as e:
             log.error("cannot open announced session %s: %s", spec.session_id, e)
             return None
-        session = Session(token, spec, backend, self)
+        session = Session(token, spec, stack, self.events, self.settings)
         session.announced = True
         loop = asyncio.get_running_loop()
         session.ready = loop.create_future()
@@ -266,7 +134,7 @@ class SessionManager:
         """The open session of ``token``, opening it if need be (asking the resolver unless
         ``spec`` is given); one open at a time per token, so an announced session and its
         client's first connection share one."""
-        queued = self._announced.pop(token, None)
+        queued = self._announced.take(token)
         if queued is not None:  # announced, not opened yet: this connection goes first
             session = self._start_prepared(token, queued)
             if session is not None:
@@ -284,19 +152,19 @@ class SessionManager:
                 if spec is None:
                     return None
             try:
-                backend = build_stack(spec, self.settings, self.cache, self.spares)
+                stack = build_stack(spec, self.settings, self.cache, self.spares)
             except (OSError, ValueError) as e:
                 log.error("cannot open session %s: %s", spec.session_id, e)
                 return None
             try:
-                ok = await self._attach(token, spec, backend)
+                ok = await self._attach(token, spec, stack.top)
             except BaseException:  # cancelled (shutdown): nothing half-open stays behind
-                backend.close()
+                stack.top.close()
                 raise
             if not ok:
-                backend.close()
+                stack.top.close()
                 return None
-            session = Session(token, spec, backend, self)
+            session = Session(token, spec, stack, self.events, self.settings)
             self.sessions[token] = session
             return session
 
@@ -304,7 +172,7 @@ class SessionManager:
         """Attach a built stack to the cache service; False (logged, with the reason kept
         for the client) when that fails."""
         try:
-            await attach_stack(backend)
+            await backend.attach()
         except OSError as e:
             log.error("cannot attach session %s to the cache service: %s", spec.session_id, e)
             if len(self.refusals) > 1000:
@@ -352,11 +220,7 @@ class SessionManager:
         node's sessions on it, whose mirrors would no longer see the writes made there (a
         client coming back here within the linger would read stale blocks). Returns how
         many were dropped; their connections end (reason ``session-moved``)."""
-        moved = [
-            s
-            for s in self.sessions.values()
-            if isinstance(s.backend, RemoteWriteCache) and s.backend.key == key
-        ]
+        moved = [s for s in self.sessions.values() if s.remote_key == key]
         for s in moved:
             log.warning(
                 "session %s: its write cache %s was attached by stream node %s; dropped here "
@@ -372,9 +236,7 @@ class SessionManager:
         uses (lingering, or announced and not claimed yet); their clients reopen them and
         pull their caches again. Returns how many."""
         unused = [
-            s
-            for s in self.sessions.values()
-            if s.connections == 0 and isinstance(s.backend, RemoteWriteCache)
+            s for s in self.sessions.values() if s.connections == 0 and s.remote_key is not None
         ]
         for s in unused:
             log.warning(
@@ -386,16 +248,14 @@ class SessionManager:
 
     def holds(self, session_id: str) -> bool:
         """Whether this node has the session (opened or announced)."""
-        return any(s.session_id == session_id for s in self._announced.values()) or any(
+        return self._announced.holds(session_id) or any(
             s.session_id == session_id for s in self.sessions.values()
         )
 
     def close_session_id(self, session_id: str) -> bool:
         """Drop the session with this id (the registry closed it); False if not here."""
-        for token, spec in list(self._announced.items()):
-            if spec.session_id == session_id:  # announced, not opened yet: never will be
-                del self._announced[token]
-                return True
+        if self._announced.discard(session_id):  # announced, not opened yet: never will be
+            return True
         for s in list(self.sessions.values()):
             if s.session_id == session_id:
                 self.close(s)
@@ -416,38 +276,11 @@ class SessionManager:
             "stream: session %s refused a %s connection from %s: it was issued to %s",
             session.session_id, protocol, ip, want,
         )  # fmt: skip
-        self.emit(
-            SessionAddressRefused(
-                session_id=session.session_id,
-                stream_node=self.settings.node_id,
-                protocol=protocol,
-                client_addr=ip,
-                expected_addr=want,
-            ),
-            session.session_id,
-        )
+        self.events.address_refused(session.session_id, protocol, ip, want)
         return False
 
     def attached(self, session: Session, protocol: Protocol_, client_addr: str) -> None:
-        if session.spec.traceparent:
-            self._spans[(session.session_id, protocol, client_addr)] = tracer.start_span(
-                f"{protocol} connection",
-                context=context_from_traceparent(session.spec.traceparent),
-                attributes={
-                    "streamboot.session_id": session.session_id,
-                    "streamboot.client_addr": client_addr,
-                    "streamboot.stream_node": self.settings.node_id,
-                },
-            )
-        self.emit(
-            SessionAttached(
-                session_id=session.session_id,
-                stream_node=self.settings.node_id,
-                protocol=protocol,
-                client_addr=client_addr,
-            ),
-            session.session_id,
-        )
+        self.events.attached(session.session_id, session.spec.traceparent, protocol, client_addr)
 
     def detached(
         self,
@@ -459,56 +292,17 @@ class SessionManager:
         reason: str,
     ) -> None:
         session.flush_extents()
-        span = self._spans.pop((session.session_id, protocol, client_addr), None)
-        if span is not None:
-            span.set_attribute("streamboot.bytes_read", bytes_read)
-            span.set_attribute("streamboot.bytes_written", bytes_written)
-            span.set_attribute("streamboot.detach_reason", reason)
-            span.end()
-        self.emit(
-            SessionDetached(
-                session_id=session.session_id,
-                stream_node=self.settings.node_id,
-                protocol=protocol,
-                client_addr=client_addr,
-                bytes_read=bytes_read,
-                bytes_written=bytes_written,
-                reason=reason,
-            ),
-            session.session_id,
+        self.events.detached(
+            session.session_id, protocol, client_addr, bytes_read, bytes_written, reason
         )
 
-    def first_read(self, session: Session, offset: int, length: int) -> None:
-        """The boot's first block read through this node: a span from the session's
-        arrival here to the read."""
-        if session.spec.traceparent:
-            tracer.start_span(
-                "first read",
-                context=context_from_traceparent(session.spec.traceparent),
-                start_time=session.started_ns,
-                attributes={"streamboot.offset": offset, "streamboot.length": length},
-            ).end()
-
-    def emit(self, event: Event, correlation_id: str | None) -> None:
-        """Hand an event to the sink without making the data path wait for it."""
-        task = asyncio.get_running_loop().create_task(self._emit(event, correlation_id))
-        self._emits.add(task)
-        task.add_done_callback(self._emits.discard)
-
-    async def _emit(self, event: Event, correlation_id: str | None) -> None:
-        try:
-            await self.sink.emit(event, correlation_id)
-        except Exception:
-            log.exception("event sink failed for %s", event.event_type())
-
     async def drain_events(self) -> None:
-        while self._emits:
-            await asyncio.gather(*list(self._emits), return_exceptions=True)
+        await self.events.drain()
 
     async def close_all(self, sessions: Iterable[Session] | None = None) -> None:
         if sessions is None:  # shutting down: no announced session opens after this
-            self._announced.clear()
-            tasks = [*self._prepares, *([self._preparer] if self._preparer else [])]
+            pacer = self._announced.stop()
+            tasks = [*self._prepares, *([pacer] if pacer else [])]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

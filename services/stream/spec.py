@@ -2,13 +2,13 @@
 
 The NBD and HTTP servers know nothing about NATS or the registry. They ask a
 :class:`SessionResolver` what a session token opens (an :class:`ExportSpec`) and tell an
-:class:`EventSink` what happened. The lead wires both to the bus; tests use the static
-:class:`StaticResolver` and the list-collecting :class:`ListSink` below.
+:class:`EventSink` what happened. The service wires both to the bus; the standalone
+server uses a fixed table and no events (``standalone.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -56,31 +56,3 @@ class SessionResolver(Protocol):
 
 class EventSink(Protocol):
     async def emit(self, event: Event, correlation_id: str | None) -> None: ...
-
-
-@dataclass
-class StaticResolver:
-    """A fixed token -> export table (tests, benchmarks, the standalone server)."""
-
-    exports: dict[str, ExportSpec] = field(default_factory=dict)
-
-    async def resolve(self, token: str) -> ExportSpec | None:
-        return self.exports.get(token)
-
-
-@dataclass
-class ListSink:
-    """Collects emitted events with their correlation ids."""
-
-    events: list[tuple[Event, str | None]] = field(default_factory=list)
-
-    async def emit(self, event: Event, correlation_id: str | None) -> None:
-        self.events.append((event, correlation_id))
-
-    def of_type(self, cls: type[Event]) -> list[Event]:
-        return [e for e, _ in self.events if isinstance(e, cls)]
-
-
-class NullSink:
-    async def emit(self, event: Event, correlation_id: str | None) -> None:
-        return None

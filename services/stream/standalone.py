@@ -13,15 +13,34 @@ import asyncio
 import contextlib
 import logging
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
 
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
-from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from services.stream.spec import ExportSpec
+from shared.events import Event
 from shared.settings import Settings
 from shared.vdisk_layout import open_chain
+
+
+@dataclass
+class StaticResolver:
+    """A fixed token -> export table (this server, and the tests that serve fixed exports)."""
+
+    exports: dict[str, ExportSpec] = field(default_factory=dict)
+
+    async def resolve(self, token: str) -> ExportSpec | None:
+        return self.exports.get(token)
+
+
+class NullSink:
+    """Events go nowhere: this server has no bus."""
+
+    async def emit(self, event: Event, correlation_id: str | None) -> None:
+        return None
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from services.cache import wire
+from shared.contracts.cache import wire
 
 if TYPE_CHECKING:
     from services.stream.sessions import SessionManager

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from services.registry.client import run
 from streamboot.commands import DataDirOption
+from streamboot.registry_api import run
 
 # One command, registered in streamboot.cli as `app.command()(assign.assign)`.
 console = Console(soft_wrap=True)

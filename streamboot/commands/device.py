@@ -7,8 +7,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from services.registry.client import run
 from streamboot.commands import DataDirOption
+from streamboot.registry_api import run
 from streamboot.tables import print_rows
 
 app = typer.Typer(no_args_is_help=True, help="Devices (client machines), keyed by MAC.")

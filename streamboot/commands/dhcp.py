@@ -10,8 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.boot.dhcp_leases import read_leases
-from services.boot.service import leases_path
+from shared.contracts.boot import leases_path, read_leases
 from shared.settings import Settings
 from streamboot.commands import DataDirOption
 

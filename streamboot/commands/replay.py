@@ -20,16 +20,16 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from services.registry.client import (
+from shared.event_store import EventStore
+from streamboot.block_replay import ReplayResult, Request, parse_nbd_uri, replay, split_extents
+from streamboot.commands import DataDirOption
+from streamboot.commands.events import database_url
+from streamboot.registry_api import (
     EXIT_UNREACHABLE,
     ClientError,
     RegistryClient,
     cli_errors,
 )
-from shared.event_store import EventStore
-from streamboot.block_replay import ReplayResult, Request, parse_nbd_uri, replay, split_extents
-from streamboot.commands import DataDirOption
-from streamboot.commands.events import database_url
 from streamboot.replay_report import build_report
 
 app = typer.Typer(no_args_is_help=True, help="Re-drive a past boot against the live system.")

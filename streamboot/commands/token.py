@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.registry.client import run
 from streamboot.commands import DataDirOption
+from streamboot.registry_api import run
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -20,7 +20,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from services.registry import vdisk_store
-from services.registry.client import (
+from services.registry.domain.identity import check_name
+from shared.settings import Settings, without_password
+from streamboot.commands import DataDirOption
+from streamboot.registry_api import (
     EXIT_UNREACHABLE,
     ClientError,
     RegistryClient,
@@ -28,9 +31,6 @@ from services.registry.client import (
     print_result,
     run,
 )
-from services.registry.domain.identity import check_name
-from shared.settings import Settings, without_password
-from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="vdisks (disk images) and their versions.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from services.boot import dhcp_packets as dp
-from services.boot.dhcp_leases import LeaseStore, PoolExhausted, read_leases, write_leases
+from services.boot.dhcp_leases import LeaseStore, PoolExhausted, write_leases
 from services.boot.dhcp_server import (
     DhcpConfig,
     DhcpResponder,
@@ -26,6 +26,7 @@ from services.boot.dhcp_server import (
     PxeClient,
     open_socket,
 )
+from shared.contracts.boot import read_leases
 from tests.boot.netns import Link, client_socket, veth_link
 
 pytestmark = pytest.mark.timeout(60)

@@ -470,7 +470,7 @@ async def test_registry_away_means_retry(nats_url: str) -> None:
     from services.boot.boot_http import BootHttp
     from services.boot.handoff_store import HandoffStore
     from services.boot.http_server import Request
-    from services.boot.registry_client import RegistryClient
+    from shared.contracts.registry import RegistryClient
 
     conn = await bus.connect(nats_url, "boot-test-no-registry")
     try:

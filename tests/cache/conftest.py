@@ -20,9 +20,9 @@ from typing import Any
 import nats
 import pytest
 
-from services.cache import wire
-from services.cache.placement import node_subject
 from shared import bus
+from shared.contracts.cache import wire
+from shared.contracts.cache.wire import node_subject
 from shared.event_store import EventStore
 from shared.events import SessionClosed, envelope
 from tests.conftest import TEST_ROLE, BusServer

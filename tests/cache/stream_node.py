@@ -22,16 +22,17 @@ from typing import Any
 import nats
 import uvloop
 
-from services.cache.client import CacheClient
 from services.stream.announce import listen_for_announcements
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
-from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from services.stream.spec import ExportSpec
 from services.stream.takeover import listen_for_takeovers
+from shared.contracts.cache.client import CacheClient
 from shared.events import Event, envelope
 from shared.service import freeze_startup_heap
 from shared.settings import Settings
+from tests.doubles import NullSink, StaticResolver
 
 
 class BusSink:

@@ -29,21 +29,18 @@ from typing import Any
 import nats
 import pytest
 
-from services.cache.client import CacheClient, all_write_caches
-from services.stream.announce import (
-    announce_session,
-    listen_for_announcements,
-    prepare_subject,
-)
+from services.stream.announce import listen_for_announcements
 from services.stream.path.cached_store import CacheLink
 from services.stream.server import StreamServers
 from services.stream.sessions import Session, SessionManager
 from services.stream.settings import StreamSettings
-from services.stream.spec import ListSink, StaticResolver
+from shared.contracts.cache.client import CacheClient, all_write_caches
+from shared.contracts.stream import announce_session, prepare_subject
 from shared.events import BlocksRequested
 from tests.cache.conftest import Proc, System, export, qemu_io, run
 from tests.cache.stream_node import export_specs
 from tests.conftest import wait_for
+from tests.doubles import ListSink, StaticResolver
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""The block map of a write cache (services/cache/block_map.py), in process: the same
+"""The block map of a write cache (shared/block_map.py), in process: the same
 answers as one state byte per block in a bytearray, without paying for the whole disk."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cache.block_map import (
+from shared.block_map import (
     CLEAN,
     DIRTY,
     STATES,

@@ -22,13 +22,16 @@ from typing import Any
 
 import nats
 import pytest
+from nats.js.errors import NotFoundError
 
-from services.cache import wire
-from services.cache.client import all_write_caches, gather
-from services.cache.placement import OWNERS_BUCKET, node_subject, rank
+from services.cache.placement import OWNERS_BUCKET, rank
 from services.registry.maintenance import overlay_write_cache
-from shared.bus import subject_token
+from shared.bus import EVENTS_STREAM, subject_token
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import all_write_caches, gather
+from shared.contracts.cache.wire import node_subject
 from tests.cache.conftest import IMAGE_SIZE, System, cache_request, export, qemu_io
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -330,7 +333,16 @@ async def test_a_session_closed_while_its_cache_node_was_down_is_dropped_when_it
     s = system()
     a = s.node_id()
     cache = await s.start_cache()
-    await asyncio.sleep(0.5)  # its consumer of SessionClosed is in place
+    js = nc.jetstream()
+
+    async def consumer_in_place() -> bool:  # its consumer of SessionClosed
+        try:
+            await js.consumer_info(EVENTS_STREAM, f"cache-closed-{subject_token(a)}")
+        except NotFoundError:
+            return False
+        return True
+
+    await wait_for(consumer_in_place, "the cache node's consumer of SessionClosed")
     _n1, uri = await s.start_node(export("down", base_image), "s1")
     await asyncio.to_thread(qemu_io, f"{uri}/down", "write -P 0x45 0 64k")
     assert "session-down" in await held(s, a)

@@ -13,8 +13,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from services.cache import wire
-from services.cache.client import CacheClient
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import CacheClient
 from tests.cache.conftest import Proc, System, export, qemu_io, run
 from tests.cache.test_write_cache import read_cmds, write_cmds
 from tests.conftest import wait_for

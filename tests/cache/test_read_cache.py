@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from services.stream.nbd import protocol as P
+from shared.events import CATALOG, envelope
 from shared.vdisk_layout import write_delta
 from streamboot.embedded.proc import free_port
 from tests.cache.conftest import IMAGE_SIZE, export, qemu_io
@@ -98,8 +99,9 @@ def forget_the_page_cache(data: Path) -> None:
 
 async def publish(nats_url: str, typ: str, kind: str, data: dict[str, object]) -> None:
     """An event as the registry's relay publishes it (for events of services not run here)."""
+    env = envelope(CATALOG[typ].model_validate(data))
     nc = await nats.connect(nats_url)
-    await nc.publish(f"events.{typ}.{kind}", json.dumps({"type": typ, "data": data}).encode())
+    await nc.publish(f"events.{typ}.{kind}", env.model_dump_json().encode())
     await nc.flush()
     await nc.close()
 

@@ -19,9 +19,9 @@ from typing import Any
 import nats
 import pytest
 
-from services.cache import wire
 from services.cache.write_batches import WriteBatches
 from services.cache.write_cache import FSYNC_LATENCY, SessionWriteCache, WriteCaches
+from shared.contracts.cache import wire
 from tests.cache.test_write_cache_files import caches, open_request, write
 from tests.conftest import wait_for
 

@@ -8,9 +8,9 @@ import errno
 import os
 from pathlib import Path
 
-from services.cache import wire
-from services.cache.block_map import decode_runs
 from services.cache.write_cache import SessionWriteCache, WriteCaches
+from shared.block_map import decode_runs
+from shared.contracts.cache import wire
 
 SIZE = 64 << 20
 

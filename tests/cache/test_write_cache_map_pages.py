@@ -11,10 +11,10 @@ from pathlib import Path
 
 import nats
 
-from services.cache import wire
-from services.cache.block_map import BLOCK, DIRTY, ZEROED, encode_runs
-from services.cache.client import CacheClient
-from services.cache.placement import node_subject
+from shared.block_map import BLOCK, DIRTY, ZEROED, encode_runs
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import CacheClient
+from shared.contracts.cache.wire import node_subject
 from tests.cache.conftest import System, cache_request
 from tests.conftest import start_nats
 

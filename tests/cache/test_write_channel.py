@@ -10,9 +10,9 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from services.cache import wire
-from services.cache.client import CacheClient, WriteChannel
-from services.cache.placement import node_subject
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import CacheClient, WriteChannel
+from shared.contracts.cache.wire import node_subject
 from tests.conftest import wait_for
 
 

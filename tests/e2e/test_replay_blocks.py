@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from services.cache import wire
 from shared import bus
+from shared.contracts.cache import wire
 from shared.settings import Settings
 from streamboot.block_replay import split_extents
 from tests.e2e.test_system import cli, cli_json, events, provision, qemu_io, wait_all_alive

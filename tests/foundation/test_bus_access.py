@@ -13,11 +13,9 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from services.boot import boot_trace, handoff_store, registry_client
-from services.cache import placement, wire
+from services.boot import boot_trace, handoff_store
+from services.cache import placement
 from services.registry import nats_api
-from services.stream import announce
-from services.stream.service import RESOLVE_SUBJECT
 from shared import bus, event_log
 from shared.bus_access import (
     BOOT_HANDOFF_BUCKET,
@@ -29,6 +27,10 @@ from shared.bus_access import (
     SESSION_STATUS,
     matrix_table,
 )
+from shared.contracts import registry as registry_client
+from shared.contracts import stream as announce
+from shared.contracts.cache import wire
+from shared.contracts.registry import RESOLVE as RESOLVE_SUBJECT
 from tests.conftest import BusServer, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,9 +203,9 @@ def test_the_matrix_names_the_services_own_subjects_and_buckets() -> None:
     stream, cache, boot, registry = (MATRIX[r] for r in ("stream", "cache", "boot", "registry"))
     assert {RESOLVE_SUBJECT, wire.WC_OPEN, wire.RC_OPEN, wire.RC_READ} <= set(stream.publish)
     for verb in (wire.V_WC_WRITE, wire.V_WC_READ, wire.V_WC_MAP):
-        assert covered(placement.node_subject("cache:1", verb), stream.publish)
+        assert covered(wire.node_subject("cache:1", verb), stream.publish)
     for verb in (wire.V_WC_OPEN, wire.V_WC_WRITE, wire.V_WC_READ, wire.V_WC_MAP, wire.V_STATS):
-        assert covered(placement.node_subject("cache:1", verb), cache.subscribe)
+        assert covered(wire.node_subject("cache:1", verb), cache.subscribe)
     assert wire.WC_ATTACHED in stream.subscribe and wire.WC_ATTACHED in cache.publish
     prepare = announce.prepare_subject("stream node.1")
     assert covered(prepare, stream.subscribe) and covered(prepare, registry.publish)

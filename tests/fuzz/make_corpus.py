@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -156,6 +157,17 @@ sys.stdout.buffer.write(s.recv(4096).hex().encode())' > {{out}} &
         save("dhcp", bytes.fromhex(Path(out.name).read_text()))
 
 
+def nbd_options() -> None:
+    """NBD_OPT_GO payloads as nbdinfo and qemu-img send them, and meta context queries."""
+    for name, infos in ((b"fuzz-token", (3,)), (b"", ()), (b"a" * 300, (0, 1, 2, 3))):
+        save("nbd_options", struct.pack(">I", len(name)) + name + struct.pack(
+            f">H{len(infos)}H", len(infos), *infos))  # fmt: skip
+    for queries in ((b"base:allocation",), (), (b"base:", b"qemu:dirty-bitmap:x")):
+        body = b"".join(struct.pack(">I", len(q)) + q for q in queries)
+        save("nbd_options", struct.pack(">I", 10) + b"fuzz-token" + struct.pack(
+            ">I", len(queries)) + body)  # fmt: skip
+
+
 def event() -> None:
     for ev in (
         SessionClosed(session_id="s-1", reason="client-gone", bytes_read=4096),
@@ -196,6 +208,6 @@ def partitions() -> None:
 
 
 if __name__ == "__main__":
-    for make in (nbd, http_head, tftp, dhcp, event, vdisk_layout, partitions):
+    for make in (nbd, nbd_options, http_head, tftp, dhcp, event, vdisk_layout, partitions):
         make()
         print(make.__name__, "done")

@@ -25,12 +25,14 @@ from pydantic import ValidationError
 
 from services.boot import dhcp_packets, tftp_packets
 from services.registry.partitions import read_partitions
+from services.stream.nbd import protocol as nbd_protocol
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
-from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from services.stream.spec import ExportSpec
 from shared import http_head, vdisk_layout
 from shared.envelope import Envelope
 from shared.event_owners import OWNERS, Refused, admit
+from tests.doubles import NullSink, StaticResolver
 
 Target = Callable[[bytes], None]
 
@@ -154,6 +156,16 @@ def partitions_target(data: bytes) -> None:
     read_partitions(image)
 
 
+def nbd_options_target(data: bytes) -> None:
+    """An option payload straight into the NBD parser (nbd/protocol.py), as NBD_OPT_GO and
+    as a meta context query: it parses, or is refused with BadOption, nothing else."""
+    for parse in (nbd_protocol.parse_info_request, nbd_protocol.parse_meta_context):
+        try:
+            parse(data)
+        except nbd_protocol.BadOption:
+            pass
+
+
 # --- NBD: the real stream server, in a thread, over real sockets ---------------------------
 
 NBD_TOKEN = "fuzz-token"
@@ -261,6 +273,7 @@ PREPARE: dict[str, Callable[[], object]] = {"nbd": _NbdServer.get}
 
 TARGETS: dict[str, Target] = {
     "nbd": nbd_target,
+    "nbd_options": nbd_options_target,
     "http_head": http_head_target,
     "tftp": tftp_target,
     "dhcp": dhcp_target,

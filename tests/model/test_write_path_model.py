@@ -38,14 +38,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.cache.block_map import BLOCK
-from services.cache.client import CacheClient
 from services.stream.path.backend import Backend, BlocksMissing, ReadOnlyBottom, pread_via_map
 from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.path.chain import ChainBackend
-from services.stream.path.remote_write_cache import RemoteWriteCache, attach_stack
+from services.stream.path.stack import attach_stack
+from services.stream.path.stack import remote_write_stack as RemoteWriteCache
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
+from shared.block_map import BLOCK
+from shared.contracts.cache.client import CacheClient
 from shared.vdisk_layout import Piece, write_delta
 from tests.cache.conftest import System
 from tests.conftest import BusServer

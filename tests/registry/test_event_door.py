@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from services.stream.announce import announce_session
 from services.stream.service import start as start_stream
 from shared import bus
+from shared.contracts.stream import announce_session
 from shared.envelope import Envelope
 from shared.event_log import EventClient
 from shared.event_owners import OWNERS

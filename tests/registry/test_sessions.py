@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from nats import errors as nats_errors
 
-from services.stream.announce import prepare_subject, spec_from_record
+from services.stream.announce import spec_from_record
 from shared import bus
+from shared.contracts.stream import prepare_subject
 from shared.event_log import EventClient
 from shared.events import SessionAttached, SessionDetached
 from shared.heartbeat import Heartbeat

@@ -21,9 +21,10 @@ import uvloop
 
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
-from services.stream.spec import ExportSpec, ListSink, StaticResolver
+from services.stream.spec import ExportSpec
 from shared.events import Event
 from shared.vdisk_layout import write_delta
+from tests.doubles import ListSink, StaticResolver
 
 IMAGE_SIZE = 32 * 1024 * 1024
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from services.stream.sessions import SessionManager
 from services.stream.settings import StreamSettings
-from services.stream.spec import ExportSpec, NullSink, StaticResolver
+from services.stream.spec import ExportSpec
+from tests.doubles import NullSink, StaticResolver
 
 SIZE = 1 << 20
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from services.cache.client import CacheClient
 from services.stream.path.cached_store import CachedStoreBackend, CacheLink
 from services.stream.spec import ExportSpec
+from shared.contracts.cache.client import CacheClient
 from tests.stream.conftest import is_open
 
 SIZE = 4 << 20

@@ -15,9 +15,9 @@ from functools import partial
 
 import pytest
 
-from services.cache.block_map import BLOCK
 from services.stream.path.backend import BlocksMissing, ReadOnlyBottom, pread_via_map
 from services.stream.path.write_cache import WriteCache
+from shared.block_map import BLOCK
 from shared.vdisk_layout import Piece
 
 SIZE = 16 * BLOCK

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+from shared.errors import OperatorError
 from shared.events import Event
 
 ErrorKind = Literal["invalid", "not_found", "conflict", "refused"]
 
 
-class DomainError(Exception):
+class DomainError(OperatorError):
     def __init__(
         self, message: str, kind: ErrorKind = "invalid", events: list[Event] | None = None
     ) -> None:

@@ -1,16 +1,17 @@
 """NBD server: fixed newstyle handshake, then the transmission phase on the session's stack.
 
-Per connection, requests are parsed straight out of the receive buffer. A READ whose data is
-in the page cache is answered inline (pieces from ``map_read`` -> ``preadv`` into the reply
-buffer -> one ``transport.write``); a READ that would block on the disk and every other
-command run as tasks, so their replies may overtake each other (NBD allows any order).
+The bytes are parsed and built by ``protocol.py``; this module is the connection: which
+option does what (opening the session), and the transmission loop. Per connection, requests
+are parsed straight out of the receive buffer. A READ whose data is in the page cache is
+answered inline (pieces from ``map_read`` -> ``preadv`` into the reply buffer -> one
+``transport.write``); a READ that would block on the disk and every other command run as
+tasks, so their replies may overtake each other (NBD allows any order).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import Awaitable
 from time import perf_counter
 
@@ -33,18 +34,12 @@ log = logging.getLogger(__name__)
 REQ = P.REQUEST
 REQ_SIZE = REQ.size
 SIMPLE = P.SIMPLE_REPLY
-STRUCT = P.STRUCTURED_REPLY
-# Structured READ reply: chunk header + 8-byte offset, then the data.
-SREAD_HDR = struct.Struct(">IHHQIQ")
+SREAD_HDR = P.STRUCTURED_READ
 # Reads at least this large go out by sendfile when the transport can (RawTransport).
 SENDFILE_MIN = 64 * 1024
 ZEROS = memoryview(bytes(1024 * 1024))
 # A copied read's reply buffer up to this size is kept for the next (one per connection).
 MAX_SPARE_REPLY = 1024 * 1024 + 64
-GREETING = P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
-INFO_BLOCK_SIZE = P.INFO_BLOCK_SIZE_S.pack(
-    P.INFO_BLOCK_SIZE, P.MIN_BLOCK, P.PREFERRED_BLOCK, P.MAX_BLOCK
-)
 # Requests a connection may have in flight before we stop reading more.
 MAX_INFLIGHT = 128
 # streamboot_request_seconds{service="stream", op="nbd:<command>"}: from the request read to
@@ -83,14 +78,14 @@ class NbdConnection(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The server speaks first: the greeting goes out before the socket is tuned and the
         # handshake's task is scheduled (a tenth of a millisecond sooner per connect).
-        transport.write(GREETING)  # type: ignore[attr-defined]
+        transport.write(P.SERVER_GREETING)  # type: ignore[attr-defined]
         super().connection_made(transport)
 
     async def run(self) -> None:
-        (cflags,) = P.CLIENT_FLAGS.unpack(await self.read_exact(4))
-        if cflags & ~P.CLIENT_FLAGS_KNOWN or not cflags & P.FLAG_FIXED_NEWSTYLE:
+        no_zeroes = P.parse_client_flags(await self.read_exact(P.CLIENT_FLAGS.size))
+        if no_zeroes is None:
             return self.close("bad-client-flags")
-        self.no_zeroes = bool(cflags & P.FLAG_NO_ZEROES)
+        self.no_zeroes = no_zeroes
         while not self.closed:
             magic, opt, length = P.OPTION.unpack(await self.read_exact(P.OPTION.size))
             if magic != P.IHAVEOPT:
@@ -114,9 +109,8 @@ class NbdConnection(Connection):
                 # No way to answer an error to EXPORT_NAME: the spec says disconnect.
                 self.close("unknown-export")
                 return True
-            flags = self._transmission_flags(session.backend)
-            reply = P.EXPORT_NAME_REPLY.pack(session.backend.size, flags)
-            self.write(reply if self.no_zeroes else reply + bytes(124))
+            b = session.backend
+            self.write(P.export_name_reply(b.size, P.transmission_flags(b), self.no_zeroes))
             self._start_transmission()
             return True
         if opt == P.OPT_ABORT:
@@ -144,12 +138,8 @@ class NbdConnection(Connection):
 
     async def _info_or_go(self, opt: int, data: bytes) -> bool:
         try:
-            (nlen,) = struct.unpack_from(">I", data)
-            name = data[4 : 4 + nlen]
-            (nreq,) = struct.unpack_from(">H", data, 4 + nlen)
-            if len(data) != 4 + nlen + 2 + 2 * nreq or len(name) != nlen:
-                raise ValueError
-        except (struct.error, ValueError):
+            name = P.parse_info_request(data)
+        except P.BadOption:
             self._reply(opt, P.REP_ERR_INVALID)
             return False
         token = name.decode("utf-8", "replace")
@@ -163,13 +153,7 @@ class NbdConnection(Connection):
             self._reply(opt, P.REP_ERR_UNKNOWN, self.mgr.refusals.get(token, "").encode())
             return False
         b = session.backend
-        flags = self._transmission_flags(b)
-        # One send for the three replies: the client reads on only after the ACK.
-        self.write(
-            P.option_reply(opt, P.REP_INFO, P.INFO_EXPORT_S.pack(P.INFO_EXPORT, b.size, flags))
-            + P.option_reply(opt, P.REP_INFO, INFO_BLOCK_SIZE)
-            + P.option_reply(opt, P.REP_ACK)
-        )
+        self.write(P.info_replies(opt, b.size, P.transmission_flags(b)))
         if opt == P.OPT_INFO:
             self._drop_session()
             return False
@@ -178,33 +162,15 @@ class NbdConnection(Connection):
 
     def _meta_context(self, opt: int, data: bytes) -> None:
         try:
-            (nlen,) = struct.unpack_from(">I", data)
-            pos = 4 + nlen
-            (nq,) = struct.unpack_from(">I", data, pos)
-            pos += 4
-            queries = []
-            for _ in range(nq):
-                (qlen,) = struct.unpack_from(">I", data, pos)
-                queries.append(data[pos + 4 : pos + 4 + qlen])
-                pos += 4 + qlen
-            if pos != len(data):
-                raise ValueError
-        except (struct.error, ValueError):
+            queries = P.parse_meta_context(data)
+        except P.BadOption:
             return self._reply(opt, P.REP_ERR_INVALID)
         if opt == P.OPT_SET_META_CONTEXT and not self.structured:
             return self._reply(opt, P.REP_ERR_INVALID)
-        want = any(q in (P.META_BASE_ALLOCATION, b"base:") for q in queries)
-        if opt == P.OPT_LIST_META_CONTEXT and not queries:
-            want = True
-        if want:
-            self._reply(
-                opt,
-                P.REP_META_CONTEXT,
-                struct.pack(">I", P.META_CONTEXT_ID) + P.META_BASE_ALLOCATION,
-            )
+        want = P.wants_base_allocation(opt, queries)
         if opt == P.OPT_SET_META_CONTEXT:
             self.meta_base_allocation = want
-        self._reply(opt, P.REP_ACK)
+        self.write(P.meta_context_replies(opt, want))
 
     async def _open(self, token: str) -> Session | None:
         self._drop_session()
@@ -225,22 +191,6 @@ class NbdConnection(Connection):
         if session is not None:
             session.conns.discard(self)
             self.mgr.release(session)
-
-    def _transmission_flags(self, b: Backend) -> int:
-        flags = P.TF_HAS_FLAGS | P.TF_SEND_DF
-        if not b.can_write():
-            flags |= P.TF_READ_ONLY
-        if b.can_flush():
-            flags |= P.TF_SEND_FLUSH
-        if b.can_fua():
-            flags |= P.TF_SEND_FUA
-        if b.can_trim():
-            flags |= P.TF_SEND_TRIM
-        if b.can_zero():
-            flags |= P.TF_SEND_WRITE_ZEROES
-        if b.can_multi_conn():
-            flags |= P.TF_CAN_MULTI_CONN
-        return flags
 
     def _start_transmission(self) -> None:
         assert self.session is not None
@@ -319,7 +269,7 @@ class NbdConnection(Connection):
         if self.structured and is_read:
             self.write(P.structured_error(handle, err, msg))
         else:
-            self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, err, handle))
+            self.write(P.simple_reply(err, handle))
 
     def _read(self, flags: int, handle: int, offset: int, length: int, t0: float = 0.0) -> None:
         t0 = t0 or perf_counter()
@@ -401,15 +351,7 @@ class NbdConnection(Connection):
     def _read_zero_copy(self, handle: int, offset: int, length: int, pieces: list[Piece]) -> None:
         """Header from Python, data by sendfile straight from the page cache."""
         assert self.session is not None
-        if self.structured:
-            self.write(
-                SREAD_HDR.pack(
-                    P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                    P.REPLY_TYPE_OFFSET_DATA, handle, 8 + length, offset,
-                )
-            )  # fmt: skip
-        else:
-            self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+        self.write(P.read_reply_header(self.structured, handle, offset, length))
         for fd, off, n in pieces:
             if fd == ZERO_FD:
                 while n:
@@ -492,7 +434,7 @@ class NbdConnection(Connection):
             if not self.inflight:
                 self.close("disconnect")
         elif cmd == P.CMD_CACHE:
-            self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+            self.write(P.simple_reply(0, handle))
         elif cmd == P.CMD_BLOCK_STATUS and self.meta_base_allocation:
             if offset + length > self.size or not length:
                 return self._error(handle, P.EINVAL, True)
@@ -514,7 +456,7 @@ class NbdConnection(Connection):
             log.warning("nbd command failed: %s", e)
             self._error(handle, P.ENOSPC if e.errno == 28 else P.EIO)
         else:
-            self.write(SIMPLE.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+            self.write(P.simple_reply(0, handle))
         finally:
             LATENCY[name].observe(perf_counter() - t0)
             self._done()
@@ -522,20 +464,8 @@ class NbdConnection(Connection):
     async def _block_status(self, handle: int, offset: int, length: int, flags: int) -> None:
         assert self.backend is not None
         try:
-            merged: list[list[int]] = []
-            for n, f in await self.backend.extents(offset, length):
-                if merged and merged[-1][1] == f:
-                    merged[-1][0] += n
-                else:
-                    merged.append([n, f])
-            if flags & P.CMD_FLAG_REQ_ONE:
-                merged = merged[:1]
-            payload = struct.pack(">I", P.META_CONTEXT_ID) + b"".join(
-                struct.pack(">II", n, f) for n, f in merged
-            )
-            self.write(
-                P.structured_chunk(P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS, handle, payload)
-            )
+            extents = await self.backend.extents(offset, length)
+            self.write(P.block_status_reply(handle, extents, bool(flags & P.CMD_FLAG_REQ_ONE)))
         except OSError as e:
             self._error(handle, P.EIO, True, str(e))
         finally:

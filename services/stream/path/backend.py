@@ -1,18 +1,46 @@
 """The read/write path as a stack of backends, in the style of nbdkit plugins and filters.
 
 A backend is a small table of callbacks: ``size``, the ``can_*`` capability probes,
-``map_read`` (where the bytes of a range live), and the async data callbacks ``pread``,
-``pwrite``, ``flush``, ``trim``, ``zero`` and ``extents``. A :class:`Layer` (a filter) wraps
-the next backend and passes every callback it does not change down to it, so the session
-stack reads::
+``map_read`` (where the bytes of a range live), the async data callbacks ``pread``,
+``pwrite``, ``flush``, ``trim``, ``zero`` and ``extents``, and the lifecycle pair
+``attach`` (async: whatever a layer must set up before the first request, e.g. opening
+its state at the cache service) and ``close``. A :class:`Layer` (a filter) wraps the next
+backend and passes every callback it does not change down to it; layers never inherit
+from one another, they hold the next one. ``stack.py`` assembles a session's stack from
+its policy, in one place; the layers are, top to bottom::
 
-    WriteCache -> ChainBackend (version chain) -> files of the vdisk store
+    RideOut (cache outage)  ->  RemoteWriteCache (ships to the cache service)
+        ->  WriteCache (the session's blocks; the mirror under a remote one)
+        ->  ProfileHint  ->  ChainBackend (version chain)   |   CachedStoreBackend
 
 Why ``map_read`` is synchronous and returns pieces instead of bytes: the read of a clean
 block is the hot path. The servers ask the stack *where* the bytes are (pieces
 ``(fd, file_offset, length)``, ``fd == ZERO_FD`` for zeros; a lookup in in-memory maps, no
 I/O) and then read them straight into the reply buffer with ``preadv`` (see
-:func:`read_into`), with no per-layer copies and no coroutine per request.
+:func:`read_into`), with no per-layer copies and no coroutine per request. A layer that
+does not change reads has the next one's ``map_read`` bound in its place.
+
+Concurrency model (the one place it is described):
+
+* One event loop runs every connection of the node; each connection runs its requests
+  concurrently. All connections of a session share one stack, so two requests may be in
+  any layer at once. There are no threads in the stack: only the blocking file reads of
+  :func:`read_into` go to a worker thread, and they touch no layer state.
+* A callback is atomic between its ``await`` points. A layer may suspend only where it
+  says so; everything it changes after its last suspension it changes in one step of the
+  loop, so no other request sees half of a change.
+* The only suspension below the write cache is a bottom that has to fetch blocks
+  (:class:`BlocksMissing`, a vdisk of a remote store). A change therefore fetches first,
+  then reads the state of its blocks as it is *then* and applies itself whole
+  (``write_cache.py``): two writes into one block never copy stale bytes over each other.
+* A layer that ships changes (``remote_write_cache.py``) queues them in the same step in
+  which the layer below applied them, so records go out in the order the blocks changed;
+  it then awaits the answers, and other requests run meanwhile.
+* Waiting for an absent cache node (``ride_out.py``) is one shared recovery task per
+  stack; the requests that wait for it are shielded from each other's cancellation.
+* ``attach`` runs before the first request is served, each layer's own work concurrently
+  with the layers' below (:func:`attach_beside`); ``close`` runs once, when the session
+  ends, top down, and cancels the background work of each layer.
 """
 
 from __future__ import annotations
@@ -31,6 +59,7 @@ __all__ = [
     "BlocksMissing",
     "Layer",
     "Piece",
+    "attach_beside",
     "map_read_async",
     "read_into",
     "read_into_nowait",
@@ -61,6 +90,7 @@ class Backend(Protocol):
     async def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
     async def zero(self, offset: int, length: int, fua: bool = False) -> None: ...
     async def extents(self, offset: int, length: int) -> list[Extent]: ...
+    async def attach(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -103,6 +133,9 @@ class ReadOnlyBottom:
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
         raise PermissionError("a vdisk version is read-only")
+
+    async def attach(self) -> None:
+        return None
 
 
 class Layer:
@@ -157,8 +190,21 @@ class Layer:
     async def extents(self, offset: int, length: int) -> list[Extent]:
         return await self.next.extents(offset, length)
 
+    async def attach(self) -> None:
+        await self.next.attach()
+
     def close(self) -> None:
         self.next.close()
+
+
+async def attach_beside(next_: Backend, own: Awaitable[None]) -> None:
+    """A layer's own ``attach`` work, run concurrently with the attach of the layers below
+    (they are independent: a session open costs one round trip to the cache service, not
+    one per layer). Both finish before the first failure, top layer's first, is raised."""
+    results = await asyncio.gather(own, next_.attach(), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 class BlocksMissing(Exception):

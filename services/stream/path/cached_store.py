@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from services.cache import wire
-from services.cache.client import CacheClient
 from services.stream.path.backend import BlocksMissing, Extent, ReadOnlyBottom
 from services.stream.path.outage import retried_while_away
 from services.stream.spec import ExportSpec
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import CacheClient
 from shared.vdisk_layout import Piece
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 NATS away): probes spaced from RETRY_FIRST_S doubling to RETRY_MAX_S, for up to the
 session's outage grace (``CacheLink.outage_grace_s``), before the client gets EIO.
 
-Both wait in :func:`keep_asking`: writes ride out an outage in ``remote_write_cache.py``
+Both wait in :func:`keep_asking`: writes ride out an outage in the layer ``ride_out.py``
 (what they ask again is a probe of the node, then everything it may have lost); session
 opens (``wc.open``, ``rc.open``, the pulls of a write cache's blocks) and reads through the
 cache service (:func:`retried_while_away`) just ask again: asking twice changes nothing.
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from services.cache import wire
+from shared.contracts.cache import wire
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,18 @@ RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
 
 T = TypeVar("T")
+
+
+class Undelivered(Exception):
+    """A change or FLUSH the cache node did not take. ``error``: why; None when a FLUSH was
+    answered by a node process that started after the ranges it covers went out (its
+    fsync may not cover them). ``opens``: how many times the cache had been opened again
+    when the request went out (``recoverable`` of the layer that shipped it)."""
+
+    def __init__(self, error: wire.CacheError | None, opens: int) -> None:
+        super().__init__(error.strerror if error is not None else "answered by a restarted node")
+        self.error = error
+        self.opens = opens
 
 
 async def keep_asking(

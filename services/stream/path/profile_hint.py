@@ -3,16 +3,15 @@ warm the page cache with the version's boot profile as the session starts.
 
 Reads are untouched: this layer does not override ``map_read``, so :class:`Layer` binds the
 chain's own ``map_read`` and the hot path never calls into it. Its only work starts at
-``attach``, in the background (a hint must not hold up the client's open: measured, it
-added a quarter of a millisecond to it): one ``rc.open`` (the cache then knows the
-version's layers, so a later BootRequested for it can be prefetched) and
+``attach``, in the background (a hint must not hold up the client's open): one
+``rc.open`` (the cache then knows the version's layers, so a later BootRequested for it
+can be prefetched) and
 ``posix_fadvise(WILLNEED)`` over the profile's pieces, which starts the kernel's reads
 without waiting for them. A failure here never fails a session.
 
 Once per version per node every ``WARM_EVERY_S`` (``CacheLink.should_warm``), not once per
-session: the page cache is the node's, and a storm of 200 sessions of one version needs
-one ``rc.open``, not 200 (measured: they were a fifth of the cache service's requests in
-such a burst).
+session: the page cache is the node's, and a storm of sessions of one version needs one
+``rc.open``, not one each.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ import asyncio
 import logging
 import os
 
-from services.cache import wire
 from services.stream.path.backend import Backend, Layer
 from services.stream.path.cached_store import CacheLink, read_cache_body, version_key
 from services.stream.spec import ExportSpec
+from shared.contracts.cache import wire
 from shared.vdisk_layout import ZERO_FD
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,7 @@ class ProfileHint(Layer):
     async def attach(self) -> None:
         if self.link.should_warm(version_key(self.spec)):
             self._hint = asyncio.get_running_loop().create_task(self._warm())
+        await self.next.attach()
 
     def close(self) -> None:
         if self._hint is not None and not self._hint.done():

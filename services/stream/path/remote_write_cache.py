@@ -1,24 +1,23 @@
-"""A session write cache held by the cache service, with a local mirror for fast reads.
+"""A session write cache held by the cache service; the layer below it is its local mirror.
 
-The stream side of the write-cache seam (``write_cache.py``). Every write is applied to the
-in-process :class:`WriteCache` (the *mirror*: reads of written blocks stay a ``preadv`` on
-this node) and shipped to the cache service; the client gets its acknowledgement only
-when the cache service has the blocks (FUA / FLUSH: only once it fsynced them). So
-nothing acknowledged lives only on this node: when it dies, the session goes on at another
-node, which first pulls the session's block map and dirty blocks (:meth:`attach`).
+The stream side of the write-cache seam. This layer wraps the in-process
+:class:`WriteCache` (the *mirror*: reads pass straight to it, so a written block is still a
+``preadv`` on this node) and ships what each change left in the mirror to the cache service;
+the client gets its acknowledgement only when the cache service has the blocks (FUA /
+FLUSH: only once it fsynced them). So nothing acknowledged lives only on this node: when it
+dies, the session goes on at another node, which first pulls the session's block map and
+dirty blocks (:meth:`RemoteWriteCache.attach`).
 
 What travels is whole 4 KiB blocks as the mirror holds them after the write (the mirror
-already did the read-modify-write of partial blocks), so the cache service never needs
-the vdisk itself. Zeroed and trimmed blocks travel as marks only.
+already did the read-modify-write of partial blocks), so the cache service never needs the
+vdisk itself. Zeroed and trimmed blocks travel as marks only.
 
-A cache node that does not answer (restarting after an upgrade or a crash, stopped, the
-bus away) does not fail the session's writes at once: a guest file system takes a failed
-write as a dead disk. They wait, unanswered, while the node is probed; once it answers,
-everything changed since the last acknowledged FLUSH is sent again from the mirror (in-flight
-batches were lost with the node) and the waiting requests are answered. Only after
-``CacheLink.outage_grace_s`` do they fail with EIO, naming the node. Sending the mirror's
-blocks *as they are then* keeps the order right: a later write reads the mirror later and
-goes out behind on the same channel.
+What the node does not take (it does not answer, or a restarted process answered a FLUSH)
+is raised as :class:`Undelivered` (``outage.py``); the layer above (``ride_out.py``) decides whether and how
+long to wait, and has this layer probe the node and send again everything changed since
+the last acknowledged FLUSH (:meth:`RemoteWriteCache.probe_and_resend`). Sending the
+mirror's blocks *as they are then* keeps the order right: a later write reads the mirror
+later and goes out behind on the same channel.
 """
 
 from __future__ import annotations
@@ -26,19 +25,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
-from pathlib import Path
+from collections.abc import Callable
 
-from services.cache import wire
-from services.cache.block_map import BLOCK, DIRTY, ZEROED
-from services.cache.client import WriteChannel
-from services.stream.path.backend import Backend
+from services.stream.path.backend import Layer, attach_beside
 from services.stream.path.cached_store import CacheLink
-from services.stream.path.outage import RETRY_FIRST_S, keep_asking, retried_while_away
-from services.stream.path.spare_files import SpareFiles
+from services.stream.path.outage import Undelivered, retried_while_away
 from services.stream.path.unflushed import Unflushed, merge
 from services.stream.path.write_cache import WriteCache
 from services.stream.spec import ExportSpec
+from shared.block_map import BLOCK, DIRTY, ZEROED
+from shared.contracts.cache import wire
+from shared.contracts.cache.client import WriteChannel
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +52,14 @@ RESEND_WINDOW = 32 << 20
 def cache_key(spec: ExportSpec) -> str:
     """The session's write cache: its own, or the device's kept one for this version."""
     if spec.write_cache_persistence == "keep" and spec.mac:
-        mac = spec.mac.replace(":", "").lower()
-        return f"device-{mac}-{spec.vdisk}-v{spec.version}"
+        return wire.kept_write_cache_key(spec.mac, spec.vdisk, spec.version)
     return spec.session_id
 
 
-class RemoteWriteCache(WriteCache):
-    def __init__(
-        self,
-        next_: Backend,
-        spec: ExportSpec,
-        link: CacheLink,
-        node_id: str,
-        directory: Path | None,
-        spares: SpareFiles | None = None,
-    ) -> None:
-        # The mirror: RAM for a RAM cache, an unlinked file beside it for a disk cache; made
-        # by the first write or pull.
-        super().__init__(next_, spec.write_cache, directory, spares)
+class RemoteWriteCache(Layer):
+    def __init__(self, mirror: WriteCache, spec: ExportSpec, link: CacheLink, node_id: str):
+        super().__init__(mirror)
+        self.mirror = mirror
         self.spec = spec
         self.client = link.client
         # Who attaches (sent with the open): the cache service tells the other stream
@@ -93,10 +80,17 @@ class RemoteWriteCache(WriteCache):
         # pause), so the recovery opens it again before it sends anything.
         self._opened_at = 0
         self._opens = 0  # times opened again: a drop answered from before one is stale
-        # The recovery under way (an outage ridden out, or a restart): probe, then resend.
-        self._outage: asyncio.Task[None] | None = None
+        # Told when the node restarted (the layer above starts its recovery).
+        self.on_restart: Callable[[], None] | None = None
+
+    @property
+    def node(self) -> str:
+        return self._channel().node
 
     async def attach(self) -> None:
+        await attach_beside(self.mirror, self._open())
+
+    async def _open(self) -> None:
         """Open (or find again) the cache service's write cache and mirror its blocks.
 
         Whichever cache node holds the key answers (``wc.open`` routes it there); every
@@ -113,9 +107,10 @@ class RemoteWriteCache(WriteCache):
         self.channel = self.client.writer(self.key, opened.node, self.attacher["stream_instance"])
         self.channel.incarnation = opened.incarnation
         self.channel.on_restart = self._node_restarted
-        if opened.blocks != len(self.state):
+        if opened.blocks != self.mirror.blocks:
             raise OSError(
-                f"write cache {self.key}: map of {opened.blocks} blocks, disk has {len(self.state)}"
+                f"write cache {self.key}: map of {opened.blocks} blocks, "
+                f"disk has {self.mirror.blocks}"
             )
         if not opened.runs:  # never written (a boot storm's sessions)
             return
@@ -125,7 +120,7 @@ class RemoteWriteCache(WriteCache):
         pulls = []
         for v, a, b in opened.runs:
             if v == ZEROED:
-                self._mark(a, b, ZEROED)
+                self.mirror.mark_zeroed(a, b)
             elif v == DIRTY:
                 start, stop = a * BLOCK, min(b * BLOCK, self.size)
                 pulls.extend(wire.chunks(start, stop - start))
@@ -138,14 +133,13 @@ class RemoteWriteCache(WriteCache):
                     self.outage_grace_s,
                     f"pull of write cache {self.key} at {offset}+{length}",
                 )
-            os.pwrite(self._file(), data, offset)
-            self._mark(offset // BLOCK, -(-(offset + length) // BLOCK), DIRTY)
+            self.mirror.load(offset, data)
 
         await asyncio.gather(*(pull(o, n) for o, n in pulls))
         log.info(
             "write cache %s: pulled %d dirty bytes from cache node %s",
             self.key,
-            self.dirty_bytes,
+            self.mirror.dirty_bytes,
             opened.node,
         )
 
@@ -163,8 +157,8 @@ class RemoteWriteCache(WriteCache):
             **self.attacher,
         }
 
-    def _recoverable(self, e: wire.CacheError, opens: int) -> bool:
-        """Whether the recovery (probe, open again, resend) may cure ``e``, met by a request
+    def recoverable(self, e: wire.CacheError, opens: int) -> bool:
+        """Whether a recovery (probe, open again, resend) may cure ``e``, met by a request
         shipped when the cache had been opened again ``opens`` times: the node did not
         answer, or a restarted node process did not hold the cache yet. A cache dropped by
         a node that has not restarted since it was opened is gone for good."""
@@ -181,10 +175,10 @@ class RemoteWriteCache(WriteCache):
         b = min(-(-(offset + length) // BLOCK) * BLOCK, self.size)
         channel = self._channel()
         futs = []
-        for v, s, e in self._runs(a, b - a):
+        for v, s, e in self.mirror.runs(a, b - a):
             if v == DIRTY:
                 for pos, n in wire.chunks(s, e - s):
-                    data = os.pread(self.fd, n, pos)
+                    data = self.mirror.read_dirty(pos, n)
                     futs.append(channel.submit(wire.OP_WRITE, pos, n, data, fua))
             elif v == ZEROED:
                 futs.append(channel.submit(wire.OP_ZERO, s, e - s, None, fua))
@@ -193,109 +187,64 @@ class RemoteWriteCache(WriteCache):
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         if not data:
             return
-        # Suspends only while the vdisk's blocks are fetched (write_cache.py); the change is
-        # applied to the mirror in the step that returns here, and shipped in that step too.
-        await super().pwrite(offset, data, fua)
+        # The mirror suspends only while the vdisk's blocks are fetched; it applies the
+        # change in the step that returns here, and the change is shipped in that step too.
+        await self.mirror.pwrite(offset, data, fua)
         self.unflushed.add(offset, len(data))
-        await self._deliver(self._ship(offset, len(data), fua), fua, self._opens)
+        await self._deliver(self._ship(offset, len(data), fua), self._opens)
 
     async def zero(self, offset: int, length: int, fua: bool = False) -> None:
         if not length:
             return
-        await super().zero(offset, length, fua)  # as pwrite: shipped in the same step
+        await self.mirror.zero(offset, length, fua)  # as pwrite: shipped in the same step
         self.unflushed.add(offset, length)
-        await self._deliver(self._ship(offset, length, fua), fua, self._opens)
+        await self._deliver(self._ship(offset, length, fua), self._opens)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        # Trimmed blocks read back as zeros (write_cache.py): shipped as zeroed marks.
+        await self.zero(offset, length, fua)
 
     async def flush(self) -> None:
-        while True:
-            if self._outage is not None and not self._outage.done():
-                await asyncio.shield(self._outage)  # what is being sent again goes first
-            restarts, opens = self.restarts, self._opens
-            covered = self.unflushed.take()
-            self._flushing.append(covered)
-            try:
-                # Ordered after every record queued before it; the cache fsyncs, then answers.
-                await self._channel().submit(wire.OP_FLUSH, 0, 0, None, True)
-            except wire.CacheError as e:
-                self.unflushed.give_back(covered)
-                if not self._recoverable(e, opens):
-                    raise
-                await self._ride_out(e)
-                continue
-            finally:
-                self._flushing.remove(covered)
-            if self.restarts == restarts:
-                return
-            # Answered by a node process that started after these ranges went out: its
-            # fsync may not cover them. Once they are sent again, flush again.
+        """One FLUSH, ordered after every record queued before it (the cache fsyncs, then
+        answers); :class:`Undelivered` when it does not cover them."""
+        restarts, opens = self.restarts, self._opens
+        covered = self.unflushed.take()
+        self._flushing.append(covered)
+        try:
+            await self._channel().submit(wire.OP_FLUSH, 0, 0, None, True)
+        except wire.CacheError as e:
             self.unflushed.give_back(covered)
+            raise Undelivered(e, opens) from e
+        finally:
+            self._flushing.remove(covered)
+        if self.restarts != restarts:
+            # Answered by a node process that started after these ranges went out: its
+            # fsync may not cover them. They are sent again, then flushed again.
+            self.unflushed.give_back(covered)
+            raise Undelivered(None, opens)
 
-    async def _deliver(self, records: list[asyncio.Future[None]], fua: bool, opens: int) -> None:
-        """Wait for a change's records; when the node is away, for the node."""
+    async def _deliver(self, records: list[asyncio.Future[None]], opens: int) -> None:
+        """Wait for a change's records; what the node did not take is :class:`Undelivered`."""
         try:
             await _all(records)
         except wire.CacheError as e:
-            if not self._recoverable(e, opens):
-                raise
-            await self._ride_out(e)  # sent again with everything unflushed
-            if fua:
-                await self.flush()
-
-    async def _ride_out(self, error: wire.CacheError) -> None:
-        # Shielded: a request given up by its client (connection closed) does not end the
-        # ride-out the others wait on.
-        await asyncio.shield(self._recovery(error))
+            raise Undelivered(e, opens) from e
 
     def _node_restarted(self) -> None:
         """An answer came from a new process of the node: what it had not fsynced may be
-        gone (its machine may have restarted), so send that again."""
+        gone (its machine may have restarted), so it is sent again (``on_restart``)."""
         self.restarts += 1
         log.warning(
             "write cache %s: cache node %s restarted; sending again what changed since the "
             "last flush", self.key, self._channel().node,
         )  # fmt: skip
-        self._recovery(None)
+        if self.on_restart is not None:
+            self.on_restart()
 
-    def _recovery(self, error: wire.CacheError | None) -> asyncio.Task[None]:
-        """The recovery under way, or a new one."""
-        if self._outage is None or self._outage.done():
-            self._outage = asyncio.get_running_loop().create_task(self._recover(error))
-            self._outage.add_done_callback(_retrieved)
-        return self._outage
-
-    async def _recover(self, error: wire.CacheError | None) -> None:
-        """Probe the node until it answers, then send the unflushed ranges again; past
-        ``outage_grace_s``, raise the last error (every waiting request fails with it).
-        ``error``: what failed (an outage), or None (the node restarted, and answers)."""
-        node = self._channel().node
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        if error is not None:
-            log.warning(
-                "write cache %s: %s; holding the session's writes, retrying for up to %g s",
-                self.key, error.strerror, self.outage_grace_s,
-            )  # fmt: skip
-        try:
-            resent = await keep_asking(
-                self._probe_and_resend,
-                self.outage_grace_s,
-                first_delay_s=0.0 if error is None else RETRY_FIRST_S,
-            )
-        except wire.CacheError as e:
-            if wire.transient(e):
-                log.error(
-                    "write cache %s: %s for %.1f s: its writes fail with EIO",
-                    self.key, e.strerror, loop.time() - began,
-                )  # fmt: skip
-            raise
-        log.warning(
-            "write cache %s: cache node %s answers%s; sent again the %d bytes changed "
-            "since the last flush",
-            self.key, node, "" if error is None else f" again after {loop.time() - began:.1f} s",
-            resent,
-        )  # fmt: skip
-
-    async def _probe_and_resend(self, left_s: float) -> int:
+    async def probe_and_resend(self, left_s: float) -> int:
+        """Probe the node (waiting up to ``left_s``), open the cache again if the node
+        restarted since it was last opened, then send every unflushed range again; bytes
+        sent. A transient :class:`wire.CacheError` while the node still does not answer."""
         await self._channel().probe(min(PROBE_TIMEOUT_S, max(left_s, 0.01)))
         restarts = self.restarts
         if restarts != self._opened_at:
@@ -329,21 +278,10 @@ class RemoteWriteCache(WriteCache):
         await _all(window)
         return total
 
-    def close(self) -> None:
-        if self._outage is not None:
-            self._outage.cancel()  # the session is gone: nothing to hold any more
-        super().close()
-
     def _channel(self) -> WriteChannel:
         if self.channel is None:  # the stack attaches before any request is served
             raise OSError(errno.EIO, f"write cache {self.key} used before it was attached")
         return self.channel
-
-
-def _retrieved(task: asyncio.Task[None]) -> None:
-    """A recovery nobody waits on (started by a restart) that failed: logged already."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def _all(futs: list[asyncio.Future[None]]) -> None:
@@ -351,21 +289,6 @@ async def _all(futs: list[asyncio.Future[None]]) -> None:
     if not futs:
         return
     results = await asyncio.gather(*futs, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-
-
-async def attach_stack(backend: Backend) -> None:
-    """Run the async ``attach`` of every layer of a stack that has one, concurrently (they
-    are independent: one round trip to the cache service per session open, not one each)."""
-    layers = []
-    b: object = backend
-    while b is not None:
-        layers.append(b)
-        b = getattr(b, "next", None)
-    attaches = [a for a in (getattr(layer, "attach", None) for layer in layers) if a is not None]
-    results = await asyncio.gather(*(a() for a in attaches), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r

@@ -1,21 +1,15 @@
 """A session's write cache: the layer that makes a read-only vdisk writable for one client.
 
-This is the seam for the future cache service: a write cache is a :class:`Layer` like any
-other, so a remote implementation only has to provide the same callbacks (``map_read`` may
-then return pieces of a local mirror or fall back to ``pread``). For now the data lives in
-this process: in a memfd (``server-ram``) or an unlinked sparse temp file (``server-disk``).
-Either way a block the session wrote is served with the same ``preadv`` as a clean one.
+The data lives in this process: in a memfd (``server-ram``) or an unlinked sparse temp file
+(``server-disk``). Either way a block the session wrote is served with the same ``preadv``
+as a clean one. Under a cache service this layer is the local *mirror* of the session's
+write cache there: ``remote_write_cache.py`` wraps it and ships what it changed.
 
 Granularity is 4 KiB: a write that covers part of a block first copies the block from the
 layers below (read-modify-write). Zeroed / trimmed whole blocks are only marked, not stored.
 
-Concurrency: the connections sharing this cache run their requests concurrently on one
-event loop. A change suspends only while the layers below fetch the blocks its partial
-edges need (a vdisk in a remote store: ``BlocksMissing``); other requests run meanwhile and
-may change those blocks. So the fetch only brings the blocks onto this node: once nothing
-is missing, the change reads the blocks' state as it is *then* and applies itself whole
-(edges copied, data written, marks set) without suspending again. Two writes into one block
-therefore never copy stale bytes over each other, and no request sees half of a change.
+A change suspends only while the layers below fetch the blocks its partial edges need, then
+applies itself whole in one step of the loop (the concurrency model: ``backend.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from services.cache.block_map import BLOCK, CLEAN, DIRTY, ZEROED, BlockMap, blocks_of
 from services.stream.path.backend import (
     STATE_HOLE,
     STATE_ZERO,
@@ -36,6 +29,7 @@ from services.stream.path.backend import (
     read_into,
 )
 from services.stream.path.spare_files import SpareFiles, unlinked_file
+from shared.block_map import BLOCK, CLEAN, DIRTY, ZEROED, BlockMap, blocks_of
 
 
 def new_cache_file(
@@ -72,9 +66,9 @@ class WriteCache(Layer):
         self.kind = kind
         self.directory = directory
         self.spares = spares
-        # Made by the first change (_file), from ``spares`` when they are given: a disk
-        # file costs 0.2-1.1 ms to create here, which a storm of sessions opening at once
-        # paid before any handshake, and a session that only reads never needs it.
+        # Made by the first change (_file), from ``spares`` when they are given: creating a
+        # disk file is a file-system round trip a storm of sessions opening at once would
+        # pay before any handshake, and a session that only reads never needs it.
         self.fd = -1
         self.state = BlockMap(blocks_of(self.size))
         self._touched = 0  # blocks not CLEAN; 0 means every read passes straight down
@@ -103,7 +97,11 @@ class WriteCache(Layer):
     def dirty_bytes(self) -> int:
         return self.state.dirty * BLOCK
 
-    def _runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+    @property
+    def blocks(self) -> int:
+        return len(self.state)
+
+    def runs(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """``(state, start, stop)`` byte runs of equal block state covering the range."""
         end = offset + length
         runs = self.state.runs(offset // BLOCK, (end - 1) // BLOCK + 1)
@@ -113,7 +111,7 @@ class WriteCache(Layer):
         if not self._touched:
             return self.next.map_read(offset, length)
         pieces: list[Piece] = []
-        for v, a, b in self._runs(offset, length):
+        for v, a, b in self.runs(offset, length):
             if v == CLEAN:
                 pieces.extend(self.next.map_read(a, b - a))
             elif v == DIRTY:
@@ -130,6 +128,19 @@ class WriteCache(Layer):
 
     def _mark(self, first: int, stop: int, value: int) -> None:
         self._touched += self.state.set(first, stop, value)
+
+    def read_dirty(self, offset: int, length: int) -> bytes:
+        """Bytes of blocks this session wrote (DIRTY runs of :meth:`runs`)."""
+        return os.pread(self.fd, length, offset)
+
+    def load(self, offset: int, data: bytes) -> None:
+        """Blocks the session wrote earlier, pulled back from where they were kept."""
+        os.pwrite(self._file(), data, offset)
+        self._mark(offset // BLOCK, -(-(offset + len(data)) // BLOCK), DIRTY)
+
+    def mark_zeroed(self, first: int, stop: int) -> None:
+        """Blocks ``first``..``stop`` the session zeroed or trimmed earlier."""
+        self._mark(first, stop, ZEROED)
 
     async def _materialize(self, blocks: set[int]) -> None:
         """Copy partly overwritten blocks into the cache so their other bytes survive.
@@ -206,7 +217,7 @@ class WriteCache(Layer):
         if not self._touched:
             return await self.next.extents(offset, length)
         out: list[Extent] = []
-        for v, a, b in self._runs(offset, length):
+        for v, a, b in self.runs(offset, length):
             if v == CLEAN:
                 out.extend(await self.next.extents(a, b - a))
             else:

@@ -1,4 +1,4 @@
-"""A small client of the registry's REST API, and the CLI plumbing around it.
+"""The CLI's client of the registry's REST API, and the CLI plumbing around it.
 
 The CLI finds the running system through its data dir: ``runtime.json`` holds ``api_url``
 and ``DATA_DIR/api-token`` the bearer token (``STREAMBOOT_API_URL`` and
@@ -19,13 +19,14 @@ from typing import Any, NoReturn
 
 import httpx
 
+from shared.errors import OperatorError
 from shared.settings import API_TOKEN_FILE, runtime_info
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3
 
 
-class ClientError(Exception):
+class ClientError(OperatorError):
     def __init__(self, message: str, kind: str = "error", exit_code: int = EXIT_REFUSED) -> None:
         super().__init__(message)
         self.kind = kind
@@ -107,11 +108,9 @@ def fail(exc: Exception, as_json: bool) -> NoReturn:
 @contextmanager
 def cli_errors(as_json: bool) -> Iterator[None]:
     """Turn client and domain errors into a clear message and a non-zero exit."""
-    from services.registry.domain.errors import DomainError
-
     try:
         yield
-    except (ClientError, DomainError) as exc:
+    except OperatorError as exc:
         fail(exc, as_json)
 
 

@@ -10,7 +10,7 @@ messages in order.
 A write cache lives on one cache node: :meth:`CacheClient.open_write_cache` asks any cache
 node (queue group), which routes the open to the holder and says which node that is; from
 then on the session's writes and reads go to that node's own subjects
-(``placement.node_subject``), never through the queue group, so no request of a session
+(``wire.node_subject``), never through the queue group, so no request of a session
 lands on a node that does not hold its cache. A node that is gone answers nothing there
 (``no responders``): the error names it.
 """
@@ -32,10 +32,10 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from services.cache import wire
-from services.cache.block_map import Run, decode_runs
-from services.cache.placement import node_subject
+from shared.block_map import Run, decode_runs
 from shared.bus import Requests
+from shared.contracts.cache import wire
+from shared.contracts.cache.wire import node_subject
 
 log = logging.getLogger("streamboot.cache.client")
 

@@ -1,5 +1,19 @@
-"""Every call the boot service makes to the registry, in one place (its NATS API is in
+"""The registry's NATS contract: its subjects, the session record it resolves a token to,
+and the client stub the boot and stream services call (the handlers are in
 services/registry/nats_api.py): a change of subject or field is a change here only.
+
+Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"error",
+"kind"}`` with ``kind`` one of invalid, not_found, conflict, refused, internal:
+
+- ``session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?,
+  boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri, ...)
+- ``session.resolve`` {token} -> :class:`SessionRecord`
+- ``session.close``   {token | session_id, reason?}
+- ``session.replay``  {session_id, stream_node?} -> a replay session
+- ``session.list``    {}
+- ``session.status``  {session_id} -> {session_id, live, closed, reason}
+- ``device.lookup``   {mac, smbios_uuid?} -> the device and its vdisks
+- ``vdisk.list``      {}
 
 Errors arrive as :class:`shared.bus.RemoteError` (``kind``: not_found, refused, conflict,
 invalid, internal) or :class:`shared.bus.ServiceUnavailable`; callers decide what the
@@ -13,13 +27,49 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
+from pydantic import BaseModel, ConfigDict
 
 from shared.bus import request_json
 
-LOOKUP = "streamboot.registry.device.lookup"
-OPEN = "streamboot.registry.session.open"
-RESOLVE = "streamboot.registry.session.resolve"
-CLOSE = "streamboot.registry.session.close"
+PREFIX = "streamboot.registry"
+QUEUE = "registry"
+LOOKUP = f"{PREFIX}.device.lookup"
+OPEN = f"{PREFIX}.session.open"
+RESOLVE = f"{PREFIX}.session.resolve"
+CLOSE = f"{PREFIX}.session.close"
+REPLAY = f"{PREFIX}.session.replay"
+LIST = f"{PREFIX}.session.list"
+STATUS = f"{PREFIX}.session.status"
+VDISK_LIST = f"{PREFIX}.vdisk.list"
+# Every subject the registry answers, for the permissions and the docs.
+SUBJECTS = (OPEN, RESOLVE, CLOSE, REPLAY, LIST, STATUS, LOOKUP, VDISK_LIST)
+ERROR_KINDS = ("invalid", "not_found", "conflict", "refused", "internal")
+
+
+class SessionRecord(BaseModel):
+    """What a session token opens (``session.resolve``'s answer; also the body of a
+    session announced to a stream node, plus its token): the export a stream node serves."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    vdisk: str
+    version: int
+    size: int
+    layers: list[str]
+    # None for a replay: nothing on the node may be keyed by its MAC.
+    mac: str | None = None
+    hostname: str | None = None
+    read_only: bool = False
+    write_cache: str = "server-ram"
+    write_cache_persistence: str = "discard"
+    writes_to_vdisk: bool = False
+    store: str = "local"
+    boot_traceparent: str | None = None
+    # Set for a replay: the stream node records no BlocksRequested for it.
+    replay_of: str | None = None
+    # The only address the session's exports accept (None: any).
+    client_addr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +100,7 @@ class Session:
     nbd_port: int
     write_cache: str
     hostname: str | None
-    # The boot's trace root (see services/boot/boot_trace.py).
+    # The boot's trace root (the boot service's boot_trace.py).
     boot_traceparent: str | None = None
     machine_id: str | None = None
     write_cache_persistence: str = "discard"
@@ -122,6 +172,8 @@ class RegistryClient:
             self.nc, CLOSE, {"token": token, "reason": reason}, timeout_s=self.timeout_s
         )
 
-    async def resolve(self, token: str) -> dict[str, Any]:
-        """The live session a token opens (``not_found`` once it is closed)."""
-        return await request_json(self.nc, RESOLVE, {"token": token}, timeout_s=self.timeout_s)
+    async def resolve(self, token: str) -> SessionRecord:
+        """The live session a token opens (``not_found`` once it is closed; a malformed
+        answer is a ``ValueError``)."""
+        reply = await request_json(self.nc, RESOLVE, {"token": token}, timeout_s=self.timeout_s)
+        return SessionRecord.model_validate(reply)

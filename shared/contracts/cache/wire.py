@@ -1,8 +1,8 @@
 """What the stream and cache services say to each other over NATS (raw nats-py, no FastStream).
 
 Why raw nats-py and a binary framing: a block write crosses the bus before the client gets
-its acknowledgement, so every microsecond per message counts (FastStream adds ~0.2 ms per
-message; raw nats-py does ~51k request/reply a second). Messages stay <= 1 MiB (NATS's
+its acknowledgement, so the cost per message counts, and FastStream's per-message work is
+a large part of it (docs/architecture.md has the figures). Messages stay <= 1 MiB (NATS's
 default max payload outside our embedded config).
 
 Subjects. In the queue group ``cache`` (any one cache node answers):
@@ -14,7 +14,7 @@ Subjects. In the queue group ``cache`` (any one cache node answers):
                                  capacity, incarnation (hex), synced: whether an fsync
                                  covers every change}. The node that answers routes
                                  the open to the node holding (or placed to hold) the key
-                                 (``services/cache/placement.py``); ``node`` says which one
+                                 (the cache service's ``placement.py``); ``node`` says which one
                                  that is. ``create: false`` (the registry's ``vdisk commit``):
                                  a key no node holds is an error, not a new empty cache.
 - ``streamboot.cache.rc.open``   JSON {key, vdisk, version, store, layers, size} -> {profile: [[off, len]...]}
@@ -45,7 +45,7 @@ Published by the node holding a write cache, to every stream node (no reply):
                                  opened write cache ``key`` for a session. Any other stream
                                  process still holding a session on that cache drops it: its
                                  mirror no longer sees the writes made through the new one
-                                 (``services/stream/takeover.py``).
+                                 (the stream service's ``takeover.py``).
 
 Write batch: ``<H`` key length, the key (utf-8), ``<H`` writer length, the writer (utf-8:
 the sending stream process, its ``CacheLink.instance``), then records ``<BBQI`` (op, flags,
@@ -63,6 +63,8 @@ import json
 import struct
 from collections.abc import Iterator
 
+from shared.bus import subject_token
+
 PREFIX = "streamboot.cache"
 WC_OPEN = f"{PREFIX}.wc.open"
 WC_LIST = f"{PREFIX}.wc.list"
@@ -71,10 +73,36 @@ RC_OPEN = f"{PREFIX}.rc.open"
 RC_READ = f"{PREFIX}.rc.read"
 STATS = f"{PREFIX}.stats"
 QUEUE = "cache"
-# Per-node subjects: f"{NODE_PREFIX}.<escaped node id>.<verb>" (placement.node_subject).
+# Per-node subjects: f"{NODE_PREFIX}.<escaped node id>.<verb>" (:func:`node_subject`).
 NODE_PREFIX = f"{PREFIX}.node"
 V_WC_OPEN, V_WC_WRITE, V_WC_READ, V_STATS = "wc.open", "wc.write", "wc.read", "stats"
 V_WC_MAP = "wc.map"
+NODE_VERBS = (V_WC_OPEN, V_WC_WRITE, V_WC_READ, V_WC_MAP, V_STATS)
+# Every subject of the cache service (per-node ones with ``<node>`` standing for the node),
+# for the permissions and the docs.
+SUBJECTS = (
+    WC_OPEN,
+    RC_OPEN,
+    RC_READ,
+    WC_LIST,
+    STATS,
+    WC_ATTACHED,
+    *(f"{NODE_PREFIX}.<node>.{verb}" for verb in NODE_VERBS),
+)
+
+
+def node_subject(node: str, verb: str) -> str:
+    """``streamboot.cache.node.<node>.<verb>``: only that node answers."""
+    return f"{NODE_PREFIX}.{subject_token(node)}.{verb}"
+
+
+def kept_write_cache_key(mac: str, vdisk: str, version: int) -> str:
+    """The key of a device's kept write cache for one vdisk version: the MAC without
+    separators, lower-cased, so every spelling of one MAC names one cache. The registry
+    stores MACs lower-cased (``normalize_mac``), so keys of caches kept before this
+    function existed are the same strings."""
+    return f"device-{mac.replace(':', '').lower()}-{vdisk}-v{version}"
+
 
 # Largest message we send: under NATS's 1 MiB default with room for headers.
 MAX_MESSAGE = (1 << 20) - 4096

@@ -5,10 +5,8 @@ the stream node serving the session.
 One state byte per block, in an anonymous private memory map rather than a bytearray: the
 kernel hands out a page of the map only when a state in it is set (a 4 KiB page covers
 16 MiB of disk) and reads of the rest see its shared zero page. So a session costs memory
-for what it wrote, not for the size of its disk. Measured with a bytearray, a 100 GiB
-vdisk's session took 25 MiB of RSS in the stream node and again in the cache service, and
-its open 127 ms of the stream node's CPU (allocating, shipping and scanning a map of 26
-million clean blocks); a boot storm of 200 such sessions needed 5 GiB and 25 s of CPU.
+for what it wrote, not for the size of its disk (a whole-disk array costs memory and CPU
+on every open in proportion to the disk: docs/cache.md has the figures).
 
 The dirty and zeroed block counts are kept as states change, so nothing counts over the
 whole map. What travels between services is the map's non-clean runs (:meth:`encode`):

@@ -1,0 +1,63 @@
+"""The shared read cache's requests (``rc.open``, ``rc.read``): any cache node answers
+(queue group). Part of the cache service (service.py wires it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from services.cache.boot_profiles import BootProfiles
+from services.cache.read_cache import ReadCaches
+from services.cache.stores import StoreError
+from shared.bus import RemoteError
+from shared.contracts.cache import wire
+
+log = logging.getLogger("streamboot.cache")
+
+
+class ReadCacheRoutes:
+    def __init__(
+        self,
+        reads: ReadCaches,
+        profiles: BootProfiles,
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+    ) -> None:
+        self.reads = reads
+        self.profiles = profiles
+        self._spawn = spawn
+
+    async def rc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+        try:
+            if body.get("store", "local") == "local":
+                self.reads.register_local(body)
+            else:
+                await self.reads.open(body)
+        except (StoreError, OSError) as e:
+            raise RemoteError(f"cannot open {body.get('key')}: {e}", "unavailable") from e
+        return {"profile": self.profiles.extents(body["vdisk"], int(body["version"]))}
+
+    async def rc_read(self, msg: Msg) -> None:
+        try:
+            body = json.loads(msg.data)
+            vc = self.reads.get(str(body["key"]))
+            if vc is None and body.get("layers") is not None:
+                # Opened through another cache node: this one opens it at its first read.
+                vc = await self.reads.open(body)
+            if vc is None:
+                reply = wire.fail(f"read cache {body['key']!r} not open", "not_found")
+            else:
+                length = min(int(body["length"]), wire.MAX_CHUNK)
+                reply = wire.ok(await self.reads.read(vc, int(body["offset"]), length))
+        except (StoreError, OSError) as e:
+            log.error("read cache: store read failed: %s", e)
+            reply = wire.fail(str(e), "unavailable")
+        except (ValueError, KeyError) as e:
+            reply = wire.fail(f"bad read: {e}", "invalid")
+        await msg.respond(reply)
+
+    async def spawn_read(self, msg: Msg) -> None:
+        self._spawn(self.rc_read(msg))

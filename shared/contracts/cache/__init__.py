@@ -1,0 +1,1 @@
+"""The cache service's wire format and the client stub the stream and registry call."""
