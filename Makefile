@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 # uv from PATH, else where `pip install --user` puts it (evaluated when a recipe runs).
 UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
 
-.PHONY: up cli test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz
+.PHONY: up cli test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz faults
 
 up: cli
 	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(UP_ARGS)
@@ -105,3 +105,13 @@ fuzz: sync
 	  echo "fuzz $$t: exit $$rc after $$(( $$(date +%s) - start )) s (runs done: the stat line above)"; \
 	  [ $$rc -eq 0 ] || exit $$rc; \
 	done
+
+# Fault injection with a live client (tests/faults; docs/reliability.md): every fault, then
+# the table in docs/reliability.md is written from the results. Needs root (a network
+# namespace, a tmpfs). The normal suite runs the quick ones.
+FAULTS_RESULTS ?= build/faults.jsonl
+faults: test-deps sync
+	@mkdir -p $(dir $(FAULTS_RESULTS)) && rm -f $(FAULTS_RESULTS)
+	@rc=0; STREAMBOOT_FAULTS=all STREAMBOOT_FAULTS_RESULTS=$(abspath $(FAULTS_RESULTS)) \
+	  $(UV) run pytest tests/faults -q $(PYTEST_ARGS) || rc=$$?; \
+	$(UV) run python -m tests.faults.table $(FAULTS_RESULTS) docs/reliability.md; exit $$rc

@@ -26,6 +26,7 @@ REGISTRY_EVENTS = (
     "DeviceRemoved",
     "DeviceMaintenanceChanged",
     "AssignmentChanged",
+    "IscsiChapChanged",
     "VdiskCreated",
     "VdiskVersionPublished",
     "BootFilesScanned",
@@ -51,7 +52,13 @@ BUS_EVENTS = {
     # refusal), the OS saying it has booted.
     "boot": ("BootRequested", "BootMenuShown", "HandoffRedeemed", "ClientBooted", "NonceRefused"),
     # The data plane: clients attaching and leaving, the blocks they read and wrote.
-    "stream": ("SessionAttached", "SessionDetached", "BlocksRequested", "SessionAddressRefused"),
+    "stream": (
+        "SessionAttached",
+        "SessionDetached",
+        "BlocksRequested",
+        "SessionAddressRefused",
+        "IscsiLoginRefused",
+    ),
     # Write caches filling up, boot profiles learnt, prefetches done.
     "cache": ("WriteCacheFull", "BootProfileUpdated", "PrefetchCompleted"),
 }

@@ -11,6 +11,7 @@ import typer.core
 
 from streamboot.commands import (
     assign,
+    chap,
     client,
     device,
     dhcp,
@@ -49,6 +50,7 @@ app.command()(up.up)
 app.command()(status.status)
 app.add_typer(events.app, name="events")
 app.add_typer(device.app, name="device")
+app.add_typer(chap.app, name="collection")
 app.add_typer(vdisk.app, name="vdisk")
 app.command()(assign.assign)
 app.add_typer(session.app, name="session")

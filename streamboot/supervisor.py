@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from shared import bus
 from shared.bus_access import role_users
+from shared.fd_limit import raise_soft_limit
 from shared.heartbeat import read_heartbeats
 from shared.settings import (
     API_TOKEN_FILE,
@@ -464,6 +465,7 @@ def _require(process: ManagedProcess | None) -> ManagedProcess:
 
 def run_up(settings: Settings, services: Sequence[str]) -> int:
     """Entry for the CLI: returns the exit code, with startup errors printed, not traced."""
+    raise_soft_limit()  # nats-server and PostgreSQL inherit it (each service raises its own)
     try:
         return asyncio.run(Supervisor(settings, services).run())
     except StartupError as exc:

@@ -53,8 +53,8 @@ OPERATOR_PREFIXES = ("/devices", "/assignments", "/sessions")
 # Token management is admin's, reads included.
 ADMIN_PREFIXES = ("/tokens",)
 # Changes under an operator's prefix that are admin's: putting a device in maintenance
-# lets it write the next version of a vdisk every device boots.
-ADMIN_ACTIONS = re.compile(r"/devices/[^/]+/maintenance")
+# lets it write the next version of a vdisk every device boots; CHAP secrets are credentials.
+ADMIN_ACTIONS = re.compile(r"/devices/[^/]+/(maintenance|chap)")
 MAX_AUDIT_PATH = 512
 
 

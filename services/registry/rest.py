@@ -3,7 +3,8 @@
 Every route but ``/health`` (and the docs) needs ``Authorization: Bearer <token>`` of a
 role that may call it: :mod:`services.registry.gate` checks that from the request head,
 caps the body and records the audit trail. Domain errors map to statuses by kind:
-invalid 400, refused 403, not_found 404, conflict 409; the body is
+invalid 400, refused 403, not_found 404, conflict 409, busy 503 with ``Retry-After`` (a
+session open refused by back-pressure: nothing was opened); the body is
 ``{"error": message, "kind": kind}``. A body that does not fit its model is 400 too, with
 a message naming the fields and the problems, never the input itself. Every route is one
 call into :class:`~services.registry.app.RegistryApp`, the layer the NATS handlers call too.
@@ -25,7 +26,7 @@ from services.registry.domain.errors import DomainError
 from services.registry.domain.identity import normalize_mac
 from services.registry.gate import Gate, check_token
 
-STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409}
+STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409, "busy": 503}
 # An error message quotes what it refuses; past this it is cut (the input is the caller's).
 MAX_ERROR_CHARS = 500
 MAX_LISTED_ERRORS = 5
@@ -69,6 +70,13 @@ class DevicePatch(BaseModel):
     collection: Name | None = None
     tester: bool | None = None
     kernel_args: LongText | None = None  # "" clears them
+
+
+class ChapIn(BaseModel):
+    user: Text
+    secret: Name
+    reverse_user: Text | None = None
+    reverse_secret: Name | None = None
 
 
 class AssignmentIn(BaseModel):
@@ -129,7 +137,7 @@ class PolicyIn(BaseModel):
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
     store: Name | None = None
-    boot_method: Literal["auto", "kernel", "sanboot"] | None = None
+    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi"] | None = None
     kernel: Text | None = None  # "" clears the pick
 
 
@@ -183,8 +191,11 @@ def build_api(
 
     @api.exception_handler(DomainError)
     async def domain_error(_req: Request, exc: DomainError) -> JSONResponse:
+        retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse(
-            {"error": clip(str(exc)), "kind": exc.kind}, status_code=STATUS[exc.kind]
+            {"error": clip(str(exc)), "kind": exc.kind},
+            status_code=STATUS[exc.kind],
+            headers=retry,
         )
 
     @api.exception_handler(RequestValidationError)
@@ -243,6 +254,30 @@ def build_api(
     @r.delete("/devices/{mac}")
     async def remove_device(mac: str) -> dict[str, Any]:
         return await app.remove_device(mac)
+
+    # CHAP credentials of iSCSI logins (the secrets are write-only: no answer shows them)
+    async def set_chap(kind: str, target: str, body: ChapIn) -> dict[str, Any]:
+        return await app.set_chap(kind, target, **body.model_dump())
+
+    @r.put("/devices/{mac}/chap")
+    async def set_device_chap(mac: str, body: ChapIn) -> dict[str, Any]:
+        return await set_chap("device", mac, body)
+
+    @r.delete("/devices/{mac}/chap")
+    async def clear_device_chap(mac: str) -> dict[str, Any]:
+        return await app.clear_chap("device", mac)
+
+    @r.get("/collections/{name}/chap")
+    async def show_collection_chap(name: str) -> dict[str, Any]:
+        return app.chap_view("collection", name)
+
+    @r.put("/collections/{name}/chap")
+    async def set_collection_chap(name: str, body: ChapIn) -> dict[str, Any]:
+        return await set_chap("collection", name, body)
+
+    @r.delete("/collections/{name}/chap")
+    async def clear_collection_chap(name: str) -> dict[str, Any]:
+        return await app.clear_chap("collection", name)
 
     # assignments
     @r.get("/assignments")

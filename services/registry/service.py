@@ -30,6 +30,7 @@ from shared.contracts.cache.client import all_write_caches
 from shared.contracts.stream import announce_session
 from shared.event_log import serve_appends
 from shared.event_store import EventStore
+from shared.fd_limit import fd_vitals, raise_soft_limit
 from shared.heartbeat import Heartbeat, HeartbeatView
 from shared.metrics import Headline, live_sessions_from, start_metrics_server
 from shared.relay import EventRelay
@@ -158,6 +159,8 @@ class RegistryService:
                 "projection_errors": app.projection_errors(),
                 "metrics": self.metrics.url,
                 "figures": headline.figures(),
+                "fds": fd_vitals(),
+                "opens_refused_busy": app.opens_refused_busy,
             }
 
         self.heartbeat = Heartbeat(
@@ -242,6 +245,8 @@ def main() -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    soft, hard = raise_soft_limit()  # shared/fd_limit.py, as every service does at start
+    log.info("registry: open-file limit %d (hard %d)", soft, hard)
 
     async def _main() -> None:
         stop = asyncio.Event()

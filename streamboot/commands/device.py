@@ -8,6 +8,14 @@ import typer
 from rich.console import Console
 
 from streamboot.commands import DataDirOption
+from streamboot.commands.chap import (
+    ChapReverseSecret,
+    ChapReverseUser,
+    ChapSecret,
+    ChapUser,
+    NoChap,
+    chap_call,
+)
 from streamboot.registry_api import run
 from streamboot.tables import print_rows
 
@@ -29,6 +37,10 @@ def show_device(d: dict[str, Any]) -> None:
     console.print(f"  collection   {d['collection'] or '-'}")
     console.print(f"  tester       {'yes' if d['tester'] else 'no'}")
     console.print(f"  kernel args  {d.get('kernel_args') or '-'}")
+    if d.get("chap"):
+        c = d["chap"]
+        mutual = f", mutual as {c['reverse_user']}" if c["mutual"] else ""
+        console.print(f"  iSCSI CHAP   {c['user']}{mutual}  [from {c['source']}]")
     vdisks = ", ".join(
         v + (" (default)" if v == a.get("default") else "") for v in a.get("vdisks", [])
     )
@@ -101,9 +113,15 @@ def update(
     collection: Annotated[str | None, typer.Option(help="'' leaves the collection")] = None,
     tester: Annotated[bool | None, typer.Option("--tester/--no-tester")] = None,
     kernel_args: Annotated[str | None, typer.Option(help=KERNEL_ARGS_HELP)] = None,
+    chap_user: ChapUser = None,
+    chap_secret: ChapSecret = None,
+    chap_reverse_user: ChapReverseUser = None,
+    chap_reverse_secret: ChapReverseSecret = None,
+    no_chap: NoChap = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a device's hostname, SMBIOS UUID, collection, tester flag or kernel arguments."""
+    """Change a device's hostname, SMBIOS UUID, collection, tester flag, kernel arguments or
+    the CHAP credentials of its iSCSI logins."""
     body = {
         "hostname": hostname,
         "smbios_uuid": uuid,
@@ -111,7 +129,21 @@ def update(
         "tester": tester,
         "kernel_args": kernel_args,
     }
-    run(data_dir, as_json, lambda c: c.patch(f"/devices/{mac}", body), show_device)
+    chap = chap_call(
+        f"/devices/{mac}/chap",
+        chap_user,
+        chap_secret,
+        chap_reverse_user,
+        chap_reverse_secret,
+        no_chap,
+    )
+
+    def call(c: Any) -> Any:
+        if chap is not None:
+            chap(c)
+        return c.patch(f"/devices/{mac}", body)
+
+    run(data_dir, as_json, call, show_device)
 
 
 app.command("set", help="The same as `device update`.")(update)

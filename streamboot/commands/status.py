@@ -109,12 +109,14 @@ def render(result: dict[str, Any]) -> None:
     if "error" in result:
         console.print(f"[red]{result['error']}[/red]")
     table = Table(title="services")
-    for col in ("service", "alive", "version", "uptime", "instances", "load"):
+    for col in ("service", "alive", "version", "uptime", "instances", "load", "fds open/limit"):
         table.add_column(col)
     loads: dict[str, float] = {}
+    fds: dict[str, str] = {}
     for beat in result["instances"]:
         if beat["alive"]:
             loads[beat["service"]] = loads.get(beat["service"], 0) + float(beat.get("load", 0))
+            fds[beat["service"]] = fds_cell(beat, fds.get(beat["service"]))
     for name, s in result["services"].items():
         table.add_row(
             name,
@@ -123,6 +125,7 @@ def render(result: dict[str, Any]) -> None:
             f"{s['uptime_s']:.0f}s" if s["uptime_s"] is not None else "-",
             str(s.get("instances", 0)),
             str(loads.get(name, "-")),
+            fds.get(name, "-"),
         )
     console.print(table)
     ends = Table(title="endpoints")
@@ -149,6 +152,20 @@ def render(result: dict[str, Any]) -> None:
         )
     for line in space_warnings(result["instances"]) + projection_warnings(result["instances"]):
         console.print(f"[yellow]{line}[/yellow]")
+
+
+def fds_cell(beat: dict[str, Any], before: str | None) -> str:
+    """``open/soft limit`` of an instance (shared/fd_limit.py; hard limit when the soft one is
+    lower, refused connections when any); instances of one service side by side."""
+    f = beat.get("fds")
+    if not isinstance(f, dict):
+        return before or "-"
+    cell = f"{f.get('open')}/{f.get('soft')}"
+    if f.get("hard") != f.get("soft"):
+        cell += f" (hard {f.get('hard')})"
+    if f.get("refused"):
+        cell += f" [red]{f['refused']} refused[/red]"
+    return f"{before}, {cell}" if before else cell
 
 
 def projection_warnings(instances: list[dict[str, Any]]) -> list[str]:

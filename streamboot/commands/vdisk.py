@@ -103,7 +103,11 @@ def show_boot(version: int, boot: dict[str, Any] | None, method: str) -> None:
         return
     seen = ", ".join(boot.get("kernels") or []) or "none"
     if boot.get("kernel_version"):
-        how = "kernel-direct" if method != "sanboot" else "sanboot (the vdisk's boot method)"
+        how = (
+            "kernel-direct"
+            if not method.startswith("sanboot")
+            else f"{method} (the vdisk's boot method)"
+        )
         out.print(
             f"  version {version}: boots {how}: kernel {boot['kernel_version']} "
             f"({_gib(boot.get('kernel_size', 0))}, initramfs "
@@ -447,7 +451,10 @@ def set_(
     boot_method: Annotated[
         str | None,
         typer.Option(
-            help="auto (kernel-direct when a kernel was found, else sanboot)|kernel|sanboot"
+            "--boot-method",
+            "--boot",
+            help="auto (kernel-direct when a kernel was found, else sanboot)|kernel|sanboot|"
+            "sanboot-iscsi (iPXE's iSCSI initiator; the OS finds the disk by the iBFT)",
         ),
     ] = None,
     kernel: Annotated[

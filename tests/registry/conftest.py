@@ -31,8 +31,14 @@ from tests.conftest import BusServer
 TOKEN = "test-token-" + "x" * 20
 
 
+# Session opens in these tests may wait past the production deadline on a loaded test
+# machine and be refused busy; back-pressure has its own tests (test_back_pressure.py).
+PATIENT = {"registry_open_max_wait_s": 120.0}
+
+
 def make_settings(data_dir: Path, nats_url: str, database_url: str, **extra: Any) -> Settings:
     return Settings(
+        **PATIENT,
         data_dir=data_dir,
         nats_url=nats_url,
         database_url=database_url,
@@ -162,7 +168,7 @@ async def store(database_url: str) -> AsyncIterator[EventStore]:
 @pytest.fixture
 async def app(store: EventStore, data_dir: Path) -> RegistryApp:
     """The application layer on a real event store, without NATS or HTTP."""
-    a = RegistryApp(store, Settings(data_dir=data_dir, api_token=TOKEN))
+    a = RegistryApp(store, Settings(data_dir=data_dir, api_token=TOKEN, **PATIENT))
     await a.start()
     return a
 

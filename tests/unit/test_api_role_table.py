@@ -20,6 +20,12 @@ EXPECTED = {
     "POST /devices/{mac}/enable": "operator",
     "POST /devices/{mac}/maintenance": "admin",
     "POST /devices/{mac}/wake": "operator",
+    # CHAP credentials are secrets: only an admin sets or clears them.
+    "PUT /devices/{mac}/chap": "admin",
+    "DELETE /devices/{mac}/chap": "admin",
+    "GET /collections/{name}/chap": "viewer",
+    "PUT /collections/{name}/chap": "admin",
+    "DELETE /collections/{name}/chap": "admin",
     "DELETE /devices/{mac}": "operator",
     "GET /assignments": "viewer",
     "POST /assignments": "operator",
