@@ -14,10 +14,12 @@ SHELL := /bin/bash
 # tests. Keep the whole list here.
 TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-static iproute2 \
 	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
-	nbd-client fdisk debootstrap dracut-core dracut-network ovmf libiscsi-bin qemu-block-extra tgt
+	nbd-client fdisk debootstrap dracut-core dracut-network ovmf libiscsi-bin qemu-block-extra tgt \
+	chromium
 # (debootstrap: `vdisk build-debian`; dracut-core, dracut-network: the client's dracut
 # module is built into an initramfs; ovmf: the UEFI VM of the real-OS tests; libiscsi-bin:
-# the iSCSI initiators, qemu-block-extra: QEMU's iscsi:// driver, tgt: the reference target.)
+# the iSCSI initiators, qemu-block-extra: QEMU's iscsi:// driver, tgt: the reference target;
+# chromium: the web console's browser tests, driven by Playwright, never its own download.)
 # The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer), dnsmasq-base (the
 # reference PXE chain's DHCP in bench/pxechain.py).
 BENCH_DEB_PACKAGES := $(TEST_DEB_PACKAGES) fio tftpd-hpa dnsmasq-base
@@ -28,9 +30,9 @@ PYTEST_ARGS ?=
 # uv from PATH, else where `pip install --user` puts it (evaluated when a recipe runs).
 UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
 
-.PHONY: up test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz faults
+.PHONY: up cli test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz faults
 
-up: sync
+up: cli
 	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(UP_ARGS)
 
 # pytest exit code 5 means "no tests collected": a selection matched nothing, which must
@@ -49,6 +51,13 @@ test-realos: test-deps sync
 
 sync: uv
 	$(UV) sync
+
+# `streamboot` on PATH after `make up`: ~/.local/bin/streamboot is this checkout's entry
+# point (a link into .venv, so it always runs the synced code).
+cli: sync
+	@mkdir -p "$$HOME/.local/bin" && ln -sfn "$(CURDIR)/.venv/bin/streamboot" "$$HOME/.local/bin/streamboot"
+	@case ":$$PATH:" in *":$$HOME/.local/bin:"*) ;; \
+	  *) echo "make: ~/.local/bin is not on PATH: add it, or run 'uv run streamboot ...'" >&2 ;; esac
 
 uv:
 	@command -v uv >/dev/null 2>&1 || [ -x "$$HOME/.local/bin/uv" ] || \

@@ -48,8 +48,9 @@ REGISTRY_EVENTS = (
 )
 # The events each service appends over the bus (what its code emits).
 BUS_EVENTS = {
-    # DHCP/iPXE: a boot began, the menu it showed, the OS saying it has booted.
-    "boot": ("BootRequested", "BootMenuShown", "ClientBooted", "NonceRefused"),
+    # DHCP/iPXE: a boot began, the menu it showed, the hand-off to the initramfs (or its
+    # refusal), the OS saying it has booted.
+    "boot": ("BootRequested", "BootMenuShown", "HandoffRedeemed", "ClientBooted", "NonceRefused"),
     # The data plane: clients attaching and leaving, the blocks they read and wrote.
     "stream": (
         "SessionAttached",

@@ -293,6 +293,13 @@ class NonceRefused(SessionEvent):
     reason: str
 
 
+class HandoffRedeemed(SessionEvent):
+    """A kernel-direct boot's initramfs traded its nonce for the session's export: the
+    hand-off from the firmware's boot to the OS's own attach."""
+
+    client_addr: str
+
+
 class SessionAddressRefused(SessionEvent):
     """A stream node refused a connection to a session from an address other than the
     one the session was issued to."""

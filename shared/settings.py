@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     dhcp_dns: list[str] = Field(default_factory=list)
     dhcp_lease_s: int = 3600
     dhcp_announce_per_s: float = 20.0  # BootRequested per second from PXE DISCOVERs (bursts: 5 s)
+    # Wake-on-LAN (`streamboot device wake`, the console): the registry sends the magic
+    # packet here, out of dhcp_interface when one is set (the clients' network).
+    wol_address: str = "255.255.255.255"
+    wol_port: int = 9
     boot_bios_file: str = "undionly.kpxe"
     boot_efi64_file: str = "ipxe.efi"
     ipxe_menu_timeout_s: int = 10

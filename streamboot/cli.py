@@ -7,6 +7,7 @@ and register it below with one line, `app.add_typer(<name>.app, name="<name>")`.
 from __future__ import annotations
 
 import typer
+import typer.core
 
 from streamboot.commands import (
     assign,
@@ -25,6 +26,17 @@ from streamboot.commands import (
     up,
     vdisk,
 )
+
+_value_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_shows_no_type(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
+    """A flag (``--json``, ``--help``) takes no value: its help names no ``<bool>`` type,
+    which would read as if it wanted one."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assign]
 
 app = typer.Typer(no_args_is_help=True, help="OS streaming for diskless machines.")
 

@@ -139,6 +139,11 @@ class Supervisor:
     async def run(self) -> int:
         """Run until a signal (exit 0) or a child's own exit (exit 1)."""
         check_service_modules(self.services)
+        # Everything that can refuse the start is checked before the data dir is made or
+        # marked: a refused start leaves no files behind (a new dir stays absent).
+        self.data_dir.check_format()
+        self.data_dir.check_unused()
+        self._resolve_ports()
         self.data_dir.lock()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,7 +168,6 @@ class Supervisor:
 
     async def _start_all(self) -> None:
         s = self.settings
-        self._resolve_ports()
         token = s.api_token or self.data_dir.api_token()
         dd = self.data_dir
         lines = [f"streamboot up: data dir {dd.path}"]

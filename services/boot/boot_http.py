@@ -31,7 +31,7 @@ from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response, file_response
 from shared.bus import RemoteError, ServiceUnavailable
 from shared.contracts.registry import RegistryClient
-from shared.events import BootMenuShown, ClientBooted, Event, NonceRefused
+from shared.events import BootMenuShown, ClientBooted, Event, HandoffRedeemed, NonceRefused
 
 # Alternative stream nodes a redeem answer names (each "host:port" at most ~22 bytes).
 MAX_FAILOVER_NODES = 8
@@ -179,7 +179,11 @@ class BootHttp:
         with boot_span("redeem", {"traceparent": root} if root else None) as span:
             response = await self._redeemed(got.outcome, entry, request)
             span.set_attribute("http.status_code", response.status)
-        if response.status != 200:
+        if response.status == 200:
+            self.emit(
+                HandoffRedeemed(session_id=entry["session_id"], client_addr=request.client_ip)
+            )
+        else:
             log.warning(
                 "boot: redeem from %s refused: %s", request.client_ip, response.body.strip()
             )

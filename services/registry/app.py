@@ -50,6 +50,7 @@ from services.registry.domain.sessions import (
 )
 from services.registry.projection import Projection, Record
 from services.registry.sealing import Sealer, SealingError, load_sealer
+from services.registry.wake import send_magic_packet
 from shared.contracts.cache.wire import kept_write_cache_key
 from shared.contracts.registry import ChapRecord, SessionRecord
 from shared.envelope import Envelope, uuid7
@@ -446,6 +447,56 @@ class RegistryApp:
     async def remove_device(self, mac: str) -> Record:
         stored = await self._execute(lambda p: devices.remove(p, mac))
         return {"removed": stored[0].data["mac"]}
+
+    async def instances(self) -> list[Record]:
+        """Every service instance's last heartbeat (alive or not), for the console."""
+        return await self._heartbeats() if self._heartbeats is not None else []
+
+    async def wake_device(self, mac: str) -> Record:
+        """Send a registered device the Wake-on-LAN packet (it then PXE-boots as usual)."""
+        d = devices.get_device(self.projection, mac)
+        st = self.settings
+        try:
+            sent_to = await asyncio.to_thread(
+                send_magic_packet, d["mac"], st.wol_address, st.wol_port, st.dhcp_interface
+            )
+        except OSError as exc:
+            raise invalid(f"could not send the Wake-on-LAN packet to {d['mac']}: {exc}") from exc
+        log.info("registry: Wake-on-LAN packet for %s sent to %s", d["mac"], sent_to)
+        return {"mac": d["mac"], "hostname": d["hostname"], "sent_to": sent_to}
+
+    async def events(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 200,
+        type_: str | None = None,
+        mac: str | None = None,
+        newest: bool = False,
+    ) -> list[Record]:
+        """Events of the log as JSON, filtered by type and/or device (its sessions' own
+        events included); ``newest``: the last ``limit`` of them instead of the first."""
+        types = [type_] if type_ else None
+        if mac:
+            rows = await self.store.read_device(
+                mac, after, 100_000 if newest else limit, types=types
+            )
+        elif newest:
+            rows = await self.store.read_latest(limit, types=types)
+        else:
+            rows = await self.store.read_all(after, limit, types=types)
+        if newest:
+            rows = rows[-limit:]
+        return [
+            {
+                "position": e.position,
+                "time": e.time.isoformat(),
+                "type": e.type,
+                "stream_id": e.stream_id,
+                "data": e.data,
+            }
+            for e in rows
+        ]
 
     def list_devices(self) -> list[Record]:
         return [self.device_view(mac) for mac in sorted(self.projection.devices)]

@@ -70,6 +70,9 @@ def build_broker(
         graceful_timeout=5.0,
         # Per-message access logs at DEBUG: a boot storm must not flood the log.
         log_level=logging.DEBUG,
+        # The service's own logger (its format, no colour codes): FastStream's default
+        # handler writes ANSI colours even into a redirected log.
+        logger=logging.getLogger("streamboot.registry.nats"),
     )
 
     def handle(

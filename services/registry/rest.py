@@ -14,15 +14,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 
 from services.registry.app import RegistryApp
+from services.registry.console import LiveFeed, Logins, mount_console
 from services.registry.domain.errors import DomainError
-from services.registry.gate import Gate
+from services.registry.domain.identity import normalize_mac
+from services.registry.gate import Gate, check_token
 
 STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409, "busy": 503}
 # An error message quotes what it refuses; past this it is cut (the input is the caller's).
@@ -161,19 +163,30 @@ class TokenIn(BaseModel):
 # --- the app ---------------------------------------------------------------------------
 
 
-def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
-    """The API; ``api_token`` is the built-in admin's (bootstrap-admin) token."""
+def build_api(
+    app: RegistryApp, api_token: str, max_body_bytes: int, feed: LiveFeed | None = None
+) -> FastAPI:
+    """The API and the web console at ``/``; ``api_token`` is the built-in admin's
+    (bootstrap-admin) token, ``feed`` the console's live view (None: nothing live)."""
     api = FastAPI(
         title="streamboot registry",
         description="Devices, vdisks and their versions, assignments, boot sessions.",
         version="0.1.0",
+        # /docs and /redoc are the console's, from assets shipped in the package.
+        docs_url=None,
+        redoc_url=None,
     )
+    logins = Logins()
     api.add_middleware(
         Gate,
         bootstrap_token=api_token,
         authenticate=app.api_principal,
         audit=app.record_admin_action,
         max_body_bytes=max_body_bytes,
+        cookie_login=logins.from_scope,
+    )
+    mount_console(
+        api, app, logins, lambda token: check_token(token, api_token, app.api_principal), feed
     )
 
     @api.exception_handler(DomainError)
@@ -233,6 +246,10 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
     @r.post("/devices/{mac}/maintenance")
     async def device_maintenance(mac: str, body: MaintenanceIn) -> dict[str, Any]:
         return await app.set_device_maintenance(mac, body.on)
+
+    @r.post("/devices/{mac}/wake")
+    async def wake_device(mac: str) -> dict[str, Any]:
+        return await app.wake_device(mac)
 
     @r.delete("/devices/{mac}")
     async def remove_device(mac: str) -> dict[str, Any]:
@@ -336,6 +353,19 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
     @r.delete("/sessions/{token_or_id}")
     async def close_session(token_or_id: str, reason: str = "closed-by-request") -> dict[str, Any]:
         return await app.close_session(token_or_id, reason)
+
+    # the event log (the console's Events and Audit pages; the CLI reads it directly)
+    @r.get("/events")
+    async def events(
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+        type: Annotated[str | None, Query(max_length=64)] = None,
+        mac: Annotated[str | None, Query(max_length=64)] = None,
+        newest: bool = False,
+    ) -> list[dict[str, Any]]:
+        return await app.events(
+            after=after, limit=limit, type_=type, mac=mac and normalize_mac(mac), newest=newest
+        )
 
     # the registry itself
     @r.post("/registry/rebuild")

@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 
 from services.registry import vdisk_store
 from services.registry.app import RegistryApp
+from services.registry.console import LiveFeed
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
 from shared import bus
@@ -130,9 +131,12 @@ class RegistryService:
         self._appends = await serve_appends(nc, store, lambda _stored: relay.poke())
         self.broker = build_broker(nats_url, app, credentials)
         await self.broker.start()
+        # The console's live view: the log's recent past, then the event stream.
+        self.feed = LiveFeed(store, nc)
+        await self.feed.start()
         self.server = _ApiServer(
             uvicorn.Config(
-                build_api(app, api_token(settings), settings.api_max_body_bytes),
+                build_api(app, api_token(settings), settings.api_max_body_bytes, self.feed),
                 host=settings.bind_host,
                 port=settings.api_port,
                 log_level="warning",
@@ -199,6 +203,8 @@ class RegistryService:
 
     async def stop(self) -> None:
         """Stop whatever was started (also after a start that failed half-way)."""
+        if hasattr(self, "feed"):
+            await self.feed.stop()  # ends the console's live streams, so the API can stop
         if hasattr(self, "server"):
             self.server.should_exit = True
         if self.tasks:

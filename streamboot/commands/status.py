@@ -14,8 +14,9 @@ from rich.table import Table
 from shared import bus
 from shared.heartbeat import read_heartbeats
 from shared.metrics import system_figures
-from shared.settings import Settings, runtime_info, without_password
+from shared.settings import RUNTIME_FILE, Settings, runtime_info, without_password
 from streamboot.commands import DataDirOption
+from streamboot.embedded.datadir import supervisor_running
 
 SERVICES = ("registry", "boot", "stream", "cache")
 # Endpoint keys a service may advertise in its heartbeat (merged into `endpoints`).
@@ -42,6 +43,17 @@ async def gather_status(settings: Settings) -> dict[str, Any]:
     }
     if not nats_url:
         status["error"] = f"streamboot is not running here (no runtime.json in {settings.data_dir})"
+        return status
+    if runtime and not settings.nats_url and not supervisor_running(settings.data_dir):
+        # Its `up` was killed (kill -9): the endpoints in runtime.json lead nowhere, and
+        # asking them would only blame NATS for it.
+        status["running"] = False
+        status["endpoints"] = {}
+        status["error"] = (
+            f"`streamboot up` is not running on {settings.data_dir}: its {RUNTIME_FILE} is "
+            f"stale (the `up` that wrote it is gone); start it again with "
+            f"`streamboot up --data-dir {settings.data_dir}`"
+        )
         return status
     try:
         nc = await bus.connect(

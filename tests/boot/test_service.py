@@ -259,6 +259,8 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
         ("127.0.0.2", "wrong client address"),
         ("127.0.0.1", "nonce already redeemed"),
     ]
+    [handoff] = await events_of(registry, "HandoffRedeemed", 1)
+    assert handoff.data == {"session_id": session["session_id"], "client_addr": "127.0.0.1"}
 
     # A vdisk that must boot by sanboot does, whatever it holds.
     await bus.request_json(nc, "streamboot.registry.session.close", {"token": lines["export"]})

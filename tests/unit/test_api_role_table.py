@@ -19,6 +19,7 @@ EXPECTED = {
     "POST /devices/{mac}/disable": "operator",
     "POST /devices/{mac}/enable": "operator",
     "POST /devices/{mac}/maintenance": "admin",
+    "POST /devices/{mac}/wake": "operator",
     # CHAP credentials are secrets: only an admin sets or clears them.
     "PUT /devices/{mac}/chap": "admin",
     "DELETE /devices/{mac}/chap": "admin",
@@ -43,6 +44,7 @@ EXPECTED = {
     "POST /sessions": "operator",
     "POST /sessions/replay": "operator",
     "DELETE /sessions/{token_or_id}": "operator",
+    "GET /events": "viewer",
     "POST /registry/rebuild": "admin",
     "GET /registry/status": "viewer",
     "GET /tokens": "admin",
