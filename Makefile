@@ -14,10 +14,12 @@ SHELL := /bin/bash
 # tests. Keep the whole list here.
 TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-static iproute2 \
 	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
-	nbd-client fdisk debootstrap dracut-core dracut-network ovmf libiscsi-bin qemu-block-extra tgt
+	nbd-client fdisk debootstrap dracut-core dracut-network ovmf libiscsi-bin qemu-block-extra tgt \
+	chromium
 # (debootstrap: `vdisk build-debian`; dracut-core, dracut-network: the client's dracut
 # module is built into an initramfs; ovmf: the UEFI VM of the real-OS tests; libiscsi-bin:
-# the iSCSI initiators, qemu-block-extra: QEMU's iscsi:// driver, tgt: the reference target.)
+# the iSCSI initiators, qemu-block-extra: QEMU's iscsi:// driver, tgt: the reference target;
+# chromium: the web console's browser tests, driven by Playwright, never its own download.)
 # The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer), dnsmasq-base (the
 # reference PXE chain's DHCP in bench/pxechain.py).
 BENCH_DEB_PACKAGES := $(TEST_DEB_PACKAGES) fio tftpd-hpa dnsmasq-base
@@ -28,9 +30,9 @@ PYTEST_ARGS ?=
 # uv from PATH, else where `pip install --user` puts it (evaluated when a recipe runs).
 UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
 
-.PHONY: up test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz
+.PHONY: up cli test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz faults
 
-up: sync
+up: cli
 	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(UP_ARGS)
 
 # pytest exit code 5 means "no tests collected": a selection matched nothing, which must
@@ -45,10 +47,17 @@ test: test-deps sync
 # A real Debian built with `vdisk build-debian` (debootstrap cached in
 # ~/.cache/streamboot-test), PXE-booted by VMs one at a time (two at once in one test).
 test-realos: test-deps sync
-	$(UV) run pytest -m realos tests/e2e/test_realos_boot.py $(PYTEST_ARGS)
+	$(UV) run pytest -m realos tests/e2e $(PYTEST_ARGS)
 
 sync: uv
 	$(UV) sync
+
+# `streamboot` on PATH after `make up`: ~/.local/bin/streamboot is this checkout's entry
+# point (a link into .venv, so it always runs the synced code).
+cli: sync
+	@mkdir -p "$$HOME/.local/bin" && ln -sfn "$(CURDIR)/.venv/bin/streamboot" "$$HOME/.local/bin/streamboot"
+	@case ":$$PATH:" in *":$$HOME/.local/bin:"*) ;; \
+	  *) echo "make: ~/.local/bin is not on PATH: add it, or run 'uv run streamboot ...'" >&2 ;; esac
 
 uv:
 	@command -v uv >/dev/null 2>&1 || [ -x "$$HOME/.local/bin/uv" ] || \
@@ -96,3 +105,13 @@ fuzz: sync
 	  echo "fuzz $$t: exit $$rc after $$(( $$(date +%s) - start )) s (runs done: the stat line above)"; \
 	  [ $$rc -eq 0 ] || exit $$rc; \
 	done
+
+# Fault injection with a live client (tests/faults; docs/reliability.md): every fault, then
+# the table in docs/reliability.md is written from the results. Needs root (a network
+# namespace, a tmpfs). The normal suite runs the quick ones.
+FAULTS_RESULTS ?= build/faults.jsonl
+faults: test-deps sync
+	@mkdir -p $(dir $(FAULTS_RESULTS)) && rm -f $(FAULTS_RESULTS)
+	@rc=0; STREAMBOOT_FAULTS=all STREAMBOOT_FAULTS_RESULTS=$(abspath $(FAULTS_RESULTS)) \
+	  $(UV) run pytest tests/faults -q $(PYTEST_ARGS) || rc=$$?; \
+	$(UV) run python -m tests.faults.table $(FAULTS_RESULTS) docs/reliability.md; exit $$rc

@@ -6,6 +6,8 @@
     uv run python bench/bootstorm.py run [--clients 1,10,50,200] [--paces recorded,fast]
                                          [--pin auto|always|never]  # the replay
                                          # client on a CPU of its own (auto: one client)
+                                         [--client-procs K]  # the clients split over K
+                                         # processes (a storm of 500+ outruns one)
 
 Servers, side by side in one run, each cold (fresh processes, empty caches) then warm (the
 same processes again, new sessions):
@@ -254,7 +256,7 @@ class Streamboot:
         opens them while the clients are still on their way (ANNOUNCE_LEAD_S)."""
         import nats
 
-        from services.stream.announce import announce_session
+        from shared.contracts.stream import announce_session
 
         nc = await nats.connect(self.nats_url)
         try:
@@ -335,10 +337,58 @@ def pinning(policy: str, clients: int) -> tuple[set[int], set[int]] | None:
     return {cpus[-1]}, set(cpus[:-1])
 
 
+# --client-procs: the replay clients of a storm split over this many processes. One
+# Python process drives a few hundred clients; past that the client, not the server, sets
+# the pace. Each process starts its share at one agreed time; the storm's wall time runs
+# from then to the last client's end.
+CLIENT_PROCS = 1
+# How long before the agreed start the slices are handed out (the worker processes stay
+# up between storms: only the trace and the names cross).
+START_MARGIN_S = 0.5
+_pool: Any = None
+
+
+def _client_pool() -> Any:
+    global _pool
+    if _pool is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _pool = ProcessPoolExecutor(CLIENT_PROCS, mp_context=multiprocessing.get_context("spawn"))
+        list(_pool.map(abs, range(CLIENT_PROCS)))  # up before the first storm's clock
+    return _pool
+
+
+def _replay_slice(
+    port: int, names: list[str], trace: list[Any], paced: bool, start_at: float
+) -> tuple[list[ReplayResult], float]:
+    """One worker's share of a storm, begun at ``start_at`` (epoch): results, end (epoch)."""
+    import uvloop
+
+    async def storm() -> list[ReplayResult]:
+        return list(
+            await asyncio.gather(*(replay("127.0.0.1", port, n, trace, paced) for n in names))
+        )
+
+    time.sleep(max(0.0, start_at - time.time()))
+    results = uvloop.run(storm())
+    return results, time.time()
+
+
 def run_clients(
     port: int, names: list[str], trace: list[Any], paced: bool, announce: Announce | None = None
 ) -> tuple[list[ReplayResult], float]:
     import uvloop
+
+    if CLIENT_PROCS > 1 and len(names) >= CLIENT_PROCS:
+        if announce is not None:
+            uvloop.run(announce(names))  # before the clock: the clients are not connected yet
+        pool = _client_pool()
+        start_at = time.time() + START_MARGIN_S
+        slices = [names[i::CLIENT_PROCS] for i in range(CLIENT_PROCS)]
+        futures = [pool.submit(_replay_slice, port, x, trace, paced, start_at) for x in slices]
+        done = [f.result() for f in futures]
+        return [r for results, _ in done for r in results], max(end for _, end in done) - start_at
 
     async def storm() -> tuple[list[ReplayResult], float]:
         if announce is not None:
@@ -594,11 +644,17 @@ def main() -> None:
         help="the replay client on the last CPU, the servers on the others: for one-client "
         "storms (auto), every storm, or none (see PIN)",
     )  # fmt: skip
+    run.add_argument(
+        "--client-procs", type=int, default=1,
+        help="split the replay clients of a storm over this many processes",
+    )  # fmt: skip
     run.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     if args.cmd == "record":
         record(args.out)
         return
+    global CLIENT_PROCS
+    CLIENT_PROCS = args.client_procs
     work = Path(tempfile.mkdtemp(prefix="bootstorm-"))
     try:
         print(HEADER, flush=True)

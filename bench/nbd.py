@@ -12,6 +12,12 @@ stream server into its session's write cache). The page cache is warmed first, s
 comparison is of the servers, not the disk. Per workload the servers run back to back, for
 ``--rounds`` rounds, best kept: background load on a shared machine then hits all alike.
 Prints MiB/s, IOPS and the ratio to nbdkit.
+
+With ``--tls`` (what NBD over TLS costs): the stream server plain and with
+``NBD_OPT_STARTTLS`` required (``stream-tls``, services/stream/nbd/tls.py) beside nbdkit plain
+and with ``--tls=require`` (``nbdkit-tls``), the same certificates (a CA and a server
+certificate made by the stream node's own code), the read workloads only; a TLS row's ratio
+is to nbdkit-tls.
 """
 
 from __future__ import annotations
@@ -38,6 +44,39 @@ WORKLOADS = [
     ("rand read 4K qd1", dict(rw="randread", bs="4k", iodepth=1)),
     ("rand write 4K qd16", dict(rw="randwrite", bs="4k", iodepth=16)),
 ]
+
+
+READS = WORKLOADS[:3]
+
+
+def tls_servers(
+    plain: dict[str, tuple[list[str], str]],
+    ports: dict[str, int],
+    stream: list[str],
+    image: Path,
+    tmp: Path,
+) -> dict[str, tuple[list[str], str]]:
+    """stream and nbdkit, each plain and requiring TLS, on the same credentials."""
+    sys.path.insert(0, str(ROOT))
+    from services.stream.nbd.tls import default_credentials
+
+    creds = tmp / "tls"
+    default_credentials(creds, ["127.0.0.1"])
+    ports.update({"stream-tls": free_port(), "nbdkit-tls": free_port()})
+    trust_for_fio(creds, tmp / "home")
+    return {
+        "stream": plain["stream"],
+        "stream-tls": (
+            [*stream, "--nbd-port", str(ports["stream-tls"]), "--tls-dir", str(creds)],
+            f"nbds://127.0.0.1:{ports['stream-tls']}/{TOKEN}",
+        ),
+        "nbdkit": plain["nbdkit"],
+        "nbdkit-tls": (
+            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(ports["nbdkit-tls"]), "--tls=require",
+             f"--tls-certificates={creds}", "file", str(image)],
+            f"nbds://127.0.0.1:{ports['nbdkit-tls']}/",
+        ),
+    }  # fmt: skip
 
 
 def free_port() -> int:
@@ -77,9 +116,26 @@ def server(cmd: list[str], port: int) -> Iterator[None]:
             proc.kill()
 
 
+# fio's nbd engine may not read local files named in a URI (``tls-certificates=``): libnbd
+# then trusts $HOME/.pki/libnbd (/etc/pki/libnbd for root, so root runs it as nobody).
+FIO: list[str] = ["fio"]
+
+
+def trust_for_fio(creds: Path, home: Path) -> None:
+    pki = home / ".pki" / "libnbd"
+    pki.mkdir(parents=True)
+    shutil.copy(creds / "ca-cert.pem", pki / "ca-cert.pem")
+    FIO[:] = ["env", f"HOME={home}", "fio"]
+    if os.geteuid() == 0:
+        home.parent.chmod(0o711)  # the bench's temp dir: nobody may pass through
+        for d in (home, home / ".pki", pki):
+            d.chmod(0o755)
+        FIO[:0] = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
 def fio(uri: str, runtime: int, rw: str, bs: str, iodepth: int) -> tuple[float, float]:
     out = subprocess.run(
-        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        [*FIO, "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
          f"--iodepth={iodepth}", f"--runtime={runtime}", "--time_based", "--ramp_time=1",
          "--randrepeat=0", "--output-format=json"],
         capture_output=True, text=True, timeout=runtime * 4 + 60, check=True,
@@ -96,6 +152,7 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     ap.add_argument("--rounds", type=int, default=3, help="runs per server and job (best kept)")
     ap.add_argument("--write-cache", default="server-ram", choices=["server-ram", "server-disk"])
+    ap.add_argument("--tls", action="store_true", help="plain against TLS, with nbdkit's")
     args = ap.parse_args()
     for tool in ("fio", "nbdkit", "qemu-nbd"):
         if not shutil.which(tool):
@@ -137,6 +194,9 @@ def main() -> None:
                 f"nbd://127.0.0.1:{ports['qemu-nbd']}/img",
             ),
         }  # fmt: skip
+        workloads = WORKLOADS
+        if args.tls:
+            servers, workloads = tls_servers(servers, ports, stream, image, Path(tmp)), READS
         results: dict[tuple[str, str], tuple[float, float]] = {}
         os.chdir(ROOT)  # so `-m services.stream.standalone` resolves
         with contextlib.ExitStack() as stack:
@@ -144,7 +204,7 @@ def main() -> None:
                 stack.enter_context(server(cmd, ports[name]))
             # Workload by workload, the servers back to back and in rounds (best of them):
             # the machine's background load then hits every server alike.
-            for label, job in WORKLOADS:
+            for label, job in workloads:
                 for _ in range(args.rounds):
                     for name, (_, uri) in servers.items():
                         got = fio(uri, args.runtime, **job)  # type: ignore[arg-type]
@@ -157,13 +217,13 @@ def main() -> None:
     print(f"\nNBD benchmark: {size} raw image, fio nbd engine, best of {args.rounds} x "
           f"{args.runtime}s per job, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}, "
           f"stream write cache {args.write_cache}\n")  # fmt: skip
-    print(f"| {'workload':20} | {'server':9} | {'MiB/s':>9} | {'IOPS':>9} | {'vs nbdkit':>9} |")
-    print(f"|{'-' * 22}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
-    for label, _ in WORKLOADS:
-        ref = results[(label, "nbdkit")][0]
+    print(f"| {'workload':20} | {'server':10} | {'MiB/s':>9} | {'IOPS':>9} | {'vs nbdkit':>9} |")
+    print(f"|{'-' * 22}|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+    for label, _ in workloads:
         for name in servers:
+            ref = results[(label, "nbdkit-tls" if name.endswith("-tls") else "nbdkit")][0]
             mib, iops = results[(label, name)]
-            print(f"| {label:20} | {name:9} | {mib:9.1f} | {iops:9.0f} | {mib / ref:8.2f}x |")
+            print(f"| {label:20} | {name:10} | {mib:9.1f} | {iops:9.0f} | {mib / ref:8.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Session opens per second: through NATS (what the boot service asks) and the REST API.
 
     uv run python bench/session_opens.py [--opens 2000] [--concurrency 1,10,100] [--profile]
+                                         [--json rows.json]
 
 A real registry process on an embedded NATS and an embedded PostgreSQL (fsync on, as
 `streamboot up` runs them), one vdisk imported with the CLI, ``--opens`` known devices
 per row (registered in one batch of events, in a collection the vdisk is assigned to) and
 one live stream node's heartbeat (so every open is placed and announced). Each row opens
 one session per device, ``C`` at a time, from this process. Reported per row: opens/s,
-the opens' latency p50/p99, errors, and the CPU milliseconds per open of the registry,
+the opens' latency p50/p99, errors, the "busy, retry" answers (back-pressure: the opener
+waits the delay it is given and asks again, as a booting client does; the wait counts in
+its latency), and the CPU milliseconds per open of the registry,
 PostgreSQL and nats-server (where the time goes). ``--profile`` samples the registry with
 py-spy during the rows (``py-spy`` on PATH, else ``uvx py-spy``) and prints where its CPU
 went: the functions on CPU (self) and the registry's own functions (inclusive).
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -51,6 +55,14 @@ from streamboot.embedded.proc import free_port  # noqa: E402
 TOKEN = "bench-token-" + "x" * 24
 
 
+class Busy(Exception):
+    """The registry answered "busy, retry" (back-pressure): ask again after this delay."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"busy, retry in {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
 def mac_of(i: int) -> str:
     return "52:54:02:" + ":".join(f"{b:02x}" for b in i.to_bytes(3, "big"))
 
@@ -61,7 +73,10 @@ class Rig:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.nats = EmbeddedNats(work / "nats", port=free_port())
-        self.pg = EmbeddedPostgres(work, port=free_port(), user=Settings().postgres_user)
+        self.pg = EmbeddedPostgres(
+            work, port=free_port(), password=secrets.token_urlsafe(16),
+            user=Settings().postgres_user,
+        )  # fmt: skip
         self.api_port = free_port()
         self.registry: subprocess.Popen[bytes] | None = None
 
@@ -167,15 +182,23 @@ async def run_row(
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     errors: list[str] = []
+    busy = 0
 
     async def one(mac: str) -> None:
+        nonlocal busy
         async with gate:
             t0 = time.perf_counter()
-            try:
-                await open_one(mac)
-                latencies.append(time.perf_counter() - t0)
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+            while True:
+                try:
+                    await open_one(mac)
+                    latencies.append(time.perf_counter() - t0)
+                    return
+                except Busy as exc:  # back-pressure: asked again after the delay, as
+                    busy += 1  # the boot service's clients do (the wait is in the latency)
+                    await asyncio.sleep(exc.retry_after_s)
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    return
 
     pids = rig.pids()
     cpu0 = {k: cpu_ms(v) for k, v in pids.items()}
@@ -188,6 +211,7 @@ async def run_row(
         "p50_ms": percentile(latencies, 50) * 1000 if latencies else 0,
         "p99_ms": percentile(latencies, 99) * 1000 if latencies else 0,
         "errors": len(errors),
+        "busy": busy,
         "first_error": errors[0] if errors else "",
         **{f"{k}_cpu_ms": v for k, v in cpu.items()},
     }
@@ -215,12 +239,19 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
         )
 
         async def over_nats(mac: str) -> Any:
-            return await bus.request_json(
-                nc, "streamboot.registry.session.open", {"mac": mac}, timeout_s=60
-            )
+            try:
+                return await bus.request_json(
+                    nc, "streamboot.registry.session.open", {"mac": mac}, timeout_s=60
+                )
+            except bus.RemoteError as exc:
+                if exc.kind == "busy":
+                    raise Busy(exc.detail["retry_after_s"]) from exc
+                raise
 
         async def over_rest(mac: str) -> Any:
             r = await http.post("/sessions", json={"mac": mac})
+            if r.status_code == 503 and "retry-after" in r.headers:
+                raise Busy(int(r.headers["retry-after"]))
             if r.status_code != 201:
                 raise RuntimeError(f"{r.status_code} {r.text[:200]}")
             return r.json()
@@ -228,24 +259,28 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
         openers = {"nats": over_nats, "rest": over_rest}
         print(f"{args.opens} opens per row; CPU ms per open by process")
         print(
-            f"{'via':5} {'C':>4} {'opens/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+            f"{'via':5} {'C':>4} {'opens/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'busy':>5} "
             f"{'registry':>8} {'postgres':>8} {'nats':>6}"
         )
         spy = start_py_spy(rig, work / "registry.folded") if args.profile else None
+        rows_out: list[dict[str, Any]] = []
         n = 0
         for transport in transports:
             for c in concurrencies:
                 batch = macs[n * args.opens : (n + 1) * args.opens]
                 n += 1
                 r = await run_row(rig, openers[transport], batch, c)
+                rows_out.append({"via": transport, "concurrency": c, **r})
                 print(
                     f"{transport:5} {c:>4} {r['opens_s']:>8.0f} {r['p50_ms']:>7.1f} "
-                    f"{r['p99_ms']:>7.1f} {r['errors']:>6} {r['registry_cpu_ms']:>8.2f} "
+                    f"{r['p99_ms']:>7.1f} {r['errors']:>6} {r['busy']:>5} {r['registry_cpu_ms']:>8.2f} "
                     f"{r['postgres_cpu_ms']:>8.2f} {r['nats_cpu_ms']:>6.2f}",
                     flush=True,
                 )
                 if r["errors"]:
                     print(f"      first error: {r['first_error']}")
+        if args.json:
+            args.json.write_text(json.dumps(rows_out, indent=1))
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
             await asyncio.to_thread(spy.wait, 60)
@@ -300,6 +335,7 @@ def main() -> None:
     ap.add_argument("--transports", default="nats,rest")
     ap.add_argument("--profile", action="store_true", help="sample the registry with py-spy")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     import uvloop
 

@@ -371,6 +371,24 @@ Handler = Callable[[Any, Msg], Awaitable[Any]]
 _concurrent: set[asyncio.Task[None]] = set()
 
 
+def connection_mark(nc: NATS) -> int:
+    """Which connection to the server this client is on (nats-py counts reconnects)."""
+    return int(nc.stats["reconnects"])
+
+
+async def respond(msg: Msg, data: bytes, mark: int) -> None:
+    """Answer a request that arrived on connection ``mark``, unless that connection is gone.
+
+    A reply published while reconnecting (nats-py buffers it) or after reaches a server that
+    did not deliver the request, which refuses it as a permission violation
+    (``allow_responses``); the requester, whose request went unanswered, asks again."""
+    nc: NATS = msg._client  # the connection the message came on
+    if not nc.is_connected or connection_mark(nc) != mark:
+        log.info("reply on %s dropped: the bus connection the request came on is gone", msg.subject)
+        return
+    await msg.respond(data)
+
+
 async def serve_json(
     nc: NATS, subject: str, handler: Handler, *, queue: str = "", concurrent: bool = False
 ) -> Any:
@@ -382,6 +400,7 @@ async def serve_json(
     from opentelemetry import context as otel_context
 
     async def on_msg(msg: Msg) -> None:
+        mark = connection_mark(nc)
         token = otel_context.attach(extract_context(msg.headers))
         try:
             try:
@@ -402,7 +421,7 @@ async def serve_json(
                     )
                     log.error("%s", message)
                     reply = encode({"error": message, "kind": "too_big"})
-                await msg.respond(reply)
+                await respond(msg, reply, mark)
         finally:
             otel_context.detach(token)
 

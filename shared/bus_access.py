@@ -107,7 +107,8 @@ MATRIX: dict[str, Grant] = {
             "streamboot.stream.*.session.prepare",
             "streamboot.cache.wc.list",
         ),
-        subscribe=("streamboot.registry.>", f"{APPEND_PREFIX}.>"),
+        # events.>: the web console's live view follows the log's events as published.
+        subscribe=("streamboot.registry.>", f"{APPEND_PREFIX}.>", "events.>"),
         responds=True,
         kv_write=(HEARTBEAT_BUCKET,),
         event_stream="create",

@@ -26,6 +26,7 @@ REGISTRY_EVENTS = (
     "DeviceRemoved",
     "DeviceMaintenanceChanged",
     "AssignmentChanged",
+    "IscsiChapChanged",
     "VdiskCreated",
     "VdiskVersionPublished",
     "BootFilesScanned",
@@ -47,11 +48,24 @@ REGISTRY_EVENTS = (
 )
 # The events each service appends over the bus (what its code emits).
 BUS_EVENTS = {
-    # DHCP/iPXE: a boot began, the menu it showed, the OS saying it has booted, what the
-    # client tells the operator.
-    "boot": ("BootRequested", "BootMenuShown", "ClientBooted", "ClientNotice", "NonceRefused"),
+    # DHCP/iPXE: a boot began, the menu it showed, the hand-off to the initramfs (or its
+    # refusal), the OS saying it has booted, what the client tells the operator.
+    "boot": (
+        "BootRequested",
+        "BootMenuShown",
+        "HandoffRedeemed",
+        "ClientBooted",
+        "ClientNotice",
+        "NonceRefused",
+    ),
     # The data plane: clients attaching and leaving, the blocks they read and wrote.
-    "stream": ("SessionAttached", "SessionDetached", "BlocksRequested", "SessionAddressRefused"),
+    "stream": (
+        "SessionAttached",
+        "SessionDetached",
+        "BlocksRequested",
+        "SessionAddressRefused",
+        "IscsiLoginRefused",
+    ),
     # Write caches filling up, boot profiles learnt, prefetches done.
     "cache": ("WriteCacheFull", "BootProfileUpdated", "PrefetchCompleted"),
 }

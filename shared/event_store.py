@@ -422,6 +422,50 @@ class EventStore:
         )
         return [_row(r) for r in rows]
 
+    async def read_latest(
+        self, limit: int, *, types: Sequence[str] | None = None
+    ) -> list[StoredEvent]:
+        """The last ``limit`` events (of these types), in global order: the log read
+        backwards from its end, for "what happened lately"."""
+        args: list[Any] = [limit]
+        where = ""
+        if types:
+            args.append(list(types))
+            where = "WHERE type = ANY($2) "
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM events {where}ORDER BY position DESC LIMIT $1", *args
+        )
+        return [_row(r) for r in reversed(rows)]
+
+    async def session_opened(self, token_hash: str) -> StoredEvent | None:
+        """The SessionOpened of the session whose token has this SHA-256 (the log keeps
+        only the hash), through the index on the events' type."""
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM events WHERE type = 'SessionOpened' "
+            "AND data::jsonb->>'token_hash' = $1 ORDER BY position DESC LIMIT 1",
+            token_hash,
+        )
+        return _row(row) if row else None
+
+    async def read_device(
+        self,
+        mac: str,
+        after_position: int = 0,
+        limit: int = 100_000,
+        *,
+        types: Sequence[str] | None = None,
+    ) -> list[StoredEvent]:
+        """A device's events and its sessions' own (attached, detached, closed name the
+        session, not the MAC), in global order; indexed reads only."""
+        own = await self.read_all(0, limit, mac=mac)
+        rows = {e.position: e for e in own if e.position > after_position}
+        for sid in dict.fromkeys(e.data["session_id"] for e in own if e.type == "SessionOpened"):
+            for e in await self.read_stream(f"session-{sid}"):
+                if e.position > after_position:
+                    rows[e.position] = e
+        picked = [rows[p] for p in sorted(rows) if not types or rows[p].type in types]
+        return picked[:limit]
+
     async def iterate_all(
         self, after_position: int = 0, batch: int = 50_000
     ) -> AsyncIterator[StoredEvent]:

@@ -89,6 +89,21 @@ class AssignmentChanged(Event):
     default: str | None = None
 
 
+class IscsiChapChanged(Event):
+    """The CHAP credentials iSCSI logins of a device (``target`` = MAC) or of a collection's
+    devices (``target`` = name) must give; all None: CHAP off. The secrets are sealed by
+    the registry's key (services/registry/sealing.py): the log never holds them in clear."""
+
+    stream_kind: ClassVar[str] = "chap"
+    target_kind: Literal["device", "collection"]
+    target: str
+    user: str | None = None
+    secret_sealed: str | None = None
+    # Mutual CHAP: the name and secret the target answers the initiator's challenge with.
+    reverse_user: str | None = None
+    reverse_secret_sealed: str | None = None
+
+
 # --- vdisks ----------------------------------------------------------------------------
 
 WriteCacheKind = Literal["server-ram", "server-disk", "client-ram", "client-disk"]
@@ -138,10 +153,10 @@ class VdiskPolicyChanged(VdiskEvent):
     # The store stream and cache nodes read the vdisk's layers from (a name in
     # STREAMBOOT_CACHE_STORES, or "local").
     store: str | None = None
-    # auto (kernel-direct when boot files were found, else sanboot), kernel, sanboot, or
-    # nbdroot (kernel-direct for an image without the streamboot client: Debian's own
-    # nbdroot= in its initramfs, server-side write caches only).
-    boot_method: Literal["auto", "kernel", "sanboot", "nbdroot"] | None = None
+    # auto (kernel-direct when boot files were found, else sanboot), kernel, sanboot (over
+    # HTTP), sanboot-iscsi, or nbdroot (kernel-direct for an image without the streamboot
+    # client: Debian's own nbdroot= in its initramfs, server-side write caches only).
+    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot"] | None = None
     # The kernel version versions published from now on boot ("" clears: the newest).
     kernel: str | None = None
 
@@ -231,6 +246,7 @@ class SessionOpened(SessionEvent):
     token_hash: str | None = None
     nbd_uri: str | None = None
     http_url: str | None = None
+    iscsi_portal: str | None = None  # "host:port" of the stream node's iSCSI target
     # Read-write boot of a maintenance version, or of a private-mode vdisk.
     maintenance: bool = False
     writes_to_vdisk: bool = False
@@ -288,6 +304,13 @@ class NonceRefused(SessionEvent):
     reason: str
 
 
+class HandoffRedeemed(SessionEvent):
+    """A kernel-direct boot's initramfs traded its nonce for the session's export: the
+    hand-off from the firmware's boot to the OS's own attach."""
+
+    client_addr: str
+
+
 class SessionAddressRefused(SessionEvent):
     """A stream node refused a connection to a session from an address other than the
     one the session was issued to."""
@@ -296,6 +319,17 @@ class SessionAddressRefused(SessionEvent):
     protocol: Literal["nbd", "http", "iscsi"]
     client_addr: str
     expected_addr: str
+
+
+class IscsiLoginRefused(SessionEvent):
+    """A stream node refused an iSCSI login to a session: CHAP missing or failed, or an
+    initiator other than the device's (``reason`` says which; never a secret)."""
+
+    stream_node: str
+    client_addr: str
+    initiator: str
+    status: int  # the login status sent (class << 8 | detail, RFC 7143 11.13.5)
+    reason: str
 
 
 class SessionConflictRejected(SessionEvent):
@@ -416,7 +450,7 @@ def stream_id_for(event: Event) -> str:
             key = event.name
         case SessionEvent():
             key = event.session_id
-        case AssignmentChanged():
+        case AssignmentChanged() | IscsiChapChanged():
             key = f"{event.target_kind}:{event.target}"
         case BootRequested() | BootMenuShown():
             key = event.mac

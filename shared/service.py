@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 
 from shared import bus
 from shared.event_log import EventClient
+from shared.fd_limit import fd_vitals, raise_soft_limit
 from shared.heartbeat import Heartbeat
 from shared.metrics import Headline, start_metrics_server
 from shared.settings import Settings
@@ -125,6 +126,8 @@ def freeze_startup_heap() -> None:
 async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -> None:
     settings = Settings()
     setup_logging(settings.log_level)
+    soft, hard = raise_soft_limit()  # before anything opens a socket (shared/fd_limit.py)
+    log.info("%s: open-file limit %d (hard %d)", name, soft, hard)
     setup_tracing(name, settings)
     rt = ServiceRuntime(name, settings)
     loop = asyncio.get_running_loop()
@@ -145,6 +148,7 @@ async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -
             **(rt.vitals() if callable(rt.vitals) else rt.vitals),
             "metrics": metrics_server.url,
             "figures": headline.figures(),
+            "fds": fd_vitals(),
         },
     )
     rt.spawn(heartbeat.run(), "heartbeat")

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     dhcp_dns: list[str] = Field(default_factory=list)
     dhcp_lease_s: int = 3600
     dhcp_announce_per_s: float = 20.0  # BootRequested per second from PXE DISCOVERs (bursts: 5 s)
+    # Wake-on-LAN (`streamboot device wake`, the console): the registry sends the magic
+    # packet here, out of dhcp_interface when one is set (the clients' network).
+    wol_address: str = "255.255.255.255"
+    wol_port: int = 9
     boot_bios_file: str = "undionly.kpxe"
     boot_efi64_file: str = "ipxe.efi"
     ipxe_menu_timeout_s: int = 10
@@ -104,6 +108,8 @@ class Settings(BaseSettings):
     postgres_bin_dir: Path | None = None
     # Bearer token of the admin API; `streamboot up` generates it into DATA_DIR/api-token.
     api_token: str | None = None
+    # The key that seals CHAP secrets in the event log (services/registry/sealing.py).
+    sealing_key: str | None = None
     # The largest request body the admin API takes (413 past it); its bodies are small JSON.
     api_max_body_bytes: int = 1 << 20
 
@@ -115,6 +121,14 @@ class Settings(BaseSettings):
     # attachment (a PXE client leaves HTTP and comes back over NBD seconds later).
     session_detach_grace_s: float = 30.0
     session_sweep_interval_s: float = 5.0
+    # Registry back-pressure (docs/registry.md): past this many session opens waiting for
+    # their commit, or once one has waited this long, an open is answered "busy, retry"
+    # (no session) instead of being decided after its caller stopped waiting (5 s).
+    registry_max_waiting_opens: int = Field(default=1024, ge=1)
+    registry_open_max_wait_s: float = Field(default=2.0, gt=0)
+    # The retry delay a busy answer suggests: drawn from 1 .. this many seconds, so refused
+    # clients do not come back in one wave.
+    registry_busy_retry_max_s: int = Field(default=3, ge=1)
     # A kernel-direct boot's nonce is redeemed, and its session's exports are used, only
     # from the address the boot service saw the client at; False for NAT labs, where every
     # client reaches the servers from one address (docs/security.md).
@@ -146,6 +160,16 @@ class Settings(BaseSettings):
     # A stream node with few connections polls this many microseconds after each request
     # instead of sleeping, so the next one is read without a wake-up (docs/stream.md).
     stream_busy_poll_us: int = 200
+    # NBD over TLS (NBD_OPT_STARTTLS): off, on (clients may upgrade) or require (plain
+    # clients refused; the kernel's nbd driver cannot do TLS: docs/security.md). The
+    # operator's certificate and key, or (unset) a CA and certificate made under
+    # DATA_DIR/stream/tls (clients trust its ca-cert.pem).
+    # Connections one client address may hold before its session is attached (a host
+    # opening sockets it never speaks on); past it they are closed at once; 0 = no cap.
+    stream_max_handshakes_per_address: int = 256
+    stream_nbd_tls: Literal["off", "on", "require"] = "off"
+    stream_nbd_tls_cert: Path | None = None
+    stream_nbd_tls_key: Path | None = None
     # A session's writes, its open and its reads through the cache service wait this long
     # for a cache node that does not answer (restarting, stopped, NATS away) before they
     # fail with EIO (an open: the client is refused); once it answers they go on.

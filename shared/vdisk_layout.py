@@ -127,6 +127,48 @@ _LAYOUTS_KEPT = 32
 _layouts_lock = threading.Lock()  # readers are also made in worker threads
 
 
+class _SharedFiles:
+    """One read-only descriptor per layer file for every reader of the process, counted.
+
+    A stream node holds a reader per session: a descriptor per layer per session would make
+    10,000 idle sessions of one version 10,000 descriptors of the same base image, on top
+    of their sockets. Every read names its offset (pread, sendfile, fadvise), so readers can
+    share one. Keyed by the file's identity: a layer replaced by another file (same path,
+    new inode) gets a descriptor of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple[int, int, int], list[int]] = {}  # key -> [fd, users]
+        self._key_of: dict[int, tuple[int, int, int]] = {}
+
+    def acquire(self, path: Path) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            held = self._by_key.get(key)
+            if held is None:
+                self._by_key[key] = [fd, 1]
+                self._key_of[fd] = key
+                return fd
+            held[1] += 1
+        os.close(fd)  # the file is open already
+        return held[0]
+
+    def release(self, fd: int) -> None:
+        with self._lock:
+            key = self._key_of[fd]
+            held = self._by_key[key]
+            held[1] -= 1
+            if held[1]:
+                return
+            del self._by_key[key], self._key_of[fd]
+        os.close(fd)
+
+
+_FILES = _SharedFiles()
+
+
 def _layout(layers: list[Path]) -> _Layout:
     stats = [os.stat(p) for p in layers]
     key = tuple(
@@ -171,10 +213,10 @@ class ChainReader:
         self.layers = [Path(p) for p in layers]
         layout = _layout(self.layers)
         self.block_size: int = layout.block_size
-        self.fds: list[int] = []
+        self.fds: list[int] = []  # shared with the process's other readers (_SharedFiles)
         try:
             for path in layout.data_paths:
-                self.fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                self.fds.append(_FILES.acquire(path))
         except OSError:
             self.close()
             raise
@@ -231,7 +273,7 @@ class ChainReader:
 
     def close(self) -> None:
         for fd in self.fds:
-            os.close(fd)
+            _FILES.release(fd)
         self.fds = []
 
     def __enter__(self) -> ChainReader:

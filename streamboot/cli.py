@@ -7,9 +7,11 @@ and register it below with one line, `app.add_typer(<name>.app, name="<name>")`.
 from __future__ import annotations
 
 import typer
+import typer.core
 
 from streamboot.commands import (
     assign,
+    chap,
     client,
     device,
     dhcp,
@@ -25,6 +27,17 @@ from streamboot.commands import (
     vdisk,
 )
 
+_value_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_shows_no_type(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
+    """A flag (``--json``, ``--help``) takes no value: its help names no ``<bool>`` type,
+    which would read as if it wanted one."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_shows_no_type  # type: ignore[method-assign]
+
 app = typer.Typer(no_args_is_help=True, help="OS streaming for diskless machines.")
 
 
@@ -37,6 +50,7 @@ app.command()(up.up)
 app.command()(status.status)
 app.add_typer(events.app, name="events")
 app.add_typer(device.app, name="device")
+app.add_typer(chap.app, name="collection")
 app.add_typer(vdisk.app, name="vdisk")
 app.command()(assign.assign)
 app.add_typer(session.app, name="session")

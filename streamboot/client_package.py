@@ -22,6 +22,9 @@ CLIENT_DIR = Path(__file__).resolve().parents[1] / "clients" / "linux"
 PACKAGE_TREE = CLIENT_DIR / "package"
 DEBIAN_DIR = CLIENT_DIR / "debian"
 DRACUT_MAKEFILE = CLIENT_DIR / "dracut" / "Makefile"
+# The failover attach helper (docs/failover.md): C, built for the image's machine.
+NBD_HELPER_SOURCE = CLIENT_DIR / "nbd-failover" / "streamboot-nbd.c"
+NBD_HELPER_PATH = "usr/lib/streamboot/streamboot-nbd"
 # The tarball's share of the tree: the core and everything dracut reads.
 DRACUT_PATHS = ("usr/lib/streamboot", "usr/lib/dracut", "usr/lib/systemd")
 
@@ -108,3 +111,20 @@ def build_dracut_tarball(output: Path) -> Path:
                 add(tar, name, src.read_bytes(), _mode(src))
     partial.rename(path)
     return path
+
+
+def build_nbd_helper(out: Path) -> Path:
+    """``streamboot-nbd`` (the attach-and-failover helper) compiled into ``out``: static,
+    so the initramfs needs no libraries for it, and built on this machine for a client
+    of the same architecture."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise PackageError("building streamboot-nbd needs a C compiler (apt-get install gcc)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [cc, "-static", "-Os", "-Wall", "-o", str(out), str(NBD_HELPER_SOURCE)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise PackageError(f"compiling streamboot-nbd failed: {done.stderr.strip()[-2000:]}")
+    return out

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from streamboot.client_package import build_deb
+from streamboot.client_package import NBD_HELPER_PATH, build_deb, build_nbd_helper
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # What a streamed Debian needs besides minbase: systemd and udev, a kernel and its
@@ -46,6 +46,24 @@ state=/var/lib/streamboot-marker
 last=$(cat "$state/last-boot" 2>/dev/null || echo none)
 boot=$(cat /proc/sys/kernel/random/boot_id)
 mkdir -p "$state" && echo "$boot" > "$state/last-boot" && sync
+# streamboot-marker.await-failover=1 (tests/e2e/test_realos_failover.py): say so, wait
+# until the root's NBD connection moved to another stream node, then write a file through
+# it and read it back past the page cache.
+case " $(cat /proc/cmdline) " in
+    *" streamboot-marker.await-failover=1 "*)
+        echo "STREAMBOOT-AWAIT-FAILOVER" > /dev/console
+        i=0
+        until dmesg | grep -q "nbd0: reconnected socket" || [ $i -ge 900 ]; do
+            sleep 1; i=$((i + 1))
+        done
+        head -c 1048576 /dev/urandom > /run/failover.want
+        cp /run/failover.want "$state/failover" && sync
+        echo 3 > /proc/sys/vm/drop_caches
+        same=no; cmp -s /run/failover.want "$state/failover" && same=yes
+        echo "STREAMBOOT-FAILOVER same=$same" \
+            "io-errors=$(dmesg | grep -c -i -e 'I/O error' -e 'Buffer I/O')" > /dev/console
+        ;;
+esac
 echo "{MARKER} hostname=$(hostname) machine-id=$(cat /etc/machine-id)" \\
     "rootfs=$(findmnt -n -o FSTYPE /) boot-id=$boot last-boot=$last" > /dev/console
 # streamboot-marker.poweroff=1 on the command line: a clean power-off right after.
@@ -173,6 +191,8 @@ def install_client(rootfs: Path, say: Say) -> None:
     say("installing the streamboot client (the initramfs is rebuilt)...")
     (rootfs / "etc/initramfs-tools/conf.d").mkdir(parents=True, exist_ok=True)
     (rootfs / "etc/initramfs-tools/conf.d/streamboot").write_text(INITRAMFS_CONF)
+    # Before the package: its trigger's initramfs then carries the failover helper.
+    build_nbd_helper(rootfs / NBD_HELPER_PATH)
     deb = build_deb(rootfs / "tmp")
     _chroot(rootfs, "apt-get", "install", "-y", f"/tmp/{deb.name}")
     deb.unlink()

@@ -91,6 +91,9 @@ class RegistryClient:
     def patch(self, path: str, body: Any) -> Any:
         return self.request("PATCH", path, body)
 
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, body)
+
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from shared import bus
 from shared.bus_access import role_users
+from shared.fd_limit import raise_soft_limit
 from shared.heartbeat import read_heartbeats
 from shared.settings import (
     API_TOKEN_FILE,
@@ -138,6 +139,11 @@ class Supervisor:
     async def run(self) -> int:
         """Run until a signal (exit 0) or a child's own exit (exit 1)."""
         check_service_modules(self.services)
+        # Everything that can refuse the start is checked before the data dir is made or
+        # marked: a refused start leaves no files behind (a new dir stays absent).
+        self.data_dir.check_format()
+        self.data_dir.check_unused()
+        self._resolve_ports()
         self.data_dir.lock()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -162,7 +168,6 @@ class Supervisor:
 
     async def _start_all(self) -> None:
         s = self.settings
-        self._resolve_ports()
         token = s.api_token or self.data_dir.api_token()
         dd = self.data_dir
         lines = [f"streamboot up: data dir {dd.path}"]
@@ -460,6 +465,7 @@ def _require(process: ManagedProcess | None) -> ManagedProcess:
 
 def run_up(settings: Settings, services: Sequence[str]) -> int:
     """Entry for the CLI: returns the exit code, with startup errors printed, not traced."""
+    raise_soft_limit()  # nats-server and PostgreSQL inherit it (each service raises its own)
     try:
         return asyncio.run(Supervisor(settings, services).run())
     except StartupError as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from shared.boot_flow import BootFlow, describe, parse_event
 from shared.event_store import EventStore, StoredEvent
 
 # Events that make a boot start: the first packet (PXE), or the session for clients that
@@ -27,6 +28,8 @@ class Step:
     detail: str
     since_start_s: float = 0.0
     since_previous_s: float = 0.0
+    # The boot's phase after this step (shared/boot_flow.py); None before any.
+    phase: str | None = None
 
 
 @dataclass
@@ -36,6 +39,8 @@ class BootTimeline:
     steps: list[Step] = field(default_factory=list)
     bytes_read: int = 0
     bytes_written: int = 0
+    phase: str | None = None
+    problems: list[str] = field(default_factory=list)
 
     @property
     def started(self) -> datetime:
@@ -53,6 +58,8 @@ class BootTimeline:
             "duration_s": round(self.duration_s, 3),
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
+            "phase": self.phase,
+            "problems": self.problems,
             "steps": [
                 {
                     "at": s.at.isoformat(),
@@ -60,39 +67,11 @@ class BootTimeline:
                     "detail": s.detail,
                     "since_start_s": round(s.since_start_s, 3),
                     "since_previous_s": round(s.since_previous_s, 3),
+                    "phase": s.phase,
                 }
                 for s in self.steps
             ],
         }
-
-
-def describe(e: StoredEvent) -> str:
-    d = e.data
-    match e.type:
-        case "BootRequested":
-            return f"PXE request (arch {d.get('arch')})"
-        case "BootMenuShown":
-            return f"menu {d.get('vdisks')} default {d.get('default')} chosen {d.get('chosen')}"
-        case "SessionOpened":
-            return f"{d.get('vdisk')} v{d.get('version')} on {d.get('stream_node')}"
-        case "SessionConflictRejected":
-            return f"refused: {d.get('reason')}"
-        case "SessionAttached":
-            return f"{d.get('protocol')} from {d.get('client_addr')}"
-        case "SessionDetached":
-            return (
-                f"{d.get('protocol')} gone ({d.get('reason')}), "
-                f"{d.get('bytes_read', 0):,} B read, {d.get('bytes_written', 0):,} B written"
-            )
-        case "BlocksRequested":
-            extents = d.get("extents", [])
-            return f"{len(extents)} extents, {sum(x[2] for x in extents):,} B"
-        case "SessionClosed":
-            return f"closed ({d.get('reason')})"
-        case "ClientNotice":
-            return f"{d.get('kind')}: {d.get('message')}"
-        case _:
-            return ""
 
 
 def build_timelines(
@@ -126,7 +105,11 @@ def _timeline(mac: str, session_id: str | None, events: Sequence[StoredEvent]) -
     tl = BootTimeline(mac, session_id)
     blocks = [e for e in events if e.type == "BlocksRequested"]
     keep = {id(blocks[0]), id(blocks[-1])} if blocks else set()
+    flow = BootFlow()
     for e in events:
+        typed = parse_event(e.type, e.data)
+        if typed is not None:
+            flow.advance(typed, e.time)
         if e.type == "SessionDetached":
             tl.bytes_read += int(e.data.get("bytes_read", 0))
             tl.bytes_written += int(e.data.get("bytes_written", 0))
@@ -135,7 +118,8 @@ def _timeline(mac: str, session_id: str | None, events: Sequence[StoredEvent]) -
         label = e.type
         if e.type == "BlocksRequested":
             label = "first block read" if id(e) == id(blocks[0]) else "last block batch"
-        tl.steps.append(Step(e.time, label, describe(e)))
+        tl.steps.append(Step(e.time, label, describe(e.type, e.data), phase=flow.phase))
+    tl.phase, tl.problems = flow.phase, flow.problems
     if tl.steps:
         start = tl.steps[0].at
         previous = start

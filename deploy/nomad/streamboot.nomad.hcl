@@ -166,6 +166,7 @@ job "streamboot" {
                   subscribe: { allow: [
                     "streamboot.registry.>",
                     "streamboot.events.append.>",
+                    "events.>",
                     "_INBOX.>",
                   ] }
                   allow_responses: true

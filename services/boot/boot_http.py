@@ -12,8 +12,12 @@
 - ``GET /client/notice?mac=..&kind=..&message=..``: something the client wants the operator
   to see (``ClientNotice``). Both only from the address the MAC's session was issued to.
 
-Scripts are always answered with 200: iPXE shows an HTTP error as a bare error code,
-whereas a script can tell the person at the machine what is wrong and retry by itself.
+Scripts are answered with 200: iPXE shows an HTTP error as a bare error code, whereas a
+script can tell the person at the machine what is wrong and retry by itself. The one
+exception is "busy, retry" (the registry refused the open under back-pressure, or did not
+answer in time): 503 with ``Retry-After``, which iPXE's HTTP client honours by asking again
+after that many seconds (``http_parse_retry_after`` in iPXE's src/net/tcp/httpcore.c); the
+body is the same message-and-retry script, for a client that runs it instead.
 """
 
 from __future__ import annotations
@@ -31,7 +35,17 @@ from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response, file_response
 from shared.bus import RemoteError, ServiceUnavailable
 from shared.contracts.registry import RegistryClient
-from shared.events import BootMenuShown, ClientBooted, ClientNotice, Event, NonceRefused
+from shared.events import (
+    BootMenuShown,
+    ClientBooted,
+    ClientNotice,
+    Event,
+    HandoffRedeemed,
+    NonceRefused,
+)
+
+# Alternative stream nodes a redeem answer names (each "host:port" at most ~22 bytes).
+MAX_FAILOVER_NODES = 8
 
 log = logging.getLogger("streamboot.boot.ipxe")
 
@@ -44,6 +58,24 @@ _BOOT_FILE = re.compile(
 IPXE = "text/plain; charset=utf-8"
 RETRY_BUSY_S = 10  # registry away, or a live session that has not closed yet
 REFUSED_WAIT_S = 60
+MAX_RETRY_AFTER_S = 60  # a registry's busy answer asks for no longer than this
+
+
+class Busy(Exception):
+    """The script request cannot be served now: answered 503 with ``Retry-After``."""
+
+    def __init__(self, lines: list[str], retry_url: str, retry_after_s: int) -> None:
+        super().__init__(lines[0])
+        self.retry_after_s = retry_after_s
+        self.script = scripts.message_script(lines, retry_url=retry_url, wait_s=retry_after_s)
+
+
+def retry_after(detail: Any) -> int:
+    """The registry's suggested retry delay (``detail.retry_after_s``), within sane bounds."""
+    wait = detail.get("retry_after_s") if isinstance(detail, dict) else None
+    if isinstance(wait, int) and not isinstance(wait, bool) and 1 <= wait <= MAX_RETRY_AFTER_S:
+        return wait
+    return RETRY_BUSY_S
 
 
 def normalize_mac(value: str) -> str | None:
@@ -77,7 +109,10 @@ class BootHttp:
         if request.path == "/ipxe/boot.ipxe":
             return Response(200, scripts.boot_script(self.base_url), IPXE)
         if request.path == "/ipxe/script":
-            return Response(200, await self.traced_script(request), IPXE)
+            try:
+                return Response(200, await self.traced_script(request), IPXE)
+            except Busy as exc:
+                return Response(503, exc.script, IPXE, retry_after_s=exc.retry_after_s)
         if request.path == "/session/redeem":
             return await self.redeem(request)
         if request.path.startswith("/boot-files/"):
@@ -185,7 +220,11 @@ class BootHttp:
         with boot_span("redeem", {"traceparent": root} if root else None) as span:
             response = await self._redeemed(got.outcome, entry, request)
             span.set_attribute("http.status_code", response.status)
-        if response.status != 200:
+        if response.status == 200:
+            self.emit(
+                HandoffRedeemed(session_id=entry["session_id"], client_addr=request.client_ip)
+            )
+        else:
             log.warning(
                 "boot: redeem from %s refused: %s", request.client_ip, response.body.strip()
             )
@@ -218,6 +257,8 @@ class BootHttp:
             "mac": entry.get("mac"),
             "nbd_host": entry["nbd_host"],
             "nbd_port": entry["nbd_port"],
+            # The first few: the answer's values are bounded (scripts.word).
+            "nbd_nodes": ",".join(list(entry.get("nbd_nodes") or ())[:MAX_FAILOVER_NODES]),
             "export": entry["token"],
             "write_cache": live.write_cache or entry["write_cache"],
             "persistence": live.write_cache_persistence or entry["persistence"],
@@ -281,6 +322,10 @@ class BootHttp:
                 mac, uuid, chosen or device.vdisks[0], boot=boot, client_addr=request.client_ip
             )
         except RemoteError as exc:
+            if exc.kind == "busy":  # back-pressure: nothing was opened
+                wait = retry_after(exc.detail)
+                log.info("boot: %s: registry busy, told to retry in %ds", mac, wait)
+                raise Busy(["the boot server is busy"], retry, wait) from exc
             log.warning("boot: %s refused: %s (%s)", mac, exc, exc.kind)
             if exc.kind == "conflict":  # e.g. its previous session is still closing
                 return scripts.message_script(
@@ -297,9 +342,7 @@ class BootHttp:
             )
         except ServiceUnavailable as exc:
             log.error("boot: registry unavailable for %s: %s", mac, exc)
-            return scripts.message_script(
-                ["the boot server is busy or starting"], retry_url=retry, wait_s=RETRY_BUSY_S
-            )
+            raise Busy(["the boot server is busy or starting"], retry, RETRY_BUSY_S) from exc
         await self.handoffs.put_boot(
             mac,
             {
@@ -317,6 +360,16 @@ class BootHttp:
         )
         retry = scripts.script_url(self.base_url, mac, uuid)
         how = session.boot or {}
+        if how.get("method") == "sanboot-iscsi":
+            if not (session.iscsi_portal and session.iscsi_target and session.initiator_iqn):
+                return scripts.message_script(
+                    ["the stream node advertises no iSCSI portal"], retry_url=retry,
+                    wait_s=RETRY_BUSY_S,
+                )  # fmt: skip
+            iscsi = scripts.IscsiBoot(
+                session.iscsi_portal, session.iscsi_target, session.initiator_iqn, session.chap
+            )
+            return scripts.iscsi_sanboot_script(info, iscsi, retry_url=retry)
         if how.get("method") not in ("kernel", "nbdroot"):
             return scripts.sanboot_script(info, retry_url=retry)
         files_url = f"{self.base_url}/boot-files/{session.vdisk}/{session.version}"
@@ -341,6 +394,7 @@ class BootHttp:
                 "mac": mac,
                 "nbd_host": session.nbd_host,
                 "nbd_port": session.nbd_port,
+                "nbd_nodes": list(session.nbd_nodes),
                 "write_cache": session.write_cache,
                 "persistence": session.write_cache_persistence,
                 "hostname": session.hostname,

@@ -62,6 +62,7 @@ class Response:
     body: str
     content_type: str = "text/plain; charset=utf-8"
     file: FileSlice | None = None
+    retry_after_s: int | None = None  # a 503's Retry-After: iPXE asks again after it
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -99,6 +100,8 @@ def _head(response: Response, keep: bool, length: int) -> bytes:
             lines.append(f"Content-Range: bytes {f.start}-{f.end - 1}/{f.size}")
     else:
         lines.append("Cache-Control: no-store")
+    if response.retry_after_s is not None:
+        lines.append(f"Retry-After: {int(response.retry_after_s)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 

@@ -76,6 +76,54 @@ def sanboot_script(session: SessionInfo, *, retry_url: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class IscsiBoot:
+    """A SAN boot over iSCSI: iPXE's initiator logs in as the device, reads the boot
+    loader, and leaves the iBFT (portal, target, initiator name, CHAP) for the OS."""
+
+    portal: str  # "host:port"
+    target: str
+    initiator_iqn: str
+    chap: dict[str, str | None] | None = None
+
+
+def iscsi_root_path(boot: IscsiBoot) -> str:
+    """iPXE's iSCSI URI: iscsi:<server>:<protocol>:<port>:<lun>:<target>."""
+    host, port = boot.portal.rsplit(":", 1)
+    return f"iscsi:{text(host)}::{int(port)}:0:{text(boot.target)}"
+
+
+def iscsi_settings(boot: IscsiBoot) -> list[str]:
+    """The settings iPXE's initiator logs in with (and puts into the iBFT)."""
+    out = [f"set initiator-iqn {text(boot.initiator_iqn)}"]
+    chap = boot.chap or {}
+    if chap.get("user") and chap.get("secret"):
+        out += [f"set username {text(chap['user'])}", f"set password {text(chap['secret'])}"]
+        if chap.get("reverse_user") and chap.get("reverse_secret"):
+            out += [
+                f"set reverse-username {text(chap['reverse_user'])}",
+                f"set reverse-password {text(chap['reverse_secret'])}",
+            ]
+    return out
+
+
+def iscsi_sanboot_script(session: SessionInfo, boot: IscsiBoot, *, retry_url: str) -> str:
+    """Boot the vdisk's own boot loader over iSCSI; the OS (Windows, or Linux's open-iscsi)
+    finds its disk again through the iBFT iPXE leaves behind."""
+    who = f" as {text(session.hostname)}" if session.hostname else ""
+    return "\n".join([
+        "#!ipxe",
+        f"echo streamboot: booting {text(session.vdisk)} version {int(session.version)}{who}"
+        " over iSCSI",
+        *iscsi_settings(boot),
+        f"sanboot {iscsi_root_path(boot)} || goto failed",
+        ":failed",
+        "echo streamboot: iSCSI sanboot failed; asking again in 10 seconds",
+        "sleep 10",
+        f"chain {retry_url}",
+    ]) + "\n"  # fmt: skip
+
+
 def menu_script(
     *,
     title: str,
@@ -222,8 +270,8 @@ def nbdroot_script(session: SessionInfo, boot: NbdRootBoot, *, retry_url: str) -
 
 
 REDEEM_KEYS = (
-    "mac", "nbd_host", "nbd_port", "export", "write_cache", "persistence", "hostname", "machine_id",
-    "session_id", "traceparent",
+    "mac", "nbd_host", "nbd_port", "nbd_nodes", "export", "write_cache", "persistence",
+    "hostname", "machine_id", "session_id", "traceparent",
 )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from services.cache.boot_profiles import BootProfiles
 from services.cache.read_cache import ReadCaches
 from services.cache.stores import StoreError
-from shared.bus import RemoteError
+from shared.bus import RemoteError, connection_mark, respond
 from shared.contracts.cache import wire
 
 log = logging.getLogger("streamboot.cache")
@@ -41,6 +41,7 @@ class ReadCacheRoutes:
         return {"profile": self.profiles.extents(body["vdisk"], int(body["version"]))}
 
     async def rc_read(self, msg: Msg) -> None:
+        mark = connection_mark(msg._client)
         try:
             body = json.loads(msg.data)
             vc = self.reads.get(str(body["key"]))
@@ -57,7 +58,7 @@ class ReadCacheRoutes:
             reply = wire.fail(str(e), "unavailable")
         except (ValueError, KeyError) as e:
             reply = wire.fail(f"bad read: {e}", "invalid")
-        await msg.respond(reply)
+        await respond(msg, reply, mark)
 
     async def spawn_read(self, msg: Msg) -> None:
         self._spawn(self.rc_read(msg))

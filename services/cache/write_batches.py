@@ -19,6 +19,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from services.cache.write_cache import SessionWriteCache, WriteCaches
+from shared.bus import connection_mark, respond
 from shared.contracts.cache import wire
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,24 @@ class WriteBatches:
         self.incarnation = incarnation
 
     async def on_batch(self, msg: Msg) -> None:
+        mark = connection_mark(msg._client)
         try:
             key, writer, records = wire.parse_batch(msg.data)
         except ValueError as e:
             log.error("bad write batch: %s", e)
-            await msg.respond(wire.fail(str(e), "invalid"))
+            await respond(msg, wire.fail(str(e), "invalid"), mark)
             return
         statuses, to_sync = self.writes.apply_now(key, records, writer)
         if to_sync is None:
-            await msg.respond(self.incarnation + statuses)
+            await respond(msg, self.incarnation + statuses, mark)
         else:
-            self.spawn(self._answer_when_durable(msg, to_sync, statuses))
+            self.spawn(self._answer_when_durable(msg, to_sync, statuses, mark))
 
-    async def _answer_when_durable(self, msg: Msg, wc: SessionWriteCache, statuses: bytes) -> None:
+    async def _answer_when_durable(
+        self, msg: Msg, wc: SessionWriteCache, statuses: bytes, mark: int
+    ) -> None:
         reply = await self.writes.when_durable(wc, statuses)
         try:
-            await msg.respond(self.incarnation + reply)
+            await respond(msg, self.incarnation + reply, mark)
         except Exception as e:  # the bus went away: the stream's request times out
             log.error("write cache %s: answer after fsync not sent: %s", wc.key, e)

@@ -19,7 +19,7 @@ from services.cache.placement import Owners, Peers, placement_order
 from services.cache.when_quiet import WhenQuiet
 from services.cache.write_cache import SessionWriteCache, WriteCacheError, WriteCaches
 from shared.block_map import encode_runs
-from shared.bus import RemoteError
+from shared.bus import RemoteError, connection_mark, respond
 from shared.contracts.cache import wire
 from shared.contracts.cache.client import not_alive
 from shared.contracts.cache.wire import node_subject
@@ -257,6 +257,7 @@ class WriteCacheRoutes:
         return reply  # type: ignore[no-any-return]
 
     async def wc_read(self, msg: Msg) -> None:
+        mark = connection_mark(msg._client)
         try:
             body = json.loads(msg.data)
             wc = self.writes.get(str(body["key"]))
@@ -266,7 +267,7 @@ class WriteCacheRoutes:
             reply = wire.fail(str(e), e.kind)
         except (ValueError, KeyError, OSError) as e:
             reply = wire.fail(f"bad read: {e}", "invalid")
-        await msg.respond(reply)
+        await respond(msg, reply, mark)
 
     def views(self) -> list[dict[str, Any]]:
         return [{**wc.view(), "node": self.node} for wc in self.writes.caches.values()]

@@ -24,12 +24,14 @@ services (through ``serve_appends``) and other replicas.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import logging
+import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +40,23 @@ from opentelemetry import trace
 
 from services.registry import merge as merge_store
 from services.registry import vdisk_store
-from services.registry.domain import api_tokens, assignments, devices, sessions, vdisks
-from services.registry.domain.errors import DomainError, invalid, not_found
-from services.registry.domain.sessions import StreamNode, choose_replay_node, pick_stream_node
+from services.registry.domain import api_tokens, assignments, chap, devices, sessions, vdisks
+from services.registry.domain.errors import DomainError, busy, invalid, not_found, refused
+from services.registry.domain.sessions import (
+    StreamNode,
+    choose_replay_node,
+    failover_nodes,
+    pick_stream_node,
+)
 from services.registry.projection import Projection, Record
+from services.registry.sealing import Sealer, SealingError, load_sealer
+from services.registry.wake import send_magic_packet
 from shared.contracts.cache.wire import kept_write_cache_key
-from shared.contracts.registry import SessionRecord
+from shared.contracts.registry import ChapRecord, SessionRecord
 from shared.envelope import Envelope, uuid7
 from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
 from shared.events import Event, ProjectionError, SessionEvent, VdiskLayersRemoved, envelope
+from shared.iscsi_names import TARGET_PREFIX, initiator_iqn, iscsi_uri
 from shared.layer_paths import LayerPathError, check_relative_layer
 from shared.metrics import count_boot
 from shared.settings import Settings
@@ -129,7 +139,10 @@ class RegistryApp:
         # Set when a group's transaction failed after its events were applied.
         self._projection_dirty = False
         self.group_commits = 0  # transactions of grouped commands so far
+        self._opens_in_flight = 0  # session opens admitted and not answered (back-pressure)
+        self.opens_refused_busy = 0  # session opens answered "busy, retry" so far
         self._tracer = tracer("streamboot.registry")
+        self._sealer: Sealer | None = None  # loaded at the first secret it seals or opens
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -173,8 +186,12 @@ class RegistryApp:
             d = e.data
             log.error(
                 "registry: skipped event %s at position %d (%s in %s): %s",
-                d["event_id"], d["position"], d["skipped_type"], d["skipped_stream_id"], d["error"],
-            )  # fmt: skip
+                d["event_id"],
+                d["position"],
+                d["skipped_type"],
+                d["skipped_stream_id"],
+                d["error"],
+            )
 
     def projection_errors(self) -> Record:
         """How many events the projection skipped, and the last one (status)."""
@@ -220,11 +237,14 @@ class RegistryApp:
         *,
         correlation_id: str | None = None,
         effect: Callable[[], Callable[[], None]] | None = None,
+        deadline: float | None = None,
     ) -> list[Envelope]:
         """Decide and append atomically; ``effect`` runs between the two (file moves) and
-        returns its undo, called when the append fails."""
+        returns its undo, called when the append fails. A command with a ``deadline``
+        (loop time: a session open, :meth:`_admit_open`) not decided by then is refused
+        busy, with nothing appended."""
         try:
-            return await self._decide_and_append(decide, correlation_id, effect)
+            return await self._decide_and_append(decide, correlation_id, effect, deadline)
         finally:
             # The catch-up under the lock may have skipped an event: say so in the log.
             try:
@@ -237,10 +257,11 @@ class RegistryApp:
         decide: Decision,
         correlation_id: str | None,
         effect: Callable[[], Callable[[], None]] | None,
+        deadline: float | None = None,
     ) -> list[Envelope]:
         if effect is not None:
             return await self._decide_alone(decide, correlation_id, effect)
-        pending = _Pending(decide, correlation_id, current_traceparent())
+        pending = _Pending(decide, correlation_id, current_traceparent(), deadline)
         self._waiting.append(pending)
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_groups(), name="group-commit")
@@ -285,8 +306,14 @@ class RegistryApp:
             try:
                 async with self.store.transaction() as tx:
                     await self._catch_up_in(tx.conn)
+                    now = asyncio.get_running_loop().time()
                     for p in group:
                         error: Exception | None = None
+                        if p.deadline is not None and now > p.deadline:
+                            # Its caller is about to give up: deciding now could open a
+                            # session nobody hears of.
+                            outcomes.append((p, [], self._busy("waited too long for its turn")))
+                            continue
                         try:
                             events = p.decide(self.projection)
                         except DomainError as exc:
@@ -421,6 +448,56 @@ class RegistryApp:
         stored = await self._execute(lambda p: devices.remove(p, mac))
         return {"removed": stored[0].data["mac"]}
 
+    async def instances(self) -> list[Record]:
+        """Every service instance's last heartbeat (alive or not), for the console."""
+        return await self._heartbeats() if self._heartbeats is not None else []
+
+    async def wake_device(self, mac: str) -> Record:
+        """Send a registered device the Wake-on-LAN packet (it then PXE-boots as usual)."""
+        d = devices.get_device(self.projection, mac)
+        st = self.settings
+        try:
+            sent_to = await asyncio.to_thread(
+                send_magic_packet, d["mac"], st.wol_address, st.wol_port, st.dhcp_interface
+            )
+        except OSError as exc:
+            raise invalid(f"could not send the Wake-on-LAN packet to {d['mac']}: {exc}") from exc
+        log.info("registry: Wake-on-LAN packet for %s sent to %s", d["mac"], sent_to)
+        return {"mac": d["mac"], "hostname": d["hostname"], "sent_to": sent_to}
+
+    async def events(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 200,
+        type_: str | None = None,
+        mac: str | None = None,
+        newest: bool = False,
+    ) -> list[Record]:
+        """Events of the log as JSON, filtered by type and/or device (its sessions' own
+        events included); ``newest``: the last ``limit`` of them instead of the first."""
+        types = [type_] if type_ else None
+        if mac:
+            rows = await self.store.read_device(
+                mac, after, 100_000 if newest else limit, types=types
+            )
+        elif newest:
+            rows = await self.store.read_latest(limit, types=types)
+        else:
+            rows = await self.store.read_all(after, limit, types=types)
+        if newest:
+            rows = rows[-limit:]
+        return [
+            {
+                "position": e.position,
+                "time": e.time.isoformat(),
+                "type": e.type,
+                "stream_id": e.stream_id,
+                "data": e.data,
+            }
+            for e in rows
+        ]
+
     def list_devices(self) -> list[Record]:
         return [self.device_view(mac) for mac in sorted(self.projection.devices)]
 
@@ -429,11 +506,82 @@ class RegistryApp:
 
     def device_view(self, mac: str) -> Record:
         p = self.projection
+        found = chap.effective(p, mac)
         return {
             **p.devices[mac],
             "assignment": assignments.boot_choices(p, mac),
             "session": p.session_by_mac.get(mac),
+            "chap": chap.summary(found[2]) | {"source": found[0]} if found else None,
         }
+
+    # --- CHAP ---------------------------------------------------------------------------
+
+    @property
+    def sealer(self) -> Sealer:
+        if self._sealer is None:
+            self._sealer = load_sealer(self.settings.data_dir, self.settings.sealing_key)
+        return self._sealer
+
+    async def set_chap(
+        self,
+        kind: str,
+        target: str,
+        *,
+        user: str,
+        secret: str,
+        reverse_user: str | None = None,
+        reverse_secret: str | None = None,
+    ) -> Record:
+        """CHAP credentials for the iSCSI logins of a device or a collection's devices;
+        the secrets go into the log sealed (services/registry/sealing.py)."""
+        seal = self.sealer.seal
+        await self._execute(
+            lambda p: chap.set_chap(
+                p,
+                kind,
+                target,
+                user=user,
+                secret=secret,
+                reverse_user=reverse_user,
+                reverse_secret=reverse_secret,
+                seal=seal,
+            )
+        )
+        return self.chap_view(kind, target)
+
+    async def clear_chap(self, kind: str, target: str) -> Record:
+        await self._execute(lambda p: chap.clear_chap(p, kind, target))
+        return self.chap_view(kind, target)
+
+    def chap_view(self, kind: str, target: str) -> Record:
+        key = chap.target_key(self.projection, kind, target)
+        rec = self.projection.chap.get((kind, key))
+        return {"target_kind": kind, "target": key, "chap": chap.summary(rec)}
+
+    def chap_record(self, mac: str | None) -> ChapRecord | None:
+        """A device's CHAP credentials in clear, for the stream node that checks its logins
+        and the boot service that writes them into its iPXE script; never for a view."""
+        found = chap.effective(self.projection, mac) if mac else None
+        if found is None:
+            return None
+        kind, key, rec = found
+        sealer = self.sealer
+
+        def opened(field: str) -> str | None:
+            sealed = rec.get(f"{field}_sealed")
+            if sealed is None:
+                return None
+            try:
+                return sealer.open(sealed, chap.seal_context(kind, key, field))
+            except SealingError as exc:
+                raise refused(f"the CHAP secret of {kind} {key}: {exc}") from None
+
+        return ChapRecord(
+            user=rec["user"],
+            secret=opened("secret"),
+            reverse_user=rec.get("reverse_user"),
+            reverse_secret=opened("reverse_secret"),
+        )
 
     async def lookup_device(self, mac: str | None, smbios_uuid: str | None = None) -> Record:
         """A booting device (the boot service asks): who it is and what it may boot. An
@@ -798,20 +946,44 @@ class RegistryApp:
 
     # --- sessions ---------------------------------------------------------------------
 
-    async def _place(self) -> tuple[StreamNode, str | None]:
+    async def _place(self) -> tuple[StreamNode, str | None, list[str]]:
+        """The session's stream node, a warning when none is alive, and the other live
+        nodes' NBD endpoints (its client's failover list)."""
         beats = await self._heartbeats() if self._heartbeats is not None else []
         node = pick_stream_node(beats)
         if node is not None:
-            return node, None
+            return node, None, failover_nodes(beats, node)
         s = self.settings
         host = s.advertised_host
         return (
             StreamNode(
-                node="", nbd=f"{host}:{s.nbd_port}", http=f"http://{host}:{s.http_stream_port}"
+                node="",
+                nbd=f"{host}:{s.nbd_port}",
+                http=f"http://{host}:{s.http_stream_port}",
+                iscsi=f"{host}:{s.iscsi_port}",
             ),
             "no stream node is alive (no heartbeat); the endpoints are the configured defaults "
             "and will work once a stream node runs there",
+            [],
         )
+
+    def _busy(self, why: str) -> DomainError:
+        self.opens_refused_busy += 1
+        retry = random.randint(1, self.settings.registry_busy_retry_max_s)
+        return busy(f"the registry is busy ({why}): nothing was opened, retry in {retry}s", retry)
+
+    @contextlib.contextmanager
+    def _admitted_open(self) -> Iterator[float]:
+        """Back-pressure on session opens: refused at once (busy) when more are under way
+        than can be committed before their callers give up; else admitted, with the
+        deadline (loop time) by which it must be decided."""
+        if self._opens_in_flight >= self.settings.registry_max_waiting_opens:
+            raise self._busy(f"{self._opens_in_flight} session opens under way")
+        self._opens_in_flight += 1
+        try:
+            yield asyncio.get_running_loop().time() + self.settings.registry_open_max_wait_s
+        finally:
+            self._opens_in_flight -= 1
 
     async def open_session(
         self,
@@ -829,6 +1001,26 @@ class RegistryApp:
         it boots (``boot``: vdisks.boot_plan) and the device's extra kernel arguments.
         ``client_addr``: where the client asked from (the boot service saw it); the
         session's exports accept that address only (docs/security.md)."""
+        with self._admitted_open() as deadline:
+            return await self._open_session(
+                mac, deadline, smbios_uuid=smbios_uuid, vdisk=vdisk, maintenance=maintenance,
+                correlation_id=correlation_id, boot_traceparent=boot_traceparent,
+                boot_started_ns=boot_started_ns, client_addr=client_addr,
+            )  # fmt: skip
+
+    async def _open_session(
+        self,
+        mac: str | None,
+        deadline: float,
+        *,
+        smbios_uuid: str | None,
+        vdisk: str | None,
+        maintenance: bool,
+        correlation_id: str | None,
+        boot_traceparent: str | None,
+        boot_started_ns: int | None,
+        client_addr: str | None,
+    ) -> Record:
         if client_addr is not None:
             client_addr = _check_address(client_addr)
         # One trace per boot: the boot service names the root it began at the first DHCP
@@ -841,7 +1033,7 @@ class RegistryApp:
         with self._tracer.start_as_current_span("registry.session.open", context=parent) as span:
             dev = await self._known_or_auto_added(mac, smbios_uuid)
             span.set_attribute("streamboot.mac", dev["mac"])
-            node, warning = await self._place()
+            node, warning, others = await self._place()
             token = new_session_token()
             sid = str(uuid7())
             await self._execute(
@@ -858,6 +1050,7 @@ class RegistryApp:
                     client_addr=client_addr,
                 ),
                 correlation_id=correlation_id or sid,
+                deadline=deadline,
             )
             span.set_attribute("streamboot.session_id", sid)
             count_boot()
@@ -869,7 +1062,13 @@ class RegistryApp:
                 http_url=view["http_url"] + token,
                 boot=vdisks.boot_plan(self.projection.vdisks[s["vdisk"]], s["version"]),
                 kernel_args=self.projection.devices[s["mac"]].get("kernel_args"),
+                nbd_nodes=others,
             )
+            if view.get("iscsi_portal"):
+                view.update(
+                    iscsi_target=TARGET_PREFIX + token,
+                    iscsi_uri=iscsi_uri(view["iscsi_portal"], token),
+                )
             if warning:
                 view["warning"] = warning
             await self._announce_session(node.node, token)
@@ -881,6 +1080,12 @@ class RegistryApp:
         """A replay session for a past (or live) session's vdisk version, on ``stream_node``
         or the node the original used if alive: see ``ReplaySessionOpened``. No boot is
         counted and no boot trace begins; the caller closes it when done."""
+        with self._admitted_open() as deadline:
+            return await self._open_replay_session(original_id, stream_node, deadline)
+
+    async def _open_replay_session(
+        self, original_id: str, stream_node: str | None, deadline: float
+    ) -> Record:
         original, used = await self._recorded_session(original_id)
         beats = await self._heartbeats() if self._heartbeats is not None else []
         node = choose_replay_node(beats, stream_node, used)
@@ -891,6 +1096,7 @@ class RegistryApp:
                 p, original=original, session_id=sid, token_hash=token_hash(token), node=node
             ),
             correlation_id=sid,
+            deadline=deadline,
         )
         view = self.session_view(self.projection.sessions[sid])
         view.update(token=token, nbd_uri=view["nbd_uri"] + token, http_url=view["http_url"] + token)
@@ -991,7 +1197,11 @@ class RegistryApp:
 
     @staticmethod
     def session_view(s: Record) -> Record:
-        return {k: v for k, v in s.items() if k != "token_hash"}
+        view = {k: v for k, v in s.items() if k != "token_hash"}
+        # The device's iSCSI initiator name: its iSCSI logins must give it (a replay is not
+        # the device, and has none).
+        view["initiator_iqn"] = None if s.get("replay_of") else initiator_iqn(s["mac"])
+        return view
 
     async def resolve(self, token: str) -> Record:
         """What a session token opens, for a stream node."""
@@ -1022,6 +1232,10 @@ class RegistryApp:
             boot_traceparent=s.get("boot_traceparent"),
             replay_of=replay_of,
             client_addr=s.get("client_addr"),
+            # What its iSCSI logins must give (None: no CHAP). Only the stream and boot
+            # roles get this answer (shared/bus_access.py): docs/security.md.
+            chap=None if replay_of else self.chap_record(s["mac"]),
+            initiator_iqn=None if replay_of else initiator_iqn(s["mac"]),
         ).model_dump()
 
     def _served_layers(self, vd: Record, version: int) -> list[str]:
@@ -1159,12 +1373,17 @@ class RegistryApp:
 class _Pending:
     """A command waiting for its group commit; ``done`` gets (its events, its refusal)."""
 
-    __slots__ = ("correlation_id", "decide", "done", "traceparent")
+    __slots__ = ("correlation_id", "deadline", "decide", "done", "traceparent")
 
     def __init__(
-        self, decide: Decision, correlation_id: str | None, traceparent: str | None
+        self,
+        decide: Decision,
+        correlation_id: str | None,
+        traceparent: str | None,
+        deadline: float | None = None,
     ) -> None:
         self.decide = decide
+        self.deadline = deadline
         self.correlation_id = correlation_id
         self.traceparent = traceparent
         self.done: asyncio.Future[tuple[list[Envelope], Exception | None]] = (

@@ -10,6 +10,12 @@ its answer goes out.
 
 Roles are ranked (viewer < operator < admin); what a route needs follows from its method and
 path (:func:`required_role`), so a new route needs admin until it is listed here.
+
+The web console (services/registry/console) logs in with the same tokens and calls the same
+routes: its requests carry a session cookie instead of the bearer header, and a mutating one
+must also carry the login's CSRF token in ``X-CSRF-Token`` (another site's page can send
+the cookie, never that header). The console's own pages are open here and check their
+login themselves (a browser is sent to the login page, not given a 401).
 """
 
 from __future__ import annotations
@@ -30,19 +36,25 @@ log = logging.getLogger("streamboot.registry.api")
 # (name, role) of the token a request came with.
 Principal = tuple[str, str]
 Authenticate = Callable[[str], Principal | None]
+# A console request's API token from its cookie, and whether its CSRF header matches.
+CookieLogin = Callable[[Scope], tuple[str | None, bool]]
 Audit = Callable[[str, str, str, str, int], Awaitable[None]]
 
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 READS = frozenset({"GET", "HEAD"})
 # Open to anyone: liveness and the API's own description.
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset(
+    {"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/", "/login"}
+)
+# The console's pages and assets: each page checks its login (services/registry/console).
+OPEN_PREFIXES = ("/console",)
 # What an operator may change: devices, assignments, sessions (everything else is admin's).
 OPERATOR_PREFIXES = ("/devices", "/assignments", "/sessions")
 # Token management is admin's, reads included.
 ADMIN_PREFIXES = ("/tokens",)
 # Changes under an operator's prefix that are admin's: putting a device in maintenance
-# lets it write the next version of a vdisk every device boots.
-ADMIN_ACTIONS = re.compile(r"/devices/[^/]+/maintenance")
+# lets it write the next version of a vdisk every device boots; CHAP secrets are credentials.
+ADMIN_ACTIONS = re.compile(r"/devices/[^/]+/(maintenance|chap)")
 MAX_AUDIT_PATH = 512
 
 
@@ -52,7 +64,7 @@ def _under(path: str, prefix: str) -> bool:
 
 def required_role(method: str, path: str) -> str | None:
     """The least role that may make this request; None for the open paths."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or any(_under(path, p) for p in OPEN_PREFIXES):
         return None
     if any(_under(path, p) for p in ADMIN_PREFIXES):
         return "admin"
@@ -96,6 +108,13 @@ async def reply(
     await send({"type": "http.response.body", "body": body})
 
 
+def check_token(token: str, bootstrap: str, authenticate: Authenticate) -> Principal | None:
+    """Who a token is: the built-in admin, a named token (``authenticate``), or nobody."""
+    if secrets.compare_digest(token.encode(), bootstrap.encode()):
+        return BOOTSTRAP_ADMIN, "admin"
+    return authenticate(token)
+
+
 def bearer(scope: Scope) -> str | None:
     for key, value in scope["headers"]:
         if key == b"authorization":
@@ -124,17 +143,17 @@ class Gate:
         authenticate: Authenticate,
         audit: Audit,
         max_body_bytes: int,
+        cookie_login: CookieLogin | None = None,
     ) -> None:
         self.app = app
-        self._bootstrap = bootstrap_token.encode()
+        self._bootstrap = bootstrap_token
         self._authenticate = authenticate
+        self._cookie_login = cookie_login
         self._audit = audit
         self.max_body_bytes = max_body_bytes
 
     def principal(self, token: str) -> Principal | None:
-        if secrets.compare_digest(token.encode(), self._bootstrap):
-            return BOOTSTRAP_ADMIN, "admin"
-        return self._authenticate(token)
+        return check_token(token, self._bootstrap, self._authenticate)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,6 +165,9 @@ class Gate:
             await self.app(scope, receive, send)
             return
         token = bearer(scope)
+        csrf_ok = True
+        if token is None and self._cookie_login is not None:
+            token, csrf_ok = self._cookie_login(scope)
         who = self.principal(token) if token else None
         if who is None:
             await reply(
@@ -168,6 +190,12 @@ class Gate:
                 f"token {name!r} has role {role}; {method} {audit_path(path)} needs {needed} "
                 "or above",
                 "forbidden",
+            )
+            return
+        if mutating and not csrf_ok:
+            await self._record(name, role, method, path, 403)
+            await reply(
+                send, 403, "a console request without its login's X-CSRF-Token", "forbidden"
             )
             return
         declared = content_length(scope)

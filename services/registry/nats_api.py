@@ -23,12 +23,19 @@ log = logging.getLogger("streamboot.registry.nats")
 # Session opens from many booting clients at once: handle them concurrently (the app
 # serialises the decisions itself).
 WORKERS = 16
+# Session opens: enough at once that a storm's opens reach the app's group commit and its
+# back-pressure (which sees how long each waited) instead of queueing unseen in the broker,
+# where one could start after its caller gave up.
+OPEN_WORKERS = 2048
 
 Reply = dict[str, Any] | list[Any]
 
 
 def error_reply(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, DomainError):
+        if exc.retry_after_s is not None:
+            detail = {"retry_after_s": exc.retry_after_s}
+            return {"error": str(exc), "kind": exc.kind, "detail": detail}
         return {"error": str(exc), "kind": exc.kind}
     log.exception("registry handler failed")
     return {"error": f"{type(exc).__name__}: {exc}", "kind": "internal"}
@@ -63,19 +70,26 @@ def build_broker(
         graceful_timeout=5.0,
         # Per-message access logs at DEBUG: a boot storm must not flood the log.
         log_level=logging.DEBUG,
+        # The service's own logger (its format, no colour codes): FastStream's default
+        # handler writes ANSI colours even into a redirected log.
+        logger=logging.getLogger("streamboot.registry.nats"),
     )
 
-    def handle(verb: str) -> Callable[[Callable[..., Awaitable[Reply]]], Any]:
+    def handle(
+        verb: str, workers: int = WORKERS
+    ) -> Callable[[Callable[..., Awaitable[Reply]]], Any]:
         def register(fn: Callable[[dict[str, Any]], Awaitable[Reply]]) -> Any:
-            return broker.subscriber(f"{PREFIX}.{verb}", queue=QUEUE, max_workers=WORKERS)(
+            return broker.subscriber(f"{PREFIX}.{verb}", queue=QUEUE, max_workers=workers)(
                 _replying(fn)
             )
 
         return register
 
-    @handle("session.open")
+    @handle("session.open", OPEN_WORKERS)
     async def session_open(body: dict[str, Any]) -> Reply:
-        return await app.open_session(
+        # The boot service writes the device's CHAP credentials into an iSCSI boot's
+        # script; the REST API's answer never carries them.
+        reply = await app.open_session(
             body.get("mac"),
             smbios_uuid=body.get("smbios_uuid"),
             vdisk=body.get("vdisk"),
@@ -85,12 +99,14 @@ def build_broker(
             boot_started_ns=body.get("boot_started_ns"),
             client_addr=body.get("client_addr"),
         )
+        chap = app.chap_record(reply.get("mac"))
+        return {**reply, "chap": chap.model_dump() if chap else None}
 
     @handle("session.resolve")
     async def session_resolve(body: dict[str, Any]) -> Reply:
         return await app.resolve(str(body.get("token", "")))
 
-    @handle("session.replay")
+    @handle("session.replay", OPEN_WORKERS)
     async def session_replay(body: dict[str, Any]) -> Reply:
         return await app.open_replay_session(
             str(body.get("session_id", "")), stream_node=body.get("stream_node")

@@ -36,6 +36,7 @@ from shared.events import (
     DeviceRemoved,
     DeviceUpdated,
     Event,
+    IscsiChapChanged,
     ProjectionError,
     ReplaySessionOpened,
     SessionAttached,
@@ -86,6 +87,9 @@ def check_version(vd: Record, d: Record) -> None:
         raise ValueError(f"vdisk {name!r}: {changed} changed blocks in {size} bytes")
 
 
+CHAP_FIELDS = ("user", "secret_sealed", "reverse_user", "reverse_secret_sealed")
+
+
 class Projection:
     def __init__(self) -> None:
         self.position = 0
@@ -97,6 +101,8 @@ class Projection:
         self.vdisks: dict[str, Record] = {}
         # ("device", mac) / ("collection", name) -> {"vdisks": [...], "default": name|None}
         self.assignments: dict[tuple[str, str], Record] = {}
+        # ("device", mac) / ("collection", name) -> the IscsiChapChanged data (secrets sealed)
+        self.chap: dict[tuple[str, str], Record] = {}
         # Live sessions only; closed ones are history, kept in the log.
         self.sessions: dict[str, Record] = {}
         self.session_by_mac: dict[str, str] = {}
@@ -125,6 +131,7 @@ class Projection:
             DeviceRemoved: self._device_removed,
             DeviceMaintenanceChanged: self._device_maintenance,
             AssignmentChanged: self._assignment_changed,
+            IscsiChapChanged: self._chap_changed,
             VdiskCreated: self._vdisk_created,
             VdiskVersionPublished: self._version_published,
             VdiskVersionPromoted: self._version_promoted,
@@ -287,6 +294,7 @@ class Projection:
         if dev["smbios_uuid"]:
             self.mac_by_uuid.pop(dev["smbios_uuid"], None)
         self.assignments.pop(("device", dev["mac"]), None)
+        self.chap.pop(("device", dev["mac"]), None)
 
     def _assignment_changed(self, d: Record, _when: Any) -> None:
         key = (d["target_kind"], d["target"])
@@ -294,6 +302,13 @@ class Projection:
             self.assignments[key] = {"vdisks": list(d["vdisks"]), "default": d.get("default")}
         else:
             self.assignments.pop(key, None)
+
+    def _chap_changed(self, d: Record, _when: Any) -> None:
+        key = (d["target_kind"], d["target"])
+        if d.get("user"):
+            self.chap[key] = {k: d.get(k) for k in CHAP_FIELDS}
+        else:
+            self.chap.pop(key, None)
 
     # --- vdisks -----------------------------------------------------------------------
 

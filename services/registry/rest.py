@@ -3,7 +3,8 @@
 Every route but ``/health`` (and the docs) needs ``Authorization: Bearer <token>`` of a
 role that may call it: :mod:`services.registry.gate` checks that from the request head,
 caps the body and records the audit trail. Domain errors map to statuses by kind:
-invalid 400, refused 403, not_found 404, conflict 409; the body is
+invalid 400, refused 403, not_found 404, conflict 409, busy 503 with ``Retry-After`` (a
+session open refused by back-pressure: nothing was opened); the body is
 ``{"error": message, "kind": kind}``. A body that does not fit its model is 400 too, with
 a message naming the fields and the problems, never the input itself. Every route is one
 call into :class:`~services.registry.app.RegistryApp`, the layer the NATS handlers call too.
@@ -13,17 +14,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 
 from services.registry.app import RegistryApp
+from services.registry.console import LiveFeed, Logins, mount_console
 from services.registry.domain.errors import DomainError
-from services.registry.gate import Gate
+from services.registry.domain.identity import normalize_mac
+from services.registry.gate import Gate, check_token
 
-STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409}
+STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409, "busy": 503}
 # An error message quotes what it refuses; past this it is cut (the input is the caller's).
 MAX_ERROR_CHARS = 500
 MAX_LISTED_ERRORS = 5
@@ -67,6 +70,13 @@ class DevicePatch(BaseModel):
     collection: Name | None = None
     tester: bool | None = None
     kernel_args: LongText | None = None  # "" clears them
+
+
+class ChapIn(BaseModel):
+    user: Text
+    secret: Name
+    reverse_user: Text | None = None
+    reverse_secret: Name | None = None
 
 
 class AssignmentIn(BaseModel):
@@ -127,7 +137,7 @@ class PolicyIn(BaseModel):
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
     store: Name | None = None
-    boot_method: Literal["auto", "kernel", "sanboot", "nbdroot"] | None = None
+    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot"] | None = None
     kernel: Text | None = None  # "" clears the pick
 
 
@@ -153,25 +163,39 @@ class TokenIn(BaseModel):
 # --- the app ---------------------------------------------------------------------------
 
 
-def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
-    """The API; ``api_token`` is the built-in admin's (bootstrap-admin) token."""
+def build_api(
+    app: RegistryApp, api_token: str, max_body_bytes: int, feed: LiveFeed | None = None
+) -> FastAPI:
+    """The API and the web console at ``/``; ``api_token`` is the built-in admin's
+    (bootstrap-admin) token, ``feed`` the console's live view (None: nothing live)."""
     api = FastAPI(
         title="streamboot registry",
         description="Devices, vdisks and their versions, assignments, boot sessions.",
         version="0.1.0",
+        # /docs and /redoc are the console's, from assets shipped in the package.
+        docs_url=None,
+        redoc_url=None,
     )
+    logins = Logins()
     api.add_middleware(
         Gate,
         bootstrap_token=api_token,
         authenticate=app.api_principal,
         audit=app.record_admin_action,
         max_body_bytes=max_body_bytes,
+        cookie_login=logins.from_scope,
+    )
+    mount_console(
+        api, app, logins, lambda token: check_token(token, api_token, app.api_principal), feed
     )
 
     @api.exception_handler(DomainError)
     async def domain_error(_req: Request, exc: DomainError) -> JSONResponse:
+        retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse(
-            {"error": clip(str(exc)), "kind": exc.kind}, status_code=STATUS[exc.kind]
+            {"error": clip(str(exc)), "kind": exc.kind},
+            status_code=STATUS[exc.kind],
+            headers=retry,
         )
 
     @api.exception_handler(RequestValidationError)
@@ -223,9 +247,37 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
     async def device_maintenance(mac: str, body: MaintenanceIn) -> dict[str, Any]:
         return await app.set_device_maintenance(mac, body.on)
 
+    @r.post("/devices/{mac}/wake")
+    async def wake_device(mac: str) -> dict[str, Any]:
+        return await app.wake_device(mac)
+
     @r.delete("/devices/{mac}")
     async def remove_device(mac: str) -> dict[str, Any]:
         return await app.remove_device(mac)
+
+    # CHAP credentials of iSCSI logins (the secrets are write-only: no answer shows them)
+    async def set_chap(kind: str, target: str, body: ChapIn) -> dict[str, Any]:
+        return await app.set_chap(kind, target, **body.model_dump())
+
+    @r.put("/devices/{mac}/chap")
+    async def set_device_chap(mac: str, body: ChapIn) -> dict[str, Any]:
+        return await set_chap("device", mac, body)
+
+    @r.delete("/devices/{mac}/chap")
+    async def clear_device_chap(mac: str) -> dict[str, Any]:
+        return await app.clear_chap("device", mac)
+
+    @r.get("/collections/{name}/chap")
+    async def show_collection_chap(name: str) -> dict[str, Any]:
+        return app.chap_view("collection", name)
+
+    @r.put("/collections/{name}/chap")
+    async def set_collection_chap(name: str, body: ChapIn) -> dict[str, Any]:
+        return await set_chap("collection", name, body)
+
+    @r.delete("/collections/{name}/chap")
+    async def clear_collection_chap(name: str) -> dict[str, Any]:
+        return await app.clear_chap("collection", name)
 
     # assignments
     @r.get("/assignments")
@@ -301,6 +353,19 @@ def build_api(app: RegistryApp, api_token: str, max_body_bytes: int) -> FastAPI:
     @r.delete("/sessions/{token_or_id}")
     async def close_session(token_or_id: str, reason: str = "closed-by-request") -> dict[str, Any]:
         return await app.close_session(token_or_id, reason)
+
+    # the event log (the console's Events and Audit pages; the CLI reads it directly)
+    @r.get("/events")
+    async def events(
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+        type: Annotated[str | None, Query(max_length=64)] = None,
+        mac: Annotated[str | None, Query(max_length=64)] = None,
+        newest: bool = False,
+    ) -> list[dict[str, Any]]:
+        return await app.events(
+            after=after, limit=limit, type_=type, mac=mac and normalize_mac(mac), newest=newest
+        )
 
     # the registry itself
     @r.post("/registry/rebuild")

@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 
 from services.registry import vdisk_store
 from services.registry.app import RegistryApp
+from services.registry.console import LiveFeed
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
 from shared import bus
@@ -29,6 +30,7 @@ from shared.contracts.cache.client import all_write_caches
 from shared.contracts.stream import announce_session
 from shared.event_log import serve_appends
 from shared.event_store import EventStore
+from shared.fd_limit import fd_vitals, raise_soft_limit
 from shared.heartbeat import Heartbeat, HeartbeatView
 from shared.metrics import Headline, live_sessions_from, start_metrics_server
 from shared.relay import EventRelay
@@ -129,9 +131,12 @@ class RegistryService:
         self._appends = await serve_appends(nc, store, lambda _stored: relay.poke())
         self.broker = build_broker(nats_url, app, credentials)
         await self.broker.start()
+        # The console's live view: the log's recent past, then the event stream.
+        self.feed = LiveFeed(store, nc)
+        await self.feed.start()
         self.server = _ApiServer(
             uvicorn.Config(
-                build_api(app, api_token(settings), settings.api_max_body_bytes),
+                build_api(app, api_token(settings), settings.api_max_body_bytes, self.feed),
                 host=settings.bind_host,
                 port=settings.api_port,
                 log_level="warning",
@@ -154,6 +159,8 @@ class RegistryService:
                 "projection_errors": app.projection_errors(),
                 "metrics": self.metrics.url,
                 "figures": headline.figures(),
+                "fds": fd_vitals(),
+                "opens_refused_busy": app.opens_refused_busy,
             }
 
         self.heartbeat = Heartbeat(
@@ -196,6 +203,8 @@ class RegistryService:
 
     async def stop(self) -> None:
         """Stop whatever was started (also after a start that failed half-way)."""
+        if hasattr(self, "feed"):
+            await self.feed.stop()  # ends the console's live streams, so the API can stop
         if hasattr(self, "server"):
             self.server.should_exit = True
         if self.tasks:
@@ -236,6 +245,8 @@ def main() -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    soft, hard = raise_soft_limit()  # shared/fd_limit.py, as every service does at start
+    log.info("registry: open-file limit %d (hard %d)", soft, hard)
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -14,8 +14,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from services.stream.spec import ExportSpec
-from shared.contracts.registry import SessionRecord
+from services.stream.spec import ChapSecrets, ExportSpec
+from shared.contracts.registry import ChapRecord, SessionRecord
 from shared.contracts.stream import parse_announcement, prepare_subject
 from shared.layer_paths import check_layer_file, check_relative_layer
 
@@ -53,7 +53,18 @@ def spec_from_record(
         traceparent=r.boot_traceparent,
         record_blocks=not r.replay_of,
         client_addr=r.client_addr,
+        chap=chap_from_record(r.chap),
+        initiator_iqn=r.initiator_iqn or None,
     )
+
+
+def chap_from_record(value: ChapRecord | Mapping[str, Any] | None) -> ChapSecrets | None:
+    """The ``chap`` of a resolve answer: None, or a user and secret (and both reverse ones
+    or neither), all non-empty strings; anything else is a malformed answer (ValueError)."""
+    if value is None:
+        return None
+    c = value if isinstance(value, ChapRecord) else ChapRecord.model_validate(value)
+    return ChapSecrets(c.user, c.secret, c.reverse_user, c.reverse_secret)
 
 
 async def listen_for_announcements(nc: NATS, node: str, sessions: SessionManager) -> Subscription:

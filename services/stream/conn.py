@@ -59,6 +59,9 @@ class Connection(asyncio.Protocol):
         self.mgr = mgr
         self.settings = mgr.settings
         self.buf = bytearray()
+        # The client address counted in mgr.handshakes until the session is attached.
+        self._in_handshake: str | None = None
+        self._over_cap = False
         self.session: Session | None = None
         self.bytes_read = 0
         self.bytes_written = 0
@@ -78,6 +81,21 @@ class Connection(asyncio.Protocol):
         self._batch: list[Any] | None = None  # buffers and [fd, offset, count] pieces
         self.zero_copy = False
         self._batch_files = False
+
+    @property
+    def session(self) -> Session | None:
+        return self._session
+
+    @session.setter
+    def session(self, session: Session | None) -> None:
+        self._session = session
+        if session is not None:
+            self._handshake_over()
+
+    def _handshake_over(self) -> None:
+        if self._in_handshake is not None:
+            self.mgr.handshakes.release(self._in_handshake)
+            self._in_handshake = None
 
     def count_read(self, n: int) -> None:
         """``n`` bytes sent to the client: its SessionDetached, and the node's metrics."""
@@ -99,6 +117,12 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        host = str(peer[0]) if peer else "?"
+        if not self.mgr.handshakes.admit(host):
+            self._over_cap = self.closed = True
+            transport.abort()
+            return
+        self._in_handshake = host
         self.mgr.connections.add(self)
         self.started = self.last = self.loop.time()
         s = self.settings
@@ -126,6 +150,9 @@ class Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._over_cap:  # never started: nothing to undo
+            return
+        self._handshake_over()
         self.closed = True
         self.mgr.connections.discard(self)
         self._watch.cancel()

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from shared.listener import Listener, listening_socket
+
 RECV_SIZE = 256 * 1024
 IOV_MAX = 1024
 
@@ -267,38 +269,11 @@ class RawTransport(asyncio.Transport):
         self._protocol = protocol  # type: ignore[assignment]
 
 
-class RawServer:
-    """Accepts connections on a listening socket and gives each a :class:`RawTransport`."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        factory: Callable[[], asyncio.Protocol],
-        host: str,
-        port: int,
-    ) -> None:
-        self._loop = loop
-        self._factory = factory
-        # A boot storm connects hundreds of clients at once: a short backlog refuses some.
-        self.sock = socket.create_server((host, port), reuse_port=False, backlog=socket.SOMAXCONN)
-        self.sock.setblocking(False)
-        self.sockets = [self.sock]
-        loop.add_reader(self.sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # e.g. EMFILE: try again on the next readiness
-            RawTransport(self._loop, conn, self._factory())
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self._loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-
-    async def wait_closed(self) -> None:
-        return None
+def raw_server(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], host: str,
+    port: int, name: str,
+) -> Listener:  # fmt: skip
+    """Accepts connections on ``host:port`` and gives each a :class:`RawTransport`."""
+    return Listener(
+        loop, listening_socket(host, port), lambda conn: RawTransport(loop, conn, factory()), name
+    )

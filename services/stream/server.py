@@ -17,10 +17,11 @@ import logging
 from services.stream.http_range import HttpConnection
 from services.stream.iscsi.server import IscsiConnection
 from services.stream.nbd.server import NbdConnection
-from services.stream.rawtransport import RawServer
+from services.stream.rawtransport import raw_server
 from services.stream.sessions import SessionManager
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, SessionResolver
+from shared.listener import Listener, serve_protocol
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ class StreamServers:
     ) -> None:
         self.settings = settings or StreamSettings()
         self.sessions = SessionManager(resolver, sink, self.settings)
-        self._servers: list[asyncio.base_events.Server | RawServer] = []
+        # Own accept loops, not loop.create_server: out of file descriptors they refuse
+        # connections and say so (shared/listener.py).
+        self._servers: list[Listener] = []
         self.nbd_port = 0
         self.http_port = 0
         self.iscsi_port = 0
@@ -39,25 +42,18 @@ class StreamServers:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        nbd: asyncio.base_events.Server | RawServer
-        if s.nbd_zero_copy:
-            nbd = RawServer(loop, lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port)
-        else:
-            nbd = await loop.create_server(
-                lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port, reuse_address=True
-            )
-        http = await loop.create_server(
-            lambda: HttpConnection(self.sessions), s.bind_host, s.http_port, reuse_address=True
+        # The zero-copy transport sends large reads by sendfile (NBD and iSCSI alike);
+        # STARTTLS needs uvloop's transports (loop.start_tls), and TLS bytes cannot be sent
+        # from the page cache anyway.
+        serve = raw_server if s.nbd_zero_copy else serve_protocol
+        serve_nbd = raw_server if s.nbd_zero_copy and s.nbd_tls is None else serve_protocol
+        nbd = serve_nbd(loop, lambda: NbdConnection(self.sessions), s.bind_host, s.nbd_port, "nbd")
+        http = serve_protocol(
+            loop, lambda: HttpConnection(self.sessions), s.bind_host, s.http_port, "http stream"
         )
-        iscsi: asyncio.base_events.Server | RawServer
-        if s.nbd_zero_copy:  # the same transport choice as NBD: large reads by sendfile
-            iscsi = RawServer(loop, lambda: IscsiConnection(self.sessions), s.bind_host,
-                              s.iscsi_port)  # fmt: skip
-        else:
-            iscsi = await loop.create_server(
-                lambda: IscsiConnection(self.sessions), s.bind_host, s.iscsi_port,
-                reuse_address=True,
-            )  # fmt: skip
+        iscsi = serve(
+            loop, lambda: IscsiConnection(self.sessions), s.bind_host, s.iscsi_port, "iscsi"
+        )
         self._servers = [nbd, http, iscsi]
         if s.write_cache_dir is not None:
             s.write_cache_dir.mkdir(parents=True, exist_ok=True)

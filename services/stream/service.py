@@ -46,11 +46,14 @@ class RegistryResolver:
             if exc.kind == "not_found":
                 return None
             raise
-        record = SessionRecord.model_validate(reply)
         try:
+            record = SessionRecord.model_validate(reply)
             return spec_from_record(record, self._vdisk_root)
-        except LayerPathError as exc:
-            log.error("stream: refused session %s: %s", record.session_id, exc)
+        except (LayerPathError, ValueError) as exc:
+            # A malformed answer (layers outside the vdisk's folder, a bad CHAP record):
+            # the session is refused, the node serves on.
+            sid = reply.get("session_id") if isinstance(reply, dict) else None
+            log.error("stream: refused session %s: %s", sid, exc)
             return None
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 from services.stream.announced import AnnounceQueue
 from services.stream.busy_poll import BusyPoll
+from services.stream.handshake_gate import HandshakeGate
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
 from services.stream.path.spare_files import SpareFiles
@@ -62,6 +63,8 @@ class SessionManager:
         self.spares = SpareFiles(settings.write_cache_dir)
         # Touched by every request: the loop polls a while after it (busy_poll.py).
         self.busy_poll = BusyPoll(settings.busy_poll_s, self.connections)
+        # Connections in their handshake per client address, capped (handshake_gate.py).
+        self.handshakes = HandshakeGate(settings.max_handshakes_per_address)
 
     async def acquire(self, token: str, *, ready: bool = True) -> Session | None:
         """The session of ``token`` with one more connection on it; None for unknown tokens

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.stream.nbd import tls
 from shared.settings import Settings
 
 
@@ -26,6 +27,9 @@ class StreamSettings:
     idle_timeout_s: float = 600.0
     # The handshake (NBD options, first HTTP request line, iSCSI login) must finish within this.
     handshake_timeout_s: float = 30.0
+    # Connections one client address may hold in their handshake at once; past it new ones
+    # are closed at once (services/stream/handshake_gate.py); 0 = no cap.
+    max_handshakes_per_address: int = 256
     # A client that does not read its replies for this long is dropped.
     stall_timeout_s: float = 60.0
     keepalive_idle_s: int = 30
@@ -55,6 +59,8 @@ class StreamSettings:
     # After a request the loop polls this long instead of sleeping, while fewer than
     # busy_poll.MAX_CONNECTIONS connections are open (services/stream/busy_poll.py); 0 = off.
     busy_poll_s: float = 200e-6
+    # NBD over TLS (services/stream/nbd/tls.py): None = off.
+    nbd_tls: tls.NbdTls | None = None
 
     @classmethod
     def from_settings(cls, s: Settings) -> StreamSettings:
@@ -70,8 +76,16 @@ class StreamSettings:
             keepalive_interval_s=s.stream_keepalive_interval_s,
             keepalive_count=s.stream_keepalive_count,
             session_linger_s=s.stream_session_linger_s,
+            max_handshakes_per_address=s.stream_max_handshakes_per_address,
             write_cache_dir=s.data_path("stream", "write-cache"),
             vdisk_root=s.vdisk_root,
+            nbd_tls=tls.setup(
+                s.stream_nbd_tls,
+                s.stream_nbd_tls_cert,
+                s.stream_nbd_tls_key,
+                s.data_path("stream", "tls"),
+                [s.advertised_host, s.bind_host],
+            ),
             **cls.tuning(s),
         )
 

@@ -16,6 +16,20 @@ from shared.events import Event, WriteCacheKind, WriteCachePersistence
 
 
 @dataclass(frozen=True)
+class ChapSecrets:
+    """What an iSCSI login to the session must prove (CHAP, RFC 1994 with MD5) and, for
+    mutual CHAP, what the target answers the initiator's challenge with."""
+
+    user: str
+    secret: str
+    reverse_user: str | None = None
+    reverse_secret: str | None = None
+
+    def __repr__(self) -> str:  # never a secret in a log line or a traceback
+        return f"ChapSecrets(user={self.user!r}, mutual={self.reverse_user is not None})"
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     """One session's view of a vdisk version, as the registry describes it."""
 
@@ -42,6 +56,10 @@ class ExportSpec:
     record_blocks: bool = True
     # The address the session was issued to: other addresses are refused (None: any).
     client_addr: str | None = None
+    # iSCSI logins must pass CHAP with these (None: no CHAP).
+    chap: ChapSecrets | None = None
+    # The only iSCSI initiator name its logins may give (None: any).
+    initiator_iqn: str | None = None
 
     @property
     def export_read_only(self) -> bool:

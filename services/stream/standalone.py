@@ -18,6 +18,7 @@ from pathlib import Path
 
 import uvloop
 
+from services.stream.nbd import tls
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec
@@ -47,23 +48,33 @@ async def serve(args: argparse.Namespace) -> None:
     layers = tuple(Path(p) for p in args.layers)
     with open_chain(layers) as chain:
         size = chain.size
-    spec = ExportSpec(
-        session_id=args.token,
-        vdisk="standalone",
-        version=len(layers),
-        layers=layers,
-        size=size,
-        write_cache=args.write_cache,
+    # --sessions N: tokens TOKEN-0 .. TOKEN-(N-1), each its own session and write cache.
+    tokens = (
+        [args.token] if args.sessions <= 1 else [f"{args.token}-{i}" for i in range(args.sessions)]
     )
+    specs = {
+        t: ExportSpec(
+            session_id=t,
+            vdisk="standalone",
+            version=len(layers),
+            layers=layers,
+            size=size,
+            write_cache=args.write_cache,
+        )
+        for t in tokens
+    }
     settings = StreamSettings(
         nbd_port=args.nbd_port,
         http_port=args.http_port,
         iscsi_port=args.iscsi_port,
         session_linger_s=args.linger,
         nbd_zero_copy=not args.no_zero_copy,
+        nbd_tls=tls.setup(args.tls, None, None, args.tls_dir, ["127.0.0.1"])
+        if args.tls_dir
+        else None,
         **StreamSettings.tuning(Settings()),
     )
-    servers = StreamServers(StaticResolver({args.token: spec}), NullSink(), settings)
+    servers = StreamServers(StaticResolver(specs), NullSink(), settings)
     await servers.start()
     print(f"READY {servers.nbd_port} {servers.http_port} {servers.iscsi_port}", flush=True)
     stop = asyncio.Event()
@@ -78,10 +89,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("layers", nargs="+", help="base image, then delta .map files")
     ap.add_argument("--token", default="standalone")
+    ap.add_argument("--sessions", type=int, default=1, help="N sessions: TOKEN-0 .. TOKEN-N-1")
     ap.add_argument("--nbd-port", type=int, default=0)
     ap.add_argument("--http-port", type=int, default=0)
     ap.add_argument("--iscsi-port", type=int, default=0)
     ap.add_argument("--linger", type=float, default=3600.0)
+    ap.add_argument("--tls", default="require", choices=["on", "require"])
+    ap.add_argument("--tls-dir", type=Path, help="NBD over TLS: credentials made here")
     ap.add_argument("--no-zero-copy", action="store_true", help="uvloop transports, no sendfile")
     ap.add_argument(
         "--write-cache",

@@ -3,11 +3,16 @@ and the client stub the boot and stream services call (the handlers are in
 services/registry/nats_api.py): a change of subject or field is a change here only.
 
 Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"error",
-"kind"}`` with ``kind`` one of invalid, not_found, conflict, refused, internal:
+"kind"}`` with ``kind`` one of invalid, not_found, conflict, refused, busy, internal; a
+``busy`` one (back-pressure on session opens and replays: nothing was done) carries
+``"detail": {"retry_after_s": N}``, the delay after which to ask again:
 
 - ``session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?,
-  boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri, ...)
-- ``session.resolve`` {token} -> :class:`SessionRecord`
+  boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri,
+  iscsi_*, initiator_iqn, and over NATS the device's ``chap``: :class:`ChapRecord` or null;
+  nbd_nodes: the other live stream nodes' "host:port", docs/failover.md, ...)
+- ``session.resolve`` {token} -> :class:`SessionRecord` (with the device's CHAP
+  credentials in clear: only the stream and boot roles may ask)
 - ``session.close``   {token | session_id, reason?}
 - ``session.replay``  {session_id, stream_node?} -> a replay session
 - ``session.list``    {}
@@ -16,7 +21,7 @@ Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"erro
 - ``vdisk.list``      {}
 
 Errors arrive as :class:`shared.bus.RemoteError` (``kind``: not_found, refused, conflict,
-invalid, internal) or :class:`shared.bus.ServiceUnavailable`; callers decide what the
+invalid, busy, internal) or :class:`shared.bus.ServiceUnavailable`; callers decide what the
 client is shown.
 """
 
@@ -27,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.bus import request_json
 
@@ -43,7 +48,30 @@ STATUS = f"{PREFIX}.session.status"
 VDISK_LIST = f"{PREFIX}.vdisk.list"
 # Every subject the registry answers, for the permissions and the docs.
 SUBJECTS = (OPEN, RESOLVE, CLOSE, REPLAY, LIST, STATUS, LOOKUP, VDISK_LIST)
-ERROR_KINDS = ("invalid", "not_found", "conflict", "refused", "internal")
+ERROR_KINDS = ("invalid", "not_found", "conflict", "refused", "busy", "internal")
+
+
+class ChapRecord(BaseModel):
+    """A device's CHAP credentials in clear (``session.resolve`` and ``session.open`` over
+    NATS only): a user and a secret, and for mutual CHAP both reverse ones or neither."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user: str = Field(min_length=1)
+    secret: str = Field(min_length=1)
+    reverse_user: str | None = Field(default=None, min_length=1)
+    reverse_secret: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _both_reverse_or_neither(self) -> ChapRecord:
+        if (self.reverse_user is None) != (self.reverse_secret is None):
+            raise ValueError("chap needs both reverse ones or neither")
+        return self
+
+    def __repr__(self) -> str:  # never a secret in a log line or a traceback
+        return f"ChapRecord(user={self.user!r}, mutual={self.reverse_user is not None})"
+
+    __str__ = __repr__
 
 
 class SessionRecord(BaseModel):
@@ -70,6 +98,11 @@ class SessionRecord(BaseModel):
     replay_of: str | None = None
     # The only address the session's exports accept (None: any).
     client_addr: str | None = None
+    # What its iSCSI logins must give: CHAP (None: no CHAP) and the device's initiator
+    # name (None: any). Only the stream and boot roles get this answer (docs/security.md,
+    # "iSCSI CHAP secrets").
+    chap: ChapRecord | None = None
+    initiator_iqn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +141,15 @@ class Session:
     # "kernel_version", "reason"}; None from a registry that does not say.
     boot: dict[str, Any] | None = None
     kernel_args: str | None = None  # the device's extra kernel arguments
+    # iSCSI: the stream node's portal ("host:port"), the session's target name, the
+    # device's initiator name and its CHAP credentials ({user, secret, reverse_*} or None).
+    iscsi_portal: str | None = None
+    iscsi_target: str | None = None
+    initiator_iqn: str | None = None
+    chap: dict[str, Any] | None = None
+    # The other live stream nodes' NBD endpoints ("host:port"), where the client reattaches
+    # when its node dies (docs/failover.md).
+    nbd_nodes: tuple[str, ...] = ()
 
 
 class RegistryClient:
@@ -165,6 +207,11 @@ class RegistryClient:
             write_cache_persistence=reply.get("write_cache_persistence") or "discard",
             boot=reply.get("boot"),
             kernel_args=reply.get("kernel_args"),
+            iscsi_portal=reply.get("iscsi_portal"),
+            iscsi_target=reply.get("iscsi_target"),
+            initiator_iqn=reply.get("initiator_iqn"),
+            chap=reply.get("chap"),
+            nbd_nodes=tuple(str(n) for n in reply.get("nbd_nodes") or ()),
         )
 
     async def close(self, token: str, reason: str) -> None:

@@ -6,10 +6,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from streamboot.commands import DataDirOption
+from streamboot.commands.chap import (
+    ChapReverseSecret,
+    ChapReverseUser,
+    ChapSecret,
+    ChapUser,
+    NoChap,
+    chap_call,
+)
 from streamboot.registry_api import run
+from streamboot.tables import print_rows
 
 app = typer.Typer(no_args_is_help=True, help="Devices (client machines), keyed by MAC.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -29,6 +37,10 @@ def show_device(d: dict[str, Any]) -> None:
     console.print(f"  collection   {d['collection'] or '-'}")
     console.print(f"  tester       {'yes' if d['tester'] else 'no'}")
     console.print(f"  kernel args  {d.get('kernel_args') or '-'}")
+    if d.get("chap"):
+        c = d["chap"]
+        mutual = f", mutual as {c['reverse_user']}" if c["mutual"] else ""
+        console.print(f"  iSCSI CHAP   {c['user']}{mutual}  [from {c['source']}]")
     vdisks = ", ".join(
         v + (" (default)" if v == a.get("default") else "") for v in a.get("vdisks", [])
     )
@@ -44,20 +56,17 @@ def show_device(d: dict[str, Any]) -> None:
 
 
 def show_devices(devices: list[dict[str, Any]]) -> None:
-    table = Table("MAC", "hostname", "collection", "tester", "state", "vdisks", "session")
+    rows = []
     for d in devices:
         a = d.get("assignment") or {}
-        table.add_row(
-            d["mac"],
-            d["hostname"],
-            d["collection"] or "-",
-            "yes" if d["tester"] else "",
+        rows.append([
+            d["mac"], d["hostname"], d["collection"] or "-", "yes" if d["tester"] else "",
             ("enabled" if d["enabled"] else "disabled")
             + (", maintenance" if d.get("maintenance") else ""),
-            ", ".join(a.get("vdisks", [])) or "-",
-            d.get("session") or "-",
-        )
-    console.print(table)
+            ", ".join(a.get("vdisks", [])) or "-", d.get("session") or "-",
+        ])  # fmt: skip
+    headers = ("MAC", "hostname", "collection", "tester", "state", "vdisks", "session")
+    print_rows(console, headers, rows, ids=("MAC", "session"))
 
 
 @app.command()
@@ -104,9 +113,15 @@ def update(
     collection: Annotated[str | None, typer.Option(help="'' leaves the collection")] = None,
     tester: Annotated[bool | None, typer.Option("--tester/--no-tester")] = None,
     kernel_args: Annotated[str | None, typer.Option(help=KERNEL_ARGS_HELP)] = None,
+    chap_user: ChapUser = None,
+    chap_secret: ChapSecret = None,
+    chap_reverse_user: ChapReverseUser = None,
+    chap_reverse_secret: ChapReverseSecret = None,
+    no_chap: NoChap = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a device's hostname, SMBIOS UUID, collection, tester flag or kernel arguments."""
+    """Change a device's hostname, SMBIOS UUID, collection, tester flag, kernel arguments or
+    the CHAP credentials of its iSCSI logins."""
     body = {
         "hostname": hostname,
         "smbios_uuid": uuid,
@@ -114,7 +129,21 @@ def update(
         "tester": tester,
         "kernel_args": kernel_args,
     }
-    run(data_dir, as_json, lambda c: c.patch(f"/devices/{mac}", body), show_device)
+    chap = chap_call(
+        f"/devices/{mac}/chap",
+        chap_user,
+        chap_secret,
+        chap_reverse_user,
+        chap_reverse_secret,
+        no_chap,
+    )
+
+    def call(c: Any) -> Any:
+        if chap is not None:
+            chap(c)
+        return c.patch(f"/devices/{mac}", body)
+
+    run(data_dir, as_json, call, show_device)
 
 
 app.command("set", help="The same as `device update`.")(update)
@@ -156,3 +185,36 @@ def maintenance(
         raise typer.BadParameter(f"{state!r}: on or off", param_hint="STATE")
     body = {"on": state == "on"}
     run(data_dir, as_json, lambda c: c.post(f"/devices/{mac}/maintenance", body), show_device)
+
+
+@app.command()
+def wake(
+    data_dir: DataDirOption,
+    mac: Annotated[str | None, typer.Argument(help="the device's MAC")] = None,
+    collection: Annotated[
+        str | None, typer.Option(help="wake every device of this collection")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Power a device on with a Wake-on-LAN packet (sent by the registry, out of the boot
+    interface); it then PXE-boots as usual."""
+    if (mac is None) == (collection is None):
+        raise typer.BadParameter("give a MAC or --collection, not both", param_hint="MAC")
+
+    def call(c: Any) -> Any:
+        if mac is not None:
+            return [c.post(f"/devices/{mac}/wake")]
+        macs = [d["mac"] for d in c.get("/devices") if d["collection"] == collection]
+        if not macs:
+            raise typer.BadParameter(f"collection {collection!r} has no devices")
+        return [c.post(f"/devices/{m}/wake") for m in macs]
+
+    run(
+        data_dir,
+        as_json,
+        call,
+        lambda woken: [
+            console.print(f"woke {w['mac']} ({w['hostname']}): packet sent to {w['sent_to']}")
+            for w in woken
+        ],
+    )

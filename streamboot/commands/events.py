@@ -13,14 +13,21 @@ from rich.table import Table
 
 from shared.event_store import EventStore, StoredEvent
 from shared.settings import Settings
-from streamboot.commands import DataDirOption
+from streamboot.commands import DataDirOption, mac_argument
 from streamboot.timeline import device_timelines
 
 app = typer.Typer(no_args_is_help=True, help="Read and follow the event log.")
 
 StreamOpt = Annotated[str | None, typer.Option("--stream", help="only this stream id")]
 TypeOpt = Annotated[str | None, typer.Option("--type", help="only this event type")]
-MacOpt = Annotated[str | None, typer.Option("--mac", help="only events about this MAC")]
+MacOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mac",
+        help="only events about this MAC, its sessions' own included",
+        callback=lambda v: mac_argument(v) if v else None,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object per line")]
 
 
@@ -57,10 +64,16 @@ async def _list(
     as_json: bool,
 ) -> int:
     store = await EventStore.connect(url, max_size=1)
+    types = [type_] if type_ else None
     try:
-        rows = await store.read_all(
-            after, limit, types=[type_] if type_ else None, stream_id=stream, mac=mac
-        )
+        if mac:
+            rows = [
+                e
+                for e in await store.read_device(mac, after, limit, types=types)
+                if stream is None or e.stream_id == stream
+            ]
+        else:
+            rows = await store.read_all(after, limit, types=types, stream_id=stream)
     finally:
         await store.close()
     console = Console()
@@ -91,15 +104,20 @@ async def _tail(
     try:
         start = max(0, await store.last_position() - last)
         filters = {
-            k: v
-            for k, v in {
-                "stream_id": stream,
-                "types": [type_] if type_ else None,
-                "mac": mac,
-            }.items()
-            if v
+            k: v for k, v in {"stream_id": stream, "types": [type_] if type_ else None}.items() if v
         }
+        # A MAC's sessions' own events do not carry the MAC: follow the sessions it opens.
+        sessions = (
+            {e.data["session_id"] for e in await store.read_device(mac, types=["SessionOpened"])}
+            if mac
+            else set()
+        )
         async for row in store.follow(start, **filters):
+            if mac:
+                if row.type == "SessionOpened" and row.data.get("mac") == mac:
+                    sessions.add(row.data["session_id"])
+                if row.data.get("mac") != mac and row.data.get("session_id") not in sessions:
+                    continue
             show(console, row, as_json)
     finally:
         await store.close()
@@ -140,30 +158,39 @@ async def _replay(url: str, mac: str, since: datetime | None, as_json: bool) -> 
             + (f" (session {boot.session_id})" if boot.session_id else " (no session)"),
             title_justify="left",
         )
-        for col in ("+s", "step took", "event", "detail"):
-            table.add_column(col)
+        table.add_column("+s", no_wrap=True)
+        table.add_column("step took", no_wrap=True)
+        table.add_column("phase", no_wrap=True)
+        table.add_column("event", no_wrap=True)
+        table.add_column("detail")
         for step in boot.steps:
             table.add_row(
                 f"{step.since_start_s:7.3f}",
                 f"{step.since_previous_s:7.3f}",
+                step.phase or "-",
                 step.type,
                 step.detail,
             )
         console.print(table)
+        console.print(f"  phase: [bold]{boot.phase or '-'}[/bold]", highlight=False)
+        for problem in boot.problems:
+            console.print(f"  [red]problem:[/red] {problem}", highlight=False)
     return len(boots)
 
 
 @app.command()
 def replay(
     data_dir: DataDirOption,
-    device: Annotated[str, typer.Option("--device", help="the device's MAC")],
+    device: Annotated[
+        str, typer.Option("--device", help="the device's MAC", callback=mac_argument)
+    ],
     since: Annotated[
         datetime | None, typer.Option(help="only boots from this time on (UTC, ISO 8601)")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """A device's boots as timelines: each step and the time it took."""
-    mac = device.lower().replace("-", ":")
+    """A device's boots as timelines: each step, the time it took and the boot's phase."""
+    mac = device
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     asyncio.run(_replay(database_url(data_dir), mac, since, as_json))

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from streamboot.commands import DataDirOption
 from streamboot.registry_api import run
+from streamboot.tables import print_rows
 
 app = typer.Typer(no_args_is_help=True, help="Boot sessions.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -31,17 +31,16 @@ def show_opened(s: dict[str, Any]) -> None:
 
 
 def show_sessions(sessions: list[dict[str, Any]]) -> None:
-    table = Table(
-        "session", "MAC", "hostname", "vdisk", "version", "node", "attached", "write cache"
-    )
+    rows = []
     for s in sessions:
         # A replay (`streamboot replay blocks`) shows the device it replays, said as such.
         host = s["hostname"] + (f" (replay of {s['replay_of']})" if s.get("replay_of") else "")
-        table.add_row(
+        rows.append([
             s["session_id"], s["mac"], host, s["vdisk"], str(s["version"]),
             s["stream_node"] or "-", str(s["attached"]), write_cache_usage(s),
-        )  # fmt: skip
-    console.print(table)
+        ])  # fmt: skip
+    headers = ("session", "MAC", "hostname", "vdisk", "version", "node", "attached", "write cache")
+    print_rows(console, headers, rows, ids=("session", "MAC"))
 
 
 def write_cache_usage(s: dict[str, Any]) -> str:

@@ -14,8 +14,9 @@ from rich.table import Table
 from shared import bus
 from shared.heartbeat import read_heartbeats
 from shared.metrics import system_figures
-from shared.settings import Settings, runtime_info, without_password
+from shared.settings import RUNTIME_FILE, Settings, runtime_info, without_password
 from streamboot.commands import DataDirOption
+from streamboot.embedded.datadir import supervisor_running
 
 SERVICES = ("registry", "boot", "stream", "cache")
 # Endpoint keys a service may advertise in its heartbeat (merged into `endpoints`).
@@ -42,6 +43,17 @@ async def gather_status(settings: Settings) -> dict[str, Any]:
     }
     if not nats_url:
         status["error"] = f"streamboot is not running here (no runtime.json in {settings.data_dir})"
+        return status
+    if runtime and not settings.nats_url and not supervisor_running(settings.data_dir):
+        # Its `up` was killed (kill -9): the endpoints in runtime.json lead nowhere, and
+        # asking them would only blame NATS for it.
+        status["running"] = False
+        status["endpoints"] = {}
+        status["error"] = (
+            f"`streamboot up` is not running on {settings.data_dir}: its {RUNTIME_FILE} is "
+            f"stale (the `up` that wrote it is gone); start it again with "
+            f"`streamboot up --data-dir {settings.data_dir}`"
+        )
         return status
     try:
         nc = await bus.connect(
@@ -97,12 +109,14 @@ def render(result: dict[str, Any]) -> None:
     if "error" in result:
         console.print(f"[red]{result['error']}[/red]")
     table = Table(title="services")
-    for col in ("service", "alive", "version", "uptime", "instances", "load"):
+    for col in ("service", "alive", "version", "uptime", "instances", "load", "fds open/limit"):
         table.add_column(col)
     loads: dict[str, float] = {}
+    fds: dict[str, str] = {}
     for beat in result["instances"]:
         if beat["alive"]:
             loads[beat["service"]] = loads.get(beat["service"], 0) + float(beat.get("load", 0))
+            fds[beat["service"]] = fds_cell(beat, fds.get(beat["service"]))
     for name, s in result["services"].items():
         table.add_row(
             name,
@@ -111,6 +125,7 @@ def render(result: dict[str, Any]) -> None:
             f"{s['uptime_s']:.0f}s" if s["uptime_s"] is not None else "-",
             str(s.get("instances", 0)),
             str(loads.get(name, "-")),
+            fds.get(name, "-"),
         )
     console.print(table)
     ends = Table(title="endpoints")
@@ -137,6 +152,20 @@ def render(result: dict[str, Any]) -> None:
         )
     for line in space_warnings(result["instances"]) + projection_warnings(result["instances"]):
         console.print(f"[yellow]{line}[/yellow]")
+
+
+def fds_cell(beat: dict[str, Any], before: str | None) -> str:
+    """``open/soft limit`` of an instance (shared/fd_limit.py; hard limit when the soft one is
+    lower, refused connections when any); instances of one service side by side."""
+    f = beat.get("fds")
+    if not isinstance(f, dict):
+        return before or "-"
+    cell = f"{f.get('open')}/{f.get('soft')}"
+    if f.get("hard") != f.get("soft"):
+        cell += f" (hard {f.get('hard')})"
+    if f.get("refused"):
+        cell += f" [red]{f['refused']} refused[/red]"
+    return f"{before}, {cell}" if before else cell
 
 
 def projection_warnings(instances: list[dict[str, Any]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""`streamboot trace show SESSION`: a boot's trace as a waterfall in the terminal.
+"""`streamboot trace show SESSION|TOKEN|MAC`: a boot's trace as a waterfall in the terminal.
 
 The embedded default writes spans as JSON lines (``DIR/traces.jsonl``); the session's
 trace id comes from the ``traceparent`` its ``SessionOpened`` event was recorded with.
@@ -7,6 +7,7 @@ trace id comes from the ``traceparent`` its ``SessionOpened`` event was recorded
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,25 +16,35 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.event_store import EventStore
+from shared.event_store import EventStore, StoredEvent
 from shared.settings import Settings
-from streamboot.commands import DataDirOption
+from streamboot.commands import DataDirOption, as_mac
 from streamboot.commands.events import database_url
 
 app = typer.Typer(no_args_is_help=True, help="Read the traces of boots.")
 BAR_WIDTH = 40
 
 
-async def session_trace_id(url: str, session: str) -> str | None:
+async def session_opened(url: str, ref: str) -> StoredEvent | None:
+    """The SessionOpened a reference names: a session id, a session token (the log holds
+    its SHA-256) or a MAC (its last boot's session)."""
     store = await EventStore.connect(url, max_size=1)
     try:
-        rows = await store.read_all(0, 10, stream_id=f"session-{session}", types=["SessionOpened"])
+        mac = as_mac(ref)
+        if mac is not None:
+            rows = await store.read_all(0, 100_000, mac=mac, types=["SessionOpened"])
+            return rows[-1] if rows else None
+        rows = await store.read_all(0, 1, stream_id=f"session-{ref}", types=["SessionOpened"])
+        if rows:
+            return rows[0]
+        return await store.session_opened(hashlib.sha256(ref.encode()).hexdigest())
     finally:
         await store.close()
-    if not rows:
-        return None
+
+
+def trace_id_of(opened: StoredEvent) -> str | None:
     # The boot's root (begun at its first DHCP packet); older logs: the event's own context.
-    traceparent = rows[0].data.get("boot_traceparent") or rows[0].traceparent
+    traceparent = opened.data.get("boot_traceparent") or opened.traceparent
     return traceparent.split("-")[1] if traceparent else None
 
 
@@ -83,7 +94,10 @@ def waterfall(spans: list[dict[str, Any]]) -> Table:
 @app.command()
 def show(
     data_dir: DataDirOption,
-    session: Annotated[str, typer.Argument(help="the session id")],
+    session: Annotated[
+        str,
+        typer.Argument(help="the session id, its token, or a MAC (its last boot)"),
+    ],
     trace_file: Annotated[
         Path | None, typer.Option(help="span file (default DIR/traces.jsonl)")
     ] = None,
@@ -91,9 +105,13 @@ def show(
 ) -> None:
     """Draw the waterfall of one boot session's trace."""
     settings = Settings(data_dir=data_dir)
-    trace_id = asyncio.run(session_trace_id(database_url(data_dir), session))
+    opened = asyncio.run(session_opened(database_url(data_dir), session))
+    if opened is None:
+        typer.echo(f"error: no session {session!r} (by id, token or MAC) in the log", err=True)
+        raise typer.Exit(2)
+    trace_id = trace_id_of(opened)
     if trace_id is None:
-        typer.echo(f"error: no trace recorded for session {session}", err=True)
+        typer.echo(f"error: no trace recorded for session {opened.data['session_id']}", err=True)
         raise typer.Exit(2)
     path = trace_file or settings.trace_file or settings.data_path("traces.jsonl")
     if not path.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
@@ -16,6 +17,7 @@ from streamboot.commands import DataDirOption
 from streamboot.supervisor import SERVICES, run_up
 
 SIOCGIFADDR = 0x8915
+SIOCGIFNETMASK = 0x891B
 # The ports PXE clients use; taken by default when run as root with DHCP on.
 PRIVILEGED_BOOT_PORTS = {"tftp_port": 69, "dhcp_port": 67, "dhcp_pxe_port": 4011}
 
@@ -26,17 +28,49 @@ class DhcpMode(StrEnum):
     full = "full"
 
 
-def interface_address(name: str) -> str:
-    """The IPv4 address of a network interface (clear error when it has none)."""
+def _interface_ioctl(name: str, request: int, what: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
-            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+            packed = fcntl.ioctl(s.fileno(), request, struct.pack("256s", name[:15].encode()))
         except OSError as exc:
             raise typer.BadParameter(
-                f"interface {name!r} has no IPv4 address ({exc.strerror})",
+                f"interface {name!r} has no IPv4 {what} ({exc.strerror})",
                 param_hint="--boot-interface",
             ) from None
     return socket.inet_ntoa(packed[20:24])
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of a network interface (clear error when it has none)."""
+    return _interface_ioctl(name, SIOCGIFADDR, "address")
+
+
+def interface_network(name: str) -> ipaddress.IPv4Network:
+    """The IPv4 network an interface is on (its address and netmask)."""
+    address, mask = interface_address(name), _interface_ioctl(name, SIOCGIFNETMASK, "netmask")
+    return ipaddress.IPv4Network(f"{address}/{mask}", strict=False)
+
+
+def port_warnings(dhcp: DhcpMode) -> list[str]:
+    """What keeps PXE clients from booting although `up` starts fine: with DHCP on, PXE
+    firmware asks only on the standard ports (67, 69, 4011)."""
+    if dhcp is DhcpMode.off:
+        return []
+    lines = []
+    for field, port in PRIVILEGED_BOOT_PORTS.items():
+        name = f"STREAMBOOT_{field.upper()}"
+        value = os.environ.get(name)
+        if value is not None and value != str(port):
+            lines.append(
+                f"warning: {name}={value} replaces the PXE port {port}: PXE firmware asks "
+                f"only on {port}, so clients boot only if something forwards {port} to {value}"
+            )
+        elif value is None and os.geteuid() != 0:
+            lines.append(
+                f"warning: not root, so {name} keeps its unprivileged default instead of "
+                f"{port}: PXE firmware asks only on {port} (run `up` as root for PXE)"
+            )
+    return lines
 
 
 def boot_environment(
@@ -66,6 +100,15 @@ def boot_environment(
                 raise typer.BadParameter(
                     f"{address!r} is not an IPv4 address", param_hint="--dhcp-range"
                 ) from None
+        if interface:
+            network = interface_network(interface)
+            outside = [a for a in (start, end) if ipaddress.IPv4Address(a) not in network]
+            if outside:
+                raise typer.BadParameter(
+                    f"{', '.join(outside)} is outside {interface}'s network {network}: its "
+                    "clients could not reach the server",
+                    param_hint="--dhcp-range",
+                )
         env["STREAMBOOT_DHCP_POOL_START"] = start
         env["STREAMBOOT_DHCP_POOL_END"] = end
     if dhcp is not DhcpMode.off and os.geteuid() == 0:
@@ -111,6 +154,8 @@ def up(
     service takes the PXE ports (67, 69, 4011); otherwise its unprivileged defaults.
     """
     os.environ.update(boot_environment(boot_interface, dhcp, dhcp_range, public_host))
+    for line in port_warnings(dhcp):
+        typer.echo(line, err=True)
     settings = Settings(data_dir=data_dir)
     names = [n.strip() for n in services.split(",") if n.strip()]
     raise typer.Exit(run_up(settings, names))

@@ -103,10 +103,13 @@ def show_boot(version: int, boot: dict[str, Any] | None, method: str) -> None:
         return
     seen = ", ".join(boot.get("kernels") or []) or "none"
     if boot.get("kernel_version"):
-        how = {
-            "sanboot": "sanboot (the vdisk's boot method)",
-            "nbdroot": "kernel-direct with Debian's nbdroot= (no streamboot client)",
-        }.get(method, "kernel-direct")
+        how = (
+            "kernel-direct with Debian's nbdroot= (no streamboot client)"
+            if method == "nbdroot"
+            else "kernel-direct"
+            if not method.startswith("sanboot")
+            else f"{method} (the vdisk's boot method)"
+        )
         out.print(
             f"  version {version}: boots {how}: kernel {boot['kernel_version']} "
             f"({_gib(boot.get('kernel_size', 0))}, initramfs "
@@ -450,8 +453,11 @@ def set_(
     boot_method: Annotated[
         str | None,
         typer.Option(
+            "--boot-method",
+            "--boot",
             help="auto (kernel-direct when a kernel was found, else sanboot)|kernel|sanboot|"
-            "nbdroot (kernel-direct without the streamboot client: Debian's nbdroot=)"
+            "sanboot-iscsi (iPXE's iSCSI initiator; the OS finds the disk by the iBFT)|"
+            "nbdroot (kernel-direct without the streamboot client: Debian's nbdroot=)",
         ),
     ] = None,
     kernel: Annotated[

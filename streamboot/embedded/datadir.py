@@ -80,6 +80,21 @@ class DataDir:
         if not marker.exists():
             _write_atomic(marker, json.dumps({"format": FORMAT, "created": time.time()}) + "\n")
 
+    def check_unused(self) -> None:
+        """Refuse a dir another `up` holds, without creating or changing anything in it."""
+        if supervisor_running(self.path):
+            try:
+                pid = (self / LOCK_FILE).read_text().strip() or "?"
+            except OSError:
+                pid = "?"
+            raise StartupError(self._in_use(pid))
+
+    def _in_use(self, pid: str) -> str:
+        return (
+            f"{self.path} is in use by another `streamboot up` (pid {pid}); stop it first "
+            "or use another --data-dir"
+        )
+
     def lock(self) -> None:
         """Take the supervisor lock (one `up` per dir), then mark the dir as ours."""
         self.check_format()
@@ -91,10 +106,7 @@ class DataDir:
             handle.seek(0)
             pid = handle.read().strip() or "?"
             handle.close()
-            raise StartupError(
-                f"{self.path} is in use by another `streamboot up` (pid {pid}); stop it first "
-                "or use another --data-dir"
-            ) from None
+            raise StartupError(self._in_use(pid)) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -29,7 +29,7 @@ from shared.settings import Settings
 from shared.telemetry import parse_traceparent
 from streamboot.client_package import PACKAGE_TREE
 from streamboot.embedded.proc import free_port
-from tests.conftest import BusServer
+from tests.conftest import BusServer, wait_for
 from tests.registry.conftest import INITRD, KERNEL, Registry, write_bootable_image, write_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,6 +151,33 @@ async def test_a_vdisk_without_a_kernel_boots_by_sanboot(
     await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
 
 
+async def test_sanboot_iscsi_script_logs_in_as_the_device_with_its_chap(
+    boot: Boot, registry: Registry, nc: Any
+) -> None:
+    await seed(registry, registry.data_dir, MAC, "win")
+    await registry.cli_json("vdisk", "set", "win", "--boot", "sanboot-iscsi")
+    await registry.cli_json("device", "set", MAC, "--chap-user", "pc-1", "--chap-secret",
+                            "secret-of-pc-1", "--chap-reverse-user", "sb", "--chap-reverse-secret",
+                            "secret-of-the-target")  # fmt: skip
+    script = await boot.script(mac=MAC, uuid=UUID)
+    [session] = registry.app.list_sessions()
+    iqn = "iqn.2026-12.io.streamboot.client:" + MAC.replace(":", "")
+    assert session["initiator_iqn"] == iqn
+    lines = script.splitlines()
+    assert f"set initiator-iqn {iqn}" in lines
+    for line in ("set username pc-1", "set password secret-of-pc-1", "set reverse-username sb",
+                 "set reverse-password secret-of-the-target"):  # fmt: skip
+        assert line in lines, script
+    [sanboot] = [x for x in lines if x.startswith("sanboot ")]
+    # iscsi:<server>::<port>:0:<target>; the target names the session by its token.
+    server, proto, port, lun, target = sanboot.split()[1].removeprefix("iscsi:").split(":", 4)
+    assert (proto, lun, f"{server}:{port}") == ("", "0", session["iscsi_portal"])
+    token = target.removeprefix("iqn.2026-12.io.streamboot:")
+    resolved = await bus.request_json(nc, "streamboot.registry.session.resolve", {"token": token})
+    assert resolved["initiator_iqn"] == iqn and resolved["chap"]["secret"] == "secret-of-pc-1"
+    await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
+
+
 async def curl(*args: str) -> subprocess.CompletedProcess[str]:
     """Real curl, in a thread: the boot service answers in this test's own event loop."""
     return await asyncio.to_thread(
@@ -237,6 +264,8 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
         ("127.0.0.2", "wrong client address"),
         ("127.0.0.1", "nonce already redeemed"),
     ]
+    [handoff] = await events_of(registry, "HandoffRedeemed", 1)
+    assert handoff.data == {"session_id": session["session_id"], "client_addr": "127.0.0.1"}
 
     # A vdisk that must boot by sanboot does, whatever it holds.
     await bus.request_json(nc, "streamboot.registry.session.close", {"token": lines["export"]})
@@ -528,7 +557,7 @@ async def test_auto_added_device_without_vdisk_is_told_so(boot: Boot, registry: 
 
 async def test_registry_away_means_retry(nats_url: str) -> None:
     # No registry answers on this NATS: the client is asked to wait and retry, not refused.
-    from services.boot.boot_http import BootHttp
+    from services.boot.boot_http import RETRY_BUSY_S, BootHttp
     from services.boot.handoff_store import HandoffStore
     from services.boot.http_server import Request
     from shared.contracts.registry import RegistryClient
@@ -546,6 +575,8 @@ async def test_registry_away_means_retry(nats_url: str) -> None:
             "busy or starting" in answer.body
             and "chain http://127.0.0.1:1/ipxe/script" in answer.body
         )
+        # 503 with Retry-After: iPXE's HTTP client asks again after it by itself.
+        assert answer.status == 503 and answer.retry_after_s == RETRY_BUSY_S
         unknown = await app(Request("GET", "/session/redeem", {"nonce": "n" * 32}, "127.0.0.1:9"))
         assert unknown.status == 404
         # A nonce was issued, but whether its session is still live cannot be checked now:
@@ -575,3 +606,32 @@ async def test_boot_requested_survives_an_immediate_stop(boot: Boot, registry: R
     await boot.rt.stop()  # at once: the queued announcement must still reach the log
     [requested] = await registry.app.store.read_all(types=["BootRequested"])
     assert requested.data["mac"] == MAC
+
+
+async def test_a_busy_registry_means_503_retry_after(boot: Boot, registry: Registry) -> None:
+    """Back-pressure (issue 28): the registry refuses the open as busy; the script request
+    gets 503 with the registry's Retry-After (asked with curl), no session is opened, and
+    the next ask boots."""
+    await seed(registry, registry.data_dir, MAC, "win")
+    registry.app.settings.registry_max_waiting_opens = 1
+    url = f"{boot.url}/ipxe/script?mac={MAC}&uuid={UUID}"
+    async with registry.app._lock:  # one open under way holds the only place
+        first = asyncio.create_task(curl_head_body(url))
+        await wait_for(lambda: registry.app._opens_in_flight == 1, "the first open")
+        head, body = await curl_head_body(url)
+    assert head[0].split()[1] == "503", head
+    retry = [x.split(":", 1)[1].strip() for x in head if x.lower().startswith("retry-after:")]
+    assert len(retry) == 1, head
+    assert 1 <= int(retry[0]) <= registry.app.settings.registry_busy_retry_max_s
+    assert "busy" in body and f"chain {boot.url}/ipxe/script" in body
+    head, body = await first
+    assert head[0].split()[1] == "200" and "sanboot" in body, body
+    assert len(registry.app.projection.sessions) == 1  # the refused ask opened nothing
+
+
+async def curl_head_body(url: str) -> tuple[list[str], str]:
+    """GET with curl: the response head's lines and the body."""
+    done = await curl("-i", url)
+    assert done.returncode == 0, done.stderr
+    head, _, body = done.stdout.partition("\n\n")  # text mode: CRLF read as LF
+    return head.split("\n"), body

@@ -128,6 +128,26 @@ def test_the_redeem_answer_replaces_the_command_line(shell: list[str], tmp_path:
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+def test_the_failover_nodes_follow_the_sessions_node_each_once(
+    shell: list[str], tmp_path: Path
+) -> None:
+    """nbd_nodes= (docs/failover.md): the session's node first, then the others in the
+    answer's order; duplicates and words that are not host:port are left out."""
+    answer = tmp_path / "answer"
+    answer.write_text(
+        ANSWER + "nbd_nodes=10.77.0.2:10809,10.77.0.1:10809,junk,10.77.0.3:10900,:1\n"
+    )
+    script = f"sb_parse_cmdline '{GOOD_CMDLINE}' && sb_parse_answer {answer} && sb_nbd_nodes"
+    done = sh(shell, script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["10.77.0.1:10809", "10.77.0.2:10809", "10.77.0.3:10900"]
+    # Without the key (an older server): the session's node alone.
+    answer.write_text(ANSWER)
+    done = sh(shell, script, tmp_path)
+    assert done.stdout.split() == ["10.77.0.1:10809"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize(
     ("change", "why"),
     [

@@ -81,7 +81,9 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
     image.write_bytes(os.urandom(8 * 1024 * 1024))
     golden = hashlib.sha256(image.read_bytes()).hexdigest()
 
-    up = Up(data_dir, AVAILABLE)
+    # The session is idle between its clients while the CLI inspects it; on a loaded
+    # machine that can outlast the default detach grace, which is not what this test is about.
+    up = Up(data_dir, AVAILABLE, STREAMBOOT_SESSION_DETACH_GRACE_S="600")
     try:
         up.wait_running()
         status = wait_all_alive(data_dir)

@@ -327,7 +327,7 @@ def test_up_refuses_a_port_in_use(data_dir: Path) -> None:
         up = Up(data_dir, AVAILABLE, STREAMBOOT_POSTGRES_PORT=str(port))
         assert up.wait_exit() == 2
     assert f"TCP port 127.0.0.1:{port} (postgres_port) is already in use" in up.output
-    assert not (data_dir / "runtime.json").exists()
+    assert not data_dir.exists()  # a new data dir: refused before any file is made
 
 
 def service_process(up: Up, name: str) -> psutil.Process | None:

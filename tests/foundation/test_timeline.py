@@ -100,10 +100,35 @@ async def test_a_device_boot_history(store: EventStore) -> None:
     assert (first.bytes_read, first.bytes_written) == (29_500_000, 1_000_000)
     assert "win11 v3 on node-1" in first.steps[1].detail
     assert [s.type for s in boots[1].steps] == ["BootRequested"]
+    # Each step carries the boot's phase by the state machine (shared/boot_flow.py).
+    assert [s.phase for s in first.steps] == [
+        "discovered", "session open", "firmware read", "firmware read", "firmware read",
+        "OS attached", "OS attached", "OS attached", "closed",
+    ]  # fmt: skip
+    assert (first.phase, boots[1].phase) == ("closed", "discovered")
 
     later = await device_timelines(store, MAC, since=T0 + timedelta(seconds=1000))
     assert [b.session_id for b in later] == [None]
     assert [b.session_id for b in await device_timelines(store, OTHER)] == ["s9"]
+
+
+async def test_a_devices_events_include_its_sessions_own(store: EventStore) -> None:
+    """`events list --mac`: attached/detached/closed name the session, not the MAC, and
+    still belong to the device's events (why a session closed is not hidden)."""
+    await store.append([at(0, BootRequested(mac=MAC, arch=0)), at(1, opened("s1", MAC))])
+    await store.append([at(2, opened("s9", OTHER)), at(3, attach("s9", "nbd"))])
+    await store.append([at(4, attach("s1", "nbd"))])
+    await store.append([at(5, SessionClosed(session_id="s1", reason="expired"))])
+    rows = await store.read_device(MAC)
+    assert [(e.type, e.stream_id) for e in rows] == [
+        ("BootRequested", f"boot-{MAC}"),
+        ("SessionOpened", "session-s1"),
+        ("SessionAttached", "session-s1"),
+        ("SessionClosed", "session-s1"),
+    ]
+    after_open = await store.read_device(MAC, rows[1].position, types=["SessionClosed"])
+    assert [e.data["reason"] for e in after_open] == ["expired"]
+    assert len(await store.read_device(MAC, limit=2)) == 2
 
 
 async def test_the_device_query_uses_the_mac_index(store: EventStore) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -23,14 +24,21 @@ from shared import bus
 from shared.event_store import EventStore
 from shared.heartbeat import HeartbeatView
 from shared.settings import API_TOKEN_FILE, RUNTIME_FILE, Settings, nats_password_file
+from streamboot.embedded.datadir import LOCK_FILE
 from streamboot.embedded.proc import free_port
 from tests.conftest import BusServer
 
 TOKEN = "test-token-" + "x" * 20
 
 
+# Session opens in these tests may wait past the production deadline on a loaded test
+# machine and be refused busy; back-pressure has its own tests (test_back_pressure.py).
+PATIENT = {"registry_open_max_wait_s": 120.0}
+
+
 def make_settings(data_dir: Path, nats_url: str, database_url: str, **extra: Any) -> Settings:
     return Settings(
+        **PATIENT,
         data_dir=data_dir,
         nats_url=nats_url,
         database_url=database_url,
@@ -131,6 +139,10 @@ async def registry(
     (data_dir / RUNTIME_FILE).write_text(
         json.dumps({"api_url": api_url, "nats_url": nats_server.url})
     )
+    # The fixture stands in for `up`: it holds up's lock too, so the CLI takes
+    # runtime.json as live (a runtime.json without it is a killed `up`'s).
+    up_lock = open(data_dir / LOCK_FILE, "w")  # noqa: ASYNC230 (a local file, once)
+    fcntl.flock(up_lock, fcntl.LOCK_EX)
     cli_password = nats_password_file(data_dir, "cli")
     cli_password.parent.mkdir(mode=0o700, exist_ok=True)
     cli_password.write_text(nats_server.passwords["cli"] + "\n")
@@ -141,6 +153,7 @@ async def registry(
         yield Registry(settings, svc.app, api_url, data_dir, nats_server, svc.beats)
     finally:
         await svc.stop()
+        up_lock.close()
 
 
 @pytest.fixture
@@ -155,7 +168,7 @@ async def store(database_url: str) -> AsyncIterator[EventStore]:
 @pytest.fixture
 async def app(store: EventStore, data_dir: Path) -> RegistryApp:
     """The application layer on a real event store, without NATS or HTTP."""
-    a = RegistryApp(store, Settings(data_dir=data_dir, api_token=TOKEN))
+    a = RegistryApp(store, Settings(data_dir=data_dir, api_token=TOKEN, **PATIENT))
     await a.start()
     return a
 

@@ -10,7 +10,7 @@ import pytest
 from services.registry.domain import assignments, devices, sessions, vdisks
 from services.registry.domain.errors import DomainError
 from services.registry.domain.identity import normalize_mac
-from services.registry.domain.sessions import StreamNode, pick_stream_node
+from services.registry.domain.sessions import StreamNode, failover_nodes, pick_stream_node
 from services.registry.projection import Projection
 from shared.events import Event, SessionConflictRejected, VdiskChainMerged, envelope
 
@@ -296,6 +296,10 @@ def test_placement_least_loaded_alive_stream_node() -> None:
     ]
     assert pick_stream_node(beats) == StreamNode("b", "h:3", "http://h:4", 1.0)
     assert pick_stream_node(beats[2:]) is None
+    # The failover list: the other live nodes, least loaded first; never dead ones.
+    assert failover_nodes(beats, StreamNode("b", "h:3", "http://h:4", 1.0)) == ["h:1"]
+    more = [*beats, {**beats[0], "node": "e", "load": 2, "nbd": "h:7"}]
+    assert failover_nodes(more, StreamNode("b", "h:3", "http://h:4", 1.0)) == ["h:7", "h:1"]
 
 
 def replay_(p: Projection, original: str, sid: str = "r-1") -> list[Event]:

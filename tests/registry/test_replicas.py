@@ -12,6 +12,7 @@ from services.registry.app import RegistryApp
 from services.registry.domain.errors import DomainError
 from shared.event_store import EventStore
 from shared.settings import Settings
+from tests.registry.conftest import PATIENT
 
 pytestmark = pytest.mark.timeout(120)
 MAC = "52:54:00:00:00:01"
@@ -20,7 +21,7 @@ MAC = "52:54:00:00:00:01"
 async def test_concurrent_opens_across_replicas(database_url: str, data_dir: Path) -> None:
     stores = [await EventStore.connect(database_url) for _ in range(2)]
     try:
-        settings = Settings(data_dir=data_dir)
+        settings = Settings(data_dir=data_dir, **PATIENT)
         a, b = (RegistryApp(s, settings) for s in stores)
         await a.start()
         await b.start()

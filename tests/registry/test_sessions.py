@@ -109,6 +109,8 @@ async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any
         assert s["stream_node"] == "node-idle" and "warning" not in s
         assert s["nbd_uri"] == f"nbd://127.0.0.1:22221/{s['token']}"
         assert s["http_url"] == f"http://127.0.0.1:22222/s/{s['token']}"
+        # Where its client goes if node-idle dies (docs/failover.md): the other live node.
+        assert s["nbd_nodes"] == ["127.0.0.1:11111"]
         await idle.stop()  # gone: the next session goes to the other node
         # The beats are by hand here (no beating loop): beat again, so that on a slow
         # machine the busy node is not taken for dead too by the time of the next open.
@@ -116,6 +118,7 @@ async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any
         await registry.sees("stream", "node-idle", alive=False)
         s2 = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[1]})
         assert s2["stream_node"] == "node-busy"
+        assert s2["nbd_nodes"] == []  # no other node alive
     finally:
         await busy.stop()
         await idle.stop()

@@ -67,19 +67,24 @@ class RawIscsi:
             self.header_digest = header_digest
         return status
 
-    def login_step(self, csg: int, nsg: int, keys: dict[str, str]) -> int:
-        """One login request moving from stage ``csg`` to ``nsg``; its login status."""
+    def login_step(self, csg: int, nsg: int, keys: dict[str, str], transit: bool = True) -> int:
+        """One login request moving from stage ``csg`` to ``nsg`` (staying in ``csg``
+        without ``transit``); its login status."""
         text = b"".join(f"{k}={v}".encode() + b"\0" for k, v in keys.items())
         bhs = bytearray(48)
         bhs[0] = 0x43
-        bhs[1] = 0x80 | (csg << 2) | nsg
+        bhs[1] = (0x80 | nsg if transit else 0) | (csg << 2)
         bhs[8:14] = bytes.fromhex("00023d000001")
         struct.pack_into(">IHxxII", bhs, 16, self.itt, 0, self.cmd_sn, self.exp_stat_sn)
         self.itt += 1
         self.send_pdu(bhs, text)
-        rsp, _ = self.recv_pdu()
+        rsp, data = self.recv_pdu()
         assert rsp[0] & 0x3F == 0x23
         self.exp_stat_sn = struct.unpack_from(">I", rsp, 24)[0] + 1
+        # The target's keys and whether it moved on (T bit), for multi-step logins (CHAP).
+        pairs = (kv.split("=", 1) for kv in bytes(data).decode().split("\0") if kv)
+        self.login_keys = dict(pairs)
+        self.login_transit = bool(rsp[1] & 0x80)
         return rsp[36] << 8 | rsp[37]
 
     def scsi_bhs(self, cdb: bytes, edtl: int, read: bool = False, write: bool = False) -> bytearray:
@@ -92,11 +97,15 @@ class RawIscsi:
         self.cmd_sn += 1
         return bhs
 
-    def command(self, cdb: bytes, edtl: int, data_out: bytes = b"") -> tuple[int, bytes]:
-        """(SCSI status, Data-In bytes or the sense data) of one command; Data-Out only as
-        immediate data."""
+    def command(
+        self, cdb: bytes, edtl: int, data_out: bytes = b"", lun: int = 0
+    ) -> tuple[int, bytes]:
+        """(SCSI status, Data-In bytes or the sense data) of one command to ``lun`` (single
+        level, peripheral addressing); Data-Out only as immediate data."""
         read = edtl > 0 and not data_out
-        self.send_pdu(self.scsi_bhs(cdb, edtl, read=read, write=bool(data_out)), data_out)
+        bhs = self.scsi_bhs(cdb, edtl, read=read, write=bool(data_out))
+        bhs[8:10] = lun.to_bytes(2, "big")
+        self.send_pdu(bhs, data_out)
         got = b""
         while True:
             bhs, data = self.recv_pdu()

@@ -237,3 +237,37 @@ def test_commands_outside_the_window_are_dropped(server: ServerThread) -> None:
     c.cmd_sn -= 1001
     assert c.command(bytes(16), 0)[0] == 0  # the next in-window command is answered
     c.close()
+
+
+def test_a_lun_that_does_not_exist(server: ServerThread) -> None:
+    # libiscsi's tools fail at their first command with the standard sense...
+    out = run("iscsi-readcapacity16", url(server, "tok-ro", lun=3), check=False)
+    assert out.returncode != 0 and "LOGICAL_UNIT_NOT_SUPPORTED" in out.stdout + out.stderr
+    c = RawIscsi(server.servers.iscsi_port)
+    c.login(TARGET_PREFIX + "tok-ro")
+    # ...which every command but INQUIRY and REPORT LUNS gets: CHECK CONDITION, ILLEGAL
+    # REQUEST, LOGICAL UNIT NOT SUPPORTED (0x25/0x00).
+    for cdb, edtl in ((bytes(6), 0), (struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0), 512)):
+        status, sense = c.command(cdb, edtl, lun=3)
+        assert status == 2 and (sense[2] & 0xF, sense[12], sense[13]) == (5, 0x25, 0), sense
+    # INQUIRY there answers: peripheral qualifier 3 (no unit can be here), type 0x1F.
+    status, data = c.command(bytes([0x12, 0, 0, 0, 36, 0]), 36, lun=3)
+    assert status == 0 and data[0] == 0x7F, data[:8].hex()
+    # REPORT LUNS lists LUN 0 only.
+    status, data = c.command(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), 256, lun=3)
+    assert status == 0 and data[:4] == (8).to_bytes(4, "big") and data[8:16] == bytes(8)
+    assert c.read10(0, 1)[0] == 0  # LUN 0 is served on the same connection
+    c.close()
+
+
+def test_a_target_name_that_names_no_session(server: ServerThread) -> None:
+    # Not a streamboot name, a token nobody issued, an empty one: 0x0203 (not found);
+    # no target name at all: 0x0207 (missing parameter).
+    for name in ("iqn.2004-05.org.other:disk1", TARGET_PREFIX + "nobody", TARGET_PREFIX):
+        c = RawIscsi(server.servers.iscsi_port)
+        assert c.login(name, expect_ok=False) == 0x0203, name
+        c.close()
+    c = RawIscsi(server.servers.iscsi_port)
+    keys = {"InitiatorName": "iqn.2026-12.test:raw", "SessionType": "Normal"}
+    assert c.login_step(1, 3, keys) == 0x0207
+    c.close()

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from services.boot.ipxe_scripts import IscsiBoot, SessionInfo, iscsi_sanboot_script
 from services.stream.iscsi.server import TARGET_PREFIX
-from shared.events import BlocksRequested, SessionAttached
+from services.stream.spec import ChapSecrets
+from shared.events import BlocksRequested, IscsiLoginRefused, SessionAttached
 from tests.stream.conftest import IMAGE_SIZE, ServerThread, spec
 
 pytestmark = pytest.mark.slow
@@ -59,16 +61,27 @@ def run_until(cmd: list[str], marker: bytes, timeout: float) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("proto", ["http", "iscsi"])
-def test_ipxe_sanboot(server: ServerThread, tmp_path: Path, proto: str) -> None:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None or not Path("/boot/ipxe.lkrn").exists():
-        pytest.skip("needs qemu-system-x86 and ipxe")
+def boot_image(tmp_path: Path) -> Path:
     sector = BOOT_SECTOR_CODE + MBR_MARKER + b"\r\n\0"
     image = tmp_path / "boot.raw"
     image.write_bytes(
         sector + bytes(510 - len(sector)) + b"\x55\xaa" + os.urandom(IMAGE_SIZE - 512)
     )
+    return image
+
+
+def ipxe_vm(script: Path) -> list[str]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None or not Path("/boot/ipxe.lkrn").exists():
+        pytest.skip("needs qemu-system-x86 and ipxe")
+    return [qemu, "-m", "128", "-nographic", "-no-reboot", "-kernel", "/boot/ipxe.lkrn",
+            "-initrd", str(script), "-netdev", "user,id=n0", "-device",
+            "virtio-net-pci,netdev=n0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("proto", ["http", "iscsi"])
+def test_ipxe_sanboot(server: ServerThread, tmp_path: Path, proto: str) -> None:
+    image = boot_image(tmp_path)
     token = f"tok-ipxe-{proto}"
     server.resolver.exports[token] = spec(token, {"base": image}, write_cache="client-ram")
     uri = {
@@ -78,11 +91,7 @@ def test_ipxe_sanboot(server: ServerThread, tmp_path: Path, proto: str) -> None:
     }[proto]
     script = tmp_path / "boot.ipxe"
     script.write_text(f"#!ipxe\ndhcp\nsanboot {uri}\n")
-    out = run_until(
-        [qemu, "-m", "128", "-nographic", "-no-reboot", "-kernel", "/boot/ipxe.lkrn",
-         "-initrd", str(script), "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"],
-        MBR_MARKER, timeout=120,
-    )  # fmt: skip
+    out = run_until(ipxe_vm(script), MBR_MARKER, timeout=120)
     assert MBR_MARKER in out, out.decode(errors="replace")[-3000:]
     sid = f"session-{token}"
     assert any(e.session_id == sid and e.protocol == proto for e in server.events(SessionAttached))
@@ -98,3 +107,35 @@ def test_ipxe_sanboot(server: ServerThread, tmp_path: Path, proto: str) -> None:
     while not mbr_read() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert mbr_read()
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["secret", "wrong-secret"])
+def test_ipxe_iscsi_script_with_mutual_chap(
+    server: ServerThread, tmp_path: Path, right: bool
+) -> None:
+    """The boot service's own sanboot-iscsi script (initiator name, CHAP both ways) run by
+    iPXE: with the device's secrets it boots; with a wrong one the login is refused (an
+    IscsiLoginRefused) and the script says so."""
+    token = f"tok-ipxe-chap-{right}"
+    chap = ChapSecrets("pc-0042", "s3cret-0042-ab", "streamboot", "target-secret-99")
+    server.resolver.exports[token] = spec(
+        token, {"base": boot_image(tmp_path)}, write_cache="client-ram", chap=chap,
+        initiator_iqn="iqn.2026-12.io.streamboot.client:525400000042",
+    )  # fmt: skip
+    given = {"user": chap.user, "secret": chap.secret if right else "not-the-secret-1",
+             "reverse_user": chap.reverse_user, "reverse_secret": chap.reverse_secret}  # fmt: skip
+    boot = IscsiBoot(f"10.0.2.2:{server.servers.iscsi_port}", TARGET_PREFIX + token,
+                     "iqn.2026-12.io.streamboot.client:525400000042", given)  # fmt: skip
+    generated = iscsi_sanboot_script(SessionInfo("golden", 1, ""), boot, retry_url="http://x/")
+    assert "set reverse-password target-secret-99" in generated
+    script = tmp_path / "boot.ipxe"
+    # iPXE from a PXE ROM has its address already; ipxe.lkrn asks DHCP first.
+    script.write_text(generated.replace("#!ipxe\n", "#!ipxe\ndhcp\n", 1))
+    marker = MBR_MARKER if right else b"iSCSI sanboot failed"
+    out = run_until(ipxe_vm(script), marker, timeout=120)
+    assert marker in out, out.decode(errors="replace")[-3000:]
+    sid = f"session-{token}"
+    attached = any(e.session_id == sid for e in server.events(SessionAttached))
+    refused = [e for e in server.events(IscsiLoginRefused) if e.session_id == sid]
+    assert attached == right and bool(refused) != right, refused
+    assert all(e.status == 0x0201 and e.initiator.endswith("525400000042") for e in refused)

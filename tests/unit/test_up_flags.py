@@ -7,7 +7,7 @@ import os
 import pytest
 import typer
 
-from streamboot.commands.up import DhcpMode, boot_environment
+from streamboot.commands.up import DhcpMode, boot_environment, port_warnings
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +54,26 @@ def test_root_takes_the_pxe_ports_unless_told_otherwise(monkeypatch: pytest.Monk
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "STREAMBOOT_DHCP_PORT" not in boot_environment(None, DhcpMode.proxy, None, None)
     assert "STREAMBOOT_DHCP_PORT" not in boot_environment(None, DhcpMode.off, None, None)
+
+
+def test_a_range_outside_the_interfaces_network_is_refused() -> None:
+    with pytest.raises(typer.BadParameter, match=r"10.0.0.10, 10.0.0.99 is outside lo's network"):
+        boot_environment("lo", DhcpMode.full, "10.0.0.10,10.0.0.99", None)
+    env = boot_environment("lo", DhcpMode.full, "127.0.0.10,127.0.0.99", None)
+    assert env["STREAMBOOT_DHCP_POOL_END"] == "127.0.0.99"
+
+
+def test_port_overrides_that_keep_pxe_from_booting_are_warned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert port_warnings(DhcpMode.full) == []
+    monkeypatch.setenv("STREAMBOOT_DHCP_PORT", "16767")
+    monkeypatch.setenv("STREAMBOOT_TFTP_PORT", "69")  # the PXE port itself: fine
+    [line] = port_warnings(DhcpMode.full)
+    assert "STREAMBOOT_DHCP_PORT=16767 replaces the PXE port 67" in line
+    assert port_warnings(DhcpMode.off) == []
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("STREAMBOOT_DHCP_PORT")
+    lines = port_warnings(DhcpMode.proxy)
+    assert len(lines) == 2 and all("not root" in x for x in lines)  # DHCP and PXE ports

@@ -11,7 +11,7 @@ from typing import Literal
 from shared.errors import OperatorError
 from shared.events import Event
 
-ErrorKind = Literal["invalid", "not_found", "conflict", "refused"]
+ErrorKind = Literal["invalid", "not_found", "conflict", "refused", "busy"]
 
 
 class DomainError(OperatorError):
@@ -23,6 +23,8 @@ class DomainError(OperatorError):
         # Events to append even though the command failed (SessionConflictRejected: the
         # refusal itself is part of the audit trail).
         self.events: list[Event] = events or []
+        # For ``busy``: when to ask again (REST ``Retry-After``, NATS ``retry_after_s``).
+        self.retry_after_s: int | None = None
 
 
 def invalid(message: str) -> DomainError:
@@ -39,3 +41,10 @@ def conflict(message: str, events: list[Event] | None = None) -> DomainError:
 
 def refused(message: str) -> DomainError:
     return DomainError(message, "refused")
+
+
+def busy(message: str, retry_after_s: int) -> DomainError:
+    """Not a decision: the server takes no more of these now; nothing was done, ask again."""
+    exc = DomainError(message, "busy")
+    exc.retry_after_s = retry_after_s
+    return exc

@@ -30,6 +30,7 @@ class StreamNode:
     nbd: str  # "host:port"
     http: str  # "http://host:port"
     load: float = 0.0
+    iscsi: str = ""  # "host:port" (none from a node that does not advertise it)
 
 
 def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
@@ -39,6 +40,7 @@ def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
             node=str(b.get("node")),
             nbd=str(b["nbd"]),
             http=str(b["http_stream"]).rstrip("/"),
+            iscsi=str(b.get("iscsi") or ""),
             load=float(b.get("load") or 0),
         )
         for b in heartbeats
@@ -53,6 +55,13 @@ CLIENT_SIDE_CACHES = ("client-ram", "client-disk")
 def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
     """The least loaded live stream node (ties broken by name, so the choice is stable)."""
     return min(live_stream_nodes(heartbeats), key=lambda n: (n.load, n.node), default=None)
+
+
+def failover_nodes(heartbeats: Sequence[dict[str, Any]], chosen: StreamNode) -> list[str]:
+    """The NBD endpoints of the other live stream nodes, least loaded first: where the
+    session's client reattaches when its node dies (docs/failover.md)."""
+    others = [n for n in live_stream_nodes(heartbeats) if n.nbd != chosen.nbd]
+    return [n.nbd for n in sorted(others, key=lambda n: (n.load, n.node))]
 
 
 def open_session(
@@ -158,6 +167,7 @@ def open_session(
             token_hash=token_hash,
             nbd_uri=f"nbd://{node.nbd}/",
             http_url=f"{node.http}/s/",
+            iscsi_portal=node.iscsi or None,
             maintenance=maintenance,
             writes_to_vdisk=writes_to_vdisk,
             boot_traceparent=boot_traceparent,

@@ -38,7 +38,7 @@ MODES = ("standard", "private")
 LOCAL_STORE = "local"
 WRITE_CACHES = ("server-ram", "server-disk", "client-ram", "client-disk")
 PERSISTENCES = ("discard", "keep")
-BOOT_METHODS = ("auto", "kernel", "sanboot", "nbdroot")
+BOOT_METHODS = ("auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot")
 _KERNEL_VERSION = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
 
 
@@ -333,8 +333,8 @@ def boot_plan(vd: Record, version: int) -> Record:
     conflict (told on the client's screen)."""
     boot = vd["versions"][version].get("boot") or {}
     method = vd.get("boot_method", "auto")
-    if method == "sanboot":
-        return {"method": "sanboot", "reason": "the vdisk's boot method is sanboot"}
+    if method in ("sanboot", "sanboot-iscsi"):
+        return {"method": method, "reason": f"the vdisk's boot method is {method}"}
     if boot.get("kernel_version"):
         return {
             # nbdroot: the kernel-direct boot of an image without the streamboot client.

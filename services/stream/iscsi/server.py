@@ -25,6 +25,7 @@ from time import perf_counter
 from typing import Any
 
 from services.stream.conn import Connection
+from services.stream.iscsi import chap as C
 from services.stream.iscsi import pdu as P
 from services.stream.iscsi import scsi as S
 from services.stream.path.backend import (
@@ -37,10 +38,11 @@ from services.stream.path.backend import (
 )
 from services.stream.sessions import Session, SessionManager
 from shared import metrics
+from shared.events import IscsiLoginRefused
+from shared.iscsi_names import TARGET_PREFIX
 
 log = logging.getLogger(__name__)
 
-TARGET_PREFIX = "iqn.2026-12.io.streamboot:"
 # What we accept in one data segment, declared at login (MaxRecvDataSegmentLength).
 MAX_RECV_DATA = 256 * 1024
 MAX_BURST = 1024 * 1024
@@ -83,6 +85,11 @@ class LoginFailed(Exception):
     def __init__(self, status: int, why: str) -> None:
         super().__init__(why)
         self.status = status
+
+
+class LoginRefused(LoginFailed):
+    """A login to a known session refused for who the initiator is (CHAP, initiator
+    name): recorded as IscsiLoginRefused."""
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -145,6 +152,7 @@ class IscsiConnection(Connection):
         self.target = ""
         self.lun: S.Lun | None = None
         self._pending: Session | None = None
+        self._chap: C.ChapLogin | None = None
         self._writes: dict[int, DataOutTask] = {}
         self._running: set[int] = set()
         self._aborted: set[int] = set()
@@ -273,13 +281,18 @@ class IscsiConnection(Connection):
                 text = b""
                 if first:
                     await self._first_login(dict(keys))
-                reply = self._negotiate(keys, csg)
+                reply = self._negotiate([kv for kv in keys if kv[0] not in C.KEYS], csg)
+                reply += self._authenticate(keys, csg)
+                if transit and csg == STAGE_SECURITY and self._chap and not self._chap.done:
+                    transit = False  # the exchange goes on: stay in the security stage
                 if csg == STAGE_OPERATIONAL and not offered_mrdsl and not self.discovery:
                     reply.append(("MaxRecvDataSegmentLength", str(MAX_RECV_DATA)))
                     offered_mrdsl = True
                 if first and not self.discovery:
                     reply.append(("TargetPortalGroupTag", "1"))
             except LoginFailed as e:
+                if isinstance(e, LoginRefused):
+                    self._login_refused(e)
                 self._login_response(req, csg, csg, False, [], e.status)
                 self.end_batch()
                 raise
@@ -338,6 +351,47 @@ class IscsiConnection(Connection):
         session.conns.add(self)  # closing the session (registry) ends this login too
         if not self.mgr.admits(session, "iscsi", self.peer):
             raise LoginFailed(LOGIN_FORBIDDEN, "this session belongs to another address")
+        spec = session.spec
+        if spec.initiator_iqn and self.initiator != spec.initiator_iqn:
+            raise LoginRefused(
+                LOGIN_FORBIDDEN, f"initiator {self.initiator[:224]!r} is not the session's device"
+            )
+        if spec.chap is not None:
+            self._chap = C.ChapLogin(spec.chap)
+
+    def _authenticate(self, keys: list[tuple[str, str]], stage: int) -> list[tuple[str, str]]:
+        """The CHAP keys of one login request, answered; a session with CHAP set admits no
+        login that leaves the security stage before proving its secret."""
+        chap = self._chap
+        offered = {k: v for k, v in keys if k in C.KEYS}
+        if chap is None:
+            if offered:
+                raise LoginFailed(LOGIN_AUTH_FAILED, "CHAP keys without AuthMethod=CHAP")
+            return []
+        if stage != STAGE_SECURITY and not chap.done:
+            raise LoginRefused(LOGIN_AUTH_FAILED, "CHAP required: the login skipped it")
+        try:
+            return chap.step(offered)
+        except C.ChapFailed as e:
+            raise LoginRefused(LOGIN_AUTH_FAILED, str(e)) from None
+
+    def _login_refused(self, e: LoginFailed) -> None:
+        session = self._pending
+        ip = self.peer.rsplit(":", 1)[0].strip("[]")
+        log.warning("iscsi: login from %s (%s) refused: %s", ip, self.initiator[:224], e)
+        if session is None:
+            return
+        self.mgr.events.emit(
+            IscsiLoginRefused(
+                session_id=session.session_id,
+                stream_node=self.mgr.settings.node_id,
+                client_addr=ip,
+                initiator=self.initiator[:224],
+                status=e.status,
+                reason=str(e),
+            ),
+            session.session_id,
+        )
 
     def _negotiate(self, keys: list[tuple[str, str]], stage: int) -> list[tuple[str, str]]:
         reply: list[tuple[str, str]] = []
@@ -355,9 +409,13 @@ class IscsiConnection(Connection):
         if key == "AuthMethod":
             if stage != STAGE_SECURITY:
                 return "Reject"
-            if "None" not in value.split(","):
-                raise LoginFailed(LOGIN_AUTH_FAILED, f"no common AuthMethod in {value!r}")
-            return "None"
+            want = "None" if self._chap is None else "CHAP"
+            if want not in value.split(","):
+                why = f"no common AuthMethod in {value[:80]!r} (this session's: {want})"
+                raise (LoginRefused if self._chap else LoginFailed)(LOGIN_AUTH_FAILED, why)
+            if self._chap is not None:
+                self._chap.chosen()
+            return want
         if key in ("HeaderDigest", "DataDigest"):
             pick = next((v for v in value.split(",") if v in ("CRC32C", "None")), None)
             if pick is None:

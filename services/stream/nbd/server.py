@@ -17,6 +17,7 @@ from time import perf_counter
 
 from services.stream.conn import Connection
 from services.stream.nbd import protocol as P
+from services.stream.nbd import tls as nbd_tls
 from services.stream.path.backend import (
     ZERO_FD,
     Backend,
@@ -72,6 +73,7 @@ class NbdConnection(Connection):
         # it (_reply_buffer / end_batch), and the one lent out in this batch.
         self._spare_reply: bytearray | None = None
         self._lent_reply: bytearray | None = None
+        self.tls_active = False  # NBD_OPT_STARTTLS done (services/stream/nbd/tls.py)
 
     # --- handshake -----------------------------------------------------------------------
 
@@ -103,6 +105,9 @@ class NbdConnection(Connection):
 
     async def _option(self, opt: int, data: bytes) -> bool:
         """Handle one option; True when the handshake is over (transmission or closed)."""
+        tls = self.settings.nbd_tls
+        if tls is not None and (done := await nbd_tls.option(self, tls, opt, data)) is not None:
+            return done
         if opt == P.OPT_EXPORT_NAME:
             session = await self._open(data.decode("utf-8", "replace"))
             if session is None:

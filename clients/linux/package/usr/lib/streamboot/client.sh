@@ -168,6 +168,7 @@ sb_parse_cmdline() {
 # line's. Unknown keys are ignored (a newer server); a missing or malformed one fails.
 sb_parse_answer() {
     SB_NBD_HOST= SB_NBD_PORT= SB_EXPORT= SB_PERSISTENCE= SB_SESSION_ID= SB_TRACEPARENT=
+    SB_NBD_NODES=
     _sb_lines=0
     while IFS= read -r _sb_line || [ -n "$_sb_line" ]; do
         _sb_lines=$((_sb_lines + 1))
@@ -184,6 +185,7 @@ sb_parse_answer() {
         case "$_sb_key" in
             nbd_host) SB_NBD_HOST=$_sb_val ;;
             nbd_port) SB_NBD_PORT=$_sb_val ;;
+            nbd_nodes) SB_NBD_NODES=$_sb_val ;;
             export) SB_EXPORT=$_sb_val ;;
             write_cache) SB_WC=$_sb_val ;;
             persistence) SB_PERSISTENCE=$_sb_val ;;
@@ -366,6 +368,38 @@ sb_settle() {
     return 0
 }
 
+# The session's node first, then the other stream nodes of the answer's nbd_nodes=
+# (host:port,...), each once.
+sb_nbd_nodes() {
+    _sb_list="$SB_NBD_HOST:$SB_NBD_PORT"
+    set -f
+    for _sb_node in $(echo "$SB_NBD_NODES" | tr ',' ' '); do
+        case "$_sb_node" in
+            ?*:[0-9]*) ;;
+            *) continue ;;
+        esac
+        case " $_sb_list " in *" $_sb_node "*) ;; *) _sb_list="$_sb_list $_sb_node" ;; esac
+    done
+    set +f
+    echo "$_sb_list"
+}
+
+# Attaches $SB_NBD to the export: through streamboot-nbd (the kernel holds I/O while the
+# stream node is gone, and the helper moves the disk to another node: docs/failover.md)
+# when the initramfs has it, else nbd-client, which reconnects to the same node only.
+# -systemd-mark (and streamboot-nbd's own '@') keeps systemd from killing the process that
+# holds the root at shutdown.
+sb_nbd_connect() {
+    if command -v streamboot-nbd > /dev/null 2>&1; then
+        # shellcheck disable=SC2046,SC2086
+        $_sb_timeout streamboot-nbd -d "$SB_NBD" -N "$SB_EXPORT" ${_sb_ro:+-r} $(sb_nbd_nodes)
+        return
+    fi
+    # shellcheck disable=SC2086
+    $_sb_timeout nbd-client "$SB_NBD_HOST" "$SB_NBD_PORT" "$SB_NBD" -N "$SB_EXPORT" \
+        -persist -systemd-mark $_sb_ro
+}
+
 # modprobe nbd, nbd-client to the answer's export, wait for the root filesystem.
 sb_attach() {
     modprobe nbd max_part=16 2> /dev/null
@@ -380,12 +414,9 @@ sb_attach() {
     sb_say "attaching nbd://$SB_NBD_HOST:$SB_NBD_PORT ($SB_WC write cache)"
     _sb_timeout=
     command -v timeout > /dev/null 2>&1 && _sb_timeout="timeout 30"
-    # -systemd-mark keeps systemd from killing the client that holds the root at shutdown.
     for _sb_try in 1 2 3; do
         # Its output goes to a file: the daemon it forks keeps it open.
-        # shellcheck disable=SC2086
-        if $_sb_timeout nbd-client "$SB_NBD_HOST" "$SB_NBD_PORT" "$SB_NBD" -N "$SB_EXPORT" \
-            -persist -systemd-mark $_sb_ro > "$SB_RUN/nbd-client.log" 2>&1; then
+        if sb_nbd_connect > "$SB_RUN/nbd-client.log" 2>&1; then
             _sb_err=
             break
         fi

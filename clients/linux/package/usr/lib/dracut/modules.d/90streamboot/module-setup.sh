@@ -26,6 +26,10 @@ install() {
     # bounded nbd-client attempts.
     inst_multiple -o curl nc mkfs.ext4 mke2fs timeout udevadm
     inst_simple "${STREAMBOOT_CORE:-/usr/lib/streamboot/client.sh}" /lib/streamboot/client.sh
+    # The failover attach helper when installed (docs/failover.md).
+    if [ -x /usr/lib/streamboot/streamboot-nbd ]; then
+        inst_simple /usr/lib/streamboot/streamboot-nbd /sbin/streamboot-nbd
+    fi
     inst_hook cmdline 90 "$moddir/parse-streamboot.sh"
     inst_script "$moddir/streambootroot.sh" /sbin/streambootroot
     inst_hook initqueue/settled 90 "$moddir/attach-streamboot.sh"

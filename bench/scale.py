@@ -1,0 +1,126 @@
+"""The scale table (issue 28): session opens, boot storms and idle sessions, in one run.
+
+    uv run python bench/scale.py [--opens 1000] [--storm 200,500,1000] [--client-procs 4]
+                                 [--idle 1000,10000] [--parts opens,storm,idle]
+                                 [--markdown scale-table.md]
+
+Each part is one of the benches beside it, run as a child process, its rows read back as
+JSON; the table printed at the end (and written as Markdown with ``--markdown``) is what
+docs/scale.md shows:
+
+- ``opens``: bench/session_opens.py: session opens per second through NATS and the REST
+  API at 1, 10 and 100 concurrent openers (a real registry, PostgreSQL, NATS);
+- ``storm``: bench/bootstorm.py at the fast pace: N clients replay the recorded boot over
+  NBD at once, streamboot (cache service + stream node, announced sessions) against
+  nbdkit's cow filter in the same run, the replay clients split over ``--client-procs``
+  processes; p99 completion, errors, and the ratio of the p99s;
+- ``idle``: bench/session_cost.py --idle: resident memory and descriptors per idle attached
+  session, stream node and cache service, beside nbdkit-cow holding as many connections.
+
+The goals: >= 500 opens/s over NATS; storm p99 <= 0.8x nbdkit-cow's at N = 1,000 with no
+client lost; < 1 GiB resident for 10,000 idle sessions on a stream node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("opens", "storm", "idle")
+
+
+def run_part(argv: list[str], out: Path) -> Any:
+    """A bench as a child process (its own output passes through); its --json rows."""
+    print(f"\n$ {' '.join(argv)}", flush=True)
+    done = subprocess.run([sys.executable, *argv, "--json", str(out)], cwd=ROOT)
+    if done.returncode != 0 or not out.exists():
+        print(f"(exited {done.returncode}: no rows)")
+        return []
+    return json.loads(out.read_text())
+
+
+def opens_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| via | concurrent openers | opens/s | p50 ms | p99 ms | errors | busy answers | registry CPU ms/open |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(
+            f"| {r['via']} | {r['concurrency']} | {r['opens_s']:.0f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['errors']} | {r.get('busy', 0)} | {r['registry_cpu_ms']:.2f} |"
+        )
+    return out
+
+
+def storm_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| N | cache | streamboot p99 s | nbdkit-cow p99 s | ratio | errors (sb / nbdkit) | server CPU ms per client (sb / nbdkit) |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    by = {(r["server"], r["cache"], r["clients"]): r for r in rows}
+    for (server, cache, n), r in sorted(by.items(), key=lambda x: (x[0][2], x[0][1])):
+        peer = by.get(("nbdkit-cow", cache, n))
+        if server != "streamboot" or peer is None:
+            continue
+        ratio = r["completion_p99"] / peer["completion_p99"]
+        out.append(
+            f"| {n} | {cache} | {r['completion_p99']:.3f} | {peer['completion_p99']:.3f} | "
+            f"{ratio:.2f}x | {r['errors']} / {peer['errors']} | "
+            f"{r['server_cpu_ms']:.1f} / {peer['server_cpu_ms']:.1f} |"
+        )
+    return out
+
+
+def idle_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| sessions | process | RSS MiB | KiB per session | descriptors |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        name = r["process"] if r["server"] == "streamboot" else r["server"]
+        out.append(
+            f"| {r['sessions']} | {name} | {r['rss_mib']:.1f} | {r['kib_per_session']:.1f} | "
+            f"{r['fds']} |"
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--opens", type=int, default=1000, help="opens per row")
+    ap.add_argument("--storm", default="200,500,1000", help="storm sizes")
+    ap.add_argument("--client-procs", type=int, default=4)
+    ap.add_argument("--idle", default="1000,10000", help="idle attached session counts")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--markdown", type=Path, help="also write the tables here")
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    work = Path(tempfile.mkdtemp(prefix="scale-"))
+    tables: list[str] = []
+    if "opens" in parts:
+        rows = run_part(
+            ["bench/session_opens.py", "--opens", str(args.opens), "--concurrency", "1,10,100"],
+            work / "opens.json",
+        )
+        tables += ["### Session opens", "", *opens_table(rows), ""]
+    if "storm" in parts:
+        rows = run_part(
+            ["bench/bootstorm.py", "run", "--clients", args.storm, "--paces", "fast",
+             "--servers", "streamboot,nbdkit-cow", "--rounds", "1",
+             "--client-procs", str(args.client_procs)],
+            work / "storm.json",
+        )  # fmt: skip
+        tables += ["### Boot storm (fast pace)", "", *storm_table(rows), ""]
+    if "idle" in parts:
+        rows = run_part(["bench/session_cost.py", "--idle", args.idle], work / "idle.json")
+        tables += ["### Idle attached sessions", "", *idle_table(rows), ""]
+    text = "\n".join(tables)
+    print("\n" + text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+/*
+ * streamboot-nbd: attach a streamboot session's NBD export through the kernel's netlink
+ * interface and keep it attached when its stream node dies (docs/failover.md).
+ *
+ *   streamboot-nbd [-d /dev/nbdN] [-t IO_TIMEOUT_S] [-w WAIT_S] [-r] [-f] -N EXPORT
+ *                  HOST:PORT [HOST:PORT...]
+ *
+ * It connects to the first node that answers, does the NBD handshake (fixed newstyle,
+ * NBD_OPT_GO) and hands the socket to the kernel with NBD_CMD_CONNECT, asking it to hold
+ * requests while no connection is alive (NBD_ATTR_DEAD_CONN_TIMEOUT, WAIT_S) instead of
+ * failing them. Then it forks a watcher that stays in memory (mlockall: the root may be the
+ * very device it repairs) and listens for NBD_CMD_LINK_DEAD: on it, it connects to the next
+ * node of the list that answers (the dead one last), repeats the handshake for the same
+ * export and gives the kernel the new socket with NBD_CMD_RECONFIGURE. The held requests
+ * then go to the new node: the guest sees a stall, no I/O error. While no node answers it
+ * says so on the console and keeps trying; nothing is dropped.
+ *
+ * argv[0] starts with '@' in the watcher, so systemd leaves it alone at shutdown as it does
+ * nbd-client -systemd-mark.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/genetlink.h>
+#include <linux/nbd-netlink.h>
+#include <linux/netlink.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NBD_MAGIC 0x4e42444d41474943ULL   /* "NBDMAGIC" */
+#define OPTS_MAGIC 0x49484156454f5054ULL  /* "IHAVEOPT" */
+#define REPLY_MAGIC 0x3e889045565a9ULL
+#define FLAG_FIXED_NEWSTYLE 1
+#define FLAG_NO_ZEROES 2
+#define OPT_GO 7
+#define REP_ACK 1
+#define REP_INFO 3
+#define INFO_EXPORT 0
+#define MAX_NODES 16
+
+struct node {
+	char host[256];
+	char port[8];
+};
+
+static struct node nodes[MAX_NODES];
+static int n_nodes;
+static const char *export_name;
+static int nbd_index;
+static int family_id, mcast_group;
+static unsigned nl_seq;
+
+/* The console, opened once at the start: after the initramfs switches to the real root,
+ * this process's own root (the initramfs) has no /dev/console any more. */
+static int console_fd = -1;
+
+/* A line on the console (stderr when there is none). */
+static void say(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	dprintf(console_fd >= 0 ? console_fd : 2, "streamboot: %s\n", line);
+}
+
+static int read_full(int fd, void *buf, size_t len)
+{
+	char *p = buf;
+	while (len) {
+		ssize_t n = read(fd, p, len);
+		if (n <= 0)
+			return -1;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+static int write_full(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+	while (len) {
+		ssize_t n = write(fd, p, len);
+		if (n <= 0)
+			return -1;
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* A TCP connection to node i, or -1; connecting and the handshake are bounded in time. */
+static int dial(int i)
+{
+	/* Numeric first: a static binary in an initramfs has no name service to ask. */
+	struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+				 .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV}, *ai, *a;
+	if (getaddrinfo(nodes[i].host, nodes[i].port, &hints, &ai) != 0) {
+		hints.ai_flags = AI_NUMERICSERV;
+		if (getaddrinfo(nodes[i].host, nodes[i].port, &hints, &ai) != 0)
+			return -1;
+	}
+	int fd = -1;
+	for (a = ai; a; a = a->ai_next) {
+		fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+		if (fd < 0)
+			continue;
+		if (connect(fd, a->ai_addr, a->ai_addrlen) == 0 || errno == EINPROGRESS) {
+			struct pollfd p = {.fd = fd, .events = POLLOUT};
+			int err = 0;
+			socklen_t el = sizeof err;
+			if (poll(&p, 1, 2000) == 1 &&
+			    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0)
+				break;
+		}
+		close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(ai);
+	if (fd < 0)
+		return -1;
+	fcntl(fd, F_SETFL, 0);
+	struct timeval tv = {.tv_sec = 5};
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+	return fd;
+}
+
+/* The fixed-newstyle handshake with NBD_OPT_GO for export_name: 0 with the export's size
+ * and transmission flags, -1 (why in err) otherwise. */
+static int handshake(int fd, uint64_t *size, uint16_t *flags, char *err, size_t errlen)
+{
+	uint64_t magic[2];
+	uint16_t hflags;
+	if (read_full(fd, magic, 16) || be64toh(magic[0]) != NBD_MAGIC ||
+	    be64toh(magic[1]) != OPTS_MAGIC || read_full(fd, &hflags, 2)) {
+		snprintf(err, errlen, "not a newstyle NBD server");
+		return -1;
+	}
+	hflags = ntohs(hflags);
+	if (!(hflags & FLAG_FIXED_NEWSTYLE)) {
+		snprintf(err, errlen, "the server is not fixed-newstyle");
+		return -1;
+	}
+	uint32_t cflags = htonl(FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES));
+	uint32_t namelen = (uint32_t)strlen(export_name);
+	struct __attribute__((packed)) {
+		uint64_t magic;
+		uint32_t opt, len, namelen;
+	} head = {htobe64(OPTS_MAGIC), htonl(OPT_GO), htonl(4 + namelen + 2), htonl(namelen)};
+	uint16_t no_info = 0;
+	if (write_full(fd, &cflags, 4) || write_full(fd, &head, sizeof head) ||
+	    write_full(fd, export_name, namelen) || write_full(fd, &no_info, 2)) {
+		snprintf(err, errlen, "the connection broke during the handshake");
+		return -1;
+	}
+	int have_export = 0;
+	for (int replies = 0; replies < 64; replies++) {
+		struct __attribute__((packed)) {
+			uint64_t magic;
+			uint32_t opt, type, len;
+		} rep;
+		if (read_full(fd, &rep, sizeof rep) || be64toh(rep.magic) != REPLY_MAGIC) {
+			snprintf(err, errlen, "the connection broke during the handshake");
+			return -1;
+		}
+		uint32_t type = ntohl(rep.type), len = ntohl(rep.len);
+		char data[1024];
+		if (len > sizeof data - 1 || read_full(fd, data, len)) {
+			snprintf(err, errlen, "the server sent an oversized option reply");
+			return -1;
+		}
+		data[len] = 0;
+		if (type & 0x80000000u) {
+			snprintf(err, errlen, "export refused (NBD error %#x%s%.160s)", type,
+				 len ? ": " : "", len ? data : "");
+			return -1;
+		}
+		if (type == REP_INFO && len >= 12 && ntohs(*(uint16_t *)data) == INFO_EXPORT) {
+			uint64_t s;
+			uint16_t f;
+			memcpy(&s, data + 2, 8);
+			memcpy(&f, data + 10, 2);
+			*size = be64toh(s);
+			*flags = ntohs(f);
+			have_export = 1;
+		} else if (type == REP_ACK) {
+			if (!have_export)
+				snprintf(err, errlen, "the server sent no export information");
+			return have_export ? 0 : -1;
+		}
+	}
+	snprintf(err, errlen, "the server sent too many option replies");
+	return -1;
+}
+
+/* --- generic netlink, just what the nbd family needs --- */
+
+struct msg {
+	struct nlmsghdr nh;
+	struct genlmsghdr gh;
+	char attrs[512];
+};
+
+static struct nlattr *put(struct msg *m, int type, const void *data, size_t len)
+{
+	struct nlattr *a = (struct nlattr *)((char *)m + NLMSG_ALIGN(m->nh.nlmsg_len));
+	a->nla_type = (uint16_t)type;
+	a->nla_len = (uint16_t)(NLA_HDRLEN + len);
+	if (len)
+		memcpy((char *)a + NLA_HDRLEN, data, len);
+	m->nh.nlmsg_len = NLMSG_ALIGN(m->nh.nlmsg_len) + NLA_ALIGN(a->nla_len);
+	return a;
+}
+
+static void put_u32(struct msg *m, int type, uint32_t v) { put(m, type, &v, 4); }
+static void put_u64(struct msg *m, int type, uint64_t v) { put(m, type, &v, 8); }
+
+static void end_nest(struct msg *m, struct nlattr *a)
+{
+	a->nla_len = (uint16_t)((char *)m + m->nh.nlmsg_len - (char *)a);
+}
+
+static void start(struct msg *m, int family, int cmd)
+{
+	memset(m, 0, sizeof *m);
+	m->nh.nlmsg_len = NLMSG_LENGTH(GENL_HDRLEN);
+	m->nh.nlmsg_type = (uint16_t)family;
+	m->nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
+	m->nh.nlmsg_seq = ++nl_seq;
+	m->gh.cmd = (uint8_t)cmd;
+	m->gh.version = 1;
+}
+
+/* Sends m on fd and reads until its acknowledgement: 0, or the negative errno. */
+static int transact(int fd, struct msg *m, char *reply, size_t replylen)
+{
+	if (send(fd, m, m->nh.nlmsg_len, 0) < 0)
+		return -errno;
+	char buf[8192];
+	for (;;) {
+		ssize_t n = recv(fd, buf, sizeof buf, 0);
+		if (n < 0)
+			return -errno;
+		for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n);
+		     h = NLMSG_NEXT(h, n)) {
+			if (h->nlmsg_seq != m->nh.nlmsg_seq)
+				continue;
+			if (h->nlmsg_type == NLMSG_ERROR)
+				return ((struct nlmsgerr *)NLMSG_DATA(h))->error;
+			if (reply && h->nlmsg_len <= replylen)
+				memcpy(reply, h, h->nlmsg_len);
+		}
+	}
+}
+
+/* The nbd family's id and its multicast group (where NBD_CMD_LINK_DEAD goes). */
+static int resolve_family(int fd)
+{
+	struct msg m;
+	start(&m, GENL_ID_CTRL, CTRL_CMD_GETFAMILY);
+	put(&m, CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME, sizeof NBD_GENL_FAMILY_NAME);
+	char reply[8192];
+	int rc = transact(fd, &m, reply, sizeof reply);
+	if (rc)
+		return rc;
+	struct nlmsghdr *h = (struct nlmsghdr *)reply;
+	int left = (int)h->nlmsg_len - NLMSG_LENGTH(GENL_HDRLEN);
+	struct nlattr *a = (struct nlattr *)((char *)NLMSG_DATA(h) + GENL_HDRLEN);
+	for (; left >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= left;
+	     left -= NLA_ALIGN(a->nla_len), a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len))) {
+		if (a->nla_type == CTRL_ATTR_FAMILY_ID)
+			family_id = *(uint16_t *)((char *)a + NLA_HDRLEN);
+		if ((a->nla_type & NLA_TYPE_MASK) != CTRL_ATTR_MCAST_GROUPS)
+			continue;
+		/* [group [name, id]]... */
+		char *g = (char *)a + NLA_HDRLEN, *gend = (char *)a + a->nla_len;
+		while (g + NLA_HDRLEN <= gend) {
+			struct nlattr *grp = (struct nlattr *)g;
+			char *p = g + NLA_HDRLEN, *pend = g + grp->nla_len;
+			const char *name = NULL;
+			int id = -1;
+			while (p + NLA_HDRLEN <= pend) {
+				struct nlattr *f = (struct nlattr *)p;
+				if (f->nla_type == CTRL_ATTR_MCAST_GRP_NAME)
+					name = p + NLA_HDRLEN;
+				if (f->nla_type == CTRL_ATTR_MCAST_GRP_ID)
+					id = *(int *)(p + NLA_HDRLEN);
+				if (f->nla_len < NLA_HDRLEN)
+					break;
+				p += NLA_ALIGN(f->nla_len);
+			}
+			if (name && !strcmp(name, NBD_GENL_MCAST_GROUP_NAME))
+				mcast_group = id;
+			if (grp->nla_len < NLA_HDRLEN)
+				break;
+			g += NLA_ALIGN(grp->nla_len);
+		}
+	}
+	return family_id ? 0 : -ENOENT;
+}
+
+static void put_socket(struct msg *m, int sock)
+{
+	struct nlattr *socks = put(m, NBD_ATTR_SOCKETS | NLA_F_NESTED, NULL, 0);
+	struct nlattr *item = put(m, NBD_SOCK_ITEM | NLA_F_NESTED, NULL, 0);
+	put_u32(m, NBD_SOCK_FD, (uint32_t)sock);
+	end_nest(m, item);
+	end_nest(m, socks);
+}
+
+static int genl_socket(void)
+{
+	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_GENERIC);
+	struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
+	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+		return -1;
+	return fd;
+}
+
+/* Connects to the nodes in order from first (wrapping around) until one completes the
+ * handshake; checks the export's size against want_size (0: any). Returns the socket and
+ * sets *which, or -1 after one round. */
+static int attach_round(int first, uint64_t want_size, uint64_t *size, uint16_t *flags,
+			int *which, int quiet)
+{
+	for (int k = 0; k < n_nodes; k++) {
+		int i = (first + k) % n_nodes;
+		char err[256] = "no answer";
+		int fd = dial(i);
+		if (fd >= 0 && handshake(fd, size, flags, err, sizeof err) == 0) {
+			if (!want_size || *size == want_size) {
+				*which = i;
+				return fd;
+			}
+			snprintf(err, sizeof err, "the export's size changed");
+		}
+		if (fd >= 0)
+			close(fd);
+		if (!quiet)
+			say("stream node %s:%s: %s", nodes[i].host, nodes[i].port, err);
+	}
+	return -1;
+}
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* The watcher: on each LINK_DEAD of our device, a socket to a live node goes in. */
+static void watch(int ctl, int mc, int current, uint64_t size)
+{
+	for (;;) {
+		char buf[8192];
+		ssize_t n = recv(mc, buf, sizeof buf, 0);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == ENOBUFS) {
+				/* Overrun: a LINK_DEAD may be lost. Reconfiguring a device with no
+				 * dead connection changes nothing, so try it. */
+				n = 0;
+			} else {
+				say("failover watcher: netlink: %s; failover is off", strerror(errno));
+				return;
+			}
+		}
+		int overrun = n == 0, dead = overrun;
+		for (struct nlmsghdr *h = (struct nlmsghdr *)buf; n > 0 && NLMSG_OK(h, (size_t)n);
+		     h = NLMSG_NEXT(h, n)) {
+			struct genlmsghdr *g = NLMSG_DATA(h);
+			if (h->nlmsg_type != family_id || g->cmd != NBD_CMD_LINK_DEAD)
+				continue;
+			struct nlattr *a = (struct nlattr *)((char *)g + GENL_HDRLEN);
+			if (a->nla_type == NBD_ATTR_INDEX && *(uint32_t *)((char *)a + NLA_HDRLEN) ==
+								     (uint32_t)nbd_index)
+				dead = 1;
+		}
+		if (!dead)
+			continue;
+		if (!overrun)
+			say("lost stream node %s:%s; reconnecting (I/O is held meanwhile)",
+			    nodes[current].host, nodes[current].port);
+		double since = now_s(), told = since;
+		int waiting_said = 0;
+		for (;;) {
+			uint64_t s;
+			uint16_t f;
+			int which;
+			/* The next node first: the dead one is most likely still dead. */
+			int first = overrun ? current : (current + 1) % n_nodes;
+			int fd = attach_round(first, size, &s, &f, &which, 1);
+			if (fd >= 0) {
+				struct msg m;
+				start(&m, family_id, NBD_CMD_RECONFIGURE);
+				put_u32(&m, NBD_ATTR_INDEX, (uint32_t)nbd_index);
+				put_socket(&m, fd);
+				int rc = transact(ctl, &m, NULL, 0);
+				close(fd);
+				/* 0 also when no connection was dead (the kernel then drops ours). */
+				if (rc == 0) {
+					if (!overrun)
+						say("reattached to stream node %s:%s after %.1f s",
+						    nodes[which].host, nodes[which].port,
+						    now_s() - since);
+					current = which;
+					break;
+				}
+				say("the kernel refused the new connection: %s", strerror(-rc));
+			}
+			if (!waiting_said || now_s() - told >= 30) {
+				say("no live stream node answers (tried %d); waiting for one: the disk's "
+				    "I/O is held, nothing is lost", n_nodes);
+				waiting_said = 1;
+				told = now_s();
+			}
+			usleep(500000);
+		}
+	}
+}
+
+static void usage(void)
+{
+	fprintf(stderr, "usage: streamboot-nbd [-d /dev/nbdN] [-t IO_TIMEOUT_S] [-w WAIT_S] [-r] "
+			"[-f] -N EXPORT HOST:PORT [HOST:PORT...]\n");
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	const char *dev = "/dev/nbd0";
+	uint64_t io_timeout = 3, wait_s = 7 * 24 * 3600;
+	int readonly = 0, foreground = 0, c;
+	while ((c = getopt(argc, argv, "d:t:w:rfN:")) != -1) {
+		switch (c) {
+		case 'd': dev = optarg; break;
+		case 't': io_timeout = strtoull(optarg, NULL, 10); break;
+		case 'w': wait_s = strtoull(optarg, NULL, 10); break;
+		case 'r': readonly = 1; break;
+		case 'f': foreground = 1; break;
+		case 'N': export_name = optarg; break;
+		default: usage();
+		}
+	}
+	if (!export_name || optind >= argc || strlen(export_name) > 512)
+		usage();
+	if (sscanf(dev, "/dev/nbd%d", &nbd_index) != 1)
+		usage();
+	for (; optind < argc && n_nodes < MAX_NODES; optind++) {
+		char *colon = strrchr(argv[optind], ':');
+		struct node *nd = &nodes[n_nodes];
+		if (!colon || colon == argv[optind] || (size_t)(colon - argv[optind]) >= sizeof nd->host ||
+		    strlen(colon + 1) >= sizeof nd->port)
+			usage();
+		memcpy(nd->host, argv[optind], (size_t)(colon - argv[optind]));
+		strcpy(nd->port, colon + 1);
+		n_nodes++;
+	}
+
+	console_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	int ctl = genl_socket(), mc = genl_socket();
+	if (ctl < 0 || mc < 0 || resolve_family(ctl) != 0 || mcast_group <= 0) {
+		fprintf(stderr, "streamboot-nbd: the kernel's nbd netlink family is missing "
+				"(modprobe nbd; Linux 4.12 or later)\n");
+		return 1;
+	}
+	/* Listening before the connect: a link that dies at once is not missed. */
+	if (setsockopt(mc, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &mcast_group, sizeof mcast_group)) {
+		perror("streamboot-nbd: joining the nbd multicast group");
+		return 1;
+	}
+	int rcvbuf = 1 << 20;
+	setsockopt(mc, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+
+	uint64_t size;
+	uint16_t flags;
+	int current;
+	int fd = attach_round(0, 0, &size, &flags, &current, 0);
+	if (fd < 0) {
+		fprintf(stderr, "streamboot-nbd: no stream node served export %.40s...\n", export_name);
+		return 1;
+	}
+	struct msg m;
+	start(&m, family_id, NBD_CMD_CONNECT);
+	put_u32(&m, NBD_ATTR_INDEX, (uint32_t)nbd_index);
+	put_u64(&m, NBD_ATTR_SIZE_BYTES, size);
+	put_u64(&m, NBD_ATTR_BLOCK_SIZE_BYTES, 512);
+	put_u64(&m, NBD_ATTR_SERVER_FLAGS, flags | (readonly ? 2 /* NBD_FLAG_READ_ONLY */ : 0));
+	/* A request unanswered this long is sent again on the next connection: one that was
+	 * in flight when its node died is otherwise only retried after a long block timeout. */
+	put_u64(&m, NBD_ATTR_TIMEOUT, io_timeout);
+	put_u64(&m, NBD_ATTR_DEAD_CONN_TIMEOUT, wait_s);
+	put_socket(&m, fd);
+	int rc = transact(ctl, &m, NULL, 0);
+	close(fd);
+	if (rc) {
+		fprintf(stderr, "streamboot-nbd: NBD_CMD_CONNECT of %s: %s\n", dev, strerror(-rc));
+		return 1;
+	}
+	printf("attached %s to %s:%s (%llu bytes)\n", dev, nodes[current].host, nodes[current].port,
+	       (unsigned long long)size);
+	fflush(stdout);
+	if (!foreground) {
+		pid_t pid = fork();
+		if (pid < 0) {
+			perror("streamboot-nbd: fork");
+			return 1;
+		}
+		if (pid > 0)
+			return 0;
+		setsid();
+		int null = open("/dev/null", O_RDWR);
+		if (null >= 0) {
+			dup2(null, 0);
+			dup2(null, 1);
+			dup2(null, 2);
+		}
+	}
+	argv[0][0] = '@';
+	if (chdir("/") != 0)
+		return 1;
+	mlockall(MCL_CURRENT | MCL_FUTURE);
+	watch(ctl, mc, current, size);
+	return 1;
+}

@@ -1,0 +1,176 @@
+"""The console's live view of the system, fed by the event stream on NATS.
+
+The registry's relay publishes every event of the log on ``events.<Type>.<kind>`` once it
+is stored; this follows that subject (a core subscription: nothing durable, a console that
+starts again reads its recent past from the log first) and keeps what the pages show
+live: each machine's current boot run through the boot state machine
+(shared/boot_flow.py), boots of the last hour, time-to-booted, bytes streamed. Browsers
+listen through server-sent events: each change wakes the open streams, which render the
+fragments they show (the browser never polls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from shared.boot_flow import BootFlow, belongs_to_a_boot, parse_event, starts_new_boot
+from shared.bus import EVENTS_SUBJECTS
+from shared.envelope import Envelope
+from shared.event_store import EventStore
+
+log = logging.getLogger("streamboot.registry.console")
+
+# Machines whose latest boot is kept; the oldest drops out past this.
+MAX_BOOTS = 500
+# How much of the log's recent past the view starts from.
+SEED_EVENTS = 5000
+HOUR = timedelta(hours=1)
+# An event as the view takes it: (position, type, data, time).
+Seen = tuple[int, str, dict[str, Any], datetime]
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class LiveView:
+    """What the console shows live; fed event by event, in log order."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        # MAC -> its latest boot, most recently active last.
+        self.boots: OrderedDict[str, BootFlow] = OrderedDict()
+        self._mac_of_session: dict[str, str] = {}
+        self._starts: deque[datetime] = deque()
+        self._booted: deque[tuple[datetime, float]] = deque()
+        self._bytes: deque[tuple[datetime, int]] = deque()
+        self._changed = asyncio.Event()
+        self.version = 0
+        self.closed = False  # set when the process stops: live streams end
+
+    def feed(self, position: int, type_: str, data: dict[str, Any], at: datetime) -> bool:
+        """One event of the log; False when it was seen already (a relay's re-publish)."""
+        if position and position <= self.position:
+            return False
+        self.position = max(self.position, position)
+        if type_ == "SessionDetached":  # each connection's bytes, once
+            moved = int(data.get("bytes_read", 0)) + int(data.get("bytes_written", 0))
+            self._bytes.append((at, moved))
+        event = parse_event(type_, data)
+        if event is None or not belongs_to_a_boot(event):
+            return True
+        mac = data.get("mac") or self._mac_of_session.get(str(data.get("session_id")))
+        if not isinstance(mac, str):
+            return True
+        if type_ == "SessionOpened":
+            self._mac_of_session[str(data["session_id"])] = mac
+        flow = self.boots.get(mac)
+        if starts_new_boot(flow, event):
+            flow = BootFlow(mac=mac)
+            self._starts.append(at)
+        assert flow is not None
+        before = flow.phase
+        flow.advance(event, at)
+        if flow.phase != before and flow.phase == "booted" and flow.started is not None:
+            self._booted.append((at, (at - flow.started).total_seconds()))
+        self.boots[mac] = flow
+        self.boots.move_to_end(mac)
+        while len(self.boots) > MAX_BOOTS:
+            _, old = self.boots.popitem(last=False)
+            if old.session_id:
+                self._mac_of_session.pop(old.session_id, None)
+        self.version += 1
+        self._changed.set()
+        return True
+
+    def figures(self, now: datetime | None = None) -> dict[str, Any]:
+        now = now or datetime.now(UTC)
+        while self._starts and self._starts[0] < now - HOUR:
+            self._starts.popleft()
+        for q in (self._booted, self._bytes):
+            while q and q[0][0] < now - HOUR:
+                q.popleft()
+        times = [s for _, s in self._booted]
+        return {
+            "boots_last_hour": len(self._starts),
+            "booted_p50_s": percentile(times, 50),
+            "booted_p95_s": percentile(times, 95),
+            "bytes_last_hour": sum(n for _, n in self._bytes),
+        }
+
+    def recent_boots(self, limit: int = 50) -> list[BootFlow]:
+        """Machines' latest boots, the most recently active first."""
+        return list(reversed(self.boots.values()))[:limit]
+
+    def close(self) -> None:
+        """End every live stream (the process is stopping)."""
+        self.closed = True
+        self.version += 1
+        self._changed.set()
+
+    async def wait_change(self, seen: int, timeout_s: float) -> int:
+        """The view's version once it is past ``seen``, or after ``timeout_s`` (a burst
+        of events is one change for whoever wakes after it)."""
+        if self.version == seen:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+        return self.version
+
+
+class LiveFeed:
+    """The LiveView fed from the log's recent past, then from the event stream on NATS."""
+
+    def __init__(self, store: EventStore, nc: NATS | None) -> None:
+        self.view = LiveView()
+        self._store = store
+        self._nc = nc
+        self._sub: Any = None
+        self._pending: list[Seen] | None = []
+
+    async def start(self) -> None:
+        # Subscribe first, then read the past: what arrives meanwhile waits in _pending and
+        # whatever both hold is taken once (by position).
+        if self._nc is not None:
+            self._sub = await self._nc.subscribe(EVENTS_SUBJECTS, cb=self._on_msg)
+        past = await self._store.read_latest(SEED_EVENTS)
+        self._feed((e.position, e.type, e.data, e.time) for e in past)
+        pending, self._pending = self._pending or [], None
+        self._feed(pending)
+
+    async def stop(self) -> None:
+        self.view.close()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    def _feed(self, events: Iterable[Seen]) -> None:
+        for position, type_, data, at in events:
+            self.view.feed(position, type_, data, at)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            env = Envelope.model_validate_json(msg.data)
+            position = int((msg.headers or {}).get("Streamboot-Position", "0"))
+        except (ValidationError, ValueError) as exc:
+            log.warning("console: an event on %s that is not an envelope: %s", msg.subject, exc)
+            return
+        at = env.time if env.time.tzinfo else env.time.replace(tzinfo=UTC)
+        seen = (position, env.type, env.data, at)
+        if self._pending is not None:
+            self._pending.append(seen)
+        else:
+            self._feed([seen])

@@ -1,0 +1,113 @@
+// The console's changes: each is a request to the REST API itself (the same routes the
+// CLI calls), with the login's cookie and its CSRF token; then the part of the page it
+// changed is fetched again. Reads and live updates are htmx's (hx-get, the SSE stream).
+(function () {
+  "use strict";
+  const csrf = document.querySelector('meta[name="csrf-token"]')?.content || "";
+
+  function toast(text, kind) {
+    const box = document.getElementById("toasts");
+    if (!box) return;
+    const t = document.createElement("div");
+    t.className = "toast " + (kind || "ok");
+    t.textContent = text;
+    box.appendChild(t);
+    setTimeout(() => t.remove(), kind === "bad" ? 9000 : 3500);
+  }
+
+  function confirmed(text) {
+    const dialog = document.getElementById("confirm");
+    if (!text || !dialog) return Promise.resolve(true);
+    dialog.querySelector(".confirm-text").textContent = text;
+    return new Promise((resolve) => {
+      dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+      dialog.showModal();
+      document.getElementById("confirm-ok").focus();
+    });
+  }
+
+  // A form's fields as the API's JSON body: checkboxes and data-type="bool" as booleans,
+  // empty fields left out (the API's defaults apply) unless marked data-keep-empty.
+  function body(form) {
+    const out = {};
+    for (const el of form.elements) {
+      if (!el.name) continue;
+      if (el.type === "checkbox") out[el.name] = el.checked;
+      else if (el.dataset.type === "bool") out[el.name] = el.value === "true";
+      else if (el.value !== "" || el.hasAttribute("data-keep-empty")) out[el.name] = el.value;
+    }
+    return out;
+  }
+
+  function refresh(selector) {
+    const el = selector && document.querySelector(selector);
+    if (el && el.dataset.src && window.htmx) {
+      return htmx.ajax("GET", el.dataset.src, { target: el, swap: "outerHTML" });
+    }
+    window.location.reload();
+  }
+
+  async function call(source, payload) {
+    const [method, url] = source.dataset.api.split(" ");
+    if (!(await confirmed(source.dataset.confirm))) return;
+    const busy = source.tagName === "FORM" ? source.querySelector("button") : source;
+    if (busy) busy.disabled = true;
+    try {
+      const res = await fetch(url, {
+        method,
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+        body: method === "DELETE" ? undefined : JSON.stringify(payload),
+      });
+      const answer = await res.json().catch(() => ({}));
+      if (res.status === 401) { window.location.href = "/login"; return; }
+      if (!res.ok) { toast(answer.error || `${method} ${url}: HTTP ${res.status}`, "bad"); return; }
+      toast(source.dataset.done || `${method} ${url}: done`, "ok");
+      if (source.tagName === "FORM" && source.dataset.keep === undefined) source.reset();
+      refresh(source.dataset.refresh);
+    } catch (err) {
+      toast(`${method} ${url}: ${err}`, "bad");
+    } finally {
+      if (busy) busy.disabled = false;
+    }
+  }
+
+  document.addEventListener("submit", (ev) => {
+    const form = ev.target.closest("form[data-api]");
+    if (!form) return;
+    ev.preventDefault();
+    call(form, body(form));
+  });
+
+  document.addEventListener("click", (ev) => {
+    const btn = ev.target.closest("button[data-api]");
+    if (!btn || btn.closest("form[data-api]")) return;
+    ev.preventDefault();
+    call(btn, btn.dataset.body ? JSON.parse(btn.dataset.body) : {});
+  });
+
+  // A button that shows or hides a part of the page (a device's edit form).
+  document.addEventListener("click", (ev) => {
+    const btn = ev.target.closest("button[data-toggle]");
+    if (!btn) return;
+    const part = document.getElementById(btn.dataset.toggle);
+    if (part) part.hidden = !part.hidden;
+  });
+
+  // A copyable id: a click selects the whole of it.
+  document.addEventListener("click", (ev) => {
+    const el = ev.target.closest(".copy");
+    if (!el || ev.target.closest("a")) return;
+    const range = document.createRange();
+    range.selectNodeContents(el);
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+  });
+
+  // A live row that is clicked opens its timeline.
+  document.addEventListener("click", (ev) => {
+    const row = ev.target.closest("tr.boot[data-mac]");
+    if (row && !ev.target.closest("a")) window.location.href = "/console/boots/" + row.dataset.mac;
+  });
+})();

@@ -1,0 +1,94 @@
+"""The cap on connections one client address holds in their handshake
+(services/stream/handshake_gate.py, STREAMBOOT_STREAM_MAX_HANDSHAKES_PER_ADDRESS).
+
+A host that opens sockets and never finishes the NBD handshake gets new ones closed once it
+holds the cap, on NBD, HTTP and iSCSI alike (one count per address), while a good client from
+another address is served (nbdinfo, curl), and a connection that finishes its handshake,
+or goes, frees its place.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.stream.conftest import ServerThread
+from tests.stream.nbdraw import RawNbd
+
+pytestmark = pytest.mark.timeout(120)
+CAP = 8
+HOSTILE = "127.0.0.2"
+
+
+def refused(port: int) -> bool:
+    """Whether a new connection from HOSTILE is closed by the server without a word past
+    the NBD greeting (it may still carry the greeting, written before the check)."""
+    s = socket.create_connection(("127.0.0.1", port), 10, (HOSTILE, 0))
+    try:
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        return len(got) <= 18
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        s.close()
+
+
+def good_client_served(server: ServerThread) -> None:
+    info = subprocess.run(
+        ["nbdinfo", "--size", f"{server.nbd}/tok-a"], capture_output=True, text=True, timeout=30
+    )
+    assert info.returncode == 0 and info.stdout.strip() == str(32 << 20), info.stderr
+    got = subprocess.run(
+        ["curl", "-sf", "-r", "0-511", f"{server.http}/s/tok-a"], capture_output=True, timeout=30
+    )
+    assert got.returncode == 0 and len(got.stdout) == 512
+
+
+def test_a_host_holding_the_cap_gets_no_more_and_others_are_served(make_server: Any) -> None:
+    server = make_server(max_handshakes_per_address=CAP)
+    port = server.servers.nbd_port
+    # They never answer the greeting (left unread: a go() later reads it).
+    hostile = [RawNbd(port, source=HOSTILE) for _ in range(CAP - 1)]
+    # An HTTP socket that sends nothing counts too: the cap is per address, all protocols.
+    http = socket.create_connection(("127.0.0.1", server.servers.http_port), 10, (HOSTILE, 0))
+    server.wait_until(
+        lambda: server.servers.sessions.handshakes.open[HOSTILE] == CAP, "all counted"
+    )
+    assert refused(port)
+    assert refused(server.servers.http_port)
+    good_client_served(server)
+
+    # A connection that finishes its handshake leaves the count: one more may come.
+    hostile[0].go("tok-b")
+    server.wait_until(lambda: server.servers.sessions.handshakes.open[HOSTILE] == CAP - 1, "freed")
+    again = RawNbd(port, source=HOSTILE)
+    server.wait_until(lambda: server.servers.sessions.handshakes.open[HOSTILE] == CAP, "again")
+    assert refused(port)
+    # So does one that goes.
+    http.close()
+    hostile[1].close()
+    server.wait_until(lambda: server.servers.sessions.handshakes.open[HOSTILE] == CAP - 2, "gone")
+    RawNbd(port, source=HOSTILE).go("tok-a")
+    for h in [*hostile, again]:
+        h.close()
+    server.wait_until(lambda: not server.servers.sessions.handshakes.open, "all released")
+    assert server.servers.sessions.handshakes.refused == 3
+
+
+def test_no_cap_when_zero(make_server: Any) -> None:
+    server = make_server(max_handshakes_per_address=0)
+    held = [RawNbd(server.servers.nbd_port, source=HOSTILE) for _ in range(3 * CAP)]
+    server.wait_until(
+        lambda: server.servers.sessions.handshakes.open[HOSTILE] == 3 * CAP, "all counted"
+    )
+    good_client_served(server)
+    RawNbd(server.servers.nbd_port, source=HOSTILE).go("tok-a")
+    for h in held:
+        h.close()

@@ -1,0 +1,62 @@
+"""The console's live view: events in log order (some twice) become each machine's boot
+and the dashboard's figures."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from services.registry.console.live import LiveView
+
+MAC = "52:54:00:00:0d:01"
+T0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
+
+
+def opened(sid: str) -> dict[str, object]:
+    return {
+        "session_id": sid, "mac": MAC, "hostname": "h", "machine_id": "m", "vdisk": "d",
+        "version": 1, "stream_node": "n", "write_cache": "server-disk",
+        "write_cache_persistence": "discard",
+    }  # fmt: skip
+
+
+def test_a_boot_advances_and_a_republished_event_counts_once() -> None:
+    view = LiveView()
+    feed = [
+        (1, "DeviceRegistered", {"mac": MAC, "machine_id": "m", "hostname": "h"}),
+        (2, "BootRequested", {"mac": MAC}),
+        (3, "SessionOpened", opened("s1")),
+        (
+            4,
+            "SessionAttached",
+            {"session_id": "s1", "stream_node": "n", "protocol": "nbd", "client_addr": "10.0.0.5"},
+        ),
+        (5, "ClientBooted", {"session_id": "s1", "mac": MAC}),
+    ]
+    for position, type_, data in feed:
+        assert view.feed(position, type_, data, T0 + timedelta(seconds=position * 10))
+    assert not view.feed(4, "SessionAttached", feed[3][2], T0)  # the relay's re-publish
+    [boot] = view.recent_boots()
+    assert (boot.mac, boot.session_id, boot.phase) == (MAC, "s1", "booted")
+    detached = {"session_id": "s1", "stream_node": "n", "protocol": "nbd",
+                "client_addr": "10.0.0.5", "bytes_read": 1000, "bytes_written": 24}  # fmt: skip
+    view.feed(6, "SessionDetached", detached, T0 + timedelta(seconds=60))
+    figures = view.figures(now=T0 + timedelta(minutes=5))
+    assert figures["boots_last_hour"] == 1
+    assert figures["booted_p50_s"] == 30.0  # BootRequested at 20 s, booted at 50 s
+    assert figures["bytes_last_hour"] == 1024
+    assert view.figures(now=T0 + timedelta(hours=2))["boots_last_hour"] == 0
+
+
+async def test_a_waiting_stream_wakes_on_a_change_and_on_close() -> None:
+    view = LiveView()
+    seen = await view.wait_change(-1, 0.01)  # something new already: no wait
+    waiter = asyncio.create_task(view.wait_change(seen, 30))
+    await asyncio.sleep(0)
+    view.feed(1, "BootRequested", {"mac": MAC}, T0)
+    assert await asyncio.wait_for(waiter, 5) > seen
+    waiter = asyncio.create_task(view.wait_change(view.version, 30))
+    await asyncio.sleep(0)
+    view.close()
+    await asyncio.wait_for(waiter, 5)
+    assert view.closed
