@@ -103,7 +103,7 @@ async def test_a_device_boot_history(store: EventStore) -> None:
     # Each step carries the boot's phase by the state machine (shared/boot_flow.py).
     assert [s.phase for s in first.steps] == [
         "discovered", "session open", "firmware read", "firmware read", "firmware read",
-        "OS attached", "OS attached", "OS attached", "closed",
+        "OS attached", "OS attached", "OS attached", "OS attached", "closed",
     ]  # fmt: skip
     assert (first.phase, boots[1].phase) == ("closed", "discovered")
 
