@@ -49,14 +49,30 @@ def trace_id_of(opened: StoredEvent) -> str | None:
 
 
 def read_spans(path: Path, trace_id: str) -> list[dict[str, Any]]:
-    spans = []
+    """The trace's spans in time order, without the bus's reply-inbox spans (a request's
+    answer travels on a ``_INBOX.…`` subject: plumbing, not a step of the boot)."""
+    spans: list[dict[str, Any]] = []
+    inbox_parent: dict[str, str | None] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
             if trace_id in line:
                 span = json.loads(line)
-                if span["trace_id"] == trace_id:
+                if span["trace_id"] != trace_id:
+                    continue
+                if is_inbox_span(span):
+                    inbox_parent[span["span_id"]] = span["parent_id"]
+                else:
                     spans.append(span)
+    for span in spans:  # a span under a left-out one hangs from that one's parent
+        for _ in range(20):
+            if span["parent_id"] not in inbox_parent:
+                break
+            span["parent_id"] = inbox_parent[span["parent_id"]]
     return sorted(spans, key=lambda s: (s["start_ns"], s["end_ns"]))
+
+
+def is_inbox_span(span: dict[str, Any]) -> bool:
+    return str(span.get("name", "")).startswith("_INBOX.")
 
 
 def depth_of(spans: list[dict[str, Any]]) -> dict[str, int]:

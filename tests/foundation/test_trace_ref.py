@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 from shared.event_store import EventStore
 from shared.events import SessionOpened, envelope
@@ -40,3 +42,26 @@ async def test_a_session_by_id_token_or_mac(database_url: str) -> None:
     assert await trace_of("52-54-00-00-0B-01") == "b" * 32
     assert await trace_of("no-such-thing") is None
     assert await trace_of("52:54:00:00:0b:99") is None
+
+
+def test_trace_show_leaves_out_the_bus_reply_inbox_spans(tmp_path: Path) -> None:
+    from streamboot.commands.trace import depth_of, read_spans
+
+    trace = "ab" * 16
+    lines = [
+        {"trace_id": trace, "span_id": "1", "parent_id": None, "name": "boot pxe-001",
+         "start_ns": 0, "end_ns": 10},
+        {"trace_id": trace, "span_id": "2", "parent_id": "1", "name": "_INBOX.x7Yq.3 publish",
+         "start_ns": 1, "end_ns": 2},
+        {"trace_id": trace, "span_id": "3", "parent_id": "2", "name": "session open",
+         "start_ns": 2, "end_ns": 3},
+        {"trace_id": "cd" * 16, "span_id": "4", "parent_id": None, "name": "other",
+         "start_ns": 0, "end_ns": 1},
+    ]  # fmt: skip
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spans = read_spans(path, trace)
+    assert [s["name"] for s in spans] == ["boot pxe-001", "session open"]
+    # A span under a left-out one hangs from that one's parent.
+    assert spans[1]["parent_id"] == "1"
+    assert depth_of(spans) == {"1": 0, "3": 1}
