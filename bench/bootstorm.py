@@ -210,6 +210,9 @@ class Streamboot:
             "STREAMBOOT_METRICS_PORT": "0",
             "STREAMBOOT_LOG_LEVEL": "WARNING",
             "STREAMBOOT_CACHE_RAM_DIR": str(work / "shm"),
+            # Every simulated client connects from 127.0.0.1: the per-address handshake cap
+            # (a guard against one hostile address) would refuse a storm's clients past it.
+            "STREAMBOOT_STREAM_MAX_HANDSHAKES_PER_ADDRESS": "0",
         }
         if ftp_url:
             env["STREAMBOOT_CACHE_STORES"] = json.dumps({"ftp": ftp_url})

@@ -96,4 +96,5 @@ class StreamSettings:
         return {
             "nbd_zero_copy_min_connections": s.stream_nbd_zero_copy_min_connections,
             "busy_poll_s": s.stream_busy_poll_us / 1e6,
+            "max_handshakes_per_address": s.stream_max_handshakes_per_address,
         }
