@@ -76,7 +76,6 @@ class StreamSettings:
             keepalive_interval_s=s.stream_keepalive_interval_s,
             keepalive_count=s.stream_keepalive_count,
             session_linger_s=s.stream_session_linger_s,
-            max_handshakes_per_address=s.stream_max_handshakes_per_address,
             write_cache_dir=s.data_path("stream", "write-cache"),
             vdisk_root=s.vdisk_root,
             nbd_tls=tls.setup(
