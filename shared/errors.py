@@ -8,3 +8,9 @@ from __future__ import annotations
 
 class OperatorError(Exception):
     kind: str = "error"
+
+
+def reason(exc: BaseException) -> str:
+    """What a log line says went wrong: the message, or the exception's type when it has
+    none (a timeout's message is empty, and "failed ()" tells the operator nothing)."""
+    return str(exc) or type(exc).__name__

@@ -17,6 +17,7 @@ from services.cache.boot_profiles import BootProfiles
 from services.cache.placement import Owners
 from services.cache.write_cache import WriteCaches
 from shared.bus import EVENTS_STREAM, BusError, subject_token
+from shared.errors import reason
 from shared.event_log import closed_in_log
 from shared.events import BlocksRequested, ClientBooted, SessionClosed, received, subject_of
 from shared.service import ServiceRuntime
@@ -85,7 +86,7 @@ class EventFollowers:
                             try:
                                 await self.drop_closed_session(msg)
                             except BusError as e:  # the registry cannot confirm it now
-                                log.warning("cache: a close not confirmed yet (%s)", e)
+                                log.warning("cache: a close not confirmed yet (%s)", reason(e))
                                 await msg.nak(delay=CLOSED_RETRY_S)
                                 continue
                             except Exception:  # a bad event must not come back forever
@@ -100,7 +101,7 @@ class EventFollowers:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.warning("cache: following closed sessions failed (%s); again in 1 s", e)
+                log.warning("cache: following closed sessions failed (%s); again in 1 s", reason(e))
                 await asyncio.sleep(1.0)
 
     async def drop_closed_session(self, msg: Msg) -> None:
@@ -119,4 +120,6 @@ class EventFollowers:
             try:
                 await self.owners.release(key)
             except Exception as e:
-                log.warning("write cache %s dropped, but its owner record stays: %s", key, e)
+                log.warning(
+                    "write cache %s dropped, but its owner record stays: %s", key, reason(e)
+                )

@@ -28,6 +28,7 @@ from typing import Any
 from services.cache.stores import Store, StoreError
 from services.cache.write_cache import punch_hole
 from shared import metrics
+from shared.errors import reason
 from shared.keyed_locks import KeyedLocks
 from shared.private_file import replace_private
 from shared.vdisk_layout import ZERO_FD, ChainReader, is_delta
@@ -249,7 +250,7 @@ class VersionCache:
                 self._sync_files()
                 self._write_state(durable=True)
         except OSError as e:
-            log.warning("read cache of %s not kept for the next start: %s", self.key, e)
+            log.warning("read cache of %s not kept for the next start: %s", self.key, reason(e))
         with self._files_lock:
             self.closed = True
             os.close(self.fd)
@@ -441,7 +442,7 @@ class ReadCaches:
                             "restart", vc.key, vc.kept_bytes,
                         )  # fmt: skip
                 except OSError as e:
-                    log.warning("read cache of %s: checkpoint failed: %s", vc.key, e)
+                    log.warning("read cache of %s: checkpoint failed: %s", vc.key, reason(e))
 
     def close(self) -> None:
         for vc in self.versions.values():

@@ -36,6 +36,7 @@ from typing import Any
 from shared import metrics
 from shared.block_map import BLOCK, DIRTY, ZEROED, BlockMap, blocks_of
 from shared.contracts.cache.wire import FLAG_SYNC, OP_FLUSH, OP_WRITE, OP_ZERO
+from shared.errors import reason
 from shared.private_file import replace_private
 
 log = logging.getLogger("streamboot.cache.write")
@@ -372,7 +373,7 @@ class WriteCaches:
             wc.adopt_files(*make_files(wc.paths(), wc.size, dict(wc.meta)))
         except OSError as e:
             # The first write tries again, and reports it.
-            log.warning("write cache %s: files not created ahead: %s", key, e)
+            log.warning("write cache %s: files not created ahead: %s", key, reason(e))
 
     def get(self, key: str) -> SessionWriteCache:
         wc = self.caches.get(key)

@@ -23,6 +23,7 @@ from shared.bus import RemoteError, connection_mark, respond
 from shared.contracts.cache import wire
 from shared.contracts.cache.client import not_alive
 from shared.contracts.cache.wire import node_subject
+from shared.errors import reason
 from shared.service import ServiceRuntime
 
 log = logging.getLogger("streamboot.cache")
@@ -69,7 +70,9 @@ class WriteCacheRoutes:
             try:
                 await self.owners.mark_written(wc.key)
             except Exception as e:
-                log.warning("write cache %s: owner record not marked as written: %s", wc.key, e)
+                log.warning(
+                    "write cache %s: owner record not marked as written: %s", wc.key, reason(e)
+                )
 
         # After the reply to this write is out: the mark's KV request, sent first, would
         # delay the session's first write.
@@ -177,7 +180,7 @@ class WriteCacheRoutes:
         try:
             await self.rt.nc.publish(wire.WC_ATTACHED, json.dumps(notice).encode())
         except Exception as e:  # the open itself succeeded
-            log.warning("write cache %s: could not publish its attach (%s)", key, e)
+            log.warning("write cache %s: could not publish its attach (%s)", key, reason(e))
 
     async def wc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
         """Open a write cache on the node that holds it (or, for a new key, the node placed
