@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from shared.errors import reason
 
 
 def test_an_exception_without_a_message_is_named_by_its_type() -> None:
-    assert reason(asyncio.TimeoutError()) == "TimeoutError"
+    assert reason(TimeoutError()) == "TimeoutError"
     assert reason(OSError(28, "No space left on device")) == "[Errno 28] No space left on device"
