@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     # fail with EIO (an open: the client is refused); once it answers they go on.
     stream_cache_outage_grace_s: float = 30.0
     cache_write_capacity: int = 8 << 30  # bytes one session's write cache may hold
+    # A write cache unused this long, every change fsynced, has its two files' descriptors
+    # closed (the next write or read reopens them): idle sessions hold no descriptor on a
+    # cache node; 0 = keep them open until the session closes.
+    cache_write_idle_close_s: float = 60.0
     cache_read_capacity: int = 4 << 30  # bytes of the shared read cache, all versions
     # A version's read cache that changed and then was quiet this long is fsynced and
     # marked durable, so a machine restart (not only a clean stop) finds it warm; 0 = only
