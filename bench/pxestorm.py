@@ -412,6 +412,10 @@ def report(result: dict[str, Any], n: int, server_cpu: float) -> tuple[str, dict
             summary[phase] = {"p50": percentile(xs, 50), "p99": percentile(xs, 99), "max": max(xs)}
     whole = [c["done_s"] for c in done]
     lines.append(f"| whole boot | {stats(whole)} | {len(whole)} |")
+    if whole:
+        summary["whole boot"] = {
+            "p50": percentile(whole, 50), "p99": percentile(whole, 99), "max": max(whole)
+        }  # fmt: skip
     retries = sum(c["dhcp_retries"] for c in clients)
     busy = sum(c["busy"] for c in clients)
     stale = sum(c["stale"] for c in clients)
