@@ -8,8 +8,11 @@ tokens.
 
 from __future__ import annotations
 
+from services.registry.app.core import replay
 from services.registry.app.sessions import SessionCommands
 from services.registry.app.tokens import ApiTokenCommands
+
+__all__ = ["RegistryApp", "replay"]
 
 
 class RegistryApp(SessionCommands, ApiTokenCommands):
