@@ -22,12 +22,11 @@ from typing import Any
 import uvicorn
 from nats.aio.client import Client as NATS
 
-from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from services.registry.console import LiveFeed
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
-from shared import bus
+from shared import bus, vdisk_store
 from shared.contracts.cache.client import all_write_caches
 from shared.contracts.stream import announce_session
 from shared.event_log import serve_appends

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from services.cache.write_cache import WriteCaches
-from services.registry import vdisk_store
+from shared import vdisk_store
 from shared.private_file import replace_private
 from shared.telemetry import JsonLinesSpanExporter
 from tests.registry.conftest import write_image

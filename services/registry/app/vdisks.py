@@ -7,11 +7,11 @@ import asyncio
 from collections.abc import Callable
 
 from services.registry import merge as merge_store
-from services.registry import vdisk_store
 from services.registry.app.core import CommandCore, log
 from services.registry.domain import vdisks
 from services.registry.domain.errors import DomainError, invalid
 from services.registry.projection import Projection, Record
+from shared import vdisk_store
 from shared.contracts.cache.wire import kept_write_cache_key
 from shared.events import Event, VdiskLayersRemoved
 from shared.layer_paths import LayerPathError, check_relative_layer
@@ -118,7 +118,7 @@ class VdiskCommands(CommandCore):
         """Register a version staged by ``vdisk_store.stage_version`` (or built from a
         maintenance session's writes): move its files into place and append the events, or
         drop the staging dir and raise. ``boot``: what the importer found to boot
-        kernel-direct (``services/registry/boot_files.py``); the staged kernel and initramfs
+        kernel-direct (``shared/boot_files.py``); the staged kernel and initramfs
         are measured here."""
         root = self.vdisk_root
         found = None

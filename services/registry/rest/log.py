@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from services.registry.app import RegistryApp
-from services.registry.domain.identity import normalize_mac
+from shared.identity import normalize_mac
 
 
 def routes(app: RegistryApp) -> APIRouter:

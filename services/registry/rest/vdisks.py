@@ -37,7 +37,7 @@ class VersionIn(BaseModel):
     store: Name | None = None  # a new vdisk's store (default local)
     # Set when the version is a maintenance session's writes (`streamboot vdisk commit`).
     from_maintenance_session: Name | None = None
-    # What the importer found to boot kernel-direct (services/registry/boot_files.py);
+    # What the importer found to boot kernel-direct (shared/boot_files.py);
     # the registry checks the staged files itself.
     boot: BootScanIn | None = None
 
