@@ -27,7 +27,7 @@ from typing import Literal
 from services.boot import dhcp_packets as dp
 from services.boot.client_addresses import ClientAddresses
 from services.boot.dhcp_leases import LeaseStore, PoolExhausted, write_leases
-from services.boot.log_budget import LogBudget
+from shared.log_budget import LogBudget
 from services.boot.rate_limit import TokenBucket
 
 log = logging.getLogger("streamboot.boot.dhcp")

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.boot.log_budget import LogBudget
+from shared.log_budget import LogBudget
 from services.boot.rate_limit import PerSourceRate
 from services.boot.tftp_packets import (
     ACK,

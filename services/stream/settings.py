@@ -28,7 +28,7 @@ class StreamSettings:
     # The handshake (NBD options, first HTTP request line, iSCSI login) must finish within this.
     handshake_timeout_s: float = 30.0
     # Connections one client address may hold in their handshake at once; past it new ones
-    # are closed at once (services/stream/handshake_gate.py); 0 = no cap.
+    # are closed at once (shared/address_cap.py); 0 = no cap.
     max_handshakes_per_address: int = 256
     # A client that does not read its replies for this long is dropped.
     stall_timeout_s: float = 60.0

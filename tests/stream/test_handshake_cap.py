@@ -1,5 +1,5 @@
 """The cap on connections one client address holds in their handshake
-(services/stream/handshake_gate.py, STREAMBOOT_STREAM_MAX_HANDSHAKES_PER_ADDRESS).
+(shared/address_cap.py, STREAMBOOT_STREAM_MAX_HANDSHAKES_PER_ADDRESS).
 
 A host that opens sockets and never finishes the NBD handshake gets new ones closed once it
 holds the cap, on NBD, HTTP and iSCSI alike (one count per address), while a good client from
