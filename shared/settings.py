@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     tftp_max_windowsize: int = 64
     tftp_max_client_timeout_s: int = 10  # a client's `timeout` option above this is ignored
     tftp_max_transfers_per_client: int = 4  # per client address
+    # Open boot HTTP connections per client address; past it new ones are closed (0 = no cap).
+    boot_http_max_connections_per_address: int = 256
     tftp_client_requests_per_s: float = 10.0  # per client address, bursts of 3 s worth
     dhcp_mode: Literal["off", "proxy", "full"] = "off"
     dhcp_interface: str | None = None  # SO_BINDTODEVICE + broadcast; None: bind_host only
