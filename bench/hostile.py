@@ -192,48 +192,80 @@ class Bench:
 # --- TCP loads ---------------------------------------------------------------------------
 
 
-def raise_own_fd_limit(need: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, need)
-    with contextlib.suppress(ValueError, OSError):  # root may raise its hard limit
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+# Connections one load process holds: the bench's own descriptor limit cannot be raised
+# past its hard limit (20,000 here), so a larger load is spread over several processes.
+PER_HOLDER = 8000
+
+
+def hold(port: int, n: int, trickle: bytes, sources: list[str]) -> None:
+    """``n`` connections from ``sources`` (round robin) that never finish; with ``trickle``,
+    each sends its next byte every second. Prints how many the server still holds, then
+    keeps them until stdin closes (what ``--hold`` runs)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    socks: list[socket.socket] = []
+    for i in range(n):  # connects not waited for: a full backlog drops SYNs for seconds
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.bind((sources[i % len(sources)], 0))
+            s.connect_ex(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    time.sleep(2.0)
+    for s in socks[:]:  # the ones not connected by now count as refused
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            s.close()
+            socks.remove(s)
+            continue
+        try:
+            s.getpeername()
+        except OSError:
+            s.close()
+            socks.remove(s)
+    stop = threading.Event()
+
+    def drip() -> None:
+        i = 0
+        while not stop.wait(1.0):
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    s.send(trickle[i % len(trickle) : i % len(trickle) + 1])
+            i += 1
+
+    if trickle:
+        threading.Thread(target=drip, daemon=True).start()
+    time.sleep(1.0)  # the server has accepted or refused them all
+    print(sum(map(still_open, socks)), flush=True)
+    sys.stdin.read()
+    stop.set()
 
 
 @contextlib.contextmanager
 def tcp_load(port: int, n: int, sources: list[str], trickle: bytes = b"") -> Iterator[list[int]]:
-    """``n`` connections from ``sources`` (round robin) that never finish; with ``trickle``,
-    each sends its next byte every second. Yields [connections the server took]."""
-    socks: list[socket.socket] = []
-    stop = threading.Event()
-    took = [0]
+    """:func:`hold` in as many processes as it takes. Yields [connections still open]."""
+    procs = []
     try:
-        for i in range(n):
-            try:
-                s = socket.create_connection(("127.0.0.1", port), 5, (sources[i % len(sources)], 0))
-            except OSError:  # refused (reset) or the backlog full: the server's choice
-                continue
-            s.setblocking(False)
-            socks.append(s)
-
-        def drip() -> None:
-            i = 0
-            while not stop.wait(1.0):
-                for s in socks:
-                    with contextlib.suppress(OSError):
-                        s.send(trickle[i % len(trickle) : i % len(trickle) + 1])
-                i += 1
-
-        if trickle:
-            threading.Thread(target=drip, daemon=True).start()
-        time.sleep(1.0)  # the server has accepted or refused them all
-        took[0] = sum(map(still_open, socks))
-        yield took
+        for first in range(0, n, PER_HOLDER):
+            count = min(PER_HOLDER, n - first)
+            cmd = [sys.executable, __file__, "--hold", str(port), str(count), trickle.hex(),
+                   *sources[first % len(sources):], *sources[:first % len(sources)]]  # fmt: skip
+            procs.append(
+                subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            )
+        yield [sum(int(p.stdout.readline() or 0) for p in procs if p.stdout)]
     finally:
-        stop.set()
-        for s in socks:
-            s.close()
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.stdin.close()  # type: ignore[union-attr]
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def still_open(s: socket.socket) -> bool:
@@ -548,13 +580,16 @@ def main() -> None:
     ap.add_argument("--tries", type=int, default=5)
     ap.add_argument("--serve-boot-http", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-dhcp", nargs=2, metavar=("IF", "LEASES"), help=argparse.SUPPRESS)
+    ap.add_argument("--hold", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.hold:
+        port, n, trickle, *sources = args.hold
+        return hold(int(port), int(n), bytes.fromhex(trickle), sources)
     if args.serve_boot_http:
         return serve_boot_http(int(args.serve_boot_http[0]), args.serve_boot_http[1])
     if args.serve_dhcp:
         return serve_dhcp(*args.serve_dhcp)
     os.chdir(ROOT)
-    raise_own_fd_limit(args.bare + 1024)
     b = Bench(args.tries)
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as name:
         tmp = Path(name)

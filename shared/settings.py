@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     tftp_max_transfers_per_client: int = 4  # per client address
     # Open boot HTTP connections per client address; past it new ones are closed (0 = no cap).
     boot_http_max_connections_per_address: int = 256
+    # Boot HTTP connections waiting for a request head, all addresses together: past it the
+    # oldest is closed to make room; 0 = half the descriptor limit, < 0 = no total.
+    boot_http_max_waiting: int = 0
     tftp_client_requests_per_s: float = 10.0  # per client address, bursts of 3 s worth
     dhcp_mode: Literal["off", "proxy", "full"] = "off"
     dhcp_interface: str | None = None  # SO_BINDTODEVICE + broadcast; None: bind_host only
@@ -169,6 +172,10 @@ class Settings(BaseSettings):
     # Connections one client address may hold before its session is attached (a host
     # opening sockets it never speaks on); past it they are closed at once; 0 = no cap.
     stream_max_handshakes_per_address: int = 256
+    # The same from all addresses together: past it the oldest is closed to make room for
+    # the new one (a real client's handshake takes milliseconds); 0 = half the descriptor
+    # limit, < 0 = no total.
+    stream_max_handshakes: int = 0
     stream_nbd_tls: Literal["off", "on", "require"] = "off"
     stream_nbd_tls_cert: Path | None = None
     stream_nbd_tls_key: Path | None = None

@@ -27,8 +27,8 @@ from typing import Literal
 from services.boot import dhcp_packets as dp
 from services.boot.client_addresses import ClientAddresses
 from services.boot.dhcp_leases import LeaseStore, PoolExhausted, write_leases
-from shared.log_budget import LogBudget
 from services.boot.rate_limit import TokenBucket
+from shared.log_budget import LogBudget
 
 log = logging.getLogger("streamboot.boot.dhcp")
 

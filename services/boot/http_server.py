@@ -9,9 +9,11 @@ with ``Range`` (one range: 206 and ``Content-Range``; unsatisfiable: 416).
 
 Anyone on the boot network reaches it, so what one host can hold is bounded: at most
 ``max_per_address`` open connections per client address (past it new ones are closed at
-once: :mod:`shared.address_cap`), and out of file descriptors the listener refuses new
-connections instead of spinning (:mod:`shared.listener`); a head that trickles in (slowloris)
-is cut off after ``READ_TIMEOUT_S`` whatever arrived.
+once), at most ``max_waiting`` connections waiting for a request head from all addresses
+together (past it the oldest is closed to make room: :mod:`shared.address_cap`), and out of
+file descriptors the listener refuses new connections instead of spinning
+(:mod:`shared.listener`); a head that trickles in (slowloris) is cut off after
+``READ_TIMEOUT_S`` whatever arrived.
 """
 
 from __future__ import annotations
@@ -115,9 +117,19 @@ def _head(response: Response, keep: bool, length: int) -> bytes:
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, host: str, port: int, max_per_address: int = 256) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str,
+        port: int,
+        max_per_address: int = 256,
+        max_waiting: int = 0,
+    ) -> None:
         self.handler, self.host, self.port = handler, host, port
         self.connections = AddressCap(max_per_address, log, "boot http", "open connections")
+        self.waiting = AddressCap(
+            0, log, "boot http", "connections waiting for a request", total=max_waiting
+        )
         self._listener: Listener | None = None
         self._running: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly
 
@@ -144,29 +156,35 @@ class HttpServer:
         except OSError:  # already gone
             conn.close()
             return
-        if not self.connections.admit(host):
+        if not self.connections.admit(conn, host):
             refuse(conn)
             return
         try:
             reader, writer = await asyncio.open_connection(sock=conn, limit=http_head.MAX_HEAD)
         except OSError:
-            self.connections.release(host)
+            self.connections.release(conn)
             conn.close()
             return
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, host)
         finally:
-            self.connections.release(host)
+            self.connections.release(conn)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str
+    ) -> None:
         peer = writer.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
             first = True
             while True:
-                answered = await self._respond(reader, peer_s, first)
-                if answered is None:
-                    return  # the client closed or idled between requests
+                self.waiting.admit(writer, host, writer.transport.abort)
+                try:
+                    answered = await self._respond(reader, peer_s, first)
+                finally:
+                    self.waiting.release(writer)
+                if answered is None or writer.transport.is_closing():
+                    return  # the client closed or idled between requests, or was shed
                 response, head_only, keep = answered
                 await self._send(writer, response, head_only, keep)
                 if not keep:

@@ -125,7 +125,13 @@ async def start(rt: ServiceRuntime) -> None:
         boot_files_root=s.vdisk_root,
         check_client_address=s.client_address_check,
     )
-    http = HttpServer(app, s.bind_host, s.boot_http_port, s.boot_http_max_connections_per_address)
+    http = HttpServer(
+        app,
+        s.bind_host,
+        s.boot_http_port,
+        s.boot_http_max_connections_per_address,
+        s.boot_http_max_waiting,
+    )
     await http.start()
     rt.on_stop(http.stop)
     app.base_url = f"http://{s.advertised_host}:{http.port}"

@@ -65,7 +65,11 @@ class SessionManager:
         self.busy_poll = BusyPoll(settings.busy_poll_s, self.connections)
         # Connections in their handshake per client address, capped (shared/address_cap.py).
         self.handshakes = AddressCap(
-            settings.max_handshakes_per_address, log, "stream", "connections in their handshake"
+            settings.max_handshakes_per_address,
+            log,
+            "stream",
+            "connections in their handshake",
+            total=settings.max_handshakes,
         )
 
     async def acquire(self, token: str, *, ready: bool = True) -> Session | None:

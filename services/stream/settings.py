@@ -30,6 +30,9 @@ class StreamSettings:
     # Connections one client address may hold in their handshake at once; past it new ones
     # are closed at once (shared/address_cap.py); 0 = no cap.
     max_handshakes_per_address: int = 256
+    # ...and on the node from all addresses together: past it the oldest handshake is closed
+    # to make room for the new one; 0 = half the descriptor limit, < 0 = no total.
+    max_handshakes: int = 0
     # A client that does not read its replies for this long is dropped.
     stall_timeout_s: float = 60.0
     keepalive_idle_s: int = 30
@@ -96,4 +99,5 @@ class StreamSettings:
             "nbd_zero_copy_min_connections": s.stream_nbd_zero_copy_min_connections,
             "busy_poll_s": s.stream_busy_poll_us / 1e6,
             "max_handshakes_per_address": s.stream_max_handshakes_per_address,
+            "max_handshakes": s.stream_max_handshakes,
         }

@@ -92,3 +92,40 @@ def test_no_cap_when_zero(make_server: Any) -> None:
     RawNbd(server.servers.nbd_port, source=HOSTILE).go("tok-a")
     for h in held:
         h.close()
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """Whether the server has closed ``s`` (EOF or reset after what it sent)."""
+    s.settimeout(10)
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_at_the_total_the_oldest_handshake_makes_room(make_server: Any) -> None:
+    """Many addresses together (a botnet) hold the node's total of handshakes: a new
+    connection still gets in, and the oldest of theirs is closed for it."""
+    server = make_server(max_handshakes_per_address=0, max_handshakes=CAP)
+    gate = server.servers.sessions.handshakes
+    port = server.servers.nbd_port
+    held = []
+    for i in range(CAP):  # from CAP addresses, one each, in order
+        held.append(socket.create_connection(("127.0.0.1", port), 10, (f"127.0.3.{i + 1}", 0)))
+        server.wait_until(lambda n=i + 1: sum(gate.open.values()) == n, "counted")
+    # nbdinfo's connection sheds the oldest; once attached it leaves the count, so curl's
+    # finds room.
+    good_client_served(server)
+    assert gate.shed == 1 and gate.refused == 0
+    assert closed_by_server(held[0])
+    for s in held[1:]:  # the younger ones are still there
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while s.recv(4096):
+                pass
+        s.close()
+    server.wait_until(lambda: not gate.open, "all released")
