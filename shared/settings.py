@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     tftp_max_windowsize: int = 64
     tftp_max_client_timeout_s: int = 10  # a client's `timeout` option above this is ignored
     tftp_max_transfers_per_client: int = 4  # per client address
+    # The boot HTTP server's URL as clients reach it, when that is not http://HOST:PORT of
+    # this process: a TLS proxy in front of it (https://boot.lab; docs/security.md). The
+    # scripts chain to it and DHCP hands it to iPXE.
+    boot_http_public_url: str | None = None
     # Open boot HTTP connections per client address; past it new ones are closed (0 = no cap).
     boot_http_max_connections_per_address: int = 256
     # Boot HTTP connections waiting for a request head, all addresses together: past it the

@@ -134,7 +134,7 @@ async def start(rt: ServiceRuntime) -> None:
     )
     await http.start()
     rt.on_stop(http.stop)
-    app.base_url = f"http://{s.advertised_host}:{http.port}"
+    app.base_url = (s.boot_http_public_url or f"http://{s.advertised_host}:{http.port}").rstrip("/")
     rt.vitals["boot_http"] = app.base_url
 
     root = prepare_tftp_root(s)
