@@ -183,6 +183,8 @@ class Settings(BaseSettings):
     stream_nbd_tls: Literal["off", "on", "require"] = "off"
     stream_nbd_tls_cert: Path | None = None
     stream_nbd_tls_key: Path | None = None
+    # Pre-shared keys clients may use instead of the certificate (psktool's name:hexkey lines).
+    stream_nbd_tls_psk_file: Path | None = None
     # A session's writes, its open and its reads through the cache service wait this long
     # for a cache node that does not answer (restarting, stopped, NATS away) before they
     # fail with EIO (an open: the client is refused); once it answers they go on.

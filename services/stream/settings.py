@@ -87,6 +87,7 @@ class StreamSettings:
                 s.stream_nbd_tls_key,
                 s.data_path("stream", "tls"),
                 [s.advertised_host, s.bind_host],
+                s.stream_nbd_tls_psk_file,
             ),
             **cls.tuning(s),
         )
