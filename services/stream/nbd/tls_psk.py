@@ -71,13 +71,13 @@ def _libssl() -> ctypes.CDLL:
     return lib
 
 
-def _ssl_ctx(context: ssl.SSLContext) -> int:
+def _ssl_ctx(context: ssl.SSLContext, lib: ctypes.CDLL) -> int:
     """The ``SSL_CTX *`` of ``context`` (CPython's PySSLContext: the pointer follows the
-    object header)."""
+    object header), checked against what ``ssl`` itself reads from it."""
     header = sys.getsizeof(object())  # PyObject_HEAD: refcount and type pointer
     pointer = ctypes.c_void_p.from_address(id(context) + header).value
-    if not pointer:
-        raise PskError("no SSL_CTX in this ssl.SSLContext")
+    if not pointer or lib.SSL_CTX_get_options(pointer) != context.options:
+        raise PskError("this Python's ssl.SSLContext does not hold its SSL_CTX where expected")
     return pointer
 
 
@@ -123,14 +123,15 @@ def install(context: ssl.SSLContext, keys: dict[bytes, bytes]) -> None:
         out[0] = session  # type: ignore[index]  # OpenSSL takes the reference
         return 1
 
+    ctx_ptr = _ssl_ctx(context, lib)
     # The suite is chosen before the PSK is looked at, and a PSK serves only a suite of its
     # hash: the node picks (server preference) SHA-256 suites first.
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    if not lib.SSL_CTX_set_ciphersuites(_ssl_ctx(context), TLS13_SUITES):
+    if not lib.SSL_CTX_set_ciphersuites(ctx_ptr, TLS13_SUITES):
         raise PskError("OpenSSL refused the TLS 1.3 suites")
     callbacks = (_CALLBACK(lookup), _FIND_SESSION(find_session))
-    lib.SSL_CTX_set_psk_server_callback(_ssl_ctx(context), callbacks[0])
-    lib.SSL_CTX_set_psk_find_session_callback(_ssl_ctx(context), callbacks[1])
+    lib.SSL_CTX_set_psk_server_callback(ctx_ptr, callbacks[0])
+    lib.SSL_CTX_set_psk_find_session_callback(ctx_ptr, callbacks[1])
     _KEEP.append(callbacks)
 
 
@@ -140,6 +141,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.SSL_CTX_set_psk_server_callback.restype = None
     lib.SSL_CTX_set_psk_find_session_callback.argtypes = [vp, _FIND_SESSION]
     lib.SSL_CTX_set_psk_find_session_callback.restype = None
+    lib.SSL_CTX_get_options.argtypes = [vp]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
     lib.SSL_CTX_set_ciphersuites.argtypes = [vp, ctypes.c_char_p]
     lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
     lib.SSL_CIPHER_find.argtypes = [vp, ctypes.c_char_p]
