@@ -21,6 +21,7 @@ import pytest
 from services.boot import http_server
 from services.boot.http_server import HttpServer, Request, Response
 from streamboot.embedded.proc import free_port
+from tests.sockets import closed_at_once
 
 pytestmark = pytest.mark.timeout(120)
 CAP = 8
@@ -38,22 +39,6 @@ def curl(port: int) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
     )
-
-
-def closed_at_once(port: int) -> bool:
-    """Whether a new connection from HOSTILE is closed by the server before it says a word."""
-    try:
-        s = socket.create_connection(("127.0.0.1", port), 10, (HOSTILE, 0))
-    except ConnectionResetError:  # reset before connect() returned
-        return True
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        s.close()
 
 
 @pytest.fixture
@@ -86,7 +71,7 @@ async def test_slowloris_from_one_host_is_capped_cut_off_and_others_served(
             s.sendall(TRICKLE[:1])
         await until(lambda: capped.connections.open[HOSTILE] == CAP, "all counted")
         for _ in range(20):  # the host holds the cap: each new connection is closed at once
-            assert await asyncio.to_thread(closed_at_once, port)
+            assert await asyncio.to_thread(closed_at_once, port, HOSTILE)
         got = await asyncio.to_thread(curl, port)  # another address is served meanwhile
         assert got.returncode == 0 and got.stdout == "hello\n", got.stderr
         assert capped.connections.refused == 20

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.sockets import closed_at_once
 from tests.stream.conftest import ServerThread
 from tests.stream.nbdraw import RawNbd
 
@@ -26,18 +27,7 @@ HOSTILE = "127.0.0.2"
 def refused(port: int) -> bool:
     """Whether a new connection from HOSTILE is closed by the server without a word past
     the NBD greeting (it may still carry the greeting, written before the check)."""
-    s = socket.create_connection(("127.0.0.1", port), 10, (HOSTILE, 0))
-    try:
-        got = b""
-        while chunk := s.recv(4096):
-            got += chunk
-        return len(got) <= 18
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        s.close()
+    return closed_at_once(port, HOSTILE, said=18)
 
 
 def good_client_served(server: ServerThread) -> None:
