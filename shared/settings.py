@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     dhcp_router: str | None = None
     dhcp_dns: list[str] = Field(default_factory=list)
     dhcp_lease_s: int = 3600
+    # Where full DHCP keeps its leases: "file" (DATA_DIR/boot/dhcp-leases.json, one boot
+    # service per network) or "nats" (a KV bucket several boot services share, docs/failover.md).
+    dhcp_lease_store: Literal["file", "nats"] = "file"
     dhcp_announce_per_s: float = 20.0  # BootRequested per second from PXE DISCOVERs (bursts: 5 s)
     # Wake-on-LAN (`streamboot device wake`, the console): the registry sends the magic
     # packet here, out of dhcp_interface when one is set (the clients' network).
