@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
     # (postgres refuses to run as root), and an explicit binaries folder (else auto-detected).
     postgres_user: str = "nobody"
+    # Servers holding each JetStream stream and KV bucket streamboot creates: 3 when NATS
+    # runs as a three-node cluster (compose.yaml), so losing one server loses no bucket.
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # NATS HTTP monitoring (/varz, /jsz) of the embedded nats-server: off when unset.
     nats_monitor_port: int | None = None
     postgres_bin_dir: Path | None = None

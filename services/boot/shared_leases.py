@@ -27,17 +27,11 @@ from typing import Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
-from nats.js.errors import (
-    BadRequestError,
-    BucketNotFoundError,
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-)
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from services.boot.dhcp_leases import Lease, LeaseStore, may_replace, write_leases
-from shared.bus import follow_forever
+from shared.bus import follow_forever, key_value_bucket
 
 log = logging.getLogger("streamboot.boot.dhcp")
 
@@ -87,14 +81,7 @@ class SharedLeases:
     @classmethod
     async def open(cls, js: JetStreamContext, store: LeaseStore) -> SharedLeases:
         """The bucket (created on first use, no TTL: a lease's expiry is in its record)."""
-        try:
-            kv = await js.key_value(LEASES_BUCKET)
-        except BucketNotFoundError:
-            try:
-                kv = await js.create_key_value(KeyValueConfig(bucket=LEASES_BUCKET, history=1))
-            except BadRequestError:
-                kv = await js.key_value(LEASES_BUCKET)
-        return cls(kv, store)
+        return cls(await key_value_bucket(js, LEASES_BUCKET, None), store)
 
     # -- following the bucket ----------------------------------------------------------
 
