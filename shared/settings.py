@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     dhcp_router: str | None = None
     dhcp_dns: list[str] = Field(default_factory=list)
     dhcp_lease_s: int = 3600
+    # Where full DHCP keeps its leases: "file" (DATA_DIR/boot/dhcp-leases.json, one boot
+    # service per network) or "nats" (a KV bucket several boot services share, docs/failover.md).
+    dhcp_lease_store: Literal["file", "nats"] = "file"
     dhcp_announce_per_s: float = 20.0  # BootRequested per second from PXE DISCOVERs (bursts: 5 s)
     # Wake-on-LAN (`streamboot device wake`, the console): the registry sends the magic
     # packet here, out of dhcp_interface when one is set (the clients' network).
@@ -112,6 +115,9 @@ class Settings(BaseSettings):
     # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
     # (postgres refuses to run as root), and an explicit binaries folder (else auto-detected).
     postgres_user: str = "nobody"
+    # Servers holding each JetStream stream and KV bucket streamboot creates: 3 when NATS
+    # runs as a three-node cluster (compose.yaml), so losing one server loses no bucket.
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # NATS HTTP monitoring (/varz, /jsz) of the embedded nats-server: off when unset.
     nats_monitor_port: int | None = None
     postgres_bin_dir: Path | None = None
