@@ -48,13 +48,14 @@ OPEN_PATHS = frozenset(
 )
 # The console's pages and assets: each page checks its login (services/registry/console).
 OPEN_PREFIXES = ("/console",)
-# What an operator may change: devices, assignments, sessions (everything else is admin's).
-OPERATOR_PREFIXES = ("/devices", "/assignments", "/sessions")
+# What an operator may change: devices, their collections, assignments, sessions
+# (everything else is admin's).
+OPERATOR_PREFIXES = ("/devices", "/collections", "/assignments", "/sessions")
 # Token management is admin's, reads included.
 ADMIN_PREFIXES = ("/tokens",)
 # Changes under an operator's prefix that are admin's: putting a device in maintenance
 # lets it write the next version of a vdisk every device boots; CHAP secrets are credentials.
-ADMIN_ACTIONS = re.compile(r"/devices/[^/]+/(maintenance|chap)")
+ADMIN_ACTIONS = re.compile(r"/devices/[^/]+/(maintenance|chap)|/collections/[^/]+/chap")
 MAX_AUDIT_PATH = 512
 
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 
+from services.registry import bulk_api
 from services.registry.app import RegistryApp
 from services.registry.console import LiveFeed, Logins, mount_console
 from services.registry.domain.errors import DomainError
@@ -397,5 +398,6 @@ def build_api(
     async def revoke_token(name: str, request: Request) -> dict[str, Any]:
         return await app.revoke_api_token(name, by=request.state.principal[0])
 
+    bulk_api.add_routes(r, app)  # CSV import, collections
     api.include_router(r)
     return api

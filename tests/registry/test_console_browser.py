@@ -225,3 +225,54 @@ async def test_the_api_docs_work_offline(page: Any, registry: Registry, tmp_path
         if not u.startswith(registry.api_url + "/") and not u.startswith(("data:", "blob:"))
     ]
     assert foreign == [], foreign
+
+
+async def test_devices_from_a_csv_file_and_a_collection(
+    page: Any, registry: Registry, data_dir: Path, tmp_path: Path
+) -> None:
+    image = write_image(data_dir / "v1.raw", 2 * MiB, {0: b"MBR"})
+    await registry.cli_json("vdisk", "import", str(image), "--name", "demo")
+    await log_in(page, registry)
+    await page.click("nav >> text=Devices")
+    await page.click("summary:has-text('Import devices from a CSV file')")
+    upload = page.locator("input[name=csv]")
+
+    # A file with a bad row: each bad line is listed, nothing is imported.
+    bad = b"mac,hostname\n52:54:00:d0:00:01,csv-1\nnot-a-mac,csv-2\n52:54:00:d0:00:03,csv-1\n"
+    await upload.set_input_files({"name": "bad.csv", "mimeType": "text/csv", "buffer": bad})
+    await page.click("button:has-text('Import')")
+    errors = page.locator("#import-errors")
+    await errors.locator("li").nth(1).wait_for()
+    text = await errors.inner_text()
+    assert "line 3: invalid MAC" in text and "line 4: hostname csv-1 is on line 2" in text
+    assert registry.app.projection.devices == {}
+    await shot(page, tmp_path, "import-refused")
+
+    good = b"mac,hostname,vdisks\n52:54:00:d0:00:01,csv-1,demo\n52:54:00:d0:00:02,csv-2,\n"
+    await upload.set_input_files({"name": "good.csv", "mimeType": "text/csv", "buffer": good})
+    await page.click("button:has-text('Import')")
+    await page.locator(".toast:has-text('2 device(s) imported')").wait_for()
+    await page.locator("tr[data-mac='52:54:00:d0:00:02']").wait_for()
+    assert await errors.is_hidden()
+    assert registry.app.show_device("52:54:00:d0:00:01")["assignment"]["default"] == "demo"
+    await shot(page, tmp_path, "import-done")
+
+    # A collection of both, booting demo.
+    await page.click("nav >> text=Collections")
+    await page.click("summary:has-text('Create a collection')")
+    form = page.locator("#add-collection form")
+    await form.locator("input[name=name]").fill("lab")
+    await form.locator("select[name=vdisk]").select_option("demo")
+    await form.locator("select[name=devices]").select_option(
+        ["52:54:00:d0:00:01", "52:54:00:d0:00:02"]
+    )
+    await form.locator("button:has-text('Create collection')").click()
+    row = page.locator("tr[data-collection='lab']")
+    await row.wait_for()
+    assert "csv-1, csv-2" in await row.locator(".members").inner_text()
+    assert "demo" in await row.locator(".vdisks").inner_text()
+    a = registry.app.show_device("52:54:00:d0:00:02")["assignment"]
+    assert a == {"vdisks": ["demo"], "default": "demo", "source": "collection lab"}
+    await shot(page, tmp_path, "collections")
+    # The refused import's 400 is the one failed request.
+    assert [e for e in page.errors if "400 (Bad Request)" not in e] == [], page.errors

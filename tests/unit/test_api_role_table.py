@@ -23,6 +23,9 @@ EXPECTED = {
     # CHAP credentials are secrets: only an admin sets or clears them.
     "PUT /devices/{mac}/chap": "admin",
     "DELETE /devices/{mac}/chap": "admin",
+    "POST /devices/import": "operator",
+    "GET /collections": "viewer",
+    "POST /collections": "operator",
     "GET /collections/{name}/chap": "viewer",
     "PUT /collections/{name}/chap": "admin",
     "DELETE /collections/{name}/chap": "admin",

@@ -24,6 +24,7 @@ from fastapi.templating import Jinja2Templates
 from services.registry.app import RegistryApp
 from services.registry.console.live import LiveFeed, LiveView
 from services.registry.console.logins import COOKIE, Login, Logins, cookie_value
+from services.registry.domain import collections
 from services.registry.domain.errors import DomainError
 from services.registry.domain.identity import normalize_mac
 from services.registry.gate import RANK, Principal
@@ -39,6 +40,7 @@ NAV = (
     ("/", "Dashboard"),
     ("/console/boots", "Boots"),
     ("/console/devices", "Devices"),
+    ("/console/collections", "Collections"),
     ("/console/vdisks", "vdisks"),
     ("/console/sessions", "Sessions"),
     ("/console/events", "Events"),
@@ -275,6 +277,18 @@ def mount_console(
     ) -> HTMLResponse:
         login = login_of(request)
         return page(request, "devices.html", login, **await devices_data(q))
+
+    @api.get("/console/collections", include_in_schema=False)
+    async def collections_page(request: Request) -> HTMLResponse:
+        login = login_of(request)
+        return page(
+            request,
+            "collections.html",
+            login,
+            collections=collections.view(app.projection),
+            devices=app.list_devices(),
+            vdisks=[v["name"] for v in app.list_vdisks()],
+        )
 
     @api.get("/console/vdisks", include_in_schema=False)
     async def vdisks_page(request: Request) -> HTMLResponse:
