@@ -42,7 +42,11 @@ async def test_a_csv_imports_every_row_with_its_vdisks(registry: Registry, data_
     two = registry.app.show_device("52:54:00:10:00:02")
     assert not two["tester"] and two["assignment"]["vdisks"] == []
     three = registry.app.show_device("52:54:00:10:00:03")
-    assert three["assignment"] == {"vdisks": ["demo", "other"], "default": "demo", "source": "device"}
+    assert three["assignment"] == {
+        "vdisks": ["demo", "other"],
+        "default": "demo",
+        "source": "device",
+    }
     # The human view says what happened.
     code, text, _ = await registry.cli("device", "list")
     assert code == 0 and "lab-003" in text
