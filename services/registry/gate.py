@@ -36,8 +36,8 @@ log = logging.getLogger("streamboot.registry.api")
 # (name, role) of the token a request came with.
 Principal = tuple[str, str]
 Authenticate = Callable[[str], Principal | None]
-# A console request's API token from its cookie, and whether its CSRF header matches.
-CookieLogin = Callable[[Scope], tuple[str | None, bool]]
+# Who a console request's login (its cookie) is, and whether its CSRF header matches.
+CookieLogin = Callable[[Scope], Awaitable[tuple[Principal | None, bool]]]
 Audit = Callable[[str, str, str, str, int], Awaitable[None]]
 
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -168,8 +168,14 @@ class Gate:
         token = bearer(scope)
         csrf_ok = True
         if token is None and self._cookie_login is not None:
-            token, csrf_ok = self._cookie_login(scope)
-        who = self.principal(token) if token else None
+            try:
+                who, csrf_ok = await self._cookie_login(scope)
+            except Exception as exc:  # the logins' table is not reachable now
+                log.warning("registry: console login not checked: %s", exc)
+                await reply(send, 503, "logins cannot be checked now; try again", "busy")
+                return
+        else:
+            who = self.principal(token) if token else None
         if who is None:
             await reply(
                 send,

@@ -177,7 +177,7 @@ def build_api(
         docs_url=None,
         redoc_url=None,
     )
-    logins = Logins()
+    logins = Logins.for_app(app, api_token)
     api.add_middleware(
         Gate,
         bootstrap_token=api_token,

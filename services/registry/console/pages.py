@@ -146,10 +146,10 @@ def mount_console(
     api.mount(STATIC + "/docs", StaticFiles(directory=str(files("fastapi_offline") / "static")))
     api.mount(STATIC, StaticFiles(directory=str(HERE / "static")))
 
-    def login_of(request: Request) -> Login:
-        login = logins.get(cookie_value(request.headers.get("cookie", "")))
-        # A token revoked while logged in ends the login.
-        if login is None or principal(login.token) is None:
+    async def login_of(request: Request) -> Login:
+        # A token revoked while logged in ends the login (Logins.get).
+        login = await logins.get(cookie_value(request.headers.get("cookie", "")))
+        if login is None:
             raise NotLoggedIn
         return login
 
@@ -194,14 +194,14 @@ def mount_console(
                 {"error": "unknown or revoked token (see DATA_DIR/api-token, `streamboot token`)"},
                 status_code=401,
             )
-        login_id = logins.create(token, *who)
+        login_id = await logins.create(token)
         out = RedirectResponse("/", status_code=303)
         out.set_cookie(COOKIE, login_id, httponly=True, samesite="strict", path="/")
         return out
 
     @api.post("/console/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
-        logins.end(cookie_value(request.headers.get("cookie", "")))
+        await logins.end(cookie_value(request.headers.get("cookie", "")))
         out = RedirectResponse("/login", status_code=303)
         out.delete_cookie(COOKIE, path="/")
         return out
@@ -246,17 +246,17 @@ def mount_console(
 
     @api.get("/", include_in_schema=False)
     async def dashboard(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "dashboard.html", login, **await dashboard_data())
 
     @api.get("/console/boots", include_in_schema=False)
     async def boots(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "boots.html", login, **boots_data())
 
     @api.get("/console/boots/{mac}", include_in_schema=False)
     async def boot_timeline(request: Request, mac: str) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         device = app.show_device(mac)
         rows = await app.store.read_device(device["mac"])
         typed = [(parse_event(e.type, e.data), e) for e in rows]
@@ -275,12 +275,12 @@ def mount_console(
     async def devices_page(
         request: Request, q: Annotated[str, Query(max_length=100)] = ""
     ) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "devices.html", login, **await devices_data(q))
 
     @api.get("/console/collections", include_in_schema=False)
     async def collections_page(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(
             request,
             "collections.html",
@@ -292,12 +292,12 @@ def mount_console(
 
     @api.get("/console/vdisks", include_in_schema=False)
     async def vdisks_page(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "vdisks.html", login, vdisks=app.list_vdisks())
 
     @api.get("/console/vdisks/{name}", include_in_schema=False)
     async def vdisk_page(request: Request, name: str) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(
             request,
             "vdisk.html",
@@ -309,7 +309,7 @@ def mount_console(
 
     @api.get("/console/sessions", include_in_schema=False)
     async def sessions_page(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "sessions.html", login, sessions=await app.list_sessions_with_usage())
 
     @api.get("/console/events", include_in_schema=False)
@@ -319,7 +319,7 @@ def mount_console(
         mac: Annotated[str, Query(max_length=64)] = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     ) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         events: list[dict[str, Any]] = []
         error = None
         try:
@@ -344,7 +344,7 @@ def mount_console(
 
     @api.get("/console/audit", include_in_schema=False)
     async def audit_page(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         rows = await app.events(type_="AdminActionPerformed", limit=300, newest=True)
         return page(request, "audit.html", login, rows=list(reversed(rows)))
 
@@ -354,7 +354,7 @@ def mount_console(
     async def fragment_route(
         request: Request, name: str, q: Annotated[str, Query(max_length=100)] = ""
     ) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         if name == "devices":
             return fragment(request, "devices", login, **await devices_data(q))
         if name == "sessions":
@@ -371,7 +371,7 @@ def mount_console(
     async def stream(
         request: Request, topics: Annotated[str, Query(max_length=100)] = "dashboard"
     ) -> StreamingResponse:
-        login = login_of(request)
+        login = await login_of(request)
         wanted = [t for t in topics.split(",") if t in LIVE_TOPICS]
 
         async def body() -> AsyncIterator[bytes]:
