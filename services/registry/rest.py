@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 
-from services.registry import bulk_api
+from services.registry import bulk_api, jobs
 from services.registry.app import RegistryApp
 from services.registry.console import LiveFeed, Logins, mount_console
 from services.registry.domain.errors import DomainError
@@ -399,5 +399,6 @@ def build_api(
         return await app.revoke_api_token(name, by=request.state.principal[0])
 
     bulk_api.add_routes(r, app)  # CSV import, collections
+    jobs.add_routes(r, app, feed)  # import and commit progress
     api.include_router(r)
     return api

@@ -323,9 +323,9 @@ async def test_a_login_outlives_a_restart_and_is_every_registrys(
         assert cookie not in str(rows) and TOKEN not in str(rows)
         # A revoked token ends its logins everywhere (a named one: the built-in admin's
         # cannot be revoked).
-        viewer = (
-            await registry.cli_json("token", "create", "--name", "temp", "--role", "viewer")
-        )["token"]
+        viewer = (await registry.cli_json("token", "create", "--name", "temp", "--role", "viewer"))[
+            "token"
+        ]
         await context.clear_cookies()
         await log_in(page, registry, viewer)
         await registry.cli_json("token", "revoke", "temp")

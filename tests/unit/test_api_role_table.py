@@ -40,6 +40,12 @@ EXPECTED = {
     "GET /vdisks/{name}/commit-source": "viewer",
     "POST /vdisks/{name}/promote": "admin",
     "POST /vdisks/{name}/merge": "admin",
+    "POST /vdisks/{name}/commit": "admin",
+    # Import and commit progress: anyone sees it, an admin (who imports) reports it.
+    "GET /jobs": "viewer",
+    "POST /jobs": "admin",
+    "PUT /jobs/{job_id}": "admin",
+    "POST /jobs/{job_id}/end": "admin",
     "POST /vdisks/{name}/rollback": "admin",
     "PATCH /vdisks/{name}": "admin",
     "DELETE /vdisks/{name}": "admin",

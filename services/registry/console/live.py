@@ -23,6 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from services.registry.jobs import Jobs
 from shared.boot_flow import BootFlow, belongs_to_a_boot, parse_event, starts_new_boot
 from shared.bus import EVENTS_SUBJECTS
 from shared.envelope import Envelope
@@ -115,6 +116,11 @@ class LiveView:
         """Machines' latest boots, the most recently active first."""
         return list(reversed(self.boots.values()))[:limit]
 
+    def poke(self) -> None:
+        """Something the pages show changed without an event (a job's progress)."""
+        self.version += 1
+        self._changed.set()
+
     def close(self) -> None:
         """End every live stream (the process is stopping)."""
         self.closed = True
@@ -136,16 +142,18 @@ class LiveFeed:
 
     def __init__(self, store: EventStore, nc: NATS | None) -> None:
         self.view = LiveView()
+        # Imports and commits under way (services/registry/jobs.py), shown live.
+        self.jobs = Jobs(self.view.poke)
         self._store = store
-        self._nc = nc
+        self.nc = nc
         self._sub: Any = None
         self._pending: list[Seen] | None = []
 
     async def start(self) -> None:
         # Subscribe first, then read the past: what arrives meanwhile waits in _pending and
         # whatever both hold is taken once (by position).
-        if self._nc is not None:
-            self._sub = await self._nc.subscribe(EVENTS_SUBJECTS, cb=self._on_msg)
+        if self.nc is not None:
+            self._sub = await self.nc.subscribe(EVENTS_SUBJECTS, cb=self._on_msg)
         past = await self._store.read_latest(SEED_EVENTS)
         self._feed((e.position, e.type, e.data, e.time) for e in past)
         pending, self._pending = self._pending or [], None

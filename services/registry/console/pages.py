@@ -27,7 +27,10 @@ from services.registry.console.logins import COOKIE, Login, Logins, cookie_value
 from services.registry.domain import collections
 from services.registry.domain.errors import DomainError
 from services.registry.domain.identity import normalize_mac
+from services.registry.domain.vdisks import check_commit
 from services.registry.gate import RANK, Principal
+from services.registry.jobs import Jobs
+from services.registry.vdisk_store import PHASES as STORE_PHASES
 from shared.boot_flow import PHASES, describe, parse_event, run
 from shared.events import CATALOG
 from shared.metrics import system_figures
@@ -53,7 +56,7 @@ CSP = (
 )
 REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 # Fragments a page can ask to be pushed on its live stream.
-LIVE_TOPICS = ("dashboard", "boots")
+LIVE_TOPICS = ("dashboard", "boots", "jobs")
 
 
 class NotLoggedIn(Exception):
@@ -70,10 +73,13 @@ def _size(n: float | None) -> str:
     return f"{n} B"
 
 
-def _ago(at: datetime | str | None) -> str:
+def _ago(at: datetime | str | float | None) -> str:
     if at is None:
         return "-"
-    when = datetime.fromisoformat(at) if isinstance(at, str) else at
+    if isinstance(at, int | float):  # epoch seconds
+        when = datetime.fromtimestamp(at, UTC)
+    else:
+        when = datetime.fromisoformat(at) if isinstance(at, str) else at
     s = (datetime.now(UTC) - when).total_seconds()
     if s < 60:
         return f"{max(0, int(s))} s ago"
@@ -130,6 +136,18 @@ def affected(app: RegistryApp, vdisk: str) -> dict[str, Any]:
     }
 
 
+def commit_view(app: RegistryApp, name: str) -> dict[str, Any]:
+    """Whether the vdisk's last maintenance session can be committed now: its session,
+    machine and the version it makes, or why not."""
+    try:
+        last = check_commit(app.projection, name)
+    except DomainError as exc:
+        return {"ready": False, "why": str(exc)}
+    mac = last["mac"]
+    host = (app.projection.devices.get(mac) or {}).get("hostname", mac)
+    return {"ready": True, **last, "hostname": host, "next_version": last["version"] + 1}
+
+
 def mount_console(
     api: FastAPI,
     app: RegistryApp,
@@ -141,8 +159,11 @@ def mount_console(
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters.update(size=_size, ago=_ago, secs=_secs)
-    env.globals.update(nav=NAV, phases=[p.value for p in PHASES], static=STATIC)
+    env.globals.update(
+        nav=NAV, phases=[p.value for p in PHASES], static=STATIC, phase_names=STORE_PHASES
+    )
     view = feed.view if feed is not None else LiveView()
+    jobs = feed.jobs if feed is not None else Jobs()
     api.mount(STATIC + "/docs", StaticFiles(directory=str(files("fastapi_offline") / "static")))
     api.mount(STATIC, StaticFiles(directory=str(HERE / "static")))
 
@@ -237,9 +258,13 @@ def mount_console(
         ]
         return {"devices": devices, "q": q, "vdisks": [v["name"] for v in app.list_vdisks()]}
 
-    async def render_topic(request: Request, login: Login, topic: str) -> str:
+    async def render_topic(
+        request: Request, login: Login, topic: str, vdisk: str | None = None
+    ) -> str:
         if topic == "dashboard":
             return fragment(request, "dashboard", login, **await dashboard_data()).body.decode()
+        if topic == "jobs":
+            return fragment(request, "jobs", login, jobs=jobs.list(vdisk)).body.decode()
         return fragment(request, "boots", login, **boots_data()).body.decode()
 
     # --- pages ---------------------------------------------------------------------------
@@ -293,7 +318,7 @@ def mount_console(
     @api.get("/console/vdisks", include_in_schema=False)
     async def vdisks_page(request: Request) -> HTMLResponse:
         login = await login_of(request)
-        return page(request, "vdisks.html", login, vdisks=app.list_vdisks())
+        return page(request, "vdisks.html", login, vdisks=app.list_vdisks(), jobs=jobs.list())
 
     @api.get("/console/vdisks/{name}", include_in_schema=False)
     async def vdisk_page(request: Request, name: str) -> HTMLResponse:
@@ -305,6 +330,8 @@ def mount_console(
             vdisk=app.vdisk_view(name),
             versions=list(reversed(app.versions(name))),
             affected=affected(app, name),
+            commit=commit_view(app, name),
+            jobs=jobs.list(name),
         )
 
     @api.get("/console/sessions", include_in_schema=False)
@@ -369,7 +396,9 @@ def mount_console(
 
     @api.get("/console/stream", include_in_schema=False)
     async def stream(
-        request: Request, topics: Annotated[str, Query(max_length=100)] = "dashboard"
+        request: Request,
+        topics: Annotated[str, Query(max_length=100)] = "dashboard",
+        vdisk: Annotated[str | None, Query(max_length=64)] = None,
     ) -> StreamingResponse:
         login = await login_of(request)
         wanted = [t for t in topics.split(",") if t in LIVE_TOPICS]
@@ -381,7 +410,7 @@ def mount_console(
             yield b"retry: 2000\n\n"
             while not view.closed and not await request.is_disconnected():
                 for topic in wanted:
-                    html = await render_topic(request, login, topic)
+                    html = await render_topic(request, login, topic, vdisk)
                     data = "".join(f"data: {line}\n" for line in html.splitlines())
                     yield f"event: {topic}\n{data}\n".encode()
                 seen = await view.wait_change(seen, 5.0)

@@ -128,6 +128,19 @@
     sel.addRange(range);
   });
 
+  // A job (import, commit) that ends while the page is open changed what the page shows
+  // (a new version): the page is loaded again once, when it ends.
+  const ended = () => new Set([...document.querySelectorAll("#jobs [data-job]:not([data-state='running'])")].map((j) => j.dataset.job));
+  let endedAtLoad = ended();
+  document.addEventListener("htmx:afterSwap", (ev) => {
+    if (ev.target.id !== "jobs" || !ev.target.hasAttribute("data-reload-on-end")) return;
+    const now = ended();
+    if ([...now].some((id) => !endedAtLoad.has(id))) {
+      endedAtLoad = now;
+      window.location.reload();
+    }
+  });
+
   // A live row that is clicked opens its timeline.
   document.addEventListener("click", (ev) => {
     const row = ev.target.closest("tr.boot[data-mac]");
