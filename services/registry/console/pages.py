@@ -34,6 +34,7 @@ from services.registry.vdisk_store import PHASES as STORE_PHASES
 from shared.boot_flow import PHASES, describe, parse_event, run
 from shared.events import CATALOG
 from shared.metrics import system_figures
+from shared.trace_spans import bars, boot_trace_id, read_spans
 
 HERE = Path(__file__).parent
 STATIC = "/console/static"
@@ -134,6 +135,31 @@ def affected(app: RegistryApp, vdisk: str) -> dict[str, Any]:
         "others": [d["hostname"] for d in devices if not d["tester"]],
         "live_sessions": sum(1 for s in app.list_sessions() if s.get("vdisk") == vdisk),
     }
+
+
+def trace_file(app: RegistryApp) -> Path:
+    return app.settings.trace_file or app.settings.data_path("traces.jsonl")
+
+
+def waterfalls(path: Path, trace_ids: list[str | None]) -> list[dict[str, Any]]:
+    """Each boot's trace as waterfall rows (shared/trace_spans.py, the spans `streamboot
+    trace show` draws), or why there is none."""
+    if not path.exists():
+        why = (
+            f"no span file at {path}: set STREAMBOOT_TRACE_EXPORTER=jsonl (the embedded "
+            "default), or read the trace in your OTLP backend"
+        )
+        return [{"why": why, "trace_id": t, "rows": []} for t in trace_ids]
+    out = []
+    for trace_id in trace_ids:
+        if trace_id is None:
+            out.append({"why": "no session, so no trace", "rows": []})
+            continue
+        found = bars(read_spans(path, trace_id))
+        out.append(
+            {"trace_id": trace_id, "why": None if found["rows"] else "no spans yet", **found}
+        )
+    return out
 
 
 def commit_view(app: RegistryApp, name: str) -> dict[str, Any]:
@@ -285,14 +311,22 @@ def mount_console(
         device = app.show_device(mac)
         rows = await app.store.read_device(device["mac"])
         typed = [(parse_event(e.type, e.data), e) for e in rows]
-        flows = run([(t, e.time) for t, e in typed if t is not None])
+        flows = list(reversed(run([(t, e.time) for t, e in typed if t is not None])))[:10]
         detail = {(e.type, e.time): describe(e.type, e.data) for _, e in typed}
+        opened = {
+            e.data.get("session_id"): boot_trace_id(e.data, e.traceparent)
+            for e in rows
+            if e.type == "SessionOpened"
+        }
+        traces = await asyncio.to_thread(
+            waterfalls, trace_file(app), [opened.get(f.session_id) for f in flows]
+        )
         return page(
             request,
             "timeline.html",
             login,
             device=device,
-            flows=list(reversed(flows))[:10],
+            flows=list(zip(flows, traces, strict=True)),
             detail=detail,
         )
 
