@@ -122,6 +122,7 @@ def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
 # handlers come on top).
 BOOT_SPANS = {
     "dhcp", "assignment lookup", "ipxe script", "registry.session.open",
+    "kernel download", "initrd download",
     "nbd connection", "first read", "redeem", "booted", "boot pxe-001",
 }  # fmt: skip
 
