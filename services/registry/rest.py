@@ -339,7 +339,8 @@ def build_api(
     # sessions
     @r.get("/sessions")
     async def list_sessions() -> list[dict[str, Any]]:
-        return await app.list_sessions_with_usage()
+        sessions = await app.list_sessions_with_usage()
+        return feed.view.with_bytes(sessions) if feed is not None else sessions
 
     @r.post("/sessions", status_code=201)
     async def open_session(body: SessionIn) -> dict[str, Any]:

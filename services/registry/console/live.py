@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,9 @@ log = logging.getLogger("streamboot.registry.console")
 
 # Machines whose latest boot is kept; the oldest drops out past this.
 MAX_BOOTS = 500
+# Live sessions whose bytes are followed; past this a session shows its ended
+# connections' bytes only.
+MAX_LIVE_SESSIONS = 100_000
 # How much of the log's recent past the view starts from.
 SEED_EVENTS = 5000
 HOUR = timedelta(hours=1)
@@ -58,6 +62,10 @@ class LiveView:
         self._starts: deque[datetime] = deque()
         self._booted: deque[tuple[datetime, float]] = deque()
         self._bytes: deque[tuple[datetime, int]] = deque()
+        # Live sessions' data moved so far, by stream node: session id -> node -> (read,
+        # written), the totals each node's BlocksRequested carries.
+        self.live_bytes: dict[str, dict[str, tuple[int, int]]] = {}
+        self._bytes_shown_at = 0.0
         self._changed = asyncio.Event()
         self.version = 0
         self.closed = False  # set when the process stops: live streams end
@@ -70,6 +78,10 @@ class LiveView:
         if type_ == "SessionDetached":  # each connection's bytes, once
             moved = int(data.get("bytes_read", 0)) + int(data.get("bytes_written", 0))
             self._bytes.append((at, moved))
+        elif type_ == "BlocksRequested" and data.get("stream_node"):
+            self._moved_on(data)
+        elif type_ == "SessionClosed":
+            self.live_bytes.pop(str(data.get("session_id")), None)
         event = parse_event(type_, data)
         if event is None or not belongs_to_a_boot(event):
             return True
@@ -96,6 +108,33 @@ class LiveView:
         self.version += 1
         self._changed.set()
         return True
+
+    def _moved_on(self, data: dict[str, Any]) -> None:
+        sid = str(data.get("session_id"))
+        if sid not in self.live_bytes and len(self.live_bytes) >= MAX_LIVE_SESSIONS:
+            return  # past the bound: shown from its SessionDetached events only
+        try:
+            moved = (int(data.get("bytes_read", 0)), int(data.get("bytes_written", 0)))
+        except (TypeError, ValueError):
+            return
+        self.live_bytes.setdefault(sid, {})[str(data["stream_node"])] = moved
+        # A page shows the bytes live, re-rendered at most once a second for them (every
+        # active session reports each second).
+        now = time.monotonic()
+        if now - self._bytes_shown_at >= 1.0:
+            self._bytes_shown_at = now
+            self.version += 1
+            self._changed.set()
+
+    def with_bytes(self, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Sessions (the registry's views) with the data they moved so far: the stream
+        nodes' live totals, or what their ended connections counted (SessionDetached) when
+        that is more (a stream node that restarted counts again from zero)."""
+        for s in sessions:
+            nodes = self.live_bytes.get(s["session_id"], {}).values()
+            s["bytes_read"] = max(int(s.get("bytes_read") or 0), sum(r for r, _ in nodes))
+            s["bytes_written"] = max(int(s.get("bytes_written") or 0), sum(w for _, w in nodes))
+        return sessions
 
     def figures(self, now: datetime | None = None) -> dict[str, Any]:
         now = now or datetime.now(UTC)

@@ -57,7 +57,7 @@ CSP = (
 )
 REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 # Fragments a page can ask to be pushed on its live stream.
-LIVE_TOPICS = ("dashboard", "boots", "jobs")
+LIVE_TOPICS = ("dashboard", "boots", "jobs", "sessions")
 
 
 class NotLoggedIn(Exception):
@@ -262,12 +262,18 @@ def mount_console(
             "instances": sorted(beats, key=lambda b: (b.get("service", ""), b.get("node", ""))),
             "figures": system_figures(beats),
             "live": view.figures(),
+            "sessions_bytes": sum(
+                s["bytes_read"] + s["bytes_written"] for s in view.with_bytes(app.list_sessions())
+            ),
             "counts": {
                 "devices": len(p.devices),
                 "vdisks": len(p.vdisks),
                 "sessions": len(p.sessions),
             },
         }
+
+    async def sessions_data() -> dict[str, Any]:
+        return {"sessions": view.with_bytes(await app.list_sessions_with_usage())}
 
     def boots_data() -> dict[str, Any]:
         return {"boots": view.recent_boots(50)}
@@ -291,6 +297,8 @@ def mount_console(
             return fragment(request, "dashboard", login, **await dashboard_data()).body.decode()
         if topic == "jobs":
             return fragment(request, "jobs", login, jobs=jobs.list(vdisk)).body.decode()
+        if topic == "sessions":
+            return fragment(request, "sessions", login, **await sessions_data()).body.decode()
         return fragment(request, "boots", login, **boots_data()).body.decode()
 
     # --- pages ---------------------------------------------------------------------------
@@ -371,7 +379,7 @@ def mount_console(
     @api.get("/console/sessions", include_in_schema=False)
     async def sessions_page(request: Request) -> HTMLResponse:
         login = await login_of(request)
-        return page(request, "sessions.html", login, sessions=await app.list_sessions_with_usage())
+        return page(request, "sessions.html", login, **await sessions_data())
 
     @api.get("/console/events", include_in_schema=False)
     async def events_page(
@@ -419,9 +427,7 @@ def mount_console(
         if name == "devices":
             return fragment(request, "devices", login, **await devices_data(q))
         if name == "sessions":
-            return fragment(
-                request, "sessions", login, sessions=await app.list_sessions_with_usage()
-            )
+            return fragment(request, "sessions", login, **await sessions_data())
         if name in LIVE_TOPICS:
             return HTMLResponse(await render_topic(request, login, name))
         return HTMLResponse("unknown fragment", status_code=404)
