@@ -4,7 +4,7 @@ The registry's relay publishes every event of the log on ``events.<Type>.<kind>`
 is stored; this follows that subject (a core subscription: nothing durable, a console that
 starts again reads its recent past from the log first) and keeps what the pages show
 live: each machine's current boot run through the boot state machine
-(shared/boot_flow.py), boots of the last hour, time-to-booted, bytes streamed. Browsers
+(shared/boot_flow.py), boots of the last hour, time-to-booted, live sessions' bytes. Browsers
 listen through server-sent events: each change wakes the open streams, which render the
 fragments they show (the browser never polls).
 """
@@ -61,7 +61,6 @@ class LiveView:
         self._mac_of_session: dict[str, str] = {}
         self._starts: deque[datetime] = deque()
         self._booted: deque[tuple[datetime, float]] = deque()
-        self._bytes: deque[tuple[datetime, int]] = deque()
         # Live sessions' data moved so far, by stream node: session id -> node -> (read,
         # written), the totals each node's BlocksRequested carries.
         self.live_bytes: dict[str, dict[str, tuple[int, int]]] = {}
@@ -75,10 +74,7 @@ class LiveView:
         if position and position <= self.position:
             return False
         self.position = max(self.position, position)
-        if type_ == "SessionDetached":  # each connection's bytes, once
-            moved = int(data.get("bytes_read", 0)) + int(data.get("bytes_written", 0))
-            self._bytes.append((at, moved))
-        elif type_ == "BlocksRequested" and data.get("stream_node"):
+        if type_ == "BlocksRequested" and data.get("stream_node"):
             self._moved_on(data)
         elif type_ == "SessionClosed":
             self.live_bytes.pop(str(data.get("session_id")), None)
@@ -140,15 +136,13 @@ class LiveView:
         now = now or datetime.now(UTC)
         while self._starts and self._starts[0] < now - HOUR:
             self._starts.popleft()
-        for q in (self._booted, self._bytes):
-            while q and q[0][0] < now - HOUR:
-                q.popleft()
+        while self._booted and self._booted[0][0] < now - HOUR:
+            self._booted.popleft()
         times = [s for _, s in self._booted]
         return {
             "boots_last_hour": len(self._starts),
             "booted_p50_s": percentile(times, 50),
             "booted_p95_s": percentile(times, 95),
-            "bytes_last_hour": sum(n for _, n in self._bytes),
         }
 
     def recent_boots(self, limit: int = 50) -> list[BootFlow]:
