@@ -62,6 +62,8 @@ def service_env(registry: Registry, node: str, **settings: str) -> dict[str, str
         "STREAMBOOT_NODE_ID": node,
         "STREAMBOOT_NBD_PORT": str(free_port()),
         "STREAMBOOT_HTTP_STREAM_PORT": str(free_port()),
+        # Not the default 13260: a test running beside this one may hold it.
+        "STREAMBOOT_ISCSI_PORT": str(free_port()),
         "STREAMBOOT_METRICS_PORT": "0",
         "STREAMBOOT_CACHE_RAM_DIR": str(dd / "ram"),
         "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
