@@ -16,7 +16,7 @@ import pytest
 from shared.vdisk_layout import open_chain
 from tests.registry.conftest import Registry, write_image
 from tests.registry.test_console_browser import CHROMIUM, browser, log_in, page, shot
-from tests.registry.test_maintenance import service, service_env
+from tests.registry.test_maintenance import data_plane, provision, qemu_io
 
 __all__ = ["browser", "page"]  # fixtures
 MiB = 1 << 20
@@ -26,11 +26,11 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which(CHROMIUM), reason="needs Debian's chromium"),
     pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io (qemu-utils) missing"),
 ]
-# Every state a job's row showed, as the page changed (the live stream's swaps).
+# Every state a job's row showed, as the page changed (the live stream's swaps), told to
+# the test (the page loads itself again when the job ends).
 WATCH_JOBS = """() => {
-  window.jobStates = [];
   const seen = () => document.querySelectorAll('#jobs [data-job]').forEach(
-    (j) => window.jobStates.push(j.dataset.state + ':' + (j.querySelector('.pill') || {}).textContent));
+    (j) => window.jobSeen(j.dataset.state + ':' + (j.querySelector('.pill') || {}).textContent));
   new MutationObserver(seen).observe(document.getElementById('jobs'), {subtree: true, childList: true});
 }"""
 
@@ -44,6 +44,8 @@ async def test_an_import_shows_its_progress_live(
     await log_in(page, registry)
     await page.click("nav >> text=vdisks")
     await page.wait_for_selector("text=no imports or commits since the registry started")
+    states: list[str] = []
+    await page.expose_function("jobSeen", lambda state: states.append(state))
     await page.evaluate(WATCH_JOBS)
     imported = asyncio.create_task(
         registry.cli_json("vdisk", "import", str(image), "--name", "big")
@@ -52,7 +54,6 @@ async def test_an_import_shows_its_progress_live(
     await shot(page, tmp_path, "import-running")
     await imported
     await page.wait_for_selector("#jobs [data-state='done'] .pill:has-text('done: v1')")
-    states = await page.evaluate("window.jobStates")
     running = {s for s in states if s.startswith("running")}
     assert running, states  # it showed as it went, not only once done
     assert any("%" in s for s in running), states
@@ -66,26 +67,11 @@ async def test_an_import_shows_its_progress_live(
 async def test_a_maintenance_session_is_committed_from_the_console(
     page: Any, registry: Registry, tmp_path: Path
 ) -> None:
-    dd = registry.data_dir
-    node = f"stream-console-{os.getpid()}"
-    env = service_env(registry, node)
-    image = write_image(dd / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
-    await registry.cli_json("vdisk", "import", str(image), "--name", "win")
-    await registry.cli_json("device", "add", MAC, "--hostname", "golden-pc")
-    await registry.cli_json("assign", MAC, "win", "--default")
-    async with (
-        service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
-        service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
-    ):
-        await registry.sees("cache", node, timeout_s=20.0)
-        await registry.sees("stream", node, timeout_s=20.0)
+    image = write_image(registry.data_dir / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old"})
+    await provision(registry, MAC, "golden-pc", "win", image)
+    async with data_plane(registry, f"stream-console-{os.getpid()}"):
         s = await registry.app.open_session(MAC, maintenance=True)
-        qemu_io = await asyncio.create_subprocess_exec(
-            "qemu-io", "-f", "raw", "-c", f"write -P 0xab {2 * MiB} 64k", s["nbd_uri"],
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(qemu_io.communicate(), 60)
-        assert qemu_io.returncode == 0, out.decode()
+        await qemu_io(s["nbd_uri"], f"write -P 0xab {2 * MiB} 64k")
         await registry.app.close_session(s["session_id"])
 
         await log_in(page, registry)

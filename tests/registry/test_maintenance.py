@@ -71,6 +71,39 @@ def service_env(registry: Registry, node: str, **settings: str) -> dict[str, str
     }
 
 
+@contextlib.asynccontextmanager
+async def data_plane(registry: Registry, node: str) -> AsyncIterator[None]:
+    """A cache service and a stream node of this test (subprocesses), seen alive by the
+    registry."""
+    dd = registry.data_dir
+    env = service_env(registry, node)
+    async with (
+        service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
+        service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
+    ):
+        await registry.sees("cache", node, timeout_s=20.0)
+        await registry.sees("stream", node, timeout_s=20.0)
+        yield
+
+
+async def qemu_io(uri: str, *commands: str) -> None:
+    """Real qemu-io runs ``commands`` on the NBD export at ``uri`` (one connection)."""
+    args = [x for c in commands for x in ("-c", c)]
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", *args, uri,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+
+
+async def provision(registry: Registry, mac: str, hostname: str, vdisk: str, image: Path) -> None:
+    """``image`` imported as ``vdisk``, the default of a new device (the real CLI)."""
+    await registry.cli_json("vdisk", "import", str(image), "--name", vdisk)
+    await registry.cli_json("device", "add", mac, "--hostname", hostname)
+    await registry.cli_json("assign", mac, vdisk, "--default")
+
+
 def read_chain(layers: list[str], offset: int, length: int) -> bytes:
     with open_chain(layers) as chain:
         return chain.pread(offset, length)

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.registry.conftest import Registry, write_image
 from tests.registry.test_console_browser import CHROMIUM, browser, log_in, page, shot
-from tests.registry.test_maintenance import service, service_env
+from tests.registry.test_maintenance import data_plane, provision, qemu_io
 
 __all__ = ["browser", "page"]  # fixtures
 MiB = 1 << 20
@@ -33,27 +33,13 @@ READ, WRITTEN = 3 * MiB, 64 * 1024
 async def test_a_sessions_bytes_agree_live_and_at_its_end(
     page: Any, registry: Registry, tmp_path: Path
 ) -> None:
-    dd = registry.data_dir
-    node = f"stream-bytes-{os.getpid()}"
-    env = service_env(registry, node)
-    image = write_image(dd / "base.raw", 8 * MiB, {0: b"MBR"})
-    await registry.cli_json("vdisk", "import", str(image), "--name", "lab")
-    await registry.cli_json("device", "add", MAC, "--hostname", "counted-001")
-    await registry.cli_json("assign", MAC, "lab", "--default")
-    async with (
-        service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
-        service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
-    ):
-        await registry.sees("stream", node, timeout_s=20.0)
+    image = write_image(registry.data_dir / "base.raw", 8 * MiB, {0: b"MBR"})
+    await provision(registry, MAC, "counted-001", "lab", image)
+    async with data_plane(registry, f"stream-bytes-{os.getpid()}"):
         s = await registry.app.open_session(MAC)
         sid = s["session_id"]
         # A first client writes and leaves (its SessionDetached counts the write)...
-        writer = await asyncio.create_subprocess_exec(
-            "qemu-io", "-f", "raw", "-c", f"write -P 0x5a {4 * MiB} {WRITTEN}", s["nbd_uri"],
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(writer.communicate(), 60)
-        assert writer.returncode == 0, out.decode()
+        await qemu_io(s["nbd_uri"], f"write -P 0x5a {4 * MiB} {WRITTEN}")
         # ...a second one reads, its commands from stdin: its connection stays open.
         client = await asyncio.create_subprocess_exec(
             "qemu-io", "-f", "raw", s["nbd_uri"],
