@@ -6,7 +6,7 @@ runs in the CLI (``vdisk import`` stages the image on the machine that runs it) 
 here through the REST API: ``POST /jobs`` starts it, ``PUT /jobs/{id}`` says how far, ``POST
 /jobs/{id}/end`` ends it. A commit (``POST /vdisks/{name}/commit``, the console's button)
 runs in the registry itself: it stages the maintenance session's writes read from the cache
-service (services/registry/maintenance.py) and publishes them as the next version, as
+service (shared/vdisk_commit.py) and publishes them as the next version, as
 ``streamboot vdisk commit`` does. Each change wakes the console's live streams.
 
 Jobs live in the registry process that runs or hears them (a restart forgets them: the
@@ -22,20 +22,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
 from nats.aio.client import Client as NATS
-from pydantic import BaseModel, Field
 
-from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from services.registry.domain.errors import not_found
-from services.registry.maintenance import stage_commit
+from shared import vdisk_store
 from shared.errors import reason
-
-if TYPE_CHECKING:
-    from services.registry.console.live import LiveFeed
+from shared.vdisk_commit import stage_commit
 
 log = logging.getLogger("streamboot.registry.jobs")
 
@@ -150,63 +145,3 @@ async def run_commit(app: RegistryApp, nc: NATS, jobs: Jobs, job: Job, stage: st
     except Exception as exc:
         log.warning("registry: committing %s failed: %s", name, reason(exc))
         jobs.end(job.id, error=reason(exc))
-
-
-# --- REST ------------------------------------------------------------------------------
-
-
-class JobIn(BaseModel):
-    kind: Literal["import"] = "import"
-    vdisk: Annotated[str, Field(max_length=64)]
-
-
-class ProgressIn(BaseModel):
-    phase: Annotated[str, Field(max_length=64)]
-    done: Annotated[int, Field(ge=0)]
-    total: Annotated[int, Field(ge=0)]
-
-
-class EndIn(BaseModel):
-    version: int | None = None
-    error: Annotated[str | None, Field(max_length=1000)] = None
-
-
-class CommitIn(BaseModel):
-    stage: Literal["maintenance", "test", "production"] | None = None
-
-
-def add_routes(r: APIRouter, app: RegistryApp, feed: LiveFeed | None) -> None:
-    """The jobs' routes; ``feed``: the console's live view, which holds the jobs and the
-    registry's NATS connection (None: jobs of this API alone, no commits)."""
-    jobs = feed.jobs if feed is not None else Jobs()
-    tasks: set[asyncio.Task[None]] = set()
-
-    @r.get("/jobs")
-    async def list_jobs(vdisk: str | None = None) -> list[dict[str, Any]]:
-        return jobs.list(vdisk)
-
-    @r.post("/jobs", status_code=201)
-    async def start_job(body: JobIn, request: Request) -> dict[str, Any]:
-        return jobs.start(body.kind, body.vdisk, request.state.principal[0]).view()
-
-    @r.put("/jobs/{job_id}")
-    async def job_progress(job_id: str, body: ProgressIn) -> dict[str, Any]:
-        return jobs.progress(job_id, body.phase, body.done, body.total).view()
-
-    @r.post("/jobs/{job_id}/end")
-    async def end_job(job_id: str, body: EndIn) -> dict[str, Any]:
-        return jobs.end(job_id, version=body.version, error=body.error).view()
-
-    @r.post("/vdisks/{name}/commit", status_code=202)
-    async def commit(name: str, body: CommitIn, request: Request) -> dict[str, Any]:
-        """Commit the vdisk's last maintenance session as its next version, in the
-        background: the answer is the job (``GET /jobs``) that shows how far it got."""
-        app.commit_source(name)  # refused now, not in the job, when there is none
-        bus = feed.nc if feed is not None else None
-        if bus is None:
-            raise not_found("this registry has no NATS connection to read the write cache")
-        job = jobs.start("commit", name, request.state.principal[0])
-        task = asyncio.create_task(run_commit(app, bus, jobs, job, body.stage))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return job.view()

@@ -26,15 +26,15 @@ from services.registry.console.live import LiveFeed, LiveView
 from services.registry.console.logins import COOKIE, Login, Logins, cookie_value
 from services.registry.domain import collections
 from services.registry.domain.errors import DomainError
-from services.registry.domain.identity import normalize_mac
 from services.registry.domain.vdisks import check_commit
 from services.registry.gate import RANK, Principal
 from services.registry.jobs import Jobs
-from services.registry.vdisk_store import PHASES as STORE_PHASES
 from shared.boot_flow import PHASES, describe, parse_event, run
 from shared.events import CATALOG
+from shared.identity import normalize_mac
 from shared.metrics import system_figures
 from shared.trace_spans import bars, boot_trace_id, read_spans
+from shared.vdisk_store import PHASES as STORE_PHASES
 
 HERE = Path(__file__).parent
 STATIC = "/console/static"

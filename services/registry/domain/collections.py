@@ -10,9 +10,9 @@ from __future__ import annotations
 from services.registry.domain import assignments, chap
 from services.registry.domain.devices import get_device
 from services.registry.domain.errors import invalid
-from services.registry.domain.identity import check_name
 from services.registry.projection import Projection, Record
 from shared.events import DeviceUpdated, Event
+from shared.identity import check_name
 
 # Devices one request may move into a collection.
 MAX_MEMBERS = 10_000

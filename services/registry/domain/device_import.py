@@ -17,10 +17,10 @@ from typing import Any
 
 from services.registry.domain import devices
 from services.registry.domain.errors import DomainError
-from services.registry.domain.identity import check_name
 from services.registry.domain.vdisks import get_vdisk
 from services.registry.projection import Projection, Record
 from shared.events import AssignmentChanged, DeviceRegistered, Event
+from shared.identity import check_name
 
 COLUMNS = ("mac", "hostname", "collection", "tester", "kernel_args", "smbios_uuid", "vdisks")
 ALIASES = {"uuid": "smbios_uuid", "vdisk": "vdisks", "kernel-args": "kernel_args"}

@@ -48,7 +48,9 @@ async def import_devices(app: RegistryApp, text: str) -> dict[str, Any]:
     return device_import.summary(decided)
 
 
-def add_routes(r: APIRouter, app: RegistryApp) -> None:
+def routes(app: RegistryApp) -> APIRouter:
+    r = APIRouter()
+
     @r.post("/devices/import", status_code=201, response_model=None)
     async def import_device_csv(body: DeviceImportIn) -> dict[str, Any] | JSONResponse:
         try:
@@ -66,3 +68,5 @@ def add_routes(r: APIRouter, app: RegistryApp) -> None:
     async def join_collection(body: CollectionIn) -> dict[str, Any]:
         await app._execute(lambda p: collections.join(p, body.name, body.devices, body.vdisk))
         return next(c for c in collections.view(app.projection) if c["name"] == body.name)
+
+    return r
