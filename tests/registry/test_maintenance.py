@@ -81,6 +81,7 @@ async def data_plane(registry: Registry, node: str) -> AsyncIterator[None]:
         service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
         service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
     ):
+        # As the registry sees them: its view is a watch, a moment behind the bucket.
         await registry.sees("cache", node, timeout_s=20.0)
         await registry.sees("stream", node, timeout_s=20.0)
         yield
@@ -110,21 +111,13 @@ def read_chain(layers: list[str], offset: int, length: int) -> bytes:
 
 
 async def test_maintenance_writes_become_the_next_version(registry: Registry, nc: Any) -> None:
-    dd = registry.data_dir
     node = f"stream-maint-{os.getpid()}"
-    env = service_env(registry, node)
-    image = write_image(dd / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
+    image = write_image(registry.data_dir / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
     await registry.cli_json("vdisk", "import", str(image), "--name", "win")
     async with registry.http() as http:
         assert (await http.post("/devices", json={"mac": MAC})).is_success
         assert (await http.post("/assignments", json={"target": MAC, "vdisk": "win"})).is_success
-        async with (
-            service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
-            service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
-        ):
-            # As the registry sees them: its view is a watch, a moment behind the bucket.
-            await registry.sees("cache", node, timeout_s=20.0)
-            await registry.sees("stream", node, timeout_s=20.0)
+        async with data_plane(registry, node):
             r = await http.post("/sessions", json={"mac": MAC, "maintenance": True})
             assert r.status_code == 201, r.text
             s = r.json()
