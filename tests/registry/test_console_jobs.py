@@ -61,6 +61,9 @@ async def test_an_import_shows_its_progress_live(
         [job] = (await http.get("/jobs")).json()
     assert job["kind"] == "import" and job["vdisk"] == "big" and job["state"] == "done"
     assert job["version"] == 1 and job["by"] == "bootstrap-admin"
+    # The audit trail has the import's version, not its progress reports.
+    audit = [e["data"]["path"] for e in await registry.app.events(type_="AdminActionPerformed")]
+    assert "/vdisks/big/versions" in audit and not [p for p in audit if "/jobs" in p], audit
     await shot(page, tmp_path, "import-done")
 
 
