@@ -101,12 +101,16 @@ def event_consumer() -> list[str]:
 
 MATRIX: dict[str, Grant] = {
     # The log: appends come in, events go out (the relay), sessions are announced to their
-    # stream node, write caches listed for `status`/sweeps.
+    # stream node, write caches listed for `status`/sweeps; the console's maintenance
+    # commit reads a kept write cache from its node (as the CLI's `vdisk commit` does).
     "registry": Grant(
         publish=(
             "events.>",
             "streamboot.stream.*.session.prepare",
             "streamboot.cache.wc.list",
+            "streamboot.cache.wc.open",
+            "streamboot.cache.node.*.wc.map",
+            "streamboot.cache.node.*.wc.read",
         ),
         # events.>: the web console's live view follows the log's events as published.
         subscribe=("streamboot.registry.>", f"{APPEND_PREFIX}.>", "events.>"),

@@ -363,11 +363,16 @@ class SessionClosed(SessionEvent):
 
 class BlocksRequested(SessionEvent):
     """A batch of block accesses: ``extents`` are [t_ms since session start, offset, length, op]
-    with op ``r`` (read) or ``w`` (write)."""
+    with op ``r`` (read) or ``w`` (write). ``bytes_read``/``bytes_written``: the data the
+    session's connections on this stream node moved so far, counted as SessionDetached
+    counts it (a live session's bytes; a trim is an extent that moves no data)."""
 
     vdisk: str
     version: int
     extents: list[tuple[int, int, int, Literal["r", "w"]]]
+    stream_node: str | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
 
 
 class WriteCacheFull(SessionEvent):

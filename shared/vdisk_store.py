@@ -42,6 +42,16 @@ FILE_MODE = 0o640
 DIR_MODE = 0o750
 # (phase, done, total): phase is "convert", "copy", "hash" or "delta".
 Progress = Callable[[str, int, int], None]
+# What each phase reported to a Progress is, in words (the CLI's bar, the console's jobs).
+PHASES = {
+    "overlay": "applying the session's writes",
+    "convert": "converting to raw",
+    "copy": "copying",
+    "hash": "checksumming",
+    "delta": "storing changed blocks",
+    "boot files": "looking for kernels",
+    "publish": "publishing",
+}
 
 
 @dataclass(frozen=True)

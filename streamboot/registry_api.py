@@ -27,10 +27,18 @@ EXIT_UNREACHABLE = 3
 
 
 class ClientError(OperatorError):
-    def __init__(self, message: str, kind: str = "error", exit_code: int = EXIT_REFUSED) -> None:
+    def __init__(
+        self,
+        message: str,
+        kind: str = "error",
+        exit_code: int = EXIT_REFUSED,
+        rows: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.exit_code = exit_code
+        # A refused file's errors, one per bad row ({"line", "error"}: `device import`).
+        self.rows = rows or []
 
 
 class RegistryClient:
@@ -78,7 +86,8 @@ class RegistryClient:
             data = {"error": resp.text or resp.reason_phrase}
         if resp.status_code >= 400:
             if isinstance(data, dict) and "error" in data:
-                raise ClientError(str(data["error"]), str(data.get("kind", "error")))
+                rows = data.get("rows") if isinstance(data.get("rows"), list) else None
+                raise ClientError(str(data["error"]), str(data.get("kind", "error")), rows=rows)
             raise ClientError(f"HTTP {resp.status_code}: {data}", "invalid")
         return data
 
@@ -102,9 +111,12 @@ def fail(exc: Exception, as_json: bool) -> NoReturn:
     """Print an error (one line on stderr; JSON on stdout too with --json) and exit."""
     kind = getattr(exc, "kind", "error")
     code = getattr(exc, "exit_code", EXIT_REFUSED)
+    rows = getattr(exc, "rows", [])
     if as_json:
-        print(json.dumps({"error": str(exc), "kind": kind}))
+        print(json.dumps({"error": str(exc), "kind": kind} | ({"rows": rows} if rows else {})))
     print(f"error: {exc}", file=sys.stderr)
+    for row in rows:
+        print(f"  line {row.get('line')}: {row.get('error')}", file=sys.stderr)
     raise SystemExit(code)
 
 

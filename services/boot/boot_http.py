@@ -6,8 +6,10 @@
   nonce on the command line) or ``sanboot`` of its new session's HTTP URL.
 - ``GET /session/redeem?nonce=..``: the session's NBD export and identity, for the
   initramfs; once per nonce, and only to the address the script went to.
-- ``GET|HEAD /boot-files/<vdisk>/<version>/vmlinuz|initrd``: a version's kernel and
-  initramfs, from the local vdisk store (Range, keep-alive).
+- ``GET|HEAD /boot-files/<vdisk>/<version>[/<mac>]/vmlinuz|initrd``: a version's kernel
+  and initramfs, from the local vdisk store (Range, keep-alive). The script names the
+  client's MAC (``aa-bb-..``) in the path: each transfer is then a span of that boot's
+  trace (``kernel download``, ``initrd download``).
 - ``GET /booted?mac=..``: the client's OS has booted (``ClientBooted``, once per session).
 - ``GET /client/notice?mac=..&kind=..&message=..``: something the client wants the operator
   to see (``ClientNotice``). Both only from the address the MAC's session was issued to.
@@ -22,14 +24,16 @@ body is the same message-and-retry script, for a client that runs it instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from services.boot import ipxe_scripts as scripts
-from services.boot.boot_trace import BootTraces, boot_span
+from services.boot.boot_trace import BootTraces, boot_span, record_boot_span
 from services.boot.client_reports import NOTICES_PER_SESSION, ReportBudget, notice_problem
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response, file_response
@@ -53,8 +57,11 @@ _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 _UUID = re.compile(r"^[0-9a-fA-F-]{32,36}$")
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _BOOT_FILE = re.compile(
-    r"^/boot-files/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/([0-9]{1,9})/(vmlinuz|initrd)$"
+    r"^/boot-files/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/([0-9]{1,9})"
+    r"(?:/([0-9a-f]{2}(?:-[0-9a-f]{2}){5}))?/(vmlinuz|initrd)$"
 )
+# The span of each boot file's transfer.
+DOWNLOAD_SPANS = {"vmlinuz": "kernel download", "initrd": "initrd download"}
 IPXE = "text/plain; charset=utf-8"
 RETRY_BUSY_S = 10  # registry away, or a live session that has not closed yet
 REFUSED_WAIT_S = 60
@@ -116,7 +123,7 @@ class BootHttp:
         if request.path == "/session/redeem":
             return await self.redeem(request)
         if request.path.startswith("/boot-files/"):
-            return self.boot_file(request)
+            return await self.boot_file(request)
         if request.path == "/booted":
             return await self.booted(request)
         if request.path == "/client/notice":
@@ -135,15 +142,23 @@ class BootHttp:
         with boot_span("ipxe script", boot, mac=mac, vdisk=request.query.get("vdisk")):
             return await self.client_script(request, boot)
 
-    def boot_file(self, request: Request) -> Response:
-        """A version's kernel or initramfs, as the registry stored it when it was published."""
+    async def boot_file(self, request: Request) -> Response:
+        """A version's kernel or initramfs, as the registry stored it when it was published;
+        its transfer a span of the boot's trace when the path names the MAC."""
         m = _BOOT_FILE.match(request.path)
         if m is None or self.boot_files_root is None:
             return Response(404, "not found\n")
-        vdisk, version, name = m.group(1), int(m.group(2)), m.group(3)
-        return file_response(
+        vdisk, version, mac, name = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        response = file_response(
             str(self.boot_files_root / vdisk / "boot" / f"v{version}" / name), request
         )
+        if mac and response.file is not None and request.method == "GET":
+            entry = await self.handoffs.get_boot(mac.replace("-", ":"))
+            root = (entry or {}).get("boot_traceparent")
+            if root:
+                span = transfer_span(DOWNLOAD_SPANS[name], root, mac, request)
+                return dataclasses.replace(response, sent=span)
+        return response
 
     async def _reporter(self, request: Request) -> tuple[str, dict[str, Any]] | Response:
         """The MAC and its latest boot for a report from the client, or the refusal."""
@@ -372,7 +387,9 @@ class BootHttp:
             return scripts.iscsi_sanboot_script(info, iscsi, retry_url=retry)
         if how.get("method") not in ("kernel", "nbdroot"):
             return scripts.sanboot_script(info, retry_url=retry)
-        files_url = f"{self.base_url}/boot-files/{session.vdisk}/{session.version}"
+        files_url = f"{self.base_url}/boot-files/{session.vdisk}/{session.version}/" + mac.replace(
+            ":", "-"
+        )
         if how.get("method") == "nbdroot":
             # An image without the streamboot client: no nonce to redeem, the export on the
             # command line for Debian's own initramfs (docs/clients.md says what that costs).
@@ -414,3 +431,18 @@ class BootHttp:
             kernel_version=how.get("kernel_version"),
         )
         return scripts.kernel_script(info, kernel, retry_url=retry)
+
+
+def transfer_span(name: str, root: str, mac: str, request: Request) -> Callable[[int, bool], None]:
+    """What the server calls once a boot file's bytes are sent: the transfer as a finished
+    span of the boot's trace (from the request to its last byte)."""
+    started = time.time_ns()
+    wanted = request.headers.get("range")
+
+    def sent(n: int, complete: bool) -> None:
+        record_boot_span(
+            name, {"traceparent": root}, started, time.time_ns(),
+            mac=mac.replace("-", ":"), bytes=n, range=wanted, complete=complete,
+        )  # fmt: skip
+
+    return sent

@@ -74,6 +74,8 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     file: FileSlice | None = None
     retry_after_s: int | None = None  # a 503's Retry-After: iPXE asks again after it
+    # Called with the file's bytes sent and whether all were, once they are (a trace span).
+    sent: Callable[[int, bool], None] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -204,10 +206,10 @@ class HttpServer:
             writer.write(_head(response, keep, len(body)) + (b"" if head_only else body))
             await writer.drain()
             return
+        pos = f.start
         try:
             writer.write(_head(response, keep, f.end - f.start))
             await writer.drain()
-            pos = f.start
             while not head_only and pos < f.end:
                 # Chunk by chunk, each sent before the next is read (uvloop has no sendfile).
                 data = os.pread(f.fd, min(FILE_CHUNK, f.end - pos), pos)
@@ -218,6 +220,8 @@ class HttpServer:
                 pos += len(data)
         finally:
             os.close(f.fd)
+            if response.sent is not None and not head_only:
+                response.sent(pos - f.start, pos >= f.end)
 
     async def _respond(
         self, reader: asyncio.StreamReader, peer: str, first: bool

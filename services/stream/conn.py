@@ -98,13 +98,18 @@ class Connection(asyncio.Protocol):
             self._in_handshake = None
 
     def count_read(self, n: int) -> None:
-        """``n`` bytes sent to the client: its SessionDetached, and the node's metrics."""
+        """``n`` bytes sent to the client: its SessionDetached, its session's live totals
+        and the node's metrics."""
         self.bytes_read += n
         self._read_tally.inc(n)
+        if self._session is not None:
+            self._session.moved(n, 0)
 
     def count_written(self, n: int) -> None:
         self.bytes_written += n
         self._write_tally.inc(n)
+        if self._session is not None:
+            self._session.moved(0, n)
 
     # --- transport callbacks -----------------------------------------------------------
 

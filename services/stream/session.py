@@ -46,6 +46,11 @@ class Session:
         self.ready: asyncio.Future[None] | None = None
         self.record_blocks = spec.record_blocks
         self._extents: list[list] = []
+        # The data its connections moved on this node (BlocksRequested carries the totals,
+        # so a live session's bytes show before any connection ends).
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self._bytes_told = (0, 0)
         self._flusher: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
 
@@ -79,20 +84,33 @@ class Session:
             loop = asyncio.get_running_loop()
             self._flusher = loop.call_later(self.settings.events_interval_s, self.flush_extents)
 
+    def moved(self, read: int, written: int) -> None:
+        """Data a connection of the session sent or took (its SessionDetached counts it)."""
+        self.bytes_read += read
+        self.bytes_written += written
+        if self.record_blocks and self._flusher is None and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._flusher = loop.call_later(self.settings.events_interval_s, self.flush_extents)
+
     def flush_extents(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
-        if not self._extents:
+        totals = (self.bytes_read, self.bytes_written)
+        if not self.record_blocks or (not self._extents and totals == self._bytes_told):
             return
         batch = [tuple(e) for e in self._extents]
         self._extents = []
+        self._bytes_told = totals
         self.events.emit(
             BlocksRequested(
                 session_id=self.session_id,
                 vdisk=self.spec.vdisk,
                 version=self.spec.version,
                 extents=batch,  # type: ignore[arg-type]
+                stream_node=self.settings.node_id,
+                bytes_read=totals[0],
+                bytes_written=totals[1],
             ),
             self.session_id,
         )

@@ -1,5 +1,5 @@
 """CHAP options of `streamboot device set` and `streamboot collection set`, and the
-`collection` command group (a collection has no other settings of its own yet)."""
+`collection` command group: list, create (devices and/or a vdisk), CHAP set/show."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.console import Console
 
 from streamboot.commands import DataDirOption
 from streamboot.registry_api import run
+from streamboot.tables import print_rows
 
 app = typer.Typer(no_args_is_help=True, help="Collections (groups of devices).")
 console = Console(soft_wrap=True)
@@ -97,3 +98,40 @@ def show(
 ) -> None:
     """Show a collection's CHAP name (never its secret)."""
     run(data_dir, as_json, lambda c: c.get(f"/collections/{name}/chap"), show_chap)
+
+
+def show_collections(rows: list[dict[str, Any]]) -> None:
+    table = [
+        [
+            c["name"],
+            str(len(c["devices"])),
+            ", ".join(v + (" (default)" if v == c["default"] else "") for v in c["vdisks"]) or "-",
+            c["chap"]["user"] if c.get("chap") else "-",
+        ]
+        for c in rows
+    ]
+    print_rows(console, ("collection", "devices", "vdisks", "CHAP"), table, ids=("collection",))
+
+
+@app.command("list")
+def list_(
+    data_dir: DataDirOption,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List collections: their devices, vdisks and CHAP name."""
+    run(data_dir, as_json, lambda c: c.get("/collections"), show_collections)
+
+
+@app.command()
+def create(
+    name: str,
+    data_dir: DataDirOption,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="a device (MAC) to move into it; repeat")
+    ] = None,
+    vdisk: Annotated[str | None, typer.Option(help="a vdisk to assign to it")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Create a collection (or add to one): move devices into it and/or assign it a vdisk."""
+    body = {"name": name, "devices": device or [], "vdisk": vdisk}
+    run(data_dir, as_json, lambda c: c.post("/collections", body), lambda r: show_collections([r]))

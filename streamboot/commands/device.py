@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -90,6 +91,31 @@ def add(
         "kernel_args": kernel_args,
     }
     run(data_dir, as_json, lambda c: c.post("/devices", body), show_device)
+
+
+@app.command("import")
+def import_(
+    csv_file: Annotated[Path, typer.Argument(help="CSV with a header row: mac,hostname,...")],
+    data_dir: DataDirOption,
+    as_json: JsonOption = False,
+) -> None:
+    """Register many devices from a CSV file: all of its rows or, if one is bad, none.
+
+    Columns (header row, any order): mac (required), hostname, collection, tester
+    (yes/no), kernel_args, smbios_uuid, vdisks (space- or ;-separated, the first the
+    default). A refused file prints an error per bad row."""
+    try:
+        text = csv_file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read {csv_file}: {exc}") from None
+    run(
+        data_dir,
+        as_json,
+        lambda c: c.post("/devices/import", {"csv": text}),
+        lambda r: console.print(
+            f"imported {r['imported']} device(s), {r['assigned']} with their vdisks assigned"
+        ),
+    )
 
 
 @app.command("list")

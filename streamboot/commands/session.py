@@ -37,9 +37,12 @@ def show_sessions(sessions: list[dict[str, Any]]) -> None:
         host = s["hostname"] + (f" (replay of {s['replay_of']})" if s.get("replay_of") else "")
         rows.append([
             s["session_id"], s["mac"], host, s["vdisk"], str(s["version"]),
-            s["stream_node"] or "-", str(s["attached"]), write_cache_usage(s),
+            s["stream_node"] or "-", str(s["attached"]),
+            f"{s.get('bytes_read', 0) / 2**20:,.1f} / {s.get('bytes_written', 0) / 2**20:,.1f}",
+            write_cache_usage(s),
         ])  # fmt: skip
-    headers = ("session", "MAC", "hostname", "vdisk", "version", "node", "attached", "write cache")
+    headers = ("session", "MAC", "hostname", "vdisk", "version", "node", "attached",
+               "read / written MiB", "write cache")  # fmt: skip
     print_rows(console, headers, rows, ids=("session", "MAC"))
 
 

@@ -141,6 +141,7 @@ def render(result: dict[str, Any]) -> None:
         console.print(
             f"live sessions {figures['live_sessions']:.0f} · boots/min "
             f"{figures['boots_per_minute']} · streamed {figures['bytes_streamed'] / 2**20:,.1f} MiB"
+            " (since the stream nodes started)"
             f" · cache hit ratio {'-' if ratio is None else f'{ratio:.1%}'} · write caches "
             f"{figures['write_cache_bytes'] / 2**20:,.1f} MiB"
         )

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from shared.event_store import EventStore, StoredEvent
 from shared.settings import Settings
+from shared.trace_spans import boot_trace_id, depth_of, read_spans
 from streamboot.commands import DataDirOption, as_mac
 from streamboot.commands.events import database_url
 
@@ -43,47 +44,7 @@ async def session_opened(url: str, ref: str) -> StoredEvent | None:
 
 
 def trace_id_of(opened: StoredEvent) -> str | None:
-    # The boot's root (begun at its first DHCP packet); older logs: the event's own context.
-    traceparent = opened.data.get("boot_traceparent") or opened.traceparent
-    return traceparent.split("-")[1] if traceparent else None
-
-
-def read_spans(path: Path, trace_id: str) -> list[dict[str, Any]]:
-    """The trace's spans in time order, without the bus's reply-inbox spans (a request's
-    answer travels on a ``_INBOX.…`` subject: plumbing, not a step of the boot)."""
-    spans: list[dict[str, Any]] = []
-    inbox_parent: dict[str, str | None] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if trace_id in line:
-                span = json.loads(line)
-                if span["trace_id"] != trace_id:
-                    continue
-                if is_inbox_span(span):
-                    inbox_parent[span["span_id"]] = span["parent_id"]
-                else:
-                    spans.append(span)
-    for span in spans:  # a span under a left-out one hangs from that one's parent
-        for _ in range(20):
-            if span["parent_id"] not in inbox_parent:
-                break
-            span["parent_id"] = inbox_parent[span["parent_id"]]
-    return sorted(spans, key=lambda s: (s["start_ns"], s["end_ns"]))
-
-
-def is_inbox_span(span: dict[str, Any]) -> bool:
-    return str(span.get("name", "")).startswith("_INBOX.")
-
-
-def depth_of(spans: list[dict[str, Any]]) -> dict[str, int]:
-    parent = {s["span_id"]: s["parent_id"] for s in spans}
-    depth: dict[str, int] = {}
-    for sid in parent:
-        d, p = 0, parent[sid]
-        while p in parent and d < 20:
-            d, p = d + 1, parent[p]
-        depth[sid] = d
-    return depth
+    return boot_trace_id(opened.data, opened.traceparent)
 
 
 def waterfall(spans: list[dict[str, Any]]) -> Table:

@@ -23,6 +23,7 @@ from shared import vdisk_store
 from shared.identity import check_name
 from shared.settings import Settings, without_password
 from streamboot.commands import DataDirOption
+from streamboot.job_progress import reporting
 from streamboot.registry_api import (
     EXIT_UNREACHABLE,
     ClientError,
@@ -47,14 +48,7 @@ STORE_HELP = (
     "where stream and cache nodes read the layers: local (this registry's vdisk dir) or a "
     "store named in STREAMBOOT_CACHE_STORES holding the same <vdisk>/<layer> files"
 )
-PHASES = {
-    "overlay": "applying the session's writes",
-    "convert": "converting to raw",
-    "copy": "copying",
-    "hash": "checksumming",
-    "delta": "storing changed blocks",
-    "boot files": "looking for kernels",
-}
+PHASES = vdisk_store.PHASES
 
 
 def _gib(n: int) -> str:
@@ -235,14 +229,23 @@ def import_image(
             if exc.kind != "not_found":
                 raise
             version, chain, kernel = 1, [], None
-        with progress_bar(as_json) as progress:
-            staged = vdisk_store.stage_version(
-                root, name, path, version, chain, progress, kernel=kernel
-            )
-        result = register(
-            client, root, staged, stage=stage, mode=mode, write_cache=write_cache,
-            write_cache_persistence=persistence, store=store,
-        )  # fmt: skip
+        # The registry shows the import's progress too (the console's vdisks page).
+        with reporting(client, name) as (report, end):
+            with progress_bar(as_json) as progress:
+
+                def both(phase: str, done: int, total: int) -> None:
+                    progress(phase, done, total)
+                    report(phase, done, total)
+
+                staged = vdisk_store.stage_version(
+                    root, name, path, version, chain, both, kernel=kernel
+                )
+            report("publish", 0, 1)
+            result = register(
+                client, root, staged, stage=stage, mode=mode, write_cache=write_cache,
+                write_cache_persistence=persistence, store=store,
+            )  # fmt: skip
+            end(version=staged.version)
     print_result(result, as_json, show_vdisk)
 
 
@@ -357,7 +360,7 @@ async def _stage_commit(
     kernel: str | None,
 ) -> vdisk_store.StagedVersion:
     from shared import bus
-    from streamboot.vdisk_commit import stage_commit
+    from shared.vdisk_commit import stage_commit
 
     nats_url = settings.require_nats_url()
     try:

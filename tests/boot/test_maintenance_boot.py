@@ -19,7 +19,7 @@ import pytest
 from shared.vdisk_layout import open_chain
 from tests.boot.test_service import Boot, boot  # noqa: F401 (the boot service fixture)
 from tests.registry.conftest import Registry, write_bootable_image
-from tests.registry.test_maintenance import service, service_env
+from tests.registry.test_maintenance import data_plane
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -67,15 +67,7 @@ async def test_a_device_in_maintenance_pxe_boots_read_write_and_its_writes_are_c
     on = await registry.cli_json("device", "maintenance", MAINT, "on")
     assert on["maintenance"] is True and on["maintenance_vdisk"] == "deb"
 
-    node = f"stream-pxe-maint-{os.getpid()}"
-    env = service_env(registry, node)
-    async with (
-        service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
-        service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
-    ):
-        await registry.sees("cache", node, timeout_s=20.0)
-        await registry.sees("stream", node, timeout_s=20.0)
-
+    async with data_plane(registry, f"stream-pxe-maint-{os.getpid()}"):
         # The device in maintenance: a kernel-direct boot of the latest version, read-write.
         script = await boot.script(mac=MAINT)
         assert "kernel " in script and "streamboot.wc=server-disk" in script, script

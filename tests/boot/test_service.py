@@ -199,7 +199,7 @@ async def test_kernel_direct_boot_with_a_one_time_nonce(
     [kernel] = [x for x in script.splitlines() if x.startswith("kernel ")]
     [session] = registry.app.list_sessions()
     scanned = registry.app.vdisk_view("linux")["boot"]["1"]
-    files = f"{boot.url}/boot-files/linux/1"
+    files = f"{boot.url}/boot-files/linux/1/{MAC.replace(':', '-')}"
     nonce = kernel.split("streamboot.nonce=")[1].split()[0]
     assert kernel == (
         f"kernel {files}/vmlinuz initrd=initrd boot=streamboot root=streamboot ip=dhcp "
@@ -488,6 +488,49 @@ async def test_tftp_transfer_is_a_span_of_the_boot(boot: Boot, registry: Registr
     assert span.attributes["streamboot.blksize"] == 512
     assert "streamboot.error" not in span.attributes
     assert span.start_time < span.end_time
+
+
+async def test_kernel_and_initrd_downloads_are_spans_of_the_boot(
+    boot: Boot, registry: Registry
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    image = write_bootable_image(registry.data_dir / "linux.raw")
+    await registry.cli_json("vdisk", "import", str(image), "--name", "linux")
+    await registry.cli_json("device", "add", MAC)
+    await registry.cli_json("assign", MAC, "linux", "--default")
+    script = await boot.script(mac=MAC, uuid=UUID)
+    [kernel_url] = [x.split()[1] for x in script.splitlines() if x.startswith("kernel ")]
+    [initrd_url] = [x.split()[3] for x in script.splitlines() if x.startswith("initrd ")]
+    [session] = registry.app.list_sessions()
+    # As iPXE loads them, on one connection; and a part of the initramfs again.
+    got = await curl(kernel_url, "-o", "/dev/null", initrd_url, "-o", "/dev/null")
+    assert got.returncode == 0, got.stderr
+    assert (await curl("-r", "0-99", initrd_url)).returncode == 0
+    # The old URL (no MAC) still serves the file, as no boot's span.
+    plain = initrd_url.replace("/" + MAC.replace(":", "-"), "")
+    assert (await curl(plain)).stdout.encode() == INITRD
+
+    def downloads() -> list[Any]:
+        return [s for s in exporter.get_finished_spans() if s.name.endswith(" download")]
+
+    await wait_for(lambda: len(downloads()) == 3, "the boot files' spans")
+    opened = await registry.app.events(type_="SessionOpened", limit=1, newest=True)
+    trace_id, root_id = parse_traceparent(opened[0]["data"]["boot_traceparent"])
+    by_name = {(s.name, s.attributes.get("streamboot.range")): s for s in downloads()}
+    kernel = by_name[("kernel download", None)]
+    whole = by_name[("initrd download", None)]
+    part = by_name[("initrd download", "bytes=0-99")]
+    for span in (kernel, whole, part):
+        assert span.context.trace_id == trace_id and span.parent.span_id == root_id
+        assert span.attributes["streamboot.mac"] == MAC and span.start_time < span.end_time
+        assert span.attributes["streamboot.complete"]
+    assert kernel.attributes["streamboot.bytes"] == len(KERNEL)
+    assert whole.attributes["streamboot.bytes"] == len(INITRD)
+    assert part.attributes["streamboot.bytes"] == 100
+    assert session["session_id"] == opened[0]["data"]["session_id"]
 
 
 async def test_bad_http_requests(boot: Boot) -> None:

@@ -77,7 +77,8 @@ def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
     for step in (
         "Filename: http://10.77.0.1:",  # DHCP handed iPXE its script URL
         "streamboot: booting demo version 1 as pxe-001 (kernel ",  # the script for this MAC
-        "/boot-files/demo/1/vmlinuz",  # iPXE loads the kernel over HTTP
+        # iPXE loads the kernel over HTTP (the path names the MAC: its span in the trace)
+        f"/boot-files/demo/1/{MAC_ONE.replace(':', '-')}/vmlinuz",
         "streamboot.nonce=",  # on the kernel command line
         "attached nbd://10.77.0.1:",  # the nonce redeemed, the export attached
         "streamboot-client: disk /dev/nbd0",
@@ -122,6 +123,7 @@ def test_a_vm_pxe_boots_the_demo_vdisk_end_to_end(lab: BootLab) -> None:
 # handlers come on top).
 BOOT_SPANS = {
     "dhcp", "assignment lookup", "ipxe script", "registry.session.open",
+    "kernel download", "initrd download",
     "nbd connection", "first read", "redeem", "booted", "boot pxe-001",
 }  # fmt: skip
 

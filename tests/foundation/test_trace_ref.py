@@ -45,7 +45,7 @@ async def test_a_session_by_id_token_or_mac(database_url: str) -> None:
 
 
 def test_trace_show_leaves_out_the_bus_reply_inbox_spans(tmp_path: Path) -> None:
-    from streamboot.commands.trace import depth_of, read_spans
+    from shared.trace_spans import depth_of, read_spans
 
     trace = "ab" * 16
     lines = [

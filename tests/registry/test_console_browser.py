@@ -1,6 +1,7 @@
 """The web console in a real browser (Debian's chromium driven by Playwright), against the
 real registry: log in, add a device, assign a vdisk, watch a boot advance live to booted,
-promote a version with its confirmation, find it in the audit trail; and the page never
+promote a version with its confirmation, find it in the audit trail; import devices from
+a CSV file and make a collection; a login outlives a registry restart; and the page never
 asks anything of another origin. Screenshots land in the test's tmp dir."""
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from services.registry.console.logins import COOKIE
 from shared import bus
 from shared.event_log import EventClient
 from shared.events import BootRequested, ClientBooted, HandoffRedeemed, SessionAttached
-from tests.registry.conftest import TOKEN, Registry, write_image
+from streamboot.embedded.proc import free_port
+from tests.registry.conftest import TOKEN, Registry, start_registry, write_image
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -225,3 +228,109 @@ async def test_the_api_docs_work_offline(page: Any, registry: Registry, tmp_path
         if not u.startswith(registry.api_url + "/") and not u.startswith(("data:", "blob:"))
     ]
     assert foreign == [], foreign
+
+
+async def test_devices_from_a_csv_file_and_a_collection(
+    page: Any, registry: Registry, data_dir: Path, tmp_path: Path
+) -> None:
+    image = write_image(data_dir / "v1.raw", 2 * MiB, {0: b"MBR"})
+    await registry.cli_json("vdisk", "import", str(image), "--name", "demo")
+    await log_in(page, registry)
+    await page.click("nav >> text=Devices")
+    await page.click("summary:has-text('Import devices from a CSV file')")
+    upload = page.locator("input[name=csv]")
+
+    # A file with a bad row: each bad line is listed, nothing is imported.
+    bad = b"mac,hostname\n52:54:00:d0:00:01,csv-1\nnot-a-mac,csv-2\n52:54:00:d0:00:03,csv-1\n"
+    await upload.set_input_files({"name": "bad.csv", "mimeType": "text/csv", "buffer": bad})
+    await page.click("button:has-text('Import')")
+    errors = page.locator("#import-errors")
+    await errors.locator("li").nth(1).wait_for()
+    text = await errors.inner_text()
+    assert "line 3: invalid MAC" in text and "line 4: hostname csv-1 is on line 2" in text
+    assert registry.app.projection.devices == {}
+    await shot(page, tmp_path, "import-refused")
+
+    good = b"mac,hostname,vdisks\n52:54:00:d0:00:01,csv-1,demo\n52:54:00:d0:00:02,csv-2,\n"
+    await upload.set_input_files({"name": "good.csv", "mimeType": "text/csv", "buffer": good})
+    await page.click("button:has-text('Import')")
+    await page.locator(".toast:has-text('2 device(s) imported')").wait_for()
+    await page.locator("tr[data-mac='52:54:00:d0:00:02']").wait_for()
+    assert await errors.is_hidden()
+    assert registry.app.show_device("52:54:00:d0:00:01")["assignment"]["default"] == "demo"
+    await shot(page, tmp_path, "import-done")
+
+    # A collection of both, booting demo.
+    await page.click("nav >> text=Collections")
+    await page.click("summary:has-text('Create a collection')")
+    form = page.locator("#add-collection form")
+    await form.locator("input[name=name]").fill("lab")
+    await form.locator("select[name=vdisk]").select_option("demo")
+    await form.locator("select[name=devices]").select_option(
+        ["52:54:00:d0:00:01", "52:54:00:d0:00:02"]
+    )
+    await form.locator("button:has-text('Create collection')").click()
+    row = page.locator("tr[data-collection='lab']")
+    await row.wait_for()
+    assert "csv-1, csv-2" in await row.locator(".members").inner_text()
+    assert "demo" in await row.locator(".vdisks").inner_text()
+    a = registry.app.show_device("52:54:00:d0:00:02")["assignment"]
+    assert a == {"vdisks": ["demo"], "default": "demo", "source": "collection lab"}
+    await shot(page, tmp_path, "collections")
+    # The refused import's 400 is the one failed request.
+    assert [e for e in page.errors if "400 (Bad Request)" not in e] == [], page.errors
+
+
+async def test_a_login_outlives_a_restart_and_is_every_registrys(
+    browser: Any, registry: Registry, tmp_path: Path
+) -> None:
+    """Logins live in PostgreSQL: a second registry process on the same database knows
+    them, a logout on one ends them on all, and a restarted registry keeps them."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    page = await context.new_page()
+    other = registry.settings.model_copy(
+        update={"api_port": free_port(), "node_id": registry.settings.node_id + "-b"}
+    )
+    other_url = f"http://127.0.0.1:{other.api_port}"
+    b = await start_registry(other)
+    try:
+        await log_in(page, registry)
+        # Cookies are per host, not per port: the browser shows registry B its cookie.
+        await page.goto(other_url + "/console/devices")
+        assert page.url == other_url + "/console/devices"
+        await page.click("button:has-text('log out')")
+        await page.wait_for_url(other_url + "/login")
+        await page.goto(registry.api_url + "/")
+        assert page.url.endswith("/login")
+
+        # Logged in on B, B restarts (nothing of it stays in memory): still logged in.
+        await page.goto(other_url + "/")
+        await page.fill("input[name=token]", TOKEN)
+        await page.click("button:has-text('Log in')")
+        await page.wait_for_url(other_url + "/")
+        await b.stop()
+        b = await start_registry(other)
+        await page.goto(other_url + "/console/sessions")
+        assert page.url == other_url + "/console/sessions"
+        await page.wait_for_selector("text=no live sessions")
+        await shot(page, tmp_path, "after-restart")
+
+        # The table holds hashes: neither the cookie's login id nor the API token.
+        (cookie,) = [c["value"] for c in await context.cookies() if c["name"] == COOKIE]
+        async with registry.app.store.pool.acquire() as conn:
+            rows = [dict(r) for r in await conn.fetch("SELECT * FROM console_logins")]
+        assert len(rows) == 1 and rows[0]["expires_at"] > rows[0]["created_at"]
+        assert cookie not in str(rows) and TOKEN not in str(rows)
+        # A revoked token ends its logins everywhere (a named one: the built-in admin's
+        # cannot be revoked).
+        viewer = (await registry.cli_json("token", "create", "--name", "temp", "--role", "viewer"))[
+            "token"
+        ]
+        await context.clear_cookies()
+        await log_in(page, registry, viewer)
+        await registry.cli_json("token", "revoke", "temp")
+        await page.goto(other_url + "/console/devices")
+        assert page.url.endswith("/login")
+    finally:
+        await b.stop()
+        await context.close()

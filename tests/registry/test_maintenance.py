@@ -62,11 +62,47 @@ def service_env(registry: Registry, node: str, **settings: str) -> dict[str, str
         "STREAMBOOT_NODE_ID": node,
         "STREAMBOOT_NBD_PORT": str(free_port()),
         "STREAMBOOT_HTTP_STREAM_PORT": str(free_port()),
+        # Not the default 13260: a test running beside this one may hold it.
+        "STREAMBOOT_ISCSI_PORT": str(free_port()),
         "STREAMBOOT_METRICS_PORT": "0",
         "STREAMBOOT_CACHE_RAM_DIR": str(dd / "ram"),
         "STREAMBOOT_HEARTBEAT_INTERVAL_S": "0.5",
         **{f"STREAMBOOT_{k.upper()}": v for k, v in settings.items()},
     }
+
+
+@contextlib.asynccontextmanager
+async def data_plane(registry: Registry, node: str) -> AsyncIterator[None]:
+    """A cache service and a stream node of this test (subprocesses), seen alive by the
+    registry."""
+    dd = registry.data_dir
+    env = service_env(registry, node)
+    async with (
+        service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
+        service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
+    ):
+        # As the registry sees them: its view is a watch, a moment behind the bucket.
+        await registry.sees("cache", node, timeout_s=20.0)
+        await registry.sees("stream", node, timeout_s=20.0)
+        yield
+
+
+async def qemu_io(uri: str, *commands: str) -> None:
+    """Real qemu-io runs ``commands`` on the NBD export at ``uri`` (one connection)."""
+    args = [x for c in commands for x in ("-c", c)]
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", *args, uri,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+
+
+async def provision(registry: Registry, mac: str, hostname: str, vdisk: str, image: Path) -> None:
+    """``image`` imported as ``vdisk``, the default of a new device (the real CLI)."""
+    await registry.cli_json("vdisk", "import", str(image), "--name", vdisk)
+    await registry.cli_json("device", "add", mac, "--hostname", hostname)
+    await registry.cli_json("assign", mac, vdisk, "--default")
 
 
 def read_chain(layers: list[str], offset: int, length: int) -> bytes:
@@ -75,21 +111,13 @@ def read_chain(layers: list[str], offset: int, length: int) -> bytes:
 
 
 async def test_maintenance_writes_become_the_next_version(registry: Registry, nc: Any) -> None:
-    dd = registry.data_dir
     node = f"stream-maint-{os.getpid()}"
-    env = service_env(registry, node)
-    image = write_image(dd / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
+    image = write_image(registry.data_dir / "base.raw", 4 * MiB, {0: b"MBR", 2 * MiB: b"old data"})
     await registry.cli_json("vdisk", "import", str(image), "--name", "win")
     async with registry.http() as http:
         assert (await http.post("/devices", json={"mac": MAC})).is_success
         assert (await http.post("/assignments", json={"target": MAC, "vdisk": "win"})).is_success
-        async with (
-            service("cache", {**env, **registry.bus.env("cache")}, dd / "cache.log"),
-            service("stream", {**env, **registry.bus.env("stream")}, dd / "stream.log"),
-        ):
-            # As the registry sees them: its view is a watch, a moment behind the bucket.
-            await registry.sees("cache", node, timeout_s=20.0)
-            await registry.sees("stream", node, timeout_s=20.0)
+        async with data_plane(registry, node):
             r = await http.post("/sessions", json={"mac": MAC, "maintenance": True})
             assert r.status_code == 201, r.text
             s = r.json()

@@ -23,6 +23,9 @@ EXPECTED = {
     # CHAP credentials are secrets: only an admin sets or clears them.
     "PUT /devices/{mac}/chap": "admin",
     "DELETE /devices/{mac}/chap": "admin",
+    "POST /devices/import": "operator",
+    "GET /collections": "viewer",
+    "POST /collections": "operator",
     "GET /collections/{name}/chap": "viewer",
     "PUT /collections/{name}/chap": "admin",
     "DELETE /collections/{name}/chap": "admin",
@@ -37,6 +40,12 @@ EXPECTED = {
     "GET /vdisks/{name}/commit-source": "viewer",
     "POST /vdisks/{name}/promote": "admin",
     "POST /vdisks/{name}/merge": "admin",
+    "POST /vdisks/{name}/commit": "admin",
+    # Import and commit progress: anyone sees it, an admin (who imports) reports it.
+    "GET /jobs": "viewer",
+    "POST /jobs": "admin",
+    "PUT /jobs/{job_id}": "admin",
+    "POST /jobs/{job_id}/end": "admin",
     "POST /vdisks/{name}/rollback": "admin",
     "PATCH /vdisks/{name}": "admin",
     "DELETE /vdisks/{name}": "admin",

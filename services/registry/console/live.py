@@ -4,7 +4,7 @@ The registry's relay publishes every event of the log on ``events.<Type>.<kind>`
 is stored; this follows that subject (a core subscription: nothing durable, a console that
 starts again reads its recent past from the log first) and keeps what the pages show
 live: each machine's current boot run through the boot state machine
-(shared/boot_flow.py), boots of the last hour, time-to-booted, bytes streamed. Browsers
+(shared/boot_flow.py), boots of the last hour, time-to-booted, live sessions' bytes. Browsers
 listen through server-sent events: each change wakes the open streams, which render the
 fragments they show (the browser never polls).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from services.registry.jobs import Jobs
 from shared.boot_flow import BootFlow, belongs_to_a_boot, parse_event, starts_new_boot
 from shared.bus import EVENTS_SUBJECTS
 from shared.envelope import Envelope
@@ -32,6 +34,9 @@ log = logging.getLogger("streamboot.registry.console")
 
 # Machines whose latest boot is kept; the oldest drops out past this.
 MAX_BOOTS = 500
+# Live sessions whose bytes are followed; past this a session shows its ended
+# connections' bytes only.
+MAX_LIVE_SESSIONS = 100_000
 # How much of the log's recent past the view starts from.
 SEED_EVENTS = 5000
 HOUR = timedelta(hours=1)
@@ -56,7 +61,10 @@ class LiveView:
         self._mac_of_session: dict[str, str] = {}
         self._starts: deque[datetime] = deque()
         self._booted: deque[tuple[datetime, float]] = deque()
-        self._bytes: deque[tuple[datetime, int]] = deque()
+        # Live sessions' data moved so far, by stream node: session id -> node -> (read,
+        # written), the totals each node's BlocksRequested carries.
+        self.live_bytes: dict[str, dict[str, tuple[int, int]]] = {}
+        self._bytes_shown_at = 0.0
         self._changed = asyncio.Event()
         self.version = 0
         self.closed = False  # set when the process stops: live streams end
@@ -66,9 +74,10 @@ class LiveView:
         if position and position <= self.position:
             return False
         self.position = max(self.position, position)
-        if type_ == "SessionDetached":  # each connection's bytes, once
-            moved = int(data.get("bytes_read", 0)) + int(data.get("bytes_written", 0))
-            self._bytes.append((at, moved))
+        if type_ == "BlocksRequested" and data.get("stream_node"):
+            self._moved_on(data)
+        elif type_ == "SessionClosed":
+            self.live_bytes.pop(str(data.get("session_id")), None)
         event = parse_event(type_, data)
         if event is None or not belongs_to_a_boot(event):
             return True
@@ -96,24 +105,54 @@ class LiveView:
         self._changed.set()
         return True
 
+    def _moved_on(self, data: dict[str, Any]) -> None:
+        sid = str(data.get("session_id"))
+        if sid not in self.live_bytes and len(self.live_bytes) >= MAX_LIVE_SESSIONS:
+            return  # past the bound: shown from its SessionDetached events only
+        try:
+            moved = (int(data.get("bytes_read", 0)), int(data.get("bytes_written", 0)))
+        except (TypeError, ValueError):
+            return
+        self.live_bytes.setdefault(sid, {})[str(data["stream_node"])] = moved
+        # A page shows the bytes live, re-rendered at most once a second for them (every
+        # active session reports each second).
+        now = time.monotonic()
+        if now - self._bytes_shown_at >= 1.0:
+            self._bytes_shown_at = now
+            self.version += 1
+            self._changed.set()
+
+    def with_bytes(self, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Sessions (the registry's views) with the data they moved so far: the stream
+        nodes' live totals, or what their ended connections counted (SessionDetached) when
+        that is more (a stream node that restarted counts again from zero)."""
+        for s in sessions:
+            nodes = self.live_bytes.get(s["session_id"], {}).values()
+            s["bytes_read"] = max(int(s.get("bytes_read") or 0), sum(r for r, _ in nodes))
+            s["bytes_written"] = max(int(s.get("bytes_written") or 0), sum(w for _, w in nodes))
+        return sessions
+
     def figures(self, now: datetime | None = None) -> dict[str, Any]:
         now = now or datetime.now(UTC)
         while self._starts and self._starts[0] < now - HOUR:
             self._starts.popleft()
-        for q in (self._booted, self._bytes):
-            while q and q[0][0] < now - HOUR:
-                q.popleft()
+        while self._booted and self._booted[0][0] < now - HOUR:
+            self._booted.popleft()
         times = [s for _, s in self._booted]
         return {
             "boots_last_hour": len(self._starts),
             "booted_p50_s": percentile(times, 50),
             "booted_p95_s": percentile(times, 95),
-            "bytes_last_hour": sum(n for _, n in self._bytes),
         }
 
     def recent_boots(self, limit: int = 50) -> list[BootFlow]:
         """Machines' latest boots, the most recently active first."""
         return list(reversed(self.boots.values()))[:limit]
+
+    def poke(self) -> None:
+        """Something the pages show changed without an event (a job's progress)."""
+        self.version += 1
+        self._changed.set()
 
     def close(self) -> None:
         """End every live stream (the process is stopping)."""
@@ -136,16 +175,18 @@ class LiveFeed:
 
     def __init__(self, store: EventStore, nc: NATS | None) -> None:
         self.view = LiveView()
+        # Imports and commits under way (services/registry/jobs.py), shown live.
+        self.jobs = Jobs(self.view.poke)
         self._store = store
-        self._nc = nc
+        self.nc = nc
         self._sub: Any = None
         self._pending: list[Seen] | None = []
 
     async def start(self) -> None:
         # Subscribe first, then read the past: what arrives meanwhile waits in _pending and
         # whatever both hold is taken once (by position).
-        if self._nc is not None:
-            self._sub = await self._nc.subscribe(EVENTS_SUBJECTS, cb=self._on_msg)
+        if self.nc is not None:
+            self._sub = await self.nc.subscribe(EVENTS_SUBJECTS, cb=self._on_msg)
         past = await self._store.read_latest(SEED_EVENTS)
         self._feed((e.position, e.type, e.data, e.time) for e in past)
         pending, self._pending = self._pending or [], None

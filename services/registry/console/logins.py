@@ -1,71 +1,159 @@
-"""Console logins: an API token traded for a cookie, the browser never keeping the token.
+"""Console logins: an API token traded for a cookie, kept in PostgreSQL.
 
-A login holds the token in this process only; the browser gets a random login id in an
-``HttpOnly; SameSite=Strict`` cookie and a CSRF token in the page. Each request is checked
-against the token again (:class:`~services.registry.gate.Gate`), so a token revoked while
-logged in stops working at once. Logins end after ``ttl_s`` of inactivity, at logout and
-when the registry process restarts (log in again).
+The browser gets a random login id in an ``HttpOnly; SameSite=Strict`` cookie and a CSRF
+token in the page (derived from the login id, so nothing more is stored). The database
+keeps neither the login id nor the API token: a row holds the SHA-256 of each, so a read
+of the table logs nobody in. Who a login is comes from its token's hash at each request
+(:data:`WhoByHash`: the built-in admin's, or a named token of the projection), so a token
+revoked while logged in stops working at once, in every registry process. A login ends
+after ``ttl_s`` without use (its expiry slides forward as it is used), at logout, and never
+because a registry restarts: every registry process of the system shares the table.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from http.cookies import SimpleCookie
 
+import asyncpg
 from starlette.types import Scope
+
+from services.registry.app import RegistryApp
+from services.registry.domain.api_tokens import BOOTSTRAP_ADMIN
+from services.registry.gate import Principal
 
 COOKIE = "streamboot_console"
 CSRF_HEADER = b"x-csrf-token"
-# Past this many live logins the least recently used one is dropped (a login loop cannot
+# Past this many live logins the ones closest to expiring are dropped (a login loop cannot
 # grow the table without bound).
 MAX_LOGINS = 1000
+# A login's expiry is pushed forward when less than this is left of it: a page view is a
+# read, not a write, most of the time.
+SLIDE_MARGIN = timedelta(minutes=5)
+# Any 64-bit constant: serialises the table's creation between registry processes.
+SCHEMA_LOCK_KEY = 0x5EB0_10C1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS console_logins (
+    id_hash text PRIMARY KEY,        -- SHA-256 of the cookie's login id
+    token_hash text NOT NULL,        -- SHA-256 of the API token it logged in with
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS console_logins_expiry ON console_logins (expires_at);
+"""
+# (name, role) of the API token with this SHA-256, or None (unknown or revoked).
+WhoByHash = Callable[[str], Principal | None]
+PoolSource = Callable[[], asyncpg.Pool]
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def csrf_of(login_id: str) -> str:
+    """The login's CSRF token: another site's page can neither read it nor derive it (the
+    login id is in an HttpOnly cookie), and it says nothing of the login id."""
+    return hmac.new(login_id.encode(), b"streamboot console csrf", "sha256").hexdigest()
 
 
 @dataclass
 class Login:
-    token: str
     csrf: str
     name: str
     role: str
-    seen: float
 
 
 class Logins:
-    def __init__(self, ttl_s: float = 12 * 3600) -> None:
-        self.ttl_s = ttl_s
-        self._by_id: dict[str, Login] = {}
+    def __init__(self, pool: PoolSource, who: WhoByHash, ttl_s: float = 12 * 3600) -> None:
+        self._pool = pool
+        self._who = who
+        self.ttl = timedelta(seconds=ttl_s)
+        self._ready = False
 
-    def create(self, token: str, name: str, role: str) -> str:
-        now = time.monotonic()
-        self._expire(now)
-        if len(self._by_id) >= MAX_LOGINS:
-            oldest = min(self._by_id, key=lambda k: self._by_id[k].seen)
-            del self._by_id[oldest]
+    @classmethod
+    def for_app(cls, app: RegistryApp, bootstrap_token: str) -> Logins:
+        """Logins of the registry's API tokens: the built-in admin's and the projection's
+        named ones, in the event store's database."""
+        bootstrap = sha256(bootstrap_token)
+
+        def who(token_hash: str) -> Principal | None:
+            if secrets.compare_digest(token_hash, bootstrap):
+                return BOOTSTRAP_ADMIN, "admin"
+            name = app.projection.api_token_by_hash.get(token_hash)
+            return None if name is None else (name, app.projection.api_tokens[name]["role"])
+
+        return cls(lambda: app.store.pool, who)
+
+    async def _ensure_schema(self, conn: asyncpg.Connection) -> None:
+        if self._ready:
+            return
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+            await conn.execute(SCHEMA)
+        self._ready = True
+
+    async def create(self, token: str) -> str:
+        """A new login of this API token (known to be valid): its id, for the cookie."""
         login_id = secrets.token_urlsafe(32)
-        self._by_id[login_id] = Login(token, secrets.token_urlsafe(24), name, role, now)
+        async with self._pool().acquire() as conn:
+            await self._ensure_schema(conn)
+            async with conn.transaction():
+                await conn.execute("DELETE FROM console_logins WHERE expires_at < now()")
+                await conn.execute(
+                    "INSERT INTO console_logins (id_hash, token_hash, expires_at) "
+                    "VALUES ($1, $2, now() + $3)",
+                    sha256(login_id),
+                    sha256(token),
+                    self.ttl,
+                )
+                await conn.execute(
+                    "DELETE FROM console_logins WHERE id_hash IN (SELECT id_hash FROM "
+                    "console_logins ORDER BY expires_at DESC OFFSET $1)",
+                    MAX_LOGINS,
+                )
         return login_id
 
-    def end(self, login_id: str | None) -> None:
-        if login_id:
-            self._by_id.pop(login_id, None)
+    async def end(self, login_id: str | None) -> None:
+        if not login_id:
+            return
+        async with self._pool().acquire() as conn:
+            await self._ensure_schema(conn)
+            await conn.execute("DELETE FROM console_logins WHERE id_hash = $1", sha256(login_id))
 
-    def get(self, login_id: str | None) -> Login | None:
-        login = self._by_id.get(login_id or "")
-        now = time.monotonic()
-        if login is None or now - login.seen > self.ttl_s:
-            self.end(login_id)
+    async def get(self, login_id: str | None) -> Login | None:
+        """The live login with this id, its expiry pushed forward; None: log in again."""
+        if not login_id:
             return None
-        login.seen = now
-        return login
+        async with self._pool().acquire() as conn:
+            await self._ensure_schema(conn)
+            row = await conn.fetchrow(
+                "SELECT token_hash, expires_at - now() AS left_ FROM console_logins "
+                "WHERE id_hash = $1 AND expires_at > now()",
+                sha256(login_id),
+            )
+            if row is None:
+                return None
+            who = self._who(row["token_hash"])
+            if who is None:  # its token was revoked
+                await conn.execute(
+                    "DELETE FROM console_logins WHERE id_hash = $1", sha256(login_id)
+                )
+                return None
+            if row["left_"] < self.ttl - SLIDE_MARGIN:
+                await conn.execute(
+                    "UPDATE console_logins SET expires_at = now() + $2 WHERE id_hash = $1",
+                    sha256(login_id),
+                    self.ttl,
+                )
+        return Login(csrf_of(login_id), *who)
 
-    def _expire(self, now: float) -> None:
-        for k in [k for k, v in self._by_id.items() if now - v.seen > self.ttl_s]:
-            del self._by_id[k]
-
-    def from_scope(self, scope: Scope) -> tuple[str | None, bool]:
-        """The gate's view of a request: its login's API token (None: not logged in) and
+    async def from_scope(self, scope: Scope) -> tuple[Principal | None, bool]:
+        """The gate's view of a request: who its login is (None: not logged in) and
         whether it carries that login's CSRF token."""
         cookie, csrf = None, None
         for key, value in scope["headers"]:
@@ -73,10 +161,12 @@ class Logins:
                 cookie = cookie_value(value.decode("latin-1"))
             elif key == CSRF_HEADER:
                 csrf = value.decode("latin-1")
-        login = self.get(cookie)
+        login = await self.get(cookie)
         if login is None:
             return None, False
-        return login.token, csrf is not None and secrets.compare_digest(csrf, login.csrf)
+        return (login.name, login.role), csrf is not None and secrets.compare_digest(
+            csrf, login.csrf
+        )
 
 
 def cookie_value(header: str) -> str | None:

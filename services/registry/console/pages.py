@@ -24,12 +24,17 @@ from fastapi.templating import Jinja2Templates
 from services.registry.app import RegistryApp
 from services.registry.console.live import LiveFeed, LiveView
 from services.registry.console.logins import COOKIE, Login, Logins, cookie_value
+from services.registry.domain import collections
 from services.registry.domain.errors import DomainError
+from services.registry.domain.vdisks import check_commit
 from services.registry.gate import RANK, Principal
+from services.registry.jobs import Jobs
 from shared.boot_flow import PHASES, describe, parse_event, run
 from shared.events import CATALOG
 from shared.identity import normalize_mac
 from shared.metrics import system_figures
+from shared.trace_spans import bars, boot_trace_id, read_spans
+from shared.vdisk_store import PHASES as STORE_PHASES
 
 HERE = Path(__file__).parent
 STATIC = "/console/static"
@@ -39,6 +44,7 @@ NAV = (
     ("/", "Dashboard"),
     ("/console/boots", "Boots"),
     ("/console/devices", "Devices"),
+    ("/console/collections", "Collections"),
     ("/console/vdisks", "vdisks"),
     ("/console/sessions", "Sessions"),
     ("/console/events", "Events"),
@@ -51,7 +57,7 @@ CSP = (
 )
 REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 # Fragments a page can ask to be pushed on its live stream.
-LIVE_TOPICS = ("dashboard", "boots")
+LIVE_TOPICS = ("dashboard", "boots", "jobs", "sessions")
 
 
 class NotLoggedIn(Exception):
@@ -68,10 +74,13 @@ def _size(n: float | None) -> str:
     return f"{n} B"
 
 
-def _ago(at: datetime | str | None) -> str:
+def _ago(at: datetime | str | float | None) -> str:
     if at is None:
         return "-"
-    when = datetime.fromisoformat(at) if isinstance(at, str) else at
+    if isinstance(at, int | float):  # epoch seconds
+        when = datetime.fromtimestamp(at, UTC)
+    else:
+        when = datetime.fromisoformat(at) if isinstance(at, str) else at
     s = (datetime.now(UTC) - when).total_seconds()
     if s < 60:
         return f"{max(0, int(s))} s ago"
@@ -128,6 +137,43 @@ def affected(app: RegistryApp, vdisk: str) -> dict[str, Any]:
     }
 
 
+def trace_file(app: RegistryApp) -> Path:
+    return app.settings.trace_file or app.settings.data_path("traces.jsonl")
+
+
+def waterfalls(path: Path, trace_ids: list[str | None]) -> list[dict[str, Any]]:
+    """Each boot's trace as waterfall rows (shared/trace_spans.py, the spans `streamboot
+    trace show` draws), or why there is none."""
+    if not path.exists():
+        why = (
+            f"no span file at {path}: set STREAMBOOT_TRACE_EXPORTER=jsonl (the embedded "
+            "default), or read the trace in your OTLP backend"
+        )
+        return [{"why": why, "trace_id": t, "rows": []} for t in trace_ids]
+    out = []
+    for trace_id in trace_ids:
+        if trace_id is None:
+            out.append({"why": "no session, so no trace", "rows": []})
+            continue
+        found = bars(read_spans(path, trace_id))
+        out.append(
+            {"trace_id": trace_id, "why": None if found["rows"] else "no spans yet", **found}
+        )
+    return out
+
+
+def commit_view(app: RegistryApp, name: str) -> dict[str, Any]:
+    """Whether the vdisk's last maintenance session can be committed now: its session,
+    machine and the version it makes, or why not."""
+    try:
+        last = check_commit(app.projection, name)
+    except DomainError as exc:
+        return {"ready": False, "why": str(exc)}
+    mac = last["mac"]
+    host = (app.projection.devices.get(mac) or {}).get("hostname", mac)
+    return {"ready": True, **last, "hostname": host, "next_version": last["version"] + 1}
+
+
 def mount_console(
     api: FastAPI,
     app: RegistryApp,
@@ -139,15 +185,18 @@ def mount_console(
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters.update(size=_size, ago=_ago, secs=_secs)
-    env.globals.update(nav=NAV, phases=[p.value for p in PHASES], static=STATIC)
+    env.globals.update(
+        nav=NAV, phases=[p.value for p in PHASES], static=STATIC, phase_names=STORE_PHASES
+    )
     view = feed.view if feed is not None else LiveView()
+    jobs = feed.jobs if feed is not None else Jobs()
     api.mount(STATIC + "/docs", StaticFiles(directory=str(files("fastapi_offline") / "static")))
     api.mount(STATIC, StaticFiles(directory=str(HERE / "static")))
 
-    def login_of(request: Request) -> Login:
-        login = logins.get(cookie_value(request.headers.get("cookie", "")))
-        # A token revoked while logged in ends the login.
-        if login is None or principal(login.token) is None:
+    async def login_of(request: Request) -> Login:
+        # A token revoked while logged in ends the login (Logins.get).
+        login = await logins.get(cookie_value(request.headers.get("cookie", "")))
+        if login is None:
             raise NotLoggedIn
         return login
 
@@ -192,14 +241,14 @@ def mount_console(
                 {"error": "unknown or revoked token (see DATA_DIR/api-token, `streamboot token`)"},
                 status_code=401,
             )
-        login_id = logins.create(token, *who)
+        login_id = await logins.create(token)
         out = RedirectResponse("/", status_code=303)
         out.set_cookie(COOKIE, login_id, httponly=True, samesite="strict", path="/")
         return out
 
     @api.post("/console/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
-        logins.end(cookie_value(request.headers.get("cookie", "")))
+        await logins.end(cookie_value(request.headers.get("cookie", "")))
         out = RedirectResponse("/login", status_code=303)
         out.delete_cookie(COOKIE, path="/")
         return out
@@ -213,12 +262,18 @@ def mount_console(
             "instances": sorted(beats, key=lambda b: (b.get("service", ""), b.get("node", ""))),
             "figures": system_figures(beats),
             "live": view.figures(),
+            "sessions_bytes": sum(
+                s["bytes_read"] + s["bytes_written"] for s in view.with_bytes(app.list_sessions())
+            ),
             "counts": {
                 "devices": len(p.devices),
                 "vdisks": len(p.vdisks),
                 "sessions": len(p.sessions),
             },
         }
+
+    async def sessions_data() -> dict[str, Any]:
+        return {"sessions": view.with_bytes(await app.list_sessions_with_usage())}
 
     def boots_data() -> dict[str, Any]:
         return {"boots": view.recent_boots(50)}
@@ -235,37 +290,51 @@ def mount_console(
         ]
         return {"devices": devices, "q": q, "vdisks": [v["name"] for v in app.list_vdisks()]}
 
-    async def render_topic(request: Request, login: Login, topic: str) -> str:
+    async def render_topic(
+        request: Request, login: Login, topic: str, vdisk: str | None = None
+    ) -> str:
         if topic == "dashboard":
             return fragment(request, "dashboard", login, **await dashboard_data()).body.decode()
+        if topic == "jobs":
+            return fragment(request, "jobs", login, jobs=jobs.list(vdisk)).body.decode()
+        if topic == "sessions":
+            return fragment(request, "sessions", login, **await sessions_data()).body.decode()
         return fragment(request, "boots", login, **boots_data()).body.decode()
 
     # --- pages ---------------------------------------------------------------------------
 
     @api.get("/", include_in_schema=False)
     async def dashboard(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "dashboard.html", login, **await dashboard_data())
 
     @api.get("/console/boots", include_in_schema=False)
     async def boots(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "boots.html", login, **boots_data())
 
     @api.get("/console/boots/{mac}", include_in_schema=False)
     async def boot_timeline(request: Request, mac: str) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         device = app.show_device(mac)
         rows = await app.store.read_device(device["mac"])
         typed = [(parse_event(e.type, e.data), e) for e in rows]
-        flows = run([(t, e.time) for t, e in typed if t is not None])
+        flows = list(reversed(run([(t, e.time) for t, e in typed if t is not None])))[:10]
         detail = {(e.type, e.time): describe(e.type, e.data) for _, e in typed}
+        opened = {
+            e.data.get("session_id"): boot_trace_id(e.data, e.traceparent)
+            for e in rows
+            if e.type == "SessionOpened"
+        }
+        traces = await asyncio.to_thread(
+            waterfalls, trace_file(app), [opened.get(f.session_id) for f in flows]
+        )
         return page(
             request,
             "timeline.html",
             login,
             device=device,
-            flows=list(reversed(flows))[:10],
+            flows=list(zip(flows, traces, strict=True)),
             detail=detail,
         )
 
@@ -273,17 +342,29 @@ def mount_console(
     async def devices_page(
         request: Request, q: Annotated[str, Query(max_length=100)] = ""
     ) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(request, "devices.html", login, **await devices_data(q))
+
+    @api.get("/console/collections", include_in_schema=False)
+    async def collections_page(request: Request) -> HTMLResponse:
+        login = await login_of(request)
+        return page(
+            request,
+            "collections.html",
+            login,
+            collections=collections.view(app.projection),
+            devices=app.list_devices(),
+            vdisks=[v["name"] for v in app.list_vdisks()],
+        )
 
     @api.get("/console/vdisks", include_in_schema=False)
     async def vdisks_page(request: Request) -> HTMLResponse:
-        login = login_of(request)
-        return page(request, "vdisks.html", login, vdisks=app.list_vdisks())
+        login = await login_of(request)
+        return page(request, "vdisks.html", login, vdisks=app.list_vdisks(), jobs=jobs.list())
 
     @api.get("/console/vdisks/{name}", include_in_schema=False)
     async def vdisk_page(request: Request, name: str) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         return page(
             request,
             "vdisk.html",
@@ -291,12 +372,14 @@ def mount_console(
             vdisk=app.vdisk_view(name),
             versions=list(reversed(app.versions(name))),
             affected=affected(app, name),
+            commit=commit_view(app, name),
+            jobs=jobs.list(name),
         )
 
     @api.get("/console/sessions", include_in_schema=False)
     async def sessions_page(request: Request) -> HTMLResponse:
-        login = login_of(request)
-        return page(request, "sessions.html", login, sessions=await app.list_sessions_with_usage())
+        login = await login_of(request)
+        return page(request, "sessions.html", login, **await sessions_data())
 
     @api.get("/console/events", include_in_schema=False)
     async def events_page(
@@ -305,7 +388,7 @@ def mount_console(
         mac: Annotated[str, Query(max_length=64)] = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     ) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         events: list[dict[str, Any]] = []
         error = None
         try:
@@ -330,7 +413,7 @@ def mount_console(
 
     @api.get("/console/audit", include_in_schema=False)
     async def audit_page(request: Request) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         rows = await app.events(type_="AdminActionPerformed", limit=300, newest=True)
         return page(request, "audit.html", login, rows=list(reversed(rows)))
 
@@ -340,13 +423,11 @@ def mount_console(
     async def fragment_route(
         request: Request, name: str, q: Annotated[str, Query(max_length=100)] = ""
     ) -> HTMLResponse:
-        login = login_of(request)
+        login = await login_of(request)
         if name == "devices":
             return fragment(request, "devices", login, **await devices_data(q))
         if name == "sessions":
-            return fragment(
-                request, "sessions", login, sessions=await app.list_sessions_with_usage()
-            )
+            return fragment(request, "sessions", login, **await sessions_data())
         if name in LIVE_TOPICS:
             return HTMLResponse(await render_topic(request, login, name))
         return HTMLResponse("unknown fragment", status_code=404)
@@ -355,9 +436,11 @@ def mount_console(
 
     @api.get("/console/stream", include_in_schema=False)
     async def stream(
-        request: Request, topics: Annotated[str, Query(max_length=100)] = "dashboard"
+        request: Request,
+        topics: Annotated[str, Query(max_length=100)] = "dashboard",
+        vdisk: Annotated[str | None, Query(max_length=64)] = None,
     ) -> StreamingResponse:
-        login = login_of(request)
+        login = await login_of(request)
         wanted = [t for t in topics.split(",") if t in LIVE_TOPICS]
 
         async def body() -> AsyncIterator[bytes]:
@@ -367,7 +450,7 @@ def mount_console(
             yield b"retry: 2000\n\n"
             while not view.closed and not await request.is_disconnected():
                 for topic in wanted:
-                    html = await render_topic(request, login, topic)
+                    html = await render_topic(request, login, topic, vdisk)
                     data = "".join(f"data: {line}\n" for line in html.splitlines())
                     yield f"event: {topic}\n{data}\n".encode()
                 seen = await view.wait_change(seen, 5.0)

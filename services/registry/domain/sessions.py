@@ -270,7 +270,17 @@ def find_session(p: Projection, session_id_or_hash: str, token_hash: str) -> Rec
 def close(p: Projection, session: Record, reason: str) -> list[Event]:
     if not reason:
         raise invalid("a session closes for a reason")
-    return [SessionClosed(session_id=session["session_id"], reason=reason)]
+    # The data its connections moved, as their SessionDetached events counted it (a
+    # connection still attached when the registry closes the session counts in its own
+    # SessionDetached, after this).
+    return [
+        SessionClosed(
+            session_id=session["session_id"],
+            reason=reason,
+            bytes_read=int(session.get("bytes_read", 0)),
+            bytes_written=int(session.get("bytes_written", 0)),
+        )
+    ]
 
 
 def expired(

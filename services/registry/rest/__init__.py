@@ -23,7 +23,7 @@ from services.registry.app import RegistryApp
 from services.registry.console import LiveFeed, Logins, mount_console
 from services.registry.domain.errors import DomainError
 from services.registry.gate import Gate, check_token
-from services.registry.rest import devices, log, sessions, tokens, vdisks
+from services.registry.rest import bulk, devices, jobs, log, sessions, tokens, vdisks
 from services.registry.rest.fields import clip, validation_message
 
 STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409, "busy": 503}
@@ -42,7 +42,7 @@ def build_api(
         docs_url=None,
         redoc_url=None,
     )
-    logins = Logins()
+    logins = Logins.for_app(app, api_token)
     api.add_middleware(
         Gate,
         bootstrap_token=api_token,
@@ -76,6 +76,9 @@ def build_api(
 
     # The gate checks the token; this only shows the bearer scheme in the OpenAPI docs.
     bearer = [Depends(HTTPBearer(auto_error=False))]
-    for routes in (devices.routes, vdisks.routes, sessions.routes, log.routes, tokens.routes):
+    for routes in (devices.routes, vdisks.routes, log.routes, tokens.routes, bulk.routes):
         api.include_router(routes(app), dependencies=bearer)
+    # Sessions with their live bytes, imports and commits: from the console's live view.
+    api.include_router(sessions.routes(app, feed), dependencies=bearer)
+    api.include_router(jobs.routes(app, feed), dependencies=bearer)
     return api

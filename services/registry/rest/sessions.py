@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from services.registry.app import RegistryApp
+from services.registry.console.live import LiveFeed
 from services.registry.rest.fields import Name, Text
 
 
@@ -25,13 +26,16 @@ class ReplayIn(BaseModel):
     stream_node: Text | None = None
 
 
-def routes(app: RegistryApp) -> APIRouter:
+def routes(app: RegistryApp, feed: LiveFeed | None = None) -> APIRouter:
+    """``feed``: the console's live view, whose stream nodes' totals give a live session's
+    bytes before its connections end (None: their SessionDetached sums only)."""
     r = APIRouter()
 
     # sessions
     @r.get("/sessions")
     async def list_sessions() -> list[dict[str, Any]]:
-        return await app.list_sessions_with_usage()
+        sessions = await app.list_sessions_with_usage()
+        return feed.view.with_bytes(sessions) if feed is not None else sessions
 
     @r.post("/sessions", status_code=201)
     async def open_session(body: SessionIn) -> dict[str, Any]:

@@ -27,16 +27,38 @@
   }
 
   // A form's fields as the API's JSON body: checkboxes and data-type="bool" as booleans,
-  // empty fields left out (the API's defaults apply) unless marked data-keep-empty.
-  function body(form) {
+  // a multiple select (or data-type="list") as a list, a file as its text, empty fields left out
+  // (the API's defaults apply) unless marked data-keep-empty.
+  async function body(form) {
     const out = {};
     for (const el of form.elements) {
       if (!el.name) continue;
       if (el.type === "checkbox") out[el.name] = el.checked;
+      else if (el.type === "file") { if (el.files[0]) out[el.name] = await el.files[0].text(); }
+      else if (el.type === "select-multiple") out[el.name] = [...el.selectedOptions].map((o) => o.value);
       else if (el.dataset.type === "bool") out[el.name] = el.value === "true";
+      else if (el.dataset.type === "list") out[el.name] = el.value.split(/[\s,]+/).filter(Boolean);
       else if (el.value !== "" || el.hasAttribute("data-keep-empty")) out[el.name] = el.value;
     }
     return out;
+  }
+
+  // A refused request's errors per row (a CSV import's bad lines), listed under its form.
+  function showRows(source, rows) {
+    const box = source.dataset.errors && document.querySelector(source.dataset.errors);
+    if (!box) return;
+    box.replaceChildren(...(rows || []).map((r) => {
+      const li = document.createElement("li");
+      li.textContent = `line ${r.line}: ${r.error}`;
+      return li;
+    }));
+    box.hidden = !(rows && rows.length);
+  }
+
+  // "{imported} devices imported": the answer's fields in the message that says it is done.
+  function doneText(source, answer, fallback) {
+    const text = source.dataset.done || fallback;
+    return text.replace(/\{(\w+)\}/g, (_, k) => (answer && k in answer ? answer[k] : ""));
   }
 
   function refresh(selector) {
@@ -61,8 +83,9 @@
       });
       const answer = await res.json().catch(() => ({}));
       if (res.status === 401) { window.location.href = "/login"; return; }
+      showRows(source, answer.rows);
       if (!res.ok) { toast(answer.error || `${method} ${url}: HTTP ${res.status}`, "bad"); return; }
-      toast(source.dataset.done || `${method} ${url}: done`, "ok");
+      toast(doneText(source, answer, `${method} ${url}: done`), "ok");
       if (source.tagName === "FORM" && source.dataset.keep === undefined) source.reset();
       refresh(source.dataset.refresh);
     } catch (err) {
@@ -76,7 +99,7 @@
     const form = ev.target.closest("form[data-api]");
     if (!form) return;
     ev.preventDefault();
-    call(form, body(form));
+    body(form).then((b) => call(form, b));
   });
 
   document.addEventListener("click", (ev) => {
@@ -103,6 +126,19 @@
     const sel = window.getSelection();
     sel.removeAllRanges();
     sel.addRange(range);
+  });
+
+  // A job (import, commit) that ends while the page is open changed what the page shows
+  // (a new version): the page is loaded again once, when it ends.
+  const ended = () => new Set([...document.querySelectorAll("#jobs [data-job]:not([data-state='running'])")].map((j) => j.dataset.job));
+  let endedAtLoad = ended();
+  document.addEventListener("htmx:afterSwap", (ev) => {
+    if (ev.target.id !== "jobs" || !ev.target.hasAttribute("data-reload-on-end")) return;
+    const now = ended();
+    if ([...now].some((id) => !endedAtLoad.has(id))) {
+      endedAtLoad = now;
+      window.location.reload();
+    }
   });
 
   // A live row that is clicked opens its timeline.

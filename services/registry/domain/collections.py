@@ -1,0 +1,69 @@
+"""Collections: groups of devices that share an assignment (and CHAP credentials).
+
+A collection has no record of its own: it exists while a device names it, a vdisk is
+assigned to it or it has CHAP credentials. Creating one is giving it members and/or a
+vdisk in one decision (:func:`join`); it ends when the last of those goes.
+"""
+
+from __future__ import annotations
+
+from services.registry.domain import assignments, chap
+from services.registry.domain.devices import get_device
+from services.registry.domain.errors import invalid
+from services.registry.projection import Projection, Record
+from shared.events import DeviceUpdated, Event
+from shared.identity import check_name
+
+# Devices one request may move into a collection.
+MAX_MEMBERS = 10_000
+
+
+def view(p: Projection) -> list[Record]:
+    """Every collection: its devices, its vdisks (the default first) and its CHAP name."""
+    names = {d["collection"] for d in p.devices.values() if d["collection"]}
+    names |= {t for k, t in p.assignments if k == "collection"}
+    names |= {t for k, t in p.chap if k == "collection"}
+    out = []
+    for name in sorted(names):
+        members = sorted(
+            (d for d in p.devices.values() if d["collection"] == name),
+            key=lambda d: d["hostname"],
+        )
+        a = p.assignments.get(("collection", name)) or {"vdisks": [], "default": None}
+        out.append(
+            {
+                "name": name,
+                "devices": [{"mac": d["mac"], "hostname": d["hostname"]} for d in members],
+                # Members with their own assignment boot that, not the collection's.
+                "own_assignment": [
+                    d["hostname"] for d in members if ("device", d["mac"]) in p.assignments
+                ],
+                "vdisks": a["vdisks"],
+                "default": a["default"],
+                "chap": chap.summary(p.chap.get(("collection", name))),
+            }
+        )
+    return out
+
+
+def join(p: Projection, name: str, macs: list[str], vdisk: str | None) -> list[Event]:
+    """Devices ``macs`` move into collection ``name`` and ``vdisk`` is assigned to it
+    (its default if it has none yet): a collection is created by its first of these."""
+    check_name(name, "collection name")
+    if not macs and not vdisk:
+        raise invalid(
+            f"collection {name!r}: give it devices and/or a vdisk (a collection without "
+            "either does not exist)"
+        )
+    if len(macs) > MAX_MEMBERS:
+        raise invalid(f"{len(macs)} devices: at most {MAX_MEMBERS} per request")
+    events: list[Event] = []
+    if vdisk:
+        events += assignments.assign(p, "collection", name, vdisk, default=False)
+    moved: set[str] = set()
+    for mac in macs:
+        dev = get_device(p, mac)
+        if dev["collection"] != name and dev["mac"] not in moved:
+            moved.add(dev["mac"])
+            events.append(DeviceUpdated(mac=dev["mac"], collection=name))
+    return events
