@@ -28,10 +28,11 @@ from streamboot.client_package import NBD_HELPER_PATH, build_deb, build_nbd_help
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # What a streamed Debian needs besides minbase: systemd and udev, a kernel and its
 # initramfs tooling, the client's nbd-client, DHCP, busybox (nc, the redeem request),
-# e2fsprogs (a client-disk write cache is formatted at boot).
+# e2fsprogs (a client-disk write cache is formatted at boot), zstd (initramfs-tools falls
+# back to gzip without it: a larger file that the kernel unpacks more slowly).
 BASE_PACKAGES = (
     "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "nbd-client", "iproute2",
-    "isc-dhcp-client", "kmod", "busybox", "e2fsprogs",
+    "isc-dhcp-client", "kmod", "busybox", "e2fsprogs", "zstd",
 )  # fmt: skip
 MARKER = "STREAMBOOT-BOOTED"
 SECTOR = 512
@@ -85,9 +86,10 @@ ExecStart=/usr/local/sbin/streamboot-marker
 WantedBy=multi-user.target
 """
 # A streamed client's initramfs needs its NIC drivers and the client, not every storage
-# controller and framebuffer (MODULES=most): a smaller file to load over the network and
-# to unpack at boot. The client's hook adds the local disks' drivers (client-disk).
-INITRAMFS_CONF = "# streamboot: the root comes over the network.\nMODULES=netboot\n"
+# controller, filesystem and framebuffer (MODULES=most): a smaller file to load over the
+# network and to unpack at boot. With MODULES=list the client's hook adds what a streamed
+# client needs (NICs, ext4, overlay, nbd, the local disks' controllers, keyboards).
+INITRAMFS_CONF = "# streamboot: the root comes over the network.\nMODULES=list\nCOMPRESS=zstd\n"
 FSTAB = "# The root is mounted by the initramfs (the streamboot client), by write-cache type.\n"
 
 
