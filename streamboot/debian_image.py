@@ -173,8 +173,19 @@ def bootstrap(cache_dir: Path, suite: str, mirror: str, packages: list[str], say
         "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
         suite, str(partial / "rootfs"), mirror,
     ], timeout=3600)  # fmt: skip
+    unmount_below(partial / "rootfs")
     partial.rename(base)
     return rootfs
+
+
+def unmount_below(rootfs: Path) -> None:
+    """Unmount what a chroot left mounted inside ``rootfs`` (debootstrap's /proc, when a
+    process it started kept it busy): a cached root is plain files, and copying a live
+    /proc blocks for ever on /proc/kmsg."""
+    prefix = str(rootfs.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=60, check=False)
 
 
 def _chroot(rootfs: Path, *argv: str) -> str:
@@ -286,7 +297,8 @@ def build_debian_image(
     with tempfile.TemporaryDirectory(prefix="streamboot-debian-", dir=out.parent) as tmp:
         rootfs = Path(tmp) / "rootfs"
         say("copying the debootstrapped system...")
-        _run(["cp", "-a", "--reflink=auto", str(cached), str(rootfs)])
+        # --one-file-system: nothing mounted inside the cache is copied (see unmount_below).
+        _run(["cp", "-a", "--one-file-system", "--reflink=auto", str(cached), str(rootfs)])
         install_client(rootfs, say)
         configure(rootfs)
         say(f"making the {size} disk image (ext4 on an MBR partition)...")
