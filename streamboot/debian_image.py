@@ -67,16 +67,23 @@ case " $(cat /proc/cmdline) " in
 esac
 echo "{MARKER} hostname=$(hostname) machine-id=$(cat /etc/machine-id)" \\
     "rootfs=$(findmnt -n -o FSTYPE /) boot-id=$boot last-boot=$last" > /dev/console
-# streamboot-marker.poweroff=1 on the command line: a clean power-off right after.
+# streamboot-marker.poweroff=1 on the command line: a clean power-off right after, once the
+# client's own report (streamboot-booted.service) is done, which the power-off would cut short.
 case " $(cat /proc/cmdline) " in
-    *" streamboot-marker.poweroff=1 "*) systemctl --no-block poweroff ;;
+    *" streamboot-marker.poweroff=1 "*)
+        i=0
+        while [ $i -lt 120 ] && [ -n "$(systemctl list-jobs --no-legend streamboot-booted.service)" ]; do
+            sleep 0.5; i=$((i + 1))
+        done
+        systemctl --no-block poweroff
+        ;;
 esac
 """
-# After the client's own report (streamboot-booted.service): a power-off right after the
-# marker must not cut it short.
+# At multi-user, as a local boot prints it: the client's report to the server
+# (streamboot-booted.service) runs beside it, and the power-off waits for that report.
 MARKER_UNIT = """[Unit]
 Description=streamboot: print the boot marker on the console at multi-user
-After=multi-user.target streamboot-booted.service
+After=multi-user.target
 
 [Service]
 Type=oneshot
