@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.registry.initramfs import root_client
+from shared.initramfs import root_client
 from streamboot.client_package import PACKAGE_TREE
 from tests.client.conftest import CORE, TEST_CACHE, build_dracut, debian_root, dracut_missing
 

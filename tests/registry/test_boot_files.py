@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from services.registry.boot_files import compare_versions, scan
-from services.registry.initramfs import InitramfsError, root_client
-from services.registry.partitions import read_partitions
+from shared.boot_files import compare_versions, scan
+from shared.initramfs import InitramfsError, root_client
+from shared.partitions import read_partitions
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("sfdisk", "mke2fs", "debugfs", "mkfs.vfat", "mcopy")),
