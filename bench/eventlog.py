@@ -6,13 +6,22 @@ a bare table and an ordered read of it; the ratio says what the event store's en
 concurrency checks and indexes cost.
 
     uv run python bench/eventlog.py [--events 200000] [--single 2000]
+    uv run python bench/eventlog.py --live-sessions 100000   # the projection at scale
+
+``--live-sessions N``: N devices, each with a session opened and attached and never closed
+(what the registry holds during a storm of N machines), appended in batches; then the
+registry's start-up replay into a fresh projection: its time, and the resident memory the
+projection took (this process's RSS before and after, after a GC) per live session. The
+peer is the same as above (plain asyncpg's ordered read of as many rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
+import os
 import secrets
 import shutil
 import tempfile
@@ -89,6 +98,54 @@ def boot_day(total: int, devices: int = 2000) -> Iterator[Event]:
         yield SessionClosed(session_id=sid, reason="shutdown")
         n += 10
         s += 1
+
+
+def live_sessions(n: int) -> Iterator[Event]:
+    """``n`` devices, each with one session opened and attached, none closed."""
+    for d in range(n):
+        yield DeviceRegistered(mac=mac(d), machine_id=f"m-{d:08}", hostname=f"lab-{d:07}")
+    for d in range(n):
+        sid = f"s{d:08}"
+        yield SessionOpened(
+            session_id=sid, mac=mac(d), hostname=f"lab-{d:07}", machine_id=f"m-{d:08}",
+            vdisk="win11", version=1, stream_node=f"node-{d % 4}",
+            write_cache="server-disk", write_cache_persistence="discard",
+        )  # fmt: skip
+        yield SessionAttached(
+            session_id=sid, stream_node=f"node-{d % 4}", protocol="nbd",
+            client_addr=f"10.{d >> 16 & 255}.{d >> 8 & 255}.{d & 255}:5000",
+        )  # fmt: skip
+
+
+def rss_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+async def bench_live(dsn: str, n: int, batch: int) -> dict[str, float]:
+    """The projection holding ``n`` live sessions: replay time and memory."""
+    store = await EventStore.connect(dsn)
+    events = live_sessions(n)
+    while chunk := [envelope(e) for e in itertools.islice(events, batch)]:
+        await store.append(chunk)
+    gc.collect()
+    before = rss_mib()
+    projection = Projection()
+    t = time.perf_counter()
+    async with store.pool.acquire() as conn:
+        total = await replay(conn, projection)
+    seconds = time.perf_counter() - t
+    gc.collect()
+    grew = rss_mib() - before
+    assert len(projection.sessions) == n, "the replay did not rebuild the live sessions"
+    await store.close()
+    print(
+        f"{n:,} live sessions ({total:,} events): replay {seconds:.2f} s "
+        f"({total / seconds:,.0f} events/s), projection {grew:.0f} MiB resident "
+        f"({grew * 1024 * 1024 / n:,.0f} bytes per live session and its device)"
+    )
+    return {"replay through the registry projection": total / seconds, "events": total,
+            "replay_s": seconds, "projection_mib": grew}  # fmt: skip
 
 
 def rate(n: int, seconds: float) -> str:
@@ -179,7 +236,13 @@ async def main(args: argparse.Namespace) -> None:
         await admin.execute("CREATE DATABASE bench_store")
         await admin.execute("CREATE DATABASE bench_peer")
         await admin.close()
-        ours = await bench_store(pg.dsn("bench_store"), args.events, args.single, args.batch)
+        if args.live_sessions:
+            ours = await bench_live(pg.dsn("bench_store"), args.live_sessions, args.batch)
+            args.events = int(ours.pop("events"))
+            extra = {k: ours.pop(k) for k in ("replay_s", "projection_mib")}
+            print(f"(replay {extra['replay_s']:.2f} s, {extra['projection_mib']:.0f} MiB)")
+        else:
+            ours = await bench_store(pg.dsn("bench_store"), args.events, args.single, args.batch)
         peer = await bench_peer(pg.dsn("bench_peer"), args.events, args.batch)
     finally:
         await pg.stop()
@@ -200,4 +263,5 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--single", type=int, default=2_000)
     parser.add_argument("--batch", type=int, default=1_000)
+    parser.add_argument("--live-sessions", type=int, default=0, help="the projection at scale")
     uvloop.run(main(parser.parse_args()))

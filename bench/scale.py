@@ -1,7 +1,7 @@
 """The scale table (issue 28): session opens, boot storms and idle sessions, in one run.
 
     uv run python bench/scale.py [--opens 1000] [--storm 200,500,1000] [--client-procs 4]
-                                 [--idle 1000,10000] [--parts opens,storm,idle]
+                                 [--idle 1000,10000] [--pxe 100] [--parts opens,storm,idle,pxe]
                                  [--markdown scale-table.md]
 
 Each part is one of the benches beside it, run as a child process, its rows read back as
@@ -15,7 +15,10 @@ docs/scale.md shows:
   nbdkit's cow filter in the same run, the replay clients split over ``--client-procs``
   processes; p99 completion, errors, and the ratio of the p99s;
 - ``idle``: bench/session_cost.py --idle: resident memory and descriptors per idle attached
-  session, stream node and cache service, beside nbdkit-cow holding as many connections.
+  session, stream node and cache service, beside nbdkit-cow holding as many connections;
+- ``pxe`` (root, not in the default parts): bench/pxestorm.py: ``--pxe`` simulated clients
+  boot at once through DHCP, TFTP, the iPXE scripts, the boot files, the nonce and NBD, in
+  a network namespace; clients lost, DHCP retransmits, each phase's p50/p99.
 
 The goals: >= 500 opens/s over NATS; storm p99 <= 0.8x nbdkit-cow's at N = 1,000 with no
 client lost; < 1 GiB resident for 10,000 idle sessions on a stream node.
@@ -46,11 +49,12 @@ def run_part(argv: list[str], out: Path) -> Any:
 
 
 def opens_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| via | concurrent openers | opens/s | p50 ms | p99 ms | errors | busy answers | registry CPU ms/open |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| via | concurrent openers | opens/s | p50 ms | p99 ms | errors | busy answers | CPU ms/open: registry | PostgreSQL | nats | the openers |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         out.append(
             f"| {r['via']} | {r['concurrency']} | {r['opens_s']:.0f} | {r['p50_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {r['errors']} | {r.get('busy', 0)} | {r['registry_cpu_ms']:.2f} |"
+            f"{r['p99_ms']:.1f} | {r['errors']} | {r.get('busy', 0)} | {r['registry_cpu_ms']:.2f} | "
+            f"{r['postgres_cpu_ms']:.2f} | {r['nats_cpu_ms']:.2f} | {r['client_cpu_ms']:.2f} |"
         )
     return out
 
@@ -85,6 +89,23 @@ def idle_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def pxe_table(summary: dict[str, Any]) -> list[str]:
+    if not summary:
+        return []
+    out = [
+        f"{summary['clients']} clients: {summary['booted']} booted, {summary['lost']} lost, "
+        f"{summary['dhcp_retransmits']} DHCP retransmits, {summary['busy']} busy answers; "
+        f"streamboot's processes {summary['server_cpu_s']:.1f} CPU s",
+        "",
+        "| phase | p50 s | p99 s | max s |",
+        "|---|---|---|---|",
+    ]
+    for phase, v in summary.items():
+        if isinstance(v, dict):
+            out.append(f"| {phase} | {v['p50']:.2f} | {v['p99']:.2f} | {v['max']:.2f} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,6 +114,7 @@ def main() -> None:
     ap.add_argument("--storm", default="200,500,1000", help="storm sizes")
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--idle", default="1000,10000", help="idle attached session counts")
+    ap.add_argument("--pxe", type=int, default=100, help="simulated PXE clients")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     args = ap.parse_args()
@@ -116,6 +138,9 @@ def main() -> None:
     if "idle" in parts:
         rows = run_part(["bench/session_cost.py", "--idle", args.idle], work / "idle.json")
         tables += ["### Idle attached sessions", "", *idle_table(rows), ""]
+    if "pxe" in parts:
+        summary = run_part(["bench/pxestorm.py", "--clients", str(args.pxe)], work / "pxe.json")
+        tables += ["### PXE storm (simulated clients)", "", *pxe_table(summary), ""]
     text = "\n".join(tables)
     print("\n" + text)
     if args.markdown:

@@ -11,7 +11,7 @@ one session per device, ``C`` at a time, from this process. Reported per row: op
 the opens' latency p50/p99, errors, the "busy, retry" answers (back-pressure: the opener
 waits the delay it is given and asks again, as a booting client does; the wait counts in
 its latency), and the CPU milliseconds per open of the registry,
-PostgreSQL and nats-server (where the time goes). ``--profile`` samples the registry with
+PostgreSQL, nats-server and the openers' own process (where the time goes). ``--profile`` samples the registry with
 py-spy during the rows (``py-spy`` on PATH, else ``uvx py-spy``) and prints where its CPU
 went: the functions on CPU (self) and the registry's own functions (inclusive).
 """
@@ -200,7 +200,8 @@ async def run_row(
                     errors.append(f"{type(exc).__name__}: {exc}")
                     return
 
-    pids = rig.pids()
+    # The openers themselves (this process: httpx or nats-py) share the machine too.
+    pids = {**rig.pids(), "client": [os.getpid()]}
     cpu0 = {k: cpu_ms(v) for k, v in pids.items()}
     t0 = time.perf_counter()
     await asyncio.gather(*(one(m) for m in macs))
@@ -260,7 +261,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
         print(f"{args.opens} opens per row; CPU ms per open by process")
         print(
             f"{'via':5} {'C':>4} {'opens/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'busy':>5} "
-            f"{'registry':>8} {'postgres':>8} {'nats':>6}"
+            f"{'registry':>8} {'postgres':>8} {'nats':>6} {'client':>6}"
         )
         spy = start_py_spy(rig, work / "registry.folded") if args.profile else None
         rows_out: list[dict[str, Any]] = []
@@ -274,7 +275,8 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
                 print(
                     f"{transport:5} {c:>4} {r['opens_s']:>8.0f} {r['p50_ms']:>7.1f} "
                     f"{r['p99_ms']:>7.1f} {r['errors']:>6} {r['busy']:>5} {r['registry_cpu_ms']:>8.2f} "
-                    f"{r['postgres_cpu_ms']:>8.2f} {r['nats_cpu_ms']:>6.2f}",
+                    f"{r['postgres_cpu_ms']:>8.2f} {r['nats_cpu_ms']:>6.2f} "
+                    f"{r['client_cpu_ms']:>6.2f}",
                     flush=True,
                 )
                 if r["errors"]:

@@ -40,7 +40,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared import metrics
-from shared.settings import without_password
+from shared.settings import Settings, without_password
 from shared.telemetry import extract_context, inject_headers
 
 log = logging.getLogger("streamboot.bus")
@@ -244,6 +244,7 @@ async def ensure_event_stream(js: JetStreamContext) -> None:
     config = StreamConfig(
         name=EVENTS_STREAM,
         subjects=[EVENTS_SUBJECTS],
+        num_replicas=jetstream_replicas(),
         storage=StorageType.FILE,
         duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
         max_age=7 * 24 * 3600,
@@ -258,14 +259,22 @@ async def ensure_event_stream(js: JetStreamContext) -> None:
             await js.stream_info(EVENTS_STREAM)
 
 
-async def key_value_bucket(js: JetStreamContext, name: str, ttl_s: float) -> KeyValue:
-    """A JetStream KV bucket (one value per key, entries expire after ``ttl_s``), created
-    on first use by whichever process gets there first."""
+def jetstream_replicas() -> int:
+    """How many servers hold each stream and KV bucket streamboot creates: 1 on one
+    server, 3 on a three-node cluster (``STREAMBOOT_NATS_REPLICAS``, docs/deploy.md).
+    Read when a stream or bucket is created, which is rare: an existing one keeps its own."""
+    return Settings().nats_replicas
+
+
+async def key_value_bucket(js: JetStreamContext, name: str, ttl_s: float | None) -> KeyValue:
+    """A JetStream KV bucket (one value per key, entries expire after ``ttl_s``; None:
+    never), created on first use by whichever process gets there first."""
     try:
         return await js.key_value(name)
     except BucketNotFoundError:
+        config = KeyValueConfig(bucket=name, history=1, ttl=ttl_s, replicas=jetstream_replicas())
         try:
-            return await js.create_key_value(KeyValueConfig(bucket=name, history=1, ttl=ttl_s))
+            return await js.create_key_value(config)
         except BadRequestError:
             return await js.key_value(name)  # created by another process meanwhile
 

@@ -31,6 +31,7 @@ CACHE_OWNERS_BUCKET = "streamboot_cache_owners"
 BOOT_TRACES_BUCKET = "streamboot_boot_traces"
 BOOT_HANDOFF_BUCKET = "streamboot_boot_handoff"
 BOOT_NONCES_BUCKET = "streamboot_boot_nonces"
+BOOT_LEASES_BUCKET = "streamboot_dhcp_leases"  # full DHCP's leases shared by boot services
 # A destructive consumer confirms a session's close with the registry (stream and cache).
 SESSION_STATUS = registry_contract.STATUS
 
@@ -171,7 +172,13 @@ MATRIX: dict[str, Grant] = {
             "streamboot.registry.session.close",
         ),
         subscribe=(),
-        kv_write=(HEARTBEAT_BUCKET, BOOT_TRACES_BUCKET, BOOT_HANDOFF_BUCKET, BOOT_NONCES_BUCKET),
+        kv_write=(
+            HEARTBEAT_BUCKET,
+            BOOT_TRACES_BUCKET,
+            BOOT_HANDOFF_BUCKET,
+            BOOT_NONCES_BUCKET,
+            BOOT_LEASES_BUCKET,
+        ),
     ),
     # The operator's CLI (and `up` waiting for heartbeats): `status` reads heartbeats,
     # `vdisk commit` reads a kept write cache from its node, an operator reads the cache

@@ -368,7 +368,9 @@ class EventStore:
             # waited; each statement of the message gets its own.
             await conn.execute(_BEGIN_AND_LOCK)
             try:
-                yield Transaction(conn)
+                tx = Transaction(conn)
+                yield tx
+                await tx.flush()
             except BaseException:
                 # If the connection is gone, the server rolls back (and asyncpg has detached
                 # it from the pool: even is_closed() raises); the original error goes up.
@@ -537,6 +539,9 @@ class Transaction:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
         self.last_position: int | None = None
+        # Deferred appends (append(defer=True)): the events, and the next position to give.
+        self._deferred: list[Envelope] = []
+        self._next_position: int | None = None
 
     async def stream_version(self, stream_id: str) -> int:
         return await self.conn.fetchval(
@@ -550,13 +555,23 @@ class Transaction:
         expected_version: int | None = ANY_VERSION,
         expected: Mapping[str, int] | None = None,
         retry: bool | None = None,
+        defer: bool = False,
     ) -> list[Envelope]:
         """Append in this transaction (see :meth:`EventStore.append`). ``retry=False``
         skips looking the batch's ids up first: a batch that is in fact a retry then fails
         on the unique id, which aborts the transaction (:meth:`EventStore.append` starts
-        another). By default the ids are looked up."""
+        another). By default the ids are looked up.
+
+        ``defer=True``: new events (fresh ids, any stream version) get their positions at
+        once and are written with every other deferred batch of the transaction by one
+        COPY before its commit (:meth:`flush`), their versions filled in then. Many small
+        batches in one transaction (a group commit of session opens) then cost two round
+        trips in all instead of two each."""
         if not events:
             return []
+        if defer:
+            return await self._defer(events, expected_version, expected)
+        await self.flush()  # in position order: what was deferred goes first
         conn = self.conn
         streams = list(dict.fromkeys(e.stream_id for e in events))
         expectations = dict(expected or {})
@@ -607,6 +622,49 @@ class Transaction:
             e.__dict__["position"] = p
         return list(events)
 
+    async def _defer(
+        self,
+        events: Sequence[Envelope],
+        expected_version: int | None,
+        expected: Mapping[str, int] | None,
+    ) -> list[Envelope]:
+        if expected_version is not None or expected:
+            raise ValueError("a deferred append takes any stream version")
+        if self._next_position is None:
+            # Under the append lock nobody else draws positions: the next ones after this
+            # are ours, and flush() moves the sequence past the last one given.
+            self._next_position = await self.conn.fetchval(_NEXT_POSITION)
+        for p, e in enumerate(events, self._next_position):
+            e.__dict__["position"] = p
+        self._next_position += len(events)
+        self._deferred.extend(events)
+        return list(events)
+
+    async def flush(self) -> None:
+        """Write the deferred events: one round trip for their streams' versions (and the
+        sequence moved past them, and the NOTIFY), one COPY."""
+        events, self._deferred = self._deferred, []
+        if not events:
+            return
+        first = events[0].__dict__["position"]
+        last = events[-1].__dict__["position"]
+        self._next_position = None
+        streams = list(dict.fromkeys(e.__dict__["stream_id"] for e in events))
+        versions_now, _ = await self.conn.fetchrow(
+            _VERSIONS_AND_MOVE, streams, last, NOTIFY_CHANNEL
+        )
+        current = {s: v for s, v in zip(streams, versions_now, strict=True) if v is not None}
+        versions = _versions(events, current)
+        await self.conn.copy_to_table(
+            "events",
+            source=_copy_data(events, versions, first),
+            columns=_INSERT_COLUMNS,
+            format="binary",
+        )
+        self.last_position = last
+        for e, v in zip(events, versions, strict=True):
+            e.__dict__["version"] = v
+
     async def _count_stored(self, ids: list[uuid.UUID]) -> int:
         return await self.conn.fetchval(_COUNT_STORED, ids)
 
@@ -640,6 +698,13 @@ _CHECK_IDS_AND_RESERVE = (
     f"{_RESERVE_POSITIONS}"
 )
 _COUNT_STORED = "SELECT count(*)::int FROM events WHERE id = ANY($1::uuid[])"
+_SEQUENCE = "pg_get_serial_sequence('events', 'position')::regclass"
+_NEXT_POSITION = f"SELECT nextval({_SEQUENCE})"
+# The streams' versions; the sequence set to the last deferred position ($2); NOTIFY $3.
+_VERSIONS_AND_MOVE = (
+    f"SELECT {_STREAM_VERSIONS}, m.last "
+    f"FROM (SELECT setval({_SEQUENCE}, $2) AS last, pg_notify($3, '')) AS m"
+)
 
 
 def _versions(events: Sequence[Envelope], current: Mapping[str, int]) -> list[int]:

@@ -6,9 +6,9 @@ Every service raises its soft limit to the hard limit at start (:func:`raise_sof
 the hard limit is the operator's: systemd ``LimitNOFILE``, ``ulimit -Hn``, a container's
 ``nofile``) and reports both with its open count in its heartbeat (``streamboot status``).
 
-Running out anyway is logged at most once per :data:`REPORT_INTERVAL_S` (with how many
-connections were refused since the last line), not once per refused client: a storm that
-hits the limit would otherwise write a line per connection attempt.
+Running out anyway is logged through a :class:`~shared.log_budget.LogBudget`: the first
+refusal of each :data:`REPORT_INTERVAL_S` in full, the rest summed up in one line at its end,
+not a line per refused client (a storm that hits the limit makes thousands of attempts).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from shared.log_budget import LogBudget
 
 log = logging.getLogger("streamboot.fds")
 
@@ -52,28 +53,32 @@ def open_count() -> int:
         return -1
 
 
+class _OpenCount:
+    """The open count, read only when a line is written (a listing of /proc/self/fd)."""
+
+    def __str__(self) -> str:
+        return str(open_count())
+
+
 @dataclass
 class Exhaustion:
     """Connections refused for want of a file descriptor, and the rate-limited line saying so."""
 
     refused: int = 0
-    _reported: int = 0
-    _last_report: float = float("-inf")
+    _log: LogBudget = field(
+        default_factory=lambda: LogBudget(log, "fds", lines=1, interval_s=REPORT_INTERVAL_S)
+    )
 
     def refused_one(self, listener: str) -> None:
         self.refused += 1
-        now = time.monotonic()
-        if now - self._last_report < REPORT_INTERVAL_S:
-            return
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        log.error(
-            "out of file descriptors (%d open, limit %d, hard limit %d): %s refuses new "
-            "connections (%d refused since the last report); raise the hard limit "
+        self._log.log(
+            logging.ERROR, "refused: out of file descriptors", listener,
+            "out of file descriptors (%s open, limit %d, hard limit %d): %s refuses new "
+            "connections (%d refused so far); raise the hard limit "
             "(systemd LimitNOFILE, ulimit -Hn) or spread clients over more nodes",
-            open_count(), soft, hard, listener, self.refused - self._reported,
+            _OpenCount(), soft, hard, listener, self.refused,
         )  # fmt: skip
-        self._reported = self.refused
-        self._last_report = now
 
 
 # One per process: every listener of a process draws on the same descriptor table.

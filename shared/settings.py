@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     tftp_max_windowsize: int = 64
     tftp_max_client_timeout_s: int = 10  # a client's `timeout` option above this is ignored
     tftp_max_transfers_per_client: int = 4  # per client address
+    # The boot HTTP server's URL as clients reach it, when that is not http://HOST:PORT of
+    # this process: a TLS proxy in front of it (https://boot.lab; docs/security.md). The
+    # scripts chain to it and DHCP hands it to iPXE.
+    boot_http_public_url: str | None = None
+    # Open boot HTTP connections per client address; past it new ones are closed (0 = no cap).
+    boot_http_max_connections_per_address: int = 256
+    # Boot HTTP connections waiting for a request head, all addresses together: past it the
+    # oldest is closed to make room; 0 = half the descriptor limit, < 0 = no total.
+    boot_http_max_waiting: int = 0
     tftp_client_requests_per_s: float = 10.0  # per client address, bursts of 3 s worth
     dhcp_mode: Literal["off", "proxy", "full"] = "off"
     dhcp_interface: str | None = None  # SO_BINDTODEVICE + broadcast; None: bind_host only
@@ -88,6 +97,9 @@ class Settings(BaseSettings):
     dhcp_router: str | None = None
     dhcp_dns: list[str] = Field(default_factory=list)
     dhcp_lease_s: int = 3600
+    # Where full DHCP keeps its leases: "file" (DATA_DIR/boot/dhcp-leases.json, one boot
+    # service per network) or "nats" (a KV bucket several boot services share, docs/failover.md).
+    dhcp_lease_store: Literal["file", "nats"] = "file"
     dhcp_announce_per_s: float = 20.0  # BootRequested per second from PXE DISCOVERs (bursts: 5 s)
     # Wake-on-LAN (`streamboot device wake`, the console): the registry sends the magic
     # packet here, out of dhcp_interface when one is set (the clients' network).
@@ -103,6 +115,9 @@ class Settings(BaseSettings):
     # Embedded PostgreSQL (`streamboot up`): the OS user it runs as when started by root
     # (postgres refuses to run as root), and an explicit binaries folder (else auto-detected).
     postgres_user: str = "nobody"
+    # Servers holding each JetStream stream and KV bucket streamboot creates: 3 when NATS
+    # runs as a three-node cluster (compose.yaml), so losing one server loses no bucket.
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # NATS HTTP monitoring (/varz, /jsz) of the embedded nats-server: off when unset.
     nats_monitor_port: int | None = None
     postgres_bin_dir: Path | None = None
@@ -167,14 +182,24 @@ class Settings(BaseSettings):
     # Connections one client address may hold before its session is attached (a host
     # opening sockets it never speaks on); past it they are closed at once; 0 = no cap.
     stream_max_handshakes_per_address: int = 256
+    # The same from all addresses together: past it the oldest is closed to make room for
+    # the new one (a real client's handshake takes milliseconds); 0 = half the descriptor
+    # limit, < 0 = no total.
+    stream_max_handshakes: int = 0
     stream_nbd_tls: Literal["off", "on", "require"] = "off"
     stream_nbd_tls_cert: Path | None = None
     stream_nbd_tls_key: Path | None = None
+    # Pre-shared keys clients may use instead of the certificate (psktool's name:hexkey lines).
+    stream_nbd_tls_psk_file: Path | None = None
     # A session's writes, its open and its reads through the cache service wait this long
     # for a cache node that does not answer (restarting, stopped, NATS away) before they
     # fail with EIO (an open: the client is refused); once it answers they go on.
     stream_cache_outage_grace_s: float = 30.0
     cache_write_capacity: int = 8 << 30  # bytes one session's write cache may hold
+    # A write cache unused this long, every change fsynced, has its two files' descriptors
+    # closed (the next write or read reopens them): idle sessions hold no descriptor on a
+    # cache node; 0 = keep them open until the session closes.
+    cache_write_idle_close_s: float = 60.0
     cache_read_capacity: int = 4 << 30  # bytes of the shared read cache, all versions
     # A version's read cache that changed and then was quiet this long is fsynced and
     # marked durable, so a machine restart (not only a clean stop) finds it warm; 0 = only

@@ -62,9 +62,11 @@ class NbdExport:
         return bool(self.flags & nbd.TF_READ_ONLY)
 
 
-async def nbd_open(host: str, port: int, name: str) -> NbdExport:
-    """Fixed-newstyle handshake with OPT_GO; simple replies only (no structured replies)."""
-    r, w = await asyncio.open_connection(host, port)
+async def nbd_open(host: str, port: int, name: str, local_addr: str | None = None) -> NbdExport:
+    """Fixed-newstyle handshake with OPT_GO; simple replies only (no structured replies).
+    ``local_addr``: the address to connect from (a simulated client's own)."""
+    local = (local_addr, 0) if local_addr else None
+    r, w = await asyncio.open_connection(host, port, local_addr=local)
     magic, opt, _flags = nbd.GREETING.unpack(await r.readexactly(nbd.GREETING.size))
     if (magic, opt) != (nbd.NBDMAGIC, nbd.IHAVEOPT):
         w.close()
@@ -113,6 +115,7 @@ async def replay(
     requests: Sequence[Request],
     paced: bool,
     timeout_s: float | None = None,
+    local_addr: str | None = None,
 ) -> ReplayResult:
     """Replay ``requests`` one at a time (queue depth 1, in order). ``paced``: each request
     waits for its recorded time (relative to the first request) instead of going at once.
@@ -123,7 +126,7 @@ async def replay(
     t_first = requests[0].t_ms if requests else 0
     try:
         async with asyncio.timeout(timeout_s):
-            export = await nbd_open(host, port, name)
+            export = await nbd_open(host, port, name, local_addr)
         r, w = export.reader, export.writer
         res.connect_s = time.perf_counter() - start
         begun = time.perf_counter()

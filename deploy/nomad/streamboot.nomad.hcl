@@ -315,6 +315,17 @@ job "streamboot" {
                     "$JS.FC.KV_streamboot_boot_nonces.>",
                     "$KV.streamboot_boot_nonces.>",
                     "$JS.API.STREAM.CREATE.KV_streamboot_boot_nonces",
+                    "$JS.API.STREAM.INFO.KV_streamboot_dhcp_leases",
+                    "$JS.API.DIRECT.GET.KV_streamboot_dhcp_leases",
+                    "$JS.API.DIRECT.GET.KV_streamboot_dhcp_leases.>",
+                    "$JS.API.STREAM.MSG.GET.KV_streamboot_dhcp_leases",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_dhcp_leases",
+                    "$JS.API.CONSUMER.CREATE.KV_streamboot_dhcp_leases.>",
+                    "$JS.API.CONSUMER.INFO.KV_streamboot_dhcp_leases.>",
+                    "$JS.API.CONSUMER.DELETE.KV_streamboot_dhcp_leases.>",
+                    "$JS.FC.KV_streamboot_dhcp_leases.>",
+                    "$KV.streamboot_dhcp_leases.>",
+                    "$JS.API.STREAM.CREATE.KV_streamboot_dhcp_leases",
                   ] }
                   subscribe: { allow: [
                     "_INBOX.>",

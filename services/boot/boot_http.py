@@ -356,7 +356,7 @@ class BootHttp:
             session.session_id,
         )  # fmt: skip
         info = scripts.SessionInfo(
-            session.vdisk, session.version, session.http_url, session.hostname
+            session.vdisk, session.version, session.http_url, session.hostname, session.http_nodes
         )
         retry = scripts.script_url(self.base_url, mac, uuid)
         how = session.boot or {}

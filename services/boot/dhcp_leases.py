@@ -12,10 +12,16 @@ address to offer next comes from heaps (free addresses in pool order, records by
 offers and declines by age), so a DISCOVER costs O(log n) however large the pool, also
 when a flood of forged MACs has every address on offer. Heap entries are checked when they
 come to the top (a record replaced since is skipped) and rebuilt when stale ones pile up.
+
+Several boot services on one network share their leases instead (``shared_leases.py``):
+the store is then their common view, fed by a watch, and each change it records
+(:attr:`LeaseStore.changed`) carries the revision of the address's shared record it was
+decided on, so the write is a compare-and-set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import ipaddress
@@ -25,7 +31,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 # An offer holds its address this long for the client's REQUEST, while free addresses last;
 # once none is left, the oldest offer nobody took up goes to the next DISCOVER.
@@ -52,7 +58,7 @@ class PoolExhausted(Exception):
 
 
 class LeaseStore:
-    def __init__(self, path: Path, pool_start: str, pool_end: str) -> None:
+    def __init__(self, path: Path, pool_start: str, pool_end: str, *, load: bool = True) -> None:
         self.path = path
         start, end = ipaddress.IPv4Address(pool_start), ipaddress.IPv4Address(pool_end)
         if end < start:
@@ -67,7 +73,13 @@ class LeaseStore:
         self._offers: list[_Entry] = []
         self._declines: list[_Entry] = []
         self._seq = itertools.count()
-        self._load()
+        # The shared store's view: per address, the revision of its last record seen there,
+        # and the changes not yet written there (address -> the record, the revision it
+        # was decided on). The file alone leaves both unused.
+        self.revisions: dict[str, int] = {}
+        self.changed: dict[str, tuple[Lease, int]] = {}
+        if load:
+            self._load()
 
     def _load(self) -> None:
         try:
@@ -78,6 +90,28 @@ class LeaseStore:
             lease = Lease(**item)
             if lease.state != "offered" and lease.ip in self._index:
                 self._put(lease)
+
+    def _change(self, lease: Lease) -> None:
+        """Note a change to keep (written before the ACK that tells of it leaves)."""
+        self.dirty = True
+        prior = self.changed.get(lease.ip)
+        self.changed[lease.ip] = (lease, prior[1] if prior else self.revisions.get(lease.ip, 0))
+
+    def take_changes(self) -> dict[str, tuple[Lease, int]]:
+        """The changes to write now (later ones wait for the next write)."""
+        changes, self.changed, self.dirty = self.changed, {}, False
+        return changes
+
+    def apply(self, ip: str, lease: Lease | None, revision: int) -> None:
+        """The shared record of ``ip`` at ``revision`` (None: deleted), unless this store
+        already saw that revision or a later one."""
+        if ip not in self._index or revision <= self.revisions.get(ip, 0):
+            return
+        self.revisions[ip] = revision
+        if lease is not None:
+            self._put(lease)
+        elif (old := self.by_ip.get(ip)) is not None and old.state != "offered":
+            self._drop(old)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """What the file keeps: every record but the offers."""
@@ -181,7 +215,7 @@ class LeaseStore:
         own = self.by_mac.get(mac)
         lease = Lease(mac, ip, now + lease_s, "bound", hostname or (own.hostname if own else None))
         self._put(lease)
-        self.dirty = True
+        self._change(lease)
         return lease
 
     def release(self, mac: str, now: float) -> None:
@@ -189,7 +223,7 @@ class LeaseStore:
         if lease is not None and lease.state == "bound":
             lease.expires = now  # kept: the client gets the same address next time
             self._schedule(lease)
-            self.dirty = True
+            self._change(lease)
 
     def decline(self, mac: str, ip: str, now: float) -> bool:
         """The client found ``ip`` in use (ARP): keep it out of the pool for a while. Only
@@ -198,13 +232,53 @@ class LeaseStore:
         holder = self.by_ip.get(ip)
         if holder is None or holder.mac != mac:
             return False
-        key = f"declined:{ip}"
-        self._put(Lease(key, ip, now + DECLINE_HOLD_S, "declined"))
-        self.dirty = True
+        declined = Lease(f"declined:{ip}", ip, now + DECLINE_HOLD_S, "declined")
+        self._put(declined)
+        self._change(declined)
         return True
 
     def leases(self) -> list[Lease]:
         return sorted(self.by_mac.values(), key=lambda x: ipaddress.IPv4Address(x.ip))
+
+
+def may_replace(change: Lease, current: Lease | None, now: float) -> bool:
+    """Whether ``change`` may be written over ``current``, the shared record another
+    server wrote meanwhile: the same client's, or one no longer held."""
+    return current is None or current.mac == change.mac or current.expires <= now
+
+
+class LeaseWriter(Protocol):
+    """Where a store's changes are kept: :class:`FileLeases`, or the shared bucket."""
+
+    store: LeaseStore
+    where: str  # for the log
+    interval_s: float  # at most one commit this often: a flood's changes are batched
+
+    async def commit(self) -> set[str]:
+        """Keep the changes made so far; the addresses whose change another server's
+        record refused (their ACKs become NAKs). OSError/BusError: nothing kept, the
+        changes wait for the next commit."""
+        ...
+
+
+class FileLeases:
+    """The single-node store: the lease file, rewritten whole."""
+
+    interval_s = 0.5
+
+    def __init__(self, store: LeaseStore) -> None:
+        self.store = store
+        self.where = str(store.path)
+
+    async def commit(self) -> set[str]:
+        snapshot = self.store.snapshot()
+        self.store.take_changes()
+        try:
+            await asyncio.to_thread(write_leases, self.store.path, snapshot)
+        except OSError:
+            self.store.dirty = True  # the next change tries again
+            raise
+        return set()
 
 
 def write_leases(path: Path, snapshot: list[dict[str, Any]]) -> None:

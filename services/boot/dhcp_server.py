@@ -26,9 +26,9 @@ from typing import Literal
 
 from services.boot import dhcp_packets as dp
 from services.boot.client_addresses import ClientAddresses
-from services.boot.dhcp_leases import LeaseStore, PoolExhausted, write_leases
-from services.boot.log_budget import LogBudget
+from services.boot.dhcp_leases import FileLeases, LeaseStore, LeaseWriter, PoolExhausted
 from services.boot.rate_limit import TokenBucket
+from shared.log_budget import LogBudget
 
 log = logging.getLogger("streamboot.boot.dhcp")
 
@@ -88,6 +88,7 @@ class DhcpResponder:
         default_factory=lambda: {
             "received": 0, "replied": 0, "malformed": 0, "pxe_discovers": 0,
             "not_announced": 0, "declines_refused": 0, "lease_writes": 0,
+            "lease_conflicts": 0,
         }
     )  # fmt: skip
     log_budget: LogBudget = field(default_factory=lambda: LogBudget(log, "dhcp"))
@@ -180,13 +181,7 @@ class DhcpResponder:
             hostname = packet.options.get(dp.OPT_HOSTNAME, b"").decode("ascii", "replace") or None
             bound = self.leases.bind(mac, wanted, cfg.lease_s, now, hostname)
             if bound is None:
-                nak = self._reply(packet, dp.NAK)
-                nak.options = {
-                    dp.OPT_MESSAGE_TYPE: bytes((dp.NAK,)),
-                    dp.OPT_SERVER_ID: dp.ip_bytes(cfg.server_ip),
-                    dp.OPT_MESSAGE: f"{wanted} is not yours".encode(),
-                }
-                return nak
+                return self.nak(packet, f"{wanted} is not yours")
             reply = self._reply(packet, dp.ACK, bound.ip)
         elif kind == dp.RELEASE:
             self.leases.release(mac, now)
@@ -224,6 +219,15 @@ class DhcpResponder:
         return reply
 
     # -- common --------------------------------------------------------------------------
+
+    def nak(self, packet: dp.DhcpPacket, why: str) -> dp.DhcpPacket:
+        nak = self._reply(packet, dp.NAK)
+        nak.options = {
+            dp.OPT_MESSAGE_TYPE: bytes((dp.NAK,)),
+            dp.OPT_SERVER_ID: dp.ip_bytes(self.config.server_ip),
+            dp.OPT_MESSAGE: why.encode(),
+        }
+        return nak
 
     def _reply(self, packet: dp.DhcpPacket, kind: int, yiaddr: str = "0.0.0.0") -> dp.DhcpPacket:
         return dp.DhcpPacket(
@@ -288,28 +292,36 @@ def interface_address(interface: str) -> str:
     return socket.inet_ntoa(res[20:24])
 
 
-# The lease file is written at most this often: a flood of REQUESTs, RELEASEs or DECLINEs
-# costs a few writes a second, however many packets it has; a lone ACK waits for none.
-LEASE_WRITE_INTERVAL_S = 0.5
-
-
 class DhcpServer:
     """Serves a responder on one or two sockets (the DHCP port, and 4011 for proxy mode).
 
-    Lease changes are written by one task, a group commit: it takes the store's state and
-    the ACKs that wait for it, writes the file in a thread, then sends those ACKs. What
-    changes during a write waits for the next one, so an ACK always leaves after the write
-    that holds its lease: a crash loses only leases no client was told about (their REQUEST
-    is sent again), never one a client uses.
+    Lease changes are kept by one task, a group commit: it hands the store's changes to
+    its writer (the lease file, or the store shared by several servers) and the ACKs that
+    wait for them, then sends those ACKs. What changes during a commit waits for the next
+    one, so an ACK always leaves after the commit that holds its lease: a crash loses only
+    leases no client was told about (their REQUEST is sent again), never one a client
+    uses. A change that another server's record refused turns its ACK into a NAK.
     """
 
-    def __init__(self, responder: DhcpResponder, *, server_port: int, client_port: int) -> None:
+    def __init__(
+        self,
+        responder: DhcpResponder,
+        *,
+        server_port: int,
+        client_port: int,
+        writer: LeaseWriter | None = None,
+    ) -> None:
         self.responder = responder
         self.server_port, self.client_port = server_port, client_port
+        leases = responder.leases
+        self.writer = writer or (FileLeases(leases) if leases is not None else None)
         self._transports: list[asyncio.DatagramTransport] = []
-        self._waiting: list[tuple[asyncio.DatagramTransport, bytes, tuple[str, int]]] = []
+        # ACKs waiting for their lease's commit: where they go, and the REQUEST they answer.
+        self._waiting: list[
+            tuple[asyncio.DatagramTransport, dp.DhcpPacket, tuple[str, int], dp.DhcpPacket]
+        ] = []
         self._writer: asyncio.Task[None] | None = None
-        self._last_write = -LEASE_WRITE_INTERVAL_S
+        self._last_write = -1e9
 
     async def start(self, sock: socket.socket, pxe_sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -329,7 +341,7 @@ class DhcpServer:
         for transport in self._transports:
             transport.close()
         if self._writer is not None:
-            await self._writer  # what was acknowledged or released is in the file
+            await self._writer  # what was acknowledged or released is kept
         self.responder.log_budget.flush()
 
     def on_datagram(
@@ -373,8 +385,8 @@ class DhcpServer:
         )  # fmt: skip
         if leases is not None and leases.dirty:
             self._write_soon()
-            if reply.message_type == dp.ACK:  # it tells of a lease: sent once that is written
-                self._waiting.append((transport, dp.build(reply), dest))
+            if reply.message_type == dp.ACK:  # it tells of a lease: sent once that is kept
+                self._waiting.append((transport, reply, dest, packet))
                 return
         # Sent on the next turn of the loop, after the task the BootRequested callback may
         # have started (FIFO): the boot's announcement is under way before the client hears back.
@@ -385,30 +397,30 @@ class DhcpServer:
             self._writer = asyncio.ensure_future(self._write_leases())
 
     async def _write_leases(self) -> None:
-        leases = self.responder.leases
-        assert leases is not None
+        writer = self.writer
+        assert writer is not None
+        leases = writer.store
         loop = asyncio.get_running_loop()
         while leases.dirty:
-            if (pause := self._last_write + LEASE_WRITE_INTERVAL_S - loop.time()) > 0:
-                await asyncio.sleep(pause)  # gathers what arrives meanwhile into this write
-            snapshot, batch = leases.snapshot(), self._waiting
-            leases.dirty, self._waiting = False, []
+            if (pause := self._last_write + writer.interval_s - loop.time()) > 0:
+                await asyncio.sleep(pause)  # gathers what arrives meanwhile into this commit
+            batch, self._waiting = self._waiting, []
             try:
-                await asyncio.to_thread(write_leases, leases.path, snapshot)
-            except OSError as exc:
-                leases.dirty = True  # the next change tries again
+                refused = await writer.commit()
+            except Exception as exc:  # the file or the bus: the clients ask again
                 log.error(
-                    "dhcp: cannot write %s (%s): %d ACKs not sent, their clients will ask again",
-                    leases.path,
-                    exc,
-                    len(batch),
-                )
+                    "dhcp: cannot keep the leases in %s (%s): %d ACKs not sent, their "
+                    "clients will ask again", writer.where, exc, len(batch),
+                )  # fmt: skip
                 return
             finally:
                 self._last_write = loop.time()
             self.responder.stats["lease_writes"] += 1
-            for transport, data, dest in batch:
-                transport.sendto(data, dest)
+            for transport, reply, dest, request in batch:
+                if reply.yiaddr in refused:
+                    self.responder.stats["lease_conflicts"] += 1
+                    reply = self.responder.nak(request, f"{reply.yiaddr} was taken meanwhile")
+                transport.sendto(dp.build(reply), dest)
 
 
 class _Protocol(asyncio.DatagramProtocol):

@@ -6,6 +6,14 @@ dependency and a framework would be most of the code path. Each request's head i
 until the client says ``Connection: close`` or idles. A file answer (:class:`FileSlice`) is
 streamed from the file chunk by chunk, never read whole into memory,
 with ``Range`` (one range: 206 and ``Content-Range``; unsatisfiable: 416).
+
+Anyone on the boot network reaches it, so what one host can hold is bounded: at most
+``max_per_address`` open connections per client address (past it new ones are closed at
+once), at most ``max_waiting`` connections waiting for a request head from all addresses
+together (past it the oldest is closed to make room: :mod:`shared.address_cap`), and out of
+file descriptors the listener refuses new connections instead of spinning
+(:mod:`shared.listener`); a head that trickles in (slowloris) is cut off after
+``READ_TIMEOUT_S`` whatever arrived.
 """
 
 from __future__ import annotations
@@ -13,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 from shared import http_head
+from shared.address_cap import AddressCap
 from shared.http_head import BadRequest
+from shared.listener import Listener, listening_socket, refuse
 
 log = logging.getLogger("streamboot.boot.http")
 
@@ -106,31 +117,74 @@ def _head(response: Response, keep: bool, length: int) -> bytes:
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, host: str, port: int) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str,
+        port: int,
+        max_per_address: int = 256,
+        max_waiting: int = 0,
+    ) -> None:
         self.handler, self.host, self.port = handler, host, port
-        self._server: asyncio.Server | None = None
+        self.connections = AddressCap(max_per_address, log, "boot http", "open connections")
+        self.waiting = AddressCap(
+            0, log, "boot http", "connections waiting for a request", total=max_waiting
+        )
+        self._listener: Listener | None = None
+        self._running: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=http_head.MAX_HEAD
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+
+        def take(conn: socket.socket) -> None:
+            task = loop.create_task(self._take(conn))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+        sock = listening_socket(self.host, self.port)
+        self._listener = Listener(loop, sock, take, "boot http")
+        self.port = sock.getsockname()[1]
         log.info("boot http on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._listener is not None:
+            self._listener.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _take(self, conn: socket.socket) -> None:
+        try:
+            host = str(conn.getpeername()[0]).removeprefix("::ffff:")
+        except OSError:  # already gone
+            conn.close()
+            return
+        if not self.connections.admit(conn, host):
+            refuse(conn)
+            return
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=http_head.MAX_HEAD)
+        except OSError:
+            self.connections.release(conn)
+            conn.close()
+            return
+        try:
+            await self._serve(reader, writer, host)
+        finally:
+            self.connections.release(conn)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str
+    ) -> None:
         peer = writer.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
             first = True
             while True:
-                answered = await self._respond(reader, peer_s, first)
-                if answered is None:
-                    return  # the client closed or idled between requests
+                self.waiting.admit(writer, host, writer.transport.abort)
+                try:
+                    answered = await self._respond(reader, peer_s, first)
+                finally:
+                    self.waiting.release(writer)
+                if answered is None or writer.transport.is_closing():
+                    return  # the client closed or idled between requests, or was shed
                 response, head_only, keep = answered
                 await self._send(writer, response, head_only, keep)
                 if not keep:

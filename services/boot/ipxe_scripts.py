@@ -60,15 +60,32 @@ class SessionInfo:
     version: int
     http_url: str
     hostname: str | None = None
+    # The same session's URL on the other live stream nodes (their order: least loaded first).
+    http_nodes: tuple[str, ...] = ()
+
+
+# iPXE takes every URI of a ``sanboot`` line as a path to one SAN device: it opens them
+# all and reads through the first that answers; when a read fails (its node died) it
+# opens them all again and goes on through one that answers, retrying for as long as any
+# path may come back (src/core/sanboot.c, sandev_command/sandev_reopen). A few are enough.
+MAX_SAN_PATHS = 4
+
+
+def _is_url(value: str) -> bool:
+    """An http(s) URL with nothing an iPXE command line would split or expand."""
+    return value.startswith(("http://", "https://")) and _WORD.fullmatch(value) is not None
 
 
 def sanboot_script(session: SessionInfo, *, retry_url: str) -> str:
-    """Boot the vdisk over HTTP range requests; the session token is part of the URL."""
+    """Boot the vdisk over HTTP range requests; the session token is part of each URL,
+    one per live stream node (the session's own first)."""
     who = f" as {text(session.hostname)}" if session.hostname else ""
+    others = [u for u in session.http_nodes if u != session.http_url and _is_url(u)]
+    paths = " ".join([session.http_url, *others][:MAX_SAN_PATHS])
     return (
         "#!ipxe\n"
         f"echo streamboot: booting {text(session.vdisk)} version {int(session.version)}{who}\n"
-        f"sanboot {session.http_url} || goto failed\n"
+        f"sanboot {paths} || goto failed\n"
         ":failed\n"
         "echo streamboot: sanboot failed; asking again in 10 seconds\n"
         "sleep 10\n"

@@ -31,6 +31,7 @@ from services.boot.dhcp_server import (
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import HttpServer
 from services.boot.ipv6_ra import answer_solicitations
+from services.boot.shared_leases import SharedLeases
 from services.boot.tftp_server import TftpConfig, TftpServer, Transfer
 from shared.bus import BusError
 from shared.contracts.boot import leases_path
@@ -44,6 +45,8 @@ log = logging.getLogger("streamboot.boot")
 
 # How long a PXE DISCOVER's BootRequested waits for the registry to name the vdisk.
 LOOKUP_WAIT_S = 1.0
+# Full DHCP with shared leases answers nobody before it holds the bucket's records.
+SHARED_LEASES_SYNC_S = 30.0
 
 
 def prepare_tftp_root(s: Settings) -> Path:
@@ -125,10 +128,16 @@ async def start(rt: ServiceRuntime) -> None:
         boot_files_root=s.vdisk_root,
         check_client_address=s.client_address_check,
     )
-    http = HttpServer(app, s.bind_host, s.boot_http_port)
+    http = HttpServer(
+        app,
+        s.bind_host,
+        s.boot_http_port,
+        s.boot_http_max_connections_per_address,
+        s.boot_http_max_waiting,
+    )
     await http.start()
     rt.on_stop(http.stop)
-    app.base_url = f"http://{s.advertised_host}:{http.port}"
+    app.base_url = (s.boot_http_public_url or f"http://{s.advertised_host}:{http.port}").rstrip("/")
     rt.vitals["boot_http"] = app.base_url
 
     root = prepare_tftp_root(s)
@@ -163,7 +172,7 @@ async def start(rt: ServiceRuntime) -> None:
                 "DHCP is on but TFTP listens on port %d: PXE firmware only uses 69", tftp.port
             )
         dhcp = await start_dhcp(
-            s, f"{app.base_url}/ipxe/boot.ipxe", emit, registry, traces, addresses
+            rt, f"{app.base_url}/ipxe/boot.ipxe", emit, registry, traces, addresses
         )
         rt.on_stop(dhcp.stop)
         rt.vitals["dhcp"] = f"{dhcp.responder.config.server_ip}:{s.dhcp_port}"
@@ -231,13 +240,14 @@ async def trace_tftp_transfer(
 
 
 async def start_dhcp(
-    s: Settings,
+    rt: ServiceRuntime,
     script_url: str,
     emit: Emitter,
     registry: RegistryClient,
     traces: BootTraces,
     addresses: ClientAddresses,
 ) -> DhcpServer:
+    s = rt.settings
     iface = s.dhcp_interface
     server_ip = s.dhcp_server_ip or (interface_address(iface) if iface else s.advertised_host)
     config = DhcpConfig(
@@ -254,18 +264,29 @@ async def start_dhcp(
         lease_s=s.dhcp_lease_s,
         announce_per_s=s.dhcp_announce_per_s,
     )
-    leases = None
+    leases, writer = None, None
     if config.mode == "full":
         if not (config.pool_start and config.pool_end):
             raise RuntimeError("full DHCP needs STREAMBOOT_DHCP_POOL_START and _POOL_END")
-        leases = LeaseStore(leases_path(s), config.pool_start, config.pool_end)
+        shared = s.dhcp_lease_store == "nats"
+        # Shared: the bucket is the store, the file only its local copy (not read back).
+        leases = LeaseStore(leases_path(s), config.pool_start, config.pool_end, load=not shared)
+        if shared:
+            writer = await SharedLeases.open(rt.js, leases)
+            rt.spawn(writer.run(), "dhcp-shared-leases")
+            rt.spawn(writer.mirror(), "dhcp-leases-copy")
+            await asyncio.wait_for(writer.synced(), SHARED_LEASES_SYNC_S)
+            rt.vitals["dhcp_shared_leases"] = writer.stats
 
     def on_pxe_discover(client: PxeClient) -> None:
         emit.soon(announce_boot(client, registry, emit, traces))
 
     responder = DhcpResponder(config, leases, on_pxe_discover, addresses=addresses)
     server = DhcpServer(
-        responder, server_port=s.dhcp_port, client_port=s.dhcp_client_port or s.dhcp_port + 1
+        responder,
+        server_port=s.dhcp_port,
+        client_port=s.dhcp_client_port or s.dhcp_port + 1,
+        writer=writer,
     )
     sock = open_socket(s.bind_host, s.dhcp_port, iface)
     pxe_sock = open_socket(s.bind_host, s.dhcp_pxe_port, iface) if config.mode == "proxy" else None

@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.boot.log_budget import LogBudget
 from services.boot.rate_limit import PerSourceRate
 from services.boot.tftp_packets import (
     ACK,
@@ -45,6 +44,7 @@ from services.boot.tftp_packets import (
     parse_ack,
     parse_request,
 )
+from shared.log_budget import LogBudget
 
 log = logging.getLogger("streamboot.boot.tftp")
 

@@ -194,6 +194,9 @@ async def start(rt: ServiceRuntime) -> None:
     rt.spawn(svc.events.run(), "event-sink")
     rt.spawn(svc.peers.run(), "cache-peers")
     rt.spawn(svc.followers.follow_closed_sessions(), "cache-closed-sessions")
+    if rt.settings.cache_write_idle_close_s > 0:
+        idle_s = rt.settings.cache_write_idle_close_s
+        rt.spawn(svc.writes.keep_closing_idle(idle_s), "write-cache-idle-close")
     if rt.settings.cache_read_checkpoint_s > 0:
         quiet_s = rt.settings.cache_read_checkpoint_s
         rt.spawn(svc.reads.keep_durable(quiet_s), "read-cache-checkpoints")

@@ -14,6 +14,12 @@ nothing acknowledged; a FLUSH or FUA write is also fsynced (data, then map) befo
 reply, so it survives a crash of the machine too. tmpfs (``server-ram``) survives the
 process, not the machine: that is what RAM means.
 
+Descriptors are held only while a cache is in use: its files are made ahead of the first
+write (once the opens pause) and closed again, opened by the first write, by a read of
+blocks the cache holds, or by an fsync, and closed once the cache has been idle for a
+while with every change fsynced (:meth:`WriteCaches.close_idle`). So an idle session
+costs this process no descriptor: a node holds more sessions than its descriptor limit.
+
 The key is the session id (persistence ``discard``: dropped when the session closes) or
 ``device-<mac>-<vdisk>-v<version>`` (``keep``: the device finds its writes at the next boot
 of the same version).
@@ -81,10 +87,14 @@ class SessionWriteCache:
     directory: Path
     meta: dict[str, Any]
     capacity: int
-    # Set by open_files / adopt_files / WriteCaches.open.
+    # Set by load / WriteCaches.open.
     state: BlockMap = field(default_factory=lambda: BlockMap(0))
+    # The files exist (made ahead, by the first change, or found on start); their
+    # descriptors are open only while the cache is in use (-1 when closed).
+    made: bool = False
     data_fd: int = -1
     map_fd: int = -1
+    last_used: float = field(default_factory=time.monotonic)
     full_reported: bool = False
     meta_synced: bool = True  # False from creation until the first sync()
     # True from the first write or zero (and for recovered caches): files may exist before
@@ -112,29 +122,66 @@ class SessionWriteCache:
         d, k = self.directory, self.key
         return d / f"{k}.data", d / f"{k}.map", d / f"{k}.json"
 
-    def open_files(self, create: bool) -> None:
-        """Open the files of a recovered cache, or create them (at the first change)."""
-        if create:
-            self.adopt_files(*make_files(self.paths(), self.size, self.meta))
+    def load(self) -> None:
+        """Read the block map of a cache found on disk (its descriptors stay closed)."""
+        self._open_fds()
+        try:
+            self.state.close()
+            self.state = BlockMap(blocks_of(self.size))
+            self.state.load_file(self.map_fd)
+        finally:
+            self.close_fds()
+        self.made = True
+
+    def make(self, keep_open: bool) -> None:
+        """Create this (still unchanged) cache's files; their descriptors stay open for a
+        change about to be made, else are closed again."""
+        data_fd, map_fd = make_files(self.paths(), self.size, self.meta)
+        self.made = True
+        # Not fsynced yet: nothing is promised before the first FLUSH/FUA (see sync()).
+        self.meta_synced = False
+        if keep_open:
+            self.data_fd, self.map_fd = data_fd, map_fd
+        else:
+            os.close(data_fd)
+            os.close(map_fd)
+
+    def _open_fds(self) -> None:
+        """The files' descriptors, opened if closed (the files exist)."""
+        self.last_used = time.monotonic()
+        if self.data_fd >= 0:
             return
         data, map_, _meta = self.paths()
         flags = os.O_RDWR | os.O_CLOEXEC
-        self.data_fd = os.open(data, flags)
-        self.map_fd = os.open(map_, flags)
-        self.state.close()
-        self.state = BlockMap(blocks_of(self.size))
-        self.state.load_file(self.map_fd)
+        data_fd = os.open(data, flags)
+        try:
+            self.map_fd = os.open(map_, flags)
+        except BaseException:
+            os.close(data_fd)
+            raise
+        self.data_fd = data_fd
 
-    def adopt_files(self, data_fd: int, map_fd: int) -> None:
-        """Take the files :func:`make_files` made for this (still unchanged) cache."""
-        self.data_fd, self.map_fd = data_fd, map_fd
-        # Not fsynced yet: nothing is promised before the first FLUSH/FUA (see sync()).
-        self.meta_synced = False
+    def close_fds(self) -> bool:
+        """Close the descriptors unless an fsync runs on them or a change is not fsynced
+        yet (so an fsync's error is never one a closed descriptor took with it)."""
+        if self.data_fd < 0:
+            return True
+        if self._sync is not None or self.synced < self.changes:
+            return False
+        fds = (self.data_fd, self.map_fd)
+        self.data_fd = self.map_fd = -1
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError as e:  # everything was fsynced: nothing depends on it
+                log.warning("write cache %s: closing a file: %s", self.key, reason(e))
+        return True
 
     def _files(self) -> None:
         # Files appear ahead of the first change (WriteCaches.prepare), or with it.
-        if self.data_fd < 0:
-            self.open_files(create=True)
+        if not self.made:
+            self.make(keep_open=True)
+        self._open_fds()
         self.changed = True
 
     def _set(self, first: int, stop: int, value: int) -> None:
@@ -177,6 +224,7 @@ class SessionWriteCache:
     def sync(self) -> None:
         if not self.changed:
             return  # nothing written yet: nothing to make durable
+        self._open_fds()
         os.fsync(self.data_fd)
         os.fsync(self.map_fd)
         if not self.meta_synced:
@@ -212,6 +260,8 @@ class SessionWriteCache:
         async def run() -> None:
             started = time.perf_counter()
             try:
+                if self.changed:
+                    self._open_fds()  # on the loop: the worker thread finds them open
                 await asyncio.to_thread(self.sync)
                 self.synced = max(self.synced, covered)
             finally:
@@ -224,8 +274,12 @@ class SessionWriteCache:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise WriteCacheError(f"read {offset}+{length} outside disk of {self.size}")
-        if self.data_fd < 0:
+        first, stop = offset // BLOCK, -(-(offset + length) // BLOCK)
+        if not self.made or not self.state.count(DIRTY, first, stop):
+            # Only dirty blocks hold data (clean ones were never written, zeroed ones are
+            # punched): nothing to open a descriptor for.
             return bytes(length)
+        self._open_fds()
         return os.pread(self.data_fd, length, offset)
 
     def close(self) -> None:
@@ -312,7 +366,7 @@ class WriteCaches:
                 try:
                     meta = json.loads(meta_path.read_text())
                     wc = SessionWriteCache(key, d, meta, int(meta.get("capacity", self.capacity)))
-                    wc.open_files(create=False)
+                    wc.load()
                     wc.changed = True
                     wc.changes = 1  # unknown whether its last changes were fsynced
                 except (OSError, ValueError) as e:
@@ -363,13 +417,29 @@ class WriteCaches:
         clients connecting 5 ms after their sessions were announced: 3.4-11 ms against
         0.9-6 ms with the files made here and the stream's mirrors made on its loop)."""
         wc = self.caches.get(key)
-        if wc is None or wc.data_fd >= 0:
+        if wc is None or wc.made:
             return
         try:
-            wc.adopt_files(*make_files(wc.paths(), wc.size, dict(wc.meta)))
+            wc.make(keep_open=False)  # the first write opens them: an idle session holds none
         except OSError as e:
             # The first write tries again, and reports it.
             log.warning("write cache %s: files not created ahead: %s", key, reason(e))
+
+    def close_idle(self, idle_s: float) -> int:
+        """Close the descriptors of caches unused for ``idle_s`` (every change fsynced);
+        returns how many are still open."""
+        since = time.monotonic() - idle_s
+        still = 0
+        for wc in self.caches.values():
+            if wc.data_fd >= 0 and not (wc.last_used < since and wc.close_fds()):
+                still += 1
+        return still
+
+    async def keep_closing_idle(self, idle_s: float) -> None:
+        """Every ``idle_s / 2``: :meth:`close_idle`."""
+        while True:
+            await asyncio.sleep(idle_s / 2)
+            self.close_idle(idle_s)
 
     def get(self, key: str) -> SessionWriteCache:
         wc = self.caches.get(key)

@@ -100,7 +100,7 @@ class WriteCacheRoutes:
             wc = self.writes.open(body)
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
-        if wc.data_fd < 0:
+        if not wc.made:
             # A new cache: its files are made once the opens pause, not in the first write.
             self.unprepared.add(wc.key)
         if body.stream_instance:

@@ -94,7 +94,7 @@ class Connection(asyncio.Protocol):
 
     def _handshake_over(self) -> None:
         if self._in_handshake is not None:
-            self.mgr.handshakes.release(self._in_handshake)
+            self.mgr.handshakes.release(self)
             self._in_handshake = None
 
     def count_read(self, n: int) -> None:
@@ -118,7 +118,7 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         host = str(peer[0]) if peer else "?"
-        if not self.mgr.handshakes.admit(host):
+        if not self.mgr.handshakes.admit(self, host, self._shed):
             self._over_cap = self.closed = True
             transport.abort()
             return
@@ -270,6 +270,11 @@ class Connection(asyncio.Protocol):
             self.reason = reason
         if not self.closed:
             self.transport.close()
+
+    def _shed(self) -> None:
+        """Closed in its handshake to make room for a new connection (shared/address_cap.py)."""
+        self._in_handshake = None
+        self.abort("handshake-shed")
 
     def abort(self, reason: str) -> None:
         self.reason = reason

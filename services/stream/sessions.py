@@ -23,7 +23,6 @@ from collections.abc import Iterable
 
 from services.stream.announced import AnnounceQueue
 from services.stream.busy_poll import BusyPoll
-from services.stream.handshake_gate import HandshakeGate
 from services.stream.path.backend import Backend
 from services.stream.path.cached_store import CacheLink
 from services.stream.path.spare_files import SpareFiles
@@ -32,6 +31,7 @@ from services.stream.session import Session
 from services.stream.session_events import Protocol_, SessionEvents
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
+from shared.address_cap import AddressCap
 from shared.keyed_locks import KeyedLocks
 
 __all__ = ["Protocol_", "Session", "SessionManager"]
@@ -63,8 +63,14 @@ class SessionManager:
         self.spares = SpareFiles(settings.write_cache_dir)
         # Touched by every request: the loop polls a while after it (busy_poll.py).
         self.busy_poll = BusyPoll(settings.busy_poll_s, self.connections)
-        # Connections in their handshake per client address, capped (handshake_gate.py).
-        self.handshakes = HandshakeGate(settings.max_handshakes_per_address)
+        # Connections in their handshake per client address, capped (shared/address_cap.py).
+        self.handshakes = AddressCap(
+            settings.max_handshakes_per_address,
+            log,
+            "stream",
+            "connections in their handshake",
+            total=settings.max_handshakes,
+        )
 
     async def acquire(self, token: str, *, ready: bool = True) -> Session | None:
         """The session of ``token`` with one more connection on it; None for unknown tokens

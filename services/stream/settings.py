@@ -28,8 +28,11 @@ class StreamSettings:
     # The handshake (NBD options, first HTTP request line, iSCSI login) must finish within this.
     handshake_timeout_s: float = 30.0
     # Connections one client address may hold in their handshake at once; past it new ones
-    # are closed at once (services/stream/handshake_gate.py); 0 = no cap.
+    # are closed at once (shared/address_cap.py); 0 = no cap.
     max_handshakes_per_address: int = 256
+    # ...and on the node from all addresses together: past it the oldest handshake is closed
+    # to make room for the new one; 0 = half the descriptor limit, < 0 = no total.
+    max_handshakes: int = 0
     # A client that does not read its replies for this long is dropped.
     stall_timeout_s: float = 60.0
     keepalive_idle_s: int = 30
@@ -84,6 +87,7 @@ class StreamSettings:
                 s.stream_nbd_tls_key,
                 s.data_path("stream", "tls"),
                 [s.advertised_host, s.bind_host],
+                s.stream_nbd_tls_psk_file,
             ),
             **cls.tuning(s),
         )
@@ -96,4 +100,5 @@ class StreamSettings:
             "nbd_zero_copy_min_connections": s.stream_nbd_zero_copy_min_connections,
             "busy_poll_s": s.stream_busy_poll_us / 1e6,
             "max_handshakes_per_address": s.stream_max_handshakes_per_address,
+            "max_handshakes": s.stream_max_handshakes,
         }

@@ -10,7 +10,8 @@ Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"erro
 - ``session.open``    {mac, smbios_uuid?, vdisk?, maintenance?, correlation_id?,
   boot_traceparent?, boot_started_ns?, client_addr?} -> the session (token, nbd_uri,
   iscsi_*, initiator_iqn, and over NATS the device's ``chap``: :class:`ChapRecord` or null;
-  nbd_nodes: the other live stream nodes' "host:port", docs/failover.md, ...)
+  nbd_nodes: the other live stream nodes' "host:port", http_nodes: the session's HTTP
+  URL on each of them, docs/failover.md, ...)
 - ``session.resolve`` {token} -> :class:`SessionRecord` (with the device's CHAP
   credentials in clear: only the stream and boot roles may ask)
 - ``session.close``   {token | session_id, reason?}
@@ -150,6 +151,8 @@ class Session:
     # The other live stream nodes' NBD endpoints ("host:port"), where the client reattaches
     # when its node dies (docs/failover.md).
     nbd_nodes: tuple[str, ...] = ()
+    # The same session's HTTP range URL on each of those nodes (iPXE's multipath sanboot).
+    http_nodes: tuple[str, ...] = ()
 
 
 class RegistryClient:
@@ -212,6 +215,7 @@ class RegistryClient:
             initiator_iqn=reply.get("initiator_iqn"),
             chap=reply.get("chap"),
             nbd_nodes=tuple(str(n) for n in reply.get("nbd_nodes") or ()),
+            http_nodes=tuple(str(n) for n in reply.get("http_nodes") or ()),
         )
 
     async def close(self, token: str, reason: str) -> None:

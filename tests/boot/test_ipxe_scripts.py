@@ -49,6 +49,19 @@ def test_sanboot_script() -> None:
     assert script.rstrip().endswith(f"chain {BASE}/ipxe/script?mac=x")
 
 
+def test_sanboot_names_the_session_on_every_live_node() -> None:
+    """iPXE's multipath sanboot (docs/failover.md): the session's node first, then the
+    others once each, at most MAX_SAN_PATHS; a URL that could split or expand the command
+    line is left out."""
+    own = "http://10.0.0.2:18081/s/TOKEN"
+    others = tuple(f"http://10.0.0.{n}:18081/s/TOKEN" for n in (3, 4, 5, 6))
+    info = s.SessionInfo("win11", 3, own, None, (own, others[0], "http://x/s/a b", "ftp://y/s/t",
+                                                 "http://z/s/${x}", *others[1:]))  # fmt: skip
+    script = s.sanboot_script(info, retry_url=f"{BASE}/ipxe/script?mac=x")
+    [line] = [x for x in script.splitlines() if x.startswith("sanboot ")]
+    assert line == f"sanboot {own} {' '.join(others[:3])} || goto failed"
+
+
 def test_messages_refuse_or_retry() -> None:
     refused = s.message_script(["unknown machine"], wait_s=30)
     assert refused.splitlines() == [

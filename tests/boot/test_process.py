@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,28 @@ async def test_status_endpoints_and_leases_across_restart(
     finally:
         await stop(proc)
     assert other.yiaddr == "10.213.1.11" and again.yiaddr == "10.213.1.10"
+
+
+async def test_a_public_url_is_what_clients_are_sent_to(
+    nats_url: str, nats_server: BusServer, tmp_path: Path
+) -> None:
+    """Behind a TLS proxy (docs/security.md) the scripts chain to the proxy's https URL."""
+    env = boot_env(nats_server, tmp_path, free_port())
+    env["STREAMBOOT_BOOT_HTTP_PUBLIC_URL"] = "https://boot.example:8443/"
+    proc = await run_boot(env)
+    try:
+        url = f"http://127.0.0.1:{env['STREAMBOOT_BOOT_HTTP_PORT']}/ipxe/boot.ipxe"
+        for _ in range(100):
+            got = await asyncio.to_thread(
+                subprocess.run, ["curl", "-sf", url], capture_output=True, text=True
+            )
+            if got.returncode == 0:
+                break
+            await asyncio.sleep(0.2)
+        assert "https://boot.example:8443/ipxe/script?" in got.stdout, got.stdout
+        assert "http://127.0.0.1" not in got.stdout
+    finally:
+        await stop(proc)
 
 
 def test_default_tftp_root_holds_copies_of_the_ipxe_builds(tmp_path: Path) -> None:

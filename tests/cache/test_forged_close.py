@@ -36,6 +36,7 @@ async def start_stream_node(reg: Registry, nats_url: str) -> ServiceRuntime:
         node_id=NODE,
         nbd_port=0,
         http_stream_port=0,
+        iscsi_port=0,  # not the default port: another server on this machine may hold it
     )
     rt = ServiceRuntime("stream", settings)
     await rt.connect()

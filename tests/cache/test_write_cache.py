@@ -264,3 +264,42 @@ async def test_sessions_of_a_huge_disk_cost_memory_for_their_writes_only(
     used = {w["session_id"]: w["used"] for w in stats["write_caches"]}
     assert all(used[f"session-{t}"] == 2 * 65536 for t in tokens), used
     assert rss_mib(cache.p.pid) - before["cache"] < 64
+
+
+def files_held(pid: int, directory: Path) -> int:
+    """Descriptors of process ``pid`` open on files in ``directory``."""
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            n += Path(os.readlink(fd)).parent == directory
+        except OSError:
+            continue  # closed meanwhile
+    return n
+
+
+async def held_settles(pid: int, directory: Path, want: int) -> None:
+    for _ in range(300):
+        if files_held(pid, directory) == want:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the cache service holds {files_held(pid, directory)} files, not {want}")
+
+
+async def test_idle_write_caches_hold_no_descriptors_in_the_cache_service(  # type: ignore[no-untyped-def]
+    system, base_image: Path
+) -> None:
+    """Sessions written to and flushed, then idle for CACHE_WRITE_IDLE_CLOSE_S: the cache
+    service closes their files; a node that attaches one later reads its blocks back
+    through the cache service (which opens them again, then closes them again)."""
+    s = system(cache_write_idle_close_s="1")
+    cache = await s.start_cache()
+    ex = {**export("idle1", base_image), **export("idle2", base_image)}
+    _node_a, uri_a = await s.start_node(ex, "a")
+    for token in ex:
+        await asyncio.to_thread(qemu_io, f"{uri_a}/{token}", "write -P 0x5a 0 65536", "flush")
+    write_dir = s.data / "cache" / "write"
+    assert len(list(write_dir.glob("*.data"))) == 2
+    await held_settles(cache.p.pid, write_dir, 0)
+    _node_b, uri_b = await s.start_node(ex, "b")  # an empty mirror: reads go to the cache
+    await asyncio.to_thread(qemu_io, f"{uri_b}/idle1", "read -P 0x5a 0 65536")
+    await held_settles(cache.p.pid, write_dir, 0)

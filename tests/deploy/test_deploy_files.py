@@ -41,7 +41,10 @@ NOMAD_FILE = ROOT / "deploy" / "nomad" / "streamboot.nomad.hcl"
 DOCKERFILE = ROOT / "Dockerfile"
 
 SETTINGS_ENV = {f"STREAMBOOT_{name.upper()}" for name in Settings.model_fields}
-INFRA = {"nats", "postgres", "jaeger"}
+NATS_NODES = ("nats-1", "nats-2", "nats-3")  # compose's NATS cluster
+INFRA = {*NATS_NODES, "postgres", "jaeger"}
+# The Nomad job runs one NATS server (docs/deploy.md says how to run the cluster there).
+NOMAD_INFRA = {"nats", "postgres", "jaeger"}
 SCALED = ("stream", "cache")
 # The vdisk store (STREAMBOOT_VDISK_DIR) is shared: the registry writes it, these read it.
 VDISK_WRITER = "registry"
@@ -257,10 +260,14 @@ def test_compose_services(compose_model: dict[str, Any], image_env: dict[str, st
         assert importlib.util.find_spec(f"services.{name}") is not None
         env = svc["environment"]
         assert set(env) <= SETTINGS_ENV, set(env) - SETTINGS_ENV
-        assert env["STREAMBOOT_NATS_URL"].startswith("nats://")
+        # Every member of the cluster as a seed, and the buckets kept by all three.
+        assert len(env["STREAMBOOT_NATS_URL"].split(",")) == len(NATS_NODES)
+        assert all(u.startswith("nats://") for u in env["STREAMBOOT_NATS_URL"].split(","))
+        assert env["STREAMBOOT_NATS_REPLICAS"] == str(len(NATS_NODES))
         assert env["STREAMBOOT_TRACE_EXPORTER"] == "otlp"
         assert env["STREAMBOOT_OTLP_ENDPOINT"].endswith(":4318/v1/traces")
-        assert svc["depends_on"]["nats"]["condition"] == "service_healthy"
+        for node in NATS_NODES:
+            assert svc["depends_on"][node]["condition"] == "service_healthy"
         # The health check probes the port this service really serves.
         url = probe_url(svc)
         if name == "registry":
@@ -336,29 +343,45 @@ def test_compose_boot_on_host_network(compose_model: dict[str, Any]) -> None:
     # On the host network it reaches NATS and Jaeger through ports published on loopback.
     host_ports = {
         (p["host_ip"], int(p["published"]))
-        for name in ("nats", "jaeger")
+        for name in (*NATS_NODES, "jaeger")
         for p in services[name].get("ports", [])
     }
-    for key in ("STREAMBOOT_NATS_URL", "STREAMBOOT_OTLP_ENDPOINT"):
-        host, port = re.match(r"\w+://([^:/]+):(\d+)", env[key]).groups()
-        assert (host, int(port)) in host_ports, (key, host_ports)
+    nats_urls = env["STREAMBOOT_NATS_URL"].split(",")
+    assert len(nats_urls) == len(NATS_NODES)  # each member through its own loopback port
+    for url in [*nats_urls, env["STREAMBOOT_OTLP_ENDPOINT"]]:
+        host, port = re.match(r"\w+://([^:/]+):(\d+)", url).groups()
+        assert (host, int(port)) in host_ports, (url, host_ports)
 
 
 def test_compose_infrastructure(compose_model: dict[str, Any]) -> None:
     services = compose_model["services"]
-    nats = services["nats"]
-    (conf,) = nats["configs"]
-    command = nats["command"]
-    assert command[command.index("-c") + 1] == conf["target"]
-    # `config` writes a literal `$` escaped, as `$$`, so its output stays a compose file.
-    content = compose_model["configs"][conf["source"]]["content"].replace("$$", "$")
-    assert_nats_config(content, NATS_PASSWORDS)
-    assert "js-enabled-only=true" in " ".join(nats["healthcheck"]["test"])
+    names, stores = set(), set()
+    for node in NATS_NODES:
+        nats = services[node]
+        (conf,) = nats["configs"]
+        command = nats["command"]
+        assert command[command.index("-c") + 1] == conf["target"]
+        # `config` writes a literal `$` escaped, as `$$`, so its output stays a compose file.
+        content = compose_model["configs"][conf["source"]]["content"].replace("$$", "$")
+        assert_nats_config(content, NATS_PASSWORDS)
+        assert "js-enabled-only=true" in " ".join(nats["healthcheck"]["test"])
+        # One cluster: its name, a route to each member by its service name; each node
+        # its own server name (JetStream needs them unique) and its own store.
+        assert "server_name: $NATS_SERVER_NAME" in content
+        names.add(nats["environment"]["NATS_SERVER_NAME"])
+        assert "name: streamboot" in content and "listen: 0.0.0.0:6222" in content
+        routes = re.search(r"routes: \[(.*)\]", content).group(1)  # type: ignore[union-attr]
+        assert sorted(r.strip() for r in routes.split(",")) == [
+            f"nats://{n}:6222" for n in NATS_NODES
+        ]
+        (volume,) = nats["volumes"]
+        stores.add(volume["source"])
+    assert len(names) == len(stores) == len(NATS_NODES)
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     jaeger_ports = {int(p["target"]) for p in services["jaeger"]["ports"]}
     assert 4318 in jaeger_ports
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
-    for name in ("nats", "postgres"):
+    for name in (*NATS_NODES, "postgres"):
         assert services[name]["volumes"], name  # state survives a container re-creation
 
 
@@ -419,7 +442,7 @@ def walk_strings(node: Any) -> Iterator[str]:
 
 
 def test_nomad_groups_and_scaling(nomad: dict[str, Any], groups: dict[str, Any]) -> None:
-    assert set(groups) == INFRA | set(SERVICES)
+    assert set(groups) == NOMAD_INFRA | set(SERVICES)
     variables = unwrap(nomad["variable"])
     for name in SCALED:
         var = f"{name}_count"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig
 
 from shared import bus
 from streamboot.embedded.nats import nats_server_binary
@@ -70,8 +69,11 @@ async def until(what: str, attempt, timeout_s: float = 60):  # type: ignore[no-u
 
 
 async def test_a_client_given_one_node_survives_its_kill(
-    cluster: list[tuple[subprocess.Popen[bytes], str]],
+    cluster: list[tuple[subprocess.Popen[bytes], str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # What compose.yaml sets beside its three NATS servers: the buckets streamboot creates
+    # get three replicas (shared/bus.py, key_value_bucket).
+    monkeypatch.setenv("STREAMBOOT_NATS_REPLICAS", "3")
     (first, first_url), (_, second_url), _ = cluster
     client = await bus.connect(first_url, "cluster-test-client", connect_timeout_s=30)
     responder = await bus.connect(second_url, "cluster-test-responder", connect_timeout_s=30)
@@ -85,8 +87,10 @@ async def test_a_client_given_one_node_survives_its_kill(
         js = client.jetstream()
         kv = await until(
             "a KV bucket with 3 replicas",
-            lambda: js.create_key_value(KeyValueConfig(bucket="cluster_test", replicas=3)),
+            lambda: bus.key_value_bucket(js, "cluster_test", None),
         )
+        info = await js.stream_info("KV_cluster_test")
+        assert info.config.num_replicas == 3
         await kv.put("held", b"by three nodes")
         assert (await client.request("cluster.echo", b"one", timeout=5)).data == b"one"
 

@@ -172,6 +172,7 @@ class BootLab:
     ns: str = field(default_factory=lambda: f"sbpxe-{uuid.uuid4().hex[:6]}")
     taps: int = 3
     up: subprocess.Popen[bytes] | None = None
+    pool: tuple[str, str] = POOL  # the DHCP range (bench/pxestorm.py needs a wider one)
 
     @property
     def data_dir(self) -> Path:
@@ -199,7 +200,7 @@ class BootLab:
                     "--dhcp",
                     "full",
                     "--dhcp-range",
-                    ",".join(POOL),
+                    ",".join(self.pool),
                 ),
                 env=full,
                 stdout=out,

@@ -13,12 +13,13 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from services.boot import boot_trace, handoff_store
+from services.boot import boot_trace, handoff_store, shared_leases
 from services.cache import placement
 from services.registry import nats_api
 from shared import bus, event_log
 from shared.bus_access import (
     BOOT_HANDOFF_BUCKET,
+    BOOT_LEASES_BUCKET,
     BOOT_NONCES_BUCKET,
     BOOT_TRACES_BUCKET,
     CACHE_OWNERS_BUCKET,
@@ -199,6 +200,7 @@ def test_the_matrix_names_the_services_own_subjects_and_buckets() -> None:
     assert BOOT_TRACES_BUCKET == boot_trace.BUCKET
     assert BOOT_HANDOFF_BUCKET == handoff_store.BOOTS_BUCKET
     assert BOOT_NONCES_BUCKET == handoff_store.NONCES_BUCKET
+    assert BOOT_LEASES_BUCKET == shared_leases.LEASES_BUCKET
     assert SESSION_STATUS == event_log.SESSION_STATUS_SUBJECT
     stream, cache, boot, registry = (MATRIX[r] for r in ("stream", "cache", "boot", "registry"))
     assert {RESOLVE_SUBJECT, wire.WC_OPEN, wire.RC_OPEN, wire.RC_READ} <= set(stream.publish)

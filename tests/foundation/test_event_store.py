@@ -98,6 +98,44 @@ async def test_global_order_under_concurrency(store: EventStore) -> None:
         assert [r.data["i"] for r in stream] == [i for i in range(20) for _ in (0, 1)]
 
 
+async def test_deferred_appends_are_written_at_the_commit_in_order(store: EventStore) -> None:
+    """Small batches deferred in one transaction (a group commit) get their positions at
+    once, their versions at the commit, and land exactly as appended one by one would;
+    an ordinary append between them, and an append after, keep the global order."""
+    await store.append([ev("dev-1", n=0), ev("dev-1", n=1)])
+    async with store.transaction() as tx:
+        a = await tx.append([ev("dev-1", n=2), ev("sess-1", n=0)], defer=True)
+        b = await tx.append([ev("dev-1", n=3)], defer=True)
+        assert [e.position for e in a + b] == list(range(a[0].position, a[0].position + 3))
+        assert await tx.stream_version("dev-1") == 2  # not written yet
+        c = await tx.append([ev("sess-2", n=0)])  # written at once, after those
+        d = await tx.append([ev("sess-1", n=1)], defer=True)
+        with pytest.raises(ValueError):
+            await tx.append([ev("x")], expected_version=0, defer=True)
+    assert [e.version for e in a + b + c + d] == [3, 1, 4, 1, 2]
+    after = await store.append([ev("dev-1", n=4)])
+    stored = await store.read_all()
+    assert [e.position for e in stored] == sorted(e.position for e in stored)
+    assert [(e.stream_id, e.version, e.data["n"]) for e in stored] == [
+        ("dev-1", 1, 0), ("dev-1", 2, 1), ("dev-1", 3, 2), ("sess-1", 1, 0), ("dev-1", 4, 3),
+        ("sess-2", 1, 0), ("sess-1", 2, 1), ("dev-1", 5, 4),
+    ]  # fmt: skip
+    assert [e.position for e in stored[2:]] == [e.position for e in a + b + c + d + after]
+
+
+async def test_deferred_appends_of_a_failed_transaction_leave_nothing(
+    store: EventStore,
+) -> None:
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.append([ev("gone-1", n=0)], defer=True)
+            raise RuntimeError("the decision failed")
+    await store.append([ev("gone-1", n=1)])
+    assert [(e.stream_id, e.version, e.data["n"]) for e in await store.read_all()] == [
+        ("gone-1", 1, 1)
+    ]
+
+
 async def test_every_field_is_stored_as_given(store: EventStore) -> None:
     """The appended rows are encoded by the store itself (binary COPY): each field type."""
     paris = timezone(timedelta(hours=2))

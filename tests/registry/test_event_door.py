@@ -57,6 +57,7 @@ async def stream(registry: Registry, nats_url: str) -> AsyncIterator[ServiceRunt
         node_id="stream-door",
         nbd_port=0,
         http_stream_port=0,
+        iscsi_port=0,  # not the default port: another server on this machine may hold it
         stream_use_cache=False,
     )
     rt = ServiceRuntime("stream", settings)

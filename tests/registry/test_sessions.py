@@ -111,6 +111,8 @@ async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any
         assert s["http_url"] == f"http://127.0.0.1:22222/s/{s['token']}"
         # Where its client goes if node-idle dies (docs/failover.md): the other live node.
         assert s["nbd_nodes"] == ["127.0.0.1:11111"]
+        # The same session on that node, for iPXE's multipath sanboot.
+        assert s["http_nodes"] == [f"http://127.0.0.1:11112/s/{s['token']}"]
         await idle.stop()  # gone: the next session goes to the other node
         # The beats are by hand here (no beating loop): beat again, so that on a slow
         # machine the busy node is not taken for dead too by the time of the next open.
@@ -118,7 +120,7 @@ async def test_placement_uses_live_stream_heartbeats(registry: Registry, nc: Any
         await registry.sees("stream", "node-idle", alive=False)
         s2 = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": macs[1]})
         assert s2["stream_node"] == "node-busy"
-        assert s2["nbd_nodes"] == []  # no other node alive
+        assert s2["nbd_nodes"] == [] and s2["http_nodes"] == []  # no other node alive
     finally:
         await busy.stop()
         await idle.stop()

@@ -1,5 +1,5 @@
 """The cap on connections one client address holds in their handshake
-(services/stream/handshake_gate.py, STREAMBOOT_STREAM_MAX_HANDSHAKES_PER_ADDRESS).
+(shared/address_cap.py, STREAMBOOT_STREAM_MAX_HANDSHAKES_PER_ADDRESS).
 
 A host that opens sockets and never finishes the NBD handshake gets new ones closed once it
 holds the cap, on NBD, HTTP and iSCSI alike (one count per address), while a good client from
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.sockets import closed_at_once
 from tests.stream.conftest import ServerThread
 from tests.stream.nbdraw import RawNbd
 
@@ -26,18 +27,7 @@ HOSTILE = "127.0.0.2"
 def refused(port: int) -> bool:
     """Whether a new connection from HOSTILE is closed by the server without a word past
     the NBD greeting (it may still carry the greeting, written before the check)."""
-    s = socket.create_connection(("127.0.0.1", port), 10, (HOSTILE, 0))
-    try:
-        got = b""
-        while chunk := s.recv(4096):
-            got += chunk
-        return len(got) <= 18
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        s.close()
+    return closed_at_once(port, HOSTILE, said=18)
 
 
 def good_client_served(server: ServerThread) -> None:
@@ -92,3 +82,40 @@ def test_no_cap_when_zero(make_server: Any) -> None:
     RawNbd(server.servers.nbd_port, source=HOSTILE).go("tok-a")
     for h in held:
         h.close()
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """Whether the server has closed ``s`` (EOF or reset after what it sent)."""
+    s.settimeout(10)
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_at_the_total_the_oldest_handshake_makes_room(make_server: Any) -> None:
+    """Many addresses together (a botnet) hold the node's total of handshakes: a new
+    connection still gets in, and the oldest of theirs is closed for it."""
+    server = make_server(max_handshakes_per_address=0, max_handshakes=CAP)
+    gate = server.servers.sessions.handshakes
+    port = server.servers.nbd_port
+    held = []
+    for i in range(CAP):  # from CAP addresses, one each, in order
+        held.append(socket.create_connection(("127.0.0.1", port), 10, (f"127.0.3.{i + 1}", 0)))
+        server.wait_until(lambda n=i + 1: sum(gate.open.values()) == n, "counted")
+    # nbdinfo's connection sheds the oldest; once attached it leaves the count, so curl's
+    # finds room.
+    good_client_served(server)
+    assert gate.shed == 1 and gate.refused == 0
+    assert closed_by_server(held[0])
+    for s in held[1:]:  # the younger ones are still there
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while s.recv(4096):
+                pass
+        s.close()
+    server.wait_until(lambda: not gate.open, "all released")

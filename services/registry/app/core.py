@@ -290,7 +290,7 @@ class CommandCore:
                             outcomes.append((p, [], exc))
                             continue
                         stored = await tx.append(
-                            self._envelopes(events, p.correlation_id, p.traceparent)
+                            self._envelopes(events, p.correlation_id, p.traceparent), defer=True
                         )
                         if len(group) > 1 and stored:
                             # The next decision must see these: applied before the commit.

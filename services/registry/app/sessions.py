@@ -21,8 +21,9 @@ from services.registry.domain.errors import DomainError, busy, invalid, not_foun
 from services.registry.domain.sessions import (
     StreamNode,
     choose_replay_node,
-    failover_nodes,
+    failover_stream_nodes,
     pick_stream_node,
+    session_url,
 )
 from services.registry.projection import Projection, Record
 from shared.contracts.registry import SessionRecord
@@ -40,13 +41,13 @@ from shared.telemetry import (
 class SessionCommands(DeviceCommands, VdiskCommands):
     # --- sessions ---------------------------------------------------------------------
 
-    async def _place(self) -> tuple[StreamNode, str | None, list[str]]:
+    async def _place(self) -> tuple[StreamNode, str | None, list[StreamNode]]:
         """The session's stream node, a warning when none is alive, and the other live
-        nodes' NBD endpoints (its client's failover list)."""
+        nodes (its client's failover list)."""
         beats = await self._heartbeats() if self._heartbeats is not None else []
         node = pick_stream_node(beats)
         if node is not None:
-            return node, None, failover_nodes(beats, node)
+            return node, None, failover_stream_nodes(beats, node)
         s = self.settings
         host = s.advertised_host
         return (
@@ -156,7 +157,9 @@ class SessionCommands(DeviceCommands, VdiskCommands):
                 http_url=view["http_url"] + token,
                 boot=vdisks.boot_plan(self.projection.vdisks[s["vdisk"]], s["version"]),
                 kernel_args=self.projection.devices[s["mac"]].get("kernel_args"),
-                nbd_nodes=others,
+                nbd_nodes=[n.nbd for n in others],
+                # The same session on the other nodes, for iPXE's multipath sanboot.
+                http_nodes=[session_url(n, token) for n in others],
             )
             if view.get("iscsi_portal"):
                 view.update(

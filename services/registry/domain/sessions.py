@@ -57,11 +57,23 @@ def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
     return min(live_stream_nodes(heartbeats), key=lambda n: (n.load, n.node), default=None)
 
 
-def failover_nodes(heartbeats: Sequence[dict[str, Any]], chosen: StreamNode) -> list[str]:
-    """The NBD endpoints of the other live stream nodes, least loaded first: where the
-    session's client reattaches when its node dies (docs/failover.md)."""
+def failover_stream_nodes(
+    heartbeats: Sequence[dict[str, Any]], chosen: StreamNode
+) -> list[StreamNode]:
+    """The other live stream nodes, least loaded first: where the session's client goes
+    when its node dies (docs/failover.md)."""
     others = [n for n in live_stream_nodes(heartbeats) if n.nbd != chosen.nbd]
-    return [n.nbd for n in sorted(others, key=lambda n: (n.load, n.node))]
+    return sorted(others, key=lambda n: (n.load, n.node))
+
+
+def failover_nodes(heartbeats: Sequence[dict[str, Any]], chosen: StreamNode) -> list[str]:
+    """The NBD endpoints of :func:`failover_stream_nodes`."""
+    return [n.nbd for n in failover_stream_nodes(heartbeats, chosen)]
+
+
+def session_url(node: StreamNode, token: str) -> str:
+    """A session's HTTP range URL on ``node`` (any node opens any session)."""
+    return f"{node.http}/s/{token}"
 
 
 def open_session(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from services.stream.nbd import protocol as P
+from services.stream.nbd import tls_psk
 
 if TYPE_CHECKING:
     from services.stream.nbd.server import NbdConnection
@@ -55,16 +56,25 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def setup(
-    mode: Mode, cert: Path | None, key: Path | None, default_dir: Path, hosts: list[str]
+    mode: Mode,
+    cert: Path | None,
+    key: Path | None,
+    default_dir: Path,
+    hosts: list[str],
+    psk_file: Path | None = None,
 ) -> NbdTls | None:
-    """The node's TLS, or None when off; the operator's files, else the made ones."""
+    """The node's TLS, or None when off; the operator's files, else the made ones; with
+    ``psk_file``, clients may authenticate by a pre-shared key instead (tls_psk.py)."""
     if mode == "off":
         return None
     if (cert is None) != (key is None):
         raise ValueError("STREAMBOOT_STREAM_NBD_TLS_CERT and _KEY go together")
     if cert is None or key is None:
         cert, key = default_credentials(default_dir, hosts)
-    return NbdTls(mode, server_context(cert, key))
+    context = server_context(cert, key)
+    if psk_file is not None:
+        tls_psk.install(context, tls_psk.read_keys(psk_file))
+    return NbdTls(mode, context)
 
 
 # --- the embedded default's credentials ----------------------------------------------------

@@ -1,9 +1,11 @@
-"""Log lines from packet handlers within a budget: under a flood, one summary per interval.
+"""The one rate-limited "say it once" logger for anything a flood can trigger.
 
-DHCP and TFTP answer anyone who sends a datagram; a line per packet would let a sender fill
-the disk and spend the CPU on formatting. Their handlers log through a :class:`LogBudget`:
-the first ``lines`` of an interval in full, the rest only counted (by kind and source) and
-summed up in one line when the interval ends.
+A line per packet or per refused connection would let anyone who reaches a port fill the
+disk and spend the CPU on formatting. Whatever a flood can trigger logs through a
+:class:`LogBudget`: the first ``lines`` of an interval in full, the rest only counted (by
+kind and source) and summed up in one line when the interval ends. Its users: the boot
+service's DHCP and TFTP handlers, the per-address connection caps (:mod:`shared.address_cap`)
+and the listeners out of file descriptors (:mod:`shared.fd_limit`).
 """
 
 from __future__ import annotations
