@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from shared.initramfs import Client, InitramfsError, root_client
 from shared.partitions import read_partitions
 
 TOOL_TIMEOUT_S = 120.0
@@ -72,6 +73,8 @@ class BootScan:
     kernels: list[str] = field(default_factory=list)
     chosen_by: Literal["newest", "operator"] | None = None
     problem: str | None = None
+    # What attaches the root in the chosen initramfs (None: it could not be read).
+    initramfs_client: Client | None = None
     # For the operator (the CLI prints them); not recorded.
     warnings: list[str] = field(default_factory=list)
 
@@ -378,12 +381,43 @@ def scan(image: Path, out: Path, kernel: str | None = None) -> BootScan:
         result.root_fstype = "ext4"  # the ext4 driver mounts ext2 and ext3 as well
         _copy_pair(image, chosen, out)
         result.kernel_version = chosen.version
+        result.initramfs_client, warnings = check_client(out / "initrd", chosen.version)
+        result.warnings += warnings
     except (ScanError, OSError) as exc:
         result.problem = str(exc) if isinstance(exc, ScanError) else f"unreadable image: {exc}"
         result.kernel_version = result.root = result.chosen_by = None
         for name in ("vmlinuz", "initrd"):
             (out / name).unlink(missing_ok=True)  # nothing half-copied
     return result
+
+
+def check_client(initrd: Path, version: str) -> tuple[Client | None, list[str]]:
+    """What attaches the root in the initramfs, and what the operator must hear when it
+    cannot attach a streamed one: without the streamboot client a kernel-direct boot stops
+    inside it."""
+    try:
+        client = root_client(initrd)
+    except (InitramfsError, OSError, subprocess.SubprocessError) as exc:
+        return None, [f"the initramfs of kernel {version} could not be checked for the "
+                      f"streamboot client: {exc}"]  # fmt: skip
+    return client, missing_client(client, version)
+
+
+def missing_client(client: Client, version: str) -> list[str]:
+    if client == "nbdroot":
+        return [
+            f"the initramfs of kernel {version} has Debian's NBD root (nbd-client) but not "
+            "the streamboot client: it boots with `vdisk set NAME --boot-method nbdroot`, or "
+            "install streamboot-client in the image (docs/clients.md)"
+        ]
+    if client == "none":
+        return [
+            f"the initramfs of kernel {version} has no streamboot client (initramfs-tools' "
+            "scripts/streamboot, dracut's streamboot module) and no NBD root: a kernel-direct "
+            "boot stops inside it; install streamboot-client in the image and rebuild its "
+            "initramfs (docs/clients.md)"
+        ]
+    return []
 
 
 def _copy_pair(image: Path, chosen: Candidate, out: Path) -> None:

@@ -177,6 +177,9 @@ class BootFilesScanned(VdiskEvent):
     kernels: list[str] = []
     chosen_by: Literal["newest", "operator"] | None = None
     problem: str | None = None
+    # What attaches the root in the chosen initramfs: the streamboot client, only Debian's
+    # NBD root, neither; None when it could not be read (or an older scan).
+    initramfs_client: Literal["streamboot", "nbdroot", "none"] | None = None
 
 
 class VdiskRemoved(VdiskEvent):

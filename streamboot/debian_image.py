@@ -28,10 +28,11 @@ from streamboot.client_package import NBD_HELPER_PATH, build_deb, build_nbd_help
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # What a streamed Debian needs besides minbase: systemd and udev, a kernel and its
 # initramfs tooling, the client's nbd-client, DHCP, busybox (nc, the redeem request),
-# e2fsprogs (a client-disk write cache is formatted at boot).
+# e2fsprogs (a client-disk write cache is formatted at boot), zstd (initramfs-tools falls
+# back to gzip without it: a larger file that the kernel unpacks more slowly).
 BASE_PACKAGES = (
     "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "nbd-client", "iproute2",
-    "isc-dhcp-client", "kmod", "busybox", "e2fsprogs",
+    "isc-dhcp-client", "kmod", "busybox", "e2fsprogs", "zstd",
 )  # fmt: skip
 MARKER = "STREAMBOOT-BOOTED"
 SECTOR = 512
@@ -66,16 +67,23 @@ case " $(cat /proc/cmdline) " in
 esac
 echo "{MARKER} hostname=$(hostname) machine-id=$(cat /etc/machine-id)" \\
     "rootfs=$(findmnt -n -o FSTYPE /) boot-id=$boot last-boot=$last" > /dev/console
-# streamboot-marker.poweroff=1 on the command line: a clean power-off right after.
+# streamboot-marker.poweroff=1 on the command line: a clean power-off right after, once the
+# client's own report (streamboot-booted.service) is done, which the power-off would cut short.
 case " $(cat /proc/cmdline) " in
-    *" streamboot-marker.poweroff=1 "*) systemctl --no-block poweroff ;;
+    *" streamboot-marker.poweroff=1 "*)
+        i=0
+        while [ $i -lt 120 ] && [ -n "$(systemctl list-jobs --no-legend streamboot-booted.service)" ]; do
+            sleep 0.5; i=$((i + 1))
+        done
+        systemctl --no-block poweroff
+        ;;
 esac
 """
-# After the client's own report (streamboot-booted.service): a power-off right after the
-# marker must not cut it short.
+# At multi-user, as a local boot prints it: the client's report to the server
+# (streamboot-booted.service) runs beside it, and the power-off waits for that report.
 MARKER_UNIT = """[Unit]
 Description=streamboot: print the boot marker on the console at multi-user
-After=multi-user.target streamboot-booted.service
+After=multi-user.target
 
 [Service]
 Type=oneshot
@@ -85,9 +93,10 @@ ExecStart=/usr/local/sbin/streamboot-marker
 WantedBy=multi-user.target
 """
 # A streamed client's initramfs needs its NIC drivers and the client, not every storage
-# controller and framebuffer (MODULES=most): a smaller file to load over the network and
-# to unpack at boot. The client's hook adds the local disks' drivers (client-disk).
-INITRAMFS_CONF = "# streamboot: the root comes over the network.\nMODULES=netboot\n"
+# controller, filesystem and framebuffer (MODULES=most): a smaller file to load over the
+# network and to unpack at boot. With MODULES=list the client's hook adds what a streamed
+# client needs (NICs, ext4, overlay, nbd, the local disks' controllers, keyboards).
+INITRAMFS_CONF = "# streamboot: the root comes over the network.\nMODULES=list\nCOMPRESS=zstd\n"
 FSTAB = "# The root is mounted by the initramfs (the streamboot client), by write-cache type.\n"
 
 
@@ -171,8 +180,19 @@ def bootstrap(cache_dir: Path, suite: str, mirror: str, packages: list[str], say
         "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
         suite, str(partial / "rootfs"), mirror,
     ], timeout=3600)  # fmt: skip
+    unmount_below(partial / "rootfs")
     partial.rename(base)
     return rootfs
+
+
+def unmount_below(rootfs: Path) -> None:
+    """Unmount what a chroot left mounted inside ``rootfs`` (debootstrap's /proc, when a
+    process it started kept it busy): a cached root is plain files, and copying a live
+    /proc blocks for ever on /proc/kmsg."""
+    prefix = str(rootfs.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=60, check=False)
 
 
 def _chroot(rootfs: Path, *argv: str) -> str:
@@ -284,7 +304,8 @@ def build_debian_image(
     with tempfile.TemporaryDirectory(prefix="streamboot-debian-", dir=out.parent) as tmp:
         rootfs = Path(tmp) / "rootfs"
         say("copying the debootstrapped system...")
-        _run(["cp", "-a", "--reflink=auto", str(cached), str(rootfs)])
+        # --one-file-system: nothing mounted inside the cache is copied (see unmount_below).
+        _run(["cp", "-a", "--one-file-system", "--reflink=auto", str(cached), str(rootfs)])
         install_client(rootfs, say)
         configure(rootfs)
         say(f"making the {size} disk image (ext4 on an MBR partition)...")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.initramfs import root_client
 from streamboot.client_package import PACKAGE_TREE
 from tests.client.conftest import CORE, TEST_CACHE, build_dracut, debian_root, dracut_missing
 
@@ -57,6 +58,8 @@ def test_dracut_builds_the_module_into_an_initramfs(tmp_path: Path) -> None:
         capture_output=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert core == CORE.read_bytes()
+    # What the registry reads at import to tell the operator whether the client is there.
+    assert root_client(out) == "streamboot"
 
 
 def test_initramfs_tools_builds_the_hook_and_script_into_an_initramfs() -> None:
@@ -100,6 +103,7 @@ def test_initramfs_tools_builds_the_hook_and_script_into_an_initramfs() -> None:
         assert any(f.endswith("lib/streamboot/client.sh") for f in listing)
         assert any(f.endswith("/nbd.ko") for f in listing)
         assert any(f.endswith("/overlay.ko") for f in listing)
+        assert root_client(conf / "initrd.img") == "streamboot"
         unpacked = conf / "unpacked"
         subprocess.run(
             ["chroot", str(root), "unmkinitramfs", f"{inside}/initrd.img", f"{inside}/unpacked"],

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.boot_files import compare_versions, scan
+from shared.initramfs import InitramfsError, root_client
 from shared.partitions import read_partitions
 
 pytestmark = pytest.mark.skipif(
@@ -165,3 +166,57 @@ def test_no_kernel_and_unreadable_filesystems_are_told_not_raised(tmp_path: Path
     assert found.kernel_version is None and "cannot be read" in (found.problem or ""), found
     assert not (tmp_path / "out3" / "vmlinuz").exists()
     assert read_partitions(tmp_path / "none.img") is not None
+
+
+def cpio(files: dict[str, bytes], where: Path) -> bytes:
+    """A newc archive of ``files`` made by GNU cpio, as mkinitramfs and dracut make them."""
+    tree(where, files)
+    names = "".join(f"{n}\n" for n in sorted(files))
+    return subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=where, input=names.encode(),
+                          capture_output=True, check=True).stdout  # fmt: skip
+
+
+CLIENT = {"scripts/streamboot": b"mountroot() { :; }\n", "init": b"#!/bin/sh\n"}
+
+
+@pytest.mark.parametrize("compress", [["gzip", "-c"], ["xz", "-c", "--check=crc32"],
+                                      ["zstd", "-c", "-q"], ["cat"]])  # fmt: skip
+def test_the_initramfs_is_read_for_the_client_early_cpio_and_all(
+    tmp_path: Path, compress: list[str]
+) -> None:
+    if shutil.which(compress[0]) is None:
+        pytest.skip(f"no {compress[0]}")
+    early = cpio({"kernel/x86/microcode/GenuineIntel.bin": b"\x01" * 100}, tmp_path / "early")
+
+    def initrd(files: dict[str, bytes], name: str) -> Path:
+        main = subprocess.run(compress, input=cpio(files, tmp_path / name),
+                              capture_output=True, check=True).stdout  # fmt: skip
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(early + main)
+        return path
+
+    assert root_client(initrd(CLIENT, "client")) == "streamboot"
+    dracut = {"usr/sbin/streambootroot": b"#!/bin/sh\n", "init": b"x"}
+    assert root_client(initrd(dracut, "dracut")) == "streamboot"
+    assert root_client(initrd({"scripts/local-top/nbd": b"x", "init": b"x"}, "nbd")) == "nbdroot"
+    assert root_client(initrd({"init": b"#!/bin/sh\n"}, "plain")) == "none"
+
+
+def test_a_kernel_whose_initramfs_lacks_the_client_is_named_at_import(tmp_path: Path) -> None:
+    image = tmp_path / "whole.img"
+    image.write_bytes(b"")
+    os.truncate(image, 16 * MIB)
+    without = cpio({"init": b"#!/bin/sh\n", "scripts/local": b"x"}, tmp_path / "c")
+    files = {**DEBIAN, "boot/initrd.img-6.1.0-12-amd64": without}
+    ext4(image, 0, 16 * MIB, tree(tmp_path / "r", files))
+    found = scan(image, tmp_path / "out")
+    assert found.kernel_version == "6.1.0-12-amd64"  # published: sanboot or a fixed image
+    [warning] = [w for w in found.warnings if "streamboot client" in w]
+    assert "6.1.0-12-amd64" in warning and "install streamboot-client" in warning
+
+    # Not an initramfs at all (or damaged): said so, never raised.
+    for junk in (b"initrd 12", b"070701" + b"z" * 200, b"\x1f\x8b" + b"\0" * 50):
+        bad = tmp_path / "bad.img"
+        bad.write_bytes(junk)
+        with pytest.raises(InitramfsError):
+            root_client(bad)

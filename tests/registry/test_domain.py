@@ -544,3 +544,33 @@ def test_nbdroot_boots_only_with_a_server_side_write_cache() -> None:
     apply(p, vdisks.set_policy(p, "win", boot_method="nbdroot", write_cache="server-ram"))
     with pytest.raises(DomainError, match="must boot kernel-direct but cannot"):
         vdisks.boot_plan(p.vdisks["win"], 1)
+
+
+def test_an_initramfs_without_the_client_is_refused_on_the_clients_screen() -> None:
+    """Kernel-direct would stop inside an initramfs that cannot attach the streamed root:
+    the session does not open, and the message (iPXE shows it) names what is missing."""
+    p = Projection()
+    for version, client in ((1, "none"), (2, "nbdroot"), (3, "streamboot"), (4, None)):
+        found = {"kernel_version": "6.1.0-12-amd64", "root": "UUID=ab",
+                 "kernels": ["6.1.0-12-amd64"], "initramfs_client": client}  # fmt: skip
+        apply(p, vdisks.publish(
+            p, "deb", version=version, stage="production" if version == 1 else None,
+            path=f"deb/v{version}.map", size=1 << 20,
+            checksum=f"sha256:{version}", changed_blocks=1, block_size=65536, boot=found,
+        ))  # fmt: skip
+    vd = p.vdisks["deb"]
+    with pytest.raises(DomainError, match="has no streamboot client; install streamboot-client"):
+        vdisks.boot_plan(vd, 1)
+    with pytest.raises(DomainError, match=r"only Debian's NBD root.*--boot-method nbdroot"):
+        vdisks.boot_plan(vd, 2)
+    assert vdisks.boot_plan(vd, 3)["method"] == "kernel"
+    assert vdisks.boot_plan(vd, 4)["method"] == "kernel"  # not read: booted as before
+    mac = device(p, "52:54:00:00:00:33")
+    apply(p, assignments.assign(p, "device", mac, "deb", default=True))
+    with pytest.raises(DomainError, match="no streamboot client"):
+        sessions.open_session(p, mac=mac, session_id="s", token_hash="h", node=NODE)
+    # The operator's way out: the image's own NBD root, or its own boot loader.
+    apply(p, vdisks.set_policy(p, "deb", boot_method="nbdroot"))
+    assert vdisks.boot_plan(vd, 2)["method"] == "nbdroot"
+    apply(p, vdisks.set_policy(p, "deb", boot_method="sanboot"))
+    assert vdisks.boot_plan(vd, 1)["method"] == "sanboot"

@@ -336,6 +336,8 @@ def boot_plan(vd: Record, version: int) -> Record:
     if method in ("sanboot", "sanboot-iscsi"):
         return {"method": method, "reason": f"the vdisk's boot method is {method}"}
     if boot.get("kernel_version"):
+        if method in ("auto", "kernel"):
+            refuse_without_client(vd["name"], version, boot)
         return {
             # nbdroot: the kernel-direct boot of an image without the streamboot client.
             "method": "nbdroot" if method == "nbdroot" else "kernel",
@@ -348,6 +350,24 @@ def boot_plan(vd: Record, version: int) -> Record:
             f"vdisk {vd['name']!r} version {version} must boot kernel-direct but cannot: {why}"
         )
     return {"method": "sanboot", "reason": why}
+
+
+def refuse_without_client(name: str, version: int, boot: Record) -> None:
+    """A kernel-direct boot whose initramfs has no streamboot client would stop inside it:
+    the client's screen says what is missing instead, and no session opens."""
+    client, kernel = boot.get("initramfs_client"), boot["kernel_version"]
+    if client == "none":
+        raise conflict(
+            f"vdisk {name!r} version {version}: the initramfs of kernel {kernel} has no "
+            "streamboot client; install streamboot-client in the image and rebuild its "
+            "initramfs (docs/clients.md), or set the boot method sanboot if it boots itself"
+        )
+    if client == "nbdroot":
+        raise conflict(
+            f"vdisk {name!r} version {version}: the initramfs of kernel {kernel} has only "
+            "Debian's NBD root, not the streamboot client: `vdisk set --boot-method nbdroot`, "
+            "or install streamboot-client in the image"
+        )
 
 
 def chain(vd: Record, version: int) -> list[str]:

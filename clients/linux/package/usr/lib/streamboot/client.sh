@@ -19,6 +19,8 @@ SB_RUN=${SB_RUN:-/run/streamboot}
 SB_NBD=${SB_NBD:-/dev/nbd0}
 SB_WC_LABEL=streamboot-wc
 SB_ERROR=
+# A carriage return, made once: every fork is slow on a booting machine (and under emulation).
+SB_CR=$(printf '\r')
 
 sb_fail() {
     SB_ERROR="$*"
@@ -40,20 +42,6 @@ sb_valid() {
         '' | *[!A-Za-z0-9._:/=,+-]*) return 1 ;;
     esac
     return 0
-}
-
-# The value of KEY=value in the command line $2 (the last one wins, as in the kernel).
-sb_arg() {
-    _sb_found=1
-    set -f
-    for _sb_word in $2; do
-        case "$_sb_word" in
-            "$1="*) _sb_value=${_sb_word#*=}; _sb_found=0 ;;
-        esac
-    done
-    set +f
-    [ "$_sb_found" = 0 ] && echo "$_sb_value"
-    return "$_sb_found"
 }
 
 sb_check_wc() {
@@ -123,6 +111,14 @@ sb_check_mac() {
     return 1
 }
 
+# True when $1 is a network interface's name (at most 15 characters, no path or spaces).
+sb_check_iface() {
+    case "$1" in
+        '' | *[!A-Za-z0-9._-]* | .*) return 1 ;;
+    esac
+    [ "${#1}" -le 15 ]
+}
+
 sb_check_machine_id() {
     case "$1" in
         *[!0-9a-f]*) return 1 ;;
@@ -133,34 +129,52 @@ sb_check_machine_id() {
 # Reads the streamboot.* arguments of the command line $1 into SB_SERVER, SB_NONCE,
 # SB_ROOT, SB_WC (and SB_HOSTNAME, SB_MACHINE_ID from systemd.hostname/machine_id; SB_STATIC,
 # the address iPXE got, and SB_MAC from BOOTIF=, both empty when absent or malformed).
+# One pass in this shell (the last word wins, as in the kernel): no subshell per argument.
 sb_parse_cmdline() {
-    SB_SERVER=$(sb_arg streamboot.server "$1") ||
-        sb_fail "no streamboot.server= on the kernel command line (boot through the streamboot server's kernel-direct script)" || return 1
+    SB_SERVER= SB_NONCE= SB_ROOT=whole SB_WC=server-disk SB_HOSTNAME= SB_MACHINE_ID=
+    SB_STATIC= SB_MAC= _sb_bootif=
+    _sb_has=
+    set -f
+    for _sb_word in $1; do
+        case "$_sb_word" in
+            streamboot.server=*) SB_SERVER=${_sb_word#*=}; _sb_has="$_sb_has server" ;;
+            streamboot.nonce=*) SB_NONCE=${_sb_word#*=}; _sb_has="$_sb_has nonce" ;;
+            streamboot.root=*) SB_ROOT=${_sb_word#*=} ;;
+            streamboot.wc=*) SB_WC=${_sb_word#*=} ;;
+            streamboot.ip=*) SB_STATIC=${_sb_word#*=} ;;
+            systemd.hostname=*) SB_HOSTNAME=${_sb_word#*=} ;;
+            systemd.machine_id=*) SB_MACHINE_ID=${_sb_word#*=} ;;
+            BOOTIF=*) _sb_bootif=${_sb_word#*=} ;;
+        esac
+    done
+    set +f
+    case "$_sb_has" in *" server"*) ;; *)
+        sb_fail "no streamboot.server= on the kernel command line (boot through the streamboot server's kernel-direct script)"
+        return 1 ;;
+    esac
     case "$SB_SERVER" in
         http://*) sb_valid "$SB_SERVER" || sb_fail "streamboot.server= has characters outside [A-Za-z0-9._:/=,+-]" || return 1 ;;
         *) sb_fail "streamboot.server= must be an http:// URL, not '$SB_SERVER'"; return 1 ;;
     esac
-    SB_NONCE=$(sb_arg streamboot.nonce "$1") ||
-        sb_fail "no streamboot.nonce= on the kernel command line (each boot needs a fresh one from the server's iPXE script)" || return 1
+    case "$_sb_has" in *" nonce"*) ;; *)
+        sb_fail "no streamboot.nonce= on the kernel command line (each boot needs a fresh one from the server's iPXE script)"
+        return 1 ;;
+    esac
     case "$SB_NONCE" in
         *[!A-Za-z0-9_-]*) sb_fail "streamboot.nonce= is malformed"; return 1 ;;
     esac
     if [ "${#SB_NONCE}" -lt 16 ] || [ "${#SB_NONCE}" -gt 64 ]; then
         sb_fail "streamboot.nonce= is malformed (16 to 64 characters)"; return 1
     fi
-    SB_ROOT=$(sb_arg streamboot.root "$1") || SB_ROOT=whole
     case "$SB_ROOT" in
         whole) ;;
         UUID=?* | PARTUUID=?*) sb_valid "$SB_ROOT" || sb_fail "streamboot.root= is malformed" || return 1 ;;
         *) sb_fail "streamboot.root= must be UUID=..., PARTUUID=... or whole, not '$SB_ROOT'"; return 1 ;;
     esac
-    SB_WC=$(sb_arg streamboot.wc "$1") || SB_WC=server-disk
     sb_check_wc "$SB_WC" || sb_fail "streamboot.wc= '$SB_WC' is not a write-cache type" || return 1
-    SB_HOSTNAME=$(sb_arg systemd.hostname "$1") || SB_HOSTNAME=
-    SB_MACHINE_ID=$(sb_arg systemd.machine_id "$1") || SB_MACHINE_ID=
     # Only an optimisation (no second DHCP): a malformed one means DHCP as without it.
-    SB_STATIC=$(sb_arg streamboot.ip "$1") && sb_check_static "$SB_STATIC" || SB_STATIC=
-    SB_MAC=$(sb_bootif_mac "$(sb_arg BOOTIF "$1")") || SB_MAC=
+    sb_check_static "$SB_STATIC" || SB_STATIC=
+    SB_MAC=$(sb_bootif_mac "$_sb_bootif") || SB_MAC=
     return 0
 }
 
@@ -173,7 +187,7 @@ sb_parse_answer() {
     while IFS= read -r _sb_line || [ -n "$_sb_line" ]; do
         _sb_lines=$((_sb_lines + 1))
         [ "$_sb_lines" -le 64 ] || { sb_fail "the server's answer is too long"; return 1; }
-        _sb_line=${_sb_line%"$(printf '\r')"}
+        _sb_line=${_sb_line%"$SB_CR"}
         [ -n "$_sb_line" ] || continue
         case "$_sb_line" in
             *=*) ;;
@@ -257,7 +271,7 @@ sb_http_split() {
             printf '%s\n' "$_sb_line" >> "$2"
             continue
         fi
-        _sb_line=${_sb_line%"$(printf '\r')"}
+        _sb_line=${_sb_line%"$SB_CR"}
         case "$_sb_status:$_sb_line" in
             000:HTTP/1.[01]\ [0-9][0-9][0-9]*) _sb_status=${_sb_line#HTTP/1.? }; _sb_status=${_sb_status%% *} ;;
             *:) _sb_in_body=1 ;;
@@ -291,15 +305,17 @@ sb_report_booted() {
     sb_fail "the server did not take the report: ${_sb_why:-no answer} (HTTP $_sb_status)"
 }
 
-# Reads the session facts the initramfs left ($SB_RUN/session) into SB_SERVER and SB_MAC;
+# Reads the session facts the initramfs left ($SB_RUN/session) into SB_SERVER, SB_MAC (and
+# SB_IFACE, the boot NIC, empty when the initramfs did not say);
 # false when there are none (not booted from streamboot) or they are malformed.
 sb_load_session() {
-    SB_SERVER= SB_MAC=
+    SB_SERVER= SB_MAC= SB_IFACE=
     [ -r "$SB_RUN/session" ] || return 1
     while IFS= read -r _sb_line; do
         case "$_sb_line" in
             SERVER=http://*) sb_valid "${_sb_line#SERVER=}" && SB_SERVER=${_sb_line#SERVER=} ;;
             MAC=*) sb_check_mac "${_sb_line#MAC=}" && SB_MAC=${_sb_line#MAC=} ;;
+            IFACE=*) sb_check_iface "${_sb_line#IFACE=}" && SB_IFACE=${_sb_line#IFACE=} ;;
         esac
     done < "$SB_RUN/session"
     [ -n "$SB_SERVER" ] && [ -n "$SB_MAC" ]
@@ -363,6 +379,17 @@ sb_blkid() {
     done
 }
 
+# Polls "$@" every 0.1 s for up to $SB_POLL_S seconds (15 when unset), until it succeeds: a
+# device that appears a moment later costs that moment, not a whole second.
+sb_poll() {
+    _sb_polls=$(( ${SB_POLL_S:-15} * 10 ))
+    while ! "$@"; do
+        _sb_polls=$((_sb_polls - 1))
+        [ "$_sb_polls" -gt 0 ] || return 1
+        sleep 0.1
+    done
+}
+
 sb_settle() {
     command -v udevadm > /dev/null 2>&1 && udevadm settle --timeout=5 > /dev/null 2>&1
     return 0
@@ -400,14 +427,20 @@ sb_nbd_connect() {
         -persist -systemd-mark $_sb_ro
 }
 
+# True once the root named by streamboot.root is on the attached disk: SB_ROOT_DEV and
+# SB_ROOT_TYPE (empty when the device has no filesystem).
+sb_find_root() {
+    # shellcheck disable=SC2046
+    _sb_found=$(sb_blkid "$SB_NBD" $(ls "$SB_NBD"p* 2> /dev/null) | sb_pick_root "$SB_ROOT" "$SB_NBD") ||
+        return 1
+    SB_ROOT_DEV=${_sb_found% *}
+    SB_ROOT_TYPE=${_sb_found#* }
+}
+
 # modprobe nbd, nbd-client to the answer's export, wait for the root filesystem.
 sb_attach() {
     modprobe nbd max_part=16 2> /dev/null
-    for _sb_i in 1 2 3 4 5 6 7 8 9 10; do
-        [ -b "$SB_NBD" ] && break
-        sleep 1
-    done
-    [ -b "$SB_NBD" ] || { sb_fail "the kernel has no nbd driver ($SB_NBD missing after modprobe nbd)"; return 1; }
+    SB_POLL_S=10 sb_poll [ -b "$SB_NBD" ] || { sb_fail "the kernel has no nbd driver ($SB_NBD missing after modprobe nbd)"; return 1; }
     mkdir -p "$SB_RUN"
     _sb_ro=
     case "$SB_WC" in client-*) _sb_ro=-readonly ;; esac
@@ -424,19 +457,12 @@ sb_attach() {
         sleep 2
     done
     [ -z "$_sb_err" ] || { sb_fail "cannot attach nbd://$SB_NBD_HOST:$SB_NBD_PORT: $_sb_err"; return 1; }
-    # blkid reads the device nodes themselves: udev (whose probing of the new disk over the
-    # network is slow) is waited for only when the root is not there yet.
-    for _sb_i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
-        # shellcheck disable=SC2046
-        if _sb_found=$(sb_blkid "$SB_NBD" $(ls "$SB_NBD"p* 2> /dev/null) | sb_pick_root "$SB_ROOT" "$SB_NBD"); then
-            SB_ROOT_DEV=${_sb_found% *}
-            SB_ROOT_TYPE=${_sb_found#* }
-            [ -n "$SB_ROOT_TYPE" ] || { sb_fail "the root $SB_ROOT ($SB_ROOT_DEV) has no filesystem"; return 1; }
-            return 0
-        fi
-        sb_settle
-        sleep 1
-    done
+    # blkid reads the device nodes themselves (devtmpfs makes the partitions' nodes): udev,
+    # whose probing of the new disk over the network is slow, is not waited for.
+    if sb_poll sb_find_root; then
+        [ -n "$SB_ROOT_TYPE" ] || { sb_fail "the root $SB_ROOT ($SB_ROOT_DEV) has no filesystem"; return 1; }
+        return 0
+    fi
     sb_fail "no filesystem $SB_ROOT on the streamed disk $SB_NBD (its partitions: $(ls "$SB_NBD"p* 2> /dev/null | tr '\n' ' '))"
 }
 
@@ -518,6 +544,7 @@ sb_mount_root() {
         echo "PERSISTENCE=$SB_PERSISTENCE"
         echo "SERVER=$SB_SERVER"
         echo "MAC=$SB_MAC"
+        echo "IFACE=${SB_IFACE:-}"
     } > "$SB_RUN/session"
     rm -f "$SB_RUN/answer" "$SB_RUN/answer.raw"
     sb_say "root $SB_ROOT_DEV ($SB_ROOT_TYPE, $SB_WC) mounted as ${SB_HOSTNAME:-this machine}"
