@@ -57,12 +57,14 @@ async def stream(registry: Registry, nats_url: str) -> AsyncIterator[ServiceRunt
         node_id="stream-door",
         nbd_port=0,
         http_stream_port=0,
+        iscsi_port=0,  # any free one: a fixed port may be another test run's
         stream_use_cache=False,
     )
     rt = ServiceRuntime("stream", settings)
-    await rt.connect()
-    await start_stream(rt)
     try:
+        # Inside: a start that fails half-way leaves no NATS connection reconnecting.
+        await rt.connect()
+        await start_stream(rt)
         yield rt
     finally:
         await rt.stop()
