@@ -1,6 +1,13 @@
-"""Parsing an HTTP/1.x request head and its ``Range`` from a client, strictly (the stream's
-range server and the boot service's server of scripts and boot files; the REST API has
-uvicorn).
+"""Parsing an HTTP/1.x request head and its ``Range`` from a client, strictly: the one
+HTTP/1.1 request parser of the stream's range server and the boot service's server of
+scripts and boot files (the REST API has uvicorn). Each server reads the head up to its
+empty line within :data:`MAX_HEAD` under its own read timeout, then parses it here; the
+keep-alive rule and the body limit are here too, so both answer alike.
+
+Hand-written rather than h11 or httptools: ``bench/http_parse.py`` parses an iPXE head
+here faster than h11 and a little slower than httptools, and whole requests of the range
+server are as fast with either parser (the parse is a small part of a request), so a
+compiled dependency with its own acceptance rules buys nothing (docs/architecture.md).
 
 Whatever a client sends, the answer is a :class:`BadRequest` with the status to reply (400,
 431) and a reason to log in one line, never an exception from deeper down.
@@ -43,6 +50,20 @@ class Head:
         if not value.isascii() or not value.isdigit() or len(value) > MAX_DIGITS:
             raise BadRequest(400, f"bad Content-Length {value[:40]!r}")
         return int(value)
+
+    def body_length(self) -> int:
+        """The body's length, refused past :data:`MAX_BODY`: GET and HEAD carry none, and
+        the servers read and drop whatever a client sends."""
+        body = self.content_length()
+        if body > MAX_BODY:
+            raise BadRequest(400, f"request body of {body} bytes")
+        return body
+
+    def keep_alive(self) -> bool:
+        """Whether the connection stays open after the answer: HTTP/1.1 unless
+        ``Connection: close``, HTTP/1.0 only with ``Connection: keep-alive``."""
+        connection = self.headers.get("connection", "").lower()
+        return connection != "close" and (self.version == "HTTP/1.1" or connection == "keep-alive")
 
 
 def too_long() -> BadRequest:

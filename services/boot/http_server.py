@@ -234,9 +234,7 @@ class HttpServer:
             except asyncio.LimitOverrunError:
                 raise http_head.too_long() from None
             head = http_head.parse_head(raw)
-            body = head.content_length()
-            if body > http_head.MAX_BODY:
-                raise BadRequest(400, f"request body of {body} bytes")
+            body = head.body_length()
             if body:  # read and dropped: the next request on the connection starts after it
                 await asyncio.wait_for(reader.readexactly(body), READ_TIMEOUT_S)
         except TimeoutError:
@@ -248,9 +246,8 @@ class HttpServer:
         except BadRequest as e:
             log.warning("boot http: %d to %s: %s", e.status, peer, e.reason)
             return Response(e.status, f"{e.reason}\n"), False, False
-        method, target, version, headers = head.method, head.target, head.version, head.headers
-        connection = headers.get("connection", "").lower()
-        keep = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
+        method, target, headers = head.method, head.target, head.headers
+        keep = head.keep_alive()
         if method not in ("GET", "HEAD"):
             return Response(405, "only GET and HEAD\n"), False, False
         url = urlsplit(target)

@@ -18,7 +18,6 @@ from services.stream.path.backend import (
     read_into_nowait,
 )
 from shared.http_head import (
-    MAX_BODY,
     MAX_HEAD,
     BadRequest,
     parse_head,
@@ -58,15 +57,12 @@ class HttpConnection(Connection):
                     raise too_long() from None
                 self.last = self.loop.time()
                 head = parse_head(raw)
-                body = head.content_length()
-                if body > MAX_BODY:  # a GET or HEAD has none; nothing here reads one
-                    raise BadRequest(400, f"request body of {body} bytes")
+                body = head.body_length()
             except BadRequest as e:
                 log.warning("http: %d to %s: %s", e.status, self.peer, e.reason)
                 self._respond(e.status, {"Content-Length": 0}, False)
                 return self.close("bad-request")
-            conn_hdr = head.headers.get("connection", "").lower()
-            keep = (head.version == "HTTP/1.1" and conn_hdr != "close") or conn_hdr == "keep-alive"
+            keep = head.keep_alive()
             if body:
                 await self.read_exact(body)
             await self._serve(head.method, head.target, head.headers, keep)

@@ -86,3 +86,23 @@ async def test_a_bad_map_request_is_refused_by_name(system: Callable[..., System
     ):
         reply = await cache_request(sys_.nats_url, subject, body)  # type: ignore[arg-type]
         assert says in reply["error"], reply
+
+
+async def test_a_bad_open_or_read_is_refused_naming_the_field(
+    system: Callable[..., System],
+) -> None:
+    """A body that does not fit its request model is refused ``invalid``, naming the field,
+    and opens nothing (a wc.open without a size made a cache of no size)."""
+    sys_ = system()
+    await sys_.start_cache()
+    node = sys_.node_id()
+    for subject, body, field in (
+        (wire.WC_OPEN, {"key": "session-nosize", "session_id": "s"}, "size"),
+        (node_subject(node, wire.V_WC_OPEN), {"key": "session-x", "size": "big"}, "size"),
+        (wire.WC_OPEN, {"key": "session-neg", "size": -1}, "size"),
+        (wire.RC_OPEN, {"key": "rc", "vdisk": "d"}, "version"),
+    ):
+        reply = await cache_request(sys_.nats_url, subject, body)
+        assert reply.get("kind") == "invalid" and field in reply["error"], (body, reply)
+    caches = await cache_request(sys_.nats_url, node_subject(node, wire.V_STATS), {})
+    assert not [c for c in caches.get("write_caches", []) if "session-" in str(c)], caches

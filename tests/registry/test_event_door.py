@@ -39,6 +39,7 @@ from shared.events import (
 )
 from shared.service import ServiceRuntime
 from shared.settings import Settings
+from tests.conftest import wait_for
 from tests.registry.conftest import Registry
 from tests.registry.test_poisoned_log import insert_raw
 
@@ -61,9 +62,10 @@ async def stream(registry: Registry, nats_url: str) -> AsyncIterator[ServiceRunt
         stream_use_cache=False,
     )
     rt = ServiceRuntime("stream", settings)
-    await rt.connect()
-    await start_stream(rt)
     try:
+        # Inside: a start that fails half-way leaves no NATS connection reconnecting.
+        await rt.connect()
+        await start_stream(rt)
         yield rt
     finally:
         await rt.stop()
@@ -134,7 +136,7 @@ async def test_forged_vdisk_over_the_bus_is_refused_and_nothing_is_served(
 
 
 async def test_a_forged_announcement_never_reads_outside_the_vdisk_dir(
-    registry: Registry, stream: ServiceRuntime, nc: Any
+    registry: Registry, stream: ServiceRuntime, nc: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whoever reaches a stream node's announcement subject cannot make it serve a file
     outside its vdisk dir: the node checks the layers itself."""
@@ -156,7 +158,7 @@ async def test_a_forged_announcement_never_reads_outside_the_vdisk_dir(
         }  # fmt: skip
         await announce_session(nc, "stream-door", token, record)
         await nc.flush()
-        await asyncio.sleep(0.2)
+        await wait_for(lambda i=i: refused(caplog) > i, "the node to refuse the announcement")
         served = await curl_range(f"{http}/s/{token}")
         assert SECRET not in served and not served.startswith(b"root:"), layer
     # A link in a vdisk's folder pointing out of it is refused too.
@@ -169,8 +171,13 @@ async def test_a_forged_announcement_never_reads_outside_the_vdisk_dir(
     }  # fmt: skip
     await announce_session(nc, "stream-door", token, record)
     await nc.flush()
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: refused(caplog) > 3, "the node to refuse the announcement")
     assert SECRET not in await curl_range(f"{http}/s/{token}")
+
+
+def refused(caplog: pytest.LogCaptureFixture) -> int:
+    """How many session announcements the stream node refused so far (it logs each)."""
+    return sum("ignored a malformed session announcement" in r.getMessage() for r in caplog.records)
 
 
 def test_every_event_type_has_one_owner() -> None:
