@@ -88,6 +88,9 @@ WantedBy=multi-user.target
 # controller and framebuffer (MODULES=most): a smaller file to load over the network and
 # to unpack at boot. The client's hook adds the local disks' drivers (client-disk).
 INITRAMFS_CONF = "# streamboot: the root comes over the network.\nMODULES=netboot\n"
+# With open-iscsi (boot method iscsi-ibft) the root is a SCSI disk: MODULES=netboot leaves
+# out the SCSI disk driver that gives it a /dev/sdX.
+ISCSI_INITRAMFS_MODULES = "# streamboot: the iSCSI root's disk driver.\nsd_mod\n"
 FSTAB = "# The root is mounted by the initramfs (the streamboot client), by write-cache type.\n"
 
 
@@ -191,6 +194,9 @@ def install_client(rootfs: Path, say: Say) -> None:
     say("installing the streamboot client (the initramfs is rebuilt)...")
     (rootfs / "etc/initramfs-tools/conf.d").mkdir(parents=True, exist_ok=True)
     (rootfs / "etc/initramfs-tools/conf.d/streamboot").write_text(INITRAMFS_CONF)
+    if (rootfs / "sbin/iscsistart").exists():
+        with open(rootfs / "etc/initramfs-tools/modules", "a") as modules:
+            modules.write(ISCSI_INITRAMFS_MODULES)
     # Before the package: its trigger's initramfs then carries the failover helper.
     build_nbd_helper(rootfs / NBD_HELPER_PATH)
     deb = build_deb(rootfs / "tmp")
