@@ -154,6 +154,8 @@ class RegistryApp:
             "registry: projection built from %d events (position %d)", n, self.projection.position
         )
         await self.record_projection_errors()
+        if self.settings.sealing_key or self.settings.sealing_key_file:
+            _ = self.sealer  # a key given but unusable stops the start, not a later CHAP set
         return n
 
     async def catch_up(self) -> None:
@@ -519,7 +521,9 @@ class RegistryApp:
     @property
     def sealer(self) -> Sealer:
         if self._sealer is None:
-            self._sealer = load_sealer(self.settings.data_dir, self.settings.sealing_key)
+            self._sealer = load_sealer(
+                self.settings.data_dir, self.settings.sealing_key, self.settings.sealing_key_file
+            )
         return self._sealer
 
     async def set_chap(
