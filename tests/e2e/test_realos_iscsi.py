@@ -12,6 +12,7 @@ target, initiator name, CHAP) and the root mounts from the iSCSI disk, to the ma
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,16 +22,8 @@ import pytest
 from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for
 from tests.client.conftest import TEST_CACHE
 from tests.conftest import traversable_tmpdir
-from tests.e2e.pxe_lab import STREAMBOOT, BootLab
-from tests.e2e.test_realos_boot import (
-    BOOT_S,
-    MEMORY,
-    REALOS_TIMERS,
-    add_device,
-    marker,
-    realos_missing,
-    wait_closed,
-)
+from tests.e2e.pxe_lab import OVMF, STREAMBOOT, BootLab
+from tests.e2e.test_realos_boot import BOOT_S, MEMORY, add_device, marker, realos_missing
 from tests.stream.conftest import sha256
 
 pytestmark = [
@@ -41,6 +34,10 @@ pytestmark = [
 ]
 VDISK = "debian-iscsi"
 PACKAGES = ["open-iscsi"]
+# iPXE leaves its connection open when it starts the kernel: the session stays attached
+# until keepalive finds it dead (60 s by default), then waits the detach grace for the
+# OS's own login. A TCG guest takes a minute or more from iPXE to its initramfs's login.
+TIMERS = {"STREAMBOOT_SESSION_DETACH_GRACE_S": "180"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def lab() -> Iterator[BootLab]:
     lab = BootLab(root, taps=2)
     lab.create()
     try:
-        lab.start(**REALOS_TIMERS)
+        lab.start(**TIMERS)
         # The namespace has no way out: the debootstrap comes into the test cache first.
         bootstrap(TEST_CACHE, "bookworm", DEFAULT_MIRROR, packages_for(PACKAGES), say=print)
         build = subprocess.run(
@@ -64,6 +61,13 @@ def lab() -> Iterator[BootLab]:
         lab.stop()
         if not os.environ.get("STREAMBOOT_KEEP_LAB"):
             shutil.rmtree(root, ignore_errors=True)
+
+
+def seen_ip(console: str) -> str:
+    """The address the initramfs configured (open-iscsi's ipconfig line)."""
+    found = re.search(r"IP-Config: \S+ complete .*?address: (\S+)", console, re.S)
+    assert found, console[-5000:]
+    return found.group(1)
 
 
 def test_debian_mounts_its_root_over_iscsi_from_the_ibft_with_mutual_chap(lab: BootLab) -> None:
@@ -87,9 +91,28 @@ def test_debian_mounts_its_root_over_iscsi_from_the_ibft_with_mutual_chap(lab: B
                 if e["type"] == "SessionOpened"]  # fmt: skip
     attached = [e["data"] for e in lab.events("--type", "SessionAttached")
                 if e["data"]["session_id"] == opened]  # fmt: skip
-    # Two logins to the same session: iPXE's (the hook) and the booted kernel's (the iBFT).
-    assert [a["protocol"] for a in attached] == ["iscsi", "iscsi"], attached
+    # Logins to the same session, all over iSCSI from the client's address: iPXE's (the
+    # hook), the initramfs's from the iBFT, and iscsid's when it takes the session over.
+    assert len(attached) >= 2 and {a["protocol"] for a in attached} == {"iscsi"}, attached
+    assert {a["client_addr"].rsplit(":", 1)[0] for a in attached} == {seen_ip(console)}
     assert not lab.events("--type", "IscsiLoginRefused")
     # The OS wrote (the journal, the marker's state) into the session's write cache only.
     assert sha256(golden) == before
-    wait_closed(lab, mac)
+
+
+@pytest.mark.skipif(not OVMF.exists(), reason="needs ovmf")
+def test_a_uefi_machine_hooks_the_disk_with_ipxe_efi_and_boots_the_same(lab: BootLab) -> None:
+    """UEFI: OVMF's PXE fetches ipxe.efi over TFTP; its initiator hooks the disk (the iBFT
+    goes into the ACPI tables) with one-way CHAP; the kernel (EFI stub) finds the table."""
+    mac = "52:54:00:89:00:02"
+    machine_id = add_device(lab, mac, "deb-ibft-efi", vdisk=VDISK)
+    lab.cli("device", "set", mac, "--chap-user", "deb-ibft-efi", "--chap-secret", "efi-s3cret-12")
+    lab.cli("vdisk", "set", VDISK, "--boot-method", "iscsi-ibft")
+    console = lab.boot_vm(mac, 1, until=MARKER, timeout_s=BOOT_S, memory_mib=MEMORY, uefi=True)
+    seen = marker(console)
+    assert seen["hostname"] == "deb-ibft-efi" and seen["machine-id"] == machine_id
+    assert seen["rootfs"] == "ext4"
+    assert "iSCSI Initiator over TCP/IP" in console, console[-5000:]
+    asked = [e["data"]["arch"] for e in lab.events("--mac", mac) if e["type"] == "BootRequested"]
+    assert set(asked) & {7, 9}, asked  # it asked as UEFI x64, so DHCP gave it ipxe.efi
+    assert not lab.events("--type", "IscsiLoginRefused")
