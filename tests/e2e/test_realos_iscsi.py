@@ -15,14 +15,16 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for
 from tests.client.conftest import TEST_CACHE
 from tests.conftest import traversable_tmpdir
-from tests.e2e.pxe_lab import OVMF, STREAMBOOT, BootLab
+from tests.e2e.pxe_lab import OVMF, STREAMBOOT, BootLab, pxe_vm_argv
 from tests.e2e.test_realos_boot import BOOT_S, MEMORY, add_device, marker, realos_missing
 from tests.stream.conftest import sha256
 
@@ -116,3 +118,66 @@ def test_a_uefi_machine_hooks_the_disk_with_ipxe_efi_and_boots_the_same(lab: Boo
     asked = [e["data"]["arch"] for e in lab.events("--mac", mac) if e["type"] == "BootRequested"]
     assert set(asked) & {7, 9}, asked  # it asked as UEFI x64, so DHCP gave it ipxe.efi
     assert not lab.events("--type", "IscsiLoginRefused")
+
+
+IPXE_EFI = Path("/usr/lib/ipxe/ipxe.efi")
+BANNER = "Open Source Network Boot Firmware"  # iPXE's, each time one starts
+
+
+def efi_system_disk(path: Path, boot_file: Path) -> Path:
+    """A 64 MiB MBR disk whose one partition (type EF, FAT16 from 1 MiB) holds
+    \\EFI\\BOOT\\BOOTX64.EFI: what UEFI firmware, and iPXE's sanboot, boot from a disk."""
+    with open(path, "wb") as f:
+        f.truncate(64 * 2**20)
+    subprocess.run(["sfdisk", "--quiet", str(path)], input="label: dos\nstart=2048, type=ef\n",
+                   text=True, check=True, timeout=60)  # fmt: skip
+    offset = 2048 * 512
+    subprocess.run(["mkfs.fat", "-F", "16", "--offset", "2048", str(path),
+                    str((64 * 2**20 - offset) // 1024)], check=True, capture_output=True,
+                   timeout=60)  # fmt: skip
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    image = f"{path}@@{offset}"
+    for folder in ("::/EFI", "::/EFI/BOOT"):
+        subprocess.run(["mmd", "-i", image, folder], env=env, check=True, timeout=60)
+    subprocess.run(["mcopy", "-i", image, str(boot_file), "::/EFI/BOOT/BOOTX64.EFI"], env=env,
+                   check=True, timeout=60)  # fmt: skip
+    return path
+
+
+@pytest.mark.skipif(not (OVMF.exists() and IPXE_EFI.exists()), reason="needs ovmf and ipxe")
+def test_uefi_ipxe_sanboots_an_efi_boot_loader_over_iscsi(lab: BootLab, tmp_path: Path) -> None:
+    """`sanboot-iscsi` on UEFI: ipxe.efi logs in, exposes the disk to the firmware and
+    starts the disk's \\EFI\\BOOT\\BOOTX64.EFI, read over iSCSI. The boot loader on the disk
+    is ipxe.efi itself: a second iPXE banner on the console is the sign it started."""
+    image = efi_system_disk(tmp_path / "esp.img", IPXE_EFI)
+    lab.cli("vdisk", "import", str(image), "--name", "efi-loader")
+    lab.cli("vdisk", "set", "efi-loader", "--boot-method", "sanboot-iscsi")
+    mac = "52:54:00:89:00:03"
+    add_device(lab, mac, "efi-sanboot", vdisk="efi-loader")
+    console_path = lab.root / "vm-efi-sanboot.log"
+    argv = lab.exec(*pxe_vm_argv(mac, 0, uefi=True, memory_mib=MEMORY))
+    console = console_path.open("wb")
+    vm = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + BOOT_S
+        text = ""
+        while time.monotonic() < deadline and vm.poll() is None:
+            text = console_path.read_text(errors="replace")
+            if text.count(BANNER) >= 2:
+                break
+            time.sleep(1)
+    finally:
+        vm.kill()
+        vm.wait(10)
+        console.close()
+    text = console_path.read_text(errors="replace")
+    first = text.find(BANNER)
+    hooked = text.find("Registered SAN", first)
+    assert text.count(BANNER) >= 2, text[-4000:]
+    # The second iPXE started after the first one registered the iSCSI disk.
+    assert first < hooked < text.rfind(BANNER), text[-4000:]
+    story = lab.events("--mac", mac)
+    [opened] = [e["data"]["session_id"] for e in story if e["type"] == "SessionOpened"]
+    attached = [e["data"] for e in lab.events("--type", "SessionAttached")
+                if e["data"]["session_id"] == opened]  # fmt: skip
+    assert attached and {a["protocol"] for a in attached} == {"iscsi"}, attached
