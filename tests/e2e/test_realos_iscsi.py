@@ -6,7 +6,9 @@ iscsistart and its local-top script into the initramfs); boot method `iscsi-ibft
 logs in to the session's target as the device, with its mutual CHAP, `sanhook`s the disk
 (which leaves the iBFT in memory) and starts the version's kernel over HTTP with
 `iscsi_auto`; the initramfs's `iscsistart -b` logs in again from the table alone (portal,
-target, initiator name, CHAP) and the root mounts from the iSCSI disk, to the marker.
+target, initiator name, CHAP) and the root mounts from the iSCSI disk, to the marker; on
+BIOS (mutual CHAP) and on UEFI (ipxe.efi, one-way CHAP). And UEFI `sanboot-iscsi` of a disk
+with an EFI boot loader (no Debian build needed).
 """
 
 from __future__ import annotations
