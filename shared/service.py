@@ -2,7 +2,10 @@
 
 A service module provides ``async def start(rt: ServiceRuntime) -> None`` that starts its
 servers and tasks (registering cleanups with ``rt.on_stop``), and a ``__main__`` that calls
-:func:`run_service`. SIGTERM and SIGINT stop the process in reverse order of start.
+:func:`run_service`. SIGTERM and SIGINT stop the process: first what ``rt.on_stopping``
+registered (servers asked to finish their requests), then the tasks are cancelled, then the
+``rt.on_stop`` cleanups run in reverse order of start. :func:`start_service` is the start
+without the process (signals, waiting): tests run a service in their own event loop with it.
 """
 
 from __future__ import annotations
@@ -46,12 +49,18 @@ class ServiceRuntime:
         # (for figures that change, such as load).
         self.vitals: dict[str, Any] | Callable[[], dict[str, Any]] = {}
         self._stop_hooks: list[StopHook] = []
+        self._stopping_hooks: list[StopHook] = []
         self._reconnect_hooks: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.stopping = asyncio.Event()
 
     def on_stop(self, hook: StopHook) -> None:
         self._stop_hooks.append(hook)
+
+    def on_stopping(self, hook: StopHook) -> None:
+        """Call ``hook`` first when the service stops, while its tasks still run: a server
+        task that finishes its requests when asked, instead of being cancelled mid-answer."""
+        self._stopping_hooks.append(hook)
 
     def on_reconnect(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` after each NATS reconnection (core messages sent meanwhile are lost)."""
@@ -88,9 +97,15 @@ class ServiceRuntime:
         )
         # The event stream is the registry's to create (shared/bus_access.py).
         self.js = self.nc.jetstream()
-        self.events = EventClient(self.nc, self.name)
+        if self.name in bus.APPENDING_SERVICES:  # the registry writes the log itself
+            self.events = EventClient(self.nc, self.name)
 
     async def stop(self) -> None:
+        for hook in reversed(self._stopping_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: error while stopping", self.name)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -123,25 +138,22 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -> None:
-    settings = Settings()
-    setup_logging(settings.log_level)
-    soft, hard = raise_soft_limit()  # before anything opens a socket (shared/fd_limit.py)
-    log.info("%s: open-file limit %d (hard %d)", name, soft, hard)
-    setup_tracing(name, settings)
-    rt = ServiceRuntime(name, settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, rt.stopping.set)
+async def start_service(
+    rt: ServiceRuntime, start: Callable[[ServiceRuntime], Awaitable[object]]
+) -> None:
+    """Connect, start the service's parts, then serve its /metrics and beat: every service
+    process does this before it waits for a signal (``rt.stop()`` undoes it)."""
+    settings = rt.settings
+    setup_tracing(rt.name, settings)
     await rt.connect()
     await start(rt)
     # Every service serves /metrics; the heartbeat says where, with the headline figures.
-    metrics_server = start_metrics_server(name, settings)
+    metrics_server = start_metrics_server(rt.name, settings)
     rt.on_stop(lambda: asyncio.to_thread(metrics_server.stop))
     headline = Headline()
     heartbeat = Heartbeat(
         rt.js,
-        name,
+        rt.name,
         settings.node_id,
         settings.heartbeat_interval_s,
         lambda: {
@@ -153,6 +165,18 @@ async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -
     )
     rt.spawn(heartbeat.run(), "heartbeat")
     rt.on_stop(heartbeat.stop)
+
+
+async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[object]]) -> None:
+    settings = Settings()
+    setup_logging(settings.log_level)
+    soft, hard = raise_soft_limit()  # before anything opens a socket (shared/fd_limit.py)
+    log.info("%s: open-file limit %d (hard %d)", name, soft, hard)
+    rt = ServiceRuntime(name, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, rt.stopping.set)
+    await start_service(rt, start)
     freeze_startup_heap()
     log.info("%s: running (node %s)", name, settings.node_id)
     await rt.stopping.wait()
@@ -161,7 +185,7 @@ async def serve(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -
     shutdown_tracing()
 
 
-def run_service(name: str, start: Callable[[ServiceRuntime], Awaitable[None]]) -> None:
+def run_service(name: str, start: Callable[[ServiceRuntime], Awaitable[object]]) -> None:
     """Entry point of ``python -m services.<name>``."""
     try:
         uvloop.run(serve(name, start))

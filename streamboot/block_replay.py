@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from services.stream.nbd import protocol as nbd
+from shared import nbd_wire as nbd
 
 # BlocksRequested merges adjacent accesses of one op, so the log holds extents, not the
 # guest's requests: replay splits them into requests of this size (Linux's virtio-blk and

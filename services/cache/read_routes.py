@@ -15,6 +15,7 @@ from services.cache.read_cache import ReadCaches
 from services.cache.stores import StoreError
 from shared.bus import RemoteError, connection_mark, respond
 from shared.contracts.cache import wire
+from shared.contracts.cache.bodies import RcOpen, RcRead, parse
 
 log = logging.getLogger("streamboot.cache")
 
@@ -30,29 +31,32 @@ class ReadCacheRoutes:
         self.profiles = profiles
         self._spawn = spawn
 
-    async def rc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+    async def rc_open(self, raw: Any, _msg: Msg) -> dict[str, Any]:
+        body = parse(RcOpen, raw, "read cache open")
         try:
-            if body.get("store", "local") == "local":
-                self.reads.register_local(body)
+            if body.local:
+                self.reads.register_local(body.info())
             else:
-                await self.reads.open(body)
+                await self.reads.open(body.info())
         except (StoreError, OSError) as e:
-            raise RemoteError(f"cannot open {body.get('key')}: {e}", "unavailable") from e
-        return {"profile": self.profiles.extents(body["vdisk"], int(body["version"]))}
+            raise RemoteError(f"cannot open {body.key}: {e}", "unavailable") from e
+        return {"profile": self.profiles.extents(body.vdisk, body.version)}
 
     async def rc_read(self, msg: Msg) -> None:
         mark = connection_mark(msg._client)
         try:
-            body = json.loads(msg.data)
-            vc = self.reads.get(str(body["key"]))
-            if vc is None and body.get("layers") is not None:
+            body = parse(RcRead, json.loads(msg.data), "read")
+            vc = self.reads.get(body.key)
+            if vc is None and body.layers is not None:
                 # Opened through another cache node: this one opens it at its first read.
-                vc = await self.reads.open(body)
+                vc = await self.reads.open(body.info())
             if vc is None:
-                reply = wire.fail(f"read cache {body['key']!r} not open", "not_found")
+                reply = wire.fail(f"read cache {body.key!r} not open", "not_found")
             else:
-                length = min(int(body["length"]), wire.MAX_CHUNK)
-                reply = wire.ok(await self.reads.read(vc, int(body["offset"]), length))
+                length = min(body.length, wire.MAX_CHUNK)
+                reply = wire.ok(await self.reads.read(vc, body.offset, length))
+        except RemoteError as e:
+            reply = wire.fail(str(e), e.kind)
         except (StoreError, OSError) as e:
             log.error("read cache: store read failed: %s", e)
             reply = wire.fail(str(e), "unavailable")

@@ -35,6 +35,7 @@ from typing import Any
 
 from shared import metrics
 from shared.block_map import BLOCK, DIRTY, ZEROED, BlockMap, blocks_of
+from shared.contracts.cache.bodies import WcOpen
 from shared.contracts.cache.wire import FLAG_SYNC, OP_FLUSH, OP_WRITE, OP_ZERO
 from shared.errors import reason
 from shared.private_file import replace_private
@@ -322,31 +323,26 @@ class WriteCaches:
                 log.info("recovered write cache %s (%s, %d bytes dirty)", key, kind, wc.used)
         return len(self.caches)
 
-    def validate(self, req: dict[str, Any]) -> str:
+    def validate(self, req: WcOpen) -> str:
         """The key of an open request this node could serve; WriteCacheError if not."""
-        key = str(req.get("key", ""))
+        key = req.key
         if not _KEY_OK.match(key):
             raise WriteCacheError(f"bad write cache key {key!r}")
-        if key not in self.caches and req.get("kind", "server-disk") not in self.dirs:
-            raise WriteCacheError(f"the cache service holds no {req.get('kind')!r} write caches")
+        if key not in self.caches and req.kind not in self.dirs:
+            raise WriteCacheError(f"the cache service holds no {req.kind!r} write caches")
         return key
 
-    def open(self, req: dict[str, Any]) -> SessionWriteCache:
+    def open(self, req: WcOpen) -> SessionWriteCache:
         key = self.validate(req)
         wc = self.caches.get(key)
         if wc is not None:
-            if wc.size != int(req["size"]):
-                raise WriteCacheError(
-                    f"write cache {key} is for {wc.size} bytes, not {req['size']}"
-                )
+            if wc.size != req.size:
+                raise WriteCacheError(f"write cache {key} is for {wc.size} bytes, not {req.size}")
             # A kept cache (or a session moving node) is now used by this session.
-            wc.meta["session_id"] = req.get("session_id") or wc.meta.get("session_id")
+            wc.meta["session_id"] = req.session_id or wc.meta.get("session_id")
             return wc
-        kind = req.get("kind", "server-disk")
-        meta = {
-            k: req.get(k)
-            for k in ("session_id", "vdisk", "version", "size", "kind", "persistence", "mac")
-        }
+        kind = req.kind
+        meta = req.meta()
         meta["capacity"] = self.capacity
         wc = SessionWriteCache(key, self.dirs[kind], meta, self.capacity)
         wc.state = BlockMap(blocks_of(wc.size))

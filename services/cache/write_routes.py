@@ -21,6 +21,7 @@ from services.cache.write_cache import SessionWriteCache, WriteCacheError, Write
 from shared.block_map import encode_runs
 from shared.bus import RemoteError, connection_mark, respond
 from shared.contracts.cache import wire
+from shared.contracts.cache.bodies import BlockRead, WcMap, WcOpen, parse
 from shared.contracts.cache.client import not_alive
 from shared.contracts.cache.wire import node_subject
 from shared.errors import reason
@@ -94,7 +95,7 @@ class WriteCacheRoutes:
                 )
                 self.writes.forget(key)
 
-    def _opened(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _opened(self, body: WcOpen) -> dict[str, Any]:
         try:
             wc = self.writes.open(body)
         except WriteCacheError as e:
@@ -102,8 +103,8 @@ class WriteCacheRoutes:
         if wc.data_fd < 0:
             # A new cache: its files are made once the opens pause, not in the first write.
             self.unprepared.add(wc.key)
-        if body.get("stream_instance"):
-            wc.attached_by = str(body["stream_instance"])
+        if body.stream_instance:
+            wc.attached_by = body.stream_instance
             self._spawn(self._attached(wc.key, body))
         return {
             "node": self.node,
@@ -115,15 +116,16 @@ class WriteCacheRoutes:
             "synced": wc.synced == wc.changes,
         }
 
-    async def wc_map(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+    async def wc_map(self, raw: Any, _msg: Msg) -> dict[str, Any]:
         """The next page of a write cache's runs, from block ``from`` (after wc.open)."""
+        body = parse(WcMap, raw, "map request")
         try:
-            wc = self.writes.get(str(body.get("key")))
-            first = int(body["from"])
+            wc = self.writes.get(body.key)
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise RemoteError(f"bad map request: {e!r}", "invalid") from e
+        first = body.first
+        if first is None:
+            raise RemoteError("bad map request: from: Field required", "invalid")
         if not 0 <= first <= len(wc.state):
             raise RemoteError(f"write cache {wc.key} has no block {first}", "invalid")
         return map_page(wc, first)
@@ -168,34 +170,35 @@ class WriteCacheRoutes:
 
         return has_room
 
-    async def _attached(self, key: str, body: dict[str, Any]) -> None:
+    async def _attached(self, key: str, body: WcOpen) -> None:
         """Tell every stream process that ``key`` is now attached by the one that opened
         it, so another one still holding a session on it drops its stale mirror."""
         notice = {
             "key": key,
-            "session_id": body.get("session_id"),
-            "stream_node": body.get("stream_node"),
-            "stream_instance": body["stream_instance"],
+            "session_id": body.session_id,
+            "stream_node": body.stream_node,
+            "stream_instance": body.stream_instance,
         }
         try:
             await self.rt.nc.publish(wire.WC_ATTACHED, json.dumps(notice).encode())
         except Exception as e:  # the open itself succeeded
             log.warning("write cache %s: could not publish its attach (%s)", key, reason(e))
 
-    async def wc_open(self, body: dict[str, Any], _msg: Msg) -> dict[str, Any]:
+    async def wc_open(self, raw: Any, _msg: Msg) -> dict[str, Any]:
         """Open a write cache on the node that holds it (or, for a new key, the node placed
         to hold it), routing the request there when that is another node.
 
         The common cases cost little: a key held here, no lookup; a new key, one KV
         ``create`` on the node it is placed on (plus one hop when that is another node)."""
+        body = parse(WcOpen, raw, "open request")
         try:
             key = self.writes.validate(body)
         except WriteCacheError as e:
             raise RemoteError(str(e), e.kind) from e
         if key in self.writes.caches:  # held here (recorded when created or recovered)
             return self._opened(body)
-        hops = int(body.get("hops", 0))
-        if body.get("create") is False:
+        hops = body.hops
+        if body.create is False:
             owner = await self.owners.get(key)
             if owner is None:
                 raise RemoteError(f"no cache node holds write cache {key}", "not_found")
@@ -204,7 +207,7 @@ class WriteCacheRoutes:
                 # The live node the key ranks first opens it (the next one if it is gone;
                 # nodes short of space last): a new key is placed there; a known one is
                 # routed on by its record.
-                kind = str(body.get("kind"))
+                kind = body.kind
                 for target in placement_order(key, self.peers.alive(), self._has_room(kind)):
                     if target == self.node:
                         break
@@ -212,7 +215,7 @@ class WriteCacheRoutes:
                         return await self._forward(target, key, body, hops)
                     except _NotAlive:
                         log.warning("cache node %s (first for %s) is not alive", target, key)
-            owner = await self.owners.claim(key, body)  # create-if-absent: one holder
+            owner = await self.owners.claim(key, body.meta())  # create-if-absent: one holder
         if owner.node == self.node:
             if key in self.writes.unrecoverable:
                 message = (
@@ -243,11 +246,9 @@ class WriteCacheRoutes:
             log.error("%s (open refused: its writes are there, not here)", message)
             raise RemoteError(message, "not_alive") from None
 
-    async def _forward(
-        self, node: str, key: str, body: dict[str, Any], hops: int
-    ) -> dict[str, Any]:
+    async def _forward(self, node: str, key: str, body: WcOpen, hops: int) -> dict[str, Any]:
         """The open, answered by ``node`` (its reply says it holds the cache)."""
-        payload = json.dumps({**body, "hops": hops + 1}).encode()
+        payload = body.model_copy(update={"hops": hops + 1}).model_dump_json().encode()
         try:
             msg = await self.rt.nc.request(node_subject(node, wire.V_WC_OPEN), payload, timeout=10)
         except NoRespondersError:
@@ -262,10 +263,12 @@ class WriteCacheRoutes:
     async def wc_read(self, msg: Msg) -> None:
         mark = connection_mark(msg._client)
         try:
-            body = json.loads(msg.data)
-            wc = self.writes.get(str(body["key"]))
-            length = min(int(body["length"]), wire.MAX_CHUNK)
-            reply = wire.ok(wc.read(int(body["offset"]), length))
+            body = parse(BlockRead, json.loads(msg.data), "read")
+            wc = self.writes.get(body.key)
+            length = min(body.length, wire.MAX_CHUNK)
+            reply = wire.ok(wc.read(body.offset, length))
+        except RemoteError as e:
+            reply = wire.fail(str(e), e.kind)
         except WriteCacheError as e:
             reply = wire.fail(str(e), e.kind)
         except (ValueError, KeyError, OSError) as e:

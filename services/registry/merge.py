@@ -22,11 +22,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.registry import vdisk_store
 from services.registry.domain.errors import conflict
-from services.registry.vdisk_store import Progress, _no_progress, hash_file, new_staging
+from shared import vdisk_store
 from shared.layer_paths import check_layer_file
 from shared.vdisk_layout import delta_paths, is_delta
+from shared.vdisk_store import Progress, _no_progress, hash_file, new_staging
 
 LOCK_FILE = ".merge.lock"
 

@@ -1,8 +1,10 @@
 """The registry process: event store, projection, NATS handlers, REST API, relay, sweeper.
 
-Start: tracing -> NATS (+ JetStream stream) -> PostgreSQL event store -> projection from the
+Run by :func:`shared.service.run_service` like every service. Start: NATS (+ the JetStream
+event stream, the registry's to create) -> PostgreSQL event store -> projection from the
 whole log -> append handler, FastStream handlers, API server, relay, log follower, session
-sweeper, heartbeat. Stop (SIGTERM/SIGINT): the reverse, each step bounded.
+sweeper; then the shared heartbeat and /metrics. Stop (SIGTERM/SIGINT): the console's live
+streams end and the API finishes its requests, then the reverse of start, each step bounded.
 """
 
 from __future__ import annotations
@@ -12,32 +14,33 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from nats.aio.client import Client as NATS
 
-from services.registry import vdisk_store
 from services.registry.app import RegistryApp
 from services.registry.console import LiveFeed
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
-from shared import bus
+from shared import bus, vdisk_store
 from shared.contracts.cache.client import all_write_caches
 from shared.contracts.stream import announce_session
 from shared.event_log import serve_appends
 from shared.event_store import EventStore
-from shared.fd_limit import fd_vitals, raise_soft_limit
-from shared.heartbeat import Heartbeat, HeartbeatView
-from shared.metrics import Headline, live_sessions_from, start_metrics_server
+from shared.heartbeat import HeartbeatView
+from shared.metrics import live_sessions_from
 from shared.relay import EventRelay
+from shared.service import ServiceRuntime, run_service, start_service
 from shared.settings import API_TOKEN_FILE, Settings, without_password
-from shared.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("streamboot.registry")
+
+# A stop step (the API finishing its requests, the NATS handlers draining) waits this long.
+STOP_STEP_TIMEOUT_S = 5.0
 
 
 class _ApiServer(uvicorn.Server):
@@ -93,171 +96,120 @@ async def write_caches(nc: NATS, beats: HeartbeatView) -> tuple[list[dict[str, A
     return await all_write_caches(nc, nodes, timeout_s=1.0)
 
 
+@dataclass
+class RegistryParts:
+    """What :func:`start` built that the tests and the heartbeat read."""
+
+    app: RegistryApp
+    beats: HeartbeatView
+
+
+async def start(rt: ServiceRuntime) -> RegistryParts:
+    settings = rt.settings
+    nc, js = rt.nc, rt.js
+    await bus.ensure_event_stream(js)
+    store = await EventStore.connect(settings.require_database_url())
+    rt.on_stop(store.close)
+    relay = EventRelay(store, js)
+    # The live instances, read by every session open: one watch, read from memory.
+    beats = HeartbeatView(js, settings.heartbeat_timeout_s)
+    rt.spawn(beats.run(), "heartbeat-view")
+    try:
+        await beats.wait_loaded(10.0)
+    except TimeoutError:
+        log.warning("registry: heartbeats not loaded yet; session opens wait for them")
+    app = RegistryApp(
+        store,
+        settings,
+        heartbeats=beats.read,
+        on_appended=relay.poke,
+        write_caches=lambda: write_caches(nc, beats),
+        announce=lambda node, token, record: announce_session(nc, node, token, record),
+    )
+    await app.start()
+    for stale in await asyncio.to_thread(vdisk_store.drop_stale_staging, app.vdisk_root):
+        log.warning("registry: dropped the staging dir of an abandoned import: %s", stale)
+    appends = await serve_appends(nc, store, lambda _stored: relay.poke())
+    rt.on_stop(appends.unsubscribe)  # before the store closes: no append meets a closed pool
+    broker = build_broker(settings.require_nats_url(), app, settings.nats_credentials("registry"))
+    await broker.start()
+    rt.on_stop(lambda: _bounded(broker.stop()))
+    # The console's live view: the log's recent past, then the event stream.
+    feed = LiveFeed(store, nc)
+    await feed.start()
+    server = _ApiServer(
+        uvicorn.Config(
+            build_api(app, api_token(settings), settings.api_max_body_bytes, feed),
+            host=settings.bind_host,
+            port=settings.api_port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    api_task = rt.spawn(server.serve(), "api")
+
+    async def stop_api() -> None:
+        await feed.stop()  # ends the console's live streams, so the API can stop
+        server.should_exit = True
+        await _bounded(asyncio.shield(api_task))
+
+    rt.on_stopping(stop_api)
+    live_sessions_from("registry", lambda: len(app.projection.sessions))
+
+    def vitals() -> dict[str, Any]:
+        p = app.projection
+        return {
+            "api": f"http://{settings.advertised_host}:{settings.api_port}",
+            "position": p.position,
+            "live_sessions": len(p.sessions),
+            "load": len(p.sessions),
+            "projection_errors": app.projection_errors(),
+            "opens_refused_busy": app.opens_refused_busy,
+        }
+
+    rt.vitals = vitals
+    rt.spawn(relay.run(), "relay")
+    rt.spawn(app.follow(), "follow")
+    rt.spawn(_sweep_forever(app, settings.session_sweep_interval_s), "sweep")
+    rt.spawn(_store_upkeep_forever(app, settings.session_sweep_interval_s), "upkeep")
+    log.info(
+        "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",
+        settings.bind_host,
+        settings.api_port,
+        without_password(settings.require_nats_url()),
+        len(app.projection.devices),
+        len(app.projection.vdisks),
+    )
+    return RegistryParts(app, beats)
+
+
+async def _bounded(aw: Awaitable[object]) -> None:
+    """A stop step that may hang (a peer that does not answer) is given up on."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(aw, STOP_STEP_TIMEOUT_S)
+
+
 class RegistryService:
-    """The registry's parts, started and stopped in order (tests drive it in-process)."""
+    """The registry in this event loop, started and stopped as its process does (tests)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.tasks: list[asyncio.Task[Any]] = []
+        self.rt = ServiceRuntime("registry", settings)
 
     async def start(self) -> None:
-        settings = self.settings
-        setup_tracing("registry", settings)
-        nats_url = settings.require_nats_url()
-        credentials = settings.nats_credentials("registry")
-        self.nc = nc = await bus.connect(nats_url, "registry", credentials=credentials)
-        js = nc.jetstream()
-        await bus.ensure_event_stream(js)
-        self.store = store = await EventStore.connect(settings.require_database_url())
-        self.relay = relay = EventRelay(store, js)
-        # The live instances, read by every session open: one watch, read from memory.
-        self.beats = beats = HeartbeatView(js, settings.heartbeat_timeout_s)
-        self._watch = asyncio.create_task(beats.run(), name="heartbeat-view")
+        async def started(rt: ServiceRuntime) -> None:
+            parts = await start(rt)
+            self.app, self.beats = parts.app, parts.beats
+
         try:
-            await beats.wait_loaded(10.0)
-        except TimeoutError:
-            log.warning("registry: heartbeats not loaded yet; session opens wait for them")
-        self.app = app = RegistryApp(
-            store,
-            settings,
-            heartbeats=beats.read,
-            on_appended=relay.poke,
-            write_caches=lambda: write_caches(nc, beats),
-            announce=lambda node, token, record: announce_session(nc, node, token, record),
-        )
-        await app.start()
-        for stale in await asyncio.to_thread(vdisk_store.drop_stale_staging, app.vdisk_root):
-            log.warning("registry: dropped the staging dir of an abandoned import: %s", stale)
-        self._appends = await serve_appends(nc, store, lambda _stored: relay.poke())
-        self.broker = build_broker(nats_url, app, credentials)
-        await self.broker.start()
-        # The console's live view: the log's recent past, then the event stream.
-        self.feed = LiveFeed(store, nc)
-        await self.feed.start()
-        self.server = _ApiServer(
-            uvicorn.Config(
-                build_api(app, api_token(settings), settings.api_max_body_bytes, self.feed),
-                host=settings.bind_host,
-                port=settings.api_port,
-                log_level="warning",
-                lifespan="off",
-            )
-        )
-
-        # Prometheus: this process serves its own /metrics (see shared/metrics.py).
-        self.metrics = start_metrics_server("registry", settings)
-        live_sessions_from("registry", lambda: len(app.projection.sessions))
-        headline = Headline()
-
-        def vitals() -> dict[str, Any]:
-            p = app.projection
-            return {
-                "api": f"http://{settings.advertised_host}:{settings.api_port}",
-                "position": p.position,
-                "live_sessions": len(p.sessions),
-                "load": len(p.sessions),
-                "projection_errors": app.projection_errors(),
-                "metrics": self.metrics.url,
-                "figures": headline.figures(),
-                "fds": fd_vitals(),
-                "opens_refused_busy": app.opens_refused_busy,
-            }
-
-        self.heartbeat = Heartbeat(
-            js, "registry", settings.node_id, settings.heartbeat_interval_s, vitals
-        )
-        self.tasks = [
-            asyncio.create_task(self.server.serve(), name="api"),
-            asyncio.create_task(relay.run(), name="relay"),
-            asyncio.create_task(app.follow(), name="follow"),
-            asyncio.create_task(
-                _sweep_forever(app, settings.session_sweep_interval_s), name="sweep"
-            ),
-            asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
-            asyncio.create_task(
-                _store_upkeep_forever(app, settings.session_sweep_interval_s), name="upkeep"
-            ),
-            self._watch,
-        ]
-        log.info(
-            "registry: serving API on http://%s:%d, NATS %s, %d devices, %d vdisks",
-            settings.bind_host,
-            settings.api_port,
-            without_password(nats_url),
-            len(app.projection.devices),
-            len(app.projection.vdisks),
-        )
-
-    async def wait(self, stop: asyncio.Event) -> None:
-        """Until ``stop`` is set; a part that dies takes the service down with it."""
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            done, _ = await asyncio.wait(
-                [stopper, *self.tasks], return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in done:
-                if task is not stopper and not task.cancelled() and task.exception():
-                    raise RuntimeError(f"registry: {task.get_name()} failed") from task.exception()
-        finally:
-            stopper.cancel()
+            await start_service(self.rt, started)
+        except BaseException:
+            await self.stop()  # whatever started half-way
+            raise
 
     async def stop(self) -> None:
-        """Stop whatever was started (also after a start that failed half-way)."""
-        if hasattr(self, "feed"):
-            await self.feed.stop()  # ends the console's live streams, so the API can stop
-        if hasattr(self, "server"):
-            self.server.should_exit = True
-        if self.tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.tasks[0]), 5.0)
-        if hasattr(self, "heartbeat"):
-            await self.heartbeat.stop()
-        if hasattr(self, "broker"):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.broker.stop(), 5.0)
-        tasks = [*self.tasks, *([self._watch] if hasattr(self, "_watch") else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if hasattr(self, "nc"):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.drain(), 5.0)
-        if hasattr(self, "store"):
-            await self.store.close()
-        if hasattr(self, "metrics"):
-            await asyncio.to_thread(self.metrics.stop)
+        await self.rt.stop()
         log.info("registry: stopped")
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    svc = RegistryService(settings)
-    try:
-        await svc.start()
-        await svc.wait(stop)
-    finally:
-        await svc.stop()
-        shutdown_tracing()
-
-
 def main() -> None:
-    settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    soft, hard = raise_soft_limit()  # shared/fd_limit.py, as every service does at start
-    log.info("registry: open-file limit %d (hard %d)", soft, hard)
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
-
-    try:
-        import uvloop
-
-        uvloop.run(_main())
-    except ImportError:
-        asyncio.run(_main())
+    run_service("registry", start)

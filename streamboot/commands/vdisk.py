@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from services.registry import vdisk_store
-from services.registry.domain.identity import check_name
+from shared import vdisk_store
+from shared.identity import check_name
 from shared.settings import Settings, without_password
 from streamboot.commands import DataDirOption
 from streamboot.registry_api import (
@@ -358,8 +358,8 @@ async def _stage_commit(
     progress: vdisk_store.Progress,
     kernel: str | None,
 ) -> vdisk_store.StagedVersion:
-    from services.registry.maintenance import stage_commit
     from shared import bus
+    from streamboot.vdisk_commit import stage_commit
 
     nats_url = settings.require_nats_url()
     try:

@@ -25,11 +25,11 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from services.cache.placement import OWNERS_BUCKET, rank
-from services.registry.maintenance import overlay_write_cache
 from shared.bus import EVENTS_STREAM, subject_token
 from shared.contracts.cache import wire
 from shared.contracts.cache.client import all_write_caches, gather
 from shared.contracts.cache.wire import node_subject
+from streamboot.vdisk_commit import overlay_write_cache
 from tests.cache.conftest import IMAGE_SIZE, System, cache_request, export, qemu_io
 from tests.conftest import wait_for
 

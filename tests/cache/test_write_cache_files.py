@@ -11,6 +11,7 @@ from pathlib import Path
 from services.cache.write_cache import SessionWriteCache, WriteCaches
 from shared.block_map import decode_runs
 from shared.contracts.cache import wire
+from shared.contracts.cache.bodies import WcOpen
 
 SIZE = 64 << 20
 
@@ -25,9 +26,9 @@ def caches(tmp_path: Path, changed: list[str]) -> WriteCaches:
     )
 
 
-def open_request(key: str) -> dict[str, object]:
-    return {"key": key, "session_id": key, "vdisk": "d", "version": 1, "size": SIZE,
-            "kind": "server-disk", "persistence": "discard"}  # fmt: skip
+def open_request(key: str) -> WcOpen:
+    return WcOpen(key=key, session_id=key, vdisk="d", version=1, size=SIZE,
+                  kind="server-disk", persistence="discard")  # fmt: skip
 
 
 def write(offset: int, data: bytes) -> tuple[int, int, int, int, memoryview]:

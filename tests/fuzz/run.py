@@ -25,7 +25,7 @@ INSTRUMENTED: dict[str, tuple[str, ...]] = {
     "dhcp": ("services.boot.dhcp_packets",),
     "event": ("shared.envelope", "shared.event_owners", "shared.events"),
     "vdisk_layout": ("shared.vdisk_layout",),
-    "partitions": ("services.registry.partitions",),
+    "partitions": ("shared.partitions",),
 }
 
 

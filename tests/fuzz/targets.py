@@ -24,7 +24,6 @@ import orjson
 from pydantic import ValidationError
 
 from services.boot import dhcp_packets, tftp_packets
-from services.registry.partitions import read_partitions
 from services.stream.nbd import protocol as nbd_protocol
 from services.stream.server import StreamServers
 from services.stream.settings import StreamSettings
@@ -32,6 +31,7 @@ from services.stream.spec import ExportSpec
 from shared import http_head, vdisk_layout
 from shared.envelope import Envelope
 from shared.event_owners import OWNERS, Refused, admit
+from shared.partitions import read_partitions
 from tests.doubles import NullSink, StaticResolver
 
 Target = Callable[[bytes], None]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.boot.tftp_packets import TftpError, parse_oack
-from services.registry.partitions import GPT_HEADER, read_partitions
+from shared.partitions import GPT_HEADER, read_partitions
 from shared.vdisk_layout import FORMAT, HEADER, MAGIC, LayoutError, open_chain
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.registry.boot_files import compare_versions, scan
-from services.registry.partitions import read_partitions
+from shared.boot_files import compare_versions, scan
+from shared.partitions import read_partitions
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("sfdisk", "mke2fs", "debugfs", "mkfs.vfat", "mcopy")),

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from services.registry import vdisk_store
 from services.registry.app import RegistryApp
+from shared import vdisk_store
 from shared.settings import Settings
 from shared.vdisk_layout import open_chain
 from tests.registry.conftest import INITRD, KERNEL, Registry, write_bootable_image, write_image

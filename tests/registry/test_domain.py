@@ -9,10 +9,10 @@ import pytest
 
 from services.registry.domain import assignments, devices, sessions, vdisks
 from services.registry.domain.errors import DomainError
-from services.registry.domain.identity import normalize_mac
 from services.registry.domain.sessions import StreamNode, failover_nodes, pick_stream_node
 from services.registry.projection import Projection
 from shared.events import Event, SessionConflictRejected, VdiskChainMerged, envelope
+from shared.identity import normalize_mac
 
 NODE = StreamNode(node="s1", nbd="127.0.0.1:10809", http="http://127.0.0.1:18081")
 _positions = itertools.count(1)

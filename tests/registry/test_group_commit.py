@@ -23,7 +23,7 @@ def mac_of(i: int) -> str:
 
 async def ready(app: RegistryApp, n: int) -> list[str]:
     """``n`` devices in a collection with a vdisk assigned (the vdisk staged as import does)."""
-    from services.registry import vdisk_store
+    from shared import vdisk_store
 
     image = write_image(app.vdisk_root.parent / "disk.raw", 1 << 20, {0: b"boot"})
     st = await asyncio.to_thread(vdisk_store.stage_version, app.vdisk_root, "win", image, 1, [])

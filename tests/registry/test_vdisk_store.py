@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import vdisk_store
 from services.registry.domain.errors import DomainError
+from shared import vdisk_store
 from shared.vdisk_layout import open_chain
 from tests.registry.conftest import write_image
 

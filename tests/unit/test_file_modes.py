@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from services.cache.write_cache import WriteCaches
-from services.registry import vdisk_store
+from shared import vdisk_store
+from shared.contracts.cache.bodies import WcOpen
 from shared.private_file import replace_private
 from shared.telemetry import JsonLinesSpanExporter
 from tests.registry.conftest import write_image
@@ -38,8 +39,8 @@ def test_write_cache_files_and_description(tmp_path: Path) -> None:
     wcs = WriteCaches(tmp_path / "disk", tmp_path / "ram", capacity=1 << 30,
                       on_full=lambda wc: None, on_first_change=lambda wc: None)  # fmt: skip
     wcs.recover()
-    wc = wcs.open({"key": "s1", "session_id": "s1", "vdisk": "d", "version": 1,
-                   "size": 8 * MiB, "kind": "server-disk", "persistence": "keep"})  # fmt: skip
+    wc = wcs.open(WcOpen(key="s1", session_id="s1", vdisk="d", version=1,
+                         size=8 * MiB, kind="server-disk", persistence="keep"))  # fmt: skip
     wcs.prepare("s1")
     paths = wc.paths()
     assert any(p.suffix == ".json" for p in paths)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.registry import app
+from services.registry.app import tokens as app
 
 
 def test_a_token_with_a_leading_dash_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:

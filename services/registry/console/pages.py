@@ -25,10 +25,10 @@ from services.registry.app import RegistryApp
 from services.registry.console.live import LiveFeed, LiveView
 from services.registry.console.logins import COOKIE, Login, Logins, cookie_value
 from services.registry.domain.errors import DomainError
-from services.registry.domain.identity import normalize_mac
 from services.registry.gate import RANK, Principal
 from shared.boot_flow import PHASES, describe, parse_event, run
 from shared.events import CATALOG
+from shared.identity import normalize_mac
 from shared.metrics import system_figures
 
 HERE = Path(__file__).parent

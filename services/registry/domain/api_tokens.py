@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import get_args
 
 from services.registry.domain.errors import conflict, invalid, not_found, refused
-from services.registry.domain.identity import check_name
 from services.registry.projection import Projection
 from shared.events import AdminActionPerformed, ApiRole, ApiTokenCreated, ApiTokenRevoked, Event
+from shared.identity import check_name
 
 ROLES: tuple[str, ...] = get_args(ApiRole)
 BOOTSTRAP_ADMIN = "bootstrap-admin"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from services.registry.domain.devices import get_device
 from services.registry.domain.errors import invalid, not_found
-from services.registry.domain.identity import check_name
 from services.registry.domain.vdisks import get_vdisk
 from services.registry.projection import Projection, Record
 from shared.events import AssignmentChanged, Event
+from shared.identity import check_name
 
 
 def _target(p: Projection, kind: str, target: str) -> str:

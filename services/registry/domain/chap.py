@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from services.registry.domain.devices import get_device
 from services.registry.domain.errors import invalid
-from services.registry.domain.identity import check_name
 from services.registry.projection import Projection, Record
 from shared.events import Event, IscsiChapChanged
+from shared.identity import check_name
 
 _USER = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Only characters an iPXE script line keeps as they are (services/boot/ipxe_scripts.py).

@@ -5,13 +5,6 @@ from __future__ import annotations
 import uuid
 
 from services.registry.domain.errors import conflict, invalid, not_found, refused
-from services.registry.domain.identity import (
-    check_hostname,
-    check_kernel_args,
-    check_name,
-    normalize_mac,
-    normalize_uuid,
-)
 from services.registry.projection import Projection, Record
 from shared.events import (
     DeviceDisabled,
@@ -21,6 +14,13 @@ from shared.events import (
     DeviceRemoved,
     DeviceUpdated,
     Event,
+)
+from shared.identity import (
+    check_hostname,
+    check_kernel_args,
+    check_name,
+    normalize_mac,
+    normalize_uuid,
 )
 
 

@@ -11,7 +11,6 @@ from services.registry.domain import vdisks as vdisk_rules
 from services.registry.domain.assignments import boot_choices
 from services.registry.domain.devices import find_device
 from services.registry.domain.errors import conflict, invalid, not_found, refused
-from services.registry.domain.identity import normalize_mac
 from services.registry.projection import Projection, Record
 from shared.events import (
     Event,
@@ -20,6 +19,7 @@ from shared.events import (
     SessionConflictRejected,
     SessionOpened,
 )
+from shared.identity import normalize_mac
 
 
 @dataclass(frozen=True)

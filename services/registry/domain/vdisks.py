@@ -17,7 +17,6 @@ from collections.abc import Collection
 from typing import Any
 
 from services.registry.domain.errors import conflict, invalid, not_found
-from services.registry.domain.identity import check_name
 from services.registry.projection import Projection, Record
 from shared.events import (
     BootFilesScanned,
@@ -30,6 +29,7 @@ from shared.events import (
     VdiskVersionPromoted,
     VdiskVersionPublished,
 )
+from shared.identity import check_name
 from shared.layer_paths import LayerPathError, check_layer_name
 
 STAGE_ORDER = {"maintenance": 0, "test": 1, "production": 2}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from services.registry.domain.errors import invalid
+from shared.errors import invalid
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 # RFC 1123 label: letters, digits, hyphens; not starting or ending with a hyphen.

@@ -4,7 +4,7 @@ Run where a full raw image of a new version exists (an import's staging, a maint
 commit's materialised image). The image's filesystems are read in user space from the file,
 with no mount, no loop device and no privileges: ext2/3/4 with e2fsprogs' ``debugfs``
 (``IMAGE?offset=BYTES``), vfat with mtools (``-i IMAGE@@BYTES``). The partition table
-(MBR or GPT) comes from :mod:`services.registry.partitions`; an image without one is
+(MBR or GPT) comes from :mod:`shared.partitions`; an image without one is
 tried as a whole-disk filesystem.
 
 Kernels are looked for in ``/boot`` and ``/`` of every filesystem (a separate /boot
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from services.registry.partitions import read_partitions
+from shared.partitions import read_partitions
 
 TOOL_TIMEOUT_S = 120.0
 MAX_FILE_BYTES = 1 << 30  # a kernel or an initramfs larger than this is not one

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.registry import boot_files
-from services.registry.domain.errors import DomainError, invalid, not_found
-from services.registry.domain.identity import check_name
+from shared import boot_files
+from shared.errors import DomainError, invalid, not_found
+from shared.identity import check_name
 from shared.layer_paths import LayerPathError, check_layer_file
 from shared.vdisk_layout import DEFAULT_BLOCK_SIZE, delta_paths, open_chain, write_delta
 

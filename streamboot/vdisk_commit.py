@@ -24,11 +24,11 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from services.registry import vdisk_store
-from services.registry.vdisk_store import Progress, StagedVersion
+from shared import vdisk_store
 from shared.block_map import BLOCK, DIRTY
 from shared.contracts.cache import wire
 from shared.contracts.cache.client import CacheClient
+from shared.vdisk_store import Progress, StagedVersion
 
 PULL_DEPTH = 8
 

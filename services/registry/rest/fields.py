@@ -1,0 +1,32 @@
+"""The request bodies' bounded field types and the error answers' clipping: every route
+module uses them, so an error never quotes a big input."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+# An error message quotes what it refuses; past this it is cut (the input is the caller's).
+MAX_ERROR_CHARS = 500
+MAX_LISTED_ERRORS = 5
+
+# Identifiers (MACs, names, ids) and file names: bounded, so no error quotes a big input.
+Name = Annotated[str, Field(max_length=64)]
+Text = Annotated[str, Field(max_length=255)]
+# Kernel command lines and the importer's notes.
+LongText = Annotated[str, Field(max_length=4096)]
+
+
+def clip(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def validation_message(errors: Any) -> str:
+    """What is wrong with a request, by field: pydantic's messages without the input."""
+    parts = [
+        f"{'.'.join(str(x) for x in e.get('loc', ()))[:100]}: {str(e.get('msg', 'invalid'))[:200]}"
+        for e in errors[:MAX_LISTED_ERRORS]
+    ]
+    more = len(errors) - MAX_LISTED_ERRORS
+    return "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
