@@ -155,8 +155,12 @@ class VdiskPolicyChanged(VdiskEvent):
     store: str | None = None
     # auto (kernel-direct when boot files were found, else sanboot), kernel, sanboot (over
     # HTTP), sanboot-iscsi, or nbdroot (kernel-direct for an image without the streamboot
-    # client: Debian's own nbdroot= in its initramfs, server-side write caches only).
-    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot"] | None = None
+    # client: Debian's own nbdroot= in its initramfs, server-side write caches only), or
+    # iscsi-ibft (kernel-direct, the root over iSCSI through the iBFT iPXE leaves: the
+    # image's open-iscsi initramfs, server-side write caches only).
+    boot_method: (
+        Literal["auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot", "iscsi-ibft"] | None
+    ) = None
     # The kernel version versions published from now on boot ("" clears: the newest).
     kernel: str | None = None
 

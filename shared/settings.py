@@ -123,8 +123,10 @@ class Settings(BaseSettings):
     postgres_bin_dir: Path | None = None
     # Bearer token of the admin API; `streamboot up` generates it into DATA_DIR/api-token.
     api_token: str | None = None
-    # The key that seals CHAP secrets in the event log (services/registry/sealing.py).
+    # The key that seals CHAP secrets in the event log (services/registry/sealing.py), or a
+    # file holding it (a compose secret, a Nomad template in the task's secrets dir).
     sealing_key: str | None = None
+    sealing_key_file: Path | None = None
     # The largest request body the admin API takes (413 past it); its bodies are small JSON.
     api_max_body_bytes: int = 1 << 20
 

@@ -97,6 +97,9 @@ WantedBy=multi-user.target
 # network and to unpack at boot. With MODULES=list the client's hook adds what a streamed
 # client needs (NICs, ext4, overlay, nbd, the local disks' controllers, keyboards).
 INITRAMFS_CONF = "# streamboot: the root comes over the network.\nMODULES=list\nCOMPRESS=zstd\n"
+# With open-iscsi (boot method iscsi-ibft) the root is a SCSI disk: MODULES=list leaves
+# out the SCSI disk driver that gives it a /dev/sdX.
+ISCSI_INITRAMFS_MODULES = "# streamboot: the iSCSI root's disk driver.\nsd_mod\n"
 FSTAB = "# The root is mounted by the initramfs (the streamboot client), by write-cache type.\n"
 
 
@@ -211,6 +214,9 @@ def install_client(rootfs: Path, say: Say) -> None:
     say("installing the streamboot client (the initramfs is rebuilt)...")
     (rootfs / "etc/initramfs-tools/conf.d").mkdir(parents=True, exist_ok=True)
     (rootfs / "etc/initramfs-tools/conf.d/streamboot").write_text(INITRAMFS_CONF)
+    if (rootfs / "sbin/iscsistart").exists():
+        with open(rootfs / "etc/initramfs-tools/modules", "a") as modules:
+            modules.write(ISCSI_INITRAMFS_MODULES)
     # Before the package: its trigger's initramfs then carries the failover helper.
     build_nbd_helper(rootfs / NBD_HELPER_PATH)
     deb = build_deb(rootfs / "tmp")

@@ -2,7 +2,8 @@
 #
 #   nomad var put nomad/jobs/streamboot api_token=... postgres_password=... \
 #     nats_password_registry=... nats_password_stream=... nats_password_cache=... \
-#     nats_password_boot=... nats_password_cli=...
+#     nats_password_boot=... nats_password_cli=... \
+#     sealing_key="$(openssl rand -base64 32 | tr '+/' '-_' | tr -d '=')"
 #   nomad job run -var dhcp_interface=eth1 -var stream_count=4 deploy/nomad/streamboot.nomad.hcl
 #
 # Services find each other through Nomad's own service discovery (templates below).
@@ -533,6 +534,9 @@ job "streamboot" {
         STREAMBOOT_METRICS_PORT = "9464"
         # Checks a vdisk's store by name (vdisk import/set --store).
         STREAMBOOT_CACHE_STORES = var.cache_stores
+        # Every replica seals and opens CHAP secrets with the same key, which outlives the
+        # allocation (DATA_DIR is the allocation's own): the template below writes it.
+        STREAMBOOT_SEALING_KEY_FILE = "${NOMAD_SECRETS_DIR}/sealing-key"
       }
 
       template {
@@ -558,6 +562,17 @@ job "streamboot" {
           {{ with nomadVar "nomad/jobs/streamboot" }}STREAMBOOT_API_TOKEN={{ .api_token }}
           {{ $password := .postgres_password }}{{ range nomadService "streamboot-postgres" }}STREAMBOOT_DATABASE_URL=postgresql://streamboot:{{ $password }}@{{ .Address }}:{{ .Port }}/streamboot
           {{ end }}{{ end }}
+        EOT
+      }
+
+      # The sealing key: a file readable by the image's user only, never in the task's env.
+      template {
+        destination = "secrets/sealing-key"
+        perms       = "0400"
+        uid         = 10001
+        gid         = 10001
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/streamboot" }}{{ .sealing_key }}{{ end }}
         EOT
       }
 

@@ -375,7 +375,8 @@ class BootHttp:
         )
         retry = scripts.script_url(self.base_url, mac, uuid)
         how = session.boot or {}
-        if how.get("method") == "sanboot-iscsi":
+        iscsi = None
+        if how.get("method") in ("sanboot-iscsi", "iscsi-ibft"):
             if not (session.iscsi_portal and session.iscsi_target and session.initiator_iqn):
                 return scripts.message_script(
                     ["the stream node advertises no iSCSI portal"], retry_url=retry,
@@ -384,12 +385,26 @@ class BootHttp:
             iscsi = scripts.IscsiBoot(
                 session.iscsi_portal, session.iscsi_target, session.initiator_iqn, session.chap
             )
+        if how.get("method") == "sanboot-iscsi" and iscsi is not None:
             return scripts.iscsi_sanboot_script(info, iscsi, retry_url=retry)
-        if how.get("method") not in ("kernel", "nbdroot"):
+        if how.get("method") not in ("kernel", "nbdroot", "iscsi-ibft"):
             return scripts.sanboot_script(info, retry_url=retry)
         files_url = f"{self.base_url}/boot-files/{session.vdisk}/{session.version}/" + mac.replace(
             ":", "-"
         )
+        if how.get("method") == "iscsi-ibft" and iscsi is not None:
+            # The path Windows takes, for a Linux image: the iBFT iPXE leaves names the disk
+            # and the image's own open-iscsi initramfs logs in from it (docs/iscsi.md).
+            ibft = scripts.IbftBoot(
+                files_url=files_url,
+                iscsi=iscsi,
+                root=str(how.get("root") or "whole"),
+                hostname=session.hostname or "",
+                machine_id=session.machine_id or "",
+                extra_args=session.kernel_args,
+                kernel_version=how.get("kernel_version"),
+            )
+            return scripts.ibft_script(info, ibft, retry_url=retry)
         if how.get("method") == "nbdroot":
             # An image without the streamboot client: no nonce to redeem, the export on the
             # command line for Debian's own initramfs (docs/clients.md says what that costs).

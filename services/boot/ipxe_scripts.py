@@ -7,6 +7,7 @@ so a vdisk name can never inject iPXE commands or ``${...}`` expansions into a s
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -228,7 +229,13 @@ def kernel_script(session: SessionInfo, boot: KernelBoot, *, retry_url: str) -> 
 
 
 def _load_and_boot(
-    session: SessionInfo, files_url: str, kernel_version: str | None, args: str, retry_url: str
+    session: SessionInfo,
+    files_url: str,
+    kernel_version: str | None,
+    args: str,
+    retry_url: str,
+    *,
+    before: Sequence[str] = (),
 ) -> str:
     who = f" as {text(session.hostname)}" if session.hostname else ""
     kernel = f" (kernel {text(kernel_version)})" if kernel_version else ""
@@ -236,7 +243,8 @@ def _load_and_boot(
         "#!ipxe\n"
         f"echo streamboot: booting {text(session.vdisk)} version {int(session.version)}{who}"
         f"{kernel}\n"
-        f"kernel {files_url}/vmlinuz initrd=initrd {args} || goto failed\n"
+        + "".join(f"{line}\n" for line in before)
+        + f"kernel {files_url}/vmlinuz initrd=initrd {args} || goto failed\n"
         f"initrd --name initrd {files_url}/initrd || goto failed\n"
         "boot || goto failed\n"
         ":failed\n"
@@ -284,6 +292,47 @@ def nbdroot_script(session: SessionInfo, boot: NbdRootBoot, *, retry_url: str) -
     return _load_and_boot(
         session, boot.files_url, boot.kernel_version, nbdroot_command_line(boot), retry_url
     )
+
+
+@dataclass(frozen=True)
+class IbftBoot:
+    """A kernel-direct boot whose root comes over iSCSI through the iBFT, the path Windows
+    takes: iPXE logs in and leaves the iBFT (``sanhook``), then starts the version's kernel,
+    whose initramfs (Debian's open-iscsi) logs in again from the table."""
+
+    files_url: str
+    iscsi: IscsiBoot
+    root: str  # UUID=..., PARTUUID=... or whole
+    hostname: str
+    machine_id: str
+    extra_args: str | None = None
+    kernel_version: str | None = None
+
+
+def ibft_command_line(boot: IbftBoot) -> str:
+    """open-iscsi's ``iscsi_auto``: the initramfs configures the NIC and logs in from the
+    iBFT alone (no portal, target or secret on the command line, which /proc/cmdline would
+    show to every user of the booted OS); the root found on the disk mounted read-write."""
+    root = "/dev/sda" if boot.root == "whole" else word(boot.root)
+    words = [
+        "iscsi_auto",
+        f"root={root}",
+        "rw",
+        f"systemd.hostname={word(boot.hostname)}",
+        f"systemd.machine_id={word(boot.machine_id)}",
+        *kernel_args_words(boot.extra_args),
+    ]
+    return " ".join(words)
+
+
+def ibft_script(session: SessionInfo, boot: IbftBoot, *, retry_url: str) -> str:
+    """Register the iSCSI disk and the iBFT without booting from it, then load and start
+    the kernel over HTTP: the OS's own initiator finds its root through the table."""
+    hook = [*iscsi_settings(boot.iscsi), f"sanhook {iscsi_root_path(boot.iscsi)} || goto failed"]
+    return _load_and_boot(
+        session, boot.files_url, boot.kernel_version, ibft_command_line(boot), retry_url,
+        before=hook,
+    )  # fmt: skip
 
 
 REDEEM_KEYS = (

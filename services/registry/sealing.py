@@ -6,7 +6,8 @@ associated data: the secret's owner and field), and opened only when the registr
 the stream node or the boot service (docs/security.md, "iSCSI CHAP secrets").
 
 The key: ``STREAMBOOT_SEALING_KEY`` (base64url of 32 bytes; every replica of the registry
-needs the same), else ``DATA_DIR/secrets/sealing-key``, made on first use (0600).
+needs the same), else the file ``STREAMBOOT_SEALING_KEY_FILE`` names (a compose secret, a
+Nomad template), else ``DATA_DIR/secrets/sealing-key``, made on first use (0600).
 """
 
 from __future__ import annotations
@@ -63,10 +64,30 @@ class Sealer:
             ) from exc
 
 
-def load_sealer(data_dir: str | Path, env_key: str | None) -> Sealer:
-    """The registry's sealer: the key from the environment, else the data dir's file."""
+def parse_key(text: str, where: str) -> Sealer:
+    """A sealer of a base64url key; a clear error naming where a bad one came from."""
+    try:
+        return Sealer(_unb64(text.strip()))
+    except ValueError:
+        raise SealingError(
+            f"{where} is not a sealing key (base64url of 32 bytes, e.g. the output of "
+            "`openssl rand -base64 32 | tr '+/' '-_' | tr -d '='`)"
+        ) from None
+
+
+def load_sealer(data_dir: str | Path, env_key: str | None, key_file: Path | None = None) -> Sealer:
+    """The registry's sealer: the key from the environment, else from ``key_file``, else
+    the data dir's own file (made on first use)."""
     if env_key:
-        return Sealer(_unb64(env_key.strip()))
+        return parse_key(env_key, "STREAMBOOT_SEALING_KEY")
+    if key_file is not None:
+        # Given, it must hold the key: a key made here instead would differ between
+        # replicas and be lost with the container.
+        try:
+            text = key_file.read_text()
+        except OSError as exc:
+            raise SealingError(f"STREAMBOOT_SEALING_KEY_FILE {key_file}: {exc.strerror}") from None
+        return parse_key(text, f"STREAMBOOT_SEALING_KEY_FILE {key_file}")
     path = Path(data_dir) / SECRETS_DIR / KEY_FILE
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -80,4 +101,4 @@ def load_sealer(data_dir: str | Path, env_key: str | None) -> Sealer:
             pass
         finally:
             tmp.unlink()
-    return Sealer(_unb64(path.read_text().strip()))
+    return parse_key(path.read_text(), str(path))

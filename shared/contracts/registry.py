@@ -138,7 +138,7 @@ class Session:
     boot_traceparent: str | None = None
     machine_id: str | None = None
     write_cache_persistence: str = "discard"
-    # How it boots (the registry's answer): {"method": "kernel"|"nbdroot"|"sanboot", "root",
+    # How it boots (the registry's answer): {"method": "kernel"|"nbdroot"|"iscsi-ibft"|"sanboot"|"sanboot-iscsi", "root",
     # "kernel_version", "reason"}; None from a registry that does not say.
     boot: dict[str, Any] | None = None
     kernel_args: str | None = None  # the device's extra kernel arguments

@@ -100,6 +100,8 @@ def show_boot(version: int, boot: dict[str, Any] | None, method: str) -> None:
         how = (
             "kernel-direct with Debian's nbdroot= (no streamboot client)"
             if method == "nbdroot"
+            else "kernel-direct, the root over iSCSI through the iBFT (no streamboot client)"
+            if method == "iscsi-ibft"
             else "kernel-direct"
             if not method.startswith("sanboot")
             else f"{method} (the vdisk's boot method)"
@@ -460,7 +462,8 @@ def set_(
             "--boot",
             help="auto (kernel-direct when a kernel was found, else sanboot)|kernel|sanboot|"
             "sanboot-iscsi (iPXE's iSCSI initiator; the OS finds the disk by the iBFT)|"
-            "nbdroot (kernel-direct without the streamboot client: Debian's nbdroot=)",
+            "nbdroot (kernel-direct without the streamboot client: Debian's nbdroot=)|"
+            "iscsi-ibft (kernel-direct, the root over iSCSI through the iBFT: open-iscsi)",
         ),
     ] = None,
     kernel: Annotated[

@@ -162,3 +162,34 @@ def test_nbdroot_script_is_debians_own_command_line() -> None:
     assert script.endswith(f"chain {retry}\n")
     whole = s.nbdroot_command_line(boot.__class__(**{**boot.__dict__, "root": "whole"}))
     assert " root=/dev/nbd0 " in whole
+
+
+def test_ibft_script_hooks_the_iscsi_disk_then_boots_the_kernel_from_http() -> None:
+    iscsi = s.IscsiBoot("10.0.0.2:13260", "iqn.2026-12.io.streamboot:tok", "iqn.x:5254",
+                        {"user": "pc-1", "secret": "s3cret-of-pc-1"})  # fmt: skip
+    boot = s.IbftBoot(
+        files_url=f"{BASE}/boot-files/deb/3", iscsi=iscsi, root="UUID=1234-ab",
+        hostname="pc-1", machine_id="cd" * 16, extra_args="console=ttyS0 $(id)",
+        kernel_version="6.1.0-12-amd64",
+    )  # fmt: skip
+    retry = s.script_url(BASE, "52:54:00:00:00:01")
+    script = s.ibft_script(s.SessionInfo("deb", 3, "http://x/s/tok", "pc-1"), boot,
+                           retry_url=retry)  # fmt: skip
+    lines = script.splitlines()
+    # The login settings and the hook (the disk and the iBFT, no boot) before the kernel.
+    hook = lines.index(
+        "sanhook iscsi:10.0.0.2::13260:0:iqn.2026-12.io.streamboot:tok || goto failed"
+    )
+    assert lines.index("set initiator-iqn iqn.x:5254") < hook
+    assert lines.index("set password s3cret-of-pc-1") < hook
+    [kernel] = [x for x in lines if x.startswith("kernel ")]
+    assert lines.index(kernel) > hook and "sanboot" not in script
+    # No portal, target or secret on the command line: the initramfs reads the iBFT.
+    assert kernel == (
+        f"kernel {BASE}/boot-files/deb/3/vmlinuz initrd=initrd iscsi_auto root=UUID=1234-ab rw "
+        f"systemd.hostname=pc-1 systemd.machine_id={'cd' * 16} console=ttyS0 || goto failed"
+    )
+    assert f"initrd --name initrd {BASE}/boot-files/deb/3/initrd || goto failed" in lines
+    assert script.endswith(f"chain {retry}\n") and "abandon=" not in script
+    whole = s.ibft_command_line(boot.__class__(**{**boot.__dict__, "root": "whole"}))
+    assert " root=/dev/sda " in whole

@@ -178,6 +178,34 @@ async def test_sanboot_iscsi_script_logs_in_as_the_device_with_its_chap(
     await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
 
 
+async def test_iscsi_ibft_script_hooks_the_device_s_disk_and_boots_the_kernel(
+    boot: Boot, registry: Registry, nc: Any
+) -> None:
+    image = write_bootable_image(registry.data_dir / "linux.raw")
+    await seed_image(registry, MAC, "linux", image)
+    await registry.cli_json("vdisk", "set", "linux", "--boot", "iscsi-ibft")
+    await registry.cli_json("device", "set", MAC, "--chap-user", "pc-1", "--chap-secret",
+                            "secret-of-pc-1")  # fmt: skip
+    script = await boot.script(mac=MAC, uuid=UUID)
+    [session] = registry.app.list_sessions()
+    lines = script.splitlines()
+    assert f"set initiator-iqn {session['initiator_iqn']}" in lines
+    assert "set username pc-1" in lines and "set password secret-of-pc-1" in lines
+    [hook] = [x for x in lines if x.startswith("sanhook ")]
+    server, _, port, _, target = hook.split()[1].removeprefix("iscsi:").split(":", 4)
+    assert f"{server}:{port}" == session["iscsi_portal"]
+    [kernel] = [x for x in lines if x.startswith("kernel ")]
+    scanned = registry.app.vdisk_view("linux")["boot"]["1"]
+    assert kernel == (
+        f"kernel {boot.url}/boot-files/linux/1/vmlinuz initrd=initrd iscsi_auto "
+        f"root={scanned['root']} rw systemd.hostname={session['hostname']} "
+        f"systemd.machine_id={session['machine_id']} || goto failed"
+    )
+    assert lines.index(hook) < lines.index(kernel) and "nonce" not in script
+    token = target.removeprefix("iqn.2026-12.io.streamboot:")
+    await bus.request_json(nc, "streamboot.registry.session.close", {"token": token})
+
+
 async def curl(*args: str) -> subprocess.CompletedProcess[str]:
     """Real curl, in a thread: the boot service answers in this test's own event loop."""
     return await asyncio.to_thread(

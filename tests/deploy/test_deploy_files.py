@@ -535,3 +535,40 @@ def test_nomad_secrets_come_from_nomad_variables(groups: dict[str, Any]) -> None
     # Every password or token value is a template reference, never a literal.
     literal = re.compile(r"(?i)(password|token)\s*=\s*(?!\{\{)\S")
     assert not [s for s in strings if literal.search(s)]
+
+
+def image_uid() -> int:
+    """The uid of the image's own user (the Dockerfile's useradd)."""
+    found = re.search(r"useradd [^\n]*--uid (\d+)", DOCKERFILE.read_text())
+    assert found, "no useradd --uid in the Dockerfile"
+    return int(found.group(1))
+
+
+def test_compose_hands_the_sealing_key_as_a_secret_file(compose_model: dict[str, Any]) -> None:
+    """The key sealing CHAP secrets reaches the registry only, as a file its user alone
+    reads, from the environment of `docker compose` (never the containers' env)."""
+    registry = compose_model["services"]["registry"]
+    (secret,) = registry["secrets"]
+    assert registry["environment"]["STREAMBOOT_SEALING_KEY_FILE"] == secret["target"]
+    assert int(secret["uid"]) == image_uid() and secret["mode"] in ("0400", 0o400, 256)
+    assert compose_model["secrets"][secret["source"]]["environment"] == "STREAMBOOT_SEALING_KEY"
+    for name, svc in compose_model["services"].items():
+        assert "STREAMBOOT_SEALING_KEY" not in svc.get("environment", {}), name
+        assert (name == "registry") == bool(svc.get("secrets")), name
+
+
+def test_nomad_hands_the_sealing_key_from_its_variables_as_a_file(
+    groups: dict[str, Any],
+) -> None:
+    (task,) = tasks(groups["registry"]).values()
+    (env,) = task["env"]
+    path = env["STREAMBOOT_SEALING_KEY_FILE"]
+    assert path == "${NOMAD_SECRETS_DIR}/sealing-key"
+    (template,) = [t for t in task["template"] if t["destination"] == "secrets/sealing-key"]
+    assert not template.get("env") and template["perms"] == "0400"
+    assert template["uid"] == template["gid"] == image_uid()
+    assert re.search(
+        r'nomadVar \\?"nomad/jobs/streamboot\\?" \}\}\{\{ \.sealing_key \}\}', template["data"]
+    )
+    others = [name for name, g in groups.items() for s in walk_strings(g) if "sealing" in s]
+    assert set(others) == {"registry"}, others

@@ -4,12 +4,17 @@ the stream node's resolve and the boot service's session open over NATS."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nats
 import pytest
 
+from services.registry.app import RegistryApp
 from services.registry.sealing import Sealer, SealingError
 from shared.bus import request_json
-from tests.registry.conftest import Registry, write_image
+from shared.event_store import EventStore
+from shared.settings import Settings
+from tests.registry.conftest import PATIENT, TOKEN, Registry, write_image
 
 pytestmark = pytest.mark.timeout(180)
 A = "52:54:00:00:00:0a"
@@ -124,3 +129,45 @@ def test_the_sealing_key_is_made_once_and_kept(tmp_path) -> None:  # type: ignor
     assert load_sealer(tmp_path, None).open(sealed, "c") == "secret-of-pc-a"
     with pytest.raises(SealingError):  # another key (the environment's wins)
         load_sealer(tmp_path, "A" * 43).open(sealed, "c")
+
+
+def test_a_sealing_key_file_is_read_and_a_bad_one_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from services.registry.sealing import load_sealer
+
+    key_file = tmp_path / "sealing_key"
+    key_file.write_text("A" * 43 + "\n")  # as a compose secret or a Nomad template has it
+    sealed = load_sealer(tmp_path / "dd", None, key_file).seal("secret-of-pc-a", "c")
+    assert load_sealer(tmp_path / "other", "A" * 43).open(sealed, "c") == "secret-of-pc-a"
+    assert not (tmp_path / "dd").exists()  # no key of its own made beside the given one
+    # The environment's key wins over the file's.
+    with pytest.raises(SealingError):
+        load_sealer(tmp_path, "B" * 43, key_file).open(sealed, "c")
+    # Given but unusable: a clear error naming it, never a key made up instead.
+    for text in ("", "<no value>\n", "A" * 40):
+        key_file.write_text(text)
+        with pytest.raises(
+            SealingError, match=r"STREAMBOOT_SEALING_KEY_FILE .* is not a sealing key"
+        ):
+            load_sealer(tmp_path / "dd", None, key_file)
+    with pytest.raises(SealingError, match=r"STREAMBOOT_SEALING_KEY_FILE .*missing"):
+        load_sealer(tmp_path / "dd", None, tmp_path / "missing")
+    with pytest.raises(SealingError, match="STREAMBOOT_SEALING_KEY is not a sealing key"):
+        load_sealer(tmp_path / "dd", "short", None)
+    assert not (tmp_path / "dd").exists()
+
+
+async def test_a_registry_given_an_unusable_key_file_does_not_start(
+    store: EventStore, tmp_path: Path
+) -> None:
+    """A compose secret left unset reaches the registry as an empty file: it stops at
+    start, saying so, rather than seal with a key of its own that no replica shares."""
+    key_file = tmp_path / "sealing_key"
+    key_file.write_text("")
+    settings = Settings(data_dir=tmp_path / "dd", api_token=TOKEN, sealing_key_file=key_file,
+                        **PATIENT)  # fmt: skip
+    with pytest.raises(SealingError, match="STREAMBOOT_SEALING_KEY_FILE"):
+        await RegistryApp(store, settings).start()
+    key_file.write_text("A" * 43 + "\n")
+    app = RegistryApp(store, settings)
+    await app.start()
+    assert app.sealer.open(Sealer(bytes(32)).seal("s3cret-of-a-pc", "c"), "c") == "s3cret-of-a-pc"

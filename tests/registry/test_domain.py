@@ -531,6 +531,22 @@ def test_a_policy_that_keeps_writes_must_be_able_to_keep_them() -> None:
         )  # fmt: skip
 
 
+def test_iscsi_ibft_boots_kernel_direct_only_with_a_server_side_write_cache() -> None:
+    p = Projection()
+    with_vdisk(p)
+    with pytest.raises(DomainError, match=r"iscsi-ibft .* cannot use a client-ram write cache"):
+        vdisks.set_policy(p, "win", boot_method="iscsi-ibft", write_cache="client-ram")
+    apply(p, vdisks.set_policy(p, "win", boot_method="iscsi-ibft"))
+    with pytest.raises(DomainError, match=r"iscsi-ibft .* cannot use a client-disk write cache"):
+        vdisks.set_policy(p, "win", write_cache="client-disk")
+    with pytest.raises(DomainError, match="must boot kernel-direct but cannot"):
+        vdisks.boot_plan(p.vdisks["win"], 1)
+    p.vdisks["win"]["versions"][1]["boot"] = {"kernel_version": "6.1.0-1-amd64", "root": "UUID=x"}
+    assert vdisks.boot_plan(p.vdisks["win"], 1) == {
+        "method": "iscsi-ibft", "kernel_version": "6.1.0-1-amd64", "root": "UUID=x",
+    }  # fmt: skip
+
+
 def test_nbdroot_boots_only_with_a_server_side_write_cache() -> None:
     p = Projection()
     with_vdisk(p)

@@ -105,10 +105,18 @@ class DeviceCommands(CommandCore):
 
     # --- CHAP ---------------------------------------------------------------------------
 
+    async def start(self) -> int:
+        n = await super().start()
+        if self.settings.sealing_key or self.settings.sealing_key_file:
+            _ = self.sealer  # a key given but unusable stops the start, not a later CHAP set
+        return n
+
     @property
     def sealer(self) -> Sealer:
         if self._sealer is None:
-            self._sealer = load_sealer(self.settings.data_dir, self.settings.sealing_key)
+            self._sealer = load_sealer(
+                self.settings.data_dir, self.settings.sealing_key, self.settings.sealing_key_file
+            )
         return self._sealer
 
     async def set_chap(

@@ -38,7 +38,10 @@ MODES = ("standard", "private")
 LOCAL_STORE = "local"
 WRITE_CACHES = ("server-ram", "server-disk", "client-ram", "client-disk")
 PERSISTENCES = ("discard", "keep")
-BOOT_METHODS = ("auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot")
+BOOT_METHODS = ("auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot", "iscsi-ibft")
+# Kernel-direct without the streamboot client: the image's own initramfs mounts the disk
+# read-write (Debian's nbdroot=, open-iscsi through the iBFT).
+CLIENTLESS = ("nbdroot", "iscsi-ibft")
 _KERNEL_VERSION = re.compile(r"^[A-Za-z0-9._+~-]{1,100}$")
 
 
@@ -190,7 +193,9 @@ def set_policy(
         write_cache or vd["write_cache"],
         write_cache_persistence or vd["write_cache_persistence"],
     )
-    _check_nbdroot(boot_method or vd.get("boot_method", "auto"), write_cache or vd["write_cache"])
+    _check_clientless(
+        boot_method or vd.get("boot_method", "auto"), write_cache or vd["write_cache"]
+    )
     _check_store(store, stores)
     if boot_method is not None and boot_method not in BOOT_METHODS:
         raise invalid(f"unknown boot method {boot_method!r}: {', '.join(BOOT_METHODS)}")
@@ -280,12 +285,12 @@ def _check_keepable(mode: str | None, cache: str | None, persistence: str | None
         )
 
 
-def _check_nbdroot(method: str, cache: str) -> None:
-    """Debian's nbdroot= mounts the export read-write and knows no overlay: the writes must
-    go to a server-side write cache."""
-    if method == "nbdroot" and cache.startswith("client-"):
+def _check_clientless(method: str, cache: str) -> None:
+    """Debian's nbdroot= and open-iscsi mount the disk read-write and know no overlay: the
+    writes must go to a server-side write cache."""
+    if method in CLIENTLESS and cache.startswith("client-"):
         raise invalid(
-            f"boot method nbdroot (Debian's own initramfs, without the streamboot client) "
+            f"boot method {method} (Debian's own initramfs, without the streamboot client) "
             f"cannot use a {cache} write cache: it mounts the disk read-write, so only "
             "server-ram or server-disk; install the client package for client-side caches"
         )
@@ -339,13 +344,13 @@ def boot_plan(vd: Record, version: int) -> Record:
         if method in ("auto", "kernel"):
             refuse_without_client(vd["name"], version, boot)
         return {
-            # nbdroot: the kernel-direct boot of an image without the streamboot client.
-            "method": "nbdroot" if method == "nbdroot" else "kernel",
+            # nbdroot, iscsi-ibft: kernel-direct for an image without the streamboot client.
+            "method": method if method in CLIENTLESS else "kernel",
             "kernel_version": boot["kernel_version"],
             "root": boot.get("root") or "whole",
         }
     why = boot.get("problem") or "its boot files were not looked for when it was published"
-    if method in ("kernel", "nbdroot"):
+    if method in ("kernel", *CLIENTLESS):
         raise conflict(
             f"vdisk {vd['name']!r} version {version} must boot kernel-direct but cannot: {why}"
         )

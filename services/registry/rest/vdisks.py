@@ -56,7 +56,9 @@ class PolicyIn(BaseModel):
     write_cache: Literal["server-ram", "server-disk", "client-ram", "client-disk"] | None = None
     write_cache_persistence: Literal["discard", "keep"] | None = None
     store: Name | None = None
-    boot_method: Literal["auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot"] | None = None
+    boot_method: (
+        Literal["auto", "kernel", "sanboot", "sanboot-iscsi", "nbdroot", "iscsi-ibft"] | None
+    ) = None
     kernel: Text | None = None  # "" clears the pick
 
 
