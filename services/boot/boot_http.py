@@ -38,7 +38,7 @@ from services.boot.client_reports import NOTICES_PER_SESSION, ReportBudget, noti
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response, file_response
 from shared.bus import RemoteError, ServiceUnavailable
-from shared.contracts.registry import RegistryClient
+from shared.contracts.registry import RegistryClient, Session
 from shared.events import (
     BootMenuShown,
     ClientBooted,
@@ -395,27 +395,14 @@ class BootHttp:
         if how.get("method") == "iscsi-ibft" and iscsi is not None:
             # The path Windows takes, for a Linux image: the iBFT iPXE leaves names the disk
             # and the image's own open-iscsi initramfs logs in from it (docs/iscsi.md).
-            ibft = scripts.IbftBoot(
-                files_url=files_url,
-                iscsi=iscsi,
-                root=str(how.get("root") or "whole"),
-                hostname=session.hostname or "",
-                machine_id=session.machine_id or "",
-                extra_args=session.kernel_args,
-                kernel_version=how.get("kernel_version"),
-            )
+            ibft = scripts.IbftBoot(iscsi=iscsi, **clientless_boot(files_url, how, session))
             return scripts.ibft_script(info, ibft, retry_url=retry)
         if how.get("method") == "nbdroot":
             # An image without the streamboot client: no nonce to redeem, the export on the
             # command line for Debian's own initramfs (docs/clients.md says what that costs).
             nbdroot = scripts.NbdRootBoot(
-                files_url=files_url,
                 nbdroot=f"{session.nbd_host}:{session.nbd_port}/{session.token}",
-                root=str(how.get("root") or "whole"),
-                hostname=session.hostname or "",
-                machine_id=session.machine_id or "",
-                extra_args=session.kernel_args,
-                kernel_version=how.get("kernel_version"),
+                **clientless_boot(files_url, how, session),
             )
             return scripts.nbdroot_script(info, nbdroot, retry_url=retry)
         nonce = await self.handoffs.issue(
@@ -446,6 +433,19 @@ class BootHttp:
             kernel_version=how.get("kernel_version"),
         )
         return scripts.kernel_script(info, kernel, retry_url=retry)
+
+
+def clientless_boot(files_url: str, how: dict[str, Any], session: Session) -> dict[str, Any]:
+    """What a kernel-direct boot without the streamboot client takes from the session (its
+    image's files, root and kernel, the device's identity), whatever carries its root."""
+    return {
+        "files_url": files_url,
+        "root": str(how.get("root") or "whole"),
+        "hostname": session.hostname or "",
+        "machine_id": session.machine_id or "",
+        "extra_args": session.kernel_args,
+        "kernel_version": how.get("kernel_version"),
+    }
 
 
 def transfer_span(name: str, root: str, mac: str, request: Request) -> Callable[[int, bool], None]:

@@ -271,19 +271,27 @@ class NbdRootBoot:
 def nbdroot_command_line(boot: NbdRootBoot) -> str:
     """Debian's ``nbdroot=`` form: the address iPXE got (initramfs-tools' static ``ip=`` on
     the BOOTIF NIC), the export on /dev/nbd0, the root found in it mounted read-write."""
-    root = "/dev/nbd0" if boot.root == "whole" else word(boot.root)
     words = [
         "ip=${ip}::${gateway}:${netmask}:::off",
         "BOOTIF=01-${mac:hexhyp}",
         f"nbdroot={word(boot.nbdroot)}",
         "nbddev=/dev/nbd0",
+        *root_and_identity_words(boot, whole_disk="/dev/nbd0"),
+    ]
+    return " ".join(words)
+
+
+def root_and_identity_words(boot: NbdRootBoot | IbftBoot, *, whole_disk: str) -> list[str]:
+    """The end of a client-less command line: the root (the whole disk's device when the
+    filesystem fills it) read-write, the device's identity and its operator's arguments."""
+    root = whole_disk if boot.root == "whole" else word(boot.root)
+    return [
         f"root={root}",
         "rw",
         f"systemd.hostname={word(boot.hostname)}",
         f"systemd.machine_id={word(boot.machine_id)}",
         *kernel_args_words(boot.extra_args),
     ]
-    return " ".join(words)
 
 
 def nbdroot_script(session: SessionInfo, boot: NbdRootBoot, *, retry_url: str) -> str:
@@ -313,16 +321,7 @@ def ibft_command_line(boot: IbftBoot) -> str:
     """open-iscsi's ``iscsi_auto``: the initramfs configures the NIC and logs in from the
     iBFT alone (no portal, target or secret on the command line, which /proc/cmdline would
     show to every user of the booted OS); the root found on the disk mounted read-write."""
-    root = "/dev/sda" if boot.root == "whole" else word(boot.root)
-    words = [
-        "iscsi_auto",
-        f"root={root}",
-        "rw",
-        f"systemd.hostname={word(boot.hostname)}",
-        f"systemd.machine_id={word(boot.machine_id)}",
-        *kernel_args_words(boot.extra_args),
-    ]
-    return " ".join(words)
+    return " ".join(["iscsi_auto", *root_and_identity_words(boot, whole_disk="/dev/sda")])
 
 
 def ibft_script(session: SessionInfo, boot: IbftBoot, *, retry_url: str) -> str:
