@@ -197,7 +197,8 @@ async def test_iscsi_ibft_script_hooks_the_device_s_disk_and_boots_the_kernel(
     [kernel] = [x for x in lines if x.startswith("kernel ")]
     scanned = registry.app.vdisk_view("linux")["boot"]["1"]
     assert kernel == (
-        f"kernel {boot.url}/boot-files/linux/1/vmlinuz initrd=initrd iscsi_auto "
+        f"kernel {boot.url}/boot-files/linux/1/{MAC.replace(':', '-')}/vmlinuz initrd=initrd "
+        "iscsi_auto "
         f"root={scanned['root']} rw systemd.hostname={session['hostname']} "
         f"systemd.machine_id={session['machine_id']} || goto failed"
     )
