@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from services.registry.console.pages import _size as size_text
 from tests.conftest import wait_for
 from tests.registry.conftest import Registry, write_image
 from tests.registry.test_console_browser import CHROMIUM, browser, log_in, page, shot
@@ -38,6 +39,9 @@ async def test_a_sessions_bytes_agree_live_and_at_its_end(
     async with data_plane(registry, f"stream-bytes-{os.getpid()}"):
         s = await registry.app.open_session(MAC)
         sid = s["session_id"]
+        # The nodes' counters are per process, and this test's node shares the test runner's
+        # process with every earlier test's node: the figure to check is what this adds.
+        before = await streamed_so_far(registry)
         # A first client writes and leaves (its SessionDetached counts the write)...
         await qemu_io(s["nbd_uri"], f"write -P 0x5a {4 * MiB} {WRITTEN}")
         # ...a second one reads, its commands from stdin: its connection stays open.
@@ -80,14 +84,14 @@ async def test_a_sessions_bytes_agree_live_and_at_its_end(
         assert written == str(WRITTEN)
         await shot(page, tmp_path, "sessions-bytes")
 
-        # The stream node's own counters (status, the dashboard): this node served only this.
+        # The stream node's own counters (status, the dashboard).
         async def streamed() -> bool:
-            _, out, _ = await registry.cli("status", "--json")
-            return json.loads(out)["figures"]["bytes_streamed"] == READ + WRITTEN
+            return await streamed_so_far(registry) == before + READ + WRITTEN
 
         await wait_for(streamed, "status to count the node's bytes", 30)
         await page.goto(registry.api_url + "/")
-        await page.wait_for_selector("[data-stat='streamed']:has-text('3.1 MiB')")
+        total = size_text(before + READ + WRITTEN)
+        await page.wait_for_selector(f"[data-stat='streamed']:has-text('{total}')")
         assert await page.inner_text("[data-stat='sessions-bytes']") == "3.1 MiB"
         await shot(page, tmp_path, "dashboard-bytes")
 
@@ -103,3 +107,16 @@ async def test_a_sessions_bytes_agree_live_and_at_its_end(
     assert sum(e["data"]["bytes_read"] for e in detached) == READ
     assert sum(e["data"]["bytes_written"] for e in detached) == WRITTEN
     assert page.errors == [], page.errors
+
+
+async def streamed_so_far(registry: Registry) -> int:
+    """`status`'s bytes streamed, once the stream node's heartbeat is in it."""
+    status: dict[str, Any] = {}
+
+    async def stream_beats() -> bool:
+        _, out, _ = await registry.cli("status", "--json")
+        status.update(json.loads(out))
+        return any(b["service"] == "stream" and b["alive"] for b in status["instances"])
+
+    await wait_for(stream_beats, "the stream node's heartbeat in status", 30)
+    return int(status["figures"]["bytes_streamed"])
