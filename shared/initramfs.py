@@ -10,9 +10,11 @@ read by Python; zstd and lz4 by their command-line tools when installed.
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import shutil
 import subprocess
+import threading
 import zlib
 from pathlib import Path
 from typing import Literal
@@ -75,14 +77,40 @@ def _decompress(blob: bytes) -> bytes:
     elif (tool := _TOOLS.get(blob[:4])) is not None:
         if shutil.which(tool) is None:
             raise InitramfsError(f"it is {tool}-compressed and {tool} is not installed here")
-        done = subprocess.run(
-            [tool, "-dcq"], input=blob, capture_output=True, timeout=TOOL_TIMEOUT_S, check=False
-        )
-        out = done.stdout[:MAX_UNPACKED]  # a stream followed by padding makes the tool fail
+        out = _tool_output([tool, "-dcq"], blob)
     else:
         raise InitramfsError(f"unknown compression (it starts with {blob[:4].hex()})")
     if not out:
         raise InitramfsError("its compressed archive unpacks to nothing")
+    return out
+
+
+def _tool_output(argv: list[str], blob: bytes) -> bytes:
+    """What ``argv`` writes for ``blob`` on its input, at most MAX_UNPACKED bytes of it (the
+    tool is stopped there, as the Python decompressors stop: a small file can unpack to more
+    than this process's memory). Its exit status is not asked: a stream followed by padding
+    makes the tools fail after writing all of it."""
+    with subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def feed() -> None:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(blob)  # type: ignore[union-attr]
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()  # type: ignore[union-attr]
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        killer = threading.Timer(TOOL_TIMEOUT_S, proc.kill)
+        killer.start()
+        try:
+            out = proc.stdout.read(MAX_UNPACKED)
+        finally:
+            killer.cancel()
+            proc.kill()
+            feeder.join()
     return out
 
 
