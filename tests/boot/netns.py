@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -121,3 +121,42 @@ def client_socket(link: Link, port: int = 68) -> Callable[[], socket.socket]:
         return sock
 
     return make
+
+
+class HostLink:
+    """A veth pair whose servers' end stays in this namespace (NATS on loopback stays
+    reachable from the servers) and whose clients' end is in a namespace of its own."""
+
+    def __init__(self, ns_prefix: str) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.host_if, self.client_if, self.client_ns = (
+            f"sbh{tag}",
+            f"sbc{tag}",
+            f"{ns_prefix}-{tag}",
+        )
+
+    def in_client(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.client_ns, *cmd]
+
+
+@contextmanager
+def host_veth(
+    link: HostLink, server_addrs: Sequence[str], client_addr: str | None = None
+) -> Iterator[None]:
+    """Make ``link`` with the servers' addresses (/24) on its host end and, if given, the
+    client's address on the other; removed again at the end."""
+    ip("netns", "add", link.client_ns)
+    try:
+        ip("link", "add", link.host_if, "type", "veth", "peer", "name", link.client_if)
+        ip("link", "set", link.client_if, "netns", link.client_ns)
+        for address in server_addrs:
+            ip("addr", "add", f"{address}/24", "dev", link.host_if)
+        ip("link", "set", link.host_if, "up")
+        if client_addr:
+            ip("-n", link.client_ns, "addr", "add", f"{client_addr}/24", "dev", link.client_if)
+        ip("-n", link.client_ns, "link", "set", link.client_if, "up")
+        wait_up(link.client_ns, link.client_if)
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", link.host_if], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", link.client_ns], capture_output=True, timeout=10)

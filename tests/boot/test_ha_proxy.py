@@ -16,7 +16,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 
 from services.boot import dhcp_packets as dp
 from streamboot.embedded.proc import free_port
-from tests.boot.netns import Link, client_socket, in_netns, ip, wait_up
+from tests.boot.netns import HostLink, Link, client_socket, host_veth, in_netns
 from tests.boot.test_process import boot_env, run_boot
 from tests.conftest import BusServer
 
@@ -33,36 +32,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PXE_DISCOVER = (FIXTURES / "udhcpc_pxe_discover.bin").read_bytes()
 
 
-class Net:
-    def __init__(self, tag: str) -> None:
-        self.host_if, self.client_if = f"sbh{tag}", f"sbc{tag}"
-        self.client_ns = f"sbt-ha-{tag}"
+class Net(HostLink):
+    def __init__(self) -> None:
+        super().__init__("sbt-ha")
         self.server_ip = f"10.214.{random.randrange(1, 250)}.1"
-
-    def in_client(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.client_ns, *cmd]
 
 
 @pytest.fixture
 def net() -> Iterator[Net]:
-    """A veth pair: the servers' end in this namespace (NATS on loopback stays reachable),
-    the client's in a namespace of its own."""
-    n = Net(uuid.uuid4().hex[:6])
-    ip("netns", "add", n.client_ns)
-    try:
-        ip("link", "add", n.host_if, "type", "veth", "peer", "name", n.client_if)
-        ip("link", "set", n.client_if, "netns", n.client_ns)
-        ip("addr", "add", f"{n.server_ip}/24", "dev", n.host_if)
-        ip("link", "set", n.host_if, "up")
-        # The address the network's own DHCP server would give (proxyDHCP gives none).
-        client_ip = n.server_ip.rsplit(".", 1)[0] + ".50"
-        ip("-n", n.client_ns, "addr", "add", f"{client_ip}/24", "dev", n.client_if)
-        ip("-n", n.client_ns, "link", "set", n.client_if, "up")
-        wait_up(n.client_ns, n.client_if)
+    n = Net()
+    # The client has the address the network's own DHCP server would give (proxyDHCP
+    # gives none).
+    with host_veth(n, [n.server_ip], client_addr=n.server_ip.rsplit(".", 1)[0] + ".50"):
         yield n
-    finally:
-        subprocess.run(["ip", "link", "del", n.host_if], capture_output=True, timeout=10)
-        subprocess.run(["ip", "netns", "del", n.client_ns], capture_output=True, timeout=10)
 
 
 def proxy_env(bus: BusServer, data: Path, n: Net, name: str) -> dict[str, str]:

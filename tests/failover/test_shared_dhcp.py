@@ -14,10 +14,8 @@ import asyncio
 import json
 import random
 import stat
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from services.boot import dhcp_packets as dp
 from services.boot.dhcp_leases import LeaseStore
 from services.boot.shared_leases import LEASES_BUCKET, SharedLeases
 from shared.bus import connect
-from tests.boot.netns import Link, client_socket, in_netns, ip, wait_up
+from tests.boot.netns import HostLink, Link, client_socket, host_veth, in_netns, ip
 from tests.boot.test_process import boot_env, run_boot
 from tests.conftest import BusServer, wait_for
 
@@ -113,37 +111,20 @@ async def test_two_servers_deciding_on_one_view_bind_an_address_once(
 # --- two boot service processes on one link -------------------------------------------
 
 
-class Net:
-    """A veth pair: the servers' end in this namespace (NATS on loopback stays reachable)
-    with one address per server, the clients' end in a namespace of its own."""
+class Net(HostLink):
+    """The servers' end with one address per server."""
 
     def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.host_if, self.client_if, self.client_ns = f"sbh{tag}", f"sbc{tag}", f"sbt-dl-{tag}"
-        prefix = f"10.216.{random.randrange(1, 250)}"
-        self.prefix = prefix
-        self.server_ips = (f"{prefix}.1", f"{prefix}.2")
-
-    def in_client(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.client_ns, *cmd]
+        super().__init__("sbt-dl")
+        self.prefix = f"10.216.{random.randrange(1, 250)}"
+        self.server_ips = (f"{self.prefix}.1", f"{self.prefix}.2")
 
 
 @pytest.fixture
 def net() -> Iterator[Net]:
     n = Net()
-    ip("netns", "add", n.client_ns)
-    try:
-        ip("link", "add", n.host_if, "type", "veth", "peer", "name", n.client_if)
-        ip("link", "set", n.client_if, "netns", n.client_ns)
-        for address in n.server_ips:
-            ip("addr", "add", f"{address}/24", "dev", n.host_if)
-        ip("link", "set", n.host_if, "up")
-        ip("-n", n.client_ns, "link", "set", n.client_if, "up")
-        wait_up(n.client_ns, n.client_if)
+    with host_veth(n, n.server_ips):
         yield n
-    finally:
-        subprocess.run(["ip", "link", "del", n.host_if], capture_output=True, timeout=10)
-        subprocess.run(["ip", "netns", "del", n.client_ns], capture_output=True, timeout=10)
 
 
 def full_env(
