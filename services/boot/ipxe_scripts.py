@@ -254,18 +254,25 @@ def _load_and_boot(
     )
 
 
-@dataclass(frozen=True)
-class NbdRootBoot:
-    """A kernel-direct boot of an image without the streamboot client, through Debian's
-    own initramfs NBD root (nbd-client's ``scripts/local-top/nbd``)."""
+@dataclass(frozen=True, kw_only=True)
+class ClientlessBoot:
+    """A kernel-direct boot of an image without the streamboot client: its files, its root
+    and the device's identity, whatever carries the root."""
 
     files_url: str
-    nbdroot: str  # HOST:PORT/EXPORT (the session token)
     root: str  # UUID=..., PARTUUID=... or whole
     hostname: str
     machine_id: str
     extra_args: str | None = None
     kernel_version: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NbdRootBoot(ClientlessBoot):
+    """The root through Debian's own initramfs NBD root (nbd-client's
+    ``scripts/local-top/nbd``)."""
+
+    nbdroot: str  # HOST:PORT/EXPORT (the session token)
 
 
 def nbdroot_command_line(boot: NbdRootBoot) -> str:
@@ -281,7 +288,7 @@ def nbdroot_command_line(boot: NbdRootBoot) -> str:
     return " ".join(words)
 
 
-def root_and_identity_words(boot: NbdRootBoot | IbftBoot, *, whole_disk: str) -> list[str]:
+def root_and_identity_words(boot: ClientlessBoot, *, whole_disk: str) -> list[str]:
     """The end of a client-less command line: the root (the whole disk's device when the
     filesystem fills it) read-write, the device's identity and its operator's arguments."""
     root = whole_disk if boot.root == "whole" else word(boot.root)
@@ -302,19 +309,13 @@ def nbdroot_script(session: SessionInfo, boot: NbdRootBoot, *, retry_url: str) -
     )
 
 
-@dataclass(frozen=True)
-class IbftBoot:
-    """A kernel-direct boot whose root comes over iSCSI through the iBFT, the path Windows
-    takes: iPXE logs in and leaves the iBFT (``sanhook``), then starts the version's kernel,
-    whose initramfs (Debian's open-iscsi) logs in again from the table."""
+@dataclass(frozen=True, kw_only=True)
+class IbftBoot(ClientlessBoot):
+    """The root over iSCSI through the iBFT, the path Windows takes: iPXE logs in and leaves
+    the iBFT (``sanhook``), then starts the version's kernel, whose initramfs (Debian's
+    open-iscsi) logs in again from the table."""
 
-    files_url: str
     iscsi: IscsiBoot
-    root: str  # UUID=..., PARTUUID=... or whole
-    hostname: str
-    machine_id: str
-    extra_args: str | None = None
-    kernel_version: str | None = None
 
 
 def ibft_command_line(boot: IbftBoot) -> str:
