@@ -407,15 +407,9 @@ class WriteCaches:
     def prepare(self, key: str) -> None:
         """Create a new cache's files ahead of its first write, once the opens pause (the
         service's WhenQuiet): the first write then costs a write, not the creation of three
-        files (measured: 0.9 ms of the cache service's time against 0.3 ms, while the
-        client waited). A session that never writes pays the creation too, off anyone's
-        path.
-
-        On the loop: the three creations take 0.1-0.6 ms of CPU here. They ran in a worker
-        thread, whose hand-off and GIL contention cost a storm more than the work (50-300
-        announced sessions, /proc CPU: ~0.2 ms more per session in the cache service; ten
-        clients connecting 5 ms after their sessions were announced: 3.4-11 ms against
-        0.9-6 ms with the files made here and the stream's mirrors made on its loop)."""
+        files, while its client waits. A session that never writes pays the creation too,
+        off anyone's path. On the loop, not in a worker thread: the hand-off and GIL
+        contention of a thread cost a storm more than the creations (docs/cache.md)."""
         wc = self.caches.get(key)
         if wc is None or wc.made:
             return
