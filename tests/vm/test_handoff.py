@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -118,15 +119,24 @@ def test_initramfs_hands_off_to_nbd(
     )
     assert any(line.startswith("disk /dev/nbd0 size") for line in lines), lines
     assert any(line.startswith("WROTE ") for line in lines), lines
-    writes = [x for e in stream.events(BlocksRequested) for x in e.extents if x[3] == "w"]
     if write_cache == "client-ram":
         assert "overlay over the read-only export (RAM)" in lines
+        stream.wait_idle()
+        writes = [x for e in stream.events(BlocksRequested) for x in e.extents if x[3] == "w"]
         assert writes == []  # the export was read-only: every write stayed in the client's RAM
     else:
         [wrote] = [line for line in lines if line.startswith("WROTE ")]
         record = wrote.removeprefix("WROTE ").encode()
         scratch = demo_image.stat().st_size - 1024 * 1024
-        assert any(x[1] <= scratch < x[1] + x[2] for x in writes)
+        # A session's extents are reported in timed batches: wait for the batch with the write.
+        deadline = time.monotonic() + 30
+        while not any(
+            x[1] <= scratch < x[1] + x[2] and x[3] == "w"
+            for e in stream.events(BlocksRequested)
+            for x in e.extents
+        ):
+            assert time.monotonic() < deadline, "no BlocksRequested event reports the write"
+            time.sleep(0.2)
         copy = tmp_path / "after.raw"
         subprocess.run(["nbdcopy", f"{stream.nbd}/tok-{write_cache}", str(copy)], check=True)
         with open(copy, "rb") as f:
