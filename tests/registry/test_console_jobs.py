@@ -43,7 +43,7 @@ async def test_an_import_shows_its_progress_live(
     image = await asyncio.to_thread(write_image, data_dir / "big.raw", 512 * MiB, chunks)
     await log_in(page, registry)
     await page.click("nav >> text=vdisks")
-    await page.wait_for_selector("text=no imports or commits since the registry started")
+    await page.wait_for_selector("text=no imports or commits yet")
     states: list[str] = []
     await page.expose_function("jobSeen", lambda state: states.append(state))
     await page.evaluate(WATCH_JOBS)

@@ -43,6 +43,7 @@ EXPECTED = {
     "POST /vdisks/{name}/commit": "admin",
     # Import and commit progress: anyone sees it, an admin (who imports) reports it.
     "GET /jobs": "viewer",
+    "GET /jobs/{job_id}": "viewer",
     "POST /jobs": "admin",
     "PUT /jobs/{job_id}": "admin",
     "POST /jobs/{job_id}/end": "admin",

@@ -189,7 +189,7 @@ def mount_console(
         nav=NAV, phases=[p.value for p in PHASES], static=STATIC, phase_names=STORE_PHASES
     )
     view = feed.view if feed is not None else LiveView()
-    jobs = feed.jobs if feed is not None else Jobs()
+    jobs = feed.jobs if feed is not None else Jobs(lambda: app.store.pool)
     api.mount(STATIC + "/docs", StaticFiles(directory=str(files("fastapi_offline") / "static")))
     api.mount(STATIC, StaticFiles(directory=str(HERE / "static")))
 
@@ -296,7 +296,7 @@ def mount_console(
         if topic == "dashboard":
             return fragment(request, "dashboard", login, **await dashboard_data()).body.decode()
         if topic == "jobs":
-            return fragment(request, "jobs", login, jobs=jobs.list(vdisk)).body.decode()
+            return fragment(request, "jobs", login, jobs=await jobs.list(vdisk)).body.decode()
         if topic == "sessions":
             return fragment(request, "sessions", login, **await sessions_data()).body.decode()
         return fragment(request, "boots", login, **boots_data()).body.decode()
@@ -360,7 +360,7 @@ def mount_console(
     @api.get("/console/vdisks", include_in_schema=False)
     async def vdisks_page(request: Request) -> HTMLResponse:
         login = await login_of(request)
-        return page(request, "vdisks.html", login, vdisks=app.list_vdisks(), jobs=jobs.list())
+        return page(request, "vdisks.html", login, vdisks=app.list_vdisks(), jobs=await jobs.list())
 
     @api.get("/console/vdisks/{name}", include_in_schema=False)
     async def vdisk_page(request: Request, name: str) -> HTMLResponse:
@@ -373,7 +373,7 @@ def mount_console(
             versions=list(reversed(app.versions(name))),
             affected=affected(app, name),
             commit=commit_view(app, name),
-            jobs=jobs.list(name),
+            jobs=await jobs.list(name),
         )
 
     @api.get("/console/sessions", include_in_schema=False)
