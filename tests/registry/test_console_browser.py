@@ -277,6 +277,16 @@ async def test_devices_from_a_csv_file_and_a_collection(
     a = registry.app.show_device("52:54:00:d0:00:02")["assignment"]
     assert a == {"vdisks": ["demo"], "default": "demo", "source": "collection lab"}
     await shot(page, tmp_path, "collections")
+
+    # Deleted through its confirmation, which names who leaves it and what they lose.
+    await row.locator("button:has-text('Delete')").click()
+    dialog = page.locator("dialog#confirm")
+    text = await dialog.inner_text()
+    assert "Its 2 device(s) leave it and stay registered: csv-1, csv-2." in text, text
+    assert "1 of them boot only its vdisks and will have none" in text, text
+    await page.click("#confirm-ok")
+    await page.locator("text=no collections yet").wait_for()
+    assert registry.app.show_device("52:54:00:d0:00:02")["collection"] is None
     # The refused import's 400 is the one failed request.
     assert [e for e in page.errors if "400 (Bad Request)" not in e] == [], page.errors
 

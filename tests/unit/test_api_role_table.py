@@ -26,6 +26,7 @@ EXPECTED = {
     "POST /devices/import": "operator",
     "GET /collections": "viewer",
     "POST /collections": "operator",
+    "DELETE /collections/{name}": "operator",
     "GET /collections/{name}/chap": "viewer",
     "PUT /collections/{name}/chap": "admin",
     "DELETE /collections/{name}/chap": "admin",

@@ -5,7 +5,8 @@
 row in one append, or none: a refused file answers 400 with an error per bad row in
 ``rows`` (``[{"line", "mac", "error"}]``). ``GET /collections`` lists collections with their
 devices and vdisks; ``POST /collections`` creates one, or adds to it, by moving devices into
-it and/or assigning it a vdisk (services/registry/domain/collections.py).
+it and/or assigning it a vdisk (services/registry/domain/collections.py); ``DELETE
+/collections/{name}`` ends one (``?release_devices=true``: its devices leave it too).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import BaseModel, Field
 from services.registry.app import RegistryApp
 from services.registry.domain import collections, device_import
 from services.registry.projection import Projection
-from shared.events import Event
+from shared.events import DeviceUpdated, Event
 
 # A CSV of the import's most rows stays well under the API's body cap.
 MAX_CSV_CHARS = 1 << 20
@@ -68,5 +69,20 @@ def routes(app: RegistryApp) -> APIRouter:
     async def join_collection(body: CollectionIn) -> dict[str, Any]:
         await app._execute(lambda p: collections.join(p, body.name, body.devices, body.vdisk))
         return next(c for c in collections.view(app.projection) if c["name"] == body.name)
+
+    @r.delete("/collections/{name}")
+    async def delete_collection(name: str, release_devices: bool = False) -> dict[str, Any]:
+        """Delete a collection: its vdisks are unassigned; refused (409) while devices
+        are in it unless ``release_devices`` (they stay, in no collection)."""
+        out: dict[str, Any] = {"name": name}
+
+        def decide(p: Projection) -> list[Event]:
+            events = collections.delete(p, name, release_devices=release_devices)
+            out["released"] = [e.mac for e in events if isinstance(e, DeviceUpdated)]
+            out["unassigned"] = (p.assignments.get(("collection", name)) or {}).get("vdisks", [])
+            return events
+
+        await app._execute(decide)
+        return out
 
     return r

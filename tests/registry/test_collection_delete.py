@@ -1,0 +1,75 @@
+"""A collection is deleted through the real CLI and REST: refused, naming its devices,
+while devices are in it; with --release-devices they leave it (and stay registered) and
+its vdisks are unassigned; refused while it holds CHAP credentials; unknown: 404."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared import vdisk_store
+from tests.registry.conftest import Registry, write_image
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+A, B = "52:54:00:de:00:01", "52:54:00:de:00:02"
+
+
+async def a_vdisk(registry: Registry, name: str) -> None:
+    """A one-version vdisk, staged and published as the CLI's import does."""
+    image = write_image(registry.data_dir / f"{name}.raw", 2 * MiB, {0: b"MBR"})
+    staged = await asyncio.to_thread(
+        vdisk_store.stage_version, registry.app.vdisk_root, name, image, 1, []
+    )
+    await registry.app.publish_version(
+        name,
+        version=staged.version,
+        staging=staged.staging,
+        layer=staged.layer,
+        size=staged.size,
+        checksum=staged.checksum,
+        changed_blocks=staged.changed_blocks,
+        block_size=staged.block_size,
+        boot=staged.boot,
+    )
+
+
+async def test_a_collection_is_deleted_only_when_its_devices_are_let_go(
+    registry: Registry,
+) -> None:
+    app = registry.app
+    await a_vdisk(registry, "demo")
+    await app.add_device(A, hostname="lab-a", collection="lab")
+    await app.add_device(B, hostname="lab-b", collection="lab")
+    await app.assign("device", B, "demo")  # B has its own vdisk; A boots only lab's
+    await app.assign("collection", "lab", "demo", default=True)
+
+    code, _, err = await registry.cli("collection", "delete", "lab")
+    assert code == 1, err
+    assert "still has 2 device(s): lab-a, lab-b" in err, err
+    assert "1 of them boot only its vdisks and would have none" in err, err
+    assert "--release-devices" in err, err
+    assert app.show_device(A)["collection"] == "lab"  # nothing changed
+
+    code, out, err = await registry.cli("collection", "delete", "lab", "--release-devices")
+    assert code == 0, err
+    assert "deleted collection lab: 2 device(s) released, vdisks unassigned: demo" in out, out
+    assert [app.show_device(m)["collection"] for m in (A, B)] == [None, None]
+    assert app.show_device(A)["assignment"]["vdisks"] == []
+    assert app.show_device(B)["assignment"]["default"] == "demo"  # its own stays
+    async with registry.http() as http:
+        assert (await http.get("/collections")).json() == []
+        gone = await http.delete("/collections/lab")
+        assert gone.status_code == 404 and "no collection 'lab'" in gone.json()["error"]
+
+        # A collection with CHAP credentials: an admin clears them first.
+        await app.update_device(A, collection="secure")
+        await app.set_chap("collection", "secure", user="iqn-user", secret="s" * 16)
+        refused = await http.delete("/collections/secure?release_devices=true")
+        assert refused.status_code == 403 and "--no-chap" in refused.json()["error"]
+        await app.clear_chap("collection", "secure")
+        deleted = await http.delete("/collections/secure?release_devices=true")
+        assert deleted.json() == {"name": "secure", "released": [A], "unassigned": []}
+    audit = [e["data"]["path"] for e in await app.events(type_="AdminActionPerformed")]
+    assert "/collections/lab" in audit and "/collections/secure" in audit
