@@ -33,7 +33,7 @@ from shared.boot_flow import PHASES, describe, parse_event, run
 from shared.events import CATALOG
 from shared.identity import normalize_mac
 from shared.metrics import system_figures
-from shared.trace_spans import bars, boot_trace_id, read_spans
+from shared.trace_spans import bars, boot_trace_id, read_traces
 from shared.vdisk_store import PHASES as STORE_PHASES
 
 HERE = Path(__file__).parent
@@ -141,21 +141,26 @@ def trace_file(app: RegistryApp) -> Path:
     return app.settings.trace_file or app.settings.data_path("traces.jsonl")
 
 
-def waterfalls(path: Path, trace_ids: list[str | None]) -> list[dict[str, Any]]:
+def waterfalls(
+    path: Path, trace_ids: list[str | None], since: datetime | None = None
+) -> list[dict[str, Any]]:
     """Each boot's trace as waterfall rows (shared/trace_spans.py, the spans `streamboot
-    trace show` draws), or why there is none."""
+    trace show` draws), or why there is none; ``since``: when the earliest boot began (the
+    span file is read back no further than that)."""
     if not path.exists():
         why = (
             f"no span file at {path}: set STREAMBOOT_TRACE_EXPORTER=jsonl (the embedded "
             "default), or read the trace in your OTLP backend"
         )
         return [{"why": why, "trace_id": t, "rows": []} for t in trace_ids]
+    since_ns = None if since is None else int(since.timestamp() * 1e9)
+    spans = read_traces(path, {t for t in trace_ids if t}, since_ns)
     out = []
     for trace_id in trace_ids:
         if trace_id is None:
             out.append({"why": "no session, so no trace", "rows": []})
             continue
-        found = bars(read_spans(path, trace_id))
+        found = bars(spans[trace_id])
         out.append(
             {"trace_id": trace_id, "why": None if found["rows"] else "no spans yet", **found}
         )
@@ -327,7 +332,10 @@ def mount_console(
             if e.type == "SessionOpened"
         }
         traces = await asyncio.to_thread(
-            waterfalls, trace_file(app), [opened.get(f.session_id) for f in flows]
+            waterfalls,
+            trace_file(app),
+            [opened.get(f.session_id) for f in flows],
+            min((f.started for f in flows if f.started is not None), default=None),
         )
         return page(
             request,
