@@ -142,6 +142,7 @@ async def test_an_operators_morning(
     await shot(page, tmp_path, "04-boots")
     done = await board.locator("td.phase.done").count()
     assert done == 4  # discovered, session open, hand-off, OS attached; booted is "now"
+    assert "lab-001" in await board.inner_text()  # the machine by its name, not only its MAC
 
     # Its timeline, by a click on the row.
     await board.click()

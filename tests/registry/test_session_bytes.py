@@ -96,6 +96,9 @@ async def test_a_sessions_bytes_agree_live_and_at_its_end(
         total = size_text(before + READ + WRITTEN)
         await page.wait_for_selector(f"[data-stat='streamed']:has-text('{total}')")
         assert await page.inner_text("[data-stat='sessions-bytes']") == "3.1 MiB"
+        # The cache node's free space, from its heartbeat (the page read a wrong field).
+        free = await page.inner_text("[data-free='cache']")
+        assert "server-disk" in free and "iB" in free, free
         await shot(page, tmp_path, "dashboard-bytes")
 
         client.stdin.write(b"quit\n")

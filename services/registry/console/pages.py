@@ -281,7 +281,10 @@ def mount_console(
         return {"sessions": view.with_bytes(await app.list_sessions_with_usage())}
 
     def boots_data() -> dict[str, Any]:
-        return {"boots": view.recent_boots(50)}
+        boots = view.recent_boots(50)
+        devices = app.projection.devices
+        hosts = {b.mac: (devices.get(b.mac) or {}).get("hostname") for b in boots}
+        return {"boots": boots, "hosts": hosts}
 
     async def devices_data(q: str) -> dict[str, Any]:
         words = q.lower().split()
