@@ -26,7 +26,13 @@ from services.registry.console.live import LiveFeed, LiveView
 from services.registry.console.logins import COOKIE, Login, Logins, cookie_value
 from services.registry.domain import collections
 from services.registry.domain.errors import DomainError
-from services.registry.domain.vdisks import check_commit
+from services.registry.domain.vdisks import (
+    BOOT_METHODS,
+    MODES,
+    PERSISTENCES,
+    WRITE_CACHES,
+    check_commit,
+)
 from services.registry.gate import RANK, Principal
 from services.registry.jobs import Jobs
 from shared.boot_flow import PHASES, describe, parse_event, run
@@ -191,7 +197,17 @@ def mount_console(
     env = templates.env
     env.filters.update(size=_size, ago=_ago, secs=_secs)
     env.globals.update(
-        nav=NAV, phases=[p.value for p in PHASES], static=STATIC, phase_names=STORE_PHASES
+        nav=NAV,
+        phases=[p.value for p in PHASES],
+        static=STATIC,
+        phase_names=STORE_PHASES,
+        # The policy form offers what the domain takes, so a vdisk's value is always one.
+        policy_choices={
+            "mode": MODES,
+            "write_cache": WRITE_CACHES,
+            "write_cache_persistence": PERSISTENCES,
+            "boot_method": BOOT_METHODS,
+        },
     )
     view = feed.view if feed is not None else LiveView()
     jobs = feed.jobs if feed is not None else Jobs(lambda: app.store.pool)
