@@ -109,9 +109,11 @@ async def test_an_operators_morning(
     await row.locator("button:has-text('Edit')").click()
     edit = page.locator("tr.edit:visible")
     await edit.locator("input[name=kernel_args]").fill("console=ttyS0")
+    await edit.locator("input[name=smbios_uuid]").fill("4C4C4544-0000-1000-8000-0000000000AA")
     await edit.locator("button:has-text('Save lab-001')").click()
     await page.locator(".toast:has-text('lab-001 saved')").wait_for()
     assert registry.app.show_device(MAC)["kernel_args"] == "console=ttyS0"
+    assert registry.app.show_device(MAC)["smbios_uuid"] == "4c4c4544-0000-1000-8000-0000000000aa"
     await shot(page, tmp_path, "03-devices")
 
     # A boot, as the services record it, advances live on the Boots page.
