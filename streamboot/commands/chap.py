@@ -1,5 +1,6 @@
 """CHAP options of `streamboot device set` and `streamboot collection set`, and the
-`collection` command group: list, create (devices and/or a vdisk), delete, CHAP set/show."""
+`collection` command group: list, create (devices and/or a vdisk), rename, delete, CHAP
+set/show."""
 
 from __future__ import annotations
 
@@ -163,3 +164,19 @@ def delete(
         )
 
     run(data_dir, as_json, lambda c: c.delete(f"/collections/{quote(name)}{query}"), said)
+
+
+@app.command()
+def rename(
+    name: str,
+    to: str,
+    data_dir: DataDirOption,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Rename a collection: its devices and vdisks move to the new name."""
+    run(
+        data_dir,
+        as_json,
+        lambda c: c.post(f"/collections/{quote(name)}/rename", {"to": to}),
+        lambda r: show_collections([r]),
+    )

@@ -1,6 +1,7 @@
-"""A collection is deleted through the real CLI and REST: refused, naming its devices,
-while devices are in it; with --release-devices they leave it (and stay registered) and
-its vdisks are unassigned; refused while it holds CHAP credentials; unknown: 404."""
+"""A collection is deleted or renamed through the real CLI and REST. Deleting is refused,
+naming its devices, while devices are in it; with --release-devices they leave it (and
+stay registered) and its vdisks are unassigned; refused while it holds CHAP credentials.
+Renaming moves its devices and vdisks; refused onto an existing name or with CHAP."""
 
 from __future__ import annotations
 
@@ -73,3 +74,28 @@ async def test_a_collection_is_deleted_only_when_its_devices_are_let_go(
         assert deleted.json() == {"name": "secure", "released": [A], "unassigned": []}
     audit = [e["data"]["path"] for e in await app.events(type_="AdminActionPerformed")]
     assert "/collections/lab" in audit and "/collections/secure" in audit
+
+
+async def test_a_collection_is_renamed_with_its_devices_and_vdisks(registry: Registry) -> None:
+    app = registry.app
+    await a_vdisk(registry, "demo")
+    await app.add_device(A, hostname="lab-a", collection="lab")
+    await app.add_device(B, hostname="lab-b", collection="other")
+    await app.assign("collection", "lab", "demo", default=True)
+
+    renamed = await registry.cli_json("collection", "rename", "lab", "room-2")
+    assert renamed["name"] == "room-2" and renamed["default"] == "demo"
+    assert [d["mac"] for d in renamed["devices"]] == [A]
+    assert app.show_device(A)["assignment"]["source"] == "collection room-2"
+    async with registry.http() as http:
+        names = [c["name"] for c in (await http.get("/collections")).json()]
+        assert names == ["other", "room-2"]
+        taken = await http.post("/collections/room-2/rename", json={"to": "other"})
+        assert taken.status_code == 409 and "exists" in taken.json()["error"]
+        bad = await http.post("/collections/room-2/rename", json={"to": "no spaces"})
+        assert bad.status_code == 400
+        gone = await http.post("/collections/lab/rename", json={"to": "x"})
+        assert gone.status_code == 404
+        await app.set_chap("collection", "other", user="iqn-user", secret="s" * 16)
+        sealed = await http.post("/collections/other/rename", json={"to": "x"})
+        assert sealed.status_code == 403 and "sealed to its name" in sealed.json()["error"]

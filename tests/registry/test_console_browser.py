@@ -281,6 +281,14 @@ async def test_devices_from_a_csv_file_and_a_collection(
     assert a == {"vdisks": ["demo"], "default": "demo", "source": "collection lab"}
     await shot(page, tmp_path, "collections")
 
+    # Renamed: its devices and vdisk go with it.
+    await row.locator("input[name=to]").fill("room-2")
+    await row.locator("button:has-text('Rename')").click()
+    row = page.locator("tr[data-collection='room-2']")
+    await row.wait_for()
+    assert "csv-1, csv-2" in await row.locator(".members").inner_text()
+    assert registry.app.show_device("52:54:00:d0:00:02")["collection"] == "room-2"
+
     # Deleted through its confirmation, which names who leaves it and what they lose.
     await row.locator("button:has-text('Delete')").click()
     dialog = page.locator("dialog#confirm")

@@ -27,6 +27,7 @@ EXPECTED = {
     "GET /collections": "viewer",
     "POST /collections": "operator",
     "DELETE /collections/{name}": "operator",
+    "POST /collections/{name}/rename": "operator",
     "GET /collections/{name}/chap": "viewer",
     "PUT /collections/{name}/chap": "admin",
     "DELETE /collections/{name}/chap": "admin",

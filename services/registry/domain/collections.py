@@ -3,7 +3,7 @@
 A collection has no record of its own: it exists while a device names it, a vdisk is
 assigned to it or it has CHAP credentials. Creating one is giving it members and/or a
 vdisk in one decision (:func:`join`); it ends when the last of those goes, or when it is
-deleted (:func:`delete`: all of them at once).
+deleted (:func:`delete`: all of them at once). :func:`rename` moves all of it to a new name.
 """
 
 from __future__ import annotations
@@ -108,4 +108,42 @@ def delete(p: Projection, name: str, *, release_devices: bool = False) -> list[E
         events.append(
             AssignmentChanged(target_kind="collection", target=name, vdisks=[], default=None)
         )
+    return events
+
+
+def rename(p: Projection, name: str, to: str) -> list[Event]:
+    """Every device and the assignment of collection ``name`` move to ``to``, in one
+    decision. Refused when ``to`` exists (merging two is a join, then a delete) and while it
+    has CHAP credentials (their secrets are sealed to the collection's name)."""
+    check_name(to, "collection name")
+    names = {c["name"] for c in view(p)}
+    if name not in names:
+        raise not_found(f"no collection {name!r}")
+    if to == name:
+        return []
+    if to in names:
+        raise conflict(
+            f"collection {to!r} exists: move {name!r}'s devices into it "
+            f"(`streamboot collection create {to} --device MAC ...`), then delete {name!r}"
+        )
+    if ("collection", name) in p.chap:
+        raise refused(
+            f"collection {name!r} has CHAP credentials, sealed to its name: an admin clears "
+            f"them (`streamboot collection set {name} --no-chap`) and sets them on {to!r} after"
+        )
+    events: list[Event] = [
+        DeviceUpdated(mac=d["mac"], collection=to)
+        for d in p.devices.values()
+        if d["collection"] == name
+    ]
+    if (assigned := p.assignments.get(("collection", name))) is not None:
+        events += [
+            AssignmentChanged(
+                target_kind="collection",
+                target=to,
+                vdisks=list(assigned["vdisks"]),
+                default=assigned["default"],
+            ),
+            AssignmentChanged(target_kind="collection", target=name, vdisks=[], default=None),
+        ]
     return events

@@ -6,7 +6,8 @@ row in one append, or none: a refused file answers 400 with an error per bad row
 ``rows`` (``[{"line", "mac", "error"}]``). ``GET /collections`` lists collections with their
 devices and vdisks; ``POST /collections`` creates one, or adds to it, by moving devices into
 it and/or assigning it a vdisk (services/registry/domain/collections.py); ``DELETE
-/collections/{name}`` ends one (``?release_devices=true``: its devices leave it too).
+/collections/{name}`` ends one (``?release_devices=true``: its devices leave it too) and
+``POST /collections/{name}/rename`` gives one another name.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class CollectionIn(BaseModel):
     name: Annotated[str, Field(max_length=64)]
     devices: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=10_000)] = []
     vdisk: Annotated[str | None, Field(max_length=64)] = None
+
+
+class RenameIn(BaseModel):
+    to: Annotated[str, Field(max_length=64)]
 
 
 async def import_devices(app: RegistryApp, text: str) -> dict[str, Any]:
@@ -84,5 +89,11 @@ def routes(app: RegistryApp) -> APIRouter:
 
         await app._execute(decide)
         return out
+
+    @r.post("/collections/{name}/rename")
+    async def rename_collection(name: str, body: RenameIn) -> dict[str, Any]:
+        """Give a collection another name: its devices and vdisks move with it."""
+        await app._execute(lambda p: collections.rename(p, name, body.to))
+        return next(c for c in collections.view(app.projection) if c["name"] == body.to)
 
     return r
