@@ -10,7 +10,9 @@ import asyncio
 import pytest
 
 from shared import vdisk_store
-from tests.registry.conftest import Registry, write_image
+from streamboot.commands.vdisk import register
+from streamboot.registry_api import RegistryClient
+from tests.registry.conftest import TOKEN, Registry, write_image
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -18,22 +20,12 @@ A, B = "52:54:00:de:00:01", "52:54:00:de:00:02"
 
 
 async def a_vdisk(registry: Registry, name: str) -> None:
-    """A one-version vdisk, staged and published as the CLI's import does."""
+    """A one-version vdisk, staged and handed to the registry as the CLI's import does."""
     image = write_image(registry.data_dir / f"{name}.raw", 2 * MiB, {0: b"MBR"})
-    staged = await asyncio.to_thread(
-        vdisk_store.stage_version, registry.app.vdisk_root, name, image, 1, []
-    )
-    await registry.app.publish_version(
-        name,
-        version=staged.version,
-        staging=staged.staging,
-        layer=staged.layer,
-        size=staged.size,
-        checksum=staged.checksum,
-        changed_blocks=staged.changed_blocks,
-        block_size=staged.block_size,
-        boot=staged.boot,
-    )
+    root = registry.app.vdisk_root
+    staged = await asyncio.to_thread(vdisk_store.stage_version, root, name, image, 1, [])
+    client = RegistryClient(registry.api_url, TOKEN)
+    await asyncio.to_thread(register, client, root, staged)
 
 
 async def test_a_collection_is_deleted_only_when_its_devices_are_let_go(
