@@ -66,6 +66,19 @@ async def test_an_import_shows_its_progress_live(
     assert "/vdisks/big/versions" in audit and not [p for p in audit if "/jobs" in p], audit
     await shot(page, tmp_path, "import-done")
 
+    # An import whose CLI was killed half-way shows as interrupted, where it stopped.
+    async with registry.http() as http:
+        lost = (await http.post("/jobs", json={"vdisk": "big"})).json()
+        await http.put(f"/jobs/{lost['id']}", json={"phase": "copy", "done": 1, "total": 4})
+    await page.wait_for_selector(f"#jobs [data-job='{lost['id']}'][data-state='running']")
+    async with registry.app.store.pool.acquire() as conn:
+        await conn.execute("UPDATE console_jobs SET updated_at = now() - interval '2 min'")
+    await page.wait_for_selector(
+        f"#jobs [data-job='{lost['id']}'] .pill:has-text('interrupted at 25%')"
+    )
+    assert "the import's CLI stopped" in await page.inner_text(f"[data-job='{lost['id']}']")
+    await shot(page, tmp_path, "import-interrupted")
+
 
 async def test_a_maintenance_session_is_committed_from_the_console(
     page: Any, registry: Registry, tmp_path: Path
