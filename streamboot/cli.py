@@ -16,6 +16,7 @@ from streamboot.commands import (
     device,
     dhcp,
     events,
+    job,
     registry,
     replay,
     secrets,
@@ -52,6 +53,7 @@ app.add_typer(events.app, name="events")
 app.add_typer(device.app, name="device")
 app.add_typer(chap.app, name="collection")
 app.add_typer(vdisk.app, name="vdisk")
+app.add_typer(job.app, name="job")
 app.command()(assign.assign)
 app.add_typer(session.app, name="session")
 app.add_typer(registry.app, name="registry")

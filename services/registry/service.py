@@ -135,7 +135,7 @@ async def start(rt: ServiceRuntime) -> RegistryParts:
     await broker.start()
     rt.on_stop(lambda: _bounded(broker.stop()))
     # The console's live view: the log's recent past, then the event stream.
-    feed = LiveFeed(store, nc)
+    feed = LiveFeed(store, nc, settings.node_id)
     await feed.start()
     server = _ApiServer(
         uvicorn.Config(

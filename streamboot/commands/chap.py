@@ -1,10 +1,12 @@
 """CHAP options of `streamboot device set` and `streamboot collection set`, and the
-`collection` command group: list, create (devices and/or a vdisk), CHAP set/show."""
+`collection` command group: list, create (devices and/or a vdisk), rename, delete, CHAP
+set/show."""
 
 from __future__ import annotations
 
 import sys
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -135,3 +137,46 @@ def create(
     """Create a collection (or add to one): move devices into it and/or assign it a vdisk."""
     body = {"name": name, "devices": device or [], "vdisk": vdisk}
     run(data_dir, as_json, lambda c: c.post("/collections", body), lambda r: show_collections([r]))
+
+
+@app.command()
+def delete(
+    name: str,
+    data_dir: DataDirOption,
+    release_devices: Annotated[
+        bool,
+        typer.Option(
+            "--release-devices",
+            help="its devices leave it (they stay registered, in no collection); without "
+            "it a collection that has devices is not deleted",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Delete a collection: its vdisks are unassigned (and, with --release-devices, its
+    devices leave it)."""
+    query = "?release_devices=true" if release_devices else ""
+
+    def said(r: dict[str, Any]) -> None:
+        console.print(
+            f"deleted collection {r['name']}: {len(r['released'])} device(s) released, "
+            f"vdisks unassigned: {', '.join(r['unassigned']) or '-'}"
+        )
+
+    run(data_dir, as_json, lambda c: c.delete(f"/collections/{quote(name)}{query}"), said)
+
+
+@app.command()
+def rename(
+    name: str,
+    to: str,
+    data_dir: DataDirOption,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Rename a collection: its devices and vdisks move to the new name."""
+    run(
+        data_dir,
+        as_json,
+        lambda c: c.post(f"/collections/{quote(name)}/rename", {"to": to}),
+        lambda r: show_collections([r]),
+    )

@@ -98,7 +98,8 @@ def show(
             err=True,
         )
         raise typer.Exit(2)
-    spans = read_spans(path, trace_id)
+    # The file is read back to about the session's opening (its boot began shortly before).
+    spans = read_spans(path, trace_id, int(opened.time.timestamp() * 1e9))
     if as_json:
         typer.echo(json.dumps(spans, indent=2))
         return

@@ -109,9 +109,11 @@ async def test_an_operators_morning(
     await row.locator("button:has-text('Edit')").click()
     edit = page.locator("tr.edit:visible")
     await edit.locator("input[name=kernel_args]").fill("console=ttyS0")
+    await edit.locator("input[name=smbios_uuid]").fill("4C4C4544-0000-1000-8000-0000000000AA")
     await edit.locator("button:has-text('Save lab-001')").click()
     await page.locator(".toast:has-text('lab-001 saved')").wait_for()
     assert registry.app.show_device(MAC)["kernel_args"] == "console=ttyS0"
+    assert registry.app.show_device(MAC)["smbios_uuid"] == "4c4c4544-0000-1000-8000-0000000000aa"
     await shot(page, tmp_path, "03-devices")
 
     # A boot, as the services record it, advances live on the Boots page.
@@ -142,6 +144,7 @@ async def test_an_operators_morning(
     await shot(page, tmp_path, "04-boots")
     done = await board.locator("td.phase.done").count()
     assert done == 4  # discovered, session open, hand-off, OS attached; booted is "now"
+    assert "lab-001" in await board.inner_text()  # the machine by its name, not only its MAC
 
     # Its timeline, by a click on the row.
     await board.click()
@@ -277,6 +280,24 @@ async def test_devices_from_a_csv_file_and_a_collection(
     a = registry.app.show_device("52:54:00:d0:00:02")["assignment"]
     assert a == {"vdisks": ["demo"], "default": "demo", "source": "collection lab"}
     await shot(page, tmp_path, "collections")
+
+    # Renamed: its devices and vdisk go with it.
+    await row.locator("input[name=to]").fill("room-2")
+    await row.locator("button:has-text('Rename')").click()
+    row = page.locator("tr[data-collection='room-2']")
+    await row.wait_for()
+    assert "csv-1, csv-2" in await row.locator(".members").inner_text()
+    assert registry.app.show_device("52:54:00:d0:00:02")["collection"] == "room-2"
+
+    # Deleted through its confirmation, which names who leaves it and what they lose.
+    await row.locator("button:has-text('Delete')").click()
+    dialog = page.locator("dialog#confirm")
+    text = await dialog.inner_text()
+    assert "Its 2 device(s) leave it and stay registered: csv-1, csv-2." in text, text
+    assert "1 of them boot only its vdisks and will have none" in text, text
+    await page.click("#confirm-ok")
+    await page.locator("text=no collections yet").wait_for()
+    assert registry.app.show_device("52:54:00:d0:00:02")["collection"] is None
     # The refused import's 400 is the one failed request.
     assert [e for e in page.errors if "400 (Bad Request)" not in e] == [], page.errors
 

@@ -43,7 +43,7 @@ async def test_an_import_shows_its_progress_live(
     image = await asyncio.to_thread(write_image, data_dir / "big.raw", 512 * MiB, chunks)
     await log_in(page, registry)
     await page.click("nav >> text=vdisks")
-    await page.wait_for_selector("text=no imports or commits since the registry started")
+    await page.wait_for_selector("text=no imports or commits yet")
     states: list[str] = []
     await page.expose_function("jobSeen", lambda state: states.append(state))
     await page.evaluate(WATCH_JOBS)
@@ -65,6 +65,19 @@ async def test_an_import_shows_its_progress_live(
     audit = [e["data"]["path"] for e in await registry.app.events(type_="AdminActionPerformed")]
     assert "/vdisks/big/versions" in audit and not [p for p in audit if "/jobs" in p], audit
     await shot(page, tmp_path, "import-done")
+
+    # An import whose CLI was killed half-way shows as interrupted, where it stopped.
+    async with registry.http() as http:
+        lost = (await http.post("/jobs", json={"vdisk": "big"})).json()
+        await http.put(f"/jobs/{lost['id']}", json={"phase": "copy", "done": 1, "total": 4})
+    await page.wait_for_selector(f"#jobs [data-job='{lost['id']}'][data-state='running']")
+    async with registry.app.store.pool.acquire() as conn:
+        await conn.execute("UPDATE console_jobs SET updated_at = now() - interval '2 min'")
+    await page.wait_for_selector(
+        f"#jobs [data-job='{lost['id']}'] .pill:has-text('interrupted at 25%')"
+    )
+    assert "the import's CLI stopped" in await page.inner_text(f"[data-job='{lost['id']}']")
+    await shot(page, tmp_path, "import-interrupted")
 
 
 async def test_a_maintenance_session_is_committed_from_the_console(

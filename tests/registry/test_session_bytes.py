@@ -44,7 +44,10 @@ async def test_a_sessions_bytes_agree_live_and_at_its_end(
         before = await streamed_so_far(registry)
         # A first client writes and leaves (its SessionDetached counts the write)...
         await qemu_io(s["nbd_uri"], f"write -P 0x5a {4 * MiB} {WRITTEN}")
-        # ...a second one reads, its commands from stdin: its connection stays open.
+        # ...a second one reads, its commands from stdin: its connection stays open. One
+        # command per write, each after the last is done: qemu-io (not a terminal) waits
+        # for its stdin to be readable, then takes one line with fgets; a second line sent
+        # with the first stays in stdio's buffer, unrun, until more input comes.
         client = await asyncio.create_subprocess_exec(
             "qemu-io", "-f", "raw", s["nbd_uri"],
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -93,6 +96,9 @@ async def test_a_sessions_bytes_agree_live_and_at_its_end(
         total = size_text(before + READ + WRITTEN)
         await page.wait_for_selector(f"[data-stat='streamed']:has-text('{total}')")
         assert await page.inner_text("[data-stat='sessions-bytes']") == "3.1 MiB"
+        # The cache node's free space, from its heartbeat (the page read a wrong field).
+        free = await page.inner_text("[data-free='cache']")
+        assert "server-disk" in free and "iB" in free, free
         await shot(page, tmp_path, "dashboard-bytes")
 
         client.stdin.write(b"quit\n")

@@ -26,6 +26,8 @@ EXPECTED = {
     "POST /devices/import": "operator",
     "GET /collections": "viewer",
     "POST /collections": "operator",
+    "DELETE /collections/{name}": "operator",
+    "POST /collections/{name}/rename": "operator",
     "GET /collections/{name}/chap": "viewer",
     "PUT /collections/{name}/chap": "admin",
     "DELETE /collections/{name}/chap": "admin",
@@ -43,6 +45,7 @@ EXPECTED = {
     "POST /vdisks/{name}/commit": "admin",
     # Import and commit progress: anyone sees it, an admin (who imports) reports it.
     "GET /jobs": "viewer",
+    "GET /jobs/{job_id}": "viewer",
     "POST /jobs": "admin",
     "PUT /jobs/{job_id}": "admin",
     "POST /jobs/{job_id}/end": "admin",

@@ -173,10 +173,10 @@ class LiveView:
 class LiveFeed:
     """The LiveView fed from the log's recent past, then from the event stream on NATS."""
 
-    def __init__(self, store: EventStore, nc: NATS | None) -> None:
+    def __init__(self, store: EventStore, nc: NATS | None, node: str = "registry") -> None:
         self.view = LiveView()
-        # Imports and commits under way (services/registry/jobs.py), shown live.
-        self.jobs = Jobs(self.view.poke)
+        # Imports and commits (services/registry/jobs.py), shown live.
+        self.jobs = Jobs(lambda: store.pool, node, self.view.poke)
         self._store = store
         self.nc = nc
         self._sub: Any = None
@@ -187,6 +187,7 @@ class LiveFeed:
         # whatever both hold is taken once (by position).
         if self.nc is not None:
             self._sub = await self.nc.subscribe(EVENTS_SUBJECTS, cb=self._on_msg)
+        self.jobs.run(self._store.session)
         past = await self._store.read_latest(SEED_EVENTS)
         self._feed((e.position, e.type, e.data, e.time) for e in past)
         pending, self._pending = self._pending or [], None
@@ -194,6 +195,7 @@ class LiveFeed:
 
     async def stop(self) -> None:
         self.view.close()
+        await self.jobs.stop()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

@@ -26,6 +26,7 @@ from starlette.types import Scope
 from services.registry.app import RegistryApp
 from services.registry.domain.api_tokens import BOOTSTRAP_ADMIN
 from services.registry.gate import Principal
+from services.registry.side_table import SideTable
 
 COOKIE = "streamboot_console"
 CSRF_HEADER = b"x-csrf-token"
@@ -73,7 +74,7 @@ class Logins:
         self._pool = pool
         self._who = who
         self.ttl = timedelta(seconds=ttl_s)
-        self._ready = False
+        self._table = SideTable(SCHEMA, SCHEMA_LOCK_KEY)
 
     @classmethod
     def for_app(cls, app: RegistryApp, bootstrap_token: str) -> Logins:
@@ -89,19 +90,11 @@ class Logins:
 
         return cls(lambda: app.store.pool, who)
 
-    async def _ensure_schema(self, conn: asyncpg.Connection) -> None:
-        if self._ready:
-            return
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
-            await conn.execute(SCHEMA)
-        self._ready = True
-
     async def create(self, token: str) -> str:
         """A new login of this API token (known to be valid): its id, for the cookie."""
         login_id = secrets.token_urlsafe(32)
         async with self._pool().acquire() as conn:
-            await self._ensure_schema(conn)
+            await self._table.ready(conn)
             async with conn.transaction():
                 await conn.execute("DELETE FROM console_logins WHERE expires_at < now()")
                 await conn.execute(
@@ -122,7 +115,7 @@ class Logins:
         if not login_id:
             return
         async with self._pool().acquire() as conn:
-            await self._ensure_schema(conn)
+            await self._table.ready(conn)
             await conn.execute("DELETE FROM console_logins WHERE id_hash = $1", sha256(login_id))
 
     async def get(self, login_id: str | None) -> Login | None:
@@ -130,7 +123,7 @@ class Logins:
         if not login_id:
             return None
         async with self._pool().acquire() as conn:
-            await self._ensure_schema(conn)
+            await self._table.ready(conn)
             row = await conn.fetchrow(
                 "SELECT token_hash, expires_at - now() AS left_ FROM console_logins "
                 "WHERE id_hash = $1 AND expires_at > now()",

@@ -26,14 +26,20 @@ from services.registry.console.live import LiveFeed, LiveView
 from services.registry.console.logins import COOKIE, Login, Logins, cookie_value
 from services.registry.domain import collections
 from services.registry.domain.errors import DomainError
-from services.registry.domain.vdisks import check_commit
+from services.registry.domain.vdisks import (
+    BOOT_METHODS,
+    MODES,
+    PERSISTENCES,
+    WRITE_CACHES,
+    check_commit,
+)
 from services.registry.gate import RANK, Principal
 from services.registry.jobs import Jobs
 from shared.boot_flow import PHASES, describe, parse_event, run
 from shared.events import CATALOG
 from shared.identity import normalize_mac
 from shared.metrics import system_figures
-from shared.trace_spans import bars, boot_trace_id, read_spans
+from shared.trace_spans import bars, boot_trace_id, read_traces
 from shared.vdisk_store import PHASES as STORE_PHASES
 
 HERE = Path(__file__).parent
@@ -141,21 +147,26 @@ def trace_file(app: RegistryApp) -> Path:
     return app.settings.trace_file or app.settings.data_path("traces.jsonl")
 
 
-def waterfalls(path: Path, trace_ids: list[str | None]) -> list[dict[str, Any]]:
+def waterfalls(
+    path: Path, trace_ids: list[str | None], since: datetime | None = None
+) -> list[dict[str, Any]]:
     """Each boot's trace as waterfall rows (shared/trace_spans.py, the spans `streamboot
-    trace show` draws), or why there is none."""
+    trace show` draws), or why there is none; ``since``: when the earliest boot began (the
+    span file is read back no further than that)."""
     if not path.exists():
         why = (
             f"no span file at {path}: set STREAMBOOT_TRACE_EXPORTER=jsonl (the embedded "
             "default), or read the trace in your OTLP backend"
         )
         return [{"why": why, "trace_id": t, "rows": []} for t in trace_ids]
+    since_ns = None if since is None else int(since.timestamp() * 1e9)
+    spans = read_traces(path, {t for t in trace_ids if t}, since_ns)
     out = []
     for trace_id in trace_ids:
         if trace_id is None:
             out.append({"why": "no session, so no trace", "rows": []})
             continue
-        found = bars(read_spans(path, trace_id))
+        found = bars(spans[trace_id])
         out.append(
             {"trace_id": trace_id, "why": None if found["rows"] else "no spans yet", **found}
         )
@@ -186,10 +197,20 @@ def mount_console(
     env = templates.env
     env.filters.update(size=_size, ago=_ago, secs=_secs)
     env.globals.update(
-        nav=NAV, phases=[p.value for p in PHASES], static=STATIC, phase_names=STORE_PHASES
+        nav=NAV,
+        phases=[p.value for p in PHASES],
+        static=STATIC,
+        phase_names=STORE_PHASES,
+        # The policy form offers what the domain takes, so a vdisk's value is always one.
+        policy_choices={
+            "mode": MODES,
+            "write_cache": WRITE_CACHES,
+            "write_cache_persistence": PERSISTENCES,
+            "boot_method": BOOT_METHODS,
+        },
     )
     view = feed.view if feed is not None else LiveView()
-    jobs = feed.jobs if feed is not None else Jobs()
+    jobs = feed.jobs if feed is not None else Jobs(lambda: app.store.pool)
     api.mount(STATIC + "/docs", StaticFiles(directory=str(files("fastapi_offline") / "static")))
     api.mount(STATIC, StaticFiles(directory=str(HERE / "static")))
 
@@ -276,7 +297,10 @@ def mount_console(
         return {"sessions": view.with_bytes(await app.list_sessions_with_usage())}
 
     def boots_data() -> dict[str, Any]:
-        return {"boots": view.recent_boots(50)}
+        boots = view.recent_boots(50)
+        devices = app.projection.devices
+        hosts = {b.mac: (devices.get(b.mac) or {}).get("hostname") for b in boots}
+        return {"boots": boots, "hosts": hosts}
 
     async def devices_data(q: str) -> dict[str, Any]:
         words = q.lower().split()
@@ -296,7 +320,7 @@ def mount_console(
         if topic == "dashboard":
             return fragment(request, "dashboard", login, **await dashboard_data()).body.decode()
         if topic == "jobs":
-            return fragment(request, "jobs", login, jobs=jobs.list(vdisk)).body.decode()
+            return fragment(request, "jobs", login, jobs=await jobs.list(vdisk)).body.decode()
         if topic == "sessions":
             return fragment(request, "sessions", login, **await sessions_data()).body.decode()
         return fragment(request, "boots", login, **boots_data()).body.decode()
@@ -327,7 +351,10 @@ def mount_console(
             if e.type == "SessionOpened"
         }
         traces = await asyncio.to_thread(
-            waterfalls, trace_file(app), [opened.get(f.session_id) for f in flows]
+            waterfalls,
+            trace_file(app),
+            [opened.get(f.session_id) for f in flows],
+            min((f.started for f in flows if f.started is not None), default=None),
         )
         return page(
             request,
@@ -360,7 +387,7 @@ def mount_console(
     @api.get("/console/vdisks", include_in_schema=False)
     async def vdisks_page(request: Request) -> HTMLResponse:
         login = await login_of(request)
-        return page(request, "vdisks.html", login, vdisks=app.list_vdisks(), jobs=jobs.list())
+        return page(request, "vdisks.html", login, vdisks=app.list_vdisks(), jobs=await jobs.list())
 
     @api.get("/console/vdisks/{name}", include_in_schema=False)
     async def vdisk_page(request: Request, name: str) -> HTMLResponse:
@@ -373,7 +400,7 @@ def mount_console(
             versions=list(reversed(app.versions(name))),
             affected=affected(app, name),
             commit=commit_view(app, name),
-            jobs=jobs.list(name),
+            jobs=await jobs.list(name),
         )
 
     @api.get("/console/sessions", include_in_schema=False)

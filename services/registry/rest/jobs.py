@@ -30,6 +30,8 @@ class ProgressIn(BaseModel):
 class EndIn(BaseModel):
     version: int | None = None
     error: Annotated[str | None, Field(max_length=1000)] = None
+    # Stopped before its end (Ctrl-C): shown as interrupted, not failed.
+    interrupted: bool = False
 
 
 class CommitIn(BaseModel):
@@ -38,26 +40,32 @@ class CommitIn(BaseModel):
 
 def routes(app: RegistryApp, feed: LiveFeed | None) -> APIRouter:
     """The jobs' routes; ``feed``: the console's live view, which holds the jobs and the
-    registry's NATS connection (None: jobs of this API alone, no commits)."""
+    registry's NATS connection (None: no live view, no commits)."""
     r = APIRouter()
-    jobs = feed.jobs if feed is not None else Jobs()
+    jobs = feed.jobs if feed is not None else Jobs(lambda: app.store.pool)
     tasks: set[asyncio.Task[None]] = set()
 
     @r.get("/jobs")
     async def list_jobs(vdisk: str | None = None) -> list[dict[str, Any]]:
-        return jobs.list(vdisk)
+        return await jobs.list(vdisk)
+
+    @r.get("/jobs/{job_id}")
+    async def show_job(job_id: str) -> dict[str, Any]:
+        return await jobs.get(job_id)
 
     @r.post("/jobs", status_code=201)
     async def start_job(body: JobIn, request: Request) -> dict[str, Any]:
-        return jobs.start(body.kind, body.vdisk, request.state.principal[0]).view()
+        return await jobs.start(body.kind, body.vdisk, request.state.principal[0])
 
     @r.put("/jobs/{job_id}")
     async def job_progress(job_id: str, body: ProgressIn) -> dict[str, Any]:
-        return jobs.progress(job_id, body.phase, body.done, body.total).view()
+        return await jobs.progress(job_id, body.phase, body.done, body.total)
 
     @r.post("/jobs/{job_id}/end")
     async def end_job(job_id: str, body: EndIn) -> dict[str, Any]:
-        return jobs.end(job_id, version=body.version, error=body.error).view()
+        return await jobs.end(
+            job_id, version=body.version, error=body.error, interrupted=body.interrupted
+        )
 
     @r.post("/vdisks/{name}/commit", status_code=202)
     async def commit(name: str, body: CommitIn, request: Request) -> dict[str, Any]:
@@ -67,10 +75,10 @@ def routes(app: RegistryApp, feed: LiveFeed | None) -> APIRouter:
         bus = feed.nc if feed is not None else None
         if bus is None:
             raise not_found("this registry has no NATS connection to read the write cache")
-        job = jobs.start("commit", name, request.state.principal[0])
-        task = asyncio.create_task(run_commit(app, bus, jobs, job, body.stage))
+        job = await jobs.start("commit", name, request.state.principal[0], here=True)
+        task = asyncio.create_task(run_commit(app, bus, jobs, job["id"], name, body.stage))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        return job.view()
+        return job
 
     return r
