@@ -24,6 +24,8 @@ class RawIscsi:
         self.cmd_sn = 1
         self.exp_stat_sn = 0
         self.header_digest = False
+        # The session identifier of its logins (open-iscsi's OUI form, as iscsistart sends).
+        self.isid = bytes.fromhex("00023d000001")
 
     def recv_exact(self, n: int) -> bytes:
         return recv_exact(self.sock, n)
@@ -74,7 +76,7 @@ class RawIscsi:
         bhs = bytearray(48)
         bhs[0] = 0x43
         bhs[1] = (0x80 | nsg if transit else 0) | (csg << 2)
-        bhs[8:14] = bytes.fromhex("00023d000001")
+        bhs[8:14] = self.isid
         struct.pack_into(">IHxxII", bhs, 16, self.itt, 0, self.cmd_sn, self.exp_stat_sn)
         self.itt += 1
         self.send_pdu(bhs, text)

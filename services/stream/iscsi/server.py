@@ -149,6 +149,8 @@ class IscsiConnection(Connection):
         self.exp_cmd_sn = 0
         self.discovery = False
         self.initiator = ""
+        # The initiator's session identifier (ISID, 6 bytes of the leading login).
+        self.isid = b""
         self.target = ""
         self.lun: S.Lun | None = None
         self._pending: Session | None = None
@@ -264,6 +266,7 @@ class IscsiConnection(Connection):
             if first:
                 self.exp_cmd_sn = req.cmd_sn
                 self.stat_sn = req.exp_stat_sn
+                self.isid = bytes(req.bhs[8:14])
             text += req.data
             if len(text) > P.MAX_TEXT:
                 raise P.PduError("login text too long")
@@ -470,7 +473,28 @@ class IscsiConnection(Connection):
             return  # a discovery session
         self.session = session
         self.lun = S.Lun(session.backend, session.spec.vdisk)
+        self._reinstate(session)
         self.mgr.attached(session, "iscsi", self.peer)
+
+    def _reinstate(self, session: Session) -> None:
+        """Session reinstatement (RFC 7143 6.3.5): a login with the InitiatorName and ISID
+        of a connection still open here comes from an initiator that lost that one (a
+        reboot, a network blip, ErrorRecoveryLevel 0 recovery) and will never send on it
+        again. The old connection ends now, its tasks with it, instead of lingering until
+        keepalive finds it dead, so none of its commands runs after the new login's. Only
+        after authentication: an unproven login ends nothing."""
+        for conn in list(session.conns):
+            if (
+                conn is not self
+                and isinstance(conn, IscsiConnection)
+                and conn.initiator == self.initiator
+                and conn.isid == self.isid
+            ):
+                log.info(
+                    "iscsi: %s (%s) logged in again with ISID %s: its connection from %s ends",
+                    self.peer, self.initiator[:224], self.isid.hex(), conn.peer,
+                )  # fmt: skip
+                conn.abort("session-reinstated")
 
     def connection_lost(self, exc: Exception | None) -> None:
         session, self._pending = self._pending, None
