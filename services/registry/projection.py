@@ -496,6 +496,8 @@ class Projection:
         s = self.sessions.get(d["session_id"])
         if s is not None:
             s["attached"] += 1
+            # Every attachment ever: an iSCSI hand-off boot's second is the OS's login.
+            s["attaches"] = s.get("attaches", 0) + 1
             node = d.get("stream_node", "")
             s["attached_on"][node] = s["attached_on"].get(node, 0) + 1
             s.setdefault("attached_at", {})[node] = _ts(when)

@@ -38,10 +38,6 @@ pytestmark = [
 ]
 VDISK = "debian-iscsi"
 PACKAGES = ["open-iscsi"]
-# iPXE leaves its connection open when it starts the kernel: the session stays attached
-# until keepalive finds it dead (60 s by default), then waits the detach grace for the
-# OS's own login. A TCG guest takes a minute or more from iPXE to its initramfs's login.
-TIMERS = {"STREAMBOOT_SESSION_DETACH_GRACE_S": "180"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +46,7 @@ def lab() -> Iterator[BootLab]:
     lab = BootLab(root, taps=2)
     lab.create()
     try:
-        lab.start(**TIMERS)
+        lab.start()
         yield lab
     finally:
         lab.stop()

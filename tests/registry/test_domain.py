@@ -254,6 +254,49 @@ def test_sweeper_waits_for_grace_after_detach() -> None:
     assert sessions.expired(p, 1030.0, **rules) == [("s-1", "client-gone")]
 
 
+@pytest.mark.parametrize("method", ["sanboot-iscsi", "iscsi-ibft"])
+def test_an_iscsi_handoff_boot_waits_for_the_os_login_then_the_usual_grace(method: str) -> None:
+    """iPXE never logs out: its connection is found dead while the OS is still loading.
+    Until a second attachment (the OS's login from the iBFT) the hand-off grace applies."""
+    from shared.events import SessionAttached, SessionDetached
+
+    p = Projection()
+    with_vdisk(p)
+    apply(p, vdisks.set_policy(p, "win", boot_method=method))
+    p.vdisks["win"]["versions"][1]["boot"] = {"kernel_version": "6.1.0-1-amd64", "root": "UUID=x"}
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, open_(p, mac), when=100.0)
+    att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
+    gone = {"bytes_read": 1, "bytes_written": 0, **att}
+    rules = {"idle_timeout_s": 600.0, "detach_grace_s": 30.0, "handoff_grace_s": 300.0}
+    apply(p, [SessionAttached(protocol="iscsi", **att)], when=110.0)  # iPXE
+    apply(p, [SessionDetached(protocol="iscsi", **gone)], when=170.0)  # keepalive found it
+    assert sessions.awaiting_handoff(p, p.sessions["s-1"])
+    assert sessions.expired(p, 170.0 + 31, **rules) == []  # past the detach grace: kept
+    assert sessions.expired(p, 170.0 + 300, **rules) == [("s-1", "handoff-timeout")]
+    apply(p, [SessionAttached(protocol="iscsi", **att)], when=400.0)  # the OS logs in
+    assert not sessions.awaiting_handoff(p, p.sessions["s-1"])
+    apply(p, [SessionDetached(protocol="iscsi", **gone)], when=1000.0)  # the OS shut down
+    assert sessions.expired(p, 1029.0, **rules) == []
+    assert sessions.expired(p, 1030.0, **rules) == [("s-1", "client-gone")]
+
+
+def test_only_iscsi_handoff_boots_get_the_handoff_grace() -> None:
+    from shared.events import SessionAttached, SessionDetached
+
+    p = Projection()
+    with_vdisk(p)
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, open_(p, mac), when=100.0)
+    att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
+    apply(p, [SessionAttached(protocol="iscsi", **att)], when=110.0)
+    apply(p, [SessionDetached(protocol="iscsi", bytes_read=1, bytes_written=0, **att)], when=120.0)
+    rules = {"idle_timeout_s": 600.0, "detach_grace_s": 30.0, "handoff_grace_s": 300.0}
+    assert sessions.expired(p, 150.0, **rules) == [("s-1", "client-gone")]
+
+
 def test_sweeper_idle_timeout_for_sessions_never_attached() -> None:
     p = Projection()
     with_vdisk(p)

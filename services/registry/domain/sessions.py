@@ -283,16 +283,37 @@ def close(p: Projection, session: Record, reason: str) -> list[Event]:
     ]
 
 
+# Boot methods whose disk is logged in to twice: by iPXE's initiator, which never logs
+# out, then by the OS's own from the iBFT (Windows' msiscsi, open-iscsi's iscsistart).
+HANDOFF_METHODS = ("sanboot-iscsi", "iscsi-ibft")
+
+
+def awaiting_handoff(p: Projection, s: Record) -> bool:
+    """Whether a session boots by an iSCSI hand-off and its OS has not logged in yet: it
+    has had at most one attachment (iPXE's)."""
+    if s.get("replay_of") or s.get("attaches", 0) > 1:
+        return False
+    vd = p.vdisks.get(s["vdisk"])
+    return vd is not None and vd.get("boot_method") in HANDOFF_METHODS
+
+
 def expired(
     p: Projection,
     now: float,
     *,
     idle_timeout_s: float,
     detach_grace_s: float,
+    handoff_grace_s: float = 0.0,
     alive_nodes: dict[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Sessions to close now, with the reason: the client left (no attachment for the grace
     period after its last detach), or it never came / went quiet (idle timeout).
+
+    A session waiting for its OS's iSCSI login (:func:`awaiting_handoff`) gets
+    ``handoff_grace_s`` instead of the detach grace: the firmware's connection it was
+    attached by dies silently when the OS starts (found by keepalive), and the OS logs in
+    when its initramfs or boot drivers are up, which on a slow machine is minutes later.
+    Closed then for "handoff-timeout": the OS never came.
 
     A session whose stream node died or restarted since its attachments (``alive_nodes``:
     node -> start time of the instance heartbeating now; None = unknown) is not closed for
@@ -309,8 +330,10 @@ def expired(
             if now - s["last_activity"] >= idle_timeout_s:
                 out.append((s["session_id"], "stream-node-gone"))
             continue
-        if s["detached_at"] is not None and now - s["detached_at"] >= detach_grace_s:
-            out.append((s["session_id"], "client-gone"))
+        handoff = awaiting_handoff(p, s)
+        grace = max(detach_grace_s, handoff_grace_s) if handoff else detach_grace_s
+        if s["detached_at"] is not None and now - s["detached_at"] >= grace:
+            out.append((s["session_id"], "handoff-timeout" if handoff else "client-gone"))
         elif now - s["last_activity"] >= idle_timeout_s:
             out.append((s["session_id"], "idle-timeout"))
     return out
