@@ -8,7 +8,8 @@ logs in to the session's target as the device, with its mutual CHAP, `sanhook`s 
 `iscsi_auto`; the initramfs's `iscsistart -b` logs in again from the table alone (portal,
 target, initiator name, CHAP) and the root mounts from the iSCSI disk, to the marker; on
 BIOS (mutual CHAP) and on UEFI (ipxe.efi, one-way CHAP). And UEFI `sanboot-iscsi` of a disk
-with an EFI boot loader (no Debian build needed).
+with an EFI boot loader, and iPXE's `sanboot iscsi:` of the demo vdisk (syslinux, kernel and
+initramfs read over iSCSI), neither needing the Debian build.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from pathlib import Path
 
 import pytest
 
+from services.stream.iscsi.server import TARGET_PREFIX
+from services.stream.settings import StreamSettings
+from services.stream.spec import ExportSpec
+from shared.events import BlocksRequested, SessionAttached
 from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for
 from tests.client.conftest import TEST_CACHE
 from tests.conftest import traversable_tmpdir
 from tests.e2e.pxe_lab import OVMF, STREAMBOOT, BootLab, pxe_vm_argv
 from tests.e2e.test_realos_boot import BOOT_S, MEMORY, add_device, marker, realos_missing
-from tests.stream.conftest import sha256
+from tests.stream.conftest import ServerThread, sha256
+from tests.stream.test_vm_boot import ipxe_vm, run_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -186,3 +192,38 @@ def test_uefi_ipxe_sanboots_an_efi_boot_loader_over_iscsi(lab: BootLab, tmp_path
     attached = [e["data"] for e in lab.events("--type", "SessionAttached")
                 if e["data"]["session_id"] == opened]  # fmt: skip
     assert attached and {a["protocol"] for a in attached} == {"iscsi"}, attached
+
+
+def test_ipxe_sanboots_the_demo_vdisk_over_iscsi(demo_image: Path, tmp_path: Path) -> None:
+    """The demo vdisk by `sanboot iscsi:`: iPXE's initiator reads syslinux, which reads the
+    kernel and the initramfs through iPXE's INT 13h, all over iSCSI; the initramfs's client
+    starting is the proof (it then finds no disk of its own: this kernel has no iSCSI
+    initiator; the OS's own login is tests/e2e/test_realos_iscsi.py)."""
+    token = "tok-ipxe-demo"
+    demo = ExportSpec(
+        session_id="demo-session", vdisk="demo", version=1, layers=(demo_image,),
+        size=demo_image.stat().st_size, write_cache="server-ram",
+    )  # fmt: skip
+    server = ServerThread(
+        {token: demo},
+        StreamSettings(nbd_port=0, http_port=0, iscsi_port=0, write_cache_dir=tmp_path),
+    )
+    server.start()
+    try:
+        uri = f"iscsi:10.0.2.2::{server.servers.iscsi_port}:0:{TARGET_PREFIX}{token}"
+        script = tmp_path / "boot.ipxe"
+        script.write_text(f"#!ipxe\ndhcp\nsanboot {uri}\n")
+        out = run_until(ipxe_vm(script), b"streamboot-client:", timeout=600)
+        text = out.decode(errors="replace")
+        assert "streamboot-client:" in text, text[-3000:]
+        attached = server.events(SessionAttached)
+        assert attached and all(e.protocol == "iscsi" for e in attached)
+        read = 0
+        deadline = time.monotonic() + 10
+        while read <= 5 << 20 and time.monotonic() < deadline:  # BlocksRequested: batches
+            time.sleep(0.2)
+            read = sum(x[2] for e in server.events(BlocksRequested) for x in e.extents
+                       if x[3] == "r")  # fmt: skip
+        assert read > 5 << 20, read  # a kernel and an initramfs, not a boot sector
+    finally:
+        server.stop()
