@@ -282,6 +282,31 @@ def test_an_iscsi_handoff_boot_waits_for_the_os_login_then_the_usual_grace(metho
     assert sessions.expired(p, 1030.0, **rules) == [("s-1", "client-gone")]
 
 
+def test_a_device_booting_again_before_its_handoff_replaces_that_session() -> None:
+    """A boot that died between iPXE and the OS's login (a Windows image without its NIC
+    driver stops with 0x7B and reboots) does not block the next boot for the hand-off
+    grace; once the OS has logged in, the one-live-session rule is as before."""
+    from shared.events import SessionAttached, SessionClosed
+
+    p = Projection()
+    with_vdisk(p)
+    apply(p, vdisks.set_policy(p, "win", boot_method="sanboot-iscsi", mode="private"))
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, open_(p, mac, "s-1"))
+    att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
+    apply(p, [SessionAttached(protocol="iscsi", **att)])  # iPXE, still attached
+    closed, opened = open_(p, mac, "s-2")
+    assert isinstance(closed, SessionClosed) and closed.session_id == "s-1"
+    assert closed.reason == "rebooted-before-handoff" and opened.session_id == "s-2"
+    apply(p, [closed, opened])
+    assert p.session_by_mac[mac] == "s-2" and "s-1" not in p.sessions
+    att["session_id"] = "s-2"
+    apply(p, [SessionAttached(protocol="iscsi", **att)] * 2)  # iPXE, then the OS
+    with pytest.raises(DomainError, match="already has a live session"):
+        open_(p, mac, "s-3")
+
+
 def test_only_iscsi_handoff_boots_get_the_handoff_grace() -> None:
     from shared.events import SessionAttached, SessionDetached
 

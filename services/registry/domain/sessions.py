@@ -129,11 +129,18 @@ def open_session(
     vdisk_rules.boot_plan(vd, version)  # a vdisk that cannot boot as its policy says: refused
 
     live = p.session_by_mac.get(the_mac)
-    if live is not None:
+    # A device booting again while its previous session waits for its OS's iSCSI login:
+    # that boot died before the OS logged in (the iBFT boot loop of an image without its
+    # NIC driver), so the old session ends here instead of blocking this boot for the
+    # hand-off grace.
+    replaced: list[Event] = []
+    if live is not None and awaiting_handoff(p, p.sessions[live]):
+        replaced = close(p, p.sessions[live], "rebooted-before-handoff")
+    elif live is not None:
         reject(f"device {the_mac} already has a live session ({live})", live)
     # A replay is not the device: it holds no name or identity (not in these indexes).
     s = p.live_boot_sharing(dev["hostname"], dev["machine_id"])
-    if s is not None:
+    if s is not None and not (replaced and s["session_id"] == live):
         if s["hostname"] == dev["hostname"]:
             reject(
                 f"hostname {dev['hostname']!r} is in use by live session {s['session_id']}",
@@ -148,6 +155,8 @@ def open_session(
     # Only these two rules look at the vdisk's other sessions (a shared vdisk may have
     # thousands: a standard boot does not walk them).
     for s in p.live_boots_of_vdisk(vdisk) if private or maintenance else ():
+        if replaced and s["session_id"] == live:
+            continue
         if private:
             reject(
                 f"vdisk {vdisk!r} is private and in use by live session {s['session_id']}",
@@ -164,6 +173,7 @@ def open_session(
     write_cache = "server-disk" if maintenance else vd["write_cache"]
     persistence = "keep" if writes_to_vdisk else vd["write_cache_persistence"]
     return [
+        *replaced,
         SessionOpened(
             session_id=session_id,
             mac=the_mac,
@@ -185,7 +195,7 @@ def open_session(
             boot_traceparent=boot_traceparent,
             boot_started_ns=boot_started_ns,
             client_addr=client_addr,
-        )
+        ),
     ]
 
 
