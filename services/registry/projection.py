@@ -496,8 +496,11 @@ class Projection:
         s = self.sessions.get(d["session_id"])
         if s is not None:
             s["attached"] += 1
-            # Every attachment ever: an iSCSI hand-off boot's second is the OS's login.
+            # Every attachment ever, and those not of a boot firmware (iPXE's iSCSI logins):
+            # an iSCSI hand-off boot's first such is the OS's own login.
             s["attaches"] = s.get("attaches", 0) + 1
+            if not d.get("boot_firmware"):
+                s["os_attaches"] = s.get("os_attaches", 0) + 1
             node = d.get("stream_node", "")
             s["attached_on"][node] = s["attached_on"].get(node, 0) + 1
             s.setdefault("attached_at", {})[node] = _ts(when)

@@ -1,15 +1,20 @@
 """The iSCSI hand-off of a SAN boot (docs/iscsi.md, "The hand-off"): iPXE logs in to the
-session's target and never logs out; the OS's own initiator logs in again later from the
-iBFT, with the same initiator name. The OS must find the same session and its write cache
-however long after iPXE's connection died it comes.
+session's target and never logs out (and logs in again whenever its connection is dropped
+under it); the OS's own initiator logs in later from the iBFT, with the same initiator
+name. The OS must find the same session and its write cache however long after iPXE's
+connection died it comes.
 
 Real registry (in-process, its sweeper driven with explicit times), cache service and
-stream service processes; the initiators are QEMU's iSCSI driver (qemu-io over libiscsi)."""
+stream service processes. The OS is QEMU's iSCSI initiator (qemu-io over libiscsi); iPXE is
+played by the raw initiator of tests/stream/iscsiraw.py sending iPXE's ISID (no tool but
+iPXE itself sends it; the real iPXE is tests/e2e/test_realos_iscsi.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
+import os
+import socket
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,12 +22,14 @@ from typing import Any
 import pytest
 
 from services.registry.domain.sessions import awaiting_handoff
+from services.stream.iscsi.server import IPXE_ISID
 from shared import bus
 from streamboot.embedded.proc import free_port
 from tests.cache.conftest import Proc, System, run
 from tests.cache.test_session_outlives_node import alive_since
 from tests.registry.conftest import Registry, data_dir, nc, registry  # noqa: F401
 from tests.registry.test_sessions import MAC, seed
+from tests.stream.iscsiraw import RawIscsi
 
 pytestmark = pytest.mark.timeout(240)
 NODE = "stream-phoenix"  # the node alive_since() watches
@@ -44,6 +51,18 @@ def start_stream(s: System, reg: Registry, iscsi_port: int) -> Proc:
     proc = Proc([sys.executable, "-m", "services.stream"], env, s.root / "stream.log")
     s.procs.append(proc)
     return proc
+
+
+def ipxe_login_and_vanish(opened: dict[str, Any], write: bool) -> None:
+    """A login as iPXE makes it (its ISID, the device's initiator name), a 4 KiB write of
+    0x5a at 0 if ``write``, then the connection reset without a logout."""
+    c = RawIscsi(int(opened["iscsi_portal"].rsplit(":", 1)[1]))
+    c.isid, c.initiator = IPXE_ISID + os.urandom(2), opened["initiator_iqn"]
+    c.login(opened["iscsi_target"])
+    if write:
+        assert c.write10(0, b"\x5a" * 4096)[0] == 0
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
 
 
 def image_opts(opened: dict[str, Any]) -> str:
@@ -86,22 +105,13 @@ async def test_the_os_login_finds_the_session_ipxe_left_long_after_its_connectio
     sid = opened["session_id"]
     assert opened["initiator_iqn"] and opened["iscsi_target"]
 
-    # iPXE: logs in as the device, writes, and vanishes without a logout.
-    ipxe = await asyncio.create_subprocess_exec(
-        "qemu-io", "--image-opts", image_opts(opened), "-c", "write -P 0x5a 0 64k",
-        "-c", "flush", "-c", "sleep 600000", stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    await session_state(registry, sid, attaches=1, attached=1)
-    for _ in range(600):  # its write is in the session's write cache
-        caches = (await s.stats())["write_caches"]
-        if caches and caches[0]["used"] >= 65536:
-            break
-        await asyncio.sleep(0.05)
-    assert [c["session_id"] for c in caches] == [sid]
-    ipxe.kill()
-    await ipxe.wait()
-    left = await session_state(registry, sid, attaches=1, attached=0)
+    # iPXE: logs in as the device and writes; its connection is dropped, it logs in again,
+    # and then vanishes without a logout (the OS started).
+    for n, write in enumerate((True, False)):
+        await asyncio.to_thread(ipxe_login_and_vanish, opened, write)
+        left = await session_state(registry, sid, attaches=n + 1, attached=0)
+    caches = (await s.stats())["write_caches"]
+    assert [c["session_id"] for c in caches] == [sid] and caches[0]["used"] >= 4096
     assert awaiting_handoff(registry.app.projection, left)
 
     # Far past keepalive + the detach grace that would have closed it: still there.
@@ -112,8 +122,8 @@ async def test_the_os_login_finds_the_session_ipxe_left_long_after_its_connectio
 
     # The OS: the same initiator name, another ISID (libiscsi's own), reads iPXE's write.
     os_login = ["qemu-io", "--image-opts", image_opts(opened)]
-    await asyncio.to_thread(run, *os_login, "-c", "read -P 0x5a 0 64k", "-c", "read -P 0 64k 4k")
-    done = await session_state(registry, sid, attaches=2, attached=0)
+    await asyncio.to_thread(run, *os_login, "-c", "read -P 0x5a 0 4k", "-c", "read -P 0 64k 4k")
+    done = await session_state(registry, sid, attaches=3, attached=0)
     assert not awaiting_handoff(registry.app.projection, done)
 
     # Handed off: its client leaving now ends it after the usual grace.

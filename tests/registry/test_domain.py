@@ -257,7 +257,8 @@ def test_sweeper_waits_for_grace_after_detach() -> None:
 @pytest.mark.parametrize("method", ["sanboot-iscsi", "iscsi-ibft"])
 def test_an_iscsi_handoff_boot_waits_for_the_os_login_then_the_usual_grace(method: str) -> None:
     """iPXE never logs out: its connection is found dead while the OS is still loading.
-    Until a second attachment (the OS's login from the iBFT) the hand-off grace applies."""
+    Until an attachment that is not a boot firmware's (the OS's login from the iBFT), however
+    often iPXE logged in, the hand-off grace applies."""
     from shared.events import SessionAttached, SessionDetached
 
     p = Projection()
@@ -270,7 +271,10 @@ def test_an_iscsi_handoff_boot_waits_for_the_os_login_then_the_usual_grace(metho
     att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
     gone = {"bytes_read": 1, "bytes_written": 0, **att}
     rules = {"idle_timeout_s": 600.0, "detach_grace_s": 30.0, "handoff_grace_s": 300.0}
-    apply(p, [SessionAttached(protocol="iscsi", **att)], when=110.0)  # iPXE
+    ipxe = SessionAttached(protocol="iscsi", boot_firmware=True, **att)
+    apply(p, [ipxe], when=110.0)
+    apply(p, [SessionDetached(protocol="iscsi", **gone)], when=115.0)  # dropped while it
+    apply(p, [ipxe], when=116.0)  # downloads the kernel: iPXE logs in again
     apply(p, [SessionDetached(protocol="iscsi", **gone)], when=170.0)  # keepalive found it
     assert sessions.awaiting_handoff(p, p.sessions["s-1"])
     assert sessions.expired(p, 170.0 + 31, **rules) == []  # past the detach grace: kept
@@ -295,14 +299,15 @@ def test_a_device_booting_again_before_its_handoff_replaces_that_session() -> No
     apply(p, assignments.assign(p, "device", mac, "win", default=True))
     apply(p, open_(p, mac, "s-1"))
     att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
-    apply(p, [SessionAttached(protocol="iscsi", **att)])  # iPXE, still attached
+    apply(p, [SessionAttached(protocol="iscsi", boot_firmware=True, **att)])  # iPXE, still on
     closed, opened = open_(p, mac, "s-2")
     assert isinstance(closed, SessionClosed) and closed.session_id == "s-1"
     assert closed.reason == "rebooted-before-handoff" and opened.session_id == "s-2"
     apply(p, [closed, opened])
     assert p.session_by_mac[mac] == "s-2" and "s-1" not in p.sessions
     att["session_id"] = "s-2"
-    apply(p, [SessionAttached(protocol="iscsi", **att)] * 2)  # iPXE, then the OS
+    apply(p, [SessionAttached(protocol="iscsi", boot_firmware=True, **att)])  # iPXE
+    apply(p, [SessionAttached(protocol="iscsi", **att)])  # the OS
     with pytest.raises(DomainError, match="already has a live session"):
         open_(p, mac, "s-3")
 

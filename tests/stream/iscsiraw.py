@@ -26,6 +26,7 @@ class RawIscsi:
         self.header_digest = False
         # The session identifier of its logins (open-iscsi's OUI form, as iscsistart sends).
         self.isid = bytes.fromhex("00023d000001")
+        self.initiator = INITIATOR
 
     def recv_exact(self, n: int) -> bytes:
         return recv_exact(self.sock, n)
@@ -56,7 +57,7 @@ class RawIscsi:
         """One login PDU from the operational stage straight to full feature phase; the
         login status (class << 8 | detail)."""
         keys = {
-            "InitiatorName": INITIATOR,
+            "InitiatorName": self.initiator,
             "SessionType": "Normal",
             "TargetName": target,
             "HeaderDigest": "CRC32C" if header_digest else "None",

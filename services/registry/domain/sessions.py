@@ -299,9 +299,10 @@ HANDOFF_METHODS = ("sanboot-iscsi", "iscsi-ibft")
 
 
 def awaiting_handoff(p: Projection, s: Record) -> bool:
-    """Whether a session boots by an iSCSI hand-off and its OS has not logged in yet: it
-    has had at most one attachment (iPXE's)."""
-    if s.get("replay_of") or s.get("attaches", 0) > 1:
+    """Whether a session boots by an iSCSI hand-off and its OS has not logged in yet: no
+    attachment but a boot firmware's (iPXE logs in again whenever its connection drops, so
+    counting logins would not do)."""
+    if s.get("replay_of") or s.get("os_attaches", 0) > 0:
         return False
     vd = p.vdisks.get(s["vdisk"])
     return vd is not None and vd.get("boot_method") in HANDOFF_METHODS

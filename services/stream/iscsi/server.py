@@ -79,6 +79,9 @@ SENDFILE_MIN = 64 * 1024
 ZEROS = memoryview(bytes(MAX_RECV_DATA))
 
 _tsih = itertools.cycle(range(1, 0x10000))
+# The ISID iPXE's initiator logs in with: IANA enterprise-number form (0x40), Fen Systems'
+# number 10019, then a random qualifier. Its logins are a boot firmware's (SessionAttached).
+IPXE_ISID = bytes.fromhex("40002723")
 
 
 class LoginFailed(Exception):
@@ -474,7 +477,7 @@ class IscsiConnection(Connection):
         self.session = session
         self.lun = S.Lun(session.backend, session.spec.vdisk)
         self._reinstate(session)
-        self.mgr.attached(session, "iscsi", self.peer)
+        self.mgr.attached(session, "iscsi", self.peer, boot_firmware=self.isid[:4] == IPXE_ISID)
 
     def _reinstate(self, session: Session) -> None:
         """Session reinstatement (RFC 7143 6.3.5): a login with the InitiatorName and ISID
