@@ -31,7 +31,7 @@ from shared.events import BlocksRequested, SessionAttached
 from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for
 from tests.client.conftest import TEST_CACHE
 from tests.conftest import traversable_tmpdir
-from tests.e2e.pxe_lab import OVMF, STREAMBOOT, BootLab, pxe_vm_argv
+from tests.e2e.pxe_lab import OVMF, SHORT_SESSION_TIMERS, STREAMBOOT, BootLab, pxe_vm_argv
 from tests.e2e.test_realos_boot import BOOT_S, MEMORY, add_device, marker, realos_missing
 from tests.stream.conftest import ServerThread, sha256
 from tests.stream.test_vm_boot import ipxe_vm, run_until
@@ -52,7 +52,11 @@ def lab() -> Iterator[BootLab]:
     lab = BootLab(root, taps=2)
     lab.create()
     try:
-        lab.start()
+        # Short keepalive and detach grace: iPXE's connection, which it never logs out, is
+        # found dead and its detach grace is over seconds after the kernel starts, long
+        # before the initramfs logs in from the iBFT. Only the hand-off grace (its default,
+        # not raised) keeps the session and its write cache for that login.
+        lab.start(**SHORT_SESSION_TIMERS)
         yield lab
     finally:
         lab.stop()
@@ -109,6 +113,13 @@ def test_debian_mounts_its_root_over_iscsi_from_the_ibft_with_mutual_chap(debian
     assert len(attached) >= 2 and {a["protocol"] for a in attached} == {"iscsi"}, attached
     assert {a["client_addr"].rsplit(":", 1)[0] for a in attached} == {seen_ip(console)}
     assert not lab.events("--type", "IscsiLoginRefused")
+    # The hand-off: iPXE's connection was found dead (and its detach grace over) before the
+    # OS logged in, and the session was kept for that login.
+    steps = [e for e in lab.events("--mac", mac)
+             if e["type"] in ("SessionAttached", "SessionDetached")]  # fmt: skip
+    print("hand-off:", [(e["type"], e.get("time")) for e in steps])
+    order = [e["type"] for e in steps]
+    assert order[:3] == ["SessionAttached", "SessionDetached", "SessionAttached"], order
     # The OS wrote (the journal, the marker's state) into the session's write cache only.
     assert sha256(golden) == before
 
