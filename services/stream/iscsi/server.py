@@ -638,6 +638,16 @@ class IscsiConnection(Connection):
                 lun.check_rw(rw, edtl)
         except S.CheckCondition as e:
             error = e
+        if (
+            rw is not None
+            and rw.write
+            and error is None
+            and req.flags & P.CMD_WRITE
+            and req.final
+            and len(req.data) == edtl
+            and req.itt not in self._writes
+        ):  # all its data came with it (immediate): no Data-Out to wait for
+            return self._write_command(req.itt, req.lun_raw, rw, edtl, req.data, t0)
         if req.flags & P.CMD_WRITE and edtl:
             if len(self._writes) >= CMD_WINDOW or req.itt in self._writes:
                 return self._reject(P.REJECT_PROTOCOL, req.bhs)
