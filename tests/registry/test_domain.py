@@ -254,6 +254,20 @@ def test_sweeper_waits_for_grace_after_detach() -> None:
     assert sessions.expired(p, 1030.0, **rules) == [("s-1", "client-gone")]
 
 
+def handoff_boot(method: str | None, **policy: str) -> tuple[Projection, str]:
+    """Vdisk ``win`` (boot method ``method``, booting kernel-direct if need be) assigned to
+    one device, whose session ``s-1`` opened at t=100: the device's MAC."""
+    p = Projection()
+    with_vdisk(p)
+    if method is not None:
+        apply(p, vdisks.set_policy(p, "win", boot_method=method, **policy))
+    p.vdisks["win"]["versions"][1]["boot"] = {"kernel_version": "6.1.0-1-amd64", "root": "UUID=x"}
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, open_(p, mac), when=100.0)
+    return p, mac
+
+
 @pytest.mark.parametrize("method", ["sanboot-iscsi", "iscsi-ibft"])
 def test_an_iscsi_handoff_boot_waits_for_the_os_login_then_the_usual_grace(method: str) -> None:
     """iPXE never logs out: its connection is found dead while the OS is still loading.
@@ -261,13 +275,7 @@ def test_an_iscsi_handoff_boot_waits_for_the_os_login_then_the_usual_grace(metho
     often iPXE logged in, the hand-off grace applies."""
     from shared.events import SessionAttached, SessionDetached
 
-    p = Projection()
-    with_vdisk(p)
-    apply(p, vdisks.set_policy(p, "win", boot_method=method))
-    p.vdisks["win"]["versions"][1]["boot"] = {"kernel_version": "6.1.0-1-amd64", "root": "UUID=x"}
-    mac = device(p, "52:54:00:00:00:01")
-    apply(p, assignments.assign(p, "device", mac, "win", default=True))
-    apply(p, open_(p, mac), when=100.0)
+    p, _ = handoff_boot(method)
     att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
     gone = {"bytes_read": 1, "bytes_written": 0, **att}
     rules = {"idle_timeout_s": 600.0, "detach_grace_s": 30.0, "handoff_grace_s": 300.0}
@@ -292,12 +300,7 @@ def test_a_device_booting_again_before_its_handoff_replaces_that_session() -> No
     grace; once the OS has logged in, the one-live-session rule is as before."""
     from shared.events import SessionAttached, SessionClosed
 
-    p = Projection()
-    with_vdisk(p)
-    apply(p, vdisks.set_policy(p, "win", boot_method="sanboot-iscsi", mode="private"))
-    mac = device(p, "52:54:00:00:00:01")
-    apply(p, assignments.assign(p, "device", mac, "win", default=True))
-    apply(p, open_(p, mac, "s-1"))
+    p, mac = handoff_boot("sanboot-iscsi", mode="private")
     att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
     apply(p, [SessionAttached(protocol="iscsi", boot_firmware=True, **att)])  # iPXE, still on
     closed, opened = open_(p, mac, "s-2")
@@ -315,11 +318,7 @@ def test_a_device_booting_again_before_its_handoff_replaces_that_session() -> No
 def test_only_iscsi_handoff_boots_get_the_handoff_grace() -> None:
     from shared.events import SessionAttached, SessionDetached
 
-    p = Projection()
-    with_vdisk(p)
-    mac = device(p, "52:54:00:00:00:01")
-    apply(p, assignments.assign(p, "device", mac, "win", default=True))
-    apply(p, open_(p, mac), when=100.0)
+    p, _ = handoff_boot(None)
     att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
     apply(p, [SessionAttached(protocol="iscsi", **att)], when=110.0)
     apply(p, [SessionDetached(protocol="iscsi", bytes_read=1, bytes_written=0, **att)], when=120.0)
