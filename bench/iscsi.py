@@ -7,9 +7,13 @@ One raw image (random data, not sparse) in a temp dir, served at the same time b
 stream server (``services.stream.standalone``, target ``iqn.2026-12.io.streamboot:<token>``
 LUN 0) and by tgtd (its file backing store, LUN 1), both on loopback. libiscsi's
 ``iscsi-perf`` reads from each: sequential 1 MiB x 8 in flight, 4 KiB random at 16 and at 1
-in flight (iscsi-perf only reads). The page cache is warmed first, so the comparison is of
-the targets, not the disk. Per workload the targets run back to back for ``--rounds``
-rounds, best kept. Needs root (tgtd) and Debian's ``libiscsi-bin`` and ``tgt``.
+in flight (iscsi-perf only reads); QEMU's ``qemu-img bench -w`` writes 4 KiB blocks, 16 in
+flight, at scattered offsets (a stride of ``WRITE_STRIDE`` blocks wrapping round the image:
+qemu-img bench has no random mode). The page cache is warmed first, so the comparison is of
+the targets, not the disk (streamboot's writes land in the session's RAM write cache, tgt's
+in the image file's page cache). Per workload the targets run back to back for ``--rounds``
+rounds, best kept. Needs root (tgtd) and Debian's ``libiscsi-bin``, ``qemu-block-extra``
+and ``tgt``.
 
     uv run python bench/iscsi.py --storm [--clients 1,10,50] [--rounds 2]
 
@@ -58,6 +62,11 @@ WORKLOADS = [
     ("rand read 4K qd1", ["-m", "1", "-b", "8", "-r"]),
 ]
 RESULT = re.compile(r"iops average (\d+) \((\d+) MB/s\)\s*$", re.M)
+# Writes: qemu-img bench; a stride that divides no power of two spreads them over the image.
+WRITE_WORKLOAD = "write 4K qd16"
+WRITE_STRIDE = 2053
+WRITE_COUNT = 20000
+BENCH_DONE = re.compile(r"Run completed in ([\d.]+) seconds")
 
 
 def make_image(path: Path, size: int) -> None:
@@ -79,7 +88,7 @@ def streamboot(image: Path, sessions: int = 1) -> Iterator[str]:
            "--sessions", str(sessions), "--iscsi-port", str(port), str(image)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port)
+        wait_port(port, timeout_s=60)  # a Python start on a loaded machine
         token = TOKEN if sessions == 1 else TOKEN + "-{i}"
         yield f"iscsi://127.0.0.1:{port}/iqn.2026-12.io.streamboot:{token}/0"
     finally:
@@ -159,6 +168,20 @@ def perf(url: str, args: list[str], runtime: int) -> tuple[int, int]:
     return int(iops), int(mbs)
 
 
+def write_bench(url: str) -> tuple[int, int]:
+    """(IOPS, MB/s) of ``WRITE_COUNT`` 4 KiB writes, 16 in flight, by qemu-img bench."""
+    out = subprocess.run(
+        ["qemu-img", "bench", "-f", "raw", "-w", "-d", "16", "-s", "4096",
+         "-S", str(4096 * WRITE_STRIDE), "-c", str(WRITE_COUNT), url],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    found = BENCH_DONE.search(out.stdout)
+    if out.returncode != 0 or not found:
+        raise RuntimeError(f"qemu-img bench failed:\n{out.stdout[-500:]}\n{out.stderr}")
+    iops = WRITE_COUNT / float(found.group(1))
+    return int(iops), int(iops * 4096 / 1e6)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size-mib", type=int, default=512)
@@ -167,7 +190,7 @@ def main() -> None:
     ap.add_argument("--storm", action="store_true", help="the boot storm instead")
     ap.add_argument("--clients", default="1,10,50")
     args = ap.parse_args()
-    for tool in ("iscsi-perf", "tgtd", "tgtadm"):
+    for tool in ("iscsi-perf", "qemu-img", "tgtd", "tgtadm"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed (apt-get install libiscsi-bin tgt)")
     if os.geteuid() != 0:
@@ -184,11 +207,14 @@ def main() -> None:
         with streamboot(image) as ours, tgt_target(image) as theirs:
             targets = {"streamboot": ours, "tgt": theirs}
             print(f"{'workload':20} {'target':10} {'IOPS':>8} {'MB/s':>8} {'vs tgt':>7}")
-            for name, wargs in WORKLOADS:
+            for name, wargs in [*WORKLOADS, (WRITE_WORKLOAD, [])]:
                 best: dict[str, tuple[int, int]] = {}
                 for _ in range(args.rounds):
                     for t, url in targets.items():
-                        got = perf(url, wargs, args.runtime)
+                        if name == WRITE_WORKLOAD:
+                            got = write_bench(url)
+                        else:
+                            got = perf(url, wargs, args.runtime)
                         best[t] = max(best.get(t, (0, 0)), got)
                 for t in targets:
                     iops, mbs = best[t]

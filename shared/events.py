@@ -351,6 +351,9 @@ class SessionAttached(SessionEvent):
     stream_node: str
     protocol: Literal["nbd", "http", "iscsi"]
     client_addr: str
+    # The login of a boot firmware's iSCSI initiator (iPXE's, known by its ISID): it never
+    # logs out, and the OS logs in after it from the iBFT (the registry's hand-off grace).
+    boot_firmware: bool = False
 
 
 class SessionDetached(SessionEvent):

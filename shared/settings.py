@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     # Registry: a session whose client detached closes after this grace period with no
     # attachment (a PXE client leaves HTTP and comes back over NBD seconds later).
     session_detach_grace_s: float = 30.0
+    # ... and this long while its boot hands an iSCSI disk from iPXE to the OS's own
+    # initiator (boot methods sanboot-iscsi, iscsi-ibft) and the OS has not logged in yet:
+    # iPXE never logs out, so its connection is found dead by keepalive while the OS may
+    # still be loading (docs/iscsi.md, "The hand-off").
+    session_handoff_grace_s: float = 300.0
     session_sweep_interval_s: float = 5.0
     # Registry back-pressure (docs/registry.md): past this many session opens waiting for
     # their commit, or once one has waited this long, an open is answered "busy, retry"

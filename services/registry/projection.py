@@ -507,6 +507,11 @@ class Projection:
         s = self.sessions.get(e.session_id)
         if s is not None:
             s["attached"] += 1
+            # Every attachment ever, and those not of a boot firmware (iPXE's iSCSI logins):
+            # an iSCSI hand-off boot's first such is the OS's own login.
+            s["attaches"] = s.get("attaches", 0) + 1
+            if not e.boot_firmware:
+                s["os_attaches"] = s.get("os_attaches", 0) + 1
             node = e.stream_node
             s["attached_on"][node] = s["attached_on"].get(node, 0) + 1
             s.setdefault("attached_at", {})[node] = _ts(when)

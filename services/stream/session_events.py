@@ -30,7 +30,12 @@ class SessionEvents:
         self._spans: dict[tuple[str, str, str], trace.Span] = {}
 
     def attached(
-        self, session_id: str, traceparent: str | None, protocol: Protocol_, client_addr: str
+        self,
+        session_id: str,
+        traceparent: str | None,
+        protocol: Protocol_,
+        client_addr: str,
+        boot_firmware: bool = False,
     ) -> None:
         if traceparent:
             self._spans[(session_id, protocol, client_addr)] = tracer.start_span(
@@ -48,6 +53,7 @@ class SessionEvents:
                 stream_node=self.node_id,
                 protocol=protocol,
                 client_addr=client_addr,
+                boot_firmware=boot_firmware,
             ),
             session_id,
         )

@@ -288,8 +288,12 @@ class SessionManager:
         self.events.address_refused(session.session_id, protocol, ip, want)
         return False
 
-    def attached(self, session: Session, protocol: Protocol_, client_addr: str) -> None:
-        self.events.attached(session.session_id, session.spec.traceparent, protocol, client_addr)
+    def attached(
+        self, session: Session, protocol: Protocol_, client_addr: str, boot_firmware: bool = False
+    ) -> None:
+        self.events.attached(
+            session.session_id, session.spec.traceparent, protocol, client_addr, boot_firmware
+        )
 
     def detached(
         self,

@@ -20,7 +20,7 @@ from streamboot.embedded.datadir import supervisor_running
 
 SERVICES = ("registry", "boot", "stream", "cache")
 # Endpoint keys a service may advertise in its heartbeat (merged into `endpoints`).
-ADVERTISED = ("nbd", "http_stream", "tftp", "dhcp", "boot_http", "api_url")
+ADVERTISED = ("nbd", "http_stream", "iscsi", "tftp", "dhcp", "boot_http", "api_url")
 
 
 async def gather_status(settings: Settings) -> dict[str, Any]:

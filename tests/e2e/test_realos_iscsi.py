@@ -8,7 +8,8 @@ logs in to the session's target as the device, with its mutual CHAP, `sanhook`s 
 `iscsi_auto`; the initramfs's `iscsistart -b` logs in again from the table alone (portal,
 target, initiator name, CHAP) and the root mounts from the iSCSI disk, to the marker; on
 BIOS (mutual CHAP) and on UEFI (ipxe.efi, one-way CHAP). And UEFI `sanboot-iscsi` of a disk
-with an EFI boot loader (no Debian build needed).
+with an EFI boot loader, and iPXE's `sanboot iscsi:` of the demo vdisk (syslinux, kernel and
+initramfs read over iSCSI), neither needing the Debian build.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from pathlib import Path
 
 import pytest
 
+from services.stream.iscsi.server import TARGET_PREFIX
+from services.stream.settings import StreamSettings
+from services.stream.spec import ExportSpec
+from shared.events import BlocksRequested, SessionAttached
 from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for
 from tests.client.conftest import TEST_CACHE
 from tests.conftest import traversable_tmpdir
-from tests.e2e.pxe_lab import OVMF, STREAMBOOT, BootLab, pxe_vm_argv
+from tests.e2e.pxe_lab import OVMF, SHORT_SESSION_TIMERS, STREAMBOOT, BootLab, pxe_vm_argv
 from tests.e2e.test_realos_boot import BOOT_S, MEMORY, add_device, marker, realos_missing
-from tests.stream.conftest import sha256
+from tests.stream.conftest import ServerThread, sha256
+from tests.stream.test_vm_boot import ipxe_vm, run_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,10 +44,6 @@ pytestmark = [
 ]
 VDISK = "debian-iscsi"
 PACKAGES = ["open-iscsi"]
-# iPXE leaves its connection open when it starts the kernel: the session stays attached
-# until keepalive finds it dead (60 s by default), then waits the detach grace for the
-# OS's own login. A TCG guest takes a minute or more from iPXE to its initramfs's login.
-TIMERS = {"STREAMBOOT_SESSION_DETACH_GRACE_S": "180"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,11 @@ def lab() -> Iterator[BootLab]:
     lab = BootLab(root, taps=2)
     lab.create()
     try:
-        lab.start(**TIMERS)
+        # Short keepalive and detach grace: iPXE's connection, which it never logs out, is
+        # found dead and its detach grace is over seconds after the kernel starts, long
+        # before the initramfs logs in from the iBFT. Only the hand-off grace (its default,
+        # not raised) keeps the session and its write cache for that login.
+        lab.start(**SHORT_SESSION_TIMERS)
         yield lab
     finally:
         lab.stop()
@@ -107,6 +113,13 @@ def test_debian_mounts_its_root_over_iscsi_from_the_ibft_with_mutual_chap(debian
     assert len(attached) >= 2 and {a["protocol"] for a in attached} == {"iscsi"}, attached
     assert {a["client_addr"].rsplit(":", 1)[0] for a in attached} == {seen_ip(console)}
     assert not lab.events("--type", "IscsiLoginRefused")
+    # The hand-off: iPXE's connection was found dead (and its detach grace over) before the
+    # OS logged in, and the session was kept for that login.
+    steps = [e for e in lab.events("--mac", mac)
+             if e["type"] in ("SessionAttached", "SessionDetached")]  # fmt: skip
+    print("hand-off:", [(e["type"], e.get("time")) for e in steps])
+    order = [e["type"] for e in steps]
+    assert order[:3] == ["SessionAttached", "SessionDetached", "SessionAttached"], order
     # The OS wrote (the journal, the marker's state) into the session's write cache only.
     assert sha256(golden) == before
 
@@ -190,3 +203,43 @@ def test_uefi_ipxe_sanboots_an_efi_boot_loader_over_iscsi(lab: BootLab, tmp_path
     attached = [e["data"] for e in lab.events("--type", "SessionAttached")
                 if e["data"]["session_id"] == opened]  # fmt: skip
     assert attached and {a["protocol"] for a in attached} == {"iscsi"}, attached
+
+
+def test_ipxe_sanboots_the_demo_vdisk_over_iscsi(demo_image: Path, tmp_path: Path) -> None:
+    """The demo vdisk by `sanboot iscsi:`: iPXE's initiator reads syslinux, which reads the
+    kernel and the initramfs through iPXE's INT 13h, all over iSCSI, then starts the kernel
+    (syslinux loads the initramfs first). The proof: the kernel's first console lines or
+    the initramfs's client (which then finds no disk of its own: this kernel has no iSCSI
+    initiator; the OS's own login is the tests above), and the session's reads. A kernel
+    that then panics on TCG's timer check on a loaded host ("IO-APIC + timer doesn't
+    work") was still read whole."""
+    token = "tok-ipxe-demo"
+    demo = ExportSpec(
+        session_id="demo-session", vdisk="demo", version=1, layers=(demo_image,),
+        size=demo_image.stat().st_size, write_cache="server-ram",
+    )  # fmt: skip
+    server = ServerThread(
+        {token: demo},
+        StreamSettings(nbd_port=0, http_port=0, iscsi_port=0, write_cache_dir=tmp_path),
+    )
+    server.start()
+    try:
+        uri = f"iscsi:10.0.2.2::{server.servers.iscsi_port}:0:{TARGET_PREFIX}{token}"
+        script = tmp_path / "boot.ipxe"
+        script.write_text(f"#!ipxe\ndhcp\nsanboot {uri}\n")
+        out = run_until(ipxe_vm(script), b"streamboot-client:", timeout=600)
+        text = out.decode(errors="replace")
+        assert "Booting from SAN device 0x80" in text, text[-3000:]
+        started = "streamboot-client:" in text or re.search(r"\[\s*\d+\.\d{6}\] ", text)
+        assert started, text[-3000:]
+        attached = server.events(SessionAttached)
+        assert attached and all(e.protocol == "iscsi" for e in attached)
+        read = 0
+        deadline = time.monotonic() + 10
+        while read <= 5 << 20 and time.monotonic() < deadline:  # BlocksRequested: batches
+            time.sleep(0.2)
+            read = sum(x[2] for e in server.events(BlocksRequested) for x in e.extents
+                       if x[3] == "r")  # fmt: skip
+        assert read > 5 << 20, read  # a kernel and an initramfs, not a boot sector
+    finally:
+        server.stop()

@@ -93,6 +93,7 @@ def test_boot_session_streams_through_the_running_system(data_dir: Path, tmp_pat
             "api_url",
             "nbd",
             "http_stream",
+            "iscsi",
         }
 
         provision(data_dir, MAC, image, "golden", "--hostname", "e2e-001")

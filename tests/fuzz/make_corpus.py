@@ -1,9 +1,10 @@
 """Record the seed corpora from real clients and tools (run once; the files are committed).
 
-    uv run python -m tests.fuzz.make_corpus
+    uv run python -m tests.fuzz.make_corpus [TARGET...]
 
 nbd: what ``qemu-img info`` / ``nbdinfo`` / ``qemu-io`` send to the fuzz target's stream
-server, through a recording proxy; http_head: ``curl`` request heads; tftp: the RRQs of
+server, through a recording proxy; iscsi: what ``iscsi-inq`` / ``iscsi-readcapacity16`` /
+``iscsi-ls`` / ``qemu-io`` send to its iSCSI target; http_head: ``curl`` request heads; tftp: the RRQs of
 ``tftp`` (tftp-hpa) and ``atftp``; dhcp: a ``udhcpc`` DISCOVER; event: envelopes of real
 events; vdisk_layout: a delta map written by ``write_delta``; partitions: the first sectors
 of ``sfdisk``-made MBR (with logical partitions) and GPT images.
@@ -16,10 +17,12 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
+from services.stream.iscsi.server import TARGET_PREFIX
 from shared.events import BootMenuShown, BootRequested, SessionClosed, envelope
 from shared.vdisk_layout import write_delta
 from tests.fuzz.targets import NBD_TOKEN, _NbdServer
@@ -86,6 +89,20 @@ def nbd() -> None:
          "-c", "write -z 8k 4k", "-c", "discard 64k 4k", uri],
     ):  # fmt: skip
         save("nbd", record_tcp(server.port, client))
+
+
+def iscsi() -> None:
+    """What libiscsi's tools and QEMU's iSCSI driver send to the same server's target."""
+    server = _NbdServer.get()
+    url = f"iscsi://127.0.0.1:{{port}}/{TARGET_PREFIX}{NBD_TOKEN}/0"
+    for client in (
+        ["iscsi-inq", url],
+        ["iscsi-readcapacity16", url],
+        ["iscsi-ls", "-s", "iscsi://127.0.0.1:{port}"],
+        ["qemu-io", "-f", "raw", "-c", "read 0 4k", "-c", "write -P 7 512 1k", "-c", "flush",
+         "-c", "write -z 8k 4k", "-c", "discard 64k 4k", url],
+    ):  # fmt: skip
+        save("iscsi", record_tcp(server.iscsi_port, client, limit=8192))
 
 
 def http_head() -> None:
@@ -208,6 +225,8 @@ def partitions() -> None:
 
 
 if __name__ == "__main__":
-    for make in (nbd, nbd_options, http_head, tftp, dhcp, event, vdisk_layout, partitions):
-        make()
-        print(make.__name__, "done")
+    wanted = set(sys.argv[1:])  # target names; none: all
+    for make in (nbd, nbd_options, iscsi, http_head, tftp, dhcp, event, vdisk_layout, partitions):
+        if not wanted or make.__name__ in wanted:
+            make()
+            print(make.__name__, "done")

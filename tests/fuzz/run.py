@@ -20,6 +20,13 @@ HERE = Path(__file__).parent
 # The modules whose code atheris instruments for coverage, per target.
 INSTRUMENTED: dict[str, tuple[str, ...]] = {
     "nbd": ("services.stream.nbd.server", "services.stream.conn"),
+    "nbd_options": ("services.stream.nbd.protocol",),
+    "iscsi": (
+        "services.stream.iscsi.server",
+        "services.stream.iscsi.pdu",
+        "services.stream.iscsi.scsi",
+        "services.stream.iscsi.chap",
+    ),
     "http_head": ("shared.http_head",),
     "tftp": ("services.boot.tftp_packets",),
     "dhcp": ("services.boot.dhcp_packets",),

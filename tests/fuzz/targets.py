@@ -212,6 +212,7 @@ class _NbdServer:
         if not started.wait(30):
             raise RuntimeError("the NBD server did not start")
         self.port = self.servers.nbd_port
+        self.iscsi_port = self.servers.iscsi_port
 
     @classmethod
     def get(cls) -> _NbdServer:
@@ -239,7 +240,18 @@ def nbd_target(data: bytes) -> None:
     """A client's whole byte stream (flags, options, then requests), then EOF: the server
     must close the connection within a second and log no unexpected error."""
     server = _NbdServer.get()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+    _client_stream(server, server.port, data, "NBD")
+
+
+def iscsi_target(data: bytes) -> None:
+    """An initiator's whole byte stream (login PDUs, then commands, Data-Out, task
+    management, logout), then EOF, at the same server's iSCSI target: as for NBD."""
+    server = _NbdServer.get()
+    _client_stream(server, server.iscsi_port, data, "iSCSI")
+
+
+def _client_stream(server: _NbdServer, port: int, data: bytes, protocol: str) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.settimeout(1.0)
         try:
             s.sendall(data)
@@ -255,7 +267,8 @@ def nbd_target(data: bytes) -> None:
         server.findings.records.clear()
         errors, server.loop_errors[:] = list(server.loop_errors), []
         raise AssertionError(
-            f"the NBD server failed on this input: {record.getMessage() if record else errors}"
+            f"the {protocol} server failed on this input: "
+            f"{record.getMessage() if record else errors}"
         )
 
 
@@ -269,11 +282,12 @@ def nbd_client_stream(*options: tuple[int, bytes], requests: bytes = b"") -> byt
 
 
 # What a target needs set up before its first input (so its start is not timed as one).
-PREPARE: dict[str, Callable[[], object]] = {"nbd": _NbdServer.get}
+PREPARE: dict[str, Callable[[], object]] = {"nbd": _NbdServer.get, "iscsi": _NbdServer.get}
 
 TARGETS: dict[str, Target] = {
     "nbd": nbd_target,
     "nbd_options": nbd_options_target,
+    "iscsi": iscsi_target,
     "http_head": http_head_target,
     "tftp": tftp_target,
     "dhcp": dhcp_target,

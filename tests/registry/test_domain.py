@@ -254,6 +254,78 @@ def test_sweeper_waits_for_grace_after_detach() -> None:
     assert sessions.expired(p, 1030.0, **rules) == [("s-1", "client-gone")]
 
 
+def handoff_boot(method: str | None, **policy: str) -> tuple[Projection, str]:
+    """Vdisk ``win`` (boot method ``method``, booting kernel-direct if need be) assigned to
+    one device, whose session ``s-1`` opened at t=100: the device's MAC."""
+    p = Projection()
+    with_vdisk(p)
+    if method is not None:
+        apply(p, vdisks.set_policy(p, "win", boot_method=method, **policy))
+    p.vdisks["win"]["versions"][1]["boot"] = {"kernel_version": "6.1.0-1-amd64", "root": "UUID=x"}
+    mac = device(p, "52:54:00:00:00:01")
+    apply(p, assignments.assign(p, "device", mac, "win", default=True))
+    apply(p, open_(p, mac), when=100.0)
+    return p, mac
+
+
+@pytest.mark.parametrize("method", ["sanboot-iscsi", "iscsi-ibft"])
+def test_an_iscsi_handoff_boot_waits_for_the_os_login_then_the_usual_grace(method: str) -> None:
+    """iPXE never logs out: its connection is found dead while the OS is still loading.
+    Until an attachment that is not a boot firmware's (the OS's login from the iBFT), however
+    often iPXE logged in, the hand-off grace applies."""
+    from shared.events import SessionAttached, SessionDetached
+
+    p, _ = handoff_boot(method)
+    att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
+    gone = {"bytes_read": 1, "bytes_written": 0, **att}
+    rules = {"idle_timeout_s": 600.0, "detach_grace_s": 30.0, "handoff_grace_s": 300.0}
+    ipxe = SessionAttached(protocol="iscsi", boot_firmware=True, **att)
+    apply(p, [ipxe], when=110.0)
+    apply(p, [SessionDetached(protocol="iscsi", **gone)], when=115.0)  # dropped while it
+    apply(p, [ipxe], when=116.0)  # downloads the kernel: iPXE logs in again
+    apply(p, [SessionDetached(protocol="iscsi", **gone)], when=170.0)  # keepalive found it
+    assert sessions.awaiting_handoff(p, p.sessions["s-1"])
+    assert sessions.expired(p, 170.0 + 31, **rules) == []  # past the detach grace: kept
+    assert sessions.expired(p, 170.0 + 300, **rules) == [("s-1", "handoff-timeout")]
+    apply(p, [SessionAttached(protocol="iscsi", **att)], when=400.0)  # the OS logs in
+    assert not sessions.awaiting_handoff(p, p.sessions["s-1"])
+    apply(p, [SessionDetached(protocol="iscsi", **gone)], when=1000.0)  # the OS shut down
+    assert sessions.expired(p, 1029.0, **rules) == []
+    assert sessions.expired(p, 1030.0, **rules) == [("s-1", "client-gone")]
+
+
+def test_a_device_booting_again_before_its_handoff_replaces_that_session() -> None:
+    """A boot that died between iPXE and the OS's login (a Windows image without its NIC
+    driver stops with 0x7B and reboots) does not block the next boot for the hand-off
+    grace; once the OS has logged in, the one-live-session rule is as before."""
+    from shared.events import SessionAttached, SessionClosed
+
+    p, mac = handoff_boot("sanboot-iscsi", mode="private")
+    att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
+    apply(p, [SessionAttached(protocol="iscsi", boot_firmware=True, **att)])  # iPXE, still on
+    closed, opened = open_(p, mac, "s-2")
+    assert isinstance(closed, SessionClosed) and closed.session_id == "s-1"
+    assert closed.reason == "rebooted-before-handoff" and opened.session_id == "s-2"
+    apply(p, [closed, opened])
+    assert p.session_by_mac[mac] == "s-2" and "s-1" not in p.sessions
+    att["session_id"] = "s-2"
+    apply(p, [SessionAttached(protocol="iscsi", boot_firmware=True, **att)])  # iPXE
+    apply(p, [SessionAttached(protocol="iscsi", **att)])  # the OS
+    with pytest.raises(DomainError, match="already has a live session"):
+        open_(p, mac, "s-3")
+
+
+def test_only_iscsi_handoff_boots_get_the_handoff_grace() -> None:
+    from shared.events import SessionAttached, SessionDetached
+
+    p, _ = handoff_boot(None)
+    att = {"session_id": "s-1", "stream_node": "n", "client_addr": "c"}
+    apply(p, [SessionAttached(protocol="iscsi", **att)], when=110.0)
+    apply(p, [SessionDetached(protocol="iscsi", bytes_read=1, bytes_written=0, **att)], when=120.0)
+    rules = {"idle_timeout_s": 600.0, "detach_grace_s": 30.0, "handoff_grace_s": 300.0}
+    assert sessions.expired(p, 150.0, **rules) == [("s-1", "client-gone")]
+
+
 def test_sweeper_idle_timeout_for_sessions_never_attached() -> None:
     p = Projection()
     with_vdisk(p)

@@ -24,6 +24,9 @@ class RawIscsi:
         self.cmd_sn = 1
         self.exp_stat_sn = 0
         self.header_digest = False
+        # The session identifier of its logins (open-iscsi's OUI form, as iscsistart sends).
+        self.isid = bytes.fromhex("00023d000001")
+        self.initiator = INITIATOR
 
     def recv_exact(self, n: int) -> bytes:
         return recv_exact(self.sock, n)
@@ -54,7 +57,7 @@ class RawIscsi:
         """One login PDU from the operational stage straight to full feature phase; the
         login status (class << 8 | detail)."""
         keys = {
-            "InitiatorName": INITIATOR,
+            "InitiatorName": self.initiator,
             "SessionType": "Normal",
             "TargetName": target,
             "HeaderDigest": "CRC32C" if header_digest else "None",
@@ -74,7 +77,7 @@ class RawIscsi:
         bhs = bytearray(48)
         bhs[0] = 0x43
         bhs[1] = (0x80 | nsg if transit else 0) | (csg << 2)
-        bhs[8:14] = bytes.fromhex("00023d000001")
+        bhs[8:14] = self.isid
         struct.pack_into(">IHxxII", bhs, 16, self.itt, 0, self.cmd_sn, self.exp_stat_sn)
         self.itt += 1
         self.send_pdu(bhs, text)

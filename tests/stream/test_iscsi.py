@@ -193,6 +193,34 @@ def test_a_vanished_initiator_detaches(server: ServerThread) -> None:
     )
 
 
+def test_a_login_with_the_same_name_and_isid_reinstates_the_session(server: ServerThread) -> None:
+    """RFC 7143 session reinstatement: the initiator lost its connection (a reboot, a blip)
+    and logs in again with the same InitiatorName and ISID; the old connection, which it
+    will never use again, ends at once instead of when keepalive finds it dead. Another
+    ISID is another I_T nexus: both stay."""
+    port, target = server.servers.iscsi_port, TARGET_PREFIX + "tok-b"
+    lost, again, other = RawIscsi(port), RawIscsi(port), RawIscsi(port)
+    other.isid = bytes.fromhex("400001370000")  # Windows' form
+    lost.login(target)
+    lba = IMAGE_SIZE // 512 - 1
+    status, before = lost.read10(lba, 1)
+    assert status == 0
+    assert lost.write10(lba, b"\x5a" * 512)[0] == 0
+    other.login(target)
+    again.login(target)
+    assert lost.closed_by_peer()
+    assert again.read10(lba, 1) == (0, b"\x5a" * 512)  # the same session, its writes
+    assert other.read10(lba, 1) == (0, b"\x5a" * 512)  # not ended by a login of another ISID
+    assert again.write10(lba, before)[0] == 0
+    again.close()
+    other.close()
+    server.wait_idle()
+    assert any(
+        e.session_id == "session-tok-b" and e.reason == "session-reinstated"
+        for e in server.events(SessionDetached)
+    )
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

@@ -28,6 +28,8 @@ pytestmark = [
         reason="libiscsi-bin and tgt are not installed (make test-deps)",
     ),
     pytest.mark.skipif(os.geteuid() != 0, reason="tgtd runs as root"),
+    # Two whole runs of the suite: minutes on a loaded machine, past the default timeout.
+    pytest.mark.timeout(2 * 1800 + 120),
 ]
 
 SUITE_TIMEOUT = 1800

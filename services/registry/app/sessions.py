@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import time
@@ -341,14 +342,15 @@ class SessionCommands(DeviceCommands, VdiskCommands):
         """Close sessions whose client left (after the detach grace) or that idled out."""
         now = time.time() if now is None else now
         s = self.settings
-        alive_nodes = await self._alive_stream_nodes()
-        due = sessions.expired(
-            self.projection,
-            now,
+        due_at = functools.partial(
+            sessions.expired,
+            now=now,
             idle_timeout_s=s.session_idle_timeout_s,
             detach_grace_s=s.session_detach_grace_s,
-            alive_nodes=alive_nodes,
+            handoff_grace_s=s.session_handoff_grace_s,
+            alive_nodes=await self._alive_stream_nodes(),
         )
+        due = due_at(self.projection)
         closed = []
         for sid, reason in due:
             closing: list[Record] = []
@@ -357,10 +359,7 @@ class SessionCommands(DeviceCommands, VdiskCommands):
                 p: Projection, sid: str = sid, reason: str = reason, closing: list[Record] = closing
             ) -> list[Event]:
                 # Re-check on the caught-up state: it may have re-attached or been closed.
-                still = {x for x, _ in sessions.expired(
-                    p, now, idle_timeout_s=s.session_idle_timeout_s,
-                    detach_grace_s=s.session_detach_grace_s, alive_nodes=alive_nodes,
-                )}  # fmt: skip
+                still = {x for x, _ in due_at(p)}
                 if sid not in still:
                     return []
                 closing.append(dict(p.sessions[sid]))

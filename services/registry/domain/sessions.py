@@ -129,11 +129,18 @@ def open_session(
     vdisk_rules.boot_plan(vd, version)  # a vdisk that cannot boot as its policy says: refused
 
     live = p.session_by_mac.get(the_mac)
-    if live is not None:
+    # A device booting again while its previous session waits for its OS's iSCSI login:
+    # that boot died before the OS logged in (the iBFT boot loop of an image without its
+    # NIC driver), so the old session ends here instead of blocking this boot for the
+    # hand-off grace.
+    replaced: list[Event] = []
+    if live is not None and awaiting_handoff(p, p.sessions[live]):
+        replaced = close(p, p.sessions[live], "rebooted-before-handoff")
+    elif live is not None:
         reject(f"device {the_mac} already has a live session ({live})", live)
     # A replay is not the device: it holds no name or identity (not in these indexes).
     s = p.live_boot_sharing(dev["hostname"], dev["machine_id"])
-    if s is not None:
+    if s is not None and not (replaced and s["session_id"] == live):
         if s["hostname"] == dev["hostname"]:
             reject(
                 f"hostname {dev['hostname']!r} is in use by live session {s['session_id']}",
@@ -148,6 +155,8 @@ def open_session(
     # Only these two rules look at the vdisk's other sessions (a shared vdisk may have
     # thousands: a standard boot does not walk them).
     for s in p.live_boots_of_vdisk(vdisk) if private or maintenance else ():
+        if replaced and s["session_id"] == live:
+            continue
         if private:
             reject(
                 f"vdisk {vdisk!r} is private and in use by live session {s['session_id']}",
@@ -164,6 +173,7 @@ def open_session(
     write_cache = "server-disk" if maintenance else vd["write_cache"]
     persistence = "keep" if writes_to_vdisk else vd["write_cache_persistence"]
     return [
+        *replaced,
         SessionOpened(
             session_id=session_id,
             mac=the_mac,
@@ -185,7 +195,7 @@ def open_session(
             boot_traceparent=boot_traceparent,
             boot_started_ns=boot_started_ns,
             client_addr=client_addr,
-        )
+        ),
     ]
 
 
@@ -283,16 +293,38 @@ def close(p: Projection, session: Record, reason: str) -> list[Event]:
     ]
 
 
+# Boot methods whose disk is logged in to twice: by iPXE's initiator, which never logs
+# out, then by the OS's own from the iBFT (Windows' msiscsi, open-iscsi's iscsistart).
+HANDOFF_METHODS = ("sanboot-iscsi", "iscsi-ibft")
+
+
+def awaiting_handoff(p: Projection, s: Record) -> bool:
+    """Whether a session boots by an iSCSI hand-off and its OS has not logged in yet: no
+    attachment but a boot firmware's (iPXE logs in again whenever its connection drops, so
+    counting logins would not do)."""
+    if s.get("replay_of") or s.get("os_attaches", 0) > 0:
+        return False
+    vd = p.vdisks.get(s["vdisk"])
+    return vd is not None and vd.get("boot_method") in HANDOFF_METHODS
+
+
 def expired(
     p: Projection,
     now: float,
     *,
     idle_timeout_s: float,
     detach_grace_s: float,
+    handoff_grace_s: float = 0.0,
     alive_nodes: dict[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Sessions to close now, with the reason: the client left (no attachment for the grace
     period after its last detach), or it never came / went quiet (idle timeout).
+
+    A session waiting for its OS's iSCSI login (:func:`awaiting_handoff`) gets
+    ``handoff_grace_s`` instead of the detach grace: the firmware's connection it was
+    attached by dies silently when the OS starts (found by keepalive), and the OS logs in
+    when its initramfs or boot drivers are up, which on a slow machine is minutes later.
+    Closed then for "handoff-timeout": the OS never came.
 
     A session whose stream node died or restarted since its attachments (``alive_nodes``:
     node -> start time of the instance heartbeating now; None = unknown) is not closed for
@@ -309,8 +341,10 @@ def expired(
             if now - s["last_activity"] >= idle_timeout_s:
                 out.append((s["session_id"], "stream-node-gone"))
             continue
-        if s["detached_at"] is not None and now - s["detached_at"] >= detach_grace_s:
-            out.append((s["session_id"], "client-gone"))
+        handoff = awaiting_handoff(p, s)
+        grace = max(detach_grace_s, handoff_grace_s) if handoff else detach_grace_s
+        if s["detached_at"] is not None and now - s["detached_at"] >= grace:
+            out.append((s["session_id"], "handoff-timeout" if handoff else "client-gone"))
         elif now - s["last_activity"] >= idle_timeout_s:
             out.append((s["session_id"], "idle-timeout"))
     return out

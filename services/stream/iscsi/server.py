@@ -79,6 +79,9 @@ SENDFILE_MIN = 64 * 1024
 ZEROS = memoryview(bytes(MAX_RECV_DATA))
 
 _tsih = itertools.cycle(range(1, 0x10000))
+# The ISID iPXE's initiator logs in with: IANA enterprise-number form (0x40), Fen Systems'
+# number 10019, then a random qualifier. Its logins are a boot firmware's (SessionAttached).
+IPXE_ISID = bytes.fromhex("40002723")
 
 
 class LoginFailed(Exception):
@@ -149,6 +152,8 @@ class IscsiConnection(Connection):
         self.exp_cmd_sn = 0
         self.discovery = False
         self.initiator = ""
+        # The initiator's session identifier (ISID, 6 bytes of the leading login).
+        self.isid = b""
         self.target = ""
         self.lun: S.Lun | None = None
         self._pending: Session | None = None
@@ -264,6 +269,7 @@ class IscsiConnection(Connection):
             if first:
                 self.exp_cmd_sn = req.cmd_sn
                 self.stat_sn = req.exp_stat_sn
+                self.isid = bytes(req.bhs[8:14])
             text += req.data
             if len(text) > P.MAX_TEXT:
                 raise P.PduError("login text too long")
@@ -470,7 +476,28 @@ class IscsiConnection(Connection):
             return  # a discovery session
         self.session = session
         self.lun = S.Lun(session.backend, session.spec.vdisk)
-        self.mgr.attached(session, "iscsi", self.peer)
+        self._reinstate(session)
+        self.mgr.attached(session, "iscsi", self.peer, boot_firmware=self.isid[:4] == IPXE_ISID)
+
+    def _reinstate(self, session: Session) -> None:
+        """Session reinstatement (RFC 7143 6.3.5): a login with the InitiatorName and ISID
+        of a connection still open here comes from an initiator that lost that one (a
+        reboot, a network blip, ErrorRecoveryLevel 0 recovery) and will never send on it
+        again. The old connection ends now, its tasks with it, instead of lingering until
+        keepalive finds it dead, so none of its commands runs after the new login's. Only
+        after authentication: an unproven login ends nothing."""
+        for conn in list(session.conns):
+            if (
+                conn is not self
+                and isinstance(conn, IscsiConnection)
+                and conn.initiator == self.initiator
+                and conn.isid == self.isid
+            ):
+                log.info(
+                    "iscsi: %s (%s) logged in again with ISID %s: its connection from %s ends",
+                    self.peer, self.initiator[:224], self.isid.hex(), conn.peer,
+                )  # fmt: skip
+                conn.abort("session-reinstated")
 
     def connection_lost(self, exc: Exception | None) -> None:
         session, self._pending = self._pending, None
@@ -611,6 +638,16 @@ class IscsiConnection(Connection):
                 lun.check_rw(rw, edtl)
         except S.CheckCondition as e:
             error = e
+        if (
+            rw is not None
+            and rw.write
+            and error is None
+            and req.flags & P.CMD_WRITE
+            and req.final
+            and len(req.data) == edtl
+            and req.itt not in self._writes
+        ):  # all its data came with it (immediate): no Data-Out to wait for
+            return self._write_command(req.itt, req.lun_raw, rw, edtl, req.data, t0)
         if req.flags & P.CMD_WRITE and edtl:
             if len(self._writes) >= CMD_WINDOW or req.itt in self._writes:
                 return self._reject(P.REJECT_PROTOCOL, req.bhs)
