@@ -274,6 +274,7 @@ job "streamboot" {
                     "streamboot.registry.device.lookup",
                     "streamboot.registry.session.open",
                     "streamboot.registry.session.resolve",
+                    "streamboot.registry.session.nodes",
                     "streamboot.registry.session.close",
                     "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
                     "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",
