@@ -553,6 +553,12 @@ static int attach_round(int first, uint64_t want_size, uint64_t *size, uint16_t 
 		int fd = dial(i);
 		if (fd >= 0 && handshake(fd, size, flags, err, sizeof err) == 0) {
 			if (!want_size || *size == want_size) {
+				/* The kernel reads replies with the socket's own timeouts: the ones
+				 * bounding the handshake would make an idle device's connection fail
+				 * ("Receive control failed (result -11)") and the session detach. */
+				struct timeval none = {0};
+				setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+				setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
 				*which = i;
 				return fd;
 			}
