@@ -49,16 +49,20 @@ LATE_NODE = "stream-late"
 
 
 def lab_stream_pid(booted: BootLab) -> int:
-    """The pid of the booted's own stream service (a child of `streamboot up`)."""
+    """The pid of the booted's own stream service (a child of `streamboot up`), not one of
+    the nodes these tests start in the same namespace (pids wrap: their order says
+    nothing)."""
     pids = subprocess.run(
         ["ip", "netns", "pids", booted.ns], capture_output=True, text=True, check=True
     ).stdout.split()
+    ours = {f"STREAMBOOT_NODE_ID={n}".encode() for n in (SECOND_NODE, LATE_NODE)}
     for pid in pids:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
+            env = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except (FileNotFoundError, ProcessLookupError):
             continue
-        if b"services.stream" in argv:
+        if b"services.stream" in argv and not env & ours:
             return int(pid)
     raise AssertionError("the lab's stream service is not running")
 
