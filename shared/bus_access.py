@@ -172,6 +172,8 @@ MATRIX: dict[str, Grant] = {
             "streamboot.registry.device.lookup",
             "streamboot.registry.session.open",
             "streamboot.registry.session.resolve",
+            # A running client whose stream nodes all failed asks for the live ones.
+            "streamboot.registry.session.nodes",
             # A kernel that did not load gives its session back.
             "streamboot.registry.session.close",
         ),

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     # Merge a vdisk's production chain into one base layer once it has more layers than
     # this (0: only `streamboot vdisk merge` merges); docs/registry.md.
     vdisk_auto_merge_layers: int = Field(default=0, ge=0)
+    # A version reaches production only after the test stage (False: maintenance may be
+    # promoted to production directly); docs/registry.md.
+    vdisk_promotion_requires_test: bool = False
 
     # Cache service (services/cache): per-session write caches, shared read cache, profiles.
     # The stream keeps server-side write caches in the cache service (False: in process).

@@ -5,6 +5,7 @@
 #     nats_password_boot=... nats_password_cli=... \
 #     sealing_key="$(openssl rand -base64 32 | tr '+/' '-_' | tr -d '=')"
 #   nomad job run -var dhcp_interface=eth1 -var stream_count=4 deploy/nomad/streamboot.nomad.hcl
+# (NATS runs as a cluster of var.nats_count servers, 3 by default, on distinct machines.)
 #
 # Services find each other through Nomad's own service discovery (templates below).
 # registry, stream and cache mount the host volume `var.vdisk_volume` at the image's
@@ -21,6 +22,17 @@ variable "image" {
 variable "datacenters" {
   type    = list(string)
   default = ["dc1"]
+}
+
+variable "nats_count" {
+  description = "NATS servers, a JetStream cluster on distinct machines: every stream and bucket streamboot creates is kept by each (STREAMBOOT_NATS_REPLICAS), so the bus survives the loss of a minority of them"
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = contains([1, 3, 5], var.nats_count)
+    error_message = "nats_count must be 1, 3 or 5: JetStream needs a majority of an odd number of servers, and keeps at most 5 replicas."
+  }
 }
 
 variable "registry_count" {
@@ -66,12 +78,14 @@ variable "vdisk_volume" {
 
 locals {
   # Environment shared by every streamboot task (the per-task part is in its env block):
-  # the endpoints of NATS and Jaeger as Nomad knows them now (the task restarts when they
-  # move), and tracing on.
+  # the endpoints of NATS (every member as a seed: the client learns the cluster and moves
+  # to another member when its server dies) and Jaeger as Nomad knows them now (the task
+  # restarts when they move), every stream and bucket kept by each NATS server, tracing on.
   bus_env = <<-EOT
     STREAMBOOT_TRACE_EXPORTER=otlp
-    {{ range nomadService "streamboot-nats" }}STREAMBOOT_NATS_URL=nats://{{ .Address }}:{{ .Port }}
-    {{ end }}{{ range nomadService "streamboot-jaeger-otlp" }}STREAMBOOT_OTLP_ENDPOINT=http://{{ .Address }}:{{ .Port }}/v1/traces
+    STREAMBOOT_NATS_REPLICAS=${var.nats_count}
+    STREAMBOOT_NATS_URL={{ range $i, $s := nomadService "streamboot-nats" }}{{ if $i }},{{ end }}nats://{{ $s.Address }}:{{ $s.Port }}{{ end }}
+    {{ range nomadService "streamboot-jaeger-otlp" }}STREAMBOOT_OTLP_ENDPOINT=http://{{ .Address }}:{{ .Port }}/v1/traces
     {{ end }}
   EOT
 }
@@ -80,13 +94,23 @@ job "streamboot" {
   datacenters = var.datacenters
   type        = "service"
 
-  # NATS with JetStream; max_payload (8 MB, vdisk block batches) is config-file only.
+  # NATS with JetStream, a cluster of var.nats_count servers on distinct machines (each
+  # with its own streamboot-nats volume); max_payload (8 MB, vdisk block batches) is
+  # config-file only.
   group "nats" {
-    count = 1
+    count = var.nats_count
+
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
 
     network {
       port "client" {
         to = 4222
+      }
+      port "cluster" {
+        to = 6222
       }
       port "monitor" {
         to = 8222
@@ -112,13 +136,21 @@ job "streamboot" {
       }
     }
 
+    # The route port of each member, for the others' configuration (no check: a member
+    # is routable before its JetStream has a leader).
+    service {
+      name     = "streamboot-nats-cluster"
+      provider = "nomad"
+      port     = "cluster"
+    }
+
     task "nats" {
       driver = "docker"
 
       config {
         image = "nats:2.10-alpine"
         args  = ["-c", "/secrets/nats.conf"]
-        ports = ["client", "monitor"]
+        ports = ["client", "cluster", "monitor"]
       }
 
       volume_mount {
@@ -126,16 +158,32 @@ job "streamboot" {
         destination = "/data"
       }
 
-      # In secrets/: it holds every role's NATS password.
+      # In secrets/: it holds every role's NATS password. Routes to every member Nomad
+      # knows of and to this one (a JetStream server in a cluster does not start without
+      # a route; the one to itself is ignored); rendered again as members come and go,
+      # which the server reloads (SIGHUP). Each member advertises the host's address and
+      # port, which the others and the clients reach.
       template {
-        destination = "secrets/nats.conf"
-        data        = <<-EOT
-          server_name: streamboot-nats
+        destination   = "secrets/nats.conf"
+        change_mode   = "signal"
+        change_signal = "SIGHUP"
+        data          = <<-EOT
+          server_name: streamboot-nats-{{ env "NOMAD_ALLOC_INDEX" }}
           listen: 0.0.0.0:4222
+          client_advertise: "{{ env "NOMAD_ADDR_client" }}"
           http: 0.0.0.0:8222
           max_payload: 8MB
           jetstream {
             store_dir: /data/jetstream
+          }
+          cluster {
+            name: streamboot
+            listen: 0.0.0.0:6222
+            advertise: "{{ env "NOMAD_ADDR_cluster" }}"
+            routes: [
+              nats://{{ env "NOMAD_ADDR_cluster" }}{{ range nomadService "streamboot-nats-cluster" }}
+              nats://{{ .Address }}:{{ .Port }}{{ end }}
+            ]
           }
           # A user per role, only its own subjects (generated from shared/bus_access.py:
           # tests/deploy/test_deploy_files.py checks it); no anonymous client.
@@ -274,6 +322,7 @@ job "streamboot" {
                     "streamboot.registry.device.lookup",
                     "streamboot.registry.session.open",
                     "streamboot.registry.session.resolve",
+                    "streamboot.registry.session.nodes",
                     "streamboot.registry.session.close",
                     "$JS.API.STREAM.INFO.KV_streamboot_heartbeats",
                     "$JS.API.DIRECT.GET.KV_streamboot_heartbeats",

@@ -10,6 +10,10 @@
   and initramfs, from the local vdisk store (Range, keep-alive). The script names the
   client's MAC (``aa-bb-..``) in the path: each transfer is then a span of that boot's
   trace (``kernel download``, ``initrd download``).
+- ``GET /failover-nodes`` with ``Authorization: Bearer TOKEN`` (the session's export
+  name): ``nbd_nodes=host:port,...``, every live stream node now, for a running client
+  whose known nodes all failed (docs/failover.md); only to the session's address, 404
+  once it is closed.
 - ``GET /booted?mac=..``: the client's OS has booted (``ClientBooted``, once per session).
 - ``GET /client/notice?mac=..&kind=..&message=..``: something the client wants the operator
   to see (``ClientNotice``). Both only from the address the MAC's session was issued to.
@@ -37,6 +41,7 @@ from services.boot.boot_trace import BootTraces, boot_span, record_boot_span
 from services.boot.client_reports import NOTICES_PER_SESSION, ReportBudget, notice_problem
 from services.boot.handoff_store import HandoffStore
 from services.boot.http_server import Request, Response, file_response
+from services.boot.rate_limit import PerSourceRate
 from shared.bus import RemoteError, ServiceUnavailable
 from shared.contracts.registry import RegistryClient, Session
 from shared.events import (
@@ -56,6 +61,12 @@ log = logging.getLogger("streamboot.boot.ipxe")
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 _UUID = re.compile(r"^[0-9a-fA-F-]{32,36}$")
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_BEARER = re.compile(r"^Bearer ([A-Za-z0-9_-]{16,128})$")
+# A stream node's NBD endpoint as the client's helper takes it: a host name or IPv4
+# address and a port (the registry's list comes from heartbeats, which are not trusted).
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}:[0-9]{1,5}$")
+# A stranded client asks about once every few seconds: more is someone guessing tokens.
+REFRESH_RATE_PER_S, REFRESH_BURST = 1.0, 10
 _BOOT_FILE = re.compile(
     r"^/boot-files/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/([0-9]{1,9})"
     r"(?:/([0-9a-f]{2}(?:-[0-9a-f]{2}){5}))?/(vmlinuz|initrd)$"
@@ -85,6 +96,11 @@ def retry_after(detail: Any) -> int:
     return RETRY_BUSY_S
 
 
+def node_endpoint_ok(node: str) -> bool:
+    """Whether ``node`` is a "host:port" the client's helper can dial."""
+    return _NODE.match(node) is not None and 0 < int(node.rsplit(":", 1)[1]) < 65536
+
+
 def normalize_mac(value: str) -> str | None:
     mac = value.strip().lower()
     return mac.replace("-", ":") if _MAC.match(mac) else None
@@ -111,6 +127,7 @@ class BootHttp:
         # Off for NAT labs, where every client reaches the server from one address.
         self.check_client_address = check_client_address
         self.reports = ReportBudget()
+        self.refreshes = PerSourceRate(REFRESH_RATE_PER_S, REFRESH_BURST)
 
     async def __call__(self, request: Request) -> Response:
         if request.path == "/ipxe/boot.ipxe":
@@ -124,6 +141,8 @@ class BootHttp:
             return await self.redeem(request)
         if request.path.startswith("/boot-files/"):
             return await self.boot_file(request)
+        if request.path == "/failover-nodes":
+            return await self.failover_nodes(request)
         if request.path == "/booted":
             return await self.booted(request)
         if request.path == "/client/notice":
@@ -199,6 +218,29 @@ class BootHttp:
         log.warning("boot: %s says (%s): %s", mac, kind, message)
         self.emit(ClientNotice(session_id=entry["session_id"], mac=mac, kind=kind, message=message))
         return Response(200, "ok\n")
+
+    async def failover_nodes(self, request: Request) -> Response:
+        """The live stream nodes for a running client whose known ones all failed: the
+        session's token proves which session, its address that it is that client."""
+        if request.method != "GET":
+            return Response(405, "ask with GET\n")
+        if not self.refreshes.allow(request.client_ip):
+            return Response(429, "too many requests\n")
+        m = _BEARER.match(request.headers.get("authorization", ""))
+        if m is None:
+            return Response(404, "session unknown\n")
+        try:
+            found = await self.registry.session_nodes(m.group(1))
+        except (RemoteError, ValueError):
+            return Response(404, "session unknown\n")
+        except ServiceUnavailable:
+            return Response(503, "registry unavailable\n")
+        if self._wrong_address({"client_ip": found.client_addr}, request):
+            log.warning("boot: node list for session %s asked from %s: not its address",
+                        found.session_id, request.client_ip)  # fmt: skip
+            return Response(403, "wrong client address\n")
+        nodes = [n for n in found.nbd_nodes if node_endpoint_ok(n)][:MAX_FAILOVER_NODES]
+        return Response(200, f"nbd_nodes={','.join(nodes)}\n")
 
     def _wrong_address(self, entry: dict[str, Any], request: Request) -> bool:
         want = entry.get("client_ip")

@@ -106,6 +106,10 @@ def build_broker(
     async def session_resolve(body: dict[str, Any]) -> Reply:
         return await app.resolve(str(body.get("token", "")))
 
+    @handle("session.nodes")
+    async def session_nodes(body: dict[str, Any]) -> Reply:
+        return await app.session_nodes(str(body.get("token", "")))
+
     @handle("session.replay", OPEN_WORKERS)
     async def session_replay(body: dict[str, Any]) -> Reply:
         return await app.open_replay_session(

@@ -14,6 +14,9 @@ Subjects (queue group ``registry``), JSON in and out; an error reply is ``{"erro
   URL on each of them, docs/failover.md, ...)
 - ``session.resolve`` {token} -> :class:`SessionRecord` (with the device's CHAP
   credentials in clear: only the stream and boot roles may ask)
+- ``session.nodes``   {token} -> :class:`SessionNodes`: every live stream node's NBD
+  endpoint now, least loaded first, for a running client whose nodes all failed
+  (docs/failover.md); ``not_found`` once the session is closed
 - ``session.close``   {token | session_id, reason?}
 - ``session.replay``  {session_id, stream_node?} -> a replay session
 - ``session.list``    {}
@@ -42,13 +45,14 @@ QUEUE = "registry"
 LOOKUP = f"{PREFIX}.device.lookup"
 OPEN = f"{PREFIX}.session.open"
 RESOLVE = f"{PREFIX}.session.resolve"
+NODES = f"{PREFIX}.session.nodes"
 CLOSE = f"{PREFIX}.session.close"
 REPLAY = f"{PREFIX}.session.replay"
 LIST = f"{PREFIX}.session.list"
 STATUS = f"{PREFIX}.session.status"
 VDISK_LIST = f"{PREFIX}.vdisk.list"
 # Every subject the registry answers, for the permissions and the docs.
-SUBJECTS = (OPEN, RESOLVE, CLOSE, REPLAY, LIST, STATUS, LOOKUP, VDISK_LIST)
+SUBJECTS = (OPEN, RESOLVE, NODES, CLOSE, REPLAY, LIST, STATUS, LOOKUP, VDISK_LIST)
 ERROR_KINDS = ("invalid", "not_found", "conflict", "refused", "busy", "internal")
 
 
@@ -104,6 +108,17 @@ class SessionRecord(BaseModel):
     # "iSCSI CHAP secrets").
     chap: ChapRecord | None = None
     initiator_iqn: str | None = None
+
+
+class SessionNodes(BaseModel):
+    """Where a live session's client may reattach now (``session.nodes``' answer): the
+    address its exports accept (None: any) and every live stream node's "host:port"."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    client_addr: str | None = None
+    nbd_nodes: list[str] = Field(default_factory=list, max_length=64)
 
 
 @dataclass(frozen=True)
@@ -228,3 +243,9 @@ class RegistryClient:
         answer is a ``ValueError``)."""
         reply = await request_json(self.nc, RESOLVE, {"token": token}, timeout_s=self.timeout_s)
         return SessionRecord.model_validate(reply)
+
+    async def session_nodes(self, token: str) -> SessionNodes:
+        """The live stream nodes a session's client may reattach to now (``not_found``
+        once it is closed; a malformed answer is a ``ValueError``)."""
+        reply = await request_json(self.nc, NODES, {"token": token}, timeout_s=self.timeout_s)
+        return SessionNodes.model_validate(reply)

@@ -148,6 +148,31 @@ def test_the_failover_nodes_follow_the_sessions_node_each_once(
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+def test_the_failover_helper_is_given_the_boot_server_to_refresh_from(
+    shell: list[str], tmp_path: Path
+) -> None:
+    """The helper asks the boot server for the live nodes when all of its list fail
+    (docs/failover.md): the core gives it the server of the command line. A stand-in
+    helper on PATH records its arguments."""
+    answer = tmp_path / "answer"
+    answer.write_text(ANSWER + "nbd_nodes=10.77.0.2:10809\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "streamboot-nbd").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/argv\n')
+    (bin_dir / "streamboot-nbd").chmod(0o755)
+    script = (
+        f"PATH={bin_dir}:$PATH; sb_parse_cmdline '{GOOD_CMDLINE}' && "
+        f"sb_parse_answer {answer} && _sb_ro= _sb_timeout= sb_nbd_connect"
+    )
+    done = sh(shell, script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "argv").read_text().split() == [
+        "-d", "/dev/nbd0", "-s", "http://10.77.0.1:8080", "-N", "tok-123_abc",
+        "10.77.0.1:10809", "10.77.0.2:10809",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize(
     ("change", "why"),
     [

@@ -43,7 +43,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 SETTINGS_ENV = {f"STREAMBOOT_{name.upper()}" for name in Settings.model_fields}
 NATS_NODES = ("nats-1", "nats-2", "nats-3")  # compose's NATS cluster
 INFRA = {*NATS_NODES, "postgres", "jaeger"}
-# The Nomad job runs one NATS server (docs/deploy.md says how to run the cluster there).
+# The Nomad job's NATS group is a cluster of `nats_count` servers (3 by default).
 NOMAD_INFRA = {"nats", "postgres", "jaeger"}
 SCALED = ("stream", "cache")
 # The vdisk store (STREAMBOOT_VDISK_DIR) is shared: the registry writes it, these read it.
@@ -449,8 +449,12 @@ def test_nomad_groups_and_scaling(nomad: dict[str, Any], groups: dict[str, Any])
         assert groups[name]["count"] == f"${{var.{var}}}", (name, groups[name]["count"])
         assert variables[var]["type"] == "number" and variables[var]["default"] >= 1
     for name, group in groups.items():
-        (service,) = group["service"]
-        assert service["provider"] == "nomad"
+        # NATS registers its route port too, for the other members' configuration.
+        service, *routes = group["service"]
+        assert [r["name"] for r in routes] == (
+            ["streamboot-nats-cluster"] if name == "nats" else []
+        )
+        assert all(s["provider"] == "nomad" for s in group["service"])
         assert service.get("check"), f"{name}: no health check"
 
 
@@ -466,7 +470,11 @@ def test_nomad_services(
         assert [config["command"], *config["args"]] == ["python", "-m", f"services.{name}"]
         names = task_env_names(task, locals_)
         assert names <= SETTINGS_ENV, names - SETTINGS_ENV
-        assert {"STREAMBOOT_NATS_URL", "STREAMBOOT_OTLP_ENDPOINT"} <= names
+        assert {
+            "STREAMBOOT_NATS_URL",
+            "STREAMBOOT_NATS_REPLICAS",
+            "STREAMBOOT_OTLP_ENDPOINT",
+        } <= names
         assert ("STREAMBOOT_DATABASE_URL" in names) == (name == "registry")
         # Its own NATS user and only its own password, from the Nomad variables.
         (nats_env,) = [t for t in task["template"] if t["destination"] == "secrets/nats.env"]
@@ -527,6 +535,35 @@ def test_nomad_nats(groups: dict[str, Any]) -> None:
     assert_nats_config(data, NOMAD_PASSWORDS)
     (check,) = groups["nats"]["service"][0]["check"]
     assert "js-enabled-only=true" in check["path"]
+
+
+def test_nomad_nats_is_a_cluster(nomad: dict[str, Any], groups: dict[str, Any]) -> None:
+    """A JetStream cluster of `nats_count` servers on distinct machines, each advertising
+    the host's address, its routes rendered from Nomad's list of members (and reloaded),
+    and the services told to keep that many replicas (tests/deploy/test_nats_cluster.py
+    runs the rendered configuration)."""
+    nats = groups["nats"]
+    assert nats["count"] == "${var.nats_count}"
+    variable = unwrap(nomad["variable"])["nats_count"]
+    assert variable["default"] == 3 and "contains([1, 3, 5]" in str(variable["validation"])
+    (constraint,) = nats["constraint"]
+    assert constraint["operator"] == "distinct_hosts"
+    (network,) = nats["network"]
+    assert {k: v["to"] for k, v in unwrap(network["port"]).items()} == {
+        "client": 4222, "cluster": 6222, "monitor": 8222,
+    }  # fmt: skip
+    task = tasks(nats)["nats"]
+    (config,) = task["config"]
+    assert config["ports"] == ["client", "cluster", "monitor"]
+    (template,) = task["template"]
+    data = template["data"].replace('\\"', '"')
+    assert 'server_name: streamboot-nats-{{ env "NOMAD_ALLOC_INDEX" }}' in data
+    assert 'advertise: "{{ env "NOMAD_ADDR_cluster" }}"' in data
+    assert '{{ range nomadService "streamboot-nats-cluster" }}' in data
+    assert template["change_mode"] == "signal" and template["change_signal"] == "SIGHUP"
+    bus_env = unwrap(nomad["locals"])["bus_env"].replace('\\"', '"')
+    assert "STREAMBOOT_NATS_REPLICAS=${var.nats_count}" in bus_env
+    assert 'STREAMBOOT_NATS_URL={{ range $i, $s := nomadService "streamboot-nats" }}' in bus_env
 
 
 def test_nomad_secrets_come_from_nomad_variables(groups: dict[str, Any]) -> None:

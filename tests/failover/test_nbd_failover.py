@@ -3,7 +3,8 @@
 The guest (tests/failover/guest.py: Debian's kernel, busybox, streamboot-nbd) attaches a
 session's export from two stream nodes, real processes on the cache service's write
 caches, and writes and reads through the kernel's nbd driver while the test kill -9s the
-node serving it: first with no other node alive (the client waits and says so on its
+node serving it (after a pause longer than the helper's handshake timeouts, which an
+idle connection outlives): first with no other node alive (the client waits and says so on its
 console; the node comes up later), then while a write runs with the other node alive. Every
 round's data reads back, the kernel logs no I/O error, and the nodes' SessionAttached
 events show the session on both.
@@ -58,6 +59,12 @@ while read cmd; do
         done
         echo "GUEST-ROUND $k bad=$bad"
         ;;
+    idle)
+        # Longer than the helper's handshake timeouts: an idle device keeps its connection.
+        sleep 6
+        dd if=/dev/nbd0 of=/dev/null bs=4096 count=1 iflag=direct 2> /dev/null
+        echo "GUEST-IDLE dropped=$(dmesg | grep -c 'Receive control failed (result -11)')"
+        ;;
     end)
         echo "GUEST-IOERRORS $(dmesg | grep -c -i -e 'I/O error' -e 'Buffer I/O')"
         dmesg | grep -i nbd
@@ -99,6 +106,8 @@ async def test_a_running_client_survives_kill9_of_its_stream_node(
         at = await asyncio.to_thread(guest.wait_for, "GUEST-ATTACHED", 300)
         guest.send("go")
         at = await asyncio.to_thread(guest.wait_for, "GUEST-ROUND 1 bad=0", 300, at)
+        guest.send("idle")
+        at = await asyncio.to_thread(guest.wait_for, "GUEST-IDLE dropped=0", 120, at)
 
         # No other node alive: the client waits, says so, and loses nothing.
         node_a.kill9()

@@ -118,6 +118,21 @@ def test_version_choice_by_role_promote_and_rollback() -> None:
     assert vdisks.chain(vd, 3) == ["win/v1", "win/v2", "win/v3"]
 
 
+def test_a_policy_requiring_the_test_stage_refuses_an_untested_version() -> None:
+    p = Projection()
+    with_vdisk(p, versions=3)  # v1 production, v2 and v3 maintenance
+    with pytest.raises(DomainError, match="was never tested") as e:
+        vdisks.promote(p, "win", 2, "production", requires_test=True)
+    assert e.value.kind == "refused"
+    assert p.vdisks["win"]["versions"][2]["stage"] == "maintenance"  # nothing published
+    apply(p, vdisks.promote(p, "win", 2, "test", requires_test=True))
+    apply(p, vdisks.promote(p, "win", 2, "production", requires_test=True))
+    assert vdisks.boot_version(p.vdisks["win"], tester=False, maintenance=False) == 2
+    # Without the policy a maintenance version may go straight to production.
+    apply(p, vdisks.promote(p, "win", 3, "production"))
+    assert vdisks.boot_version(p.vdisks["win"], tester=False, maintenance=False) == 3
+
+
 def test_publish_needs_the_next_version() -> None:
     p = Projection()
     with_vdisk(p)

@@ -2,8 +2,8 @@
  * streamboot-nbd: attach a streamboot session's NBD export through the kernel's netlink
  * interface and keep it attached when its stream node dies (docs/failover.md).
  *
- *   streamboot-nbd [-d /dev/nbdN] [-t IO_TIMEOUT_S] [-w WAIT_S] [-r] [-f] -N EXPORT
- *                  HOST:PORT [HOST:PORT...]
+ *   streamboot-nbd [-d /dev/nbdN] [-t IO_TIMEOUT_S] [-w WAIT_S] [-r] [-f]
+ *                  [-s http://BOOT-SERVER[:PORT]] [-L] -N EXPORT HOST:PORT [HOST:PORT...]
  *
  * It connects to the first node that answers, does the NBD handshake (fixed newstyle,
  * NBD_OPT_GO) and hands the socket to the kernel with NBD_CMD_CONNECT, asking it to hold
@@ -15,11 +15,19 @@
  * then go to the new node: the guest sees a stall, no I/O error. While no node answers it
  * says so on the console and keeps trying; nothing is dropped.
  *
+ * The list is what the hand-off knew. With -s, a round in which no node of it answers
+ * makes the helper ask the boot service for the live nodes now (GET /failover-nodes, the
+ * export name as the bearer token) and put them first in its list: a node added since the
+ * boot is found. An unanswered or malformed answer leaves the list as it was: the boot
+ * service is never needed for a running client. -L only asks, prints the merged list and
+ * exits (for the operator, and the tests).
+ *
  * argv[0] starts with '@' in the watcher, so systemd leaves it alone at shutdown as it does
  * nbd-client -systemd-mark.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -52,6 +60,8 @@
 #define REP_INFO 3
 #define INFO_EXPORT 0
 #define MAX_NODES 16
+#define MAX_ANSWER 4096 /* the boot service's answer: a few dozen "host:port" */
+#define REFRESH_MAX_WAIT_S 30
 
 struct node {
 	char host[256];
@@ -61,6 +71,8 @@ struct node {
 static struct node nodes[MAX_NODES];
 static int n_nodes;
 static const char *export_name;
+/* The boot service's host, port and path prefix (-s); host empty: no refresh. */
+static char server_host[256], server_port[8], server_path[256];
 static int nbd_index;
 static int family_id, mcast_group;
 static unsigned nl_seq;
@@ -78,6 +90,13 @@ static void say(const char *fmt, ...)
 	vsnprintf(line, sizeof line, fmt, ap);
 	va_end(ap);
 	dprintf(console_fd >= 0 ? console_fd : 2, "streamboot: %s\n", line);
+}
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
 static int read_full(int fd, void *buf, size_t len)
@@ -106,15 +125,16 @@ static int write_full(int fd, const void *buf, size_t len)
 	return 0;
 }
 
-/* A TCP connection to node i, or -1; connecting and the handshake are bounded in time. */
-static int dial(int i)
+/* A TCP connection to host:port, or -1; connecting and each read and write are bounded
+ * in time (timeout_s). */
+static int dial_host(const char *host, const char *port, int timeout_s)
 {
 	/* Numeric first: a static binary in an initramfs has no name service to ask. */
 	struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
 				 .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV}, *ai, *a;
-	if (getaddrinfo(nodes[i].host, nodes[i].port, &hints, &ai) != 0) {
+	if (getaddrinfo(host, port, &hints, &ai) != 0) {
 		hints.ai_flags = AI_NUMERICSERV;
-		if (getaddrinfo(nodes[i].host, nodes[i].port, &hints, &ai) != 0)
+		if (getaddrinfo(host, port, &hints, &ai) != 0)
 			return -1;
 	}
 	int fd = -1;
@@ -137,13 +157,196 @@ static int dial(int i)
 	if (fd < 0)
 		return -1;
 	fcntl(fd, F_SETFL, 0);
-	struct timeval tv = {.tv_sec = 5};
+	struct timeval tv = {.tv_sec = timeout_s};
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 	int one = 1;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
 	return fd;
+}
+
+/* A connection to node i for the handshake. */
+static int dial(int i)
+{
+	return dial_host(nodes[i].host, nodes[i].port, 5);
+}
+
+/* --- the node-list refresh from the boot service --- */
+
+/* Splits "HOST:PORT" (len bytes of s) into a node; 0 when it is one the helper can dial:
+ * a host name or IPv4 address ([A-Za-z0-9.-], not starting with '-' or '.') and a port
+ * from 1 to 65535. Anything else from the network is dropped. */
+static int parse_node(const char *s, size_t len, struct node *out)
+{
+	const char *colon = memrchr(s, ':', len);
+	if (!colon || colon == s || (size_t)(colon - s) >= sizeof out->host)
+		return -1;
+	size_t hl = (size_t)(colon - s), pl = len - hl - 1;
+	if (pl < 1 || pl > 5 || !isalnum((unsigned char)s[0]))
+		return -1;
+	for (size_t k = 0; k < hl; k++)
+		if (!isalnum((unsigned char)s[k]) && s[k] != '.' && s[k] != '-')
+			return -1;
+	unsigned port = 0;
+	for (size_t k = 0; k < pl; k++) {
+		if (!isdigit((unsigned char)colon[1 + k]))
+			return -1;
+		port = port * 10 + (unsigned)(colon[1 + k] - '0');
+	}
+	if (port < 1 || port > 65535)
+		return -1;
+	memcpy(out->host, s, hl);
+	out->host[hl] = 0;
+	snprintf(out->port, sizeof out->port, "%u", port);
+	return 0;
+}
+
+static int same_node(const struct node *a, const struct node *b)
+{
+	return !strcmp(a->host, b->host) && !strcmp(a->port, b->port);
+}
+
+/* Takes -s's URL (http://HOST[:PORT][/PATH]); 0 when it is one. */
+static int set_server(const char *url)
+{
+	if (strncmp(url, "http://", 7))
+		return -1;
+	const char *hp = url + 7, *slash = strchr(hp, '/');
+	size_t hl = slash ? (size_t)(slash - hp) : strlen(hp);
+	const char *path = slash ? slash : "";
+	if (strlen(path) >= sizeof server_path || strchr(path, '?'))
+		return -1;
+	struct node n;
+	char with_port[300];
+	if (memchr(hp, ':', hl))
+		snprintf(with_port, sizeof with_port, "%.*s", (int)hl, hp);
+	else
+		snprintf(with_port, sizeof with_port, "%.*s:80", (int)hl, hp);
+	if (hl == 0 || parse_node(with_port, strlen(with_port), &n))
+		return -1;
+	for (const char *c = path; *c; c++)
+		if (!isalnum((unsigned char)*c) && !strchr("/._-~", *c))
+			return -1;
+	strcpy(server_host, n.host);
+	strcpy(server_port, n.port);
+	strcpy(server_path, path);
+	size_t pl = strlen(server_path);
+	if (pl && server_path[pl - 1] == '/')
+		server_path[pl - 1] = 0;
+	return 0;
+}
+
+/* The export name as a bearer token: only the characters a session token has. */
+static int token_ok(void)
+{
+	size_t n = strlen(export_name);
+	if (n < 16 || n > 128)
+		return 0;
+	for (size_t k = 0; k < n; k++)
+		if (!isalnum((unsigned char)export_name[k]) && export_name[k] != '_' &&
+		    export_name[k] != '-')
+			return 0;
+	return 1;
+}
+
+/* Asks the boot service for the live nodes and puts them first in the list (the known
+ * ones it did not name after them, up to MAX_NODES). 1 when the list changed, 0 when not,
+ * -1 (why in err) when there is no usable answer: the list is then left as it was. */
+static int refresh_nodes(char *err, size_t errlen)
+{
+	if (!server_host[0] || !token_ok()) {
+		snprintf(err, errlen, "no boot service to ask");
+		return -1;
+	}
+	int fd = dial_host(server_host, server_port, 3);
+	if (fd < 0) {
+		snprintf(err, errlen, "the boot service %.80s:%s does not answer", server_host,
+			 server_port);
+		return -1;
+	}
+	char req[768];
+	int rl = snprintf(req, sizeof req,
+			  "GET %s/failover-nodes HTTP/1.0\r\nHost: %s:%s\r\n"
+			  "Authorization: Bearer %s\r\nConnection: close\r\n\r\n",
+			  server_path, server_host, server_port, export_name);
+	static char buf[MAX_ANSWER + 1];
+	size_t got = 0;
+	double deadline = now_s() + 3;
+	int ok = rl > 0 && (size_t)rl < sizeof req && write_full(fd, req, (size_t)rl) == 0;
+	while (ok && got < sizeof buf) {
+		ssize_t n = read(fd, buf + got, sizeof buf - got);
+		if (n == 0)
+			break;
+		if (n < 0 || now_s() > deadline)
+			ok = 0;
+		else
+			got += (size_t)n;
+	}
+	close(fd);
+	if (!ok) {
+		snprintf(err, errlen, "no whole answer from the boot service");
+		return -1;
+	}
+	if (got > MAX_ANSWER) {
+		snprintf(err, errlen, "the boot service's answer is too long");
+		return -1;
+	}
+	buf[got] = 0;
+	if (memchr(buf, 0, got)) {
+		snprintf(err, errlen, "the boot service's answer is not text");
+		return -1;
+	}
+	int status = 0;
+	if (sscanf(buf, "HTTP/1.%*1[01] %3d ", &status) != 1 || status != 200) {
+		snprintf(err, errlen, "the boot service answered HTTP %d", status);
+		return -1;
+	}
+	char *body = strstr(buf, "\r\n\r\n");
+	body = body ? body + 4 : NULL;
+	char *line = body ? strstr(body, "nbd_nodes=") : NULL;
+	/* The key at a line's start, the line ended by its newline. */
+	if (line && line != body && line[-1] != '\n')
+		line = NULL;
+	char *end = line ? strchr(line, '\n') : NULL;
+	if (!end) {
+		snprintf(err, errlen, "the boot service's answer has no nbd_nodes= line");
+		return -1;
+	}
+	if (end > line && end[-1] == '\r')
+		end--;
+	struct node fresh[MAX_NODES];
+	int n_fresh = 0;
+	for (char *p = line + 10; p < end && n_fresh < MAX_NODES;) {
+		char *comma = memchr(p, ',', (size_t)(end - p));
+		char *stop = comma ? comma : end;
+		struct node nd;
+		int dup = 0;
+		if (parse_node(p, (size_t)(stop - p), &nd) == 0) {
+			for (int k = 0; k < n_fresh; k++)
+				dup |= same_node(&fresh[k], &nd);
+			if (!dup)
+				fresh[n_fresh++] = nd;
+		}
+		p = stop + 1;
+	}
+	if (!n_fresh) {
+		snprintf(err, errlen, "the boot service named no usable stream node");
+		return -1;
+	}
+	for (int i = 0; i < n_nodes && n_fresh < MAX_NODES; i++) {
+		int known = 0;
+		for (int k = 0; k < n_fresh; k++)
+			known |= same_node(&fresh[k], &nodes[i]);
+		if (!known)
+			fresh[n_fresh++] = nodes[i];
+	}
+	int changed = n_fresh != n_nodes;
+	for (int i = 0; i < n_fresh && !changed; i++)
+		changed = !same_node(&fresh[i], &nodes[i]);
+	memcpy(nodes, fresh, sizeof fresh[0] * (size_t)n_fresh);
+	n_nodes = n_fresh;
+	return changed;
 }
 
 /* The fixed-newstyle handshake with NBD_OPT_GO for export_name: 0 with the export's size
@@ -350,6 +553,12 @@ static int attach_round(int first, uint64_t want_size, uint64_t *size, uint16_t 
 		int fd = dial(i);
 		if (fd >= 0 && handshake(fd, size, flags, err, sizeof err) == 0) {
 			if (!want_size || *size == want_size) {
+				/* The kernel reads replies with the socket's own timeouts: the ones
+				 * bounding the handshake would make an idle device's connection fail
+				 * ("Receive control failed (result -11)") and the session detach. */
+				struct timeval none = {0};
+				setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+				setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
 				*which = i;
 				return fd;
 			}
@@ -363,11 +572,17 @@ static int attach_round(int first, uint64_t want_size, uint64_t *size, uint16_t 
 	return -1;
 }
 
-static double now_s(void)
+/* Moves node n to the end of the list, if it is in it. */
+static void last_in_list(const struct node *n)
 {
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+	for (int i = 0; i < n_nodes - 1; i++) {
+		if (same_node(&nodes[i], n)) {
+			struct node keep = nodes[i];
+			memmove(&nodes[i], &nodes[i + 1], sizeof nodes[0] * (size_t)(n_nodes - 1 - i));
+			nodes[n_nodes - 1] = keep;
+			return;
+		}
+	}
 }
 
 /* The watcher: on each LINK_DEAD of our device, a socket to a live node goes in. */
@@ -404,14 +619,15 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 		if (!overrun)
 			say("lost stream node %s:%s; reconnecting (I/O is held meanwhile)",
 			    nodes[current].host, nodes[current].port);
-		double since = now_s(), told = since;
-		int waiting_said = 0;
+		double since = now_s(), told = since, next_refresh = since;
+		int waiting_said = 0, refresh_wait = 1, refresh_said = 0;
+		/* The next node first: the dead one is most likely still dead. */
+		int first = overrun ? current : (current + 1) % n_nodes;
+		struct node lost = nodes[current];
 		for (;;) {
 			uint64_t s;
 			uint16_t f;
 			int which;
-			/* The next node first: the dead one is most likely still dead. */
-			int first = overrun ? current : (current + 1) % n_nodes;
 			int fd = attach_round(first, size, &s, &f, &which, 1);
 			if (fd >= 0) {
 				struct msg m;
@@ -431,6 +647,28 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 				}
 				say("the kernel refused the new connection: %s", strerror(-rc));
 			}
+			/* No node of the list answers: perhaps the live ones are others now. Asked
+			 * again less and less often, so stranded clients do not flood the boot
+			 * service. */
+			if (server_host[0] && now_s() >= next_refresh) {
+				char err[160];
+				int changed = refresh_nodes(err, sizeof err);
+				if (changed > 0) {
+					say("the boot service names %d stream node(s); trying them", n_nodes);
+					first = 0;
+					last_in_list(&lost);
+					refresh_said = 0;
+					next_refresh = now_s() + refresh_wait;
+					continue;
+				}
+				if (changed < 0 && !refresh_said) {
+					say("cannot refresh the stream node list: %s", err);
+					refresh_said = 1;
+				}
+				next_refresh = now_s() + refresh_wait;
+				if (refresh_wait < REFRESH_MAX_WAIT_S)
+					refresh_wait *= 2;
+			}
 			if (!waiting_said || now_s() - told >= 30) {
 				say("no live stream node answers (tried %d); waiting for one: the disk's "
 				    "I/O is held, nothing is lost", n_nodes);
@@ -445,7 +683,7 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 static void usage(void)
 {
 	fprintf(stderr, "usage: streamboot-nbd [-d /dev/nbdN] [-t IO_TIMEOUT_S] [-w WAIT_S] [-r] "
-			"[-f] -N EXPORT HOST:PORT [HOST:PORT...]\n");
+			"[-f] [-s http://BOOT-SERVER[:PORT]] [-L] -N EXPORT HOST:PORT [HOST:PORT...]\n");
 	exit(2);
 }
 
@@ -453,8 +691,9 @@ int main(int argc, char **argv)
 {
 	const char *dev = "/dev/nbd0";
 	uint64_t io_timeout = 3, wait_s = 7 * 24 * 3600;
-	int readonly = 0, foreground = 0, c;
-	while ((c = getopt(argc, argv, "d:t:w:rfN:")) != -1) {
+	int readonly = 0, foreground = 0, list_only = 0, c;
+	const char *server = NULL;
+	while ((c = getopt(argc, argv, "d:t:w:rfN:s:L")) != -1) {
 		switch (c) {
 		case 'd': dev = optarg; break;
 		case 't': io_timeout = strtoull(optarg, NULL, 10); break;
@@ -462,6 +701,8 @@ int main(int argc, char **argv)
 		case 'r': readonly = 1; break;
 		case 'f': foreground = 1; break;
 		case 'N': export_name = optarg; break;
+		case 's': server = optarg; break;
+		case 'L': list_only = 1; break;
 		default: usage();
 		}
 	}
@@ -478,6 +719,21 @@ int main(int argc, char **argv)
 		memcpy(nd->host, argv[optind], (size_t)(colon - argv[optind]));
 		strcpy(nd->port, colon + 1);
 		n_nodes++;
+	}
+	/* A boot service the helper cannot ask costs the refresh, never the attach. */
+	if (server && set_server(server))
+		fprintf(stderr, "streamboot-nbd: -s %.80s is not an http://HOST[:PORT] URL; the "
+				"node list is not refreshed\n", server);
+	if (list_only) {
+		char err[160];
+		int rc = refresh_nodes(err, sizeof err);
+		if (rc < 0)
+			fprintf(stderr, "streamboot-nbd: %s\n", err);
+		printf("nodes:");
+		for (int i = 0; i < n_nodes; i++)
+			printf(" %s:%s", nodes[i].host, nodes[i].port);
+		printf("\n");
+		return rc < 0;
 	}
 
 	console_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
@@ -499,6 +755,9 @@ int main(int argc, char **argv)
 	uint16_t flags;
 	int current;
 	int fd = attach_round(0, 0, &size, &flags, &current, 0);
+	char why[160];
+	if (fd < 0 && server_host[0] && refresh_nodes(why, sizeof why) > 0)
+		fd = attach_round(0, 0, &size, &flags, &current, 0);
 	if (fd < 0) {
 		fprintf(stderr, "streamboot-nbd: no stream node served export %.40s...\n", export_name);
 		return 1;

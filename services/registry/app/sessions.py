@@ -23,12 +23,13 @@ from services.registry.domain.sessions import (
     StreamNode,
     choose_replay_node,
     failover_stream_nodes,
+    live_stream_nodes,
     pick_stream_node,
     session_url,
 )
 from services.registry.projection import Projection, Record
 from shared.boot_flow import parse_event
-from shared.contracts.registry import SessionRecord
+from shared.contracts.registry import SessionNodes, SessionRecord
 from shared.envelope import uuid7
 from shared.events import Event, SessionAttached
 from shared.iscsi_names import TARGET_PREFIX, initiator_iqn, iscsi_uri
@@ -38,6 +39,9 @@ from shared.telemetry import (
     new_traceparent,
     record_span_with_ids,
 )
+
+# A session_nodes answer names at most this many (SessionNodes' bound).
+MAX_NODES_ANSWERED = 64
 
 
 class SessionCommands(DeviceCommands, VdiskCommands):
@@ -303,8 +307,8 @@ class SessionCommands(DeviceCommands, VdiskCommands):
         view["initiator_iqn"] = None if s.get("replay_of") else initiator_iqn(s["mac"])
         return view
 
-    async def resolve(self, token: str) -> Record:
-        """What a session token opens, for a stream node."""
+    async def _live_session_id(self, token: str) -> str:
+        """The id of the live session a token opens, or ``not_found``."""
         h = token_hash(token)
         sid = self.projection.session_by_token_hash.get(h)
         if sid is None:
@@ -312,6 +316,24 @@ class SessionCommands(DeviceCommands, VdiskCommands):
             sid = self.projection.session_by_token_hash.get(h)
         if sid is None:
             raise not_found("unknown or closed session token")
+        return sid
+
+    async def session_nodes(self, token: str) -> Record:
+        """Every live stream node's NBD endpoint now, least loaded first, for a running
+        client whose known nodes all failed (the boot service's ``/failover-nodes``,
+        docs/failover.md); with the address the session's exports accept."""
+        sid = await self._live_session_id(token)
+        beats = await self._heartbeats() if self._heartbeats is not None else []
+        nodes = sorted(live_stream_nodes(beats), key=lambda n: (n.load, n.node))
+        return SessionNodes(
+            session_id=sid,
+            client_addr=self.projection.sessions[sid].get("client_addr"),
+            nbd_nodes=[n.nbd for n in nodes][:MAX_NODES_ANSWERED],
+        ).model_dump()
+
+    async def resolve(self, token: str) -> Record:
+        """What a session token opens, for a stream node."""
+        sid = await self._live_session_id(token)
         s = self.projection.sessions[sid]
         vd = self.projection.vdisks[s["vdisk"]]
         replay_of = s.get("replay_of")

@@ -298,7 +298,10 @@ class VdiskCommands(CommandCore):
         )
 
     async def promote(self, name: str, version: int, to: str) -> Record:
-        await self._execute(lambda p: vdisks.promote(p, name, version, to))
+        requires_test = self.settings.vdisk_promotion_requires_test
+        await self._execute(
+            lambda p: vdisks.promote(p, name, version, to, requires_test=requires_test)
+        )
         return self.vdisk_view(name)
 
     async def rollback(self, name: str) -> Record:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from services.registry.domain.errors import conflict, invalid, not_found
+from services.registry.domain.errors import conflict, invalid, not_found, refused
 from services.registry.projection import Projection, Record
 from shared.events import (
     BootFilesScanned,
@@ -138,7 +138,10 @@ def publish(
     return events
 
 
-def promote(p: Projection, name: str, version: int, to: str) -> list[Event]:
+def promote(
+    p: Projection, name: str, version: int, to: str, *, requires_test: bool = False
+) -> list[Event]:
+    """A version moved forward to ``to``; ``requires_test``: production only from test."""
     vd = get_vdisk(p, name)
     ver = vd["versions"].get(version)
     if ver is None:
@@ -155,6 +158,11 @@ def promote(p: Projection, name: str, version: int, to: str) -> list[Event]:
         )
     if to == ver["stage"] and not ver["withdrawn"]:
         raise conflict(f"vdisk {name!r} version {version} is already in {to}")
+    if requires_test and to == "production" and ver["stage"] == "maintenance":
+        raise refused(
+            f"vdisk {name!r} version {version} was never tested: the policy requires the test "
+            f"stage first (`vdisk promote {name} {version} --to test`, then production)"
+        )
     return [VdiskVersionPromoted(name=name, version=version, stage=to, previous_stage=ver["stage"])]  # type: ignore[arg-type]
 
 

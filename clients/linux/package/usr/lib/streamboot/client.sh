@@ -414,12 +414,14 @@ sb_nbd_nodes() {
 # Attaches $SB_NBD to the export: through streamboot-nbd (the kernel holds I/O while the
 # stream node is gone, and the helper moves the disk to another node: docs/failover.md)
 # when the initramfs has it, else nbd-client, which reconnects to the same node only.
+# The helper asks the boot server (-s) for the live nodes when none of its list answers.
 # -systemd-mark (and streamboot-nbd's own '@') keeps systemd from killing the process that
 # holds the root at shutdown.
 sb_nbd_connect() {
     if command -v streamboot-nbd > /dev/null 2>&1; then
         # shellcheck disable=SC2046,SC2086
-        $_sb_timeout streamboot-nbd -d "$SB_NBD" -N "$SB_EXPORT" ${_sb_ro:+-r} $(sb_nbd_nodes)
+        $_sb_timeout streamboot-nbd -d "$SB_NBD" -s "$SB_SERVER" -N "$SB_EXPORT" ${_sb_ro:+-r} \
+            $(sb_nbd_nodes)
         return
     fi
     # shellcheck disable=SC2086
