@@ -56,6 +56,9 @@ class EventRelay:
         self._js = js
         self._wake = asyncio.Event()
         self.published = 0
+        # The cursor as this relay last wrote it, while it holds the relay lock (nobody
+        # else moves it then): not read back before each batch.
+        self._cursor: int | None = None
 
     def poke(self) -> None:
         """Something was appended: publish it now rather than at the next poll."""
@@ -77,6 +80,7 @@ class EventRelay:
                         )
                         away_since = None
                     await self._hold_lock(lock_conn, poll_s)
+                    self._cursor = None
                     try:
                         await self._publish_while_locked(lock_conn, poll_s)
                     finally:
@@ -106,6 +110,7 @@ class EventRelay:
                 moved = await self.publish_pending()
             except Exception as exc:
                 # NATS or Postgres away: nothing is lost, the cursor did not move.
+                self._cursor = None
                 log.warning("relay: publishing paused (%s); retrying", exc)
                 await asyncio.sleep(poll_s)
                 continue
@@ -118,9 +123,12 @@ class EventRelay:
 
     async def publish_pending(self) -> int:
         """Publish one batch after the cursor; returns how many events it published."""
-        cursor = await self._store.get_cursor(CURSOR)
+        cursor = self._cursor
+        if cursor is None:
+            cursor = await self._store.get_cursor(CURSOR)
         events = await self._store.read_all(cursor, BATCH)
         if not events:
+            self._cursor = cursor
             return 0
         acks = await asyncio.gather(
             *(
@@ -133,6 +141,9 @@ class EventRelay:
             )
         )
         _crash_point("relay.after_publish")
-        await self._store.set_cursor(CURSOR, events[-1].position)
+        # Not waiting for the disk: a cursor lost in a crash re-publishes events that
+        # JetStream drops as duplicates (module docstring).
+        await self._store.set_cursor(CURSOR, events[-1].position, durable=False)
+        self._cursor = events[-1].position
         self.published += sum(1 for a in acks if not a.duplicate)
         return len(events)
