@@ -119,6 +119,8 @@ class CommandCore:
         self.opens_refused_busy = 0  # session opens answered "busy, retry" so far
         self._tracer = tracer("streamboot.registry")
         self._sealer: Sealer | None = None  # loaded at the first secret it seals or opens
+        # (vdisk, layers) -> (when checked, their paths): VdiskCommands._served_layers.
+        self._layers_checked: dict[tuple[str, tuple[str, ...]], tuple[float, list[str]]] = {}
 
     # --- plumbing ---------------------------------------------------------------------
 
