@@ -1,7 +1,8 @@
 """The scale table (issue 28): session opens, boot storms and idle sessions, in one run.
 
     uv run python bench/scale.py [--opens 1000] [--storm 200,500,1000] [--client-procs 4]
-                                 [--idle 1000,10000] [--pxe 100] [--parts opens,storm,idle,pxe]
+                                 [--idle 1000,10000] [--pxe 100] [--spread 1000]
+                                 [--parts opens,storm,idle,pxe,spread]
                                  [--markdown scale-table.md]
 
 Each part is one of the benches beside it, run as a child process, its rows read back as
@@ -18,7 +19,10 @@ docs/scale.md shows:
   session, stream node and cache service, beside nbdkit-cow holding as many connections;
 - ``pxe`` (root, not in the default parts): bench/pxestorm.py: ``--pxe`` simulated clients
   boot at once through DHCP, TFTP, the iPXE scripts, the boot files, the nonce and NBD, in
-  a network namespace; clients lost, DHCP retransmits, each phase's p50/p99.
+  a network namespace; clients lost, DHCP retransmits, each phase's p50/p99;
+- ``spread`` (root, not in the default parts): bench/scaleout.py: two stream and two cache
+  node processes, each in its own network namespace, and ``--spread`` sessions opened
+  across them: sessions placed and held per stream node, write caches per cache node.
 
 The goals: >= 500 opens/s over NATS; storm p99 <= 0.8x nbdkit-cow's at N = 1,000 with no
 client lost; < 1 GiB resident for 10,000 idle sessions on a stream node.
@@ -35,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.scaleout import report  # noqa: E402
+
 PARTS = ("opens", "storm", "idle")
 
 
@@ -115,6 +123,7 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--idle", default="1000,10000", help="idle attached session counts")
     ap.add_argument("--pxe", type=int, default=100, help="simulated PXE clients")
+    ap.add_argument("--spread", type=int, default=1000, help="sessions over the scale-out nodes")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     args = ap.parse_args()
@@ -141,6 +150,12 @@ def main() -> None:
     if "pxe" in parts:
         summary = run_part(["bench/pxestorm.py", "--clients", str(args.pxe)], work / "pxe.json")
         tables += ["### PXE storm (simulated clients)", "", *pxe_table(summary), ""]
+    if "spread" in parts:
+        result = run_part(
+            ["bench/scaleout.py", "--sessions", str(args.spread)], work / "spread.json"
+        )
+        if result:
+            tables += ["### Scale-out: two stream and two cache nodes", "", report(result), ""]
     text = "\n".join(tables)
     print("\n" + text)
     if args.markdown:

@@ -70,9 +70,9 @@ def mac_of(i: int) -> str:
 class Rig:
     """NATS, PostgreSQL and the registry (a child process), under ``work``."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, nats_host: str = "127.0.0.1") -> None:
         self.work = work
-        self.nats = EmbeddedNats(work / "nats", port=free_port())
+        self.nats = EmbeddedNats(work / "nats", port=free_port(), host=nats_host)
         self.pg = EmbeddedPostgres(
             work, port=free_port(), password=secrets.token_urlsafe(16),
             user=Settings().postgres_user,

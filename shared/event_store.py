@@ -18,7 +18,7 @@ import gc
 import logging
 import struct
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -492,31 +492,48 @@ class EventStore:
         return await self._pool.fetchval("SELECT coalesce(max(position), 0) FROM events")
 
     async def follow(
-        self, after_position: int = 0, *, poll_s: float = 1.0, **filters: Any
+        self,
+        after_position: int = 0,
+        *,
+        poll_s: float = 1.0,
+        seen: Callable[[], int] | None = None,
+        **filters: Any,
     ) -> AsyncIterator[StoredEvent]:
         """Catch up from a position, then yield new events as they are appended, forever.
 
-        Wakes on NOTIFY; polls as a fallback so a missed notification only delays."""
+        Wakes on NOTIFY; polls as a fallback so a missed notification only delays.
+        ``seen``: the position up to which the caller has the events by other means (its
+        own appends): those are not read again, and a NOTIFY naming a position at or
+        before it (each append names its last) wakes no read."""
         wake = asyncio.Event()
+        named = 0  # the highest position a NOTIFY named
 
-        def on_notify(*_: object) -> None:
+        def on_notify(_conn: object, _pid: object, _channel: object, payload: str) -> None:
+            nonlocal named
+            # An empty or foreign payload: read to find out.
+            named = max(named, int(payload) if payload.isdigit() else 1 << 62)
             wake.set()
 
         async with self.session() as listener:
             await listener.add_listener(NOTIFY_CHANNEL, on_notify)
             position = after_position
+            read = True
             while True:
                 wake.clear()
-                rows = await self.read_all(position, 1000, **filters)
-                for row in rows:
-                    position = row.position
-                    yield row
-                if len(rows) == 1000:
-                    continue
+                if seen is not None:
+                    position = max(position, seen())
+                if read or named > position:
+                    rows = await self.read_all(position, 1000, **filters)
+                    for row in rows:
+                        position = row.position
+                        yield row
+                    if len(rows) == 1000:
+                        continue
                 try:
                     await asyncio.wait_for(wake.wait(), poll_s)
+                    read = False
                 except TimeoutError:
-                    pass
+                    read = True
 
     # --- cursors (for the relay and other durable readers) -----------------------------
 
@@ -524,13 +541,22 @@ class EventStore:
         value = await self._pool.fetchval("SELECT position FROM cursors WHERE name = $1", name)
         return int(value or 0)
 
-    async def set_cursor(self, name: str, position: int) -> None:
-        await self._pool.execute(
-            "INSERT INTO cursors VALUES ($1, $2) "
-            "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-            name,
-            position,
-        )
+    async def set_cursor(self, name: str, position: int, *, durable: bool = True) -> None:
+        """``durable=False``: the commit does not wait for the disk, for a cursor whose
+        loss in a crash only repeats work that is safe to repeat (the relay's: JetStream
+        drops the re-published events by their ids)."""
+        await self._pool.execute(_SET_CURSOR if durable else _SET_CURSOR_LAZILY, name, position)
+
+
+_SET_CURSOR = (
+    "INSERT INTO cursors VALUES ($1, $2) "
+    "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+)
+_SET_CURSOR_LAZILY = (
+    "WITH lazy AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) "
+    "INSERT INTO cursors SELECT $1, $2 FROM lazy "
+    "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+)
 
 
 class Transaction:
@@ -572,6 +598,7 @@ class Transaction:
         if defer:
             return await self._defer(events, expected_version, expected)
         await self.flush()  # in position order: what was deferred goes first
+        self._next_position = None  # positions drawn below come after any reserved
         conn = self.conn
         streams = list(dict.fromkeys(e.stream_id for e in events))
         expectations = dict(expected or {})
@@ -640,30 +667,44 @@ class Transaction:
         self._deferred.extend(events)
         return list(events)
 
+    async def read_and_reserve(self, after_position: int, limit: int) -> list[asyncpg.Record]:
+        """The events after ``after_position`` (:func:`fetch_for_replay`'s records, at most
+        ``limit``) and the first position of this transaction's deferred appends, in one
+        round trip: a group commit's catch-up and its reservation together."""
+        rows = await self.conn.fetch(_READ_AND_RESERVE, after_position, limit)
+        self._next_position = rows[0][0]
+        return [tuple(r)[1:] for r in rows if r[1] is not None]
+
     async def flush(self) -> None:
-        """Write the deferred events: one round trip for their streams' versions (and the
-        sequence moved past them, and the NOTIFY), one COPY."""
+        """Write the deferred events in one round trip: the streams' versions read, the
+        rows inserted, the sequence moved past them and the NOTIFY, by one statement."""
         events, self._deferred = self._deferred, []
         if not events:
             return
-        first = events[0].__dict__["position"]
         last = events[-1].__dict__["position"]
         self._next_position = None
-        streams = list(dict.fromkeys(e.__dict__["stream_id"] for e in events))
-        versions_now, _ = await self.conn.fetchrow(
-            _VERSIONS_AND_MOVE, streams, last, NOTIFY_CHANNEL
-        )
-        current = {s: v for s, v in zip(streams, versions_now, strict=True) if v is not None}
-        versions = _versions(events, current)
-        await self.conn.copy_to_table(
-            "events",
-            source=_copy_data(events, versions, first),
-            columns=_INSERT_COLUMNS,
-            format="binary",
-        )
+        columns: tuple[list[Any], ...] = tuple([] for _ in range(10))
+        (positions, ids, streams, types, times, correlations, causations, traceparents,
+         datas, macs) = columns  # fmt: skip
+        for e in events:
+            f = e.__dict__
+            data = f["data"]
+            mac = data.get("mac")
+            positions.append(f["position"])
+            ids.append(f["id"])
+            streams.append(f["stream_id"])
+            types.append(f["type"])
+            times.append(f["time"])
+            correlations.append(f["correlation_id"])
+            causations.append(f["causation_id"])
+            traceparents.append(f["traceparent"])
+            datas.append(orjson.dumps(data).decode())
+            macs.append(mac if isinstance(mac, str) else None)
+        rows = await self.conn.fetch(_INSERT_DEFERRED, *columns, last, NOTIFY_CHANNEL)
+        version_at = dict(rows)
         self.last_position = last
-        for e, v in zip(events, versions, strict=True):
-            e.__dict__["version"] = v
+        for e in events:
+            e.__dict__["version"] = version_at[e.__dict__["position"]]
 
     async def _count_stored(self, ids: list[uuid.UUID]) -> int:
         return await self.conn.fetchval(_COUNT_STORED, ids)
@@ -687,10 +728,10 @@ _STREAM_VERSIONS = """ARRAY(
     SELECT (SELECT max(version) FROM events WHERE stream_id = s.s)
     FROM unnest($1::text[]) WITH ORDINALITY AS s(s, n) ORDER BY s.n
 )"""
-# Draws $2 positions; NOTIFYs channel $3.
-_RESERVE_POSITIONS = """(SELECT last FROM (
-    SELECT setval(seq, nextval(seq) + $2 - 1) AS last, pg_notify($3, '')
-    FROM (SELECT pg_get_serial_sequence('events', 'position')::regclass AS seq) AS s) AS l)"""
+# Draws $2 positions; NOTIFYs channel $3 with the last of them (see _INSERT_DEFERRED).
+_RESERVE_POSITIONS = """(SELECT last FROM (SELECT last, pg_notify($3, last::text) FROM (
+    SELECT setval(seq, nextval(seq) + $2 - 1) AS last
+    FROM (SELECT pg_get_serial_sequence('events', 'position')::regclass AS seq) AS s) AS m) AS l)"""
 _CHECK_AND_RESERVE = f"SELECT {_STREAM_VERSIONS}, 0, {_RESERVE_POSITIONS}"
 _CHECK_IDS_AND_RESERVE = (
     f"SELECT {_STREAM_VERSIONS}, "
@@ -700,11 +741,38 @@ _CHECK_IDS_AND_RESERVE = (
 _COUNT_STORED = "SELECT count(*)::int FROM events WHERE id = ANY($1::uuid[])"
 _SEQUENCE = "pg_get_serial_sequence('events', 'position')::regclass"
 _NEXT_POSITION = f"SELECT nextval({_SEQUENCE})"
-# The streams' versions; the sequence set to the last deferred position ($2); NOTIFY $3.
-_VERSIONS_AND_MOVE = (
-    f"SELECT {_STREAM_VERSIONS}, m.last "
-    f"FROM (SELECT setval({_SEQUENCE}, $2) AS last, pg_notify($3, '')) AS m"
+# A position drawn, then the events after $1 (at most $2) as replay records; one row with
+# no event when there are none. The draw and the read see the same log: the transaction
+# holds the append lock, and only its holder draws positions.
+_READ_AND_RESERVE = f"""
+WITH n AS MATERIALIZED (SELECT nextval({_SEQUENCE}) AS next)
+SELECT n.next, e.* FROM n LEFT JOIN LATERAL (
+    SELECT {REPLAY_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2
+) AS e ON true ORDER BY 2"""
+# The deferred events ($1-$10: a column each, in position order) inserted with their
+# versions (after their stream's current one, in order); the sequence set to the last
+# position ($11) and NOTIFY $12 with it as the payload (a follower that has applied that
+# position has nothing to read). Returns (position, version) per event.
+_INSERT_DEFERRED = f"""
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[],
+        $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+        WITH ORDINALITY AS r(position, id, stream_id, type, time, correlation_id,
+            causation_id, traceparent, data, mac, n)
+), base AS (
+    SELECT s.stream_id,
+        coalesce((SELECT max(version) FROM events WHERE stream_id = s.stream_id), 0) AS v
+    FROM (SELECT DISTINCT stream_id FROM r) AS s
+), moved AS MATERIALIZED (
+    SELECT setval({_SEQUENCE}, $11), pg_notify($12, $11::text)
 )
+INSERT INTO events ({", ".join(_INSERT_COLUMNS)})
+SELECT r.position, r.id, r.stream_id,
+    base.v + row_number() OVER (PARTITION BY r.stream_id ORDER BY r.n),
+    r.type, r.time, r.correlation_id, r.causation_id, r.traceparent, r.data, r.mac
+FROM r JOIN base USING (stream_id) CROSS JOIN moved
+ORDER BY r.n
+RETURNING position, version"""
 
 
 def _versions(events: Sequence[Envelope], current: Mapping[str, int]) -> list[int]:

@@ -25,6 +25,8 @@ log = logging.getLogger("streamboot.relay")
 CURSOR = "jetstream-relay"
 RELAY_LOCK_KEY = 0x5EB0_0702
 BATCH = 512
+# While batches follow each other, the cursor is written at most this often.
+CURSOR_SAVE_S = 0.5
 
 
 def _crash_point(name: str) -> None:
@@ -56,6 +58,12 @@ class EventRelay:
         self._js = js
         self._wake = asyncio.Event()
         self.published = 0
+        # The cursor as this relay has published, while it holds the relay lock (nobody
+        # else moves it then): not read back before each batch. Written to the log at most
+        # every CURSOR_SAVE_S while batches follow each other, and once they stop.
+        self._cursor: int | None = None
+        self._saved: int | None = None
+        self._saved_at = 0.0
 
     def poke(self) -> None:
         """Something was appended: publish it now rather than at the next poll."""
@@ -77,6 +85,7 @@ class EventRelay:
                         )
                         away_since = None
                     await self._hold_lock(lock_conn, poll_s)
+                    self._cursor = self._saved = None
                     try:
                         await self._publish_while_locked(lock_conn, poll_s)
                     finally:
@@ -106,6 +115,7 @@ class EventRelay:
                 moved = await self.publish_pending()
             except Exception as exc:
                 # NATS or Postgres away: nothing is lost, the cursor did not move.
+                self._cursor = self._saved = None
                 log.warning("relay: publishing paused (%s); retrying", exc)
                 await asyncio.sleep(poll_s)
                 continue
@@ -118,9 +128,13 @@ class EventRelay:
 
     async def publish_pending(self) -> int:
         """Publish one batch after the cursor; returns how many events it published."""
-        cursor = await self._store.get_cursor(CURSOR)
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._saved = await self._store.get_cursor(CURSOR)
         events = await self._store.read_all(cursor, BATCH)
         if not events:
+            self._cursor = cursor
+            await self._save_cursor(quiet=True)
             return 0
         acks = await asyncio.gather(
             *(
@@ -133,6 +147,19 @@ class EventRelay:
             )
         )
         _crash_point("relay.after_publish")
-        await self._store.set_cursor(CURSOR, events[-1].position)
+        self._cursor = events[-1].position
+        await self._save_cursor(quiet=False)
         self.published += sum(1 for a in acks if not a.duplicate)
         return len(events)
+
+    async def _save_cursor(self, *, quiet: bool) -> None:
+        """Write the cursor if it moved: at once when the log is quiet, else at most every
+        CURSOR_SAVE_S (a storm's groups would each cost a write). Not waiting for the disk
+        either: a cursor behind in a crash re-publishes events that JetStream drops as
+        duplicates (module docstring)."""
+        if self._cursor is None or self._cursor == self._saved:
+            return
+        now = asyncio.get_running_loop().time()
+        if quiet or now - self._saved_at >= CURSOR_SAVE_S:
+            await self._store.set_cursor(CURSOR, self._cursor, durable=False)
+            self._saved, self._saved_at = self._cursor, now

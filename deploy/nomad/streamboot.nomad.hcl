@@ -48,9 +48,9 @@ variable "stream_count" {
 }
 
 variable "cache_count" {
-  description = "Cache nodes, one per machine: each holds the write caches placed on it (opens are routed to the holder; docs/cache.md)"
+  description = "Cache nodes, one per machine (distinct_hosts): each holds the write caches placed on it (opens are routed to the holder; docs/cache.md). With one Nomad client, set 1: the second cannot be placed"
   type        = number
-  default     = 1
+  default     = 2
 }
 
 variable "dhcp_mode" {

@@ -6,7 +6,8 @@ route's is 403, a ``Content-Length`` over the cap is 413, each answered with
 ``Connection: close`` so the unread body is never taken in. A body that streams past the cap
 is cut off with 413 too. Every mutating request of a known token, whatever its outcome
 (403 included), appends an ``AdminActionPerformed`` naming the token and its role before
-its answer goes out; an import's progress reports (``/jobs``) are the one exception.
+its answer goes out (in the same commit as the route's command where the route says what
+it answers: ``audit.py``); an import's progress reports (``/jobs``) are the one exception.
 
 Roles are ranked (viewer < operator < admin); what a route needs follows from its method and
 path (:func:`required_role`), so a new route needs admin until it is listed here.
@@ -29,6 +30,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.registry import audit
+from services.registry.audit import AuditSlot
 from services.registry.domain.api_tokens import BOOTSTRAP_ADMIN
 
 log = logging.getLogger("streamboot.registry.api")
@@ -243,16 +246,21 @@ class Gate:
                     raise BodyTooLarge
             return message
 
+        # The route's command may commit the audit record with its own events (audit.py).
+        slot = AuditSlot(*who, scope["method"], audit_path(scope["path"]))
+
         async def audited(message: Message) -> None:
             nonlocal answered
             if over:
                 return  # the route's answer to a cut-off body: the 413 below replaces it
             if message["type"] == "http.response.start":
                 answered = True
-                if mutating:
-                    await self._record(*who, scope["method"], scope["path"], message["status"])
+                status = message["status"]
+                if mutating and slot.committed != status:
+                    await self._record(*who, scope["method"], scope["path"], status)
             await send(message)
 
+        token = audit.opened(slot) if mutating and not UNAUDITED.fullmatch(scope["path"]) else None
         try:
             await self.app(scope, counted, audited)
         except BodyTooLarge:
@@ -261,6 +269,9 @@ class Gate:
             if mutating and not answered:  # the 500 goes out past this middleware
                 await self._record(*who, scope["method"], scope["path"], 500)
             raise
+        finally:
+            if token is not None:
+                audit.closed(token)
         if over and not answered:
             if mutating:
                 await self._record(*who, scope["method"], scope["path"], 413)

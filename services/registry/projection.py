@@ -117,6 +117,8 @@ class Projection:
         self.live_by_hostname: dict[str, dict[str, None]] = {}
         self.live_by_machine_id: dict[str, dict[str, None]] = {}
         self.live_by_vdisk: dict[str, dict[str, None]] = {}
+        # The live sessions by the stream node they were placed on (placement's load).
+        self.live_by_node: dict[str, dict[str, None]] = {}
         # Admin API tokens by name (revoked ones kept: a name is never reused), the live
         # ones by hash, and when each name last did a mutating request.
         self.api_tokens: dict[str, Record] = {}
@@ -490,6 +492,8 @@ class Projection:
 
     def _index_live(self, s: Record, *, add: bool = True) -> None:
         keys = [(self.live_by_vdisk, s["vdisk"])]
+        if s.get("stream_node"):
+            keys.append((self.live_by_node, s["stream_node"]))
         if not s.get("replay_of"):  # a replay holds no name or identity
             keys += [
                 (self.live_by_hostname, s["hostname"]),

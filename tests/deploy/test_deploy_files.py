@@ -331,6 +331,34 @@ def test_compose_volumes(compose_model: dict[str, Any], image_env: dict[str, str
     } <= published
 
 
+def test_compose_scale_out_profile_runs_two_stream_and_two_cache_nodes() -> None:
+    """`--profile scale-out` adds a second stream node (its own advertised and published
+    ports, its own data volume) and a second cache node (its own volume for its write
+    caches); without the profile the model is the one-node shape above."""
+    done = run_compose("--profile", "scale-out", "config", "--format", "json", env=COMPOSE_REQUIRED)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert set(services) == INFRA | set(SERVICES) | {"stream-2", "cache-2"}
+    for twin, name in (("stream-2", "stream"), ("cache-2", "cache")):
+        assert services[twin]["command"] == services[name]["command"]
+        assert services[twin]["image"] == services[name]["image"]
+        assert services[twin]["environment"]["STREAMBOOT_NATS_USER"] == name
+        data = {
+            v["source"]
+            for v in services[twin]["volumes"]
+            if v["target"] != "/srv/streamboot/vdisks"
+        }
+        assert data and not data & {v["source"] for v in services[name]["volumes"]}, data
+    ports = []
+    for name in ("stream", "stream-2"):
+        env = services[name]["environment"]
+        advertised = {int(env["STREAMBOOT_NBD_PORT"]), int(env["STREAMBOOT_HTTP_STREAM_PORT"])}
+        published = {int(p["published"]) for p in services[name]["ports"]}
+        assert advertised == published == {int(p["target"]) for p in services[name]["ports"]}
+        ports += sorted(advertised)
+    assert len(set(ports)) == 4, ports  # the clients reach each node on its own ports
+
+
 def test_compose_boot_on_host_network(compose_model: dict[str, Any]) -> None:
     services = compose_model["services"]
     boot = services["boot"]

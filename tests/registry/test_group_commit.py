@@ -4,6 +4,9 @@ transaction, with the uniqueness rules as exact as one at a time (real PostgreSQ
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,8 +14,10 @@ from services.registry.app import RegistryApp
 from services.registry.domain import devices
 from services.registry.domain.errors import DomainError
 from services.registry.projection import Projection
+from shared.event_store import EventStore
 from shared.events import Event, SessionClosed
-from tests.registry.conftest import write_image
+from shared.settings import Settings
+from tests.registry.conftest import PATIENT, TOKEN, Registry, write_image
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,3 +109,56 @@ async def test_a_failed_group_leaves_nothing_behind(app: RegistryApp) -> None:
     assert await app.store.read_all(position, types=["SessionOpened"]) == []
     s = await app.open_session(macs[0])
     assert list(app.projection.sessions) == [s["session_id"]]
+
+
+async def test_a_rest_open_commits_its_audit_record_with_the_session(registry: Registry) -> None:
+    """A session opened through the REST API is one commit: its SessionOpened and the
+    request's AdminActionPerformed share a transaction (PostgreSQL's xmin). A refused open
+    still gets exactly one record, with the status it was answered."""
+    app = registry.app
+    macs = await ready(app, 2)
+    async with registry.http() as http:
+        opened = await http.post("/sessions", json={"mac": macs[0]})
+        refused = await http.post("/sessions", json={"mac": macs[0]})  # it has one live
+    assert opened.status_code == 201 and refused.status_code == 409
+    rows = await app.store.pool.fetch(
+        "SELECT xmin::text AS tx, type, data::jsonb->>'status' AS status FROM events "
+        "WHERE type IN ('SessionOpened', 'AdminActionPerformed') "
+        "AND (type = 'SessionOpened' OR data::jsonb->>'path' = '/sessions') ORDER BY position"
+    )
+    assert [(r["type"], r["status"]) for r in rows] == [
+        ("SessionOpened", None),
+        ("AdminActionPerformed", "201"),
+        ("AdminActionPerformed", "409"),
+    ]
+    assert rows[0]["tx"] == rows[1]["tx"] != rows[2]["tx"]
+
+
+async def test_a_burst_of_opens_spreads_over_the_stream_nodes(
+    store: EventStore, data_dir: Path
+) -> None:
+    """Opens that arrive together, before any heartbeat could show a node's new load, go
+    to the nodes in turn: each placement counts the sessions placed before it."""
+    beats = [
+        {"service": "stream", "alive": True, "node": n, "nbd": f"{n}:10809",
+         "http_stream": f"http://{n}:8080", "load": 0}
+        for n in ("a", "b")
+    ]  # fmt: skip
+
+    async def heartbeats() -> list[dict[str, Any]]:
+        return beats
+
+    app = RegistryApp(store, Settings(data_dir=data_dir, api_token=TOKEN, **PATIENT),
+                      heartbeats=heartbeats)  # fmt: skip
+    await app.start()
+    macs = await ready(app, 40)
+    views = await asyncio.gather(*(app.open_session(m) for m in macs))
+    assert Counter(v["stream_node"] for v in views) == {"a": 20, "b": 20}
+    assert all(v["nbd_nodes"] == [("b" if v["stream_node"] == "a" else "a") + ":10809"]
+               for v in views)  # fmt: skip
+    # A node whose heartbeat shows more connections than sessions placed on it gets less.
+    beats[0]["load"] = 30
+    for v in views[:10]:
+        await app.close_session(v["session_id"])
+    more = await asyncio.gather(*(app.open_session(m) for m in macs[:10]))
+    assert Counter(v["stream_node"] for v in more) == {"b": 10}

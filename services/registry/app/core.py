@@ -33,12 +33,20 @@ from typing import Any
 
 import asyncpg
 
-from services.registry.domain import vdisks
+from services.registry import audit
+from services.registry.audit import AuditSlot
+from services.registry.domain import api_tokens, vdisks
 from services.registry.domain.errors import DomainError
 from services.registry.projection import Projection, Record
 from services.registry.sealing import Sealer
 from shared.envelope import Envelope
-from shared.event_store import EventStore, StoredEvent, fetch_for_replay, gc_paused
+from shared.event_store import (
+    EventStore,
+    StoredEvent,
+    Transaction,
+    fetch_for_replay,
+    gc_paused,
+)
 from shared.events import Event, ProjectionError, SessionEvent, envelope
 from shared.settings import Settings
 from shared.telemetry import (
@@ -111,6 +119,8 @@ class CommandCore:
         self.opens_refused_busy = 0  # session opens answered "busy, retry" so far
         self._tracer = tracer("streamboot.registry")
         self._sealer: Sealer | None = None  # loaded at the first secret it seals or opens
+        # (vdisk, layers) -> (when checked, their paths): VdiskCommands._served_layers.
+        self._layers_checked: dict[tuple[str, tuple[str, ...]], tuple[float, list[str]]] = {}
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -178,7 +188,10 @@ class CommandCore:
         """Keep the projection up with every append (other services, other replicas)."""
         while True:
             try:
-                async for row in self.store.follow(self.projection.position):
+                # What this process appended is applied already: not read back.
+                async for row in self.store.follow(
+                    self.projection.position, seen=lambda: self.projection.position
+                ):
                     self.offer([row])
                     await self.record_projection_errors()
             except Exception as exc:  # PostgreSQL restarting, a dropped connection...
@@ -206,13 +219,16 @@ class CommandCore:
         correlation_id: str | None = None,
         effect: Callable[[], Callable[[], None]] | None = None,
         deadline: float | None = None,
+        audited: bool = False,
     ) -> list[Envelope]:
         """Decide and append atomically; ``effect`` runs between the two (file moves) and
         returns its undo, called when the append fails. A command with a ``deadline``
         (loop time: a session open, :meth:`_admit_open`) not decided by then is refused
-        busy, with nothing appended."""
+        busy, with nothing appended. ``audited``: this command decides the admin request's
+        answer, whose audit record then commits with it (services/registry/audit.py)."""
         try:
-            return await self._decide_and_append(decide, correlation_id, effect, deadline)
+            slot = audit.to_commit() if audited and effect is None else None
+            return await self._decide_and_append(decide, correlation_id, effect, deadline, slot)
         finally:
             # The catch-up under the lock may have skipped an event: say so in the log.
             try:
@@ -226,10 +242,11 @@ class CommandCore:
         correlation_id: str | None,
         effect: Callable[[], Callable[[], None]] | None,
         deadline: float | None = None,
+        audit_slot: AuditSlot | None = None,
     ) -> list[Envelope]:
         if effect is not None:
             return await self._decide_alone(decide, correlation_id, effect)
-        pending = _Pending(decide, correlation_id, current_traceparent(), deadline)
+        pending = _Pending(decide, correlation_id, current_traceparent(), deadline, audit_slot)
         self._waiting.append(pending)
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_groups(), name="group-commit")
@@ -263,64 +280,79 @@ class CommandCore:
             return
         try:
             async with self._lock, self.store.transaction() as tx:
-                await self._catch_up_in(tx.conn)
+                await self._catch_up_in(tx)
         except Exception as exc:
             log.warning("registry: projection not rebuilt yet after a failed commit (%s)", exc)
 
     async def _commit_group(self, group: list[_Pending]) -> None:
-        outcomes: list[tuple[_Pending, list[Envelope], Exception | None]] = []
+        # Per command: its events, its refusal, and its request's audit record.
+        outcomes: list[tuple[_Pending, list[Envelope], Exception | None, list[Envelope]]] = []
         applied = False
         async with self._lock:
             try:
                 async with self.store.transaction() as tx:
-                    await self._catch_up_in(tx.conn)
+                    await self._catch_up_in(tx)
                     now = asyncio.get_running_loop().time()
                     for p in group:
                         error: Exception | None = None
                         if p.deadline is not None and now > p.deadline:
                             # Its caller is about to give up: deciding now could open a
                             # session nobody hears of.
-                            outcomes.append((p, [], self._busy("waited too long for its turn")))
+                            busy = self._busy("waited too long for its turn")
+                            outcomes.append((p, [], busy, []))
                             continue
                         try:
                             events = p.decide(self.projection)
                         except DomainError as exc:
                             error, events = exc, exc.events
                         except Exception as exc:  # this command's fault: the others go on
-                            outcomes.append((p, [], exc))
+                            outcomes.append((p, [], exc, []))
                             continue
                         stored = await tx.append(
                             self._envelopes(events, p.correlation_id, p.traceparent), defer=True
                         )
-                        if len(group) > 1 and stored:
+                        record: list[Envelope] = []
+                        if error is None and p.audit is not None:
+                            record = await tx.append(
+                                self._envelopes(_audit_record(p.audit), None, p.traceparent),
+                                defer=True,
+                            )
+                        if len(group) > 1 and (stored or record):
                             # The next decision must see these: applied before the commit.
                             applied = True
-                            self.offer(stored)
-                        outcomes.append((p, stored, error))
+                            self.offer(stored + record)
+                        outcomes.append((p, stored, error, record))
             except BaseException:
                 if applied:
                     self._projection_dirty = True
                 raise
-            for _, stored, _ in outcomes:
-                self.offer(stored)
+            for _, stored, _, record in outcomes:
+                self.offer(stored + record)
             self.group_commits += 1
-        if any(stored for _, stored, _ in outcomes):
+        if any(stored or record for _, stored, _, record in outcomes):
             self._on_appended()
-        for p, stored, error in outcomes:
+        for p, stored, error, record in outcomes:
+            if record and p.audit is not None:
+                p.audit.committed = p.audit.answers
             if not p.done.done():
                 p.done.set_result((stored, error))
 
-    async def _catch_up_in(self, conn: asyncpg.Connection) -> None:
+    async def _catch_up_in(self, tx: Transaction) -> None:
         """The projection up with the log, in the transaction holding the append lock
-        (rebuilt whole if a failed group left uncommitted events in it)."""
+        (rebuilt whole if a failed group left uncommitted events in it). The first read
+        also reserves the transaction's first position: one round trip for both."""
         if self._projection_dirty:
             fresh = Projection()
-            await replay(conn, fresh)
+            await replay(tx.conn, fresh)
             self.projection = fresh
             self._projection_dirty = False
             log.warning("registry: projection rebuilt after a failed group commit")
-        else:
-            await replay(conn, self.projection)
+            return
+        with gc_paused():
+            rows = await tx.read_and_reserve(self.projection.position, REPLAY_BATCH)
+            self.projection.apply_records(rows)
+        if len(rows) == REPLAY_BATCH:
+            await replay(tx.conn, self.projection)
 
     async def _decide_alone(
         self,
@@ -335,7 +367,7 @@ class CommandCore:
         async with self._lock:
             try:
                 async with self.store.transaction() as tx:
-                    await self._catch_up_in(tx.conn)
+                    await self._catch_up_in(tx)
                     try:
                         events = decide(self.projection)
                     except DomainError as exc:
@@ -402,7 +434,7 @@ class CommandCore:
         """Rebuild the projection from the whole log and swap it in; reports whether the
         fresh one equals the live one (it must: both are the same fold of the same log)."""
         async with self._lock, self.store.transaction() as tx:
-            await self._catch_up_in(tx.conn)
+            await self._catch_up_in(tx)
             fresh = Projection()
             started = time.perf_counter()
             n = await replay(tx.conn, fresh)
@@ -424,10 +456,14 @@ class CommandCore:
         }
 
 
+def _audit_record(slot: AuditSlot) -> list[Event]:
+    return api_tokens.admin_action(slot.name, slot.role, slot.method, slot.path, slot.answers or 0)
+
+
 class _Pending:
     """A command waiting for its group commit; ``done`` gets (its events, its refusal)."""
 
-    __slots__ = ("correlation_id", "deadline", "decide", "done", "traceparent")
+    __slots__ = ("audit", "correlation_id", "deadline", "decide", "done", "traceparent")
 
     def __init__(
         self,
@@ -435,9 +471,12 @@ class _Pending:
         correlation_id: str | None,
         traceparent: str | None,
         deadline: float | None = None,
+        audit: AuditSlot | None = None,
     ) -> None:
         self.decide = decide
         self.deadline = deadline
+        # The admin request whose audit record commits with this command, if it succeeds.
+        self.audit = audit
         self.correlation_id = correlation_id
         self.traceparent = traceparent
         self.done: asyncio.Future[tuple[list[Envelope], Exception | None]] = (

@@ -9,7 +9,7 @@ import functools
 import ipaddress
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from opentelemetry import trace
 
@@ -47,25 +47,28 @@ MAX_NODES_ANSWERED = 64
 class SessionCommands(DeviceCommands, VdiskCommands):
     # --- sessions ---------------------------------------------------------------------
 
-    async def _place(self) -> tuple[StreamNode, str | None, list[StreamNode]]:
-        """The session's stream node, a warning when none is alive, and the other live
-        nodes (its client's failover list)."""
-        beats = await self._heartbeats() if self._heartbeats is not None else []
-        node = pick_stream_node(beats)
-        if node is not None:
-            return node, None, failover_stream_nodes(beats, node)
-        s = self.settings
-        host = s.advertised_host
+    def _placement(
+        self, beats: list[Record]
+    ) -> tuple[Callable[[Projection], StreamNode], str | None]:
+        """How a session open picks its stream node, on the projection it is decided on
+        (the sessions placed before it in its group included), and a warning when no node
+        is alive."""
+        if live_stream_nodes(beats):
+            return lambda p: pick_stream_node(beats, p.live_by_node) or self._default_node(), None
         return (
-            StreamNode(
-                node="",
-                nbd=f"{host}:{s.nbd_port}",
-                http=f"http://{host}:{s.http_stream_port}",
-                iscsi=f"{host}:{s.iscsi_port}",
-            ),
+            lambda _p: self._default_node(),
             "no stream node is alive (no heartbeat); the endpoints are the configured defaults "
             "and will work once a stream node runs there",
-            [],
+        )
+
+    def _default_node(self) -> StreamNode:
+        s = self.settings
+        host = s.advertised_host
+        return StreamNode(
+            node="",
+            nbd=f"{host}:{s.nbd_port}",
+            http=f"http://{host}:{s.http_stream_port}",
+            iscsi=f"{host}:{s.iscsi_port}",
         )
 
     def _busy(self, why: str) -> DomainError:
@@ -134,28 +137,38 @@ class SessionCommands(DeviceCommands, VdiskCommands):
         with self._tracer.start_as_current_span("registry.session.open", context=parent) as span:
             dev = await self._known_or_auto_added(mac, smbios_uuid)
             span.set_attribute("streamboot.mac", dev["mac"])
-            node, warning, others = await self._place()
+            beats = await self._heartbeats() if self._heartbeats is not None else []
+            place, warning = self._placement(beats)
+            placed: list[StreamNode] = []
             token = new_session_token()
             sid = str(uuid7())
-            await self._execute(
-                lambda p: sessions.open_session(
+
+            def decide(p: Projection) -> list[Event]:
+                placed.append(place(p))
+                return sessions.open_session(
                     p,
                     mac=dev["mac"],
                     vdisk=vdisk,
                     maintenance=maintenance,
                     session_id=sid,
                     token_hash=token_hash(token),
-                    node=node,
+                    node=placed[-1],
                     boot_traceparent=boot_traceparent,
                     boot_started_ns=boot_started_ns,
                     client_addr=client_addr,
-                ),
+                )
+
+            await self._execute(
+                decide,
                 correlation_id=correlation_id or sid,
                 deadline=deadline,
+                audited=True,
             )
             span.set_attribute("streamboot.session_id", sid)
             count_boot()
             s = self.projection.sessions[sid]
+            node = placed[-1]
+            others = failover_stream_nodes(beats, node) if warning is None else []
             view = self.session_view(s)
             view.update(
                 token=token,

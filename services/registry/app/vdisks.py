@@ -4,6 +4,7 @@ the local store they keep."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from services.registry import merge as merge_store
@@ -15,6 +16,9 @@ from shared import vdisk_store
 from shared.contracts.cache.wire import kept_write_cache_key
 from shared.events import Event, VdiskLayersRemoved
 from shared.layer_paths import LayerPathError, check_relative_layer
+
+# How long a version's layer paths, once checked on disk, are handed out unchecked.
+LAYER_CHECK_TTL_S = 5.0
 
 
 class VdiskCommands(CommandCore):
@@ -324,7 +328,18 @@ class VdiskCommands(CommandCore):
         the same ``<vdisk>/<layer>`` tree)."""
         chain = vdisks.chain(vd, version)
         if vd["store"] == vdisks.LOCAL_STORE:
-            return vdisk_store.layer_paths(self.vdisk_root, vd["name"], chain)
+            # Checked on disk (symbolic links followed) once per LAYER_CHECK_TTL_S, not per
+            # session of a storm: the nodes check every layer again before they open it.
+            key = (vd["name"], tuple(chain))
+            now = time.monotonic()
+            checked = self._layers_checked.get(key)
+            if checked is not None and now - checked[0] < LAYER_CHECK_TTL_S:
+                return list(checked[1])
+            paths = vdisk_store.layer_paths(self.vdisk_root, vd["name"], chain)
+            if len(self._layers_checked) >= 1024:
+                self._layers_checked.clear()
+            self._layers_checked[key] = (now, paths)
+            return list(paths)
         try:
             return [check_relative_layer(rel, vd["name"]) for rel in chain]
         except LayerPathError as exc:

@@ -3,7 +3,7 @@ which sessions the sweeper closes. Time and randomness come in as arguments."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +52,20 @@ def live_stream_nodes(heartbeats: Sequence[dict[str, Any]]) -> list[StreamNode]:
 CLIENT_SIDE_CACHES = ("client-ram", "client-disk")
 
 
-def pick_stream_node(heartbeats: Sequence[dict[str, Any]]) -> StreamNode | None:
-    """The least loaded live stream node (ties broken by name, so the choice is stable)."""
-    return min(live_stream_nodes(heartbeats), key=lambda n: (n.load, n.node), default=None)
+def pick_stream_node(
+    heartbeats: Sequence[dict[str, Any]], placed: Mapping[str, Sized] | None = None
+) -> StreamNode | None:
+    """The least loaded live stream node (ties broken by name, so the choice is stable).
+    A node's load is its heartbeat's (its open connections) or, when more, the live
+    sessions placed on it (``placed``: the projection's ``live_by_node``): a heartbeat is
+    seconds old, and a storm's opens arrive before their clients connect, so without the
+    sessions every open of a burst would go to the same node."""
+    placed = placed or {}
+
+    def load(n: StreamNode) -> tuple[float, str]:
+        return max(n.load, len(placed.get(n.node, ()))), n.node
+
+    return min(live_stream_nodes(heartbeats), key=load, default=None)
 
 
 def failover_stream_nodes(

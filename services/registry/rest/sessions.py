@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from services.registry import audit
 from services.registry.app import RegistryApp
 from services.registry.console.live import LiveFeed
 from services.registry.rest.fields import Name, Text
@@ -39,6 +40,7 @@ def routes(app: RegistryApp, feed: LiveFeed | None = None) -> APIRouter:
 
     @r.post("/sessions", status_code=201)
     async def open_session(body: SessionIn) -> dict[str, Any]:
+        audit.answers(201)  # the open's commit carries the request's audit record
         return await app.open_session(
             body.mac, smbios_uuid=body.smbios_uuid, vdisk=body.vdisk, maintenance=body.maintenance
         )
