@@ -15,8 +15,9 @@ SHELL := /bin/bash
 TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-static iproute2 \
 	qemu-system-x86 ipxe-qemu ipxe syslinux syslinux-common mtools dosfstools e2fsprogs \
 	nbd-client fdisk debootstrap dracut-core dracut-network ovmf libiscsi-bin qemu-block-extra tgt \
-	chromium
-# (debootstrap: `vdisk build-debian`; dracut-core, dracut-network: the client's dracut
+	chromium stunnel4 liblzma-dev
+# (stunnel4, liblzma-dev: the TLS front of the HTTPS iPXE test and what building iPXE needs
+# besides gcc, make, perl and git; debootstrap: `vdisk build-debian`; dracut-core, dracut-network: the client's dracut
 # module is built into an initramfs; ovmf: the UEFI VM of the real-OS tests; libiscsi-bin:
 # the iSCSI initiators, qemu-block-extra: QEMU's iscsi:// driver, tgt: the reference target;
 # chromium: the web console's browser tests, driven by Playwright, never its own download.)

@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     sealing_key_file: Path | None = None
     # The largest request body the admin API takes (413 past it); its bodies are small JSON.
     api_max_body_bytes: int = 1 << 20
+    # Open admin API connections per client address; past it new ones are closed (0 = no cap).
+    api_max_connections_per_address: int = 256
+    # Admin API connections waiting for a request head, all addresses together: past it the
+    # oldest is closed to make room; 0 = half the descriptor limit, < 0 = no total.
+    api_max_waiting: int = 0
+    # A request head not complete this long after the connection (or the last answer): 408.
+    api_head_timeout_s: float = 10.0
 
     # Control plane timing.
     heartbeat_interval_s: float = 2.0

@@ -23,6 +23,7 @@ import uvicorn
 from nats.aio.client import Client as NATS
 
 from services.registry.app import RegistryApp
+from services.registry.connection_caps import ConnectionCaps
 from services.registry.console import LiveFeed
 from services.registry.nats_api import build_broker
 from services.registry.rest import build_api
@@ -137,11 +138,17 @@ async def start(rt: ServiceRuntime) -> RegistryParts:
     # The console's live view: the log's recent past, then the event stream.
     feed = LiveFeed(store, nc, settings.node_id)
     await feed.start()
+    caps = ConnectionCaps(
+        settings.api_max_connections_per_address,
+        settings.api_max_waiting,
+        settings.api_head_timeout_s,
+    )
     server = _ApiServer(
         uvicorn.Config(
             build_api(app, api_token(settings), settings.api_max_body_bytes, feed),
             host=settings.bind_host,
             port=settings.api_port,
+            http=caps.protocol(),
             log_level="warning",
             lifespan="off",
         )

@@ -40,6 +40,10 @@ class _RecvBuffer(threading.local):
 _recv = _RecvBuffer()
 
 
+class _Gone(asyncio.Protocol):
+    """A closed transport's protocol: it was told, nothing more reaches it."""
+
+
 class RawTransport(asyncio.Transport):
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol
@@ -257,7 +261,14 @@ class RawTransport(asyncio.Transport):
         self._queue.clear()
         self._queued = 0
         self._sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        self._loop.call_soon(self._lost, exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        # The protocol holds its transport: dropping it here breaks the cycle, so a closed
+        # connection is freed at once, not by a later cyclic collection (a flood of
+        # connections would otherwise pile up thousands of them in memory).
+        protocol, self._protocol = self._protocol, _Gone()
+        protocol.connection_lost(exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._extra.get(name, default)

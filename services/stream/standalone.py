@@ -69,7 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
         iscsi_port=args.iscsi_port,
         session_linger_s=args.linger,
         nbd_zero_copy=not args.no_zero_copy,
-        nbd_tls=tls.setup(args.tls, None, None, args.tls_dir, ["127.0.0.1"])
+        nbd_tls=tls.setup(args.tls, None, None, args.tls_dir, ["127.0.0.1"], args.tls_psk_file)
         if args.tls_dir
         else None,
         **StreamSettings.tuning(Settings()),
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--linger", type=float, default=3600.0)
     ap.add_argument("--tls", default="require", choices=["on", "require"])
     ap.add_argument("--tls-dir", type=Path, help="NBD over TLS: credentials made here")
+    ap.add_argument("--tls-psk-file", type=Path, help="with --tls-dir: psktool's keys too")
     ap.add_argument("--no-zero-copy", action="store_true", help="uvloop transports, no sendfile")
     ap.add_argument(
         "--write-cache",

@@ -141,15 +141,15 @@ async def test_no_cap_when_zero(monkeypatch: pytest.MonkeyPatch) -> None:
         await server.stop()
 
 
-def serve(port: int) -> None:
+def serve(port: int, max_waiting: int = 0) -> None:
     """The boot HTTP server alone in this process (the out-of-descriptors test runs it
-    under a low limit)."""
+    under a low limit, the memory test with a total)."""
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
 
     async def main() -> None:
-        server = HttpServer(hello, "127.0.0.1", port, max_per_address=0)
+        server = HttpServer(hello, "127.0.0.1", port, max_per_address=0, max_waiting=max_waiting)
         await server.start()
         await asyncio.Event().wait()
 

@@ -43,14 +43,25 @@ class Server:
 
 @pytest.fixture
 async def server(nats_url: str, database_url: str, data_dir: Path) -> AsyncIterator[Server]:
+    async with registry_api(
+        nats_url, database_url, data_dir, {"STREAMBOOT_API_MAX_BODY_BYTES": str(CAP)}
+    ) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def registry_api(
+    nats_url: str, database_url: str, data_dir: Path, settings: dict[str, str]
+) -> AsyncIterator[Server]:
+    """A registry process serving its API on a free port, with ``settings`` besides."""
     port = free_port()
     env = {
+        **settings,
         "STREAMBOOT_NATS_URL": nats_url,
         "STREAMBOOT_DATABASE_URL": database_url,
         "STREAMBOOT_DATA_DIR": str(data_dir),
         "STREAMBOOT_API_PORT": str(port),
         "STREAMBOOT_API_TOKEN": TOKEN,
-        "STREAMBOOT_API_MAX_BODY_BYTES": str(CAP),
         "STREAMBOOT_METRICS_PORT": "0",
         "STREAMBOOT_NODE_ID": f"registry-door-{os.getpid()}",
     }
