@@ -34,14 +34,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import NamedTuple
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import wait_port  # noqa: E402
+from bench.common import cpu_seconds, wait_port  # noqa: E402
 from streamboot.debian_image import DEFAULT_MIRROR, MARKER, bootstrap, packages_for  # noqa: E402
 from streamboot.embedded.proc import free_port  # noqa: E402
 from tests.client.conftest import TEST_CACHE  # noqa: E402
@@ -116,14 +118,19 @@ def direct_argv(kernel: Path, initrd: Path, root: str, drive: str, client: int) 
     ]  # fmt: skip
 
 
+class Nbdkit(NamedTuple):
+    drive: str  # QEMU's -drive for it
+    pid: int
+
+
 @contextmanager
-def nbdkit(image: Path) -> Iterator[str]:
+def nbdkit(image: Path) -> Iterator[Nbdkit]:
     port = free_port()
     argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=cow", "file", str(image)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        yield f"file=nbd://127.0.0.1:{port}"
+        yield Nbdkit(f"file=nbd://127.0.0.1:{port}", proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -132,6 +139,8 @@ def nbdkit(image: Path) -> Iterator[str]:
 class Boot(NamedTuple):
     marker_s: float  # from QEMU's start
     rom_wait_s: float  # the NIC ROM's prompt wait (0 without a ROM)
+    vm_cpu_s: float  # QEMU's CPU time (user + system) at the marker
+    server_cpu_s: float = 0.0  # the case's servers' CPU time during the boot, per client
 
 
 class Bench:
@@ -152,6 +161,15 @@ class Bench:
 
     def watched(self, argv: list[str], name: str) -> Boot:
         console = self.lab.root / f"{name}.log"
+        vm_cpu = 0.0
+
+        def on_seen(text: str, vm_pid: int) -> None:
+            nonlocal vm_cpu
+            if text == MARKER:
+                with suppress(psutil.NoSuchProcess):
+                    t = psutil.Process(vm_pid).cpu_times()
+                    vm_cpu = t.user + t.system
+
         run = watch_vm(
             argv,
             console,
@@ -159,6 +177,7 @@ class Bench:
             timeout_s=TIMEOUT_S,
             watch=tuple(PHASES.values()),
             poll_s=POLL_S,
+            on_seen=on_seen,
         )
         if MARKER not in run.seen:
             raise SystemExit(f"{name}: no marker:\n{run.console[-3000:]}")
@@ -167,14 +186,22 @@ class Bench:
             if text in run.seen:
                 self.phases.setdefault((case, phase), []).append(run.seen[text])
         rom = run.seen[ROM_DHCP] - run.seen[ROM_PROMPT] if ROM_PROMPT in run.seen else 0.0
-        return Boot(run.seen[MARKER], rom)
+        return Boot(run.seen[MARKER], rom, vm_cpu)
+
+    def with_server_cpu(self, boots: list[Boot], pids: list[int], before: float) -> list[Boot]:
+        """``boots`` with the servers' CPU time since ``before`` shared out among them."""
+        share = (cpu_seconds(pids) - before) / len(boots)
+        return [b._replace(server_cpu_s=share) for b in boots]
 
     def streamboot(self, clients: int) -> list[Boot]:
         def one(client: int) -> Boot:
             argv = self.lab.exec(*pxe_vm_argv(mac_of(client), client, memory_mib=MEMORY))
             return self.watched(argv, f"streamboot-{client}")
 
-        times = self.at_once(clients, one)
+        assert self.lab.up is not None
+        servers = [self.lab.up.pid]  # `streamboot up`: every service, NATS, PostgreSQL
+        before = cpu_seconds(servers)
+        times = self.with_server_cpu(self.at_once(clients, one), servers, before)
         for client in range(clients):
             wait_closed(self.lab, mac_of(client))  # the next round gets fresh sessions
         return times
@@ -189,13 +216,16 @@ class Bench:
 
     def nbdkit(self, clients: int) -> list[Boot]:
         with ExitStack() as stack:
-            drives = [stack.enter_context(nbdkit(self.image)) for _ in range(clients)]
+            servers = [stack.enter_context(nbdkit(self.image)) for _ in range(clients)]
 
             def one(client: int) -> Boot:
-                argv = direct_argv(self.kernel, self.initrd, self.root, drives[client], client)
+                drive = servers[client].drive
+                argv = direct_argv(self.kernel, self.initrd, self.root, drive, client)
                 return self.watched(argv, f"nbdkit-{client}")
 
-            return self.at_once(clients, one)
+            pids = [server.pid for server in servers]
+            before = cpu_seconds(pids)
+            return self.with_server_cpu(self.at_once(clients, one), pids, before)
 
 
 def main() -> None:
@@ -252,6 +282,17 @@ def main() -> None:
             rom = statistics.mean(b.rom_wait_s for b in boots)
             print(f"| {name:<18} | {clients:>7} | {mean:6.1f} | {mean / base:7.2f}x | "
                   f"{rom:12.1f} | {mean - rom:10.1f} | {(mean - rom) / base:7.2f}x |")  # fmt: skip
+    print("\nCPU seconds per boot to the marker: the guest's QEMU, and the case's servers (all of")
+    print("`streamboot up`, or nbdkit) while the round ran, shared among its clients\n")
+    print(f"| {'case':<18} | clients | VM CPU s | vs local | server CPU s |")
+    print(f"|{'-' * 20}|---------|----------|----------|--------------|")
+    for clients in counts:
+        base = statistics.mean(b.vm_cpu_s for b in times[("local file", clients)])
+        for name in cases:
+            boots = times[(name, clients)]
+            vm = statistics.mean(b.vm_cpu_s for b in boots)
+            server = statistics.mean(b.server_cpu_s for b in boots)
+            print(f"| {name:<18} | {clients:>7} | {vm:8.1f} | {vm / base:7.2f}x | {server:12.1f} |")
     print("\nMean seconds from QEMU's start to each console text, all runs and client counts\n")
     cases_seen = ["local", "streamboot", "nbdkit"]
     print("| text | " + " | ".join(cases_seen) + " |")
