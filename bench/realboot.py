@@ -66,6 +66,9 @@ POLL_S = 0.1  # how often the console is read: the resolution of every time belo
 # DHCP: firmware time no server answer shortens, shown apart (real NICs' ROMs have theirs).
 ROM_PROMPT = "Press Ctrl-B for the iPXE command line"
 ROM_DHCP = "Configuring (net0"
+# The kernel's line when the client's nbd helper hands it a new socket: after an I/O
+# timeout (streamboot-nbd -t) on a starved guest, or a dead node.
+RECONNECTED = "reconnected socket"
 # Where the time goes: the first appearance of each text on the serial console (the local
 # cases print only the kernel's and systemd's).
 PHASES = {
@@ -140,6 +143,7 @@ class Boot(NamedTuple):
     marker_s: float  # from QEMU's start
     rom_wait_s: float  # the NIC ROM's prompt wait (0 without a ROM)
     vm_cpu_s: float  # QEMU's CPU time (user + system) at the marker
+    reconnects: int  # the guest's nbd socket replaced (an I/O timeout on a live node)
     server_cpu_s: float = 0.0  # the case's servers' CPU time during the boot, per client
 
 
@@ -186,7 +190,7 @@ class Bench:
             if text in run.seen:
                 self.phases.setdefault((case, phase), []).append(run.seen[text])
         rom = run.seen[ROM_DHCP] - run.seen[ROM_PROMPT] if ROM_PROMPT in run.seen else 0.0
-        return Boot(run.seen[MARKER], rom, vm_cpu)
+        return Boot(run.seen[MARKER], rom, vm_cpu, run.console.count(RECONNECTED))
 
     def with_server_cpu(self, boots: list[Boot], pids: list[int], before: float) -> list[Boot]:
         """``boots`` with the servers' CPU time since ``before`` shared out among them."""
@@ -264,7 +268,10 @@ def main() -> None:
                 for name, case in cases.items():
                     got = case(clients)
                     marks = [round(b.marker_s, 1) for b in got]
-                    print(f"run {run + 1}, {clients} client(s), {name}: {marks}", flush=True)
+                    cpu = [round(b.vm_cpu_s, 1) for b in got]
+                    print(f"run {run + 1}, {clients} client(s), {name}: {marks} s, VM CPU {cpu} s, "
+                          f"server CPU {got[0].server_cpu_s:.1f} s each, "
+                          f"reconnects {[b.reconnects for b in got]}", flush=True)  # fmt: skip
                     times.setdefault((name, clients), []).extend(got)
     finally:
         lab.stop()
@@ -284,15 +291,17 @@ def main() -> None:
                   f"{rom:12.1f} | {mean - rom:10.1f} | {(mean - rom) / base:7.2f}x |")  # fmt: skip
     print("\nCPU seconds per boot to the marker: the guest's QEMU, and the case's servers (all of")
     print("`streamboot up`, or nbdkit) while the round ran, shared among its clients\n")
-    print(f"| {'case':<18} | clients | VM CPU s | vs local | server CPU s |")
-    print(f"|{'-' * 20}|---------|----------|----------|--------------|")
+    print(f"| {'case':<18} | clients | VM CPU s | vs local | server CPU s | nbd reconnects |")
+    print(f"|{'-' * 20}|---------|----------|----------|--------------|----------------|")
     for clients in counts:
         base = statistics.mean(b.vm_cpu_s for b in times[("local file", clients)])
         for name in cases:
             boots = times[(name, clients)]
             vm = statistics.mean(b.vm_cpu_s for b in boots)
             server = statistics.mean(b.server_cpu_s for b in boots)
-            print(f"| {name:<18} | {clients:>7} | {vm:8.1f} | {vm / base:7.2f}x | {server:12.1f} |")
+            again = sum(b.reconnects for b in boots)
+            print(f"| {name:<18} | {clients:>7} | {vm:8.1f} | {vm / base:7.2f}x | {server:12.1f} | "
+                  f"{again:14} |")  # fmt: skip
     print("\nMean seconds from QEMU's start to each console text, all runs and client counts\n")
     cases_seen = ["local", "streamboot", "nbdkit"]
     print("| text | " + " | ".join(cases_seen) + " |")
