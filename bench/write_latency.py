@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bootstorm import Rig, embedded_nats, server_under_test  # noqa: E402
-from services.stream.nbd import protocol as nbd  # noqa: E402
+from shared import nbd_wire as W  # noqa: E402
 from streamboot.block_replay import NbdExport, nbd_open, percentile  # noqa: E402
 
 SIZE = 64 << 20
@@ -48,13 +48,13 @@ READS = 100
 WARMUP_SESSIONS = 2
 # (case, NBD command, flags); None = wait --gap-ms.
 PLAN: list[tuple[str, int, int] | None] = [
-    ("first", nbd.CMD_WRITE, 0),
+    ("first", W.CMD_WRITE, 0),
     None,
-    ("spaced", nbd.CMD_WRITE, 0),
-    ("back-to-back", nbd.CMD_WRITE, 0),
+    ("spaced", W.CMD_WRITE, 0),
+    ("back-to-back", W.CMD_WRITE, 0),
     None,
-    ("fua", nbd.CMD_WRITE, nbd.CMD_FLAG_FUA),
-    ("flush", nbd.CMD_FLUSH, 0),
+    ("fua", W.CMD_WRITE, W.CMD_FLAG_FUA),
+    ("flush", W.CMD_FLUSH, 0),
 ]
 SERVERS = ("streamboot", "nbdkit-cow")
 
@@ -70,20 +70,18 @@ class Client:
     async def request(self, cmd: int, flags: int, offset: int, length: int) -> float:
         self.handle += 1
         t0 = time.perf_counter()
-        self.w.write(nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, cmd, self.handle, offset, length))
-        if cmd == nbd.CMD_WRITE:
+        self.w.write(W.REQUEST.pack(W.REQUEST_MAGIC, flags, cmd, self.handle, offset, length))
+        if cmd == W.CMD_WRITE:
             self.w.write(self.payload[:length])
-        magic, err, handle = nbd.SIMPLE_REPLY.unpack(
-            await self.r.readexactly(nbd.SIMPLE_REPLY.size)
-        )
-        if magic != nbd.SIMPLE_REPLY_MAGIC or handle != self.handle or err:
+        magic, err, handle = W.SIMPLE_REPLY.unpack(await self.r.readexactly(W.SIMPLE_REPLY.size))
+        if magic != W.SIMPLE_REPLY_MAGIC or handle != self.handle or err:
             raise ConnectionError(f"command {cmd} at {offset}: error {err} (magic {magic:#x})")
-        if cmd == nbd.CMD_READ:
+        if cmd == W.CMD_READ:
             await self.r.readexactly(length)
         return (time.perf_counter() - t0) * 1000
 
     def close(self) -> None:
-        self.w.write(nbd.REQUEST.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, 0, 0, 0))
+        self.w.write(W.REQUEST.pack(W.REQUEST_MAGIC, 0, W.CMD_DISC, 0, 0, 0))
         self.w.close()
 
 
@@ -91,7 +89,7 @@ async def one_session(port: int, token: str, gap_s: float) -> dict[str, float]:
     client = Client(await nbd_open("127.0.0.1", port, token))
     try:
         for i in range(READS):
-            await client.request(nbd.CMD_READ, 0, i * 65536 % (SIZE // 2), 65536)
+            await client.request(W.CMD_READ, 0, i * 65536 % (SIZE // 2), 65536)
         out: dict[str, float] = {}
         offset = SIZE // 2  # past the reads; every write a fresh block
         for step in PLAN:
@@ -99,7 +97,7 @@ async def one_session(port: int, token: str, gap_s: float) -> dict[str, float]:
                 await asyncio.sleep(gap_s)
                 continue
             case, cmd, flags = step
-            length = BLOCK if cmd == nbd.CMD_WRITE else 0
+            length = BLOCK if cmd == W.CMD_WRITE else 0
             out[case] = await client.request(cmd, flags, offset if length else 0, length)
             offset += 1 << 20
         return out
@@ -114,12 +112,10 @@ async def committing_session(port: int, token: str, commits: int) -> dict[str, l
     out: dict[str, list[float]] = {"write": [], "flush": []}
     try:
         for i in range(READS):
-            await client.request(nbd.CMD_READ, 0, i * 65536 % (SIZE // 2), 65536)
+            await client.request(W.CMD_READ, 0, i * 65536 % (SIZE // 2), 65536)
         for i in range(commits):
-            out["write"].append(
-                await client.request(nbd.CMD_WRITE, 0, SIZE // 2 + i * BLOCK, BLOCK)
-            )
-            out["flush"].append(await client.request(nbd.CMD_FLUSH, 0, 0, 0))
+            out["write"].append(await client.request(W.CMD_WRITE, 0, SIZE // 2 + i * BLOCK, BLOCK))
+            out["flush"].append(await client.request(W.CMD_FLUSH, 0, 0, 0))
     finally:
         client.close()
     out["session"] = [(time.perf_counter() - t0) * 1000]

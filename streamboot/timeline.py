@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.boot_flow import BootFlow, describe, parse_event
 from shared.event_store import EventStore, StoredEvent
+from shared.events import SessionDetached
 
 # Events that make a boot start: the first packet (PXE), or the session for clients that
 # skip PXE.
@@ -110,9 +111,9 @@ def _timeline(mac: str, session_id: str | None, events: Sequence[StoredEvent]) -
         typed = parse_event(e.type, e.data)
         if typed is not None:
             flow.advance(typed, e.time)
-        if e.type == "SessionDetached":
-            tl.bytes_read += int(e.data.get("bytes_read", 0))
-            tl.bytes_written += int(e.data.get("bytes_written", 0))
+        if isinstance(typed, SessionDetached):
+            tl.bytes_read += typed.bytes_read
+            tl.bytes_written += typed.bytes_written
         if e.type == "BlocksRequested" and id(e) not in keep:
             continue
         label = e.type

@@ -1,17 +1,21 @@
 """The registry's read model: devices, vdisks, assignments and live sessions, in memory.
 
-It is built by applying the event log in position order, event by event, from raw
-``(type, data)`` pairs: no pydantic validation on replay (the log only holds events that
-were validated when they were appended), one dict lookup to dispatch, a few dict writes per
-event. Event types the registry does not care about (boot, cache...) cost one failed
-lookup. Everything here is derived from the log, so a rebuild equals the live state
-(:meth:`Projection.snapshot` is what the rebuild test compares).
+It is built by applying the event log in position order, event by event. Each handler
+takes its event's catalog model (shared/events.py) and the dispatch is one dict lookup on the
+event type to (model, handler): a replayed row's JSON text is parsed straight into its model
+by pydantic's JSON parser (one pass in compiled code; ``model_construct`` without checks is
+the slower way in Python), so a row the catalog does not accept is skipped like one whose
+handler raises (docs/architecture.md has the cost). Event types the registry does not care about (boot,
+cache...) cost one failed lookup and are never parsed; ``BlocksRequested``, most of a log, is
+applied from its stream id alone. Everything here is derived from the log, so a rebuild
+equals the live state (:meth:`Projection.snapshot` is what the rebuild test compares).
 
 Records are plain dicts so they go to JSON (REST, NATS) as they are.
 
-One bad event never stops the fold: an event whose handler raises is skipped and kept in
-:attr:`Projection.failures`; the registry records it once as a ``ProjectionError`` event
-(whose handler marks it recorded), so a restart or a rebuild gets past it the same way.
+One bad event never stops the fold: an event that does not fit its model, or whose handler
+raises, is skipped and kept in :attr:`Projection.failures`; the registry records it once as
+a ``ProjectionError`` event (whose handler marks it recorded), so a restart or a rebuild
+gets past it the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
-
-import orjson
 
 from shared.events import (
     AdminActionPerformed,
@@ -55,6 +57,8 @@ from shared.events import (
 from shared.layer_paths import check_layer_name
 
 Record = dict[str, Any]
+# A handler takes its event's model (each its own type) and the event's time.
+Handler = Callable[[Any, Any], None]
 
 
 def _ts(when: Any) -> float:
@@ -67,18 +71,18 @@ MIN_BLOCK_SIZE = 512
 NODE_STOPPED = "shutdown"
 
 
-def check_version(vd: Record, d: Record) -> None:
+def check_version(vd: Record, e: VdiskVersionPublished) -> None:
     """A published version must fit its vdisk: the next number after the latest, its
     parent the one before, its layer a plain file of the vdisk's own folder, its size not
     empty and its changed blocks within it. Raises ValueError naming what is wrong."""
-    name, version = vd["name"], d["version"]
+    name, version = vd["name"], e.version
     expected = max(vd["versions"], default=0) + 1
     if version != expected:
         raise ValueError(f"vdisk {name!r}: version {version} out of order (next is {expected})")
-    if d.get("parent") != (version - 1 if version > 1 else None):
-        raise ValueError(f"vdisk {name!r}: version {version} has parent {d.get('parent')}")
-    check_layer_name(name, d["path"])
-    size, bs, changed = d["size"], d["block_size"], d["changed_blocks"]
+    if e.parent != (version - 1 if version > 1 else None):
+        raise ValueError(f"vdisk {name!r}: version {version} has parent {e.parent}")
+    check_layer_name(name, e.path)
+    size, bs, changed = e.size, e.block_size, e.changed_blocks
     if size <= 0:
         raise ValueError(f"vdisk {name!r}: version {version} is empty ({size} bytes)")
     if bs < MIN_BLOCK_SIZE or bs & (bs - 1):
@@ -123,7 +127,7 @@ class Projection:
         # Positions of skipped events that a ProjectionError in the log already names.
         self.recorded_failures: set[int] = set()
         # Keyed by the catalog's models: a handler for a type the catalog lacks fails here.
-        handlers: dict[type[Event], Callable[[Record, Any], None]] = {
+        handlers: dict[type[Event], Handler] = {
             DeviceRegistered: self._device_registered,
             DeviceUpdated: self._device_updated,
             DeviceDisabled: self._device_disabled,
@@ -152,7 +156,12 @@ class Projection:
             AdminActionPerformed: self._admin_action,
             ProjectionError: self._projection_error,
         }
-        self._handlers = {kind.event_type(): h for kind, h in handlers.items()}
+        # Event type -> (its model, its handler): a stored row is parsed into the model the
+        # handler takes, so a row that does not fit the catalog is skipped like a handler
+        # that raises.
+        self._handlers: dict[str, tuple[type[Event], Handler]] = {
+            kind.event_type(): (kind, h) for kind, h in handlers.items()
+        }
         # Events that a replay applies from their stream's key, without decoding their data:
         # block batches are most of a log, and their extents the costliest data to decode.
         # (type -> the stream kind's prefix, the handler of the key and the time.) Session
@@ -165,16 +174,18 @@ class Projection:
     # --- applying ---------------------------------------------------------------------
 
     def apply(
-        self, type_: str, data: Record, position: int, when: Any = None, stream: str = ""
+        self, type_: str, data: Record | Event, position: int, when: Any = None, stream: str = ""
     ) -> None:
-        """Apply one event; events at or before the current position are skipped, so the
-        follower and the writers may both offer the same event."""
+        """Apply one event (its model, or its data as the log holds it); events at or before
+        the current position are skipped, so the follower and the writers may both offer
+        the same event."""
         if position <= self.position:
             return
-        handler = self._handlers.get(type_)
-        if handler is not None:
+        entry = self._handlers.get(type_)
+        if entry is not None:
+            model, handler = entry
             try:
-                handler(data, when)
+                handler(data if isinstance(data, model) else model.model_validate(data), when)
             except Exception as exc:
                 self._failed(position, type_, stream, exc)
         self.position = position
@@ -182,23 +193,23 @@ class Projection:
     def apply_records(self, rows: Sequence[Any]) -> int:
         """Apply (position, type, data as JSON text, time, stream id) records
         (shared.event_store.fetch_for_replay): :meth:`apply` inlined, and an event's data is
-        decoded only when a handler needs it."""
+        parsed only when a handler needs it, straight from the JSON text into its model
+        (pydantic's JSON parser: one pass, no intermediate dict)."""
         handlers = self._handlers
         by_stream_key = self._by_stream_key
-        loads = orjson.loads
         position = self.position
         try:
             for at, type_, data, when, stream in rows:
                 if at <= position:
                     continue
-                handler = handlers.get(type_)
-                if handler is not None:
+                entry = handlers.get(type_)
+                if entry is not None:
                     keyed = by_stream_key.get(type_)
                     try:
                         if keyed is not None and stream.startswith(keyed[0]):
                             keyed[1](stream[len(keyed[0]) :], when)
                         else:
-                            handler(loads(data), when)
+                            entry[1](entry[0].model_validate_json(data), when)
                     except Exception as exc:
                         self._failed(at, type_, stream, exc)
                 position = at
@@ -225,8 +236,8 @@ class Projection:
             "error": f"{type(exc).__name__}: {exc}",
         }
 
-    def _projection_error(self, d: Record, _when: Any) -> None:
-        self.recorded_failures.add(int(d["position"]))
+    def _projection_error(self, e: ProjectionError, _when: Any) -> None:
+        self.recorded_failures.add(int(e.position))
 
     def unrecorded_failures(self) -> list[Record]:
         """Skipped events that no ProjectionError in the log names yet, in log order."""
@@ -234,61 +245,61 @@ class Projection:
 
     # --- devices ----------------------------------------------------------------------
 
-    def _device_registered(self, d: Record, when: Any) -> None:
-        mac = d["mac"]
+    def _device_registered(self, e: DeviceRegistered, when: Any) -> None:
+        mac = e.mac
         self.devices[mac] = {
             "mac": mac,
-            "machine_id": d["machine_id"],
-            "hostname": d["hostname"],
-            "smbios_uuid": d.get("smbios_uuid"),
-            "collection": d.get("collection"),
-            "tester": bool(d.get("tester", False)),
+            "machine_id": e.machine_id,
+            "hostname": e.hostname,
+            "smbios_uuid": e.smbios_uuid,
+            "collection": e.collection,
+            "tester": bool(e.tester),
             "enabled": True,
-            "auto_added": bool(d.get("auto_added", False)),
-            "kernel_args": d.get("kernel_args"),
+            "auto_added": bool(e.auto_added),
+            "kernel_args": e.kernel_args,
             # Its next PXE boots open a maintenance session (DeviceMaintenanceChanged).
             "maintenance": False,
             "registered_at": _ts(when),
         }
-        self.mac_by_hostname[d["hostname"]] = mac
-        self.mac_by_machine_id[d["machine_id"]] = mac
-        if d.get("smbios_uuid"):
-            self.mac_by_uuid[d["smbios_uuid"]] = mac
-        if d.get("auto_added"):
+        self.mac_by_hostname[e.hostname] = mac
+        self.mac_by_machine_id[e.machine_id] = mac
+        if e.smbios_uuid:
+            self.mac_by_uuid[e.smbios_uuid] = mac
+        if e.auto_added:
             self.auto_added += 1
 
-    def _device_updated(self, d: Record, _when: Any) -> None:
-        dev = self.devices[d["mac"]]
-        if d.get("hostname") is not None:
+    def _device_updated(self, e: DeviceUpdated, _when: Any) -> None:
+        dev = self.devices[e.mac]
+        if e.hostname is not None:
             del self.mac_by_hostname[dev["hostname"]]
-            dev["hostname"] = d["hostname"]
-            self.mac_by_hostname[d["hostname"]] = dev["mac"]
-        if d.get("smbios_uuid") is not None:
+            dev["hostname"] = e.hostname
+            self.mac_by_hostname[e.hostname] = dev["mac"]
+        if e.smbios_uuid is not None:
             if dev["smbios_uuid"]:
                 self.mac_by_uuid.pop(dev["smbios_uuid"], None)
-            dev["smbios_uuid"] = d["smbios_uuid"]
-            self.mac_by_uuid[d["smbios_uuid"]] = dev["mac"]
-        if d.get("collection") is not None:
+            dev["smbios_uuid"] = e.smbios_uuid
+            self.mac_by_uuid[e.smbios_uuid] = dev["mac"]
+        if e.collection is not None:
             # "" clears the collection.
-            dev["collection"] = d["collection"] or None
-        if d.get("tester") is not None:
-            dev["tester"] = d["tester"]
-        if d.get("kernel_args") is not None:
-            dev["kernel_args"] = d["kernel_args"] or None  # "" clears them
+            dev["collection"] = e.collection or None
+        if e.tester is not None:
+            dev["tester"] = e.tester
+        if e.kernel_args is not None:
+            dev["kernel_args"] = e.kernel_args or None  # "" clears them
 
-    def _device_disabled(self, d: Record, _when: Any) -> None:
-        self.devices[d["mac"]]["enabled"] = False
+    def _device_disabled(self, e: DeviceDisabled, _when: Any) -> None:
+        self.devices[e.mac]["enabled"] = False
 
-    def _device_enabled(self, d: Record, _when: Any) -> None:
-        self.devices[d["mac"]]["enabled"] = True
+    def _device_enabled(self, e: DeviceEnabled, _when: Any) -> None:
+        self.devices[e.mac]["enabled"] = True
 
-    def _device_maintenance(self, d: Record, _when: Any) -> None:
-        self.devices[d["mac"]]["maintenance"] = bool(d["maintenance"])
+    def _device_maintenance(self, e: DeviceMaintenanceChanged, _when: Any) -> None:
+        self.devices[e.mac]["maintenance"] = bool(e.maintenance)
 
-    def _device_removed(self, d: Record, _when: Any) -> None:
-        if d["mac"] not in self.devices:
-            raise ValueError(f"device {d['mac']} is not registered")
-        dev = self.devices.pop(d["mac"])
+    def _device_removed(self, e: DeviceRemoved, _when: Any) -> None:
+        if e.mac not in self.devices:
+            raise ValueError(f"device {e.mac} is not registered")
+        dev = self.devices.pop(e.mac)
         self.mac_by_hostname.pop(dev["hostname"], None)
         self.mac_by_machine_id.pop(dev["machine_id"], None)
         if dev["smbios_uuid"]:
@@ -296,30 +307,30 @@ class Projection:
         self.assignments.pop(("device", dev["mac"]), None)
         self.chap.pop(("device", dev["mac"]), None)
 
-    def _assignment_changed(self, d: Record, _when: Any) -> None:
-        key = (d["target_kind"], d["target"])
-        if d["vdisks"]:
-            self.assignments[key] = {"vdisks": list(d["vdisks"]), "default": d.get("default")}
+    def _assignment_changed(self, e: AssignmentChanged, _when: Any) -> None:
+        key = (e.target_kind, e.target)
+        if e.vdisks:
+            self.assignments[key] = {"vdisks": list(e.vdisks), "default": e.default}
         else:
             self.assignments.pop(key, None)
 
-    def _chap_changed(self, d: Record, _when: Any) -> None:
-        key = (d["target_kind"], d["target"])
-        if d.get("user"):
-            self.chap[key] = {k: d.get(k) for k in CHAP_FIELDS}
+    def _chap_changed(self, e: IscsiChapChanged, _when: Any) -> None:
+        key = (e.target_kind, e.target)
+        if e.user:
+            self.chap[key] = {k: getattr(e, k) for k in CHAP_FIELDS}
         else:
             self.chap.pop(key, None)
 
     # --- vdisks -----------------------------------------------------------------------
 
-    def _vdisk_created(self, d: Record, when: Any) -> None:
-        self.vdisks[d["name"]] = {
-            "name": d["name"],
-            "size": d["size"],
-            "mode": d.get("mode", "standard"),
-            "write_cache": d.get("write_cache", "server-disk"),
-            "write_cache_persistence": d.get("write_cache_persistence", "discard"),
-            "store": d.get("store", "local"),
+    def _vdisk_created(self, e: VdiskCreated, when: Any) -> None:
+        self.vdisks[e.name] = {
+            "name": e.name,
+            "size": e.size,
+            "mode": e.mode,
+            "write_cache": e.write_cache,
+            "write_cache_persistence": e.write_cache_persistence,
+            "store": e.store,
             "boot_method": "auto",
             "kernel": None,  # the operator's pick of kernel version
             "created_at": _ts(when),
@@ -336,95 +347,95 @@ class Projection:
             "superseded_readers": [],
         }
 
-    def _version_published(self, d: Record, when: Any) -> None:
-        vd = self.vdisks[d["name"]]
-        check_version(vd, d)
-        parent = vd["versions"].get(d["version"] - 1)
-        vd["versions"][d["version"]] = {
-            "version": d["version"],
-            "parent": d.get("parent"),
-            "stage": d["stage"],
-            "path": d["path"],
-            "size": d["size"],
-            "checksum": d["checksum"],
-            "changed_blocks": d["changed_blocks"],
-            "block_size": d["block_size"],
+    def _version_published(self, e: VdiskVersionPublished, when: Any) -> None:
+        vd = self.vdisks[e.name]
+        check_version(vd, e)
+        parent = vd["versions"].get(e.version - 1)
+        vd["versions"][e.version] = {
+            "version": e.version,
+            "parent": e.parent,
+            "stage": e.stage,
+            "path": e.path,
+            "size": e.size,
+            "checksum": e.checksum,
+            "changed_blocks": e.changed_blocks,
+            "block_size": e.block_size,
             "withdrawn": False,
             # The files it reads, oldest first: its parent's and its own (a merge changes it).
-            "layers": [*(parent["layers"] if parent else []), d["path"]],
+            "layers": [*(parent["layers"] if parent else []), e.path],
             # Merged away into a later version's base: no boot picks it.
             "retired": False,
             "published_at": _ts(when),
             "boot": None,  # BootFilesScanned
         }
-        vd["size"] = d["size"]
+        vd["size"] = e.size
         vd["last_maintenance"] = None  # committed, or superseded by an import
-        if d["stage"] == "production":
-            vd["production_history"].append(d["version"])
+        if e.stage == "production":
+            vd["production_history"].append(e.version)
 
-    def _version_promoted(self, d: Record, _when: Any) -> None:
-        vd = self.vdisks[d["name"]]
-        ver = vd["versions"][d["version"]]
-        ver["stage"] = d["stage"]
+    def _version_promoted(self, e: VdiskVersionPromoted, _when: Any) -> None:
+        vd = self.vdisks[e.name]
+        ver = vd["versions"][e.version]
+        ver["stage"] = e.stage
         ver["withdrawn"] = False
-        if d["stage"] == "production":
-            vd["production_history"].append(d["version"])
+        if e.stage == "production":
+            vd["production_history"].append(e.version)
 
-    def _rolled_back(self, d: Record, _when: Any) -> None:
-        vd = self.vdisks[d["name"]]
+    def _rolled_back(self, e: VdiskRolledBack, _when: Any) -> None:
+        vd = self.vdisks[e.name]
         history = vd["production_history"]
-        if history and history[-1] == d["from_version"]:
+        if history and history[-1] == e.from_version:
             history.pop()
         # The withdrawn version stays on disk (old sessions still read it) but no new boot
         # picks it, testers included, until it is promoted again.
-        vd["versions"][d["from_version"]]["withdrawn"] = True
+        vd["versions"][e.from_version]["withdrawn"] = True
 
-    def _policy_changed(self, d: Record, _when: Any) -> None:
-        vd = self.vdisks[d["name"]]
+    def _policy_changed(self, e: VdiskPolicyChanged, _when: Any) -> None:
+        vd = self.vdisks[e.name]
         for key in ("mode", "write_cache", "write_cache_persistence", "store", "boot_method"):
-            if d.get(key) is not None:
-                vd[key] = d[key]
-        if d.get("kernel") is not None:
-            vd["kernel"] = d["kernel"] or None  # "" clears the pick
+            if (value := getattr(e, key)) is not None:
+                vd[key] = value
+        if e.kernel is not None:
+            vd["kernel"] = e.kernel or None  # "" clears the pick
 
-    def _boot_files_scanned(self, d: Record, _when: Any) -> None:
-        ver = self.vdisks[d["name"]]["versions"].get(d["version"])
+    def _boot_files_scanned(self, e: BootFilesScanned, _when: Any) -> None:
+        ver = self.vdisks[e.name]["versions"].get(e.version)
         if ver is not None:
-            ver["boot"] = {k: v for k, v in d.items() if k not in ("name", "version")}
+            ver["boot"] = e.model_dump(mode="json", exclude={"name", "version"})
 
-    def _chain_merged(self, d: Record, _when: Any) -> None:
-        vd = self.vdisks[d["name"]]
+    def _chain_merged(self, e: VdiskChainMerged, _when: Any) -> None:
+        vd = self.vdisks[e.name]
         name, versions = vd["name"], vd["versions"]
-        new = {int(v): list(layers) for v, layers in d["layers"].items()}
+        new = {int(v): list(layers) for v, layers in e.layers.items()}
         for v, layers in new.items():
-            if v not in versions or v < d["upto"] or not layers or layers[0] != d["base"]:
+            if v not in versions or v < e.upto or not layers or layers[0] != e.base:
                 raise ValueError(
                     f"vdisk {name!r}: merged chain of version {v} is not over the base"
                 )
             for layer in layers:
                 check_layer_name(name, layer)
-        for v in d["retired"]:
-            if v not in versions or v >= d["upto"]:
+        for v in e.retired:
+            if v not in versions or v >= e.upto:
                 raise ValueError(f"vdisk {name!r}: version {v} cannot be retired by this merge")
-        for layer in d["superseded"]:
+        for layer in e.superseded:
             check_layer_name(name, layer)
         for v, layers in new.items():
             versions[v]["layers"] = layers
-        for v in d["retired"]:
+        for v in e.retired:
             versions[v]["retired"] = True
-        vd["superseded"] = sorted({*vd["superseded"], *d["superseded"]})
+        vd["superseded"] = sorted({*vd["superseded"], *e.superseded})
         live = {sid for sid, s in self.sessions.items() if s["vdisk"] == name}
         vd["superseded_readers"] = sorted({*vd["superseded_readers"], *live})
 
-    def _layers_removed(self, d: Record, _when: Any) -> None:
-        vd = self.vdisks[d["name"]]
-        gone = set(d["layers"])
+    def _layers_removed(self, e: VdiskLayersRemoved, _when: Any) -> None:
+        vd = self.vdisks[e.name]
+        gone = set(e.layers)
         vd["superseded"] = [x for x in vd["superseded"] if x not in gone]
         if not vd["superseded"]:
             vd["superseded_readers"] = []
 
-    def _vdisk_removed(self, d: Record, _when: Any) -> None:
-        name = d["name"]
+    def _vdisk_removed(self, e: VdiskRemoved, _when: Any) -> None:
+        name = e.name
         del self.vdisks[name]
         # Assignments naming it lose it (and their default, if it was the default).
         for key, a in list(self.assignments.items()):
@@ -437,11 +448,11 @@ class Projection:
 
     # --- sessions ---------------------------------------------------------------------
 
-    def _session_opened(self, d: Record, when: Any) -> None:
-        sid = d["session_id"]
+    def _session_opened(self, e: SessionOpened, when: Any) -> None:
+        sid = e.session_id
         at = _ts(when)
         self.sessions[sid] = {
-            **d,
+            **e.model_dump(),
             "opened_at": at,
             "last_activity": at,
             "attached": 0,
@@ -450,20 +461,20 @@ class Projection:
             "attached_on": {},
             "detached_at": None,
         }
-        self.session_by_mac[d["mac"]] = sid
-        if d.get("token_hash"):
-            self.session_by_token_hash[d["token_hash"]] = sid
+        self.session_by_mac[e.mac] = sid
+        if e.token_hash:
+            self.session_by_token_hash[e.token_hash] = sid
         self._index_live(self.sessions[sid])
 
-    def _replay_session_opened(self, d: Record, when: Any) -> None:
+    def _replay_session_opened(self, e: ReplaySessionOpened, when: Any) -> None:
         """A replay is a live session (resolve, close and the sweeper treat it like any),
         but not the device's: it takes no ``session_by_mac`` slot and holds no machine
         identity, so the device's own boots are never refused because of it."""
-        sid = d["session_id"]
+        sid = e.session_id
         at = _ts(when)
         self.sessions[sid] = {
-            **d,
-            "mac": d["original_mac"],
+            **e.model_dump(),
+            "mac": e.original_mac,
             "machine_id": None,
             "maintenance": False,
             "writes_to_vdisk": False,
@@ -473,8 +484,8 @@ class Projection:
             "attached_on": {},
             "detached_at": None,
         }
-        if d.get("token_hash"):
-            self.session_by_token_hash[d["token_hash"]] = sid
+        if e.token_hash:
+            self.session_by_token_hash[e.token_hash] = sid
         self._index_live(self.sessions[sid])
 
     def _index_live(self, s: Record, *, add: bool = True) -> None:
@@ -492,23 +503,23 @@ class Projection:
                 if not ids:
                     del index[key]
 
-    def _session_attached(self, d: Record, when: Any) -> None:
-        s = self.sessions.get(d["session_id"])
+    def _session_attached(self, e: SessionAttached, when: Any) -> None:
+        s = self.sessions.get(e.session_id)
         if s is not None:
             s["attached"] += 1
-            node = d.get("stream_node", "")
+            node = e.stream_node
             s["attached_on"][node] = s["attached_on"].get(node, 0) + 1
             s.setdefault("attached_at", {})[node] = _ts(when)
             s["detached_at"] = None
             s["last_activity"] = _ts(when)
 
-    def _session_detached(self, d: Record, when: Any) -> None:
-        s = self.sessions.get(d["session_id"])
+    def _session_detached(self, e: SessionDetached, when: Any) -> None:
+        s = self.sessions.get(e.session_id)
         if s is not None:
             s["attached"] = max(0, s["attached"] - 1)
-            s["bytes_read"] = s.get("bytes_read", 0) + d.get("bytes_read", 0)
-            s["bytes_written"] = s.get("bytes_written", 0) + d.get("bytes_written", 0)
-            node = d.get("stream_node", "")
+            s["bytes_read"] = s.get("bytes_read", 0) + e.bytes_read
+            s["bytes_written"] = s.get("bytes_written", 0) + e.bytes_written
+            node = e.stream_node
             left = s["attached_on"].get(node, 0) - 1
             if left > 0:
                 s["attached_on"][node] = left
@@ -518,19 +529,19 @@ class Projection:
             s["last_activity"] = at
             # A node that stops ends its connections ("shutdown"): the client did not
             # leave, and may come back once the node is up again (the idle timeout decides).
-            if s["attached"] == 0 and d.get("reason") != NODE_STOPPED:
+            if s["attached"] == 0 and e.reason != NODE_STOPPED:
                 s["detached_at"] = at
 
-    def _session_active(self, d: Record, when: Any) -> None:
-        self._touch_session(d["session_id"], when)
+    def _session_active(self, e: BlocksRequested, when: Any) -> None:
+        self._touch_session(e.session_id, when)
 
     def _touch_session(self, session_id: str, when: Any) -> None:
         s = self.sessions.get(session_id)
         if s is not None:
             s["last_activity"] = _ts(when)
 
-    def _session_closed(self, d: Record, _when: Any) -> None:
-        s = self.sessions.pop(d["session_id"], None)
+    def _session_closed(self, e: SessionClosed, _when: Any) -> None:
+        s = self.sessions.pop(e.session_id, None)
         if s is None:
             return
         self._index_live(s, add=False)
@@ -550,26 +561,26 @@ class Projection:
 
     # --- admin API tokens -------------------------------------------------------------
 
-    def _api_token_created(self, d: Record, when: Any) -> None:
-        name = d["token_name"]
+    def _api_token_created(self, e: ApiTokenCreated, when: Any) -> None:
+        name = e.token_name
         self.api_tokens[name] = {
             "name": name,
-            "role": d["role"],
-            "token_hash": d["token_hash"],
-            "created_by": d["created_by"],
+            "role": e.role,
+            "token_hash": e.token_hash,
+            "created_by": e.created_by,
             "created_at": _ts(when),
             "revoked_at": None,
         }
-        self.api_token_by_hash[d["token_hash"]] = name
+        self.api_token_by_hash[e.token_hash] = name
 
-    def _api_token_revoked(self, d: Record, when: Any) -> None:
-        t = self.api_tokens.get(d["token_name"])
+    def _api_token_revoked(self, e: ApiTokenRevoked, when: Any) -> None:
+        t = self.api_tokens.get(e.token_name)
         if t is not None and t["revoked_at"] is None:
             t["revoked_at"] = _ts(when)
             self.api_token_by_hash.pop(t["token_hash"], None)
 
-    def _admin_action(self, d: Record, when: Any) -> None:
-        self.api_token_last_action[d["token_name"]] = _ts(when)
+    def _admin_action(self, e: AdminActionPerformed, when: Any) -> None:
+        self.api_token_last_action[e.token_name] = _ts(when)
 
     # --- queries used by decisions and views ------------------------------------------
 

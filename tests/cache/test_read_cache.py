@@ -14,7 +14,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from services.stream.nbd import protocol as P
+from shared import nbd_wire as W
 from shared.events import CATALOG, envelope
 from shared.vdisk_layout import write_delta
 from streamboot.embedded.proc import free_port
@@ -239,8 +239,8 @@ async def test_a_miss_does_not_hold_up_other_reads(system, vdisk) -> None:  # ty
         def pipelined() -> list[int]:
             c = RawNbd(port, timeout=60)
             c.go("slow")
-            c.request(P.CMD_READ, 1, 8 << 20, 4096)  # a miss: from the slow store
-            c.request(P.CMD_READ, 2, 0, 4096)  # on the node already
+            c.request(W.CMD_READ, 1, 8 << 20, 4096)  # a miss: from the slow store
+            c.request(W.CMD_READ, 2, 0, 4096)  # on the node already
             order = []
             for _ in range(2):
                 err, handle = c.reply()

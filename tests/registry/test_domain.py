@@ -590,3 +590,24 @@ def test_an_initramfs_without_the_client_is_refused_on_the_clients_screen() -> N
     assert vdisks.boot_plan(vd, 2)["method"] == "nbdroot"
     apply(p, vdisks.set_policy(p, "deb", boot_method="sanboot"))
     assert vdisks.boot_plan(vd, 1)["method"] == "sanboot"
+
+
+def test_a_stored_row_that_does_not_fit_its_model_is_skipped_not_applied() -> None:
+    """Replay parses each row into its catalog model: a row whose field has the wrong type
+    (a hostname that is a number, a tester flag that is a word) is skipped and kept as a
+    failure, and the fold goes on with the next row."""
+    p = Projection()
+    good = '{"mac": "52:54:00:00:00:41", "machine_id": "m-41", "hostname": "lab-41"}'
+    bad = '{"mac": "52:54:00:00:00:42", "machine_id": "m-42", "hostname": 42, "tester": "yes"}'
+    at = next(_positions)
+    p.apply_records(
+        [
+            (at, "DeviceRegistered", bad, 1000.0, "device-52:54:00:00:00:42"),
+            (at + 1, "DeviceRegistered", good, 1000.0, "device-52:54:00:00:00:41"),
+        ]
+    )
+    assert set(p.devices) == {"52:54:00:00:00:41"} and p.position == at + 1
+    assert list(p.failures) == [at] and "ValidationError" in p.failures[at]["error"]
+    # The live path (a dict offered by the follower) checks the same way.
+    p.apply("DeviceRegistered", {"mac": "52:54:00:00:00:43", "machine_id": 7}, at + 2)
+    assert "52:54:00:00:00:43" not in p.devices and at + 2 in p.failures

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from services.stream.nbd import protocol as P
+from shared import nbd_wire as W
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -29,54 +29,54 @@ class RawNbd:
         return recv_exact(self.sock, n)
 
     def greeting(self) -> int:
-        magic, opt, flags = P.GREETING.unpack(self.recv_exact(P.GREETING.size))
-        assert (magic, opt) == (P.NBDMAGIC, P.IHAVEOPT)
+        magic, opt, flags = W.GREETING.unpack(self.recv_exact(W.GREETING.size))
+        assert (magic, opt) == (W.NBDMAGIC, W.IHAVEOPT)
         return flags
 
     def start(self) -> None:
         self.greeting()
-        self.sock.sendall(P.CLIENT_FLAGS.pack(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        self.sock.sendall(W.CLIENT_FLAGS.pack(W.FLAG_FIXED_NEWSTYLE | W.FLAG_NO_ZEROES))
 
     def option(self, opt: int, data: bytes = b"") -> None:
-        self.sock.sendall(P.OPTION.pack(P.IHAVEOPT, opt, len(data)) + data)
+        self.sock.sendall(W.OPTION.pack(W.IHAVEOPT, opt, len(data)) + data)
 
     def option_reply(self) -> tuple[int, int, bytes]:
-        magic, opt, rep, n = P.OPTION_REPLY.unpack(self.recv_exact(P.OPTION_REPLY.size))
-        assert magic == P.REPLY_MAGIC_OPT
+        magic, opt, rep, n = W.OPTION_REPLY.unpack(self.recv_exact(W.OPTION_REPLY.size))
+        assert magic == W.REPLY_MAGIC_OPT
         return opt, rep, self.recv_exact(n)
 
     def go(self, token: str) -> tuple[int, int]:
         """Handshake to transmission; returns (size, transmission flags)."""
         self.start()
         name = token.encode()
-        self.option(P.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        self.option(W.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
         size = flags = -1
         while True:
             _, rep, data = self.option_reply()
-            if rep == P.REP_INFO and struct.unpack_from(">H", data)[0] == P.INFO_EXPORT:
-                _, size, flags = P.INFO_EXPORT_S.unpack(data)
-            elif rep == P.REP_ACK:
+            if rep == W.REP_INFO and struct.unpack_from(">H", data)[0] == W.INFO_EXPORT:
+                _, size, flags = W.INFO_EXPORT_S.unpack(data)
+            elif rep == W.REP_ACK:
                 return size, flags
-            elif rep != P.REP_INFO:
+            elif rep != W.REP_INFO:
                 raise ConnectionError(f"GO refused: {rep:#x}")
 
     def request(self, cmd: int, handle: int, offset: int, length: int, flags: int = 0) -> None:
-        self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, flags, cmd, handle, offset, length))
+        self.sock.sendall(W.REQUEST.pack(W.REQUEST_MAGIC, flags, cmd, handle, offset, length))
 
     def reply(self) -> tuple[int, int]:
-        magic, err, handle = P.SIMPLE_REPLY.unpack(self.recv_exact(P.SIMPLE_REPLY.size))
-        assert magic == P.SIMPLE_REPLY_MAGIC
+        magic, err, handle = W.SIMPLE_REPLY.unpack(self.recv_exact(W.SIMPLE_REPLY.size))
+        assert magic == W.SIMPLE_REPLY_MAGIC
         return err, handle
 
     def read(self, offset: int, length: int, handle: int = 1) -> bytes:
-        self.request(P.CMD_READ, handle, offset, length)
+        self.request(W.CMD_READ, handle, offset, length)
         err, h = self.reply()
         assert (err, h) == (0, handle), (err, h)
         return self.recv_exact(length)
 
     def write(self, offset: int, data: bytes, handle: int = 2) -> int:
         self.sock.sendall(
-            P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, handle, offset, len(data)) + data
+            W.REQUEST.pack(W.REQUEST_MAGIC, 0, W.CMD_WRITE, handle, offset, len(data)) + data
         )
         err, h = self.reply()
         assert h == handle

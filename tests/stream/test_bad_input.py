@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stream.nbd import protocol as P
+from shared import nbd_wire as W
 from shared.events import SessionDetached
 from tests.stream.conftest import IMAGE_SIZE, ServerThread
 from tests.stream.nbdraw import RawNbd
@@ -76,7 +76,7 @@ def test_truncated_handshake_then_close(server: ServerThread, image: bytes) -> N
 def test_truncated_handshake_left_hanging_is_closed(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.start()
-    c.sock.sendall(struct.pack(">Q", P.IHAVEOPT))  # an option header cut short
+    c.sock.sendall(struct.pack(">Q", W.IHAVEOPT))  # an option header cut short
     assert c.closed_by_peer()  # by the handshake timeout
     assert_healthy(server, image)
 
@@ -84,14 +84,14 @@ def test_truncated_handshake_left_hanging_is_closed(server: ServerThread, image:
 def test_bad_client_flags(server: ServerThread) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.greeting()
-    c.sock.sendall(P.CLIENT_FLAGS.pack(0x80))  # unknown flag, no FIXED_NEWSTYLE
+    c.sock.sendall(W.CLIENT_FLAGS.pack(0x80))  # unknown flag, no FIXED_NEWSTYLE
     assert c.closed_by_peer()
 
 
 def test_bad_option_magic(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.start()
-    c.sock.sendall(P.OPTION.pack(0xDEADBEEF, P.OPT_GO, 0))
+    c.sock.sendall(W.OPTION.pack(0xDEADBEEF, W.OPT_GO, 0))
     assert c.closed_by_peer()
     assert_healthy(server, image)
 
@@ -100,21 +100,21 @@ def test_unknown_option_unsupported_then_next_option_read(server: ServerThread) 
     c = RawNbd(server.servers.nbd_port)
     c.start()
     c.option(99, b"whatever")
-    assert c.option_reply() == (99, P.REP_ERR_UNSUP, b"")
-    c.option(P.OPT_STARTTLS)
-    assert c.option_reply()[1] == P.REP_ERR_UNSUP
+    assert c.option_reply() == (99, W.REP_ERR_UNSUP, b"")
+    c.option(W.OPT_STARTTLS)
+    assert c.option_reply()[1] == W.REP_ERR_UNSUP
     name = b"nope"
-    c.option(P.OPT_INFO, struct.pack(">I", 4) + name + struct.pack(">H", 0))
-    assert c.option_reply()[1] == P.REP_ERR_UNKNOWN
-    c.option(P.OPT_ABORT)
-    assert c.option_reply()[:2] == (P.OPT_ABORT, P.REP_ACK)
+    c.option(W.OPT_INFO, struct.pack(">I", 4) + name + struct.pack(">H", 0))
+    assert c.option_reply()[1] == W.REP_ERR_UNKNOWN
+    c.option(W.OPT_ABORT)
+    assert c.option_reply()[:2] == (W.OPT_ABORT, W.REP_ACK)
     assert c.closed_by_peer()
 
 
 def test_export_name_unknown_token_disconnects(server: ServerThread) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.start()
-    c.option(P.OPT_EXPORT_NAME, b"unknown")
+    c.option(W.OPT_EXPORT_NAME, b"unknown")
     assert c.closed_by_peer()
 
 
@@ -131,8 +131,8 @@ def test_go_with_unknown_tokens_leaves_nothing_behind(server: ServerThread, imag
 def test_oversized_option_length(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.start()
-    c.sock.sendall(P.OPTION.pack(P.IHAVEOPT, P.OPT_GO, 0xFFFFFFF0))
-    assert c.option_reply()[1] == P.REP_ERR_TOO_BIG
+    c.sock.sendall(W.OPTION.pack(W.IHAVEOPT, W.OPT_GO, 0xFFFFFFF0))
+    assert c.option_reply()[1] == W.REP_ERR_TOO_BIG
     assert c.closed_by_peer()
     assert_healthy(server, image)
 
@@ -140,17 +140,17 @@ def test_oversized_option_length(server: ServerThread, image: bytes) -> None:
 def test_oversized_and_out_of_range_requests(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.go("tok-a")
-    c.request(P.CMD_READ, 7, 0, 64 * 1024 * 1024)  # over the 32 MiB maximum
-    assert c.reply() == (P.EINVAL, 7)
-    c.request(P.CMD_READ, 8, IMAGE_SIZE, 512)  # offset past the end
-    assert c.reply() == (P.EINVAL, 8)
-    c.request(P.CMD_READ, 9, IMAGE_SIZE - 512, 1024)  # runs past the end
-    assert c.reply() == (P.EINVAL, 9)
-    assert c.write(IMAGE_SIZE - 512, b"x" * 1024, handle=10) == P.ENOSPC
-    c.request(P.CMD_WRITE_ZEROES, 11, IMAGE_SIZE, 4096)
-    assert c.reply() == (P.ENOSPC, 11)
+    c.request(W.CMD_READ, 7, 0, 64 * 1024 * 1024)  # over the 32 MiB maximum
+    assert c.reply() == (W.EINVAL, 7)
+    c.request(W.CMD_READ, 8, IMAGE_SIZE, 512)  # offset past the end
+    assert c.reply() == (W.EINVAL, 8)
+    c.request(W.CMD_READ, 9, IMAGE_SIZE - 512, 1024)  # runs past the end
+    assert c.reply() == (W.EINVAL, 9)
+    assert c.write(IMAGE_SIZE - 512, b"x" * 1024, handle=10) == W.ENOSPC
+    c.request(W.CMD_WRITE_ZEROES, 11, IMAGE_SIZE, 4096)
+    assert c.reply() == (W.ENOSPC, 11)
     c.request(77, 12, 0, 0)  # unknown command
-    assert c.reply() == (P.EINVAL, 12)
+    assert c.reply() == (W.EINVAL, 12)
     # The connection is still good.
     assert c.read(0, 4096, handle=13) == image[:4096]
     c.close()
@@ -159,7 +159,7 @@ def test_oversized_and_out_of_range_requests(server: ServerThread, image: bytes)
 def test_oversized_write_disconnects(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.go("tok-a")
-    c.request(P.CMD_WRITE, 1, 0, 0x7FFFFFFF)  # a payload we will never buffer
+    c.request(W.CMD_WRITE, 1, 0, 0x7FFFFFFF)  # a payload we will never buffer
     assert c.closed_by_peer()
     assert_healthy(server, image)
 
@@ -167,7 +167,7 @@ def test_oversized_write_disconnects(server: ServerThread, image: bytes) -> None
 def test_bad_request_magic_disconnects(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.go("tok-a")
-    c.sock.sendall(b"\x00" * P.REQUEST.size)
+    c.sock.sendall(b"\x00" * W.REQUEST.size)
     assert c.closed_by_peer()
     assert detached(server, "session-tok-a", "protocol-error")
     assert_healthy(server, image)
@@ -176,7 +176,7 @@ def test_bad_request_magic_disconnects(server: ServerThread, image: bytes) -> No
 def test_disconnect_mid_request(server: ServerThread, image: bytes) -> None:
     c = RawNbd(server.servers.nbd_port)
     c.go("tok-b")
-    c.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 65536) + b"y" * 1000)
+    c.sock.sendall(W.REQUEST.pack(W.REQUEST_MAGIC, 0, W.CMD_WRITE, 1, 0, 65536) + b"y" * 1000)
     c.close()
     assert wait_for(lambda: detached(server, "session-tok-b", "disconnect"))
     # The half-sent write never happened: the session was dropped (linger 0) and a new
@@ -194,7 +194,7 @@ def test_slow_client_that_never_reads_is_dropped(server: ServerThread, image: by
     c.go("tok-v2")
     # 256 MiB of replies asked for, none read.
     for h in range(16):
-        c.request(P.CMD_READ, h, 0, 16 * 1024 * 1024)
+        c.request(W.CMD_READ, h, 0, 16 * 1024 * 1024)
     assert wait_for(lambda: detached(server, "session-tok-v2", "stalled"))
     assert_healthy(server, image)  # the loop was never blocked by it
     assert "session-tok-v2" not in server.live_sessions()
@@ -304,8 +304,8 @@ def test_out_of_order_reply_for_cold_read(server: ServerThread, images) -> None:
     os.close(fd)
     cold = 30 * 1024 * 1024
     c.sock.sendall(
-        P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 100, cold, 1024 * 1024)
-        + P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 101, 0, 4096)
+        W.REQUEST.pack(W.REQUEST_MAGIC, 0, W.CMD_READ, 100, cold, 1024 * 1024)
+        + W.REQUEST.pack(W.REQUEST_MAGIC, 0, W.CMD_READ, 101, 0, 4096)
     )
     replies = {}
     order = []

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from services.stream.nbd import protocol as P
 from services.stream.settings import StreamSettings
 from services.stream.spec import ExportSpec
+from shared import nbd_wire as W
 from shared.events import SessionAddressRefused, SessionAttached
 from tests.stream.conftest import ServerThread
 from tests.stream.nbdraw import RawNbd
@@ -51,9 +51,9 @@ def test_nbd_refuses_another_address(bound: ServerThread) -> None:
     other = RawNbd(bound.servers.nbd_port, source="127.0.0.2")
     other.start()
     name = TOKEN.encode()
-    other.option(P.OPT_GO, len(name).to_bytes(4, "big") + name + b"\0\0")
+    other.option(W.OPT_GO, len(name).to_bytes(4, "big") + name + b"\0\0")
     _, rep, why = other.option_reply()
-    assert rep == P.REP_ERR_POLICY and b"another address" in why
+    assert rep == W.REP_ERR_POLICY and b"another address" in why
     [refused] = bound.events(SessionAddressRefused)  # drained first
     assert refused.client_addr == "127.0.0.2"  # type: ignore[attr-defined]
     assert refused.expected_addr == "127.0.0.1" and refused.protocol == "nbd"  # type: ignore[attr-defined]

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from services.stream.nbd import protocol as P
 from services.stream.nbd import tls
 from services.stream.settings import StreamSettings
+from shared import nbd_wire as W
 from shared.settings import Settings
 from tests.stream.conftest import ServerThread, sha256
 from tests.stream.nbdraw import RawNbd
@@ -88,16 +88,16 @@ def test_require_serves_tls_clients_and_refuses_plain_ones(
     raw.start()
     name = b"tok-a"
     for opt, data in [
-        (P.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)),
-        (P.OPT_INFO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)),
-        (P.OPT_STRUCTURED_REPLY, b""),
-        (P.OPT_LIST, b""),
+        (W.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)),
+        (W.OPT_INFO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)),
+        (W.OPT_STRUCTURED_REPLY, b""),
+        (W.OPT_LIST, b""),
     ]:
         raw.option(opt, data)
         assert raw.option_reply() == (opt, tls.REP_ERR_TLS_REQD, b"")
-    raw.option(P.OPT_STARTTLS, b"junk")  # STARTTLS takes no payload
-    assert raw.option_reply() == (P.OPT_STARTTLS, P.REP_ERR_INVALID, b"")
-    raw.option(P.OPT_EXPORT_NAME, name)  # no error reply exists: disconnected
+    raw.option(W.OPT_STARTTLS, b"junk")  # STARTTLS takes no payload
+    assert raw.option_reply() == (W.OPT_STARTTLS, W.REP_ERR_INVALID, b"")
+    raw.option(W.OPT_EXPORT_NAME, name)  # no error reply exists: disconnected
     assert raw.closed_by_peer()
     raw.close()
     server.wait_idle()
@@ -114,8 +114,8 @@ def test_a_client_that_does_not_trust_the_ca_gets_nothing(
     # A client that upgrades and then sends no TLS handshake is dropped, not kept.
     raw = RawNbd(server.servers.nbd_port)
     raw.start()
-    raw.option(P.OPT_STARTTLS)
-    assert raw.option_reply() == (P.OPT_STARTTLS, P.REP_ACK, b"")
+    raw.option(W.OPT_STARTTLS)
+    assert raw.option_reply() == (W.OPT_STARTTLS, W.REP_ACK, b"")
     raw.sock.sendall(b"this is not a TLS ClientHello" * 10)
     assert raw.closed_by_peer()
     raw.close()
@@ -131,8 +131,8 @@ def test_on_serves_both_and_off_refuses_starttls(make_server: Any, creds: Path) 
     assert refused.returncode != 0
     raw = RawNbd(off.servers.nbd_port)
     raw.start()
-    raw.option(P.OPT_STARTTLS)
-    assert raw.option_reply() == (P.OPT_STARTTLS, P.REP_ERR_UNSUP, b"")
+    raw.option(W.OPT_STARTTLS)
+    assert raw.option_reply() == (W.OPT_STARTTLS, W.REP_ERR_UNSUP, b"")
     raw.close()
 
 

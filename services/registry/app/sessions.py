@@ -26,9 +26,10 @@ from services.registry.domain.sessions import (
     session_url,
 )
 from services.registry.projection import Projection, Record
+from shared.boot_flow import parse_event
 from shared.contracts.registry import SessionRecord
 from shared.envelope import uuid7
-from shared.events import Event
+from shared.events import Event, SessionAttached
 from shared.iscsi_names import TARGET_PREFIX, initiator_iqn, iscsi_uri
 from shared.metrics import count_boot
 from shared.telemetry import (
@@ -226,7 +227,8 @@ class SessionCommands(DeviceCommands, VdiskCommands):
                     "not a boot: replay that session"
                 )
             raise not_found(f"unknown session {session_id}")
-        used = [e.data["stream_node"] for e in events if e.type == "SessionAttached"]
+        attached = (parse_event(e.type, e.data) for e in events if e.type == "SessionAttached")
+        used = [a.stream_node for a in attached if isinstance(a, SessionAttached)]
         used.append(opened.data.get("stream_node") or "")
         return opened.data, [n for n in dict.fromkeys(used) if n]
 

@@ -1,4 +1,3 @@
-# ruff: noqa: F403, F405
 """NBD wire format (fixed newstyle handshake, simple and structured replies): the parser.
 
 Everything that reads or builds NBD bytes lives here, with no I/O: the parsing of
@@ -14,9 +13,47 @@ import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-# The wire numbers live in shared/nbd_wire.py (the CLI's NBD client speaks them too);
-# re-exported here, so the server and its tests read one module.
-from shared.nbd_wire import *
+from shared.nbd_wire import (
+    CLIENT_FLAGS,
+    CLIENT_FLAGS_KNOWN,
+    EXPORT_NAME_REPLY,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_BLOCK_SIZE_S,
+    INFO_EXPORT,
+    INFO_EXPORT_S,
+    MAX_BLOCK,
+    META_BASE_ALLOCATION,
+    META_CONTEXT_ID,
+    MIN_BLOCK,
+    NBDMAGIC,
+    OPT_LIST_META_CONTEXT,
+    OPTION_REPLY,
+    PREFERRED_BLOCK,
+    REP_ACK,
+    REP_INFO,
+    REP_META_CONTEXT,
+    REPLY_FLAG_DONE,
+    REPLY_MAGIC_OPT,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_OFFSET_DATA,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC,
+    TF_CAN_MULTI_CONN,
+    TF_HAS_FLAGS,
+    TF_READ_ONLY,
+    TF_SEND_DF,
+    TF_SEND_FLUSH,
+    TF_SEND_FUA,
+    TF_SEND_TRIM,
+    TF_SEND_WRITE_ZEROES,
+)
 
 if TYPE_CHECKING:
     from services.stream.path.backend import Backend

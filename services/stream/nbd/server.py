@@ -29,12 +29,13 @@ from services.stream.path.backend import (
 )
 from services.stream.sessions import Session, SessionManager
 from shared import metrics
+from shared import nbd_wire as W
 
 log = logging.getLogger(__name__)
 
-REQ = P.REQUEST
+REQ = W.REQUEST
 REQ_SIZE = REQ.size
-SIMPLE = P.SIMPLE_REPLY
+SIMPLE = W.SIMPLE_REPLY
 SREAD_HDR = P.STRUCTURED_READ
 # Reads at least this large go out by sendfile when the transport can (RawTransport).
 SENDFILE_MIN = 64 * 1024
@@ -84,17 +85,17 @@ class NbdConnection(Connection):
         super().connection_made(transport)
 
     async def run(self) -> None:
-        no_zeroes = P.parse_client_flags(await self.read_exact(P.CLIENT_FLAGS.size))
+        no_zeroes = P.parse_client_flags(await self.read_exact(W.CLIENT_FLAGS.size))
         if no_zeroes is None:
             return self.close("bad-client-flags")
         self.no_zeroes = no_zeroes
         while not self.closed:
-            magic, opt, length = P.OPTION.unpack(await self.read_exact(P.OPTION.size))
-            if magic != P.IHAVEOPT:
+            magic, opt, length = W.OPTION.unpack(await self.read_exact(W.OPTION.size))
+            if magic != W.IHAVEOPT:
                 return self.close("bad-option-magic")
-            if length > P.MAX_OPTION:
+            if length > W.MAX_OPTION:
                 # We cannot skip an unbounded payload: end the connection.
-                self.write(P.option_reply(opt, P.REP_ERR_TOO_BIG))
+                self.write(P.option_reply(opt, W.REP_ERR_TOO_BIG))
                 return self.close("option-too-big")
             data = await self.read_exact(length)
             if await self._option(opt, data):
@@ -108,7 +109,7 @@ class NbdConnection(Connection):
         tls = self.settings.nbd_tls
         if tls is not None and (done := await nbd_tls.option(self, tls, opt, data)) is not None:
             return done
-        if opt == P.OPT_EXPORT_NAME:
+        if opt == W.OPT_EXPORT_NAME:
             session = await self._open(data.decode("utf-8", "replace"))
             if session is None:
                 # No way to answer an error to EXPORT_NAME: the spec says disconnect.
@@ -118,48 +119,48 @@ class NbdConnection(Connection):
             self.write(P.export_name_reply(b.size, P.transmission_flags(b), self.no_zeroes))
             self._start_transmission()
             return True
-        if opt == P.OPT_ABORT:
-            self._reply(opt, P.REP_ACK)
+        if opt == W.OPT_ABORT:
+            self._reply(opt, W.REP_ACK)
             self.close("abort")
             return True
-        if opt == P.OPT_LIST:
+        if opt == W.OPT_LIST:
             # Export names are session tokens, i.e. secrets: there is nothing to list.
-            self._reply(opt, P.REP_ERR_INVALID if data else P.REP_ACK)
+            self._reply(opt, W.REP_ERR_INVALID if data else W.REP_ACK)
             return False
-        if opt in (P.OPT_INFO, P.OPT_GO):
+        if opt in (W.OPT_INFO, W.OPT_GO):
             return await self._info_or_go(opt, data)
-        if opt == P.OPT_STRUCTURED_REPLY:
+        if opt == W.OPT_STRUCTURED_REPLY:
             if data:
-                self._reply(opt, P.REP_ERR_INVALID)
+                self._reply(opt, W.REP_ERR_INVALID)
             else:
                 self.structured = True
-                self._reply(opt, P.REP_ACK)
+                self._reply(opt, W.REP_ACK)
             return False
-        if opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+        if opt in (W.OPT_LIST_META_CONTEXT, W.OPT_SET_META_CONTEXT):
             self._meta_context(opt, data)
             return False
-        self._reply(opt, P.REP_ERR_UNSUP)
+        self._reply(opt, W.REP_ERR_UNSUP)
         return False
 
     async def _info_or_go(self, opt: int, data: bytes) -> bool:
         try:
             name = P.parse_info_request(data)
         except P.BadOption:
-            self._reply(opt, P.REP_ERR_INVALID)
+            self._reply(opt, W.REP_ERR_INVALID)
             return False
         token = name.decode("utf-8", "replace")
         session = await self._open(token)
         if session is not None and not self.mgr.admits(session, "nbd", self.peer):
             self._drop_session()
-            self._reply(opt, P.REP_ERR_POLICY, b"this session belongs to another address")
+            self._reply(opt, W.REP_ERR_POLICY, b"this session belongs to another address")
             return False
         if session is None:
             # With the reason when there is one (the client may show it).
-            self._reply(opt, P.REP_ERR_UNKNOWN, self.mgr.refusals.get(token, "").encode())
+            self._reply(opt, W.REP_ERR_UNKNOWN, self.mgr.refusals.get(token, "").encode())
             return False
         b = session.backend
         self.write(P.info_replies(opt, b.size, P.transmission_flags(b)))
-        if opt == P.OPT_INFO:
+        if opt == W.OPT_INFO:
             self._drop_session()
             return False
         self._start_transmission()
@@ -169,11 +170,11 @@ class NbdConnection(Connection):
         try:
             queries = P.parse_meta_context(data)
         except P.BadOption:
-            return self._reply(opt, P.REP_ERR_INVALID)
-        if opt == P.OPT_SET_META_CONTEXT and not self.structured:
-            return self._reply(opt, P.REP_ERR_INVALID)
+            return self._reply(opt, W.REP_ERR_INVALID)
+        if opt == W.OPT_SET_META_CONTEXT and not self.structured:
+            return self._reply(opt, W.REP_ERR_INVALID)
         want = P.wants_base_allocation(opt, queries)
-        if opt == P.OPT_SET_META_CONTEXT:
+        if opt == W.OPT_SET_META_CONTEXT:
             self.meta_base_allocation = want
         self.write(P.meta_context_replies(opt, want))
 
@@ -239,17 +240,17 @@ class NbdConnection(Connection):
         try:
             while end - pos >= REQ_SIZE and not self.closed:
                 magic, flags, cmd, handle, offset, length = REQ.unpack_from(buf, pos)
-                if magic != P.REQUEST_MAGIC:
+                if magic != W.REQUEST_MAGIC:
                     raise ProtocolError("bad request magic")
-                if cmd == P.CMD_WRITE:
-                    if length > P.MAX_BLOCK:
+                if cmd == W.CMD_WRITE:
+                    if length > W.MAX_BLOCK:
                         raise ProtocolError("write payload too large")
                     if end - pos - REQ_SIZE < length:
                         break  # payload not all here yet
                     data = bytes(buf[pos + REQ_SIZE : pos + REQ_SIZE + length])
                     pos += REQ_SIZE + length
                     self._write(flags, handle, offset, data)
-                elif cmd == P.CMD_READ:
+                elif cmd == W.CMD_READ:
                     pos += REQ_SIZE
                     self._read(flags, handle, offset, length)
                 else:
@@ -268,7 +269,7 @@ class NbdConnection(Connection):
             self.transport.pause_reading()
 
     def _bad_range(self, offset: int, length: int) -> bool:
-        return offset + length > self.size or length > P.MAX_BLOCK
+        return offset + length > self.size or length > W.MAX_BLOCK
 
     def _error(self, handle: int, err: int, is_read: bool = False, msg: str = "") -> None:
         if self.structured and is_read:
@@ -279,7 +280,7 @@ class NbdConnection(Connection):
     def _read(self, flags: int, handle: int, offset: int, length: int, t0: float = 0.0) -> None:
         t0 = t0 or perf_counter()
         if self._bad_range(offset, length):
-            err = P.EOVERFLOW if length > P.MAX_BLOCK and self.structured else P.EINVAL
+            err = W.EOVERFLOW if length > W.MAX_BLOCK and self.structured else W.EINVAL
             return self._error(handle, err, True, "read out of range")
         assert self.backend is not None and self.session is not None
         try:
@@ -301,13 +302,13 @@ class NbdConnection(Connection):
             hlen = SREAD_HDR.size
             out = self._reply_buffer(hlen + length, pieces, hlen)
             SREAD_HDR.pack_into(
-                out, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                P.REPLY_TYPE_OFFSET_DATA, handle, 8 + length, offset,
+                out, 0, W.STRUCTURED_REPLY_MAGIC, W.REPLY_FLAG_DONE,
+                W.REPLY_TYPE_OFFSET_DATA, handle, 8 + length, offset,
             )  # fmt: skip
         else:
             hlen = SIMPLE.size
             out = self._reply_buffer(hlen + length, pieces, hlen)
-            SIMPLE.pack_into(out, 0, P.SIMPLE_REPLY_MAGIC, 0, handle)
+            SIMPLE.pack_into(out, 0, W.SIMPLE_REPLY_MAGIC, 0, handle)
         self.count_read(length)
         self.session.record("r", offset, length)
         view = memoryview(out)[hlen:]
@@ -318,7 +319,7 @@ class NbdConnection(Connection):
                 return
         except OSError as e:
             log.warning("read %d+%d failed: %s", offset, length, e)
-            return self._error(handle, P.EIO, True, str(e))
+            return self._error(handle, W.EIO, True, str(e))
         # Not in the page cache: read in a thread; later requests may be answered first.
         if out is self._lent_reply:
             self._lent_reply = None  # the thread fills it after this batch: not reused
@@ -374,7 +375,7 @@ class NbdConnection(Connection):
         try:
             await self.loop.run_in_executor(None, read_into, pieces, view)
         except OSError as e:
-            self._error(handle, P.EIO, True, str(e))
+            self._error(handle, W.EIO, True, str(e))
         else:
             self.write(out)
         finally:
@@ -387,7 +388,7 @@ class NbdConnection(Connection):
         try:
             await miss.fetch()
         except OSError as e:
-            self._error(handle, P.EIO, True, f"read failed: {e}")
+            self._error(handle, W.EIO, True, f"read failed: {e}")
             READ_LATENCY.observe(perf_counter() - t0)
         else:
             if not self.closed and self.session is not None:
@@ -407,46 +408,46 @@ class NbdConnection(Connection):
 
     def _write(self, flags: int, handle: int, offset: int, data: bytes) -> None:
         if self.read_only:
-            return self._error(handle, P.EPERM)
+            return self._error(handle, W.EPERM)
         if offset + len(data) > self.size:
-            return self._error(handle, P.ENOSPC)
+            return self._error(handle, W.ENOSPC)
         assert self.backend is not None and self.session is not None
         self.count_written(len(data))
         self.session.record("w", offset, len(data))
-        self._run(handle, self.backend.pwrite(offset, data, bool(flags & P.CMD_FLAG_FUA)), "write")
+        self._run(handle, self.backend.pwrite(offset, data, bool(flags & W.CMD_FLAG_FUA)), "write")
 
     def _command(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> None:
         b = self.backend
         assert b is not None and self.session is not None
-        fua = bool(flags & P.CMD_FLAG_FUA)
-        if cmd == P.CMD_FLUSH:
+        fua = bool(flags & W.CMD_FLAG_FUA)
+        if cmd == W.CMD_FLUSH:
             self._run(handle, b.flush(), "flush")
-        elif cmd in (P.CMD_TRIM, P.CMD_WRITE_ZEROES):
+        elif cmd in (W.CMD_TRIM, W.CMD_WRITE_ZEROES):
             if self.read_only:
-                return self._error(handle, P.EPERM)
+                return self._error(handle, W.EPERM)
             if offset + length > self.size:
-                return self._error(handle, P.ENOSPC)
+                return self._error(handle, W.ENOSPC)
             self.session.record("w", offset, length)
-            if cmd == P.CMD_TRIM:
+            if cmd == W.CMD_TRIM:
                 self._run(handle, b.trim(offset, length, fua), "trim")
             else:
                 self._run(handle, b.zero(offset, length, fua), "zero")
-        elif cmd == P.CMD_DISC:
+        elif cmd == W.CMD_DISC:
             # Answer what is in flight, then close; no reply to DISC itself.
             self.transmitting = False
             self.transport.pause_reading()
             self._disconnecting = True
             if not self.inflight:
                 self.close("disconnect")
-        elif cmd == P.CMD_CACHE:
+        elif cmd == W.CMD_CACHE:
             self.write(P.simple_reply(0, handle))
-        elif cmd == P.CMD_BLOCK_STATUS and self.meta_base_allocation:
+        elif cmd == W.CMD_BLOCK_STATUS and self.meta_base_allocation:
             if offset + length > self.size or not length:
-                return self._error(handle, P.EINVAL, True)
+                return self._error(handle, W.EINVAL, True)
             self.inflight += 1
             self.spawn(self._block_status(handle, offset, length, flags))
         else:
-            self._error(handle, P.EINVAL, cmd == P.CMD_BLOCK_STATUS)
+            self._error(handle, W.EINVAL, cmd == W.CMD_BLOCK_STATUS)
 
     def _run(self, handle: int, op: Awaitable[None], name: str) -> None:
         self.inflight += 1
@@ -456,10 +457,10 @@ class NbdConnection(Connection):
         try:
             await op
         except PermissionError:
-            self._error(handle, P.EPERM)
+            self._error(handle, W.EPERM)
         except OSError as e:
             log.warning("nbd command failed: %s", e)
-            self._error(handle, P.ENOSPC if e.errno == 28 else P.EIO)
+            self._error(handle, W.ENOSPC if e.errno == 28 else W.EIO)
         else:
             self.write(P.simple_reply(0, handle))
         finally:
@@ -470,8 +471,8 @@ class NbdConnection(Connection):
         assert self.backend is not None
         try:
             extents = await self.backend.extents(offset, length)
-            self.write(P.block_status_reply(handle, extents, bool(flags & P.CMD_FLAG_REQ_ONE)))
+            self.write(P.block_status_reply(handle, extents, bool(flags & W.CMD_FLAG_REQ_ONE)))
         except OSError as e:
-            self._error(handle, P.EIO, True, str(e))
+            self._error(handle, W.EIO, True, str(e))
         finally:
             self._done()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 from services.stream.nbd import protocol as P
 from services.stream.nbd import tls_psk
+from shared import nbd_wire as W
 
 if TYPE_CHECKING:
     from services.stream.nbd.server import NbdConnection
@@ -39,7 +40,7 @@ SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 NAMES = "server-names"  # the names the server certificate was made for
 DAYS = "3650"
 # Options a client may send before its upgrade under `require`.
-BEFORE_TLS = frozenset({P.OPT_STARTTLS, P.OPT_ABORT})
+BEFORE_TLS = frozenset({W.OPT_STARTTLS, W.OPT_ABORT})
 
 
 @dataclass(frozen=True)
@@ -141,11 +142,11 @@ async def option(conn: NbdConnection, tls: NbdTls, opt: int, data: bytes) -> boo
     """STARTTLS, or the refusal of a plain option under ``require``: True when the
     handshake is over (the connection closed), False when it goes on, None when the option
     is not TLS's business."""
-    if opt == P.OPT_STARTTLS:
+    if opt == W.OPT_STARTTLS:
         return await _starttls(conn, tls, data)
     if tls.mode != "require" or conn.tls_active or opt in BEFORE_TLS:
         return None
-    if opt == P.OPT_EXPORT_NAME:  # no error reply exists for it: the spec says disconnect
+    if opt == W.OPT_EXPORT_NAME:  # no error reply exists for it: the spec says disconnect
         conn.close("tls-required")
         return True
     conn.write(P.option_reply(opt, REP_ERR_TLS_REQD))
@@ -154,12 +155,12 @@ async def option(conn: NbdConnection, tls: NbdTls, opt: int, data: bytes) -> boo
 
 async def _starttls(conn: NbdConnection, tls: NbdTls, data: bytes) -> bool:
     if data or conn.tls_active:
-        conn.write(P.option_reply(P.OPT_STARTTLS, P.REP_ERR_INVALID))
+        conn.write(P.option_reply(W.OPT_STARTTLS, W.REP_ERR_INVALID))
         return False
     if conn.buf:  # the client may send nothing until our ACK: it is not speaking NBD
         conn.close("starttls-pipelined")
         return True
-    conn.write(P.option_reply(P.OPT_STARTTLS, P.REP_ACK))
+    conn.write(P.option_reply(W.OPT_STARTTLS, W.REP_ACK))
     loop = asyncio.get_running_loop()
     try:
         transport = await loop.start_tls(
