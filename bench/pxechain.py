@@ -60,6 +60,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_seconds  # noqa: E402
 from streamboot.demo.image import MARKER, PARTITION_START, SECTOR  # noqa: E402
 from tests.conftest import traversable_tmpdir  # noqa: E402
 from tests.e2e.pxe_lab import (  # noqa: E402
@@ -278,24 +279,6 @@ def session_closed(lab: BootLab, mac: str, timeout_s: float = 60) -> None:
         time.sleep(15)
         return
     print(f"  (session of {mac} not closed after {timeout_s:.0f} s; going on)", flush=True)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time of these processes and all their descendants, the reaped ones included."""
-    total = 0.0
-    for pid in pids:
-        try:
-            top = psutil.Process(pid)
-            tree = [top, *top.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for proc in tree:
-            try:
-                t = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += t.user + t.system + t.children_user + t.children_system
-    return total
 
 
 def children_cpu() -> float:
