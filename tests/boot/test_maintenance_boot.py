@@ -18,6 +18,7 @@ import pytest
 
 from shared.vdisk_layout import open_chain
 from tests.boot.test_service import Boot, boot  # noqa: F401 (the boot service fixture)
+from tests.conftest import wait_for
 from tests.registry.conftest import Registry, write_bootable_image
 from tests.registry.test_maintenance import data_plane
 
@@ -109,10 +110,10 @@ async def test_a_device_in_maintenance_pxe_boots_read_write_and_its_writes_are_c
         assert qemu_io.returncode == 0, out.decode()
 
         # The client shut down: its detach reaches the log, the sweeper closes the session.
-        for _ in range(200):
-            if "SessionDetached" in await types_in_log(registry):
-                break
-            await asyncio.sleep(0.05)
+        async def detached() -> bool:
+            return "SessionDetached" in await types_in_log(registry)
+
+        await wait_for(detached, "the session's SessionDetached in the log", timeout_s=60)
         grace = registry.settings.session_detach_grace_s
         assert await registry.app.sweep(now=time.time() + grace + 1) == [s["session_id"]]
 
