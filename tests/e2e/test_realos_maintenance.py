@@ -1,7 +1,7 @@
 """The image lifecycle on a real Debian (docs/registry.md, "Maintenance through PXE"): a
 device in maintenance PXE-boots the vdisk read-write, changes the OS inside it and powers
-off; `vdisk commit` publishes its writes, `promote` takes them to test then production;
-a production device that booted before the promote keeps its version until it reboots,
+off; `vdisk commit` publishes its writes, `promote` takes them to test (a tester boots
+them) then production; a production device that booted before the promote keeps its version until it reboots,
 and then sees the change. The golden layer never changes.
 
 The change: the device's kernel arguments carry `streamboot-marker.proof=WORD`, on which
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -60,9 +61,11 @@ def test_a_maintenance_boot_changes_the_os_and_the_fleet_gets_it_at_its_next_boo
 ) -> None:
     golden = lab.data_dir / "vdisks" / VDISK / "v1.raw"
     before = sha256(golden)
-    maint, prod = "52:54:00:88:00:31", "52:54:00:88:00:32"
+    maint, prod, tester = "52:54:00:88:00:31", "52:54:00:88:00:32", "52:54:00:88:00:33"
     add_device(lab, maint, "deb-maint")
     add_device(lab, prod, "deb-prod")
+    add_device(lab, tester, "deb-tester")
+    lab.cli("device", "set", tester, "--tester")
     lab.cli("device", "set", maint, "--kernel-args", f"{ARGS} streamboot-marker.proof={WORD}")
     lab.cli("device", "maintenance", maint, "on")
 
@@ -78,10 +81,23 @@ def test_a_maintenance_boot_changes_the_os_and_the_fleet_gets_it_at_its_next_boo
     lab.cli("device", "maintenance", maint, "off")
     versions = json.loads(lab.cli("vdisk", "versions", VDISK, "--json").stdout)
     new = max(v["version"] for v in versions)
-    assert new == 2 and {v["version"]: v["stage"] for v in versions}[new] == "maintenance"
+    [published] = [v for v in versions if v["version"] == new]
+    assert published["stage"] == "maintenance" and published["changed_blocks"] > 0, published
     lab.cli("vdisk", "promote", VDISK, str(new), "--to", "test")
 
-    # 3. A production device booted before the promote to production keeps version 1: the
+    # 3. A tester boots the test version (beside the production device below, at once).
+    tested: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def boot_the_tester() -> None:
+        try:
+            tested["console"] = boot(lab, tester, 2)
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    testing = threading.Thread(target=boot_the_tester)
+    testing.start()
+    # A production device booted before the promote to production keeps version 1: the
     # promote lands while it runs (at its marker), and its root never had the change.
     promoted: list[str] = []
 
@@ -93,6 +109,11 @@ def test_a_maintenance_boot_changes_the_os_and_the_fleet_gets_it_at_its_next_boo
         lab.exec(*pxe_vm_argv(prod, 1, memory_mib=MEMORY)), lab.root / "vm-prod-before.log",
         until=None, timeout_s=BOOT_S, watch=(MARKER,), on_seen=promote_while_it_runs,
     )  # fmt: skip
+    testing.join()
+    if errors:
+        raise errors[0]
+    assert proof(tested["console"]) == WORD
+    assert sessions_of(lab, tester)[-1]["version"] == new
     assert promoted, f"the production device never reached multi-user:\n{run.console[-5000:]}"
     assert POWER_DOWN in run.console, run.console[-3000:]
     assert proof(run.console) == "none"
