@@ -35,6 +35,7 @@ BASE_PACKAGES = (
     "isc-dhcp-client", "kmod", "busybox", "e2fsprogs", "zstd",
 )  # fmt: skip
 MARKER = "STREAMBOOT-BOOTED"
+PROOF = "STREAMBOOT-PROOF"
 SECTOR = 512
 PARTITION_START = 2048  # sectors: 1 MiB
 ROOT_LABEL = "streamroot"
@@ -65,6 +66,15 @@ case " $(cat /proc/cmdline) " in
             "io-errors=$(dmesg | grep -c -i -e 'I/O error' -e 'Buffer I/O')" > /dev/console
         ;;
 esac
+# streamboot-marker.proof=WORD (tests/e2e/test_realos_maintenance.py): a change made
+# inside the OS, as an operator updating a maintenance boot would; every boot prints what
+# the root holds, so a later version's clients show whether the change reached them.
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        streamboot-marker.proof=*) echo "${{arg#*=}}" > /etc/streamboot-maint-proof && sync ;;
+    esac
+done
+echo "{PROOF} $(cat /etc/streamboot-maint-proof 2>/dev/null || echo none)" > /dev/console
 echo "{MARKER} hostname=$(hostname) machine-id=$(cat /etc/machine-id)" \\
     "rootfs=$(findmnt -n -o FSTYPE /) boot-id=$boot last-boot=$last" > /dev/console
 # streamboot-marker.poweroff=1 on the command line: a clean power-off right after, once the

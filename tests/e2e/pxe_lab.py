@@ -212,10 +212,12 @@ class BootLab:
             assert time.monotonic() < deadline, f"up did not start:\n{self.log.read_text()}"
             time.sleep(0.2)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             self.exec(str(STREAMBOOT), *args, "--data-dir", str(self.data_dir)),
-            capture_output=True, text=True, timeout=180,
+            capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         if check:
             assert done.returncode == 0, f"streamboot {args}:\n{done.stdout}\n{done.stderr}"
