@@ -1,4 +1,9 @@
-"""CLI commands, one module each; `streamboot.cli` registers them with one line per module."""
+"""CLI commands, one module each; `streamboot.cli` registers them with one line per module.
+
+Command modules import their heavy dependencies (settings, NATS, HTTP, PostgreSQL, telemetry)
+inside the command functions: every CLI run loads the whole command tree, so each command
+pays only for what it uses and `--help` stays instant.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,12 @@ from typing import Annotated
 
 import typer
 
-from shared.settings import default_data_dir
+
+def _default_data_dir() -> Path:
+    from shared.settings import default_data_dir
+
+    return default_data_dir()
+
 
 # Every command finds the running system through its data dir (runtime.json, api-token).
 DataDirOption = Annotated[
@@ -16,7 +26,7 @@ DataDirOption = Annotated[
     typer.Option(
         "--data-dir",
         envvar="STREAMBOOT_DATA_DIR",
-        default_factory=default_data_dir,
+        default_factory=_default_data_dir,
         help="streamboot data dir (env STREAMBOOT_DATA_DIR, default ./.streamboot)",
         show_default=False,
     ),
