@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from shared.errors import OperatorError
+from shared.runtime_files import API_TOKEN_FILE, runtime_info
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3
@@ -51,8 +52,6 @@ class RegistryClient:
 
     @classmethod
     def from_data_dir(cls, data_dir: Path, timeout_s: float = 60.0) -> RegistryClient:
-        from shared.settings import API_TOKEN_FILE, runtime_info
-
         api_url = os.environ.get("STREAMBOOT_API_URL") or runtime_info(data_dir).get("api_url")
         if not api_url:
             raise ClientError(

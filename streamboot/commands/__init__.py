@@ -13,12 +13,7 @@ from typing import Annotated
 
 import typer
 
-
-def _default_data_dir() -> Path:
-    from shared.settings import default_data_dir
-
-    return default_data_dir()
-
+from shared.runtime_files import default_data_dir
 
 # Every command finds the running system through its data dir (runtime.json, api-token).
 DataDirOption = Annotated[
@@ -26,7 +21,7 @@ DataDirOption = Annotated[
     typer.Option(
         "--data-dir",
         envvar="STREAMBOOT_DATA_DIR",
-        default_factory=_default_data_dir,
+        default_factory=default_data_dir,
         help="streamboot data dir (env STREAMBOOT_DATA_DIR, default ./.streamboot)",
         show_default=False,
     ),
