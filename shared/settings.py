@@ -6,8 +6,6 @@ under ``streamboot up``, compose, Nomad or a plain ``python -m services.X``.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 from functools import cached_property
 from pathlib import Path
@@ -17,8 +15,10 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-RUNTIME_FILE = "runtime.json"
-API_TOKEN_FILE = "api-token"
+from shared.runtime_files import API_TOKEN_FILE as API_TOKEN_FILE
+from shared.runtime_files import RUNTIME_FILE as RUNTIME_FILE
+from shared.runtime_files import default_data_dir, runtime_info
+
 # Secrets `streamboot up` generates (0600, in a 0700 folder of the data dir): a NATS
 # password per role (file ``nats-<role>``, user name = role) and the PostgreSQL password.
 SECRETS_DIR = "secrets"
@@ -27,10 +27,6 @@ POSTGRES_PASSWORD_FILE = "postgres"
 
 def nats_password_file(data_dir: Path, role: str) -> Path:
     return Path(data_dir) / SECRETS_DIR / f"nats-{role}"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("STREAMBOOT_DATA_DIR", ".streamboot"))
 
 
 class Settings(BaseSettings):
@@ -306,12 +302,3 @@ def without_password(url: str) -> str:
         return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}@{host}"))
 
     return ",".join(one(u) for u in url.split(","))
-
-
-def runtime_info(data_dir: Path) -> dict[str, str]:
-    """The endpoints a running `streamboot up` wrote into its data dir (empty when not running)."""
-    path = Path(data_dir) / RUNTIME_FILE
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}

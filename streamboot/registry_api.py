@@ -17,10 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-import httpx
-
 from shared.errors import OperatorError
-from shared.settings import API_TOKEN_FILE, runtime_info
+from shared.runtime_files import API_TOKEN_FILE, runtime_info
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 3
@@ -43,6 +41,8 @@ class ClientError(OperatorError):
 
 class RegistryClient:
     def __init__(self, api_url: str, token: str, timeout_s: float = 60.0) -> None:
+        import httpx
+
         self.api_url = api_url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.api_url,
@@ -72,6 +72,8 @@ class RegistryClient:
         return cls(api_url, token, timeout_s)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        import httpx
+
         try:
             resp = self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:

@@ -45,8 +45,8 @@ from streamboot.embedded.proc import (
     spawn,
     wait_group_gone,
 )
+from streamboot.services import SERVICES
 
-SERVICES: tuple[str, ...] = ("registry", "stream", "cache", "boot")
 # Settings fields that are ports, with their protocol. 0 means "pick a free one" and is
 # resolved once, here, so every service and runtime.json see the same concrete number.
 PORTS: dict[str, str] = {

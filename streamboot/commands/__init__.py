@@ -1,4 +1,9 @@
-"""CLI commands, one module each; `streamboot.cli` registers them with one line per module."""
+"""CLI commands, one module each; `streamboot.cli` registers them with one line per module.
+
+Command modules import their heavy dependencies (settings, NATS, HTTP, PostgreSQL, telemetry)
+inside the command functions: every CLI run loads the whole command tree, so each command
+pays only for what it uses and `--help` stays instant.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from shared.settings import default_data_dir
+from shared.runtime_files import default_data_dir
 
 # Every command finds the running system through its data dir (runtime.json, api-token).
 DataDirOption = Annotated[

@@ -9,8 +9,6 @@ from typing import Annotated
 
 import typer
 
-from shared.identity import normalize_mac
-from shared.settings import runtime_info
 from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="the Linux client installed into vdisk images.")
@@ -47,6 +45,8 @@ def vm(
     """Boot a VM on this machine from the running system (QEMU, its serial console here;
     Ctrl-A X quits). Watch it on the console's Boots page."""
     from shared.errors import OperatorError
+    from shared.identity import normalize_mac
+    from shared.settings import runtime_info
     from streamboot.demo_vm import boot_entry_url, missing_tools, vm_argv
 
     try:

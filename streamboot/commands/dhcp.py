@@ -10,8 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.contracts.boot import leases_path, read_leases
-from shared.settings import Settings
 from streamboot.commands import DataDirOption
 
 app = typer.Typer(no_args_is_help=True, help="DHCP (full mode) of the boot service.")
@@ -23,6 +21,9 @@ def leases(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """The lease file of full DHCP mode (kept across restarts under the data dir)."""
+    from shared.contracts.boot import leases_path, read_leases
+    from shared.settings import Settings
+
     items = read_leases(leases_path(Settings(data_dir=data_dir)))
     now = time.time()
     for item in items:

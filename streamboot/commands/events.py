@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.event_store import EventStore, StoredEvent
-from shared.settings import Settings
 from streamboot.commands import DataDirOption, mac_argument
-from streamboot.timeline import device_timelines
+
+if TYPE_CHECKING:
+    from shared.event_store import StoredEvent
 
 app = typer.Typer(no_args_is_help=True, help="Read and follow the event log.")
 
@@ -32,6 +32,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object per line"
 
 
 def database_url(data_dir) -> str:
+    from shared.settings import Settings
+
     try:
         return Settings(data_dir=data_dir).require_database_url()
     except RuntimeError as exc:
@@ -63,6 +65,8 @@ async def _list(
     limit: int,
     as_json: bool,
 ) -> int:
+    from shared.event_store import EventStore
+
     store = await EventStore.connect(url, max_size=1)
     types = [type_] if type_ else None
     try:
@@ -99,6 +103,8 @@ def list_(
 async def _tail(
     url: str, stream: str | None, type_: str | None, mac: str | None, last: int, as_json: bool
 ) -> None:
+    from shared.event_store import EventStore
+
     store = await EventStore.connect(url, max_size=2)
     console = Console()
     try:
@@ -140,6 +146,9 @@ def tail(
 
 
 async def _replay(url: str, mac: str, since: datetime | None, as_json: bool) -> int:
+    from shared.event_store import EventStore
+    from streamboot.timeline import device_timelines
+
     store = await EventStore.connect(url, max_size=2)
     try:
         boots = await device_timelines(store, mac, since)

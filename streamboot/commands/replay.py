@@ -14,13 +14,10 @@ import sys
 from enum import StrEnum
 from typing import Annotated, Any
 
-import asyncpg
 import typer
-import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from shared.event_store import EventStore
 from streamboot.block_replay import ReplayResult, Request, parse_nbd_uri, replay, split_extents
 from streamboot.commands import DataDirOption
 from streamboot.commands.events import database_url
@@ -45,6 +42,10 @@ class Pace(StrEnum):
 
 async def recorded_accesses(url: str, session_id: str) -> tuple[dict[str, Any], list[list[Any]]]:
     """The session's SessionOpened data and its block accesses in time order."""
+    import asyncpg
+
+    from shared.event_store import EventStore
+
     try:
         store = await EventStore.connect(url, max_size=1)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -134,6 +135,8 @@ def blocks(
 ) -> None:
     """Re-drive a past session's block accesses against a live stream node and report
     where the boot's time went: the server, or the client."""
+    import uvloop
+
     url = database_url(data_dir)
     with cli_errors(as_json):
         opened, extents = uvloop.run(recorded_accesses(url, session))

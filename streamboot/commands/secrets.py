@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from shared.bus_access import authorization_block, role_users
 from streamboot.commands import DataDirOption
-from streamboot.embedded.datadir import DataDir
-from streamboot.embedded.proc import StartupError
 
 app = typer.Typer(no_args_is_help=True, help="Credentials of the data dir.")
 
@@ -17,6 +14,10 @@ def nats_config(data_dir: DataDirOption) -> None:
     """Print the nats-server `authorization` block of this data dir's users (one per role,
     passwords in DATA_DIR/secrets, made now if missing), for an external NATS that
     `up` reaches through STREAMBOOT_NATS_URL."""
+    from shared.bus_access import authorization_block, role_users
+    from streamboot.embedded.datadir import DataDir
+    from streamboot.embedded.proc import StartupError
+
     dd = DataDir(data_dir)
     try:
         dd.ensure_marked()

@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared import bus
-from shared.heartbeat import read_heartbeats
-from shared.metrics import system_figures
-from shared.settings import RUNTIME_FILE, Settings, runtime_info, without_password
 from streamboot.commands import DataDirOption
-from streamboot.embedded.datadir import supervisor_running
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 SERVICES = ("registry", "boot", "stream", "cache")
 # Endpoint keys a service may advertise in its heartbeat (merged into `endpoints`).
@@ -24,6 +22,12 @@ ADVERTISED = ("nbd", "http_stream", "iscsi", "tftp", "dhcp", "boot_http", "api_u
 
 
 async def gather_status(settings: Settings) -> dict[str, Any]:
+    from shared import bus
+    from shared.heartbeat import read_heartbeats
+    from shared.metrics import system_figures
+    from shared.settings import RUNTIME_FILE, runtime_info, without_password
+    from streamboot.embedded.datadir import supervisor_running
+
     runtime = runtime_info(settings.data_dir)
     nats_url = settings.nats_url or runtime.get("nats_url")
     database_url = settings.database_url or runtime.get("database_url")
@@ -94,6 +98,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Each service alive or not (from heartbeats over NATS), and the endpoints."""
+    from shared.settings import Settings
+
     settings = Settings(data_dir=data_dir)
     result = asyncio.run(gather_status(settings))
     healthy = all(s["alive"] for s in result["services"].values())

@@ -10,17 +10,18 @@ import asyncio
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.event_store import EventStore, StoredEvent
-from shared.settings import Settings
 from shared.trace_spans import boot_trace_id, depth_of, read_spans
 from streamboot.commands import DataDirOption, as_mac
 from streamboot.commands.events import database_url
+
+if TYPE_CHECKING:
+    from shared.event_store import StoredEvent
 
 app = typer.Typer(no_args_is_help=True, help="Read the traces of boots.")
 BAR_WIDTH = 40
@@ -29,6 +30,8 @@ BAR_WIDTH = 40
 async def session_opened(url: str, ref: str) -> StoredEvent | None:
     """The SessionOpened a reference names: a session id, a session token (the log holds
     its SHA-256) or a MAC (its last boot's session)."""
+    from shared.event_store import EventStore
+
     store = await EventStore.connect(url, max_size=1)
     try:
         mac = as_mac(ref)
@@ -81,6 +84,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Draw the waterfall of one boot session's trace."""
+    from shared.settings import Settings
+
     settings = Settings(data_dir=data_dir)
     opened = asyncio.run(session_opened(database_url(data_dir), session))
     if opened is None:

@@ -12,9 +12,8 @@ from typing import Annotated
 
 import typer
 
-from shared.settings import Settings
 from streamboot.commands import DataDirOption
-from streamboot.supervisor import SERVICES, run_up
+from streamboot.services import SERVICES
 
 SIOCGIFADDR = 0x8915
 SIOCGIFNETMASK = 0x891B
@@ -156,6 +155,9 @@ def up(
     os.environ.update(boot_environment(boot_interface, dhcp, dhcp_range, public_host))
     for line in port_warnings(dhcp):
         typer.echo(line, err=True)
+    from shared.settings import Settings
+    from streamboot.supervisor import run_up
+
     settings = Settings(data_dir=data_dir)
     names = [n.strip() for n in services.split(",") if n.strip()]
     raise typer.Exit(run_up(settings, names))

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +21,6 @@ from rich.table import Table
 
 from shared import vdisk_store
 from shared.identity import check_name
-from shared.settings import Settings, without_password
 from streamboot.commands import DataDirOption
 from streamboot.job_progress import reporting
 from streamboot.registry_api import (
@@ -32,6 +31,9 @@ from streamboot.registry_api import (
     print_result,
     run,
 )
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="vdisks (disk images) and their versions.")
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
@@ -340,6 +342,8 @@ def commit(
     as_json: JsonOption = False,
 ) -> None:
     """Make the writes of the vdisk's last (finished) maintenance session its next version."""
+    from shared.settings import Settings
+
     with cli_errors(as_json):
         client = RegistryClient.from_data_dir(data_dir)
         root = Path(client.get("/registry/status")["vdisk_root"])
@@ -362,6 +366,7 @@ async def _stage_commit(
     kernel: str | None,
 ) -> vdisk_store.StagedVersion:
     from shared import bus
+    from shared.settings import without_password
     from shared.vdisk_commit import stage_commit
 
     nats_url = settings.require_nats_url()
