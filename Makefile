@@ -31,7 +31,7 @@ PYTEST_ARGS ?=
 # uv from PATH, else where `pip install --user` puts it (evaluated when a recipe runs).
 UV = $(shell command -v uv 2>/dev/null || echo "$$HOME/.local/bin/uv")
 
-.PHONY: up cli test test-realos sync uv test-deps bench-deps deb-install lint soak fuzz faults
+.PHONY: up cli test test-vm test-realos sync uv test-deps bench-deps deb-install lint soak fuzz faults
 
 up: cli
 	$(UV) run streamboot up $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(UP_ARGS)
@@ -39,11 +39,17 @@ up: cli
 # pytest exit code 5 means "no tests collected": a selection matched nothing, which must
 # not pass silently in CI; say so and keep the failure.
 # The real-OS boots (a Debian to multi-user under TCG, a minute or two each) are left to
-# `make test-realos`, which keeps `make test` (and CI) within half an hour.
+# `make test-realos` and the VM boots marked `vm` to `make test-vm`, which keeps `make test`
+# (and CI) within half an hour; the demo's PXE boot and iPXE's sanboots stay in it.
 test: test-deps sync
-	@rc=0; $(UV) run pytest -m "not realos" $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(UV) run pytest -m "not realos and not vm" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
+
+# VMs that boot the demo through the initramfs hand-off, from NBD, and through a stream
+# node's death (NBD and HTTP-range multipath), under TCG.
+test-vm: test-deps sync
+	$(UV) run pytest -m vm $(PYTEST_ARGS)
 
 # A real Debian built with `vdisk build-debian` (debootstrap cached in
 # ~/.cache/streamboot-test), PXE-booted by VMs one at a time (two at once in one test).

@@ -30,7 +30,7 @@ import pytest
 from services.boot.ipxe_scripts import SessionInfo, sanboot_script
 from tests.conftest import BusServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.vm, pytest.mark.timeout(600)]
 IPXE = (
     Path("/boot/ipxe.lkrn") if Path("/boot/ipxe.lkrn").exists() else Path("/usr/lib/ipxe/ipxe.lkrn")
 )

@@ -27,6 +27,7 @@ from tests.failover.guest import HOST, Guest, build_initramfs, missing
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.vm,
     pytest.mark.timeout(900),
     pytest.mark.skipif(bool(missing()), reason=f"needs {missing()}"),
 ]

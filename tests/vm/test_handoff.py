@@ -27,6 +27,7 @@ from tests.vm.vm import boot_vm, qemu_available
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.vm,
     pytest.mark.skipif(
         not qemu_available() or not shutil.which("nbd-client"),
         reason="needs qemu-system-x86 and nbd-client",

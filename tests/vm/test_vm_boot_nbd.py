@@ -15,6 +15,7 @@ from tests.vm.vm import boot_vm, qemu_available
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.vm,
     pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86 is not installed"),
 ]
 
