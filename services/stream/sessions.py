@@ -33,10 +33,14 @@ from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
 from shared.address_cap import AddressCap
 from shared.keyed_locks import KeyedLocks
+from shared.log_budget import LogBudget
 
 __all__ = ["Protocol_", "Session", "SessionManager"]
 
 log = logging.getLogger(__name__)
+
+# What a client is told when its token opens nothing and no other reason is known.
+UNKNOWN_TOKEN = "no live session has this token (closed, expired or never opened)"
 
 
 class SessionManager:
@@ -59,6 +63,9 @@ class SessionManager:
         # Why the last open of a token failed, for the client (e.g. "cache node X holding
         # write cache K is not alive"); kept until that token opens.
         self.refusals: dict[str, str] = {}
+        # Refused opens and addresses are logged, a line each within a budget: anyone who
+        # reaches the port can make them.
+        self.refusal_log = LogBudget(log, "stream refusals")
         # Files for the disk mirrors of write caches, made ahead of the first writes.
         self.spares = SpareFiles(settings.write_cache_dir)
         # Touched by every request: the loop polls a while after it (busy_poll.py).
@@ -155,15 +162,19 @@ class SessionManager:
             if spec is None:
                 try:
                     spec = await self.resolver.resolve(token)
-                except Exception:
+                except Exception as e:
                     log.exception("resolver failed for a session token")
+                    self._refuse(token, f"the registry did not answer ({type(e).__name__})")
                     return None
                 if spec is None:
+                    # Not kept: anyone may send made-up tokens.
+                    self.refusals.pop(token, None)
                     return None
             try:
                 stack = build_stack(spec, self.settings, self.cache, self.spares)
             except (OSError, ValueError) as e:
                 log.error("cannot open session %s: %s", spec.session_id, e)
+                self._refuse(token, f"session {spec.session_id}: cannot open its layers")
                 return None
             try:
                 ok = await self._attach(token, spec, stack.top)
@@ -184,12 +195,28 @@ class SessionManager:
             await backend.attach()
         except OSError as e:
             log.error("cannot attach session %s to the cache service: %s", spec.session_id, e)
-            if len(self.refusals) > 1000:
-                self.refusals.clear()
-            self.refusals[token] = f"session {spec.session_id}: {e.strerror or e}"
+            self._refuse(token, f"session {spec.session_id}: {e.strerror or e}")
             return False
         self.refusals.pop(token, None)
         return True
+
+    def _refuse(self, token: str, why: str) -> None:
+        if len(self.refusals) > 1000:
+            self.refusals.clear()
+        self.refusals[token] = why
+
+    def refusal(self, token: str) -> str:
+        """Why ``token`` opens nothing here, for the client and the log."""
+        return self.refusals.get(token) or UNKNOWN_TOKEN
+
+    def refused(self, protocol: Protocol_, peer: str, why: str) -> None:
+        """Log a refused export (within the refusal budget): a client that cannot attach
+        shows in this node's log, with the reason it was told."""
+        ip = peer.rsplit(":", 1)[0].strip("[]")
+        self.refusal_log.log(
+            logging.WARNING, "export", ip, "stream: refused a %s export to %s: %s",
+            protocol, peer, why,
+        )  # fmt: skip
 
     def release(self, session: Session) -> None:
         session.connections -= 1
@@ -281,7 +308,8 @@ class SessionManager:
         ip = peer.rsplit(":", 1)[0].strip("[]")
         if ip == want or ip.removeprefix("::ffff:") == want:
             return True
-        log.warning(
+        self.refusal_log.log(
+            logging.WARNING, "address", ip,
             "stream: session %s refused a %s connection from %s: it was issued to %s",
             session.session_id, protocol, ip, want,
         )  # fmt: skip

@@ -65,6 +65,10 @@ MEMORY = 1024
 # TCG guest on a loaded machine can leave keepalive probes unanswered for seconds.
 REALOS_TIMERS = {
     **SHORT_SESSION_TIMERS,
+    # The product's detach grace: a guest starved by the loaded host times its NBD requests
+    # out on a live node and reattaches, which can take longer than a short grace; the
+    # registry would close the session meanwhile and every reattach after that is refused.
+    "STREAMBOOT_SESSION_DETACH_GRACE_S": "30",
     "STREAMBOOT_STREAM_KEEPALIVE_IDLE_S": "15",
     "STREAMBOOT_STREAM_KEEPALIVE_INTERVAL_S": "5",
     "STREAMBOOT_STREAM_KEEPALIVE_COUNT": "3",

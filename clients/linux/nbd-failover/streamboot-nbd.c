@@ -543,9 +543,9 @@ static int genl_socket(void)
 
 /* Connects to the nodes in order from first (wrapping around) until one completes the
  * handshake; checks the export's size against want_size (0: any). Returns the socket and
- * sets *which, or -1 after one round. */
+ * sets *which, or -1 after one round, with the last node's answer in why (when given). */
 static int attach_round(int first, uint64_t want_size, uint64_t *size, uint16_t *flags,
-			int *which, int quiet)
+			int *which, int quiet, char *why, size_t whylen)
 {
 	for (int k = 0; k < n_nodes; k++) {
 		int i = (first + k) % n_nodes;
@@ -568,6 +568,9 @@ static int attach_round(int first, uint64_t want_size, uint64_t *size, uint16_t 
 			close(fd);
 		if (!quiet)
 			say("stream node %s:%s: %s", nodes[i].host, nodes[i].port, err);
+		if (why)
+			snprintf(why, whylen, "stream node %s:%s: %s", nodes[i].host, nodes[i].port,
+				 err);
 	}
 	return -1;
 }
@@ -620,6 +623,9 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 			say("lost stream node %s:%s; reconnecting (I/O is held meanwhile)",
 			    nodes[current].host, nodes[current].port);
 		double since = now_s(), told = since, next_refresh = since;
+		/* What the last round's nodes answered: said when it changes (a refusal's reason
+		 * from the node, or no answer), so the console shows why a reattach fails. */
+		char why[300] = "", said_why[300] = "";
 		int waiting_said = 0, refresh_wait = 1, refresh_said = 0;
 		/* The next node first: the dead one is most likely still dead. */
 		int first = overrun ? current : (current + 1) % n_nodes;
@@ -628,7 +634,7 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 			uint64_t s;
 			uint16_t f;
 			int which;
-			int fd = attach_round(first, size, &s, &f, &which, 1);
+			int fd = attach_round(first, size, &s, &f, &which, 1, why, sizeof why);
 			if (fd >= 0) {
 				struct msg m;
 				start(&m, family_id, NBD_CMD_RECONFIGURE);
@@ -668,6 +674,10 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 				next_refresh = now_s() + refresh_wait;
 				if (refresh_wait < REFRESH_MAX_WAIT_S)
 					refresh_wait *= 2;
+			}
+			if (why[0] && strcmp(why, said_why)) {
+				say("%s", why);
+				strcpy(said_why, why);
 			}
 			if (!waiting_said || now_s() - told >= 30) {
 				say("no live stream node answers (tried %d); waiting for one: the disk's "
@@ -754,10 +764,10 @@ int main(int argc, char **argv)
 	uint64_t size;
 	uint16_t flags;
 	int current;
-	int fd = attach_round(0, 0, &size, &flags, &current, 0);
+	int fd = attach_round(0, 0, &size, &flags, &current, 0, NULL, 0);
 	char why[160];
 	if (fd < 0 && server_host[0] && refresh_nodes(why, sizeof why) > 0)
-		fd = attach_round(0, 0, &size, &flags, &current, 0);
+		fd = attach_round(0, 0, &size, &flags, &current, 0, NULL, 0);
 	if (fd < 0) {
 		fprintf(stderr, "streamboot-nbd: no stream node served export %.40s...\n", export_name);
 		return 1;

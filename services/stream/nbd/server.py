@@ -110,9 +110,12 @@ class NbdConnection(Connection):
         if tls is not None and (done := await nbd_tls.option(self, tls, opt, data)) is not None:
             return done
         if opt == W.OPT_EXPORT_NAME:
-            session = await self._open(data.decode("utf-8", "replace"))
+            token = data.decode("utf-8", "replace")
+            session = await self._open(token)
             if session is None:
                 # No way to answer an error to EXPORT_NAME: the spec says disconnect.
+                if not self.closed:
+                    self.mgr.refused("nbd", self.peer, self.mgr.refusal(token))
                 self.close("unknown-export")
                 return True
             b = session.backend
@@ -150,13 +153,17 @@ class NbdConnection(Connection):
             return False
         token = name.decode("utf-8", "replace")
         session = await self._open(token)
+        if self.closed:  # the client left meanwhile: nobody to answer
+            return True
         if session is not None and not self.mgr.admits(session, "nbd", self.peer):
             self._drop_session()
             self._reply(opt, W.REP_ERR_POLICY, b"this session belongs to another address")
             return False
         if session is None:
-            # With the reason when there is one (the client may show it).
-            self._reply(opt, W.REP_ERR_UNKNOWN, self.mgr.refusals.get(token, "").encode())
+            # With the reason (the client shows it), and in this node's log.
+            why = self.mgr.refusal(token)
+            self.mgr.refused("nbd", self.peer, why)
+            self._reply(opt, W.REP_ERR_UNKNOWN, why.encode())
             return False
         b = session.backend
         self.write(P.info_replies(opt, b.size, P.transmission_flags(b)))
