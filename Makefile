@@ -54,7 +54,7 @@ test-vm: test-deps sync
 # A real Debian built with `vdisk build-debian` (debootstrap cached in
 # ~/.cache/streamboot-test), PXE-booted by VMs one at a time (two at once in one test).
 test-realos: test-deps sync
-	$(UV) run pytest -m realos tests/e2e $(PYTEST_ARGS)
+	$(UV) run pytest -m realos $(PYTEST_ARGS)
 
 sync: uv
 	$(UV) sync
