@@ -53,7 +53,7 @@ class BusyPoll:
         self.spinning = False
         self.turns = 0  # loop turns spent polling, for tests and curiosity
         self._until = 0.0
-        self._idle = idle
+        self.idle = idle  # whether a CPU is free to spin on (read at most once a second)
         self._cpu_idle = True
         self._checked = -LOAD_CHECK_S
 
@@ -63,7 +63,7 @@ class BusyPoll:
             return
         now = monotonic()
         if now - self._checked >= LOAD_CHECK_S:
-            self._checked, self._cpu_idle = now, self._idle()
+            self._checked, self._cpu_idle = now, self.idle()
         if not self._cpu_idle:
             return
         self._until = now + self.window_s
