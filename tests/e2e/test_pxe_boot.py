@@ -152,6 +152,7 @@ def assert_one_trace_per_boot(lab: BootLab, sid: str) -> None:
     assert "boot pxe-001" in waterfall and "nbd connection" in waterfall
 
 
+@pytest.mark.vm  # a second VM boot: make test-vm
 def test_two_vdisks_give_a_menu_that_boots_the_default(lab: BootLab) -> None:
     lab.cli("device", "add", MAC_MENU, "--hostname", "pxe-002", "--kernel-args", CONSOLE)
     lab.cli("assign", MAC_MENU, "demo")
