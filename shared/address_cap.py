@@ -33,6 +33,11 @@ LOG_LINES = 5
 LOG_INTERVAL_S = 60.0
 
 
+def peer_host(peer: str) -> str:
+    """The address part of a peer's "host:port" ("[v6]:port" too), as the caps count it."""
+    return peer.rsplit(":", 1)[0].strip("[]")
+
+
 def default_total(total: int) -> int:
     """The total cap a setting means: 0 = half the descriptor limit now, < 0 = none."""
     if total:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 from shared import http_head
-from shared.address_cap import AddressCap
+from shared.address_cap import AddressCap, peer_host
 from shared.http_head import BadRequest
 from shared.listener import Listener, listening_socket, refuse
 
@@ -53,7 +53,7 @@ class Request:
     @property
     def client_ip(self) -> str:
         """The requester's address (IPv4-mapped IPv6 as plain IPv4)."""
-        ip = self.peer.rsplit(":", 1)[0].strip("[]")
+        ip = peer_host(self.peer)
         return ip.removeprefix("::ffff:") if "." in ip else ip
 
 

@@ -31,7 +31,7 @@ from services.stream.session import Session
 from services.stream.session_events import Protocol_, SessionEvents
 from services.stream.settings import StreamSettings
 from services.stream.spec import EventSink, ExportSpec, SessionResolver
-from shared.address_cap import AddressCap
+from shared.address_cap import AddressCap, peer_host
 from shared.keyed_locks import KeyedLocks
 from shared.log_budget import LogBudget
 
@@ -212,7 +212,7 @@ class SessionManager:
     def refused(self, protocol: Protocol_, peer: str, why: str) -> None:
         """Log a refused export (within the refusal budget): a client that cannot attach
         shows in this node's log, with the reason it was told."""
-        ip = peer.rsplit(":", 1)[0].strip("[]")
+        ip = peer_host(peer)
         self.refusal_log.log(
             logging.WARNING, "export", ip, "stream: refused a %s export to %s: %s",
             protocol, peer, why,
@@ -305,7 +305,7 @@ class SessionManager:
         want = session.spec.client_addr
         if not want or not self.settings.client_address_check:
             return True
-        ip = peer.rsplit(":", 1)[0].strip("[]")
+        ip = peer_host(peer)
         if ip == want or ip.removeprefix("::ffff:") == want:
             return True
         self.refusal_log.log(

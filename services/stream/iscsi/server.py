@@ -38,6 +38,7 @@ from services.stream.path.backend import (
 )
 from services.stream.sessions import Session, SessionManager
 from shared import metrics
+from shared.address_cap import peer_host
 from shared.events import IscsiLoginRefused
 from shared.iscsi_names import TARGET_PREFIX
 
@@ -383,7 +384,7 @@ class IscsiConnection(Connection):
 
     def _login_refused(self, e: LoginFailed) -> None:
         session = self._pending
-        ip = self.peer.rsplit(":", 1)[0].strip("[]")
+        ip = peer_host(self.peer)
         log.warning("iscsi: login from %s (%s) refused: %s", ip, self.initiator[:224], e)
         if session is None:
             return
