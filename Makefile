@@ -102,7 +102,7 @@ soak: test-deps sync
 # an input slower than 1 s stops the run and lands in tests/fuzz/findings/). Each target's
 # time is printed; docs/reliability.md has the last numbers.
 FUZZ_RUNS ?= 1000000
-FUZZ_TARGETS ?= http_head tftp dhcp event vdisk_layout partitions nbd
+FUZZ_TARGETS ?= http_head tftp dhcp event vdisk_layout partitions nbd nbd_options iscsi
 fuzz: sync
 	@for t in $(FUZZ_TARGETS); do \
 	  start=$$(date +%s); \
