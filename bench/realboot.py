@@ -72,6 +72,8 @@ POLL_S = 0.1  # how often the console is read: the resolution of every time belo
 # DHCP: firmware time no server answer shortens, shown apart (real NICs' ROMs have theirs).
 ROM_PROMPT = "Press Ctrl-B for the iPXE command line"
 ROM_DHCP = "Configuring (net0"
+# A session's events that tell whether a hung guest lost it (docs/failover.md).
+STORY = ("SessionOpened", "SessionAttached", "SessionDetached", "SessionClosed")
 # The kernel's line when the client's nbd helper hands it a new socket: after an I/O
 # timeout (streamboot-nbd -t) on a starved guest, or a dead node.
 RECONNECTED = "reconnected socket"
@@ -217,9 +219,21 @@ class Bench:
         servers = [self.lab.up.pid]  # `streamboot up`: every service, NATS, PostgreSQL
         before = cpu_seconds(servers)
         times = self.with_server_cpu(self.at_once(clients, one), servers, before)
+        for client, boot in enumerate(times):
+            if math.isnan(boot.marker_s):
+                self.say_story(mac_of(client))
         for client in range(clients):
             wait_closed(self.lab, mac_of(client))  # the next round gets fresh sessions
         return times
+
+    def say_story(self, mac: str) -> None:
+        """A hung guest's session as the log has it: when its connections came and went and
+        whether (and why) the registry closed it, beside its console's helper lines."""
+        for e in self.lab.events("--mac", mac, "--limit", "100000"):
+            if e["type"] in STORY:
+                d = e["data"]
+                print(f"  {mac} {e['time']} {e['type']} {d.get('client_addr', '')} "
+                      f"{d.get('reason', '')}", flush=True)  # fmt: skip
 
     def local(self, clients: int) -> list[Boot]:
         def one(client: int) -> Boot:
