@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,8 @@ POLL_S = 0.1  # how often the console is read: the resolution of every time belo
 # DHCP: firmware time no server answer shortens, shown apart (real NICs' ROMs have theirs).
 ROM_PROMPT = "Press Ctrl-B for the iPXE command line"
 ROM_DHCP = "Configuring (net0"
+# A session's events that tell whether a hung guest lost it (docs/failover.md).
+STORY = ("SessionOpened", "SessionAttached", "SessionDetached", "SessionClosed")
 # The kernel's line when the client's nbd helper hands it a new socket: after an I/O
 # timeout (streamboot-nbd -t) on a starved guest, or a dead node.
 RECONNECTED = "reconnected socket"
@@ -170,6 +173,9 @@ class Bench:
 
     def watched(self, argv: list[str], name: str) -> Boot:
         console = self.lab.root / f"{name}.log"
+        if console.exists():  # an earlier run's: kept beside it (--keep copies them all)
+            earlier = len(list(self.lab.root.glob(f"{name}.*.log"))) + 1
+            console.rename(console.with_suffix(f".{earlier}.log"))
         vm_cpu = math.nan  # no marker: no figure
 
         def on_seen(text: str, vm_pid: int) -> None:
@@ -213,9 +219,21 @@ class Bench:
         servers = [self.lab.up.pid]  # `streamboot up`: every service, NATS, PostgreSQL
         before = cpu_seconds(servers)
         times = self.with_server_cpu(self.at_once(clients, one), servers, before)
+        for client, boot in enumerate(times):
+            if math.isnan(boot.marker_s):
+                self.say_story(mac_of(client))
         for client in range(clients):
             wait_closed(self.lab, mac_of(client))  # the next round gets fresh sessions
         return times
+
+    def say_story(self, mac: str) -> None:
+        """A hung guest's session as the log has it: when its connections came and went and
+        whether (and why) the registry closed it, beside its console's helper lines."""
+        for e in self.lab.events("--mac", mac, "--limit", "100000"):
+            if e["type"] in STORY:
+                d = e["data"]
+                print(f"  {mac} {e['time']} {e['type']} {d.get('client_addr', '')} "
+                      f"{d.get('reason', '')}", flush=True)  # fmt: skip
 
     def local(self, clients: int) -> list[Boot]:
         def one(client: int) -> Boot:
@@ -239,14 +257,48 @@ class Bench:
             return self.with_server_cpu(self.at_once(clients, one), pids, before)
 
 
+# The cases by their --cases name.
+CASES = {"local": "local file", "streamboot": "streamboot (PXE)", "nbdkit": "nbdkit (cow)"}
+
+
+def versus(value: float, base: float | None) -> str:
+    """``value`` against the local case's, or a dash when that case was left out."""
+    return "-" if base is None else f"{value / base:.2f}x"
+
+
+def keep(lab: BootLab, where: Path) -> None:
+    """Copy what a hang is diagnosed from: every console, the `up` log, the whole event log."""
+    where.mkdir(parents=True, exist_ok=True)
+    for log in lab.root.glob("*.log"):
+        shutil.copy(log, where / log.name)
+    try:
+        events = lab.cli("events", "list", "--json", "--limit", "100000").stdout
+    except AssertionError as error:  # the log is still worth having without the events
+        events = f"events list failed: {error}\n"
+    (where / "events.jsonl").write_text(events)
+    print(f"logs kept in {where}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,4", help="comma-separated client counts")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--cases", default="local,streamboot,nbdkit", help="comma-separated cases to run"
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="copy the consoles, the up log and the event log here"
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    wanted = args.cases.split(",")
+    if unknown := set(wanted) - set(CASES):
+        raise SystemExit(f"unknown case(s) {sorted(unknown)}: choose from {list(CASES)}")
     if missing := pxe_tools_missing():
         raise SystemExit(f"needs {missing}")
+    # A SIGTERM (kill, a backgrounded run that ignores SIGINT) ends the run through the
+    # cleanup below: VMs, `up`, the namespace, and the kept logs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = traversable_tmpdir("streamboot-realboot-")
     lab = BootLab(root, taps=max(counts))
     lab.create()
@@ -263,11 +315,12 @@ def main() -> None:
                     "--kernel-args", ARGS)  # fmt: skip
             lab.cli("assign", mac_of(client), VDISK, "--default")
         bench = Bench(lab)
-        cases: dict[str, Callable[[int], list[Boot]]] = {
+        every: dict[str, Callable[[int], list[Boot]]] = {
             "local file": bench.local,
             "streamboot (PXE)": bench.streamboot,
             "nbdkit (cow)": bench.nbdkit,
         }
+        cases = {name: every[name] for key, name in CASES.items() if key in wanted}
         times: dict[tuple[str, int], list[Boot]] = {}
         # Interleaved, so that the machine's noise spreads over all the cases.
         for run in range(args.runs):
@@ -281,6 +334,8 @@ def main() -> None:
                           f"reconnects {[b.reconnects for b in got]}", flush=True)  # fmt: skip
                     times.setdefault((name, clients), []).extend(got)
     finally:
+        if args.keep is not None:
+            keep(lab, args.keep)
         lab.stop()
         shutil.rmtree(root, ignore_errors=True)
     print(f"\nQEMU TCG boot of the real Debian to its marker, {args.runs} run(s) each\n")
@@ -289,25 +344,27 @@ def main() -> None:
     print(f"| {'case':<18} | clients | mean s | vs local | ROM's wait s | without it | vs local |")
     print(f"|{'-' * 20}|---------|--------|----------|--------------|------------|----------|")
     for clients in counts:
-        base = statistics.mean(b.marker_s for b in times[("local file", clients)])
+        local = times.get(("local file", clients))
+        base = statistics.mean(b.marker_s for b in local) if local else None
         for name in cases:
             boots = times[(name, clients)]
             mean = statistics.mean(b.marker_s for b in boots)
             rom = statistics.mean(b.rom_wait_s for b in boots)
-            print(f"| {name:<18} | {clients:>7} | {mean:6.1f} | {mean / base:7.2f}x | "
-                  f"{rom:12.1f} | {mean - rom:10.1f} | {(mean - rom) / base:7.2f}x |")  # fmt: skip
+            print(f"| {name:<18} | {clients:>7} | {mean:6.1f} | {versus(mean, base):>8} | "
+                  f"{rom:12.1f} | {mean - rom:10.1f} | {versus(mean - rom, base):>8} |")  # fmt: skip
     print("\nCPU seconds per boot to the marker: the guest's QEMU, and the case's servers (all of")
     print("`streamboot up`, or nbdkit) while the round ran, shared among its clients\n")
     print(f"| {'case':<18} | clients | VM CPU s | vs local | server CPU s | nbd reconnects |")
     print(f"|{'-' * 20}|---------|----------|----------|--------------|----------------|")
     for clients in counts:
-        base = statistics.mean(b.vm_cpu_s for b in times[("local file", clients)])
+        local = times.get(("local file", clients))
+        base = statistics.mean(b.vm_cpu_s for b in local) if local else None
         for name in cases:
             boots = times[(name, clients)]
             vm = statistics.mean(b.vm_cpu_s for b in boots)
             server = statistics.mean(b.server_cpu_s for b in boots)
             again = sum(b.reconnects for b in boots)
-            print(f"| {name:<18} | {clients:>7} | {vm:8.1f} | {vm / base:7.2f}x | {server:12.1f} | "
+            print(f"| {name:<18} | {clients:>7} | {vm:8.1f} | {versus(vm, base):>8} | {server:12.1f} | "
                   f"{again:14} |")  # fmt: skip
     print("\nMean seconds from QEMU's start to each console text, all runs and client counts\n")
     cases_seen = ["local", "streamboot", "nbdkit"]

@@ -44,6 +44,7 @@ from services.boot.http_server import Request, Response, file_response
 from services.boot.rate_limit import PerSourceRate
 from shared.bus import RemoteError, ServiceUnavailable
 from shared.contracts.registry import RegistryClient, Session
+from shared.endpoints import endpoint_ok
 from shared.events import (
     BootMenuShown,
     ClientBooted,
@@ -62,9 +63,6 @@ _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 _UUID = re.compile(r"^[0-9a-fA-F-]{32,36}$")
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _BEARER = re.compile(r"^Bearer ([A-Za-z0-9_-]{16,128})$")
-# A stream node's NBD endpoint as the client's helper takes it: a host name or IPv4
-# address and a port (the registry's list comes from heartbeats, which are not trusted).
-_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}:[0-9]{1,5}$")
 # A stranded client asks about once every few seconds: more is someone guessing tokens.
 REFRESH_RATE_PER_S, REFRESH_BURST = 1.0, 10
 _BOOT_FILE = re.compile(
@@ -94,11 +92,6 @@ def retry_after(detail: Any) -> int:
     if isinstance(wait, int) and not isinstance(wait, bool) and 1 <= wait <= MAX_RETRY_AFTER_S:
         return wait
     return RETRY_BUSY_S
-
-
-def node_endpoint_ok(node: str) -> bool:
-    """Whether ``node`` is a "host:port" the client's helper can dial."""
-    return _NODE.match(node) is not None and 0 < int(node.rsplit(":", 1)[1]) < 65536
 
 
 def normalize_mac(value: str) -> str | None:
@@ -239,7 +232,8 @@ class BootHttp:
             log.warning("boot: node list for session %s asked from %s: not its address",
                         found.session_id, request.client_ip)  # fmt: skip
             return Response(403, "wrong client address\n")
-        nodes = [n for n in found.nbd_nodes if node_endpoint_ok(n)][:MAX_FAILOVER_NODES]
+        # From heartbeats, which are not trusted: only what the client's helper can dial.
+        nodes = [n for n in found.nbd_nodes if endpoint_ok(n)][:MAX_FAILOVER_NODES]
         return Response(200, f"nbd_nodes={','.join(nodes)}\n")
 
     def _wrong_address(self, entry: dict[str, Any], request: Request) -> bool:
@@ -314,8 +308,10 @@ class BootHttp:
             "mac": entry.get("mac"),
             "nbd_host": entry["nbd_host"],
             "nbd_port": entry["nbd_port"],
-            # The first few: the answer's values are bounded (scripts.word).
-            "nbd_nodes": ",".join(list(entry.get("nbd_nodes") or ())[:MAX_FAILOVER_NODES]),
+            # The first few, each one the helper can dial (redeem_text bounds the line).
+            "nbd_nodes": ",".join(
+                [n for n in entry.get("nbd_nodes") or () if endpoint_ok(n)][:MAX_FAILOVER_NODES]
+            ),
             "export": entry["token"],
             "write_cache": live.write_cache or entry["write_cache"],
             "persistence": live.write_cache_persistence or entry["persistence"],

@@ -341,8 +341,21 @@ REDEEM_KEYS = (
 )  # fmt: skip
 
 
+# nbd_nodes= keeps the brackets of IPv6 endpoints (each one checked before it is handed
+# out), and room for eight of them.
+_NODES_UNSAFE = re.compile(r"[^A-Za-z0-9._:,\[\]-]")
+
+
 def redeem_text(answer: dict[str, object]) -> str:
     """The redeem answer: ``key=value`` lines the initramfs reads (docs/boot.md)."""
     return "".join(
-        f"{k}={word(answer[k])}\n" for k in REDEEM_KEYS if answer.get(k) not in (None, "")
+        f"{k}={_redeem_value(k, answer[k])}\n"
+        for k in REDEEM_KEYS
+        if answer.get(k) not in (None, "")
     )
+
+
+def _redeem_value(key: str, value: object) -> str:
+    if key == "nbd_nodes":
+        return _NODES_UNSAFE.sub("_", str(value))[:400]
+    return word(value)

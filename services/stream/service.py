@@ -23,6 +23,7 @@ from services.stream.takeover import listen_for_takeovers
 from shared.bus import BusError, RemoteError, request_json
 from shared.contracts.cache.client import CacheClient
 from shared.contracts.registry import RESOLVE, SessionRecord
+from shared.endpoints import host_port
 from shared.event_log import closed_in_log
 from shared.event_sink import QueuedEventSink
 from shared.events import SessionClosed, received, subject_of
@@ -100,9 +101,9 @@ async def start(rt: ServiceRuntime) -> None:
     def vitals() -> dict[str, object]:
         conns = sum(len(s.conns) for s in servers.sessions.sessions.values())
         return {
-            "nbd": f"{host}:{servers.nbd_port}",
-            "iscsi": f"{host}:{servers.iscsi_port}",
-            "http_stream": f"http://{host}:{servers.http_port}",
+            "nbd": host_port(host, servers.nbd_port),
+            "iscsi": host_port(host, servers.iscsi_port),
+            "http_stream": f"http://{host_port(host, servers.http_port)}",
             "load": conns,
             "sessions": len(servers.sessions.sessions),
         }

@@ -100,6 +100,9 @@ def test_redeem_answer_is_plain_words() -> None:
         "write_cache=server-disk", "persistence=discard", "hostname=pc_1_x",
         f"machine_id={'ab' * 16}", "session_id=s-1",
     ]  # fmt: skip
+    # The node list keeps IPv6 endpoints' brackets, nothing more.
+    nodes = s.redeem_text({"nbd_nodes": "[fd00::2]:10809,10.0.0.3:1,$(x);[y]"})
+    assert nodes == "nbd_nodes=[fd00::2]:10809,10.0.0.3:1,__x__[y]\n"
 
 
 def kernel_boot(**over: str) -> s.KernelBoot:

@@ -148,6 +148,37 @@ def test_the_failover_nodes_follow_the_sessions_node_each_once(
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+def test_ipv6_stream_nodes_are_handed_to_the_helper_in_brackets(
+    shell: list[str], tmp_path: Path
+) -> None:
+    """A session's node on an IPv6 address (nbd_host= has no brackets) and IPv6 nodes in
+    nbd_nodes=: each "[address]:port", never globbed (brackets elsewhere: a bad answer)."""
+    answer = tmp_path / "answer"
+    v6 = ANSWER.replace("nbd_host=10.77.0.1", "nbd_host=fd00::1")
+    assert v6 != ANSWER
+    answer.write_text(v6 + "nbd_nodes=[fd00::2]:10809,10.77.0.3:10900\n")
+    script = f"sb_parse_cmdline '{GOOD_CMDLINE}' && sb_parse_answer {answer} && sb_nbd_nodes"
+    done = sh(shell, script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    want = ["[fd00::1]:10809", "[fd00::2]:10809", "10.77.0.3:10900"]
+    assert done.stdout.split() == want
+    # As the helper gets them, in a folder with a file each would match as a pattern.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "streamboot-nbd").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/argv\n')
+    (bin_dir / "streamboot-nbd").chmod(0o755)
+    (tmp_path / "1:10809").touch()
+    (tmp_path / "2:10809").touch()
+    connect = (
+        f"cd {tmp_path}; PATH={bin_dir}:$PATH; sb_parse_cmdline '{GOOD_CMDLINE}' && "
+        f"sb_parse_answer {answer} && _sb_ro= _sb_timeout= sb_nbd_connect"
+    )
+    done = sh(shell, connect, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "argv").read_text().split()[-3:] == want
+
+
+@pytest.mark.parametrize("shell", SHELLS)
 def test_the_failover_helper_is_given_the_boot_server_to_refresh_from(
     shell: list[str], tmp_path: Path
 ) -> None:
@@ -179,6 +210,9 @@ def test_the_failover_helper_is_given_the_boot_server_to_refresh_from(
         (("export=tok-123_abc\n", ""), "no export="),
         (("nbd_port=10809", "nbd_port=99999"), "malformed nbd_port="),
         (("nbd_port=10809", "nbd_port=1x"), "malformed nbd_port="),
+        (("nbd_port=10809", "nbd_port=[10809]"), "malformed nbd_port="),
+        (("session_id=7\n", "session_id=7\nnbd_nodes=[fd00::2]:1,$(reboot)\n"),
+         "malformed nbd_nodes="),
         (("export=tok-123_abc", "export=tok 1"), "malformed export="),
         (("export=tok-123_abc", "export=$(reboot)"), "malformed export="),
         (("write_cache=client-disk", "write_cache=tape"), "unknown write_cache="),

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from shared import bus
+from shared.endpoints import endpoint_ok, host_port
 from shared.heartbeat import Heartbeat
 from streamboot.client_package import build_nbd_helper
 from tests.boot.test_service import Boot, boot, curl, seed  # noqa: F401  (boot: the fixture)
@@ -28,9 +29,12 @@ MAC = "52:54:00:24:00:01"
 NODE_A, NODE_B = "127.0.0.1:21001", "127.0.0.1:21002"
 
 
+NODE_V6 = "[::1]:21003"  # a node whose advertised address is IPv6 (shared/endpoints.py)
+
+
 def beat(js: Any, node: str, nbd: str, load: int) -> Heartbeat:
     return Heartbeat(js, "stream", node, 1.0, lambda: {
-        "load": load, "nbd": nbd, "http_stream": f"http://{nbd.split(':')[0]}:1"})  # fmt: skip
+        "load": load, "nbd": nbd, "http_stream": f"http://{nbd.rpartition(':')[0]}:1"})  # fmt: skip
 
 
 async def ask(service: Boot, token: str | None, *extra: str) -> tuple[int, str]:
@@ -83,17 +87,20 @@ async def test_the_boot_service_names_the_live_nodes_to_the_sessions_client(
     # A node that comes up after the hand-off, and a forged heartbeat (any service may
     # write the bucket) whose endpoint is no host:port.
     b = beat(js, "refresh-b", NODE_B, 0)
+    v6 = beat(js, "refresh-v6", NODE_V6, 1)
     forged = beat(js, "refresh-forged", "evil;host:1\nnbd_nodes=x", 0)
+    forged_v6 = beat(js, "refresh-forged-v6", "[::1%lo]:1", 0)  # a zone is the server's
     try:
-        for late in (b, forged):
+        for late in (b, v6, forged, forged_v6):
             await late.beat()
             await registry.sees("stream", late.node_id)
         status, body = await ask(boot, s["token"])
-        assert (status, body) == (200, f"nbd_nodes={NODE_B},{NODE_A}\n")  # least loaded first
+        # Least loaded first; the IPv6 node in brackets, as the helper dials it.
+        assert (status, body) == (200, f"nbd_nodes={NODE_B},{NODE_V6},{NODE_A}\n")
         # The client's helper puts the answer's nodes first, in its order, then the known
         # ones it did not name.
         got = await run_helper(helper, boot.url, s["token"], "10.9.9.9:10809", NODE_A)
-        assert got[:2] == (0, f"nodes: {NODE_B} {NODE_A} 10.9.9.9:10809"), got
+        assert got[:2] == (0, f"nodes: {NODE_B} {NODE_V6} {NODE_A} 10.9.9.9:10809"), got
         got = await run_helper(helper, boot.url, "x" * 43, NODE_A)
         assert got[:2] == (1, f"nodes: {NODE_A}") and "HTTP 404" in got[2], got
 
@@ -114,7 +121,7 @@ async def test_the_boot_service_names_the_live_nodes_to_the_sessions_client(
         await bus.request_json(nc, "streamboot.registry.session.close", {"token": s["token"]})
         assert await ask(boot, s["token"]) == unknown
     finally:
-        for hb in (a, b, forged):
+        for hb in (a, b, v6, forged, forged_v6):
             await hb.stop()
 
 
@@ -124,12 +131,15 @@ async def test_a_stranger_guessing_tokens_is_slowed_down(boot: Boot) -> None:  #
     assert statuses[0] == 404 and 429 in statuses, statuses
 
 
-@pytest.fixture
-def hostile() -> Iterator[tuple[str, list[bytes]]]:
+@pytest.fixture(params=["127.0.0.1"])
+def hostile(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[bytes]]]:
     """An HTTP server that answers every connection with the next canned bytes: what a
-    broken or hostile boot service could send the helper."""
+    broken or hostile boot service could send the helper (on ``::1`` when parametrized
+    so: the helper's URL then has an IPv6 address)."""
     answers: list[bytes] = []
-    srv = socket.create_server(("127.0.0.1", 0))
+    host = request.param
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    srv = socket.create_server((host, 0), family=family)
     srv.settimeout(0.2)
     stop = threading.Event()
 
@@ -150,7 +160,7 @@ def hostile() -> Iterator[tuple[str, list[bytes]]]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{srv.getsockname()[1]}", answers
+        yield f"http://{host_port(host, srv.getsockname()[1])}", answers
     finally:
         stop.set()
         thread.join(5)
@@ -163,6 +173,7 @@ def hostile() -> Iterator[tuple[str, list[bytes]]]:
         b"",  # closed at once
         b"HTTP/1.1 200 OK\r\n\r\nnbd_nodes=" + b"a" * 5000 + b":1\n",  # past the bound
         b"HTTP/1.1 200 OK\r\n\r\nnbd_nodes=evil;host:1,h:0,h:99999,h:1x,:5,h:\n",
+        b"HTTP/1.1 200 OK\r\n\r\nnbd_nodes=[::1:5,[zz::1]:5,[::1]5,[]:5,[::1]:0,::1:5\n",
         b"HTTP/1.1 302 Found\r\nLocation: http://10.6.6.6/\r\n\r\nnbd_nodes=10.6.6.6:1\n",
         b"\x00\xff garbage",
         b"HTTP/1.1 200 OK\r\n\r\nno list here\n",
@@ -177,16 +188,18 @@ async def test_the_helper_keeps_its_list_when_the_answer_is_bad(
     assert got[:2] == (1, f"nodes: {NODE_A}"), got
 
 
+@pytest.mark.parametrize("hostile", ["127.0.0.1", "::1"], indirect=True)
 async def test_the_helper_takes_what_is_valid_of_an_answer(
     hostile: tuple[str, list[bytes]], helper: Path
 ) -> None:
+    """Also from a boot service it reaches over IPv6, and IPv6 nodes in the answer."""
     url, answers = hostile
     answers.append(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
-        b"other=1\nnbd_nodes=10.1.1.1:10809,bad;one:1," + NODE_A.encode() + b"\n"
+        b"other=1\nnbd_nodes=10.1.1.1:10809,bad;one:1,[fd00::2]:10809," + NODE_A.encode() + b"\n"
     )
-    got = await run_helper(helper, url, "t" * 43, NODE_A)
-    assert got[:2] == (0, f"nodes: 10.1.1.1:10809 {NODE_A}"), got
+    got = await run_helper(helper, url, "t" * 43, NODE_A, "[fd00::9]:10809")
+    assert got[:2] == (0, f"nodes: 10.1.1.1:10809 [fd00::2]:10809 {NODE_A} [fd00::9]:10809"), got
 
 
 def test_a_boot_service_that_never_answers_leaves_the_list(helper: Path) -> None:
@@ -197,3 +210,15 @@ def test_a_boot_service_that_never_answers_leaves_the_list(helper: Path) -> None
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     assert (done.returncode, done.stdout.strip()) == (1, f"nodes: {NODE_A}"), done.stderr
+
+
+def test_endpoints_are_written_and_checked_as_the_helper_dials_them() -> None:
+    """What a stream node advertises (host_port) is what the boot service hands out
+    (endpoint_ok); an IPv6 address has its brackets, a zone or anything else does not pass."""
+    assert host_port("10.0.0.1", 10809) == "10.0.0.1:10809"
+    assert host_port("fd00::2", 10809) == "[fd00::2]:10809"
+    good = ["10.0.0.1:10809", "node-1.lab:1", "[fd00::2]:10809", "[::1]:65535", host_port("::", 9)]
+    bad = ["fd00::2:10809", "[fd00::2]", "[fd00::2]:0", "[fe80::1%eth0]:1", "[zz::1]:1",
+           "[10.0.0.1]:1", "-x:1", "h:65536", "h:1x", ":1", "evil;host:1", "[]:1"]  # fmt: skip
+    assert [e for e in good if not endpoint_ok(e)] == []
+    assert [e for e in bad if endpoint_ok(e)] == []

@@ -64,15 +64,17 @@
 #define REFRESH_MAX_WAIT_S 30
 
 struct node {
-	char host[256];
+	char host[256]; /* as getaddrinfo takes it: an IPv6 address without its brackets */
 	char port[8];
+	char shown[272]; /* "host:port", "[v6]:port" for an IPv6 address: for the console */
 };
 
 static struct node nodes[MAX_NODES];
 static int n_nodes;
 static const char *export_name;
-/* The boot service's host, port and path prefix (-s); host empty: no refresh. */
-static char server_host[256], server_port[8], server_path[256];
+/* The boot service (-s) and its path prefix; host empty: no refresh. */
+static struct node server;
+static char server_path[256];
 static int nbd_index;
 static int family_id, mcast_group;
 static unsigned nl_seq;
@@ -174,20 +176,49 @@ static int dial(int i)
 
 /* --- the node-list refresh from the boot service --- */
 
-/* Splits "HOST:PORT" (len bytes of s) into a node; 0 when it is one the helper can dial:
- * a host name or IPv4 address ([A-Za-z0-9.-], not starting with '-' or '.') and a port
- * from 1 to 65535. Anything else from the network is dropped. */
+/* Fills a node from its host (len hl, an IPv6 address without brackets) and port. */
+static void set_node(struct node *out, const char *host, size_t hl, unsigned port)
+{
+	memcpy(out->host, host, hl);
+	out->host[hl] = 0;
+	snprintf(out->port, sizeof out->port, "%u", port);
+	int v6 = memchr(out->host, ':', hl) != NULL;
+	snprintf(out->shown, sizeof out->shown, v6 ? "[%s]:%s" : "%s:%s", out->host, out->port);
+}
+
+/* Splits "HOST:PORT" or "[IPV6]:PORT" (len bytes of s) into a node; 0 when it is one the
+ * helper can dial: a host name or IPv4 address ([A-Za-z0-9.-], not starting with '-' or
+ * '.'), or an IPv6 address in brackets, and a port from 1 to 65535. Anything else from the
+ * network is dropped. */
 static int parse_node(const char *s, size_t len, struct node *out)
 {
 	const char *colon = memrchr(s, ':', len);
 	if (!colon || colon == s || (size_t)(colon - s) >= sizeof out->host)
 		return -1;
 	size_t hl = (size_t)(colon - s), pl = len - hl - 1;
-	if (pl < 1 || pl > 5 || !isalnum((unsigned char)s[0]))
+	if (pl < 1 || pl > 5)
 		return -1;
-	for (size_t k = 0; k < hl; k++)
-		if (!isalnum((unsigned char)s[k]) && s[k] != '.' && s[k] != '-')
+	const char *host = s;
+	if (s[0] == '[') {
+		/* The brackets close right before the port's colon, around an address inet_pton
+		 * takes (no zone: a link-local node would need the client's interface). */
+		char v6[INET6_ADDRSTRLEN];
+		struct in6_addr a;
+		if (hl < 4 || s[hl - 1] != ']' || hl - 2 >= sizeof v6)
 			return -1;
+		memcpy(v6, s + 1, hl - 2);
+		v6[hl - 2] = 0;
+		if (inet_pton(AF_INET6, v6, &a) != 1)
+			return -1;
+		host = s + 1;
+		hl -= 2;
+	} else {
+		if (!isalnum((unsigned char)s[0]))
+			return -1;
+		for (size_t k = 0; k < hl; k++)
+			if (!isalnum((unsigned char)s[k]) && s[k] != '.' && s[k] != '-')
+				return -1;
+	}
 	unsigned port = 0;
 	for (size_t k = 0; k < pl; k++) {
 		if (!isdigit((unsigned char)colon[1 + k]))
@@ -196,9 +227,7 @@ static int parse_node(const char *s, size_t len, struct node *out)
 	}
 	if (port < 1 || port > 65535)
 		return -1;
-	memcpy(out->host, s, hl);
-	out->host[hl] = 0;
-	snprintf(out->port, sizeof out->port, "%u", port);
+	set_node(out, host, hl, port);
 	return 0;
 }
 
@@ -207,7 +236,8 @@ static int same_node(const struct node *a, const struct node *b)
 	return !strcmp(a->host, b->host) && !strcmp(a->port, b->port);
 }
 
-/* Takes -s's URL (http://HOST[:PORT][/PATH]); 0 when it is one. */
+/* Takes -s's URL (http://HOST[:PORT][/PATH], HOST an IPv6 address in brackets too); 0 when
+ * it is one. */
 static int set_server(const char *url)
 {
 	if (strncmp(url, "http://", 7))
@@ -219,7 +249,8 @@ static int set_server(const char *url)
 		return -1;
 	struct node n;
 	char with_port[300];
-	if (memchr(hp, ':', hl))
+	/* A port is given after the last colon, unless that colon is inside "[v6]". */
+	if (memchr(hp, ':', hl) && hp[hl - 1] != ']')
 		snprintf(with_port, sizeof with_port, "%.*s", (int)hl, hp);
 	else
 		snprintf(with_port, sizeof with_port, "%.*s:80", (int)hl, hp);
@@ -228,8 +259,7 @@ static int set_server(const char *url)
 	for (const char *c = path; *c; c++)
 		if (!isalnum((unsigned char)*c) && !strchr("/._-~", *c))
 			return -1;
-	strcpy(server_host, n.host);
-	strcpy(server_port, n.port);
+	server = n;
 	strcpy(server_path, path);
 	size_t pl = strlen(server_path);
 	if (pl && server_path[pl - 1] == '/')
@@ -255,21 +285,20 @@ static int token_ok(void)
  * -1 (why in err) when there is no usable answer: the list is then left as it was. */
 static int refresh_nodes(char *err, size_t errlen)
 {
-	if (!server_host[0] || !token_ok()) {
+	if (!server.host[0] || !token_ok()) {
 		snprintf(err, errlen, "no boot service to ask");
 		return -1;
 	}
-	int fd = dial_host(server_host, server_port, 3);
+	int fd = dial_host(server.host, server.port, 3);
 	if (fd < 0) {
-		snprintf(err, errlen, "the boot service %.80s:%s does not answer", server_host,
-			 server_port);
+		snprintf(err, errlen, "the boot service %.90s does not answer", server.shown);
 		return -1;
 	}
 	char req[768];
 	int rl = snprintf(req, sizeof req,
-			  "GET %s/failover-nodes HTTP/1.0\r\nHost: %s:%s\r\n"
+			  "GET %s/failover-nodes HTTP/1.0\r\nHost: %s\r\n"
 			  "Authorization: Bearer %s\r\nConnection: close\r\n\r\n",
-			  server_path, server_host, server_port, export_name);
+			  server_path, server.shown, export_name);
 	static char buf[MAX_ANSWER + 1];
 	size_t got = 0;
 	double deadline = now_s() + 3;
@@ -567,10 +596,9 @@ static int attach_round(int first, uint64_t want_size, uint64_t *size, uint16_t 
 		if (fd >= 0)
 			close(fd);
 		if (!quiet)
-			say("stream node %s:%s: %s", nodes[i].host, nodes[i].port, err);
+			say("stream node %s: %s", nodes[i].shown, err);
 		if (why)
-			snprintf(why, whylen, "stream node %s:%s: %s", nodes[i].host, nodes[i].port,
-				 err);
+			snprintf(why, whylen, "stream node %s: %s", nodes[i].shown, err);
 	}
 	return -1;
 }
@@ -620,8 +648,8 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 		if (!dead)
 			continue;
 		if (!overrun)
-			say("lost stream node %s:%s; reconnecting (I/O is held meanwhile)",
-			    nodes[current].host, nodes[current].port);
+			say("lost stream node %s; reconnecting (I/O is held meanwhile)",
+			    nodes[current].shown);
 		double since = now_s(), told = since, next_refresh = since;
 		/* What the last round's nodes answered: said when it changes (a refusal's reason
 		 * from the node, or no answer), so the console shows why a reattach fails. */
@@ -645,9 +673,8 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 				/* 0 also when no connection was dead (the kernel then drops ours). */
 				if (rc == 0) {
 					if (!overrun)
-						say("reattached to stream node %s:%s after %.1f s",
-						    nodes[which].host, nodes[which].port,
-						    now_s() - since);
+						say("reattached to stream node %s after %.1f s",
+						    nodes[which].shown, now_s() - since);
 					current = which;
 					break;
 				}
@@ -656,7 +683,7 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 			/* No node of the list answers: perhaps the live ones are others now. Asked
 			 * again less and less often, so stranded clients do not flood the boot
 			 * service. */
-			if (server_host[0] && now_s() >= next_refresh) {
+			if (server.host[0] && now_s() >= next_refresh) {
 				char err[160];
 				int changed = refresh_nodes(err, sizeof err);
 				if (changed > 0) {
@@ -693,7 +720,7 @@ static void watch(int ctl, int mc, int current, uint64_t size)
 static void usage(void)
 {
 	fprintf(stderr, "usage: streamboot-nbd [-d /dev/nbdN] [-t IO_TIMEOUT_S] [-w WAIT_S] [-r] "
-			"[-f] [-s http://BOOT-SERVER[:PORT]] [-L] -N EXPORT HOST:PORT [HOST:PORT...]\n");
+			"[-f] [-s http://BOOT-SERVER[:PORT]] [-L] -N EXPORT HOST:PORT|[IPV6]:PORT ...\n");
 	exit(2);
 }
 
@@ -702,7 +729,7 @@ int main(int argc, char **argv)
 	const char *dev = "/dev/nbd0";
 	uint64_t io_timeout = 3, wait_s = 7 * 24 * 3600;
 	int readonly = 0, foreground = 0, list_only = 0, c;
-	const char *server = NULL;
+	const char *server_url = NULL;
 	while ((c = getopt(argc, argv, "d:t:w:rfN:s:L")) != -1) {
 		switch (c) {
 		case 'd': dev = optarg; break;
@@ -711,7 +738,7 @@ int main(int argc, char **argv)
 		case 'r': readonly = 1; break;
 		case 'f': foreground = 1; break;
 		case 'N': export_name = optarg; break;
-		case 's': server = optarg; break;
+		case 's': server_url = optarg; break;
 		case 'L': list_only = 1; break;
 		default: usage();
 		}
@@ -721,19 +748,17 @@ int main(int argc, char **argv)
 	if (sscanf(dev, "/dev/nbd%d", &nbd_index) != 1)
 		usage();
 	for (; optind < argc && n_nodes < MAX_NODES; optind++) {
-		char *colon = strrchr(argv[optind], ':');
-		struct node *nd = &nodes[n_nodes];
-		if (!colon || colon == argv[optind] || (size_t)(colon - argv[optind]) >= sizeof nd->host ||
-		    strlen(colon + 1) >= sizeof nd->port)
+		if (parse_node(argv[optind], strlen(argv[optind]), &nodes[n_nodes])) {
+			fprintf(stderr, "streamboot-nbd: %.300s is not HOST:PORT or [IPV6]:PORT\n",
+				argv[optind]);
 			usage();
-		memcpy(nd->host, argv[optind], (size_t)(colon - argv[optind]));
-		strcpy(nd->port, colon + 1);
+		}
 		n_nodes++;
 	}
 	/* A boot service the helper cannot ask costs the refresh, never the attach. */
-	if (server && set_server(server))
+	if (server_url && set_server(server_url))
 		fprintf(stderr, "streamboot-nbd: -s %.80s is not an http://HOST[:PORT] URL; the "
-				"node list is not refreshed\n", server);
+				"node list is not refreshed\n", server_url);
 	if (list_only) {
 		char err[160];
 		int rc = refresh_nodes(err, sizeof err);
@@ -741,7 +766,7 @@ int main(int argc, char **argv)
 			fprintf(stderr, "streamboot-nbd: %s\n", err);
 		printf("nodes:");
 		for (int i = 0; i < n_nodes; i++)
-			printf(" %s:%s", nodes[i].host, nodes[i].port);
+			printf(" %s", nodes[i].shown);
 		printf("\n");
 		return rc < 0;
 	}
@@ -766,7 +791,7 @@ int main(int argc, char **argv)
 	int current;
 	int fd = attach_round(0, 0, &size, &flags, &current, 0, NULL, 0);
 	char why[160];
-	if (fd < 0 && server_host[0] && refresh_nodes(why, sizeof why) > 0)
+	if (fd < 0 && server.host[0] && refresh_nodes(why, sizeof why) > 0)
 		fd = attach_round(0, 0, &size, &flags, &current, 0, NULL, 0);
 	if (fd < 0) {
 		fprintf(stderr, "streamboot-nbd: no stream node served export %.40s...\n", export_name);
@@ -789,7 +814,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "streamboot-nbd: NBD_CMD_CONNECT of %s: %s\n", dev, strerror(-rc));
 		return 1;
 	}
-	printf("attached %s to %s:%s (%llu bytes)\n", dev, nodes[current].host, nodes[current].port,
+	printf("attached %s to %s (%llu bytes)\n", dev, nodes[current].shown,
 	       (unsigned long long)size);
 	fflush(stdout);
 	if (!foreground) {

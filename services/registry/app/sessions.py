@@ -30,6 +30,7 @@ from services.registry.domain.sessions import (
 from services.registry.projection import Projection, Record
 from shared.boot_flow import parse_event
 from shared.contracts.registry import SessionNodes, SessionRecord
+from shared.endpoints import host_port
 from shared.envelope import uuid7
 from shared.events import Event, SessionAttached
 from shared.iscsi_names import TARGET_PREFIX, initiator_iqn, iscsi_uri
@@ -66,9 +67,9 @@ class SessionCommands(DeviceCommands, VdiskCommands):
         host = s.advertised_host
         return StreamNode(
             node="",
-            nbd=f"{host}:{s.nbd_port}",
-            http=f"http://{host}:{s.http_stream_port}",
-            iscsi=f"{host}:{s.iscsi_port}",
+            nbd=host_port(host, s.nbd_port),
+            http=f"http://{host_port(host, s.http_stream_port)}",
+            iscsi=host_port(host, s.iscsi_port),
         )
 
     def _busy(self, why: str) -> DomainError:

@@ -44,6 +44,14 @@ sb_valid() {
     return 0
 }
 
+# nbd_nodes= also has the brackets of IPv6 endpoints ("[fd00::2]:10809").
+sb_valid_nodes() {
+    case "$1" in
+        '' | *[!]A-Za-z0-9._:,[-]*) return 1 ;;
+    esac
+    return 0
+}
+
 sb_check_wc() {
     case "$1" in
         server-ram | server-disk | client-ram | client-disk) return 0 ;;
@@ -195,7 +203,10 @@ sb_parse_answer() {
         esac
         _sb_key=${_sb_line%%=*}
         _sb_val=${_sb_line#*=}
-        sb_valid "$_sb_val" || { sb_fail "the server's answer has a malformed $_sb_key="; return 1; }
+        case "$_sb_key" in
+            nbd_nodes) sb_valid_nodes "$_sb_val" ;;
+            *) sb_valid "$_sb_val" ;;
+        esac || { sb_fail "the server's answer has a malformed $_sb_key="; return 1; }
         case "$_sb_key" in
             nbd_host) SB_NBD_HOST=$_sb_val ;;
             nbd_port) SB_NBD_PORT=$_sb_val ;;
@@ -396,9 +407,12 @@ sb_settle() {
 }
 
 # The session's node first, then the other stream nodes of the answer's nbd_nodes=
-# (host:port,...), each once.
+# (host:port or [IPv6]:port, ...), each once.
 sb_nbd_nodes() {
-    _sb_list="$SB_NBD_HOST:$SB_NBD_PORT"
+    case "$SB_NBD_HOST" in
+        *:*) _sb_list="[$SB_NBD_HOST]:$SB_NBD_PORT" ;;
+        *) _sb_list="$SB_NBD_HOST:$SB_NBD_PORT" ;;
+    esac
     set -f
     for _sb_node in $(echo "$SB_NBD_NODES" | tr ',' ' '); do
         case "$_sb_node" in
@@ -419,10 +433,14 @@ sb_nbd_nodes() {
 # holds the root at shutdown.
 sb_nbd_connect() {
     if command -v streamboot-nbd > /dev/null 2>&1; then
+        # The list is split on spaces, never globbed ("[::1]:10809" is a pattern).
+        set -f
         # shellcheck disable=SC2046,SC2086
         $_sb_timeout streamboot-nbd -d "$SB_NBD" -s "$SB_SERVER" -N "$SB_EXPORT" ${_sb_ro:+-r} \
             $(sb_nbd_nodes)
-        return
+        _sb_rc=$?
+        set +f
+        return $_sb_rc
     fi
     # shellcheck disable=SC2086
     $_sb_timeout nbd-client "$SB_NBD_HOST" "$SB_NBD_PORT" "$SB_NBD" -N "$SB_EXPORT" \
