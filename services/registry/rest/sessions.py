@@ -67,9 +67,9 @@ class OpenSessionRoute:
     """``POST /sessions`` with a well-formed JSON body, answered without FastAPI's router,
     dependency solving and response encoding: in a storm of REST opens they cost the
     registry more CPU than the open. Behind the gate like every route (token, role, body
-    cap, audit). Anything else, a body that is not a valid ``SessionIn`` included, goes on
-    to FastAPI with its body, which answers it as it always has (OpenAPI documents the
-    route there too)."""
+    cap, audit). Anything else, a body that is not a valid ``SessionIn`` or a client gone
+    mid-body included, goes on to FastAPI with what was read, which answers it as it
+    always has (OpenAPI documents the route there too)."""
 
     def __init__(self, app: ASGIApp, registry: RegistryApp) -> None:
         self.app = app
@@ -79,25 +79,24 @@ class OpenSessionRoute:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/sessions":
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
+        received: list[Message] = []
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
+            received.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-        raw = b"".join(chunks)
-        body = _session_in(scope, raw)
+        body = None
+        if message["type"] == "http.request":  # else the client went away
+            body = _session_in(scope, b"".join(m.get("body", b"") for m in received))
         if body is None:
-            await self.app(scope, _replayed(raw, receive), send)
+            await self.app(scope, _replayed(received, receive), send)
             return
         try:
             answer = await _open(self._registry, body)
         except DomainError as exc:
             await domain_error_response(exc)(scope, receive, send)
             return
-        data = orjson.dumps(answer)
+        data = orjson.dumps(answer, option=orjson.OPT_NON_STR_KEYS)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
         await send({"type": "http.response.start", "status": 201, "headers": headers})
         await send({"type": "http.response.body", "body": data})
@@ -119,15 +118,11 @@ def _session_in(scope: Scope, raw: bytes) -> SessionIn | None:
         return None
 
 
-def _replayed(raw: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives the body read already, then the client's own messages."""
-    sent = False
+def _replayed(received: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that gives the messages read already, then the client's own."""
+    pending = list(received)
 
     async def again() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
+        return pending.pop(0) if pending else await receive()
 
     return again
