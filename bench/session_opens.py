@@ -1,19 +1,23 @@
 """Session opens per second: through NATS (what the boot service asks) and the REST API.
 
-    uv run python bench/session_opens.py [--opens 2000] [--concurrency 1,10,100] [--profile]
-                                         [--json rows.json]
+    uv run python bench/session_opens.py [--opens 2000] [--concurrency 1,10,100] [--procs 4]
+                                         [--profile] [--json rows.json]
 
 A real registry process on an embedded NATS and an embedded PostgreSQL (fsync on, as
 `streamboot up` runs them), one vdisk imported with the CLI, ``--opens`` known devices
 per row (registered in one batch of events, in a collection the vdisk is assigned to) and
 one live stream node's heartbeat (so every open is placed and announced). Each row opens
-one session per device, ``C`` at a time, from this process. Reported per row: opens/s,
-the opens' latency p50/p99, errors, the "busy, retry" answers (back-pressure: the opener
-waits the delay it is given and asks again, as a booting client does; the wait counts in
-its latency), and the CPU milliseconds per open of the registry,
-PostgreSQL, nats-server and the openers' own process (where the time goes). ``--profile`` samples the registry with
-py-spy during the rows (``py-spy`` on PATH, else ``uvx py-spy``) and prints where its CPU
-went: the functions on CPU (self) and the registry's own functions (inclusive).
+one session per device, ``C`` at a time, the openers spread over ``--procs`` processes
+(at most C), each with its own event loop and its own NATS or HTTP client: one Python
+process of httpx spends more CPU per open than the registry does, so a single opener
+process, not the server, would set the rate. Reported per row: opens/s (completed opens
+only, from the agreed start to the last process's end), the opens' latency p50/p99,
+errors, the "busy, retry" answers (back-pressure: the opener waits the delay it is given
+and asks again, as a booting client does; the wait counts in its latency), and the CPU
+milliseconds per open of the registry, PostgreSQL, nats-server and the opener processes
+together (where the time goes). ``--profile`` samples the registry with py-spy during
+the rows (``py-spy`` on PATH, else ``uvx py-spy``) and prints where its CPU went: the
+functions on CPU (self) and the registry's own functions (inclusive).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -31,6 +36,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +182,11 @@ async def seed(rig: Rig, macs: list[str]) -> None:
     raise TimeoutError("the registry did not see the devices")
 
 
-async def run_row(
-    rig: Rig, open_one: Callable[[str], Awaitable[Any]], macs: list[str], concurrency: int
-) -> dict[str, Any]:
+async def open_all(
+    open_one: Callable[[str], Awaitable[Any]], macs: list[str], concurrency: int
+) -> tuple[list[float], list[str], int]:
+    """Open a session per MAC, ``concurrency`` at a time: the latencies of the completed
+    (2xx) opens, the errors, and how many "busy, retry" answers came back."""
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     errors: list[str] = []
@@ -200,21 +208,95 @@ async def run_row(
                     errors.append(f"{type(exc).__name__}: {exc}")
                     return
 
-    # The openers themselves (this process: httpx or nats-py) share the machine too.
-    pids = {**rig.pids(), "client": [os.getpid()]}
-    cpu0 = {k: cpu_ms(v) for k, v in pids.items()}
-    t0 = time.perf_counter()
     await asyncio.gather(*(one(m) for m in macs))
-    wall = time.perf_counter() - t0
+    return latencies, errors, busy
+
+
+async def _open_slice(
+    transport: str, nats_url: str, api_url: str, macs: list[str], concurrency: int, start_at: float
+) -> tuple[list[float], list[str], int, float, float]:
+    """One opener process's share of a row: connected before ``start_at`` (epoch), then
+    its opens; also its own CPU seconds from the start and its end time (epoch)."""
+    nc = await bus.connect(nats_url, "bench-opens")
+    http = httpx.AsyncClient(
+        base_url=api_url,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+        limits=httpx.Limits(max_connections=concurrency),
+    )
+
+    async def over_nats(mac: str) -> Any:
+        try:
+            return await bus.request_json(
+                nc, "streamboot.registry.session.open", {"mac": mac}, timeout_s=60
+            )
+        except bus.RemoteError as exc:
+            if exc.kind == "busy":
+                raise Busy(exc.detail["retry_after_s"]) from exc
+            raise
+
+    async def over_rest(mac: str) -> Any:
+        r = await http.post("/sessions", json={"mac": mac})
+        if r.status_code == 503 and "retry-after" in r.headers:
+            raise Busy(int(r.headers["retry-after"]))
+        if r.status_code != 201:
+            raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+        return r.json()
+
+    try:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu0 = time.process_time()
+        opener = over_nats if transport == "nats" else over_rest
+        latencies, errors, busy = await open_all(opener, macs, concurrency)
+        return latencies, errors, busy, time.process_time() - cpu0, time.time()
+    finally:
+        await http.aclose()
+        await nc.close()
+
+
+def open_slice(*args: Any) -> tuple[list[float], list[str], int, float, float]:
+    import uvloop
+
+    return uvloop.run(_open_slice(*args))
+
+
+# How long before the agreed start the slices are handed out: each opener process
+# connects to NATS and builds its HTTP client before the row's clock starts.
+START_MARGIN_S = 1.0
+
+
+async def run_row(
+    rig: Rig, pool: ProcessPoolExecutor, transport: str, macs: list[str], concurrency: int
+) -> dict[str, Any]:
+    """A row: ``concurrency`` openers spread over up to the pool's processes, each with
+    its own event loop and client; the rate counts completed opens from the agreed start
+    to the last process's end."""
+    procs = min(pool._max_workers, concurrency)  # type: ignore[attr-defined]
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    pids = rig.pids()
+    cpu0 = {k: cpu_ms(v) for k, v in pids.items()}
+    start_at = time.time() + START_MARGIN_S
+    loop = asyncio.get_running_loop()
+    done = await asyncio.gather(*(
+        loop.run_in_executor(pool, open_slice, transport, rig.nats.url, rig.api_url,
+                             macs[i::procs], shares[i], start_at)
+        for i in range(procs)
+    ))  # fmt: skip
+    wall = max(end for *_, end in done) - start_at
     cpu = {k: (cpu_ms(v) - cpu0[k]) / len(macs) for k, v in pids.items()}
+    latencies = [x for lat, *_ in done for x in lat]
+    errors = [e for _, errs, *_ in done for e in errs]
     return {
         "opens_s": len(latencies) / wall,
         "p50_ms": percentile(latencies, 50) * 1000 if latencies else 0,
         "p99_ms": percentile(latencies, 99) * 1000 if latencies else 0,
         "errors": len(errors),
-        "busy": busy,
+        "busy": sum(d[2] for d in done),
         "first_error": errors[0] if errors else "",
+        "procs": procs,
         **{f"{k}_cpu_ms": v for k, v in cpu.items()},
+        # The opener processes' own CPU (their clients: httpx or nats-py).
+        "client_cpu_ms": sum(d[3] for d in done) * 1000 / len(macs),
     }
 
 
@@ -232,33 +314,12 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
             "load": 0, "nbd": "127.0.0.1:1", "http_stream": "http://127.0.0.1:2"})  # fmt: skip
         beating = asyncio.create_task(node.run())
         await asyncio.sleep(1.0)
-        http = httpx.AsyncClient(
-            base_url=rig.api_url,
-            headers={"Authorization": f"Bearer {TOKEN}"},
-            timeout=60,
-            limits=httpx.Limits(max_connections=max(concurrencies)),
+        pool = ProcessPoolExecutor(args.procs, mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(abs, range(args.procs)))  # the processes up before the first row
+        print(
+            f"{args.opens} opens per row, openers over up to {args.procs} processes; "
+            "CPU ms per open by process"
         )
-
-        async def over_nats(mac: str) -> Any:
-            try:
-                return await bus.request_json(
-                    nc, "streamboot.registry.session.open", {"mac": mac}, timeout_s=60
-                )
-            except bus.RemoteError as exc:
-                if exc.kind == "busy":
-                    raise Busy(exc.detail["retry_after_s"]) from exc
-                raise
-
-        async def over_rest(mac: str) -> Any:
-            r = await http.post("/sessions", json={"mac": mac})
-            if r.status_code == 503 and "retry-after" in r.headers:
-                raise Busy(int(r.headers["retry-after"]))
-            if r.status_code != 201:
-                raise RuntimeError(f"{r.status_code} {r.text[:200]}")
-            return r.json()
-
-        openers = {"nats": over_nats, "rest": over_rest}
-        print(f"{args.opens} opens per row; CPU ms per open by process")
         print(
             f"{'via':5} {'C':>4} {'opens/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'busy':>5} "
             f"{'registry':>8} {'postgres':>8} {'nats':>6} {'client':>6}"
@@ -270,7 +331,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
             for c in concurrencies:
                 batch = macs[n * args.opens : (n + 1) * args.opens]
                 n += 1
-                r = await run_row(rig, openers[transport], batch, c)
+                r = await run_row(rig, pool, transport, batch, c)
                 rows_out.append({"via": transport, "concurrency": c, **r})
                 print(
                     f"{transport:5} {c:>4} {r['opens_s']:>8.0f} {r['p50_ms']:>7.1f} "
@@ -288,7 +349,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> None:
             await asyncio.to_thread(spy.wait, 60)
             print_profile(work / "registry.folded")
         beating.cancel()
-        await http.aclose()
+        pool.shutdown()
         await nc.close()
     finally:
         await rig.stop()
@@ -335,6 +396,10 @@ def main() -> None:
     ap.add_argument("--opens", type=int, default=2000, help="opens per row")
     ap.add_argument("--concurrency", default="1,10,100")
     ap.add_argument("--transports", default="nats,rest")
+    ap.add_argument(
+        "--procs", type=int, default=4,
+        help="opener processes (each its own event loop and client; at most C per row)",
+    )  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="sample the registry with py-spy")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     ap.add_argument("--json", type=Path, help="also write the rows here")

@@ -2,7 +2,10 @@
 bodies and error kinds are the contract in ``shared/contracts/registry.py``.
 
 Each handler is one call into :class:`~services.registry.app.RegistryApp`, the same layer
-the REST API calls.
+the REST API calls. Session opens, which come in storms, are served by raw nats-py
+(:func:`serve_session_opens`): FastStream's per-message plumbing (its dependency
+injection, middlewares and the consumer and reply spans of its telemetry) cost the
+registry more CPU per open than the open itself.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ from typing import Any
 
 from faststream.nats import NatsBroker, NatsUserPassword
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from services.registry.app import RegistryApp
 from services.registry.domain.errors import DomainError
-from shared.contracts.registry import PREFIX, QUEUE
+from shared.bus import RemoteError, serve_json
+from shared.contracts.registry import OPEN, PREFIX, QUEUE
 
 log = logging.getLogger("streamboot.registry.nats")
 
 # Session opens from many booting clients at once: handle them concurrently (the app
 # serialises the decisions itself).
 WORKERS = 16
-# Session opens: enough at once that a storm's opens reach the app's group commit and its
+# Replay session opens: enough at once that a burst reaches the app's group commit and its
 # back-pressure (which sees how long each waited) instead of queueing unseen in the broker,
 # where one could start after its caller gave up.
 OPEN_WORKERS = 2048
@@ -85,23 +91,6 @@ def build_broker(
 
         return register
 
-    @handle("session.open", OPEN_WORKERS)
-    async def session_open(body: dict[str, Any]) -> Reply:
-        # The boot service writes the device's CHAP credentials into an iSCSI boot's
-        # script; the REST API's answer never carries them.
-        reply = await app.open_session(
-            body.get("mac"),
-            smbios_uuid=body.get("smbios_uuid"),
-            vdisk=body.get("vdisk"),
-            maintenance=bool(body.get("maintenance", False)),
-            correlation_id=body.get("correlation_id"),
-            boot_traceparent=body.get("boot_traceparent"),
-            boot_started_ns=body.get("boot_started_ns"),
-            client_addr=body.get("client_addr"),
-        )
-        chap = app.chap_record(reply.get("mac"))
-        return {**reply, "chap": chap.model_dump() if chap else None}
-
     @handle("session.resolve")
     async def session_resolve(body: dict[str, Any]) -> Reply:
         return await app.resolve(str(body.get("token", "")))
@@ -138,3 +127,33 @@ def build_broker(
         return app.list_vdisks()
 
     return broker
+
+
+async def serve_session_opens(nc: NATS, app: RegistryApp) -> Any:
+    """``session.open`` on ``nc`` (the registry's queue group): each request in a task of
+    its own, so a storm's opens all reach the app's group commit and its back-pressure;
+    the caller's trace context (its headers) is the parent of the open's span."""
+
+    async def session_open(body: Any, _msg: Msg) -> Reply:
+        if not isinstance(body, dict):
+            raise RemoteError("a session open is a JSON object", "invalid")
+        try:
+            reply = await app.open_session(
+                body.get("mac"),
+                smbios_uuid=body.get("smbios_uuid"),
+                vdisk=body.get("vdisk"),
+                maintenance=bool(body.get("maintenance", False)),
+                correlation_id=body.get("correlation_id"),
+                boot_traceparent=body.get("boot_traceparent"),
+                boot_started_ns=body.get("boot_started_ns"),
+                client_addr=body.get("client_addr"),
+            )
+        except DomainError as exc:
+            e = error_reply(exc)
+            raise RemoteError(e["error"], e["kind"], e.get("detail")) from None
+        # The boot service writes the device's CHAP credentials into an iSCSI boot's
+        # script; the REST API's answer never carries them.
+        chap = app.chap_record(reply.get("mac"))
+        return {**reply, "chap": chap.model_dump() if chap else None}
+
+    return await serve_json(nc, OPEN, session_open, queue=QUEUE, concurrent=True)

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from services.registry.app import RegistryApp
 from services.registry.connection_caps import ConnectionCaps
 from services.registry.console import LiveFeed
-from services.registry.nats_api import build_broker
+from services.registry.nats_api import build_broker, serve_session_opens
 from services.registry.rest import build_api
 from shared import bus, vdisk_store
 from shared.contracts.cache.client import all_write_caches
@@ -132,6 +132,8 @@ async def start(rt: ServiceRuntime) -> RegistryParts:
         log.warning("registry: dropped the staging dir of an abandoned import: %s", stale)
     appends = await serve_appends(nc, store, lambda _stored: relay.poke())
     rt.on_stop(appends.unsubscribe)  # before the store closes: no append meets a closed pool
+    opens = await serve_session_opens(nc, app)
+    rt.on_stop(opens.unsubscribe)
     broker = build_broker(settings.require_nats_url(), app, settings.nats_credentials("registry"))
     await broker.start()
     rt.on_stop(lambda: _bounded(broker.stop()))

@@ -162,3 +162,22 @@ async def test_a_burst_of_opens_spreads_over_the_stream_nodes(
         await app.close_session(v["session_id"])
     more = await asyncio.gather(*(app.open_session(m) for m in macs[:10]))
     assert Counter(v["stream_node"] for v in more) == {"b": 10}
+
+
+async def test_an_open_while_the_heartbeats_are_unknown_is_busy(
+    store: EventStore, data_dir: Path, nc: Any
+) -> None:
+    """A heartbeat view not loaded yet (or watching again) cannot place a session: the
+    open is refused busy, with a retry delay, and nothing is appended."""
+    from shared.heartbeat import HeartbeatView
+
+    view = HeartbeatView(nc.jetstream(), 6.0)  # never run: not loaded
+    app = RegistryApp(store, Settings(data_dir=data_dir, api_token=TOKEN, **PATIENT),
+                      heartbeats=view.read)  # fmt: skip
+    await app.start()
+    macs = await ready(app, 1)
+    position = app.projection.position
+    with pytest.raises(DomainError) as refused:
+        await app.open_session(macs[0])
+    assert refused.value.kind == "busy" and refused.value.retry_after_s
+    assert not app.projection.sessions and app.projection.position == position

@@ -33,6 +33,7 @@ from shared.contracts.registry import SessionNodes, SessionRecord
 from shared.endpoints import host_port
 from shared.envelope import uuid7
 from shared.events import Event, SessionAttached
+from shared.heartbeat import HeartbeatsUnavailable
 from shared.iscsi_names import TARGET_PREFIX, initiator_iqn, iscsi_uri
 from shared.metrics import count_boot
 from shared.telemetry import (
@@ -76,6 +77,17 @@ class SessionCommands(DeviceCommands, VdiskCommands):
         self.opens_refused_busy += 1
         retry = random.randint(1, self.settings.registry_busy_retry_max_s)
         return busy(f"the registry is busy ({why}): nothing was opened, retry in {retry}s", retry)
+
+    async def _placement_beats(self) -> list[Record]:
+        """The heartbeats a session is placed by; "busy, retry" (nothing opened) while the
+        view of them cannot vouch for them (not loaded yet, or its watch being made again):
+        placed blind, a session could land on a dead node."""
+        if self._heartbeats is None:
+            return []
+        try:
+            return await self._heartbeats()
+        except HeartbeatsUnavailable as exc:
+            raise self._busy(str(exc)) from None
 
     @contextlib.contextmanager
     def _admitted_open(self) -> Iterator[float]:
@@ -138,7 +150,7 @@ class SessionCommands(DeviceCommands, VdiskCommands):
         with self._tracer.start_as_current_span("registry.session.open", context=parent) as span:
             dev = await self._known_or_auto_added(mac, smbios_uuid)
             span.set_attribute("streamboot.mac", dev["mac"])
-            beats = await self._heartbeats() if self._heartbeats is not None else []
+            beats = await self._placement_beats()
             place, warning = self._placement(beats)
             placed: list[StreamNode] = []
             token = new_session_token()
@@ -204,7 +216,7 @@ class SessionCommands(DeviceCommands, VdiskCommands):
         self, original_id: str, stream_node: str | None, deadline: float
     ) -> Record:
         original, used = await self._recorded_session(original_id)
-        beats = await self._heartbeats() if self._heartbeats is not None else []
+        beats = await self._placement_beats()
         node = choose_replay_node(beats, stream_node, used)
         token = new_session_token()
         sid = str(uuid7())

@@ -24,9 +24,7 @@ from services.registry.console import LiveFeed, Logins, mount_console
 from services.registry.domain.errors import DomainError
 from services.registry.gate import Gate, check_token
 from services.registry.rest import bulk, devices, jobs, log, sessions, tokens, vdisks
-from services.registry.rest.fields import clip, validation_message
-
-STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409, "busy": 503}
+from services.registry.rest.fields import domain_error_response, validation_message
 
 
 def build_api(
@@ -43,6 +41,8 @@ def build_api(
         redoc_url=None,
     )
     logins = Logins.for_app(app, api_token)
+    # Inside the gate (added first: Starlette wraps the last added outermost).
+    api.add_middleware(sessions.OpenSessionRoute, registry=app)
     api.add_middleware(
         Gate,
         bootstrap_token=api_token,
@@ -57,12 +57,7 @@ def build_api(
 
     @api.exception_handler(DomainError)
     async def domain_error(_req: Request, exc: DomainError) -> JSONResponse:
-        retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
-        return JSONResponse(
-            {"error": clip(str(exc)), "kind": exc.kind},
-            status_code=STATUS[exc.kind],
-            headers=retry,
-        )
+        return domain_error_response(exc)
 
     @api.exception_handler(RequestValidationError)
     async def bad_request(_req: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from fastapi.responses import JSONResponse
 from pydantic import Field
+
+from services.registry.domain.errors import DomainError
 
 # An error message quotes what it refuses; past this it is cut (the input is the caller's).
 MAX_ERROR_CHARS = 500
@@ -16,6 +19,19 @@ Name = Annotated[str, Field(max_length=64)]
 Text = Annotated[str, Field(max_length=255)]
 # Kernel command lines and the importer's notes.
 LongText = Annotated[str, Field(max_length=4096)]
+
+
+# A domain error's kind as the HTTP status it answers.
+STATUS = {"invalid": 400, "refused": 403, "not_found": 404, "conflict": 409, "busy": 503}
+
+
+def domain_error_response(exc: DomainError) -> JSONResponse:
+    """A refused command's answer: its status, ``{"error", "kind"}`` and ``Retry-After``
+    when it says when to ask again."""
+    retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse(
+        {"error": clip(str(exc)), "kind": exc.kind}, status_code=STATUS[exc.kind], headers=retry
+    )
 
 
 def clip(message: str) -> str:
