@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # Servers holding each JetStream stream and KV bucket streamboot creates: 3 when NATS
     # runs as a three-node cluster (compose.yaml), so losing one server loses no bucket.
     nats_replicas: int = Field(default=1, ge=1, le=5)
+    # Where the embedded nats-server (`streamboot up`) listens: loopback unless set. An
+    # IPv4 address of this machine (or 0.0.0.0) lets stream nodes on other hosts join
+    # (docs/failover.md); the role passwords then cross that network in clear text.
+    nats_listen_host: str | None = None
     # NATS HTTP monitoring (/varz, /jsz) of the embedded nats-server: off when unset.
     nats_monitor_port: int | None = None
     postgres_bin_dir: Path | None = None

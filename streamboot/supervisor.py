@@ -61,8 +61,9 @@ PORTS: dict[str, str] = {
     "dhcp_port": "udp",
     "dhcp_pxe_port": "udp",
 }
-# The embedded NATS and PostgreSQL serve only this machine's services: always loopback,
-# whatever address the services listen on for clients.
+# The embedded NATS and PostgreSQL serve this machine's services: loopback, whatever address
+# the services listen on for clients (NATS elsewhere only when STREAMBOOT_NATS_LISTEN_HOST
+# asks, for stream nodes on other hosts).
 EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORTS = ("nats_port", "postgres_port")
 PORT_FIELDS: tuple[str, ...] = tuple(PORTS)
@@ -193,7 +194,7 @@ class Supervisor:
             self.nats = EmbeddedNats(
                 dd / "nats",
                 port=s.nats_port,
-                host=EMBEDDED_HOST,
+                host=s.nats_listen_host or EMBEDDED_HOST,
                 monitor_port=free_port(EMBEDDED_HOST) if monitor == 0 else monitor,
                 users=role_users(self._nats_passwords),
             )
@@ -313,6 +314,8 @@ class Supervisor:
         for field, proto in PORTS.items():
             port = getattr(s, field)
             host = EMBEDDED_HOST if field in EMBEDDED_PORTS else s.bind_host
+            if field == "nats_port" and s.nats_listen_host:
+                host = s.nats_listen_host
             if port == 0:
                 while (port := free_port(host)) in taken:
                     pass

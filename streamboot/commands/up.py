@@ -149,8 +149,10 @@ def up(
     """Start NATS, PostgreSQL and the services; Ctrl-C or SIGTERM stops everything.
 
     STREAMBOOT_NATS_URL / STREAMBOOT_DATABASE_URL use external servers instead of embedded
-    ones; STREAMBOOT_<NAME>_PORT=0 picks free ports. With --dhcp proxy|full as root, the boot
-    service takes the PXE ports (67, 69, 4011); otherwise its unprivileged defaults.
+    ones; STREAMBOOT_NATS_LISTEN_HOST=ADDR puts the embedded NATS on that address instead of
+    loopback (stream nodes on other hosts); STREAMBOOT_<NAME>_PORT=0 picks free ports. With
+    --dhcp proxy|full as root, the boot service takes the PXE ports (67, 69, 4011);
+    otherwise its unprivileged defaults.
     """
     os.environ.update(boot_environment(boot_interface, dhcp, dhcp_range, public_host))
     for line in port_warnings(dhcp):

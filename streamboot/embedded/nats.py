@@ -15,6 +15,8 @@ from streamboot.embedded.proc import ManagedProcess, StartupError, spawn, wait_f
 
 # The NATS default is 1 MB; vdisk block batches need more. Only a config file can raise it.
 MAX_PAYLOAD = "8MB"
+# A listen address meaning "every address", and the loopback one this machine connects to.
+WILDCARDS = {"0.0.0.0": "127.0.0.1"}
 
 
 def nats_server_binary() -> Path:
@@ -33,9 +35,9 @@ def nats_server_binary() -> Path:
 
 @dataclass
 class EmbeddedNats:
-    """nats-server listening on loopback, JetStream storage under `root`. With ``users``
-    only they may connect (the config file, holding their passwords, is 0600); without,
-    anyone may (benchmarks only)."""
+    """nats-server listening on ``host`` (loopback unless told), JetStream storage under
+    `root`. With ``users`` only they may connect (the config file, holding their passwords,
+    is 0600); without, anyone may (benchmarks only). Its HTTP monitoring stays on loopback."""
 
     root: Path
     port: int
@@ -46,8 +48,13 @@ class EmbeddedNats:
     users: list[NatsUser] | None = field(default=None, repr=False)
 
     @property
+    def client_host(self) -> str:
+        """Where this machine's own clients connect: loopback when it listens on all."""
+        return WILDCARDS.get(self.host, self.host)
+
+    @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"nats://{self.client_host}:{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -63,7 +70,7 @@ class EmbeddedNats:
             f"jetstream {{ store_dir: {_quote(store)} }}",
         ]
         if self.monitor_port:
-            lines.append(f'http: "{self.host}:{self.monitor_port}"')
+            lines.append(f'http: "127.0.0.1:{self.monitor_port}"')
         text = "\n".join(lines) + "\n"
         if self.users is not None:
             text += authorization_block(self.users)
@@ -79,7 +86,7 @@ class EmbeddedNats:
             log_path=log_path,
             stop_signal=signal.SIGTERM,
         )
-        await wait_for_tcp(self.process, self.host, self.port, wait_s)
+        await wait_for_tcp(self.process, self.client_host, self.port, wait_s)
 
     async def stop(self) -> None:
         if self.process is not None:

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,17 +72,46 @@ def create_bridge_namespace(ns: str, taps: int, address: str = SERVER_IP) -> Non
         run(*n, "link", "set", f"tap{i}", "up")
 
 
-def delete_namespace(ns: str) -> None:
-    """Delete the namespace, first ending what still runs in it (only the lab's own
-    processes can be there, e.g. a forked server child still holding a dead VM's
-    connection)."""
+def kill_namespace(ns: str) -> list[int]:
+    """kill -9 everything running in namespace ``ns`` (only a lab's own processes can be
+    there); the pids it signalled."""
     pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
+    killed = []
     for pid in pids.stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
         except (ProcessLookupError, ValueError):
             pass
+    return killed
+
+
+def delete_namespace(ns: str) -> None:
+    """Delete the namespace, first ending what still runs in it (e.g. a forked server child
+    still holding a dead VM's connection)."""
+    kill_namespace(ns)
     subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@contextmanager
+def bridge_host(lab_ns: str, address: str) -> Iterator[str]:
+    """Another "host" on the lab's boot network: a namespace of its own, joined to the lab's
+    br0 by a veth pair, with ``address``/24 on its end; yields its name. Deleted at the
+    end, with whatever still runs in it."""
+    tag = uuid.uuid4().hex[:6]
+    ns, lab_end = f"sbhost-{tag}", f"vh{tag}"
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "-n", lab_ns, "link", "add", lab_end, "type", "veth",
+            "peer", "name", "eth0", "netns", ns)  # fmt: skip
+        run("ip", "-n", lab_ns, "link", "set", lab_end, "master", "br0")
+        run("ip", "-n", lab_ns, "link", "set", lab_end, "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        run("ip", "-n", ns, "link", "set", "eth0", "up")
+        yield ns
+    finally:
+        delete_namespace(ns)  # the veth pair goes with it
 
 
 OVMF = Path("/usr/share/ovmf/OVMF.fd")

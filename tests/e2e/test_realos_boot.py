@@ -77,11 +77,17 @@ REALOS_TIMERS = {
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[BootLab]:
+    yield from realos_lab()
+
+
+def realos_lab(**env: str) -> Iterator[BootLab]:
+    """A lab with the Debian vdisk built, `up` started with the real-OS timers and ``env``;
+    stopped and removed at the end."""
     root = traversable_tmpdir("streamboot-realos-")
     lab = BootLab(root, taps=3)
     lab.create()
     try:
-        lab.start(**REALOS_TIMERS)
+        lab.start(**REALOS_TIMERS, **env)
         # The namespace has no way out: the debootstrap comes from the host's network into
         # the test cache first (once; a user's first build does the same).
         bootstrap(TEST_CACHE, "bookworm", DEFAULT_MIRROR, packages_for(()), say=print)

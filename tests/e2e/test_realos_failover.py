@@ -1,8 +1,9 @@
 """A real Debian PXE-booted from `streamboot up` keeps running when the stream node serving
 its root is killed (docs/failover.md).
 
-The lab (tests/e2e/test_realos_boot.py's) gets a second stream node on a second address of
-the boot network (10.77.0.2, the same namespace: the lab's NATS listens on its loopback).
+The lab (tests/e2e/test_realos_boot.py's, its NATS also on the boot network's server address
+10.77.0.1) gets a second stream node on another "host": a network namespace of its own
+joined to the lab's boot bridge (10.77.0.2), reaching the lab's NATS over that network.
 The device boots with `streamboot-marker.await-failover=1`: at multi-user the marker unit
 says STREAMBOOT-AWAIT-FAILOVER; the test then kill -9s the node its session is attached
 to; the unit waits for the kernel's "reconnected socket", writes 1 MiB through the moved
@@ -25,14 +26,14 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.pxe_lab import BootLab, pxe_vm_argv, watch_vm
-from tests.e2e.test_realos_boot import (  # noqa: F401  (lab: the fixture)
+from tests.e2e.pxe_lab import SERVER_IP, BootLab, bridge_host, kill_namespace, pxe_vm_argv, watch_vm
+from tests.e2e.test_realos_boot import (
     BOOT_S,
     MEMORY,
     POWER_DOWN,
     add_device,
-    lab,
     marker,
+    realos_lab,
     realos_missing,
 )
 
@@ -48,33 +49,38 @@ LATE_IP = "10.77.0.3"
 LATE_NODE = "stream-late"
 
 
+@pytest.fixture(scope="module")
+def lab() -> Iterator[BootLab]:
+    """The real-OS lab, its NATS listening on the boot network's server address (inside the
+    lab's namespace) so that stream nodes on other "hosts" join it."""
+    yield from realos_lab(STREAMBOOT_NATS_LISTEN_HOST=SERVER_IP)
+
+
 def lab_stream_pid(booted: BootLab) -> int:
-    """The pid of the booted's own stream service (a child of `streamboot up`), not one of
-    the nodes these tests start in the same namespace (pids wrap: their order says
-    nothing)."""
+    """The pid of the lab's own stream service (a child of `streamboot up`): the only one
+    in the lab's namespace, the nodes these tests start run on hosts of their own."""
     pids = subprocess.run(
         ["ip", "netns", "pids", booted.ns], capture_output=True, text=True, check=True
     ).stdout.split()
-    ours = {f"STREAMBOOT_NODE_ID={n}".encode() for n in (SECOND_NODE, LATE_NODE)}
     for pid in pids:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            env = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if b"services.stream" in argv and not env & ours:
+        if b"services.stream" in argv:
             return int(pid)
     raise AssertionError("the lab's stream service is not running")
 
 
 @contextlib.contextmanager
-def extra_stream_node(lab: BootLab, ip: str, node_id: str) -> Iterator[subprocess.Popen[bytes]]:  # noqa: F811
-    """Another stream service on ``ip`` of the boot network: the lab's own's settings (read
-    from its environment), its own node id, address and data dir; running once it
-    heartbeats."""
-    subprocess.run(lab.exec("ip", "addr", "add", f"{ip}/24", "dev", "br0"), check=True)
+def extra_stream_node(lab: BootLab, ip: str, node_id: str) -> Iterator[str]:
+    """Another stream service on a host of its own at ``ip`` on the boot network: the lab's
+    own's settings (read from its environment: the lab's NATS URL and the stream role's
+    credentials), its own node id, address and data dir; running once it heartbeats.
+    Yields the host's namespace (kill_namespace kills the node)."""
     raw = Path(f"/proc/{lab_stream_pid(lab)}/environ").read_bytes().split(b"\0")
     env = dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+    assert SERVER_IP in env["STREAMBOOT_NATS_URL"], env["STREAMBOOT_NATS_URL"]
     data = lab.root / node_id
     data.mkdir(exist_ok=True)
     env.update(
@@ -83,24 +89,22 @@ def extra_stream_node(lab: BootLab, ip: str, node_id: str) -> Iterator[subproces
         STREAMBOOT_DATA_DIR=str(data), STREAMBOOT_VDISK_DIR=str(lab.data_dir / "vdisks"),
     )  # fmt: skip
     log_path = lab.root / f"{node_id}.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        lab.exec(sys.executable, "-m", "services.stream"), env=env, stdout=log,
-        stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not alive(lab, node_id):
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"stream node {node_id} never heartbeated"
-            time.sleep(1)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        log.close()
-        subprocess.run(lab.exec("ip", "addr", "del", f"{ip}/24", "dev", "br0"))
+    with bridge_host(lab.ns, ip) as host, open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", host, sys.executable, "-m", "services.stream"], env=env,
+            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not alive(lab, node_id):
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, f"stream node {node_id} never heartbeated"
+                time.sleep(1)
+            yield host
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
 
 
 def alive(booted: BootLab, node_id: str) -> bool:
@@ -108,10 +112,11 @@ def alive(booted: BootLab, node_id: str) -> bool:
 
 
 @pytest.fixture
-def second_node(lab: BootLab) -> Iterator[subprocess.Popen[bytes]]:  # noqa: F811
-    """A second stream service on 10.77.0.2, running before the client boots."""
-    with extra_stream_node(lab, SECOND_IP, SECOND_NODE) as proc:
-        yield proc
+def second_node(lab: BootLab) -> Iterator[str]:
+    """A second stream service on a host at 10.77.0.2, running before the client boots;
+    that host's namespace."""
+    with extra_stream_node(lab, SECOND_IP, SECOND_NODE) as host:
+        yield host
 
 
 def heartbeats(booted: BootLab) -> list[dict[str, Any]]:
@@ -123,8 +128,8 @@ def heartbeats(booted: BootLab) -> list[dict[str, Any]]:
 
 
 def test_a_real_debian_keeps_running_when_its_stream_node_is_killed(
-    lab: BootLab,  # noqa: F811
-    second_node: subprocess.Popen[bytes],
+    lab: BootLab,
+    second_node: str,
 ) -> None:
     mac = "52:54:00:88:00:24"
     add_device(lab, mac, "deb-failover")
@@ -139,7 +144,7 @@ def test_a_real_debian_keeps_running_when_its_stream_node_is_killed(
                     if e["data"]["session_id"] == sid]  # fmt: skip
         node = attached[-1]["stream_node"]
         if node == SECOND_NODE:
-            second_node.send_signal(signal.SIGKILL)
+            assert kill_namespace(second_node), "nothing ran on the second host"
         else:
             os.kill(lab_stream_pid(lab), signal.SIGKILL)  # `up` restarts it later
         killed.append(node)
@@ -165,7 +170,7 @@ def test_a_real_debian_keeps_running_when_its_stream_node_is_killed(
 
 
 def test_a_real_debian_finds_a_node_started_after_its_boot_when_its_own_dies(
-    lab: BootLab,  # noqa: F811
+    lab: BootLab,
 ) -> None:
     """The client's hand-off named only the lab's stream node; a node that comes up later
     is the only live one once that node is killed: the helper finds it through the boot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import asyncpg
 import nats
 import pytest
 
+from streamboot.embedded.nats import EmbeddedNats
 from streamboot.embedded.postgres import (
     EmbeddedPostgres,
     _major_of,
@@ -50,6 +52,23 @@ async def test_nats_fixture_has_jetstream_and_8mb_payloads(nats_url: str) -> Non
         assert msg.data == big
     finally:
         await nc.close()
+
+
+async def test_nats_listens_only_where_it_is_told(data_dir: Path) -> None:
+    """STREAMBOOT_NATS_LISTEN_HOST's server: reachable on that address (another loopback
+    one here, so the test exposes nothing), not on 127.0.0.1; its URL names the address."""
+    server = EmbeddedNats(data_dir / "nats", port=free_port("127.0.0.2"), host="127.0.0.2")
+    await server.start(log_path=data_dir / "nats.log")
+    try:
+        assert server.url == f"nats://127.0.0.2:{server.port}"
+        nc = await nats.connect(server.url)
+        await nc.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    finally:
+        await server.stop()
+    # Listening on every address, this machine's own clients still use loopback.
+    assert EmbeddedNats(data_dir, port=1, host="0.0.0.0").url == "nats://127.0.0.1:1"
 
 
 @pytest.mark.parametrize("run", [1, 2])
