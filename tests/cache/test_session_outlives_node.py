@@ -51,18 +51,27 @@ async def alive_since(reg: Registry, after: float = 0.0) -> float:
     raise AssertionError(f"stream node {NODE} never heartbeat (after {after})")
 
 
+async def open_on_one_node(
+    reg: Registry, s: System, client: Any, log: str
+) -> tuple[Proc, int, dict[str, Any]]:
+    """The seeded device's session opened on one stream node (its own port, heartbeating)
+    beside the system's cache service: the node's process, its port, the open's answer."""
+    await seed(reg, reg.data_dir, MAC)
+    await s.start_cache()
+    port = free_port()
+    node = start_stream(s, reg, port, log)
+    await alive_since(reg)
+    opened = await bus.request_json(client, "streamboot.registry.session.open", {"mac": MAC})
+    return node, port, opened
+
+
 async def test_a_quiet_session_survives_its_stream_node_restart(
     registry: Registry,  # noqa: F811 (the fixture)
     system: Callable[..., System],
     nc: Any,  # noqa: F811 (the fixture)
 ) -> None:
-    await seed(registry, registry.data_dir, MAC)
     s = system()
-    await s.start_cache()
-    port = free_port()
-    first = start_stream(s, registry, port, "stream-1.log")
-    await alive_since(registry)
-    opened = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    first, port, opened = await open_on_one_node(registry, s, nc, "stream-1.log")
     sid, uri = opened["session_id"], opened["nbd_uri"]
     assert uri.startswith(f"nbd://127.0.0.1:{port}/")
 

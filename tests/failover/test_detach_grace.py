@@ -13,12 +13,9 @@ from typing import Any
 
 import pytest
 
-from shared import bus
-from streamboot.embedded.proc import free_port
 from tests.cache.conftest import System, qemu_io
-from tests.cache.test_session_outlives_node import alive_since, start_stream
+from tests.cache.test_session_outlives_node import open_on_one_node
 from tests.registry.conftest import Registry, data_dir, nc, registry  # noqa: F401
-from tests.registry.test_sessions import MAC, seed
 
 pytestmark = pytest.mark.timeout(180)
 # The stream node's answer to a token with no live session (services/stream/sessions.py).
@@ -41,12 +38,7 @@ async def test_a_reattach_within_the_grace_keeps_the_session_one_after_it_is_ref
     system: Callable[..., System],
     nc: Any,  # noqa: F811 (the fixture)
 ) -> None:
-    await seed(registry, registry.data_dir, MAC)
-    s = system()
-    await s.start_cache()
-    start_stream(s, registry, free_port(), "stream.log")
-    await alive_since(registry)
-    opened = await bus.request_json(nc, "streamboot.registry.session.open", {"mac": MAC})
+    _, _, opened = await open_on_one_node(registry, system(), nc, "stream.log")
     sid, uri = opened["session_id"], opened["nbd_uri"]
     grace = registry.settings.session_detach_grace_s
 
