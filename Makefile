@@ -22,7 +22,7 @@ TEST_DEB_PACKAGES := qemu-utils libnbd-bin nbdkit curl tftp-hpa atftp busybox-st
 # the iSCSI initiators, qemu-block-extra: QEMU's iscsi:// driver, tgt: the reference target;
 # chromium: the web console's browser tests, driven by Playwright, never its own download.)
 # The benchmarks' peers besides: fio (NBD load), tftpd-hpa (TFTP peer), dnsmasq-base (the
-# reference PXE chain's DHCP in bench/pxechain.py).
+# reference PXE chain's DHCP in bench/pxechain.py and bench/realboot.py).
 BENCH_DEB_PACKAGES := $(TEST_DEB_PACKAGES) fio tftpd-hpa dnsmasq-base
 
 DATA_DIR ?=

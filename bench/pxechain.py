@@ -22,18 +22,9 @@ with Debian's ipxe-qemu ROM, `-boot n`):
 The image is the one streamboot serves (its vdisk's v1.raw), with its syslinux.cfg's kernel
 command line extended by ``streamboot.server=http://10.77.0.1:18082 streamboot.nonce=...``,
 whose ``/session/redeem`` the reference's busybox httpd answers from a file (busybox ignores
-the query string) with the lines the boot service would send. IPv6: iPXE waits ~13 s for IPv6 autoconfiguration unless a router advertisement
-without M/O flags arrives; streamboot answers router solicitations (services/boot/ipv6_ra.py:
-no prefix, router lifetime 0), and the reference's dnsmasq sends router advertisements
-(`enable-ra`, `ra-only` for fd77::/64 on br0, router lifetime 0; it needs a prefix, so iPXE
-also takes a SLAAC address there): both chains end that wait the same way, at once.
-
-DHCP: by default dnsmasq runs as configured above, with its defaults: it pings an address
-before it first offers it (up to 3 s), and its offer carries no PXE options, so iPXE keeps
-listening for ProxyDHCP offers for a few seconds before it requests it. streamboot does
-neither (its offer to a PXE client carries option 60 "PXEClient", so iPXE takes it at once).
-`--fast-dhcp` tunes the reference the same way: dnsmasq `no-ping` and iPXE's own setting
-ipxe.no-pxedhcp (option 175.176 = 1: "do not wait for ProxyDHCP").
+the query string) with the lines the boot service would send. The reference's servers, its
+IPv6 router advertisements and its DHCP (`--fast-dhcp` tunes it like streamboot's: no ping
+check, no ProxyDHCP wait) are described in bench/reference_chain.py.
 
 Times are read from the serial console, which the bench reads every 50 ms and stamps itself
 (the console has no timestamps): each phase is the first appearance of its text.
@@ -51,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,23 +51,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_seconds  # noqa: E402
+from bench.reference_chain import (  # noqa: E402
+    BASE_URL,
+    NBD_PORT,
+    REF_NONCE,
+    ReferenceChain,
+    reference_tools_missing,
+)
 from streamboot.demo.image import MARKER, PARTITION_START, SECTOR  # noqa: E402
 from tests.conftest import traversable_tmpdir  # noqa: E402
 from tests.e2e.pxe_lab import (  # noqa: E402
     SERVER_IP,
     BootLab,
-    create_bridge_namespace,
-    delete_namespace,
     pxe_tools_missing,
     pxe_vm_argv,
     watch_vm,
 )
 
-HTTP_PORT = 18082  # the reference's httpd: where the image's streamboot.server URL points
-REF_NONCE = "reference-chain-nonce"  # any nonce: the reference's redeem answer is a file
-NBD_PORT = 10809
-POOL = ("10.77.0.100", "10.77.0.150")
-RA_PREFIX = "fd77::"
 BOOT_TIMEOUT_S = 300.0
 POLL_S = 0.05
 WRITE_CACHE = "server-disk"  # `vdisk build-demo`'s default: the client writes to its export
@@ -122,128 +112,38 @@ def run(argv: list[str], timeout: float = 60) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True).stdout
 
 
-@dataclass
-class Reference:
-    """dnsmasq + busybox httpd + nbdkit in a namespace of their own."""
+def prepare_demo(reference: ReferenceChain, golden: Path) -> None:
+    """The demo image in the reference's www/ (for sanboot over HTTP and nbdkit), its own
+    kernel, initramfs and command line beside it for the kernel/initrd chain, both chains'
+    scripts, and the redeem answer. The command line gets the reference's redeem URL and
+    nonce (for both chains: the sanboot one through the image's syslinux.cfg)."""
+    shutil.copyfile(golden, reference.image)
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    target = f"{reference.image}@@{PARTITION_START * SECTOR}"
+    www = reference.www
 
-    root: Path
-    image: Path  # streamboot's golden image of the demo vdisk
-    fast_dhcp: bool = False  # no-ping, ipxe.no-pxedhcp (see the module's doc)
-    ns: str = field(default_factory=lambda: f"sbref-{uuid.uuid4().hex[:6]}")
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    def mcopy(*argv: str) -> None:
+        subprocess.run(["mcopy", "-n", "-i", target, *argv], check=True,
+                       capture_output=True, env=env)  # fmt: skip
 
-    @property
-    def www(self) -> Path:
-        return self.root / "www"
-
-    def exec(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *argv]
-
-    def create(self) -> None:
-        create_bridge_namespace(self.ns, taps=2)
-        # dnsmasq advertises a prefix it has an address in (nodad: br0 has no carrier yet).
-        run(["ip", "-n", self.ns, "addr", "add", f"{RA_PREFIX}1/64", "dev", "br0", "nodad"])
-        self.www.mkdir(parents=True)
-        demo = self.www / "demo.img"
-        shutil.copyfile(self.image, demo)
-        # The image's own kernel, initramfs and command line, for the kernel/initrd variant;
-        # the command line gets the reference's redeem URL and nonce (for both variants).
-        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-        target = f"{demo}@@{PARTITION_START * SECTOR}"
-        base = f"http://{SERVER_IP}:{HTTP_PORT}"
-
-        def mcopy(*argv: str) -> None:
-            subprocess.run(["mcopy", "-n", "-i", target, *argv], check=True,
-                           capture_output=True, env=env)  # fmt: skip
-
-        cfg = self.root / "syslinux.cfg"
-        mcopy("::/syslinux.cfg", str(cfg))
-        words = {line.split()[0]: line.split(None, 1)[1].strip()
-                 for line in cfg.read_text().splitlines() if len(line.split()) > 1}  # fmt: skip
-        for key, name in (("KERNEL", "vmlinuz"), ("INITRD", "initrd.img")):
-            mcopy(f"::/{words[key]}", str(self.www / name))
-        append = f"{words['APPEND']} streamboot.server={base} streamboot.nonce={REF_NONCE}"
-        cfg.write_text(cfg.read_text().replace(words["APPEND"], append))
-        mcopy("-o", str(cfg), "::/syslinux.cfg")
-        (self.www / "sanboot.ipxe").write_text(f"#!ipxe\nsanboot {base}/demo.img\n")
-        (self.www / "kernel.ipxe").write_text(
-            f"#!ipxe\nkernel {base}/vmlinuz {append}\ninitrd {base}/initrd.img\nboot\n"
-        )
-        # What the boot service's /session/redeem answers (clients/linux/handoff.sh reads it).
-        (self.www / "session").mkdir()
-        (self.www / "session" / "redeem").write_text(
-            f"nbd_host={SERVER_IP}\nnbd_port={NBD_PORT}\nexport=demo\nwrite_cache={WRITE_CACHE}\n"
-        )
-
-    def start(self) -> None:
-        # dnsmasq: DHCP only (no DNS); iPXE gets a script by MAC: the kernel/initrd one for
-        # the "reference kernel" chain's VMs, the sanboot one for everyone else. Router
-        # advertisements with no M/O flags and router lifetime 0, like streamboot's answer
-        # to a solicitation, but with a prefix (dnsmasq advertises none without one), so
-        # iPXE also takes a SLAAC address (net0: fd77::... on the console).
-        conf = self.root / "dnsmasq.conf"
-        conf.write_text(
-            "\n".join([
-                "port=0", "interface=br0", "bind-interfaces", "no-resolv", "no-hosts",
-                f"dhcp-range={POOL[0]},{POOL[1]},255.255.255.0,1h",
-                f"dhcp-leasefile={self.root / 'dnsmasq.leases'}",
-                "dhcp-authoritative",
-                "dhcp-match=set:ipxe,175", "dhcp-userclass=set:ipxe,iPXE",
-                f"dhcp-mac=set:kernel,{MAC_PREFIX['reference kernel']}:*",
-                f"dhcp-boot=tag:ipxe,tag:kernel,http://{SERVER_IP}:{HTTP_PORT}/kernel.ipxe",
-                f"dhcp-boot=tag:ipxe,tag:!kernel,http://{SERVER_IP}:{HTTP_PORT}/sanboot.ipxe",
-                "enable-ra", f"dhcp-range={RA_PREFIX},ra-only,64", "ra-param=br0,10,0",
-                "log-dhcp", f"log-facility={self.root / 'dnsmasq.log'}",
-                *(["no-ping", "dhcp-option=tag:ipxe,encap:175,176,1"] if self.fast_dhcp else []),
-            ]) + "\n"
-        )  # fmt: skip
-        self._spawn("dnsmasq", "dnsmasq", "--keep-in-foreground", f"--conf-file={conf}")
-        self._spawn(
-            "httpd", "busybox", "httpd", "-f", "-vv", "-p", f"{SERVER_IP}:{HTTP_PORT}",
-            "-h", str(self.www),
-        )  # fmt: skip
-        self.restart_nbd()
-        self.wait(HTTP_PORT)
-
-    def restart_nbd(self) -> None:
-        """A fresh nbdkit (an empty cow overlay), as each streamboot session gets a fresh
-        write cache."""
-        old = self.procs.pop("nbdkit", None)
-        if old is not None:
-            old.terminate()
-            old.wait(10)
-        self._spawn(
-            "nbdkit", "nbdkit", "-f", "-i", SERVER_IP, "-p", str(NBD_PORT),
-            "--filter=cow", "file", str(self.www / "demo.img"),
-        )  # fmt: skip
-        self.wait(NBD_PORT)
-
-    def requests(self) -> list[str]:
-        """The paths busybox httpd was asked for so far (-vv logs each request line)."""
-        log = (self.root / "httpd.out").read_text(errors="replace")
-        return [line.split("url:", 1)[1] for line in log.splitlines() if "url:" in line]
-
-    def wait(self, port: int) -> None:
-        """Until something listens on SERVER_IP:port (inside the namespace)."""
-        code = f"from bench.common import wait_port; wait_port({port}, host={SERVER_IP!r})"
-        subprocess.run(self.exec(sys.executable, "-c", code), cwd=ROOT, check=True, timeout=30)
-
-    def _spawn(self, name: str, *argv: str) -> None:
-        log = open(self.root / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(
-            self.exec(*argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        log.close()
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        delete_namespace(self.ns)
+    cfg = reference.root / "syslinux.cfg"
+    mcopy("::/syslinux.cfg", str(cfg))
+    words = {line.split()[0]: line.split(None, 1)[1].strip()
+             for line in cfg.read_text().splitlines() if len(line.split()) > 1}  # fmt: skip
+    for key, name in (("KERNEL", "vmlinuz"), ("INITRD", "initrd.img")):
+        mcopy(f"::/{words[key]}", str(www / name))
+    append = f"{words['APPEND']} streamboot.server={BASE_URL} streamboot.nonce={REF_NONCE}"
+    cfg.write_text(cfg.read_text().replace(words["APPEND"], append))
+    mcopy("-o", str(cfg), "::/syslinux.cfg")
+    (www / "sanboot.ipxe").write_text(f"#!ipxe\nsanboot {BASE_URL}/demo.img\n")
+    (www / "kernel.ipxe").write_text(
+        f"#!ipxe\nkernel {BASE_URL}/vmlinuz {append}\ninitrd {BASE_URL}/initrd.img\nboot\n"
+    )
+    # What the boot service's /session/redeem answers (clients/linux/handoff.sh reads it).
+    reference.write_redeem_answer("/", {
+        "nbd_host": SERVER_IP, "nbd_port": str(NBD_PORT), "export": "demo",
+        "write_cache": WRITE_CACHE,
+    })  # fmt: skip
 
 
 @dataclass
@@ -419,10 +319,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every run's times here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (consoles, logs)")
     args = parser.parse_args()
-    missing = pxe_tools_missing() + [
-        pkg for tool, pkg in {"dnsmasq": "dnsmasq-base", "nbdkit": "nbdkit", "busybox": "busybox-static"}.items()
-        if shutil.which(tool) is None
-    ]  # fmt: skip
+    missing = pxe_tools_missing() + reference_tools_missing()
     if missing:
         raise SystemExit(f"needs {missing} (make bench-deps)")
     chains = ["streamboot", "reference sanboot"]
@@ -433,7 +330,7 @@ def main() -> None:
     lab = BootLab(work / "streamboot", taps=1)
     lab.root.mkdir()
     lab.root.chmod(0o711)
-    reference: Reference | None = None
+    reference: ReferenceChain | None = None
     results: list[Result] = []
     try:
         lab.create()
@@ -448,9 +345,15 @@ def main() -> None:
         print("building the demo vdisk (streamboot vdisk build-demo demo)...", flush=True)
         lab.cli("vdisk", "build-demo", "demo")
         image = lab.data_dir / "vdisks" / "demo" / "v1.raw"
-        reference = Reference(work / "reference", image, fast_dhcp=args.fast_dhcp)
+        ref_root = work / "reference"
+        reference = ReferenceChain(
+            ref_root, ref_root / "www" / "demo.img", default_script="sanboot.ipxe",
+            scripts={MAC_PREFIX["reference kernel"]: "kernel.ipxe"}, fast_dhcp=args.fast_dhcp,
+        )  # fmt: skip
         reference.create()
+        prepare_demo(reference, image)
         reference.start()
+        reference.serve_nbd()
         for run_no in range(1, args.runs + 1):
             for index, chain in enumerate(chains, start=1):
                 mac = f"{MAC_PREFIX[chain]}:{run_no:02x}"
@@ -462,9 +365,9 @@ def main() -> None:
                     exec_ = ["ip", "netns", "exec", lab.ns]
                     servers = [lab.up.pid] if lab.up else []
                 else:
-                    reference.restart_nbd()
+                    reference.serve_nbd()
                     exec_ = ["ip", "netns", "exec", reference.ns]
-                    servers = [proc.pid for proc in reference.procs.values()]
+                    servers = reference.server_pids()
                     before = len(reference.requests())
                 load = os.getloadavg()[0]
                 result = boot(chain, run_no, mac, exec_, console, servers)
