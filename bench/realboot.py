@@ -22,13 +22,17 @@ QEMU TCG to its multi-user marker line, by 1 and by N clients at once, from stre
 
 Every VM gets 1 GiB, a hostname and a machine id on its command line (streamboot's VMs get
 theirs from the registry). The time is from QEMU's start to the marker on the serial
-console. The PXE case's time includes the NIC's iPXE ROM waiting its banner timeout
+console. The PXE cases' time includes the NIC's iPXE ROM waiting its banner timeout
 (``Press Ctrl-B for the iPXE command line``, 2 s) before it starts DHCP: firmware that no
 server shortens (a real NIC's PXE ROM has its own prompt), so the table also gives that wait
-and the ratio without it. Needs root (network namespaces); the debootstrap comes from the
-test cache.
+and the ratio without it. The machine's speed drifts between runs more than the cases
+differ inside one: the cases run interleaved, in an order rotated each run, and the report
+gives each boot against the local file's of the same run, and the guest kernel's initramfs
+unpack time (the same work in every case) as a probe of how fast the emulated CPU ran.
+Needs root (network namespaces); the debootstrap comes from the test cache; the reference
+case needs dnsmasq, nbdkit and busybox (`make bench-deps`).
 
-    sudo uv run python bench/realboot.py [--clients 1,4] [--runs 1]
+    sudo uv run python bench/realboot.py [--clients 1,4] [--runs 1] [--cases local,streamboot,...]
 """
 
 from __future__ import annotations
