@@ -91,7 +91,13 @@ async def serve_appends(
 SESSION_STATUS_SUBJECT = registry_contract.STATUS
 
 
-async def closed_in_log(nc: NATS, session_id: str, *, timeout_s: float = 5.0) -> bool:
+# How long a consumer waits for the registry to confirm a close before it tries again.
+CLOSED_CONFIRM_TIMEOUT_S = 5.0
+
+
+async def closed_in_log(
+    nc: NATS, session_id: str, *, timeout_s: float = CLOSED_CONFIRM_TIMEOUT_S
+) -> bool:
     """Whether the log holds the close of this session (the registry reads it there). A
     consumer told of a SessionClosed asks this before it destroys anything of the session:
     the message alone proves nothing. Raises BusError when the registry cannot say."""
