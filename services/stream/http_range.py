@@ -48,7 +48,19 @@ class HttpConnection(Connection):
         lines.append("Connection: keep-alive" if keep else "Connection: close")
         self.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
+    def eof_received(self) -> bool:
+        # A client may shut its sending side once its request is out: the answer still
+        # goes out whole, and run() closes the connection when it has nothing left to do.
+        super().eof_received()
+        return True
+
     async def run(self) -> None:
+        try:
+            await self._serve_requests()
+        finally:
+            self.close()
+
+    async def _serve_requests(self) -> None:
         while not self.closed:
             try:
                 try:

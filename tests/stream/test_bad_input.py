@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -292,16 +293,53 @@ def test_http_hostile_heads_get_an_answer_and_one_log_line(
     assert_healthy(server, image)
 
 
+def evict_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # dirty pages cannot be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def test_http_client_that_half_closes_gets_the_whole_answer(
+    server: ServerThread, images: dict[str, Path], image: bytes
+) -> None:
+    """A client may shut its sending side once its request is out (``nc -N`` does): the
+    answer is still sent whole, also when the body's first read has to wait for the disk
+    after the head has gone out and the server's send buffer is empty."""
+    evict_from_page_cache(images["base"])
+    release = threading.Event()
+
+    def occupy_workers() -> None:
+        # The server's cold read queues behind these in the loop's worker threads.
+        for _ in range(64):
+            server.loop.run_in_executor(None, release.wait, 30)
+
+    try:
+        server.call(occupy_workers)
+        s = socket.create_connection(("127.0.0.1", server.servers.http_port), timeout=10)
+        s.sendall(b"GET /s/tok-ro HTTP/1.1\r\nConnection: close\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        data = bytearray()
+        while b"\r\n\r\n" not in data and (chunk := s.recv(1 << 20)):
+            data += chunk
+    finally:
+        release.set()
+    while chunk := s.recv(1 << 20):
+        data += chunk
+    s.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert len(body) == len(image), (len(body), len(image))
+    assert body == image
+
+
 def test_out_of_order_reply_for_cold_read(server: ServerThread, images) -> None:  # type: ignore[no-untyped-def]
     """A read that must wait for the disk does not hold up one served from memory."""
     base: Path = images["base"]
     c = RawNbd(server.servers.nbd_port)
     c.go("tok-a")
     assert c.write(0, b"w" * 4096, handle=1) == 0  # in the RAM write cache
-    fd = os.open(base, os.O_RDONLY)
-    os.fsync(fd)  # dirty pages cannot be dropped
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # evict the image from the page cache
-    os.close(fd)
+    evict_from_page_cache(base)
     cold = 30 * 1024 * 1024
     c.sock.sendall(
         W.REQUEST.pack(W.REQUEST_MAGIC, 0, W.CMD_READ, 100, cold, 1024 * 1024)
