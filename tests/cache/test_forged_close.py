@@ -102,15 +102,15 @@ async def test_a_forged_session_closed_keeps_the_write_cache_of_a_live_session(
         "version": 99, "time": "2026-01-01T00:00:00Z",
         "data": {"session_id": sid, "reason": "forged"},
     }  # fmt: skip
-    await nc.publish("events.SessionClosed.session", json.dumps(forged).encode())
-    await nc.flush()
     js = nc.jetstream()
-    last = (await js.stream_info(bus.EVENTS_STREAM)).state.last_seq
+    ack = await js.publish("events.SessionClosed.session", json.dumps(forged).encode())
 
     async def cache_consumed() -> bool:
+        # The consumer takes SessionClosed only: its delivered position stops at the
+        # forgery's own sequence, never at the later events of other types.
         durable = f"cache-closed-{bus.subject_token(s.node_id())}"
         info = await js.consumer_info(bus.EVENTS_STREAM, durable)
-        return info.delivered.stream_seq >= last and not info.num_ack_pending
+        return info.delivered.stream_seq >= ack.seq and not info.num_ack_pending
 
     await until(cache_consumed, "the cache service took the forged SessionClosed", CACHE_CONFIRM_S)
 
