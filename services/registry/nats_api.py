@@ -26,6 +26,19 @@ from shared.contracts.registry import OPEN, PREFIX, QUEUE
 
 log = logging.getLogger("streamboot.registry.nats")
 
+
+class _WithoutTaskCallbackNotes(logging.Filter):
+    """Drops FastStream's INFO note that a subscriber task's done-callback runs: one line
+    per worker at every stop, nothing an operator acts on (a failed task is logged apart)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno == logging.INFO and record.getMessage().endswith(" is being executed...")
+        )
+
+
+log.addFilter(_WithoutTaskCallbackNotes())
+
 # Session opens from many booting clients at once: handle them concurrently (the app
 # serialises the decisions itself).
 WORKERS = 16
@@ -78,7 +91,7 @@ def build_broker(
         log_level=logging.DEBUG,
         # The service's own logger (its format, no colour codes): FastStream's default
         # handler writes ANSI colours even into a redirected log.
-        logger=logging.getLogger("streamboot.registry.nats"),
+        logger=log,
     )
 
     def handle(
