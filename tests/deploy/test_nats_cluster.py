@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,13 @@ async def test_the_nomad_jobs_nats_group_forms_one_cluster_as_its_members_appear
         for i in range(count - 1):  # Nomad renders again as the others register
             conf(i, members)
             procs[i].send_signal(signal.SIGHUP)
+
+        async def reloaded(i: int) -> None:
+            # A login while a member reloads its authorization can be refused.
+            assert "Reloaded server configuration" in (tmp_path / f"nats-{i}.log").read_text()
+
+        for i in range(count - 1):
+            await until(f"member {i} reloaded its configuration", partial(reloaded, i), 30)
 
         locals_ = {k: v for block in job["locals"] for k, v in block.items()}
         bus_env = render(
