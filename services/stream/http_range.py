@@ -79,7 +79,7 @@ class HttpConnection(Connection):
                 await self.read_exact(body)
             await self._serve(head.method, head.target, head.headers, keep)
             if not keep:
-                return self.close()
+                return  # run() closes
 
     async def _serve(self, method: str, target: str, headers: dict[str, str], keep: bool) -> None:
         if method not in ("GET", "HEAD"):
